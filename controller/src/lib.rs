@@ -1,1 +1,5 @@
-//! placeholder
+//! patchctl library: everything the controller CLI uses, behind thiserror errors so it can be tested.
+#![forbid(unsafe_code)]
+
+pub mod exit;
+pub mod home;

@@ -1,0 +1,14 @@
+//! Exit codes of `patchctl`, documented in ARCHITECTURE.md; scripts rely on them.
+
+/// Success.
+pub const OK: u8 = 0;
+/// Error: bad input, unreachable agent, refused operation.
+pub const ERROR: u8 = 1;
+/// Usage error (clap's own code).
+pub const USAGE: u8 = 2;
+/// A rollout ran and ended with failures (reverted nodes, halted at the failure budget, drain timeouts).
+pub const ROLLOUT_FAILED: u8 = 3;
+/// Declined at the confirmation prompt, or nothing to do.
+pub const DECLINED: u8 = 4;
+/// Interrupted by Ctrl-C; state recorded, resumable.
+pub const INTERRUPTED: u8 = 130;

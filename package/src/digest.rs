@@ -1,0 +1,157 @@
+//! The tree digest that names a package on the wire and in every cache: one sha256 pass per byte on each side.
+//!
+//! `tree = sha256("patchd-tree-v1\0" || be64(chunk_size) || be64(total_len) || sha256(chunk_0) || ... || sha256(chunk_n-1))`
+//!
+//! Every byte is hashed exactly once (inside its chunk's sha256); the root only hashes 32 bytes per chunk.
+//! Finding two different files with the same tree digest requires a sha256 collision either at the root or
+//! in one chunk (the root input fixes the chunk size, the length and every chunk hash in order), so it is
+//! as strong as a plain sha256 of the file. A zero-length file has zero chunks.
+
+use ring::digest::{Context, SHA256};
+use std::io::Read;
+
+/// Default chunk size: 1 MiB keeps every gRPC message far below the 4 MiB default limit.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
+/// Largest chunk size allowed on the wire (the message limit is 8 MiB).
+pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
+/// Smallest chunk size allowed (keeps the per-chunk overhead bounded).
+pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
+
+const DOMAIN_TAG: &[u8] = b"patchd-tree-v1\0";
+
+/// sha256 of one chunk.
+pub fn chunk_sha256(data: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Number of chunks a blob of `total_len` bytes has at `chunk_size`.
+pub fn chunk_count(total_len: u64, chunk_size: u32) -> u64 {
+    total_len.div_ceil(u64::from(chunk_size.max(1)))
+}
+
+/// Builds the root of the tree digest incrementally from the chunk hashes, in order.
+#[derive(Clone)]
+pub struct TreeHasher {
+    ctx: Context,
+    chunk_size: u32,
+    total_len: u64,
+    chunks: u64,
+}
+
+impl TreeHasher {
+    /// Starts a root for a blob of known size and chunk size.
+    pub fn new(chunk_size: u32, total_len: u64) -> Self {
+        let mut ctx = Context::new(&SHA256);
+        ctx.update(DOMAIN_TAG);
+        ctx.update(&u64::from(chunk_size).to_be_bytes());
+        ctx.update(&total_len.to_be_bytes());
+        Self { ctx, chunk_size, total_len, chunks: 0 }
+    }
+
+    /// Adds the next chunk's sha256.
+    pub fn push_chunk_hash(&mut self, chunk_hash: &[u8; 32]) {
+        self.ctx.update(chunk_hash);
+        self.chunks += 1;
+    }
+
+    /// Chunks pushed so far.
+    pub fn chunks(&self) -> u64 {
+        self.chunks
+    }
+
+    /// The hex root, or `None` if the number of chunks pushed does not match the announced size.
+    pub fn finish(self) -> Option<String> {
+        if self.chunks != chunk_count(self.total_len, self.chunk_size) {
+            return None;
+        }
+        Some(hex::encode(self.ctx.finish().as_ref()))
+    }
+}
+
+/// The tree digest of a whole reader, plus its length. Reads `chunk_size` bytes at a time.
+pub fn tree_digest_reader<R: Read>(mut reader: R, chunk_size: u32, total_len: u64) -> std::io::Result<String> {
+    let mut tree = TreeHasher::new(chunk_size, total_len);
+    let mut buf = vec![0u8; chunk_size as usize];
+    let mut seen = 0u64;
+    loop {
+        let n = read_full(&mut reader, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        seen += n as u64;
+        tree.push_chunk_hash(&chunk_sha256(&buf[..n]));
+        if n < buf.len() {
+            break;
+        }
+    }
+    if seen != total_len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("expected {total_len} bytes, read {seen}"),
+        ));
+    }
+    tree.finish()
+        .ok_or_else(|| std::io::Error::other("chunk count does not match the length"))
+}
+
+/// The tree digest of a file on disk.
+pub fn tree_digest_file(path: &std::path::Path, chunk_size: u32) -> std::io::Result<String> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    tree_digest_reader(std::io::BufReader::with_capacity(chunk_size as usize, file), chunk_size, len)
+}
+
+/// Reads until `buf` is full or the reader is at its end; returns the bytes read.
+pub fn read_full<R: Read>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_depends_on_content_length_and_chunk_size() {
+        let data = vec![7u8; 10_000];
+        let a = tree_digest_reader(&data[..], 4096, 10_000).unwrap();
+        let b = tree_digest_reader(&data[..], 8192, 10_000).unwrap();
+        let mut other = data.clone();
+        other[9_999] = 8;
+        let c = tree_digest_reader(&other[..], 4096, 10_000).unwrap();
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a, tree_digest_reader(&data[..], 4096, 10_000).unwrap());
+    }
+
+    #[test]
+    fn wrong_length_is_an_error() {
+        let data = vec![1u8; 5000];
+        assert!(tree_digest_reader(&data[..], 4096, 6000).is_err());
+        assert!(tree_digest_reader(&data[..], 4096, 4000).is_err());
+    }
+
+    #[test]
+    fn empty_blob_has_a_digest() {
+        assert!(tree_digest_reader(&[][..], 4096, 0).is_ok());
+    }
+
+    #[test]
+    fn chunk_counts() {
+        assert_eq!(chunk_count(0, 4096), 0);
+        assert_eq!(chunk_count(1, 4096), 1);
+        assert_eq!(chunk_count(4096, 4096), 1);
+        assert_eq!(chunk_count(4097, 4096), 2);
+    }
+}
