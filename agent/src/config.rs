@@ -1,0 +1,362 @@
+//! The agent configuration (`patchd.toml`, format in ARCHITECTURE.md): parsing, and the checks behind
+//! `patchd validate` and the start of `patchd run`. Every problem names the key or path and says what to do.
+
+use patchd_apply::spec::{BackendKind, ServiceSpec};
+use patchd_tls::{Role, TlsFiles, TlsMaterial};
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+
+/// The whole `patchd.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server binds (port 0: any free port, printed at start).
+    pub listen: SocketAddr,
+    /// Everything the agent owns: blobs/, staging/, backups/, journal/, logs/, run/.
+    pub state_dir: PathBuf,
+    /// The only places besides `state_dir` the agent writes to.
+    #[serde(default)]
+    pub deploy_roots: Vec<PathBuf>,
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Managed services (`[[service]]`).
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// `[tls]`: the agent's identity and the cluster CA that issues controller certificates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsSection {
+    /// The same paths as a [`TlsFiles`].
+    pub fn files(&self) -> TlsFiles {
+        TlsFiles { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
+    }
+}
+
+/// `[limits]`: resource bounds on what a controller may send.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest package (blob) accepted, bytes.
+    pub max_blob_bytes: u64,
+    /// Most files a package may unpack to.
+    pub max_files: u64,
+    /// Largest total unpacked size, bytes.
+    pub max_unpacked_bytes: u64,
+    /// Backups kept per service.
+    pub keep_backups: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_blob_bytes: 4 << 30, max_files: 10_000, max_unpacked_bytes: 8 << 30, keep_backups: 3 }
+    }
+}
+
+/// A config file that cannot be used. `Invalid` lists every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}: {source} (pass an existing file with --config)", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("config {} has {} problem(s):\n{}", path.display(), problems.len(), format_problems(problems))]
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+/// One problem: the key it concerns and what is wrong, including what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+fn format_problems(problems: &[Problem]) -> String {
+    problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n")
+}
+
+/// Subdirectories of `state_dir` the agent uses.
+pub const STATE_SUBDIRS: [&str; 6] = ["blobs", "staging", "backups", "journal", "logs", "run"];
+
+impl Config {
+    /// Reads and parses `path` (syntax and types only; see [`Config::validate`]).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses config text; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    /// Reads, parses and validates `path`.
+    pub fn load_and_validate(path: &Path) -> Result<Self, ConfigError> {
+        let config = Self::load(path)?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid { path: path.to_path_buf(), problems })
+        }
+    }
+
+    /// Every problem with this config and the files and directories it names; empty when it is usable.
+    /// Touches nothing except a probe file in an existing state directory (removed at once).
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| problems.push(Problem { key: key.to_string(), message });
+
+        if self.listen.port() != 0 && self.listen.port() < 1024 && !nix::unistd::geteuid().is_root() {
+            problem("listen", format!("port {} needs root: use a port >= 1024", self.listen.port()));
+        }
+
+        match check_state_dir(&self.state_dir) {
+            Ok(()) => {}
+            Err(message) => problem("state_dir", message),
+        }
+
+        if self.deploy_roots.is_empty() && !self.services.is_empty() {
+            problem("deploy_roots", "is empty but services are declared: list the directories services deploy under".into());
+        }
+        for (i, root) in self.deploy_roots.iter().enumerate() {
+            let key = format!("deploy_roots[{i}]");
+            if let Err(message) = check_absolute_normal(root) {
+                problem(&key, message);
+            } else if !root.is_dir() {
+                problem(&key, format!("{} does not exist or is not a directory: create it first", root.display()));
+            } else if self.state_dir.starts_with(root) || root.starts_with(&self.state_dir) {
+                problem(&key, format!("{} overlaps state_dir {}: keep them apart", root.display(), self.state_dir.display()));
+            }
+        }
+
+        for (key, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+            if let Err(message) = check_absolute_normal(path) {
+                problem(key, message);
+            } else if let Err(e) = std::fs::File::open(path).and_then(|f| {
+                if f.metadata()?.is_dir() { Err(std::io::Error::other("is a directory")) } else { Ok(()) }
+            }) {
+                problem(key, format!("cannot read {}: {e}", path.display()));
+            }
+        }
+        if !problems_with_prefix(&problems, "tls.") {
+            match TlsMaterial::load(&self.tls.files()).and_then(|m| m.check(Role::Agent)) {
+                Ok(_) => {}
+                Err(e) => {
+                    let key = match &e {
+                        patchd_tls::TlsError::BadKey { .. } => "tls.key",
+                        patchd_tls::TlsError::Identity { path, .. } | patchd_tls::TlsError::BadCertificate { path, .. }
+                            if path == &self.tls.ca => "tls.ca",
+                        patchd_tls::TlsError::Identity { path, .. } if path == &self.tls.key => "tls.key",
+                        _ => "tls.cert",
+                    };
+                    problems.push(Problem { key: key.to_string(), message: e.to_string() });
+                }
+            }
+        }
+
+        if self.limits.max_blob_bytes == 0 {
+            problems.push(Problem { key: "limits.max_blob_bytes".into(), message: "must be > 0".into() });
+        }
+
+        let mut names = BTreeSet::new();
+        for (i, service) in self.services.iter().enumerate() {
+            for message in check_service(service, &self.deploy_roots) {
+                problems.push(Problem { key: format!("service[{i}] ({})", service.name), message });
+            }
+            if !names.insert(service.name.as_str()) {
+                problems.push(Problem {
+                    key: format!("service[{i}].name"),
+                    message: format!("`{}` is declared twice: service names must be unique", service.name),
+                });
+            }
+        }
+        problems
+    }
+
+    /// Creates `state_dir` and its subdirectories (mode 0700).
+    pub fn prepare_state_dir(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true).mode(0o700);
+        builder.create(&self.state_dir)?;
+        for sub in STATE_SUBDIRS {
+            builder.create(self.state_dir.join(sub))?;
+        }
+        Ok(())
+    }
+
+    /// The directory of the blob cache.
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.state_dir.join("blobs")
+    }
+
+    /// Whether `path` lies under one of the deploy roots (lexically: `path` must be absolute with no `..`).
+    pub fn is_under_deploy_root(&self, path: &Path) -> bool {
+        is_under_any(path, &self.deploy_roots)
+    }
+}
+
+fn problems_with_prefix(problems: &[Problem], prefix: &str) -> bool {
+    problems.iter().any(|p| p.key.starts_with(prefix))
+}
+
+fn check_absolute_normal(path: &Path) -> Result<(), String> {
+    if !path.is_absolute() {
+        return Err(format!("`{}` is relative: use an absolute path", path.display()));
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        return Err(format!("`{}` contains `.` or `..`: write the plain absolute path", path.display()));
+    }
+    Ok(())
+}
+
+fn is_under_any(path: &Path, roots: &[PathBuf]) -> bool {
+    check_absolute_normal(path).is_ok() && roots.iter().any(|root| path.starts_with(root) && path != root)
+}
+
+fn check_state_dir(dir: &Path) -> Result<(), String> {
+    check_absolute_normal(dir)?;
+    if dir.exists() {
+        if !dir.is_dir() {
+            return Err(format!("{} exists and is not a directory: point state_dir at a directory", dir.display()));
+        }
+        let probe = dir.join(format!(".patchd-validate-{}", std::process::id()));
+        return match std::fs::write(&probe, b"") {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&probe);
+                Ok(())
+            }
+            Err(e) => Err(format!("{} is not writable ({e}): fix its owner or permissions", dir.display())),
+        };
+    }
+    // It will be created at start: the nearest existing ancestor must be a writable directory.
+    let mut ancestor = dir.parent();
+    while let Some(a) = ancestor {
+        if a.exists() {
+            if !a.is_dir() {
+                return Err(format!(
+                    "cannot be created: {} is not a directory; point state_dir somewhere else",
+                    a.display()
+                ));
+            }
+            return match nix::unistd::access(a, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK) {
+                Ok(()) => Ok(()),
+                Err(e) => Err(format!(
+                    "{} does not exist and cannot be created in {} ({e}): create it or fix permissions",
+                    dir.display(),
+                    a.display()
+                )),
+            };
+        }
+        ancestor = a.parent();
+    }
+    Err(format!("{} cannot be created: no existing ancestor", dir.display()))
+}
+
+fn check_service(service: &ServiceSpec, roots: &[PathBuf]) -> Vec<String> {
+    let mut out = Vec::new();
+    let valid_name = |s: &str| {
+        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) && !s.starts_with('.')
+    };
+    if !valid_name(&service.name) {
+        out.push(format!("name `{}`: use letters, digits, '-', '_' or '.'", service.name));
+    }
+    if !valid_name(&service.component) {
+        out.push(format!("component `{}`: use letters, digits, '-', '_' or '.'", service.component));
+    }
+    if let Err(message) = check_absolute_normal(&service.deploy_dir) {
+        out.push(format!("deploy_dir: {message}"));
+    } else if !is_under_any(&service.deploy_dir, roots) {
+        out.push(format!(
+            "deploy_dir {} is not under any deploy root ({}): move it under one, or add its parent to deploy_roots",
+            service.deploy_dir.display(),
+            roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    for (key, rel) in [("install_dir", &service.install_dir), ("binary", &service.binary)] {
+        if let Some(rel) = rel
+            && (rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))))
+        {
+            out.push(format!("{key} `{}` must be a relative path inside deploy_dir, without `..`", rel.display()));
+        }
+    }
+    match service.backend {
+        BackendKind::Process => {
+            if service.command.is_empty() {
+                out.push("backend \"process\" needs `command` (the argv that starts the service)".into());
+            }
+        }
+        BackendKind::Systemd => {
+            if service.unit.as_deref().is_none_or(str::is_empty) {
+                out.push("backend \"systemd\" needs `unit` (e.g. \"demo-worker.service\")".into());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(dir: &Path) -> String {
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"{0}/state\"\ndeploy_roots = [\"{0}/deploy\"]\n[tls]\nca = \"{0}/ca.crt\"\ncert = \"{0}/a.crt\"\nkey = \"{0}/a.key\"\n",
+            dir.display()
+        )
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{}\nbogus = 1\n", base(dir.path()));
+        let err = Config::parse(Path::new("x.toml"), &text).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn deploy_dir_outside_roots_and_duplicates_are_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("deploy")).unwrap();
+        let text = format!(
+            "{}\n[[service]]\nname = \"w\"\ncomponent = \"w\"\ndeploy_dir = \"/etc/w\"\ncommand = [\"x\"]\n\
+             [[service]]\nname = \"w\"\ncomponent = \"w\"\ndeploy_dir = \"{}/deploy/w\"\nbackend = \"systemd\"\n",
+            base(dir.path()),
+            dir.path().display()
+        );
+        let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+        let problems = config.validate();
+        let all = format_problems(&problems);
+        assert!(all.contains("/etc/w is not under any deploy root"), "{all}");
+        assert!(all.contains("declared twice"), "{all}");
+        assert!(all.contains("needs `unit`"), "{all}");
+        assert!(all.contains("tls.ca"), "{all}");
+    }
+
+    #[test]
+    fn deploy_root_containment_is_lexical_and_strict() {
+        let roots = vec![PathBuf::from("/opt/demo")];
+        assert!(is_under_any(Path::new("/opt/demo/w"), &roots));
+        assert!(!is_under_any(Path::new("/opt/demo"), &roots));
+        assert!(!is_under_any(Path::new("/opt/demo2/w"), &roots));
+        assert!(!is_under_any(Path::new("/opt/demo/../etc"), &roots));
+    }
+}

@@ -1,0 +1,614 @@
+//! The blob cache and the chunked, resumable upload: `<state>/blobs/<digest>` holds complete, verified blobs;
+//! `<state>/blobs/partial/<digest>.part` holds the data of an upload in progress and `<digest>.chunks` the sha256
+//! of every chunk verified and synced so far (a 28-byte header, then 32 bytes per chunk, append-only).
+//!
+//! Durability order: chunk data is `fdatasync`ed before its record is appended, so after any crash every record
+//! describes data on disk and an upload resumes at the first chunk without a record. Records are written in
+//! batches (every [`FLUSH_BYTES`] or after [`FLUSH_IDLE`] without a new chunk, and when the stream ends) so a
+//! fast upload does not pay one fsync per chunk; a crash loses at most one batch of progress, never correctness.
+//! A blob becomes complete only by renaming the synced part file after the tree digest of all records matched.
+//!
+//! Each byte is hashed once (its chunk's sha256, on a blocking thread); the tree digest is built from the records.
+//! Memory stays flat: at most [`CHANNEL_DEPTH`] chunks wait between the network and the disk.
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use patchd_package::digest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeHasher, chunk_count, chunk_sha256};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Chunks waiting between the network task and the disk worker.
+pub const CHANNEL_DEPTH: usize = 4;
+/// Verified data written but not yet recorded before the worker syncs and records it.
+pub const FLUSH_BYTES: u64 = 32 * 1024 * 1024;
+/// A pause in the stream longer than this makes the worker sync and record what it has.
+pub const FLUSH_IDLE: Duration = Duration::from_millis(100);
+/// An upload that sends nothing for this long is abandoned (its verified chunks are kept).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+const RECORDS_MAGIC: &[u8; 16] = b"patchd-chunks-v1";
+const RECORDS_HEADER_LEN: u64 = 16 + 4 + 8;
+const RECORD_LEN: u64 = 32;
+
+/// What can go wrong receiving a blob. Mapped to gRPC codes in `status.rs`.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("invalid digest `{0}`: expected 64 lower-case hex characters (the package's tree digest)")]
+    InvalidDigest(String),
+    #[error("invalid chunk size {0}: use {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes")]
+    InvalidChunkSize(u32),
+    #[error("invalid upload: {0}")]
+    Protocol(String),
+    #[error("upload stream broken: {0} (verified chunks are kept; push again to resume)")]
+    StreamBroken(String),
+    #[error(
+        "package of {size} bytes exceeds this agent's limits.max_blob_bytes ({max} bytes): raise the limit in \
+         patchd.toml or ship a smaller package"
+    )]
+    TooLarge { size: u64, max: u64 },
+    #[error(
+        "not enough disk space for this package: it needs {needed} more bytes ({}) in {} but only {free} bytes ({}) \
+         are free there; free space on that filesystem or move state_dir to a bigger one",
+        mib(*needed), dir.display(), mib(*free)
+    )]
+    NoSpace { needed: u64, free: u64, dir: PathBuf },
+    #[error("sha256 mismatch for chunk {index} at offset {offset}: the chunk was corrupted in transit; resend it")]
+    ChunkCorrupt { index: u64, offset: u64 },
+    #[error(
+        "expected chunk {expected}, got chunk {got}: query the blob (QueryBlob) and resume at the first missing chunk"
+    )]
+    OutOfOrder { expected: u64, got: u64 },
+    #[error(
+        "every chunk verified but the tree digest is {actual}, not the announced {expected}: the partial upload \
+         was discarded; check the package digest and push again"
+    )]
+    DigestMismatch { expected: String, actual: String },
+    #[error("no message for {}s: upload abandoned (verified chunks are kept; push again to resume)", IDLE_TIMEOUT.as_secs())]
+    IdleTimeout,
+    #[error("I/O error on {}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
+    move |source| TransferError::Io { path: path.to_path_buf(), source }
+}
+
+/// A blob as announced by the sender: its tree digest, size and chunk size (all three fix the digest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRef {
+    pub digest: String,
+    pub total_size: u64,
+    pub chunk_size: u32,
+}
+
+impl BlobRef {
+    /// Checks the fields; the digest becomes a file name, so it must be exactly 64 hex characters.
+    pub fn new(digest: String, total_size: u64, chunk_size: u32) -> Result<Self, TransferError> {
+        if !is_digest(&digest) {
+            return Err(TransferError::InvalidDigest(digest));
+        }
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+            return Err(TransferError::InvalidChunkSize(chunk_size));
+        }
+        Ok(Self { digest, total_size, chunk_size })
+    }
+
+    fn chunk_count(&self) -> u64 {
+        chunk_count(self.total_size, self.chunk_size)
+    }
+
+    fn held_bytes(&self, chunks: u64) -> u64 {
+        chunks.saturating_mul(u64::from(self.chunk_size)).min(self.total_size)
+    }
+}
+
+/// Whether `s` is a tree digest (64 lower-case hex characters).
+pub fn is_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// One chunk as received: already converted from the wire type.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub index: u64,
+    pub offset: u64,
+    pub data: Bytes,
+    pub sha256: [u8; 32],
+}
+
+/// What the agent holds of a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BlobState {
+    pub complete: bool,
+    /// Verified chunks held, always a prefix.
+    pub chunks_held: u64,
+    pub bytes_held: u64,
+}
+
+/// The result of one upload call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UploadOutcome {
+    pub complete: bool,
+    /// Chunks received, verified and written in this call.
+    pub chunks_received: u64,
+    pub bytes_received: u64,
+}
+
+/// The content-addressed blob cache under `<state>/blobs`.
+#[derive(Debug)]
+pub struct BlobStore {
+    dir: PathBuf,
+    partial_dir: PathBuf,
+    max_blob_bytes: u64,
+    locks: DigestLocks,
+}
+
+impl BlobStore {
+    /// Opens (creating if needed) the cache in `dir`.
+    pub fn open(dir: &Path, max_blob_bytes: u64) -> Result<Self, TransferError> {
+        let partial_dir = dir.join("partial");
+        std::fs::create_dir_all(&partial_dir).map_err(io_err(&partial_dir))?;
+        Ok(Self { dir: dir.to_path_buf(), partial_dir, max_blob_bytes, locks: DigestLocks::default() })
+    }
+
+    /// Where the complete blob `digest` lives (whether or not it is there).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        self.dir.join(digest)
+    }
+
+    /// The path of the complete blob `digest`, if the agent holds it.
+    pub fn complete_blob(&self, digest: &str) -> Option<PathBuf> {
+        if !is_digest(digest) {
+            return None;
+        }
+        let path = self.blob_path(digest);
+        path.is_file().then_some(path)
+    }
+
+    fn part_path(&self, digest: &str) -> PathBuf {
+        self.partial_dir.join(format!("{digest}.part"))
+    }
+
+    fn records_path(&self, digest: &str) -> PathBuf {
+        self.partial_dir.join(format!("{digest}.chunks"))
+    }
+
+    /// Free bytes for unprivileged writers on the filesystem of the cache.
+    pub fn free_bytes(&self) -> Result<u64, TransferError> {
+        free_bytes(&self.partial_dir)
+    }
+
+    /// What the agent holds of `blob`. Cheap (a few `stat`s); takes no lock, so it can run during an upload and
+    /// then reports the chunks recorded so far.
+    pub fn query(&self, blob: &BlobRef) -> Result<BlobState, TransferError> {
+        let path = self.blob_path(&blob.digest);
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.len() == blob.total_size => {
+                let n = blob.chunk_count();
+                return Ok(BlobState { complete: true, chunks_held: n, bytes_held: blob.total_size });
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        let records = self.records_path(&blob.digest);
+        let mut file = match File::open(&records) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BlobState::default()),
+            Err(e) => return Err(io_err(&records)(e)),
+        };
+        let len = file.metadata().map_err(io_err(&records))?.len();
+        if !header_matches(&mut file, blob) {
+            return Ok(BlobState::default());
+        }
+        let held = (len.saturating_sub(RECORDS_HEADER_LEN) / RECORD_LEN).min(blob.chunk_count());
+        Ok(BlobState { complete: false, chunks_held: held, bytes_held: blob.held_bytes(held) })
+    }
+
+    /// Receives chunks of `blob` from `chunks` (in order, starting at any index up to the first missing chunk;
+    /// chunks already held are skipped). Verifies, writes and records each; completes the blob when the last
+    /// chunk arrived and the tree digest matched. Holds a per-digest lock so concurrent uploads of the same blob
+    /// run one after the other.
+    pub async fn upload<S>(self: &Arc<Self>, blob: BlobRef, mut chunks: S) -> Result<UploadOutcome, TransferError>
+    where
+        S: Stream<Item = Result<Chunk, TransferError>> + Unpin,
+    {
+        if blob.total_size > self.max_blob_bytes {
+            return Err(TransferError::TooLarge { size: blob.total_size, max: self.max_blob_bytes });
+        }
+        let _guard = self.locks.acquire(&blob.digest).await;
+
+        let store = Arc::clone(self);
+        let header = blob.clone();
+        let partial = blocking(move || store.open_partial(&header)).await?;
+        let Some(partial) = partial else {
+            return Ok(UploadOutcome { complete: true, ..UploadOutcome::default() });
+        };
+        let held = partial.held;
+
+        let (tx, rx) = mpsc::channel::<Chunk>(CHANNEL_DEPTH);
+        let runtime = tokio::runtime::Handle::current();
+        let worker = tokio::task::spawn_blocking(move || partial.receive(rx, &runtime));
+
+        let mut stream_error = None;
+        loop {
+            let chunk = match tokio::time::timeout(IDLE_TIMEOUT, chunks.next()).await {
+                Err(_) => {
+                    stream_error = Some(TransferError::IdleTimeout);
+                    break;
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    stream_error = Some(e);
+                    break;
+                }
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            if chunk.index < held {
+                // Another upload of this digest finished these chunks while this one waited for the lock.
+                continue;
+            }
+            if tx.send(chunk).await.is_err() {
+                break; // the worker stopped; its result says why
+            }
+        }
+        drop(tx);
+        let outcome = worker.await.map_err(|e| TransferError::Internal(format!("upload worker failed: {e}")))??;
+        match stream_error {
+            Some(e) if !outcome.complete => Err(e),
+            _ => Ok(outcome),
+        }
+    }
+
+    /// Opens (or creates) the partial upload of `blob`; `None` when the blob is already complete.
+    fn open_partial(&self, blob: &BlobRef) -> Result<Option<PartialBlob>, TransferError> {
+        let state = self.query(blob)?;
+        if state.complete {
+            return Ok(None);
+        }
+        let needed = blob.total_size - state.bytes_held;
+        let free = self.free_bytes()?;
+        if needed > free {
+            return Err(TransferError::NoSpace { needed, free, dir: self.dir.clone() });
+        }
+        PartialBlob::open(self, blob).map(Some)
+    }
+}
+
+/// Available bytes (for unprivileged users) on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Result<u64, TransferError> {
+    let stat = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| TransferError::Io { path: path.to_path_buf(), source: std::io::Error::from(e) })?;
+    Ok(u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size())))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
+) -> Result<T, TransferError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| TransferError::Internal(format!("blocking task failed: {e}")))?
+}
+
+fn records_header(blob: &BlobRef) -> [u8; RECORDS_HEADER_LEN as usize] {
+    let mut header = [0u8; RECORDS_HEADER_LEN as usize];
+    header[..16].copy_from_slice(RECORDS_MAGIC);
+    header[16..20].copy_from_slice(&blob.chunk_size.to_be_bytes());
+    header[20..].copy_from_slice(&blob.total_size.to_be_bytes());
+    header
+}
+
+fn header_matches(file: &mut File, blob: &BlobRef) -> bool {
+    let mut found = [0u8; RECORDS_HEADER_LEN as usize];
+    file.read_exact(&mut found).is_ok() && found == records_header(blob)
+}
+
+/// An upload in progress: the part file, the record file and the tree built from the records so far.
+struct PartialBlob {
+    blob: BlobRef,
+    final_path: PathBuf,
+    dir: PathBuf,
+    part_path: PathBuf,
+    records_path: PathBuf,
+    part: File,
+    records: File,
+    tree: TreeHasher,
+    held: u64,
+    pending: Vec<[u8; 32]>,
+    pending_bytes: u64,
+}
+
+impl PartialBlob {
+    fn open(store: &BlobStore, blob: &BlobRef) -> Result<Self, TransferError> {
+        let part_path = store.part_path(&blob.digest);
+        let records_path = store.records_path(&blob.digest);
+        let mut tree = TreeHasher::new(blob.chunk_size, blob.total_size);
+        let mut held = 0u64;
+        let resumed = match File::open(&records_path) {
+            Ok(mut file) if header_matches(&mut file, blob) && part_path.exists() => {
+                let part_len = std::fs::metadata(&part_path).map_err(io_err(&part_path))?.len();
+                let recorded = (file.metadata().map_err(io_err(&records_path))?.len() - RECORDS_HEADER_LEN) / RECORD_LEN;
+                let recorded = recorded.min(blob.chunk_count());
+                // Records follow synced data, so the part file covers them; the check guards against tampering.
+                let covered = if part_len >= blob.held_bytes(recorded) {
+                    recorded
+                } else {
+                    part_len / u64::from(blob.chunk_size)
+                };
+                let mut reader = BufReader::new(file);
+                let mut record = [0u8; RECORD_LEN as usize];
+                while held < covered {
+                    reader.read_exact(&mut record).map_err(io_err(&records_path))?;
+                    tree.push_chunk_hash(&record);
+                    held += 1;
+                }
+                true
+            }
+            Ok(_) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_err(&records_path)(e)),
+        };
+        if resumed {
+            // Drop a torn trailing record (or records not covered by data) so appends stay aligned.
+            let records = OpenOptions::new().write(true).open(&records_path).map_err(io_err(&records_path))?;
+            records.set_len(RECORDS_HEADER_LEN + held * RECORD_LEN).map_err(io_err(&records_path))?;
+        } else {
+            let mut records = File::create(&records_path).map_err(io_err(&records_path))?;
+            records.write_all(&records_header(blob)).map_err(io_err(&records_path))?;
+            records.sync_all().map_err(io_err(&records_path))?;
+            File::create(&part_path).map_err(io_err(&part_path))?;
+        }
+        let part = OpenOptions::new().read(true).write(true).open(&part_path).map_err(io_err(&part_path))?;
+        let records = OpenOptions::new().append(true).open(&records_path).map_err(io_err(&records_path))?;
+        if resumed {
+            tracing::info!(digest = %blob.digest, chunks_held = held, "resuming partial upload");
+        }
+        Ok(Self {
+            blob: blob.clone(),
+            final_path: store.blob_path(&blob.digest),
+            dir: store.dir.clone(),
+            part_path,
+            records_path,
+            part,
+            records,
+            tree,
+            held,
+            pending: Vec::new(),
+            pending_bytes: 0,
+        })
+    }
+
+    /// The disk side of an upload, on a blocking thread: takes chunks until the channel closes or one is bad.
+    fn receive(mut self, mut rx: mpsc::Receiver<Chunk>, runtime: &tokio::runtime::Handle) -> Result<UploadOutcome, TransferError> {
+        let mut outcome = UploadOutcome::default();
+        let result = loop {
+            let next = if self.pending.is_empty() {
+                Some(runtime.block_on(rx.recv()))
+            } else {
+                runtime.block_on(async { tokio::time::timeout(FLUSH_IDLE, rx.recv()).await.ok() })
+            };
+            match next {
+                Some(Some(chunk)) => {
+                    let len = chunk.data.len() as u64;
+                    if let Err(e) = self.accept(chunk) {
+                        break Err(e);
+                    }
+                    outcome.chunks_received += 1;
+                    outcome.bytes_received += len;
+                    if self.pending_bytes >= FLUSH_BYTES
+                        && let Err(e) = self.flush()
+                    {
+                        break Err(e);
+                    }
+                }
+                Some(None) => break Ok(()),
+                None => {
+                    if let Err(e) = self.flush() {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        drop(rx);
+        // Keep what verified before a bad chunk: the retry resumes right at it.
+        let flushed = self.flush();
+        result?;
+        flushed?;
+        if self.held == self.blob.chunk_count() {
+            self.finish()?;
+            outcome.complete = true;
+        }
+        Ok(outcome)
+    }
+
+    fn accept(&mut self, chunk: Chunk) -> Result<(), TransferError> {
+        if chunk.index != self.held {
+            return Err(TransferError::OutOfOrder { expected: self.held, got: chunk.index });
+        }
+        let offset = chunk.index * u64::from(self.blob.chunk_size);
+        if chunk.offset != offset {
+            return Err(TransferError::Protocol(format!(
+                "chunk {} has offset {}, expected {offset} (index × chunk size)",
+                chunk.index, chunk.offset
+            )));
+        }
+        let expected_len = (self.blob.total_size - offset).min(u64::from(self.blob.chunk_size));
+        if chunk.data.len() as u64 != expected_len {
+            return Err(TransferError::Protocol(format!(
+                "chunk {} at offset {offset} has {} bytes, expected {expected_len}",
+                chunk.index,
+                chunk.data.len()
+            )));
+        }
+        let hash = chunk_sha256(&chunk.data);
+        if hash != chunk.sha256 {
+            return Err(TransferError::ChunkCorrupt { index: chunk.index, offset });
+        }
+        self.part.write_all_at(&chunk.data, offset).map_err(io_err(&self.part_path))?;
+        self.tree.push_chunk_hash(&hash);
+        self.pending.push(hash);
+        self.pending_bytes += expected_len;
+        self.held += 1;
+        Ok(())
+    }
+
+    /// Syncs the data written so far, then records its chunk hashes (in that order: see the module doc).
+    fn flush(&mut self) -> Result<(), TransferError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.part.sync_data().map_err(io_err(&self.part_path))?;
+        let records: Vec<u8> = self.pending.iter().flatten().copied().collect();
+        self.records.write_all(&records).map_err(io_err(&self.records_path))?;
+        self.records.sync_data().map_err(io_err(&self.records_path))?;
+        self.pending.clear();
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Checks the tree digest, then publishes the blob by renaming the synced part file.
+    fn finish(self) -> Result<(), TransferError> {
+        let actual = self
+            .tree
+            .clone()
+            .finish()
+            .ok_or_else(|| TransferError::Internal("chunk count does not match the blob size".into()))?;
+        if actual != self.blob.digest {
+            let _ = std::fs::remove_file(&self.part_path);
+            let _ = std::fs::remove_file(&self.records_path);
+            return Err(TransferError::DigestMismatch { expected: self.blob.digest.clone(), actual });
+        }
+        self.part.sync_all().map_err(io_err(&self.part_path))?;
+        std::fs::rename(&self.part_path, &self.final_path).map_err(io_err(&self.final_path))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))?;
+        let _ = std::fs::remove_file(&self.records_path);
+        tracing::info!(digest = %self.blob.digest, bytes = self.blob.total_size, "blob complete");
+        Ok(())
+    }
+}
+
+/// One async mutex per digest, created on demand and dropped when nobody holds or waits for it.
+#[derive(Debug, Default)]
+struct DigestLocks {
+    map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+struct DigestGuard<'a> {
+    locks: &'a DigestLocks,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl DigestLocks {
+    async fn acquire(&self, digest: &str) -> DigestGuard<'_> {
+        let lock = {
+            let mut map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            Arc::clone(map.entry(digest.to_string()).or_default())
+        };
+        DigestGuard { locks: self, guard: Some(lock.lock_owned().await) }
+    }
+}
+
+impl Drop for DigestGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.locks.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.retain(|_, lock| Arc::strong_count(lock) > 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patchd_package::digest::tree_digest_reader;
+
+    fn chunks_of(data: &[u8], chunk_size: u32) -> Vec<Chunk> {
+        data.chunks(chunk_size as usize)
+            .enumerate()
+            .map(|(i, c)| Chunk {
+                index: i as u64,
+                offset: i as u64 * u64::from(chunk_size),
+                data: Bytes::copy_from_slice(c),
+                sha256: chunk_sha256(c),
+            })
+            .collect()
+    }
+
+    fn sample(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upload_in_two_parts_resumes_and_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path(), 1 << 30).unwrap());
+        let cs = MIN_CHUNK_SIZE;
+        let data = sample(cs as usize * 5 + 100);
+        let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
+        let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+        let chunks = chunks_of(&data, cs);
+
+        let first = store.upload(blob.clone(), futures::stream::iter(chunks[..3].to_vec().into_iter().map(Ok))).await.unwrap();
+        assert_eq!(first, UploadOutcome { complete: false, chunks_received: 3, bytes_received: 3 * u64::from(cs) });
+        assert_eq!(store.query(&blob).unwrap().chunks_held, 3);
+
+        // A restarted sender may resend held chunks: they are skipped.
+        let second = store.upload(blob.clone(), futures::stream::iter(chunks[2..].to_vec().into_iter().map(Ok))).await.unwrap();
+        assert!(second.complete);
+        assert_eq!(second.chunks_received, 3);
+        assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
+        assert!(store.query(&blob).unwrap().complete);
+        assert!(!store.records_path(&digest).exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupt_chunk_keeps_the_prefix_and_wrong_digest_discards() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path(), 1 << 30).unwrap());
+        let cs = MIN_CHUNK_SIZE;
+        let data = sample(cs as usize * 4);
+        let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
+        let blob = BlobRef::new(digest, data.len() as u64, cs).unwrap();
+        let mut chunks = chunks_of(&data, cs);
+        chunks[2].sha256[0] ^= 1;
+        let err = store.upload(blob.clone(), futures::stream::iter(chunks.into_iter().map(Ok))).await.unwrap_err();
+        assert!(matches!(err, TransferError::ChunkCorrupt { index: 2, offset } if offset == 2 * u64::from(cs)), "{err}");
+        assert_eq!(store.query(&blob).unwrap().chunks_held, 2);
+
+        let wrong = BlobRef::new("ab".repeat(32), data.len() as u64, cs).unwrap();
+        let err = store
+            .upload(wrong.clone(), futures::stream::iter(chunks_of(&data, cs).into_iter().map(Ok)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransferError::DigestMismatch { .. }), "{err}");
+        assert_eq!(store.query(&wrong).unwrap(), BlobState::default());
+        assert!(!store.part_path(&wrong.digest).exists());
+        assert!(!store.blob_path(&wrong.digest).exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn limits_and_empty_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path(), 1000).unwrap());
+        let big = BlobRef::new("00".repeat(32), 1001, MIN_CHUNK_SIZE).unwrap();
+        assert!(matches!(
+            store.upload(big, futures::stream::empty()).await,
+            Err(TransferError::TooLarge { .. })
+        ));
+        let digest = tree_digest_reader(&[][..], MIN_CHUNK_SIZE, 0).unwrap();
+        let empty = BlobRef::new(digest.clone(), 0, MIN_CHUNK_SIZE).unwrap();
+        let outcome = store.upload(empty, futures::stream::empty()).await.unwrap();
+        assert!(outcome.complete);
+        assert_eq!(std::fs::metadata(store.blob_path(&digest)).unwrap().len(), 0);
+        assert!(BlobRef::new("../etc".into(), 1, MIN_CHUNK_SIZE).is_err());
+    }
+}

@@ -1,0 +1,487 @@
+//! The `process` backend: the agent spawns the service's command itself, in its own process group (so it
+//! survives an agent restart and signals to the agent's group), appends its stdout and stderr to
+//! `<state>/logs/<service>.log`, records it in `<state>/run/<service>.pid`, restarts it on crash with backoff,
+//! and stops it with SIGTERM, then SIGKILL after `stop_timeout`. When the agent starts and the pid file names a
+//! live process whose start time and command line match, that process is adopted instead of starting a second copy.
+
+use super::{BackendError, RunState, ServiceBackend, ServiceRuntime, tail_file};
+use crate::fsutil::{self, IoContext};
+use crate::spec::ServiceSpec;
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+
+/// First restart delay after a crash; doubles per crash in a row.
+const RESTART_BACKOFF_START: Duration = Duration::from_millis(250);
+/// Longest restart delay.
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A run at least this long resets the backoff.
+const STABLE_RUN: Duration = Duration::from_secs(10);
+/// How often an adopted process (not our child, so no exit notification) is checked.
+const ADOPTED_POLL: Duration = Duration::from_millis(100);
+/// After SIGKILL, how long to wait for the process to disappear.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// What `<state>/run/<service>.pid` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PidRecord {
+    pid: u32,
+    /// Field 22 of /proc/<pid>/stat: guards against pid reuse.
+    proc_start_ticks: u64,
+    argv: Vec<String>,
+    started_unix_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Running {
+    pid: u32,
+    generation: u64,
+    started: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    running: Option<Running>,
+    generation: u64,
+    last_exit: Option<String>,
+    auto_restart: bool,
+    stopping: bool,
+    crashes_in_a_row: u32,
+}
+
+/// The `process` backend of one service.
+#[derive(Debug, Clone)]
+pub struct ProcessBackend {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    spec: ServiceSpec,
+    log_path: PathBuf,
+    pid_path: PathBuf,
+    state: Mutex<State>,
+    exited: Notify,
+}
+
+impl ProcessBackend {
+    /// Sets the backend up and adopts the process named by the pid file when it is still ours and alive.
+    /// Does not start anything.
+    pub fn open(spec: ServiceSpec, state_dir: &Path) -> Result<Self, BackendError> {
+        if spec.command.is_empty() {
+            return Err(BackendError::Misconfigured { service: spec.name.clone(), what: "command" });
+        }
+        let log_path = state_dir.join("logs").join(format!("{}.log", spec.name));
+        let pid_path = state_dir.join("run").join(format!("{}.pid", spec.name));
+        let auto_restart = spec.restart_on_crash;
+        let backend = ProcessBackend {
+            inner: Arc::new(Inner {
+                spec,
+                log_path,
+                pid_path,
+                state: Mutex::new(State { auto_restart, ..State::default() }),
+                exited: Notify::new(),
+            }),
+        };
+        backend.adopt_from_pid_file();
+        Ok(backend)
+    }
+
+    /// The log file of the service.
+    pub fn log_path(&self) -> &Path {
+        &self.inner.log_path
+    }
+
+    /// The pid file of the service.
+    pub fn pid_path(&self) -> &Path {
+        &self.inner.pid_path
+    }
+
+    fn adopt_from_pid_file(&self) {
+        let Ok(bytes) = std::fs::read(&self.inner.pid_path) else { return };
+        let Ok(record) = serde_json::from_slice::<PidRecord>(&bytes) else { return };
+        let alive_and_ours = proc_stat(record.pid)
+            .is_some_and(|stat| stat.state != 'Z' && stat.start_ticks == record.proc_start_ticks)
+            && proc_cmdline(record.pid).is_some_and(|argv| argv == record.argv);
+        if !alive_and_ours {
+            tracing::info!(service = %self.inner.spec.name, pid = record.pid, "pid file names no live process of ours; not adopting");
+            let _ = fsutil::remove_if_exists(&self.inner.pid_path);
+            return;
+        }
+        let generation = {
+            let mut state = lock(&self.inner.state);
+            state.generation += 1;
+            state.running = Some(Running {
+                pid: record.pid,
+                generation: state.generation,
+                started: UNIX_EPOCH + Duration::from_millis(record.started_unix_ms),
+            });
+            state.generation
+        };
+        tracing::info!(service = %self.inner.spec.name, pid = record.pid, "adopted the running service process");
+        let inner = self.inner.clone();
+        tokio::spawn(watch_adopted(inner, record.pid, generation));
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A poisoned lock only means another task panicked mid-update; the state is still the best we have.
+    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Inner {
+    /// Launches the command. Caller checked that nothing runs.
+    fn spawn(self: &Arc<Self>) -> Result<(), BackendError> {
+        let argv = self.spec.resolved_command();
+        let Some((program, args)) = argv.split_first() else {
+            return Err(BackendError::Misconfigured { service: self.spec.name.clone(), what: "command" });
+        };
+        let log_dir = fsutil::parent_of(&self.log_path)?;
+        std::fs::create_dir_all(log_dir).ctx("create directory", log_dir)?;
+        let mut log = OpenOptions::new().create(true).append(true).open(&self.log_path).ctx("open log", &self.log_path)?;
+        let stamp = humantime::format_rfc3339_seconds(SystemTime::now());
+        let _ = writeln!(log, "--- patchd {stamp}: starting {}", argv.join(" "));
+        let stderr = log.try_clone().ctx("open log", &self.log_path)?;
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(args)
+            .envs(&self.spec.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(stderr))
+            // Own process group: the service outlives the agent and is not hit by signals sent to the agent's group.
+            .process_group(0)
+            .kill_on_drop(false);
+        if self.spec.deploy_dir.is_dir() {
+            command.current_dir(&self.spec.deploy_dir);
+        }
+        let mut child =
+            command.spawn().map_err(|source| BackendError::Spawn { command: argv.join(" "), source })?;
+        let Some(pid) = child.id() else {
+            return Err(BackendError::Spawn {
+                command: argv.join(" "),
+                source: std::io::Error::other("the process exited before its pid could be read"),
+            });
+        };
+        let started = SystemTime::now();
+        let record = PidRecord {
+            pid,
+            proc_start_ticks: proc_stat(pid).map(|s| s.start_ticks).unwrap_or(0),
+            argv,
+            started_unix_ms: started.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        };
+        let generation = {
+            let mut state = lock(&self.state);
+            state.generation += 1;
+            state.running = Some(Running { pid, generation: state.generation, started });
+            state.generation
+        };
+        if let Ok(bytes) = serde_json::to_vec(&record)
+            && let Err(e) = fsutil::write_atomic(&self.pid_path, &bytes)
+        {
+            tracing::warn!(service = %self.spec.name, "cannot write the pid file: {e}");
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let exit = match child.wait().await {
+                Ok(status) => describe_exit(status),
+                Err(e) => format!("exit status unknown: {e}"),
+            };
+            inner.on_exit(generation, exit);
+        });
+        Ok(())
+    }
+
+    /// Records the end of run `generation` and schedules a restart when that is the policy.
+    fn on_exit(self: &Arc<Self>, generation: u64, exit: String) {
+        let restart_delay = {
+            let mut state = lock(&self.state);
+            let Some(running) = state.running.clone().filter(|r| r.generation == generation) else { return };
+            state.running = None;
+            state.last_exit = Some(exit.clone());
+            let ran_for = SystemTime::now().duration_since(running.started).unwrap_or_default();
+            if ran_for >= STABLE_RUN {
+                state.crashes_in_a_row = 0;
+            }
+            let restart = !state.stopping && state.auto_restart && self.spec.restart_on_crash;
+            if restart {
+                state.crashes_in_a_row = state.crashes_in_a_row.saturating_add(1);
+            }
+            restart.then(|| backoff(state.crashes_in_a_row))
+        };
+        let _ = fsutil::remove_if_exists(&self.pid_path);
+        self.exited.notify_waiters();
+        if let Some(delay) = restart_delay {
+            tracing::warn!(service = %self.spec.name, "service {exit}; restarting in {delay:?}");
+            let inner = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let still_wanted = {
+                    let state = lock(&inner.state);
+                    state.running.is_none() && !state.stopping && state.auto_restart
+                };
+                if still_wanted && let Err(e) = inner.spawn() {
+                    tracing::error!(service = %inner.spec.name, "restart failed: {e}");
+                }
+            });
+        } else {
+            tracing::info!(service = %self.spec.name, "service {exit}");
+        }
+    }
+
+    fn current(&self) -> Option<Running> {
+        lock(&self.state).running.clone()
+    }
+
+    /// Waits until run `generation` is over or `limit` passes; true when it is over.
+    async fn wait_gone(self: &Arc<Self>, pid: u32, generation: u64, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.exited.notified();
+            let still = lock(&self.state).running.as_ref().is_some_and(|r| r.generation == generation);
+            if !still {
+                return true;
+            }
+            // An adopted process is not our child: look at /proc directly rather than wait for the poller.
+            if !pid_alive(pid) {
+                self.on_exit(generation, "exited (status unknown: not a child of this agent)".into());
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(20), notified).await;
+        }
+    }
+}
+
+/// Polls an adopted process until it is gone, then reports its exit.
+async fn watch_adopted(inner: Arc<Inner>, pid: u32, generation: u64) {
+    loop {
+        tokio::time::sleep(ADOPTED_POLL).await;
+        let ours = inner.current().is_some_and(|r| r.generation == generation);
+        if !ours {
+            return;
+        }
+        if !pid_alive(pid) {
+            inner.on_exit(generation, "exited (status unknown: not a child of this agent)".into());
+            return;
+        }
+    }
+}
+
+fn backoff(crashes_in_a_row: u32) -> Duration {
+    let factor = 1u32 << crashes_in_a_row.saturating_sub(1).min(8);
+    (RESTART_BACKOFF_START * factor).min(RESTART_BACKOFF_MAX)
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("exited with status {code}")
+    } else if let Some(signal) = status.signal() {
+        let name = Signal::try_from(signal).map(|s| s.as_str().to_string()).unwrap_or_else(|_| signal.to_string());
+        format!("killed by signal {name}")
+    } else {
+        format!("ended: {status}")
+    }
+}
+
+/// The fields of /proc/<pid>/stat the backend uses.
+struct ProcStat {
+    state: char,
+    pgrp: i32,
+    start_ticks: u64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); field N is fields[N - 3].
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        pgrp: fields.get(2)?.parse().ok()?,
+        start_ticks: fields.get(19)?.parse().ok()?,
+    })
+}
+
+fn proc_cmdline(pid: u32) -> Option<Vec<String>> {
+    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        bytes
+            .split(|b| *b == 0)
+            .filter(|part| !part.is_empty())
+            .map(|part| String::from_utf8_lossy(part).into_owned())
+            .collect(),
+    )
+}
+
+/// Alive and not a zombie.
+fn pid_alive(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
+}
+
+/// Sends `signal` to the service's process group when it leads one (it does when we started it), else to the pid.
+fn signal_service(pid: u32, signal: Signal) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    let leads_group = proc_stat(pid).is_some_and(|s| s.pgrp == raw);
+    let result = if leads_group { killpg(Pid::from_raw(raw), signal) } else { kill(Pid::from_raw(raw), signal) };
+    if let Err(e) = result {
+        tracing::debug!(pid, "signal {signal}: {e}");
+    }
+}
+
+#[async_trait]
+impl ServiceBackend for ProcessBackend {
+    async fn start(&self) -> Result<(), BackendError> {
+        {
+            let mut state = lock(&self.inner.state);
+            state.stopping = false;
+            if state.running.as_ref().is_some_and(|r| pid_alive(r.pid)) {
+                return Ok(());
+            }
+        }
+        self.inner.spawn()
+    }
+
+    async fn stop(&self) -> Result<(), BackendError> {
+        lock(&self.inner.state).stopping = true;
+        let Some(running) = self.inner.current() else { return Ok(()) };
+        signal_service(running.pid, Signal::SIGTERM);
+        if self.inner.wait_gone(running.pid, running.generation, self.inner.spec.stop_timeout()).await {
+            return Ok(());
+        }
+        tracing::warn!(service = %self.inner.spec.name, pid = running.pid, "still running after stop_timeout; sending SIGKILL");
+        signal_service(running.pid, Signal::SIGKILL);
+        if self.inner.wait_gone(running.pid, running.generation, KILL_GRACE).await {
+            Ok(())
+        } else {
+            Err(BackendError::Unkillable { pid: running.pid })
+        }
+    }
+
+    async fn status(&self) -> Result<ServiceRuntime, BackendError> {
+        let state = lock(&self.inner.state);
+        Ok(match &state.running {
+            Some(running) => ServiceRuntime {
+                state: RunState::Running,
+                pid: Some(running.pid),
+                uptime_seconds: Some(SystemTime::now().duration_since(running.started).unwrap_or_default().as_secs()),
+                instance: Some(format!("{}#{}", running.pid, running.generation)),
+                last_exit: state.last_exit.clone(),
+            },
+            None => ServiceRuntime {
+                state: if state.last_exit.is_some() && !state.stopping { RunState::Failed } else { RunState::Stopped },
+                pid: None,
+                uptime_seconds: None,
+                instance: None,
+                last_exit: state.last_exit.clone(),
+            },
+        })
+    }
+
+    async fn log_tail(&self, lines: usize) -> Vec<String> {
+        let path = self.inner.log_path.clone();
+        tokio::task::spawn_blocking(move || tail_file(&path, lines)).await.unwrap_or_default()
+    }
+
+    fn set_auto_restart(&self, enabled: bool) {
+        lock(&self.inner.state).auto_restart = enabled;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ServiceSpec;
+
+    fn spec(name: &str, deploy: &Path, command: &[&str]) -> ServiceSpec {
+        let text = format!(
+            "name = {name:?}\ncomponent = \"c\"\ndeploy_dir = {:?}\ncommand = {:?}\nstop_timeout = \"500ms\"\n",
+            deploy.display().to_string(),
+            command
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn start_stop_and_adopt_after_backend_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec("sleeper", dir.path(), &["/bin/sh", "-c", "echo hello; exec sleep 30"]);
+        let backend = ProcessBackend::open(spec.clone(), dir.path()).unwrap();
+        backend.start().await.unwrap();
+        let first = backend.status().await.unwrap();
+        assert_eq!(first.state, RunState::Running);
+        let pid = first.pid.unwrap();
+
+        // A second backend (the agent restarted) adopts the same process instead of starting another.
+        let again = ProcessBackend::open(spec, dir.path()).unwrap();
+        let adopted = again.status().await.unwrap();
+        assert_eq!(adopted.pid, Some(pid));
+        again.start().await.unwrap();
+        assert_eq!(again.status().await.unwrap().pid, Some(pid));
+
+        again.stop().await.unwrap();
+        assert!(!pid_alive(pid));
+        assert_eq!(again.status().await.unwrap().state, RunState::Stopped);
+        assert!(!again.pid_path().exists());
+        let tail = again.log_tail(5).await;
+        assert!(tail.iter().any(|l| l == "hello"), "{tail:?}");
+    }
+
+    #[tokio::test]
+    async fn sigterm_ignored_means_sigkill() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec("stubborn", dir.path(), &["/bin/sh", "-c", "trap '' TERM; echo ready; while true; do sleep 0.1; done"]);
+        let backend = ProcessBackend::open(spec, dir.path()).unwrap();
+        backend.start().await.unwrap();
+        // let the trap be installed
+        for _ in 0..100 {
+            if backend.log_tail(1).await.iter().any(|l| l == "ready") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pid = backend.status().await.unwrap().pid.unwrap();
+        backend.stop().await.unwrap();
+        assert!(!pid_alive(pid));
+        assert_eq!(backend.status().await.unwrap().last_exit.as_deref(), Some("killed by signal SIGKILL"));
+    }
+
+    #[tokio::test]
+    async fn crash_is_restarted_unless_auto_restart_is_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("runs");
+        let script = format!("echo run >> {}; exit 3", marker.display());
+        let spec = spec("crasher", dir.path(), &["/bin/sh", "-c", &script]);
+        let backend = ProcessBackend::open(spec, dir.path()).unwrap();
+        backend.start().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&marker).map(|s| s.lines().count()).unwrap_or(0) < 2 {
+            assert!(std::time::Instant::now() < deadline, "no restart after a crash");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        backend.set_auto_restart(false);
+        backend.stop().await.unwrap();
+        let status = backend.status().await.unwrap();
+        assert_ne!(status.state, RunState::Running);
+        assert_eq!(status.last_exit.as_deref(), Some("exited with status 3"));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), RESTART_BACKOFF_START);
+        assert_eq!(backoff(2), RESTART_BACKOFF_START * 2);
+        assert_eq!(backoff(50), RESTART_BACKOFF_MAX);
+    }
+}

@@ -1,0 +1,232 @@
+//! Host effects the engine uses besides files and service control, each behind a small trait so the engine is
+//! unit-tested with fakes: the clock, the health probe, and the fault-injection hook.
+
+use crate::spec::HealthSpec;
+use async_trait::async_trait;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Time: monotonic instants for durations, wall clock for records, and sleeping.
+#[async_trait]
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now(&self) -> Instant;
+    fn unix_now(&self) -> i64;
+    async fn sleep(&self, duration: Duration);
+}
+
+/// The real clock (tokio timers).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+#[async_trait]
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn unix_now(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+
+    async fn sleep(&self, duration: Duration) {
+        tokio::time::sleep(duration).await;
+    }
+}
+
+/// Checks whether a started service answers its configured probes.
+#[async_trait]
+pub trait HealthProbe: Send + Sync + std::fmt::Debug {
+    /// `Ok` when every configured probe (HTTP 2xx, TCP accept) passes; a service with no probe passes.
+    /// `Err` carries a human-readable reason.
+    async fn check(&self, health: &HealthSpec) -> Result<(), String>;
+}
+
+/// Probes over the loopback/host network: HTTP GET with reqwest, TCP connect with tokio.
+#[derive(Debug, Clone)]
+pub struct NetProbe {
+    client: reqwest::Client,
+}
+
+/// Per-attempt limit of one probe.
+const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl NetProbe {
+    pub fn new() -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(PROBE_ATTEMPT_TIMEOUT)
+            .connect_timeout(PROBE_ATTEMPT_TIMEOUT)
+            .no_proxy()
+            .build()
+            .map_err(|e| format!("cannot build the HTTP health client: {e}"))?;
+        Ok(NetProbe { client })
+    }
+}
+
+#[async_trait]
+impl HealthProbe for NetProbe {
+    async fn check(&self, health: &HealthSpec) -> Result<(), String> {
+        if let Some(addr) = &health.tcp {
+            match tokio::time::timeout(PROBE_ATTEMPT_TIMEOUT, tokio::net::TcpStream::connect(addr.as_str())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(format!("tcp probe {addr}: {e}")),
+                Err(_) => return Err(format!("tcp probe {addr}: no answer within {PROBE_ATTEMPT_TIMEOUT:?}")),
+            }
+        }
+        if let Some(url) = &health.http {
+            let response =
+                self.client.get(url).send().await.map_err(|e| format!("http probe {url}: {e}"))?;
+            let status = response.status();
+            if !status.is_success() {
+                let body = response.text().await.unwrap_or_default();
+                let body: String = body.chars().take(200).collect();
+                return Err(format!("http probe {url}: status {status}: {}", body.trim()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The steps of an apply where a crash can be injected (tests only; see `fault-injection`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// Backups and temporaries written, before anything live changes.
+    AfterPrepare,
+    /// The service was stopped, no file swapped yet.
+    AfterStop,
+    /// One more file was renamed into place (the n-th hit is the n-th file).
+    AfterSwap,
+    /// The new version was started.
+    AfterStart,
+    /// Inside the probation loop.
+    DuringProbation,
+    /// Probation passed (or the offline swap finished), not yet committed.
+    BeforeCommit,
+    /// One more file was restored during a revert.
+    DuringRevert,
+}
+
+impl FaultPoint {
+    pub const ALL: [FaultPoint; 7] = [
+        FaultPoint::AfterPrepare,
+        FaultPoint::AfterStop,
+        FaultPoint::AfterSwap,
+        FaultPoint::AfterStart,
+        FaultPoint::DuringProbation,
+        FaultPoint::BeforeCommit,
+        FaultPoint::DuringRevert,
+    ];
+
+    /// The name used in `PATCHD_FAULT=<name>[:n]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultPoint::AfterPrepare => "after-prepare",
+            FaultPoint::AfterStop => "after-stop",
+            FaultPoint::AfterSwap => "after-swap",
+            FaultPoint::AfterStart => "after-start",
+            FaultPoint::DuringProbation => "during-probation",
+            FaultPoint::BeforeCommit => "before-commit",
+            FaultPoint::DuringRevert => "during-revert",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<FaultPoint> {
+        FaultPoint::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// Called by the engine at every fault point. Production: does nothing. `fault-injection` builds: kills the
+/// process when `PATCHD_FAULT` names the point. Unit tests: returns `Err` to simulate a crash right there.
+pub trait FaultHook: Send + Sync + std::fmt::Debug {
+    fn hit(&self, point: FaultPoint) -> Result<(), SimulatedCrash>;
+}
+
+/// A crash simulated by a test hook: the engine stops right where it is, doing nothing more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("simulated crash at fault point {}", .0.name())]
+pub struct SimulatedCrash(pub FaultPoint);
+
+/// The production hook: no faults.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoFaults;
+
+impl FaultHook for NoFaults {
+    fn hit(&self, _point: FaultPoint) -> Result<(), SimulatedCrash> {
+        Ok(())
+    }
+}
+
+/// The default hook of this build: [`EnvFaults`] with `fault-injection`, [`NoFaults`] without.
+pub fn default_fault_hook() -> std::sync::Arc<dyn FaultHook> {
+    #[cfg(feature = "fault-injection")]
+    {
+        std::sync::Arc::new(EnvFaults::from_env())
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        std::sync::Arc::new(NoFaults)
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+pub use env_faults::EnvFaults;
+
+#[cfg(feature = "fault-injection")]
+mod env_faults {
+    use super::{FaultHook, FaultPoint, SimulatedCrash};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Kills the agent (SIGKILL to itself, as `kill -9` would) at the n-th hit of the point named by
+    /// `PATCHD_FAULT=<point>[:n]` (n defaults to 1).
+    #[derive(Debug)]
+    pub struct EnvFaults {
+        armed: Option<(FaultPoint, u64)>,
+        hits: AtomicU64,
+    }
+
+    impl EnvFaults {
+        pub fn from_env() -> Self {
+            let armed = std::env::var("PATCHD_FAULT").ok().and_then(|spec| Self::parse(&spec));
+            if let Some((point, n)) = armed {
+                eprintln!("patchd: fault injection armed: {}:{n}", point.name());
+            }
+            EnvFaults { armed, hits: AtomicU64::new(0) }
+        }
+
+        fn parse(spec: &str) -> Option<(FaultPoint, u64)> {
+            let (name, count) = match spec.split_once(':') {
+                Some((name, n)) => (name, n.trim().parse().ok()?),
+                None => (spec, 1),
+            };
+            Some((FaultPoint::from_name(name.trim())?, count))
+        }
+    }
+
+    impl FaultHook for EnvFaults {
+        fn hit(&self, point: FaultPoint) -> Result<(), SimulatedCrash> {
+            let Some((armed, n)) = self.armed else { return Ok(()) };
+            if armed != point {
+                return Ok(());
+            }
+            if self.hits.fetch_add(1, Ordering::SeqCst) + 1 == n {
+                eprintln!("patchd: injected crash at {}:{n}", point.name());
+                let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+                std::process::abort();
+            }
+            Ok(())
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn parses_point_and_count() {
+            assert_eq!(EnvFaults::parse("after-swap:2"), Some((FaultPoint::AfterSwap, 2)));
+            assert_eq!(EnvFaults::parse("before-commit"), Some((FaultPoint::BeforeCommit, 1)));
+            assert_eq!(EnvFaults::parse("nope"), None);
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! The apply engine: one per agent, shared by every RPC. It owns the managed services (spec, backend, journal),
+//! serializes operations per service, runs each apply or rollback in its own task (so a controller that
+//! disconnects does not cancel it), replays finished patch ids, and recovers interrupted applies at start.
+
+use crate::backend::{self, BackendError, RunState, ServiceBackend, ServiceRuntime};
+use crate::confine::{Confinement, ConfinementError};
+use crate::effects::{Clock, FaultHook, HealthProbe, NetProbe, SimulatedCrash, SystemClock, default_fault_hook};
+use crate::fsutil::{FsError, HashCache};
+use crate::journal::{ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, JournalError, ServiceJournal};
+use crate::plan::{self, PlanError};
+use crate::spec::{BackendKind, ServiceSpec, SpecError, is_safe_name};
+use crate::stage::{self, StageError, Staged};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Default number of committed patches whose backups are kept for rollback.
+pub const DEFAULT_KEEP_BACKUPS: usize = 3;
+
+/// What the engine needs from the agent config.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub state_dir: PathBuf,
+    pub deploy_roots: Vec<PathBuf>,
+    pub services: Vec<ServiceSpec>,
+    /// Committed patches whose backups are kept (at least 1).
+    pub keep_backups: usize,
+    pub package_limits: patchd_package::Limits,
+}
+
+/// The host effects besides files: clock, probe, faults.
+#[derive(Debug, Clone)]
+pub struct Effects {
+    pub clock: Arc<dyn Clock>,
+    pub probe: Arc<dyn HealthProbe>,
+    pub faults: Arc<dyn FaultHook>,
+}
+
+impl Effects {
+    /// The real ones: system clock, network probe, and this build's fault hook.
+    pub fn real() -> Result<Self, ApplyError> {
+        Ok(Effects {
+            clock: Arc::new(SystemClock),
+            probe: Arc::new(NetProbe::new().map_err(ApplyError::Internal)?),
+            faults: default_fault_hook(),
+        })
+    }
+}
+
+/// Builds the backend of a service.
+pub type BackendFactory =
+    Box<dyn Fn(&ServiceSpec, &Path) -> Result<Arc<dyn ServiceBackend>, BackendError> + Send + Sync>;
+
+/// How an engine error maps onto an RPC status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidArgument,
+    NotFound,
+    FailedPrecondition,
+    PermissionDenied,
+    Internal,
+}
+
+/// An operation was refused or could not run. Failures after an apply began are not errors: they are
+/// reported as `Failed` or `Reverted` results.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("unknown service {name:?}; this agent manages: {known}")]
+    UnknownService { name: String, known: String },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    #[error("package {digest} is not staged on this agent; call Stage for service {service:?} first")]
+    NotStaged { digest: String, service: String },
+    #[error(transparent)]
+    Confinement(#[from] ConfinementError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("patch id {patch_id:?} was already used on service {service:?} ({earlier}); use a new patch id")]
+    PatchIdReused { patch_id: String, service: String, earlier: String },
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Crash(#[from] SimulatedCrash),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApplyError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ApplyError::UnknownService { .. } | ApplyError::NotStaged { .. } => ErrorKind::NotFound,
+            ApplyError::InvalidRequest(_) | ApplyError::Spec(_) => ErrorKind::InvalidArgument,
+            ApplyError::Confinement(_) | ApplyError::Plan(PlanError::Confinement(_)) => ErrorKind::PermissionDenied,
+            ApplyError::Stage(StageError::BadDigest { .. }) => ErrorKind::InvalidArgument,
+            ApplyError::Stage(StageError::BlobMissing { .. }) => ErrorKind::NotFound,
+            ApplyError::Stage(StageError::Fs(_)) => ErrorKind::Internal,
+            ApplyError::Stage(_) => ErrorKind::FailedPrecondition,
+            ApplyError::Plan(PlanError::Fs(_)) => ErrorKind::Internal,
+            ApplyError::Plan(PlanError::UnknownPatch { .. }) => ErrorKind::NotFound,
+            ApplyError::Plan(_) | ApplyError::PatchIdReused { .. } => ErrorKind::FailedPrecondition,
+            ApplyError::Fs(_)
+            | ApplyError::Journal(_)
+            | ApplyError::Backend(_)
+            | ApplyError::Crash(_)
+            | ApplyError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Apply a staged package to a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyCommand {
+    pub service: String,
+    pub digest: String,
+    pub patch_id: String,
+    /// Swap files only; no stop, start or probation.
+    pub offline: bool,
+}
+
+/// Return a service to the version before `to_patch_id` (or before its last committed patch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollbackCommand {
+    pub service: String,
+    pub to_patch_id: Option<String>,
+    pub patch_id: String,
+}
+
+/// The answer to Apply and Rollback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub result: ApplyResult,
+    /// The patch id had finished earlier; this is that result.
+    pub replayed: bool,
+}
+
+/// What Status reports about one service.
+#[derive(Debug, Clone)]
+pub struct ServiceReport {
+    pub name: String,
+    pub component: String,
+    pub deploy_dir: PathBuf,
+    pub runtime: ServiceRuntime,
+    /// sha256 of the deployed main binary, read from disk (`None` when the file is absent).
+    pub binary_sha256: Option<String>,
+    /// Version label of the newest committed patch, "" when never patched.
+    pub version: String,
+    pub last: Option<ApplyResult>,
+    /// Patch id of the apply or rollback in flight.
+    pub in_flight: Option<String>,
+    /// Committed patches whose backups are kept, newest first.
+    pub history: Vec<HistoryEntry>,
+}
+
+/// One managed service.
+#[derive(Debug)]
+pub(crate) struct Service {
+    pub(crate) spec: ServiceSpec,
+    pub(crate) backend: Arc<dyn ServiceBackend>,
+    journal_path: PathBuf,
+    journal: Mutex<ServiceJournal>,
+    /// Serializes applies, rollbacks and recovery of this service.
+    op_lock: tokio::sync::Mutex<()>,
+    in_flight: Mutex<Option<String>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Service {
+    /// A copy of the journal.
+    pub(crate) fn journal(&self) -> ServiceJournal {
+        lock(&self.journal).clone()
+    }
+
+    /// Changes the journal and writes it durably before returning; on a write error the change is kept in
+    /// memory only.
+    pub(crate) fn persist(&self, change: impl FnOnce(&mut ServiceJournal)) -> Result<(), JournalError> {
+        let mut journal = lock(&self.journal);
+        change(&mut journal);
+        journal.store(&self.journal_path)
+    }
+}
+
+/// Clears the in-flight marker when an operation ends, however it ends.
+struct InFlightGuard<'a>(&'a Service);
+
+impl<'a> InFlightGuard<'a> {
+    fn set(service: &'a Service, patch_id: &str) -> Self {
+        *lock(&service.in_flight) = Some(patch_id.to_string());
+        InFlightGuard(service)
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.in_flight) = None;
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) state_dir: PathBuf,
+    pub(crate) keep_backups: usize,
+    pub(crate) package_limits: patchd_package::Limits,
+    pub(crate) confine: Confinement,
+    pub(crate) effects: Effects,
+    pub(crate) hashes: HashCache,
+    services: BTreeMap<String, Arc<Service>>,
+    stage_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The apply engine (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// Runs blocking file work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApplyError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ApplyError::Internal(format!("blocking task failed: {e}")))
+}
+
+impl Engine {
+    /// The production engine: real backends and effects; recovers interrupted applies before returning.
+    pub async fn start(config: EngineConfig) -> Result<Engine, ApplyError> {
+        let factory: BackendFactory = Box::new(|spec, state_dir| backend::real_backend(spec, state_dir));
+        Self::start_with(config, Effects::real()?, factory).await
+    }
+
+    /// An engine with the given effects and backends; recovers interrupted applies before returning.
+    pub async fn start_with(config: EngineConfig, effects: Effects, factory: BackendFactory) -> Result<Engine, ApplyError> {
+        let confine = Confinement::new(&config.deploy_roots);
+        for dir in ["journal", "staging", "backups", "logs", "run"] {
+            let path = config.state_dir.join(dir);
+            std::fs::create_dir_all(&path).map_err(|source| FsError { op: "create directory", path, source })?;
+        }
+        let mut services = BTreeMap::new();
+        for spec in config.services {
+            spec.validate(&config.deploy_roots)?;
+            confine.check_deploy_dir(&spec.deploy_dir)?;
+            if services.contains_key(&spec.name) {
+                return Err(ApplyError::InvalidRequest(format!(
+                    "service {:?} is declared twice in the agent config; give each [[service]] its own name",
+                    spec.name
+                )));
+            }
+            let journal_path = ServiceJournal::path(&config.state_dir, &spec.name);
+            let journal = ServiceJournal::load(&journal_path)?;
+            let backend = factory(&spec, &config.state_dir)?;
+            services.insert(
+                spec.name.clone(),
+                Arc::new(Service {
+                    spec,
+                    backend,
+                    journal_path,
+                    journal: Mutex::new(journal),
+                    op_lock: tokio::sync::Mutex::new(()),
+                    in_flight: Mutex::new(None),
+                }),
+            );
+        }
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                state_dir: config.state_dir,
+                keep_backups: config.keep_backups.max(1),
+                package_limits: config.package_limits,
+                confine,
+                effects,
+                hashes: HashCache::default(),
+                services,
+                stage_locks: Mutex::new(HashMap::new()),
+            }),
+        };
+        engine.recover().await?;
+        Ok(engine)
+    }
+
+    /// Names of the managed services.
+    pub fn services(&self) -> Vec<String> {
+        self.inner.services.keys().cloned().collect()
+    }
+
+    pub(crate) fn service(&self, name: &str) -> Result<Arc<Service>, ApplyError> {
+        self.inner.services.get(name).cloned().ok_or_else(|| ApplyError::UnknownService {
+            name: name.to_string(),
+            known: if self.inner.services.is_empty() {
+                "none (add a [[service]] to the agent config)".into()
+            } else {
+                self.services().join(", ")
+            },
+        })
+    }
+
+    /// Recovers every service's interrupted apply (ARCHITECTURE.md, "Apply state machine"), makes sure the
+    /// services are running, and removes leftovers no journal refers to.
+    async fn recover(&self) -> Result<(), ApplyError> {
+        for service in self.inner.services.values() {
+            let _op = service.op_lock.lock().await;
+            crate::run::recover_service(&self.inner, service).await?;
+        }
+        stage::remove_stale_temps(&self.inner.state_dir);
+        self.remove_orphan_backups();
+        Ok(())
+    }
+
+    /// Backup sets that no journal refers to (left by a crash between the final journal write and the delete).
+    fn remove_orphan_backups(&self) {
+        let mut referenced = HashSet::new();
+        for service in self.inner.services.values() {
+            let journal = service.journal();
+            referenced.extend(journal.history.iter().filter(|h| h.backup_kept).map(|h| h.backup_dir.clone()));
+            if let Some(current) = journal.current.filter(|c| !c.phase.is_final()) {
+                referenced.insert(current.backup_dir);
+            }
+        }
+        let Ok(listing) = std::fs::read_dir(self.inner.state_dir.join("backups")) else { return };
+        for entry in listing.flatten() {
+            if !referenced.contains(&entry.path()) {
+                tracing::info!(path = %entry.path().display(), "removing a backup set no journal refers to");
+                let _ = crate::fsutil::remove_tree_if_exists(&entry.path());
+            }
+        }
+    }
+
+    /// Stage: verify and unpack a cached blob for a service. Idempotent.
+    pub async fn stage(&self, service: &str, digest: &str) -> Result<Staged, ApplyError> {
+        let svc = self.service(service)?;
+        if !stage::is_digest(digest) {
+            return Err(StageError::BadDigest { digest: digest.to_string() }.into());
+        }
+        let digest_lock = {
+            let mut locks = lock(&self.inner.stage_locks);
+            locks.entry(digest.to_string()).or_default().clone()
+        };
+        let _staging = digest_lock.lock().await;
+        let state_dir = self.inner.state_dir.clone();
+        let digest = digest.to_string();
+        let spec = svc.spec.clone();
+        let limits = self.inner.package_limits;
+        Ok(blocking(move || stage::stage_blocking(&state_dir, &digest, &spec, &limits)).await??)
+    }
+
+    /// Apply a staged package. Runs in its own task: dropping the returned future does not cancel the apply.
+    pub async fn apply(&self, command: ApplyCommand) -> Result<ApplyReport, ApplyError> {
+        self.service(&command.service)?;
+        check_patch_id(&command.patch_id)?;
+        if !stage::is_digest(&command.digest) {
+            return Err(StageError::BadDigest { digest: command.digest.clone() }.into());
+        }
+        let engine = self.clone();
+        tokio::spawn(async move { engine.apply_exclusive(command).await })
+            .await
+            .map_err(|e| ApplyError::Internal(format!("apply task failed: {e}")))?
+    }
+
+    async fn apply_exclusive(&self, command: ApplyCommand) -> Result<ApplyReport, ApplyError> {
+        let svc = self.service(&command.service)?;
+        let _op = svc.op_lock.lock().await;
+        if let Some(earlier) = svc.journal().result_of(&command.patch_id) {
+            if earlier.kind == ApplyKind::Patch && earlier.digest == command.digest {
+                return Ok(ApplyReport { result: earlier.clone(), replayed: true });
+            }
+            return Err(ApplyError::PatchIdReused {
+                patch_id: command.patch_id.clone(),
+                service: command.service.clone(),
+                earlier: describe_earlier(earlier),
+            });
+        }
+        let manifest = stage::load_staged(&self.inner.state_dir, &command.digest)?.ok_or_else(|| {
+            ApplyError::NotStaged { digest: command.digest.clone(), service: command.service.clone() }
+        })?;
+        stage::check_component(&command.digest, &svc.spec, &manifest)?;
+        let backup_dir = self.inner.state_dir.join("backups").join(&command.patch_id);
+        let (files, created_dirs) = {
+            let inner = self.inner.clone();
+            let spec = svc.spec.clone();
+            let staged_files = stage::StagedPaths::new(&self.inner.state_dir, &command.digest).files();
+            let manifest = manifest.clone();
+            let patch_id = command.patch_id.clone();
+            let backup_dir = backup_dir.clone();
+            blocking(move || {
+                plan::plan_patch(&spec, &inner.confine, &inner.hashes, &staged_files, &manifest, &patch_id, &backup_dir)
+            })
+            .await??
+        };
+        let record = ApplyRecord {
+            patch_id: command.patch_id.clone(),
+            kind: ApplyKind::Patch,
+            digest: command.digest.clone(),
+            version: manifest.version.clone(),
+            offline: command.offline,
+            was_running: false,
+            files,
+            created_dirs,
+            backup_dir,
+            phase: ApplyPhase::Prepared,
+            started_unix: self.inner.effects.clock.unix_now(),
+        };
+        let _in_flight = InFlightGuard::set(&svc, &command.patch_id);
+        let result = crate::run::execute(&self.inner, &svc, record).await?;
+        Ok(ApplyReport { result, replayed: false })
+    }
+
+    /// Rollback: return the service to the version before `to_patch_id` (or before its newest committed patch),
+    /// as a journaled apply with probation. Runs in its own task.
+    pub async fn rollback(&self, command: RollbackCommand) -> Result<ApplyReport, ApplyError> {
+        self.service(&command.service)?;
+        check_patch_id(&command.patch_id)?;
+        let engine = self.clone();
+        tokio::spawn(async move { engine.rollback_exclusive(command).await })
+            .await
+            .map_err(|e| ApplyError::Internal(format!("rollback task failed: {e}")))?
+    }
+
+    async fn rollback_exclusive(&self, command: RollbackCommand) -> Result<ApplyReport, ApplyError> {
+        let svc = self.service(&command.service)?;
+        let _op = svc.op_lock.lock().await;
+        let journal = svc.journal();
+        if let Some(earlier) = journal.result_of(&command.patch_id) {
+            if matches!(earlier.kind, ApplyKind::Rollback { .. }) {
+                return Ok(ApplyReport { result: earlier.clone(), replayed: true });
+            }
+            return Err(ApplyError::PatchIdReused {
+                patch_id: command.patch_id.clone(),
+                service: command.service.clone(),
+                earlier: describe_earlier(earlier),
+            });
+        }
+        let history = &journal.history;
+        let from = match &command.to_patch_id {
+            Some(target) => history.iter().rposition(|h| h.patch_id == *target).ok_or_else(|| PlanError::UnknownPatch {
+                service: command.service.clone(),
+                patch_id: target.clone(),
+                known: if history.is_empty() {
+                    "none".into()
+                } else {
+                    history.iter().map(|h| h.patch_id.as_str()).collect::<Vec<_>>().join(", ")
+                },
+            })?,
+            None => history
+                .len()
+                .checked_sub(1)
+                .ok_or_else(|| PlanError::NothingToRollBack { service: command.service.clone() })?,
+        };
+        let undo: Vec<HistoryEntry> = history[from..].to_vec();
+        if let Some(pruned) = undo.iter().find(|h| !h.backup_kept) {
+            return Err(PlanError::BackupPruned { patch_id: pruned.patch_id.clone() }.into());
+        }
+        let version_before = from.checked_sub(1).map(|i| history[i].version.clone()).unwrap_or_default();
+        let backup_dir = self.inner.state_dir.join("backups").join(&command.patch_id);
+        let (files, created_dirs) = {
+            let inner = self.inner.clone();
+            let spec = svc.spec.clone();
+            let undo = undo.clone();
+            let rollback_id = command.patch_id.clone();
+            let backup_dir = backup_dir.clone();
+            blocking(move || plan::plan_rollback(&spec, &inner.confine, &inner.hashes, &undo, &rollback_id, &backup_dir))
+                .await??
+        };
+        let record = ApplyRecord {
+            patch_id: command.patch_id.clone(),
+            kind: ApplyKind::Rollback { undoes: undo.iter().map(|h| h.patch_id.clone()).collect() },
+            digest: String::new(),
+            version: version_before,
+            offline: false,
+            was_running: false,
+            files,
+            created_dirs,
+            backup_dir,
+            phase: ApplyPhase::Prepared,
+            started_unix: self.inner.effects.clock.unix_now(),
+        };
+        let _in_flight = InFlightGuard::set(&svc, &command.patch_id);
+        let result = crate::run::execute(&self.inner, &svc, record).await?;
+        Ok(ApplyReport { result, replayed: false })
+    }
+
+    /// Status of one service (`Some(name)`) or all.
+    pub async fn status(&self, service: Option<&str>) -> Result<Vec<ServiceReport>, ApplyError> {
+        let services: Vec<Arc<Service>> = match service {
+            Some(name) => vec![self.service(name)?],
+            None => self.inner.services.values().cloned().collect(),
+        };
+        let mut reports = Vec::with_capacity(services.len());
+        for svc in services {
+            let runtime = match svc.backend.status().await {
+                Ok(runtime) => runtime,
+                Err(e) => ServiceRuntime { last_exit: Some(format!("status unavailable: {e}")), ..ServiceRuntime::unknown() },
+            };
+            let binary = svc.spec.binary_path();
+            let inner = self.inner.clone();
+            let binary_sha256 = blocking(move || inner.hashes.sha256(&binary)).await?.unwrap_or_else(|e| {
+                tracing::warn!("cannot hash the deployed binary: {e}");
+                None
+            });
+            let journal = svc.journal();
+            reports.push(ServiceReport {
+                name: svc.spec.name.clone(),
+                component: svc.spec.component.clone(),
+                deploy_dir: svc.spec.deploy_dir.clone(),
+                runtime,
+                binary_sha256,
+                version: journal.running_version(),
+                last: journal.results.last().cloned(),
+                in_flight: lock(&svc.in_flight).clone(),
+                history: journal.history.iter().rev().filter(|h| h.backup_kept).cloned().collect(),
+            });
+        }
+        Ok(reports)
+    }
+}
+
+/// Whether a service counts as up for recovery's "make sure it runs".
+pub(crate) fn is_up(runtime: &ServiceRuntime) -> bool {
+    matches!(runtime.state, RunState::Running | RunState::Starting)
+}
+
+/// Process services are supervised by the agent: it runs them whenever it runs.
+pub(crate) fn agent_supervised(spec: &ServiceSpec) -> bool {
+    spec.backend == BackendKind::Process
+}
+
+fn check_patch_id(patch_id: &str) -> Result<(), ApplyError> {
+    if is_safe_name(patch_id) {
+        Ok(())
+    } else {
+        Err(ApplyError::InvalidRequest(format!(
+            "patch_id {patch_id:?} must be 1-128 characters of A-Z a-z 0-9 . _ @ - (it names the backup directory)"
+        )))
+    }
+}
+
+fn describe_earlier(earlier: &ApplyResult) -> String {
+    match &earlier.kind {
+        ApplyKind::Patch => format!("for package {} ({})", earlier.digest, earlier.outcome.as_str()),
+        ApplyKind::Rollback { .. } => format!("for a rollback ({})", earlier.outcome.as_str()),
+    }
+}

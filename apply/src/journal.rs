@@ -1,0 +1,310 @@
+//! The apply journal: one file per service (`<state>/journal/<service>.json`), rewritten durably (temp, fsync,
+//! rename, directory fsync) at every transition of [`ApplyPhase`], the one enum that says where an apply is.
+//!
+//! The file also keeps the service's committed-patch history (the rollback stack, whose backups are kept) and
+//! the recent results by patch id (so a repeated Apply or Rollback replays the earlier answer).
+
+use crate::fsutil::{self, FsError};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where an apply (or a rollback, which is an apply whose new files are an earlier backup) stands.
+///
+/// ```text
+/// Prepared ──► Stopping ──► Swapping{done} ──► Starting ──► Probation ──► Committed
+///    │  (offline: Prepared ──► Swapping{done} ─────────────────────────► Committed)
+///    │              └──────────────┴───────────────┴────────────┴──► Reverting{restored} ──► Reverted
+///    └──► Failed  (nothing live changed)
+/// ```
+///
+/// Recovery at agent start (ARCHITECTURE.md, "Apply state machine"): `Prepared` → drop temporaries, `Failed`;
+/// `Stopping`, `Swapping`, `Starting`, `Probation`, `Reverting` → restore every backed-up file (idempotent),
+/// start the old version, `Reverted`; `Committed`, `Reverted`, `Failed` are final.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum ApplyPhase {
+    /// The plan is recorded; backups and temporaries are being written. Nothing live changed.
+    Prepared,
+    /// The service is being stopped (online applies only).
+    Stopping,
+    /// `done` files of the plan have been renamed into place.
+    Swapping { done: usize },
+    /// Every file is new; the service is being started.
+    Starting,
+    /// The new version runs and is being watched.
+    Probation,
+    /// Final: the new files stay.
+    Committed,
+    /// The old files are being put back; `restored` of them are done. `reason` is why.
+    Reverting { restored: usize, reason: String },
+    /// Final: the old files are back.
+    Reverted,
+    /// Final: the apply stopped before anything live changed.
+    Failed,
+}
+
+impl ApplyPhase {
+    /// True for `Committed`, `Reverted` and `Failed`: nothing to recover.
+    pub fn is_final(&self) -> bool {
+        matches!(self, ApplyPhase::Committed | ApplyPhase::Reverted | ApplyPhase::Failed)
+    }
+
+    /// Short name for logs and reasons.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ApplyPhase::Prepared => "prepared",
+            ApplyPhase::Stopping => "stopping",
+            ApplyPhase::Swapping { .. } => "swapping",
+            ApplyPhase::Starting => "starting",
+            ApplyPhase::Probation => "probation",
+            ApplyPhase::Committed => "committed",
+            ApplyPhase::Reverting { .. } => "reverting",
+            ApplyPhase::Reverted => "reverted",
+            ApplyPhase::Failed => "failed",
+        }
+    }
+}
+
+/// One file an apply changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChange {
+    /// Path relative to the service's deploy_dir.
+    pub rel: PathBuf,
+    /// Absolute target path.
+    pub target: PathBuf,
+    /// Where the new content comes from (a staged file or an earlier backup); `None` removes the target.
+    pub source: Option<PathBuf>,
+    /// sha256 of the new content; `None` when the file is removed.
+    pub new_sha256: Option<String>,
+    /// File mode for the new content.
+    pub mode: Option<u32>,
+    /// sha256 of the content before the apply; `None` when the file did not exist.
+    pub old_sha256: Option<String>,
+    /// Where the old content is kept while the apply can still be undone (`None` when it did not exist).
+    pub backup: Option<PathBuf>,
+    /// The temporary next to `target` that holds the new content until it is renamed over `target`.
+    pub temp: PathBuf,
+}
+
+/// What kind of operation a record is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ApplyKind {
+    /// A staged package.
+    Patch,
+    /// Undoes these committed patches (newest last, as in the history).
+    Rollback { undoes: Vec<String> },
+}
+
+/// The outcome of a finished apply or rollback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Committed,
+    Reverted,
+    OfflineSwapped,
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Committed => "committed",
+            Outcome::Reverted => "reverted",
+            Outcome::OfflineSwapped => "offline_swapped",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// The report of a finished apply, kept for replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyResult {
+    pub patch_id: String,
+    pub kind: ApplyKind,
+    pub digest: String,
+    pub version: String,
+    pub outcome: Outcome,
+    pub reason: String,
+    pub log_tail: Vec<String>,
+    pub downtime_ms: u64,
+    pub binary_sha256: String,
+    pub steps: Vec<(String, u64)>,
+    pub finished_unix: i64,
+}
+
+/// An apply in progress or the last one, with everything recovery needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyRecord {
+    pub patch_id: String,
+    pub kind: ApplyKind,
+    /// Staged package digest (empty for rollbacks).
+    pub digest: String,
+    /// Version label after this apply commits.
+    pub version: String,
+    pub offline: bool,
+    /// Whether the service was running when the apply began (recovery restores that).
+    pub was_running: bool,
+    pub files: Vec<FileChange>,
+    /// Directories this apply created in the deploy dir (removed again on revert when empty), parents first.
+    pub created_dirs: Vec<PathBuf>,
+    /// The backup set of this apply: `<state>/backups/<patch-id>`.
+    pub backup_dir: PathBuf,
+    pub phase: ApplyPhase,
+    pub started_unix: i64,
+}
+
+/// A committed patch whose backup is kept, so it can be rolled back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub patch_id: String,
+    pub digest: String,
+    pub version: String,
+    pub outcome: Outcome,
+    pub finished_unix: i64,
+    pub backup_dir: PathBuf,
+    /// False once the backup was pruned (beyond `keep_backups`): the patch can no longer be rolled back.
+    #[serde(default = "yes")]
+    pub backup_kept: bool,
+    /// The files the patch changed, with where their previous content is kept (emptied when pruned).
+    pub files: Vec<FileChange>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How many history entries are kept (pruned ones only keep the version label for display).
+pub const MAX_HISTORY: usize = 64;
+
+/// Everything persisted for one service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceJournal {
+    /// The apply in flight, or the last one (final phase).
+    pub current: Option<ApplyRecord>,
+    /// Committed patches, oldest first; the last is what runs. Only entries with a kept backup.
+    pub history: Vec<HistoryEntry>,
+    /// Recent results by patch id, oldest first (bounded).
+    pub results: Vec<ApplyResult>,
+}
+
+/// How many results are kept for replay.
+pub const MAX_RESULTS: usize = 256;
+
+/// The journal could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(
+        "journal {} is not valid: {source}; move it aside to start this service's history afresh (the files on disk are kept)",
+        path.display()
+    )]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("encode journal: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+impl ServiceJournal {
+    /// `<state>/journal/<service>.json`.
+    pub fn path(state_dir: &Path, service: &str) -> PathBuf {
+        state_dir.join("journal").join(format!("{service}.json"))
+    }
+
+    /// Loads the journal; an absent file is an empty journal.
+    pub fn load(path: &Path) -> Result<Self, JournalError> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|source| JournalError::Corrupt { path: path.to_path_buf(), source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(FsError { op: "read", path: path.to_path_buf(), source }.into()),
+        }
+    }
+
+    /// Writes the journal durably (temp, fsync, rename, directory fsync).
+    pub fn store(&self, path: &Path) -> Result<(), JournalError> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(JournalError::Encode)?;
+        fsutil::write_atomic(path, &bytes)?;
+        Ok(())
+    }
+
+    /// The earlier result of `patch_id`, if any.
+    pub fn result_of(&self, patch_id: &str) -> Option<&ApplyResult> {
+        self.results.iter().rev().find(|r| r.patch_id == patch_id)
+    }
+
+    /// Adds a result, keeping at most [`MAX_RESULTS`].
+    pub fn push_result(&mut self, result: ApplyResult) {
+        self.results.retain(|r| r.patch_id != result.patch_id);
+        self.results.push(result);
+        let excess = self.results.len().saturating_sub(MAX_RESULTS);
+        self.results.drain(..excess);
+    }
+
+    /// Version label of what runs: the newest committed patch, "" when never patched.
+    pub fn running_version(&self) -> String {
+        self.history.last().map(|h| h.version.clone()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_round_trip_through_json() {
+        for phase in [
+            ApplyPhase::Prepared,
+            ApplyPhase::Stopping,
+            ApplyPhase::Swapping { done: 3 },
+            ApplyPhase::Starting,
+            ApplyPhase::Probation,
+            ApplyPhase::Committed,
+            ApplyPhase::Reverting { restored: 1, reason: "exit 3".into() },
+            ApplyPhase::Reverted,
+            ApplyPhase::Failed,
+        ] {
+            let text = serde_json::to_string(&phase).unwrap();
+            assert_eq!(serde_json::from_str::<ApplyPhase>(&text).unwrap(), phase);
+        }
+        assert_eq!(serde_json::to_string(&ApplyPhase::Swapping { done: 2 }).unwrap(), r#"{"phase":"swapping","done":2}"#);
+    }
+
+    #[test]
+    fn absent_journal_is_empty_and_corrupt_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = ServiceJournal::path(dir.path(), "svc");
+        assert_eq!(ServiceJournal::load(&path).unwrap(), ServiceJournal::default());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"{not json").unwrap();
+        let err = ServiceJournal::load(&path).unwrap_err().to_string();
+        assert!(err.contains("move it aside"), "{err}");
+    }
+
+    #[test]
+    fn results_are_bounded_and_latest_wins() {
+        let mut journal = ServiceJournal::default();
+        for i in 0..(MAX_RESULTS + 10) {
+            journal.push_result(ApplyResult {
+                patch_id: format!("p{i}"),
+                kind: ApplyKind::Patch,
+                digest: String::new(),
+                version: String::new(),
+                outcome: Outcome::Committed,
+                reason: String::new(),
+                log_tail: vec![],
+                downtime_ms: 0,
+                binary_sha256: String::new(),
+                steps: vec![],
+                finished_unix: 0,
+            });
+        }
+        assert_eq!(journal.results.len(), MAX_RESULTS);
+        assert!(journal.result_of("p0").is_none());
+        assert!(journal.result_of(&format!("p{}", MAX_RESULTS + 9)).is_some());
+    }
+}

@@ -1,0 +1,198 @@
+//! Stage: a complete blob from the agent's cache is verified against its digest and unpacked (hostile-package
+//! checks, every file against the manifest) into `<state>/staging/<digest>/`, built in a temporary directory
+//! and renamed into place, so a staging directory is complete or absent. Nothing live changes.
+//!
+//! Layout: `staging/<digest>/files/<component>/...` (the archive root) and `staging/<digest>/manifest.json`.
+
+use crate::fsutil::{self, IoContext};
+use crate::spec::ServiceSpec;
+use patchd_package::{Expectations, Limits, Manifest, PackageError};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Staging failed; each variant says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("digest {digest:?} is not a 64-character lowercase hex tree digest")]
+    BadDigest { digest: String },
+    #[error("blob {digest} is not in this agent's cache; upload it first (QueryBlob/Upload)")]
+    BlobMissing { digest: String },
+    #[error("blob {digest} in the cache does not match its digest (found {found}); upload it again")]
+    BlobCorrupt { digest: String, found: String },
+    #[error("package {digest} refused for service {service:?}: {source}")]
+    Package {
+        digest: String,
+        service: String,
+        #[source]
+        source: PackageError,
+    },
+    #[error(
+        "staged package {digest} is for component {found:?} but service {service:?} runs {expected:?}; stage a package of {expected:?}"
+    )]
+    WrongComponent { digest: String, service: String, found: String, expected: String },
+    #[error("staging directory of {digest} is damaged ({detail}); it was removed, stage again")]
+    Damaged { digest: String, detail: String },
+    #[error(transparent)]
+    Fs(#[from] fsutil::FsError),
+}
+
+/// What Stage reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    pub digest: String,
+    pub manifest: Manifest,
+    pub already_staged: bool,
+}
+
+/// Paths of one staged package.
+#[derive(Debug, Clone)]
+pub struct StagedPaths {
+    pub dir: PathBuf,
+}
+
+impl StagedPaths {
+    pub fn new(state_dir: &Path, digest: &str) -> Self {
+        StagedPaths { dir: state_dir.join("staging").join(digest) }
+    }
+
+    /// The archive root.
+    pub fn files(&self) -> PathBuf {
+        self.dir.join("files")
+    }
+
+    pub fn manifest(&self) -> PathBuf {
+        self.dir.join("manifest.json")
+    }
+}
+
+/// A hex sha256 / tree digest: 64 lowercase hex digits (also safe as a file name).
+pub fn is_digest(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The blob in the agent's cache (`<state>/blobs/<digest>`, complete blobs only).
+pub fn blob_path(state_dir: &Path, digest: &str) -> PathBuf {
+    state_dir.join("blobs").join(digest)
+}
+
+/// Chunk sizes a blob of the cache may have been uploaded with: the one recorded next to it by the transfer
+/// code when present, then the default.
+fn candidate_chunk_sizes(state_dir: &Path, digest: &str) -> Vec<u32> {
+    let mut sizes = Vec::new();
+    for sidecar in [format!("{digest}.json"), format!("{digest}.meta.json"), format!("{digest}.meta")] {
+        let path = state_dir.join("blobs").join(sidecar);
+        if let Ok(bytes) = std::fs::read(&path)
+            && let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            && let Some(size) = value.get("chunk_size").and_then(serde_json::Value::as_u64)
+            && let Ok(size) = u32::try_from(size)
+        {
+            sizes.push(size);
+        }
+    }
+    sizes.push(patchd_package::digest::DEFAULT_CHUNK_SIZE);
+    sizes.dedup();
+    sizes
+}
+
+/// Checks a cached blob against its tree digest.
+pub fn verify_blob(state_dir: &Path, digest: &str) -> Result<PathBuf, StageError> {
+    let path = blob_path(state_dir, digest);
+    if !path.is_file() {
+        return Err(StageError::BlobMissing { digest: digest.to_string() });
+    }
+    let mut found = String::new();
+    for chunk_size in candidate_chunk_sizes(state_dir, digest) {
+        found = patchd_package::digest::tree_digest_file(&path, chunk_size).ctx("hash blob", &path)?;
+        if found == digest {
+            return Ok(path);
+        }
+    }
+    Err(StageError::BlobCorrupt { digest: digest.to_string(), found })
+}
+
+/// Loads the manifest of an already staged package, `None` when not staged.
+pub fn load_staged(state_dir: &Path, digest: &str) -> Result<Option<Manifest>, StageError> {
+    let paths = StagedPaths::new(state_dir, digest);
+    let bytes = match std::fs::read(paths.manifest()) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(fsutil::FsError { op: "read", path: paths.manifest(), source: e }.into()),
+    };
+    match Manifest::from_json(&bytes) {
+        Ok(manifest) => Ok(Some(manifest)),
+        Err(e) => {
+            fsutil::remove_tree_if_exists(&paths.dir)?;
+            Err(StageError::Damaged { digest: digest.to_string(), detail: e.to_string() })
+        }
+    }
+}
+
+/// The staged package must be for the service's component.
+pub fn check_component(digest: &str, spec: &ServiceSpec, manifest: &Manifest) -> Result<(), StageError> {
+    if manifest.component != spec.component {
+        return Err(StageError::WrongComponent {
+            digest: digest.to_string(),
+            service: spec.name.clone(),
+            found: manifest.component.clone(),
+            expected: spec.component.clone(),
+        });
+    }
+    Ok(())
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Stages `digest` for `spec` (blocking: hashes and unpacks). Idempotent: an existing staging directory is
+/// reused (`already_staged`) after checking its component. Callers serialize stages of one digest.
+pub fn stage_blocking(
+    state_dir: &Path,
+    digest: &str,
+    spec: &ServiceSpec,
+    limits: &Limits,
+) -> Result<Staged, StageError> {
+    if !is_digest(digest) {
+        return Err(StageError::BadDigest { digest: digest.to_string() });
+    }
+    if let Some(manifest) = load_staged(state_dir, digest)? {
+        check_component(digest, spec, &manifest)?;
+        return Ok(Staged { digest: digest.to_string(), manifest, already_staged: true });
+    }
+    let blob = verify_blob(state_dir, digest)?;
+    let staging_root = state_dir.join("staging");
+    std::fs::create_dir_all(&staging_root).ctx("create directory", &staging_root)?;
+    let temp = staging_root.join(format!(
+        ".tmp-{digest}-{}-{}",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    fsutil::remove_tree_if_exists(&temp)?;
+    std::fs::create_dir(&temp).ctx("create directory", &temp)?;
+    let result = (|| {
+        let expect = Expectations::for_this_host(Some(spec.component.clone()));
+        let manifest = patchd_package::unpack_verified(&blob, &temp.join("files"), limits, &expect).map_err(
+            |source| StageError::Package { digest: digest.to_string(), service: spec.name.clone(), source },
+        )?;
+        fsutil::write_atomic(&temp.join("manifest.json"), &manifest.to_json())?;
+        let final_dir = StagedPaths::new(state_dir, digest).dir;
+        std::fs::rename(&temp, &final_dir).ctx("rename staging directory to", &final_dir)?;
+        fsutil::fsync_dir(&staging_root)?;
+        Ok(manifest)
+    })();
+    match result {
+        Ok(manifest) => Ok(Staged { digest: digest.to_string(), manifest, already_staged: false }),
+        Err(e) => {
+            let _ = fsutil::remove_tree_if_exists(&temp);
+            Err(e)
+        }
+    }
+}
+
+/// Removes leftovers of interrupted stages (`staging/.tmp-*`).
+pub fn remove_stale_temps(state_dir: &Path) {
+    let Ok(listing) = std::fs::read_dir(state_dir.join("staging")) else { return };
+    for entry in listing.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            let _ = fsutil::remove_tree_if_exists(&entry.path());
+        }
+    }
+}

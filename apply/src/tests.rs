@@ -1,0 +1,610 @@
+//! Engine tests with in-memory fakes for the service, clock, probe and faults, and real files in temporary
+//! directories. The fake service "runs" whatever bytes its main binary holds when it is started: a binary whose
+//! content mentions `crash` dies at once, `fail-health` fails its probe.
+
+use crate::backend::{BackendError, RunState, ServiceBackend, ServiceRuntime};
+use crate::effects::{Clock, FaultHook, FaultPoint, HealthProbe, SimulatedCrash};
+use crate::journal::{ApplyPhase, ServiceJournal};
+use crate::spec::{HealthSpec, ServiceSpec};
+use crate::*;
+use async_trait::async_trait;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Default)]
+struct FakeWorld {
+    running: Option<String>,
+    instance: u64,
+    last_exit: Option<String>,
+    starts: u32,
+    stops: u32,
+}
+
+/// A service whose behaviour is its binary's content at start.
+#[derive(Debug, Clone)]
+struct FakeBackend {
+    binary: PathBuf,
+    world: Arc<Mutex<FakeWorld>>,
+}
+
+#[async_trait]
+impl ServiceBackend for FakeBackend {
+    async fn start(&self) -> Result<(), BackendError> {
+        let content = std::fs::read_to_string(&self.binary).unwrap_or_default();
+        let mut world = self.world.lock().unwrap();
+        world.starts += 1;
+        if world.running.is_some() {
+            return Ok(());
+        }
+        world.instance += 1;
+        if content.contains("crash") {
+            world.running = None;
+            world.last_exit = Some("exited with status 3".into());
+        } else {
+            world.running = Some(content);
+        }
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<(), BackendError> {
+        let mut world = self.world.lock().unwrap();
+        world.stops += 1;
+        world.running = None;
+        Ok(())
+    }
+
+    async fn status(&self) -> Result<ServiceRuntime, BackendError> {
+        let world = self.world.lock().unwrap();
+        Ok(ServiceRuntime {
+            state: if world.running.is_some() {
+                RunState::Running
+            } else if world.last_exit.is_some() {
+                RunState::Failed
+            } else {
+                RunState::Stopped
+            },
+            pid: world.running.as_ref().map(|_| 1000 + world.instance as u32),
+            uptime_seconds: None,
+            instance: world.running.as_ref().map(|_| world.instance.to_string()),
+            last_exit: world.last_exit.clone(),
+        })
+    }
+
+    async fn log_tail(&self, _lines: usize) -> Vec<String> {
+        vec!["fake log line".into()]
+    }
+
+    fn set_auto_restart(&self, _enabled: bool) {}
+}
+
+#[derive(Debug)]
+struct FakeProbe {
+    world: Arc<Mutex<FakeWorld>>,
+}
+
+#[async_trait]
+impl HealthProbe for FakeProbe {
+    async fn check(&self, _health: &HealthSpec) -> Result<(), String> {
+        match &self.world.lock().unwrap().running {
+            Some(content) if content.contains("fail-health") => Err("http probe: status 500".into()),
+            Some(_) => Ok(()),
+            None => Err("connection refused".into()),
+        }
+    }
+}
+
+/// Time passes only when the engine sleeps.
+#[derive(Debug)]
+struct FakeClock {
+    base: Instant,
+    offset: Mutex<Duration>,
+}
+
+#[async_trait]
+impl Clock for FakeClock {
+    fn now(&self) -> Instant {
+        self.base + *self.offset.lock().unwrap()
+    }
+    fn unix_now(&self) -> i64 {
+        1_800_000_000 + self.offset.lock().unwrap().as_secs() as i64
+    }
+    async fn sleep(&self, duration: Duration) {
+        *self.offset.lock().unwrap() += duration;
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Simulates a crash at the n-th hit of one point.
+#[derive(Debug, Default)]
+struct TestFaults {
+    armed: Mutex<Option<(FaultPoint, u32)>>,
+}
+
+impl FaultHook for TestFaults {
+    fn hit(&self, point: FaultPoint) -> Result<(), SimulatedCrash> {
+        let mut armed = self.armed.lock().unwrap();
+        if let Some((p, n)) = armed.as_mut()
+            && *p == point
+        {
+            *n -= 1;
+            if *n == 0 {
+                *armed = None;
+                return Err(SimulatedCrash(point));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Host {
+    _dir: tempfile::TempDir,
+    state: PathBuf,
+    root: PathBuf,
+    deploy: PathBuf,
+    packages: PathBuf,
+    world: Arc<Mutex<FakeWorld>>,
+    faults: Arc<TestFaults>,
+    keep_backups: usize,
+}
+
+const COMPONENT: &str = "svc";
+
+impl Host {
+    /// A host with the service deployed at version "v1": main binary plus a config file.
+    fn new() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let root = dir.path().join("opt");
+        let deploy = root.join("svc-1");
+        let packages = dir.path().join("packages");
+        std::fs::create_dir_all(deploy.join("bin/svc/conf")).unwrap();
+        std::fs::create_dir_all(&packages).unwrap();
+        std::fs::write(deploy.join("bin/svc/svc"), "binary v1").unwrap();
+        std::fs::write(deploy.join("bin/svc/conf/a.toml"), "conf v1").unwrap();
+        let world = Arc::new(Mutex::new(FakeWorld { running: Some("binary v1".into()), ..FakeWorld::default() }));
+        Host { _dir: dir, state, root, deploy, packages, world, faults: Arc::default(), keep_backups: 3 }
+    }
+
+    fn spec(&self) -> ServiceSpec {
+        toml::from_str(&format!(
+            r#"
+name = "svc"
+component = "svc"
+deploy_dir = "{}"
+command = ["{{deploy_dir}}/bin/svc/svc"]
+[health]
+min_healthy = "1s"
+timeout = "5s"
+http = "http://127.0.0.1:1/health"
+"#,
+            self.deploy.display()
+        ))
+        .unwrap()
+    }
+
+    fn config(&self) -> EngineConfig {
+        EngineConfig {
+            state_dir: self.state.clone(),
+            deploy_roots: vec![self.root.clone()],
+            services: vec![self.spec()],
+            keep_backups: self.keep_backups,
+            package_limits: patchd_package::Limits::default(),
+        }
+    }
+
+    /// A fresh engine over the same disk and the same (still running) fake service: an agent (re)start.
+    async fn engine(&self) -> Result<Engine, ApplyError> {
+        let world = self.world.clone();
+        let effects = Effects {
+            clock: Arc::new(FakeClock { base: Instant::now(), offset: Mutex::new(Duration::ZERO) }),
+            probe: Arc::new(FakeProbe { world: self.world.clone() }),
+            faults: self.faults.clone(),
+        };
+        let factory: BackendFactory = Box::new(move |spec: &ServiceSpec, _state: &Path| {
+            Ok(Arc::new(FakeBackend { binary: spec.binary_path(), world: world.clone() }) as Arc<dyn ServiceBackend>)
+        });
+        Engine::start_with(self.config(), effects, factory).await
+    }
+
+    /// Builds a package with the given files (paths under the component dir) and puts it in the blob cache.
+    fn package(&self, version: &str, files: &[(&str, &str)]) -> String {
+        let src = self.packages.join(format!("src-{version}")).join(COMPONENT);
+        for (path, content) in files {
+            let at = src.join(path);
+            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+            std::fs::write(&at, content).unwrap();
+        }
+        let out = self.packages.join(format!("{version}.tar.gz"));
+        let info = patchd_package::pack_dir(&src, version, &out).unwrap();
+        let blobs = self.state.join("blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::copy(&out, blobs.join(&info.tree_digest)).unwrap();
+        info.tree_digest
+    }
+
+    fn binary(&self) -> String {
+        std::fs::read_to_string(self.deploy.join("bin/svc/svc")).unwrap()
+    }
+
+    fn conf(&self) -> String {
+        std::fs::read_to_string(self.deploy.join("bin/svc/conf/a.toml")).unwrap()
+    }
+
+    fn running(&self) -> Option<String> {
+        self.world.lock().unwrap().running.clone()
+    }
+
+    fn journal(&self) -> ServiceJournal {
+        ServiceJournal::load(&ServiceJournal::path(&self.state, "svc")).unwrap()
+    }
+
+    /// No temporaries of ours left in the deploy dir.
+    fn assert_no_temps(&self) {
+        let mut stack = vec![self.deploy.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let entry = entry.unwrap();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                assert!(!name.contains(".patchd-"), "leftover temporary {}", entry.path().display());
+                if entry.file_type().unwrap().is_dir() {
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
+}
+
+fn apply_cmd(digest: &str, patch_id: &str) -> ApplyCommand {
+    ApplyCommand { service: "svc".into(), digest: digest.into(), patch_id: patch_id.into(), offline: false }
+}
+
+const V2: &[(&str, &str)] = &[("svc", "binary v2"), ("conf/a.toml", "conf v2")];
+
+#[tokio::test]
+async fn stage_is_idempotent_and_checks_the_component() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    let first = engine.stage("svc", &digest).await.unwrap();
+    assert!(!first.already_staged);
+    assert_eq!(first.manifest.version, "v2");
+    assert!(host.state.join("staging").join(&digest).join("files/svc/svc").is_file());
+    let again = engine.stage("svc", &digest).await.unwrap();
+    assert!(again.already_staged);
+
+    let missing = "0".repeat(64);
+    let err = engine.stage("svc", &missing).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(engine.stage("svc", "nothex").await.unwrap_err().to_string().contains("hex"));
+    assert!(engine.stage("nope", &digest).await.unwrap_err().to_string().contains("this agent manages: svc"));
+
+    // A corrupted cached blob is refused.
+    let other = host.package("v3", &[("svc", "binary v3")]);
+    std::fs::write(host.state.join("blobs").join(&other), b"garbage").unwrap();
+    let err = engine.stage("svc", &other).await.unwrap_err().to_string();
+    assert!(err.contains("does not match its digest"), "{err}");
+
+    // A package of another component is refused.
+    let src = host.packages.join("foreign/other");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("other"), "x").unwrap();
+    let out = host.packages.join("other.tar.gz");
+    let info = patchd_package::pack_dir(&src, "v1", &out).unwrap();
+    std::fs::copy(&out, host.state.join("blobs").join(&info.tree_digest)).unwrap();
+    let err = engine.stage("svc", &info.tree_digest).await.unwrap_err().to_string();
+    assert!(err.contains("component"), "{err}");
+}
+
+#[tokio::test]
+async fn apply_swaps_restarts_commits_and_replays() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    let err = engine.apply(apply_cmd(&digest, "p1")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "apply before stage: {err}");
+    engine.stage("svc", &digest).await.unwrap();
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(report.result.outcome, Outcome::Committed, "{:?}", report.result);
+    assert!(!report.replayed);
+    assert_eq!(host.binary(), "binary v2");
+    assert_eq!(host.conf(), "conf v2");
+    assert_eq!(host.running().as_deref(), Some("binary v2"));
+    assert_eq!(report.result.binary_sha256, crate::fsutil::sha256_file(&host.deploy.join("bin/svc/svc")).unwrap());
+    assert!(report.result.downtime_ms >= 1000 || report.result.downtime_ms < 1000); // measured, any value
+    let steps: Vec<&str> = report.result.steps.iter().map(|(s, _)| s.as_str()).collect();
+    for step in ["prepare", "stop", "swap", "start", "probation"] {
+        assert!(steps.contains(&step), "{steps:?}");
+    }
+    // old files are kept as the backup set
+    let backup = host.state.join("backups/p1/files/bin/svc/svc");
+    assert_eq!(std::fs::read_to_string(backup).unwrap(), "binary v1");
+    host.assert_no_temps();
+
+    let again = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.result, report.result);
+    assert_eq!(host.world.lock().unwrap().starts, 1, "a replay must not restart");
+
+    let status = &engine.status(Some("svc")).await.unwrap()[0];
+    assert_eq!(status.version, "v2");
+    assert_eq!(status.runtime.state, RunState::Running);
+    assert_eq!(status.binary_sha256.as_deref(), Some(report.result.binary_sha256.as_str()));
+    assert_eq!(status.history.len(), 1);
+    assert_eq!(status.last.as_ref().unwrap().patch_id, "p1");
+
+    let other = host.package("v3", &[("svc", "binary v3")]);
+    let err = engine.apply(apply_cmd(&other, "p1")).await.unwrap_err().to_string();
+    assert!(err.contains("already used"), "{err}");
+}
+
+#[tokio::test]
+async fn unchanged_files_are_not_touched() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v1b", &[("svc", "binary v1"), ("conf/a.toml", "conf v2")]);
+    engine.stage("svc", &digest).await.unwrap();
+    let before = std::fs::metadata(host.deploy.join("bin/svc/svc")).unwrap();
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(report.result.outcome, Outcome::Committed);
+    let after = std::fs::metadata(host.deploy.join("bin/svc/svc")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(before.ino(), after.ino(), "an identical binary must not be replaced");
+    assert_eq!(host.conf(), "conf v2");
+    let record = host.journal().current.unwrap();
+    assert_eq!(record.files.len(), 1);
+}
+
+#[tokio::test]
+async fn crashing_new_version_is_reverted() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("bad", &[("svc", "binary v2 crash"), ("conf/a.toml", "conf v2"), ("extra", "new file")]);
+    engine.stage("svc", &digest).await.unwrap();
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(report.result.outcome, Outcome::Reverted);
+    assert!(report.result.reason.contains("exited with status 3"), "{}", report.result.reason);
+    assert_eq!(report.result.log_tail, vec!["fake log line".to_string()]);
+    assert_eq!(host.binary(), "binary v1");
+    assert_eq!(host.conf(), "conf v1");
+    assert!(!host.deploy.join("bin/svc/extra").exists(), "a file the patch added is removed on revert");
+    assert_eq!(host.running().as_deref(), Some("binary v1"));
+    assert!(!host.state.join("backups/p1").exists(), "a reverted apply keeps no backup");
+    host.assert_no_temps();
+    let status = &engine.status(None).await.unwrap()[0];
+    assert_eq!(status.version, "");
+    assert!(status.history.is_empty());
+    assert_eq!(host.journal().current.unwrap().phase, ApplyPhase::Reverted);
+}
+
+#[tokio::test]
+async fn failing_health_probe_is_reverted() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("sick", &[("svc", "binary v2 fail-health")]);
+    engine.stage("svc", &digest).await.unwrap();
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(report.result.outcome, Outcome::Reverted);
+    assert!(report.result.reason.contains("not healthy within 5s"), "{}", report.result.reason);
+    assert!(report.result.reason.contains("status 500"), "{}", report.result.reason);
+    assert_eq!(host.binary(), "binary v1");
+    assert_eq!(host.running().as_deref(), Some("binary v1"));
+}
+
+#[tokio::test]
+async fn offline_apply_swaps_without_restart() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    engine.stage("svc", &digest).await.unwrap();
+    let mut cmd = apply_cmd(&digest, "p1");
+    cmd.offline = true;
+    let report = engine.apply(cmd).await.unwrap();
+    assert_eq!(report.result.outcome, Outcome::OfflineSwapped);
+    assert_eq!(host.binary(), "binary v2");
+    let world = host.world.lock().unwrap();
+    assert_eq!((world.starts, world.stops), (0, 0));
+    assert_eq!(world.running.as_deref(), Some("binary v1"), "the running process is untouched");
+}
+
+#[tokio::test]
+async fn rollback_returns_to_earlier_versions_and_backups_are_pruned() {
+    let mut host = Host::new();
+    host.keep_backups = 2;
+    let engine = host.engine().await.unwrap();
+    let err = engine
+        .rollback(RollbackCommand { service: "svc".into(), to_patch_id: None, patch_id: "r0".into() })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("nothing to roll back"), "{err}");
+    for (i, version) in ["v2", "v3", "v4"].iter().enumerate() {
+        let digest = host.package(version, &[("svc", &format!("binary {version}")), (&format!("added-{version}"), "x")]);
+        engine.stage("svc", &digest).await.unwrap();
+        let report = engine.apply(apply_cmd(&digest, &format!("p{}", i + 2))).await.unwrap();
+        assert_eq!(report.result.outcome, Outcome::Committed);
+    }
+    assert_eq!(host.binary(), "binary v4");
+    // keep_backups = 2: p2's backup was pruned
+    assert!(!host.state.join("backups/p2").exists());
+    assert!(host.state.join("backups/p3").exists() && host.state.join("backups/p4").exists());
+    let err = engine
+        .rollback(RollbackCommand { service: "svc".into(), to_patch_id: Some("p2".into()), patch_id: "r1".into() })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("pruned"), "{err}");
+
+    // undo the last one
+    let report = engine
+        .rollback(RollbackCommand { service: "svc".into(), to_patch_id: None, patch_id: "r1".into() })
+        .await
+        .unwrap();
+    assert_eq!(report.result.outcome, Outcome::Committed, "{:?}", report.result);
+    assert_eq!(report.result.version, "v3");
+    assert_eq!(host.binary(), "binary v3");
+    assert!(!host.deploy.join("bin/svc/added-v4").exists());
+    assert!(host.deploy.join("bin/svc/added-v3").exists());
+    assert_eq!(host.running().as_deref(), Some("binary v3"));
+    assert_eq!(engine.status(Some("svc")).await.unwrap()[0].version, "v3");
+    let replay = engine
+        .rollback(RollbackCommand { service: "svc".into(), to_patch_id: None, patch_id: "r1".into() })
+        .await
+        .unwrap();
+    assert!(replay.replayed);
+    assert_eq!(host.binary(), "binary v3");
+
+    // back to before p3: that is p2's content
+    let report = engine
+        .rollback(RollbackCommand { service: "svc".into(), to_patch_id: Some("p3".into()), patch_id: "r2".into() })
+        .await
+        .unwrap();
+    assert_eq!(report.result.outcome, Outcome::Committed);
+    assert_eq!(host.binary(), "binary v2");
+    assert!(!host.deploy.join("bin/svc/added-v3").exists());
+    assert!(host.deploy.join("bin/svc/added-v2").exists());
+    assert_eq!(engine.status(Some("svc")).await.unwrap()[0].version, "v2");
+    assert!(!host.state.join("backups/p3").exists() && !host.state.join("backups/r2").exists());
+    host.assert_no_temps();
+}
+
+#[tokio::test]
+async fn failed_rollback_is_reverted_to_the_current_version() {
+    let host = Host::new();
+    // v1 on disk "crashes" when started again: make the original binary a crashing one
+    std::fs::write(host.deploy.join("bin/svc/svc"), "binary v1 crash").unwrap();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    engine.stage("svc", &digest).await.unwrap();
+    assert_eq!(engine.apply(apply_cmd(&digest, "p1")).await.unwrap().result.outcome, Outcome::Committed);
+    let report = engine
+        .rollback(RollbackCommand { service: "svc".into(), to_patch_id: None, patch_id: "r1".into() })
+        .await
+        .unwrap();
+    assert_eq!(report.result.outcome, Outcome::Reverted);
+    assert_eq!(host.binary(), "binary v2");
+    assert_eq!(host.running().as_deref(), Some("binary v2"));
+    assert_eq!(engine.status(Some("svc")).await.unwrap()[0].history.len(), 1, "p1 can still be rolled back");
+    assert!(host.state.join("backups/p1").exists());
+}
+
+/// Crash at every fault point (each file swap and revert step too), restart the engine, and check the
+/// recovery rule: all-old unless committed, service running, journal final, replay reports the same result.
+#[tokio::test]
+async fn crash_at_every_fault_point_recovers_consistently() {
+    let cases: Vec<(FaultPoint, u32, bool)> = vec![
+        (FaultPoint::AfterPrepare, 1, false),
+        (FaultPoint::AfterStop, 1, false),
+        (FaultPoint::AfterSwap, 1, false),
+        (FaultPoint::AfterSwap, 2, false),
+        (FaultPoint::AfterStart, 1, false),
+        (FaultPoint::DuringProbation, 1, false),
+        (FaultPoint::DuringProbation, 3, false),
+        (FaultPoint::BeforeCommit, 1, false),
+        (FaultPoint::DuringRevert, 1, true),
+        (FaultPoint::DuringRevert, 2, true),
+    ];
+    for (point, n, crashing) in cases {
+        let host = Host::new();
+        let engine = host.engine().await.unwrap();
+        let binary = if crashing { "binary v2 crash" } else { "binary v2" };
+        let digest = host.package("v2", &[("svc", binary), ("conf/a.toml", "conf v2")]);
+        engine.stage("svc", &digest).await.unwrap();
+        *host.faults.armed.lock().unwrap() = Some((point, n));
+        let err = engine.apply(apply_cmd(&digest, "p1")).await.unwrap_err();
+        assert!(matches!(err, ApplyError::Crash(_)), "{point:?}:{n}: {err}");
+        drop(engine);
+        let mixed = (host.binary().contains("v2"), host.conf().contains("v2"));
+        let before_recovery = host.journal().current.unwrap().phase;
+        assert!(!before_recovery.is_final(), "{point:?}:{n}: journal says {before_recovery:?}");
+
+        let engine = host.engine().await.unwrap();
+        let journal = host.journal();
+        let phase = journal.current.as_ref().unwrap().phase.clone();
+        let expect_failed = point == FaultPoint::AfterPrepare;
+        assert_eq!(
+            phase,
+            if expect_failed { ApplyPhase::Failed } else { ApplyPhase::Reverted },
+            "{point:?}:{n} (files before recovery: {mixed:?})"
+        );
+        assert_eq!((host.binary().as_str(), host.conf().as_str()), ("binary v1", "conf v1"), "{point:?}:{n}");
+        assert_eq!(host.running().as_deref(), Some("binary v1"), "{point:?}:{n}");
+        host.assert_no_temps();
+        let recorded = journal.result_of("p1").unwrap().clone();
+        let replay = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+        assert!(replay.replayed, "{point:?}:{n}");
+        assert_eq!(replay.result, recorded);
+        assert!(replay.result.reason.contains("agent restarted") || crashing, "{}", replay.result.reason);
+        assert_eq!(host.binary(), "binary v1", "{point:?}:{n}: a replay changes nothing");
+        // A new patch id applies normally afterwards.
+        if !crashing {
+            let report = engine.apply(apply_cmd(&digest, "p2")).await.unwrap();
+            assert_eq!(report.result.outcome, Outcome::Committed, "{point:?}:{n}");
+            assert_eq!(host.binary(), "binary v2");
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(host.state.join("backups")).unwrap().collect();
+        assert!(leftovers.len() <= 1, "{point:?}:{n}: {leftovers:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_committed_journal_survives_restart_as_new() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    engine.stage("svc", &digest).await.unwrap();
+    engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    drop(engine);
+    host.world.lock().unwrap().running = None; // the service died while the agent was down
+    let engine = host.engine().await.unwrap();
+    assert_eq!(host.binary(), "binary v2");
+    assert_eq!(host.running().as_deref(), Some("binary v2"), "an agent-supervised service is started at agent start");
+    assert_eq!(engine.status(Some("svc")).await.unwrap()[0].version, "v2");
+}
+
+#[tokio::test]
+async fn confinement_is_enforced_at_start_and_at_apply() {
+    let host = Host::new();
+    let mut config = host.config();
+    config.services[0].deploy_dir = host.state.join("elsewhere");
+    let world = host.world.clone();
+    let factory: BackendFactory = Box::new(move |spec: &ServiceSpec, _state: &Path| {
+        Ok(Arc::new(FakeBackend { binary: spec.binary_path(), world: world.clone() }) as Arc<dyn ServiceBackend>)
+    });
+    let effects = Effects {
+        clock: Arc::new(crate::effects::SystemClock),
+        probe: Arc::new(FakeProbe { world: host.world.clone() }),
+        faults: Arc::new(crate::effects::NoFaults),
+    };
+    let err = Engine::start_with(config, effects, factory).await.unwrap_err().to_string();
+    assert!(err.contains("not under any deploy root"), "{err}");
+
+    // A directory of the deploy dir replaced by a symlink to outside the roots: apply is refused, nothing written.
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    engine.stage("svc", &digest).await.unwrap();
+    let outside = host.state.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::remove_dir_all(host.deploy.join("bin/svc/conf")).unwrap();
+    std::os::unix::fs::symlink(&outside, host.deploy.join("bin/svc/conf")).unwrap();
+    let err = engine.apply(apply_cmd(&digest, "p1")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+    assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+    assert_eq!(host.binary(), "binary v1");
+}
+
+#[test]
+fn spec_defaults_and_validation() {
+    let host = Host::new();
+    let spec = host.spec();
+    assert_eq!(spec.binary_path(), host.deploy.join("bin/svc/svc"));
+    assert_eq!(spec.resolved_command(), vec![format!("{}/bin/svc/svc", host.deploy.display())]);
+    assert!(spec.validate(std::slice::from_ref(&host.root)).is_ok());
+    let mut bad = spec.clone();
+    bad.command.clear();
+    assert!(bad.validate(std::slice::from_ref(&host.root)).unwrap_err().to_string().contains("needs `command`"));
+    let mut bad = spec.clone();
+    bad.name = "../x".into();
+    assert!(bad.validate(std::slice::from_ref(&host.root)).is_err());
+    let mut bad = spec;
+    bad.health.tcp = Some("nowhere".into());
+    assert!(bad.validate(std::slice::from_ref(&host.root)).unwrap_err().to_string().contains("ip:port"));
+}

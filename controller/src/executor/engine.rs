@@ -1,0 +1,546 @@
+//! The step engine: settles nodes left in flight by an earlier run, stages, then runs the batches under the
+//! failure budget, journaling every transition before its effect.
+
+use super::state::{NodePhase, NodeRecord, Step, StepStatus, Verdict};
+use super::{
+    Action, ApplyCall, ApplyOutcome, CallError, Cancel, Effects, Event, HookFailure, HookKind,
+    HookOutcome, Journal, JournalError, NodeRef, NodeReport, Observer, PauseDecision, RolloutEnd, RolloutReport,
+    RolloutSpec,
+};
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Runs one rollout (fresh or resumed) over its effects, journal and observer.
+pub struct Engine<'a, E, J, O> {
+    spec: &'a RolloutSpec,
+    effects: &'a E,
+    journal: &'a J,
+    observer: &'a O,
+    cancel: Cancel,
+}
+
+/// Where one node's turn ended in this run.
+#[derive(Debug)]
+struct TurnEnd {
+    phase: NodePhase,
+    reason: Option<String>,
+    duration: Duration,
+    downtime: Option<Duration>,
+}
+
+/// A hook step seen through cancellation.
+enum HookCall {
+    Ok,
+    Failed(HookFailure),
+    Cancelled,
+}
+
+/// How a drain ended.
+enum Drain {
+    Drained,
+    Failed(String),
+    Cancelled,
+}
+
+/// What the engine knows of a node during the run.
+#[derive(Debug, Clone)]
+struct NodeState {
+    record: NodeRecord,
+    duration: Option<Duration>,
+    downtime: Option<Duration>,
+}
+
+impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
+    /// An engine for `spec`.
+    pub fn new(spec: &'a RolloutSpec, effects: &'a E, journal: &'a J, observer: &'a O, cancel: Cancel) -> Self {
+        Self { spec, effects, journal, observer, cancel }
+    }
+
+    /// Runs the rollout to its end. A journal error stops it at once, as a crash would: resume settles the rest.
+    pub async fn run(&self) -> Result<RolloutReport, JournalError> {
+        let order: Vec<&NodeRef> = self.spec.batches.iter().flat_map(|batch| batch.nodes.iter()).collect();
+        let mut states: HashMap<String, NodeState> = order
+            .iter()
+            .map(|node| {
+                let record = self.spec.prior.get(&node.id).cloned().unwrap_or(NodeRecord {
+                    phase: NodePhase::Pending,
+                    reason: None,
+                });
+                (node.id.clone(), NodeState { record, duration: None, downtime: None })
+            })
+            .collect();
+        let mut failures = states.values().filter(|state| state.record.phase.is_failure()).count() as u32;
+
+        // 1. Nodes an earlier run left in flight are settled before anything else starts.
+        let in_flight: Vec<(&NodeRef, NodePhase, Option<String>)> = order
+            .iter()
+            .filter_map(|node| {
+                let record = &states[&node.id].record;
+                record.phase.is_in_flight().then(|| (*node, resume_phase(record.phase), record.reason.clone()))
+            })
+            .collect();
+        let mut settling: FuturesUnordered<_> = in_flight
+            .into_iter()
+            .map(|(node, phase, reason)| async move { (node, self.turn(node, phase, reason).await) })
+            .collect();
+        while let Some((node, end)) = settling.next().await {
+            let end = end?;
+            failures += u32::from(end.phase.is_failure());
+            apply_end(&mut states, node, end);
+        }
+        drop(settling);
+
+        // 2. Stage on every node still to do, in parallel, before any node is touched.
+        let mut halted = false;
+        if let Action::Patch { .. } = self.spec.action {
+            let to_stage: Vec<&NodeRef> =
+                order.iter().copied().filter(|node| !states[&node.id].record.phase.is_terminal()).collect();
+            if !to_stage.is_empty() {
+                self.observer.event(&Event::StageStarted { nodes: to_stage.len() });
+                let concurrency = self.spec.stage_concurrency.max(1);
+                let mut staging = futures::stream::iter(to_stage)
+                    .map(|node| async move { (node, self.stage(node).await) })
+                    .buffer_unordered(concurrency);
+                loop {
+                    let next = tokio::select! {
+                        next = staging.next() => next,
+                        () = self.cancel.cancelled() => None,
+                    };
+                    let Some((node, staged)) = next else { break };
+                    let (phase, reason) = staged?;
+                    failures += u32::from(phase.is_failure());
+                    let state = states.entry(node.id.clone()).or_insert_with(|| pending_state());
+                    state.record = NodeRecord { phase, reason };
+                }
+                if self.cancel.is_cancelled() {
+                    self.observer.event(&Event::Interrupting);
+                    return Ok(self.report(RolloutEnd::Interrupted, &order, states, failures));
+                }
+            }
+            if failures > self.spec.failure_budget {
+                halted = true;
+                self.observer.event(&Event::Halting { failures, budget: self.spec.failure_budget });
+            }
+        }
+
+        // 3. Batches, strictly one after the other.
+        let mut end = None;
+        for (position, batch) in self.spec.batches.iter().enumerate() {
+            if halted {
+                break;
+            }
+            if self.cancel.is_cancelled() {
+                end = Some(RolloutEnd::Interrupted);
+                break;
+            }
+            let mut queue: VecDeque<&NodeRef> =
+                batch.nodes.iter().filter(|node| !states[&node.id].record.phase.is_terminal()).collect();
+            if !queue.is_empty() {
+                self.observer.event(&Event::BatchStarted { batch: batch.clone() });
+            }
+            let mut running = FuturesUnordered::new();
+            loop {
+                while !halted
+                    && !self.cancel.is_cancelled()
+                    && failures + (running.len() as u32) < self.spec.failure_budget.saturating_add(1)
+                {
+                    let Some(node) = queue.pop_front() else { break };
+                    let from = states[&node.id].record.phase;
+                    running.push(async move { (node, self.turn(node, from, None).await) });
+                }
+                let Some((node, turn_end)) = running.next().await else { break };
+                let turn_end = turn_end?;
+                if turn_end.phase.is_failure() {
+                    failures += 1;
+                    if failures > self.spec.failure_budget && !halted {
+                        halted = true;
+                        self.observer.event(&Event::Halting { failures, budget: self.spec.failure_budget });
+                    }
+                }
+                apply_end(&mut states, node, turn_end);
+            }
+            if self.cancel.is_cancelled() {
+                self.observer.event(&Event::Interrupting);
+                end = Some(RolloutEnd::Interrupted);
+                break;
+            }
+            if halted {
+                break;
+            }
+            let later_started = self.spec.batches[position + 1..]
+                .iter()
+                .flat_map(|later| later.nodes.iter())
+                .any(|node| !matches!(states[&node.id].record.phase, NodePhase::Pending | NodePhase::Staged));
+            let more_to_do = self.spec.batches[position + 1..]
+                .iter()
+                .flat_map(|later| later.nodes.iter())
+                .any(|node| !states[&node.id].record.phase.is_terminal());
+            if batch.pause_after && more_to_do && !later_started {
+                let decision = tokio::select! {
+                    decision = self.observer.pause(batch) => Some(decision),
+                    () = self.cancel.cancelled() => None,
+                };
+                match decision {
+                    Some(PauseDecision::Continue) => {}
+                    Some(PauseDecision::Stop) => {
+                        end = Some(RolloutEnd::Stopped);
+                        break;
+                    }
+                    None => {
+                        self.observer.event(&Event::Interrupting);
+                        end = Some(RolloutEnd::Interrupted);
+                        break;
+                    }
+                }
+            }
+        }
+        let end = match end {
+            Some(end) => end,
+            None if halted => RolloutEnd::Halted,
+            None if failures > 0 => RolloutEnd::CompletedWithFailures,
+            None => RolloutEnd::Completed,
+        };
+        Ok(self.report(end, &order, states, failures))
+    }
+
+    fn report(
+        &self,
+        end: RolloutEnd,
+        order: &[&NodeRef],
+        mut states: HashMap<String, NodeState>,
+        failures: u32,
+    ) -> RolloutReport {
+        let nodes = order
+            .iter()
+            .map(|node| {
+                let state = states.remove(&node.id).unwrap_or_else(pending_state);
+                NodeReport {
+                    node: (*node).clone(),
+                    phase: state.record.phase,
+                    reason: state.record.reason,
+                    duration: state.duration,
+                    downtime: state.downtime,
+                }
+            })
+            .collect();
+        RolloutReport { end, nodes, failures }
+    }
+
+    /// Stages one node: `Staged`, `Skipped` (already runs the package) or `Failed` (untouched).
+    async fn stage(&self, node: &NodeRef) -> Result<(NodePhase, Option<String>), JournalError> {
+        self.step(node, Step::Stage, StepStatus::Started, "")?;
+        match self.effects.stage(node).await {
+            Ok(staged) if staged.already_running => {
+                self.step(node, Step::Stage, StepStatus::Skipped, "the node already runs this package")?;
+                let reason = Some("already runs this package".to_string());
+                self.finish(node, NodePhase::Skipped, reason.as_deref())?;
+                Ok((NodePhase::Skipped, reason))
+            }
+            Ok(staged) => {
+                let detail = if staged.bytes_pushed == 0 {
+                    "agent held the package".to_string()
+                } else {
+                    format!("{} bytes uploaded", staged.bytes_pushed)
+                };
+                self.step(node, Step::Stage, StepStatus::Done, &detail)?;
+                self.journal.node_phase(node, &NodePhase::Staged, None)?;
+                Ok((NodePhase::Staged, None))
+            }
+            Err(error) => {
+                let reason = format!("staging failed, node untouched: {error}");
+                self.step(node, Step::Stage, StepStatus::Failed, &reason)?;
+                self.finish(node, NodePhase::Failed, Some(&reason))?;
+                Ok((NodePhase::Failed, Some(reason)))
+            }
+        }
+    }
+
+    /// Drives one node from `from` to a terminal phase (or back to `Pending` when interrupted before its apply).
+    async fn turn(&self, node: &NodeRef, from: NodePhase, reason: Option<String>) -> Result<TurnEnd, JournalError> {
+        let started = Instant::now();
+        let hooks = self.spec.action.uses_hooks();
+        let mut reason = reason;
+        let mut downtime = None;
+        let mut phase = from;
+        loop {
+            phase = match phase {
+                NodePhase::Pending | NodePhase::Staged => {
+                    if hooks {
+                        NodePhase::Draining
+                    } else {
+                        NodePhase::Applying
+                    }
+                }
+                NodePhase::Draining => {
+                    self.journal.node_phase(node, &NodePhase::Draining, None)?;
+                    match self.drain(node).await? {
+                        Drain::Drained => NodePhase::Drained,
+                        Drain::Failed(why) => {
+                            reason = Some(why);
+                            NodePhase::Returning(Verdict::Failed)
+                        }
+                        Drain::Cancelled => NodePhase::Returning(Verdict::Requeue),
+                    }
+                }
+                NodePhase::Drained => {
+                    self.journal.node_phase(node, &NodePhase::Drained, None)?;
+                    if self.cancel.is_cancelled() {
+                        NodePhase::Returning(Verdict::Requeue)
+                    } else {
+                        NodePhase::Applying
+                    }
+                }
+                NodePhase::Applying => {
+                    self.journal.node_phase(node, &NodePhase::Applying, None)?;
+                    let (next, why, measured) = self.apply(node).await?;
+                    reason = why;
+                    downtime = measured;
+                    next
+                }
+                NodePhase::Applied => {
+                    self.journal.node_phase(node, &NodePhase::Applied, None)?;
+                    self.check_health(node, &mut reason).await?
+                }
+                NodePhase::Returning(verdict) => {
+                    self.journal.node_phase(node, &NodePhase::Returning(verdict), reason.as_deref())?;
+                    let back = if hooks { self.bring_back(node).await? } else { Ok(()) };
+                    if verdict == Verdict::Patched {
+                        self.step(node, Step::Mark, StepStatus::Started, "")?;
+                        self.journal.mark(node)?;
+                        self.step(node, Step::Mark, StepStatus::Done, "")?;
+                    }
+                    match back {
+                        Err(why) => {
+                            let what = match verdict {
+                                Verdict::Patched => "patched".to_string(),
+                                _ => reason.clone().unwrap_or_else(|| "not patched".to_string()),
+                            };
+                            reason = Some(format!("{what}; could not be put back into service ({why}): left offline"));
+                            NodePhase::LeftOffline
+                        }
+                        Ok(()) => match verdict {
+                            Verdict::Patched => NodePhase::Done,
+                            Verdict::Reverted => NodePhase::Reverted,
+                            Verdict::Failed => NodePhase::Failed,
+                            Verdict::Requeue => NodePhase::Pending,
+                        },
+                    }
+                }
+                terminal => {
+                    self.finish(node, terminal, reason.as_deref())?;
+                    return Ok(TurnEnd { phase: terminal, reason, duration: started.elapsed(), downtime });
+                }
+            };
+            if phase == NodePhase::Pending {
+                self.journal.node_phase(node, &NodePhase::Pending, reason.as_deref())?;
+                self.observer.event(&Event::NodeFinished { node: node.clone(), phase, reason: reason.clone() });
+                return Ok(TurnEnd { phase, reason, duration: started.elapsed(), downtime });
+            }
+        }
+    }
+
+    /// `offline` then `wait_offline` (the wait is cut short by Ctrl-C).
+    async fn drain(&self, node: &NodeRef) -> Result<Drain, JournalError> {
+        match self.hook(node, HookKind::Offline, false).await? {
+            HookCall::Ok => {}
+            HookCall::Failed(failure) => return Ok(Drain::Failed(format!("offline hook failed, node not restarted: {failure}"))),
+            HookCall::Cancelled => return Ok(Drain::Cancelled),
+        }
+        if self.cancel.is_cancelled() {
+            return Ok(Drain::Cancelled);
+        }
+        Ok(match self.hook(node, HookKind::WaitOffline, true).await? {
+            HookCall::Ok => Drain::Drained,
+            HookCall::Failed(HookFailure::Timeout { waited, last }) => Drain::Failed(format!(
+                "drain timed out after {}: {last}; node not restarted",
+                humantime::format_duration(round_to_millis(waited))
+            )),
+            HookCall::Failed(failure) => Drain::Failed(format!("wait_offline failed, node not restarted: {failure}")),
+            HookCall::Cancelled => Drain::Cancelled,
+        })
+    }
+
+    /// Apply (or Rollback), resent with the same patch id while the answer is lost.
+    async fn apply(
+        &self,
+        node: &NodeRef,
+    ) -> Result<(NodePhase, Option<String>, Option<Duration>), JournalError> {
+        let call = ApplyCall { patch_id: self.spec.patch_id.clone(), action: self.spec.action.clone() };
+        self.step(node, Step::Apply, StepStatus::Started, &call.patch_id)?;
+        let mut maybe_delivered = false;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let error = match self.effects.apply(node, &call).await {
+                Ok(result) => {
+                    let downtime = Some(result.downtime);
+                    let replay = if result.replayed { " (recorded result of an earlier call)" } else { "" };
+                    return Ok(match result.outcome {
+                        ApplyOutcome::Committed => {
+                            self.step(node, Step::Apply, StepStatus::Done, &format!("committed{replay}"))?;
+                            (NodePhase::Applied, None, downtime)
+                        }
+                        ApplyOutcome::OfflineSwapped => {
+                            self.step(node, Step::Apply, StepStatus::Done, &format!("files swapped{replay}"))?;
+                            (NodePhase::Returning(Verdict::Patched), None, downtime)
+                        }
+                        ApplyOutcome::Reverted => {
+                            let why = format!("reverted by the agent: {}", result.reason);
+                            self.step(node, Step::Apply, StepStatus::Failed, &why)?;
+                            (NodePhase::Returning(Verdict::Reverted), Some(why), downtime)
+                        }
+                        ApplyOutcome::Failed => {
+                            let why = format!("apply failed, nothing changed: {}", result.reason);
+                            self.step(node, Step::Apply, StepStatus::Failed, &why)?;
+                            (NodePhase::Returning(Verdict::Failed), Some(why), downtime)
+                        }
+                    });
+                }
+                Err(error) => error,
+            };
+            match error {
+                CallError::Unknown(_) => maybe_delivered = true,
+                CallError::NotSent(_) | CallError::Refused(_) if !maybe_delivered => {
+                    let why = format!("{error}; node not restarted");
+                    self.step(node, Step::Apply, StepStatus::Failed, &why)?;
+                    return Ok((NodePhase::Returning(Verdict::Failed), Some(why), None));
+                }
+                CallError::NotSent(_) | CallError::Refused(_) => {}
+            }
+            if attempts > self.spec.apply_retries {
+                let why = format!(
+                    "{error} after {attempts} attempts; the outcome is unknown, so the node is left out of service \
+                     (check it with `patchctl display`, then resume with `patchctl patch --resume`)"
+                );
+                self.step(node, Step::Apply, StepStatus::Failed, &why)?;
+                return Ok((NodePhase::LeftOffline, Some(why), None));
+            }
+            self.effects.sleep(self.spec.apply_retry_delay).await;
+        }
+    }
+
+    /// The cluster's `health` check after a commit; a failing node is rolled back by its agent.
+    async fn check_health(&self, node: &NodeRef, reason: &mut Option<String>) -> Result<NodePhase, JournalError> {
+        if !self.spec.action.uses_hooks() {
+            return Ok(NodePhase::Returning(Verdict::Patched));
+        }
+        let failure = match self.hook(node, HookKind::Health, false).await? {
+            HookCall::Ok | HookCall::Cancelled => return Ok(NodePhase::Returning(Verdict::Patched)),
+            HookCall::Failed(failure) => failure,
+        };
+        if let Action::Rollback { .. } = self.spec.action {
+            let why = format!("health check failed after the rollback: {failure}; left offline");
+            *reason = Some(why);
+            return Ok(NodePhase::LeftOffline);
+        }
+        self.step(node, Step::Undo, StepStatus::Started, &self.spec.patch_id)?;
+        match self.effects.undo(node, &self.spec.patch_id).await {
+            Ok(result) if result.outcome == ApplyOutcome::Committed => {
+                self.step(node, Step::Undo, StepStatus::Done, "")?;
+                *reason = Some(format!("health check failed after the apply ({failure}); rolled back"));
+                Ok(NodePhase::Returning(Verdict::Reverted))
+            }
+            Ok(result) => {
+                let why = format!(
+                    "health check failed after the apply ({failure}) and the rollback did not commit ({:?}: {}); \
+                     left offline",
+                    result.outcome, result.reason
+                );
+                self.step(node, Step::Undo, StepStatus::Failed, &why)?;
+                *reason = Some(why);
+                Ok(NodePhase::LeftOffline)
+            }
+            Err(error) => {
+                let why = format!("health check failed after the apply ({failure}) and the rollback failed ({error}); left offline");
+                self.step(node, Step::Undo, StepStatus::Failed, &why)?;
+                *reason = Some(why);
+                Ok(NodePhase::LeftOffline)
+            }
+        }
+    }
+
+    /// `online` then `wait_online`; never cut short (a node must not be left out by Ctrl-C).
+    async fn bring_back(&self, node: &NodeRef) -> Result<Result<(), String>, JournalError> {
+        for kind in [HookKind::Online, HookKind::WaitOnline] {
+            if let HookCall::Failed(failure) = self.hook(node, kind, false).await? {
+                return Ok(Err(format!("{} hook: {failure}", kind.step())));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// One hook step, journaled; `cancellable` waits end early on Ctrl-C.
+    async fn hook(&self, node: &NodeRef, kind: HookKind, cancellable: bool) -> Result<HookCall, JournalError> {
+        let step = kind.step();
+        self.step(node, step, StepStatus::Started, "")?;
+        let outcome = if cancellable {
+            tokio::select! {
+                outcome = self.effects.hook(node, kind) => Some(outcome),
+                () = self.cancel.cancelled() => None,
+            }
+        } else {
+            Some(self.effects.hook(node, kind).await)
+        };
+        match outcome {
+            Some(Ok(HookOutcome::Done)) => {
+                self.step(node, step, StepStatus::Done, "")?;
+                Ok(HookCall::Ok)
+            }
+            Some(Ok(HookOutcome::NotConfigured)) => {
+                self.step(node, step, StepStatus::Skipped, "no such hook for this role")?;
+                Ok(HookCall::Ok)
+            }
+            Some(Err(failure)) => {
+                self.step(node, step, StepStatus::Failed, &failure.to_string())?;
+                Ok(HookCall::Failed(failure))
+            }
+            None => {
+                self.step(node, step, StepStatus::Failed, "interrupted")?;
+                Ok(HookCall::Cancelled)
+            }
+        }
+    }
+
+    fn step(&self, node: &NodeRef, step: Step, status: StepStatus, detail: &str) -> Result<(), JournalError> {
+        self.journal.step(node, step, status, detail)?;
+        self.observer.event(&Event::Step { node: node.clone(), step, status, detail: detail.to_string() });
+        Ok(())
+    }
+
+    fn finish(&self, node: &NodeRef, phase: NodePhase, reason: Option<&str>) -> Result<(), JournalError> {
+        self.journal.node_phase(node, &phase, reason)?;
+        self.observer.event(&Event::NodeFinished {
+            node: node.clone(),
+            phase,
+            reason: reason.map(str::to_string),
+        });
+        Ok(())
+    }
+}
+
+/// Where a node left in flight by an earlier run continues: a node that may be offline but was not applied is put
+/// back online first (and re-queued); an apply in flight is asked again; later phases go on.
+fn resume_phase(recorded: NodePhase) -> NodePhase {
+    match recorded {
+        NodePhase::Draining | NodePhase::Drained => NodePhase::Returning(Verdict::Requeue),
+        other => other,
+    }
+}
+
+fn apply_end(states: &mut HashMap<String, NodeState>, node: &NodeRef, end: TurnEnd) {
+    let state = states.entry(node.id.clone()).or_insert_with(pending_state);
+    state.record = NodeRecord { phase: end.phase, reason: end.reason };
+    state.duration = Some(end.duration);
+    if end.downtime.is_some() {
+        state.downtime = end.downtime;
+    }
+}
+
+fn pending_state() -> NodeState {
+    NodeState { record: NodeRecord { phase: NodePhase::Pending, reason: None }, duration: None, downtime: None }
+}
+
+fn round_to_millis(duration: Duration) -> Duration {
+    Duration::from_millis(duration.as_millis().min(u128::from(u64::MAX)) as u64)
+}

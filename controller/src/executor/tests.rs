@@ -1,0 +1,680 @@
+//! Engine tests with in-memory fakes: step order, failure budget, drains, interrupts, and resume after a
+//! simulated crash at every journal write.
+
+use super::*;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+const DIGEST: &str = "d1";
+const PATCH: &str = "p-1";
+
+/// What a fake node does when its turn comes.
+#[derive(Debug, Clone, Default)]
+struct Behaviour {
+    stage_error: bool,
+    already_running: bool,
+    drain_timeout: bool,
+    /// `wait_offline` never returns (until Ctrl-C).
+    drain_hangs: bool,
+    apply_outcome: Option<ApplyOutcome>,
+    apply_not_sent: bool,
+    /// Apply answers are lost this many times before one arrives.
+    apply_lost: u32,
+    /// Apply waits for this before answering.
+    apply_gate: Option<Arc<Notify>>,
+    health_fails: bool,
+    online_fails: bool,
+}
+
+/// The agents and the cluster: they outlive a controller crash.
+#[derive(Default)]
+struct World {
+    log: Mutex<Vec<String>>,
+    offline: Mutex<HashSet<String>>,
+    applied: Mutex<HashMap<(String, String), ApplyResult>>,
+    restarts: Mutex<BTreeMap<String, u32>>,
+    lost_so_far: Mutex<HashMap<String, u32>>,
+    violations: Mutex<Vec<String>>,
+    in_turn: Mutex<HashSet<String>>,
+    max_in_turn: AtomicUsize,
+    apply_calls: Mutex<Vec<ApplyCall>>,
+}
+
+impl World {
+    fn log(&self, line: String) {
+        self.log.lock().unwrap().push(line);
+    }
+    fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+    fn lines_of(&self, node: &str) -> Vec<String> {
+        let prefix = format!("{node}:");
+        self.lines().into_iter().filter_map(|l| l.strip_prefix(&prefix).map(str::to_string)).collect()
+    }
+    fn restarts(&self, node: &str) -> u32 {
+        self.restarts.lock().unwrap().get(node).copied().unwrap_or(0)
+    }
+}
+
+struct FakeEffects {
+    world: Arc<World>,
+    behaviour: HashMap<String, Behaviour>,
+    crashed: Arc<AtomicBool>,
+}
+
+impl FakeEffects {
+    fn new(world: Arc<World>, behaviour: HashMap<String, Behaviour>) -> Self {
+        Self { world, behaviour, crashed: Arc::new(AtomicBool::new(false)) }
+    }
+    fn of(&self, node: &NodeRef) -> Behaviour {
+        self.behaviour.get(&node.id).cloned().unwrap_or_default()
+    }
+    /// A dead controller performs no more effects.
+    async fn alive(&self) {
+        if self.crashed.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Effects for FakeEffects {
+    async fn stage(&self, node: &NodeRef) -> Result<Staged, CallError> {
+        self.alive().await;
+        self.world.log(format!("{}:stage", node.id));
+        let behaviour = self.of(node);
+        if behaviour.stage_error {
+            return Err(CallError::NotSent("connection refused".into()));
+        }
+        Ok(Staged { already_running: behaviour.already_running, bytes_pushed: 10 })
+    }
+
+    async fn hook(&self, node: &NodeRef, hook: HookKind) -> Result<HookOutcome, HookFailure> {
+        self.alive().await;
+        let behaviour = self.of(node);
+        self.world.log(format!("{}:{}", node.id, hook.step()));
+        match hook {
+            HookKind::Offline => {
+                self.world.offline.lock().unwrap().insert(node.id.clone());
+                let mut in_turn = self.world.in_turn.lock().unwrap();
+                in_turn.insert(node.id.clone());
+                self.world.max_in_turn.fetch_max(in_turn.len(), Ordering::SeqCst);
+                Ok(HookOutcome::Done)
+            }
+            HookKind::WaitOffline if behaviour.drain_hangs => std::future::pending().await,
+            HookKind::WaitOffline if behaviour.drain_timeout => {
+                Err(HookFailure::Timeout { waited: Duration::from_secs(10), last: "state=Online".into() })
+            }
+            HookKind::WaitOffline => Ok(HookOutcome::Done),
+            HookKind::Health if behaviour.health_fails => Err(HookFailure::Failed("HTTP 503".into())),
+            HookKind::Health => Ok(HookOutcome::NotConfigured),
+            HookKind::Online if behaviour.online_fails => Err(HookFailure::Failed("HTTP 500".into())),
+            HookKind::Online => {
+                self.world.offline.lock().unwrap().remove(&node.id);
+                self.world.in_turn.lock().unwrap().remove(&node.id);
+                Ok(HookOutcome::Done)
+            }
+            HookKind::WaitOnline => Ok(HookOutcome::Done),
+        }
+    }
+
+    async fn apply(&self, node: &NodeRef, call: &ApplyCall) -> Result<ApplyResult, CallError> {
+        self.alive().await;
+        let behaviour = self.of(node);
+        self.world.log(format!("{}:apply", node.id));
+        self.world.apply_calls.lock().unwrap().push(call.clone());
+        // A restart takes time: let the other nodes of the batch run meanwhile.
+        tokio::task::yield_now().await;
+        if behaviour.apply_not_sent {
+            return Err(CallError::NotSent("connection refused".into()));
+        }
+        if call.action.uses_hooks() && !self.world.offline.lock().unwrap().contains(&node.id) {
+            self.world.violations.lock().unwrap().push(format!("{} applied while in service", node.id));
+        }
+        let key = (node.id.clone(), call.patch_id.clone());
+        let recorded = self.world.applied.lock().unwrap().get(&key).cloned();
+        let result = match recorded {
+            Some(mut earlier) => {
+                earlier.replayed = true;
+                earlier
+            }
+            None => {
+                *self.world.restarts.lock().unwrap().entry(node.id.clone()).or_default() += 1;
+                let outcome = behaviour.apply_outcome.unwrap_or(match &call.action {
+                    Action::Patch { offline: true, .. } => ApplyOutcome::OfflineSwapped,
+                    _ => ApplyOutcome::Committed,
+                });
+                let result = ApplyResult {
+                    outcome,
+                    reason: if outcome == ApplyOutcome::Reverted { "health probe failed".into() } else { String::new() },
+                    replayed: false,
+                    downtime: Duration::from_millis(5),
+                };
+                self.world.applied.lock().unwrap().insert(key, result.clone());
+                result
+            }
+        };
+        if let Some(gate) = behaviour.apply_gate {
+            gate.notified().await;
+        }
+        let mut lost = self.world.lost_so_far.lock().unwrap();
+        let count = lost.entry(node.id.clone()).or_default();
+        if *count < behaviour.apply_lost {
+            *count += 1;
+            return Err(CallError::Unknown("stream reset".into()));
+        }
+        Ok(result)
+    }
+
+    async fn undo(&self, node: &NodeRef, _patch_id: &str) -> Result<ApplyResult, CallError> {
+        self.alive().await;
+        self.world.log(format!("{}:undo", node.id));
+        Ok(ApplyResult {
+            outcome: ApplyOutcome::Committed,
+            reason: String::new(),
+            replayed: false,
+            downtime: Duration::from_millis(5),
+        })
+    }
+
+    async fn sleep(&self, _duration: Duration) {
+        self.alive().await;
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The journal: what survives a crash is `persisted`; writes at and after `crash_at` are lost.
+#[derive(Default)]
+struct FakeJournal {
+    persisted: Mutex<HashMap<String, NodeRecord>>,
+    marks: Mutex<Vec<String>>,
+    steps: Mutex<Vec<String>>,
+    writes: AtomicUsize,
+    crash_at: Option<usize>,
+    crashed: Arc<AtomicBool>,
+    crash_signal: Arc<Notify>,
+}
+
+impl FakeJournal {
+    fn crashing_at(write: usize, crashed: Arc<AtomicBool>) -> Self {
+        Self { crash_at: Some(write), crashed, ..Default::default() }
+    }
+    fn resumed_from(records: HashMap<String, NodeRecord>, marks: Vec<String>) -> Self {
+        Self { persisted: Mutex::new(records), marks: Mutex::new(marks), ..Default::default() }
+    }
+    /// Counts a write; false when the process is (now) dead and nothing may be persisted.
+    fn write(&self) -> bool {
+        let index = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.crashed.load(Ordering::SeqCst) {
+            return false;
+        }
+        if Some(index) == self.crash_at {
+            self.crashed.store(true, Ordering::SeqCst);
+            self.crash_signal.notify_one();
+            return false;
+        }
+        true
+    }
+    fn phase(&self, node: &str) -> Option<NodePhase> {
+        self.persisted.lock().unwrap().get(node).map(|r| r.phase)
+    }
+}
+
+impl Journal for FakeJournal {
+    fn node_phase(&self, node: &NodeRef, phase: &NodePhase, reason: Option<&str>) -> Result<(), JournalError> {
+        if self.write() {
+            self.persisted
+                .lock()
+                .unwrap()
+                .insert(node.id.clone(), NodeRecord { phase: *phase, reason: reason.map(str::to_string) });
+        }
+        Ok(())
+    }
+    fn step(&self, node: &NodeRef, step: Step, status: StepStatus, _detail: &str) -> Result<(), JournalError> {
+        if self.write() {
+            self.steps.lock().unwrap().push(format!("{}:{step}:{status}", node.id));
+        }
+        Ok(())
+    }
+    fn mark(&self, node: &NodeRef) -> Result<(), JournalError> {
+        if self.write() {
+            self.marks.lock().unwrap().push(node.id.clone());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct FakeObserver {
+    events: Mutex<Vec<Event>>,
+    decision: Option<PauseDecision>,
+    pauses: AtomicUsize,
+}
+
+impl Observer for FakeObserver {
+    fn event(&self, event: &Event) {
+        self.events.lock().unwrap().push(event.clone());
+    }
+    async fn pause(&self, _batch: &BatchSpec) -> PauseDecision {
+        self.pauses.fetch_add(1, Ordering::SeqCst);
+        self.decision.unwrap_or(PauseDecision::Continue)
+    }
+}
+
+fn node(id: &str) -> NodeRef {
+    NodeRef { id: id.into(), name: format!("name-{id}"), role: "worker".into() }
+}
+
+/// Batches given as lists of node ids.
+fn spec(batches: &[&[&str]], budget: u32) -> RolloutSpec {
+    RolloutSpec {
+        patch_id: PATCH.into(),
+        action: Action::Patch { digest: DIGEST.into(), offline: false },
+        batches: batches
+            .iter()
+            .enumerate()
+            .map(|(index, ids)| BatchSpec {
+                index,
+                role: "worker".into(),
+                canary: false,
+                pause_after: false,
+                nodes: ids.iter().map(|id| node(id)).collect(),
+            })
+            .collect(),
+        failure_budget: budget,
+        stage_concurrency: 4,
+        apply_retries: 3,
+        apply_retry_delay: Duration::from_millis(1),
+        prior: HashMap::new(),
+    }
+}
+
+fn behaviours(list: &[(&str, Behaviour)]) -> HashMap<String, Behaviour> {
+    list.iter().map(|(id, b)| (id.to_string(), b.clone())).collect()
+}
+
+async fn run(spec: &RolloutSpec, effects: &FakeEffects, journal: &FakeJournal) -> RolloutReport {
+    let observer = FakeObserver::default();
+    let (_handle, cancel) = Cancel::new();
+    Engine::new(spec, effects, journal, &observer, cancel).run().await.unwrap()
+}
+
+fn phases(report: &RolloutReport) -> Vec<(String, NodePhase)> {
+    report.nodes.iter().map(|n| (n.node.id.clone(), n.phase)).collect()
+}
+
+#[tokio::test]
+async fn every_node_goes_through_the_steps_in_order() {
+    let world = Arc::new(World::default());
+    let effects = FakeEffects::new(world.clone(), HashMap::new());
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a"], &["b", "c"]], 0), &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Completed);
+    assert!(report.nodes.iter().all(|n| n.phase == NodePhase::Done), "{report:?}");
+    for id in ["a", "b", "c"] {
+        assert_eq!(
+            world.lines_of(id),
+            ["stage", "offline", "wait_offline", "apply", "health", "online", "wait_online"],
+            "steps of {id}"
+        );
+        assert_eq!(world.restarts(id), 1);
+        assert_eq!(journal.phase(id), Some(NodePhase::Done));
+    }
+    // Staging of every node happens before the first node is taken offline.
+    let lines = world.lines();
+    let first_offline = lines.iter().position(|l| l.ends_with(":offline")).unwrap();
+    assert_eq!(lines[..first_offline].iter().filter(|l| l.ends_with(":stage")).count(), 3);
+    // Budget 0: one node at a time, even in a batch of two.
+    assert_eq!(world.max_in_turn.load(Ordering::SeqCst), 1);
+    assert!(world.violations.lock().unwrap().is_empty());
+    assert_eq!(*journal.marks.lock().unwrap(), ["a", "b", "c"]);
+    let steps = journal.steps.lock().unwrap();
+    let a_apply = steps.iter().position(|s| s == "a:apply:started").unwrap();
+    assert_eq!(steps[a_apply + 1], "a:apply:done");
+    assert!(steps.contains(&"a:health:skipped".to_string()));
+}
+
+#[tokio::test]
+async fn a_batch_runs_in_parallel_within_the_budget() {
+    let world = Arc::new(World::default());
+    let effects = FakeEffects::new(world.clone(), HashMap::new());
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a", "b", "c", "d"]], 3), &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Completed);
+    assert_eq!(world.max_in_turn.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn a_reverted_node_counts_against_the_budget_and_the_rollout_halts() {
+    let world = Arc::new(World::default());
+    let revert = Behaviour { apply_outcome: Some(ApplyOutcome::Reverted), ..Default::default() };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("a", revert)]));
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a"], &["b"], &["c"]], 0), &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Halted);
+    assert_eq!(report.failures, 1);
+    assert_eq!(
+        phases(&report),
+        [("a".into(), NodePhase::Reverted), ("b".into(), NodePhase::Staged), ("c".into(), NodePhase::Staged)]
+    );
+    // The reverted node went back online; nothing else was touched.
+    assert_eq!(world.lines_of("a"), ["stage", "offline", "wait_offline", "apply", "online", "wait_online"]);
+    assert_eq!(world.lines_of("b"), ["stage"]);
+    assert!(world.offline.lock().unwrap().is_empty());
+    assert!(report.nodes[0].reason.as_deref().unwrap().contains("health probe failed"));
+    assert!(journal.marks.lock().unwrap().is_empty());
+}
+
+/// Whatever fails, never more than budget + 1 nodes end failed and never more than that are in their turn at once.
+#[tokio::test]
+async fn the_failure_budget_is_never_overshot() {
+    let ids: Vec<String> = (0..8).map(|i| format!("n{i}")).collect();
+    for budget in 0..4u32 {
+        for failing_mask in [0b1111_1111u32, 0b0101_0101, 0b1000_0001, 0b0000_0110] {
+            let world = Arc::new(World::default());
+            let list: Vec<(&str, Behaviour)> = ids
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| failing_mask & (1 << i) != 0)
+                .map(|(_, id)| {
+                    (id.as_str(), Behaviour { apply_outcome: Some(ApplyOutcome::Reverted), ..Default::default() })
+                })
+                .collect();
+            let effects = FakeEffects::new(world.clone(), behaviours(&list));
+            let journal = FakeJournal::default();
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let report = run(&spec(&[&refs[..5], &refs[5..]], budget), &effects, &journal).await;
+            let failed = report.nodes.iter().filter(|n| n.phase.is_failure()).count() as u32;
+            assert!(failed <= budget + 1, "budget {budget}, mask {failing_mask:b}: {failed} failed");
+            assert_eq!(failed, report.failures);
+            assert!(world.max_in_turn.load(Ordering::SeqCst) as u32 <= budget + 1);
+            let expected_failures = failing_mask.count_ones();
+            if expected_failures > budget {
+                assert_eq!(report.end, RolloutEnd::Halted, "budget {budget}, mask {failing_mask:b}");
+                assert_eq!(failed, budget + 1);
+            } else {
+                assert_ne!(report.end, RolloutEnd::Halted);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_drain_timeout_leaves_the_node_unrestarted_and_back_online() {
+    let world = Arc::new(World::default());
+    let slow = Behaviour { drain_timeout: true, ..Default::default() };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("a", slow)]));
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a"], &["b"]], 1), &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::CompletedWithFailures);
+    assert_eq!(report.nodes[0].phase, NodePhase::Failed);
+    assert!(report.nodes[0].reason.as_deref().unwrap().contains("drain timed out"));
+    assert_eq!(world.lines_of("a"), ["stage", "offline", "wait_offline", "online", "wait_online"]);
+    assert_eq!(world.restarts("a"), 0);
+    assert_eq!(report.nodes[1].phase, NodePhase::Done);
+    assert!(world.offline.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_unreachable_agent_fails_the_node_without_restarting_it() {
+    let world = Arc::new(World::default());
+    let dead = Behaviour { apply_not_sent: true, ..Default::default() };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("b", dead)]));
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a"], &["b"], &["c"]], 0), &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Halted);
+    assert_eq!(report.nodes[1].phase, NodePhase::Failed);
+    assert!(report.nodes[1].reason.as_deref().unwrap().contains("unreachable"));
+    assert_eq!(world.lines_of("b"), ["stage", "offline", "wait_offline", "apply", "online", "wait_online"]);
+    assert_eq!(world.lines_of("c"), ["stage"]);
+    assert!(world.offline.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_lost_apply_answer_is_asked_again_with_the_same_patch_id() {
+    let world = Arc::new(World::default());
+    let flaky = Behaviour { apply_lost: 2, ..Default::default() };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("a", flaky)]));
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a"]], 0), &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Completed);
+    assert_eq!(world.restarts("a"), 1);
+    let calls = world.apply_calls.lock().unwrap();
+    assert_eq!(calls.len(), 3);
+    assert!(calls.iter().all(|c| c.patch_id == PATCH));
+}
+
+#[tokio::test]
+async fn an_apply_that_never_answers_leaves_the_node_offline_and_says_so() {
+    let world = Arc::new(World::default());
+    let lost = Behaviour { apply_lost: 100, ..Default::default() };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("a", lost)]));
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a"], &["b"]], 0), &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Halted);
+    assert_eq!(report.nodes[0].phase, NodePhase::LeftOffline);
+    assert!(report.nodes[0].reason.as_deref().unwrap().contains("left out of service"));
+    assert!(world.offline.lock().unwrap().contains("a"));
+    assert_eq!(world.apply_calls.lock().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn a_failed_cluster_health_check_rolls_the_node_back() {
+    let world = Arc::new(World::default());
+    let sick = Behaviour { health_fails: true, ..Default::default() };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("a", sick)]));
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a"]], 0), &effects, &journal).await;
+    assert_eq!(report.nodes[0].phase, NodePhase::Reverted);
+    assert_eq!(world.lines_of("a"), ["stage", "offline", "wait_offline", "apply", "health", "undo", "online", "wait_online"]);
+    assert!(journal.marks.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_go_back_online_is_reported_left_offline() {
+    let world = Arc::new(World::default());
+    let stuck = Behaviour { online_fails: true, ..Default::default() };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("a", stuck)]));
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a"]], 0), &effects, &journal).await;
+    assert_eq!(report.nodes[0].phase, NodePhase::LeftOffline);
+    let reason = report.nodes[0].reason.as_deref().unwrap();
+    assert!(reason.contains("patched") && reason.contains("left offline"), "{reason}");
+    // It does run the new version: marked.
+    assert_eq!(*journal.marks.lock().unwrap(), ["a"]);
+}
+
+#[tokio::test]
+async fn staging_skips_nodes_already_running_the_package() {
+    let world = Arc::new(World::default());
+    let done = Behaviour { already_running: true, ..Default::default() };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("a", done)]));
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a"], &["b"]], 0), &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Completed);
+    assert_eq!(report.nodes[0].phase, NodePhase::Skipped);
+    assert_eq!(world.lines_of("a"), ["stage"]);
+}
+
+#[tokio::test]
+async fn staging_failures_beyond_the_budget_halt_before_any_node_is_touched() {
+    let world = Arc::new(World::default());
+    let dead = Behaviour { stage_error: true, ..Default::default() };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("c", dead)]));
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a"], &["b"], &["c"]], 0), &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Halted);
+    assert_eq!(report.nodes[2].phase, NodePhase::Failed);
+    assert!(world.lines().iter().all(|l| l.ends_with(":stage")), "{:?}", world.lines());
+}
+
+#[tokio::test]
+async fn offline_mode_swaps_files_without_hooks() {
+    let world = Arc::new(World::default());
+    let effects = FakeEffects::new(world.clone(), HashMap::new());
+    let journal = FakeJournal::default();
+    let mut offline = spec(&[&["a", "b"]], 0);
+    offline.action = Action::Patch { digest: DIGEST.into(), offline: true };
+    let report = run(&offline, &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Completed);
+    assert_eq!(world.lines_of("a"), ["stage", "apply"]);
+    assert_eq!(*journal.marks.lock().unwrap(), ["a", "b"]);
+}
+
+#[tokio::test]
+async fn a_rollback_sends_rollback_calls_without_staging() {
+    let world = Arc::new(World::default());
+    let effects = FakeEffects::new(world.clone(), HashMap::new());
+    let journal = FakeJournal::default();
+    let mut rollback = spec(&[&["a"]], 0);
+    rollback.action = Action::Rollback { to_patch_id: Some("p-0".into()) };
+    let report = run(&rollback, &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Completed);
+    assert_eq!(world.lines_of("a"), ["offline", "wait_offline", "apply", "health", "online", "wait_online"]);
+    assert_eq!(world.apply_calls.lock().unwrap()[0].action, Action::Rollback { to_patch_id: Some("p-0".into()) });
+}
+
+#[tokio::test]
+async fn the_canary_pause_can_stop_the_rollout() {
+    for (decision, end) in [(PauseDecision::Stop, RolloutEnd::Stopped), (PauseDecision::Continue, RolloutEnd::Completed)] {
+        let world = Arc::new(World::default());
+        let effects = FakeEffects::new(world.clone(), HashMap::new());
+        let journal = FakeJournal::default();
+        let mut canary = spec(&[&["a"], &["b"]], 0);
+        canary.batches[0].canary = true;
+        canary.batches[0].pause_after = true;
+        let observer = FakeObserver { decision: Some(decision), ..Default::default() };
+        let (_handle, cancel) = Cancel::new();
+        let report = Engine::new(&canary, &effects, &journal, &observer, cancel).run().await.unwrap();
+        assert_eq!(report.end, end);
+        assert_eq!(observer.pauses.load(Ordering::SeqCst), 1);
+        assert_eq!(world.restarts("b"), u32::from(decision == PauseDecision::Continue));
+    }
+}
+
+#[tokio::test]
+async fn ctrl_c_during_a_drain_puts_the_node_back_and_starts_nothing_else() {
+    let world = Arc::new(World::default());
+    let hanging = Behaviour { drain_hangs: true, ..Default::default() };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("a", hanging)]));
+    let journal = FakeJournal::default();
+    let observer = FakeObserver::default();
+    let (handle, cancel) = Cancel::new();
+    let rollout = spec(&[&["a"], &["b"]], 0);
+    let engine = Engine::new(&rollout, &effects, &journal, &observer, cancel);
+    let world_watch = world.clone();
+    let interrupter = async move {
+        while !world_watch.lines().iter().any(|l| l == "a:wait_offline") {
+            tokio::task::yield_now().await;
+        }
+        handle.cancel();
+        std::future::pending::<()>().await
+    };
+    let report = tokio::select! { report = engine.run() => report.unwrap(), () = interrupter => unreachable!() };
+    assert_eq!(report.end, RolloutEnd::Interrupted);
+    assert_eq!(report.nodes[0].phase, NodePhase::Pending);
+    assert_eq!(world.lines_of("a"), ["stage", "offline", "wait_offline", "online", "wait_online"]);
+    assert_eq!(world.lines_of("b"), ["stage"]);
+    assert!(world.offline.lock().unwrap().is_empty());
+    assert_eq!(journal.phase("a"), Some(NodePhase::Pending));
+}
+
+#[tokio::test]
+async fn ctrl_c_during_an_apply_finishes_that_node() {
+    let world = Arc::new(World::default());
+    let gate = Arc::new(Notify::new());
+    let slow = Behaviour { apply_gate: Some(gate.clone()), ..Default::default() };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("a", slow)]));
+    let journal = FakeJournal::default();
+    let observer = FakeObserver::default();
+    let (handle, cancel) = Cancel::new();
+    let rollout = spec(&[&["a"], &["b"]], 0);
+    let engine = Engine::new(&rollout, &effects, &journal, &observer, cancel);
+    let world_watch = world.clone();
+    let interrupter = async move {
+        while !world_watch.lines().iter().any(|l| l == "a:apply") {
+            tokio::task::yield_now().await;
+        }
+        handle.cancel();
+        gate.notify_one();
+        std::future::pending::<()>().await
+    };
+    let report = tokio::select! { report = engine.run() => report.unwrap(), () = interrupter => unreachable!() };
+    assert_eq!(report.end, RolloutEnd::Interrupted);
+    assert_eq!(report.nodes[0].phase, NodePhase::Done);
+    assert_eq!(report.nodes[1].phase, NodePhase::Staged);
+    assert_eq!(world.lines_of("b"), ["stage"]);
+}
+
+/// Runs `rollout` with a crash at journal write `crash_at`; returns whether the crash happened, with the journal.
+async fn run_until_crash(rollout: &RolloutSpec, world: &Arc<World>, behaviour: &HashMap<String, Behaviour>, crash_at: usize)
+-> (bool, FakeJournal) {
+    let crashed = Arc::new(AtomicBool::new(false));
+    let mut effects = FakeEffects::new(world.clone(), behaviour.clone());
+    effects.crashed = crashed.clone();
+    let journal = FakeJournal::crashing_at(crash_at, crashed.clone());
+    let observer = FakeObserver::default();
+    let (_handle, cancel) = Cancel::new();
+    let signal = journal.crash_signal.clone();
+    let engine = Engine::new(rollout, &effects, &journal, &observer, cancel);
+    tokio::select! {
+        biased;
+        () = signal.notified() => {}
+        report = engine.run() => { report.unwrap(); }
+    }
+    (crashed.load(Ordering::SeqCst), journal)
+}
+
+/// SIGKILL at every journal write (before it persisted), then resume: no node is restarted twice, every node ends
+/// where a crash-free run would, and no node is left out of service.
+#[tokio::test]
+async fn resume_after_a_crash_at_any_write_repeats_no_node() {
+    let behaviour = behaviours(&[("c", Behaviour { apply_outcome: Some(ApplyOutcome::Reverted), ..Default::default() })]);
+    let rollout = spec(&[&["a", "b"], &["c"], &["d"]], 1);
+    let mut crash_at = 1;
+    loop {
+        let world = Arc::new(World::default());
+        let (crashed, journal) = run_until_crash(&rollout, &world, &behaviour, crash_at).await;
+        if !crashed {
+            break;
+        }
+        let records = journal.persisted.lock().unwrap().clone();
+        let marks = journal.marks.lock().unwrap().clone();
+        let mut resumed = rollout.clone();
+        resumed.prior = records.clone();
+        let effects = FakeEffects::new(world.clone(), behaviour.clone());
+        let journal = FakeJournal::resumed_from(records, marks);
+        let report = run(&resumed, &effects, &journal).await;
+        let context = format!("crash at write {crash_at}: {report:?}\nlog: {:?}", world.lines());
+        assert_eq!(
+            phases(&report),
+            [
+                ("a".into(), NodePhase::Done),
+                ("b".into(), NodePhase::Done),
+                ("c".into(), NodePhase::Reverted),
+                ("d".into(), NodePhase::Done)
+            ],
+            "{context}"
+        );
+        for id in ["a", "b", "c", "d"] {
+            assert_eq!(world.restarts(id), 1, "{id} restarted once; {context}");
+        }
+        assert!(world.offline.lock().unwrap().is_empty(), "{context}");
+        assert!(world.violations.lock().unwrap().is_empty(), "{context}");
+        let mut marks = journal.marks.lock().unwrap().clone();
+        marks.sort();
+        marks.dedup();
+        assert_eq!(marks, ["a", "b", "d"], "{context}");
+        crash_at += 1;
+    }
+    assert!(crash_at > 40, "the scenario has many journal writes ({crash_at})");
+}
+
+#[test]
+fn node_phases_round_trip_through_text() {
+    for phase in NodePhase::ALL {
+        assert_eq!(phase.as_str().parse::<NodePhase>(), Ok(phase));
+    }
+    assert!("exploded".parse::<NodePhase>().is_err());
+}

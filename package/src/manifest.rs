@@ -1,0 +1,119 @@
+//! The package manifest (`patchd-manifest.json` at the archive root): component, version, target and every file.
+
+use crate::PackageError;
+use serde::{Deserialize, Serialize};
+
+/// Name of the manifest file at the archive root.
+pub const MANIFEST_FILE: &str = "patchd-manifest.json";
+/// The manifest format this crate writes and reads.
+pub const MANIFEST_FORMAT: u32 = 1;
+/// Largest manifest accepted (10 000 files take about 2 MiB).
+pub const MAX_MANIFEST_BYTES: u64 = 32 * 1024 * 1024;
+
+/// What a package holds. Paths are relative to the archive root and start with the component directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Manifest format, always [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// Component name, equal to the package's top-level directory.
+    pub component: String,
+    /// Free version label (`v1.0.1-hotfix`).
+    pub version: String,
+    /// Target OS (`std::env::consts::OS` names: `linux`, `freebsd`…) when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    /// Target architecture (`std::env::consts::ARCH` names: `x86_64`, `aarch64`…) when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// Every regular file, sorted by path.
+    pub files: Vec<FileEntry>,
+    /// Every symlink, sorted by path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub symlinks: Vec<SymlinkEntry>,
+}
+
+/// One regular file of a package.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path from the archive root (`demo-worker/demo-worker`).
+    pub path: String,
+    /// Permission bits (`0o755` is 493); never setuid/setgid/sticky.
+    pub mode: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Hex sha256 of the content.
+    pub sha256: String,
+}
+
+/// One symlink of a package; its target is relative and stays inside the component directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SymlinkEntry {
+    /// Path from the archive root.
+    pub path: String,
+    /// Link target, relative to the link's directory.
+    pub target: String,
+}
+
+impl Manifest {
+    /// Parses a manifest and checks its format and its own consistency (paths, duplicates, hashes).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, PackageError> {
+        let manifest: Manifest = serde_json::from_slice(bytes)
+            .map_err(|e| PackageError::InvalidManifest { detail: format!("not a valid manifest: {e}") })?;
+        manifest.check_self()?;
+        Ok(manifest)
+    }
+
+    /// Serializes the manifest as pretty JSON (deterministic: fields in declaration order, lists as stored).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain strings and integers into a Vec cannot fail.
+        let mut out = serde_json::to_vec_pretty(self).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+
+    /// The file at `path`, if the package holds one.
+    pub fn file(&self, path: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.path == path)
+    }
+
+    /// Total size of the regular files.
+    pub fn unpacked_size(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Sorts files and symlinks by path (the canonical order).
+    pub fn sort(&mut self) {
+        self.files.sort_by(|a, b| a.path.cmp(&b.path));
+        self.symlinks.sort_by(|a, b| a.path.cmp(&b.path));
+    }
+
+    fn check_self(&self) -> Result<(), PackageError> {
+        let invalid = |detail: String| PackageError::InvalidManifest { detail };
+        if self.format != MANIFEST_FORMAT {
+            return Err(invalid(format!(
+                "format {} is not supported (this patchd reads format {MANIFEST_FORMAT}); upgrade patchctl/patchd",
+                self.format
+            )));
+        }
+        if self.component.is_empty() || self.component.contains('/') || self.component == ".." {
+            return Err(invalid(format!("component `{}` is not a directory name", self.component)));
+        }
+        let prefix = format!("{}/", self.component);
+        let mut seen = std::collections::HashSet::new();
+        let paths = self.files.iter().map(|f| &f.path).chain(self.symlinks.iter().map(|s| &s.path));
+        for path in paths {
+            if !path.starts_with(&prefix) || crate::paths::normalize_entry_path(path).as_deref() != Ok(path) {
+                return Err(invalid(format!("path `{path}` is not a clean path under `{prefix}`")));
+            }
+            if !seen.insert(path.as_str()) {
+                return Err(invalid(format!("path `{path}` is listed twice")));
+            }
+        }
+        for file in &self.files {
+            if file.sha256.len() != 64 || !file.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                return Err(invalid(format!("`{}` has an invalid sha256 `{}` (64 lowercase hex digits expected)", file.path, file.sha256)));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,112 @@
+//! Entry path rules: relative, no `..`, no control characters, normalised to `a/b/c` (no `./`, no trailing `/`).
+
+/// Why a raw entry path was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PathProblem {
+    Absolute,
+    Parent,
+    Control,
+    /// Nothing left after normalising (`./`, `.`): the archive root itself.
+    Root,
+}
+
+/// Normalises a tar entry path: drops `.` components, empty components and trailing slashes.
+pub(crate) fn normalize_entry_path(raw: &str) -> Result<String, PathProblem> {
+    if raw.starts_with('/') {
+        return Err(PathProblem::Absolute);
+    }
+    if raw.chars().any(char::is_control) {
+        return Err(PathProblem::Control);
+    }
+    let mut parts = Vec::new();
+    for part in raw.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err(PathProblem::Parent),
+            other => parts.push(other),
+        }
+    }
+    if parts.is_empty() {
+        return Err(PathProblem::Root);
+    }
+    Ok(parts.join("/"))
+}
+
+/// The first component of a normalised path.
+pub(crate) fn top_component(path: &str) -> &str {
+    path.split('/').next().unwrap_or(path)
+}
+
+/// The proper ancestors of a normalised path, shortest first (`a/b/c` → `a`, `a/b`).
+pub(crate) fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/').map(move |(i, _)| &path[..i])
+}
+
+/// Resolves a symlink target lexically from the link's directory; `None` when it climbs above the archive root.
+pub(crate) fn resolve_symlink(link_path: &str, target: &str) -> Option<String> {
+    let mut parts: Vec<&str> = link_path.split('/').collect();
+    parts.pop();
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            other => parts.push(other),
+        }
+    }
+    Some(parts.join("/"))
+}
+
+/// True when `path` is `dir` or lies below it.
+pub(crate) fn is_within(path: &str, dir: &str) -> bool {
+    path == dir || (path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/')
+}
+
+/// Paths of `candidates` that look like `wanted` (same file name, or one name contains the other), at most 5.
+pub(crate) fn similar_paths<'a>(wanted: &str, candidates: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let wanted_name = wanted.rsplit('/').next().unwrap_or(wanted);
+    let mut found: Vec<String> = candidates
+        .filter(|candidate| {
+            let name = candidate.rsplit('/').next().unwrap_or(candidate);
+            !wanted_name.is_empty() && (name.contains(wanted_name) || wanted_name.contains(name))
+        })
+        .map(str::to_owned)
+        .collect();
+    found.sort();
+    found.truncate(5);
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalisation() {
+        assert_eq!(normalize_entry_path("./a//b/./c/").unwrap(), "a/b/c");
+        assert_eq!(normalize_entry_path("a/"), Ok("a".to_owned()));
+        assert_eq!(normalize_entry_path("/etc/passwd"), Err(PathProblem::Absolute));
+        assert_eq!(normalize_entry_path("a/../../b"), Err(PathProblem::Parent));
+        assert_eq!(normalize_entry_path("a/b\nc"), Err(PathProblem::Control));
+        assert_eq!(normalize_entry_path("./"), Err(PathProblem::Root));
+    }
+
+    #[test]
+    fn symlink_resolution() {
+        assert_eq!(resolve_symlink("c/bin/x", "../lib/y").as_deref(), Some("c/lib/y"));
+        assert_eq!(resolve_symlink("c/x", "..").as_deref(), Some(""));
+        assert_eq!(resolve_symlink("c/x", "../.."), None);
+        assert!(is_within("c/lib/y", "c"));
+        assert!(is_within("c", "c"));
+        assert!(!is_within("cc/x", "c"));
+        assert!(!is_within("", "c"));
+        assert_eq!(ancestors("a/b/c").collect::<Vec<_>>(), vec!["a", "a/b"]);
+    }
+
+    #[test]
+    fn similar() {
+        let all = ["w/bin/worker", "w/conf/worker.toml", "w/other"];
+        assert_eq!(similar_paths("w/worker", all.into_iter()), vec!["w/bin/worker", "w/conf/worker.toml"]);
+    }
+}

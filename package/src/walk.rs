@@ -1,0 +1,636 @@
+//! One streaming pass over a `.tar.gz`: hashes the raw file (plain sha256 and tree digest), decompresses,
+//! checks every entry against the hostile-package rules before handing it to a sink, and enforces the limits
+//! while bytes flow, so a decompression bomb stops at the limit and memory stays flat.
+
+use crate::digest::{DEFAULT_CHUNK_SIZE, StreamingTreeDigest, read_full};
+use crate::elf::{ELF_SNIFF_BYTES, detect_elf_target, target_label};
+use crate::manifest::{FileEntry, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, SymlinkEntry};
+use crate::paths::{PathProblem, ancestors, is_within, normalize_entry_path, resolve_symlink, top_component};
+use crate::{Expectations, Limits, PackageError};
+use ring::digest::{Context, SHA256};
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::Path;
+use std::rc::Rc;
+
+/// Largest tar extension data (GNU long name/link, pax records) read for one entry. tar-rs keeps these in
+/// memory, so without this cap a long-name entry of a few GiB of zeros would be a memory bomb.
+pub(crate) const MAX_METADATA_BYTES: u64 = 1024 * 1024;
+/// Zero padding accepted after the end-of-archive marker (tar pads to its record size, 10 KiB by default;
+/// large blocking factors reach a few MiB).
+const MAX_TRAILER_BYTES: u64 = 16 * 1024 * 1024;
+/// Size of the read buffer for file contents and of the raw file reader.
+const BUF_BYTES: usize = 256 * 1024;
+
+/// Receives the entries of a package as they stream by, after each passed the rules.
+pub(crate) trait Sink {
+    /// A directory entry.
+    fn directory(&mut self, path: &str) -> Result<(), PackageError>;
+    /// A regular file starts; its content follows through `file_data`, then `file_end`.
+    fn file_begin(&mut self, path: &str, mode: u32) -> Result<(), PackageError>;
+    /// The next bytes of the current file.
+    fn file_data(&mut self, data: &[u8]) -> Result<(), PackageError>;
+    /// The current file is complete.
+    fn file_end(&mut self) -> Result<(), PackageError>;
+    /// A hard link to a regular file seen earlier (materialised as a copy).
+    fn hard_link(&mut self, path: &str, target: &str, mode: u32) -> Result<(), PackageError>;
+}
+
+/// A sink that keeps nothing: `inspect`.
+pub(crate) struct NullSink;
+
+impl Sink for NullSink {
+    fn directory(&mut self, _: &str) -> Result<(), PackageError> {
+        Ok(())
+    }
+    fn file_begin(&mut self, _: &str, _: u32) -> Result<(), PackageError> {
+        Ok(())
+    }
+    fn file_data(&mut self, _: &[u8]) -> Result<(), PackageError> {
+        Ok(())
+    }
+    fn file_end(&mut self) -> Result<(), PackageError> {
+        Ok(())
+    }
+    fn hard_link(&mut self, _: &str, _: &str, _: u32) -> Result<(), PackageError> {
+        Ok(())
+    }
+}
+
+/// Everything one pass learned about a package.
+pub(crate) struct Walked {
+    /// The component directory.
+    pub top: String,
+    /// Regular files (hard links included, as copies), in archive order.
+    pub files: Vec<FileEntry>,
+    /// Symlinks, in archive order.
+    pub symlinks: Vec<SymlinkEntry>,
+    /// The manifest found in the archive, if any.
+    pub embedded: Option<Manifest>,
+    /// `(path, os, arch)` of every ELF binary.
+    pub targets: Vec<(String, &'static str, &'static str)>,
+    /// Plain sha256 of the `.tar.gz` file.
+    pub package_sha256: String,
+    /// Tree digest of the `.tar.gz` file at the default chunk size.
+    pub tree_digest: String,
+    /// Size of the `.tar.gz` file.
+    pub size: u64,
+}
+
+/// What the readers below observed, so an `io::Error` coming out of tar can be told apart by its layer.
+#[derive(Default)]
+struct StreamState {
+    source_failed: Cell<bool>,
+    decoder_failed: Cell<bool>,
+    /// Bytes tar may still pull out of the decompressor before the next entry starts (`None`: no cap, tar is
+    /// reading content whose size was already checked against the limits).
+    metadata_budget: Cell<Option<u64>>,
+    budget_exceeded: Cell<bool>,
+}
+
+/// The raw `.tar.gz` file: hashes every byte it hands out.
+struct Source {
+    file: File,
+    sha256: Context,
+    tree: StreamingTreeDigest,
+    state: Rc<StreamState>,
+}
+
+impl Read for Source {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.file.read(buf) {
+            Ok(n) => {
+                self.sha256.update(&buf[..n]);
+                self.tree.update(&buf[..n]);
+                Ok(n)
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    self.state.source_failed.set(true);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The decompressed tar stream: records decoder failures and enforces the metadata budget.
+struct Decompressed<R> {
+    inner: R,
+    state: Rc<StreamState>,
+}
+
+impl<R: Read> Read for Decompressed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let budget = self.state.metadata_budget.get();
+        let want = match budget {
+            Some(0) if !buf.is_empty() => {
+                self.state.budget_exceeded.set(true);
+                return Err(io::Error::other("tar extension header over the size limit"));
+            }
+            Some(left) => buf.len().min(usize::try_from(left).unwrap_or(usize::MAX)),
+            None => buf.len(),
+        };
+        match self.inner.read(&mut buf[..want]) {
+            Ok(n) => {
+                if let Some(left) = budget {
+                    self.state.metadata_budget.set(Some(left - n as u64));
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    self.state.decoder_failed.set(true);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+type Decoder = flate2::bufread::MultiGzDecoder<BufReader<Source>>;
+
+/// What a path in the archive is, as far as later entries are concerned.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Node {
+    ImpliedDir,
+    Dir,
+    File,
+    Symlink,
+}
+
+/// Walks `path` once: every entry is checked against the rules before the sink sees it.
+pub(crate) fn walk(
+    path: &Path,
+    limits: &Limits,
+    expect: &Expectations,
+    sink: &mut dyn Sink,
+) -> Result<Walked, PackageError> {
+    let file = File::open(path).map_err(|e| PackageError::io("cannot open package", path, e))?;
+    let size = file.metadata().map_err(|e| PackageError::io("cannot stat package", path, e))?.len();
+    if size == 0 {
+        return Err(PackageError::EmptyPackage { path: path.to_owned() });
+    }
+    let state = Rc::new(StreamState::default());
+    let source = Source {
+        file,
+        sha256: Context::new(&SHA256),
+        tree: StreamingTreeDigest::new(DEFAULT_CHUNK_SIZE, size),
+        state: Rc::clone(&state),
+    };
+    let mut buffered = BufReader::with_capacity(BUF_BYTES, source);
+    let head = buffered.fill_buf().map_err(|e| PackageError::io("cannot read package", path, e))?;
+    if !head.starts_with(&[0x1f, 0x8b]) {
+        return Err(PackageError::NotGzip { path: path.to_owned() });
+    }
+    let decompressed = Decompressed { inner: Decoder::new(buffered), state: Rc::clone(&state) };
+    let mut archive = tar::Archive::new(decompressed);
+
+    let mut walker = Walker::new(path, limits, expect, &state);
+    walker.run(&mut archive, sink)?;
+    let Walker { top, files, symlinks, embedded, targets, .. } = walker;
+
+    let mut rest = archive.into_inner();
+    drain_trailer(&mut rest, path, &state)?;
+    let source = rest.inner.into_inner().into_inner();
+    let Source { sha256, tree, .. } = source;
+    let fed = tree.len();
+    let tree_digest = tree.finish().ok_or_else(|| {
+        PackageError::io(
+            "package changed while it was read",
+            path,
+            io::Error::other(format!("read {fed} bytes, expected {size}")),
+        )
+    })?;
+    let Some(top) = top else {
+        return Err(PackageError::EmptyPackage { path: path.to_owned() });
+    };
+    if files.is_empty() {
+        return Err(PackageError::EmptyPackage { path: path.to_owned() });
+    }
+    Ok(Walked {
+        top,
+        files,
+        symlinks,
+        embedded,
+        targets,
+        package_sha256: hex::encode(sha256.finish().as_ref()),
+        tree_digest,
+        size,
+    })
+}
+
+/// Reads what follows the end-of-archive marker to the end of the gzip stream: zeros only, bounded. Reaching
+/// the end also makes the decoder check the gzip CRC and length, which catches corruption near the end.
+fn drain_trailer(rest: &mut Decompressed<Decoder>, path: &Path, state: &StreamState) -> Result<(), PackageError> {
+    state.metadata_budget.set(None);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut seen = 0u64;
+    loop {
+        let n = rest.read(&mut buf).map_err(|e| classify(e, state, path, None))?;
+        if n == 0 {
+            return Ok(());
+        }
+        seen += n as u64;
+        if seen > MAX_TRAILER_BYTES || buf[..n].iter().any(|&b| b != 0) {
+            return Err(PackageError::TrailingData { path: path.to_owned() });
+        }
+    }
+}
+
+/// Names the layer an I/O error came from: the file, gzip, the metadata cap, or tar itself.
+fn classify(err: io::Error, state: &StreamState, path: &Path, after: Option<&str>) -> PackageError {
+    let after = after.map(str::to_owned);
+    if state.source_failed.get() {
+        PackageError::io("cannot read package", path, err)
+    } else if state.budget_exceeded.get() {
+        PackageError::MetadataTooLarge { path: path.to_owned(), after, limit: MAX_METADATA_BYTES }
+    } else if state.decoder_failed.get() {
+        let detail = if err.kind() == io::ErrorKind::UnexpectedEof {
+            format!("truncated: {err}")
+        } else {
+            err.to_string()
+        };
+        PackageError::CorruptGzip { path: path.to_owned(), detail }
+    } else {
+        let detail = if err.kind() == io::ErrorKind::UnexpectedEof {
+            format!("truncated: {err}")
+        } else {
+            err.to_string()
+        };
+        PackageError::CorruptTar { path: path.to_owned(), after, detail }
+    }
+}
+
+struct Walker<'a> {
+    path: &'a Path,
+    limits: &'a Limits,
+    expect: &'a Expectations,
+    state: &'a StreamState,
+    top: Option<String>,
+    nodes: HashMap<String, Node>,
+    file_index: HashMap<String, usize>,
+    files: Vec<FileEntry>,
+    symlinks: Vec<SymlinkEntry>,
+    embedded: Option<Manifest>,
+    targets: Vec<(String, &'static str, &'static str)>,
+    entries: u64,
+    unpacked: u64,
+    last: Option<String>,
+    buf: Vec<u8>,
+}
+
+impl<'a> Walker<'a> {
+    fn new(path: &'a Path, limits: &'a Limits, expect: &'a Expectations, state: &'a StreamState) -> Self {
+        Self {
+            path,
+            limits,
+            expect,
+            state,
+            top: None,
+            nodes: HashMap::new(),
+            file_index: HashMap::new(),
+            files: Vec::new(),
+            symlinks: Vec::new(),
+            embedded: None,
+            targets: Vec::new(),
+            entries: 0,
+            unpacked: 0,
+            last: None,
+            buf: vec![0u8; BUF_BYTES],
+        }
+    }
+
+    fn io_error(&self, err: io::Error) -> PackageError {
+        classify(err, self.state, self.path, self.last.as_deref())
+    }
+
+    fn run(&mut self, archive: &mut tar::Archive<Decompressed<Decoder>>, sink: &mut dyn Sink) -> Result<(), PackageError> {
+        let mut entries = archive.entries().map_err(|e| self.io_error(e))?;
+        loop {
+            self.state.metadata_budget.set(Some(MAX_METADATA_BYTES));
+            let next = entries.next();
+            self.state.metadata_budget.set(None);
+            let entry = match next {
+                None => return Ok(()),
+                Some(Ok(entry)) => entry,
+                Some(Err(e)) => return Err(self.io_error(e)),
+            };
+            self.entry(entry, sink)?;
+        }
+    }
+
+    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>, sink: &mut dyn Sink) -> Result<(), PackageError> {
+        let raw_bytes = entry.path_bytes().into_owned();
+        let raw = String::from_utf8(raw_bytes)
+            .map_err(|e| PackageError::NonUtf8Path { entry: String::from_utf8_lossy(e.as_bytes()).into_owned() })?;
+        let kind = entry.header().entry_type();
+        let declared = entry.size();
+
+        if kind.is_pax_global_extensions() {
+            // Archive-wide comments (`git archive` writes the commit id here): nothing for us, but bounded.
+            if declared > MAX_METADATA_BYTES {
+                return Err(PackageError::MetadataTooLarge {
+                    path: self.path.to_owned(),
+                    after: self.last.clone(),
+                    limit: MAX_METADATA_BYTES,
+                });
+            }
+            io::copy(&mut entry, &mut io::sink()).map_err(|e| self.io_error(e))?;
+            return Ok(());
+        }
+
+        let path = match normalize_entry_path(&raw) {
+            Ok(path) => path,
+            Err(PathProblem::Absolute) => return Err(PackageError::AbsolutePath { entry: raw }),
+            Err(PathProblem::Parent) => return Err(PackageError::ParentComponent { entry: raw }),
+            Err(PathProblem::Control) => return Err(PackageError::ControlCharacter { entry: raw }),
+            // `./` (what `tar czf x.tar.gz .` writes first) is the archive root itself.
+            Err(PathProblem::Root) if kind.is_dir() => return Ok(()),
+            Err(PathProblem::Root) => return Err(PackageError::EntryAtRoot { entry: raw }),
+        };
+
+        self.entries += 1;
+        if self.entries > self.limits.max_files {
+            return Err(PackageError::TooManyEntries { entry: path, limit: self.limits.max_files });
+        }
+
+        let node = if kind.is_file() || kind.is_contiguous() {
+            Node::File
+        } else if kind.is_dir() {
+            Node::Dir
+        } else if kind.is_symlink() {
+            Node::Symlink
+        } else if kind.is_hard_link() {
+            // A hard link becomes a regular file (a copy of its target).
+            Node::File
+        } else {
+            return Err(PackageError::UnsupportedEntryType { entry: path, kind: entry_kind_name(kind) });
+        };
+        if (node != Node::File || kind.is_hard_link())
+            && declared != 0 {
+                let kind_name = match node {
+                    Node::Dir | Node::ImpliedDir => "directory",
+                    Node::Symlink => "symlink",
+                    Node::File => "hard link",
+                };
+                return Err(PackageError::UnexpectedData { entry: path, kind: kind_name, size: declared });
+            }
+
+        let at_root = !path.contains('/');
+        if at_root && path == MANIFEST_FILE {
+            if node != Node::File || kind.is_hard_link() {
+                return Err(PackageError::EntryAtRoot { entry: path });
+            }
+            if self.embedded.is_some() {
+                return Err(PackageError::DuplicatePath { entry: path });
+            }
+            self.embedded = Some(self.read_manifest(&mut entry, declared)?);
+            self.last = Some(path);
+            return Ok(());
+        }
+        if at_root && node != Node::Dir {
+            return Err(PackageError::EntryAtRoot { entry: path });
+        }
+        let top = top_component(&path).to_owned();
+        match &self.top {
+            None => {
+                if let Some(expected) = &self.expect.component
+                    && *expected != top {
+                        return Err(PackageError::ComponentMismatch { found: top, expected: expected.clone() });
+                    }
+                self.top = Some(top.clone());
+            }
+            Some(first) if *first != top => {
+                return Err(PackageError::MultipleTopLevelDirs { entry: path, first: first.clone(), second: top });
+            }
+            Some(_) => {}
+        }
+        self.place(&path, node)?;
+
+        match node {
+            Node::Dir | Node::ImpliedDir => sink.directory(&path)?,
+            Node::Symlink => self.symlink(&entry, path.clone(), &top)?,
+            Node::File if kind.is_hard_link() => self.hard_link(&entry, path.clone(), &top, sink)?,
+            Node::File => self.file(&mut entry, path.clone(), declared, sink)?,
+        }
+        self.last = Some(path);
+        Ok(())
+    }
+
+    /// Records where `path` sits in the tree; refuses duplicates and entries below a file or a symlink.
+    fn place(&mut self, path: &str, node: Node) -> Result<(), PackageError> {
+        for ancestor in ancestors(path) {
+            match self.nodes.get(ancestor) {
+                Some(Node::File) | Some(Node::Symlink) => {
+                    let ancestor_kind = if self.nodes.get(ancestor) == Some(&Node::File) { "file" } else { "symlink" };
+                    return Err(PackageError::ThroughNonDirectory {
+                        entry: path.to_owned(),
+                        ancestor: ancestor.to_owned(),
+                        ancestor_kind,
+                    });
+                }
+                Some(Node::Dir) | Some(Node::ImpliedDir) => {}
+                None => {
+                    self.nodes.insert(ancestor.to_owned(), Node::ImpliedDir);
+                }
+            }
+        }
+        match self.nodes.get(path) {
+            None => {
+                self.nodes.insert(path.to_owned(), node);
+                Ok(())
+            }
+            Some(Node::ImpliedDir) if node == Node::Dir => {
+                self.nodes.insert(path.to_owned(), node);
+                Ok(())
+            }
+            Some(_) => Err(PackageError::DuplicatePath { entry: path.to_owned() }),
+        }
+    }
+
+    fn read_manifest<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, declared: u64) -> Result<Manifest, PackageError> {
+        if declared > MAX_MANIFEST_BYTES {
+            return Err(PackageError::InvalidManifest {
+                detail: format!("{declared} bytes is over the {MAX_MANIFEST_BYTES}-byte limit"),
+            });
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
+        entry.read_to_end(&mut bytes).map_err(|e| self.io_error(e))?;
+        if bytes.len() as u64 != declared {
+            return Err(self.truncated(MANIFEST_FILE));
+        }
+        Manifest::from_json(&bytes)
+    }
+
+    fn truncated(&self, entry: &str) -> PackageError {
+        PackageError::CorruptTar {
+            path: self.path.to_owned(),
+            after: self.last.clone(),
+            detail: format!("entry `{entry}` is shorter than its header says"),
+        }
+    }
+
+    fn symlink<R: Read>(&mut self, entry: &tar::Entry<'_, R>, path: String, top: &str) -> Result<(), PackageError> {
+        let target_bytes = entry.link_name_bytes().map(|b| b.into_owned()).unwrap_or_default();
+        let target = String::from_utf8(target_bytes).map_err(|e| PackageError::NonUtf8Path {
+            entry: format!("{path} -> {}", String::from_utf8_lossy(e.as_bytes())),
+        })?;
+        if target.chars().any(char::is_control) {
+            return Err(PackageError::ControlCharacter { entry: format!("{path} -> {target}") });
+        }
+        let inside = !target.is_empty()
+            && !target.starts_with('/')
+            && resolve_symlink(&path, &target).is_some_and(|resolved| is_within(&resolved, top));
+        if !inside {
+            return Err(PackageError::LinkOutsidePackage { entry: path, target, kind: "symlink" });
+        }
+        self.symlinks.push(SymlinkEntry { path, target });
+        Ok(())
+    }
+
+    fn hard_link<R: Read>(
+        &mut self,
+        entry: &tar::Entry<'_, R>,
+        path: String,
+        top: &str,
+        sink: &mut dyn Sink,
+    ) -> Result<(), PackageError> {
+        let raw_target = entry.link_name_bytes().map(|b| b.into_owned()).unwrap_or_default();
+        let raw_target = String::from_utf8(raw_target).map_err(|e| PackageError::NonUtf8Path {
+            entry: format!("{path} -> {}", String::from_utf8_lossy(e.as_bytes())),
+        })?;
+        let outside = || PackageError::LinkOutsidePackage {
+            entry: path.clone(),
+            target: raw_target.clone(),
+            kind: "hard link",
+        };
+        let target = normalize_entry_path(&raw_target).map_err(|_| outside())?;
+        if !is_within(&target, top) {
+            return Err(outside());
+        }
+        let Some(&index) = self.file_index.get(&target) else {
+            return Err(PackageError::HardLinkTargetMissing { entry: path, target: raw_target });
+        };
+        let source = self.files[index].clone();
+        self.account_size(&path, source.size)?;
+        sink.hard_link(&path, &source.path, source.mode)?;
+        if let Some(found) = self.targets.iter().find(|(p, _, _)| *p == source.path).map(|(_, os, arch)| (*os, *arch)) {
+            self.targets.push((path.clone(), found.0, found.1));
+        }
+        self.file_index.insert(path.clone(), self.files.len());
+        self.files.push(FileEntry { path, ..source });
+        Ok(())
+    }
+
+    fn account_size(&mut self, path: &str, size: u64) -> Result<(), PackageError> {
+        if size > self.limits.max_entry_bytes {
+            return Err(PackageError::EntryTooLarge { entry: path.to_owned(), size, limit: self.limits.max_entry_bytes });
+        }
+        let total = self.unpacked.saturating_add(size);
+        if total > self.limits.max_unpacked_bytes {
+            return Err(PackageError::UnpackedTooLarge {
+                entry: path.to_owned(),
+                total,
+                limit: self.limits.max_unpacked_bytes,
+            });
+        }
+        self.unpacked = total;
+        Ok(())
+    }
+
+    fn file<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        path: String,
+        declared: u64,
+        sink: &mut dyn Sink,
+    ) -> Result<(), PackageError> {
+        let raw_mode = entry.header().mode().map_err(|e| PackageError::CorruptTar {
+            path: self.path.to_owned(),
+            after: self.last.clone(),
+            detail: format!("entry `{path}`: {e}"),
+        })? & 0o7777;
+        if raw_mode & 0o7000 != 0 {
+            return Err(PackageError::SpecialModeBits { entry: path, mode: raw_mode });
+        }
+        if raw_mode & 0o002 != 0 {
+            return Err(PackageError::WorldWritable { entry: path, mode: raw_mode });
+        }
+        self.account_size(&path, declared)?;
+
+        // The first buffer is read before the sink sees the file, so a binary for the wrong target is refused
+        // before a single byte of it is written.
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = self.stream_file(entry, &path, raw_mode, declared, sink, &mut buf);
+        self.buf = buf;
+        let sha256 = result?;
+        self.file_index.insert(path.clone(), self.files.len());
+        self.files.push(FileEntry { path, mode: raw_mode, size: declared, sha256 });
+        Ok(())
+    }
+
+    fn stream_file<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        path: &str,
+        mode: u32,
+        declared: u64,
+        sink: &mut dyn Sink,
+        buf: &mut [u8],
+    ) -> Result<String, PackageError> {
+        let mut hash = Context::new(&SHA256);
+        let mut seen = read_full(entry, buf).map_err(|e| self.io_error(e))?;
+        let first = &buf[..seen];
+        if first.len() >= ELF_SNIFF_BYTES
+            && let Some((os, arch)) = detect_elf_target(first) {
+                self.check_expected_target(path, os, arch)?;
+                self.targets.push((path.to_owned(), os, arch));
+            }
+        sink.file_begin(path, mode)?;
+        hash.update(first);
+        sink.file_data(first)?;
+        loop {
+            let n = read_full(entry, buf).map_err(|e| self.io_error(e))?;
+            if n == 0 {
+                break;
+            }
+            seen += n;
+            hash.update(&buf[..n]);
+            sink.file_data(&buf[..n])?;
+        }
+        if seen as u64 != declared {
+            return Err(self.truncated(path));
+        }
+        sink.file_end()?;
+        Ok(hex::encode(hash.finish().as_ref()))
+    }
+
+    fn check_expected_target(&self, path: &str, os: &str, arch: &str) -> Result<(), PackageError> {
+        let os_differs = self.expect.os.as_deref().is_some_and(|want| want != os);
+        let arch_differs = self.expect.arch.as_deref().is_some_and(|want| want != arch);
+        if os_differs || arch_differs {
+            return Err(PackageError::WrongTarget {
+                entry: path.to_owned(),
+                found: target_label(os, arch),
+                expected: target_label(
+                    self.expect.os.as_deref().unwrap_or(os),
+                    self.expect.arch.as_deref().unwrap_or(arch),
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn entry_kind_name(kind: tar::EntryType) -> String {
+    match kind {
+        tar::EntryType::Char => "character device".to_owned(),
+        tar::EntryType::Block => "block device".to_owned(),
+        tar::EntryType::Fifo => "fifo".to_owned(),
+        tar::EntryType::GNUSparse => "sparse file".to_owned(),
+        other => format!("tar type `{}`", char::from(other.as_byte()).escape_default()),
+    }
+}
