@@ -1,26 +1,193 @@
-//! RPC glue between the gRPC service and `patchd-apply`: Stage, Apply, Rollback, Status (filled in by the apply work).
+//! RPC glue between the gRPC service and `patchd-apply`: Stage, Apply, Rollback and Status requests become engine
+//! commands, engine results become wire messages, and engine errors become `tonic::Status` (here, once).
 
+use crate::config::Config;
+use patchd_apply::backend::RunState;
+use patchd_apply::{
+    ApplyCommand, ApplyError, ApplyResult, Engine, EngineConfig, ErrorKind, HistoryEntry, Outcome,
+    RollbackCommand, ServiceReport,
+};
 use patchd_proto::v1;
-use tonic::Status;
+use tonic::{Code, Status};
 
 /// The apply side of the agent, created once at start-up (after crash recovery) and shared by all RPCs.
-#[derive(Debug, Default)]
-pub struct ApplyService {}
+#[derive(Debug, Clone)]
+pub struct ApplyService {
+    engine: Engine,
+}
 
 impl ApplyService {
-    pub async fn stage(&self, _req: v1::StageRequest) -> Result<v1::StageResponse, Status> {
-        Err(Status::unimplemented("Stage is not implemented by this agent yet"))
+    /// Starts the engine for the agent config: checks the services, recovers every interrupted apply (each
+    /// service ends all-old or all-new) and makes sure agent-supervised services run. Call before serving.
+    pub async fn start(config: &Config) -> Result<Self, ApplyError> {
+        let package_limits = patchd_package::Limits {
+            max_files: config.limits.max_files,
+            max_unpacked_bytes: config.limits.max_unpacked_bytes,
+            max_entry_bytes: patchd_package::Limits::default().max_entry_bytes.min(config.limits.max_unpacked_bytes),
+        };
+        let engine = Engine::start(EngineConfig {
+            state_dir: config.state_dir.clone(),
+            deploy_roots: config.deploy_roots.clone(),
+            services: config.services.clone(),
+            keep_backups: usize::try_from(config.limits.keep_backups).unwrap_or(usize::MAX),
+            package_limits,
+        })
+        .await?;
+        Ok(Self { engine })
     }
 
-    pub async fn apply(&self, _req: v1::ApplyRequest) -> Result<v1::ApplyResponse, Status> {
-        Err(Status::unimplemented("Apply is not implemented by this agent yet"))
+    /// The engine behind the RPCs.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
-    pub async fn rollback(&self, _req: v1::RollbackRequest) -> Result<v1::ApplyResponse, Status> {
-        Err(Status::unimplemented("Rollback is not implemented by this agent yet"))
+    pub async fn stage(&self, req: v1::StageRequest) -> Result<v1::StageResponse, Status> {
+        let staged = self.engine.stage(&req.service, &req.digest).await.map_err(to_status)?;
+        let manifest = staged.manifest;
+        Ok(v1::StageResponse {
+            digest: staged.digest,
+            manifest: Some(v1::Manifest {
+                component: manifest.component,
+                version: manifest.version,
+                os: manifest.os.unwrap_or_default(),
+                arch: manifest.arch.unwrap_or_default(),
+                files: manifest
+                    .files
+                    .into_iter()
+                    .map(|f| v1::FileEntry { path: f.path, mode: f.mode, size: f.size, sha256: f.sha256 })
+                    .collect(),
+            }),
+            already_staged: staged.already_staged,
+        })
     }
 
-    pub async fn status(&self, _req: v1::StatusRequest) -> Result<v1::StatusResponse, Status> {
-        Err(Status::unimplemented("Status is not implemented by this agent yet"))
+    pub async fn apply(&self, req: v1::ApplyRequest) -> Result<v1::ApplyResponse, Status> {
+        let command =
+            ApplyCommand { service: req.service, digest: req.digest, patch_id: req.patch_id, offline: req.offline };
+        let report = self.engine.apply(command).await.map_err(to_status)?;
+        Ok(response_of(report.result, report.replayed))
+    }
+
+    /// An empty `patch_id` gets a generated one (such a rollback cannot be retried idempotently).
+    pub async fn rollback(&self, req: v1::RollbackRequest) -> Result<v1::ApplyResponse, Status> {
+        let patch_id = if req.patch_id.is_empty() {
+            let millis = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or_default();
+            format!("rollback-{millis}")
+        } else {
+            req.patch_id
+        };
+        let command = RollbackCommand {
+            service: req.service,
+            to_patch_id: Some(req.to_patch_id).filter(|p| !p.is_empty()),
+            patch_id,
+        };
+        let report = self.engine.rollback(command).await.map_err(to_status)?;
+        Ok(response_of(report.result, report.replayed))
+    }
+
+    pub async fn status(&self, req: v1::StatusRequest) -> Result<v1::StatusResponse, Status> {
+        let service = Some(req.service.as_str()).filter(|s| !s.is_empty());
+        let reports = self.engine.status(service).await.map_err(to_status)?;
+        Ok(v1::StatusResponse { services: reports.into_iter().map(service_status).collect() })
+    }
+}
+
+/// Engine errors to gRPC: the code says what kind of failure, the message what to do.
+fn to_status(err: ApplyError) -> Status {
+    let code = match err.kind() {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
+        ErrorKind::Internal => Code::Internal,
+    };
+    if code == Code::Internal {
+        tracing::error!(error = %err, "apply engine error");
+    }
+    Status::new(code, err.to_string())
+}
+
+fn outcome_of(outcome: Outcome) -> v1::ApplyOutcome {
+    match outcome {
+        Outcome::Committed => v1::ApplyOutcome::Committed,
+        Outcome::Reverted => v1::ApplyOutcome::Reverted,
+        Outcome::OfflineSwapped => v1::ApplyOutcome::OfflineSwapped,
+        Outcome::Failed => v1::ApplyOutcome::Failed,
+    }
+}
+
+fn response_of(result: ApplyResult, replayed: bool) -> v1::ApplyResponse {
+    v1::ApplyResponse {
+        patch_id: result.patch_id,
+        outcome: outcome_of(result.outcome).into(),
+        reason: result.reason,
+        log_tail: result.log_tail,
+        replayed,
+        downtime_ms: result.downtime_ms,
+        binary_sha256: result.binary_sha256,
+        steps: result.steps.into_iter().map(|(step, millis)| v1::StepTiming { step, millis }).collect(),
+    }
+}
+
+fn applied_of_result(result: &ApplyResult) -> v1::AppliedPatch {
+    v1::AppliedPatch {
+        patch_id: result.patch_id.clone(),
+        digest: result.digest.clone(),
+        // for a rollback: the version it returned to
+        version: result.version.clone(),
+        outcome: outcome_of(result.outcome).into(),
+        reason: result.reason.clone(),
+        finished_unix: result.finished_unix,
+    }
+}
+
+fn applied_of_history(entry: &HistoryEntry) -> v1::AppliedPatch {
+    v1::AppliedPatch {
+        patch_id: entry.patch_id.clone(),
+        digest: entry.digest.clone(),
+        version: entry.version.clone(),
+        outcome: outcome_of(entry.outcome).into(),
+        reason: String::new(),
+        finished_unix: entry.finished_unix,
+    }
+}
+
+fn service_status(report: ServiceReport) -> v1::ServiceStatus {
+    let state = match report.runtime.state {
+        RunState::Running => v1::ServiceState::Running,
+        RunState::Stopped => v1::ServiceState::Stopped,
+        RunState::Failed => v1::ServiceState::Failed,
+        RunState::Starting => v1::ServiceState::Starting,
+        RunState::Unknown => v1::ServiceState::Unknown,
+    };
+    v1::ServiceStatus {
+        name: report.name,
+        component: report.component,
+        state: state.into(),
+        pid: report.runtime.pid.unwrap_or(0),
+        uptime_seconds: report.runtime.uptime_seconds.unwrap_or(0),
+        binary_sha256: report.binary_sha256.unwrap_or_default(),
+        version: report.version,
+        deploy_dir: report.deploy_dir.display().to_string(),
+        last: report.last.as_ref().map(applied_of_result),
+        apply_in_flight: report.in_flight.is_some(),
+        history: report.history.iter().map(applied_of_history).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_kinds_map_to_codes() {
+        let status = to_status(ApplyError::UnknownService { name: "x".into(), known: "a".into() });
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().contains("this agent manages: a"));
+        let status = to_status(ApplyError::InvalidRequest("patch_id".into()));
+        assert_eq!(status.code(), Code::InvalidArgument);
     }
 }

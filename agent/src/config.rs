@@ -66,8 +66,8 @@ impl Default for Limits {
 /// A config file that cannot be used. `Invalid` lists every problem found.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {}: {source} (pass an existing file with --config)", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read config {}: {cause} (pass an existing file with --config)", path.display())]
+    Read { path: PathBuf, cause: std::io::Error },
     #[error("config {}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
     #[error("config {} has {} problem(s):\n{}", path.display(), problems.len(), format_problems(problems))]
@@ -98,7 +98,7 @@ impl Config {
     /// Reads and parses `path` (syntax and types only; see [`Config::validate`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+            std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
         Self::parse(path, &text)
     }
 

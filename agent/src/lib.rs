@@ -31,8 +31,8 @@ pub enum AgentError {
     Tls(#[from] patchd_tls::TlsError),
     #[error("blob cache: {0}")]
     Transfer(#[from] transfer::TransferError),
-    #[error("cannot create the state directory {}: {source}", path.display())]
-    StateDir { path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot create the state directory {}: {cause}", path.display())]
+    StateDir { path: std::path::PathBuf, cause: std::io::Error },
     #[error("apply engine failed to start: {0}")]
     Apply(String),
     #[error("gRPC server: {0}")]
@@ -54,7 +54,7 @@ impl Agent {
     pub async fn prepare(config: Arc<Config>) -> Result<Self, AgentError> {
         config
             .prepare_state_dir()
-            .map_err(|source| AgentError::StateDir { path: config.state_dir.clone(), source })?;
+            .map_err(|cause| AgentError::StateDir { path: config.state_dir.clone(), cause })?;
         let tls = patchd_tls::TlsMaterial::load(&config.tls.files())?;
         let store = Arc::new(BlobStore::open(&config.blobs_dir(), config.limits.max_blob_bytes)?);
         let apply = Arc::new(start_apply_service(&config).await?);
@@ -84,6 +84,6 @@ impl Agent {
 }
 
 /// The single place the apply engine is constructed (it runs crash recovery before the server starts).
-async fn start_apply_service(_config: &Arc<Config>) -> Result<ApplyService, AgentError> {
-    Ok(ApplyService::default())
+async fn start_apply_service(config: &Arc<Config>) -> Result<ApplyService, AgentError> {
+    ApplyService::start(config).await.map_err(|e| AgentError::Apply(e.to_string()))
 }

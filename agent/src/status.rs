@@ -15,7 +15,7 @@ impl From<TransferError> for Status {
             TransferError::OutOfOrder { .. } => Code::FailedPrecondition,
             TransferError::IdleTimeout => Code::DeadlineExceeded,
             TransferError::StreamBroken(_) => Code::Aborted,
-            TransferError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+            TransferError::Io { cause, .. } if cause.kind() == std::io::ErrorKind::StorageFull => {
                 Code::ResourceExhausted
             }
             TransferError::Io { .. } | TransferError::Internal(_) => Code::Internal,

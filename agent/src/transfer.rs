@@ -71,8 +71,8 @@ pub enum TransferError {
     DigestMismatch { expected: String, actual: String },
     #[error("no message for {}s: upload abandoned (verified chunks are kept; push again to resume)", IDLE_TIMEOUT.as_secs())]
     IdleTimeout,
-    #[error("I/O error on {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("I/O error on {}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -82,7 +82,7 @@ fn mib(bytes: u64) -> String {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
-    move |source| TransferError::Io { path: path.to_path_buf(), source }
+    move |cause| TransferError::Io { path: path.to_path_buf(), cause }
 }
 
 /// A blob as announced by the sender: its tree digest, size and chunk size (all three fix the digest).
@@ -204,13 +204,13 @@ impl BlobStore {
             Err(e) => return Err(io_err(&path)(e)),
         }
         let records = self.records_path(&blob.digest);
-        let mut file = match File::open(&records) {
+        let file = match File::open(&records) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BlobState::default()),
             Err(e) => return Err(io_err(&records)(e)),
         };
         let len = file.metadata().map_err(io_err(&records))?.len();
-        if !header_matches(&mut file, blob) {
+        if !header_matches(&file, blob) {
             return Ok(BlobState::default());
         }
         let held = (len.saturating_sub(RECORDS_HEADER_LEN) / RECORD_LEN).min(blob.chunk_count());
@@ -288,9 +288,11 @@ impl BlobStore {
 }
 
 /// Available bytes (for unprivileged users) on the filesystem holding `path`.
+// The statvfs field types are platform-dependent (32-bit on some targets): the conversions are not useless there.
+#[allow(clippy::useless_conversion)]
 pub fn free_bytes(path: &Path) -> Result<u64, TransferError> {
     let stat = nix::sys::statvfs::statvfs(path)
-        .map_err(|e| TransferError::Io { path: path.to_path_buf(), source: std::io::Error::from(e) })?;
+        .map_err(|e| TransferError::Io { path: path.to_path_buf(), cause: std::io::Error::from(e) })?;
     Ok(u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size())))
 }
 
@@ -308,7 +310,7 @@ fn records_header(blob: &BlobRef) -> [u8; RECORDS_HEADER_LEN as usize] {
     header
 }
 
-fn header_matches(file: &mut File, blob: &BlobRef) -> bool {
+fn header_matches(mut file: &File, blob: &BlobRef) -> bool {
     let mut found = [0u8; RECORDS_HEADER_LEN as usize];
     file.read_exact(&mut found).is_ok() && found == records_header(blob)
 }
@@ -335,7 +337,7 @@ impl PartialBlob {
         let mut tree = TreeHasher::new(blob.chunk_size, blob.total_size);
         let mut held = 0u64;
         let resumed = match File::open(&records_path) {
-            Ok(mut file) if header_matches(&mut file, blob) && part_path.exists() => {
+            Ok(file) if header_matches(&file, blob) && part_path.exists() => {
                 let part_len = std::fs::metadata(&part_path).map_err(io_err(&part_path))?.len();
                 let recorded = (file.metadata().map_err(io_err(&records_path))?.len() - RECORDS_HEADER_LEN) / RECORD_LEN;
                 let recorded = recorded.min(blob.chunk_count());
@@ -557,12 +559,12 @@ mod tests {
         let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
         let chunks = chunks_of(&data, cs);
 
-        let first = store.upload(blob.clone(), futures::stream::iter(chunks[..3].to_vec().into_iter().map(Ok))).await.unwrap();
+        let first = store.upload(blob.clone(), futures::stream::iter(chunks[..3].iter().cloned().map(Ok))).await.unwrap();
         assert_eq!(first, UploadOutcome { complete: false, chunks_received: 3, bytes_received: 3 * u64::from(cs) });
         assert_eq!(store.query(&blob).unwrap().chunks_held, 3);
 
         // A restarted sender may resend held chunks: they are skipped.
-        let second = store.upload(blob.clone(), futures::stream::iter(chunks[2..].to_vec().into_iter().map(Ok))).await.unwrap();
+        let second = store.upload(blob.clone(), futures::stream::iter(chunks[2..].iter().cloned().map(Ok))).await.unwrap();
         assert!(second.complete);
         assert_eq!(second.chunks_received, 3);
         assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);

@@ -232,7 +232,7 @@ pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send 
 impl Engine {
     /// The production engine: real backends and effects; recovers interrupted applies before returning.
     pub async fn start(config: EngineConfig) -> Result<Engine, ApplyError> {
-        let factory: BackendFactory = Box::new(|spec, state_dir| backend::real_backend(spec, state_dir));
+        let factory: BackendFactory = Box::new(backend::real_backend);
         Self::start_with(config, Effects::real()?, factory).await
     }
 

@@ -17,14 +17,16 @@ pub enum StageError {
     BadDigest { digest: String },
     #[error("blob {digest} is not in this agent's cache; upload it first (QueryBlob/Upload)")]
     BlobMissing { digest: String },
-    #[error("blob {digest} in the cache does not match its digest (found {found}); upload it again")]
+    #[error(
+        "blob {digest} in the cache does not match its digest at any power-of-two chunk size (at the default: {found}); upload it again"
+    )]
     BlobCorrupt { digest: String, found: String },
     #[error("package {digest} refused for service {service:?}: {source}")]
     Package {
         digest: String,
         service: String,
         #[source]
-        source: PackageError,
+        source: Box<PackageError>,
     },
     #[error(
         "staged package {digest} is for component {found:?} but service {service:?} runs {expected:?}; stage a package of {expected:?}"
@@ -75,22 +77,19 @@ pub fn blob_path(state_dir: &Path, digest: &str) -> PathBuf {
     state_dir.join("blobs").join(digest)
 }
 
-/// Chunk sizes a blob of the cache may have been uploaded with: the one recorded next to it by the transfer
-/// code when present, then the default.
-fn candidate_chunk_sizes(state_dir: &Path, digest: &str) -> Vec<u32> {
-    let mut sizes = Vec::new();
-    for sidecar in [format!("{digest}.json"), format!("{digest}.meta.json"), format!("{digest}.meta")] {
-        let path = state_dir.join("blobs").join(sidecar);
-        if let Ok(bytes) = std::fs::read(&path)
-            && let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes)
-            && let Some(size) = value.get("chunk_size").and_then(serde_json::Value::as_u64)
-            && let Ok(size) = u32::try_from(size)
-        {
+/// Chunk sizes a blob of the cache may have been uploaded with (the cache does not record it; the digest covers
+/// it): the default first (what patchctl sends), then every other power of two the wire allows. A sound blob is
+/// hashed once; only a corrupt or unusual one is hashed more often.
+fn candidate_chunk_sizes() -> Vec<u32> {
+    use patchd_package::digest::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+    let mut sizes = vec![DEFAULT_CHUNK_SIZE];
+    let mut size = MIN_CHUNK_SIZE;
+    while size <= MAX_CHUNK_SIZE {
+        if size != DEFAULT_CHUNK_SIZE {
             sizes.push(size);
         }
+        size = size.saturating_mul(2);
     }
-    sizes.push(patchd_package::digest::DEFAULT_CHUNK_SIZE);
-    sizes.dedup();
     sizes
 }
 
@@ -100,13 +99,15 @@ pub fn verify_blob(state_dir: &Path, digest: &str) -> Result<PathBuf, StageError
     if !path.is_file() {
         return Err(StageError::BlobMissing { digest: digest.to_string() });
     }
-    let mut found = String::new();
-    for chunk_size in candidate_chunk_sizes(state_dir, digest) {
-        found = patchd_package::digest::tree_digest_file(&path, chunk_size).ctx("hash blob", &path)?;
+    let mut at_default = None;
+    for chunk_size in candidate_chunk_sizes() {
+        let found = patchd_package::digest::tree_digest_file(&path, chunk_size).ctx("hash blob", &path)?;
         if found == digest {
             return Ok(path);
         }
+        at_default.get_or_insert(found);
     }
+    let found = at_default.unwrap_or_default();
     Err(StageError::BlobCorrupt { digest: digest.to_string(), found })
 }
 
@@ -170,7 +171,11 @@ pub fn stage_blocking(
     let result = (|| {
         let expect = Expectations::for_this_host(Some(spec.component.clone()));
         let manifest = patchd_package::unpack_verified(&blob, &temp.join("files"), limits, &expect).map_err(
-            |source| StageError::Package { digest: digest.to_string(), service: spec.name.clone(), source },
+            |source| StageError::Package {
+                digest: digest.to_string(),
+                service: spec.name.clone(),
+                source: Box::new(source),
+            },
         )?;
         fsutil::write_atomic(&temp.join("manifest.json"), &manifest.to_json())?;
         let final_dir = StagedPaths::new(state_dir, digest).dir;

@@ -96,10 +96,19 @@ impl HookClient {
             HttpMethod::Patch => reqwest::Method::PATCH,
             HttpMethod::Delete => reqwest::Method::DELETE,
         };
-        let mut request = self.http.request(http_method, url).timeout(limit.min(spec.timeout));
+        let mut request = self
+            .http
+            .request(http_method, url)
+            .timeout(limit.min(spec.timeout));
         if let Some(body) = body {
-            let content_type = if body.trim_start().starts_with(['{', '[']) { "application/json" } else { "text/plain" };
-            request = request.header(reqwest::header::CONTENT_TYPE, content_type).body(body.to_string());
+            let content_type = if body.trim_start().starts_with(['{', '[']) {
+                "application/json"
+            } else {
+                "text/plain"
+            };
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(body.to_string());
         }
         let http_error = |error: reqwest::Error| HookError::Http {
             method,
@@ -113,16 +122,33 @@ impl HookClient {
             None => (200..300).contains(&status),
         };
         if !status_ok {
-            let expected = spec.expect_status.map_or_else(|| "2xx".to_string(), |code| code.to_string());
-            return Err(HookError::Status { method, url: url.to_string(), status, expected });
+            let expected = spec
+                .expect_status
+                .map_or_else(|| "2xx".to_string(), |code| code.to_string());
+            return Err(HookError::Status {
+                method,
+                url: url.to_string(),
+                status,
+                expected,
+            });
         }
         let Some(field) = &spec.field else {
-            return Ok(HookAnswer { status, field_value: None });
+            return Ok(HookAnswer {
+                status,
+                field_value: None,
+            });
         };
         let bytes = response.bytes().await.map_err(http_error)?;
-        let field_error = |message: String| HookError::Field { method, url: url.to_string(), message };
-        let document: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|error| field_error(format!("the answer is not JSON ({error}), so field `{field}` cannot be read")))?;
+        let field_error = |message: String| HookError::Field {
+            method,
+            url: url.to_string(),
+            message,
+        };
+        let document: serde_json::Value = serde_json::from_slice(&bytes).map_err(|error| {
+            field_error(format!(
+                "the answer is not JSON ({error}), so field `{field}` cannot be read"
+            ))
+        })?;
         let value = lookup(&document, field)
             .filter(|value| !value.is_null())
             .ok_or_else(|| field_error(format!("the answer has no field `{field}`")))?
@@ -131,24 +157,32 @@ impl HookClient {
         if let Some(expected) = &spec.equals
             && &text != expected
         {
-            return Err(field_error(format!("`{field}` is `{text}`, waiting for `{expected}`")));
+            return Err(field_error(format!(
+                "`{field}` is `{text}`, waiting for `{expected}`"
+            )));
         }
         if let Some(unwanted) = &spec.not_equals
             && &text == unwanted
         {
             return Err(field_error(format!("`{field}` is still `{text}`")));
         }
-        Ok(HookAnswer { status, field_value: Some(value) })
+        Ok(HookAnswer {
+            status,
+            field_value: Some(value),
+        })
     }
 }
 
 /// Reads a dotted path (`data.leader`, `members.0.name`) in a JSON document.
 pub fn lookup<'v>(document: &'v serde_json::Value, path: &str) -> Option<&'v serde_json::Value> {
-    path.split('.').try_fold(document, |value, key| match value {
-        serde_json::Value::Object(map) => map.get(key),
-        serde_json::Value::Array(items) => key.parse::<usize>().ok().and_then(|index| items.get(index)),
-        _ => None,
-    })
+    path.split('.')
+        .try_fold(document, |value, key| match value {
+            serde_json::Value::Object(map) => map.get(key),
+            serde_json::Value::Array(items) => {
+                key.parse::<usize>().ok().and_then(|index| items.get(index))
+            }
+            _ => None,
+        })
 }
 
 /// A JSON value as the text hooks compare: strings without quotes, everything else as JSON.
@@ -211,13 +245,25 @@ impl ClusterHooks {
     /// The current leader of `role` through its `leader` hook, asking its nodes in order until one answers.
     /// `Ok(None)` when the role has no leader hook.
     pub async fn leader(&self, role: &str, limit: Duration) -> Result<Option<Node>, HookError> {
-        let Some(role) = self.topology.role(role) else { return Ok(None) };
-        let Some(spec) = &role.hooks.leader else { return Ok(None) };
+        let Some(role) = self.topology.role(role) else {
+            return Ok(None);
+        };
+        let Some(spec) = &role.hooks.leader else {
+            return Ok(None);
+        };
         let mut last_error = None;
         for candidate in &role.nodes {
             let url = render_url(&spec.url, candidate, &|_| None)?;
-            let body = spec.body.as_deref().map(|body| render_url(body, candidate, &|_| None)).transpose()?;
-            match self.client.call_once(spec, &url, body.as_deref(), limit).await {
+            let body = spec
+                .body
+                .as_deref()
+                .map(|body| render_url(body, candidate, &|_| None))
+                .transpose()?;
+            match self
+                .client
+                .call_once(spec, &url, body.as_deref(), limit)
+                .await
+            {
                 Ok(answer) => {
                     let Some(value) = answer.field_value else {
                         return Err(HookError::Field {
@@ -233,7 +279,10 @@ impl ClusterHooks {
                         None => Err(HookError::Field {
                             method: spec.method.as_str(),
                             url,
-                            message: format!("the leader `{name}` is not a node of role {}", role.name),
+                            message: format!(
+                                "the leader `{name}` is not a node of role {}",
+                                role.name
+                            ),
                         }),
                     };
                 }
@@ -247,7 +296,12 @@ impl ClusterHooks {
     }
 
     /// Renders `spec` for `node`, resolving the leaders its templates name.
-    async fn render(&self, spec: &HookSpec, node: &Node, limit: Duration) -> Result<(String, Option<String>), HookError> {
+    async fn render(
+        &self,
+        spec: &HookSpec,
+        node: &Node,
+        limit: Duration,
+    ) -> Result<(String, Option<String>), HookError> {
         let mut leaders: HashMap<String, Node> = HashMap::new();
         for role in spec.leader_roles() {
             if let Some(leader) = self.leader(&role, limit).await? {
@@ -256,14 +310,25 @@ impl ClusterHooks {
         }
         let lookup = |role: &str| leaders.get(role);
         let url = render_url(&spec.url, node, &lookup)?;
-        let body = spec.body.as_deref().map(|body| render_url(body, node, &lookup)).transpose()?;
+        let body = spec
+            .body
+            .as_deref()
+            .map(|body| render_url(body, node, &lookup))
+            .transpose()?;
         Ok((url, body))
     }
 
     /// One call of a rendered hook.
-    pub async fn check_once(&self, spec: &HookSpec, node: &Node, limit: Duration) -> Result<HookAnswer, HookError> {
+    pub async fn check_once(
+        &self,
+        spec: &HookSpec,
+        node: &Node,
+        limit: Duration,
+    ) -> Result<HookAnswer, HookError> {
         let (url, body) = self.render(spec, node, limit).await?;
-        self.client.call_once(spec, &url, body.as_deref(), limit).await
+        self.client
+            .call_once(spec, &url, body.as_deref(), limit)
+            .await
     }
 
     /// Polls a hook every `interval` until it holds or its `timeout` passes (leaders re-resolved each time).
@@ -271,13 +336,21 @@ impl ClusterHooks {
         let started = Instant::now();
         loop {
             let remaining = spec.timeout.saturating_sub(started.elapsed());
-            let last = match self.check_once(spec, node, remaining.max(Duration::from_millis(100))).await {
+            let last = match self
+                .check_once(spec, node, remaining.max(Duration::from_millis(100)))
+                .await
+            {
                 Ok(answer) => return Ok(answer),
-                Err(HookError::Template(error)) => return Err(HookFailure::Failed(error.to_string())),
+                Err(HookError::Template(error)) => {
+                    return Err(HookFailure::Failed(error.to_string()));
+                }
                 Err(error) => error.to_string(),
             };
             if started.elapsed() + spec.interval >= spec.timeout {
-                return Err(HookFailure::Timeout { waited: started.elapsed(), last });
+                return Err(HookFailure::Timeout {
+                    waited: started.elapsed(),
+                    last,
+                });
             }
             tokio::time::sleep(spec.interval).await;
         }
@@ -285,7 +358,9 @@ impl ClusterHooks {
 
     /// Runs a node's hook of this kind as the executor wants it: `offline`/`online` once, the others polled.
     pub async fn run(&self, node: &Node, kind: HookKind) -> Result<HookOutcome, HookFailure> {
-        let Some(spec) = self.spec(node, kind) else { return Ok(HookOutcome::NotConfigured) };
+        let Some(spec) = self.spec(node, kind) else {
+            return Ok(HookOutcome::NotConfigured);
+        };
         match kind {
             HookKind::Offline | HookKind::Online => self
                 .check_once(spec, node, spec.timeout)
@@ -315,7 +390,9 @@ mod tests {
         tokio::spawn(async move {
             let mut index = 0;
             loop {
-                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let mut buffer = vec![0u8; 8192];
                 let mut read = 0;
                 while !buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") {
@@ -326,7 +403,9 @@ mod tests {
                     read += n;
                 }
                 let request = String::from_utf8_lossy(&buffer[..read]).to_string();
-                log.lock().unwrap().push(request.lines().next().unwrap_or_default().to_string());
+                log.lock()
+                    .unwrap()
+                    .push(request.lines().next().unwrap_or_default().to_string());
                 let (status, body) = script[index.min(script.len() - 1)];
                 index += 1;
                 let response = format!(
@@ -341,7 +420,11 @@ mod tests {
 
     fn topology(master: &str, worker_hooks: &str) -> Arc<Topology> {
         let (host, port) = master.split_once(':').unwrap();
-        let worker_hooks = if worker_hooks.is_empty() { " {}\n".to_string() } else { format!("\n{worker_hooks}") };
+        let worker_hooks = if worker_hooks.is_empty() {
+            " {}\n".to_string()
+        } else {
+            format!("\n{worker_hooks}")
+        };
         let text = format!(
             "roles:\n  master:\n    hooks:\n      leader: {{ url: \"http://{{host}}:{{port}}/api/leader\", field: leader }}\n    nodes:\n      - {{ host: {host}, port: {port}, name: master-1, deploy_dir: /opt/m }}\n  worker:\n    hooks:{worker_hooks}    nodes:\n      - {{ host: 127.0.1.2, port: 8262, name: worker-1, deploy_dir: /opt/w }}\n"
         );
@@ -359,12 +442,22 @@ mod tests {
         .await;
         let hooks = "      wait_offline: { url: \"http://{master.leader.host}:{master.leader.port}/api/members/{name}\", field: state, equals: Offline, interval: 20ms, timeout: 5s }\n";
         let cluster = ClusterHooks::new(topology(&master, hooks), HookClient::new().unwrap());
-        let worker = cluster.topology().node_by_id("127.0.1.2:8262").unwrap().clone();
-        assert_eq!(cluster.run(&worker, HookKind::WaitOffline).await, Ok(HookOutcome::Done));
+        let worker = cluster
+            .topology()
+            .node_by_id("127.0.1.2:8262")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            cluster.run(&worker, HookKind::WaitOffline).await,
+            Ok(HookOutcome::Done)
+        );
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen.len(), 4);
         assert_eq!(seen[1], "GET /api/members/worker-1 HTTP/1.1");
-        assert_eq!(cluster.run(&worker, HookKind::Online).await, Ok(HookOutcome::NotConfigured));
+        assert_eq!(
+            cluster.run(&worker, HookKind::Online).await,
+            Ok(HookOutcome::NotConfigured)
+        );
     }
 
     #[tokio::test]
@@ -374,9 +467,15 @@ mod tests {
             "      wait_offline: {{ url: \"http://{master}/m/{{name}}\", field: state, equals: Offline, interval: 20ms, timeout: 200ms }}\n"
         );
         let cluster = ClusterHooks::new(topology(&master, &hooks), HookClient::new().unwrap());
-        let worker = cluster.topology().node_by_id("127.0.1.2:8262").unwrap().clone();
+        let worker = cluster
+            .topology()
+            .node_by_id("127.0.1.2:8262")
+            .unwrap()
+            .clone();
         match cluster.run(&worker, HookKind::WaitOffline).await {
-            Err(HookFailure::Timeout { last, .. }) => assert!(last.contains("`state` is `Online`"), "{last}"),
+            Err(HookFailure::Timeout { last, .. }) => {
+                assert!(last.contains("`state` is `Online`"), "{last}")
+            }
             other => panic!("expected a timeout, got {other:?}"),
         }
     }
@@ -384,12 +483,23 @@ mod tests {
     #[tokio::test]
     async fn single_calls_check_the_status_and_send_the_method() {
         let (master, seen) = serve(vec![(500, "{}"), (204, "")]).await;
-        let hooks = format!("      offline: {{ method: POST, url: \"http://{master}/off/{{name}}\" }}\n");
+        let hooks =
+            format!("      offline: {{ method: POST, url: \"http://{master}/off/{{name}}\" }}\n");
         let cluster = ClusterHooks::new(topology(&master, &hooks), HookClient::new().unwrap());
-        let worker = cluster.topology().node_by_id("127.0.1.2:8262").unwrap().clone();
+        let worker = cluster
+            .topology()
+            .node_by_id("127.0.1.2:8262")
+            .unwrap()
+            .clone();
         let first = cluster.run(&worker, HookKind::Offline).await;
-        assert!(matches!(&first, Err(HookFailure::Failed(m)) if m.contains("HTTP 500")), "{first:?}");
-        assert_eq!(cluster.run(&worker, HookKind::Offline).await, Ok(HookOutcome::Done));
+        assert!(
+            matches!(&first, Err(HookFailure::Failed(m)) if m.contains("HTTP 500")),
+            "{first:?}"
+        );
+        assert_eq!(
+            cluster.run(&worker, HookKind::Offline).await,
+            Ok(HookOutcome::Done)
+        );
         assert_eq!(seen.lock().unwrap()[0], "POST /off/worker-1 HTTP/1.1");
     }
 
@@ -397,16 +507,32 @@ mod tests {
     async fn the_leader_is_read_from_the_first_node_that_answers() {
         let (master, _) = serve(vec![(200, r#"{"leader":"master-1"}"#)]).await;
         let cluster = ClusterHooks::new(topology(&master, ""), HookClient::new().unwrap());
-        let leader = cluster.leader("master", Duration::from_secs(2)).await.unwrap().unwrap();
+        let leader = cluster
+            .leader("master", Duration::from_secs(2))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(leader.name, "master-1");
-        assert_eq!(cluster.leader("worker", Duration::from_secs(2)).await.unwrap(), None);
+        assert_eq!(
+            cluster
+                .leader("worker", Duration::from_secs(2))
+                .await
+                .unwrap(),
+            None
+        );
     }
 
     #[test]
     fn dotted_paths_reach_into_objects_and_arrays() {
         let document = serde_json::json!({"data": {"members": [{"name": "a"}, {"name": 7}]}});
-        assert_eq!(lookup(&document, "data.members.1.name").map(value_text), Some("7".to_string()));
-        assert_eq!(lookup(&document, "data.members.0.name").map(value_text), Some("a".to_string()));
+        assert_eq!(
+            lookup(&document, "data.members.1.name").map(value_text),
+            Some("7".to_string())
+        );
+        assert_eq!(
+            lookup(&document, "data.members.0.name").map(value_text),
+            Some("a".to_string())
+        );
         assert_eq!(lookup(&document, "data.nope"), None);
     }
 }

@@ -7,3 +7,8 @@ pub mod store;
 pub mod topology;
 pub mod executor;
 pub mod hooks;
+pub mod agent_ops;
+pub mod agent_client;
+pub mod tls_files;
+pub mod status;
+pub mod demo;

@@ -1524,6 +1524,6 @@ mod tests {
         child.wait().expect("reap child");
         assert_eq!(store.rollout_lock_holder("demo").expect("holder").map(|h| h.pid), Some(child_pid));
         let lock = store.acquire_rollout_lock("demo").expect("taken over after SIGKILL");
-        assert_eq!(lock.taken_over_from.map(|holder| holder.pid), Some(child_pid));
+        assert_eq!(lock.taken_over_from.as_ref().map(|holder| holder.pid), Some(child_pid));
     }
 }

@@ -26,7 +26,11 @@ pub struct StampArgs {
 
 /// Writes the stamped copy.
 pub fn run_stamp(args: &StampArgs) -> Result<Stamp, StampError> {
-    let stamp = Stamp { version: args.label.clone(), mode: args.mode, delay_ms: args.delay_ms };
+    let stamp = Stamp {
+        version: args.label.clone(),
+        mode: args.mode,
+        delay_ms: args.delay_ms,
+    };
     let source = args.from.clone().unwrap_or_else(stamp::own_exe);
     stamp::write_stamped(&source, &args.out, &stamp)?;
     Ok(stamp)
@@ -36,7 +40,10 @@ pub fn run_stamp(args: &StampArgs) -> Result<Stamp, StampError> {
 pub async fn start(program: &str) -> Result<(Stamp, String), StampError> {
     let own = stamp::own_stamp()?;
     if start_behaviour(&own).await == StartAction::Crash {
-        eprintln!("{program} {}: crashing on start (demo mode `crash`)", own.version);
+        eprintln!(
+            "{program} {}: crashing on start (demo mode `crash`)",
+            own.version
+        );
         std::process::exit(crate::CRASH_EXIT_CODE);
     }
     let sha256 = stamp::sha256_file(&stamp::own_exe())?;

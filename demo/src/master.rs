@@ -28,6 +28,8 @@ pub const DOWN_AFTER: Duration = Duration::from_secs(2);
 pub const PEER_PING_INTERVAL: Duration = Duration::from_millis(500);
 /// Header marking a request forwarded by a follower (never forwarded again).
 pub const FORWARDED_HEADER: &str = "x-demo-forwarded";
+/// The call log keeps the most recent calls only (a long-running demo must not grow without bound).
+pub const MAX_LOGGED_CALLS: usize = 10_000;
 /// Header marking a peer's liveness ping (not recorded in the call log).
 pub const PEER_HEADER: &str = "x-demo-peer";
 
@@ -44,17 +46,28 @@ pub struct Peer {
 impl Peer {
     /// Parses `NAME=URL`.
     pub fn parse(text: &str) -> Result<Peer, String> {
-        let (name, url) = text
-            .split_once('=')
-            .ok_or_else(|| format!("peer `{text}` is not NAME=URL; write e.g. master-2=http://127.0.1.2:8261"))?;
-        let parsed = reqwest::Url::parse(url)
-            .map_err(|e| format!("peer `{text}`: bad URL ({e}); write e.g. master-2=http://127.0.1.2:8261"))?;
-        let host = parsed.host_str().ok_or_else(|| format!("peer `{text}`: the URL has no host"))?;
-        let port = parsed.port_or_known_default().ok_or_else(|| format!("peer `{text}`: the URL has no port"))?;
+        let (name, url) = text.split_once('=').ok_or_else(|| {
+            format!("peer `{text}` is not NAME=URL; write e.g. master-2=http://127.0.1.2:8261")
+        })?;
+        let parsed = reqwest::Url::parse(url).map_err(|e| {
+            format!("peer `{text}`: bad URL ({e}); write e.g. master-2=http://127.0.1.2:8261")
+        })?;
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| format!("peer `{text}`: the URL has no host"))?;
+        let port = parsed
+            .port_or_known_default()
+            .ok_or_else(|| format!("peer `{text}`: the URL has no port"))?;
         if name.is_empty() {
-            return Err(format!("peer `{text}` has an empty name; write e.g. master-2=http://127.0.1.2:8261"));
+            return Err(format!(
+                "peer `{text}` has an empty name; write e.g. master-2=http://127.0.1.2:8261"
+            ));
         }
-        Ok(Peer { name: name.to_string(), url: url.trim_end_matches('/').to_string(), addr: format!("{host}:{port}") })
+        Ok(Peer {
+            name: name.to_string(),
+            url: url.trim_end_matches('/').to_string(),
+            addr: format!("{host}:{port}"),
+        })
     }
 }
 
@@ -180,8 +193,12 @@ impl Table {
                 worker.offline_at = None;
             }
         }
-        let available: Vec<String> =
-            self.workers.iter().filter(|(_, w)| w.is_available(now)).map(|(name, _)| name.clone()).collect();
+        let available: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.is_available(now))
+            .map(|(name, _)| name.clone())
+            .collect();
         if available.is_empty() {
             for task in &mut self.tasks {
                 *task = None;
@@ -189,43 +206,62 @@ impl Table {
             return;
         }
         for task in 0..self.tasks.len() {
-            let holder_ok = self.tasks[task].as_ref().is_some_and(|name| available.contains(name));
+            let holder_ok = self.tasks[task]
+                .as_ref()
+                .is_some_and(|name| available.contains(name));
             if !holder_ok {
                 self.tasks[task] = self.least_loaded(&available).map(|(_, name)| name);
             }
         }
         // Spread the tasks: move one from the busiest to the idlest worker while they differ by two or more,
         // so a worker that joins or comes back online gets work (3 workers, 2 tasks: 2 Bound, 1 Free).
-        loop {
-            let (Some((least, idle)), Some((most, busy))) = (self.least_loaded(&available), self.most_loaded(&available))
-            else {
-                break;
-            };
+        while let (Some((least, idle)), Some((most, busy))) =
+            (self.least_loaded(&available), self.most_loaded(&available))
+        {
             if most < least + 2 {
                 break;
             }
-            if let Some(task) = self.tasks.iter_mut().rev().find(|t| t.as_deref() == Some(busy.as_str())) {
+            if let Some(task) = self
+                .tasks
+                .iter_mut()
+                .rev()
+                .find(|t| t.as_deref() == Some(busy.as_str()))
+            {
                 *task = Some(idle);
             }
         }
     }
 
     fn load(&self, name: &str) -> usize {
-        self.tasks.iter().filter(|t| t.as_deref() == Some(name)).count()
+        self.tasks
+            .iter()
+            .filter(|t| t.as_deref() == Some(name))
+            .count()
     }
 
     /// The available worker with the fewest tasks (first by name on ties).
     fn least_loaded(&self, available: &[String]) -> Option<(usize, String)> {
-        available.iter().map(|name| (self.load(name), name.clone())).min()
+        available
+            .iter()
+            .map(|name| (self.load(name), name.clone()))
+            .min()
     }
 
     /// The available worker with the most tasks (first by name on ties).
     fn most_loaded(&self, available: &[String]) -> Option<(usize, String)> {
-        available.iter().map(|name| (self.load(name), name.clone())).min_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)))
+        available
+            .iter()
+            .map(|name| (self.load(name), name.clone()))
+            .min_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)))
     }
 
     fn tasks_of(&self, name: &str) -> Vec<usize> {
-        self.tasks.iter().enumerate().filter(|(_, t)| t.as_deref() == Some(name)).map(|(i, _)| i).collect()
+        self.tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.as_deref() == Some(name))
+            .map(|(i, _)| i)
+            .collect()
     }
 
     fn worker_member(&self, name: &str, worker: &Worker, now: Instant) -> Member {
@@ -263,20 +299,31 @@ struct Master {
 impl Master {
     fn table(&self) -> MutexGuard<'_, Table> {
         // A panic while holding the lock cannot leave the table half-updated in a way that matters for a demo.
-        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn peer_alive(&self, table: &Table, peer: &Peer, now: Instant) -> bool {
-        table.peer_seen.get(&peer.name).is_some_and(|seen| now.duration_since(*seen) <= DOWN_AFTER)
+        table
+            .peer_seen
+            .get(&peer.name)
+            .is_some_and(|seen| now.duration_since(*seen) <= DOWN_AFTER)
     }
 
     fn leader(&self) -> LeaderInfo {
         let now = Instant::now();
         let table = self.table();
-        let mut leader = LeaderInfo { leader: self.config.name.clone(), addr: self.self_addr.clone() };
+        let mut leader = LeaderInfo {
+            leader: self.config.name.clone(),
+            addr: self.self_addr.clone(),
+        };
         for peer in &self.config.peers {
             if peer.name < leader.leader && self.peer_alive(&table, peer, now) {
-                leader = LeaderInfo { leader: peer.name.clone(), addr: peer.addr.clone() };
+                leader = LeaderInfo {
+                    leader: peer.name.clone(),
+                    addr: peer.addr.clone(),
+                };
             }
         }
         leader
@@ -301,7 +348,11 @@ impl Master {
                 name: peer.name.clone(),
                 role: "master".to_string(),
                 addr: peer.addr.clone(),
-                state: if self.peer_alive(&table, peer, now) { MemberState::Healthy } else { MemberState::Down },
+                state: if self.peer_alive(&table, peer, now) {
+                    MemberState::Healthy
+                } else {
+                    MemberState::Down
+                },
                 version: None,
                 last_seen_ms: seen.map(|s| millis(now.duration_since(*s))),
                 tasks: Vec::new(),
@@ -314,21 +365,33 @@ impl Master {
     }
 
     /// Forwards a member-API request to the leader when this master is not the leader.
-    async fn forward_to_leader(&self, headers: &HeaderMap, method: Method, uri: &Uri) -> Option<Response> {
+    async fn forward_to_leader(
+        &self,
+        headers: &HeaderMap,
+        method: Method,
+        uri: &Uri,
+    ) -> Option<Response> {
         let leader = self.leader();
         if leader.leader == self.config.name || headers.contains_key(FORWARDED_HEADER) {
             return None;
         }
         let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let url = format!("http://{}{}", leader.addr, path);
-        let sent = self.client.request(method, &url).header(FORWARDED_HEADER, &self.config.name).send().await;
+        let sent = self
+            .client
+            .request(method, &url)
+            .header(FORWARDED_HEADER, &self.config.name)
+            .send()
+            .await;
         let response = match sent {
             Ok(response) => response,
             Err(e) => return Some(leader_unreachable(&leader, &e.to_string())),
         };
         let status = response.status();
         match response.bytes().await {
-            Ok(body) => Some((status, [("content-type", "application/json")], body).into_response()),
+            Ok(body) => {
+                Some((status, [("content-type", "application/json")], body).into_response())
+            }
             Err(e) => Some(leader_unreachable(&leader, &e.to_string())),
         }
     }
@@ -339,7 +402,10 @@ fn leader_unreachable(leader: &LeaderInfo, reason: &str) -> Response {
         "this master is a follower and cannot reach the leader {} at {}: {reason}; retry shortly or ask the leader directly",
         leader.leader, leader.addr
     );
-    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": message, "leader": leader.leader, "addr": leader.addr})))
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": message, "leader": leader.leader, "addr": leader.addr})),
+    )
         .into_response()
 }
 
@@ -353,7 +419,10 @@ fn millis(duration: Duration) -> u64 {
 
 /// Unix time in milliseconds.
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(millis).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(millis)
+        .unwrap_or(0)
 }
 
 /// Serves the master on `listener` until `shutdown` completes.
@@ -364,15 +433,26 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let self_addr = listener.local_addr()?.to_string();
     let client = reqwest::Client::builder()
+        .no_proxy()
         .timeout(Duration::from_millis(1500))
         .build()
         .map_err(|e| std::io::Error::other(format!("cannot build an HTTP client: {e}")))?;
-    let table = Table { tasks: vec![None; config.tasks], ..Table::default() };
-    let master = Arc::new(Master { config, self_addr, client, table: Mutex::new(table) });
+    let table = Table {
+        tasks: vec![None; config.tasks],
+        ..Table::default()
+    };
+    let master = Arc::new(Master {
+        config,
+        self_addr,
+        client,
+        table: Mutex::new(table),
+    });
     // One ping round before answering, so a fresh master does not claim leadership over a live peer.
     ping_peers(&master).await;
     let pinger = tokio::spawn(ping_loop(master.clone()));
-    let result = axum::serve(listener, router(master)).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, router(master))
+        .with_graceful_shutdown(shutdown)
+        .await;
     pinger.abort();
     result
 }
@@ -405,8 +485,17 @@ async fn record_call(State(master): State<Arc<Master>>, request: Request, next: 
             ["api", "members", name, ..] => Some((*name).to_string()),
             _ => None,
         };
-        let call = Call { at_ms: unix_ms(), method: request.method().to_string(), path: path.clone(), member };
-        master.table().calls.push(call);
+        let call = Call {
+            at_ms: unix_ms(),
+            method: request.method().to_string(),
+            path: path.clone(),
+            member,
+        };
+        let mut table = master.table();
+        if table.calls.len() >= MAX_LOGGED_CALLS {
+            table.calls.drain(..MAX_LOGGED_CALLS / 10);
+        }
+        table.calls.push(call);
     }
     next.run(request).await
 }
@@ -444,7 +533,10 @@ async fn ping_peers(master: &Master) {
 
 async fn health(State(master): State<Arc<Master>>) -> (StatusCode, &'static str) {
     if master.config.stamp.mode == Mode::FailHealth {
-        (StatusCode::INTERNAL_SERVER_ERROR, "unhealthy (demo fail-health mode)")
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unhealthy (demo fail-health mode)",
+        )
     } else {
         (StatusCode::OK, "ok")
     }
@@ -483,41 +575,66 @@ async fn get_member(
     }
     match master.members().into_iter().find(|m| m.name == name) {
         Some(member) => Json(member).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no member named `{name}`; list them with GET /api/members")),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no member named `{name}`; list them with GET /api/members"),
+        ),
     }
 }
 
 async fn register(State(master): State<Arc<Master>>, body: Bytes) -> Response {
     let registration: Registration = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad registration ({e}); send {{name, role, addr}}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad registration ({e}); send {{name, role, addr}}"),
+            );
+        }
     };
     if registration.role != "worker" {
-        return error(StatusCode::BAD_REQUEST, "only role `worker` registers; masters are given with --peer");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "only role `worker` registers; masters are given with --peer",
+        );
     }
     if registration.name.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "registration has an empty name; give the worker --name");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "registration has an empty name; give the worker --name",
+        );
     }
     let now = Instant::now();
     let mut table = master.table();
-    let worker = table.workers.entry(registration.name.clone()).or_insert_with(|| Worker {
-        addr: registration.addr.clone(),
-        version: None,
-        last_seen: now,
-        offline: false,
-        offline_at: None,
-    });
+    let worker = table
+        .workers
+        .entry(registration.name.clone())
+        .or_insert_with(|| Worker {
+            addr: registration.addr.clone(),
+            version: None,
+            last_seen: now,
+            offline: false,
+            offline_at: None,
+        });
     worker.addr = registration.addr;
     worker.version = registration.version;
     worker.last_seen = now;
     table.refresh(now);
     let Some(worker) = table.workers.get(&registration.name) else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "worker vanished during registration");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "worker vanished during registration",
+        );
     };
     Json(table.worker_member(&registration.name, worker, now)).into_response()
 }
 
-async fn offline(State(master): State<Arc<Master>>, Path(name): Path<String>, headers: HeaderMap, uri: Uri) -> Response {
+async fn offline(
+    State(master): State<Arc<Master>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
     if let Some(forwarded) = master.forward_to_leader(&headers, Method::POST, &uri).await {
         return forwarded;
     }
@@ -526,19 +643,30 @@ async fn offline(State(master): State<Arc<Master>>, Path(name): Path<String>, he
     table.refresh(now);
     let drain = table.drain;
     let Some(worker) = table.workers.get(&name) else {
-        return error(StatusCode::NOT_FOUND, format!("no worker named `{name}`; list members with GET /api/members"));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no worker named `{name}`; list members with GET /api/members"),
+        );
     };
     if worker.offline {
         return Json(table.worker_member(&name, worker, now)).into_response();
     }
     if drain.mode == DrainMode::Refuse {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "draining is refused (test drain mode `refuse`)");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining is refused (test drain mode `refuse`)",
+        );
     }
-    let others_available = table.workers.iter().any(|(other, w)| *other != name && w.is_available(now));
+    let others_available = table
+        .workers
+        .iter()
+        .any(|(other, w)| *other != name && w.is_available(now));
     if worker.is_available(now) && !others_available {
         return error(
             StatusCode::CONFLICT,
-            format!("`{name}` is the last available worker: taking it offline would stop all work; bring another worker online first"),
+            format!(
+                "`{name}` is the last available worker: taking it offline would stop all work; bring another worker online first"
+            ),
         );
     }
     if let Some(worker) = table.workers.get_mut(&name) {
@@ -546,7 +674,9 @@ async fn offline(State(master): State<Arc<Master>>, Path(name): Path<String>, he
             DrainMode::Normal => worker.offline = true,
             // `refuse` answered above; `never` accepts the call and leaves the worker as it is.
             DrainMode::Refuse | DrainMode::Never => {}
-            DrainMode::Delay => worker.offline_at = Some(now + Duration::from_millis(drain.delay_ms)),
+            DrainMode::Delay => {
+                worker.offline_at = Some(now + Duration::from_millis(drain.delay_ms))
+            }
         }
     }
     table.refresh(now);
@@ -556,14 +686,22 @@ async fn offline(State(master): State<Arc<Master>>, Path(name): Path<String>, he
     }
 }
 
-async fn online(State(master): State<Arc<Master>>, Path(name): Path<String>, headers: HeaderMap, uri: Uri) -> Response {
+async fn online(
+    State(master): State<Arc<Master>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
     if let Some(forwarded) = master.forward_to_leader(&headers, Method::POST, &uri).await {
         return forwarded;
     }
     let now = Instant::now();
     let mut table = master.table();
     let Some(worker) = table.workers.get_mut(&name) else {
-        return error(StatusCode::NOT_FOUND, format!("no worker named `{name}`; list members with GET /api/members"));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no worker named `{name}`; list members with GET /api/members"),
+        );
     };
     worker.offline = false;
     worker.offline_at = None;
@@ -582,7 +720,9 @@ async fn set_drain(State(master): State<Arc<Master>>, body: Bytes) -> Response {
         }
         Err(e) => error(
             StatusCode::BAD_REQUEST,
-            format!("bad drain behaviour ({e}); send {{\"mode\": \"normal|refuse|never|delay\", \"delay_ms\": N}}"),
+            format!(
+                "bad drain behaviour ({e}); send {{\"mode\": \"normal|refuse|never|delay\", \"delay_ms\": N}}"
+            ),
         ),
     }
 }

@@ -74,7 +74,11 @@ pub struct Stamp {
 impl Stamp {
     /// The stamp of an unstamped binary: the crate version, normal behaviour.
     pub fn unstamped() -> Stamp {
-        Stamp { version: format!("v{}", env!("CARGO_PKG_VERSION")), mode: Mode::Ok, delay_ms: 0 }
+        Stamp {
+            version: format!("v{}", env!("CARGO_PKG_VERSION")),
+            mode: Mode::Ok,
+            delay_ms: 0,
+        }
     }
 }
 
@@ -82,10 +86,18 @@ impl Stamp {
 #[derive(Debug, thiserror::Error)]
 pub enum StampError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}; check that its directory exists and is writable")]
-    Write { path: PathBuf, source: std::io::Error },
-    #[error("{path} ends with a corrupt demo stamp ({reason}); re-stamp it from an unstamped binary")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} ends with a corrupt demo stamp ({reason}); re-stamp it from an unstamped binary"
+    )]
     Corrupt { path: PathBuf, reason: String },
     #[error("cannot encode the stamp: {0}")]
     Encode(#[from] serde_json::Error),
@@ -93,8 +105,14 @@ pub enum StampError {
 
 /// Reads the stamp at the end of `path`, if any; also returns the length of the file without the stamp.
 pub fn read_stamp(path: &Path) -> Result<(Option<Stamp>, u64), StampError> {
-    let read_err = |source| StampError::Read { path: path.to_path_buf(), source };
-    let corrupt = |reason: &str| StampError::Corrupt { path: path.to_path_buf(), reason: reason.to_string() };
+    let read_err = |source| StampError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let corrupt = |reason: &str| StampError::Corrupt {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
     let mut file = std::fs::File::open(path).map_err(read_err)?;
     let len = file.metadata().map_err(read_err)?.len();
     if len < 16 {
@@ -136,21 +154,33 @@ pub fn read_stamp(path: &Path) -> Result<(Option<Stamp>, u64), StampError> {
 pub fn write_stamped(source: &Path, out: &Path, stamp: &Stamp) -> Result<(), StampError> {
     let (_, body_len) = read_stamp(source)?;
     let json = serde_json::to_vec(stamp)?;
-    let write_err = |source| StampError::Write { path: out.to_path_buf(), source };
-    let file_name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let write_err = |source| StampError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
+    let file_name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = out.with_file_name(format!(".{file_name}.stamp-{}", std::process::id()));
     let result = (|| -> Result<(), StampError> {
-        let mut input = std::fs::File::open(source).map_err(|e| StampError::Read { path: source.to_path_buf(), source: e })?;
+        let mut input = std::fs::File::open(source).map_err(|e| StampError::Read {
+            path: source.to_path_buf(),
+            source: e,
+        })?;
         let mut output = std::fs::File::create(&tmp).map_err(write_err)?;
         std::io::copy(&mut (&mut input).take(body_len), &mut output).map_err(write_err)?;
         output.write_all(PREFIX).map_err(write_err)?;
         output.write_all(&json).map_err(write_err)?;
         output.write_all(SUFFIX).map_err(write_err)?;
-        output.write_all(&(json.len() as u64).to_le_bytes()).map_err(write_err)?;
+        output
+            .write_all(&(json.len() as u64).to_le_bytes())
+            .map_err(write_err)?;
         output.write_all(MAGIC).map_err(write_err)?;
         output.sync_all().map_err(write_err)?;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(write_err)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+            .map_err(write_err)?;
         std::fs::rename(&tmp, out).map_err(write_err)
     })();
     if result.is_err() {
@@ -164,7 +194,11 @@ pub fn own_stamp() -> Result<Stamp, StampError> {
     let exe = own_exe();
     let (stamp, _) = read_stamp(&exe)?;
     let mut stamp = stamp.unwrap_or_else(Stamp::unstamped);
-    if let Some(mode) = std::env::var(MODE_ENV).ok().as_deref().and_then(Mode::parse) {
+    if let Some(mode) = std::env::var(MODE_ENV)
+        .ok()
+        .as_deref()
+        .and_then(Mode::parse)
+    {
         stamp.mode = mode;
     }
     Ok(stamp)
@@ -177,7 +211,10 @@ pub fn own_exe() -> PathBuf {
 
 /// Hex sha256 of a file.
 pub fn sha256_file(path: &Path) -> Result<String, StampError> {
-    let read_err = |source| StampError::Read { path: path.to_path_buf(), source };
+    let read_err = |source| StampError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = std::fs::File::open(path).map_err(read_err)?;
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buffer = vec![0u8; 1 << 16];
@@ -203,19 +240,31 @@ mod tests {
         assert_eq!(read_stamp(&original).unwrap(), (None, 15));
 
         let first = dir.path().join("first");
-        let stamp = Stamp { version: "v1.0.0".into(), mode: Mode::SlowStart, delay_ms: 250 };
+        let stamp = Stamp {
+            version: "v1.0.0".into(),
+            mode: Mode::SlowStart,
+            delay_ms: 250,
+        };
         write_stamped(&original, &first, &stamp).unwrap();
         let (read, body) = read_stamp(&first).unwrap();
         assert_eq!(read, Some(stamp));
         assert_eq!(body, 15);
 
         let second = dir.path().join("second");
-        let hotfix = Stamp { version: "v1.0.1-hotfix".into(), mode: Mode::Ok, delay_ms: 0 };
+        let hotfix = Stamp {
+            version: "v1.0.1-hotfix".into(),
+            mode: Mode::Ok,
+            delay_ms: 0,
+        };
         write_stamped(&first, &second, &hotfix).unwrap();
         assert_eq!(read_stamp(&second).unwrap().0, Some(hotfix));
         let bytes = std::fs::read(&second).unwrap();
         assert!(bytes.starts_with(b"#!binary body\x00\x01\n#PATCHD-DEMO-STAMP:"));
-        assert_eq!(bytes.windows(MAGIC.len()).filter(|w| w == MAGIC).count(), 1, "old stamp stripped");
+        assert_eq!(
+            bytes.windows(MAGIC.len()).filter(|w| w == MAGIC).count(),
+            1,
+            "old stamp stripped"
+        );
         assert_ne!(sha256_file(&first).unwrap(), sha256_file(&second).unwrap());
     }
 

@@ -56,18 +56,26 @@ pub async fn serve(
     let config = Arc::new(config);
     let heartbeat = tokio::spawn(heartbeat_loop(config.clone(), addr));
     let app = router(config);
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
     heartbeat.abort();
     result
 }
 
 fn router(config: Arc<WorkerConfig>) -> Router {
-    Router::new().route("/health", get(health)).route("/version", get(version)).with_state(config)
+    Router::new()
+        .route("/health", get(health))
+        .route("/version", get(version))
+        .with_state(config)
 }
 
 async fn health(State(config): State<Arc<WorkerConfig>>) -> (StatusCode, &'static str) {
     if config.stamp.mode == Mode::FailHealth {
-        (StatusCode::INTERNAL_SERVER_ERROR, "unhealthy (demo fail-health mode)")
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unhealthy (demo fail-health mode)",
+        )
     } else {
         (StatusCode::OK, "ok")
     }
@@ -89,10 +97,16 @@ async fn heartbeat_loop(config: Arc<WorkerConfig>, addr: String) {
     if config.masters.is_empty() {
         return;
     }
-    let client = match reqwest::Client::builder().timeout(Duration::from_millis(1000)).build() {
+    let client = match reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(1000))
+        .build()
+    {
         Ok(client) => client,
         Err(e) => {
-            eprintln!("demo-worker: cannot build an HTTP client, not registering with masters: {e}");
+            eprintln!(
+                "demo-worker: cannot build an HTTP client, not registering with masters: {e}"
+            );
             return;
         }
     };

@@ -38,7 +38,15 @@ pub fn build(
     version: Option<&str>,
     out: &Path,
 ) -> Result<PackageInfo, PackageError> {
-    build_with(&BuildSpec { base, replacements, additions: &[], version }, out)
+    build_with(
+        &BuildSpec {
+            base,
+            replacements,
+            additions: &[],
+            version,
+        },
+        out,
+    )
 }
 
 /// [`build`] with every option (additions too).
@@ -49,7 +57,12 @@ pub fn build_with(spec: &BuildSpec<'_>, out: &Path) -> Result<PackageInfo, Packa
         .tempdir_in(&out_dir)
         .map_err(|e| PackageError::io("cannot create a work directory in", &out_dir, e))?;
     let tree = work.path().join("tree");
-    let base = unpack_verified(spec.base, &tree, &Limits::default(), &Expectations::default())?;
+    let base = unpack_verified(
+        spec.base,
+        &tree,
+        &Limits::default(),
+        &Expectations::default(),
+    )?;
 
     let mut touched: HashSet<&str> = HashSet::new();
     for (path, local) in spec.replacements {
@@ -60,11 +73,17 @@ pub fn build_with(spec: &BuildSpec<'_>, out: &Path) -> Result<PackageInfo, Packa
             if let Some(link) = base.symlinks.iter().find(|l| l.path == *path) {
                 return Err(bad(
                     path,
-                    &format!("is a symlink to `{}` in the base package; replace the file it points to", link.target),
+                    &format!(
+                        "is a symlink to `{}` in the base package; replace the file it points to",
+                        link.target
+                    ),
                 ));
             }
             let similar = similar_paths(path, base.files.iter().map(|f| f.path.as_str()));
-            return Err(PackageError::ReplaceTargetMissing { path: path.clone(), similar });
+            return Err(PackageError::ReplaceTargetMissing {
+                path: path.clone(),
+                similar,
+            });
         };
         copy_in(local, &tree.join(path), entry.mode, path)?;
     }
@@ -73,21 +92,34 @@ pub fn build_with(spec: &BuildSpec<'_>, out: &Path) -> Result<PackageInfo, Packa
             return Err(bad(path, "is given twice; add or replace each path once"));
         }
         let clean = normalize_entry_path(path).ok();
-        if clean.as_deref() != Some(path.as_str()) || !path.starts_with(&format!("{}/", base.component)) {
-            return Err(bad(path, &format!("must be a clean relative path under `{}/`", base.component)));
+        if clean.as_deref() != Some(path.as_str())
+            || !path.starts_with(&format!("{}/", base.component))
+        {
+            return Err(bad(
+                path,
+                &format!("must be a clean relative path under `{}/`", base.component),
+            ));
         }
         let at = tree.join(path);
         if fs::symlink_metadata(&at).is_ok() {
-            return Err(bad(path, "already exists in the base package; use --replace"));
+            return Err(bad(
+                path,
+                "already exists in the base package; use --replace",
+            ));
         }
         for ancestor in ancestors(path) {
             if let Ok(meta) = fs::symlink_metadata(tree.join(ancestor))
-                && !meta.is_dir() {
-                    return Err(bad(path, &format!("its parent `{ancestor}` is not a directory in the base package")));
-                }
+                && !meta.is_dir()
+            {
+                return Err(bad(
+                    path,
+                    &format!("its parent `{ancestor}` is not a directory in the base package"),
+                ));
+            }
         }
         if let Some(parent) = at.parent() {
-            fs::create_dir_all(parent).map_err(|e| PackageError::io("cannot create directory", parent, e))?;
+            fs::create_dir_all(parent)
+                .map_err(|e| PackageError::io("cannot create directory", parent, e))?;
         }
         let local_mode = fs::metadata(local)
             .map_err(|e| PackageError::io("cannot read", local, e))?
@@ -101,23 +133,41 @@ pub fn build_with(spec: &BuildSpec<'_>, out: &Path) -> Result<PackageInfo, Packa
         Some(version) => version.to_owned(),
         None => format!("{}-hotfix", base.version),
     };
-    write_package(&tree, &base.component, &version, (base.os.clone(), base.arch.clone()), out)
+    write_package(
+        &tree,
+        &base.component,
+        &version,
+        (base.os.clone(), base.arch.clone()),
+        out,
+    )
 }
 
 /// Packs `component_dir` (its name is the component) into a package with an embedded manifest.
-pub fn pack_dir(component_dir: &Path, version: &str, out: &Path) -> Result<PackageInfo, PackageError> {
+pub fn pack_dir(
+    component_dir: &Path,
+    version: &str,
+    out: &Path,
+) -> Result<PackageInfo, PackageError> {
     let component = component_dir
         .file_name()
         .and_then(|n| n.to_str())
         .filter(|n| !n.is_empty() && *n != "." && *n != "..")
-        .ok_or_else(|| bad(&component_dir.display().to_string(), "has no usable directory name"))?
+        .ok_or_else(|| {
+            bad(
+                &component_dir.display().to_string(),
+                "has no usable directory name",
+            )
+        })?
         .to_owned();
     let root = parent_dir(component_dir);
     write_package(&root, &component, version, (None, None), out)
 }
 
 fn bad(path: &str, detail: &str) -> PackageError {
-    PackageError::BadReplacement { path: path.to_owned(), detail: detail.to_owned() }
+    PackageError::BadReplacement {
+        path: path.to_owned(),
+        detail: detail.to_owned(),
+    }
 }
 
 fn parent_dir(path: &Path) -> PathBuf {
@@ -129,11 +179,16 @@ fn parent_dir(path: &Path) -> PathBuf {
 
 /// Replaces `dest` (inside the work tree) by a copy of the local file `src` with `mode`.
 fn copy_in(src: &Path, dest: &Path, mode: u32, path_in_package: &str) -> Result<(), PackageError> {
-    let meta = fs::metadata(src).map_err(|e| PackageError::io("cannot read replacement", src, e))?;
+    let meta =
+        fs::metadata(src).map_err(|e| PackageError::io("cannot read replacement", src, e))?;
     if !meta.is_file() {
-        return Err(bad(path_in_package, &format!("{} is not a regular file", src.display())));
+        return Err(bad(
+            path_in_package,
+            &format!("{} is not a regular file", src.display()),
+        ));
     }
-    let mut input = File::open(src).map_err(|e| PackageError::io("cannot open replacement", src, e))?;
+    let mut input =
+        File::open(src).map_err(|e| PackageError::io("cannot open replacement", src, e))?;
     match fs::remove_file(dest) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -167,7 +222,10 @@ fn write_package(
     out: &Path,
 ) -> Result<PackageInfo, PackageError> {
     if version.is_empty() || version.chars().any(char::is_control) {
-        return Err(bad("--version", "must be a non-empty label without control characters"));
+        return Err(bad(
+            "--version",
+            "must be a non-empty label without control characters",
+        ));
     }
     let mut items = Vec::new();
     let mut targets: Vec<(String, &'static str, &'static str)> = Vec::new();
@@ -198,12 +256,32 @@ fn write_package(
         version: version.to_owned(),
         os,
         arch,
-        files: items.iter().filter_map(|i| if let Item::File(f) = i { Some(f.clone()) } else { None }).collect(),
-        symlinks: items.iter().filter_map(|i| if let Item::Symlink(l) = i { Some(l.clone()) } else { None }).collect(),
+        files: items
+            .iter()
+            .filter_map(|i| {
+                if let Item::File(f) = i {
+                    Some(f.clone())
+                } else {
+                    None
+                }
+            })
+            .collect(),
+        symlinks: items
+            .iter()
+            .filter_map(|i| {
+                if let Item::Symlink(l) = i {
+                    Some(l.clone())
+                } else {
+                    None
+                }
+            })
+            .collect(),
     };
     manifest.sort();
     if manifest.files.is_empty() {
-        return Err(PackageError::EmptyPackage { path: root.join(component) });
+        return Err(PackageError::EmptyPackage {
+            path: root.join(component),
+        });
     }
 
     let out_dir = parent_dir(out);
@@ -214,27 +292,41 @@ fn write_package(
         .map_err(|e| PackageError::io("cannot create a temporary file in", &out_dir, e))?;
     write_archive(temp.as_file_mut(), root, &manifest, &items)
         .map_err(|e| PackageError::io("cannot write package", temp.path(), e))?;
-    temp.as_file().sync_all().map_err(|e| PackageError::io("cannot fsync", temp.path(), e))?;
+    temp.as_file()
+        .sync_all()
+        .map_err(|e| PackageError::io("cannot fsync", temp.path(), e))?;
     fs::set_permissions(temp.path(), fs::Permissions::from_mode(0o644))
         .map_err(|e| PackageError::io("cannot set mode of", temp.path(), e))?;
-    temp.persist(out).map_err(|e| PackageError::io("cannot rename the package to", out, e.error))?;
+    temp.persist(out)
+        .map_err(|e| PackageError::io("cannot rename the package to", out, e.error))?;
     sync_dir(&out_dir)?;
 
     // Read back what was written, with every check a receiver will run.
     let info = inspect(out, &Limits::default())?;
     if info.manifest != manifest {
         return Err(PackageError::InvalidManifest {
-            detail: format!("{} changed while it was being packed; build again", root.join(component).display()),
+            detail: format!(
+                "{} changed while it was being packed; build again",
+                root.join(component).display()
+            ),
         });
     }
     Ok(info)
 }
 
-fn write_archive(file: &mut File, root: &Path, manifest: &Manifest, items: &[Item]) -> io::Result<()> {
-    let gzip = flate2::GzBuilder::new().mtime(0).operating_system(255).write(
-        BufWriter::with_capacity(256 * 1024, file),
-        flate2::Compression::default(),
-    );
+fn write_archive(
+    file: &mut File,
+    root: &Path,
+    manifest: &Manifest,
+    items: &[Item],
+) -> io::Result<()> {
+    let gzip = flate2::GzBuilder::new()
+        .mtime(0)
+        .operating_system(255)
+        .write(
+            BufWriter::with_capacity(256 * 1024, file),
+            flate2::Compression::default(),
+        );
     let mut tar = tar::Builder::new(gzip);
     let header = |kind: tar::EntryType, mode: u32, size: u64| {
         let mut h = tar::Header::new_gnu();
@@ -255,14 +347,26 @@ fn write_archive(file: &mut File, root: &Path, manifest: &Manifest, items: &[Ite
     for item in items {
         match item {
             Item::Dir(path) => {
-                tar.append_data(&mut header(tar::EntryType::Directory, 0o755, 0), format!("{path}/"), io::empty())?;
+                tar.append_data(
+                    &mut header(tar::EntryType::Directory, 0o755, 0),
+                    format!("{path}/"),
+                    io::empty(),
+                )?;
             }
             Item::File(entry) => {
                 let content = File::open(root.join(&entry.path))?;
-                tar.append_data(&mut header(tar::EntryType::Regular, entry.mode, entry.size), &entry.path, content)?;
+                tar.append_data(
+                    &mut header(tar::EntryType::Regular, entry.mode, entry.size),
+                    &entry.path,
+                    content,
+                )?;
             }
             Item::Symlink(link) => {
-                tar.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0), &link.path, &link.target)?;
+                tar.append_link(
+                    &mut header(tar::EntryType::Symlink, 0o777, 0),
+                    &link.path,
+                    &link.target,
+                )?;
             }
         }
     }
@@ -284,9 +388,12 @@ fn scan_tree(
     let mut children = Vec::new();
     for child in fs::read_dir(&dir).map_err(|e| PackageError::io("cannot list", &dir, e))? {
         let child = child.map_err(|e| PackageError::io("cannot list", &dir, e))?;
-        let name = child.file_name().into_string().map_err(|raw| PackageError::NonUtf8Path {
-            entry: format!("{rel}/{}", raw.to_string_lossy()),
-        })?;
+        let name = child
+            .file_name()
+            .into_string()
+            .map_err(|raw| PackageError::NonUtf8Path {
+                entry: format!("{rel}/{}", raw.to_string_lossy()),
+            })?;
         children.push(name);
     }
     children.sort();
@@ -296,19 +403,30 @@ fn scan_tree(
             return Err(PackageError::ControlCharacter { entry: path });
         }
         let at = root.join(&path);
-        let meta = fs::symlink_metadata(&at).map_err(|e| PackageError::io("cannot stat", &at, e))?;
+        let meta =
+            fs::symlink_metadata(&at).map_err(|e| PackageError::io("cannot stat", &at, e))?;
         let file_type = meta.file_type();
         if file_type.is_dir() {
             scan_tree(root, component, &path, items, targets)?;
         } else if file_type.is_symlink() {
-            let target = fs::read_link(&at).map_err(|e| PackageError::io("cannot read symlink", &at, e))?;
-            let target = target.into_os_string().into_string().map_err(|raw| PackageError::NonUtf8Path {
-                entry: format!("{path} -> {}", raw.to_string_lossy()),
-            })?;
+            let target =
+                fs::read_link(&at).map_err(|e| PackageError::io("cannot read symlink", &at, e))?;
+            let target =
+                target
+                    .into_os_string()
+                    .into_string()
+                    .map_err(|raw| PackageError::NonUtf8Path {
+                        entry: format!("{path} -> {}", raw.to_string_lossy()),
+                    })?;
             let inside = !target.starts_with('/')
-                && resolve_symlink(&path, &target).is_some_and(|resolved| is_within(&resolved, component));
+                && resolve_symlink(&path, &target)
+                    .is_some_and(|resolved| is_within(&resolved, component));
             if !inside {
-                return Err(PackageError::LinkOutsidePackage { entry: path, target, kind: "symlink" });
+                return Err(PackageError::LinkOutsidePackage {
+                    entry: path,
+                    target,
+                    kind: "symlink",
+                });
             }
             items.push(Item::Symlink(SymlinkEntry { path, target }));
         } else if file_type.is_file() {
@@ -323,9 +441,17 @@ fn scan_tree(
             if let Some((os, arch)) = target {
                 targets.push((path.clone(), os, arch));
             }
-            items.push(Item::File(FileEntry { path, mode, size, sha256 }));
+            items.push(Item::File(FileEntry {
+                path,
+                mode,
+                size,
+                sha256,
+            }));
         } else {
-            return Err(PackageError::UnsupportedEntryType { entry: path, kind: "special file".to_owned() });
+            return Err(PackageError::UnsupportedEntryType {
+                entry: path,
+                kind: "special file".to_owned(),
+            });
         }
     }
     Ok(())
@@ -340,7 +466,8 @@ fn hash_file(at: &Path) -> Result<HashedFile, PackageError> {
     let mut size = 0u64;
     let mut target = None;
     loop {
-        let n = read_full(&mut file, &mut buf).map_err(|e| PackageError::io("cannot read", at, e))?;
+        let n =
+            read_full(&mut file, &mut buf).map_err(|e| PackageError::io("cannot read", at, e))?;
         if n == 0 {
             break;
         }

@@ -48,7 +48,12 @@ impl TreeHasher {
         ctx.update(DOMAIN_TAG);
         ctx.update(&u64::from(chunk_size).to_be_bytes());
         ctx.update(&total_len.to_be_bytes());
-        Self { ctx, chunk_size, total_len, chunks: 0 }
+        Self {
+            ctx,
+            chunk_size,
+            total_len,
+            chunks: 0,
+        }
     }
 
     /// Adds the next chunk's sha256.
@@ -142,7 +147,11 @@ impl StreamingTreeDigest {
 }
 
 /// The tree digest of a whole reader, plus its length. Reads `chunk_size` bytes at a time.
-pub fn tree_digest_reader<R: Read>(mut reader: R, chunk_size: u32, total_len: u64) -> std::io::Result<String> {
+pub fn tree_digest_reader<R: Read>(
+    mut reader: R,
+    chunk_size: u32,
+    total_len: u64,
+) -> std::io::Result<String> {
     let mut tree = TreeHasher::new(chunk_size, total_len);
     let mut buf = vec![0u8; chunk_size as usize];
     let mut seen = 0u64;
@@ -171,7 +180,11 @@ pub fn tree_digest_reader<R: Read>(mut reader: R, chunk_size: u32, total_len: u6
 pub fn tree_digest_file(path: &std::path::Path, chunk_size: u32) -> std::io::Result<String> {
     let file = std::fs::File::open(path)?;
     let len = file.metadata()?.len();
-    tree_digest_reader(std::io::BufReader::with_capacity(chunk_size as usize, file), chunk_size, len)
+    tree_digest_reader(
+        std::io::BufReader::with_capacity(chunk_size as usize, file),
+        chunk_size,
+        len,
+    )
 }
 
 /// Reads until `buf` is full or the reader is at its end; returns the bytes read.
@@ -226,7 +239,11 @@ mod tests {
             for part in data.chunks(piece) {
                 streaming.update(part);
             }
-            assert_eq!(streaming.finish().as_deref(), Some(expected.as_str()), "piece size {piece}");
+            assert_eq!(
+                streaming.finish().as_deref(),
+                Some(expected.as_str()),
+                "piece size {piece}"
+            );
         }
         let mut short = StreamingTreeDigest::new(4096, 10);
         short.update(&[1, 2, 3]);

@@ -24,7 +24,11 @@ pub fn detect_elf_target(bytes: &[u8]) -> Option<(&'static str, &'static str)> {
     };
     let read_u16 = |at: usize| {
         let pair = [bytes[at], bytes[at + 1]];
-        if little_endian { u16::from_le_bytes(pair) } else { u16::from_be_bytes(pair) }
+        if little_endian {
+            u16::from_le_bytes(pair)
+        } else {
+            u16::from_be_bytes(pair)
+        }
     };
     const ET_EXEC: u16 = 2;
     const ET_DYN: u16 = 3;
@@ -83,9 +87,18 @@ pub(crate) mod tests {
 
     #[test]
     fn recognises_common_targets() {
-        assert_eq!(detect_elf_target(&elf_header(0, 2, 62)), Some(("linux", "x86_64")));
-        assert_eq!(detect_elf_target(&elf_header(3, 3, 183)), Some(("linux", "aarch64")));
-        assert_eq!(detect_elf_target(&elf_header(9, 2, 62)), Some(("freebsd", "x86_64")));
+        assert_eq!(
+            detect_elf_target(&elf_header(0, 2, 62)),
+            Some(("linux", "x86_64"))
+        );
+        assert_eq!(
+            detect_elf_target(&elf_header(3, 3, 183)),
+            Some(("linux", "aarch64"))
+        );
+        assert_eq!(
+            detect_elf_target(&elf_header(9, 2, 62)),
+            Some(("freebsd", "x86_64"))
+        );
         // Relocatable objects, non-ELF data and short files are not binaries we can judge.
         assert_eq!(detect_elf_target(&elf_header(0, 1, 62)), None);
         assert_eq!(detect_elf_target(b"#!/bin/sh\necho hello world\n"), None);
@@ -96,6 +109,9 @@ pub(crate) mod tests {
     fn recognises_the_running_test_binary() {
         let exe = std::env::current_exe().unwrap();
         let bytes = std::fs::read(exe).unwrap();
-        assert_eq!(detect_elf_target(&bytes), Some((std::env::consts::OS, std::env::consts::ARCH)));
+        assert_eq!(
+            detect_elf_target(&bytes),
+            Some((std::env::consts::OS, std::env::consts::ARCH))
+        );
     }
 }

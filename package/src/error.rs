@@ -6,13 +6,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum PackageError {
     /// Reading the package or writing the destination failed at the OS level.
-    #[error("{action} {}: {source}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{action} {}: {cause}", path.display())]
+    Io { action: &'static str, path: PathBuf, cause: std::io::Error },
 
     /// The file does not start with the gzip magic bytes.
     #[error(
@@ -34,7 +29,11 @@ pub enum PackageError {
         path.display(),
         after.as_ref().map(|entry| format!(" after entry `{entry}`")).unwrap_or_default()
     )]
-    CorruptTar { path: PathBuf, after: Option<String>, detail: String },
+    CorruptTar {
+        path: PathBuf,
+        after: Option<String>,
+        detail: String,
+    },
 
     /// Non-zero data follows the tar end-of-archive marker (for example two archives concatenated).
     #[error(
@@ -52,11 +51,15 @@ pub enum PackageError {
     EmptyPackage { path: PathBuf },
 
     /// An entry name is not valid UTF-8.
-    #[error("entry `{entry}`: the path is not valid UTF-8; rename the file with a UTF-8 name and rebuild the package")]
+    #[error(
+        "entry `{entry}`: the path is not valid UTF-8; rename the file with a UTF-8 name and rebuild the package"
+    )]
     NonUtf8Path { entry: String },
 
     /// An entry name holds a control character (newline, escape…), which would garble every listing of it.
-    #[error("entry {entry:?}: the path holds a control character; rename the file and rebuild the package")]
+    #[error(
+        "entry {entry:?}: the path holds a control character; rename the file and rebuild the package"
+    )]
     ControlCharacter { entry: String },
 
     /// An absolute entry path.
@@ -92,21 +95,33 @@ pub enum PackageError {
         "entry `{entry}`: its parent `{ancestor}` is a {ancestor_kind} in the package, not a directory \
          (writing through it is refused); rebuild the package"
     )]
-    ThroughNonDirectory { entry: String, ancestor: String, ancestor_kind: &'static str },
+    ThroughNonDirectory {
+        entry: String,
+        ancestor: String,
+        ancestor_kind: &'static str,
+    },
 
     /// A symlink or hard link whose target leaves the package's component directory.
     #[error(
         "entry `{entry}`: {kind} to `{target}` points outside the package directory; links must stay inside \
          `<component>/`: replace it with the file itself"
     )]
-    LinkOutsidePackage { entry: String, target: String, kind: &'static str },
+    LinkOutsidePackage {
+        entry: String,
+        target: String,
+        kind: &'static str,
+    },
 
     /// A symlink whose target goes through another symlink of the package (`..` after it would escape lexical checks).
     #[error(
         "entry `{entry}`: symlink target `{target}` passes through the symlink `{via}`; point it at the real \
          path instead"
     )]
-    SymlinkThroughSymlink { entry: String, target: String, via: String },
+    SymlinkThroughSymlink {
+        entry: String,
+        target: String,
+        via: String,
+    },
 
     /// A hard link whose target is not a regular file earlier in the archive.
     #[error(
@@ -127,7 +142,11 @@ pub enum PackageError {
         "entry `{entry}`: a second top-level directory (`{second}` besides `{first}`); a package holds \
          exactly one component directory: build one package per component"
     )]
-    MultipleTopLevelDirs { entry: String, first: String, second: String },
+    MultipleTopLevelDirs {
+        entry: String,
+        first: String,
+        second: String,
+    },
 
     /// More entries than the configured limit.
     #[error(
@@ -141,14 +160,22 @@ pub enum PackageError {
         "entry `{entry}`: {size} bytes is over the per-file limit of {limit} bytes; \
          raise the limit if this package is genuine"
     )]
-    EntryTooLarge { entry: String, size: u64, limit: u64 },
+    EntryTooLarge {
+        entry: String,
+        size: u64,
+        limit: u64,
+    },
 
     /// The unpacked total crosses the configured limit (checked while streaming: decompression bombs stop here).
     #[error(
         "entry `{entry}`: unpacking it brings the package to {total} bytes, over the limit of {limit} bytes \
          (limit `max_unpacked_bytes`); raise the limit if this package is genuine"
     )]
-    UnpackedTooLarge { entry: String, total: u64, limit: u64 },
+    UnpackedTooLarge {
+        entry: String,
+        total: u64,
+        limit: u64,
+    },
 
     /// A tar extension header (long name, pax record) larger than any sane path needs.
     #[error(
@@ -157,7 +184,11 @@ pub enum PackageError {
         path.display(),
         after.as_ref().map(|entry| format!(" after entry `{entry}`")).unwrap_or_default()
     )]
-    MetadataTooLarge { path: PathBuf, after: Option<String>, limit: u64 },
+    MetadataTooLarge {
+        path: PathBuf,
+        after: Option<String>,
+        limit: u64,
+    },
 
     /// A file with the setuid, setgid or sticky bit. Refused rather than stripped: a hotfix must not change
     /// privileges silently, and stripping would make the unpacked file differ from what the publisher built.
@@ -168,12 +199,20 @@ pub enum PackageError {
     SpecialModeBits { entry: String, mode: u32 },
 
     /// A world-writable file: any local user could replace the binary once deployed.
-    #[error("entry `{entry}`: mode {mode:04o} is world-writable; `chmod o-w` the file and rebuild the package")]
+    #[error(
+        "entry `{entry}`: mode {mode:04o} is world-writable; `chmod o-w` the file and rebuild the package"
+    )]
     WorldWritable { entry: String, mode: u32 },
 
     /// A directory, link or other non-file entry that carries data.
-    #[error("entry `{entry}`: a {kind} entry carries {size} bytes of data, which tar never writes; rebuild the package")]
-    UnexpectedData { entry: String, kind: &'static str, size: u64 },
+    #[error(
+        "entry `{entry}`: a {kind} entry carries {size} bytes of data, which tar never writes; rebuild the package"
+    )]
+    UnexpectedData {
+        entry: String,
+        kind: &'static str,
+        size: u64,
+    },
 
     /// The embedded manifest cannot be read or is not a valid manifest.
     #[error("patchd-manifest.json: {detail}; rebuild the package with `patchctl package build`")]
@@ -184,7 +223,12 @@ pub enum PackageError {
         "entry `{entry}`: {field} is {found} in the archive but the manifest says {expected}; the package \
          was altered after it was built: rebuild it with `patchctl package build`"
     )]
-    ManifestMismatch { entry: String, field: &'static str, found: String, expected: String },
+    ManifestMismatch {
+        entry: String,
+        field: &'static str,
+        found: String,
+        expected: String,
+    },
 
     /// An archive entry the manifest does not list.
     #[error(
@@ -211,14 +255,23 @@ pub enum PackageError {
     #[error(
         "entry `{entry}`: built for {found} but the target runs {expected}; build the hotfix for {expected}"
     )]
-    WrongTarget { entry: String, found: String, expected: String },
+    WrongTarget {
+        entry: String,
+        found: String,
+        expected: String,
+    },
 
     /// ELF binaries for different OS/architectures in one package.
     #[error(
         "entry `{entry}` is built for {found} but `{other_entry}` for {other}; a package targets one OS/arch: \
          build one package per platform"
     )]
-    MixedTargets { entry: String, found: String, other_entry: String, other: String },
+    MixedTargets {
+        entry: String,
+        found: String,
+        other_entry: String,
+        other: String,
+    },
 
     /// `unpack_verified` refuses to mix a package into existing files.
     #[error(
@@ -253,7 +306,15 @@ fn similar_hint(similar: &[String]) -> String {
 }
 
 impl PackageError {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { action, path: path.into(), source }
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        cause: std::io::Error,
+    ) -> Self {
+        Self::Io {
+            action,
+            path: path.into(),
+            cause,
+        }
     }
 }

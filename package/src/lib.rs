@@ -21,7 +21,7 @@ mod build;
 pub mod digest;
 mod elf;
 mod error;
-mod manifest;
+pub mod manifest;
 mod paths;
 mod unpack;
 mod walk;
@@ -50,7 +50,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_files: 10_000, max_unpacked_bytes: 8 << 30, max_entry_bytes: 4 << 30 }
+        Self {
+            max_files: 10_000,
+            max_unpacked_bytes: 8 << 30,
+            max_entry_bytes: 4 << 30,
+        }
     }
 }
 
@@ -100,7 +104,11 @@ pub fn inspect(path: &Path, limits: &Limits) -> Result<PackageInfo, PackageError
 }
 
 /// [`inspect`], also checking the package against what its target expects (component, OS, architecture).
-pub fn inspect_expecting(path: &Path, limits: &Limits, expect: &Expectations) -> Result<PackageInfo, PackageError> {
+pub fn inspect_expecting(
+    path: &Path,
+    limits: &Limits,
+    expect: &Expectations,
+) -> Result<PackageInfo, PackageError> {
     let walked = walk::walk(path, limits, expect, &mut walk::NullSink)?;
     let (manifest, manifest_embedded) = settle_manifest(&walked, path, expect)?;
     Ok(PackageInfo {
@@ -121,9 +129,13 @@ pub(crate) fn settle_manifest(
     check_symlink_chains(walked)?;
     let detected = unanimous_target(walked)?;
     if let Some(expected) = &expect.component
-        && *expected != walked.top {
-            return Err(PackageError::ComponentMismatch { found: walked.top.clone(), expected: expected.clone() });
-        }
+        && *expected != walked.top
+    {
+        return Err(PackageError::ComponentMismatch {
+            found: walked.top.clone(),
+            expected: expected.clone(),
+        });
+    }
     let (mut manifest, embedded) = match &walked.embedded {
         Some(embedded) => {
             check_against_manifest(walked, embedded, detected)?;
@@ -150,11 +162,16 @@ pub(crate) fn settle_manifest(
 
 /// A symlink whose target walks through another symlink could escape after `..`, whatever lexical checks say.
 fn check_symlink_chains(walked: &walk::Walked) -> Result<(), PackageError> {
-    let links: std::collections::HashSet<&str> = walked.symlinks.iter().map(|l| l.path.as_str()).collect();
+    let links: std::collections::HashSet<&str> =
+        walked.symlinks.iter().map(|l| l.path.as_str()).collect();
     for link in &walked.symlinks {
         let mut parts: Vec<&str> = link.path.split('/').collect();
         parts.pop();
-        let steps: Vec<&str> = link.target.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+        let steps: Vec<&str> = link
+            .target
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+            .collect();
         for (i, step) in steps.iter().enumerate() {
             if *step == ".." {
                 parts.pop();
@@ -176,7 +193,9 @@ fn check_symlink_chains(walked: &walk::Walked) -> Result<(), PackageError> {
 }
 
 /// The one OS/arch all ELF binaries share, or `None` without binaries.
-fn unanimous_target(walked: &walk::Walked) -> Result<Option<(&str, &'static str, &'static str)>, PackageError> {
+fn unanimous_target(
+    walked: &walk::Walked,
+) -> Result<Option<(&str, &'static str, &'static str)>, PackageError> {
     let mut first: Option<(&str, &'static str, &'static str)> = None;
     for (path, os, arch) in &walked.targets {
         match first {
@@ -200,25 +219,48 @@ fn check_against_manifest(
     manifest: &Manifest,
     detected: Option<(&str, &'static str, &'static str)>,
 ) -> Result<(), PackageError> {
-    let mismatch = |entry: &str, field: &'static str, found: String, expected: String| PackageError::ManifestMismatch {
-        entry: entry.to_owned(),
-        field,
-        found,
-        expected,
+    let mismatch = |entry: &str, field: &'static str, found: String, expected: String| {
+        PackageError::ManifestMismatch {
+            entry: entry.to_owned(),
+            field,
+            found,
+            expected,
+        }
     };
     if manifest.component != walked.top {
-        return Err(mismatch(MANIFEST_FILE, "the component", walked.top.clone(), manifest.component.clone()));
+        return Err(mismatch(
+            MANIFEST_FILE,
+            "the component",
+            walked.top.clone(),
+            manifest.component.clone(),
+        ));
     }
-    let listed: HashMap<&str, &FileEntry> = manifest.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let listed: HashMap<&str, &FileEntry> = manifest
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f))
+        .collect();
     for file in &walked.files {
         let Some(expected) = listed.get(file.path.as_str()) else {
-            return Err(PackageError::NotInManifest { entry: file.path.clone() });
+            return Err(PackageError::NotInManifest {
+                entry: file.path.clone(),
+            });
         };
         if file.size != expected.size {
-            return Err(mismatch(&file.path, "the size", file.size.to_string(), expected.size.to_string()));
+            return Err(mismatch(
+                &file.path,
+                "the size",
+                file.size.to_string(),
+                expected.size.to_string(),
+            ));
         }
         if file.sha256 != expected.sha256 {
-            return Err(mismatch(&file.path, "the sha256", file.sha256.clone(), expected.sha256.clone()));
+            return Err(mismatch(
+                &file.path,
+                "the sha256",
+                file.sha256.clone(),
+                expected.sha256.clone(),
+            ));
         }
         if file.mode != expected.mode {
             return Err(mismatch(
@@ -229,34 +271,69 @@ fn check_against_manifest(
             ));
         }
     }
-    let present: std::collections::HashSet<&str> = walked.files.iter().map(|f| f.path.as_str()).collect();
-    if let Some(missing) = manifest.files.iter().find(|f| !present.contains(f.path.as_str())) {
-        return Err(PackageError::MissingFromArchive { entry: missing.path.clone() });
+    let present: std::collections::HashSet<&str> =
+        walked.files.iter().map(|f| f.path.as_str()).collect();
+    if let Some(missing) = manifest
+        .files
+        .iter()
+        .find(|f| !present.contains(f.path.as_str()))
+    {
+        return Err(PackageError::MissingFromArchive {
+            entry: missing.path.clone(),
+        });
     }
-    let listed_links: HashMap<&str, &str> =
-        manifest.symlinks.iter().map(|l| (l.path.as_str(), l.target.as_str())).collect();
+    let listed_links: HashMap<&str, &str> = manifest
+        .symlinks
+        .iter()
+        .map(|l| (l.path.as_str(), l.target.as_str()))
+        .collect();
     for link in &walked.symlinks {
         match listed_links.get(link.path.as_str()) {
-            None => return Err(PackageError::NotInManifest { entry: link.path.clone() }),
+            None => {
+                return Err(PackageError::NotInManifest {
+                    entry: link.path.clone(),
+                });
+            }
             Some(target) if *target != link.target => {
-                return Err(mismatch(&link.path, "the symlink target", link.target.clone(), (*target).to_owned()));
+                return Err(mismatch(
+                    &link.path,
+                    "the symlink target",
+                    link.target.clone(),
+                    (*target).to_owned(),
+                ));
             }
             Some(_) => {}
         }
     }
-    let present_links: std::collections::HashSet<&str> = walked.symlinks.iter().map(|l| l.path.as_str()).collect();
-    if let Some(missing) = manifest.symlinks.iter().find(|l| !present_links.contains(l.path.as_str())) {
-        return Err(PackageError::MissingFromArchive { entry: missing.path.clone() });
+    let present_links: std::collections::HashSet<&str> =
+        walked.symlinks.iter().map(|l| l.path.as_str()).collect();
+    if let Some(missing) = manifest
+        .symlinks
+        .iter()
+        .find(|l| !present_links.contains(l.path.as_str()))
+    {
+        return Err(PackageError::MissingFromArchive {
+            entry: missing.path.clone(),
+        });
     }
     if let Some((path, os, arch)) = detected {
-        let os_differs = manifest.os.as_deref().is_some_and(|declared| declared != os);
-        let arch_differs = manifest.arch.as_deref().is_some_and(|declared| declared != arch);
+        let os_differs = manifest
+            .os
+            .as_deref()
+            .is_some_and(|declared| declared != os);
+        let arch_differs = manifest
+            .arch
+            .as_deref()
+            .is_some_and(|declared| declared != arch);
         if os_differs || arch_differs {
             return Err(mismatch(
                 path,
                 "the binary's OS/arch",
                 target_label(os, arch),
-                target_label(manifest.os.as_deref().unwrap_or(os), manifest.arch.as_deref().unwrap_or(arch)),
+                target_label(
+                    manifest.os.as_deref().unwrap_or(os),
+                    manifest.arch.as_deref().unwrap_or(arch),
+                ),
             ));
         }
     }
@@ -271,7 +348,10 @@ fn check_manifest_target(manifest: &Manifest, expect: &Expectations) -> Result<(
     };
     if differs(&manifest.os, &expect.os) || differs(&manifest.arch, &expect.arch) {
         let label = |os: &Option<String>, arch: &Option<String>| {
-            target_label(os.as_deref().unwrap_or("any"), arch.as_deref().unwrap_or("any"))
+            target_label(
+                os.as_deref().unwrap_or("any"),
+                arch.as_deref().unwrap_or("any"),
+            )
         };
         return Err(PackageError::WrongTarget {
             entry: MANIFEST_FILE.to_owned(),
@@ -283,15 +363,29 @@ fn check_manifest_target(manifest: &Manifest, expect: &Expectations) -> Result<(
 }
 
 /// `dm-master-v5.3.0-linux-amd64.tar.gz` → `v5.3.0`: tiup's naming; anything else gives the file stem.
-fn version_from_file_name(path: &Path, component: &str, os: Option<&str>, arch: Option<&str>) -> String {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+fn version_from_file_name(
+    path: &Path,
+    component: &str,
+    os: Option<&str>,
+    arch: Option<&str>,
+) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let stem = name
         .strip_suffix(".tar.gz")
         .or_else(|| name.strip_suffix(".tgz"))
         .unwrap_or(&name);
-    let mut version = stem.strip_prefix(&format!("{component}-")).unwrap_or(stem).to_owned();
+    let mut version = stem
+        .strip_prefix(&format!("{component}-"))
+        .unwrap_or(stem)
+        .to_owned();
     let os_names: Vec<&str> = os.into_iter().chain(["linux", "darwin"]).collect();
-    let arch_names: Vec<&str> = arch.into_iter().chain(["amd64", "arm64", "x86_64", "aarch64"]).collect();
+    let arch_names: Vec<&str> = arch
+        .into_iter()
+        .chain(["amd64", "arm64", "x86_64", "aarch64"])
+        .collect();
     'strip: for os in &os_names {
         for arch in &arch_names {
             if let Some(rest) = version.strip_suffix(&format!("-{os}-{arch}")) {
@@ -300,7 +394,11 @@ fn version_from_file_name(path: &Path, component: &str, os: Option<&str>, arch: 
             }
         }
     }
-    if version.is_empty() { "unknown".to_owned() } else { version }
+    if version.is_empty() {
+        "unknown".to_owned()
+    } else {
+        version
+    }
 }
 
 #[cfg(test)]
@@ -309,7 +407,9 @@ mod tests {
 
     #[test]
     fn versions_from_tiup_style_file_names() {
-        let v = |name: &str| version_from_file_name(Path::new(name), "dm-master", Some("linux"), Some("x86_64"));
+        let v = |name: &str| {
+            version_from_file_name(Path::new(name), "dm-master", Some("linux"), Some("x86_64"))
+        };
         assert_eq!(v("/tmp/dm-master-v5.3.0-linux-amd64.tar.gz"), "v5.3.0");
         assert_eq!(v("dm-master-hotfix-linux-x86_64.tgz"), "hotfix");
         assert_eq!(v("fix.tar.gz"), "fix");

@@ -57,8 +57,10 @@ pub struct SymlinkEntry {
 impl Manifest {
     /// Parses a manifest and checks its format and its own consistency (paths, duplicates, hashes).
     pub fn from_json(bytes: &[u8]) -> Result<Self, PackageError> {
-        let manifest: Manifest = serde_json::from_slice(bytes)
-            .map_err(|e| PackageError::InvalidManifest { detail: format!("not a valid manifest: {e}") })?;
+        let manifest: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| PackageError::InvalidManifest {
+                detail: format!("not a valid manifest: {e}"),
+            })?;
         manifest.check_self()?;
         Ok(manifest)
     }
@@ -96,22 +98,41 @@ impl Manifest {
             )));
         }
         if self.component.is_empty() || self.component.contains('/') || self.component == ".." {
-            return Err(invalid(format!("component `{}` is not a directory name", self.component)));
+            return Err(invalid(format!(
+                "component `{}` is not a directory name",
+                self.component
+            )));
         }
         let prefix = format!("{}/", self.component);
         let mut seen = std::collections::HashSet::new();
-        let paths = self.files.iter().map(|f| &f.path).chain(self.symlinks.iter().map(|s| &s.path));
+        let paths = self
+            .files
+            .iter()
+            .map(|f| &f.path)
+            .chain(self.symlinks.iter().map(|s| &s.path));
         for path in paths {
-            if !path.starts_with(&prefix) || crate::paths::normalize_entry_path(path).as_deref() != Ok(path) {
-                return Err(invalid(format!("path `{path}` is not a clean path under `{prefix}`")));
+            if !path.starts_with(&prefix)
+                || crate::paths::normalize_entry_path(path).as_deref() != Ok(path)
+            {
+                return Err(invalid(format!(
+                    "path `{path}` is not a clean path under `{prefix}`"
+                )));
             }
             if !seen.insert(path.as_str()) {
                 return Err(invalid(format!("path `{path}` is listed twice")));
             }
         }
         for file in &self.files {
-            if file.sha256.len() != 64 || !file.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-                return Err(invalid(format!("`{}` has an invalid sha256 `{}` (64 lowercase hex digits expected)", file.path, file.sha256)));
+            if file.sha256.len() != 64
+                || !file
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(invalid(format!(
+                    "`{}` has an invalid sha256 `{}` (64 lowercase hex digits expected)",
+                    file.path, file.sha256
+                )));
             }
         }
         Ok(())

@@ -60,11 +60,15 @@ pub(crate) fn resolve_symlink(link_path: &str, target: &str) -> Option<String> {
 
 /// True when `path` is `dir` or lies below it.
 pub(crate) fn is_within(path: &str, dir: &str) -> bool {
-    path == dir || (path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/')
+    path == dir
+        || (path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/')
 }
 
 /// Paths of `candidates` that look like `wanted` (same file name, or one name contains the other), at most 5.
-pub(crate) fn similar_paths<'a>(wanted: &str, candidates: impl Iterator<Item = &'a str>) -> Vec<String> {
+pub(crate) fn similar_paths<'a>(
+    wanted: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Vec<String> {
     let wanted_name = wanted.rsplit('/').next().unwrap_or(wanted);
     let mut found: Vec<String> = candidates
         .filter(|candidate| {
@@ -86,7 +90,10 @@ mod tests {
     fn normalisation() {
         assert_eq!(normalize_entry_path("./a//b/./c/").unwrap(), "a/b/c");
         assert_eq!(normalize_entry_path("a/"), Ok("a".to_owned()));
-        assert_eq!(normalize_entry_path("/etc/passwd"), Err(PathProblem::Absolute));
+        assert_eq!(
+            normalize_entry_path("/etc/passwd"),
+            Err(PathProblem::Absolute)
+        );
         assert_eq!(normalize_entry_path("a/../../b"), Err(PathProblem::Parent));
         assert_eq!(normalize_entry_path("a/b\nc"), Err(PathProblem::Control));
         assert_eq!(normalize_entry_path("./"), Err(PathProblem::Root));
@@ -94,7 +101,10 @@ mod tests {
 
     #[test]
     fn symlink_resolution() {
-        assert_eq!(resolve_symlink("c/bin/x", "../lib/y").as_deref(), Some("c/lib/y"));
+        assert_eq!(
+            resolve_symlink("c/bin/x", "../lib/y").as_deref(),
+            Some("c/lib/y")
+        );
         assert_eq!(resolve_symlink("c/x", "..").as_deref(), Some(""));
         assert_eq!(resolve_symlink("c/x", "../.."), None);
         assert!(is_within("c/lib/y", "c"));
@@ -107,6 +117,9 @@ mod tests {
     #[test]
     fn similar() {
         let all = ["w/bin/worker", "w/conf/worker.toml", "w/other"];
-        assert_eq!(similar_paths("w/worker", all.into_iter()), vec!["w/bin/worker", "w/conf/worker.toml"]);
+        assert_eq!(
+            similar_paths("w/worker", all.into_iter()),
+            vec!["w/bin/worker", "w/conf/worker.toml"]
+        );
     }
 }

@@ -34,7 +34,12 @@ pub fn unpack_verified(
     result
 }
 
-fn unpack_into(package: &Path, dest: &Path, limits: &Limits, expect: &Expectations) -> Result<Manifest, PackageError> {
+fn unpack_into(
+    package: &Path,
+    dest: &Path,
+    limits: &Limits,
+    expect: &Expectations,
+) -> Result<Manifest, PackageError> {
     let mut sink = DiskSink::new(dest);
     let walked = walk(package, limits, expect, &mut sink)?;
     let (manifest, _) = settle_manifest(&walked, package, expect)?;
@@ -62,15 +67,20 @@ fn prepare_destination(dest: &Path) -> Result<bool, PackageError> {
         }
         Err(e) => Err(PackageError::io("cannot stat unpack directory", dest, e)),
         Ok(meta) if meta.is_dir() => {
-            let mut listing = fs::read_dir(dest).map_err(|e| PackageError::io("cannot list unpack directory", dest, e))?;
+            let mut listing = fs::read_dir(dest)
+                .map_err(|e| PackageError::io("cannot list unpack directory", dest, e))?;
             if listing.next().is_some() {
-                return Err(PackageError::DestinationNotEmpty { path: dest.to_owned() });
+                return Err(PackageError::DestinationNotEmpty {
+                    path: dest.to_owned(),
+                });
             }
             fs::set_permissions(dest, fs::Permissions::from_mode(0o700))
                 .map_err(|e| PackageError::io("cannot restrict unpack directory", dest, e))?;
             Ok(false)
         }
-        Ok(_) => Err(PackageError::DestinationNotEmpty { path: dest.to_owned() }),
+        Ok(_) => Err(PackageError::DestinationNotEmpty {
+            path: dest.to_owned(),
+        }),
     }
 }
 
@@ -84,7 +94,11 @@ fn clear_destination(dest: &Path, created: bool) {
         for entry in listing.flatten() {
             let path = entry.path();
             let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
-            let _ = if is_dir { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            let _ = if is_dir {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
         }
     }
 }
@@ -98,7 +112,11 @@ struct DiskSink<'a> {
 
 impl<'a> DiskSink<'a> {
     fn new(root: &'a Path) -> Self {
-        Self { root, dirs: HashSet::new(), current: None }
+        Self {
+            root,
+            dirs: HashSet::new(),
+            current: None,
+        }
     }
 
     /// Creates `rel` and its missing ancestors, one component at a time, refusing anything that is not a real
@@ -120,7 +138,8 @@ impl<'a> DiskSink<'a> {
             match DirBuilder::new().mode(0o755).create(&at) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let meta = fs::symlink_metadata(&at).map_err(|e| PackageError::io("cannot stat", &at, e))?;
+                    let meta = fs::symlink_metadata(&at)
+                        .map_err(|e| PackageError::io("cannot stat", &at, e))?;
                     if !meta.is_dir() {
                         return Err(PackageError::io(
                             "refusing to write through",
@@ -165,7 +184,8 @@ impl<'a> DiskSink<'a> {
 fn finish_file(file: &File, at: &Path, mode: u32) -> Result<(), PackageError> {
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(|e| PackageError::io("cannot set mode of", at, e))?;
-    file.sync_all().map_err(|e| PackageError::io("cannot fsync", at, e))
+    file.sync_all()
+        .map_err(|e| PackageError::io("cannot fsync", at, e))
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), PackageError> {
@@ -187,7 +207,9 @@ impl Sink for DiskSink<'_> {
 
     fn file_data(&mut self, data: &[u8]) -> Result<(), PackageError> {
         match &mut self.current {
-            Some((file, at, _)) => file.write_all(data).map_err(|e| PackageError::io("cannot write", at.as_path(), e)),
+            Some((file, at, _)) => file
+                .write_all(data)
+                .map_err(|e| PackageError::io("cannot write", at.as_path(), e)),
             None => Ok(()),
         }
     }
@@ -201,9 +223,11 @@ impl Sink for DiskSink<'_> {
 
     fn hard_link(&mut self, path: &str, target: &str, mode: u32) -> Result<(), PackageError> {
         let from = self.root.join(target);
-        let mut source = File::open(&from).map_err(|e| PackageError::io("cannot open", &from, e))?;
+        let mut source =
+            File::open(&from).map_err(|e| PackageError::io("cannot open", &from, e))?;
         let (mut file, at) = self.create_file(path)?;
-        io::copy(&mut source, &mut file).map_err(|e| PackageError::io("cannot copy into", &at, e))?;
+        io::copy(&mut source, &mut file)
+            .map_err(|e| PackageError::io("cannot copy into", &at, e))?;
         finish_file(&file, &at, mode)
     }
 }
@@ -211,27 +235,46 @@ impl Sink for DiskSink<'_> {
 /// Re-reads an unpacked tree and checks it holds exactly the manifest's files (content, size, mode) and
 /// symlinks: what the agent runs before trusting a staging directory it finds from an earlier run.
 pub fn verify_tree(root: &Path, manifest: &Manifest) -> Result<(), PackageError> {
-    let mismatch = |path: &Path, detail: String| PackageError::TreeMismatch { path: path.to_owned(), detail };
+    let mismatch = |path: &Path, detail: String| PackageError::TreeMismatch {
+        path: path.to_owned(),
+        detail,
+    };
     let mut expected: HashSet<String> = HashSet::new();
     let mut buf = vec![0u8; 256 * 1024];
     for entry in &manifest.files {
         let at = root.join(&entry.path);
         expected.insert(entry.path.clone());
-        let meta = fs::symlink_metadata(&at).map_err(|e| mismatch(&at, format!("cannot stat: {e}")))?;
+        let meta =
+            fs::symlink_metadata(&at).map_err(|e| mismatch(&at, format!("cannot stat: {e}")))?;
         if !meta.file_type().is_file() {
             return Err(mismatch(&at, "is not a regular file".to_owned()));
         }
         if meta.len() != entry.size {
-            return Err(mismatch(&at, format!("size is {} but the manifest says {}", meta.len(), entry.size)));
+            return Err(mismatch(
+                &at,
+                format!(
+                    "size is {} but the manifest says {}",
+                    meta.len(),
+                    entry.size
+                ),
+            ));
         }
         let mode = meta.permissions().mode() & 0o7777;
         if mode != entry.mode {
-            return Err(mismatch(&at, format!("mode is {mode:04o} but the manifest says {:04o}", entry.mode)));
+            return Err(mismatch(
+                &at,
+                format!(
+                    "mode is {mode:04o} but the manifest says {:04o}",
+                    entry.mode
+                ),
+            ));
         }
         let mut file = File::open(&at).map_err(|e| mismatch(&at, format!("cannot open: {e}")))?;
         let mut hash = Context::new(&SHA256);
         loop {
-            let n = file.read(&mut buf).map_err(|e| mismatch(&at, format!("cannot read: {e}")))?;
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| mismatch(&at, format!("cannot read: {e}")))?;
             if n == 0 {
                 break;
             }
@@ -239,30 +282,51 @@ pub fn verify_tree(root: &Path, manifest: &Manifest) -> Result<(), PackageError>
         }
         let sha256 = hex::encode(hash.finish().as_ref());
         if sha256 != entry.sha256 {
-            return Err(mismatch(&at, format!("sha256 is {sha256} but the manifest says {}", entry.sha256)));
+            return Err(mismatch(
+                &at,
+                format!("sha256 is {sha256} but the manifest says {}", entry.sha256),
+            ));
         }
     }
     for link in &manifest.symlinks {
         let at = root.join(&link.path);
         expected.insert(link.path.clone());
-        let target = fs::read_link(&at).map_err(|e| mismatch(&at, format!("is not a symlink: {e}")))?;
+        let target =
+            fs::read_link(&at).map_err(|e| mismatch(&at, format!("is not a symlink: {e}")))?;
         if target != Path::new(&link.target) {
-            return Err(mismatch(&at, format!("points to {} but the manifest says {}", target.display(), link.target)));
+            return Err(mismatch(
+                &at,
+                format!(
+                    "points to {} but the manifest says {}",
+                    target.display(),
+                    link.target
+                ),
+            ));
         }
     }
     // Nothing besides directories may be there that the manifest does not list.
     let mut stack = vec![(root.to_owned(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
-        let listing = fs::read_dir(&dir).map_err(|e| mismatch(&dir, format!("cannot list: {e}")))?;
+        let listing =
+            fs::read_dir(&dir).map_err(|e| mismatch(&dir, format!("cannot list: {e}")))?;
         for item in listing {
             let item = item.map_err(|e| mismatch(&dir, format!("cannot list: {e}")))?;
             let name = item.file_name().to_string_lossy().into_owned();
-            let child_rel = if rel.is_empty() { name } else { format!("{rel}/{name}") };
-            let file_type = item.file_type().map_err(|e| mismatch(&item.path(), format!("cannot stat: {e}")))?;
+            let child_rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let file_type = item
+                .file_type()
+                .map_err(|e| mismatch(&item.path(), format!("cannot stat: {e}")))?;
             if file_type.is_dir() {
                 stack.push((item.path(), child_rel));
             } else if !expected.contains(&child_rel) {
-                return Err(mismatch(&item.path(), "is not listed in the manifest".to_owned()));
+                return Err(mismatch(
+                    &item.path(),
+                    "is not listed in the manifest".to_owned(),
+                ));
             }
         }
     }

@@ -5,7 +5,9 @@
 use crate::digest::{DEFAULT_CHUNK_SIZE, StreamingTreeDigest, read_full};
 use crate::elf::{ELF_SNIFF_BYTES, detect_elf_target, target_label};
 use crate::manifest::{FileEntry, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, SymlinkEntry};
-use crate::paths::{PathProblem, ancestors, is_within, normalize_entry_path, resolve_symlink, top_component};
+use crate::paths::{
+    PathProblem, ancestors, is_within, normalize_entry_path, resolve_symlink, top_component,
+};
 use crate::{Expectations, Limits, PackageError};
 use ring::digest::{Context, SHA256};
 use std::cell::Cell;
@@ -169,9 +171,14 @@ pub(crate) fn walk(
     sink: &mut dyn Sink,
 ) -> Result<Walked, PackageError> {
     let file = File::open(path).map_err(|e| PackageError::io("cannot open package", path, e))?;
-    let size = file.metadata().map_err(|e| PackageError::io("cannot stat package", path, e))?.len();
+    let size = file
+        .metadata()
+        .map_err(|e| PackageError::io("cannot stat package", path, e))?
+        .len();
     if size == 0 {
-        return Err(PackageError::EmptyPackage { path: path.to_owned() });
+        return Err(PackageError::EmptyPackage {
+            path: path.to_owned(),
+        });
     }
     let state = Rc::new(StreamState::default());
     let source = Source {
@@ -181,16 +188,30 @@ pub(crate) fn walk(
         state: Rc::clone(&state),
     };
     let mut buffered = BufReader::with_capacity(BUF_BYTES, source);
-    let head = buffered.fill_buf().map_err(|e| PackageError::io("cannot read package", path, e))?;
+    let head = buffered
+        .fill_buf()
+        .map_err(|e| PackageError::io("cannot read package", path, e))?;
     if !head.starts_with(&[0x1f, 0x8b]) {
-        return Err(PackageError::NotGzip { path: path.to_owned() });
+        return Err(PackageError::NotGzip {
+            path: path.to_owned(),
+        });
     }
-    let decompressed = Decompressed { inner: Decoder::new(buffered), state: Rc::clone(&state) };
+    let decompressed = Decompressed {
+        inner: Decoder::new(buffered),
+        state: Rc::clone(&state),
+    };
     let mut archive = tar::Archive::new(decompressed);
 
     let mut walker = Walker::new(path, limits, expect, &state);
     walker.run(&mut archive, sink)?;
-    let Walker { top, files, symlinks, embedded, targets, .. } = walker;
+    let Walker {
+        top,
+        files,
+        symlinks,
+        embedded,
+        targets,
+        ..
+    } = walker;
 
     let mut rest = archive.into_inner();
     drain_trailer(&mut rest, path, &state)?;
@@ -205,10 +226,14 @@ pub(crate) fn walk(
         )
     })?;
     let Some(top) = top else {
-        return Err(PackageError::EmptyPackage { path: path.to_owned() });
+        return Err(PackageError::EmptyPackage {
+            path: path.to_owned(),
+        });
     };
     if files.is_empty() {
-        return Err(PackageError::EmptyPackage { path: path.to_owned() });
+        return Err(PackageError::EmptyPackage {
+            path: path.to_owned(),
+        });
     }
     Ok(Walked {
         top,
@@ -224,18 +249,26 @@ pub(crate) fn walk(
 
 /// Reads what follows the end-of-archive marker to the end of the gzip stream: zeros only, bounded. Reaching
 /// the end also makes the decoder check the gzip CRC and length, which catches corruption near the end.
-fn drain_trailer(rest: &mut Decompressed<Decoder>, path: &Path, state: &StreamState) -> Result<(), PackageError> {
+fn drain_trailer(
+    rest: &mut Decompressed<Decoder>,
+    path: &Path,
+    state: &StreamState,
+) -> Result<(), PackageError> {
     state.metadata_budget.set(None);
     let mut buf = vec![0u8; 64 * 1024];
     let mut seen = 0u64;
     loop {
-        let n = rest.read(&mut buf).map_err(|e| classify(e, state, path, None))?;
+        let n = rest
+            .read(&mut buf)
+            .map_err(|e| classify(e, state, path, None))?;
         if n == 0 {
             return Ok(());
         }
         seen += n as u64;
         if seen > MAX_TRAILER_BYTES || buf[..n].iter().any(|&b| b != 0) {
-            return Err(PackageError::TrailingData { path: path.to_owned() });
+            return Err(PackageError::TrailingData {
+                path: path.to_owned(),
+            });
         }
     }
 }
@@ -246,21 +279,32 @@ fn classify(err: io::Error, state: &StreamState, path: &Path, after: Option<&str
     if state.source_failed.get() {
         PackageError::io("cannot read package", path, err)
     } else if state.budget_exceeded.get() {
-        PackageError::MetadataTooLarge { path: path.to_owned(), after, limit: MAX_METADATA_BYTES }
+        PackageError::MetadataTooLarge {
+            path: path.to_owned(),
+            after,
+            limit: MAX_METADATA_BYTES,
+        }
     } else if state.decoder_failed.get() {
         let detail = if err.kind() == io::ErrorKind::UnexpectedEof {
             format!("truncated: {err}")
         } else {
             err.to_string()
         };
-        PackageError::CorruptGzip { path: path.to_owned(), detail }
+        PackageError::CorruptGzip {
+            path: path.to_owned(),
+            detail,
+        }
     } else {
         let detail = if err.kind() == io::ErrorKind::UnexpectedEof {
             format!("truncated: {err}")
         } else {
             err.to_string()
         };
-        PackageError::CorruptTar { path: path.to_owned(), after, detail }
+        PackageError::CorruptTar {
+            path: path.to_owned(),
+            after,
+            detail,
+        }
     }
 }
 
@@ -283,7 +327,12 @@ struct Walker<'a> {
 }
 
 impl<'a> Walker<'a> {
-    fn new(path: &'a Path, limits: &'a Limits, expect: &'a Expectations, state: &'a StreamState) -> Self {
+    fn new(
+        path: &'a Path,
+        limits: &'a Limits,
+        expect: &'a Expectations,
+        state: &'a StreamState,
+    ) -> Self {
         Self {
             path,
             limits,
@@ -307,7 +356,11 @@ impl<'a> Walker<'a> {
         classify(err, self.state, self.path, self.last.as_deref())
     }
 
-    fn run(&mut self, archive: &mut tar::Archive<Decompressed<Decoder>>, sink: &mut dyn Sink) -> Result<(), PackageError> {
+    fn run(
+        &mut self,
+        archive: &mut tar::Archive<Decompressed<Decoder>>,
+        sink: &mut dyn Sink,
+    ) -> Result<(), PackageError> {
         let mut entries = archive.entries().map_err(|e| self.io_error(e))?;
         loop {
             self.state.metadata_budget.set(Some(MAX_METADATA_BYTES));
@@ -322,10 +375,15 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>, sink: &mut dyn Sink) -> Result<(), PackageError> {
+    fn entry<R: Read>(
+        &mut self,
+        mut entry: tar::Entry<'_, R>,
+        sink: &mut dyn Sink,
+    ) -> Result<(), PackageError> {
         let raw_bytes = entry.path_bytes().into_owned();
-        let raw = String::from_utf8(raw_bytes)
-            .map_err(|e| PackageError::NonUtf8Path { entry: String::from_utf8_lossy(e.as_bytes()).into_owned() })?;
+        let raw = String::from_utf8(raw_bytes).map_err(|e| PackageError::NonUtf8Path {
+            entry: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        })?;
         let kind = entry.header().entry_type();
         let declared = entry.size();
 
@@ -354,7 +412,10 @@ impl<'a> Walker<'a> {
 
         self.entries += 1;
         if self.entries > self.limits.max_files {
-            return Err(PackageError::TooManyEntries { entry: path, limit: self.limits.max_files });
+            return Err(PackageError::TooManyEntries {
+                entry: path,
+                limit: self.limits.max_files,
+            });
         }
 
         let node = if kind.is_file() || kind.is_contiguous() {
@@ -367,17 +428,23 @@ impl<'a> Walker<'a> {
             // A hard link becomes a regular file (a copy of its target).
             Node::File
         } else {
-            return Err(PackageError::UnsupportedEntryType { entry: path, kind: entry_kind_name(kind) });
+            return Err(PackageError::UnsupportedEntryType {
+                entry: path,
+                kind: entry_kind_name(kind),
+            });
         };
-        if (node != Node::File || kind.is_hard_link())
-            && declared != 0 {
-                let kind_name = match node {
-                    Node::Dir | Node::ImpliedDir => "directory",
-                    Node::Symlink => "symlink",
-                    Node::File => "hard link",
-                };
-                return Err(PackageError::UnexpectedData { entry: path, kind: kind_name, size: declared });
-            }
+        if (node != Node::File || kind.is_hard_link()) && declared != 0 {
+            let kind_name = match node {
+                Node::Dir | Node::ImpliedDir => "directory",
+                Node::Symlink => "symlink",
+                Node::File => "hard link",
+            };
+            return Err(PackageError::UnexpectedData {
+                entry: path,
+                kind: kind_name,
+                size: declared,
+            });
+        }
 
         let at_root = !path.contains('/');
         if at_root && path == MANIFEST_FILE {
@@ -398,13 +465,21 @@ impl<'a> Walker<'a> {
         match &self.top {
             None => {
                 if let Some(expected) = &self.expect.component
-                    && *expected != top {
-                        return Err(PackageError::ComponentMismatch { found: top, expected: expected.clone() });
-                    }
+                    && *expected != top
+                {
+                    return Err(PackageError::ComponentMismatch {
+                        found: top,
+                        expected: expected.clone(),
+                    });
+                }
                 self.top = Some(top.clone());
             }
             Some(first) if *first != top => {
-                return Err(PackageError::MultipleTopLevelDirs { entry: path, first: first.clone(), second: top });
+                return Err(PackageError::MultipleTopLevelDirs {
+                    entry: path,
+                    first: first.clone(),
+                    second: top,
+                });
             }
             Some(_) => {}
         }
@@ -413,7 +488,9 @@ impl<'a> Walker<'a> {
         match node {
             Node::Dir | Node::ImpliedDir => sink.directory(&path)?,
             Node::Symlink => self.symlink(&entry, path.clone(), &top)?,
-            Node::File if kind.is_hard_link() => self.hard_link(&entry, path.clone(), &top, sink)?,
+            Node::File if kind.is_hard_link() => {
+                self.hard_link(&entry, path.clone(), &top, sink)?
+            }
             Node::File => self.file(&mut entry, path.clone(), declared, sink)?,
         }
         self.last = Some(path);
@@ -425,7 +502,11 @@ impl<'a> Walker<'a> {
         for ancestor in ancestors(path) {
             match self.nodes.get(ancestor) {
                 Some(Node::File) | Some(Node::Symlink) => {
-                    let ancestor_kind = if self.nodes.get(ancestor) == Some(&Node::File) { "file" } else { "symlink" };
+                    let ancestor_kind = if self.nodes.get(ancestor) == Some(&Node::File) {
+                        "file"
+                    } else {
+                        "symlink"
+                    };
                     return Err(PackageError::ThroughNonDirectory {
                         entry: path.to_owned(),
                         ancestor: ancestor.to_owned(),
@@ -447,18 +528,26 @@ impl<'a> Walker<'a> {
                 self.nodes.insert(path.to_owned(), node);
                 Ok(())
             }
-            Some(_) => Err(PackageError::DuplicatePath { entry: path.to_owned() }),
+            Some(_) => Err(PackageError::DuplicatePath {
+                entry: path.to_owned(),
+            }),
         }
     }
 
-    fn read_manifest<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, declared: u64) -> Result<Manifest, PackageError> {
+    fn read_manifest<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        declared: u64,
+    ) -> Result<Manifest, PackageError> {
         if declared > MAX_MANIFEST_BYTES {
             return Err(PackageError::InvalidManifest {
                 detail: format!("{declared} bytes is over the {MAX_MANIFEST_BYTES}-byte limit"),
             });
         }
         let mut bytes = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
-        entry.read_to_end(&mut bytes).map_err(|e| self.io_error(e))?;
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.io_error(e))?;
         if bytes.len() as u64 != declared {
             return Err(self.truncated(MANIFEST_FILE));
         }
@@ -473,19 +562,33 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn symlink<R: Read>(&mut self, entry: &tar::Entry<'_, R>, path: String, top: &str) -> Result<(), PackageError> {
-        let target_bytes = entry.link_name_bytes().map(|b| b.into_owned()).unwrap_or_default();
+    fn symlink<R: Read>(
+        &mut self,
+        entry: &tar::Entry<'_, R>,
+        path: String,
+        top: &str,
+    ) -> Result<(), PackageError> {
+        let target_bytes = entry
+            .link_name_bytes()
+            .map(|b| b.into_owned())
+            .unwrap_or_default();
         let target = String::from_utf8(target_bytes).map_err(|e| PackageError::NonUtf8Path {
             entry: format!("{path} -> {}", String::from_utf8_lossy(e.as_bytes())),
         })?;
         if target.chars().any(char::is_control) {
-            return Err(PackageError::ControlCharacter { entry: format!("{path} -> {target}") });
+            return Err(PackageError::ControlCharacter {
+                entry: format!("{path} -> {target}"),
+            });
         }
         let inside = !target.is_empty()
             && !target.starts_with('/')
             && resolve_symlink(&path, &target).is_some_and(|resolved| is_within(&resolved, top));
         if !inside {
-            return Err(PackageError::LinkOutsidePackage { entry: path, target, kind: "symlink" });
+            return Err(PackageError::LinkOutsidePackage {
+                entry: path,
+                target,
+                kind: "symlink",
+            });
         }
         self.symlinks.push(SymlinkEntry { path, target });
         Ok(())
@@ -498,7 +601,10 @@ impl<'a> Walker<'a> {
         top: &str,
         sink: &mut dyn Sink,
     ) -> Result<(), PackageError> {
-        let raw_target = entry.link_name_bytes().map(|b| b.into_owned()).unwrap_or_default();
+        let raw_target = entry
+            .link_name_bytes()
+            .map(|b| b.into_owned())
+            .unwrap_or_default();
         let raw_target = String::from_utf8(raw_target).map_err(|e| PackageError::NonUtf8Path {
             entry: format!("{path} -> {}", String::from_utf8_lossy(e.as_bytes())),
         })?;
@@ -512,12 +618,20 @@ impl<'a> Walker<'a> {
             return Err(outside());
         }
         let Some(&index) = self.file_index.get(&target) else {
-            return Err(PackageError::HardLinkTargetMissing { entry: path, target: raw_target });
+            return Err(PackageError::HardLinkTargetMissing {
+                entry: path,
+                target: raw_target,
+            });
         };
         let source = self.files[index].clone();
         self.account_size(&path, source.size)?;
         sink.hard_link(&path, &source.path, source.mode)?;
-        if let Some(found) = self.targets.iter().find(|(p, _, _)| *p == source.path).map(|(_, os, arch)| (*os, *arch)) {
+        if let Some(found) = self
+            .targets
+            .iter()
+            .find(|(p, _, _)| *p == source.path)
+            .map(|(_, os, arch)| (*os, *arch))
+        {
             self.targets.push((path.clone(), found.0, found.1));
         }
         self.file_index.insert(path.clone(), self.files.len());
@@ -527,7 +641,11 @@ impl<'a> Walker<'a> {
 
     fn account_size(&mut self, path: &str, size: u64) -> Result<(), PackageError> {
         if size > self.limits.max_entry_bytes {
-            return Err(PackageError::EntryTooLarge { entry: path.to_owned(), size, limit: self.limits.max_entry_bytes });
+            return Err(PackageError::EntryTooLarge {
+                entry: path.to_owned(),
+                size,
+                limit: self.limits.max_entry_bytes,
+            });
         }
         let total = self.unpacked.saturating_add(size);
         if total > self.limits.max_unpacked_bytes {
@@ -548,16 +666,26 @@ impl<'a> Walker<'a> {
         declared: u64,
         sink: &mut dyn Sink,
     ) -> Result<(), PackageError> {
-        let raw_mode = entry.header().mode().map_err(|e| PackageError::CorruptTar {
-            path: self.path.to_owned(),
-            after: self.last.clone(),
-            detail: format!("entry `{path}`: {e}"),
-        })? & 0o7777;
+        let raw_mode = entry
+            .header()
+            .mode()
+            .map_err(|e| PackageError::CorruptTar {
+                path: self.path.to_owned(),
+                after: self.last.clone(),
+                detail: format!("entry `{path}`: {e}"),
+            })?
+            & 0o7777;
         if raw_mode & 0o7000 != 0 {
-            return Err(PackageError::SpecialModeBits { entry: path, mode: raw_mode });
+            return Err(PackageError::SpecialModeBits {
+                entry: path,
+                mode: raw_mode,
+            });
         }
         if raw_mode & 0o002 != 0 {
-            return Err(PackageError::WorldWritable { entry: path, mode: raw_mode });
+            return Err(PackageError::WorldWritable {
+                entry: path,
+                mode: raw_mode,
+            });
         }
         self.account_size(&path, declared)?;
 
@@ -568,7 +696,12 @@ impl<'a> Walker<'a> {
         self.buf = buf;
         let sha256 = result?;
         self.file_index.insert(path.clone(), self.files.len());
-        self.files.push(FileEntry { path, mode: raw_mode, size: declared, sha256 });
+        self.files.push(FileEntry {
+            path,
+            mode: raw_mode,
+            size: declared,
+            sha256,
+        });
         Ok(())
     }
 
@@ -585,10 +718,11 @@ impl<'a> Walker<'a> {
         let mut seen = read_full(entry, buf).map_err(|e| self.io_error(e))?;
         let first = &buf[..seen];
         if first.len() >= ELF_SNIFF_BYTES
-            && let Some((os, arch)) = detect_elf_target(first) {
-                self.check_expected_target(path, os, arch)?;
-                self.targets.push((path.to_owned(), os, arch));
-            }
+            && let Some((os, arch)) = detect_elf_target(first)
+        {
+            self.check_expected_target(path, os, arch)?;
+            self.targets.push((path.to_owned(), os, arch));
+        }
         sink.file_begin(path, mode)?;
         hash.update(first);
         sink.file_data(first)?;
@@ -631,6 +765,9 @@ fn entry_kind_name(kind: tar::EntryType) -> String {
         tar::EntryType::Block => "block device".to_owned(),
         tar::EntryType::Fifo => "fifo".to_owned(),
         tar::EntryType::GNUSparse => "sparse file".to_owned(),
-        other => format!("tar type `{}`", char::from(other.as_byte()).escape_default()),
+        other => format!(
+            "tar type `{}`",
+            char::from(other.as_byte()).escape_default()
+        ),
     }
 }

@@ -15,7 +15,9 @@ struct Archive {
 
 impl Archive {
     fn new() -> Self {
-        Self { builder: tar::Builder::new(Vec::new()) }
+        Self {
+            builder: tar::Builder::new(Vec::new()),
+        }
     }
 
     fn raw(mut self, name: &[u8], kind: EntryType, mode: u32, data: &[u8], link: &[u8]) -> Self {
@@ -44,11 +46,23 @@ impl Archive {
     }
 
     fn symlink(self, name: &str, target: &str) -> Self {
-        self.raw(name.as_bytes(), EntryType::Symlink, 0o777, b"", target.as_bytes())
+        self.raw(
+            name.as_bytes(),
+            EntryType::Symlink,
+            0o777,
+            b"",
+            target.as_bytes(),
+        )
     }
 
     fn hard_link(self, name: &str, target: &str) -> Self {
-        self.raw(name.as_bytes(), EntryType::Link, 0o644, b"", target.as_bytes())
+        self.raw(
+            name.as_bytes(),
+            EntryType::Link,
+            0o644,
+            b"",
+            target.as_bytes(),
+        )
     }
 
     fn manifest(self, json: &str) -> Self {
@@ -87,17 +101,27 @@ fn elf(machine: u16) -> Vec<u8> {
 }
 
 fn good() -> Archive {
-    Archive::new().dir("demo/").file_mode("demo/demo", 0o755, b"#!/bin/sh\necho ok\n").file("demo/conf/a.toml", b"a = 1\n")
+    Archive::new()
+        .dir("demo/")
+        .file_mode("demo/demo", 0o755, b"#!/bin/sh\necho ok\n")
+        .file("demo/conf/a.toml", b"a = 1\n")
 }
 
 fn manifest_for(files: &[(&str, u32, &[u8])], extra: &str) -> String {
     let files: Vec<String> = files
         .iter()
         .map(|(path, mode, data)| {
-            format!(r#"{{"path":"{path}","mode":{mode},"size":{},"sha256":"{}"}}"#, data.len(), sha256(data))
+            format!(
+                r#"{{"path":"{path}","mode":{mode},"size":{},"sha256":"{}"}}"#,
+                data.len(),
+                sha256(data)
+            )
         })
         .collect();
-    format!(r#"{{"format":1,"component":"demo","version":"v1"{extra},"files":[{}]}}"#, files.join(","))
+    format!(
+        r#"{{"format":1,"component":"demo","version":"v1"{extra},"files":[{}]}}"#,
+        files.join(",")
+    )
 }
 
 type Check = fn(&PackageError) -> bool;
@@ -113,7 +137,14 @@ struct Case {
 }
 
 fn case(name: &'static str, archive: Vec<u8>, mentions: &'static str, check: Check) -> Case {
-    Case { name, archive, limits: Limits::default(), expect: Expectations::default(), check, mentions }
+    Case {
+        name,
+        archive,
+        limits: Limits::default(),
+        expect: Expectations::default(),
+        check,
+        mentions,
+    }
 }
 
 fn cases(abs_target: &str) -> Vec<Case> {
@@ -135,150 +166,351 @@ fn cases(abs_target: &str) -> Vec<Case> {
     let conf: &[u8] = b"a = 1\n";
 
     let mut rows = vec![
-        case("absolute path", Archive::new().dir("demo/").file(abs_name, b"pwned").gz(), abs_name, |e| {
-            matches!(e, PackageError::AbsolutePath { .. })
-        }),
-        case("dot-dot path", good().file("demo/../../escaped", b"pwned").gz(), "demo/../../escaped", |e| {
-            matches!(e, PackageError::ParentComponent { .. })
-        }),
-        case("dot-dot as first entry", Archive::new().file("../escaped", b"pwned").gz(), "../escaped", |e| {
-            matches!(e, PackageError::ParentComponent { .. })
-        }),
-        case("symlink leaving the package", good().symlink("demo/lnk", "../../etc/passwd").gz(), "demo/lnk", |e| {
-            matches!(e, PackageError::LinkOutsidePackage { kind: "symlink", .. })
-        }),
-        case("absolute symlink", good().symlink("demo/lnk", "/etc/passwd").gz(), "/etc/passwd", |e| {
-            matches!(e, PackageError::LinkOutsidePackage { kind: "symlink", .. })
-        }),
-        case("symlink to the archive root", good().symlink("demo/up", "..").gz(), "demo/up", |e| {
-            matches!(e, PackageError::LinkOutsidePackage { .. })
-        }),
+        case(
+            "absolute path",
+            Archive::new().dir("demo/").file(abs_name, b"pwned").gz(),
+            abs_name,
+            |e| matches!(e, PackageError::AbsolutePath { .. }),
+        ),
+        case(
+            "dot-dot path",
+            good().file("demo/../../escaped", b"pwned").gz(),
+            "demo/../../escaped",
+            |e| matches!(e, PackageError::ParentComponent { .. }),
+        ),
+        case(
+            "dot-dot as first entry",
+            Archive::new().file("../escaped", b"pwned").gz(),
+            "../escaped",
+            |e| matches!(e, PackageError::ParentComponent { .. }),
+        ),
+        case(
+            "symlink leaving the package",
+            good().symlink("demo/lnk", "../../etc/passwd").gz(),
+            "demo/lnk",
+            |e| {
+                matches!(
+                    e,
+                    PackageError::LinkOutsidePackage {
+                        kind: "symlink",
+                        ..
+                    }
+                )
+            },
+        ),
+        case(
+            "absolute symlink",
+            good().symlink("demo/lnk", "/etc/passwd").gz(),
+            "/etc/passwd",
+            |e| {
+                matches!(
+                    e,
+                    PackageError::LinkOutsidePackage {
+                        kind: "symlink",
+                        ..
+                    }
+                )
+            },
+        ),
+        case(
+            "symlink to the archive root",
+            good().symlink("demo/up", "..").gz(),
+            "demo/up",
+            |e| matches!(e, PackageError::LinkOutsidePackage { .. }),
+        ),
         case(
             "symlink escaping through another symlink",
-            good().dir("demo/a/b/c/").symlink("demo/a/b/c/s", "../../..").symlink("demo/a/b/c/t", "s/../../x").gz(),
+            good()
+                .dir("demo/a/b/c/")
+                .symlink("demo/a/b/c/s", "../../..")
+                .symlink("demo/a/b/c/t", "s/../../x")
+                .gz(),
             "demo/a/b/c/t",
             |e| matches!(e, PackageError::SymlinkThroughSymlink { .. }),
         ),
-        case("hard link leaving the package", good().hard_link("demo/h", "../outside").gz(), "demo/h", |e| {
-            matches!(e, PackageError::LinkOutsidePackage { kind: "hard link", .. })
-        }),
-        case("absolute hard link", good().hard_link("demo/h", "/etc/shadow").gz(), "/etc/shadow", |e| {
-            matches!(e, PackageError::LinkOutsidePackage { kind: "hard link", .. })
-        }),
-        case("hard link to nothing", good().hard_link("demo/h", "demo/missing").gz(), "demo/missing", |e| {
-            matches!(e, PackageError::HardLinkTargetMissing { .. })
-        }),
-        case("character device", good().raw(b"demo/tty", EntryType::Char, 0o644, b"", b"").gz(), "demo/tty", |e| {
-            matches!(e, PackageError::UnsupportedEntryType { kind, .. } if kind == "character device")
-        }),
-        case("block device", good().raw(b"demo/sda", EntryType::Block, 0o644, b"", b"").gz(), "demo/sda", |e| {
-            matches!(e, PackageError::UnsupportedEntryType { kind, .. } if kind == "block device")
-        }),
-        case("fifo", good().raw(b"demo/pipe", EntryType::Fifo, 0o644, b"", b"").gz(), "demo/pipe", |e| {
-            matches!(e, PackageError::UnsupportedEntryType { kind, .. } if kind == "fifo")
-        }),
+        case(
+            "hard link leaving the package",
+            good().hard_link("demo/h", "../outside").gz(),
+            "demo/h",
+            |e| {
+                matches!(
+                    e,
+                    PackageError::LinkOutsidePackage {
+                        kind: "hard link",
+                        ..
+                    }
+                )
+            },
+        ),
+        case(
+            "absolute hard link",
+            good().hard_link("demo/h", "/etc/shadow").gz(),
+            "/etc/shadow",
+            |e| {
+                matches!(
+                    e,
+                    PackageError::LinkOutsidePackage {
+                        kind: "hard link",
+                        ..
+                    }
+                )
+            },
+        ),
+        case(
+            "hard link to nothing",
+            good().hard_link("demo/h", "demo/missing").gz(),
+            "demo/missing",
+            |e| matches!(e, PackageError::HardLinkTargetMissing { .. }),
+        ),
+        case(
+            "character device",
+            good()
+                .raw(b"demo/tty", EntryType::Char, 0o644, b"", b"")
+                .gz(),
+            "demo/tty",
+            |e| matches!(e, PackageError::UnsupportedEntryType { kind, .. } if kind == "character device"),
+        ),
+        case(
+            "block device",
+            good()
+                .raw(b"demo/sda", EntryType::Block, 0o644, b"", b"")
+                .gz(),
+            "demo/sda",
+            |e| matches!(e, PackageError::UnsupportedEntryType { kind, .. } if kind == "block device"),
+        ),
+        case(
+            "fifo",
+            good()
+                .raw(b"demo/pipe", EntryType::Fifo, 0o644, b"", b"")
+                .gz(),
+            "demo/pipe",
+            |e| matches!(e, PackageError::UnsupportedEntryType { kind, .. } if kind == "fifo"),
+        ),
         case(
             "unknown entry type",
-            good().raw(b"demo/odd", EntryType::new(b'Z'), 0o644, b"", b"").gz(),
+            good()
+                .raw(b"demo/odd", EntryType::new(b'Z'), 0o644, b"", b"")
+                .gz(),
             "demo/odd",
             |e| matches!(e, PackageError::UnsupportedEntryType { .. }),
         ),
-        case("duplicate file", good().file("demo/conf/a.toml", b"b = 2\n").gz(), "demo/conf/a.toml", |e| {
-            matches!(e, PackageError::DuplicatePath { .. })
-        }),
-        case("file then directory", good().dir("demo/demo/").gz(), "demo/demo", |e| {
-            matches!(e, PackageError::DuplicatePath { .. })
-        }),
-        case("entry below a file", good().file("demo/demo/inner", b"x").gz(), "demo/demo/inner", |e| {
-            matches!(e, PackageError::ThroughNonDirectory { ancestor_kind: "file", .. })
-        }),
+        case(
+            "duplicate file",
+            good().file("demo/conf/a.toml", b"b = 2\n").gz(),
+            "demo/conf/a.toml",
+            |e| matches!(e, PackageError::DuplicatePath { .. }),
+        ),
+        case(
+            "file then directory",
+            good().dir("demo/demo/").gz(),
+            "demo/demo",
+            |e| matches!(e, PackageError::DuplicatePath { .. }),
+        ),
+        case(
+            "entry below a file",
+            good().file("demo/demo/inner", b"x").gz(),
+            "demo/demo/inner",
+            |e| {
+                matches!(
+                    e,
+                    PackageError::ThroughNonDirectory {
+                        ancestor_kind: "file",
+                        ..
+                    }
+                )
+            },
+        ),
         case(
             "entry below a symlink",
-            good().dir("demo/real/").symlink("demo/via", "real").file("demo/via/x", b"x").gz(),
+            good()
+                .dir("demo/real/")
+                .symlink("demo/via", "real")
+                .file("demo/via/x", b"x")
+                .gz(),
             "demo/via/x",
-            |e| matches!(e, PackageError::ThroughNonDirectory { ancestor_kind: "symlink", .. }),
+            |e| {
+                matches!(
+                    e,
+                    PackageError::ThroughNonDirectory {
+                        ancestor_kind: "symlink",
+                        ..
+                    }
+                )
+            },
         ),
-        case("file at the root", good().file("README", b"hi").gz(), "README", |e| {
-            matches!(e, PackageError::EntryAtRoot { .. })
-        }),
-        case("symlink at the root", good().symlink("latest", "demo").gz(), "latest", |e| {
-            matches!(e, PackageError::EntryAtRoot { .. })
-        }),
-        case("two top-level directories", good().file("other/x", b"x").gz(), "other/x", |e| {
-            matches!(e, PackageError::MultipleTopLevelDirs { .. })
-        }),
+        case(
+            "file at the root",
+            good().file("README", b"hi").gz(),
+            "README",
+            |e| matches!(e, PackageError::EntryAtRoot { .. }),
+        ),
+        case(
+            "symlink at the root",
+            good().symlink("latest", "demo").gz(),
+            "latest",
+            |e| matches!(e, PackageError::EntryAtRoot { .. }),
+        ),
+        case(
+            "two top-level directories",
+            good().file("other/x", b"x").gz(),
+            "other/x",
+            |e| matches!(e, PackageError::MultipleTopLevelDirs { .. }),
+        ),
         case(
             "non-UTF-8 path",
-            good().raw(b"demo/\xff\xfe", EntryType::Regular, 0o644, b"x", b"").gz(),
+            good()
+                .raw(b"demo/\xff\xfe", EntryType::Regular, 0o644, b"x", b"")
+                .gz(),
             "demo/",
             |e| matches!(e, PackageError::NonUtf8Path { .. }),
         ),
-        case("control character in a path", good().file("demo/a\x1b[31mred", b"x").gz(), "demo/a", |e| {
-            matches!(e, PackageError::ControlCharacter { .. })
-        }),
-        case("setuid binary", good().file_mode("demo/suid", 0o4755, b"x").gz(), "demo/suid", |e| {
-            matches!(e, PackageError::SpecialModeBits { mode: 0o4755, .. })
-        }),
-        case("setgid binary", good().file_mode("demo/sgid", 0o2755, b"x").gz(), "demo/sgid", |e| {
-            matches!(e, PackageError::SpecialModeBits { .. })
-        }),
-        case("world-writable file", good().file_mode("demo/ww", 0o666, b"x").gz(), "demo/ww", |e| {
-            matches!(e, PackageError::WorldWritable { .. })
-        }),
+        case(
+            "control character in a path",
+            good().file("demo/a\x1b[31mred", b"x").gz(),
+            "demo/a",
+            |e| matches!(e, PackageError::ControlCharacter { .. }),
+        ),
+        case(
+            "setuid binary",
+            good().file_mode("demo/suid", 0o4755, b"x").gz(),
+            "demo/suid",
+            |e| matches!(e, PackageError::SpecialModeBits { mode: 0o4755, .. }),
+        ),
+        case(
+            "setgid binary",
+            good().file_mode("demo/sgid", 0o2755, b"x").gz(),
+            "demo/sgid",
+            |e| matches!(e, PackageError::SpecialModeBits { .. }),
+        ),
+        case(
+            "world-writable file",
+            good().file_mode("demo/ww", 0o666, b"x").gz(),
+            "demo/ww",
+            |e| matches!(e, PackageError::WorldWritable { .. }),
+        ),
         case(
             "directory entry carrying data",
-            good().raw(b"demo/d/", EntryType::Directory, 0o755, b"hidden", b"").gz(),
+            good()
+                .raw(b"demo/d/", EntryType::Directory, 0o755, b"hidden", b"")
+                .gz(),
             "demo/d",
             |e| matches!(e, PackageError::UnexpectedData { .. }),
         ),
         case(
             "long-name header bomb",
-            good().raw(b"././@LongLink", EntryType::GNULongName, 0o644, &vec![b'a'; 2 << 20], b"").file("demo/x", b"x").gz(),
+            good()
+                .raw(
+                    b"././@LongLink",
+                    EntryType::GNULongName,
+                    0o644,
+                    &vec![b'a'; 2 << 20],
+                    b"",
+                )
+                .file("demo/x", b"x")
+                .gz(),
             "demo/conf/a.toml",
             |e| matches!(e, PackageError::MetadataTooLarge { .. }),
         ),
-        case("truncated gzip", truncated, "truncated", |e| matches!(e, PackageError::CorruptGzip { .. })),
-        case("corrupt gzip", corrupt, "gzip", |e| matches!(e, PackageError::CorruptGzip { .. })),
-        case("garbage inside the gzip", gzip(&[0x42u8; 2048]), "corrupt tar", |e| {
-            matches!(e, PackageError::CorruptTar { .. })
+        case("truncated gzip", truncated, "truncated", |e| {
+            matches!(e, PackageError::CorruptGzip { .. })
         }),
-        case("plain tar, not gzip", good().tar(), "not a gzip", |e| matches!(e, PackageError::NotGzip { .. })),
-        case("zero-byte file", Vec::new(), "empty", |e| matches!(e, PackageError::EmptyPackage { .. })),
-        case("archive without entries", Archive::new().gz(), "empty", |e| {
+        case("corrupt gzip", corrupt, "gzip", |e| {
+            matches!(e, PackageError::CorruptGzip { .. })
+        }),
+        case(
+            "garbage inside the gzip",
+            gzip(&[0x42u8; 2048]),
+            "corrupt tar",
+            |e| matches!(e, PackageError::CorruptTar { .. }),
+        ),
+        case("plain tar, not gzip", good().tar(), "not a gzip", |e| {
+            matches!(e, PackageError::NotGzip { .. })
+        }),
+        case("zero-byte file", Vec::new(), "empty", |e| {
             matches!(e, PackageError::EmptyPackage { .. })
         }),
-        case("directories only", Archive::new().dir("demo/").dir("demo/bin/").gz(), "empty", |e| {
-            matches!(e, PackageError::EmptyPackage { .. })
-        }),
-        case("concatenated archives", gzip(&trailing), "end-of-archive", |e| {
-            matches!(e, PackageError::TrailingData { .. })
-        }),
-        case("manifest that is not JSON", good().manifest("{not json").gz(), "patchd-manifest.json", |e| {
-            matches!(e, PackageError::InvalidManifest { .. })
-        }),
+        case(
+            "archive without entries",
+            Archive::new().gz(),
+            "empty",
+            |e| matches!(e, PackageError::EmptyPackage { .. }),
+        ),
+        case(
+            "directories only",
+            Archive::new().dir("demo/").dir("demo/bin/").gz(),
+            "empty",
+            |e| matches!(e, PackageError::EmptyPackage { .. }),
+        ),
+        case(
+            "concatenated archives",
+            gzip(&trailing),
+            "end-of-archive",
+            |e| matches!(e, PackageError::TrailingData { .. }),
+        ),
+        case(
+            "manifest that is not JSON",
+            good().manifest("{not json").gz(),
+            "patchd-manifest.json",
+            |e| matches!(e, PackageError::InvalidManifest { .. }),
+        ),
         case(
             "manifest from the future",
             good()
-                .manifest(&manifest_for(&[("demo/demo", 0o755, script), ("demo/conf/a.toml", 0o644, conf)], "").replace(r#""format":1"#, r#""format":2"#))
+                .manifest(
+                    &manifest_for(
+                        &[
+                            ("demo/demo", 0o755, script),
+                            ("demo/conf/a.toml", 0o644, conf),
+                        ],
+                        "",
+                    )
+                    .replace(r#""format":1"#, r#""format":2"#),
+                )
                 .gz(),
             "format 2",
             |e| matches!(e, PackageError::InvalidManifest { .. }),
         ),
         case(
             "file altered after the manifest was written",
-            good().manifest(&manifest_for(&[("demo/demo", 0o755, b"original"), ("demo/conf/a.toml", 0o644, conf)], "")).gz(),
+            good()
+                .manifest(&manifest_for(
+                    &[
+                        ("demo/demo", 0o755, b"original"),
+                        ("demo/conf/a.toml", 0o644, conf),
+                    ],
+                    "",
+                ))
+                .gz(),
             "demo/demo",
             |e| matches!(e, PackageError::ManifestMismatch { .. }),
         ),
         case(
             "mode altered after the manifest was written",
-            good().manifest(&manifest_for(&[("demo/demo", 0o700, script), ("demo/conf/a.toml", 0o644, conf)], "")).gz(),
+            good()
+                .manifest(&manifest_for(
+                    &[
+                        ("demo/demo", 0o700, script),
+                        ("demo/conf/a.toml", 0o644, conf),
+                    ],
+                    "",
+                ))
+                .gz(),
             "demo/demo",
-            |e| matches!(e, PackageError::ManifestMismatch { field: "the mode", .. }),
+            |e| {
+                matches!(
+                    e,
+                    PackageError::ManifestMismatch {
+                        field: "the mode",
+                        ..
+                    }
+                )
+            },
         ),
         case(
             "file slipped in besides the manifest",
-            good().manifest(&manifest_for(&[("demo/demo", 0o755, script)], "")).gz(),
+            good()
+                .manifest(&manifest_for(&[("demo/demo", 0o755, script)], ""))
+                .gz(),
             "demo/conf/a.toml",
             |e| matches!(e, PackageError::NotInManifest { .. }),
         ),
@@ -286,7 +518,11 @@ fn cases(abs_target: &str) -> Vec<Case> {
             "file listed in the manifest but missing",
             good()
                 .manifest(&manifest_for(
-                    &[("demo/demo", 0o755, script), ("demo/conf/a.toml", 0o644, conf), ("demo/gone", 0o644, b"x")],
+                    &[
+                        ("demo/demo", 0o755, script),
+                        ("demo/conf/a.toml", 0o644, conf),
+                        ("demo/gone", 0o644, b"x"),
+                    ],
                     "",
                 ))
                 .gz(),
@@ -297,68 +533,125 @@ fn cases(abs_target: &str) -> Vec<Case> {
             "manifest declaring another architecture than its binary",
             Archive::new()
                 .file_mode("demo/demo", 0o755, &elf_x86)
-                .manifest(&manifest_for(&[("demo/demo", 0o755, &elf_x86)], r#","os":"linux","arch":"aarch64""#))
+                .manifest(&manifest_for(
+                    &[("demo/demo", 0o755, &elf_x86)],
+                    r#","os":"linux","arch":"aarch64""#,
+                ))
                 .gz(),
             "demo/demo",
             |e| matches!(e, PackageError::ManifestMismatch { .. }),
         ),
         case(
             "binaries for two architectures",
-            Archive::new().file_mode("demo/a", 0o755, &elf_x86).file_mode("demo/b", 0o755, &elf_arm).gz(),
+            Archive::new()
+                .file_mode("demo/a", 0o755, &elf_x86)
+                .file_mode("demo/b", 0o755, &elf_arm)
+                .gz(),
             "demo/b",
             |e| matches!(e, PackageError::MixedTargets { .. }),
         ),
     ];
 
     let mut limited = |name, archive, mentions, limits: Limits, check: Check| {
-        rows.push(Case { name, archive, limits, expect: Expectations::default(), check, mentions });
+        rows.push(Case {
+            name,
+            archive,
+            limits,
+            expect: Expectations::default(),
+            check,
+            mentions,
+        });
     };
     limited(
         "too many entries",
-        good().file("demo/4", b"4").file("demo/5", b"5").file("demo/6", b"6").gz(),
-        "demo/5",
-        Limits { max_files: 5, ..Limits::default() },
+        good()
+            .file("demo/4", b"4")
+            .file("demo/5", b"5")
+            .file("demo/6", b"6")
+            .gz(),
+        "demo/6",
+        Limits {
+            max_files: 5,
+            ..Limits::default()
+        },
         |e| matches!(e, PackageError::TooManyEntries { limit: 5, .. }),
     );
     limited(
         "one file over the per-file limit",
         good().file("demo/big", &big).gz(),
         "demo/big",
-        Limits { max_entry_bytes: 1 << 20, ..Limits::default() },
+        Limits {
+            max_entry_bytes: 1 << 20,
+            ..Limits::default()
+        },
         |e| matches!(e, PackageError::EntryTooLarge { .. }),
     );
     limited(
         "decompression bomb over the total limit",
-        good().file("demo/big1", &big).file("demo/big2", &big).file("demo/big3", &big).gz(),
+        good()
+            .file("demo/big1", &big)
+            .file("demo/big2", &big)
+            .file("demo/big3", &big)
+            .gz(),
         "demo/big3",
-        Limits { max_unpacked_bytes: 8 << 20, ..Limits::default() },
+        Limits {
+            max_unpacked_bytes: 8 << 20,
+            ..Limits::default()
+        },
         |e| matches!(e, PackageError::UnpackedTooLarge { .. }),
     );
 
     let mut expecting = |name, archive, mentions, expect: Expectations, check: Check| {
-        rows.push(Case { name, archive, limits: Limits::default(), expect, check, mentions });
+        rows.push(Case {
+            name,
+            archive,
+            limits: Limits::default(),
+            expect,
+            check,
+            mentions,
+        });
     };
     expecting(
         "package for another component",
         good().gz(),
         "`demo-worker`",
-        Expectations { component: Some("demo-worker".into()), ..Expectations::default() },
+        Expectations {
+            component: Some("demo-worker".into()),
+            ..Expectations::default()
+        },
         |e| matches!(e, PackageError::ComponentMismatch { .. }),
     );
     expecting(
         "binary for another architecture",
-        Archive::new().dir("demo/").file_mode("demo/demo", 0o755, &elf_arm).gz(),
+        Archive::new()
+            .dir("demo/")
+            .file_mode("demo/demo", 0o755, &elf_arm)
+            .gz(),
         "demo/demo",
-        Expectations { os: Some("linux".into()), arch: Some("x86_64".into()), ..Expectations::default() },
+        Expectations {
+            os: Some("linux".into()),
+            arch: Some("x86_64".into()),
+            ..Expectations::default()
+        },
         |e| matches!(e, PackageError::WrongTarget { found, .. } if found == "linux/aarch64"),
     );
     expecting(
         "manifest for another architecture",
         good()
-            .manifest(&manifest_for(&[("demo/demo", 0o755, script), ("demo/conf/a.toml", 0o644, conf)], r#","os":"linux","arch":"riscv64""#))
+            .manifest(&manifest_for(
+                &[
+                    ("demo/demo", 0o755, script),
+                    ("demo/conf/a.toml", 0o644, conf),
+                ],
+                r#","os":"linux","arch":"riscv64""#,
+            ))
             .gz(),
         "linux/riscv64",
-        Expectations { os: Some("linux".into()), arch: Some("x86_64".into()), ..Expectations::default() },
+        Expectations {
+            os: Some("linux".into()),
+            arch: Some("x86_64".into()),
+            ..Expectations::default()
+        },
         |e| matches!(e, PackageError::WrongTarget { .. }),
     );
     rows
@@ -371,7 +664,14 @@ fn listing(root: &Path) -> Vec<String> {
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let entry = entry.unwrap();
-            out.push(entry.path().strip_prefix(root).unwrap().display().to_string());
+            out.push(
+                entry
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap()
+                    .display()
+                    .to_string(),
+            );
             if entry.file_type().unwrap().is_dir() {
                 stack.push(entry.path());
             }
@@ -397,26 +697,39 @@ fn every_hostile_package_is_refused_with_its_own_error_and_writes_nothing_outsid
 
         match inspect_expecting(&package, &row.limits, &row.expect) {
             Ok(_) => failures.push(format!("{}: inspect accepted it", row.name)),
-            Err(e) if !(row.check)(&e) => failures.push(format!("{}: inspect gave the wrong error: {e:?}", row.name)),
-            Err(e) if !e.to_string().contains(row.mentions) => {
-                failures.push(format!("{}: inspect's message does not mention `{}`: {e}", row.name, row.mentions))
+            Err(e) if !(row.check)(&e) => {
+                failures.push(format!("{}: inspect gave the wrong error: {e:?}", row.name))
             }
+            Err(e) if !e.to_string().contains(row.mentions) => failures.push(format!(
+                "{}: inspect's message does not mention `{}`: {e}",
+                row.name, row.mentions
+            )),
             Err(_) => {}
         }
         match unpack_verified(&package, &dest, &row.limits, &row.expect) {
             Ok(_) => failures.push(format!("{}: unpack accepted it", row.name)),
-            Err(e) if !(row.check)(&e) => failures.push(format!("{}: unpack gave the wrong error: {e:?}", row.name)),
+            Err(e) if !(row.check)(&e) => {
+                failures.push(format!("{}: unpack gave the wrong error: {e:?}", row.name))
+            }
             Err(_) => {}
         }
         let left = listing(&work);
         if left != ["jail", "package.tar.gz"] {
-            failures.push(format!("{}: files left behind after the refusal: {left:?}", row.name));
+            failures.push(format!(
+                "{}: files left behind after the refusal: {left:?}",
+                row.name
+            ));
         }
         if abs_target.exists() {
             failures.push(format!("{}: wrote the absolute path", row.name));
         }
     }
-    assert!(failures.is_empty(), "{} rows failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} rows failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -428,6 +741,15 @@ fn the_table_rows_are_hostile_only_in_the_way_they_say() {
     let info = inspect_expecting(&package, &Limits::default(), &Expectations::default()).unwrap();
     assert_eq!(info.manifest.component, "demo");
     assert_eq!(info.manifest.files.len(), 2);
-    unpack_verified(&package, &tmp.path().join("dest"), &Limits::default(), &Expectations::default()).unwrap();
-    assert_eq!(std::fs::read(tmp.path().join("dest/demo/conf/a.toml")).unwrap(), b"a = 1\n");
+    unpack_verified(
+        &package,
+        &tmp.path().join("dest"),
+        &Limits::default(),
+        &Expectations::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(tmp.path().join("dest/demo/conf/a.toml")).unwrap(),
+        b"a = 1\n"
+    );
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 /// Writes `contents` to `path` through a temporary file in the same directory, with `mode` (e.g. 0o600).
 /// Creates the parent directory if needed.
 pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
-    let write_err = |source| TlsError::Write { path: path.to_path_buf(), source };
+    let write_err = |cause| TlsError::Write { path: path.to_path_buf(), cause };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(write_err)?;
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

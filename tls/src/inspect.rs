@@ -65,9 +65,12 @@ pub fn check_identity(material: &TlsMaterial, role: Role) -> Result<IdentityInfo
     };
     if !ok {
         return Err(cert_problem(format!(
-            "is not a {} certificate (missing the {} extended key usage): issue one with `patchctl cert issue <name> \
+            "is not {} certificate (missing the {} extended key usage): issue one with `patchctl cert issue <name> \
              --role {}`",
-            role.as_str(),
+            match role {
+                Role::Agent => "an agent",
+                Role::Controller => "a controller",
+            },
             match role {
                 Role::Agent => "serverAuth",
                 Role::Controller => "clientAuth",

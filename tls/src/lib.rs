@@ -24,10 +24,10 @@ use std::path::{Path, PathBuf};
 /// Everything that can go wrong creating, loading or checking TLS material. Messages name the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("cannot write {}: {source}", path.display())]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {}: {cause}", path.display())]
+    Read { path: PathBuf, cause: std::io::Error },
+    #[error("cannot write {}: {cause}", path.display())]
+    Write { path: PathBuf, cause: std::io::Error },
     #[error(
         "a CA already exists in {} ({}); pass --force to replace it (every certificate it issued will stop being trusted)",
         dir.display(),
@@ -49,7 +49,7 @@ pub enum TlsError {
 }
 
 impl TlsError {
-    pub(crate) fn read(path: &Path, source: std::io::Error) -> Self {
-        Self::Read { path: path.to_path_buf(), source }
+    pub(crate) fn read(path: &Path, cause: std::io::Error) -> Self {
+        Self::Read { path: path.to_path_buf(), cause }
     }
 }

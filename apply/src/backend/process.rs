@@ -45,6 +45,8 @@ struct Running {
     pid: u32,
     generation: u64,
     started: SystemTime,
+    /// Not our child (adopted after an agent restart): its exit is seen by polling /proc, not by `wait`.
+    adopted: bool,
 }
 
 #[derive(Debug, Default)]
@@ -108,9 +110,16 @@ impl ProcessBackend {
     fn adopt_from_pid_file(&self) {
         let Ok(bytes) = std::fs::read(&self.inner.pid_path) else { return };
         let Ok(record) = serde_json::from_slice::<PidRecord>(&bytes) else { return };
-        let alive_and_ours = proc_stat(record.pid)
-            .is_some_and(|stat| stat.state != 'Z' && stat.start_ticks == record.proc_start_ticks)
-            && proc_cmdline(record.pid).is_some_and(|argv| argv == record.argv);
+        // pid + start time identify a process since boot (and survive an exec by a wrapper script); the
+        // command line is the fallback when the start time could not be recorded.
+        let alive_and_ours = proc_stat(record.pid).is_some_and(|stat| {
+            stat.state != 'Z'
+                && if record.proc_start_ticks != 0 {
+                    stat.start_ticks == record.proc_start_ticks
+                } else {
+                    proc_cmdline(record.pid).is_some_and(|argv| argv == record.argv)
+                }
+        });
         if !alive_and_ours {
             tracing::info!(service = %self.inner.spec.name, pid = record.pid, "pid file names no live process of ours; not adopting");
             let _ = fsutil::remove_if_exists(&self.inner.pid_path);
@@ -123,6 +132,7 @@ impl ProcessBackend {
                 pid: record.pid,
                 generation: state.generation,
                 started: UNIX_EPOCH + Duration::from_millis(record.started_unix_ms),
+                adopted: true,
             });
             state.generation
         };
@@ -181,7 +191,7 @@ impl Inner {
         let generation = {
             let mut state = lock(&self.state);
             state.generation += 1;
-            state.running = Some(Running { pid, generation: state.generation, started });
+            state.running = Some(Running { pid, generation: state.generation, started, adopted: false });
             state.generation
         };
         if let Ok(bytes) = serde_json::to_vec(&record)
@@ -246,12 +256,14 @@ impl Inner {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let notified = self.exited.notified();
-            let still = lock(&self.state).running.as_ref().is_some_and(|r| r.generation == generation);
-            if !still {
+            let Some(adopted) =
+                lock(&self.state).running.as_ref().filter(|r| r.generation == generation).map(|r| r.adopted)
+            else {
                 return true;
-            }
+            };
             // An adopted process is not our child: look at /proc directly rather than wait for the poller.
-            if !pid_alive(pid) {
+            // (A child of ours is reaped by its waiter, which reports the real exit status.)
+            if adopted && !pid_alive(pid) {
                 self.on_exit(generation, "exited (status unknown: not a child of this agent)".into());
                 return true;
             }

@@ -1,10 +1,122 @@
-//! `patchctl agent`: not implemented yet (placeholder so the CLI compiles while the command is built).
+//! `patchctl agent info|push`: talk to one agent directly (building blocks of `patch`, and host debugging).
 
-use super::Ctx;
+use super::{Ctx, Format};
+use anyhow::Context;
+use patchctl::agent_client::{AgentClient, PreparedBlob, PushOptions};
+use patchctl::tls_files::ControllerTls;
+use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
 
-pub async fn run(_ctx: &Ctx, _args: Args) -> anyhow::Result<u8> {
-    anyhow::bail!("`patchctl agent` is not implemented yet")
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Show an agent's version and host facts.
+    Info {
+        /// Agent address, HOST:PORT. Its certificate must name HOST.
+        addr: String,
+        /// Directory with ca.crt, controller.crt, controller.key. Default: $PATCHCTL_HOME/tls
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
+    },
+    /// Send a package to an agent's cache (transfer only; resumes; skips what the agent holds).
+    Push {
+        /// Agent address, HOST:PORT. Its certificate must name HOST.
+        addr: String,
+        /// The file to send.
+        file: PathBuf,
+        /// Chunk size in bytes (4096..=4194304); part of the package digest.
+        #[arg(long, default_value_t = patchd_package::digest::DEFAULT_CHUNK_SIZE)]
+        chunk_size: u32,
+        /// Directory with ca.crt, controller.crt, controller.key. Default: $PATCHCTL_HOME/tls
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
+    },
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
+    match args.command {
+        Command::Info { addr, tls_dir } => {
+            let tls = ControllerTls::load_dir(&tls_dir.unwrap_or_else(|| ctx.home.tls_dir()))?;
+            let mut client = AgentClient::connect(&addr, &tls).await?;
+            let info = client.info().await?;
+            match ctx.format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&info)?),
+                Format::Text => {
+                    let gib = |b: u64| format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30));
+                    println!("agent      {}", info.agent);
+                    println!("version    patchd {} (protocol {})", info.agent_version, info.protocol_version);
+                    println!("host       {} ({}/{}, {} CPUs)", info.hostname, info.os, info.arch, info.cpu_count);
+                    println!(
+                        "memory     {} available of {}",
+                        gib(info.memory_available_bytes),
+                        gib(info.memory_total_bytes)
+                    );
+                    println!("disk       {} free in the state directory", gib(info.state_dir_free_bytes));
+                    println!(
+                        "uptime     host {}, agent {}",
+                        humantime::format_duration(std::time::Duration::from_secs(info.host_uptime_seconds)),
+                        humantime::format_duration(std::time::Duration::from_secs(info.agent_uptime_seconds))
+                    );
+                    println!(
+                        "services   {}",
+                        if info.services.is_empty() { "(none)".to_string() } else { info.services.join(", ") }
+                    );
+                }
+            }
+            Ok(patchctl::exit::OK)
+        }
+        Command::Push { addr, file, chunk_size, tls_dir } => {
+            let tls = ControllerTls::load_dir(&tls_dir.unwrap_or_else(|| ctx.home.tls_dir()))?;
+            let blob = PreparedBlob::prepare(&file, chunk_size).await?;
+            let mut client = AgentClient::connect(&addr, &tls).await?;
+            let bar = if ctx.format == Format::Text {
+                indicatif::ProgressBar::new(blob.total_size)
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+                    .context("progress template")?,
+            );
+            let report = client
+                .push(&blob, &PushOptions::default(), |p| bar.set_position(p.bytes_done))
+                .await
+                .with_context(|| {
+                    format!(
+                        "push of {} to {addr} failed (the agent keeps the chunks it verified: run the same command \
+                         again to resume)",
+                        file.display()
+                    )
+                })?;
+            bar.finish_and_clear();
+            match ctx.format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Text => {
+                    println!("pushed {} to {}", file.display(), report.agent);
+                    println!("  digest   {}", report.digest);
+                    println!(
+                        "  size     {} bytes in {} chunks of {} bytes",
+                        report.total_bytes, report.chunks_total, report.chunk_size
+                    );
+                    println!(
+                        "  sent     {} bytes in {} chunks ({} chunks already held{})",
+                        report.bytes_sent,
+                        report.chunks_sent,
+                        report.chunks_skipped,
+                        if report.retries > 0 { format!(", {} resent", report.retries) } else { String::new() }
+                    );
+                    println!(
+                        "  time     {:.2} s transfer (+ {:.2} s reading and hashing the file)",
+                        report.transfer_seconds, report.digest_seconds
+                    );
+                    println!("  speed    {:.1} MB/s", report.mb_per_s);
+                }
+            }
+            Ok(patchctl::exit::OK)
+        }
+    }
 }

@@ -1,10 +1,954 @@
-//! `patchctl demo`: not implemented yet (placeholder so the CLI compiles while the command is built).
+//! `patchctl demo up|down|status` (DEMO ONLY): run a demo cluster of patchd agents on loopback (`127.0.1.1` …
+//! `127.0.1.N`) with demo-master/demo-worker services, imported as cluster `demo`, so patchd can be tried in one go.
 
-use super::Ctx;
+use super::{Ctx, Format};
+use anyhow::{Context, bail};
+use patchctl::agent_client::AgentClient;
+use patchctl::demo::layout::{
+    self, CLUSTER_NAME, DEFAULT_AGENT_PORT, ORIGINAL_VERSION, ServiceRole, master_count,
+};
+use patchctl::demo::procs::{
+    self, AgentRecord, DemoRecord, ProcessIdentity, RECORD_FORMAT, StopOutcome,
+};
+use patchctl::demo::{DemoHost, DemoLayout, DemoService, render};
+use patchctl::store::Store;
+use patchctl::tls_files::ControllerTls;
+use patchctl::topology::Topology;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
 
-pub async fn run(_ctx: &Ctx, _args: Args) -> anyhow::Result<u8> {
-    anyhow::bail!("`patchctl demo` is not implemented yet")
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Start N agents on 127.0.1.1..127.0.1.N running the demo cluster (v1.0.0) and import it as cluster `demo`.
+    Up(UpArgs),
+    /// Stop every process `demo up` started (agents and their services); keeps the files for inspection.
+    Down(DownArgs),
+    /// Show the demo's agents, services, leader and members.
+    Status(DirArg),
+}
+
+#[derive(Debug, clap::Args)]
+struct DirArg {
+    /// Demo directory. Default: $PATCHCTL_HOME/demo
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// Number of hosts (agents): 1 master below 6 hosts, 3 masters from 6 on; the rest are workers.
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    #[command(flatten)]
+    dir: DirArg,
+    /// Port every demo agent listens on (at 127.0.1.k).
+    #[arg(long, default_value_t = DEFAULT_AGENT_PORT)]
+    agent_port: u16,
+    /// First three octets of the hosts' addresses (host k is <prefix>.k); loopback only.
+    #[arg(long, default_value = layout::DEFAULT_HOSTS_PREFIX)]
+    hosts_prefix: String,
+    /// Directory holding the `patchd`, `demo-master` and `demo-worker` binaries. Default: patchctl's own directory.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// How long to wait for the agents to answer and the services to become healthy.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+struct DownArgs {
+    #[command(flatten)]
+    dir: DirArg,
+    /// Also delete the demo directory (packages, logs, agent state).
+    #[arg(long)]
+    purge: bool,
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
+    match args.command {
+        Command::Up(up_args) => up(ctx, up_args).await,
+        Command::Down(down_args) => down(ctx, down_args).await,
+        Command::Status(dir) => status(ctx, dir).await,
+    }
+}
+
+fn demo_dir(ctx: &Ctx, arg: &DirArg) -> PathBuf {
+    arg.dir.clone().unwrap_or_else(|| ctx.home.demo_dir())
+}
+
+/// Prints progress on stderr in text mode (stdout carries the result).
+fn progress(ctx: &Ctx, message: &str) {
+    if ctx.format == Format::Text {
+        eprintln!("==> {message}");
+    }
+}
+
+// ----- up -----
+
+async fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<u8> {
+    let started = Instant::now();
+    let dir = demo_dir(ctx, &args.dir);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the demo directory {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+
+    if let Some(record) = DemoRecord::load(&layout::record_path(&dir))? {
+        let live = record.live_agents();
+        if live.len() == record.agents.len() && !live.is_empty() {
+            match ctx.format {
+                Format::Json => println!(
+                    "{}",
+                    json!({"already_up": true, "dir": dir, "agents": record.agents.len()})
+                ),
+                Format::Text => {
+                    println!(
+                        "the demo is already up in {} ({} agents running)",
+                        dir.display(),
+                        live.len()
+                    );
+                    println!("  patchctl display {CLUSTER_NAME}    # see it");
+                    println!("  patchctl demo down{dir_flag}    # stop it");
+                }
+            }
+            return Ok(patchctl::exit::OK);
+        }
+        if !live.is_empty() {
+            bail!(
+                "the demo in {} is partly up ({} of {} agents running); run `patchctl demo down` first",
+                dir.display(),
+                live.len(),
+                record.agents.len()
+            );
+        }
+        // A demo that went down without `demo down` (host reboot, killed agents): stop its leftover services.
+        stop_services(ctx, &dir).await;
+    }
+
+    let bins = DemoBinaries::find(args.bin_dir.as_deref())?;
+    let layout = DemoLayout::new(&dir, args.nodes, args.agent_port, &args.hosts_prefix)?;
+    check_addresses_free(&layout)?;
+
+    progress(
+        ctx,
+        &format!(
+            "preparing {} hosts in {}",
+            layout.hosts.len(),
+            dir.display()
+        ),
+    );
+    let tls_dir = ctx.home.tls_dir();
+    ensure_controller_tls(ctx, &tls_dir)?;
+    let originals = build_originals(&layout, &bins).await?;
+    for host in &layout.hosts {
+        prepare_host(&layout, host, &tls_dir, &originals)?;
+    }
+
+    progress(
+        ctx,
+        &format!(
+            "starting {} agents (logs in {})",
+            layout.hosts.len(),
+            layout.logs_dir().display()
+        ),
+    );
+    let mut children = Vec::new();
+    let mut record = DemoRecord {
+        format: RECORD_FORMAT,
+        nodes: args.nodes,
+        agent_port: args.agent_port,
+        hosts_prefix: args.hosts_prefix.clone(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        agents: Vec::new(),
+    };
+    for host in &layout.hosts {
+        let (child, agent) = start_agent(&layout, host, &bins.patchd)?;
+        children.push(child);
+        record.agents.push(agent);
+        // Saved after every start, so `demo down` finds every agent even if `up` fails half-way.
+        record.save(&layout.record_path())?;
+    }
+
+    let ready = wait_until_ready(ctx, &layout, &tls_dir, &mut children, args.timeout).await;
+    if let Err(error) = ready {
+        eprintln!(
+            "error: the demo did not come up; stopping what was started (logs kept in {})",
+            layout.logs_dir().display()
+        );
+        stop_all(ctx, &dir, Some(&record)).await;
+        return Err(error);
+    }
+
+    let topology_path = layout.topology_path();
+    let topology_text = render::topology(&layout, &tls_dir);
+    std::fs::write(&topology_path, &topology_text)
+        .with_context(|| format!("cannot write {}", topology_path.display()))?;
+    let topology = Topology::parse(&topology_text)
+        .context("the generated demo topology does not parse (a bug)")?;
+    topology.check_name(CLUSTER_NAME, &topology_text)?;
+    let store = Store::open_home(&ctx.home)?;
+    store.save_cluster(
+        CLUSTER_NAME,
+        &topology_text,
+        &topology_path.to_string_lossy(),
+    )?;
+
+    print_up_summary(ctx, &layout, &bins, &dir_flag, started.elapsed());
+    Ok(patchctl::exit::OK)
+}
+
+/// The binaries the demo runs, found next to each other.
+struct DemoBinaries {
+    patchd: PathBuf,
+    master: PathBuf,
+    worker: PathBuf,
+}
+
+impl DemoBinaries {
+    fn find(bin_dir: Option<&Path>) -> anyhow::Result<DemoBinaries> {
+        let dir = match bin_dir {
+            Some(dir) => dir.to_path_buf(),
+            None => std::env::current_exe()
+                .context("cannot locate the patchctl executable; pass --bin-dir")?
+                .parent()
+                .map(Path::to_path_buf)
+                .context("the patchctl executable has no directory; pass --bin-dir")?,
+        };
+        let find = |name: &str| -> anyhow::Result<PathBuf> {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                bail!(
+                    "{name} not found in {}: build the binaries with `cargo build --release --bins` (or pass --bin-dir \
+                     to the directory holding patchd, demo-master and demo-worker)",
+                    dir.display()
+                )
+            }
+        };
+        Ok(DemoBinaries {
+            patchd: find("patchd")?,
+            master: find("demo-master")?,
+            worker: find("demo-worker")?,
+        })
+    }
+
+    fn of(&self, role: ServiceRole) -> &Path {
+        match role {
+            ServiceRole::Master => &self.master,
+            ServiceRole::Worker => &self.worker,
+        }
+    }
+}
+
+fn check_addresses_free(layout: &DemoLayout) -> anyhow::Result<()> {
+    let addresses = layout
+        .hosts
+        .iter()
+        .map(|host| (host.agent_addr(), format!("agent {}", host.index)))
+        .chain(
+            layout
+                .services()
+                .map(|service| (service.addr(), service.name.clone())),
+        );
+    for (addr, what) in addresses {
+        if let Err(e) = std::net::TcpListener::bind(&addr) {
+            bail!(
+                "{addr} (for {what}) is not free: {e}. Something else listens there (another demo with a different \
+                 --dir, or leftovers: see `ss -ltnp`); stop it, or pick another --agent-port"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Creates the cluster CA and the controller certificate in `tls_dir` when they are missing.
+fn ensure_controller_tls(ctx: &Ctx, tls_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(tls_dir)
+        .with_context(|| format!("cannot create {}", tls_dir.display()))?;
+    if !tls_dir.join("ca.crt").exists() {
+        progress(
+            ctx,
+            &format!("creating the cluster CA in {}", tls_dir.display()),
+        );
+        patchd_tls::init_ca(tls_dir, false).context("cannot create the cluster CA")?;
+    }
+    let files = ControllerTls::files_in(tls_dir);
+    if !files.cert.exists() || !files.key.exists() {
+        progress(ctx, "issuing the controller certificate");
+        let ca = patchd_tls::CertificateAuthority::load(tls_dir)
+            .with_context(|| format!("cannot load the CA in {}", tls_dir.display()))?;
+        let spec =
+            patchd_tls::CertSpec::new("controller", patchd_tls::Role::Controller, Vec::new(), 365);
+        ca.issue(&spec)?
+            .write(tls_dir, patchctl::tls_files::CONTROLLER_STEM)?;
+    }
+    Ok(())
+}
+
+/// Stamped v1.0.0 binaries (in `packages/.src/<component>/<component>`) and their original packages.
+async fn build_originals(
+    layout: &DemoLayout,
+    bins: &DemoBinaries,
+) -> anyhow::Result<Vec<(ServiceRole, PathBuf)>> {
+    let mut originals = Vec::new();
+    for role in [ServiceRole::Master, ServiceRole::Worker] {
+        let component = role.component();
+        let component_dir = layout.packages_dir().join(".src").join(component);
+        std::fs::create_dir_all(&component_dir)
+            .with_context(|| format!("cannot create {}", component_dir.display()))?;
+        let binary = component_dir.join(component);
+        let output = tokio::process::Command::new(bins.of(role))
+            .args(["stamp", "--version", ORIGINAL_VERSION, "-o"])
+            .arg(&binary)
+            .output()
+            .await
+            .with_context(|| format!("cannot run {}", bins.of(role).display()))?;
+        if !output.status.success() {
+            bail!(
+                "`{} stamp` failed: {}",
+                bins.of(role).display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        let package = layout.original_package(role);
+        let dir = component_dir.clone();
+        let out = package.clone();
+        tokio::task::spawn_blocking(move || patchd_package::pack_dir(&dir, ORIGINAL_VERSION, &out))
+            .await
+            .context("packing task failed")?
+            .with_context(|| format!("cannot build the original package {}", package.display()))?;
+        originals.push((role, binary));
+    }
+    Ok(originals)
+}
+
+/// Writes one host's certificates, config and deployed binaries; its old state is removed (a fresh demo).
+fn prepare_host(
+    layout: &DemoLayout,
+    host: &DemoHost,
+    controller_tls: &Path,
+    originals: &[(ServiceRole, PathBuf)],
+) -> anyhow::Result<()> {
+    for stale in [host.state_dir(), host.deploy_root()] {
+        if stale.exists() {
+            std::fs::remove_dir_all(&stale)
+                .with_context(|| format!("cannot clear {}", stale.display()))?;
+        }
+    }
+    let tls_dir = host.tls_dir();
+    for dir in [
+        &tls_dir,
+        &host.state_dir(),
+        &host.deploy_root(),
+        &layout.logs_dir(),
+    ] {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let ca = patchd_tls::CertificateAuthority::load(controller_tls)
+        .with_context(|| format!("cannot load the CA in {}", controller_tls.display()))?;
+    let spec = patchd_tls::CertSpec::new(
+        format!("agent-{}", host.index),
+        patchd_tls::Role::Agent,
+        vec![host.ip.clone()],
+        365,
+    );
+    ca.issue(&spec)?.write(&tls_dir, host.cert_name())?;
+    std::fs::copy(controller_tls.join("ca.crt"), tls_dir.join("ca.crt"))
+        .with_context(|| format!("cannot copy the CA certificate to {}", tls_dir.display()))?;
+
+    for service in &host.services {
+        let binary = service.binary();
+        let bin_dir = binary
+            .parent()
+            .context("deployed binary has no directory")?;
+        std::fs::create_dir_all(bin_dir)
+            .with_context(|| format!("cannot create {}", bin_dir.display()))?;
+        let original = originals
+            .iter()
+            .find(|(role, _)| *role == service.role)
+            .map(|(_, path)| path)
+            .context("no original binary for the role")?;
+        std::fs::copy(original, &binary).with_context(|| {
+            format!(
+                "cannot deploy {} to {}",
+                original.display(),
+                binary.display()
+            )
+        })?;
+    }
+    let config = render::agent_config(layout, host)?;
+    std::fs::write(host.config_path(), config)
+        .with_context(|| format!("cannot write {}", host.config_path().display()))?;
+    Ok(())
+}
+
+/// Starts `patchd run` for one host, detached from this process (own process group, output to its log).
+fn start_agent(
+    layout: &DemoLayout,
+    host: &DemoHost,
+    patchd: &Path,
+) -> anyhow::Result<(Child, AgentRecord)> {
+    let log_path = layout.agent_log(host);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let log_err = log
+        .try_clone()
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let mut command = std::process::Command::new(patchd);
+    command
+        .arg("run")
+        .arg("--config")
+        .arg(host.config_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err));
+    if std::env::var_os("PATCHD_LOG").is_none() {
+        command.env("PATCHD_LOG", "info");
+    }
+    // Own process group: Ctrl-C in this terminal does not reach the agents; `demo down` stops them by pid.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let child = command
+        .spawn()
+        .with_context(|| format!("cannot start {}", patchd.display()))?;
+    let process = ProcessIdentity::of(child.id()).with_context(|| {
+        format!(
+            "agent {} exited at once; see {}",
+            host.index,
+            log_path.display()
+        )
+    })?;
+    let record = AgentRecord {
+        index: host.index,
+        addr: host.agent_addr(),
+        process,
+        config: host.config_path(),
+        state_dir: host.state_dir(),
+        log: log_path,
+    };
+    Ok((child, record))
+}
+
+/// Last lines of a log file, for error messages.
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n    ")
+}
+
+async fn wait_until_ready(
+    ctx: &Ctx,
+    layout: &DemoLayout,
+    tls_dir: &Path,
+    children: &mut [Child],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let tls = ControllerTls::load_dir(tls_dir)?;
+    progress(ctx, "waiting for the agents to answer (mutual TLS)");
+    let mut pending: Vec<usize> = (0..layout.hosts.len()).collect();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for &i in &pending {
+            let host = &layout.hosts[i];
+            if let Ok(Some(status)) = children[i].try_wait() {
+                bail!(
+                    "agent {} ({}) exited ({status}) while starting; its log {}:\n    {}",
+                    host.index,
+                    host.agent_addr(),
+                    layout.agent_log(host).display(),
+                    log_tail(&layout.agent_log(host), 15)
+                );
+            }
+            let answered = match AgentClient::connect(&host.agent_addr(), &tls).await {
+                Ok(mut client) => client.info().await.is_ok(),
+                Err(_) => false,
+            };
+            if !answered {
+                still.push(i);
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let which: Vec<String> = pending
+                .iter()
+                .map(|&i| layout.hosts[i].agent_addr())
+                .collect();
+            bail!(
+                "agents {} did not answer within {}; see their logs in {}",
+                which.join(", "),
+                humantime::format_duration(timeout),
+                layout.logs_dir().display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    progress(ctx, "waiting for the services to be healthy");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let services: Vec<&DemoService> = layout.services().collect();
+    let mut pending: Vec<&DemoService> = services.clone();
+    while !pending.is_empty() {
+        let checks = pending.iter().map(|service| {
+            let http = http.clone();
+            async move {
+                let healthy = http
+                    .get(format!("{}/health", service.url()))
+                    .send()
+                    .await
+                    .is_ok_and(|response| response.status().is_success());
+                (*service, healthy)
+            }
+        });
+        pending = futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .filter_map(|(service, healthy)| (!healthy).then_some(service))
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let which: Vec<String> = pending
+                .iter()
+                .map(|s| {
+                    let host = layout.hosts.iter().find(|h| h.ip == s.host);
+                    let log = host.map(|h| {
+                        h.state_dir()
+                            .join("logs")
+                            .join(format!("{}.log", s.role.component()))
+                    });
+                    format!(
+                        "{} at {} (log {})",
+                        s.name,
+                        s.addr(),
+                        log.map(|l| l.display().to_string()).unwrap_or_default()
+                    )
+                })
+                .collect();
+            bail!(
+                "services not healthy within {}:\n  {}",
+                humantime::format_duration(timeout),
+                which.join("\n  ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    progress(ctx, "waiting for the workers to register with the masters");
+    let workers: Vec<&str> = layout
+        .services_of(ServiceRole::Worker)
+        .map(|s| s.name.as_str())
+        .collect();
+    let Some(master) = layout.services_of(ServiceRole::Master).next() else {
+        return Ok(());
+    };
+    loop {
+        let members: Option<Vec<serde_json::Value>> = match http
+            .get(format!("{}/api/members", master.url()))
+            .send()
+            .await
+        {
+            Ok(response) => response.json().await.ok(),
+            Err(_) => None,
+        };
+        let registered = members.is_some_and(|members| {
+            workers.iter().all(|name| {
+                members
+                    .iter()
+                    .any(|m| m["name"] == *name && m["state"] != "Down" && m["state"] != "Offline")
+            })
+        });
+        if registered {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the workers did not all register with the masters within {}",
+                humantime::format_duration(timeout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn print_up_summary(
+    ctx: &Ctx,
+    layout: &DemoLayout,
+    bins: &DemoBinaries,
+    dir_flag: &str,
+    took: Duration,
+) {
+    let worker_package = layout.original_package(ServiceRole::Worker);
+    let hotfix_binary = layout.dir.join("hotfix").join("demo-worker");
+    let hotfix_package = layout
+        .packages_dir()
+        .join("demo-worker-v1.0.1-hotfix.tar.gz");
+    let masters = master_count(layout.hosts.len());
+    match ctx.format {
+        Format::Json => {
+            let services: Vec<_> = layout
+                .services()
+                .map(|s| json!({"name": s.name, "role": s.role.component(), "addr": s.addr(), "deploy_dir": s.deploy_dir}))
+                .collect();
+            let agents: Vec<_> = layout.hosts.iter().map(|h| h.agent_addr()).collect();
+            println!(
+                "{}",
+                json!({
+                    "cluster": CLUSTER_NAME, "dir": layout.dir, "agents": agents, "services": services,
+                    "topology": layout.topology_path(), "packages": {
+                        "demo-master": layout.original_package(ServiceRole::Master),
+                        "demo-worker": worker_package,
+                    },
+                    "seconds": took.as_secs_f64(),
+                })
+            );
+        }
+        Format::Text => {
+            let count = layout.hosts.len();
+            let first_ip = layout
+                .hosts
+                .first()
+                .map(|h| h.ip.as_str())
+                .unwrap_or_default();
+            let last_ip = layout
+                .hosts
+                .last()
+                .map(|h| h.ip.as_str())
+                .unwrap_or_default();
+            println!(
+                "demo cluster `{CLUSTER_NAME}` is up in {:.1}s: {count} agents on {first_ip}..{last_ip}, {masters} \
+                 master(s) and {} workers running {ORIGINAL_VERSION}",
+                took.as_secs_f64(),
+                count - masters
+            );
+            for service in layout.services() {
+                println!(
+                    "  {:<10} {:<16} {}",
+                    service.name,
+                    service.addr(),
+                    service.deploy_dir.display()
+                );
+            }
+            println!(
+                "files: {} (topology.yaml, packages/, logs/)",
+                layout.dir.display()
+            );
+            println!();
+            println!("next:");
+            println!("  patchctl display {CLUSTER_NAME}");
+            println!(
+                "  # build a hotfix of the worker and roll it out, worker by worker, through the master's API:"
+            );
+            println!(
+                "  {} stamp --version v1.0.1-hotfix -o {}",
+                bins.worker.display(),
+                hotfix_binary.display()
+            );
+            println!(
+                "  patchctl package build --base {} --replace demo-worker/demo-worker={} --version v1.0.1-hotfix -o {}",
+                worker_package.display(),
+                hotfix_binary.display(),
+                hotfix_package.display()
+            );
+            println!(
+                "  patchctl patch {CLUSTER_NAME} {} -R demo-worker",
+                hotfix_package.display()
+            );
+            println!("  patchctl display {CLUSTER_NAME}");
+            println!("  patchctl demo down{dir_flag}");
+        }
+    }
+}
+
+// ----- down -----
+
+async fn down(ctx: &Ctx, args: DownArgs) -> anyhow::Result<u8> {
+    let dir = demo_dir(ctx, &args.dir);
+    if !dir.exists() {
+        println!("no demo in {}: nothing to stop", dir.display());
+        return Ok(patchctl::exit::OK);
+    }
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let record = DemoRecord::load(&layout::record_path(&dir))?;
+    if record.is_none() && !dir.join("hosts").is_dir() {
+        bail!(
+            "{} does not look like a demo directory (no demo.json, no hosts/); pass the --dir given to `demo up`",
+            dir.display()
+        );
+    }
+    let stopped = stop_all(ctx, &dir, record.as_ref()).await;
+    if args.purge {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    match ctx.format {
+        Format::Json => println!(
+            "{}",
+            json!({"dir": dir, "stopped": stopped, "purged": args.purge})
+        ),
+        Format::Text => {
+            if stopped.is_empty() {
+                println!("nothing was running in {}", dir.display());
+            } else {
+                println!(
+                    "stopped {} process(es): {}",
+                    stopped.len(),
+                    stopped.join(", ")
+                );
+            }
+            if args.purge {
+                println!("removed {}", dir.display());
+            } else {
+                println!(
+                    "kept {} (logs, packages, agent state); `patchctl demo down --purge` removes it",
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(patchctl::exit::OK)
+}
+
+/// Stops the recorded agents, then every service they started (pid files), then any stray process running a
+/// binary deployed under the demo directory. Returns a description of each process stopped.
+async fn stop_all(ctx: &Ctx, dir: &Path, record: Option<&DemoRecord>) -> Vec<String> {
+    let mut stopped = Vec::new();
+    if let Some(record) = record {
+        // Agents first: a live agent would restart a service stopped under it.
+        let stops = record.agents.iter().map(|agent| async move {
+            (
+                agent,
+                agent.process.stop(false, Duration::from_secs(15)).await,
+            )
+        });
+        for (agent, outcome) in futures::future::join_all(stops).await {
+            describe_stop(
+                ctx,
+                &format!("agent {} (pid {})", agent.addr, agent.process.pid),
+                outcome,
+                &mut stopped,
+            );
+        }
+    }
+    stopped.extend(stop_services(ctx, dir).await);
+    stopped
+}
+
+/// Stops the services named by the agents' pid files and any process still running a binary deployed under `dir`.
+async fn stop_services(ctx: &Ctx, dir: &Path) -> Vec<String> {
+    let mut stopped = Vec::new();
+    let hosts_dir = dir.join("hosts");
+    let host_dirs: Vec<PathBuf> = std::fs::read_dir(&hosts_dir)
+        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let mut services = Vec::new();
+    for host_dir in host_dirs {
+        services.extend(procs::service_processes(&host_dir.join("state")));
+    }
+    let stops = services.iter().map(|service| async move {
+        (
+            service,
+            service.process.stop(true, Duration::from_secs(10)).await,
+        )
+    });
+    for (service, outcome) in futures::future::join_all(stops).await {
+        describe_stop(
+            ctx,
+            &format!("{} (pid {})", service.service, service.process.pid),
+            outcome,
+            &mut stopped,
+        );
+    }
+    // Belt and braces: a service whose pid file is gone (e.g. an agent killed mid-restart) still runs a binary
+    // from the demo's deploy directories.
+    for stray in processes_running_under(&hosts_dir) {
+        let outcome = stray.stop(true, Duration::from_secs(10)).await;
+        describe_stop(
+            ctx,
+            &format!("stray process {}", stray.pid),
+            outcome,
+            &mut stopped,
+        );
+    }
+    stopped
+}
+
+fn describe_stop(ctx: &Ctx, what: &str, outcome: StopOutcome, stopped: &mut Vec<String>) {
+    match outcome {
+        StopOutcome::NotRunning => {}
+        StopOutcome::Terminated => stopped.push(what.to_string()),
+        StopOutcome::Killed => {
+            progress(ctx, &format!("{what} ignored SIGTERM: killed"));
+            stopped.push(what.to_string());
+        }
+        StopOutcome::StillRunning => eprintln!("warning: {what} is still running after SIGKILL"),
+    }
+}
+
+/// Live processes whose executable lies under `dir`.
+fn processes_running_under(dir: &Path) -> Vec<ProcessIdentity> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<u32>().ok())
+        })
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.starts_with(dir))
+        })
+        .filter_map(ProcessIdentity::of)
+        .collect()
+}
+
+// ----- status -----
+
+async fn status(ctx: &Ctx, args: DirArg) -> anyhow::Result<u8> {
+    let dir = demo_dir(ctx, &args);
+    let dir = dir.canonicalize().unwrap_or(dir);
+    let Some(record) = DemoRecord::load(&layout::record_path(&dir))? else {
+        bail!(
+            "no demo in {}: start one with `patchctl demo up`",
+            dir.display()
+        );
+    };
+    let layout = DemoLayout::new(&dir, record.nodes, record.agent_port, &record.hosts_prefix)?;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let mut agents = Vec::new();
+    for agent in &record.agents {
+        agents.push(json!({"addr": agent.addr, "pid": agent.process.pid, "running": agent.process.is_alive(), "log": agent.log}));
+    }
+    let mut services = Vec::new();
+    for service in layout.services() {
+        let healthy = http
+            .get(format!("{}/health", service.url()))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        let version: Option<serde_json::Value> =
+            match http.get(format!("{}/version", service.url())).send().await {
+                Ok(response) => response.json().await.ok(),
+                Err(_) => None,
+            };
+        services.push(json!({
+            "name": service.name, "role": service.role.component(), "addr": service.addr(), "healthy": healthy,
+            "version": version.as_ref().and_then(|v| v.get("version")).cloned(),
+            "pid": version.as_ref().and_then(|v| v.get("pid")).cloned(),
+        }));
+    }
+    let mut leader = None;
+    let mut members = None;
+    for master in layout.services_of(ServiceRole::Master) {
+        if let Ok(response) = http
+            .get(format!("{}/api/leader", master.url()))
+            .send()
+            .await
+            && let Ok(body) = response.json::<serde_json::Value>().await
+        {
+            leader = Some(body);
+            if let Ok(response) = http
+                .get(format!("{}/api/members", master.url()))
+                .send()
+                .await
+            {
+                members = response.json::<serde_json::Value>().await.ok();
+            }
+            break;
+        }
+    }
+    let all_up = agents.iter().all(|a| a["running"] == true)
+        && services.iter().all(|s| s["healthy"] == true);
+    match ctx.format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "dir": dir, "up": all_up, "agents": agents, "services": services, "leader": leader, "members": members,
+            }))?
+        ),
+        Format::Text => {
+            println!(
+                "demo in {} ({})",
+                dir.display(),
+                if all_up { "up" } else { "NOT fully up" }
+            );
+            println!("agents:");
+            for agent in &agents {
+                println!(
+                    "  {:<16} pid {:<8} {}",
+                    agent["addr"].as_str().unwrap_or_default(),
+                    agent["pid"],
+                    if agent["running"] == true {
+                        "running"
+                    } else {
+                        "stopped"
+                    }
+                );
+            }
+            println!("services:");
+            for service in &services {
+                println!(
+                    "  {:<10} {:<16} {:<8} {}",
+                    service["name"].as_str().unwrap_or_default(),
+                    service["addr"].as_str().unwrap_or_default(),
+                    if service["healthy"] == true {
+                        "healthy"
+                    } else {
+                        "DOWN"
+                    },
+                    service["version"].as_str().unwrap_or("-")
+                );
+            }
+            if let Some(leader) = &leader {
+                println!("leader: {}", leader["leader"].as_str().unwrap_or("?"));
+            }
+            if let Some(serde_json::Value::Array(members)) = &members {
+                println!("members (as the leader sees them):");
+                for member in members {
+                    println!(
+                        "  {:<10} {:<7} {:<8} {}",
+                        member["name"].as_str().unwrap_or_default(),
+                        member["role"].as_str().unwrap_or_default(),
+                        member["state"].as_str().unwrap_or_default(),
+                        member["version"].as_str().unwrap_or("-")
+                    );
+                }
+            }
+        }
+    }
+    Ok(if all_up {
+        patchctl::exit::OK
+    } else {
+        patchctl::exit::ERROR
+    })
 }

@@ -1,10 +1,257 @@
-//! `patchctl package`: not implemented yet (placeholder so the CLI compiles while the command is built).
+//! `patchctl package`: build a hotfix package from a base package in one command, and inspect packages
+//! (every hostile-package rule is checked; a refused package exits 1 with the entry and the rule).
 
-use super::Ctx;
+use super::{Ctx, Format};
+use anyhow::Context as _;
+use comfy_table::{Table, presets};
+use indicatif::HumanBytes;
+use patchd_package::{BuildSpec, Expectations, Limits, PackageInfo};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
 
-pub async fn run(_ctx: &Ctx, _args: Args) -> anyhow::Result<u8> {
-    anyhow::bail!("`patchctl package` is not implemented yet")
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Build a hotfix package: the base package with some of its files replaced by local ones.
+    ///
+    /// Example: patchctl package build --base demo-worker-v1.0.0-linux-amd64.tar.gz
+    ///   --replace demo-worker/demo-worker=./target/release/demo-worker --version v1.0.1-hotfix -o hotfix.tar.gz
+    Build(BuildArgs),
+    /// Check a package against every rule and print its manifest and digests.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, clap::Args)]
+// `--version` is the package's version label here, not patchctl's own version.
+#[command(disable_version_flag = true)]
+#[command(group = clap::ArgGroup::new("changes").required(true).multiple(true).args(["replace", "add"]))]
+struct BuildArgs {
+    /// The original package (`<component>/…` inside, as released).
+    #[arg(long, value_name = "PACKAGE")]
+    base: PathBuf,
+    /// Replace a file of the base package (path as printed by `package inspect`); its mode is kept.
+    #[arg(long, value_name = "PATH_IN_PACKAGE=LOCAL_FILE", value_parser = parse_mapping)]
+    replace: Vec<(String, PathBuf)>,
+    /// Add a file the base package does not hold (mode taken from the local file, at most 0755).
+    #[arg(long, value_name = "PATH_IN_PACKAGE=LOCAL_FILE", value_parser = parse_mapping)]
+    add: Vec<(String, PathBuf)>,
+    /// Version label recorded in the manifest (default: the base version with `-hotfix`).
+    #[arg(long, value_name = "LABEL")]
+    version: Option<String>,
+    /// Where to write the hotfix package (written atomically).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct InspectArgs {
+    /// The package to check.
+    package: PathBuf,
+    /// Refuse packages with more entries than this.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_files)]
+    max_files: u64,
+    /// Refuse packages whose files add up to more bytes than this.
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_unpacked_bytes)]
+    max_unpacked_bytes: u64,
+    /// Refuse packages with one file larger than this.
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_entry_bytes)]
+    max_file_bytes: u64,
+    /// Also require this component (as a target service would).
+    #[arg(long, value_name = "NAME")]
+    component: Option<String>,
+}
+
+fn parse_mapping(raw: &str) -> Result<(String, PathBuf), String> {
+    match raw.split_once('=') {
+        Some((inside, local)) if !inside.is_empty() && !local.is_empty() => Ok((
+            inside.trim_start_matches("./").to_owned(),
+            PathBuf::from(local),
+        )),
+        _ => Err(format!(
+            "`{raw}` is not PATH_IN_PACKAGE=LOCAL_FILE (for example demo-worker/demo-worker=./target/release/demo-worker)"
+        )),
+    }
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
+    match args.command {
+        Command::Build(build) => run_build(ctx, build).await,
+        Command::Inspect(inspect) => run_inspect(ctx, inspect).await,
+    }
+}
+
+/// What `--format json` prints: the package info plus where it is.
+#[derive(Serialize)]
+struct PackageReport<'a> {
+    path: &'a Path,
+    #[serde(flatten)]
+    info: &'a PackageInfo,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    replaced: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    added: Vec<&'a str>,
+}
+
+async fn run_build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<u8> {
+    let BuildArgs {
+        base,
+        replace,
+        add,
+        version,
+        output,
+    } = args;
+    let output_path = output.clone();
+    let (info, replace, add) = tokio::task::spawn_blocking(move || {
+        let spec = BuildSpec {
+            base: &base,
+            replacements: &replace,
+            additions: &add,
+            version: version.as_deref(),
+        };
+        let info = patchd_package::build_with(&spec, &output)
+            .with_context(|| format!("cannot build a hotfix package from {}", base.display()))?;
+        anyhow::Ok((info, replace, add))
+    })
+    .await
+    .context("the build task panicked")??;
+    let replaced: Vec<&str> = replace.iter().map(|(p, _)| p.as_str()).collect();
+    let added: Vec<&str> = add.iter().map(|(p, _)| p.as_str()).collect();
+    match ctx.format {
+        Format::Json => print_json(&PackageReport {
+            path: &output_path,
+            info: &info,
+            replaced,
+            added,
+        })?,
+        Format::Text => {
+            println!("built {}", output_path.display());
+            print_summary(&output_path, &info);
+            println!();
+            for (label, paths) in [("replaced", &replaced), ("added", &added)] {
+                for path in paths {
+                    if let Some(file) = info.manifest.file(path) {
+                        println!(
+                            "{label:<9} {path}  ({}, {:04o}, sha256 {})",
+                            HumanBytes(file.size),
+                            file.mode,
+                            short(&file.sha256)
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(patchctl::exit::OK)
+}
+
+async fn run_inspect(ctx: &Ctx, args: InspectArgs) -> anyhow::Result<u8> {
+    let limits = Limits {
+        max_files: args.max_files,
+        max_unpacked_bytes: args.max_unpacked_bytes,
+        max_entry_bytes: args.max_file_bytes,
+    };
+    let expect = Expectations {
+        component: args.component,
+        ..Expectations::default()
+    };
+    let package = args.package;
+    let (info, package) = tokio::task::spawn_blocking(move || {
+        let info = patchd_package::inspect_expecting(&package, &limits, &expect)
+            .with_context(|| format!("package {} refused", package.display()))?;
+        anyhow::Ok((info, package))
+    })
+    .await
+    .context("the inspect task panicked")??;
+    match ctx.format {
+        Format::Json => print_json(&PackageReport {
+            path: &package,
+            info: &info,
+            replaced: vec![],
+            added: vec![],
+        })?,
+        Format::Text => {
+            print_summary(&package, &info);
+            println!();
+            print_files(&info);
+        }
+    }
+    Ok(patchctl::exit::OK)
+}
+
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).context("cannot encode the report as JSON")?
+    );
+    Ok(())
+}
+
+fn short(sha256: &str) -> &str {
+    sha256.get(..12).unwrap_or(sha256)
+}
+
+fn print_summary(path: &Path, info: &PackageInfo) {
+    let manifest = &info.manifest;
+    let target = match (&manifest.os, &manifest.arch) {
+        (None, None) => "unknown (no ELF binary in the package)".to_owned(),
+        (os, arch) => format!(
+            "{}/{}",
+            os.as_deref().unwrap_or("?"),
+            arch.as_deref().unwrap_or("?")
+        ),
+    };
+    let origin = if info.manifest_embedded {
+        "embedded (patchd-manifest.json)"
+    } else {
+        "computed from the archive (no patchd-manifest.json)"
+    };
+    println!(
+        "package      {} ({})",
+        path.display(),
+        HumanBytes(info.size)
+    );
+    println!("component    {}", manifest.component);
+    println!("version      {}", manifest.version);
+    println!("os/arch      {target}");
+    println!("manifest     {origin}");
+    println!("sha256       {}", info.package_sha256);
+    println!("tree digest  {}", info.tree_digest);
+    println!(
+        "files        {} ({} unpacked){}",
+        manifest.files.len(),
+        HumanBytes(manifest.unpacked_size()),
+        if manifest.symlinks.is_empty() {
+            String::new()
+        } else {
+            format!(", {} symlinks", manifest.symlinks.len())
+        }
+    );
+}
+
+fn print_files(info: &PackageInfo) {
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    table.set_header(vec!["MODE", "SIZE", "SHA256", "PATH"]);
+    for file in &info.manifest.files {
+        table.add_row(vec![
+            format!("{:04o}", file.mode),
+            file.size.to_string(),
+            short(&file.sha256).to_owned(),
+            file.path.clone(),
+        ]);
+    }
+    for link in &info.manifest.symlinks {
+        table.add_row(vec![
+            "link".to_owned(),
+            "-".to_owned(),
+            "-".to_owned(),
+            format!("{} -> {}", link.path, link.target),
+        ]);
+    }
+    println!("{table}");
 }

@@ -1,10 +1,938 @@
-//! `patchctl patch`: not implemented yet (placeholder so the CLI compiles while the command is built).
+//! `patchctl patch <cluster> <package>`: inspect the package, observe the cluster, plan, confirm, then run the
+//! rollout engine (stage everywhere, then batch by batch with the cluster's hooks) with progress, Ctrl-C handling,
+//! a final summary, and `--resume` after a crash.
 
-use super::Ctx;
+use super::display::{load_tls, load_topology};
+use super::{Ctx, Format};
+use anyhow::{Context, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use patchctl::agent_client::{PreparedBlob, PushProgress};
+use patchctl::executor::live::{
+    LiveEffects, PushProgressFn, RolloutOptions, StoreJournal, batches_from_plan, prior_records,
+    rollout_state,
+};
+use patchctl::executor::{
+    Action, BatchSpec, Cancel, Engine, Event, NodePhase, NodeRef, Observer, PauseDecision,
+    RolloutEnd, RolloutReport, RolloutSpec, Step, StepStatus,
+};
+use patchctl::exit;
+use patchctl::hooks::{ClusterHooks, HookClient};
+use patchctl::status::{self, LiveAgentProbe, NodeStatus};
+use patchctl::store::{
+    NewRollout, NodeRolloutState, Rollout, RolloutKind, RolloutState, Store, new_rollout_id,
+};
+use patchctl::tls_files::ControllerTls;
+use patchctl::topology::{Node, Topology};
+use patchd_planner::{Amount, Plan, PlanInput, Policy, Selection};
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Cluster name (see `patchctl cluster list`).
+    pub cluster: String,
+    /// The hotfix package (`.tar.gz`, see `patchctl package build`). Not needed with --resume.
+    pub package: Option<PathBuf>,
+    /// Only these nodes (IDs or names, comma-separated).
+    #[arg(short = 'N', long = "node", value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// Only these roles (comma-separated). With -N: the intersection.
+    #[arg(short = 'R', long = "role", value_delimiter = ',')]
+    pub roles: Vec<String>,
+    /// Record the package as the role's package for future scale-out.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// The cluster is offline: swap files only, no hooks, no restarts.
+    #[arg(long)]
+    pub offline: bool,
+    /// Print the plan and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(short = 'y', long = "yes")]
+    pub yes: bool,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Continue the cluster's unfinished rollout (after a crash or Ctrl-C).
+    #[arg(long)]
+    pub resume: bool,
+    /// Parallel uploads while staging.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Longest wait for one node's status probes before planning.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub probe_timeout: Duration,
+}
 
-pub async fn run(_ctx: &Ctx, _args: Args) -> anyhow::Result<u8> {
-    anyhow::bail!("`patchctl patch` is not implemented yet")
+/// Batching and failure policy flags, shared with `rollback`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PolicyArgs {
+    /// Nodes per batch, per role: a count or a percent (`25%`).
+    #[arg(long, default_value = "1")]
+    pub batch_size: Amount,
+    /// Nodes of a role that may be unavailable at once (count or percent), counting nodes already down.
+    #[arg(long, default_value = "1")]
+    pub max_unavailable: Amount,
+    /// Patch a first batch of N nodes, then pause (confirmation, or --canary-wait).
+    #[arg(long, value_name = "N")]
+    pub canary: Option<u32>,
+    /// After the canary batch, wait this long instead of asking (e.g. `30s`).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub canary_wait: Option<Duration>,
+    /// Nodes allowed to end failed or reverted before the rollout halts. At most budget+1 nodes are patched at
+    /// once, so that at most budget+1 can end failed.
+    #[arg(long, default_value_t = 0)]
+    pub failure_budget: u32,
+}
+
+impl PolicyArgs {
+    pub(super) fn policy(&self) -> Policy {
+        Policy {
+            batch_size: self.batch_size,
+            max_unavailable: self.max_unavailable,
+            canary: self.canary,
+            failure_budget: self.failure_budget,
+        }
+    }
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
+    let store = Arc::new(Store::open_home(&ctx.home)?);
+    if args.resume {
+        let Some(rollout) = store.unfinished_rollout(&args.cluster)? else {
+            bail!(
+                "cluster `{}` has no unfinished rollout to resume (`patchctl audit {}` lists its rollouts)",
+                args.cluster,
+                args.cluster
+            );
+        };
+        return resume(ctx, store, rollout).await;
+    }
+    let Some(package) = &args.package else {
+        bail!(
+            "give the package file: `patchctl patch {} <package.tar.gz>` (or --resume)",
+            args.cluster
+        );
+    };
+    let package = std::fs::canonicalize(package)
+        .with_context(|| format!("cannot open package {}: check the path", package.display()))?;
+    let topology = Arc::new(load_topology(&store, &args.cluster)?);
+    let (info, blob) = inspect_and_prepare(&package).await?;
+    let component = info.manifest.component.clone();
+    check_component(&topology, &component, &args.roles)?;
+
+    if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
+        if unfinished.kind == RolloutKind::Patch && unfinished.package_digest == blob.digest {
+            eprintln!(
+                "Rollout {} of this package is unfinished: resuming it.",
+                unfinished.id
+            );
+            return resume(ctx, store, unfinished).await;
+        }
+        bail!(
+            "rollout {} ({} of {}, {}) on cluster `{}` is unfinished: finish it first with `patchctl patch --resume {}`",
+            unfinished.id,
+            unfinished.kind,
+            if unfinished.version.is_empty() {
+                "-"
+            } else {
+                &unfinished.version
+            },
+            unfinished.state,
+            args.cluster,
+            args.cluster
+        );
+    }
+
+    let tls = load_tls(ctx, &topology)?;
+    let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::new()?);
+    let observed = observe(&hooks, &topology, &tls, args.probe_timeout).await;
+    let input = plan_input(
+        &topology,
+        &observed,
+        &args.nodes,
+        &args.roles,
+        topology.component_roles(&component),
+        &args.policy,
+    );
+    let plan = patchd_planner::plan(&input)?;
+    check_platform(&plan, &observed, &info.manifest)?;
+
+    let header = format!(
+        "Patch cluster `{}` with {} {} ({}, {} bytes, digest {}){}",
+        args.cluster,
+        component,
+        info.manifest.version,
+        package.display(),
+        info.size,
+        short(&blob.digest),
+        if args.offline {
+            " --offline: files only, no hooks, no restarts"
+        } else {
+            ""
+        }
+    );
+    if args.dry_run {
+        return print_dry_run(ctx, &header, &plan);
+    }
+    eprintln!("{header}\n\n{plan}");
+    warn_parallelism(&plan);
+    if args.policy.canary.is_some()
+        && args.policy.canary_wait.is_none()
+        && !std::io::stdin().is_terminal()
+    {
+        bail!(
+            "--canary needs a confirmation after the canary batch, and stdin is not a terminal: add --canary-wait DURATION"
+        );
+    }
+    if !confirm("Do you want to continue?", args.yes).await? {
+        return Ok(exit::DECLINED);
+    }
+
+    let lock = store.acquire_rollout_lock(&args.cluster)?;
+    report_takeover(&lock);
+    if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
+        bail!(
+            "rollout {} on cluster `{}` started meanwhile; resume it with --resume",
+            unfinished.id,
+            args.cluster
+        );
+    }
+    let rollout_id = new_rollout_id();
+    let options = RolloutOptions {
+        patch_id: rollout_id.clone(),
+        offline: args.offline,
+        overwrite: args.overwrite,
+        concurrency: args.concurrency,
+        canary_wait_ms: args.policy.canary_wait.map(|wait| wait.as_millis() as u64),
+        to_patch_id: None,
+        component,
+    };
+    store.create_rollout(&NewRollout {
+        id: rollout_id.clone(),
+        cluster: args.cluster.clone(),
+        kind: RolloutKind::Patch,
+        package_digest: blob.digest.clone(),
+        package_path: package.display().to_string(),
+        version: info.manifest.version.clone(),
+        plan_json: serde_json::to_string(&plan)?,
+        options_json: serde_json::to_string(&options)?,
+    })?;
+    let rollout = store
+        .rollout(&rollout_id)?
+        .context("the rollout just journaled is missing from the store")?;
+    let code = execute(
+        ctx,
+        Execution {
+            store,
+            rollout,
+            options,
+            plan,
+            topology,
+            tls,
+            blob: Some(Arc::new(blob)),
+            prior: HashMap::new(),
+        },
+    )
+    .await;
+    drop(lock);
+    code
+}
+
+/// Reads the package twice in parallel: the full inspection (manifest, hostile-content checks) and the chunk
+/// hashes for the transfer.
+async fn inspect_and_prepare(
+    package: &Path,
+) -> anyhow::Result<(patchd_package::PackageInfo, PreparedBlob)> {
+    let path = package.to_path_buf();
+    let inspection = tokio::task::spawn_blocking(move || {
+        patchd_package::inspect(&path, &patchd_package::Limits::default())
+    });
+    let prepared = PreparedBlob::prepare(package, patchd_package::digest::DEFAULT_CHUNK_SIZE);
+    let (inspection, prepared) = tokio::join!(inspection, prepared);
+    let info = inspection
+        .context("package inspection stopped unexpectedly")?
+        .with_context(|| format!("package {} is not usable", package.display()))?;
+    let blob = prepared?;
+    if info.tree_digest != blob.digest {
+        bail!(
+            "package {} changed while it was being read: try again",
+            package.display()
+        );
+    }
+    Ok((info, blob))
+}
+
+/// The package's component must be run by the selected roles; otherwise list roles with their components.
+fn check_component(topology: &Topology, component: &str, roles: &[String]) -> anyhow::Result<()> {
+    let listing = || {
+        topology
+            .roles
+            .iter()
+            .map(|role| format!("{} ({})", role.name, role.component))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if topology.component_roles(component).is_empty() {
+        bail!(
+            "the package is for component `{component}`, which no role of this cluster runs; roles (component): {}",
+            listing()
+        );
+    }
+    let wrong: Vec<&String> = roles
+        .iter()
+        .filter(|name| {
+            topology
+                .role(name)
+                .is_some_and(|role| role.component != component)
+        })
+        .collect();
+    if !wrong.is_empty() {
+        bail!(
+            "the package is for component `{component}`, but -R names role(s) {} that run another component; roles \
+             (component): {}",
+            wrong
+                .iter()
+                .map(|name| name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            listing()
+        );
+    }
+    Ok(())
+}
+
+/// Every node's status (leaders, down nodes) for the planner, probed in parallel.
+pub(super) async fn observe(
+    hooks: &ClusterHooks,
+    topology: &Topology,
+    tls: &ControllerTls,
+    timeout: Duration,
+) -> HashMap<String, NodeStatus> {
+    let nodes: Vec<&Node> = topology.nodes().collect();
+    let probe = LiveAgentProbe::new(tls.clone());
+    status::collect(hooks, &nodes, &probe, &|_| false, timeout)
+        .await
+        .into_iter()
+        .map(|row| (row.id.clone(), row))
+        .collect()
+}
+
+pub(super) fn plan_input(
+    topology: &Topology,
+    observed: &HashMap<String, NodeStatus>,
+    nodes: &[String],
+    roles: &[String],
+    component_roles: Vec<String>,
+    policy: &PolicyArgs,
+) -> PlanInput {
+    PlanInput {
+        nodes: topology.plan_nodes(
+            |node| observed.get(&node.id).is_some_and(|row| row.leader),
+            |node| observed.get(&node.id).is_some_and(NodeStatus::is_down),
+        ),
+        role_order: topology.role_order(),
+        selection: Selection {
+            nodes: nodes.to_vec(),
+            roles: roles.to_vec(),
+            component_roles,
+        },
+        policy: policy.policy(),
+    }
+}
+
+/// The package's OS/arch (when it names them) must match what each planned node's agent reports.
+fn check_platform(
+    plan: &Plan,
+    observed: &HashMap<String, NodeStatus>,
+    manifest: &patchd_package::Manifest,
+) -> anyhow::Result<()> {
+    let (Some(os), Some(arch)) = (&manifest.os, &manifest.arch) else {
+        return Ok(());
+    };
+    let wanted = format!("{os}/{arch}");
+    let mismatched: Vec<String> = plan
+        .nodes()
+        .filter_map(|(_, node)| observed.get(&node.id))
+        .filter(|row| row.os_arch != "-" && row.os_arch != wanted)
+        .map(|row| format!("{} ({})", row.id, row.os_arch))
+        .collect();
+    if !mismatched.is_empty() {
+        bail!(
+            "the package is built for {wanted}, but these nodes run another platform: {}",
+            mismatched.join(", ")
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn print_dry_run(ctx: &Ctx, header: &str, plan: &Plan) -> anyhow::Result<u8> {
+    match ctx.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(plan)?),
+        Format::Text => println!("{header}\n\n{plan}\n(dry run: nothing was changed)"),
+    }
+    Ok(exit::OK)
+}
+
+/// Says so when the failure budget, not the batch size, bounds how many nodes run at once.
+pub(super) fn warn_parallelism(plan: &Plan) {
+    let budget = plan.policy().failure_budget as usize;
+    let widest = plan
+        .batches()
+        .iter()
+        .map(|batch| batch.nodes.len())
+        .max()
+        .unwrap_or(0);
+    if widest > budget + 1 {
+        eprintln!(
+            "Note: with --failure-budget {budget} at most {} node(s) are patched at once (so that at most {} can end \
+             failed); raise --failure-budget to run batches of {widest} in parallel.",
+            budget + 1,
+            budget + 1
+        );
+    }
+}
+
+pub(super) fn report_takeover(lock: &patchctl::store::RolloutLock) {
+    if let Some(previous) = &lock.taken_over_from {
+        eprintln!(
+            "Note: took over the rollout lock left by process {} on {} (started {}), which is gone.",
+            previous.pid, previous.host, previous.started_at
+        );
+    }
+}
+
+/// Asks on the terminal. Without `-y` and without a terminal, refuses (the caller exits 4).
+pub(super) async fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
+    if yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        eprintln!("Not confirmed: stdin is not a terminal. Pass -y to confirm without a prompt.");
+        return Ok(false);
+    }
+    let question = question.to_string();
+    let answer = tokio::task::spawn_blocking(move || ask(&question))
+        .await
+        .context("the prompt stopped unexpectedly")??;
+    if !answer {
+        eprintln!("Declined: nothing was changed.");
+    }
+    Ok(answer)
+}
+
+fn ask(question: &str) -> anyhow::Result<bool> {
+    let mut stderr = std::io::stderr();
+    write!(stderr, "{question} [y/N]: ")?;
+    stderr.flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(matches!(
+        line.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
+fn short(digest: &str) -> &str {
+    digest.get(..16).unwrap_or(digest)
+}
+
+/// Continues an unfinished rollout from its journal.
+pub(super) async fn resume(ctx: &Ctx, store: Arc<Store>, rollout: Rollout) -> anyhow::Result<u8> {
+    let lock = store.acquire_rollout_lock(&rollout.cluster)?;
+    report_takeover(&lock);
+    let topology = Arc::new(load_topology(&store, &rollout.cluster)?);
+    let plan: Plan = serde_json::from_str(&rollout.plan_json)
+        .with_context(|| format!("rollout {}: its stored plan cannot be read", rollout.id))?;
+    let options: RolloutOptions = serde_json::from_str(&rollout.options_json)
+        .with_context(|| format!("rollout {}: its stored options cannot be read", rollout.id))?;
+    if let Some((_, missing)) = plan
+        .nodes()
+        .find(|(_, node)| topology.node_by_id(&node.id).is_none())
+    {
+        bail!(
+            "rollout {} planned node {}, which the re-imported topology no longer has: re-import the topology the \
+             rollout started with",
+            rollout.id,
+            missing.id
+        );
+    }
+    let blob = match rollout.kind {
+        RolloutKind::Patch => {
+            let path = PathBuf::from(&rollout.package_path);
+            let blob = PreparedBlob::prepare(&path, patchd_package::digest::DEFAULT_CHUNK_SIZE)
+                .await
+                .with_context(|| {
+                    format!(
+                        "rollout {} needs its package {} again",
+                        rollout.id,
+                        path.display()
+                    )
+                })?;
+            if blob.digest != rollout.package_digest {
+                bail!(
+                    "package {} changed since rollout {} started (digest {} instead of {}): put the original back",
+                    path.display(),
+                    rollout.id,
+                    short(&blob.digest),
+                    short(&rollout.package_digest)
+                );
+            }
+            Some(Arc::new(blob))
+        }
+        RolloutKind::Rollback => None,
+    };
+    let prior = prior_records(&store, &rollout.id)?;
+    let finished = prior
+        .values()
+        .filter(|record| record.phase.is_terminal())
+        .count();
+    eprintln!(
+        "Resuming {} {} on cluster `{}`: {} of {} node(s) finished earlier and will not be touched.",
+        rollout.kind,
+        rollout.id,
+        rollout.cluster,
+        finished,
+        plan.summary().total_nodes
+    );
+    let tls = load_tls(ctx, &topology)?;
+    let code = execute(
+        ctx,
+        Execution {
+            store,
+            rollout,
+            options,
+            plan,
+            topology,
+            tls,
+            blob,
+            prior,
+        },
+    )
+    .await;
+    drop(lock);
+    code
+}
+
+/// Everything a run of the engine needs.
+pub(super) struct Execution {
+    pub store: Arc<Store>,
+    pub rollout: Rollout,
+    pub options: RolloutOptions,
+    pub plan: Plan,
+    pub topology: Arc<Topology>,
+    pub tls: ControllerTls,
+    pub blob: Option<Arc<PreparedBlob>>,
+    pub prior: HashMap<String, patchctl::executor::NodeRecord>,
+}
+
+/// Runs the engine with progress and Ctrl-C handling, records the end, prints the summary; returns the exit code.
+pub(super) async fn execute(ctx: &Ctx, run: Execution) -> anyhow::Result<u8> {
+    let Execution {
+        store,
+        rollout,
+        options,
+        plan,
+        topology,
+        tls,
+        blob,
+        prior,
+    } = run;
+    let action = match rollout.kind {
+        RolloutKind::Patch => Action::Patch {
+            digest: rollout.package_digest.clone(),
+            offline: options.offline,
+        },
+        RolloutKind::Rollback => Action::Rollback {
+            to_patch_id: options.to_patch_id.clone(),
+        },
+    };
+    let spec = RolloutSpec {
+        patch_id: options.patch_id.clone(),
+        action,
+        batches: batches_from_plan(&plan, &topology),
+        failure_budget: plan.policy().failure_budget,
+        stage_concurrency: options.concurrency.max(1),
+        apply_retries: 5,
+        apply_retry_delay: Duration::from_secs(2),
+        prior,
+    };
+    let observer = Arc::new(CliObserver::new(
+        &rollout,
+        blob.as_ref().map_or(0, |blob| blob.total_size),
+        spec.batches.len(),
+        options.canary_wait_ms.map(Duration::from_millis),
+    ));
+    let push_observer = Arc::clone(&observer);
+    let on_push: PushProgressFn = Arc::new(move |node: &NodeRef, progress: PushProgress| {
+        push_observer.pushed(node, progress)
+    });
+    let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::new()?);
+    let effects = LiveEffects::new(Arc::clone(&topology), hooks, tls, blob, on_push);
+    let journal = StoreJournal {
+        store: Arc::clone(&store),
+        cluster: rollout.cluster.clone(),
+        rollout_id: rollout.id.clone(),
+        kind: rollout.kind,
+        digest: rollout.package_digest.clone(),
+        version: rollout.version.clone(),
+    };
+    store.set_rollout_state(&rollout.id, RolloutState::Running)?;
+
+    let (cancel_handle, cancel) = Cancel::new();
+    let cluster = rollout.cluster.clone();
+    let interrupt_observer = Arc::clone(&observer);
+    let signals = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_err() {
+            return;
+        }
+        interrupt_observer.line(
+            "Ctrl-C: finishing the steps in flight and putting drained nodes back online (Ctrl-C again to quit at once)",
+        );
+        cancel_handle.cancel();
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("Quit at once: resume with `patchctl patch --resume {cluster}`.");
+            std::process::exit(i32::from(exit::INTERRUPTED));
+        }
+    });
+    let started = Instant::now();
+    let outcome = Engine::new(&spec, &effects, &journal, observer.as_ref(), cancel)
+        .run()
+        .await;
+    signals.abort();
+    observer.finish();
+    let report = match outcome {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!(
+                "error: {error}\nThe rollout stopped where it was; resume it with `patchctl patch --resume {}`.",
+                rollout.cluster
+            );
+            return Ok(exit::ERROR);
+        }
+    };
+    let state = rollout_state(&report.end);
+    if !state.is_unfinished() {
+        for node in &report.nodes {
+            if matches!(node.phase, NodePhase::Pending | NodePhase::Staged) {
+                store.set_node_state(&rollout.id, &node.node.id, NodeRolloutState::Skipped)?;
+            }
+        }
+    }
+    store.set_rollout_state(&rollout.id, state)?;
+    if options.overwrite
+        && report.end == RolloutEnd::Completed
+        && rollout.kind == RolloutKind::Patch
+    {
+        for role in &plan.summary().roles {
+            store.set_role_package(
+                &rollout.cluster,
+                &role.role,
+                &rollout.package_digest,
+                &rollout.package_path,
+                &rollout.version,
+            )?;
+        }
+    }
+    print_summary(ctx, &rollout, &report, started.elapsed())?;
+    Ok(match report.end {
+        RolloutEnd::Completed => exit::OK,
+        RolloutEnd::CompletedWithFailures | RolloutEnd::Halted => exit::ROLLOUT_FAILED,
+        RolloutEnd::Interrupted => exit::INTERRUPTED,
+        RolloutEnd::Stopped => exit::DECLINED,
+    })
+}
+
+fn result_word(kind: RolloutKind, phase: NodePhase) -> &'static str {
+    match phase {
+        NodePhase::Done if kind == RolloutKind::Rollback => "rolled back",
+        NodePhase::Done => "patched",
+        NodePhase::Skipped => "skipped",
+        NodePhase::Reverted => "reverted",
+        NodePhase::Failed => "failed",
+        NodePhase::LeftOffline => "LEFT OFFLINE",
+        NodePhase::Pending | NodePhase::Staged => "not started",
+        _ => "in flight",
+    }
+}
+
+fn seconds(duration: Option<Duration>) -> String {
+    duration.map_or_else(|| "-".to_string(), |d| format!("{:.1}s", d.as_secs_f64()))
+}
+
+fn print_summary(
+    ctx: &Ctx,
+    rollout: &Rollout,
+    report: &RolloutReport,
+    elapsed: Duration,
+) -> anyhow::Result<()> {
+    let end = match report.end {
+        RolloutEnd::Completed => "completed",
+        RolloutEnd::CompletedWithFailures => "completed with failures",
+        RolloutEnd::Halted => "halted: failure budget spent",
+        RolloutEnd::Interrupted => "interrupted",
+        RolloutEnd::Stopped => "stopped after the canary",
+    };
+    match ctx.format {
+        Format::Json => {
+            let nodes: Vec<serde_json::Value> = report
+                .nodes
+                .iter()
+                .map(|node| {
+                    serde_json::json!({
+                        "node": node.node.id,
+                        "role": node.node.role,
+                        "result": result_word(rollout.kind, node.phase),
+                        "phase": node.phase.as_str(),
+                        "duration_ms": node.duration.map(|d| d.as_millis() as u64),
+                        "downtime_ms": node.downtime.map(|d| d.as_millis() as u64),
+                        "reason": node.reason,
+                    })
+                })
+                .collect();
+            let document = serde_json::json!({
+                "rollout": rollout.id,
+                "cluster": rollout.cluster,
+                "kind": rollout.kind,
+                "end": end,
+                "failures": report.failures,
+                "elapsed_ms": elapsed.as_millis() as u64,
+                "nodes": nodes,
+            });
+            println!("{}", serde_json::to_string_pretty(&document)?);
+        }
+        Format::Text => {
+            let rows: Vec<Vec<String>> = report
+                .nodes
+                .iter()
+                .map(|node| {
+                    vec![
+                        node.node.id.clone(),
+                        node.node.role.clone(),
+                        result_word(rollout.kind, node.phase).to_string(),
+                        seconds(node.duration),
+                        seconds(node.downtime),
+                        node.reason.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            println!();
+            print!(
+                "{}",
+                super::display::plain_table(
+                    &["Node", "Role", "Result", "Duration", "Downtime", "Reason"],
+                    &rows
+                )
+            );
+            println!(
+                "{} {} {end} in {:.1}s: {} node(s), {} failure(s).",
+                capitalized(rollout.kind.as_str()),
+                rollout.id,
+                elapsed.as_secs_f64(),
+                report.nodes.len(),
+                report.failures
+            );
+            match report.end {
+                RolloutEnd::Interrupted => {
+                    println!("Resume with `patchctl patch --resume {}`.", rollout.cluster)
+                }
+                RolloutEnd::Halted | RolloutEnd::CompletedWithFailures => {
+                    println!("See `patchctl audit {}` for every step.", rollout.cluster)
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn capitalized(word: &str) -> String {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .map(|first| first.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+/// Progress on stderr: bars per node on a terminal, plain timestamped lines otherwise; canary pauses.
+struct CliObserver {
+    started: Instant,
+    bars: Option<Bars>,
+    package_bytes: u64,
+    batch_count: usize,
+    canary_wait: Option<Duration>,
+}
+
+struct Bars {
+    multi: MultiProgress,
+    nodes: Mutex<HashMap<String, ProgressBar>>,
+}
+
+impl CliObserver {
+    fn new(
+        rollout: &Rollout,
+        package_bytes: u64,
+        batch_count: usize,
+        canary_wait: Option<Duration>,
+    ) -> Self {
+        let bars = std::io::stderr().is_terminal().then(|| Bars {
+            multi: MultiProgress::new(),
+            nodes: Mutex::new(HashMap::new()),
+        });
+        let observer = Self {
+            started: Instant::now(),
+            bars,
+            package_bytes,
+            batch_count,
+            canary_wait,
+        };
+        observer.line(&format!(
+            "{} {} on cluster `{}`",
+            capitalized(rollout.kind.as_str()),
+            rollout.id,
+            rollout.cluster
+        ));
+        observer
+    }
+
+    fn line(&self, text: &str) {
+        let stamped = format!("[{:>7.2}s] {text}", self.started.elapsed().as_secs_f64());
+        match &self.bars {
+            Some(bars) => {
+                let _ = bars.multi.println(stamped);
+            }
+            None => eprintln!("{stamped}"),
+        }
+    }
+
+    fn node_line(&self, node: &NodeRef, text: &str) {
+        self.line(&format!("{:<21} {text}", node.id));
+    }
+
+    fn bar(&self, node: &NodeRef) -> Option<ProgressBar> {
+        let bars = self.bars.as_ref()?;
+        let mut nodes = bars
+            .nodes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let bar = nodes.entry(node.id.clone()).or_insert_with(|| {
+            let bar = bars.multi.add(ProgressBar::new(self.package_bytes.max(1)));
+            let style = ProgressStyle::with_template(
+                "{prefix:21} [{bar:24}] {bytes:>10}/{total_bytes:10} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_prefix(node.id.clone());
+            bar
+        });
+        Some(bar.clone())
+    }
+
+    fn pushed(&self, node: &NodeRef, progress: PushProgress) {
+        if let Some(bar) = self.bar(node) {
+            bar.set_length(progress.total_bytes.max(1));
+            bar.set_position(progress.bytes_done);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bars) = &self.bars {
+            let nodes = bars
+                .nodes
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for bar in nodes.values() {
+                if !bar.is_finished() {
+                    bar.abandon();
+                }
+            }
+        }
+    }
+}
+
+impl Observer for CliObserver {
+    fn event(&self, event: &Event) {
+        match event {
+            Event::StageStarted { nodes } => self.line(&format!("Staging the package on {nodes} node(s)")),
+            Event::BatchStarted { batch } => {
+                let ids: Vec<&str> = batch.nodes.iter().map(|node| node.id.as_str()).collect();
+                let canary = if batch.canary { ", canary" } else { "" };
+                self.line(&format!(
+                    "Batch {}/{} ({}{canary}): {}",
+                    batch.index + 1,
+                    self.batch_count,
+                    batch.role,
+                    ids.join(", ")
+                ));
+            }
+            Event::Step { node, step, status, detail } => {
+                if let Some(bar) = self.bar(node) {
+                    bar.set_message(format!("{step} {status}"));
+                }
+                let show = match status {
+                    StepStatus::Started => matches!(step, Step::Apply | Step::Offline | Step::Undo),
+                    StepStatus::Done => !matches!(step, Step::Mark),
+                    StepStatus::Failed => true,
+                    StepStatus::Skipped => false,
+                };
+                if show && self.bars.is_none() {
+                    let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
+                    let status = match status {
+                        StepStatus::Done => "ok",
+                        other => other.as_str(),
+                    };
+                    self.node_line(node, &format!("{step} {status}{detail}"));
+                } else if *status == StepStatus::Failed {
+                    self.node_line(node, &format!("{step} failed: {detail}"));
+                }
+            }
+            Event::NodeFinished { node, phase, reason } => {
+                let text = match reason {
+                    Some(reason) if phase.is_failure() => format!("=> {phase}: {reason}"),
+                    _ => format!("=> {phase}"),
+                };
+                if let Some(bar) = self.bar(node) {
+                    bar.finish_with_message(phase.as_str().to_string());
+                }
+                self.node_line(node, &text);
+            }
+            Event::Halting { failures, budget } => self.line(&format!(
+                "Failure budget spent ({failures} failure(s), budget {budget}): no new node starts; finishing the nodes \
+                 in flight"
+            )),
+            Event::Interrupting => self.line("Interrupted: no new node starts"),
+        }
+    }
+
+    async fn pause(&self, batch: &BatchSpec) -> PauseDecision {
+        if let Some(wait) = self.canary_wait {
+            self.line(&format!(
+                "Canary batch {} done; going on in {} (Ctrl-C to stop here)",
+                batch.index + 1,
+                humantime::format_duration(wait)
+            ));
+            tokio::time::sleep(wait).await;
+            return PauseDecision::Continue;
+        }
+        if !std::io::stdin().is_terminal() {
+            self.line("Canary batch done, and there is no terminal to confirm on: stopping here");
+            return PauseDecision::Stop;
+        }
+        let question = format!(
+            "Canary batch {} done. Continue with the remaining batches?",
+            batch.index + 1
+        );
+        let answer = match &self.bars {
+            Some(bars) => bars.multi.suspend(|| ask(&question)),
+            None => ask(&question),
+        };
+        match answer {
+            Ok(true) => PauseDecision::Continue,
+            _ => PauseDecision::Stop,
+        }
+    }
 }

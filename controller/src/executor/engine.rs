@@ -4,8 +4,8 @@
 use super::state::{NodePhase, NodeRecord, Step, StepStatus, Verdict};
 use super::{
     Action, ApplyCall, ApplyOutcome, CallError, Cancel, Effects, Event, HookFailure, HookKind,
-    HookOutcome, Journal, JournalError, NodeRef, NodeReport, Observer, PauseDecision, RolloutEnd, RolloutReport,
-    RolloutSpec,
+    HookOutcome, Journal, JournalError, NodeRef, NodeReport, Observer, PauseDecision, RolloutEnd,
+    RolloutReport, RolloutSpec,
 };
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::{HashMap, VecDeque};
@@ -53,36 +53,73 @@ struct NodeState {
 
 impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
     /// An engine for `spec`.
-    pub fn new(spec: &'a RolloutSpec, effects: &'a E, journal: &'a J, observer: &'a O, cancel: Cancel) -> Self {
-        Self { spec, effects, journal, observer, cancel }
+    pub fn new(
+        spec: &'a RolloutSpec,
+        effects: &'a E,
+        journal: &'a J,
+        observer: &'a O,
+        cancel: Cancel,
+    ) -> Self {
+        Self {
+            spec,
+            effects,
+            journal,
+            observer,
+            cancel,
+        }
     }
 
     /// Runs the rollout to its end. A journal error stops it at once, as a crash would: resume settles the rest.
     pub async fn run(&self) -> Result<RolloutReport, JournalError> {
-        let order: Vec<&NodeRef> = self.spec.batches.iter().flat_map(|batch| batch.nodes.iter()).collect();
+        let order: Vec<&NodeRef> = self
+            .spec
+            .batches
+            .iter()
+            .flat_map(|batch| batch.nodes.iter())
+            .collect();
         let mut states: HashMap<String, NodeState> = order
             .iter()
             .map(|node| {
-                let record = self.spec.prior.get(&node.id).cloned().unwrap_or(NodeRecord {
-                    phase: NodePhase::Pending,
-                    reason: None,
-                });
-                (node.id.clone(), NodeState { record, duration: None, downtime: None })
+                let record = self
+                    .spec
+                    .prior
+                    .get(&node.id)
+                    .cloned()
+                    .unwrap_or(NodeRecord {
+                        phase: NodePhase::Pending,
+                        reason: None,
+                    });
+                (
+                    node.id.clone(),
+                    NodeState {
+                        record,
+                        duration: None,
+                        downtime: None,
+                    },
+                )
             })
             .collect();
-        let mut failures = states.values().filter(|state| state.record.phase.is_failure()).count() as u32;
+        let mut failures = states
+            .values()
+            .filter(|state| state.record.phase.is_failure())
+            .count() as u32;
 
         // 1. Nodes an earlier run left in flight are settled before anything else starts.
         let in_flight: Vec<(&NodeRef, NodePhase, Option<String>)> = order
             .iter()
             .filter_map(|node| {
                 let record = &states[&node.id].record;
-                record.phase.is_in_flight().then(|| (*node, resume_phase(record.phase), record.reason.clone()))
+                record
+                    .phase
+                    .is_in_flight()
+                    .then(|| (*node, resume_phase(record.phase), record.reason.clone()))
             })
             .collect();
         let mut settling: FuturesUnordered<_> = in_flight
             .into_iter()
-            .map(|(node, phase, reason)| async move { (node, self.turn(node, phase, reason).await) })
+            .map(
+                |(node, phase, reason)| async move { (node, self.turn(node, phase, reason).await) },
+            )
             .collect();
         while let Some((node, end)) = settling.next().await {
             let end = end?;
@@ -94,10 +131,15 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         // 2. Stage on every node still to do, in parallel, before any node is touched.
         let mut halted = false;
         if let Action::Patch { .. } = self.spec.action {
-            let to_stage: Vec<&NodeRef> =
-                order.iter().copied().filter(|node| !states[&node.id].record.phase.is_terminal()).collect();
+            let to_stage: Vec<&NodeRef> = order
+                .iter()
+                .copied()
+                .filter(|node| !states[&node.id].record.phase.is_terminal())
+                .collect();
             if !to_stage.is_empty() {
-                self.observer.event(&Event::StageStarted { nodes: to_stage.len() });
+                self.observer.event(&Event::StageStarted {
+                    nodes: to_stage.len(),
+                });
                 let concurrency = self.spec.stage_concurrency.max(1);
                 let mut staging = futures::stream::iter(to_stage)
                     .map(|node| async move { (node, self.stage(node).await) })
@@ -110,7 +152,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                     let Some((node, staged)) = next else { break };
                     let (phase, reason) = staged?;
                     failures += u32::from(phase.is_failure());
-                    let state = states.entry(node.id.clone()).or_insert_with(|| pending_state());
+                    let state = states.entry(node.id.clone()).or_insert_with(pending_state);
                     state.record = NodeRecord { phase, reason };
                 }
                 if self.cancel.is_cancelled() {
@@ -120,7 +162,10 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
             }
             if failures > self.spec.failure_budget {
                 halted = true;
-                self.observer.event(&Event::Halting { failures, budget: self.spec.failure_budget });
+                self.observer.event(&Event::Halting {
+                    failures,
+                    budget: self.spec.failure_budget,
+                });
             }
         }
 
@@ -134,28 +179,39 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 end = Some(RolloutEnd::Interrupted);
                 break;
             }
-            let mut queue: VecDeque<&NodeRef> =
-                batch.nodes.iter().filter(|node| !states[&node.id].record.phase.is_terminal()).collect();
+            let mut queue: VecDeque<&NodeRef> = batch
+                .nodes
+                .iter()
+                .filter(|node| !states[&node.id].record.phase.is_terminal())
+                .collect();
             if !queue.is_empty() {
-                self.observer.event(&Event::BatchStarted { batch: batch.clone() });
+                self.observer.event(&Event::BatchStarted {
+                    batch: batch.clone(),
+                });
             }
             let mut running = FuturesUnordered::new();
             loop {
                 while !halted
                     && !self.cancel.is_cancelled()
-                    && failures + (running.len() as u32) < self.spec.failure_budget.saturating_add(1)
+                    && failures + (running.len() as u32)
+                        < self.spec.failure_budget.saturating_add(1)
                 {
                     let Some(node) = queue.pop_front() else { break };
                     let from = states[&node.id].record.phase;
                     running.push(async move { (node, self.turn(node, from, None).await) });
                 }
-                let Some((node, turn_end)) = running.next().await else { break };
+                let Some((node, turn_end)) = running.next().await else {
+                    break;
+                };
                 let turn_end = turn_end?;
                 if turn_end.phase.is_failure() {
                     failures += 1;
                     if failures > self.spec.failure_budget && !halted {
                         halted = true;
-                        self.observer.event(&Event::Halting { failures, budget: self.spec.failure_budget });
+                        self.observer.event(&Event::Halting {
+                            failures,
+                            budget: self.spec.failure_budget,
+                        });
                     }
                 }
                 apply_end(&mut states, node, turn_end);
@@ -171,7 +227,12 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
             let later_started = self.spec.batches[position + 1..]
                 .iter()
                 .flat_map(|later| later.nodes.iter())
-                .any(|node| !matches!(states[&node.id].record.phase, NodePhase::Pending | NodePhase::Staged));
+                .any(|node| {
+                    !matches!(
+                        states[&node.id].record.phase,
+                        NodePhase::Pending | NodePhase::Staged
+                    )
+                });
             let more_to_do = self.spec.batches[position + 1..]
                 .iter()
                 .flat_map(|later| later.nodes.iter())
@@ -224,7 +285,11 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 }
             })
             .collect();
-        RolloutReport { end, nodes, failures }
+        RolloutReport {
+            end,
+            nodes,
+            failures,
+        }
     }
 
     /// Stages one node: `Staged`, `Skipped` (already runs the package) or `Failed` (untouched).
@@ -232,7 +297,12 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         self.step(node, Step::Stage, StepStatus::Started, "")?;
         match self.effects.stage(node).await {
             Ok(staged) if staged.already_running => {
-                self.step(node, Step::Stage, StepStatus::Skipped, "the node already runs this package")?;
+                self.step(
+                    node,
+                    Step::Stage,
+                    StepStatus::Skipped,
+                    "the node already runs this package",
+                )?;
                 let reason = Some("already runs this package".to_string());
                 self.finish(node, NodePhase::Skipped, reason.as_deref())?;
                 Ok((NodePhase::Skipped, reason))
@@ -257,7 +327,12 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
     }
 
     /// Drives one node from `from` to a terminal phase (or back to `Pending` when interrupted before its apply).
-    async fn turn(&self, node: &NodeRef, from: NodePhase, reason: Option<String>) -> Result<TurnEnd, JournalError> {
+    async fn turn(
+        &self,
+        node: &NodeRef,
+        from: NodePhase,
+        reason: Option<String>,
+    ) -> Result<TurnEnd, JournalError> {
         let started = Instant::now();
         let hooks = self.spec.action.uses_hooks();
         let mut reason = reason;
@@ -303,8 +378,16 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                     self.check_health(node, &mut reason).await?
                 }
                 NodePhase::Returning(verdict) => {
-                    self.journal.node_phase(node, &NodePhase::Returning(verdict), reason.as_deref())?;
-                    let back = if hooks { self.bring_back(node).await? } else { Ok(()) };
+                    self.journal.node_phase(
+                        node,
+                        &NodePhase::Returning(verdict),
+                        reason.as_deref(),
+                    )?;
+                    let back = if hooks {
+                        self.bring_back(node).await?
+                    } else {
+                        Ok(())
+                    };
                     if verdict == Verdict::Patched {
                         self.step(node, Step::Mark, StepStatus::Started, "")?;
                         self.journal.mark(node)?;
@@ -316,7 +399,9 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                                 Verdict::Patched => "patched".to_string(),
                                 _ => reason.clone().unwrap_or_else(|| "not patched".to_string()),
                             };
-                            reason = Some(format!("{what}; could not be put back into service ({why}): left offline"));
+                            reason = Some(format!(
+                                "{what}; could not be put back into service ({why}): left offline"
+                            ));
                             NodePhase::LeftOffline
                         }
                         Ok(()) => match verdict {
@@ -329,13 +414,28 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 }
                 terminal => {
                     self.finish(node, terminal, reason.as_deref())?;
-                    return Ok(TurnEnd { phase: terminal, reason, duration: started.elapsed(), downtime });
+                    return Ok(TurnEnd {
+                        phase: terminal,
+                        reason,
+                        duration: started.elapsed(),
+                        downtime,
+                    });
                 }
             };
             if phase == NodePhase::Pending {
-                self.journal.node_phase(node, &NodePhase::Pending, reason.as_deref())?;
-                self.observer.event(&Event::NodeFinished { node: node.clone(), phase, reason: reason.clone() });
-                return Ok(TurnEnd { phase, reason, duration: started.elapsed(), downtime });
+                self.journal
+                    .node_phase(node, &NodePhase::Pending, reason.as_deref())?;
+                self.observer.event(&Event::NodeFinished {
+                    node: node.clone(),
+                    phase,
+                    reason: reason.clone(),
+                });
+                return Ok(TurnEnd {
+                    phase,
+                    reason,
+                    duration: started.elapsed(),
+                    downtime,
+                });
             }
         }
     }
@@ -344,7 +444,11 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
     async fn drain(&self, node: &NodeRef) -> Result<Drain, JournalError> {
         match self.hook(node, HookKind::Offline, false).await? {
             HookCall::Ok => {}
-            HookCall::Failed(failure) => return Ok(Drain::Failed(format!("offline hook failed, node not restarted: {failure}"))),
+            HookCall::Failed(failure) => {
+                return Ok(Drain::Failed(format!(
+                    "offline hook failed, node not restarted: {failure}"
+                )));
+            }
             HookCall::Cancelled => return Ok(Drain::Cancelled),
         }
         if self.cancel.is_cancelled() {
@@ -356,7 +460,9 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 "drain timed out after {}: {last}; node not restarted",
                 humantime::format_duration(round_to_millis(waited))
             )),
-            HookCall::Failed(failure) => Drain::Failed(format!("wait_offline failed, node not restarted: {failure}")),
+            HookCall::Failed(failure) => Drain::Failed(format!(
+                "wait_offline failed, node not restarted: {failure}"
+            )),
             HookCall::Cancelled => Drain::Cancelled,
         })
     }
@@ -366,7 +472,10 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         &self,
         node: &NodeRef,
     ) -> Result<(NodePhase, Option<String>, Option<Duration>), JournalError> {
-        let call = ApplyCall { patch_id: self.spec.patch_id.clone(), action: self.spec.action.clone() };
+        let call = ApplyCall {
+            patch_id: self.spec.patch_id.clone(),
+            action: self.spec.action.clone(),
+        };
         self.step(node, Step::Apply, StepStatus::Started, &call.patch_id)?;
         let mut maybe_delivered = false;
         let mut attempts = 0u32;
@@ -375,14 +484,28 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
             let error = match self.effects.apply(node, &call).await {
                 Ok(result) => {
                     let downtime = Some(result.downtime);
-                    let replay = if result.replayed { " (recorded result of an earlier call)" } else { "" };
+                    let replay = if result.replayed {
+                        " (recorded result of an earlier call)"
+                    } else {
+                        ""
+                    };
                     return Ok(match result.outcome {
                         ApplyOutcome::Committed => {
-                            self.step(node, Step::Apply, StepStatus::Done, &format!("committed{replay}"))?;
+                            self.step(
+                                node,
+                                Step::Apply,
+                                StepStatus::Done,
+                                &format!("committed{replay}"),
+                            )?;
                             (NodePhase::Applied, None, downtime)
                         }
                         ApplyOutcome::OfflineSwapped => {
-                            self.step(node, Step::Apply, StepStatus::Done, &format!("files swapped{replay}"))?;
+                            self.step(
+                                node,
+                                Step::Apply,
+                                StepStatus::Done,
+                                &format!("files swapped{replay}"),
+                            )?;
                             (NodePhase::Returning(Verdict::Patched), None, downtime)
                         }
                         ApplyOutcome::Reverted => {
@@ -421,12 +544,18 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
     }
 
     /// The cluster's `health` check after a commit; a failing node is rolled back by its agent.
-    async fn check_health(&self, node: &NodeRef, reason: &mut Option<String>) -> Result<NodePhase, JournalError> {
+    async fn check_health(
+        &self,
+        node: &NodeRef,
+        reason: &mut Option<String>,
+    ) -> Result<NodePhase, JournalError> {
         if !self.spec.action.uses_hooks() {
             return Ok(NodePhase::Returning(Verdict::Patched));
         }
         let failure = match self.hook(node, HookKind::Health, false).await? {
-            HookCall::Ok | HookCall::Cancelled => return Ok(NodePhase::Returning(Verdict::Patched)),
+            HookCall::Ok | HookCall::Cancelled => {
+                return Ok(NodePhase::Returning(Verdict::Patched));
+            }
             HookCall::Failed(failure) => failure,
         };
         if let Action::Rollback { .. } = self.spec.action {
@@ -438,7 +567,9 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         match self.effects.undo(node, &self.spec.patch_id).await {
             Ok(result) if result.outcome == ApplyOutcome::Committed => {
                 self.step(node, Step::Undo, StepStatus::Done, "")?;
-                *reason = Some(format!("health check failed after the apply ({failure}); rolled back"));
+                *reason = Some(format!(
+                    "health check failed after the apply ({failure}); rolled back"
+                ));
                 Ok(NodePhase::Returning(Verdict::Reverted))
             }
             Ok(result) => {
@@ -452,7 +583,9 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 Ok(NodePhase::LeftOffline)
             }
             Err(error) => {
-                let why = format!("health check failed after the apply ({failure}) and the rollback failed ({error}); left offline");
+                let why = format!(
+                    "health check failed after the apply ({failure}) and the rollback failed ({error}); left offline"
+                );
                 self.step(node, Step::Undo, StepStatus::Failed, &why)?;
                 *reason = Some(why);
                 Ok(NodePhase::LeftOffline)
@@ -471,7 +604,12 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
     }
 
     /// One hook step, journaled; `cancellable` waits end early on Ctrl-C.
-    async fn hook(&self, node: &NodeRef, kind: HookKind, cancellable: bool) -> Result<HookCall, JournalError> {
+    async fn hook(
+        &self,
+        node: &NodeRef,
+        kind: HookKind,
+        cancellable: bool,
+    ) -> Result<HookCall, JournalError> {
         let step = kind.step();
         self.step(node, step, StepStatus::Started, "")?;
         let outcome = if cancellable {
@@ -488,7 +626,12 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 Ok(HookCall::Ok)
             }
             Some(Ok(HookOutcome::NotConfigured)) => {
-                self.step(node, step, StepStatus::Skipped, "no such hook for this role")?;
+                self.step(
+                    node,
+                    step,
+                    StepStatus::Skipped,
+                    "no such hook for this role",
+                )?;
                 Ok(HookCall::Ok)
             }
             Some(Err(failure)) => {
@@ -502,13 +645,29 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         }
     }
 
-    fn step(&self, node: &NodeRef, step: Step, status: StepStatus, detail: &str) -> Result<(), JournalError> {
+    fn step(
+        &self,
+        node: &NodeRef,
+        step: Step,
+        status: StepStatus,
+        detail: &str,
+    ) -> Result<(), JournalError> {
         self.journal.step(node, step, status, detail)?;
-        self.observer.event(&Event::Step { node: node.clone(), step, status, detail: detail.to_string() });
+        self.observer.event(&Event::Step {
+            node: node.clone(),
+            step,
+            status,
+            detail: detail.to_string(),
+        });
         Ok(())
     }
 
-    fn finish(&self, node: &NodeRef, phase: NodePhase, reason: Option<&str>) -> Result<(), JournalError> {
+    fn finish(
+        &self,
+        node: &NodeRef,
+        phase: NodePhase,
+        reason: Option<&str>,
+    ) -> Result<(), JournalError> {
         self.journal.node_phase(node, &phase, reason)?;
         self.observer.event(&Event::NodeFinished {
             node: node.clone(),
@@ -530,7 +689,10 @@ fn resume_phase(recorded: NodePhase) -> NodePhase {
 
 fn apply_end(states: &mut HashMap<String, NodeState>, node: &NodeRef, end: TurnEnd) {
     let state = states.entry(node.id.clone()).or_insert_with(pending_state);
-    state.record = NodeRecord { phase: end.phase, reason: end.reason };
+    state.record = NodeRecord {
+        phase: end.phase,
+        reason: end.reason,
+    };
     state.duration = Some(end.duration);
     if end.downtime.is_some() {
         state.downtime = end.downtime;
@@ -538,7 +700,14 @@ fn apply_end(states: &mut HashMap<String, NodeState>, node: &NodeRef, end: TurnE
 }
 
 fn pending_state() -> NodeState {
-    NodeState { record: NodeRecord { phase: NodePhase::Pending, reason: None }, duration: None, downtime: None }
+    NodeState {
+        record: NodeRecord {
+            phase: NodePhase::Pending,
+            reason: None,
+        },
+        duration: None,
+        downtime: None,
+    }
 }
 
 fn round_to_millis(duration: Duration) -> Duration {

@@ -42,6 +42,7 @@
 //!   `Applied` or `Returning` continues from there.
 
 mod engine;
+pub mod live;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -236,16 +237,28 @@ pub enum CallError {
 }
 
 /// The effects of a rollout: agent calls, cluster hooks, and the clock. Implemented for real in
-/// `executor_io` and by fakes in the tests.
+/// [`live::LiveEffects`] and by fakes in the tests.
 pub trait Effects: Sync {
     /// Uploads the package when the agent lacks it and stages it for the node's service.
     fn stage(&self, node: &NodeRef) -> impl Future<Output = Result<Staged, CallError>> + Send;
     /// Calls one hook of the node's role (polling for the wait hooks and `health`).
-    fn hook(&self, node: &NodeRef, hook: HookKind) -> impl Future<Output = Result<HookOutcome, HookFailure>> + Send;
+    fn hook(
+        &self,
+        node: &NodeRef,
+        hook: HookKind,
+    ) -> impl Future<Output = Result<HookOutcome, HookFailure>> + Send;
     /// Apply (or Rollback) on the node's agent.
-    fn apply(&self, node: &NodeRef, call: &ApplyCall) -> impl Future<Output = Result<ApplyResult, CallError>> + Send;
+    fn apply(
+        &self,
+        node: &NodeRef,
+        call: &ApplyCall,
+    ) -> impl Future<Output = Result<ApplyResult, CallError>> + Send;
     /// Undoes the patch `patch_id` the agent committed (the cluster's health check failed afterwards).
-    fn undo(&self, node: &NodeRef, patch_id: &str) -> impl Future<Output = Result<ApplyResult, CallError>> + Send;
+    fn undo(
+        &self,
+        node: &NodeRef,
+        patch_id: &str,
+    ) -> impl Future<Output = Result<ApplyResult, CallError>> + Send;
     /// Waits (apply retries, canary wait).
     fn sleep(&self, duration: Duration) -> impl Future<Output = ()> + Send;
 }
@@ -258,9 +271,20 @@ pub struct JournalError(pub String);
 /// Where the engine records every transition (the controller's store).
 pub trait Journal: Sync {
     /// A node enters `phase`. Written before the phase's effect.
-    fn node_phase(&self, node: &NodeRef, phase: &NodePhase, reason: Option<&str>) -> Result<(), JournalError>;
+    fn node_phase(
+        &self,
+        node: &NodeRef,
+        phase: &NodePhase,
+        reason: Option<&str>,
+    ) -> Result<(), JournalError>;
     /// A step started, ended, failed or was skipped.
-    fn step(&self, node: &NodeRef, step: Step, status: StepStatus, detail: &str) -> Result<(), JournalError>;
+    fn step(
+        &self,
+        node: &NodeRef,
+        step: Step,
+        status: StepStatus,
+        detail: &str,
+    ) -> Result<(), JournalError>;
     /// The node now runs what the rollout wanted: record `(patched)` (or clear it after a rollback).
     fn mark(&self, node: &NodeRef) -> Result<(), JournalError>;
 }

@@ -51,7 +51,10 @@ pub enum Verdict {
 impl NodePhase {
     /// No further step will ever run for this node in this rollout.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Done | Self::Skipped | Self::Reverted | Self::Failed | Self::LeftOffline)
+        matches!(
+            self,
+            Self::Done | Self::Skipped | Self::Reverted | Self::Failed | Self::LeftOffline
+        )
     }
 
     /// Counted against the failure budget.
@@ -61,7 +64,10 @@ impl NodePhase {
 
     /// An effect of the node's turn may be under way (resume must settle it first).
     pub fn is_in_flight(self) -> bool {
-        matches!(self, Self::Draining | Self::Drained | Self::Applying | Self::Applied | Self::Returning(_))
+        matches!(
+            self,
+            Self::Draining | Self::Drained | Self::Applying | Self::Applied | Self::Returning(_)
+        )
     }
 
     /// Stable text form stored in the journal.
@@ -120,7 +126,10 @@ impl FromStr for NodePhase {
     type Err = UnknownPhase;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        Self::ALL.into_iter().find(|phase| phase.as_str() == text).ok_or_else(|| UnknownPhase(text.to_string()))
+        Self::ALL
+            .into_iter()
+            .find(|phase| phase.as_str() == text)
+            .ok_or_else(|| UnknownPhase(text.to_string()))
     }
 }
 

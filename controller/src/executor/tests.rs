@@ -51,10 +51,18 @@ impl World {
     }
     fn lines_of(&self, node: &str) -> Vec<String> {
         let prefix = format!("{node}:");
-        self.lines().into_iter().filter_map(|l| l.strip_prefix(&prefix).map(str::to_string)).collect()
+        self.lines()
+            .into_iter()
+            .filter_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+            .collect()
     }
     fn restarts(&self, node: &str) -> u32 {
-        self.restarts.lock().unwrap().get(node).copied().unwrap_or(0)
+        self.restarts
+            .lock()
+            .unwrap()
+            .get(node)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -66,7 +74,11 @@ struct FakeEffects {
 
 impl FakeEffects {
     fn new(world: Arc<World>, behaviour: HashMap<String, Behaviour>) -> Self {
-        Self { world, behaviour, crashed: Arc::new(AtomicBool::new(false)) }
+        Self {
+            world,
+            behaviour,
+            crashed: Arc::new(AtomicBool::new(false)),
+        }
     }
     fn of(&self, node: &NodeRef) -> Behaviour {
         self.behaviour.get(&node.id).cloned().unwrap_or_default()
@@ -87,7 +99,10 @@ impl Effects for FakeEffects {
         if behaviour.stage_error {
             return Err(CallError::NotSent("connection refused".into()));
         }
-        Ok(Staged { already_running: behaviour.already_running, bytes_pushed: 10 })
+        Ok(Staged {
+            already_running: behaviour.already_running,
+            bytes_pushed: 10,
+        })
     }
 
     async fn hook(&self, node: &NodeRef, hook: HookKind) -> Result<HookOutcome, HookFailure> {
@@ -99,17 +114,24 @@ impl Effects for FakeEffects {
                 self.world.offline.lock().unwrap().insert(node.id.clone());
                 let mut in_turn = self.world.in_turn.lock().unwrap();
                 in_turn.insert(node.id.clone());
-                self.world.max_in_turn.fetch_max(in_turn.len(), Ordering::SeqCst);
+                self.world
+                    .max_in_turn
+                    .fetch_max(in_turn.len(), Ordering::SeqCst);
                 Ok(HookOutcome::Done)
             }
             HookKind::WaitOffline if behaviour.drain_hangs => std::future::pending().await,
-            HookKind::WaitOffline if behaviour.drain_timeout => {
-                Err(HookFailure::Timeout { waited: Duration::from_secs(10), last: "state=Online".into() })
-            }
+            HookKind::WaitOffline if behaviour.drain_timeout => Err(HookFailure::Timeout {
+                waited: Duration::from_secs(10),
+                last: "state=Online".into(),
+            }),
             HookKind::WaitOffline => Ok(HookOutcome::Done),
-            HookKind::Health if behaviour.health_fails => Err(HookFailure::Failed("HTTP 503".into())),
+            HookKind::Health if behaviour.health_fails => {
+                Err(HookFailure::Failed("HTTP 503".into()))
+            }
             HookKind::Health => Ok(HookOutcome::NotConfigured),
-            HookKind::Online if behaviour.online_fails => Err(HookFailure::Failed("HTTP 500".into())),
+            HookKind::Online if behaviour.online_fails => {
+                Err(HookFailure::Failed("HTTP 500".into()))
+            }
             HookKind::Online => {
                 self.world.offline.lock().unwrap().remove(&node.id);
                 self.world.in_turn.lock().unwrap().remove(&node.id);
@@ -130,7 +152,11 @@ impl Effects for FakeEffects {
             return Err(CallError::NotSent("connection refused".into()));
         }
         if call.action.uses_hooks() && !self.world.offline.lock().unwrap().contains(&node.id) {
-            self.world.violations.lock().unwrap().push(format!("{} applied while in service", node.id));
+            self.world
+                .violations
+                .lock()
+                .unwrap()
+                .push(format!("{} applied while in service", node.id));
         }
         let key = (node.id.clone(), call.patch_id.clone());
         let recorded = self.world.applied.lock().unwrap().get(&key).cloned();
@@ -140,18 +166,32 @@ impl Effects for FakeEffects {
                 earlier
             }
             None => {
-                *self.world.restarts.lock().unwrap().entry(node.id.clone()).or_default() += 1;
+                *self
+                    .world
+                    .restarts
+                    .lock()
+                    .unwrap()
+                    .entry(node.id.clone())
+                    .or_default() += 1;
                 let outcome = behaviour.apply_outcome.unwrap_or(match &call.action {
                     Action::Patch { offline: true, .. } => ApplyOutcome::OfflineSwapped,
                     _ => ApplyOutcome::Committed,
                 });
                 let result = ApplyResult {
                     outcome,
-                    reason: if outcome == ApplyOutcome::Reverted { "health probe failed".into() } else { String::new() },
+                    reason: if outcome == ApplyOutcome::Reverted {
+                        "health probe failed".into()
+                    } else {
+                        String::new()
+                    },
                     replayed: false,
                     downtime: Duration::from_millis(5),
                 };
-                self.world.applied.lock().unwrap().insert(key, result.clone());
+                self.world
+                    .applied
+                    .lock()
+                    .unwrap()
+                    .insert(key, result.clone());
                 result
             }
         };
@@ -198,10 +238,18 @@ struct FakeJournal {
 
 impl FakeJournal {
     fn crashing_at(write: usize, crashed: Arc<AtomicBool>) -> Self {
-        Self { crash_at: Some(write), crashed, ..Default::default() }
+        Self {
+            crash_at: Some(write),
+            crashed,
+            ..Default::default()
+        }
     }
     fn resumed_from(records: HashMap<String, NodeRecord>, marks: Vec<String>) -> Self {
-        Self { persisted: Mutex::new(records), marks: Mutex::new(marks), ..Default::default() }
+        Self {
+            persisted: Mutex::new(records),
+            marks: Mutex::new(marks),
+            ..Default::default()
+        }
     }
     /// Counts a write; false when the process is (now) dead and nothing may be persisted.
     fn write(&self) -> bool {
@@ -222,18 +270,35 @@ impl FakeJournal {
 }
 
 impl Journal for FakeJournal {
-    fn node_phase(&self, node: &NodeRef, phase: &NodePhase, reason: Option<&str>) -> Result<(), JournalError> {
+    fn node_phase(
+        &self,
+        node: &NodeRef,
+        phase: &NodePhase,
+        reason: Option<&str>,
+    ) -> Result<(), JournalError> {
         if self.write() {
-            self.persisted
-                .lock()
-                .unwrap()
-                .insert(node.id.clone(), NodeRecord { phase: *phase, reason: reason.map(str::to_string) });
+            self.persisted.lock().unwrap().insert(
+                node.id.clone(),
+                NodeRecord {
+                    phase: *phase,
+                    reason: reason.map(str::to_string),
+                },
+            );
         }
         Ok(())
     }
-    fn step(&self, node: &NodeRef, step: Step, status: StepStatus, _detail: &str) -> Result<(), JournalError> {
+    fn step(
+        &self,
+        node: &NodeRef,
+        step: Step,
+        status: StepStatus,
+        _detail: &str,
+    ) -> Result<(), JournalError> {
         if self.write() {
-            self.steps.lock().unwrap().push(format!("{}:{step}:{status}", node.id));
+            self.steps
+                .lock()
+                .unwrap()
+                .push(format!("{}:{step}:{status}", node.id));
         }
         Ok(())
     }
@@ -263,14 +328,21 @@ impl Observer for FakeObserver {
 }
 
 fn node(id: &str) -> NodeRef {
-    NodeRef { id: id.into(), name: format!("name-{id}"), role: "worker".into() }
+    NodeRef {
+        id: id.into(),
+        name: format!("name-{id}"),
+        role: "worker".into(),
+    }
 }
 
 /// Batches given as lists of node ids.
 fn spec(batches: &[&[&str]], budget: u32) -> RolloutSpec {
     RolloutSpec {
         patch_id: PATCH.into(),
-        action: Action::Patch { digest: DIGEST.into(), offline: false },
+        action: Action::Patch {
+            digest: DIGEST.into(),
+            offline: false,
+        },
         batches: batches
             .iter()
             .enumerate()
@@ -291,17 +363,26 @@ fn spec(batches: &[&[&str]], budget: u32) -> RolloutSpec {
 }
 
 fn behaviours(list: &[(&str, Behaviour)]) -> HashMap<String, Behaviour> {
-    list.iter().map(|(id, b)| (id.to_string(), b.clone())).collect()
+    list.iter()
+        .map(|(id, b)| (id.to_string(), b.clone()))
+        .collect()
 }
 
 async fn run(spec: &RolloutSpec, effects: &FakeEffects, journal: &FakeJournal) -> RolloutReport {
     let observer = FakeObserver::default();
     let (_handle, cancel) = Cancel::new();
-    Engine::new(spec, effects, journal, &observer, cancel).run().await.unwrap()
+    Engine::new(spec, effects, journal, &observer, cancel)
+        .run()
+        .await
+        .unwrap()
 }
 
 fn phases(report: &RolloutReport) -> Vec<(String, NodePhase)> {
-    report.nodes.iter().map(|n| (n.node.id.clone(), n.phase)).collect()
+    report
+        .nodes
+        .iter()
+        .map(|n| (n.node.id.clone(), n.phase))
+        .collect()
 }
 
 #[tokio::test]
@@ -311,11 +392,22 @@ async fn every_node_goes_through_the_steps_in_order() {
     let journal = FakeJournal::default();
     let report = run(&spec(&[&["a"], &["b", "c"]], 0), &effects, &journal).await;
     assert_eq!(report.end, RolloutEnd::Completed);
-    assert!(report.nodes.iter().all(|n| n.phase == NodePhase::Done), "{report:?}");
+    assert!(
+        report.nodes.iter().all(|n| n.phase == NodePhase::Done),
+        "{report:?}"
+    );
     for id in ["a", "b", "c"] {
         assert_eq!(
             world.lines_of(id),
-            ["stage", "offline", "wait_offline", "apply", "health", "online", "wait_online"],
+            [
+                "stage",
+                "offline",
+                "wait_offline",
+                "apply",
+                "health",
+                "online",
+                "wait_online"
+            ],
             "steps of {id}"
         );
         assert_eq!(world.restarts(id), 1);
@@ -324,7 +416,13 @@ async fn every_node_goes_through_the_steps_in_order() {
     // Staging of every node happens before the first node is taken offline.
     let lines = world.lines();
     let first_offline = lines.iter().position(|l| l.ends_with(":offline")).unwrap();
-    assert_eq!(lines[..first_offline].iter().filter(|l| l.ends_with(":stage")).count(), 3);
+    assert_eq!(
+        lines[..first_offline]
+            .iter()
+            .filter(|l| l.ends_with(":stage"))
+            .count(),
+        3
+    );
     // Budget 0: one node at a time, even in a batch of two.
     assert_eq!(world.max_in_turn.load(Ordering::SeqCst), 1);
     assert!(world.violations.lock().unwrap().is_empty());
@@ -348,7 +446,10 @@ async fn a_batch_runs_in_parallel_within_the_budget() {
 #[tokio::test]
 async fn a_reverted_node_counts_against_the_budget_and_the_rollout_halts() {
     let world = Arc::new(World::default());
-    let revert = Behaviour { apply_outcome: Some(ApplyOutcome::Reverted), ..Default::default() };
+    let revert = Behaviour {
+        apply_outcome: Some(ApplyOutcome::Reverted),
+        ..Default::default()
+    };
     let effects = FakeEffects::new(world.clone(), behaviours(&[("a", revert)]));
     let journal = FakeJournal::default();
     let report = run(&spec(&[&["a"], &["b"], &["c"]], 0), &effects, &journal).await;
@@ -356,13 +457,33 @@ async fn a_reverted_node_counts_against_the_budget_and_the_rollout_halts() {
     assert_eq!(report.failures, 1);
     assert_eq!(
         phases(&report),
-        [("a".into(), NodePhase::Reverted), ("b".into(), NodePhase::Staged), ("c".into(), NodePhase::Staged)]
+        [
+            ("a".into(), NodePhase::Reverted),
+            ("b".into(), NodePhase::Staged),
+            ("c".into(), NodePhase::Staged)
+        ]
     );
     // The reverted node went back online; nothing else was touched.
-    assert_eq!(world.lines_of("a"), ["stage", "offline", "wait_offline", "apply", "online", "wait_online"]);
+    assert_eq!(
+        world.lines_of("a"),
+        [
+            "stage",
+            "offline",
+            "wait_offline",
+            "apply",
+            "online",
+            "wait_online"
+        ]
+    );
     assert_eq!(world.lines_of("b"), ["stage"]);
     assert!(world.offline.lock().unwrap().is_empty());
-    assert!(report.nodes[0].reason.as_deref().unwrap().contains("health probe failed"));
+    assert!(
+        report.nodes[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("health probe failed")
+    );
     assert!(journal.marks.lock().unwrap().is_empty());
 }
 
@@ -378,7 +499,13 @@ async fn the_failure_budget_is_never_overshot() {
                 .enumerate()
                 .filter(|(i, _)| failing_mask & (1 << i) != 0)
                 .map(|(_, id)| {
-                    (id.as_str(), Behaviour { apply_outcome: Some(ApplyOutcome::Reverted), ..Default::default() })
+                    (
+                        id.as_str(),
+                        Behaviour {
+                            apply_outcome: Some(ApplyOutcome::Reverted),
+                            ..Default::default()
+                        },
+                    )
                 })
                 .collect();
             let effects = FakeEffects::new(world.clone(), behaviours(&list));
@@ -386,12 +513,19 @@ async fn the_failure_budget_is_never_overshot() {
             let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
             let report = run(&spec(&[&refs[..5], &refs[5..]], budget), &effects, &journal).await;
             let failed = report.nodes.iter().filter(|n| n.phase.is_failure()).count() as u32;
-            assert!(failed <= budget + 1, "budget {budget}, mask {failing_mask:b}: {failed} failed");
+            assert!(
+                failed <= budget + 1,
+                "budget {budget}, mask {failing_mask:b}: {failed} failed"
+            );
             assert_eq!(failed, report.failures);
             assert!(world.max_in_turn.load(Ordering::SeqCst) as u32 <= budget + 1);
             let expected_failures = failing_mask.count_ones();
             if expected_failures > budget {
-                assert_eq!(report.end, RolloutEnd::Halted, "budget {budget}, mask {failing_mask:b}");
+                assert_eq!(
+                    report.end,
+                    RolloutEnd::Halted,
+                    "budget {budget}, mask {failing_mask:b}"
+                );
                 assert_eq!(failed, budget + 1);
             } else {
                 assert_ne!(report.end, RolloutEnd::Halted);
@@ -403,14 +537,26 @@ async fn the_failure_budget_is_never_overshot() {
 #[tokio::test]
 async fn a_drain_timeout_leaves_the_node_unrestarted_and_back_online() {
     let world = Arc::new(World::default());
-    let slow = Behaviour { drain_timeout: true, ..Default::default() };
+    let slow = Behaviour {
+        drain_timeout: true,
+        ..Default::default()
+    };
     let effects = FakeEffects::new(world.clone(), behaviours(&[("a", slow)]));
     let journal = FakeJournal::default();
     let report = run(&spec(&[&["a"], &["b"]], 1), &effects, &journal).await;
     assert_eq!(report.end, RolloutEnd::CompletedWithFailures);
     assert_eq!(report.nodes[0].phase, NodePhase::Failed);
-    assert!(report.nodes[0].reason.as_deref().unwrap().contains("drain timed out"));
-    assert_eq!(world.lines_of("a"), ["stage", "offline", "wait_offline", "online", "wait_online"]);
+    assert!(
+        report.nodes[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("drain timed out")
+    );
+    assert_eq!(
+        world.lines_of("a"),
+        ["stage", "offline", "wait_offline", "online", "wait_online"]
+    );
     assert_eq!(world.restarts("a"), 0);
     assert_eq!(report.nodes[1].phase, NodePhase::Done);
     assert!(world.offline.lock().unwrap().is_empty());
@@ -419,14 +565,33 @@ async fn a_drain_timeout_leaves_the_node_unrestarted_and_back_online() {
 #[tokio::test]
 async fn an_unreachable_agent_fails_the_node_without_restarting_it() {
     let world = Arc::new(World::default());
-    let dead = Behaviour { apply_not_sent: true, ..Default::default() };
+    let dead = Behaviour {
+        apply_not_sent: true,
+        ..Default::default()
+    };
     let effects = FakeEffects::new(world.clone(), behaviours(&[("b", dead)]));
     let journal = FakeJournal::default();
     let report = run(&spec(&[&["a"], &["b"], &["c"]], 0), &effects, &journal).await;
     assert_eq!(report.end, RolloutEnd::Halted);
     assert_eq!(report.nodes[1].phase, NodePhase::Failed);
-    assert!(report.nodes[1].reason.as_deref().unwrap().contains("unreachable"));
-    assert_eq!(world.lines_of("b"), ["stage", "offline", "wait_offline", "apply", "online", "wait_online"]);
+    assert!(
+        report.nodes[1]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("unreachable")
+    );
+    assert_eq!(
+        world.lines_of("b"),
+        [
+            "stage",
+            "offline",
+            "wait_offline",
+            "apply",
+            "online",
+            "wait_online"
+        ]
+    );
     assert_eq!(world.lines_of("c"), ["stage"]);
     assert!(world.offline.lock().unwrap().is_empty());
 }
@@ -434,7 +599,10 @@ async fn an_unreachable_agent_fails_the_node_without_restarting_it() {
 #[tokio::test]
 async fn a_lost_apply_answer_is_asked_again_with_the_same_patch_id() {
     let world = Arc::new(World::default());
-    let flaky = Behaviour { apply_lost: 2, ..Default::default() };
+    let flaky = Behaviour {
+        apply_lost: 2,
+        ..Default::default()
+    };
     let effects = FakeEffects::new(world.clone(), behaviours(&[("a", flaky)]));
     let journal = FakeJournal::default();
     let report = run(&spec(&[&["a"]], 0), &effects, &journal).await;
@@ -448,13 +616,22 @@ async fn a_lost_apply_answer_is_asked_again_with_the_same_patch_id() {
 #[tokio::test]
 async fn an_apply_that_never_answers_leaves_the_node_offline_and_says_so() {
     let world = Arc::new(World::default());
-    let lost = Behaviour { apply_lost: 100, ..Default::default() };
+    let lost = Behaviour {
+        apply_lost: 100,
+        ..Default::default()
+    };
     let effects = FakeEffects::new(world.clone(), behaviours(&[("a", lost)]));
     let journal = FakeJournal::default();
     let report = run(&spec(&[&["a"], &["b"]], 0), &effects, &journal).await;
     assert_eq!(report.end, RolloutEnd::Halted);
     assert_eq!(report.nodes[0].phase, NodePhase::LeftOffline);
-    assert!(report.nodes[0].reason.as_deref().unwrap().contains("left out of service"));
+    assert!(
+        report.nodes[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("left out of service")
+    );
     assert!(world.offline.lock().unwrap().contains("a"));
     assert_eq!(world.apply_calls.lock().unwrap().len(), 4);
 }
@@ -462,25 +639,46 @@ async fn an_apply_that_never_answers_leaves_the_node_offline_and_says_so() {
 #[tokio::test]
 async fn a_failed_cluster_health_check_rolls_the_node_back() {
     let world = Arc::new(World::default());
-    let sick = Behaviour { health_fails: true, ..Default::default() };
+    let sick = Behaviour {
+        health_fails: true,
+        ..Default::default()
+    };
     let effects = FakeEffects::new(world.clone(), behaviours(&[("a", sick)]));
     let journal = FakeJournal::default();
     let report = run(&spec(&[&["a"]], 0), &effects, &journal).await;
     assert_eq!(report.nodes[0].phase, NodePhase::Reverted);
-    assert_eq!(world.lines_of("a"), ["stage", "offline", "wait_offline", "apply", "health", "undo", "online", "wait_online"]);
+    assert_eq!(
+        world.lines_of("a"),
+        [
+            "stage",
+            "offline",
+            "wait_offline",
+            "apply",
+            "health",
+            "undo",
+            "online",
+            "wait_online"
+        ]
+    );
     assert!(journal.marks.lock().unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn a_node_that_cannot_go_back_online_is_reported_left_offline() {
     let world = Arc::new(World::default());
-    let stuck = Behaviour { online_fails: true, ..Default::default() };
+    let stuck = Behaviour {
+        online_fails: true,
+        ..Default::default()
+    };
     let effects = FakeEffects::new(world.clone(), behaviours(&[("a", stuck)]));
     let journal = FakeJournal::default();
     let report = run(&spec(&[&["a"]], 0), &effects, &journal).await;
     assert_eq!(report.nodes[0].phase, NodePhase::LeftOffline);
     let reason = report.nodes[0].reason.as_deref().unwrap();
-    assert!(reason.contains("patched") && reason.contains("left offline"), "{reason}");
+    assert!(
+        reason.contains("patched") && reason.contains("left offline"),
+        "{reason}"
+    );
     // It does run the new version: marked.
     assert_eq!(*journal.marks.lock().unwrap(), ["a"]);
 }
@@ -488,7 +686,10 @@ async fn a_node_that_cannot_go_back_online_is_reported_left_offline() {
 #[tokio::test]
 async fn staging_skips_nodes_already_running_the_package() {
     let world = Arc::new(World::default());
-    let done = Behaviour { already_running: true, ..Default::default() };
+    let done = Behaviour {
+        already_running: true,
+        ..Default::default()
+    };
     let effects = FakeEffects::new(world.clone(), behaviours(&[("a", done)]));
     let journal = FakeJournal::default();
     let report = run(&spec(&[&["a"], &["b"]], 0), &effects, &journal).await;
@@ -500,13 +701,20 @@ async fn staging_skips_nodes_already_running_the_package() {
 #[tokio::test]
 async fn staging_failures_beyond_the_budget_halt_before_any_node_is_touched() {
     let world = Arc::new(World::default());
-    let dead = Behaviour { stage_error: true, ..Default::default() };
+    let dead = Behaviour {
+        stage_error: true,
+        ..Default::default()
+    };
     let effects = FakeEffects::new(world.clone(), behaviours(&[("c", dead)]));
     let journal = FakeJournal::default();
     let report = run(&spec(&[&["a"], &["b"], &["c"]], 0), &effects, &journal).await;
     assert_eq!(report.end, RolloutEnd::Halted);
     assert_eq!(report.nodes[2].phase, NodePhase::Failed);
-    assert!(world.lines().iter().all(|l| l.ends_with(":stage")), "{:?}", world.lines());
+    assert!(
+        world.lines().iter().all(|l| l.ends_with(":stage")),
+        "{:?}",
+        world.lines()
+    );
 }
 
 #[tokio::test]
@@ -515,7 +723,10 @@ async fn offline_mode_swaps_files_without_hooks() {
     let effects = FakeEffects::new(world.clone(), HashMap::new());
     let journal = FakeJournal::default();
     let mut offline = spec(&[&["a", "b"]], 0);
-    offline.action = Action::Patch { digest: DIGEST.into(), offline: true };
+    offline.action = Action::Patch {
+        digest: DIGEST.into(),
+        offline: true,
+    };
     let report = run(&offline, &effects, &journal).await;
     assert_eq!(report.end, RolloutEnd::Completed);
     assert_eq!(world.lines_of("a"), ["stage", "apply"]);
@@ -528,35 +739,67 @@ async fn a_rollback_sends_rollback_calls_without_staging() {
     let effects = FakeEffects::new(world.clone(), HashMap::new());
     let journal = FakeJournal::default();
     let mut rollback = spec(&[&["a"]], 0);
-    rollback.action = Action::Rollback { to_patch_id: Some("p-0".into()) };
+    rollback.action = Action::Rollback {
+        to_patch_id: Some("p-0".into()),
+    };
     let report = run(&rollback, &effects, &journal).await;
     assert_eq!(report.end, RolloutEnd::Completed);
-    assert_eq!(world.lines_of("a"), ["offline", "wait_offline", "apply", "health", "online", "wait_online"]);
-    assert_eq!(world.apply_calls.lock().unwrap()[0].action, Action::Rollback { to_patch_id: Some("p-0".into()) });
+    assert_eq!(
+        world.lines_of("a"),
+        [
+            "offline",
+            "wait_offline",
+            "apply",
+            "health",
+            "online",
+            "wait_online"
+        ]
+    );
+    assert_eq!(
+        world.apply_calls.lock().unwrap()[0].action,
+        Action::Rollback {
+            to_patch_id: Some("p-0".into())
+        }
+    );
 }
 
 #[tokio::test]
 async fn the_canary_pause_can_stop_the_rollout() {
-    for (decision, end) in [(PauseDecision::Stop, RolloutEnd::Stopped), (PauseDecision::Continue, RolloutEnd::Completed)] {
+    for (decision, end) in [
+        (PauseDecision::Stop, RolloutEnd::Stopped),
+        (PauseDecision::Continue, RolloutEnd::Completed),
+    ] {
         let world = Arc::new(World::default());
         let effects = FakeEffects::new(world.clone(), HashMap::new());
         let journal = FakeJournal::default();
         let mut canary = spec(&[&["a"], &["b"]], 0);
         canary.batches[0].canary = true;
         canary.batches[0].pause_after = true;
-        let observer = FakeObserver { decision: Some(decision), ..Default::default() };
+        let observer = FakeObserver {
+            decision: Some(decision),
+            ..Default::default()
+        };
         let (_handle, cancel) = Cancel::new();
-        let report = Engine::new(&canary, &effects, &journal, &observer, cancel).run().await.unwrap();
+        let report = Engine::new(&canary, &effects, &journal, &observer, cancel)
+            .run()
+            .await
+            .unwrap();
         assert_eq!(report.end, end);
         assert_eq!(observer.pauses.load(Ordering::SeqCst), 1);
-        assert_eq!(world.restarts("b"), u32::from(decision == PauseDecision::Continue));
+        assert_eq!(
+            world.restarts("b"),
+            u32::from(decision == PauseDecision::Continue)
+        );
     }
 }
 
 #[tokio::test]
 async fn ctrl_c_during_a_drain_puts_the_node_back_and_starts_nothing_else() {
     let world = Arc::new(World::default());
-    let hanging = Behaviour { drain_hangs: true, ..Default::default() };
+    let hanging = Behaviour {
+        drain_hangs: true,
+        ..Default::default()
+    };
     let effects = FakeEffects::new(world.clone(), behaviours(&[("a", hanging)]));
     let journal = FakeJournal::default();
     let observer = FakeObserver::default();
@@ -574,7 +817,10 @@ async fn ctrl_c_during_a_drain_puts_the_node_back_and_starts_nothing_else() {
     let report = tokio::select! { report = engine.run() => report.unwrap(), () = interrupter => unreachable!() };
     assert_eq!(report.end, RolloutEnd::Interrupted);
     assert_eq!(report.nodes[0].phase, NodePhase::Pending);
-    assert_eq!(world.lines_of("a"), ["stage", "offline", "wait_offline", "online", "wait_online"]);
+    assert_eq!(
+        world.lines_of("a"),
+        ["stage", "offline", "wait_offline", "online", "wait_online"]
+    );
     assert_eq!(world.lines_of("b"), ["stage"]);
     assert!(world.offline.lock().unwrap().is_empty());
     assert_eq!(journal.phase("a"), Some(NodePhase::Pending));
@@ -584,7 +830,10 @@ async fn ctrl_c_during_a_drain_puts_the_node_back_and_starts_nothing_else() {
 async fn ctrl_c_during_an_apply_finishes_that_node() {
     let world = Arc::new(World::default());
     let gate = Arc::new(Notify::new());
-    let slow = Behaviour { apply_gate: Some(gate.clone()), ..Default::default() };
+    let slow = Behaviour {
+        apply_gate: Some(gate.clone()),
+        ..Default::default()
+    };
     let effects = FakeEffects::new(world.clone(), behaviours(&[("a", slow)]));
     let journal = FakeJournal::default();
     let observer = FakeObserver::default();
@@ -608,8 +857,12 @@ async fn ctrl_c_during_an_apply_finishes_that_node() {
 }
 
 /// Runs `rollout` with a crash at journal write `crash_at`; returns whether the crash happened, with the journal.
-async fn run_until_crash(rollout: &RolloutSpec, world: &Arc<World>, behaviour: &HashMap<String, Behaviour>, crash_at: usize)
--> (bool, FakeJournal) {
+async fn run_until_crash(
+    rollout: &RolloutSpec,
+    world: &Arc<World>,
+    behaviour: &HashMap<String, Behaviour>,
+    crash_at: usize,
+) -> (bool, FakeJournal) {
     let crashed = Arc::new(AtomicBool::new(false));
     let mut effects = FakeEffects::new(world.clone(), behaviour.clone());
     effects.crashed = crashed.clone();
@@ -630,7 +883,13 @@ async fn run_until_crash(rollout: &RolloutSpec, world: &Arc<World>, behaviour: &
 /// where a crash-free run would, and no node is left out of service.
 #[tokio::test]
 async fn resume_after_a_crash_at_any_write_repeats_no_node() {
-    let behaviour = behaviours(&[("c", Behaviour { apply_outcome: Some(ApplyOutcome::Reverted), ..Default::default() })]);
+    let behaviour = behaviours(&[(
+        "c",
+        Behaviour {
+            apply_outcome: Some(ApplyOutcome::Reverted),
+            ..Default::default()
+        },
+    )]);
     let rollout = spec(&[&["a", "b"], &["c"], &["d"]], 1);
     let mut crash_at = 1;
     loop {
@@ -646,7 +905,10 @@ async fn resume_after_a_crash_at_any_write_repeats_no_node() {
         let effects = FakeEffects::new(world.clone(), behaviour.clone());
         let journal = FakeJournal::resumed_from(records, marks);
         let report = run(&resumed, &effects, &journal).await;
-        let context = format!("crash at write {crash_at}: {report:?}\nlog: {:?}", world.lines());
+        let context = format!(
+            "crash at write {crash_at}: {report:?}\nlog: {:?}",
+            world.lines()
+        );
         assert_eq!(
             phases(&report),
             [
@@ -668,7 +930,10 @@ async fn resume_after_a_crash_at_any_write_repeats_no_node() {
         assert_eq!(marks, ["a", "b", "d"], "{context}");
         crash_at += 1;
     }
-    assert!(crash_at > 40, "the scenario has many journal writes ({crash_at})");
+    assert!(
+        crash_at > 40,
+        "the scenario has many journal writes ({crash_at})"
+    );
 }
 
 #[test]

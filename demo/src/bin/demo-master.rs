@@ -41,19 +41,40 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve { listen, name, peers, tasks } => {
+        Command::Serve {
+            listen,
+            name,
+            peers,
+            tasks,
+        } => {
             let (own, binary_sha256) = start("demo-master").await?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}; pick a free address"))?;
             let addr = listener.local_addr()?;
-            println!("demo-master listening on {addr} (name {name}, version {}, mode {})", own.version, own.mode.as_str());
-            let config = MasterConfig { name, peers, tasks, stamp: own, binary_sha256, started_unix: unix_now() };
+            println!(
+                "demo-master listening on {addr} (name {name}, version {}, mode {})",
+                own.version,
+                own.mode.as_str()
+            );
+            let config = MasterConfig {
+                name,
+                peers,
+                tasks,
+                stamp: own,
+                binary_sha256,
+                started_unix: unix_now(),
+            };
             serve(listener, config, shutdown_signal()).await?;
         }
         Command::Stamp(args) => {
             let stamped = run_stamp(&args)?;
-            println!("stamped {} as {} (mode {})", args.out.display(), stamped.version, stamped.mode.as_str());
+            println!(
+                "stamped {} as {} (mode {})",
+                args.out.display(),
+                stamped.version,
+                stamped.mode.as_str()
+            );
         }
         Command::Version => println!("{}", stamp::own_stamp()?.version),
     }

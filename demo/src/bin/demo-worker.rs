@@ -38,20 +38,39 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve { listen, masters, name } => {
+        Command::Serve {
+            listen,
+            masters,
+            name,
+        } => {
             let (own, binary_sha256) = start("demo-worker").await?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}; pick a free address"))?;
             let addr = listener.local_addr()?;
             let name = name.unwrap_or_else(|| addr.to_string());
-            println!("demo-worker listening on {addr} (name {name}, version {}, mode {})", own.version, own.mode.as_str());
-            let config = WorkerConfig { name, stamp: own, binary_sha256, masters, started_unix: unix_now() };
+            println!(
+                "demo-worker listening on {addr} (name {name}, version {}, mode {})",
+                own.version,
+                own.mode.as_str()
+            );
+            let config = WorkerConfig {
+                name,
+                stamp: own,
+                binary_sha256,
+                masters,
+                started_unix: unix_now(),
+            };
             serve(listener, config, shutdown_signal()).await?;
         }
         Command::Stamp(args) => {
             let stamped = run_stamp(&args)?;
-            println!("stamped {} as {} (mode {})", args.out.display(), stamped.version, stamped.mode.as_str());
+            println!(
+                "stamped {} as {} (mode {})",
+                args.out.display(),
+                stamped.version,
+                stamped.mode.as_str()
+            );
         }
         Command::Version => println!("{}", stamp::own_stamp()?.version),
     }

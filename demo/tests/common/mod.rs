@@ -34,8 +34,13 @@ impl Proc {
 
     /// Sends SIGTERM and waits (with a deadline) for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM).unwrap();
-        wait_exit(&mut self.child, Duration::from_secs(30)).expect("process did not exit after SIGTERM")
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        wait_exit(&mut self.child, Duration::from_secs(30))
+            .expect("process did not exit after SIGTERM")
     }
 }
 
@@ -60,7 +65,11 @@ pub fn spawn(bin: &str, args: &[&str]) -> Proc {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             if let Some(rest) = line.split(" listening on ").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
                 let _ = tx.send(addr);
             }
         }
@@ -89,7 +98,11 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 
 /// A free loopback port (bound, then released: only for masters that must know each other's URL up front).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, panicking with `what` after `timeout`.
@@ -109,14 +122,33 @@ where
 }
 
 pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
-    let response = reqwest::get(url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let response = client()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
 }
 
 pub async fn post_json(url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let response =
-        reqwest::Client::new().post(url).json(&body).send().await.unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let response = client()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
     let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// An HTTP client that never goes through a proxy (loopback only).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
 }

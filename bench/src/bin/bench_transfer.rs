@@ -1,0 +1,253 @@
+//! Transfer benchmark: push a large file (default 1 GiB) to one agent over loopback mTLS with the release
+//! binaries, and compare in the same run with the machine's single-thread sha256 speed (ring) and with `scp` to
+//! localhost followed by `sha256sum` on the receiving side. Reports the agent's peak RSS (VmHWM).
+//!
+//! Run it through `scripts/bench-transfer.sh`, which builds the release binaries, starts a throwaway sshd on a
+//! loopback port and sets: `PATCHD_BIN_DIR` (release binaries, required), `BENCH_SSH_PORT` and `BENCH_SSH_KEY`
+//! (optional: without them the scp comparison is skipped), `BENCH_SIZE_MIB` (default 1024), `BENCH_DIR` (where
+//! the file and the agent state go, default /var/tmp).
+
+use anyhow::{Context, bail};
+use patchd_e2e::{AgentConfig, AgentProcess, Pki, write_random_file};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MB: f64 = 1e6;
+
+fn main() -> anyhow::Result<()> {
+    if std::env::var_os(patchd_e2e::BIN_DIR_ENV).is_none() {
+        bail!(
+            "{} is not set: run scripts/bench-transfer.sh (or build with `cargo build --release -p patchd-agent -p patchctl` \
+             and set {}=target/release)",
+            patchd_e2e::BIN_DIR_ENV,
+            patchd_e2e::BIN_DIR_ENV
+        );
+    }
+    let size_mib: u64 = env_or("BENCH_SIZE_MIB", 1024)?;
+    let base = std::env::var_os("BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    std::fs::create_dir_all(&base)?;
+    let work = tempfile::Builder::new().prefix("patchd-bench-").tempdir_in(&base)?;
+    let size = size_mib * 1024 * 1024;
+
+    eprintln!("writing a {size_mib} MiB test file in {}", work.path().display());
+    let file = work.path().join("package.bin");
+    write_random_file(&file, size, 42);
+
+    eprintln!("measuring single-thread sha256 (ring)");
+    let sha_mbps = sha256_speed(&file)?;
+
+    eprintln!("starting a release agent");
+    let pki = Pki::new(work.path());
+    let tls = pki.issue_agent("bench-agent", &["127.0.0.1"]);
+    let config = AgentConfig::new(&work.path().join("agent"), &tls).limit("max_blob_bytes", &(size * 2).to_string());
+    let state = config.state_path().to_path_buf();
+    let agent = AgentProcess::start(&config.write());
+
+    let mut runs = Vec::new();
+    for chunk_size in [1024 * 1024u32, 4 * 1024 * 1024] {
+        eprintln!("pushing with {} KiB chunks", chunk_size / 1024);
+        let run = push(&pki, &agent, &file, chunk_size)?;
+        if run.bytes_sent != size {
+            bail!("push sent {} bytes, expected {size}", run.bytes_sent);
+        }
+        let again = push(&pki, &agent, &file, chunk_size)?;
+        if again.bytes_sent != 0 {
+            bail!("second push sent {} bytes, expected 0", again.bytes_sent);
+        }
+        std::fs::remove_file(state.join("blobs").join(&run.digest)).context("removing the pushed blob")?;
+        runs.push((chunk_size, run, again));
+    }
+    let agent_rss = agent.peak_rss_bytes().context("cannot read the agent's VmHWM")?;
+    drop(agent);
+
+    let scp = match (std::env::var("BENCH_SSH_PORT"), std::env::var("BENCH_SSH_KEY")) {
+        (Ok(port), Ok(key)) => {
+            eprintln!("scp + sha256sum over ssh on port {port}");
+            Some(scp_and_hash(&file, &work.path().join("scp-dest.bin"), &port, Path::new(&key))?)
+        }
+        _ => None,
+    };
+
+    print_report(size, sha_mbps, &runs, agent_rss, scp.as_ref());
+    Ok(())
+}
+
+fn env_or(key: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(key) {
+        Ok(v) => v.parse().with_context(|| format!("{key}={v} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// Best of three single-thread ring sha256 passes over the first 256 MiB of the file, held in memory.
+fn sha256_speed(file: &Path) -> anyhow::Result<f64> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(file)?.take(256 * 1024 * 1024).read_to_end(&mut buf)?;
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &buf);
+        let elapsed = started.elapsed();
+        std::hint::black_box(digest);
+        best = best.max(buf.len() as f64 / elapsed.as_secs_f64() / MB);
+    }
+    Ok(best)
+}
+
+struct PushRun {
+    digest: String,
+    bytes_sent: u64,
+    transfer_seconds: f64,
+    digest_seconds: f64,
+    wall_seconds: f64,
+    controller_rss: u64,
+}
+
+fn push(pki: &Pki, agent: &AgentProcess, file: &Path, chunk_size: u32) -> anyhow::Result<PushRun> {
+    let started = Instant::now();
+    let mut child = Command::new(patchd_e2e::bin("patchctl"))
+        .args(["--format", "json", "agent", "push", &agent.addr_string()])
+        .arg(file)
+        .args(["--chunk-size", &chunk_size.to_string()])
+        .env("PATCHCTL_HOME", pki.home())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    // VmHWM only grows: the last sample before exit is (close to) the peak.
+    let mut controller_rss = 0;
+    while child.try_wait()?.is_none() {
+        if let Some(rss) = vm_hwm(child.id()) {
+            controller_rss = rss;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    let wall_seconds = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("patchctl agent push failed ({})", out.status);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let num = |k: &str| v[k].as_f64().with_context(|| format!("no `{k}` in the push report"));
+    Ok(PushRun {
+        digest: v["digest"].as_str().context("no digest")?.to_string(),
+        bytes_sent: v["bytes_sent"].as_u64().context("no bytes_sent")?,
+        transfer_seconds: num("transfer_seconds")?,
+        digest_seconds: num("digest_seconds")?,
+        wall_seconds,
+        controller_rss,
+    })
+}
+
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+struct ScpRun {
+    scp_seconds: f64,
+    sha256sum_seconds: f64,
+}
+
+fn scp_and_hash(file: &Path, dest: &Path, port: &str, key: &Path) -> anyhow::Result<ScpRun> {
+    let ssh_opts = |cmd: &mut Command| {
+        cmd.arg("-i").arg(key).args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "BatchMode=yes",
+        ]);
+    };
+    let mut scp = Command::new("scp");
+    ssh_opts(&mut scp);
+    scp.args(["-P", port]).arg(file).arg(format!("root@127.0.0.1:{}", dest.display()));
+    let started = Instant::now();
+    let status = scp.status().context("cannot run scp")?;
+    let scp_seconds = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("scp failed ({status})");
+    }
+    let mut ssh = Command::new("ssh");
+    ssh_opts(&mut ssh);
+    ssh.args(["-p", port, "root@127.0.0.1", "sha256sum"]).arg(dest).stdout(Stdio::null());
+    let started = Instant::now();
+    let status = ssh.status().context("cannot run ssh")?;
+    let sha256sum_seconds = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("ssh sha256sum failed ({status})");
+    }
+    let _ = std::fs::remove_file(dest);
+    Ok(ScpRun { scp_seconds, sha256sum_seconds })
+}
+
+fn print_report(size: u64, sha_mbps: f64, runs: &[(u32, PushRun, PushRun)], agent_rss: u64, scp: Option<&ScpRun>) {
+    let mb = size as f64 / MB;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| file | {} MiB ({:.0} MB) of random bytes |", size / (1024 * 1024), mb);
+    println!("| single-thread sha256 (ring, in memory) | {sha_mbps:.0} MB/s |");
+    let mut best_transfer = 0.0f64;
+    let mut best_end_to_end = 0.0f64;
+    for (chunk, run, again) in runs {
+        let transfer = mb / run.transfer_seconds;
+        let end_to_end = mb / run.wall_seconds;
+        best_transfer = best_transfer.max(transfer);
+        best_end_to_end = best_end_to_end.max(end_to_end);
+        println!(
+            "| patchd push, {} KiB chunks: transfer (agent verifies every chunk, writes, fsyncs) | {transfer:.0} MB/s ({:.2} s), {:.0}% of sha256 |",
+            chunk / 1024,
+            run.transfer_seconds,
+            transfer / sha_mbps * 100.0
+        );
+        println!(
+            "| patchd push, {} KiB chunks: whole command incl. the sender's digest pass ({:.2} s) | {end_to_end:.0} MB/s ({:.2} s) |",
+            chunk / 1024,
+            run.digest_seconds,
+            run.wall_seconds
+        );
+        println!(
+            "| second push of the same package, {} KiB chunks | {} bytes sent, {:.2} s |",
+            chunk / 1024,
+            again.bytes_sent,
+            again.wall_seconds
+        );
+        println!("| patchctl peak RSS (sampled), {} KiB chunks | {:.1} MiB |", chunk / 1024, mib(run.controller_rss));
+    }
+    println!("| agent peak RSS (VmHWM over all pushes) | {:.1} MiB |", mib(agent_rss));
+    match scp {
+        Some(scp) => {
+            let total = scp.scp_seconds + scp.sha256sum_seconds;
+            println!(
+                "| scp to localhost + sha256sum on the receiving side | {:.0} MB/s ({:.2} s scp + {:.2} s sha256sum) |",
+                mb / total,
+                scp.scp_seconds,
+                scp.sha256sum_seconds
+            );
+        }
+        None => println!("| scp to localhost + sha256sum | skipped (BENCH_SSH_PORT/BENCH_SSH_KEY not set) |"),
+    }
+    println!();
+    let check = |ok: bool| if ok { "met" } else { "MISSED" };
+    println!("targets:");
+    println!(
+        "- transfer >= 70% of sha256: {} ({:.0}%)",
+        check(best_transfer >= 0.7 * sha_mbps),
+        best_transfer / sha_mbps * 100.0
+    );
+    if let Some(scp) = scp {
+        let scp_mbps = mb / (scp.scp_seconds + scp.sha256sum_seconds);
+        println!(
+            "- >= scp + sha256sum: transfer {} ({best_transfer:.0} vs {scp_mbps:.0} MB/s); whole command {} ({best_end_to_end:.0} vs {scp_mbps:.0} MB/s)",
+            check(best_transfer >= scp_mbps),
+            check(best_end_to_end >= scp_mbps)
+        );
+    }
+    println!("- agent peak RSS < 64 MiB: {} ({:.1} MiB)", check(agent_rss < 64 * 1024 * 1024), mib(agent_rss));
+}

@@ -1,0 +1,526 @@
+//! Talking to one agent over mutual TLS: connect (the agent's certificate must name the dialed host), Info, and
+//! the resumable chunked push of a package.
+//!
+//! A push needs the package's tree digest before the first byte is sent (it is the agent's cache key), so a file
+//! is first read once to compute every chunk's sha256 ([`PreparedBlob`]: 32 bytes kept per chunk, so 32 KiB per
+//! GiB at 1 MiB chunks). The push then reads the file again and sends only the chunks the agent lacks, with those
+//! hashes, so the sender hashes each byte once however many agents it pushes to. Reading and sending run on a
+//! blocking thread feeding a bounded channel: memory stays flat whatever the package size.
+
+use crate::tls_files::ControllerTls;
+use bytes::Bytes;
+use futures::StreamExt;
+use patchd_package::digest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeHasher, chunk_count, chunk_sha256, read_full};
+use patchd_proto::v1;
+use serde::Serialize;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// The generated gRPC client, for calls this module does not wrap.
+pub type RawAgentClient = v1::agent_client::AgentClient<Channel>;
+
+/// Time allowed for TCP connect plus TLS and HTTP/2 handshakes.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for a short call (Info, QueryBlob).
+pub const SHORT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Chunks read ahead of the network.
+const SEND_QUEUE_DEPTH: usize = 4;
+
+/// What went wrong talking to an agent. Messages name the agent and say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentClientError {
+    #[error("invalid agent address `{0}`: use HOST:PORT (e.g. 127.0.1.3:7480)")]
+    BadAddress(String),
+    #[error("cannot connect to agent {addr}: {detail}")]
+    Connect { addr: String, detail: String },
+    #[error("agent {addr}: {call} failed: {code:?}: {detail}")]
+    Rpc { addr: String, call: &'static str, code: Code, detail: String },
+    #[error("cannot read {}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
+    #[error("invalid chunk size {0}: use {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes")]
+    BadChunkSize(u32),
+    #[error("{} changed since its digest was computed: push again", path.display())]
+    FileChanged { path: PathBuf },
+    #[error("agent {addr} accepted the upload but does not report the blob complete: push again to resume")]
+    Incomplete { addr: String },
+}
+
+impl AgentClientError {
+    /// The gRPC code, when the agent (or the transport) answered with a status.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            AgentClientError::Rpc { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// `err` and every source below it, joined; tonic's top-level messages ("transport error") say little.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ")
+}
+
+fn rpc_error(addr: &str, call: &'static str, status: &Status) -> AgentClientError {
+    let mut detail = status.message().to_string();
+    if let Some(source) = std::error::Error::source(status) {
+        let chain = error_chain(source);
+        if chain.starts_with(&detail) {
+            detail = chain;
+        } else if !detail.contains(&chain) {
+            detail = format!("{detail}: {chain}");
+        }
+    }
+    AgentClientError::Rpc { addr: addr.to_string(), call, code: status.code(), detail }
+}
+
+/// The host part of `host:port` (IPv6 without brackets), used as the TLS server name.
+pub fn split_host_port(addr: &str) -> Result<(String, u16), AgentClientError> {
+    let bad = || AgentClientError::BadAddress(addr.to_string());
+    if let Ok(sock) = addr.parse::<std::net::SocketAddr>() {
+        return Ok((sock.ip().to_string(), sock.port()));
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port = port.parse::<u16>().map_err(|_| bad())?;
+    if host.is_empty() || host.contains(':') || host.contains('/') {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+/// What an agent reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentInfo {
+    pub agent: String,
+    pub agent_version: String,
+    pub protocol_version: u32,
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub cpu_count: u32,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub state_dir_free_bytes: u64,
+    pub host_uptime_seconds: u64,
+    pub agent_uptime_seconds: u64,
+    pub services: Vec<String>,
+}
+
+/// What an agent holds of a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BlobHeld {
+    pub complete: bool,
+    pub chunks_held: u64,
+    pub bytes_held: u64,
+}
+
+/// A file with its tree digest and chunk hashes computed, ready to push to any number of agents.
+#[derive(Debug, Clone)]
+pub struct PreparedBlob {
+    pub path: PathBuf,
+    pub digest: String,
+    pub total_size: u64,
+    pub chunk_size: u32,
+    chunk_hashes: Arc<Vec<[u8; 32]>>,
+    modified: Option<SystemTime>,
+    /// Time spent reading and hashing the file.
+    pub prepare_elapsed: Duration,
+}
+
+impl PreparedBlob {
+    /// Reads and hashes `path` once (blocking: run it on a blocking thread, or use [`PreparedBlob::prepare`]).
+    pub fn prepare_blocking(path: &Path, chunk_size: u32) -> Result<Self, AgentClientError> {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+            return Err(AgentClientError::BadChunkSize(chunk_size));
+        }
+        let started = Instant::now();
+        let io = |cause| AgentClientError::Io { path: path.to_path_buf(), cause };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        let total_size = meta.len();
+        let mut tree = TreeHasher::new(chunk_size, total_size);
+        let mut hashes = Vec::with_capacity(usize::try_from(chunk_count(total_size, chunk_size)).unwrap_or(0));
+        let mut buf = vec![0u8; chunk_size as usize];
+        let mut seen = 0u64;
+        loop {
+            let n = read_full(&mut file, &mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            let hash = chunk_sha256(&buf[..n]);
+            tree.push_chunk_hash(&hash);
+            hashes.push(hash);
+            seen += n as u64;
+        }
+        if seen != total_size {
+            return Err(AgentClientError::FileChanged { path: path.to_path_buf() });
+        }
+        let digest = tree.finish().ok_or_else(|| AgentClientError::FileChanged { path: path.to_path_buf() })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            digest,
+            total_size,
+            chunk_size,
+            chunk_hashes: Arc::new(hashes),
+            modified: meta.modified().ok(),
+            prepare_elapsed: started.elapsed(),
+        })
+    }
+
+    /// [`PreparedBlob::prepare_blocking`] on a blocking thread.
+    pub async fn prepare(path: &Path, chunk_size: u32) -> Result<Self, AgentClientError> {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::prepare_blocking(&path, chunk_size))
+            .await
+            .map_err(|e| AgentClientError::Io { path: PathBuf::new(), cause: std::io::Error::other(e.to_string()) })?
+    }
+
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u64 {
+        self.chunk_hashes.len() as u64
+    }
+
+    fn wire_ref(&self) -> v1::BlobRef {
+        v1::BlobRef { digest: self.digest.clone(), total_size: self.total_size, chunk_size: self.chunk_size }
+    }
+
+    fn check_unchanged(&self) -> Result<(), AgentClientError> {
+        let meta = std::fs::metadata(&self.path)
+            .map_err(|cause| AgentClientError::Io { path: self.path.clone(), cause })?;
+        if meta.len() != self.total_size || meta.modified().ok() != self.modified {
+            return Err(AgentClientError::FileChanged { path: self.path.clone() });
+        }
+        Ok(())
+    }
+}
+
+/// How to push.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// How many times a refused chunk (DATA_LOSS) is resent, each time on a new upload stream.
+    pub max_retries: u32,
+    /// TEST HOOK ONLY: corrupt the sha256 sent with this chunk index on the first attempt, to exercise the
+    /// agent's refusal and the retry. Never set outside tests.
+    #[doc(hidden)]
+    pub corrupt_chunk_once: Option<u64>,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        Self { max_retries: 3, corrupt_chunk_once: None }
+    }
+}
+
+/// Progress of a push, reported about ten times a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushProgress {
+    /// Bytes the agent holds or that were handed to the connection in this push.
+    pub bytes_done: u64,
+    pub total_bytes: u64,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PushReport {
+    pub agent: String,
+    pub digest: String,
+    pub total_bytes: u64,
+    pub chunk_size: u32,
+    pub chunks_total: u64,
+    /// Chunks the agent already held when the push started (not sent).
+    pub chunks_skipped: u64,
+    /// Chunks and chunk bytes actually sent in this push (including resent chunks).
+    pub chunks_sent: u64,
+    pub bytes_sent: u64,
+    /// Upload streams restarted after the agent refused a chunk.
+    pub retries: u32,
+    /// Seconds spent in the transfer (query to completion).
+    pub transfer_seconds: f64,
+    /// Seconds spent reading and hashing the file beforehand.
+    pub digest_seconds: f64,
+    /// Transfer throughput in MB/s (10^6 bytes per second) of the bytes actually sent.
+    pub mb_per_s: f64,
+}
+
+/// A connection to one agent.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    addr: String,
+    client: RawAgentClient,
+}
+
+impl AgentClient {
+    /// Connects to `host_port` over mutual TLS. The agent's certificate must name `host` (DNS or IP SAN).
+    pub async fn connect(host_port: &str, tls: &ControllerTls) -> Result<Self, AgentClientError> {
+        let (host, _) = split_host_port(host_port)?;
+        let connect_err = |detail: String| AgentClientError::Connect { addr: host_port.to_string(), detail };
+        let endpoint = Endpoint::from_shared(format!("https://{host_port}"))
+            .map_err(|_| AgentClientError::BadAddress(host_port.to_string()))?
+            .tls_config(tls.client_config(&host))
+            .map_err(|e| connect_err(error_chain(&e)))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let channel = tokio::time::timeout(CONNECT_TIMEOUT * 2, endpoint.connect())
+            .await
+            .map_err(|_| connect_err(format!("no answer within {}s", (CONNECT_TIMEOUT * 2).as_secs())))?
+            .map_err(|e| connect_err(error_chain(&e)))?;
+        let client = RawAgentClient::new(channel)
+            .max_decoding_message_size(patchd_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(patchd_proto::MAX_MESSAGE_BYTES);
+        Ok(Self { addr: host_port.to_string(), client })
+    }
+
+    /// The address this client dialed.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The generated client, for calls not wrapped here (Stage, Apply, Rollback, Status).
+    pub fn raw(&mut self) -> &mut RawAgentClient {
+        &mut self.client
+    }
+
+    /// The agent's Info.
+    pub async fn info(&mut self) -> Result<AgentInfo, AgentClientError> {
+        let mut request = tonic::Request::new(v1::InfoRequest {});
+        request.set_timeout(SHORT_CALL_TIMEOUT);
+        let info = self.client.info(request).await.map_err(|s| rpc_error(&self.addr, "Info", &s))?.into_inner();
+        Ok(AgentInfo {
+            agent: self.addr.clone(),
+            agent_version: info.agent_version,
+            protocol_version: info.protocol_version,
+            hostname: info.hostname,
+            os: info.os,
+            arch: info.arch,
+            cpu_count: info.cpu_count,
+            memory_total_bytes: info.memory_total_bytes,
+            memory_available_bytes: info.memory_available_bytes,
+            state_dir_free_bytes: info.state_dir_free_bytes,
+            host_uptime_seconds: info.host_uptime_seconds,
+            agent_uptime_seconds: info.agent_uptime_seconds,
+            services: info.services,
+        })
+    }
+
+    /// What the agent holds of `blob`.
+    pub async fn query_blob(&mut self, blob: &PreparedBlob) -> Result<BlobHeld, AgentClientError> {
+        let mut request = tonic::Request::new(v1::QueryBlobRequest { blob: Some(blob.wire_ref()) });
+        request.set_timeout(SHORT_CALL_TIMEOUT);
+        let held =
+            self.client.query_blob(request).await.map_err(|s| rpc_error(&self.addr, "QueryBlob", &s))?.into_inner();
+        Ok(BlobHeld { complete: held.complete, chunks_held: held.chunks_held, bytes_held: held.bytes_held })
+    }
+
+    /// Reads, hashes and pushes the file at `path` (see [`AgentClient::push`]).
+    pub async fn push_file(
+        &mut self,
+        path: &Path,
+        chunk_size: u32,
+        on_progress: impl FnMut(PushProgress),
+    ) -> Result<PushReport, AgentClientError> {
+        let blob = PreparedBlob::prepare(path, chunk_size).await?;
+        self.push(&blob, &PushOptions::default(), on_progress).await
+    }
+
+    /// Sends the chunks of `blob` the agent does not hold yet, resuming at its first missing chunk. A chunk the
+    /// agent refuses as corrupt is resent (on a new stream) up to `options.max_retries` times.
+    pub async fn push(
+        &mut self,
+        blob: &PreparedBlob,
+        options: &PushOptions,
+        mut on_progress: impl FnMut(PushProgress),
+    ) -> Result<PushReport, AgentClientError> {
+        let started = Instant::now();
+        let sent = Arc::new(SentCounter::default());
+        let mut retries = 0u32;
+        let mut skipped = None;
+        let mut corrupt_next = options.corrupt_chunk_once;
+        loop {
+            let held = self.query_blob(blob).await?;
+            skipped.get_or_insert(held.chunks_held);
+            if held.complete {
+                break;
+            }
+            blob.check_unchanged()?;
+            let result = {
+                let upload = self.upload_from(blob, held.chunks_held, corrupt_next.take(), Arc::clone(&sent));
+                tokio::pin!(upload);
+                let mut ticker = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tokio::select! {
+                        result = &mut upload => break result,
+                        _ = ticker.tick() => on_progress(PushProgress {
+                            bytes_done: (held.bytes_held + sent.bytes_this_stream()).min(blob.total_size),
+                            total_bytes: blob.total_size,
+                        }),
+                    }
+                }
+            };
+            match result {
+                Ok(true) => break,
+                Ok(false) => return Err(AgentClientError::Incomplete { addr: self.addr.clone() }),
+                Err(UploadFailure::Rpc(status)) if status.code() == Code::DataLoss && retries < options.max_retries => {
+                    retries += 1;
+                    tracing::warn!(agent = %self.addr, retry = retries, reason = %status.message(), "agent refused a chunk: resending");
+                }
+                Err(UploadFailure::Rpc(status)) => return Err(rpc_error(&self.addr, "Upload", &status)),
+                Err(UploadFailure::Local(e)) => return Err(e),
+            }
+        }
+        on_progress(PushProgress { bytes_done: blob.total_size, total_bytes: blob.total_size });
+        let elapsed = started.elapsed();
+        let bytes_sent = sent.bytes.load(Ordering::Relaxed);
+        Ok(PushReport {
+            agent: self.addr.clone(),
+            digest: blob.digest.clone(),
+            total_bytes: blob.total_size,
+            chunk_size: blob.chunk_size,
+            chunks_total: blob.chunk_count(),
+            chunks_skipped: skipped.unwrap_or(0),
+            chunks_sent: sent.chunks.load(Ordering::Relaxed),
+            bytes_sent,
+            retries,
+            transfer_seconds: elapsed.as_secs_f64(),
+            digest_seconds: blob.prepare_elapsed.as_secs_f64(),
+            mb_per_s: if elapsed.is_zero() { 0.0 } else { bytes_sent as f64 / elapsed.as_secs_f64() / 1e6 },
+        })
+    }
+
+    /// One upload stream from chunk `start` to the end. `Ok(complete)`.
+    async fn upload_from(
+        &mut self,
+        blob: &PreparedBlob,
+        start: u64,
+        corrupt: Option<u64>,
+        sent: Arc<SentCounter>,
+    ) -> Result<bool, UploadFailure> {
+        sent.stream_bytes.store(0, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::mpsc::channel::<v1::UploadMessage>(SEND_QUEUE_DEPTH);
+        let reader_blob = blob.clone();
+        let reader = tokio::task::spawn_blocking(move || read_chunks(&reader_blob, start, corrupt, &tx));
+        let header = v1::UploadMessage {
+            kind: Some(v1::upload_message::Kind::Header(v1::UploadHeader { blob: Some(blob.wire_ref()) })),
+        };
+        let counter = Arc::clone(&sent);
+        let body = futures::stream::once(async move { header }).chain(
+            tokio_stream::wrappers::ReceiverStream::new(rx).inspect(move |message| {
+                if let Some(v1::upload_message::Kind::Chunk(chunk)) = &message.kind {
+                    counter.add(chunk.data.len() as u64);
+                }
+            }),
+        );
+        let response = self.client.upload(body).await;
+        let read_result = reader
+            .await
+            .map_err(|e| UploadFailure::Local(AgentClientError::Io { path: blob.path.clone(), cause: std::io::Error::other(e.to_string()) }))?;
+        // A local read error explains an early end of stream better than the agent's view of it.
+        if let Err(cause) = read_result {
+            return Err(UploadFailure::Local(AgentClientError::Io { path: blob.path.clone(), cause }));
+        }
+        let response = response.map_err(UploadFailure::Rpc)?.into_inner();
+        Ok(response.complete)
+    }
+}
+
+enum UploadFailure {
+    Rpc(Status),
+    Local(AgentClientError),
+}
+
+#[derive(Debug, Default)]
+struct SentCounter {
+    bytes: AtomicU64,
+    chunks: AtomicU64,
+    stream_bytes: AtomicU64,
+}
+
+impl SentCounter {
+    fn add(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.stream_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.chunks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn bytes_this_stream(&self) -> u64 {
+        self.stream_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Reads chunks `start..` of the blob's file and queues them; stops quietly when the stream is dropped.
+fn read_chunks(
+    blob: &PreparedBlob,
+    start: u64,
+    corrupt: Option<u64>,
+    tx: &tokio::sync::mpsc::Sender<v1::UploadMessage>,
+) -> std::io::Result<()> {
+    let chunk_size = u64::from(blob.chunk_size);
+    let mut file = std::fs::File::open(&blob.path)?;
+    file.seek(SeekFrom::Start(start * chunk_size))?;
+    let mut file = file.take(blob.total_size.saturating_sub(start * chunk_size));
+    for index in start..blob.chunk_count() {
+        let offset = index * chunk_size;
+        let len = (blob.total_size - offset).min(chunk_size) as usize;
+        let mut data = vec![0u8; len];
+        if read_full(&mut file, &mut data)? != len {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file shrank during the push"));
+        }
+        let mut sha256 = blob.chunk_hashes[index as usize];
+        if corrupt == Some(index) {
+            sha256[0] ^= 0xff;
+        }
+        let message = v1::UploadMessage {
+            kind: Some(v1::upload_message::Kind::Chunk(v1::UploadChunk {
+                index,
+                offset,
+                data: Bytes::from(data),
+                sha256: Bytes::copy_from_slice(&sha256),
+            })),
+        };
+        if tx.blocking_send(message).is_err() {
+            break; // the call ended (agent answered or failed): its status tells why
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("127.0.1.3:7480").unwrap(), ("127.0.1.3".into(), 7480));
+        assert_eq!(split_host_port("[::1]:7480").unwrap(), ("::1".into(), 7480));
+        assert_eq!(split_host_port("node-1.example:80").unwrap(), ("node-1.example".into(), 80));
+        assert!(split_host_port("node-1").is_err());
+        assert!(split_host_port("node:x").is_err());
+    }
+
+    #[test]
+    fn prepared_digest_matches_the_package_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let blob = PreparedBlob::prepare_blocking(&path, MIN_CHUNK_SIZE).unwrap();
+        let expected = patchd_package::digest::tree_digest_file(&path, MIN_CHUNK_SIZE).unwrap();
+        assert_eq!(blob.digest, expected);
+        assert_eq!(blob.chunk_count(), 5);
+        assert!(PreparedBlob::prepare_blocking(&path, 1).is_err());
+    }
+}

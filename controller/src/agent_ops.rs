@@ -1,0 +1,353 @@
+//! Typed agent calls for rollouts and display: Stage, Apply, Rollback and Status over the generated gRPC client,
+//! converted into controller domain types at this boundary (generated types do not leak further).
+
+use crate::executor::{ApplyOutcome, ApplyResult, CallError};
+use patchd_proto::v1;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// The generated gRPC client of the agent service.
+pub type AgentRpc = v1::agent_client::AgentClient<Channel>;
+
+/// What the agent said after staging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageInfo {
+    /// Digest staged.
+    pub digest: String,
+    /// Component named by the staged manifest.
+    pub component: String,
+    /// Version named by the staged manifest.
+    pub version: String,
+    /// It was staged by an earlier call.
+    pub already_staged: bool,
+}
+
+/// Run state of a managed service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Running.
+    Running,
+    /// Stopped.
+    Stopped,
+    /// Exited with an error, not restarted.
+    Failed,
+    /// Starting.
+    Starting,
+    /// The agent cannot tell.
+    Unknown,
+}
+
+/// One apply or rollback the agent remembers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PatchRecord {
+    /// Patch id (the controller's idempotency key).
+    pub patch_id: String,
+    /// Package digest.
+    pub digest: String,
+    /// Version label.
+    pub version: String,
+    /// Outcome.
+    #[serde(serialize_with = "serialize_outcome")]
+    pub outcome: ApplyOutcome,
+    /// Reason when it did not commit.
+    pub reason: String,
+    /// When it finished (Unix seconds).
+    pub finished_unix: i64,
+}
+
+fn serialize_outcome<S: serde::Serializer>(
+    outcome: &ApplyOutcome,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(outcome_name(*outcome))
+}
+
+/// Text form of an outcome.
+pub fn outcome_name(outcome: ApplyOutcome) -> &'static str {
+    match outcome {
+        ApplyOutcome::Committed => "committed",
+        ApplyOutcome::Reverted => "reverted",
+        ApplyOutcome::OfflineSwapped => "offline_swapped",
+        ApplyOutcome::Failed => "failed",
+    }
+}
+
+/// A managed service as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceInfo {
+    /// Service name.
+    pub name: String,
+    /// Package component it accepts.
+    pub component: String,
+    /// Run state.
+    pub state: RunState,
+    /// Main process id (0 if none).
+    pub pid: u32,
+    /// Seconds since the service (re)started.
+    pub uptime_seconds: u64,
+    /// sha256 of the deployed main binary.
+    pub binary_sha256: String,
+    /// Version label of the running patch ("" when never patched).
+    pub version: String,
+    /// Deploy directory.
+    pub deploy_dir: String,
+    /// Last apply/rollback.
+    pub last: Option<PatchRecord>,
+    /// An apply is running right now.
+    pub apply_in_flight: bool,
+    /// Committed patches kept as backups, newest first.
+    pub history: Vec<PatchRecord>,
+}
+
+impl ServiceInfo {
+    /// The service runs a committed apply of `digest` (so patching it again would change nothing).
+    pub fn runs_digest(&self, digest: &str) -> bool {
+        matches!(&self.last, Some(last) if last.digest == digest && last.outcome == ApplyOutcome::Committed)
+    }
+
+    /// `Version` column: the version label, else the first 12 hex digits of the binary's sha256.
+    pub fn version_label(&self) -> String {
+        if !self.version.is_empty() {
+            self.version.clone()
+        } else if self.binary_sha256.is_empty() {
+            "-".to_string()
+        } else {
+            self.binary_sha256.chars().take(12).collect()
+        }
+    }
+}
+
+fn outcome_from_wire(value: i32) -> Option<ApplyOutcome> {
+    match v1::ApplyOutcome::try_from(value).ok()? {
+        v1::ApplyOutcome::Committed => Some(ApplyOutcome::Committed),
+        v1::ApplyOutcome::Reverted => Some(ApplyOutcome::Reverted),
+        v1::ApplyOutcome::OfflineSwapped => Some(ApplyOutcome::OfflineSwapped),
+        v1::ApplyOutcome::Failed => Some(ApplyOutcome::Failed),
+        v1::ApplyOutcome::Unspecified => None,
+    }
+}
+
+fn patch_record(wire: v1::AppliedPatch) -> Option<PatchRecord> {
+    Some(PatchRecord {
+        outcome: outcome_from_wire(wire.outcome)?,
+        patch_id: wire.patch_id,
+        digest: wire.digest,
+        version: wire.version,
+        reason: wire.reason,
+        finished_unix: wire.finished_unix,
+    })
+}
+
+fn service_info(wire: v1::ServiceStatus) -> ServiceInfo {
+    let state = match v1::ServiceState::try_from(wire.state) {
+        Ok(v1::ServiceState::Running) => RunState::Running,
+        Ok(v1::ServiceState::Stopped) => RunState::Stopped,
+        Ok(v1::ServiceState::Failed) => RunState::Failed,
+        Ok(v1::ServiceState::Starting) => RunState::Starting,
+        _ => RunState::Unknown,
+    };
+    ServiceInfo {
+        name: wire.name,
+        component: wire.component,
+        state,
+        pid: wire.pid,
+        uptime_seconds: wire.uptime_seconds,
+        binary_sha256: wire.binary_sha256,
+        version: wire.version,
+        deploy_dir: wire.deploy_dir,
+        last: wire.last.and_then(patch_record),
+        apply_in_flight: wire.apply_in_flight,
+        history: wire.history.into_iter().filter_map(patch_record).collect(),
+    }
+}
+
+fn apply_result(wire: v1::ApplyResponse) -> Result<ApplyResult, CallError> {
+    let outcome = outcome_from_wire(wire.outcome).ok_or_else(|| {
+        CallError::Refused(format!(
+            "the agent answered without an outcome (patch {})",
+            wire.patch_id
+        ))
+    })?;
+    let mut reason = wire.reason;
+    if outcome != ApplyOutcome::Committed && !wire.log_tail.is_empty() {
+        let tail: Vec<&str> = wire
+            .log_tail
+            .iter()
+            .rev()
+            .take(3)
+            .rev()
+            .map(String::as_str)
+            .collect();
+        reason = format!("{reason} (service output: {})", tail.join(" | "));
+    }
+    Ok(ApplyResult {
+        outcome,
+        reason,
+        replayed: wire.replayed,
+        downtime: Duration::from_millis(wire.downtime_ms),
+    })
+}
+
+/// Classifies a failed call on an established connection: codes that mean the agent decided (bad request,
+/// unknown service, …) changed nothing; transport-level codes leave the outcome unknown.
+pub fn classify(status: &tonic::Status) -> CallError {
+    use tonic::Code;
+    let text = format!("{}: {}", code_name(status.code()), status.message());
+    match status.code() {
+        Code::Unavailable
+        | Code::Unknown
+        | Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::Internal => CallError::Unknown(text),
+        _ => CallError::Refused(text),
+    }
+}
+
+fn code_name(code: tonic::Code) -> String {
+    format!("{code:?}")
+}
+
+/// `Stage`: unpack a held blob for `service`.
+pub async fn stage(
+    rpc: &mut AgentRpc,
+    service: &str,
+    digest: &str,
+) -> Result<StageInfo, tonic::Status> {
+    let request = v1::StageRequest {
+        service: service.to_string(),
+        digest: digest.to_string(),
+    };
+    let response = rpc.stage(request).await?.into_inner();
+    let manifest = response.manifest.unwrap_or_default();
+    Ok(StageInfo {
+        digest: response.digest,
+        component: manifest.component,
+        version: manifest.version,
+        already_staged: response.already_staged,
+    })
+}
+
+/// `Apply` with `patch_id` as the idempotency key.
+pub async fn apply(
+    rpc: &mut AgentRpc,
+    service: &str,
+    digest: &str,
+    patch_id: &str,
+    offline: bool,
+) -> Result<ApplyResult, CallError> {
+    let request = v1::ApplyRequest {
+        service: service.to_string(),
+        digest: digest.to_string(),
+        patch_id: patch_id.to_string(),
+        offline,
+    };
+    let response = rpc
+        .apply(request)
+        .await
+        .map_err(|status| classify(&status))?
+        .into_inner();
+    apply_result(response)
+}
+
+/// `Rollback` of `service` to before `to_patch_id` (or the last committed patch), as operation `patch_id`.
+pub async fn rollback(
+    rpc: &mut AgentRpc,
+    service: &str,
+    to_patch_id: Option<&str>,
+    patch_id: &str,
+) -> Result<ApplyResult, CallError> {
+    let request = v1::RollbackRequest {
+        service: service.to_string(),
+        to_patch_id: to_patch_id.unwrap_or_default().to_string(),
+        patch_id: patch_id.to_string(),
+    };
+    let response = rpc
+        .rollback(request)
+        .await
+        .map_err(|status| classify(&status))?
+        .into_inner();
+    apply_result(response)
+}
+
+/// `Status` of one service (`Some`) or of all.
+pub async fn status(
+    rpc: &mut AgentRpc,
+    service: Option<&str>,
+) -> Result<Vec<ServiceInfo>, tonic::Status> {
+    let request = v1::StatusRequest {
+        service: service.unwrap_or_default().to_string(),
+    };
+    let response = rpc.status(request).await?.into_inner();
+    Ok(response.services.into_iter().map(service_info).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_answers_convert_with_the_service_output_on_failure() {
+        let wire = v1::ApplyResponse {
+            patch_id: "p".into(),
+            outcome: v1::ApplyOutcome::Reverted as i32,
+            reason: "exited with status 3".into(),
+            log_tail: vec!["a".into(), "b".into(), "c".into(), "boom".into()],
+            replayed: true,
+            downtime_ms: 1500,
+            ..Default::default()
+        };
+        let result = apply_result(wire).unwrap();
+        assert_eq!(result.outcome, ApplyOutcome::Reverted);
+        assert!(result.replayed);
+        assert_eq!(result.downtime, Duration::from_millis(1500));
+        assert_eq!(
+            result.reason,
+            "exited with status 3 (service output: b | c | boom)"
+        );
+        let missing = v1::ApplyResponse {
+            outcome: 0,
+            ..Default::default()
+        };
+        assert!(matches!(apply_result(missing), Err(CallError::Refused(_))));
+    }
+
+    #[test]
+    fn transport_failures_leave_the_outcome_unknown_and_refusals_do_not() {
+        assert!(matches!(
+            classify(&tonic::Status::unavailable("reset")),
+            CallError::Unknown(_)
+        ));
+        assert!(matches!(
+            classify(&tonic::Status::not_found("no service x")),
+            CallError::Refused(_)
+        ));
+        assert!(matches!(
+            classify(&tonic::Status::failed_precondition("not staged")),
+            CallError::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn a_service_runs_a_digest_only_after_a_committed_apply() {
+        let record = |outcome| PatchRecord {
+            patch_id: "p".into(),
+            digest: "d".into(),
+            version: "v".into(),
+            outcome,
+            reason: String::new(),
+            finished_unix: 0,
+        };
+        let mut info = service_info(v1::ServiceStatus {
+            binary_sha256: "0123456789abcdef".into(),
+            ..Default::default()
+        });
+        assert_eq!(info.version_label(), "0123456789ab");
+        info.last = Some(record(ApplyOutcome::Reverted));
+        assert!(!info.runs_digest("d"));
+        info.last = Some(record(ApplyOutcome::Committed));
+        assert!(info.runs_digest("d"));
+        assert!(!info.runs_digest("e"));
+    }
+}

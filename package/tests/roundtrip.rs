@@ -1,0 +1,406 @@
+//! Happy paths: pack, build a hotfix, inspect, unpack and verify, on realistic trees; deterministic output.
+
+use patchd_package::digest::{DEFAULT_CHUNK_SIZE, tree_digest_file};
+use patchd_package::{
+    BuildSpec, Expectations, Limits, MANIFEST_FILE, PackageError, build, build_with, inspect,
+    pack_dir, unpack_verified, verify_tree,
+};
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+fn sha256(data: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
+
+fn write(path: &Path, data: &[u8], mode: u32) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, data).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `root/demo-worker/…` as an upstream release lays it out.
+fn release_tree(root: &Path) -> PathBuf {
+    let dir = root.join("demo-worker");
+    write(&dir.join("demo-worker"), b"#!/bin/sh\necho v1.0.0\n", 0o755);
+    write(&dir.join("conf/worker.toml"), b"threads = 4\n", 0o640);
+    fs::create_dir_all(dir.join("logs")).unwrap();
+    std::os::unix::fs::symlink("demo-worker", dir.join("current")).unwrap();
+    dir
+}
+
+/// An upstream package made with the `tar` crate from disk: no manifest, as tiup ships them.
+fn upstream_package(root: &Path) -> PathBuf {
+    let dir = release_tree(root);
+    let out = root.join("demo-worker-v1.0.0-linux-amd64.tar.gz");
+    let gz =
+        flate2::write::GzEncoder::new(fs::File::create(&out).unwrap(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    tar.follow_symlinks(false);
+    tar.append_dir_all("demo-worker", &dir).unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+    out
+}
+
+fn archive_entries(package: &Path) -> Vec<(String, u64, u64, u64)> {
+    let gz = flate2::read::GzDecoder::new(fs::File::open(package).unwrap());
+    let mut archive = tar::Archive::new(gz);
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let h = e.header();
+            (
+                String::from_utf8(e.path_bytes().into_owned()).unwrap(),
+                h.mtime().unwrap(),
+                h.uid().unwrap(),
+                h.gid().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn upstream_package_without_manifest_gets_a_computed_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = upstream_package(tmp.path());
+    let info = inspect(&base, &Limits::default()).unwrap();
+    assert!(!info.manifest_embedded);
+    assert_eq!(info.manifest.component, "demo-worker");
+    assert_eq!(
+        info.manifest.version, "v1.0.0",
+        "taken from the tiup-style file name"
+    );
+    let paths: Vec<&str> = info
+        .manifest
+        .files
+        .iter()
+        .map(|f| f.path.as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        ["demo-worker/conf/worker.toml", "demo-worker/demo-worker"]
+    );
+    let binary = info.manifest.file("demo-worker/demo-worker").unwrap();
+    assert_eq!(binary.mode, 0o755);
+    assert_eq!(binary.sha256, sha256(b"#!/bin/sh\necho v1.0.0\n"));
+    assert_eq!(info.manifest.symlinks.len(), 1);
+    assert_eq!(info.manifest.symlinks[0].target, "demo-worker");
+    let bytes = fs::read(&base).unwrap();
+    assert_eq!(info.package_sha256, sha256(&bytes));
+    assert_eq!(info.size, bytes.len() as u64);
+    assert_eq!(
+        info.tree_digest,
+        tree_digest_file(&base, DEFAULT_CHUNK_SIZE).unwrap()
+    );
+}
+
+#[test]
+fn build_inspect_unpack_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = upstream_package(tmp.path());
+    let new_binary = tmp.path().join("new-worker");
+    // The local file's own mode does not matter: the package keeps the base's 0755.
+    write(&new_binary, b"#!/bin/sh\necho v1.0.1\n", 0o600);
+    let out = tmp.path().join("out/hotfix.tar.gz");
+    fs::create_dir_all(out.parent().unwrap()).unwrap();
+
+    let replacements = [("demo-worker/demo-worker".to_owned(), new_binary.clone())];
+    let built = build(&base, &replacements, Some("v1.0.1-hotfix"), &out).unwrap();
+    assert!(built.manifest_embedded);
+    assert_eq!(built.manifest.version, "v1.0.1-hotfix");
+    let binary = built.manifest.file("demo-worker/demo-worker").unwrap();
+    assert_eq!(
+        (binary.mode, binary.sha256.as_str()),
+        (0o755, sha256(b"#!/bin/sh\necho v1.0.1\n").as_str())
+    );
+    let conf = built.manifest.file("demo-worker/conf/worker.toml").unwrap();
+    assert_eq!(
+        (conf.mode, conf.sha256.as_str()),
+        (0o640, sha256(b"threads = 4\n").as_str())
+    );
+    assert_eq!(
+        inspect(&out, &Limits::default()).unwrap(),
+        built,
+        "inspect agrees with what build reported"
+    );
+    assert_eq!(
+        built.tree_digest,
+        tree_digest_file(&out, DEFAULT_CHUNK_SIZE).unwrap()
+    );
+
+    // Manifest first, then the tree in order, every header with a fixed mtime and root ownership.
+    let entries = archive_entries(&out);
+    assert_eq!(entries[0].0, MANIFEST_FILE);
+    let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            MANIFEST_FILE,
+            "demo-worker/",
+            "demo-worker/conf/",
+            "demo-worker/conf/worker.toml",
+            "demo-worker/current",
+            "demo-worker/demo-worker",
+            "demo-worker/logs/",
+        ]
+    );
+    assert!(entries.iter().all(|e| (e.1, e.2, e.3) == (0, 0, 0)));
+    // No work files left next to the output.
+    assert_eq!(fs::read_dir(out.parent().unwrap()).unwrap().count(), 1);
+
+    let dest = tmp.path().join("staging");
+    let expect = Expectations {
+        component: Some("demo-worker".into()),
+        ..Expectations::default()
+    };
+    let manifest = unpack_verified(&out, &dest, &Limits::default(), &expect).unwrap();
+    assert_eq!(manifest, built.manifest);
+    assert_eq!(
+        fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert_eq!(
+        fs::read(dest.join("demo-worker/demo-worker")).unwrap(),
+        b"#!/bin/sh\necho v1.0.1\n"
+    );
+    assert_eq!(
+        fs::metadata(dest.join("demo-worker/demo-worker"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o755
+    );
+    assert_eq!(
+        fs::read_link(dest.join("demo-worker/current")).unwrap(),
+        Path::new("demo-worker")
+    );
+    assert!(dest.join("demo-worker/logs").is_dir());
+    assert!(
+        !dest.join(MANIFEST_FILE).exists(),
+        "the manifest is returned, not written into the tree"
+    );
+    verify_tree(&dest, &manifest).unwrap();
+
+    // verify_tree notices a changed byte, a changed mode and a stray file.
+    fs::write(dest.join("demo-worker/conf/worker.toml"), b"threads = 5\n").unwrap();
+    fs::set_permissions(
+        dest.join("demo-worker/conf/worker.toml"),
+        fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    assert!(matches!(
+        verify_tree(&dest, &manifest),
+        Err(PackageError::TreeMismatch { .. })
+    ));
+    fs::write(dest.join("demo-worker/conf/worker.toml"), b"threads = 4\n").unwrap();
+    verify_tree(&dest, &manifest).unwrap();
+    fs::set_permissions(
+        dest.join("demo-worker/demo-worker"),
+        fs::Permissions::from_mode(0o775),
+    )
+    .unwrap();
+    assert!(matches!(
+        verify_tree(&dest, &manifest),
+        Err(PackageError::TreeMismatch { .. })
+    ));
+    fs::set_permissions(
+        dest.join("demo-worker/demo-worker"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    fs::write(dest.join("demo-worker/stray"), b"x").unwrap();
+    assert!(matches!(
+        verify_tree(&dest, &manifest),
+        Err(PackageError::TreeMismatch { .. })
+    ));
+}
+
+#[test]
+fn builds_are_byte_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = upstream_package(tmp.path());
+    let new_binary = tmp.path().join("new-worker");
+    write(&new_binary, b"new", 0o755);
+    let replacements = [("demo-worker/demo-worker".to_owned(), new_binary)];
+    let first = tmp.path().join("a.tar.gz");
+    let second = tmp.path().join("b.tar.gz");
+    let a = build(&base, &replacements, None, &first).unwrap();
+    // Time moves on and file times change between the two builds: the output must not.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let b = build(&base, &replacements, None, &second).unwrap();
+    assert_eq!(fs::read(&first).unwrap(), fs::read(&second).unwrap());
+    assert_eq!(a.tree_digest, b.tree_digest);
+    assert_eq!(
+        a.manifest.version, "v1.0.0-hotfix",
+        "default label derives from the base version"
+    );
+}
+
+#[test]
+fn replacing_a_path_the_base_does_not_hold_names_similar_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = upstream_package(tmp.path());
+    let local = tmp.path().join("x");
+    write(&local, b"x", 0o755);
+    let out = tmp.path().join("out.tar.gz");
+    let err = build(
+        &base,
+        &[("demo-worker/bin/demo-worker".to_owned(), local.clone())],
+        None,
+        &out,
+    )
+    .unwrap_err();
+    match &err {
+        PackageError::ReplaceTargetMissing { similar, .. } => {
+            assert_eq!(similar, &["demo-worker/demo-worker"])
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    assert!(err.to_string().contains("--add"), "{err}");
+    let err = build(
+        &base,
+        &[("demo-worker/current".to_owned(), local)],
+        None,
+        &out,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, PackageError::BadReplacement { .. }),
+        "{err:?}"
+    );
+    assert!(!out.exists());
+    let leftovers: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        leftovers
+            .iter()
+            .all(|n| !n.to_string_lossy().starts_with(".patchd")),
+        "{leftovers:?}"
+    );
+}
+
+#[test]
+fn additions_and_elf_target_detection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = upstream_package(tmp.path());
+    let exe = std::env::current_exe().unwrap();
+    let tool = tmp.path().join("tool");
+    write(&tool, b"#!/bin/sh\n", 0o775);
+    let out = tmp.path().join("out.tar.gz");
+    let spec = BuildSpec {
+        base: &base,
+        replacements: &[("demo-worker/demo-worker".to_owned(), exe.clone())],
+        additions: &[("demo-worker/bin/tool".to_owned(), tool.clone())],
+        version: Some("v2"),
+    };
+    let info = build_with(&spec, &out).unwrap();
+    assert_eq!(info.manifest.os.as_deref(), Some(std::env::consts::OS));
+    assert_eq!(info.manifest.arch.as_deref(), Some(std::env::consts::ARCH));
+    assert_eq!(
+        info.manifest.file("demo-worker/bin/tool").unwrap().mode,
+        0o755,
+        "group write dropped"
+    );
+    let expect = Expectations::for_this_host(Some("demo-worker".into()));
+    unpack_verified(&out, &tmp.path().join("dest"), &Limits::default(), &expect).unwrap();
+
+    let again = BuildSpec {
+        additions: &[("demo-worker/conf/worker.toml".to_owned(), tool)],
+        ..spec
+    };
+    let err = build_with(&again, &tmp.path().join("again.tar.gz")).unwrap_err();
+    assert!(err.to_string().contains("--replace"), "{err}");
+}
+
+#[test]
+fn unpack_refuses_a_non_empty_destination_and_leaves_it_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = upstream_package(tmp.path());
+    let dest = tmp.path().join("dest");
+    write(&dest.join("keep"), b"mine", 0o644);
+    let err =
+        unpack_verified(&base, &dest, &Limits::default(), &Expectations::default()).unwrap_err();
+    assert!(
+        matches!(err, PackageError::DestinationNotEmpty { .. }),
+        "{err:?}"
+    );
+    assert_eq!(fs::read(dest.join("keep")).unwrap(), b"mine");
+}
+
+#[test]
+fn gnu_style_archives_with_dot_prefix_pax_headers_and_hard_links_are_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("c.tgz");
+    let gz =
+        flate2::write::GzEncoder::new(fs::File::create(&out).unwrap(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    let mut global = tar::Header::new_ustar();
+    let record = b"52 comment=0123456789abcdef0123456789abcdef01234567\n";
+    global.set_entry_type(tar::EntryType::XGlobalHeader);
+    global.set_size(record.len() as u64);
+    global.set_path("pax_global_header").unwrap();
+    global.set_cksum();
+    tar.append(&global, &record[..]).unwrap();
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o755);
+    dir.set_size(0);
+    tar.append_data(&mut dir, "./", std::io::empty()).unwrap();
+    tar.append_data(&mut dir, "./c/", std::io::empty()).unwrap();
+    let mut file = tar::Header::new_gnu();
+    file.set_mode(0o755);
+    file.set_size(5);
+    let long = format!("./c/{}/bin", "very-long-directory-name".repeat(6));
+    tar.append_data(&mut file, format!("{long}/tool"), &b"tool\n"[..])
+        .unwrap();
+    let mut link = tar::Header::new_gnu();
+    link.set_entry_type(tar::EntryType::Link);
+    link.set_size(0);
+    tar.append_link(&mut link, "./c/tool-copy", format!("{long}/tool"))
+        .unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+
+    let info = inspect(&out, &Limits::default()).unwrap();
+    assert_eq!(info.manifest.component, "c");
+    assert_eq!(info.manifest.files.len(), 2);
+    let dest = tmp.path().join("dest");
+    unpack_verified(&out, &dest, &Limits::default(), &Expectations::default()).unwrap();
+    let mut copy = String::new();
+    fs::File::open(dest.join("c/tool-copy"))
+        .unwrap()
+        .read_to_string(&mut copy)
+        .unwrap();
+    assert_eq!(copy, "tool\n");
+    assert_eq!(
+        fs::metadata(dest.join("c/tool-copy"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o755
+    );
+}
+
+#[test]
+fn pack_dir_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = release_tree(tmp.path());
+    let out = tmp.path().join("p.tar.gz");
+    let info = pack_dir(&dir, "v9", &out).unwrap();
+    assert!(info.manifest_embedded);
+    assert_eq!(info.manifest.version, "v9");
+    let manifest = unpack_verified(
+        &out,
+        &tmp.path().join("d"),
+        &Limits::default(),
+        &Expectations::default(),
+    )
+    .unwrap();
+    verify_tree(&tmp.path().join("d"), &manifest).unwrap();
+}

@@ -1,0 +1,336 @@
+//! Harness additions for the apply tests and `bench_apply`: a blocking mutual-TLS client for the apply RPCs
+//! (Stage, Apply, Rollback, Status), demo-worker variants (stamped binaries) packed as patchd packages, a
+//! demo-worker service run by the agent's `process` backend, and cleanup of the service processes the agent
+//! started (they outlive the agent by design, so a test must kill them itself).
+
+use crate::{Pki, bin, patchctl_ok, sha256_file, toml_string};
+use patchd_proto::v1;
+use patchd_proto::v1::agent_client::AgentClient;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long one RPC may take (an apply includes probation; the machine is busy).
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A blocking client of one agent's apply RPCs, over mutual TLS with the PKI's controller identity.
+///
+/// All sockets are created on the calling thread (a current-thread runtime), so a thread that entered another
+/// network namespace reaches agents inside it.
+pub struct AgentRpc {
+    runtime: tokio::runtime::Runtime,
+    client: AgentClient<Channel>,
+}
+
+impl AgentRpc {
+    /// Connects to `addr`, verifying that the agent certificate names `addr`'s IP.
+    pub fn connect(pki: &Pki, addr: SocketAddr) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("cannot build a tokio runtime: {e}"));
+        let controller = pki.controller();
+        let tls = patchd_tls::TlsMaterial::load(&patchd_tls::TlsFiles {
+            ca: controller.ca,
+            cert: controller.cert,
+            key: controller.key,
+        })
+        .unwrap_or_else(|e| panic!("cannot load the controller identity: {e}"));
+        let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap_or_else(|e| panic!("bad endpoint {addr}: {e}"))
+            .tls_config(tls.client_config(&addr.ip().to_string()))
+            .unwrap_or_else(|e| panic!("bad TLS config: {e}"))
+            .timeout(RPC_TIMEOUT)
+            .connect_timeout(Duration::from_secs(20));
+        let channel = runtime
+            .block_on(endpoint.connect())
+            .unwrap_or_else(|e| panic!("cannot connect to the agent at {addr}: {e:?}"));
+        let client = AgentClient::new(channel).max_decoding_message_size(patchd_proto::MAX_MESSAGE_BYTES);
+        Self { runtime, client }
+    }
+
+    pub fn stage(&mut self, service: &str, digest: &str) -> Result<v1::StageResponse, tonic::Status> {
+        let request = v1::StageRequest { service: service.into(), digest: digest.into() };
+        let client = &mut self.client;
+        self.runtime.block_on(client.stage(request)).map(tonic::Response::into_inner)
+    }
+
+    pub fn apply(
+        &mut self,
+        service: &str,
+        digest: &str,
+        patch_id: &str,
+        offline: bool,
+    ) -> Result<v1::ApplyResponse, tonic::Status> {
+        let request = v1::ApplyRequest {
+            service: service.into(),
+            digest: digest.into(),
+            patch_id: patch_id.into(),
+            offline,
+        };
+        let client = &mut self.client;
+        self.runtime.block_on(client.apply(request)).map(tonic::Response::into_inner)
+    }
+
+    pub fn rollback(
+        &mut self,
+        service: &str,
+        to_patch_id: &str,
+        patch_id: &str,
+    ) -> Result<v1::ApplyResponse, tonic::Status> {
+        let request =
+            v1::RollbackRequest { service: service.into(), to_patch_id: to_patch_id.into(), patch_id: patch_id.into() };
+        let client = &mut self.client;
+        self.runtime.block_on(client.rollback(request)).map(tonic::Response::into_inner)
+    }
+
+    /// Status of one service; panics when the call fails.
+    pub fn status(&mut self, service: &str) -> v1::ServiceStatus {
+        let request = v1::StatusRequest { service: service.into() };
+        let client = &mut self.client;
+        let response = self
+            .runtime
+            .block_on(client.status(request))
+            .unwrap_or_else(|e| panic!("Status({service}) failed: {e}"))
+            .into_inner();
+        response.services.into_iter().find(|s| s.name == service).unwrap_or_else(|| panic!("no status for {service}"))
+    }
+}
+
+/// The outcome of an apply response, as the enum.
+pub fn outcome(response: &v1::ApplyResponse) -> v1::ApplyOutcome {
+    v1::ApplyOutcome::try_from(response.outcome).unwrap_or(v1::ApplyOutcome::Unspecified)
+}
+
+/// Pushes `package` to the agent at `addr` with `patchctl agent push` and returns its tree digest.
+pub fn push(pki: &Pki, addr: &str, package: &Path) -> String {
+    patchctl_ok(pki.home(), &["agent", "push", addr, &package.to_string_lossy()]);
+    digest_of(package)
+}
+
+/// The tree digest (default chunk size) that names `package`.
+pub fn digest_of(package: &Path) -> String {
+    patchd_package::digest::tree_digest_file(package, patchd_package::digest::DEFAULT_CHUNK_SIZE)
+        .unwrap_or_else(|e| panic!("cannot hash {}: {e}", package.display()))
+}
+
+/// A stamped copy of `demo-worker` at `out`: `mode` is ok, crash, fail-health or slow-start.
+pub fn stamp_worker(out: &Path, version: &str, mode: &str, delay_ms: u64) {
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    }
+    let output = Command::new(bin("demo-worker"))
+        .args(["stamp", "--version", version, "--mode", mode, "--delay-ms", &delay_ms.to_string(), "-o"])
+        .arg(out)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run demo-worker stamp: {e}"));
+    assert!(
+        output.status.success(),
+        "demo-worker stamp failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The content of the config file that travels with each worker version (so a package has two files).
+pub fn worker_conf(version: &str) -> String {
+    format!("# demo-worker settings\nversion = {}\n", toml_string(version))
+}
+
+/// A patchd package of a demo-worker variant: `demo-worker/demo-worker` (stamped) and
+/// `demo-worker/conf/worker.toml`, built in `<dir>/<version>/`; returns the `.tar.gz`.
+pub fn worker_package(dir: &Path, version: &str, mode: &str) -> PathBuf {
+    let root = dir.join(version).join("demo-worker");
+    stamp_worker(&root.join("demo-worker"), version, mode, 0);
+    let conf = root.join("conf/worker.toml");
+    std::fs::create_dir_all(conf.parent().unwrap_or(dir)).unwrap_or_else(|e| panic!("cannot create conf dir: {e}"));
+    std::fs::write(&conf, worker_conf(version)).unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
+    let out = dir.join(format!("demo-worker-{version}.tar.gz"));
+    patchd_package::pack_dir(&root, version, &out).unwrap_or_else(|e| panic!("cannot pack {version}: {e}"));
+    out
+}
+
+/// A free loopback port (bound and released: fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("cannot find a free port: {e}"))
+}
+
+/// `GET http://<addr><path>` with plain std sockets; `None` when nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let socket: SocketAddr = addr.parse().ok()?;
+    let mut stream = TcpStream::connect_timeout(&socket, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// A demo-worker deployed under a deploy root and run by the agent's `process` backend.
+#[derive(Debug, Clone)]
+pub struct WorkerService {
+    pub name: String,
+    pub deploy_dir: PathBuf,
+    /// `127.0.0.1:<port>` the worker serves on.
+    pub listen: String,
+}
+
+impl WorkerService {
+    /// A service `name` in `<deploy_root>/<name>` serving on a free loopback port.
+    pub fn new(deploy_root: &Path, name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            deploy_dir: deploy_root.join(name),
+            listen: format!("127.0.0.1:{}", free_port()),
+        }
+    }
+
+    /// The deployed main binary.
+    pub fn binary(&self) -> PathBuf {
+        self.deploy_dir.join("bin/demo-worker/demo-worker")
+    }
+
+    /// The deployed config file.
+    pub fn conf(&self) -> PathBuf {
+        self.deploy_dir.join("bin/demo-worker/conf/worker.toml")
+    }
+
+    /// Deploys the original version (what tiup would have installed): a stamped binary and its config file.
+    pub fn install(&self, version: &str) {
+        stamp_worker(&self.binary(), version, "ok", 0);
+        let conf = self.conf();
+        std::fs::create_dir_all(conf.parent().unwrap_or(&self.deploy_dir))
+            .unwrap_or_else(|e| panic!("cannot create conf dir: {e}"));
+        std::fs::write(&conf, worker_conf(version)).unwrap_or_else(|e| panic!("cannot write conf: {e}"));
+    }
+
+    /// The `[[service]]` section for this worker.
+    pub fn toml(&self, min_healthy: &str, timeout: &str) -> String {
+        format!(
+            "[[service]]\nname = {name}\ncomponent = \"demo-worker\"\ndeploy_dir = {dir}\nbackend = \"process\"\n\
+             command = [\"{{deploy_dir}}/bin/demo-worker/demo-worker\", \"serve\", \"--listen\", {listen}, \"--name\", {name}]\n\
+             restart_on_crash = true\nstop_timeout = \"5s\"\n\n[service.health]\nmin_healthy = {min}\n\
+             http = {http}\ntimeout = {timeout}\n",
+            name = toml_string(&self.name),
+            dir = toml_string(&self.deploy_dir.to_string_lossy()),
+            listen = toml_string(&self.listen),
+            min = toml_string(min_healthy),
+            http = toml_string(&format!("http://{}/health", self.listen)),
+            timeout = toml_string(timeout),
+        )
+    }
+
+    /// The version label the running worker reports on `/version`, `None` when it does not answer.
+    pub fn served_version(&self) -> Option<String> {
+        let (status, body) = http_get(&self.listen, "/version")?;
+        if status != 200 {
+            return None;
+        }
+        let value: serde_json::Value = serde_json::from_str(&body).ok()?;
+        value.get("version")?.as_str().map(str::to_string)
+    }
+
+    /// Waits until the worker serves `version`.
+    pub fn wait_serving(&self, version: &str) {
+        let mut last = None;
+        crate::wait_for(Duration::from_secs(30), &format!("{} to serve {version}", self.name), || {
+            last = self.served_version();
+            last.as_deref() == Some(version)
+        });
+    }
+
+    /// sha256 of the deployed binary and config file.
+    pub fn file_hashes(&self) -> (String, String) {
+        (sha256_file(&self.binary()), sha256_file(&self.conf()))
+    }
+}
+
+/// sha256 of the binary and config file a package built by [`worker_package`] deploys.
+pub fn package_hashes(dir: &Path, version: &str) -> (String, String) {
+    let root = dir.join(version).join("demo-worker");
+    (sha256_file(&root.join("demo-worker")), sha256_file(&root.join("conf/worker.toml")))
+}
+
+/// The pid recorded by the process backend for `service`, if any.
+pub fn service_pid(state_dir: &Path, service: &str) -> Option<i32> {
+    let text = std::fs::read_to_string(state_dir.join("run").join(format!("{service}.pid"))).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    value.get("pid")?.as_i64().and_then(|p| i32::try_from(p).ok())
+}
+
+/// Whether a pid is alive and not a zombie.
+pub fn pid_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()))
+        .flatten()
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// The journal of `service` as JSON.
+pub fn journal(state_dir: &Path, service: &str) -> serde_json::Value {
+    let path = state_dir.join("journal").join(format!("{service}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("journal {} is not JSON: {e}", path.display()))
+}
+
+/// The phase of the journal's current apply (`committed`, `reverted`, …).
+pub fn journal_phase(state_dir: &Path, service: &str) -> String {
+    journal(state_dir, service)["current"]["phase"].as_str().unwrap_or_default().to_string()
+}
+
+/// Kills (SIGKILL, whole process group) every service process the agent recorded under `<state>/run` when
+/// dropped, and on [`ServiceReaper::reap`]. Service processes outlive the agent on purpose.
+#[derive(Debug)]
+pub struct ServiceReaper {
+    state_dir: PathBuf,
+    extra: std::sync::Mutex<Vec<i32>>,
+}
+
+impl ServiceReaper {
+    pub fn new(state_dir: &Path) -> Self {
+        Self { state_dir: state_dir.to_path_buf(), extra: std::sync::Mutex::new(Vec::new()) }
+    }
+
+    /// Remembers the current pid of `service` so it is killed even if the pid file changes later.
+    pub fn track(&self, service: &str) {
+        if let (Some(pid), Ok(mut extra)) = (service_pid(&self.state_dir, service), self.extra.lock()) {
+            extra.push(pid);
+        }
+    }
+
+    pub fn reap(&self) {
+        let mut pids: Vec<i32> = self.extra.lock().map(|e| e.clone()).unwrap_or_default();
+        if let Ok(listing) = std::fs::read_dir(self.state_dir.join("run")) {
+            for entry in listing.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(service) = name.strip_suffix(".pid")
+                    && let Some(pid) = service_pid(&self.state_dir, service)
+                {
+                    pids.push(pid);
+                }
+            }
+        }
+        for pid in pids {
+            if pid > 1 && pid_alive(pid) {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for ServiceReaper {
+    fn drop(&mut self) {
+        self.reap();
+    }
+}
