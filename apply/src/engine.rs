@@ -379,6 +379,7 @@ impl Engine {
             ApplyError::NotStaged { digest: command.digest.clone(), service: command.service.clone() }
         })?;
         stage::check_component(&command.digest, &svc.spec, &manifest)?;
+        let planning = std::time::Instant::now();
         let backup_dir = self.inner.state_dir.join("backups").join(&command.patch_id);
         let (files, created_dirs) = {
             let inner = self.inner.clone();
@@ -406,7 +407,8 @@ impl Engine {
             started_unix: self.inner.effects.clock.unix_now(),
         };
         let _in_flight = InFlightGuard::set(&svc, &command.patch_id);
-        let result = crate::run::execute(&self.inner, &svc, record).await?;
+        let steps = vec![("plan".to_string(), millis_since(planning))];
+        let result = crate::run::execute(&self.inner, &svc, record, steps).await?;
         Ok(ApplyReport { result, replayed: false })
     }
 
@@ -456,6 +458,7 @@ impl Engine {
             return Err(PlanError::BackupPruned { patch_id: pruned.patch_id.clone() }.into());
         }
         let version_before = from.checked_sub(1).map(|i| history[i].version.clone()).unwrap_or_default();
+        let planning = std::time::Instant::now();
         let backup_dir = self.inner.state_dir.join("backups").join(&command.patch_id);
         let (files, created_dirs) = {
             let inner = self.inner.clone();
@@ -480,7 +483,8 @@ impl Engine {
             started_unix: self.inner.effects.clock.unix_now(),
         };
         let _in_flight = InFlightGuard::set(&svc, &command.patch_id);
-        let result = crate::run::execute(&self.inner, &svc, record).await?;
+        let steps = vec![("plan".to_string(), millis_since(planning))];
+        let result = crate::run::execute(&self.inner, &svc, record, steps).await?;
         Ok(ApplyReport { result, replayed: false })
     }
 
@@ -527,6 +531,10 @@ pub(crate) fn is_up(runtime: &ServiceRuntime) -> bool {
 /// Process services are supervised by the agent: it runs them whenever it runs.
 pub(crate) fn agent_supervised(spec: &ServiceSpec) -> bool {
     spec.backend == BackendKind::Process
+}
+
+fn millis_since(since: std::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 fn check_patch_id(patch_id: &str) -> Result<(), ApplyError> {

@@ -42,6 +42,16 @@ pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
     File::open(dir).and_then(|d| d.sync_all()).ctx("fsync directory", dir)
 }
 
+/// Creates `dir` (whose parent must exist) and fsyncs the parent so the new entry is durable; an existing
+/// directory is fine.
+pub fn create_dir_durable(dir: &Path) -> Result<(), FsError> {
+    match fs::create_dir(dir) {
+        Ok(()) => fsync_dir(parent_of(dir)?),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(FsError { op: "create directory", path: dir.to_path_buf(), source: e }),
+    }
+}
+
 /// Writes `bytes` to `path` durably and atomically: temp file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     let dir = parent_of(path)?;
@@ -105,7 +115,11 @@ pub fn materialize(source: &Path, temp: &Path, mode: Option<u32>) -> Result<(), 
             fs::set_permissions(temp, fs::Permissions::from_mode(mode & 0o7777)).ctx("chmod", temp)?;
         }
     }
-    // Cheap when the data is already on disk (a hard link of a file fsynced at stage time).
+    if linked {
+        // Same inode as the source, whose data is as durable as it was (staged files are fsynced when
+        // unpacked); the new name becomes durable with the directory fsync the caller does.
+        return Ok(());
+    }
     File::open(temp).and_then(|f| f.sync_all()).ctx("fsync", temp)
 }
 
@@ -172,15 +186,16 @@ pub fn sha256_file(path: &Path) -> Result<String, FsError> {
     Ok(hex::encode(ctx.finish().as_ref()))
 }
 
-/// What identifies one version of a file on disk without reading it: any write, rename over, chmod or link
-/// changes at least one of these (ctime cannot be set from user space).
+/// What identifies one version of a file on disk without reading it: replacing the file (rename over it) changes
+/// the inode, writing into it changes the mtime (to the nanosecond). The ctime is left out on purpose: it also
+/// changes when a hard link to the same inode is added or removed (backups and staging share inodes with
+/// deployed files), which does not change the content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct StatKey {
     dev: u64,
     ino: u64,
     size: u64,
     mtime_ns: i128,
-    ctime_ns: i128,
 }
 
 impl StatKey {
@@ -190,12 +205,12 @@ impl StatKey {
             ino: meta.ino(),
             size: meta.size(),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         }
     }
 }
 
-/// sha256 of files by path, reused while the file's stat key is unchanged (like git's index).
+/// sha256 of files by path, reused while the file's stat key is unchanged (like git's index). A file rewritten in
+/// place within the same nanosecond with its mtime forged back would not be noticed; nothing here does that.
 #[derive(Debug, Default)]
 pub struct HashCache {
     entries: Mutex<HashMap<PathBuf, (StatKey, String)>>,

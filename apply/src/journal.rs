@@ -227,7 +227,7 @@ impl ServiceJournal {
 
     /// Writes the journal durably (temp, fsync, rename, directory fsync).
     pub fn store(&self, path: &Path) -> Result<(), JournalError> {
-        let bytes = serde_json::to_vec_pretty(self).map_err(JournalError::Encode)?;
+        let bytes = serde_json::to_vec(self).map_err(JournalError::Encode)?;
         fsutil::write_atomic(path, &bytes)?;
         Ok(())
     }

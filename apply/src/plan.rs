@@ -32,9 +32,11 @@ pub enum PlanError {
     BackupDamaged { patch_id: String, path: PathBuf, detail: String },
 }
 
-/// `<backup_dir>/files/<rel>`.
-pub fn backup_path(backup_dir: &Path, rel: &Path) -> PathBuf {
-    backup_dir.join("files").join(rel)
+/// `<backup_dir>/<index>-<file name>`: flat, so preparing a backup set creates one directory (the journal maps
+/// each backup to its target).
+pub fn backup_path(backup_dir: &Path, index: usize, rel: &Path) -> PathBuf {
+    let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    backup_dir.join(format!("{index}-{name}"))
 }
 
 /// The temporary holding the new content of `target` for apply `patch_id`.
@@ -117,8 +119,9 @@ pub fn plan_patch(
         {
             continue;
         }
+        let index = changes.len();
         changes.push(FileChange {
-            backup: current.as_ref().map(|_| backup_path(backup_dir, &rel)),
+            backup: current.as_ref().map(|_| backup_path(backup_dir, index, &rel)),
             old_sha256: current.map(|(sha, _)| sha),
             temp: new_temp(&target, patch_id),
             rel,
@@ -172,10 +175,11 @@ pub fn plan_rollback(
             if current.as_ref().map(|(sha, _)| sha) == change.old_sha256.as_ref() {
                 continue;
             }
+            let index = changes.len();
             changes.push(FileChange {
                 rel: change.rel.clone(),
                 temp: new_temp(&target, rollback_id),
-                backup: current.as_ref().map(|_| backup_path(backup_dir, &change.rel)),
+                backup: current.as_ref().map(|_| backup_path(backup_dir, index, &change.rel)),
                 old_sha256: current.map(|(sha, _)| sha),
                 target,
                 source: change.backup.clone(),
@@ -192,18 +196,18 @@ pub fn plan_rollback(
 /// durable. Nothing live changes: only new names appear.
 pub fn prepare(files: &[FileChange], created_dirs: &[PathBuf]) -> Result<(), FsError> {
     for dir in created_dirs {
-        match std::fs::create_dir(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(FsError { op: "create directory", path: dir.clone(), source: e }),
-        }
-        fsutil::fsync_dir(fsutil::parent_of(dir)?)?;
+        fsutil::create_dir_durable(dir)?;
     }
     let mut dirs_to_sync = BTreeSet::new();
     for change in files {
         if let Some(backup) = &change.backup {
             let dir = fsutil::parent_of(backup)?;
-            std::fs::create_dir_all(dir).ctx("create directory", dir)?;
+            if !dir.is_dir() {
+                if let Some(parent) = dir.parent() {
+                    std::fs::create_dir_all(parent).ctx("create directory", parent)?;
+                }
+                fsutil::create_dir_durable(dir)?;
+            }
             fsutil::materialize(&change.target, backup, None)?;
             dirs_to_sync.insert(dir.to_path_buf());
         }
@@ -219,14 +223,22 @@ pub fn prepare(files: &[FileChange], created_dirs: &[PathBuf]) -> Result<(), FsE
 }
 
 /// Puts the new content of one file in place (one rename), or removes the file when the change removes it.
+/// Not yet durable: [`sync_target_dirs`] makes every swap durable before the apply goes on (recovery restores
+/// all files whatever a crash left, so per-file durability is not needed).
 pub fn swap_one(change: &FileChange) -> Result<(), FsError> {
     match &change.source {
-        Some(_) => fsutil::commit_temp(&change.temp, &change.target),
-        None => {
-            fsutil::remove_if_exists(&change.target)?;
-            fsutil::fsync_dir(fsutil::parent_of(&change.target)?)
-        }
+        Some(_) => std::fs::rename(&change.temp, &change.target).ctx("rename into place", &change.target),
+        None => fsutil::remove_if_exists(&change.target),
     }
+}
+
+/// fsync of every directory a swap changed (once each).
+pub fn sync_target_dirs(files: &[FileChange]) -> Result<(), FsError> {
+    let dirs: BTreeSet<&Path> = files.iter().filter_map(|c| c.target.parent()).collect();
+    for dir in dirs {
+        fsutil::fsync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Puts the old content of one file back (or removes a file the apply added). Safe to repeat, whatever the

@@ -47,6 +47,8 @@ struct Run<'a> {
     steps: Vec<(String, u64)>,
     down_since: Option<Instant>,
     downtime_ms: u64,
+    /// Time spent writing the journal, reported as the step "journal".
+    journal_time: Duration,
 }
 
 fn flatten<T, E: Into<ApplyError>>(result: Result<Result<T, E>, ApplyError>) -> Result<T, ApplyError> {
@@ -58,11 +60,17 @@ fn millis(duration: Duration) -> u64 {
 }
 
 /// Runs an apply or rollback whose plan is in `record` (phase `Prepared`) to a final phase.
-pub(crate) async fn execute(inner: &Inner, svc: &Service, mut record: ApplyRecord) -> Result<ApplyResult, ApplyError> {
+pub(crate) async fn execute(
+    inner: &Inner,
+    svc: &Service,
+    mut record: ApplyRecord,
+    steps: Vec<(String, u64)>,
+) -> Result<ApplyResult, ApplyError> {
     record.was_running = svc.backend.status().await.map(|rt| is_up(&rt)).unwrap_or(false);
     record.phase = ApplyPhase::Prepared;
     svc.backend.set_auto_restart(false);
-    let mut run = Run { inner, svc, rec: record, steps: Vec::new(), down_since: None, downtime_ms: 0 };
+    let mut run = Run::new(inner, svc, record);
+    run.steps = steps;
     let result = run.drive().await;
     svc.backend.set_auto_restart(true);
     result
@@ -75,13 +83,13 @@ pub(crate) async fn recover_service(inner: &Inner, svc: &Service) -> Result<(), 
         let phase = record.phase.clone();
         tracing::warn!(service = %svc.spec.name, patch_id = %record.patch_id, phase = phase.name(), "recovering an interrupted apply");
         svc.backend.set_auto_restart(false);
-        let mut run = Run { inner, svc, rec: record, steps: Vec::new(), down_since: None, downtime_ms: 0 };
+        let mut run = Run::new(inner, svc, record);
         let outcome = match phase {
             ApplyPhase::Prepared => {
                 run.fail_before_live("the agent restarted before the swap began; nothing was changed".into()).await
             }
             ApplyPhase::Reverting { reason, .. } => {
-                run.revert(format!("{reason} (revert finished after an agent restart)")).await
+                run.revert(format!("{reason} (the agent restarted during the revert and finished it)")).await
             }
             other => {
                 run.revert(format!(
@@ -104,7 +112,11 @@ pub(crate) async fn recover_service(inner: &Inner, svc: &Service) -> Result<(), 
     Ok(())
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    fn new(inner: &'a Inner, svc: &'a Service, rec: ApplyRecord) -> Self {
+        Run { inner, svc, rec, steps: Vec::new(), down_since: None, downtime_ms: 0, journal_time: Duration::ZERO }
+    }
+
     fn now(&self) -> Instant {
         self.inner.effects.clock.now()
     }
@@ -120,10 +132,12 @@ impl Run<'_> {
 
     /// Records the new phase durably before the step it names begins.
     fn set_phase(&mut self, phase: ApplyPhase) -> Result<(), ApplyError> {
+        let since = Instant::now();
         self.rec.phase = phase;
         let record = self.rec.clone();
-        self.svc.persist(|journal| journal.current = Some(record))?;
-        Ok(())
+        let written = self.svc.persist(|journal| journal.current = Some(record));
+        self.journal_time += since.elapsed();
+        Ok(written?)
     }
 
     /// During a revert the journal is written as far as possible; a failed write must not stop the revert.
@@ -172,6 +186,8 @@ impl Run<'_> {
             or_revert!(self, self.set_phase(ApplyPhase::Swapping { done: index + 1 }), "journal write failed");
             self.fault(FaultPoint::AfterSwap)?;
         }
+        let files = self.rec.files.clone();
+        or_revert!(self, flatten(blocking(move || plan::sync_target_dirs(&files)).await), "syncing the swapped files failed");
         self.step("swap", since);
         if offline {
             self.fault(FaultPoint::BeforeCommit)?;
@@ -356,6 +372,7 @@ impl Run<'_> {
             Outcome::Failed => ApplyPhase::Failed,
         };
         self.step("finish", since);
+        self.steps.push(("journal".into(), millis(self.journal_time)));
         let finished_unix = self.inner.effects.clock.unix_now();
         let result = ApplyResult {
             patch_id: self.rec.patch_id.clone(),

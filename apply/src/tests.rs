@@ -320,7 +320,10 @@ async fn apply_swaps_restarts_commits_and_replays() {
         assert!(steps.contains(&step), "{steps:?}");
     }
     // old files are kept as the backup set
-    let backup = host.state.join("backups/p1/files/bin/svc/svc");
+    let history = host.journal().history;
+    let kept = history[0].files.iter().find(|f| f.rel == Path::new("bin/svc/svc")).unwrap();
+    let backup = kept.backup.as_ref().unwrap();
+    assert!(backup.starts_with(host.state.join("backups/p1")), "{}", backup.display());
     assert_eq!(std::fs::read_to_string(backup).unwrap(), "binary v1");
     host.assert_no_temps();
 

@@ -170,16 +170,16 @@ fn apply_result(wire: v1::ApplyResponse) -> Result<ApplyResult, CallError> {
         ))
     })?;
     let mut reason = wire.reason;
-    if outcome != ApplyOutcome::Committed && !wire.log_tail.is_empty() {
-        let tail: Vec<&str> = wire
-            .log_tail
-            .iter()
-            .rev()
-            .take(3)
-            .rev()
-            .map(String::as_str)
-            .collect();
-        reason = format!("{reason} (service output: {})", tail.join(" | "));
+    // The service's own last words explain a failed start; the agent's `--- patchd …` markers do not.
+    let tail: Vec<&str> = wire
+        .log_tail
+        .iter()
+        .map(|line| line.trim())
+        .filter(|line| !line.is_empty() && !line.starts_with("--- patchd"))
+        .collect();
+    if outcome != ApplyOutcome::Committed && !tail.is_empty() {
+        let last = &tail[tail.len().saturating_sub(2)..];
+        reason = format!("{reason} (service output: {})", last.join(" | "));
     }
     Ok(ApplyResult {
         outcome,
@@ -293,7 +293,13 @@ mod tests {
             patch_id: "p".into(),
             outcome: v1::ApplyOutcome::Reverted as i32,
             reason: "exited with status 3".into(),
-            log_tail: vec!["a".into(), "b".into(), "c".into(), "boom".into()],
+            log_tail: vec![
+                "a".into(),
+                "b".into(),
+                "c".into(),
+                "--- patchd 2026: starting x".into(),
+                "boom".into(),
+            ],
             replayed: true,
             downtime_ms: 1500,
             ..Default::default()
@@ -304,7 +310,7 @@ mod tests {
         assert_eq!(result.downtime, Duration::from_millis(1500));
         assert_eq!(
             result.reason,
-            "exited with status 3 (service output: b | c | boom)"
+            "exited with status 3 (service output: c | boom)"
         );
         let missing = v1::ApplyResponse {
             outcome: 0,

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 pub enum PackageError {
     /// Reading the package or writing the destination failed at the OS level.
     #[error("{action} {}: {cause}", path.display())]
-    Io { action: &'static str, path: PathBuf, cause: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 
     /// The file does not start with the gzip magic bytes.
     #[error(
@@ -61,6 +65,28 @@ pub enum PackageError {
         "entry {entry:?}: the path holds a control character; rename the file and rebuild the package"
     )]
     ControlCharacter { entry: String },
+
+    /// A path (or link target) longer than the system allows.
+    #[error(
+        "entry `{entry}`: the path is {len} bytes, over the {limit}-byte limit of the file system; \
+         shorten it and rebuild the package"
+    )]
+    PathTooLong {
+        entry: String,
+        len: usize,
+        limit: usize,
+    },
+
+    /// A path with more components than any real package needs.
+    #[error(
+        "entry `{entry}`: {depth} path components, over the limit of {limit}; flatten the directory tree and \
+         rebuild the package"
+    )]
+    PathTooDeep {
+        entry: String,
+        depth: usize,
+        limit: usize,
+    },
 
     /// An absolute entry path.
     #[error(

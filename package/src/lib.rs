@@ -126,7 +126,6 @@ pub(crate) fn settle_manifest(
     path: &Path,
     expect: &Expectations,
 ) -> Result<(Manifest, bool), PackageError> {
-    check_symlink_chains(walked)?;
     let detected = unanimous_target(walked)?;
     if let Some(expected) = &expect.component
         && *expected != walked.top
@@ -158,38 +157,6 @@ pub(crate) fn settle_manifest(
     manifest.sort();
     check_manifest_target(&manifest, expect)?;
     Ok((manifest, embedded))
-}
-
-/// A symlink whose target walks through another symlink could escape after `..`, whatever lexical checks say.
-fn check_symlink_chains(walked: &walk::Walked) -> Result<(), PackageError> {
-    let links: std::collections::HashSet<&str> =
-        walked.symlinks.iter().map(|l| l.path.as_str()).collect();
-    for link in &walked.symlinks {
-        let mut parts: Vec<&str> = link.path.split('/').collect();
-        parts.pop();
-        let steps: Vec<&str> = link
-            .target
-            .split('/')
-            .filter(|p| !p.is_empty() && *p != ".")
-            .collect();
-        for (i, step) in steps.iter().enumerate() {
-            if *step == ".." {
-                parts.pop();
-                continue;
-            }
-            parts.push(step);
-            let prefix = parts.join("/");
-            let is_last = i + 1 == steps.len();
-            if !is_last && links.contains(prefix.as_str()) {
-                return Err(PackageError::SymlinkThroughSymlink {
-                    entry: link.path.clone(),
-                    target: link.target.clone(),
-                    via: prefix,
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The one OS/arch all ELF binaries share, or `None` without binaries.

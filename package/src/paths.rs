@@ -8,10 +8,18 @@ pub(crate) enum PathProblem {
     Control,
     /// Nothing left after normalising (`./`, `.`): the archive root itself.
     Root,
+    /// Longer than the kernel's PATH_MAX: it could not be created, and deep paths would cost quadratic memory.
+    TooLong,
 }
+
+/// Longest entry path or link target accepted, in bytes (Linux `PATH_MAX` less the terminating NUL).
+pub(crate) const MAX_PATH_BYTES: usize = 4095;
 
 /// Normalises a tar entry path: drops `.` components, empty components and trailing slashes.
 pub(crate) fn normalize_entry_path(raw: &str) -> Result<String, PathProblem> {
+    if raw.len() > MAX_PATH_BYTES {
+        return Err(PathProblem::TooLong);
+    }
     if raw.starts_with('/') {
         return Err(PathProblem::Absolute);
     }
@@ -97,6 +105,10 @@ mod tests {
         assert_eq!(normalize_entry_path("a/../../b"), Err(PathProblem::Parent));
         assert_eq!(normalize_entry_path("a/b\nc"), Err(PathProblem::Control));
         assert_eq!(normalize_entry_path("./"), Err(PathProblem::Root));
+        assert_eq!(
+            normalize_entry_path(&"a/".repeat(3000)),
+            Err(PathProblem::TooLong)
+        );
     }
 
     #[test]

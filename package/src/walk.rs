@@ -6,7 +6,7 @@ use crate::digest::{DEFAULT_CHUNK_SIZE, StreamingTreeDigest, read_full};
 use crate::elf::{ELF_SNIFF_BYTES, detect_elf_target, target_label};
 use crate::manifest::{FileEntry, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, SymlinkEntry};
 use crate::paths::{
-    PathProblem, ancestors, is_within, normalize_entry_path, resolve_symlink, top_component,
+    MAX_PATH_BYTES, PathProblem, is_within, normalize_entry_path, resolve_symlink, top_component,
 };
 use crate::{Expectations, Limits, PackageError};
 use ring::digest::{Context, SHA256};
@@ -163,6 +163,17 @@ enum Node {
     Symlink,
 }
 
+/// One path component of the package tree.
+struct TreeNode {
+    kind: Node,
+    children: HashMap<String, usize>,
+}
+
+/// Index of the archive root in the tree.
+const ROOT: usize = 0;
+/// Deepest path accepted, in components: real packages stay far below; deeper ones only cost memory.
+pub(crate) const MAX_DEPTH: usize = 128;
+
 /// Walks `path` once: every entry is checked against the rules before the sink sees it.
 pub(crate) fn walk(
     path: &Path,
@@ -204,6 +215,7 @@ pub(crate) fn walk(
 
     let mut walker = Walker::new(path, limits, expect, &state);
     walker.run(&mut archive, sink)?;
+    walker.check_symlink_chains()?;
     let Walker {
         top,
         files,
@@ -314,7 +326,9 @@ struct Walker<'a> {
     expect: &'a Expectations,
     state: &'a StreamState,
     top: Option<String>,
-    nodes: HashMap<String, Node>,
+    /// The package's tree, one node per path component (index 0 is the archive root): memory grows with the
+    /// number of components, never with the square of the path lengths.
+    tree: Vec<TreeNode>,
     file_index: HashMap<String, usize>,
     files: Vec<FileEntry>,
     symlinks: Vec<SymlinkEntry>,
@@ -339,7 +353,10 @@ impl<'a> Walker<'a> {
             expect,
             state,
             top: None,
-            nodes: HashMap::new(),
+            tree: vec![TreeNode {
+                kind: Node::Dir,
+                children: HashMap::new(),
+            }],
             file_index: HashMap::new(),
             files: Vec::new(),
             symlinks: Vec::new(),
@@ -405,6 +422,7 @@ impl<'a> Walker<'a> {
             Err(PathProblem::Absolute) => return Err(PackageError::AbsolutePath { entry: raw }),
             Err(PathProblem::Parent) => return Err(PackageError::ParentComponent { entry: raw }),
             Err(PathProblem::Control) => return Err(PackageError::ControlCharacter { entry: raw }),
+            Err(PathProblem::TooLong) => return Err(too_long(&raw)),
             // `./` (what `tar czf x.tar.gz .` writes first) is the archive root itself.
             Err(PathProblem::Root) if kind.is_dir() => return Ok(()),
             Err(PathProblem::Root) => return Err(PackageError::EntryAtRoot { entry: raw }),
@@ -499,39 +517,105 @@ impl<'a> Walker<'a> {
 
     /// Records where `path` sits in the tree; refuses duplicates and entries below a file or a symlink.
     fn place(&mut self, path: &str, node: Node) -> Result<(), PackageError> {
-        for ancestor in ancestors(path) {
-            match self.nodes.get(ancestor) {
-                Some(Node::File) | Some(Node::Symlink) => {
-                    let ancestor_kind = if self.nodes.get(ancestor) == Some(&Node::File) {
-                        "file"
-                    } else {
-                        "symlink"
-                    };
-                    return Err(PackageError::ThroughNonDirectory {
+        let parts: Vec<&str> = path.split('/').collect();
+        if parts.len() > MAX_DEPTH {
+            return Err(PackageError::PathTooDeep {
+                entry: path.to_owned(),
+                depth: parts.len(),
+                limit: MAX_DEPTH,
+            });
+        }
+        let mut at = ROOT;
+        for (i, part) in parts.iter().enumerate() {
+            let existing = self.tree[at].children.get(*part).copied();
+            let is_last = i + 1 == parts.len();
+            match (existing, is_last) {
+                (Some(child), false) => match self.tree[child].kind {
+                    Node::File | Node::Symlink => {
+                        let ancestor_kind = if self.tree[child].kind == Node::File {
+                            "file"
+                        } else {
+                            "symlink"
+                        };
+                        return Err(PackageError::ThroughNonDirectory {
+                            entry: path.to_owned(),
+                            ancestor: parts[..=i].join("/"),
+                            ancestor_kind,
+                        });
+                    }
+                    Node::Dir | Node::ImpliedDir => at = child,
+                },
+                (None, false) => at = self.add_node(at, part, Node::ImpliedDir),
+                (Some(child), true)
+                    if self.tree[child].kind == Node::ImpliedDir && node == Node::Dir =>
+                {
+                    self.tree[child].kind = Node::Dir;
+                }
+                (Some(_), true) => {
+                    return Err(PackageError::DuplicatePath {
                         entry: path.to_owned(),
-                        ancestor: ancestor.to_owned(),
-                        ancestor_kind,
                     });
                 }
-                Some(Node::Dir) | Some(Node::ImpliedDir) => {}
-                None => {
-                    self.nodes.insert(ancestor.to_owned(), Node::ImpliedDir);
+                (None, true) => {
+                    self.add_node(at, part, node);
                 }
             }
         }
-        match self.nodes.get(path) {
-            None => {
-                self.nodes.insert(path.to_owned(), node);
-                Ok(())
+        Ok(())
+    }
+
+    fn add_node(&mut self, parent: usize, name: &str, kind: Node) -> usize {
+        let index = self.tree.len();
+        self.tree.push(TreeNode {
+            kind,
+            children: HashMap::new(),
+        });
+        self.tree[parent].children.insert(name.to_owned(), index);
+        index
+    }
+
+    /// A symlink whose target walks through another symlink of the package could escape after a `..`, whatever
+    /// the lexical check says: refused. Walks the package tree along each target, so the cost stays linear.
+    fn check_symlink_chains(&self) -> Result<(), PackageError> {
+        for link in &self.symlinks {
+            // Where each step of the walk stands in the package tree (`None`: outside what the package holds).
+            let mut stack: Vec<Option<usize>> = vec![Some(ROOT)];
+            let link_parts: Vec<&str> = link.path.split('/').collect();
+            for part in &link_parts[..link_parts.len() - 1] {
+                let here = stack.last().copied().flatten();
+                stack.push(here.and_then(|n| self.tree[n].children.get(*part).copied()));
             }
-            Some(Node::ImpliedDir) if node == Node::Dir => {
-                self.nodes.insert(path.to_owned(), node);
-                Ok(())
+            let steps: Vec<&str> = link
+                .target
+                .split('/')
+                .filter(|p| !p.is_empty() && *p != ".")
+                .collect();
+            for (i, step) in steps.iter().enumerate() {
+                if *step == ".." {
+                    stack.pop();
+                    if stack.is_empty() {
+                        break; // above the root: the lexical check already refused it
+                    }
+                    continue;
+                }
+                let here = stack.last().copied().flatten();
+                let next = here.and_then(|n| self.tree[n].children.get(*step).copied());
+                if let Some(child) = next
+                    && self.tree[child].kind == Node::Symlink
+                    && i + 1 < steps.len()
+                {
+                    let via =
+                        resolve_symlink(&link.path, &steps[..=i].join("/")).unwrap_or_default();
+                    return Err(PackageError::SymlinkThroughSymlink {
+                        entry: link.path.clone(),
+                        target: link.target.clone(),
+                        via,
+                    });
+                }
+                stack.push(next);
             }
-            Some(_) => Err(PackageError::DuplicatePath {
-                entry: path.to_owned(),
-            }),
         }
+        Ok(())
     }
 
     fn read_manifest<R: Read>(
@@ -575,6 +659,9 @@ impl<'a> Walker<'a> {
         let target = String::from_utf8(target_bytes).map_err(|e| PackageError::NonUtf8Path {
             entry: format!("{path} -> {}", String::from_utf8_lossy(e.as_bytes())),
         })?;
+        if target.len() > MAX_PATH_BYTES {
+            return Err(too_long(&format!("{path} -> {target}")));
+        }
         if target.chars().any(char::is_control) {
             return Err(PackageError::ControlCharacter {
                 entry: format!("{path} -> {target}"),
@@ -613,7 +700,11 @@ impl<'a> Walker<'a> {
             target: raw_target.clone(),
             kind: "hard link",
         };
-        let target = normalize_entry_path(&raw_target).map_err(|_| outside())?;
+        let target = match normalize_entry_path(&raw_target) {
+            Ok(target) => target,
+            Err(PathProblem::TooLong) => return Err(too_long(&format!("{path} -> {raw_target}"))),
+            Err(_) => return Err(outside()),
+        };
         if !is_within(&target, top) {
             return Err(outside());
         }
@@ -756,6 +847,15 @@ impl<'a> Walker<'a> {
             });
         }
         Ok(())
+    }
+}
+
+fn too_long(raw: &str) -> PackageError {
+    let shown: String = raw.chars().take(80).collect();
+    PackageError::PathTooLong {
+        entry: format!("{shown}…"),
+        len: raw.len(),
+        limit: MAX_PATH_BYTES,
     }
 }
 

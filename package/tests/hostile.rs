@@ -65,6 +65,15 @@ impl Archive {
         )
     }
 
+    /// A file whose name is longer than a header holds (tar writes a GNU long-name record).
+    fn long_file(mut self, name: &str, data: &[u8]) -> Self {
+        let mut header = Header::new_gnu();
+        header.set_mode(0o644);
+        header.set_size(data.len() as u64);
+        self.builder.append_data(&mut header, name, data).unwrap();
+        self
+    }
+
     fn manifest(self, json: &str) -> Self {
         self.file("patchd-manifest.json", json.as_bytes())
     }
@@ -363,6 +372,22 @@ fn cases(abs_target: &str) -> Vec<Case> {
                 .gz(),
             "demo/",
             |e| matches!(e, PackageError::NonUtf8Path { .. }),
+        ),
+        case(
+            "path longer than PATH_MAX",
+            good()
+                .long_file(&format!("demo/{}", "deep/".repeat(1000)), b"x")
+                .gz(),
+            "over the 4095-byte limit",
+            |e| matches!(e, PackageError::PathTooLong { .. }),
+        ),
+        case(
+            "path with too many components",
+            good()
+                .long_file(&format!("demo/{}x", "d/".repeat(200)), b"x")
+                .gz(),
+            "path components",
+            |e| matches!(e, PackageError::PathTooDeep { .. }),
         ),
         case(
             "control character in a path",
@@ -686,7 +711,9 @@ fn every_hostile_package_is_refused_with_its_own_error_and_writes_nothing_outsid
     let tmp = tempfile::tempdir().unwrap();
     let abs_target = tmp.path().join("absolute-target");
     let mut failures = Vec::new();
-    for (index, row) in cases(abs_target.to_str().unwrap()).into_iter().enumerate() {
+    let rows = cases(abs_target.to_str().unwrap());
+    assert!(rows.len() >= 50, "the table lost rows: {}", rows.len());
+    for (index, row) in rows.into_iter().enumerate() {
         // Nested so `..` entries would land in `jail/` (or above) if they escaped.
         let work = tmp.path().join(format!("row-{index}"));
         let jail = work.join("jail");

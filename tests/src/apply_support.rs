@@ -4,7 +4,8 @@
 //! started (they outlive the agent by design, so a test must kill them itself).
 
 use crate::{Pki, bin, patchctl_ok, sha256_file, toml_string};
-use patchd_proto::v1;
+/// The wire types, for callers without their own `patchd-proto` dependency (the bench).
+pub use patchd_proto::v1;
 use patchd_proto::v1::agent_client::AgentClient;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -269,11 +270,19 @@ pub fn service_pid(state_dir: &Path, service: &str) -> Option<i32> {
 
 /// Whether a pid is alive and not a zombie.
 pub fn pid_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()))
-        .flatten()
-        .is_some_and(|state| state != 'Z' && state != 'X')
+    proc_stat_fields(pid).and_then(|f| f.first().and_then(|s| s.chars().next())).is_some_and(|s| s != 'Z' && s != 'X')
+}
+
+/// Fields 3.. of /proc/<pid>/stat (after the command name).
+fn proc_stat_fields(pid: i32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = text.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// Start time of a process (field 22 of /proc/<pid>/stat): with the pid, it names one process since boot.
+pub fn proc_start_ticks(pid: i32) -> Option<u64> {
+    proc_stat_fields(pid)?.get(19)?.parse().ok()
 }
 
 /// The journal of `service` as JSON.
@@ -285,46 +294,76 @@ pub fn journal(state_dir: &Path, service: &str) -> serde_json::Value {
 
 /// The phase of the journal's current apply (`committed`, `reverted`, …).
 pub fn journal_phase(state_dir: &Path, service: &str) -> String {
-    journal(state_dir, service)["current"]["phase"].as_str().unwrap_or_default().to_string()
+    journal(state_dir, service)["current"]["phase"]["phase"].as_str().unwrap_or_default().to_string()
 }
 
 /// Kills (SIGKILL, whole process group) every service process the agent recorded under `<state>/run` when
-/// dropped, and on [`ServiceReaper::reap`]. Service processes outlive the agent on purpose.
+/// dropped, and on [`ServiceReaper::reap`]. Service processes outlive the agent on purpose. A process is only
+/// killed when its start time still matches the one recorded (never a reused pid).
 #[derive(Debug)]
 pub struct ServiceReaper {
     state_dir: PathBuf,
-    extra: std::sync::Mutex<Vec<i32>>,
+    tracked: std::sync::Mutex<Vec<(i32, u64)>>,
 }
 
 impl ServiceReaper {
+    /// Also makes this test process the subreaper of orphans, so service processes left behind by a killed
+    /// agent are reaped here rather than lingering as zombies under an init that does not reap.
     pub fn new(state_dir: &Path) -> Self {
-        Self { state_dir: state_dir.to_path_buf(), extra: std::sync::Mutex::new(Vec::new()) }
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+        Self { state_dir: state_dir.to_path_buf(), tracked: std::sync::Mutex::new(Vec::new()) }
     }
 
-    /// Remembers the current pid of `service` so it is killed even if the pid file changes later.
+    /// Remembers the current process of `service` so it is killed even if the pid file changes later.
     pub fn track(&self, service: &str) {
-        if let (Some(pid), Ok(mut extra)) = (service_pid(&self.state_dir, service), self.extra.lock()) {
-            extra.push(pid);
+        if let Some(process) = self.recorded(service)
+            && let Ok(mut tracked) = self.tracked.lock()
+        {
+            tracked.push(process);
         }
+    }
+
+    /// `(pid, start ticks)` from the process backend's pid file.
+    fn recorded(&self, service: &str) -> Option<(i32, u64)> {
+        let text = std::fs::read_to_string(self.state_dir.join("run").join(format!("{service}.pid"))).ok()?;
+        let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let pid = value.get("pid")?.as_i64().and_then(|p| i32::try_from(p).ok())?;
+        let ticks = value.get("proc_start_ticks")?.as_u64()?;
+        Some((pid, ticks))
     }
 
     pub fn reap(&self) {
-        let mut pids: Vec<i32> = self.extra.lock().map(|e| e.clone()).unwrap_or_default();
+        let mut processes: Vec<(i32, u64)> = self.tracked.lock().map(|t| t.clone()).unwrap_or_default();
         if let Ok(listing) = std::fs::read_dir(self.state_dir.join("run")) {
             for entry in listing.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if let Some(service) = name.strip_suffix(".pid")
-                    && let Some(pid) = service_pid(&self.state_dir, service)
-                {
-                    pids.push(pid);
+                if let Some(process) = name.strip_suffix(".pid").and_then(|service| self.recorded(service)) {
+                    processes.push(process);
                 }
             }
         }
-        for pid in pids {
-            if pid > 1 && pid_alive(pid) {
+        for (pid, ticks) in processes {
+            if pid <= 1 || proc_start_ticks(pid) != Some(ticks) {
+                continue;
+            }
+            if pid_alive(pid) {
                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
+            reap_orphan(pid);
+        }
+    }
+}
+
+/// Collects `pid` if it is an orphan this process adopted (see [`ServiceReaper::new`]) and has exited or exits
+/// within 2 s; returns at once when it is not our child. Only this pid: other tests' children are theirs to wait.
+fn reap_orphan(pid: i32) {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(10)),
+            Ok(_) | Err(_) => return,
         }
     }
 }

@@ -19,18 +19,26 @@ fn processes_running_under(dir: &Path) -> Vec<u32> {
         .unwrap()
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.starts_with(dir)))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.starts_with(dir))
+        })
         .filter(|pid| {
             // Zombies (already exited, not yet reaped) are not running.
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+            })
         })
         .collect()
 }
 
 fn pid_alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
 }
 
 /// Runs `demo down` on drop, then SIGKILLs anything still recorded or running from the demo directory, so a
@@ -62,12 +70,18 @@ impl Drop for DemoGuard {
         {
             for agent in record["agents"].as_array().into_iter().flatten() {
                 if let Some(pid) = agent["pid"].as_u64().filter(|pid| pid_alive(*pid)) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::SIGKILL,
+                    );
                 }
             }
         }
         for pid in processes_running_under(&self.dir) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::SIGKILL,
+            );
         }
     }
 }
@@ -100,14 +114,20 @@ fn demo_up_patch_down() {
     let _ = bin("demo-worker");
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path().join("home");
-    let demo = DemoGuard { home: home.clone(), dir: tmp.path().join("demo") };
+    let demo = DemoGuard {
+        home: home.clone(),
+        dir: tmp.path().join("demo"),
+    };
     let dir = demo.dir.to_string_lossy().into_owned();
 
     // Up: CA and certificates created, 4 agents (1 master + 3 workers), cluster imported.
     let up = demo.demo(&["up", "--nodes", "4", "--hosts-prefix", PREFIX]);
     let text = assert_ok(&up, "demo up");
     assert!(text.contains("is up"), "{text}");
-    assert!(text.contains("patchctl patch demo"), "prints what to run next: {text}");
+    assert!(
+        text.contains("patchctl patch demo"),
+        "prints what to run next: {text}"
+    );
     for file in ["ca.crt", "ca.key", "controller.crt", "controller.key"] {
         assert!(home.join("tls").join(file).is_file(), "{file} created");
     }
@@ -115,7 +135,11 @@ fn demo_up_patch_down() {
     let agents = record["agents"].as_array().unwrap();
     assert_eq!(agents.len(), 4);
     for agent in agents {
-        assert!(pid_alive(agent["pid"].as_u64().unwrap()), "agent {} runs", agent["addr"]);
+        assert!(
+            pid_alive(agent["pid"].as_u64().unwrap()),
+            "agent {} runs",
+            agent["addr"]
+        );
     }
     let packages: Vec<String> = std::fs::read_dir(demo.dir.join("packages"))
         .unwrap()
@@ -123,15 +147,28 @@ fn demo_up_patch_down() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".tar.gz"))
         .collect();
-    let worker_base = packages.iter().find(|n| n.starts_with("demo-worker-v1.0.0-linux-")).expect("original package");
-    assert!(packages.iter().any(|n| n.starts_with("demo-master-v1.0.0-linux-")), "{packages:?}");
+    let worker_base = packages
+        .iter()
+        .find(|n| n.starts_with("demo-worker-v1.0.0-linux-"))
+        .expect("original package");
     assert!(
-        demo.dir.join("hosts/host-2/deploy/demo-worker-8262/bin/demo-worker/demo-worker").is_file(),
+        packages
+            .iter()
+            .any(|n| n.starts_with("demo-master-v1.0.0-linux-")),
+        "{packages:?}"
+    );
+    assert!(
+        demo.dir
+            .join("hosts/host-2/deploy/demo-worker-8262/bin/demo-worker/demo-worker")
+            .is_file(),
         "deployed as tiup lays it out"
     );
 
     // Up again: says so, changes nothing.
-    let again = assert_ok(&demo.demo(&["up", "--nodes", "4", "--hosts-prefix", PREFIX]), "second demo up");
+    let again = assert_ok(
+        &demo.demo(&["up", "--nodes", "4", "--hosts-prefix", PREFIX]),
+        "second demo up",
+    );
     assert!(again.contains("already up"), "{again}");
     assert_eq!(demo.record()["agents"], record["agents"], "no new agents");
 
@@ -139,16 +176,42 @@ fn demo_up_patch_down() {
     let leader = get_json(&format!("http://{PREFIX}.1:8261/api/leader"));
     assert_eq!(leader["leader"], "master-1");
     let members = get_json(&format!("http://{PREFIX}.1:8261/api/members"));
-    let states: Vec<&str> = members.as_array().unwrap().iter().filter_map(|m| m["state"].as_str()).collect();
-    assert_eq!(states.iter().filter(|s| **s == "Bound").count(), 2, "{members}");
-    assert_eq!(states.iter().filter(|s| **s == "Free").count(), 1, "{members}");
-    let status: Value = serde_json::from_str(&assert_ok(&demo.demo(&["status", "--format", "json"]), "demo status"))
-        .expect("status JSON");
+    let states: Vec<&str> = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["state"].as_str())
+        .collect();
+    assert_eq!(
+        states.iter().filter(|s| **s == "Bound").count(),
+        2,
+        "{members}"
+    );
+    assert_eq!(
+        states.iter().filter(|s| **s == "Free").count(),
+        1,
+        "{members}"
+    );
+    let status: Value = serde_json::from_str(&assert_ok(
+        &demo.demo(&["status", "--format", "json"]),
+        "demo status",
+    ))
+    .expect("status JSON");
     assert_eq!(status["up"], true, "{status}");
-    assert!(status["services"].as_array().unwrap().iter().all(|s| s["version"] == "v1.0.0"), "{status}");
+    assert!(
+        status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["version"] == "v1.0.0"),
+        "{status}"
+    );
     let display = patchctl_ok(&home, &["display", "demo"]);
     for k in 1..=4 {
-        assert!(display.contains(&format!("{PREFIX}.{k}")), "display lists host {k}:\n{display}");
+        assert!(
+            display.contains(&format!("{PREFIX}.{k}")),
+            "display lists host {k}:\n{display}"
+        );
     }
 
     // A hotfix of the worker, rolled out worker by worker through the master's API.
@@ -171,13 +234,32 @@ fn demo_up_patch_down() {
             hotfix.to_str().unwrap(),
         ],
     );
-    http("DELETE", &format!("http://{PREFIX}.1:8261/api/_test/calls"), None).unwrap();
-    patchctl_ok(&home, &["patch", "demo", hotfix.to_str().unwrap(), "-R", "demo-worker", "-y"]);
+    http(
+        "DELETE",
+        &format!("http://{PREFIX}.1:8261/api/_test/calls"),
+        None,
+    )
+    .unwrap();
+    patchctl_ok(
+        &home,
+        &[
+            "patch",
+            "demo",
+            hotfix.to_str().unwrap(),
+            "-R",
+            "demo-worker",
+            "-y",
+        ],
+    );
     for k in 2..=4 {
         let version = get_json(&format!("http://{PREFIX}.{k}:8262/version"));
         assert_eq!(version["version"], "v1.0.1-hotfix", "worker on host {k}");
     }
-    assert_eq!(get_json(&format!("http://{PREFIX}.1:8261/version"))["version"], "v1.0.0", "-R keeps the master");
+    assert_eq!(
+        get_json(&format!("http://{PREFIX}.1:8261/version"))["version"],
+        "v1.0.0",
+        "-R keeps the master"
+    );
     let calls = get_json(&format!("http://{PREFIX}.1:8261/api/_test/calls"));
     let hook_calls: Vec<String> = calls
         .as_array()
@@ -187,9 +269,17 @@ fn demo_up_patch_down() {
         .map(|c| c["path"].as_str().unwrap().to_string())
         .collect();
     let expected: Vec<String> = (1..=3)
-        .flat_map(|w| [format!("/api/members/worker-{w}/offline"), format!("/api/members/worker-{w}/online")])
+        .flat_map(|w| {
+            [
+                format!("/api/members/worker-{w}/offline"),
+                format!("/api/members/worker-{w}/online"),
+            ]
+        })
         .collect();
-    assert_eq!(hook_calls, expected, "each worker is taken offline and back online, one at a time");
+    assert_eq!(
+        hook_calls, expected,
+        "each worker is taken offline and back online, one at a time"
+    );
     let after = patchctl_ok(&home, &["display", "demo"]);
     assert_eq!(after.matches("v1.0.1-hotfix").count(), 3, "{after}");
 
@@ -197,19 +287,35 @@ fn demo_up_patch_down() {
     let service_pids: Vec<u64> = (1..=4)
         .map(|k| {
             let port = if k == 1 { 8261 } else { 8262 };
-            get_json(&format!("http://{PREFIX}.{k}:{port}/version"))["pid"].as_u64().unwrap()
+            get_json(&format!("http://{PREFIX}.{k}:{port}/version"))["pid"]
+                .as_u64()
+                .unwrap()
         })
         .collect();
     let down = assert_ok(&demo.demo(&["down"]), "demo down");
-    assert!(down.contains("stopped 8 process(es)"), "4 agents + 4 services: {down}");
+    assert!(
+        down.contains("stopped 8 process(es)"),
+        "4 agents + 4 services: {down}"
+    );
     for agent in agents {
-        assert!(!pid_alive(agent["pid"].as_u64().unwrap()), "agent {} stopped", agent["addr"]);
+        assert!(
+            !pid_alive(agent["pid"].as_u64().unwrap()),
+            "agent {} stopped",
+            agent["addr"]
+        );
     }
     for pid in service_pids {
         assert!(!pid_alive(pid), "service pid {pid} stopped");
     }
-    assert_eq!(processes_running_under(&demo.dir), Vec::<u32>::new(), "nothing runs from the demo directory");
-    assert!(demo.dir.join("topology.yaml").is_file() && demo.dir.join("logs").is_dir(), "files kept");
+    assert_eq!(
+        processes_running_under(&demo.dir),
+        Vec::<u32>::new(),
+        "nothing runs from the demo directory"
+    );
+    assert!(
+        demo.dir.join("topology.yaml").is_file() && demo.dir.join("logs").is_dir(),
+        "files kept"
+    );
     std::thread::sleep(Duration::from_millis(100));
     for k in 1..=4 {
         std::net::TcpListener::bind(format!("{PREFIX}.{k}:7480")).expect("agent port free again");
@@ -217,7 +323,10 @@ fn demo_up_patch_down() {
     let again = assert_ok(&demo.demo(&["down"]), "second demo down");
     assert!(again.contains("nothing was running"), "{again}");
     assert_ok(&demo.demo(&["down", "--purge"]), "demo down --purge");
-    assert!(!Path::new(&dir).exists(), "--purge removes the demo directory");
+    assert!(
+        !Path::new(&dir).exists(),
+        "--purge removes the demo directory"
+    );
 }
 
 #[test]
@@ -227,13 +336,42 @@ fn demo_up_refuses_bad_settings_with_advice() {
     let dir = dir.to_str().unwrap();
     let out = patchctl(tmp.path(), &["demo", "up", "--nodes", "1", "--dir", dir]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--nodes 1 is out of range"), "{out:?}");
-    let out = patchctl(tmp.path(), &["demo", "up", "--hosts-prefix", "10.0.0", "--dir", dir]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--nodes 1 is out of range"),
+        "{out:?}"
+    );
+    let out = patchctl(
+        tmp.path(),
+        &["demo", "up", "--hosts-prefix", "10.0.0", "--dir", dir],
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"), "{out:?}");
-    let out = patchctl(tmp.path(), &["demo", "up", "--bin-dir", tmp.path().to_str().unwrap(), "--dir", dir]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("loopback"),
+        "{out:?}"
+    );
+    let out = patchctl(
+        tmp.path(),
+        &[
+            "demo",
+            "up",
+            "--bin-dir",
+            tmp.path().to_str().unwrap(),
+            "--dir",
+            dir,
+        ],
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cargo build --release --bins"), "{out:?}");
-    let out = patchctl(tmp.path(), &["demo", "down", "--dir", tmp.path().to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "a directory that is not a demo is refused (and never purged)");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cargo build --release --bins"),
+        "{out:?}"
+    );
+    let out = patchctl(
+        tmp.path(),
+        &["demo", "down", "--dir", tmp.path().to_str().unwrap()],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a directory that is not a demo is refused (and never purged)"
+    );
 }

@@ -86,7 +86,10 @@ fn runtime_from(props: &HashMap<String, String>) -> ServiceRuntime {
     let active = props.get("ActiveState").map(String::as_str).unwrap_or("");
     let pid = props.get("MainPID").and_then(|p| p.parse::<u32>().ok()).filter(|p| *p != 0);
     let start_us = props.get("ExecMainStartTimestampMonotonic").and_then(|v| v.parse::<u64>().ok()).filter(|v| *v != 0);
+    let sub = props.get("SubState").map(String::as_str).unwrap_or("");
     let state = match active {
+        // the main process died and systemd waits to restart it: a crash, whatever Restart= does next
+        "activating" if sub == "auto-restart" => RunState::Failed,
         "active" | "reloading" => RunState::Running,
         "activating" => RunState::Starting,
         "inactive" | "deactivating" => RunState::Stopped,
@@ -123,6 +126,10 @@ fn signal_name(number: &str) -> String {
 #[async_trait]
 impl ServiceBackend for SystemdBackend {
     async fn start(&self) -> Result<(), BackendError> {
+        // A unit that crash-looped may have hit its start limit; an explicit start clears that first.
+        if let Err(e) = run("systemctl", &["reset-failed", &self.unit], QUERY_TIMEOUT).await {
+            tracing::debug!(service = %self.service, "systemctl reset-failed: {e}");
+        }
         run("systemctl", &["start", &self.unit], SYSTEMCTL_TIMEOUT).await.map(drop)
     }
 
@@ -170,6 +177,9 @@ mod tests {
         assert_eq!(rt.pid, Some(42));
         assert_eq!(rt.instance.as_deref(), Some("42@1#0"));
         assert!(rt.uptime_seconds.is_some());
+
+        let rt = runtime_from(&parse_properties("MainPID=0\nActiveState=activating\nSubState=auto-restart\nExecMainCode=1\nExecMainStatus=3\n"));
+        assert_eq!(rt.state, RunState::Failed);
 
         let rt = runtime_from(&parse_properties("MainPID=0\nActiveState=inactive\nExecMainCode=2\nExecMainStatus=9\n"));
         assert_eq!(rt.last_exit.as_deref(), Some("killed by signal SIGKILL"));

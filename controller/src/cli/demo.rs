@@ -101,6 +101,12 @@ async fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<u8> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", dir.display()))?;
+    // Hints name the directory when it is not the default one.
+    let dir_flag = if args.dir.dir.is_some() {
+        format!(" --dir {}", dir.display())
+    } else {
+        String::new()
+    };
 
     if let Some(record) = DemoRecord::load(&layout::record_path(&dir))? {
         let live = record.live_agents();

@@ -585,18 +585,24 @@ pub(super) async fn execute(ctx: &Ctx, run: Execution) -> anyhow::Result<u8> {
     let (cancel_handle, cancel) = Cancel::new();
     let cluster = rollout.cluster.clone();
     let interrupt_observer = Arc::clone(&observer);
+    // Registered before the engine starts, so no SIGINT/SIGTERM falls back to the default (kill) action.
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut terminates = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let signals = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_err() {
-            return;
+        tokio::select! {
+            received = interrupts.recv() => if received.is_none() { return },
+            received = terminates.recv() => if received.is_none() { return },
         }
         interrupt_observer.line(
-            "Ctrl-C: finishing the steps in flight and putting drained nodes back online (Ctrl-C again to quit at once)",
+            "Interrupted: finishing the steps in flight and putting drained nodes back online (again to quit at once)",
         );
         cancel_handle.cancel();
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("Quit at once: resume with `patchctl patch --resume {cluster}`.");
-            std::process::exit(i32::from(exit::INTERRUPTED));
+        tokio::select! {
+            _ = interrupts.recv() => {}
+            _ = terminates.recv() => {}
         }
+        eprintln!("Quit at once: resume with `patchctl patch --resume {cluster}`.");
+        std::process::exit(i32::from(exit::INTERRUPTED));
     });
     let started = Instant::now();
     let outcome = Engine::new(&spec, &effects, &journal, observer.as_ref(), cancel)
@@ -646,8 +652,9 @@ pub(super) async fn execute(ctx: &Ctx, run: Execution) -> anyhow::Result<u8> {
     })
 }
 
-fn result_word(kind: RolloutKind, phase: NodePhase) -> &'static str {
+fn result_word(kind: RolloutKind, phase: NodePhase, had_turn: bool) -> &'static str {
     match phase {
+        NodePhase::Pending if had_turn => "interrupted, back online",
         NodePhase::Done if kind == RolloutKind::Rollback => "rolled back",
         NodePhase::Done => "patched",
         NodePhase::Skipped => "skipped",
@@ -685,7 +692,7 @@ fn print_summary(
                     serde_json::json!({
                         "node": node.node.id,
                         "role": node.node.role,
-                        "result": result_word(rollout.kind, node.phase),
+                        "result": result_word(rollout.kind, node.phase, node.duration.is_some()),
                         "phase": node.phase.as_str(),
                         "duration_ms": node.duration.map(|d| d.as_millis() as u64),
                         "downtime_ms": node.downtime.map(|d| d.as_millis() as u64),
@@ -712,10 +719,10 @@ fn print_summary(
                     vec![
                         node.node.id.clone(),
                         node.node.role.clone(),
-                        result_word(rollout.kind, node.phase).to_string(),
+                        result_word(rollout.kind, node.phase, node.duration.is_some()).to_string(),
                         seconds(node.duration),
                         seconds(node.downtime),
-                        node.reason.clone().unwrap_or_default(),
+                        clip(node.reason.as_deref().unwrap_or_default(), 140),
                     ]
                 })
                 .collect();
@@ -747,6 +754,16 @@ fn print_summary(
         }
     }
     Ok(())
+}
+
+/// At most `limit` characters, with `…` when cut (the JSON summary and `audit` keep the whole text).
+fn clip(text: &str, limit: usize) -> String {
+    if text.chars().count() <= limit {
+        return text.to_string();
+    }
+    let mut clipped: String = text.chars().take(limit.saturating_sub(1)).collect();
+    clipped.push('…');
+    clipped
 }
 
 fn capitalized(word: &str) -> String {

@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# install.sh: installs the patchd agent on a systemd host (binary, config, certificates, hardened unit), enables
+# and starts it; idempotent (run it again to upgrade the binary or rotate certificates). `--uninstall` undoes it.
+#
+# Usage:
+#   install.sh --binary PATH --ca FILE --cert FILE --key FILE [--config FILE] [--force-config]
+#              [--deploy-root DIR]... [--no-start] [--root DIR]
+#   install.sh --uninstall [--purge] [--no-start] [--root DIR]
+#
+#   --binary PATH       the patchd executable to install as /usr/bin/patchd
+#   --ca FILE           the cluster CA certificate        -> /etc/patchd/tls/ca.crt
+#   --cert FILE         this agent's certificate          -> /etc/patchd/tls/agent.crt
+#   --key FILE          this agent's private key          -> /etc/patchd/tls/agent.key (mode 0600)
+#   --config FILE       agent config to install as /etc/patchd/patchd.toml (default: patchd.toml next to this
+#                       script, with deploy_roots set from --deploy-root). An existing config is kept.
+#   --force-config      replace an existing /etc/patchd/patchd.toml (the old one is kept as patchd.toml.bak)
+#   --deploy-root DIR   a directory the agent may write to (repeatable): created if missing, made writable in the
+#                       unit's sandbox (drop-in patchd.service.d/deploy-roots.conf)
+#   --no-start          install or remove files only; do not call systemctl
+#   --root DIR          install under DIR instead of / (packaging tests, images); implies --no-start
+#   --uninstall         stop and disable the unit, remove the files this script installs (the config is saved to
+#                       the state directory first)
+#   --purge             with --uninstall: also remove the state directory (/var/lib/patchd: blobs, backups, journal)
+
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+readonly SCRIPT_DIR
+readonly UNIT_NAME="patchd.service"
+
+say() { printf 'patchd install: %s\n' "$*"; }
+warn() { printf 'patchd install: warning: %s\n' "$*" >&2; }
+die() {
+    printf 'patchd install: error: %s\n' "$*" >&2
+    exit 1
+}
+usage() {
+    sed -n '/^# Usage:/,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    exit "${1:-2}"
+}
+
+binary="" ca="" cert="" key="" config="" root="" force_config=0 no_start=0 uninstall=0 purge=0
+deploy_roots=()
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --binary) binary="${2:?--binary needs a path}"; shift 2 ;;
+        --ca) ca="${2:?--ca needs a file}"; shift 2 ;;
+        --cert) cert="${2:?--cert needs a file}"; shift 2 ;;
+        --key) key="${2:?--key needs a file}"; shift 2 ;;
+        --config) config="${2:?--config needs a file}"; shift 2 ;;
+        --deploy-root) deploy_roots+=("${2:?--deploy-root needs a directory}"); shift 2 ;;
+        --force-config) force_config=1; shift ;;
+        --no-start) no_start=1; shift ;;
+        --root) root="${2:?--root needs a directory}"; no_start=1; shift 2 ;;
+        --uninstall) uninstall=1; shift ;;
+        --purge) purge=1; shift ;;
+        -h | --help) usage 0 ;;
+        *) printf 'patchd install: error: unknown argument "%s"\n\n' "$1" >&2; usage 2 ;;
+    esac
+done
+
+if [[ -n "$root" ]]; then
+    [[ -d "$root" ]] || die "--root $root does not exist: create it first"
+    root="$(cd "$root" && pwd)"
+    [[ "$root" == "/" ]] && root=""
+fi
+
+readonly BIN="$root/usr/bin/patchd"
+readonly ETC="$root/etc/patchd"
+readonly TLS="$ETC/tls"
+readonly CONFIG="$ETC/patchd.toml"
+readonly UNIT="$root/etc/systemd/system/$UNIT_NAME"
+readonly DROPIN_DIR="$root/etc/systemd/system/$UNIT_NAME.d"
+readonly DROPIN="$DROPIN_DIR/deploy-roots.conf"
+readonly DOC="$root/usr/share/doc/patchd/README.md"
+readonly DEFAULT_STATE_DIR="/var/lib/patchd"
+
+if [[ -z "$root" && "$(id -u)" -ne 0 ]]; then
+    die "must run as root (it installs into /usr/bin, /etc and starts a system service); try: sudo $0 $*"
+fi
+
+systemctl_do() {
+    if [[ "$no_start" -eq 1 ]]; then
+        say "skipped: systemctl $* (--no-start)"
+        return 0
+    fi
+    command -v systemctl >/dev/null || die "systemctl not found: this host does not run systemd (use --no-start and the process backend)"
+    systemctl "$@"
+}
+
+# The state_dir the config names (the default if it cannot be read).
+state_dir_of() {
+    local file="$1" value=""
+    if [[ -f "$file" ]]; then
+        value="$(sed -n 's/^[[:space:]]*state_dir[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$file" | head -n 1)"
+    fi
+    printf '%s\n' "${value:-$DEFAULT_STATE_DIR}"
+}
+
+uninstall_all() {
+    local state_dir
+    state_dir="$(state_dir_of "$CONFIG")"
+    if [[ -f "$UNIT" ]]; then
+        systemctl_do disable --now "$UNIT_NAME" || warn "could not stop/disable $UNIT_NAME (continuing)"
+    fi
+    if [[ -f "$CONFIG" ]]; then
+        mkdir -p "$root$state_dir"
+        cp -p "$CONFIG" "$root$state_dir/patchd.toml.uninstalled"
+        say "saved the config as $root$state_dir/patchd.toml.uninstalled"
+    fi
+    rm -f "$UNIT" "$DROPIN" "$BIN" "$DOC" "$TLS/ca.crt" "$TLS/agent.crt" "$TLS/agent.key" "$CONFIG" "$CONFIG.bak"
+    rmdir "$DROPIN_DIR" "$TLS" "$ETC" "$(dirname "$DOC")" 2>/dev/null || true
+    systemctl_do daemon-reload
+    if [[ "$purge" -eq 1 ]]; then
+        case "$state_dir" in
+            /*/*)
+                rm -rf -- "$root$state_dir"
+                say "purged the state directory $root$state_dir"
+                ;;
+            *) warn "not purging state_dir \`$state_dir\`: it does not look like a dedicated directory; remove it by hand" ;;
+        esac
+    else
+        say "kept the state directory $root$state_dir (blobs, backups, journal); --purge removes it"
+    fi
+    say "patchd uninstalled"
+}
+
+if [[ "$uninstall" -eq 1 ]]; then
+    uninstall_all
+    exit 0
+fi
+[[ "$purge" -eq 1 ]] && die "--purge only goes with --uninstall"
+
+# --- checks before touching anything -------------------------------------------------------------------------
+[[ -n "$binary" && -n "$ca" && -n "$cert" && -n "$key" ]] || {
+    printf 'patchd install: error: --binary, --ca, --cert and --key are required\n\n' >&2
+    usage 2
+}
+[[ -f "$binary" && -x "$binary" ]] || die "--binary $binary is not an executable file"
+for pair in "ca:$ca" "cert:$cert" "key:$key"; do
+    name="${pair%%:*}" file="${pair#*:}"
+    [[ -f "$file" && -r "$file" ]] || die "--$name $file is not a readable file"
+done
+grep -q 'BEGIN CERTIFICATE' "$ca" || die "--ca $ca is not a PEM certificate (expected the cluster ca.crt)"
+grep -q 'BEGIN CERTIFICATE' "$cert" || die "--cert $cert is not a PEM certificate (expected <host>.crt from patchctl cert issue)"
+grep -q 'PRIVATE KEY' "$key" || die "--key $key is not a PEM private key (expected <host>.key from patchctl cert issue)"
+if [[ -n "$config" ]]; then
+    [[ -f "$config" ]] || die "--config $config does not exist"
+    [[ ${#deploy_roots[@]} -gt 0 ]] || warn "--config given without --deploy-root: no directory is made writable in the sandbox"
+elif [[ ! -f "$SCRIPT_DIR/patchd.toml" ]]; then
+    die "no --config given and no default patchd.toml next to this script ($SCRIPT_DIR)"
+fi
+[[ -f "$SCRIPT_DIR/patchd.service" ]] || die "patchd.service is missing next to this script ($SCRIPT_DIR)"
+for dir in "${deploy_roots[@]}"; do
+    [[ "$dir" == /* ]] || die "--deploy-root $dir must be an absolute path"
+    [[ "$dir" != *[[:space:]\"\\]* ]] || die "--deploy-root \`$dir\`: paths with spaces, quotes or backslashes are not supported"
+    [[ "$dir" != */../* && "$dir" != */.. && "$dir" != */./* ]] || die "--deploy-root $dir must not contain . or .. components"
+    case "$dir" in
+        / | /usr | /usr/* | /etc | /etc/* | /var/lib/patchd | /var/lib/patchd/*) die "--deploy-root $dir is a system directory: use the directory your services are deployed under" ;;
+    esac
+done
+
+# --- files ----------------------------------------------------------------------------------------------------
+owner_args=()
+[[ "$(id -u)" -eq 0 ]] && owner_args=(-o root -g root)
+
+install -d -m 0755 "$root/usr/bin" "$ETC" "$root/etc/systemd/system"
+install -d -m 0700 "${owner_args[@]}" "$TLS"
+# install(1) unlinks the old file before writing the new one, so a running agent keeps its executable.
+install -m 0755 "${owner_args[@]}" "$binary" "$BIN"
+say "installed $BIN"
+install -m 0644 "${owner_args[@]}" "$ca" "$TLS/ca.crt"
+install -m 0644 "${owner_args[@]}" "$cert" "$TLS/agent.crt"
+install -m 0600 "${owner_args[@]}" "$key" "$TLS/agent.key"
+say "installed $TLS/{ca.crt,agent.crt,agent.key} (key mode 0600)"
+
+# The default config with deploy_roots filled in from --deploy-root.
+render_default_config() {
+    local list="" dir
+    for dir in "${deploy_roots[@]}"; do
+        list+="${list:+, }\"$dir\""
+    done
+    sed "s|^deploy_roots = \[\]\$|deploy_roots = [$list]|" "$SCRIPT_DIR/patchd.toml"
+}
+
+new_config="$(mktemp)"
+trap 'rm -f "$new_config"' EXIT
+if [[ -n "$config" ]]; then
+    cp "$config" "$new_config"
+else
+    render_default_config >"$new_config"
+fi
+if [[ ! -f "$CONFIG" ]]; then
+    install -m 0644 "${owner_args[@]}" "$new_config" "$CONFIG"
+    say "installed $CONFIG"
+elif cmp -s "$new_config" "$CONFIG"; then
+    say "kept $CONFIG (unchanged)"
+elif [[ "$force_config" -eq 1 ]]; then
+    cp -p "$CONFIG" "$CONFIG.bak"
+    install -m 0644 "${owner_args[@]}" "$new_config" "$CONFIG"
+    say "replaced $CONFIG (previous one saved as $CONFIG.bak)"
+else
+    say "kept the existing $CONFIG (it differs from the new one: --force-config replaces it)"
+fi
+
+for dir in "${deploy_roots[@]}"; do
+    if [[ ! -d "$root$dir" ]]; then
+        install -d -m 0755 "$root$dir"
+        say "created deploy root $root$dir"
+    fi
+    grep -qF "\"$dir\"" "$CONFIG" || warn "deploy root $dir is not listed in deploy_roots of $CONFIG: add it there too"
+done
+
+install -m 0644 "$SCRIPT_DIR/patchd.service" "$UNIT"
+if [[ -f "$SCRIPT_DIR/README.md" ]]; then
+    install -D -m 0644 "$SCRIPT_DIR/README.md" "$DOC"
+fi
+install -d -m 0755 "$DROPIN_DIR"
+{
+    echo "# Written by install.sh: the deploy roots patchd may write to (must match deploy_roots in /etc/patchd/patchd.toml)."
+    echo "[Service]"
+    if [[ ${#deploy_roots[@]} -gt 0 ]]; then
+        echo "ReadWritePaths=${deploy_roots[*]}"
+    fi
+} >"$DROPIN.tmp"
+mv -f "$DROPIN.tmp" "$DROPIN"
+chmod 0644 "$DROPIN"
+say "installed $UNIT and $DROPIN (ReadWritePaths=${deploy_roots[*]:-none})"
+
+# --- service --------------------------------------------------------------------------------------------------
+if [[ "$no_start" -eq 1 ]]; then
+    say "files installed; not starting (--no-start). Start with: systemctl daemon-reload && systemctl enable --now $UNIT_NAME"
+    exit 0
+fi
+if ! "$BIN" validate --config "$CONFIG"; then
+    die "$CONFIG does not validate (see above): fix it, then run this script again"
+fi
+systemctl_do daemon-reload
+systemctl_do enable "$UNIT_NAME"
+# restart, not start: a second run must pick up a new binary, certificates or config.
+systemctl_do restart "$UNIT_NAME" || die "$UNIT_NAME failed to start: see journalctl -u $UNIT_NAME"
+if systemctl is-active --quiet "$UNIT_NAME"; then
+    say "$UNIT_NAME is running (journalctl -u $UNIT_NAME for its log)"
+else
+    die "$UNIT_NAME is not active after start: see systemctl status $UNIT_NAME and journalctl -u $UNIT_NAME"
+fi
