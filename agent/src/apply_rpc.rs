@@ -23,7 +23,9 @@ impl ApplyService {
         let package_limits = patchd_package::Limits {
             max_files: config.limits.max_files,
             max_unpacked_bytes: config.limits.max_unpacked_bytes,
-            max_entry_bytes: patchd_package::Limits::default().max_entry_bytes.min(config.limits.max_unpacked_bytes),
+            max_entry_bytes: patchd_package::Limits::default()
+                .max_entry_bytes
+                .min(config.limits.max_unpacked_bytes),
         };
         let engine = Engine::start(EngineConfig {
             state_dir: config.state_dir.clone(),
@@ -42,7 +44,11 @@ impl ApplyService {
     }
 
     pub async fn stage(&self, req: v1::StageRequest) -> Result<v1::StageResponse, Status> {
-        let staged = self.engine.stage(&req.service, &req.digest).await.map_err(to_status)?;
+        let staged = self
+            .engine
+            .stage(&req.service, &req.digest)
+            .await
+            .map_err(to_status)?;
         let manifest = staged.manifest;
         Ok(v1::StageResponse {
             digest: staged.digest,
@@ -54,7 +60,12 @@ impl ApplyService {
                 files: manifest
                     .files
                     .into_iter()
-                    .map(|f| v1::FileEntry { path: f.path, mode: f.mode, size: f.size, sha256: f.sha256 })
+                    .map(|f| v1::FileEntry {
+                        path: f.path,
+                        mode: f.mode,
+                        size: f.size,
+                        sha256: f.sha256,
+                    })
                     .collect(),
             }),
             already_staged: staged.already_staged,
@@ -62,8 +73,12 @@ impl ApplyService {
     }
 
     pub async fn apply(&self, req: v1::ApplyRequest) -> Result<v1::ApplyResponse, Status> {
-        let command =
-            ApplyCommand { service: req.service, digest: req.digest, patch_id: req.patch_id, offline: req.offline };
+        let command = ApplyCommand {
+            service: req.service,
+            digest: req.digest,
+            patch_id: req.patch_id,
+            offline: req.offline,
+        };
         let report = self.engine.apply(command).await.map_err(to_status)?;
         Ok(response_of(report.result, report.replayed))
     }
@@ -91,7 +106,9 @@ impl ApplyService {
     pub async fn status(&self, req: v1::StatusRequest) -> Result<v1::StatusResponse, Status> {
         let service = Some(req.service.as_str()).filter(|s| !s.is_empty());
         let reports = self.engine.status(service).await.map_err(to_status)?;
-        Ok(v1::StatusResponse { services: reports.into_iter().map(service_status).collect() })
+        Ok(v1::StatusResponse {
+            services: reports.into_iter().map(service_status).collect(),
+        })
     }
 }
 
@@ -128,7 +145,11 @@ fn response_of(result: ApplyResult, replayed: bool) -> v1::ApplyResponse {
         replayed,
         downtime_ms: result.downtime_ms,
         binary_sha256: result.binary_sha256,
-        steps: result.steps.into_iter().map(|(step, millis)| v1::StepTiming { step, millis }).collect(),
+        steps: result
+            .steps
+            .into_iter()
+            .map(|(step, millis)| v1::StepTiming { step, millis })
+            .collect(),
     }
 }
 
@@ -184,7 +205,10 @@ mod tests {
 
     #[test]
     fn error_kinds_map_to_codes() {
-        let status = to_status(ApplyError::UnknownService { name: "x".into(), known: "a".into() });
+        let status = to_status(ApplyError::UnknownService {
+            name: "x".into(),
+            known: "a".into(),
+        });
         assert_eq!(status.code(), Code::NotFound);
         assert!(status.message().contains("this agent manages: a"));
         let status = to_status(ApplyError::InvalidRequest("patch_id".into()));

@@ -19,6 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -391,7 +392,45 @@ impl PartialBlob {
     }
 
     /// The disk side of an upload, on a blocking thread: takes chunks until the channel closes or one is bad.
-    fn receive(mut self, mut rx: mpsc::Receiver<Chunk>, runtime: &tokio::runtime::Handle) -> Result<UploadOutcome, TransferError> {
+    /// A recorder thread syncs and records batches, so fsync latency never stalls hashing and writing.
+    fn receive(
+        mut self,
+        rx: mpsc::Receiver<Chunk>,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<UploadOutcome, TransferError> {
+        let recorder = Recorder {
+            part: self.part.try_clone().map_err(io_err(&self.part_path))?,
+            records: self.records.try_clone().map_err(io_err(&self.records_path))?,
+            part_path: self.part_path.clone(),
+            records_path: self.records_path.clone(),
+        };
+        // One batch in flight: if the disk falls behind, receiving waits instead of piling up unsynced data.
+        let (batches, batch_rx) = std::sync::mpsc::sync_channel::<Vec<[u8; 32]>>(1);
+        let (mut outcome, result) = std::thread::scope(|scope| {
+            let recording = scope.spawn(move || recorder.run(batch_rx));
+            let (outcome, received) = self.receive_chunks(rx, runtime, &batches);
+            // Keep what verified before a bad chunk: the retry resumes right at it.
+            let handed = self.hand_over(&batches);
+            drop(batches);
+            let recorded = recording
+                .join()
+                .unwrap_or_else(|_| Err(TransferError::Internal("the recorder thread panicked".into())));
+            (outcome, received.and(recorded).and(handed))
+        });
+        result?;
+        if self.held == self.blob.chunk_count() {
+            self.finish()?;
+            outcome.complete = true;
+        }
+        Ok(outcome)
+    }
+
+    fn receive_chunks(
+        &mut self,
+        mut rx: mpsc::Receiver<Chunk>,
+        runtime: &tokio::runtime::Handle,
+        batches: &SyncSender<Vec<[u8; 32]>>,
+    ) -> (UploadOutcome, Result<(), TransferError>) {
         let mut outcome = UploadOutcome::default();
         let result = loop {
             let next = if self.pending.is_empty() {
@@ -408,29 +447,31 @@ impl PartialBlob {
                     outcome.chunks_received += 1;
                     outcome.bytes_received += len;
                     if self.pending_bytes >= FLUSH_BYTES
-                        && let Err(e) = self.flush()
+                        && let Err(e) = self.hand_over(batches)
                     {
                         break Err(e);
                     }
                 }
                 Some(None) => break Ok(()),
                 None => {
-                    if let Err(e) = self.flush() {
+                    if let Err(e) = self.hand_over(batches) {
                         break Err(e);
                     }
                 }
             }
         };
-        drop(rx);
-        // Keep what verified before a bad chunk: the retry resumes right at it.
-        let flushed = self.flush();
-        result?;
-        flushed?;
-        if self.held == self.blob.chunk_count() {
-            self.finish()?;
-            outcome.complete = true;
+        (outcome, result)
+    }
+
+    /// Hands the hashes of the chunks written since the last batch to the recorder.
+    fn hand_over(&mut self, batches: &SyncSender<Vec<[u8; 32]>>) -> Result<(), TransferError> {
+        if self.pending.is_empty() {
+            return Ok(());
         }
-        Ok(outcome)
+        self.pending_bytes = 0;
+        batches
+            .send(std::mem::take(&mut self.pending))
+            .map_err(|_| TransferError::Internal("the recorder stopped".into()))
     }
 
     fn accept(&mut self, chunk: Chunk) -> Result<(), TransferError> {
@@ -464,20 +505,6 @@ impl PartialBlob {
         Ok(())
     }
 
-    /// Syncs the data written so far, then records its chunk hashes (in that order: see the module doc).
-    fn flush(&mut self) -> Result<(), TransferError> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        self.part.sync_data().map_err(io_err(&self.part_path))?;
-        let records: Vec<u8> = self.pending.iter().flatten().copied().collect();
-        self.records.write_all(&records).map_err(io_err(&self.records_path))?;
-        self.records.sync_data().map_err(io_err(&self.records_path))?;
-        self.pending.clear();
-        self.pending_bytes = 0;
-        Ok(())
-    }
-
     /// Checks the tree digest, then publishes the blob by renaming the synced part file.
     fn finish(self) -> Result<(), TransferError> {
         let actual = self
@@ -495,6 +522,26 @@ impl PartialBlob {
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))?;
         let _ = std::fs::remove_file(&self.records_path);
         tracing::info!(digest = %self.blob.digest, bytes = self.blob.total_size, "blob complete");
+        Ok(())
+    }
+}
+
+/// Makes verified chunks durable: syncs the part file, then appends the batch's records (see the module doc).
+struct Recorder {
+    part: File,
+    records: File,
+    part_path: PathBuf,
+    records_path: PathBuf,
+}
+
+impl Recorder {
+    fn run(mut self, batches: std::sync::mpsc::Receiver<Vec<[u8; 32]>>) -> Result<(), TransferError> {
+        for batch in batches {
+            self.part.sync_data().map_err(io_err(&self.part_path))?;
+            let records: Vec<u8> = batch.iter().flatten().copied().collect();
+            self.records.write_all(&records).map_err(io_err(&self.records_path))?;
+            self.records.sync_data().map_err(io_err(&self.records_path))?;
+        }
         Ok(())
     }
 }

@@ -24,26 +24,42 @@ pub struct Confinement {
 
 impl Confinement {
     pub fn new(roots: &[PathBuf]) -> Self {
-        Confinement { roots: roots.to_vec() }
+        Confinement {
+            roots: roots.to_vec(),
+        }
     }
 
     fn roots_text(&self) -> String {
         if self.roots.is_empty() {
             return "none configured".into();
         }
-        self.roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+        self.roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn refuse(&self, path: &Path, allowed: impl Into<String>) -> ConfinementError {
-        ConfinementError { path: path.to_path_buf(), allowed: allowed.into(), roots: self.roots_text() }
+        ConfinementError {
+            path: path.to_path_buf(),
+            allowed: allowed.into(),
+            roots: self.roots_text(),
+        }
     }
 
     /// A service's deploy dir must lie strictly under one deploy root, also after resolving symlinks.
     pub fn check_deploy_dir(&self, deploy_dir: &Path) -> Result<(), ConfinementError> {
         if !is_clean_absolute(deploy_dir) {
-            return Err(self.refuse(deploy_dir, "the deploy roots (it is not a clean absolute path)"));
+            return Err(self.refuse(
+                deploy_dir,
+                "the deploy roots (it is not a clean absolute path)",
+            ));
         }
-        let lexical = self.roots.iter().any(|root| deploy_dir.starts_with(root) && deploy_dir != root);
+        let lexical = self
+            .roots
+            .iter()
+            .any(|root| deploy_dir.starts_with(root) && deploy_dir != root);
         if !lexical {
             return Err(self.refuse(deploy_dir, "every deploy root"));
         }
@@ -52,7 +68,11 @@ impl Confinement {
             let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
             resolved.starts_with(&root) && resolved != root
         });
-        if inside { Ok(()) } else { Err(self.refuse(deploy_dir, "every deploy root once symlinks are resolved")) }
+        if inside {
+            Ok(())
+        } else {
+            Err(self.refuse(deploy_dir, "every deploy root once symlinks are resolved"))
+        }
     }
 
     /// A file the engine writes in a deploy dir: a clean path under `deploy_dir`, whose existing ancestors
@@ -63,16 +83,25 @@ impl Confinement {
         if !is_clean_absolute(target) || !target.starts_with(deploy_dir) || target == deploy_dir {
             return Err(self.refuse(target, allowed));
         }
-        let Some(parent) = target.parent() else { return Err(self.refuse(target, allowed)) };
+        let Some(parent) = target.parent() else {
+            return Err(self.refuse(target, allowed));
+        };
         let resolved_parent = resolve_existing_prefix(parent);
         let resolved_deploy = resolve_existing_prefix(deploy_dir);
-        if resolved_parent.starts_with(&resolved_deploy) { Ok(()) } else { Err(self.refuse(target, allowed)) }
+        if resolved_parent.starts_with(&resolved_deploy) {
+            Ok(())
+        } else {
+            Err(self.refuse(target, allowed))
+        }
     }
 }
 
 /// Absolute and made only of normal components.
 pub fn is_clean_absolute(path: &Path) -> bool {
-    path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+    path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
 }
 
 /// A relative path made only of normal components (no `..`, `.`, root).
@@ -92,7 +121,10 @@ fn resolve_existing_prefix(path: &Path) -> PathBuf {
             }
             return out;
         }
-        match (existing.file_name().map(|n| n.to_os_string()), existing.parent().map(Path::to_path_buf)) {
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent().map(Path::to_path_buf),
+        ) {
             (Some(name), Some(parent)) => {
                 rest.push(name);
                 existing = parent;
@@ -114,10 +146,17 @@ mod tests {
         assert!(confine.check_deploy_dir(&root.path().join("svc")).is_ok());
         assert!(confine.check_deploy_dir(root.path()).is_err());
         assert!(confine.check_deploy_dir(outside.path()).is_err());
-        assert!(confine.check_deploy_dir(&root.path().join("svc/../../etc")).is_err());
+        assert!(
+            confine
+                .check_deploy_dir(&root.path().join("svc/../../etc"))
+                .is_err()
+        );
         // a symlink inside the root that points outside does not count as inside
         std::os::unix::fs::symlink(outside.path(), root.path().join("escape")).unwrap();
-        let err = confine.check_deploy_dir(&root.path().join("escape/svc")).unwrap_err().to_string();
+        let err = confine
+            .check_deploy_dir(&root.path().join("escape/svc"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("deploy roots"), "{err}");
     }
 
@@ -128,9 +167,21 @@ mod tests {
         let deploy = root.path().join("svc");
         std::fs::create_dir_all(deploy.join("bin")).unwrap();
         let confine = Confinement::new(&[root.path().to_path_buf()]);
-        assert!(confine.check_target(&deploy, &deploy.join("bin/new/x")).is_ok());
-        assert!(confine.check_target(&deploy, &root.path().join("other/x")).is_err());
+        assert!(
+            confine
+                .check_target(&deploy, &deploy.join("bin/new/x"))
+                .is_ok()
+        );
+        assert!(
+            confine
+                .check_target(&deploy, &root.path().join("other/x"))
+                .is_err()
+        );
         std::os::unix::fs::symlink(outside.path(), deploy.join("bin/link")).unwrap();
-        assert!(confine.check_target(&deploy, &deploy.join("bin/link/x")).is_err());
+        assert!(
+            confine
+                .check_target(&deploy, &deploy.join("bin/link/x"))
+                .is_err()
+        );
     }
 }

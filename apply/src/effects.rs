@@ -68,20 +68,36 @@ impl NetProbe {
 impl HealthProbe for NetProbe {
     async fn check(&self, health: &HealthSpec) -> Result<(), String> {
         if let Some(addr) = &health.tcp {
-            match tokio::time::timeout(PROBE_ATTEMPT_TIMEOUT, tokio::net::TcpStream::connect(addr.as_str())).await {
+            match tokio::time::timeout(
+                PROBE_ATTEMPT_TIMEOUT,
+                tokio::net::TcpStream::connect(addr.as_str()),
+            )
+            .await
+            {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(format!("tcp probe {addr}: {e}")),
-                Err(_) => return Err(format!("tcp probe {addr}: no answer within {PROBE_ATTEMPT_TIMEOUT:?}")),
+                Err(_) => {
+                    return Err(format!(
+                        "tcp probe {addr}: no answer within {PROBE_ATTEMPT_TIMEOUT:?}"
+                    ));
+                }
             }
         }
         if let Some(url) = &health.http {
-            let response =
-                self.client.get(url).send().await.map_err(|e| format!("http probe {url}: {e}"))?;
+            let response = self
+                .client
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| format!("http probe {url}: {e}"))?;
             let status = response.status();
             if !status.is_success() {
                 let body = response.text().await.unwrap_or_default();
                 let body: String = body.chars().take(200).collect();
-                return Err(format!("http probe {url}: status {status}: {}", body.trim()));
+                return Err(format!(
+                    "http probe {url}: status {status}: {}",
+                    body.trim()
+                ));
             }
         }
         Ok(())
@@ -187,11 +203,16 @@ mod env_faults {
 
     impl EnvFaults {
         pub fn from_env() -> Self {
-            let armed = std::env::var("PATCHD_FAULT").ok().and_then(|spec| Self::parse(&spec));
+            let armed = std::env::var("PATCHD_FAULT")
+                .ok()
+                .and_then(|spec| Self::parse(&spec));
             if let Some((point, n)) = armed {
                 eprintln!("patchd: fault injection armed: {}:{n}", point.name());
             }
-            EnvFaults { armed, hits: AtomicU64::new(0) }
+            EnvFaults {
+                armed,
+                hits: AtomicU64::new(0),
+            }
         }
 
         fn parse(spec: &str) -> Option<(FaultPoint, u64)> {
@@ -205,13 +226,18 @@ mod env_faults {
 
     impl FaultHook for EnvFaults {
         fn hit(&self, point: FaultPoint) -> Result<(), SimulatedCrash> {
-            let Some((armed, n)) = self.armed else { return Ok(()) };
+            let Some((armed, n)) = self.armed else {
+                return Ok(());
+            };
             if armed != point {
                 return Ok(());
             }
             if self.hits.fetch_add(1, Ordering::SeqCst) + 1 == n {
                 eprintln!("patchd: injected crash at {}:{n}", point.name());
-                let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::getpid(),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
                 std::process::abort();
             }
             Ok(())
@@ -224,8 +250,14 @@ mod env_faults {
 
         #[test]
         fn parses_point_and_count() {
-            assert_eq!(EnvFaults::parse("after-swap:2"), Some((FaultPoint::AfterSwap, 2)));
-            assert_eq!(EnvFaults::parse("before-commit"), Some((FaultPoint::BeforeCommit, 1)));
+            assert_eq!(
+                EnvFaults::parse("after-swap:2"),
+                Some((FaultPoint::AfterSwap, 2))
+            );
+            assert_eq!(
+                EnvFaults::parse("before-commit"),
+                Some((FaultPoint::BeforeCommit, 1))
+            );
             assert_eq!(EnvFaults::parse("nope"), None);
         }
     }

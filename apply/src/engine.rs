@@ -4,9 +4,13 @@
 
 use crate::backend::{self, BackendError, RunState, ServiceBackend, ServiceRuntime};
 use crate::confine::{Confinement, ConfinementError};
-use crate::effects::{Clock, FaultHook, HealthProbe, NetProbe, SimulatedCrash, SystemClock, default_fault_hook};
+use crate::effects::{
+    Clock, FaultHook, HealthProbe, NetProbe, SimulatedCrash, SystemClock, default_fault_hook,
+};
 use crate::fsutil::{FsError, HashCache};
-use crate::journal::{ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, JournalError, ServiceJournal};
+use crate::journal::{
+    ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, JournalError, ServiceJournal,
+};
 use crate::plan::{self, PlanError};
 use crate::spec::{BackendKind, ServiceSpec, SpecError, is_safe_name};
 use crate::stage::{self, StageError, Staged};
@@ -73,14 +77,22 @@ pub enum ApplyError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Stage(#[from] StageError),
-    #[error("package {digest} is not staged on this agent; call Stage for service {service:?} first")]
+    #[error(
+        "package {digest} is not staged on this agent; call Stage for service {service:?} first"
+    )]
     NotStaged { digest: String, service: String },
     #[error(transparent)]
     Confinement(#[from] ConfinementError),
     #[error(transparent)]
     Plan(#[from] PlanError),
-    #[error("patch id {patch_id:?} was already used on service {service:?} ({earlier}); use a new patch id")]
-    PatchIdReused { patch_id: String, service: String, earlier: String },
+    #[error(
+        "patch id {patch_id:?} was already used on service {service:?} ({earlier}); use a new patch id"
+    )]
+    PatchIdReused {
+        patch_id: String,
+        service: String,
+        earlier: String,
+    },
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error(transparent)]
@@ -98,7 +110,9 @@ impl ApplyError {
         match self {
             ApplyError::UnknownService { .. } | ApplyError::NotStaged { .. } => ErrorKind::NotFound,
             ApplyError::InvalidRequest(_) | ApplyError::Spec(_) => ErrorKind::InvalidArgument,
-            ApplyError::Confinement(_) | ApplyError::Plan(PlanError::Confinement(_)) => ErrorKind::PermissionDenied,
+            ApplyError::Confinement(_) | ApplyError::Plan(PlanError::Confinement(_)) => {
+                ErrorKind::PermissionDenied
+            }
             ApplyError::Stage(StageError::BadDigest { .. }) => ErrorKind::InvalidArgument,
             ApplyError::Stage(StageError::BlobMissing { .. }) => ErrorKind::NotFound,
             ApplyError::Stage(StageError::Fs(_)) => ErrorKind::Internal,
@@ -172,7 +186,9 @@ pub(crate) struct Service {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Service {
@@ -183,7 +199,10 @@ impl Service {
 
     /// Changes the journal and writes it durably before returning; on a write error the change is kept in
     /// memory only.
-    pub(crate) fn persist(&self, change: impl FnOnce(&mut ServiceJournal)) -> Result<(), JournalError> {
+    pub(crate) fn persist(
+        &self,
+        change: impl FnOnce(&mut ServiceJournal),
+    ) -> Result<(), JournalError> {
         let mut journal = lock(&self.journal);
         change(&mut journal);
         journal.store(&self.journal_path)
@@ -225,8 +244,12 @@ pub struct Engine {
 }
 
 /// Runs blocking file work off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApplyError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| ApplyError::Internal(format!("blocking task failed: {e}")))
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApplyError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApplyError::Internal(format!("blocking task failed: {e}")))
 }
 
 impl Engine {
@@ -237,11 +260,19 @@ impl Engine {
     }
 
     /// An engine with the given effects and backends; recovers interrupted applies before returning.
-    pub async fn start_with(config: EngineConfig, effects: Effects, factory: BackendFactory) -> Result<Engine, ApplyError> {
+    pub async fn start_with(
+        config: EngineConfig,
+        effects: Effects,
+        factory: BackendFactory,
+    ) -> Result<Engine, ApplyError> {
         let confine = Confinement::new(&config.deploy_roots);
         for dir in ["journal", "staging", "backups", "logs", "run"] {
             let path = config.state_dir.join(dir);
-            std::fs::create_dir_all(&path).map_err(|source| FsError { op: "create directory", path, source })?;
+            std::fs::create_dir_all(&path).map_err(|source| FsError {
+                op: "create directory",
+                path,
+                source,
+            })?;
         }
         let mut services = BTreeMap::new();
         for spec in config.services {
@@ -290,14 +321,18 @@ impl Engine {
     }
 
     pub(crate) fn service(&self, name: &str) -> Result<Arc<Service>, ApplyError> {
-        self.inner.services.get(name).cloned().ok_or_else(|| ApplyError::UnknownService {
-            name: name.to_string(),
-            known: if self.inner.services.is_empty() {
-                "none (add a [[service]] to the agent config)".into()
-            } else {
-                self.services().join(", ")
-            },
-        })
+        self.inner
+            .services
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApplyError::UnknownService {
+                name: name.to_string(),
+                known: if self.inner.services.is_empty() {
+                    "none (add a [[service]] to the agent config)".into()
+                } else {
+                    self.services().join(", ")
+                },
+            })
     }
 
     /// Recovers every service's interrupted apply (ARCHITECTURE.md, "Apply state machine"), makes sure the
@@ -312,30 +347,46 @@ impl Engine {
         Ok(())
     }
 
-    /// Backup sets that no journal refers to (left by a crash between the final journal write and the delete).
+    /// Backup sets of managed services that no journal refers to (left by a crash between the final journal
+    /// write and the delete). Directories of services no longer in the config are left alone.
     fn remove_orphan_backups(&self) {
-        let mut referenced = HashSet::new();
         for service in self.inner.services.values() {
             let journal = service.journal();
-            referenced.extend(journal.history.iter().filter(|h| h.backup_kept).map(|h| h.backup_dir.clone()));
+            let mut referenced: HashSet<PathBuf> = journal
+                .history
+                .iter()
+                .filter(|h| h.backup_kept)
+                .map(|h| h.backup_dir.clone())
+                .collect();
             if let Some(current) = journal.current.filter(|c| !c.phase.is_final()) {
                 referenced.insert(current.backup_dir);
             }
-        }
-        let Ok(listing) = std::fs::read_dir(self.inner.state_dir.join("backups")) else { return };
-        for entry in listing.flatten() {
-            if !referenced.contains(&entry.path()) {
-                tracing::info!(path = %entry.path().display(), "removing a backup set no journal refers to");
-                let _ = crate::fsutil::remove_tree_if_exists(&entry.path());
+            let Ok(listing) = std::fs::read_dir(self.backups_of(&service.spec.name)) else {
+                continue;
+            };
+            for entry in listing.flatten() {
+                if !referenced.contains(&entry.path()) {
+                    tracing::info!(path = %entry.path().display(), "removing a backup set no journal refers to");
+                    let _ = crate::fsutil::remove_tree_if_exists(&entry.path());
+                }
             }
         }
+    }
+
+    /// `<state>/backups/<service>`: backup sets are per service, since one rollout's patch id may reach
+    /// several services of a host.
+    fn backups_of(&self, service: &str) -> PathBuf {
+        self.inner.state_dir.join("backups").join(service)
     }
 
     /// Stage: verify and unpack a cached blob for a service. Idempotent.
     pub async fn stage(&self, service: &str, digest: &str) -> Result<Staged, ApplyError> {
         let svc = self.service(service)?;
         if !stage::is_digest(digest) {
-            return Err(StageError::BadDigest { digest: digest.to_string() }.into());
+            return Err(StageError::BadDigest {
+                digest: digest.to_string(),
+            }
+            .into());
         }
         let digest_lock = {
             let mut locks = lock(&self.inner.stage_locks);
@@ -354,7 +405,10 @@ impl Engine {
         self.service(&command.service)?;
         check_patch_id(&command.patch_id)?;
         if !stage::is_digest(&command.digest) {
-            return Err(StageError::BadDigest { digest: command.digest.clone() }.into());
+            return Err(StageError::BadDigest {
+                digest: command.digest.clone(),
+            }
+            .into());
         }
         let engine = self.clone();
         tokio::spawn(async move { engine.apply_exclusive(command).await })
@@ -367,7 +421,10 @@ impl Engine {
         let _op = svc.op_lock.lock().await;
         if let Some(earlier) = svc.journal().result_of(&command.patch_id) {
             if earlier.kind == ApplyKind::Patch && earlier.digest == command.digest {
-                return Ok(ApplyReport { result: earlier.clone(), replayed: true });
+                return Ok(ApplyReport {
+                    result: earlier.clone(),
+                    replayed: true,
+                });
             }
             return Err(ApplyError::PatchIdReused {
                 patch_id: command.patch_id.clone(),
@@ -375,21 +432,34 @@ impl Engine {
                 earlier: describe_earlier(earlier),
             });
         }
-        let manifest = stage::load_staged(&self.inner.state_dir, &command.digest)?.ok_or_else(|| {
-            ApplyError::NotStaged { digest: command.digest.clone(), service: command.service.clone() }
-        })?;
+        let manifest =
+            stage::load_staged(&self.inner.state_dir, &command.digest)?.ok_or_else(|| {
+                ApplyError::NotStaged {
+                    digest: command.digest.clone(),
+                    service: command.service.clone(),
+                }
+            })?;
         stage::check_component(&command.digest, &svc.spec, &manifest)?;
         let planning = std::time::Instant::now();
-        let backup_dir = self.inner.state_dir.join("backups").join(&command.patch_id);
+        let backup_dir = self.backups_of(&command.service).join(&command.patch_id);
         let (files, created_dirs) = {
             let inner = self.inner.clone();
             let spec = svc.spec.clone();
-            let staged_files = stage::StagedPaths::new(&self.inner.state_dir, &command.digest).files();
+            let staged_files =
+                stage::StagedPaths::new(&self.inner.state_dir, &command.digest).files();
             let manifest = manifest.clone();
             let patch_id = command.patch_id.clone();
             let backup_dir = backup_dir.clone();
             blocking(move || {
-                plan::plan_patch(&spec, &inner.confine, &inner.hashes, &staged_files, &manifest, &patch_id, &backup_dir)
+                plan::plan_patch(
+                    &spec,
+                    &inner.confine,
+                    &inner.hashes,
+                    &staged_files,
+                    &manifest,
+                    &patch_id,
+                    &backup_dir,
+                )
             })
             .await??
         };
@@ -409,7 +479,10 @@ impl Engine {
         let _in_flight = InFlightGuard::set(&svc, &command.patch_id);
         let steps = vec![("plan".to_string(), millis_since(planning))];
         let result = crate::run::execute(&self.inner, &svc, record, steps).await?;
-        Ok(ApplyReport { result, replayed: false })
+        Ok(ApplyReport {
+            result,
+            replayed: false,
+        })
     }
 
     /// Rollback: return the service to the version before `to_patch_id` (or before its newest committed patch),
@@ -423,13 +496,19 @@ impl Engine {
             .map_err(|e| ApplyError::Internal(format!("rollback task failed: {e}")))?
     }
 
-    async fn rollback_exclusive(&self, command: RollbackCommand) -> Result<ApplyReport, ApplyError> {
+    async fn rollback_exclusive(
+        &self,
+        command: RollbackCommand,
+    ) -> Result<ApplyReport, ApplyError> {
         let svc = self.service(&command.service)?;
         let _op = svc.op_lock.lock().await;
         let journal = svc.journal();
         if let Some(earlier) = journal.result_of(&command.patch_id) {
             if matches!(earlier.kind, ApplyKind::Rollback { .. }) {
-                return Ok(ApplyReport { result: earlier.clone(), replayed: true });
+                return Ok(ApplyReport {
+                    result: earlier.clone(),
+                    replayed: true,
+                });
             }
             return Err(ApplyError::PatchIdReused {
                 patch_id: command.patch_id.clone(),
@@ -439,39 +518,65 @@ impl Engine {
         }
         let history = &journal.history;
         let from = match &command.to_patch_id {
-            Some(target) => history.iter().rposition(|h| h.patch_id == *target).ok_or_else(|| PlanError::UnknownPatch {
-                service: command.service.clone(),
-                patch_id: target.clone(),
-                known: if history.is_empty() {
-                    "none".into()
-                } else {
-                    history.iter().map(|h| h.patch_id.as_str()).collect::<Vec<_>>().join(", ")
-                },
-            })?,
+            Some(target) => history
+                .iter()
+                .rposition(|h| h.patch_id == *target)
+                .ok_or_else(|| PlanError::UnknownPatch {
+                    service: command.service.clone(),
+                    patch_id: target.clone(),
+                    known: if history.is_empty() {
+                        "none".into()
+                    } else {
+                        history
+                            .iter()
+                            .map(|h| h.patch_id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
+                })?,
             None => history
                 .len()
                 .checked_sub(1)
-                .ok_or_else(|| PlanError::NothingToRollBack { service: command.service.clone() })?,
+                .ok_or_else(|| PlanError::NothingToRollBack {
+                    service: command.service.clone(),
+                })?,
         };
         let undo: Vec<HistoryEntry> = history[from..].to_vec();
         if let Some(pruned) = undo.iter().find(|h| !h.backup_kept) {
-            return Err(PlanError::BackupPruned { patch_id: pruned.patch_id.clone() }.into());
+            return Err(PlanError::BackupPruned {
+                patch_id: pruned.patch_id.clone(),
+            }
+            .into());
         }
-        let version_before = from.checked_sub(1).map(|i| history[i].version.clone()).unwrap_or_default();
+        let version_before = from
+            .checked_sub(1)
+            .map(|i| history[i].version.clone())
+            .unwrap_or_default();
         let planning = std::time::Instant::now();
-        let backup_dir = self.inner.state_dir.join("backups").join(&command.patch_id);
+        let backup_dir = self.backups_of(&command.service).join(&command.patch_id);
         let (files, created_dirs) = {
             let inner = self.inner.clone();
             let spec = svc.spec.clone();
             let undo = undo.clone();
             let rollback_id = command.patch_id.clone();
             let backup_dir = backup_dir.clone();
-            blocking(move || plan::plan_rollback(&spec, &inner.confine, &inner.hashes, &undo, &rollback_id, &backup_dir))
-                .await??
+            blocking(move || {
+                plan::plan_rollback(
+                    &spec,
+                    &inner.confine,
+                    &inner.hashes,
+                    &undo,
+                    &rollback_id,
+                    &backup_dir,
+                )
+            })
+            .await??
         };
         let record = ApplyRecord {
             patch_id: command.patch_id.clone(),
-            kind: ApplyKind::Rollback { undoes: undo.iter().map(|h| h.patch_id.clone()).collect() },
+            kind: ApplyKind::Rollback {
+                undoes: undo.iter().map(|h| h.patch_id.clone()).collect(),
+            },
             digest: String::new(),
             version: version_before,
             offline: false,
@@ -485,7 +590,10 @@ impl Engine {
         let _in_flight = InFlightGuard::set(&svc, &command.patch_id);
         let steps = vec![("plan".to_string(), millis_since(planning))];
         let result = crate::run::execute(&self.inner, &svc, record, steps).await?;
-        Ok(ApplyReport { result, replayed: false })
+        Ok(ApplyReport {
+            result,
+            replayed: false,
+        })
     }
 
     /// Status of one service (`Some(name)`) or all.
@@ -498,14 +606,19 @@ impl Engine {
         for svc in services {
             let runtime = match svc.backend.status().await {
                 Ok(runtime) => runtime,
-                Err(e) => ServiceRuntime { last_exit: Some(format!("status unavailable: {e}")), ..ServiceRuntime::unknown() },
+                Err(e) => ServiceRuntime {
+                    last_exit: Some(format!("status unavailable: {e}")),
+                    ..ServiceRuntime::unknown()
+                },
             };
             let binary = svc.spec.binary_path();
             let inner = self.inner.clone();
-            let binary_sha256 = blocking(move || inner.hashes.sha256(&binary)).await?.unwrap_or_else(|e| {
-                tracing::warn!("cannot hash the deployed binary: {e}");
-                None
-            });
+            let binary_sha256 = blocking(move || inner.hashes.sha256(&binary))
+                .await?
+                .unwrap_or_else(|e| {
+                    tracing::warn!("cannot hash the deployed binary: {e}");
+                    None
+                });
             let journal = svc.journal();
             reports.push(ServiceReport {
                 name: svc.spec.name.clone(),
@@ -516,7 +629,13 @@ impl Engine {
                 version: journal.running_version(),
                 last: journal.results.last().cloned(),
                 in_flight: lock(&svc.in_flight).clone(),
-                history: journal.history.iter().rev().filter(|h| h.backup_kept).cloned().collect(),
+                history: journal
+                    .history
+                    .iter()
+                    .rev()
+                    .filter(|h| h.backup_kept)
+                    .cloned()
+                    .collect(),
             });
         }
         Ok(reports)
@@ -549,7 +668,11 @@ fn check_patch_id(patch_id: &str) -> Result<(), ApplyError> {
 
 fn describe_earlier(earlier: &ApplyResult) -> String {
     match &earlier.kind {
-        ApplyKind::Patch => format!("for package {} ({})", earlier.digest, earlier.outcome.as_str()),
+        ApplyKind::Patch => format!(
+            "for package {} ({})",
+            earlier.digest,
+            earlier.outcome.as_str()
+        ),
         ApplyKind::Rollback { .. } => format!("for a rollback ({})", earlier.outcome.as_str()),
     }
 }

@@ -33,13 +33,19 @@ pub trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, op: &'static str, path: &Path) -> Result<T, FsError> {
-        self.map_err(|source| FsError { op, path: path.to_path_buf(), source })
+        self.map_err(|source| FsError {
+            op,
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 
 /// fsync of a directory, so a rename or unlink inside it is durable.
 pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
-    File::open(dir).and_then(|d| d.sync_all()).ctx("fsync directory", dir)
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx("fsync directory", dir)
 }
 
 /// Creates `dir` (whose parent must exist) and fsyncs the parent so the new entry is durable; an existing
@@ -48,8 +54,23 @@ pub fn create_dir_durable(dir: &Path) -> Result<(), FsError> {
     match fs::create_dir(dir) {
         Ok(()) => fsync_dir(parent_of(dir)?),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(FsError { op: "create directory", path: dir.to_path_buf(), source: e }),
+        Err(e) => Err(FsError {
+            op: "create directory",
+            path: dir.to_path_buf(),
+            source: e,
+        }),
     }
+}
+
+/// Creates `dir` and its missing ancestors, each made durable (its parent fsynced).
+pub fn create_dir_all_durable(dir: &Path) -> Result<(), FsError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_all_durable(parent)?;
+    }
+    create_dir_durable(dir)
 }
 
 /// Writes `bytes` to `path` durably and atomically: temp file, fsync, rename, fsync of the directory.
@@ -73,7 +94,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
 
 /// `<dir>/.<name>.<tag>`: a hidden sibling used as the temporary of an atomic replace.
 pub fn sibling_temp(path: &Path, tag: &str) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.{tag}"))
 }
 
@@ -105,14 +129,16 @@ pub fn materialize(source: &Path, temp: &Path, mode: Option<u32>) -> Result<(), 
         return Ok(());
     }
     let temp_dir = parent_of(temp)?;
-    let linked = same_filesystem(parent_of(source)?, temp_dir)? && fs::hard_link(source, temp).is_ok();
+    let linked =
+        same_filesystem(parent_of(source)?, temp_dir)? && fs::hard_link(source, temp).is_ok();
     if !linked {
         copy_file(source, temp)?;
     }
     if let Some(mode) = mode {
         let current = fs::metadata(temp).ctx("stat", temp)?.permissions().mode() & 0o7777;
         if current != mode & 0o7777 {
-            fs::set_permissions(temp, fs::Permissions::from_mode(mode & 0o7777)).ctx("chmod", temp)?;
+            fs::set_permissions(temp, fs::Permissions::from_mode(mode & 0o7777))
+                .ctx("chmod", temp)?;
         }
     }
     if linked {
@@ -120,7 +146,9 @@ pub fn materialize(source: &Path, temp: &Path, mode: Option<u32>) -> Result<(), 
         // unpacked); the new name becomes durable with the directory fsync the caller does.
         return Ok(());
     }
-    File::open(temp).and_then(|f| f.sync_all()).ctx("fsync", temp)
+    File::open(temp)
+        .and_then(|f| f.sync_all())
+        .ctx("fsync", temp)
 }
 
 /// Copies a regular file's bytes and permissions (not its inode).
@@ -147,7 +175,11 @@ pub fn remove_if_exists(path: &Path) -> Result<(), FsError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(FsError { op: "remove", path: path.to_path_buf(), source: e }),
+        Err(e) => Err(FsError {
+            op: "remove",
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
@@ -156,7 +188,11 @@ pub fn remove_tree_if_exists(path: &Path) -> Result<(), FsError> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(FsError { op: "remove directory", path: path.to_path_buf(), source: e }),
+        Err(e) => Err(FsError {
+            op: "remove directory",
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
@@ -222,7 +258,13 @@ impl HashCache {
         let meta = match fs::symlink_metadata(path) {
             Ok(meta) => meta,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(FsError { op: "stat", path: path.to_path_buf(), source: e }),
+            Err(e) => {
+                return Err(FsError {
+                    op: "stat",
+                    path: path.to_path_buf(),
+                    source: e,
+                });
+            }
         };
         let key = StatKey::of(&meta);
         if let Some(hit) = self.lookup(path, key) {
@@ -250,7 +292,10 @@ impl HashCache {
 
     fn lookup(&self, path: &Path, key: StatKey) -> Option<String> {
         let entries = self.entries.lock().ok()?;
-        entries.get(path).filter(|(k, _)| *k == key).map(|(_, d)| d.clone())
+        entries
+            .get(path)
+            .filter(|(k, _)| *k == key)
+            .map(|(_, d)| d.clone())
     }
 }
 
@@ -280,7 +325,10 @@ mod tests {
         place(&staged, &sibling_temp(&target, "new"), &target, Some(0o755)).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"new");
         assert_eq!(fs::read(&backup).unwrap(), b"old");
-        assert_eq!(fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(
+            fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
         // restore is repeatable: the backup stays
         place(&backup, &sibling_temp(&target, "restore"), &target, None).unwrap();
         place(&backup, &sibling_temp(&target, "restore"), &target, None).unwrap();

@@ -46,7 +46,10 @@ pub enum ApplyPhase {
 impl ApplyPhase {
     /// True for `Committed`, `Reverted` and `Failed`: nothing to recover.
     pub fn is_final(&self) -> bool {
-        matches!(self, ApplyPhase::Committed | ApplyPhase::Reverted | ApplyPhase::Failed)
+        matches!(
+            self,
+            ApplyPhase::Committed | ApplyPhase::Reverted | ApplyPhase::Failed
+        )
     }
 
     /// Short name for logs and reasons.
@@ -188,8 +191,8 @@ pub struct ServiceJournal {
     pub results: Vec<ApplyResult>,
 }
 
-/// How many results are kept for replay.
-pub const MAX_RESULTS: usize = 256;
+/// How many results are kept for replay (the journal is rewritten at every transition: keep it small).
+pub const MAX_RESULTS: usize = 64;
 
 /// The journal could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -218,10 +221,17 @@ impl ServiceJournal {
     /// Loads the journal; an absent file is an empty journal.
     pub fn load(path: &Path) -> Result<Self, JournalError> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|source| JournalError::Corrupt { path: path.to_path_buf(), source }),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| JournalError::Corrupt {
+                path: path.to_path_buf(),
+                source,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(FsError { op: "read", path: path.to_path_buf(), source }.into()),
+            Err(source) => Err(FsError {
+                op: "read",
+                path: path.to_path_buf(),
+                source,
+            }
+            .into()),
         }
     }
 
@@ -247,7 +257,10 @@ impl ServiceJournal {
 
     /// Version label of what runs: the newest committed patch, "" when never patched.
     pub fn running_version(&self) -> String {
-        self.history.last().map(|h| h.version.clone()).unwrap_or_default()
+        self.history
+            .last()
+            .map(|h| h.version.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -264,21 +277,30 @@ mod tests {
             ApplyPhase::Starting,
             ApplyPhase::Probation,
             ApplyPhase::Committed,
-            ApplyPhase::Reverting { restored: 1, reason: "exit 3".into() },
+            ApplyPhase::Reverting {
+                restored: 1,
+                reason: "exit 3".into(),
+            },
             ApplyPhase::Reverted,
             ApplyPhase::Failed,
         ] {
             let text = serde_json::to_string(&phase).unwrap();
             assert_eq!(serde_json::from_str::<ApplyPhase>(&text).unwrap(), phase);
         }
-        assert_eq!(serde_json::to_string(&ApplyPhase::Swapping { done: 2 }).unwrap(), r#"{"phase":"swapping","done":2}"#);
+        assert_eq!(
+            serde_json::to_string(&ApplyPhase::Swapping { done: 2 }).unwrap(),
+            r#"{"phase":"swapping","done":2}"#
+        );
     }
 
     #[test]
     fn absent_journal_is_empty_and_corrupt_one_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = ServiceJournal::path(dir.path(), "svc");
-        assert_eq!(ServiceJournal::load(&path).unwrap(), ServiceJournal::default());
+        assert_eq!(
+            ServiceJournal::load(&path).unwrap(),
+            ServiceJournal::default()
+        );
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, b"{not json").unwrap();
         let err = ServiceJournal::load(&path).unwrap_err().to_string();
@@ -305,6 +327,10 @@ mod tests {
         }
         assert_eq!(journal.results.len(), MAX_RESULTS);
         assert!(journal.result_of("p0").is_none());
-        assert!(journal.result_of(&format!("p{}", MAX_RESULTS + 9)).is_some());
+        assert!(
+            journal
+                .result_of(&format!("p{}", MAX_RESULTS + 9))
+                .is_some()
+        );
     }
 }

@@ -18,8 +18,8 @@ pub mod spec;
 pub mod stage;
 
 pub use engine::{
-    ApplyCommand, ApplyError, ApplyReport, BackendFactory, DEFAULT_KEEP_BACKUPS, Effects, Engine, EngineConfig,
-    ErrorKind, RollbackCommand, ServiceReport,
+    ApplyCommand, ApplyError, ApplyReport, BackendFactory, DEFAULT_KEEP_BACKUPS, Effects, Engine,
+    EngineConfig, ErrorKind, RollbackCommand, ServiceReport,
 };
 pub use journal::{ApplyKind, ApplyPhase, ApplyResult, HistoryEntry, Outcome};
 pub use stage::Staged;

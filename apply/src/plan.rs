@@ -22,20 +22,33 @@ pub enum PlanError {
     TargetIsDirectory { path: PathBuf },
     #[error("nothing to roll back on service {service:?}: no committed patch is recorded")]
     NothingToRollBack { service: String },
-    #[error("patch {patch_id:?} is not in service {service:?}'s history (known: {known}); pass one of those or none for the last")]
-    UnknownPatch { service: String, patch_id: String, known: String },
+    #[error(
+        "patch {patch_id:?} is not in service {service:?}'s history (known: {known}); pass one of those or none for the last"
+    )]
+    UnknownPatch {
+        service: String,
+        patch_id: String,
+        known: String,
+    },
     #[error(
         "cannot roll back past patch {patch_id:?}: its backup was pruned (only the last keep_backups are kept); roll back to a later patch"
     )]
     BackupPruned { patch_id: String },
     #[error("backup {} of patch {patch_id:?} is damaged: {detail}; it cannot be restored", path.display())]
-    BackupDamaged { patch_id: String, path: PathBuf, detail: String },
+    BackupDamaged {
+        patch_id: String,
+        path: PathBuf,
+        detail: String,
+    },
 }
 
 /// `<backup_dir>/<index>-<file name>`: flat, so preparing a backup set creates one directory (the journal maps
 /// each backup to its target).
 pub fn backup_path(backup_dir: &Path, index: usize, rel: &Path) -> PathBuf {
-    let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = rel
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     backup_dir.join(format!("{index}-{name}"))
 }
 
@@ -50,15 +63,27 @@ pub fn restore_temp(target: &Path, patch_id: &str) -> PathBuf {
 }
 
 /// sha256 and mode of what is at `target` now (`None` when absent); a directory there is an error.
-fn current_state(hashes: &HashCache, target: &Path) -> Result<Option<(String, Option<u32>)>, PlanError> {
+fn current_state(
+    hashes: &HashCache,
+    target: &Path,
+) -> Result<Option<(String, Option<u32>)>, PlanError> {
     use std::os::unix::fs::PermissionsExt;
     let meta = match std::fs::symlink_metadata(target) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(FsError { op: "stat", path: target.to_path_buf(), source: e }.into()),
+        Err(e) => {
+            return Err(FsError {
+                op: "stat",
+                path: target.to_path_buf(),
+                source: e,
+            }
+            .into());
+        }
     };
     if meta.is_dir() {
-        return Err(PlanError::TargetIsDirectory { path: target.to_path_buf() });
+        return Err(PlanError::TargetIsDirectory {
+            path: target.to_path_buf(),
+        });
     }
     let mode = (!meta.file_type().is_symlink()).then(|| meta.permissions().mode() & 0o7777);
     Ok(hashes.sha256(target)?.map(|sha| (sha, mode)))
@@ -97,12 +122,19 @@ pub fn plan_patch(
         .files
         .iter()
         .map(|f| (f.path.as_str(), Some(f.sha256.clone()), Some(f.mode)))
-        .chain(manifest.symlinks.iter().map(|l| (l.path.as_str(), None, None)));
+        .chain(
+            manifest
+                .symlinks
+                .iter()
+                .map(|l| (l.path.as_str(), None, None)),
+        );
     let mut changes = Vec::new();
     for (path, sha256, mode) in entries {
         let package_rel = Path::new(path);
         if !is_clean_relative(package_rel) {
-            return Err(PlanError::BadPath { path: path.to_string() });
+            return Err(PlanError::BadPath {
+                path: path.to_string(),
+            });
         }
         let rel = install_dir.join(package_rel);
         let target = spec.deploy_dir.join(&rel);
@@ -121,7 +153,9 @@ pub fn plan_patch(
         }
         let index = changes.len();
         changes.push(FileChange {
-            backup: current.as_ref().map(|_| backup_path(backup_dir, index, &rel)),
+            backup: current
+                .as_ref()
+                .map(|_| backup_path(backup_dir, index, &rel)),
             old_sha256: current.map(|(sha, _)| sha),
             temp: new_temp(&target, patch_id),
             rel,
@@ -153,7 +187,9 @@ pub fn plan_rollback(
                 continue;
             }
             if !is_clean_relative(&change.rel) {
-                return Err(PlanError::BadPath { path: change.rel.display().to_string() });
+                return Err(PlanError::BadPath {
+                    path: change.rel.display().to_string(),
+                });
             }
             let target = spec.deploy_dir.join(&change.rel);
             confine.check_target(&spec.deploy_dir, &target)?;
@@ -179,7 +215,9 @@ pub fn plan_rollback(
             changes.push(FileChange {
                 rel: change.rel.clone(),
                 temp: new_temp(&target, rollback_id),
-                backup: current.as_ref().map(|_| backup_path(backup_dir, index, &change.rel)),
+                backup: current
+                    .as_ref()
+                    .map(|_| backup_path(backup_dir, index, &change.rel)),
                 old_sha256: current.map(|(sha, _)| sha),
                 target,
                 source: change.backup.clone(),
@@ -202,12 +240,7 @@ pub fn prepare(files: &[FileChange], created_dirs: &[PathBuf]) -> Result<(), FsE
     for change in files {
         if let Some(backup) = &change.backup {
             let dir = fsutil::parent_of(backup)?;
-            if !dir.is_dir() {
-                if let Some(parent) = dir.parent() {
-                    std::fs::create_dir_all(parent).ctx("create directory", parent)?;
-                }
-                fsutil::create_dir_durable(dir)?;
-            }
+            fsutil::create_dir_all_durable(dir)?;
             fsutil::materialize(&change.target, backup, None)?;
             dirs_to_sync.insert(dir.to_path_buf());
         }
@@ -227,7 +260,9 @@ pub fn prepare(files: &[FileChange], created_dirs: &[PathBuf]) -> Result<(), FsE
 /// all files whatever a crash left, so per-file durability is not needed).
 pub fn swap_one(change: &FileChange) -> Result<(), FsError> {
     match &change.source {
-        Some(_) => std::fs::rename(&change.temp, &change.target).ctx("rename into place", &change.target),
+        Some(_) => {
+            std::fs::rename(&change.temp, &change.target).ctx("rename into place", &change.target)
+        }
         None => fsutil::remove_if_exists(&change.target),
     }
 }
@@ -246,7 +281,12 @@ pub fn sync_target_dirs(files: &[FileChange]) -> Result<(), FsError> {
 pub fn restore_one(change: &FileChange, patch_id: &str) -> Result<(), FsError> {
     match &change.backup {
         Some(backup) => {
-            fsutil::place(backup, &restore_temp(&change.target, patch_id), &change.target, None)?;
+            fsutil::place(
+                backup,
+                &restore_temp(&change.target, patch_id),
+                &change.target,
+                None,
+            )?;
         }
         None => {
             fsutil::remove_if_exists(&change.target)?;

@@ -4,7 +4,9 @@
 use crate::backend::{RunState, ServiceRuntime};
 use crate::effects::FaultPoint;
 use crate::engine::{ApplyError, Inner, Service, agent_supervised, blocking, is_up};
-use crate::journal::{ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, MAX_HISTORY, Outcome};
+use crate::journal::{
+    ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, MAX_HISTORY, Outcome,
+};
 use crate::plan;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -51,7 +53,9 @@ struct Run<'a> {
     journal_time: Duration,
 }
 
-fn flatten<T, E: Into<ApplyError>>(result: Result<Result<T, E>, ApplyError>) -> Result<T, ApplyError> {
+fn flatten<T, E: Into<ApplyError>>(
+    result: Result<Result<T, E>, ApplyError>,
+) -> Result<T, ApplyError> {
     result.and_then(|inner| inner.map_err(Into::into))
 }
 
@@ -66,7 +70,12 @@ pub(crate) async fn execute(
     mut record: ApplyRecord,
     steps: Vec<(String, u64)>,
 ) -> Result<ApplyResult, ApplyError> {
-    record.was_running = svc.backend.status().await.map(|rt| is_up(&rt)).unwrap_or(false);
+    record.was_running = svc
+        .backend
+        .status()
+        .await
+        .map(|rt| is_up(&rt))
+        .unwrap_or(false);
     record.phase = ApplyPhase::Prepared;
     svc.backend.set_auto_restart(false);
     let mut run = Run::new(inner, svc, record);
@@ -104,7 +113,12 @@ pub(crate) async fn recover_service(inner: &Inner, svc: &Service) -> Result<(), 
         tracing::warn!(service = %svc.spec.name, patch_id = %result.patch_id, outcome = result.outcome.as_str(), "recovered: {}", result.reason);
     }
     if agent_supervised(&svc.spec) {
-        let up = svc.backend.status().await.map(|rt| is_up(&rt)).unwrap_or(false);
+        let up = svc
+            .backend
+            .status()
+            .await
+            .map(|rt| is_up(&rt))
+            .unwrap_or(false);
         if !up && let Err(e) = svc.backend.start().await {
             tracing::error!(service = %svc.spec.name, "cannot start the service: {e}");
         }
@@ -114,7 +128,15 @@ pub(crate) async fn recover_service(inner: &Inner, svc: &Service) -> Result<(), 
 
 impl<'a> Run<'a> {
     fn new(inner: &'a Inner, svc: &'a Service, rec: ApplyRecord) -> Self {
-        Run { inner, svc, rec, steps: Vec::new(), down_since: None, downtime_ms: 0, journal_time: Duration::ZERO }
+        Run {
+            inner,
+            svc,
+            rec,
+            steps: Vec::new(),
+            down_since: None,
+            downtime_ms: 0,
+            journal_time: Duration::ZERO,
+        }
     }
 
     fn now(&self) -> Instant {
@@ -154,7 +176,9 @@ impl<'a> Run<'a> {
         let prepared = flatten(blocking(move || plan::prepare(&files, &dirs)).await);
         self.step("prepare", started);
         if let Err(e) = prepared {
-            return self.fail_before_live(format!("preparing backups and new files failed: {e}")).await;
+            return self
+                .fail_before_live(format!("preparing backups and new files failed: {e}"))
+                .await;
         }
         self.fault(FaultPoint::AfterPrepare)?;
         if self.rec.files.is_empty() {
@@ -166,39 +190,73 @@ impl<'a> Run<'a> {
         if !offline {
             self.down_since = Some(self.now());
             if let Err(e) = self.set_phase(ApplyPhase::Stopping) {
-                return self.fail_before_live(format!("journal write failed: {e}")).await;
+                return self
+                    .fail_before_live(format!("journal write failed: {e}"))
+                    .await;
             }
             let since = self.now();
-            or_revert!(self, self.svc.backend.stop().await, "stopping the service failed");
+            or_revert!(
+                self,
+                self.svc.backend.stop().await,
+                "stopping the service failed"
+            );
             self.step("stop", since);
             self.fault(FaultPoint::AfterStop)?;
         }
-        or_revert!(self, self.set_phase(ApplyPhase::Swapping { done: 0 }), "journal write failed");
+        or_revert!(
+            self,
+            self.set_phase(ApplyPhase::Swapping { done: 0 }),
+            "journal write failed"
+        );
         let since = self.now();
         for index in 0..self.rec.files.len() {
             let change = self.rec.files[index].clone();
             let what = format!("swapping {} failed", change.rel.display());
             let swapping = change.clone();
-            or_revert!(self, flatten(blocking(move || plan::swap_one(&swapping)).await), what);
+            or_revert!(
+                self,
+                flatten(blocking(move || plan::swap_one(&swapping)).await),
+                what
+            );
             if let Some(sha) = &change.new_sha256 {
                 self.inner.hashes.remember(&change.target, sha);
             }
-            or_revert!(self, self.set_phase(ApplyPhase::Swapping { done: index + 1 }), "journal write failed");
+            or_revert!(
+                self,
+                self.set_phase(ApplyPhase::Swapping { done: index + 1 }),
+                "journal write failed"
+            );
             self.fault(FaultPoint::AfterSwap)?;
         }
         let files = self.rec.files.clone();
-        or_revert!(self, flatten(blocking(move || plan::sync_target_dirs(&files)).await), "syncing the swapped files failed");
+        or_revert!(
+            self,
+            flatten(blocking(move || plan::sync_target_dirs(&files)).await),
+            "syncing the swapped files failed"
+        );
         self.step("swap", since);
         if offline {
             self.fault(FaultPoint::BeforeCommit)?;
             return self.commit(String::new()).await;
         }
-        or_revert!(self, self.set_phase(ApplyPhase::Starting), "journal write failed");
+        or_revert!(
+            self,
+            self.set_phase(ApplyPhase::Starting),
+            "journal write failed"
+        );
         let since = self.now();
-        or_revert!(self, self.svc.backend.start().await, "starting the new version failed");
+        or_revert!(
+            self,
+            self.svc.backend.start().await,
+            "starting the new version failed"
+        );
         self.step("start", since);
         self.fault(FaultPoint::AfterStart)?;
-        or_revert!(self, self.set_phase(ApplyPhase::Probation), "journal write failed");
+        or_revert!(
+            self,
+            self.set_phase(ApplyPhase::Probation),
+            "journal write failed"
+        );
         let since = self.now();
         match self.watch(since, true).await {
             Ok(healthy_at) => {
@@ -222,7 +280,11 @@ impl<'a> Run<'a> {
     /// fails. Returns when it first answered its probes.
     async fn watch(&mut self, started: Instant, probation: bool) -> Result<Instant, ProbationEnd> {
         let health = self.svc.spec.health.clone();
-        let min_healthy = if probation { health.min_healthy() } else { Duration::ZERO };
+        let min_healthy = if probation {
+            health.min_healthy()
+        } else {
+            Duration::ZERO
+        };
         let timeout = health.timeout();
         let clock = self.inner.effects.clock.clone();
         let mut first_seen: Option<ServiceRuntime> = None;
@@ -231,18 +293,25 @@ impl<'a> Run<'a> {
         let mut pause = PROBATION_POLL_START;
         loop {
             if probation {
-                self.fault(FaultPoint::DuringProbation).map_err(ProbationEnd::Crash)?;
+                self.fault(FaultPoint::DuringProbation)
+                    .map_err(ProbationEnd::Crash)?;
             }
             match self.svc.backend.status().await {
                 Ok(rt) => match rt.state {
                     RunState::Running => match &first_seen {
                         None => first_seen = Some(rt),
-                        Some(first) if first.instance.is_some() && rt.instance.is_some() && first.instance != rt.instance => {
+                        Some(first)
+                            if first.instance.is_some()
+                                && rt.instance.is_some()
+                                && first.instance != rt.instance =>
+                        {
                             return Err(ProbationEnd::Failed(format!(
                                 "the new version restarted (pid {} → {}){}",
                                 first.pid.unwrap_or(0),
                                 rt.pid.unwrap_or(0),
-                                rt.last_exit.map(|e| format!("; previous run {e}")).unwrap_or_default()
+                                rt.last_exit
+                                    .map(|e| format!("; previous run {e}"))
+                                    .unwrap_or_default()
                             )));
                         }
                         Some(_) => {}
@@ -253,7 +322,9 @@ impl<'a> Run<'a> {
                             rt.last_exit.map(|e| format!(": {e}")).unwrap_or_default()
                         )));
                     }
-                    RunState::Starting | RunState::Unknown => last_problem = "it is still starting".into(),
+                    RunState::Starting | RunState::Unknown => {
+                        last_problem = "it is still starting".into()
+                    }
                     RunState::Stopped | RunState::Failed => {
                         return Err(ProbationEnd::Failed(format!(
                             "the new version {}",
@@ -281,15 +352,25 @@ impl<'a> Run<'a> {
                     humantime::format_duration(timeout)
                 )));
             }
-            let remaining = if healthy_at.is_some() { min_healthy.saturating_sub(elapsed) } else { pause };
-            clock.sleep(pause.min(remaining.max(Duration::from_millis(1)))).await;
+            let remaining = if healthy_at.is_some() {
+                min_healthy.saturating_sub(elapsed)
+            } else {
+                pause
+            };
+            clock
+                .sleep(pause.min(remaining.max(Duration::from_millis(1))))
+                .await;
             pause = (pause * 2).min(PROBATION_POLL_MAX);
         }
     }
 
     /// Nothing live changed: drop what prepare wrote and record `Failed`.
     async fn fail_before_live(&mut self, reason: String) -> Result<ApplyResult, ApplyError> {
-        let (files, dirs, id) = (self.rec.files.clone(), self.rec.created_dirs.clone(), self.rec.patch_id.clone());
+        let (files, dirs, id) = (
+            self.rec.files.clone(),
+            self.rec.created_dirs.clone(),
+            self.rec.patch_id.clone(),
+        );
         blocking(move || {
             plan::remove_temps(&files, &id);
             plan::remove_created_dirs(&dirs);
@@ -304,8 +385,15 @@ impl<'a> Run<'a> {
         tracing::warn!(service = %self.svc.spec.name, patch_id = %self.rec.patch_id, "reverting: {reason}");
         let since = self.now();
         let offline = self.rec.offline;
-        let log_tail = if offline { Vec::new() } else { self.svc.backend.log_tail(LOG_TAIL_LINES).await };
-        self.set_phase_best_effort(ApplyPhase::Reverting { restored: 0, reason: reason.clone() });
+        let log_tail = if offline {
+            Vec::new()
+        } else {
+            self.svc.backend.log_tail(LOG_TAIL_LINES).await
+        };
+        self.set_phase_best_effort(ApplyPhase::Reverting {
+            restored: 0,
+            reason: reason.clone(),
+        });
         if !offline && let Err(e) = self.svc.backend.stop().await {
             reason.push_str(&format!("; stopping the new version failed: {e}"));
         }
@@ -319,12 +407,21 @@ impl<'a> Run<'a> {
                         self.inner.hashes.remember(&change.target, sha);
                     }
                 }
-                Err(e) => reason.push_str(&format!("; restoring {} failed: {e}", change.rel.display())),
+                Err(e) => {
+                    reason.push_str(&format!("; restoring {} failed: {e}", change.rel.display()))
+                }
             }
-            self.set_phase_best_effort(ApplyPhase::Reverting { restored: index + 1, reason: reason.clone() });
+            self.set_phase_best_effort(ApplyPhase::Reverting {
+                restored: index + 1,
+                reason: reason.clone(),
+            });
             self.fault(FaultPoint::DuringRevert)?;
         }
-        let (files, dirs, id) = (self.rec.files.clone(), self.rec.created_dirs.clone(), self.rec.patch_id.clone());
+        let (files, dirs, id) = (
+            self.rec.files.clone(),
+            self.rec.created_dirs.clone(),
+            self.rec.patch_id.clone(),
+        );
         blocking(move || {
             plan::remove_temps(&files, &id);
             plan::remove_created_dirs(&dirs);
@@ -342,7 +439,9 @@ impl<'a> Run<'a> {
                     }
                     Err(ProbationEnd::Crash(crash)) => return Err(crash),
                     Err(ProbationEnd::Failed(problem)) => {
-                        reason.push_str(&format!("; the previous version is not healthy either: {problem}"));
+                        reason.push_str(&format!(
+                            "; the previous version is not healthy either: {problem}"
+                        ));
                     }
                 },
             }
@@ -352,13 +451,22 @@ impl<'a> Run<'a> {
     }
 
     async fn commit(&mut self, note: String) -> Result<ApplyResult, ApplyError> {
-        let outcome = if self.rec.offline { Outcome::OfflineSwapped } else { Outcome::Committed };
+        let outcome = if self.rec.offline {
+            Outcome::OfflineSwapped
+        } else {
+            Outcome::Committed
+        };
         self.finish(outcome, note, Vec::new()).await
     }
 
     /// Writes the final phase, the result and the history in one journal write, then deletes what is no
     /// longer needed (backups of pruned, rolled-back or reverted applies).
-    async fn finish(&mut self, outcome: Outcome, reason: String, log_tail: Vec<String>) -> Result<ApplyResult, ApplyError> {
+    async fn finish(
+        &mut self,
+        outcome: Outcome,
+        reason: String,
+        log_tail: Vec<String>,
+    ) -> Result<ApplyResult, ApplyError> {
         let since = self.now();
         let binary = self.svc.spec.binary_path();
         let binary_sha256 = {
@@ -372,7 +480,8 @@ impl<'a> Run<'a> {
             Outcome::Failed => ApplyPhase::Failed,
         };
         self.step("finish", since);
-        self.steps.push(("journal".into(), millis(self.journal_time)));
+        self.steps
+            .push(("journal".into(), millis(self.journal_time)));
         let finished_unix = self.inner.effects.clock.unix_now();
         let result = ApplyResult {
             patch_id: self.rec.patch_id.clone(),
@@ -411,13 +520,19 @@ impl<'a> Run<'a> {
                 }),
                 ApplyKind::Rollback { undoes } => {
                     obsolete.extend(
-                        journal.history.iter().filter(|h| undoes.contains(&h.patch_id)).map(|h| h.backup_dir.clone()),
+                        journal
+                            .history
+                            .iter()
+                            .filter(|h| undoes.contains(&h.patch_id))
+                            .map(|h| h.backup_dir.clone()),
                     );
                     journal.history.retain(|h| !undoes.contains(&h.patch_id));
                     obsolete.push(record.backup_dir.clone());
                 }
             }
-            let kept: Vec<usize> = (0..journal.history.len()).filter(|&i| journal.history[i].backup_kept).collect();
+            let kept: Vec<usize> = (0..journal.history.len())
+                .filter(|&i| journal.history[i].backup_kept)
+                .collect();
             for &index in kept.iter().take(kept.len().saturating_sub(keep)) {
                 let entry = &mut journal.history[index];
                 entry.backup_kept = false;

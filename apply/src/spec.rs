@@ -72,7 +72,8 @@ mod humantime_serde_opt {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let raw: Option<String> = Option::deserialize(d)?;
-        raw.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom)).transpose()
+        raw.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 
@@ -99,21 +100,27 @@ impl HealthSpec {
 
     /// Deadline from start to healthy; never shorter than `min_healthy`.
     pub fn timeout(&self) -> Duration {
-        self.timeout.unwrap_or(DEFAULT_HEALTH_TIMEOUT).max(self.min_healthy())
+        self.timeout
+            .unwrap_or(DEFAULT_HEALTH_TIMEOUT)
+            .max(self.min_healthy())
     }
 }
 
 impl ServiceSpec {
     /// Where the package's archive root lands, relative to `deploy_dir`.
     pub fn install_dir(&self) -> PathBuf {
-        self.install_dir.clone().unwrap_or_else(|| PathBuf::from("bin"))
+        self.install_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("bin"))
     }
 
     /// The main binary, relative to `deploy_dir`.
     pub fn binary_rel(&self) -> PathBuf {
-        self.binary
-            .clone()
-            .unwrap_or_else(|| self.install_dir().join(&self.component).join(&self.component))
+        self.binary.clone().unwrap_or_else(|| {
+            self.install_dir()
+                .join(&self.component)
+                .join(&self.component)
+        })
     }
 
     /// The main binary, absolute.
@@ -129,13 +136,19 @@ impl ServiceSpec {
     /// The process backend's argv with `{deploy_dir}` replaced.
     pub fn resolved_command(&self) -> Vec<String> {
         let deploy_dir = self.deploy_dir.to_string_lossy();
-        self.command.iter().map(|arg| arg.replace("{deploy_dir}", &deploy_dir)).collect()
+        self.command
+            .iter()
+            .map(|arg| arg.replace("{deploy_dir}", &deploy_dir))
+            .collect()
     }
 
     /// Checks everything that can be checked without touching the host, plus confinement of `deploy_dir`
     /// under one of `deploy_roots` (lexically; the engine checks again with symlinks resolved).
     pub fn validate(&self, deploy_roots: &[PathBuf]) -> Result<(), SpecError> {
-        let fail = |problem: String| SpecError { service: self.name.clone(), problem };
+        let fail = |problem: String| SpecError {
+            service: self.name.clone(),
+            problem,
+        };
         if !is_safe_name(&self.name) {
             return Err(fail(
                 "name must be 1-128 characters of A-Z a-z 0-9 . _ @ - (it names journal, log and pid files); rename the service"
@@ -143,7 +156,9 @@ impl ServiceSpec {
             ));
         }
         if self.component.is_empty() {
-            return Err(fail("component is empty; set it to the package component this service accepts".into()));
+            return Err(fail(
+                "component is empty; set it to the package component this service accepts".into(),
+            ));
         }
         if !self.deploy_dir.is_absolute() || has_parent_or_dot(&self.deploy_dir) {
             return Err(fail(format!(
@@ -151,14 +166,20 @@ impl ServiceSpec {
                 self.deploy_dir.display()
             )));
         }
-        if !deploy_roots.iter().any(|root| self.deploy_dir.starts_with(root) && self.deploy_dir != *root) {
+        if !deploy_roots
+            .iter()
+            .any(|root| self.deploy_dir.starts_with(root) && self.deploy_dir != *root)
+        {
             return Err(fail(format!(
                 "deploy_dir {} is not under any deploy root ({}); move it or add a deploy root that contains it",
                 self.deploy_dir.display(),
                 display_paths(deploy_roots)
             )));
         }
-        for (what, rel) in [("install_dir", self.install_dir()), ("binary", self.binary_rel())] {
+        for (what, rel) in [
+            ("install_dir", self.install_dir()),
+            ("binary", self.binary_rel()),
+        ] {
             if rel.is_absolute() || has_parent_or_dot(&rel) || rel.as_os_str().is_empty() {
                 return Err(fail(format!(
                     "{what} {} must be a relative path inside deploy_dir without `.` or `..`",
@@ -173,7 +194,9 @@ impl ServiceSpec {
                 ));
             }
             BackendKind::Systemd if self.unit.as_deref().is_none_or(str::is_empty) => {
-                return Err(fail("backend \"systemd\" needs `unit` (e.g. \"demo-worker.service\")".into()));
+                return Err(fail(
+                    "backend \"systemd\" needs `unit` (e.g. \"demo-worker.service\")".into(),
+                ));
             }
             _ => {}
         }
@@ -185,7 +208,9 @@ impl ServiceSpec {
         if let Some(addr) = &self.health.tcp
             && addr.parse::<std::net::SocketAddr>().is_err()
         {
-            return Err(fail(format!("health.tcp {addr:?} must be an ip:port address, e.g. \"127.0.0.1:8262\"")));
+            return Err(fail(format!(
+                "health.tcp {addr:?} must be an ip:port address, e.g. \"127.0.0.1:8262\""
+            )));
         }
         Ok(())
     }
@@ -197,17 +222,27 @@ pub fn is_safe_name(name: &str) -> bool {
         && name.len() <= 128
         && name != "."
         && name != ".."
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-'))
 }
 
 fn has_parent_or_dot(path: &std::path::Path) -> bool {
-    path.components()
-        .any(|c| matches!(c, std::path::Component::ParentDir | std::path::Component::CurDir))
+    path.components().any(|c| {
+        matches!(
+            c,
+            std::path::Component::ParentDir | std::path::Component::CurDir
+        )
+    })
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {
     if paths.is_empty() {
         return "none configured".into();
     }
-    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

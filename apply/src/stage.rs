@@ -31,7 +31,12 @@ pub enum StageError {
     #[error(
         "staged package {digest} is for component {found:?} but service {service:?} runs {expected:?}; stage a package of {expected:?}"
     )]
-    WrongComponent { digest: String, service: String, found: String, expected: String },
+    WrongComponent {
+        digest: String,
+        service: String,
+        found: String,
+        expected: String,
+    },
     #[error("staging directory of {digest} is damaged ({detail}); it was removed, stage again")]
     Damaged { digest: String, detail: String },
     #[error(transparent)]
@@ -54,7 +59,9 @@ pub struct StagedPaths {
 
 impl StagedPaths {
     pub fn new(state_dir: &Path, digest: &str) -> Self {
-        StagedPaths { dir: state_dir.join("staging").join(digest) }
+        StagedPaths {
+            dir: state_dir.join("staging").join(digest),
+        }
     }
 
     /// The archive root.
@@ -69,7 +76,10 @@ impl StagedPaths {
 
 /// A hex sha256 / tree digest: 64 lowercase hex digits (also safe as a file name).
 pub fn is_digest(text: &str) -> bool {
-    text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The blob in the agent's cache (`<state>/blobs/<digest>`, complete blobs only).
@@ -97,18 +107,24 @@ fn candidate_chunk_sizes() -> Vec<u32> {
 pub fn verify_blob(state_dir: &Path, digest: &str) -> Result<PathBuf, StageError> {
     let path = blob_path(state_dir, digest);
     if !path.is_file() {
-        return Err(StageError::BlobMissing { digest: digest.to_string() });
+        return Err(StageError::BlobMissing {
+            digest: digest.to_string(),
+        });
     }
     let mut at_default = None;
     for chunk_size in candidate_chunk_sizes() {
-        let found = patchd_package::digest::tree_digest_file(&path, chunk_size).ctx("hash blob", &path)?;
+        let found =
+            patchd_package::digest::tree_digest_file(&path, chunk_size).ctx("hash blob", &path)?;
         if found == digest {
             return Ok(path);
         }
         at_default.get_or_insert(found);
     }
     let found = at_default.unwrap_or_default();
-    Err(StageError::BlobCorrupt { digest: digest.to_string(), found })
+    Err(StageError::BlobCorrupt {
+        digest: digest.to_string(),
+        found,
+    })
 }
 
 /// Loads the manifest of an already staged package, `None` when not staged.
@@ -117,19 +133,33 @@ pub fn load_staged(state_dir: &Path, digest: &str) -> Result<Option<Manifest>, S
     let bytes = match std::fs::read(paths.manifest()) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(fsutil::FsError { op: "read", path: paths.manifest(), source: e }.into()),
+        Err(e) => {
+            return Err(fsutil::FsError {
+                op: "read",
+                path: paths.manifest(),
+                source: e,
+            }
+            .into());
+        }
     };
     match Manifest::from_json(&bytes) {
         Ok(manifest) => Ok(Some(manifest)),
         Err(e) => {
             fsutil::remove_tree_if_exists(&paths.dir)?;
-            Err(StageError::Damaged { digest: digest.to_string(), detail: e.to_string() })
+            Err(StageError::Damaged {
+                digest: digest.to_string(),
+                detail: e.to_string(),
+            })
         }
     }
 }
 
 /// The staged package must be for the service's component.
-pub fn check_component(digest: &str, spec: &ServiceSpec, manifest: &Manifest) -> Result<(), StageError> {
+pub fn check_component(
+    digest: &str,
+    spec: &ServiceSpec,
+    manifest: &Manifest,
+) -> Result<(), StageError> {
     if manifest.component != spec.component {
         return Err(StageError::WrongComponent {
             digest: digest.to_string(),
@@ -152,11 +182,17 @@ pub fn stage_blocking(
     limits: &Limits,
 ) -> Result<Staged, StageError> {
     if !is_digest(digest) {
-        return Err(StageError::BadDigest { digest: digest.to_string() });
+        return Err(StageError::BadDigest {
+            digest: digest.to_string(),
+        });
     }
     if let Some(manifest) = load_staged(state_dir, digest)? {
         check_component(digest, spec, &manifest)?;
-        return Ok(Staged { digest: digest.to_string(), manifest, already_staged: true });
+        return Ok(Staged {
+            digest: digest.to_string(),
+            manifest,
+            already_staged: true,
+        });
     }
     let blob = verify_blob(state_dir, digest)?;
     let staging_root = state_dir.join("staging");
@@ -170,13 +206,12 @@ pub fn stage_blocking(
     std::fs::create_dir(&temp).ctx("create directory", &temp)?;
     let result = (|| {
         let expect = Expectations::for_this_host(Some(spec.component.clone()));
-        let manifest = patchd_package::unpack_verified(&blob, &temp.join("files"), limits, &expect).map_err(
-            |source| StageError::Package {
+        let manifest = patchd_package::unpack_verified(&blob, &temp.join("files"), limits, &expect)
+            .map_err(|source| StageError::Package {
                 digest: digest.to_string(),
                 service: spec.name.clone(),
                 source: Box::new(source),
-            },
-        )?;
+            })?;
         fsutil::write_atomic(&temp.join("manifest.json"), &manifest.to_json())?;
         let final_dir = StagedPaths::new(state_dir, digest).dir;
         std::fs::rename(&temp, &final_dir).ctx("rename staging directory to", &final_dir)?;
@@ -184,7 +219,11 @@ pub fn stage_blocking(
         Ok(manifest)
     })();
     match result {
-        Ok(manifest) => Ok(Staged { digest: digest.to_string(), manifest, already_staged: false }),
+        Ok(manifest) => Ok(Staged {
+            digest: digest.to_string(),
+            manifest,
+            already_staged: false,
+        }),
         Err(e) => {
             let _ = fsutil::remove_tree_if_exists(&temp);
             Err(e)
@@ -194,7 +233,9 @@ pub fn stage_blocking(
 
 /// Removes leftovers of interrupted stages (`staging/.tmp-*`).
 pub fn remove_stale_temps(state_dir: &Path) {
-    let Ok(listing) = std::fs::read_dir(state_dir.join("staging")) else { return };
+    let Ok(listing) = std::fs::read_dir(state_dir.join("staging")) else {
+        return;
+    };
     for entry in listing.flatten() {
         if entry.file_name().to_string_lossy().starts_with(".tmp-") {
             let _ = fsutil::remove_tree_if_exists(&entry.path());

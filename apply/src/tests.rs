@@ -87,7 +87,9 @@ struct FakeProbe {
 impl HealthProbe for FakeProbe {
     async fn check(&self, _health: &HealthSpec) -> Result<(), String> {
         match &self.world.lock().unwrap().running {
-            Some(content) if content.contains("fail-health") => Err("http probe: status 500".into()),
+            Some(content) if content.contains("fail-health") => {
+                Err("http probe: status 500".into())
+            }
             Some(_) => Ok(()),
             None => Err("connection refused".into()),
         }
@@ -162,8 +164,20 @@ impl Host {
         std::fs::create_dir_all(&packages).unwrap();
         std::fs::write(deploy.join("bin/svc/svc"), "binary v1").unwrap();
         std::fs::write(deploy.join("bin/svc/conf/a.toml"), "conf v1").unwrap();
-        let world = Arc::new(Mutex::new(FakeWorld { running: Some("binary v1".into()), ..FakeWorld::default() }));
-        Host { _dir: dir, state, root, deploy, packages, world, faults: Arc::default(), keep_backups: 3 }
+        let world = Arc::new(Mutex::new(FakeWorld {
+            running: Some("binary v1".into()),
+            ..FakeWorld::default()
+        }));
+        Host {
+            _dir: dir,
+            state,
+            root,
+            deploy,
+            packages,
+            world,
+            faults: Arc::default(),
+            keep_backups: 3,
+        }
     }
 
     fn spec(&self) -> ServiceSpec {
@@ -197,12 +211,20 @@ http = "http://127.0.0.1:1/health"
     async fn engine(&self) -> Result<Engine, ApplyError> {
         let world = self.world.clone();
         let effects = Effects {
-            clock: Arc::new(FakeClock { base: Instant::now(), offset: Mutex::new(Duration::ZERO) }),
-            probe: Arc::new(FakeProbe { world: self.world.clone() }),
+            clock: Arc::new(FakeClock {
+                base: Instant::now(),
+                offset: Mutex::new(Duration::ZERO),
+            }),
+            probe: Arc::new(FakeProbe {
+                world: self.world.clone(),
+            }),
             faults: self.faults.clone(),
         };
         let factory: BackendFactory = Box::new(move |spec: &ServiceSpec, _state: &Path| {
-            Ok(Arc::new(FakeBackend { binary: spec.binary_path(), world: world.clone() }) as Arc<dyn ServiceBackend>)
+            Ok(Arc::new(FakeBackend {
+                binary: spec.binary_path(),
+                world: world.clone(),
+            }) as Arc<dyn ServiceBackend>)
         });
         Engine::start_with(self.config(), effects, factory).await
     }
@@ -246,7 +268,11 @@ http = "http://127.0.0.1:1/health"
             for entry in std::fs::read_dir(&dir).unwrap() {
                 let entry = entry.unwrap();
                 let name = entry.file_name().to_string_lossy().into_owned();
-                assert!(!name.contains(".patchd-"), "leftover temporary {}", entry.path().display());
+                assert!(
+                    !name.contains(".patchd-"),
+                    "leftover temporary {}",
+                    entry.path().display()
+                );
                 if entry.file_type().unwrap().is_dir() {
                     stack.push(entry.path());
                 }
@@ -256,7 +282,12 @@ http = "http://127.0.0.1:1/health"
 }
 
 fn apply_cmd(digest: &str, patch_id: &str) -> ApplyCommand {
-    ApplyCommand { service: "svc".into(), digest: digest.into(), patch_id: patch_id.into(), offline: false }
+    ApplyCommand {
+        service: "svc".into(),
+        digest: digest.into(),
+        patch_id: patch_id.into(),
+        offline: false,
+    }
 }
 
 const V2: &[(&str, &str)] = &[("svc", "binary v2"), ("conf/a.toml", "conf v2")];
@@ -269,15 +300,35 @@ async fn stage_is_idempotent_and_checks_the_component() {
     let first = engine.stage("svc", &digest).await.unwrap();
     assert!(!first.already_staged);
     assert_eq!(first.manifest.version, "v2");
-    assert!(host.state.join("staging").join(&digest).join("files/svc/svc").is_file());
+    assert!(
+        host.state
+            .join("staging")
+            .join(&digest)
+            .join("files/svc/svc")
+            .is_file()
+    );
     let again = engine.stage("svc", &digest).await.unwrap();
     assert!(again.already_staged);
 
     let missing = "0".repeat(64);
     let err = engine.stage("svc", &missing).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
-    assert!(engine.stage("svc", "nothex").await.unwrap_err().to_string().contains("hex"));
-    assert!(engine.stage("nope", &digest).await.unwrap_err().to_string().contains("this agent manages: svc"));
+    assert!(
+        engine
+            .stage("svc", "nothex")
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("hex")
+    );
+    assert!(
+        engine
+            .stage("nope", &digest)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("this agent manages: svc")
+    );
 
     // A corrupted cached blob is refused.
     let other = host.package("v3", &[("svc", "binary v3")]);
@@ -292,7 +343,11 @@ async fn stage_is_idempotent_and_checks_the_component() {
     let out = host.packages.join("other.tar.gz");
     let info = patchd_package::pack_dir(&src, "v1", &out).unwrap();
     std::fs::copy(&out, host.state.join("blobs").join(&info.tree_digest)).unwrap();
-    let err = engine.stage("svc", &info.tree_digest).await.unwrap_err().to_string();
+    let err = engine
+        .stage("svc", &info.tree_digest)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("component"), "{err}");
 }
 
@@ -305,42 +360,87 @@ async fn apply_swaps_restarts_commits_and_replays() {
     assert_eq!(err.kind(), ErrorKind::NotFound, "apply before stage: {err}");
     engine.stage("svc", &digest).await.unwrap();
     let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
-    assert_eq!(report.result.outcome, Outcome::Committed, "{:?}", report.result);
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Committed,
+        "{:?}",
+        report.result
+    );
     assert!(!report.replayed);
     assert_eq!(host.binary(), "binary v2");
     assert_eq!(host.conf(), "conf v2");
     assert_eq!(host.running().as_deref(), Some("binary v2"));
-    assert_eq!(report.result.binary_sha256, crate::fsutil::sha256_file(&host.deploy.join("bin/svc/svc")).unwrap());
+    assert_eq!(
+        report.result.binary_sha256,
+        crate::fsutil::sha256_file(&host.deploy.join("bin/svc/svc")).unwrap()
+    );
     // downtime ends when the service first answers, not when the 1 s min_healthy window ends
-    assert!(report.result.downtime_ms < 1000, "{}", report.result.downtime_ms);
-    let probation = report.result.steps.iter().find(|(s, _)| s == "probation").unwrap().1;
-    assert!(probation >= 1000, "probation lasts min_healthy: {probation}");
-    let steps: Vec<&str> = report.result.steps.iter().map(|(s, _)| s.as_str()).collect();
+    assert!(
+        report.result.downtime_ms < 1000,
+        "{}",
+        report.result.downtime_ms
+    );
+    let probation = report
+        .result
+        .steps
+        .iter()
+        .find(|(s, _)| s == "probation")
+        .unwrap()
+        .1;
+    assert!(
+        probation >= 1000,
+        "probation lasts min_healthy: {probation}"
+    );
+    let steps: Vec<&str> = report
+        .result
+        .steps
+        .iter()
+        .map(|(s, _)| s.as_str())
+        .collect();
     for step in ["prepare", "stop", "swap", "start", "probation"] {
         assert!(steps.contains(&step), "{steps:?}");
     }
     // old files are kept as the backup set
     let history = host.journal().history;
-    let kept = history[0].files.iter().find(|f| f.rel == Path::new("bin/svc/svc")).unwrap();
+    let kept = history[0]
+        .files
+        .iter()
+        .find(|f| f.rel == Path::new("bin/svc/svc"))
+        .unwrap();
     let backup = kept.backup.as_ref().unwrap();
-    assert!(backup.starts_with(host.state.join("backups/p1")), "{}", backup.display());
+    assert!(
+        backup.starts_with(host.state.join("backups/svc/p1")),
+        "{}",
+        backup.display()
+    );
     assert_eq!(std::fs::read_to_string(backup).unwrap(), "binary v1");
     host.assert_no_temps();
 
     let again = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
     assert!(again.replayed);
     assert_eq!(again.result, report.result);
-    assert_eq!(host.world.lock().unwrap().starts, 1, "a replay must not restart");
+    assert_eq!(
+        host.world.lock().unwrap().starts,
+        1,
+        "a replay must not restart"
+    );
 
     let status = &engine.status(Some("svc")).await.unwrap()[0];
     assert_eq!(status.version, "v2");
     assert_eq!(status.runtime.state, RunState::Running);
-    assert_eq!(status.binary_sha256.as_deref(), Some(report.result.binary_sha256.as_str()));
+    assert_eq!(
+        status.binary_sha256.as_deref(),
+        Some(report.result.binary_sha256.as_str())
+    );
     assert_eq!(status.history.len(), 1);
     assert_eq!(status.last.as_ref().unwrap().patch_id, "p1");
 
     let other = host.package("v3", &[("svc", "binary v3")]);
-    let err = engine.apply(apply_cmd(&other, "p1")).await.unwrap_err().to_string();
+    let err = engine
+        .apply(apply_cmd(&other, "p1"))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("already used"), "{err}");
 }
 
@@ -355,7 +455,11 @@ async fn unchanged_files_are_not_touched() {
     assert_eq!(report.result.outcome, Outcome::Committed);
     let after = std::fs::metadata(host.deploy.join("bin/svc/svc")).unwrap();
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(before.ino(), after.ino(), "an identical binary must not be replaced");
+    assert_eq!(
+        before.ino(),
+        after.ino(),
+        "an identical binary must not be replaced"
+    );
     assert_eq!(host.conf(), "conf v2");
     let record = host.journal().current.unwrap();
     assert_eq!(record.files.len(), 1);
@@ -365,17 +469,34 @@ async fn unchanged_files_are_not_touched() {
 async fn crashing_new_version_is_reverted() {
     let host = Host::new();
     let engine = host.engine().await.unwrap();
-    let digest = host.package("bad", &[("svc", "binary v2 crash"), ("conf/a.toml", "conf v2"), ("extra", "new file")]);
+    let digest = host.package(
+        "bad",
+        &[
+            ("svc", "binary v2 crash"),
+            ("conf/a.toml", "conf v2"),
+            ("extra", "new file"),
+        ],
+    );
     engine.stage("svc", &digest).await.unwrap();
     let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
     assert_eq!(report.result.outcome, Outcome::Reverted);
-    assert!(report.result.reason.contains("exited with status 3"), "{}", report.result.reason);
+    assert!(
+        report.result.reason.contains("exited with status 3"),
+        "{}",
+        report.result.reason
+    );
     assert_eq!(report.result.log_tail, vec!["fake log line".to_string()]);
     assert_eq!(host.binary(), "binary v1");
     assert_eq!(host.conf(), "conf v1");
-    assert!(!host.deploy.join("bin/svc/extra").exists(), "a file the patch added is removed on revert");
+    assert!(
+        !host.deploy.join("bin/svc/extra").exists(),
+        "a file the patch added is removed on revert"
+    );
     assert_eq!(host.running().as_deref(), Some("binary v1"));
-    assert!(!host.state.join("backups/p1").exists(), "a reverted apply keeps no backup");
+    assert!(
+        !host.state.join("backups/svc/p1").exists(),
+        "a reverted apply keeps no backup"
+    );
     host.assert_no_temps();
     let status = &engine.status(None).await.unwrap()[0];
     assert_eq!(status.version, "");
@@ -391,8 +512,16 @@ async fn failing_health_probe_is_reverted() {
     engine.stage("svc", &digest).await.unwrap();
     let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
     assert_eq!(report.result.outcome, Outcome::Reverted);
-    assert!(report.result.reason.contains("not healthy within 5s"), "{}", report.result.reason);
-    assert!(report.result.reason.contains("status 500"), "{}", report.result.reason);
+    assert!(
+        report.result.reason.contains("not healthy within 5s"),
+        "{}",
+        report.result.reason
+    );
+    assert!(
+        report.result.reason.contains("status 500"),
+        "{}",
+        report.result.reason
+    );
     assert_eq!(host.binary(), "binary v1");
     assert_eq!(host.running().as_deref(), Some("binary v1"));
 }
@@ -410,7 +539,11 @@ async fn offline_apply_swaps_without_restart() {
     assert_eq!(host.binary(), "binary v2");
     let world = host.world.lock().unwrap();
     assert_eq!((world.starts, world.stops), (0, 0));
-    assert_eq!(world.running.as_deref(), Some("binary v1"), "the running process is untouched");
+    assert_eq!(
+        world.running.as_deref(),
+        Some("binary v1"),
+        "the running process is untouched"
+    );
 }
 
 #[tokio::test]
@@ -419,32 +552,60 @@ async fn rollback_returns_to_earlier_versions_and_backups_are_pruned() {
     host.keep_backups = 2;
     let engine = host.engine().await.unwrap();
     let err = engine
-        .rollback(RollbackCommand { service: "svc".into(), to_patch_id: None, patch_id: "r0".into() })
+        .rollback(RollbackCommand {
+            service: "svc".into(),
+            to_patch_id: None,
+            patch_id: "r0".into(),
+        })
         .await
         .unwrap_err();
     assert!(err.to_string().contains("nothing to roll back"), "{err}");
     for (i, version) in ["v2", "v3", "v4"].iter().enumerate() {
-        let digest = host.package(version, &[("svc", &format!("binary {version}")), (&format!("added-{version}"), "x")]);
+        let digest = host.package(
+            version,
+            &[
+                ("svc", &format!("binary {version}")),
+                (&format!("added-{version}"), "x"),
+            ],
+        );
         engine.stage("svc", &digest).await.unwrap();
-        let report = engine.apply(apply_cmd(&digest, &format!("p{}", i + 2))).await.unwrap();
+        let report = engine
+            .apply(apply_cmd(&digest, &format!("p{}", i + 2)))
+            .await
+            .unwrap();
         assert_eq!(report.result.outcome, Outcome::Committed);
     }
     assert_eq!(host.binary(), "binary v4");
     // keep_backups = 2: p2's backup was pruned
-    assert!(!host.state.join("backups/p2").exists());
-    assert!(host.state.join("backups/p3").exists() && host.state.join("backups/p4").exists());
+    assert!(!host.state.join("backups/svc/p2").exists());
+    assert!(
+        host.state.join("backups/svc/p3").exists() && host.state.join("backups/svc/p4").exists()
+    );
     let err = engine
-        .rollback(RollbackCommand { service: "svc".into(), to_patch_id: Some("p2".into()), patch_id: "r1".into() })
+        .rollback(RollbackCommand {
+            service: "svc".into(),
+            to_patch_id: Some("p2".into()),
+            patch_id: "r1".into(),
+        })
         .await
         .unwrap_err();
     assert!(err.to_string().contains("pruned"), "{err}");
 
     // undo the last one
     let report = engine
-        .rollback(RollbackCommand { service: "svc".into(), to_patch_id: None, patch_id: "r1".into() })
+        .rollback(RollbackCommand {
+            service: "svc".into(),
+            to_patch_id: None,
+            patch_id: "r1".into(),
+        })
         .await
         .unwrap();
-    assert_eq!(report.result.outcome, Outcome::Committed, "{:?}", report.result);
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Committed,
+        "{:?}",
+        report.result
+    );
     assert_eq!(report.result.version, "v3");
     assert_eq!(host.binary(), "binary v3");
     assert!(!host.deploy.join("bin/svc/added-v4").exists());
@@ -452,7 +613,11 @@ async fn rollback_returns_to_earlier_versions_and_backups_are_pruned() {
     assert_eq!(host.running().as_deref(), Some("binary v3"));
     assert_eq!(engine.status(Some("svc")).await.unwrap()[0].version, "v3");
     let replay = engine
-        .rollback(RollbackCommand { service: "svc".into(), to_patch_id: None, patch_id: "r1".into() })
+        .rollback(RollbackCommand {
+            service: "svc".into(),
+            to_patch_id: None,
+            patch_id: "r1".into(),
+        })
         .await
         .unwrap();
     assert!(replay.replayed);
@@ -460,7 +625,11 @@ async fn rollback_returns_to_earlier_versions_and_backups_are_pruned() {
 
     // back to before p3: that is p2's content
     let report = engine
-        .rollback(RollbackCommand { service: "svc".into(), to_patch_id: Some("p3".into()), patch_id: "r2".into() })
+        .rollback(RollbackCommand {
+            service: "svc".into(),
+            to_patch_id: Some("p3".into()),
+            patch_id: "r2".into(),
+        })
         .await
         .unwrap();
     assert_eq!(report.result.outcome, Outcome::Committed);
@@ -468,7 +637,9 @@ async fn rollback_returns_to_earlier_versions_and_backups_are_pruned() {
     assert!(!host.deploy.join("bin/svc/added-v3").exists());
     assert!(host.deploy.join("bin/svc/added-v2").exists());
     assert_eq!(engine.status(Some("svc")).await.unwrap()[0].version, "v2");
-    assert!(!host.state.join("backups/p3").exists() && !host.state.join("backups/r2").exists());
+    assert!(
+        !host.state.join("backups/svc/p3").exists() && !host.state.join("backups/svc/r2").exists()
+    );
     host.assert_no_temps();
 }
 
@@ -480,16 +651,32 @@ async fn failed_rollback_is_reverted_to_the_current_version() {
     let engine = host.engine().await.unwrap();
     let digest = host.package("v2", V2);
     engine.stage("svc", &digest).await.unwrap();
-    assert_eq!(engine.apply(apply_cmd(&digest, "p1")).await.unwrap().result.outcome, Outcome::Committed);
+    assert_eq!(
+        engine
+            .apply(apply_cmd(&digest, "p1"))
+            .await
+            .unwrap()
+            .result
+            .outcome,
+        Outcome::Committed
+    );
     let report = engine
-        .rollback(RollbackCommand { service: "svc".into(), to_patch_id: None, patch_id: "r1".into() })
+        .rollback(RollbackCommand {
+            service: "svc".into(),
+            to_patch_id: None,
+            patch_id: "r1".into(),
+        })
         .await
         .unwrap();
     assert_eq!(report.result.outcome, Outcome::Reverted);
     assert_eq!(host.binary(), "binary v2");
     assert_eq!(host.running().as_deref(), Some("binary v2"));
-    assert_eq!(engine.status(Some("svc")).await.unwrap()[0].history.len(), 1, "p1 can still be rolled back");
-    assert!(host.state.join("backups/p1").exists());
+    assert_eq!(
+        engine.status(Some("svc")).await.unwrap()[0].history.len(),
+        1,
+        "p1 can still be rolled back"
+    );
+    assert!(host.state.join("backups/svc/p1").exists());
 }
 
 /// Crash at every fault point (each file swap and revert step too), restart the engine, and check the
@@ -511,7 +698,11 @@ async fn crash_at_every_fault_point_recovers_consistently() {
     for (point, n, crashing) in cases {
         let host = Host::new();
         let engine = host.engine().await.unwrap();
-        let binary = if crashing { "binary v2 crash" } else { "binary v2" };
+        let binary = if crashing {
+            "binary v2 crash"
+        } else {
+            "binary v2"
+        };
         let digest = host.package("v2", &[("svc", binary), ("conf/a.toml", "conf v2")]);
         engine.stage("svc", &digest).await.unwrap();
         *host.faults.armed.lock().unwrap() = Some((point, n));
@@ -520,7 +711,10 @@ async fn crash_at_every_fault_point_recovers_consistently() {
         drop(engine);
         let mixed = (host.binary().contains("v2"), host.conf().contains("v2"));
         let before_recovery = host.journal().current.unwrap().phase;
-        assert!(!before_recovery.is_final(), "{point:?}:{n}: journal says {before_recovery:?}");
+        assert!(
+            !before_recovery.is_final(),
+            "{point:?}:{n}: journal says {before_recovery:?}"
+        );
 
         let engine = host.engine().await.unwrap();
         let journal = host.journal();
@@ -528,25 +722,47 @@ async fn crash_at_every_fault_point_recovers_consistently() {
         let expect_failed = point == FaultPoint::AfterPrepare;
         assert_eq!(
             phase,
-            if expect_failed { ApplyPhase::Failed } else { ApplyPhase::Reverted },
+            if expect_failed {
+                ApplyPhase::Failed
+            } else {
+                ApplyPhase::Reverted
+            },
             "{point:?}:{n} (files before recovery: {mixed:?})"
         );
-        assert_eq!((host.binary().as_str(), host.conf().as_str()), ("binary v1", "conf v1"), "{point:?}:{n}");
-        assert_eq!(host.running().as_deref(), Some("binary v1"), "{point:?}:{n}");
+        assert_eq!(
+            (host.binary().as_str(), host.conf().as_str()),
+            ("binary v1", "conf v1"),
+            "{point:?}:{n}"
+        );
+        assert_eq!(
+            host.running().as_deref(),
+            Some("binary v1"),
+            "{point:?}:{n}"
+        );
         host.assert_no_temps();
         let recorded = journal.result_of("p1").unwrap().clone();
         let replay = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
         assert!(replay.replayed, "{point:?}:{n}");
         assert_eq!(replay.result, recorded);
-        assert!(replay.result.reason.contains("agent restarted") || crashing, "{}", replay.result.reason);
-        assert_eq!(host.binary(), "binary v1", "{point:?}:{n}: a replay changes nothing");
+        assert!(
+            replay.result.reason.contains("agent restarted") || crashing,
+            "{}",
+            replay.result.reason
+        );
+        assert_eq!(
+            host.binary(),
+            "binary v1",
+            "{point:?}:{n}: a replay changes nothing"
+        );
         // A new patch id applies normally afterwards.
         if !crashing {
             let report = engine.apply(apply_cmd(&digest, "p2")).await.unwrap();
             assert_eq!(report.result.outcome, Outcome::Committed, "{point:?}:{n}");
             assert_eq!(host.binary(), "binary v2");
         }
-        let leftovers: Vec<_> = std::fs::read_dir(host.state.join("backups")).unwrap().collect();
+        let leftovers: Vec<_> = std::fs::read_dir(host.state.join("backups/svc"))
+            .unwrap()
+            .collect();
         assert!(leftovers.len() <= 1, "{point:?}:{n}: {leftovers:?}");
     }
 }
@@ -562,7 +778,11 @@ async fn a_committed_journal_survives_restart_as_new() {
     host.world.lock().unwrap().running = None; // the service died while the agent was down
     let engine = host.engine().await.unwrap();
     assert_eq!(host.binary(), "binary v2");
-    assert_eq!(host.running().as_deref(), Some("binary v2"), "an agent-supervised service is started at agent start");
+    assert_eq!(
+        host.running().as_deref(),
+        Some("binary v2"),
+        "an agent-supervised service is started at agent start"
+    );
     assert_eq!(engine.status(Some("svc")).await.unwrap()[0].version, "v2");
 }
 
@@ -573,14 +793,22 @@ async fn confinement_is_enforced_at_start_and_at_apply() {
     config.services[0].deploy_dir = host.state.join("elsewhere");
     let world = host.world.clone();
     let factory: BackendFactory = Box::new(move |spec: &ServiceSpec, _state: &Path| {
-        Ok(Arc::new(FakeBackend { binary: spec.binary_path(), world: world.clone() }) as Arc<dyn ServiceBackend>)
+        Ok(Arc::new(FakeBackend {
+            binary: spec.binary_path(),
+            world: world.clone(),
+        }) as Arc<dyn ServiceBackend>)
     });
     let effects = Effects {
         clock: Arc::new(crate::effects::SystemClock),
-        probe: Arc::new(FakeProbe { world: host.world.clone() }),
+        probe: Arc::new(FakeProbe {
+            world: host.world.clone(),
+        }),
         faults: Arc::new(crate::effects::NoFaults),
     };
-    let err = Engine::start_with(config, effects, factory).await.unwrap_err().to_string();
+    let err = Engine::start_with(config, effects, factory)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not under any deploy root"), "{err}");
 
     // A directory of the deploy dir replaced by a symlink to outside the roots: apply is refused, nothing written.
@@ -602,15 +830,28 @@ fn spec_defaults_and_validation() {
     let host = Host::new();
     let spec = host.spec();
     assert_eq!(spec.binary_path(), host.deploy.join("bin/svc/svc"));
-    assert_eq!(spec.resolved_command(), vec![format!("{}/bin/svc/svc", host.deploy.display())]);
+    assert_eq!(
+        spec.resolved_command(),
+        vec![format!("{}/bin/svc/svc", host.deploy.display())]
+    );
     assert!(spec.validate(std::slice::from_ref(&host.root)).is_ok());
     let mut bad = spec.clone();
     bad.command.clear();
-    assert!(bad.validate(std::slice::from_ref(&host.root)).unwrap_err().to_string().contains("needs `command`"));
+    assert!(
+        bad.validate(std::slice::from_ref(&host.root))
+            .unwrap_err()
+            .to_string()
+            .contains("needs `command`")
+    );
     let mut bad = spec.clone();
     bad.name = "../x".into();
     assert!(bad.validate(std::slice::from_ref(&host.root)).is_err());
     let mut bad = spec;
     bad.health.tcp = Some("nowhere".into());
-    assert!(bad.validate(std::slice::from_ref(&host.root)).unwrap_err().to_string().contains("ip:port"));
+    assert!(
+        bad.validate(std::slice::from_ref(&host.root))
+            .unwrap_err()
+            .to_string()
+            .contains("ip:port")
+    );
 }

@@ -475,8 +475,9 @@ fn read_chunks(
     for index in start..blob.chunk_count() {
         let offset = index * chunk_size;
         let len = (blob.total_size - offset).min(chunk_size) as usize;
-        let mut data = vec![0u8; len];
-        if read_full(&mut file, &mut data)? != len {
+        // Read into spare capacity: no zero-filling of a buffer that is overwritten at once.
+        let mut data = Vec::with_capacity(len);
+        if (&mut file).take(len as u64).read_to_end(&mut data)? != len {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file shrank during the push"));
         }
         let mut sha256 = blob.chunk_hashes[index as usize];

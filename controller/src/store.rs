@@ -1490,7 +1490,7 @@ mod tests {
         };
         let store = Store::open(Path::new(&path)).expect("child opens store");
         let _lock = store.acquire_rollout_lock("demo").expect("child locks");
-        println!("locked");
+        println!("\nlocked");
         std::io::stdout().flush().expect("flush");
         let mut line = String::new();
         let _ = std::io::stdin().read_line(&mut line);
@@ -1508,12 +1508,20 @@ mod tests {
             .spawn()
             .expect("spawn child");
         let child_pid = child.id();
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        loop {
-            let line = lines.next().expect("child said something").expect("read child");
-            if line.trim() == "locked" {
-                break;
+        let stdout = child.stdout.take().expect("stdout");
+        let (said_locked, locked) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // The harness may print `test … ... ` on the same line before the child's output.
+                if line.trim_end().ends_with("locked") {
+                    let _ = said_locked.send(());
+                }
             }
+        });
+        if locked.recv_timeout(Duration::from_secs(120)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the child process did not take the lock within 120 s");
         }
         let error = store.acquire_rollout_lock("demo").expect_err("refused while the child runs");
         assert!(matches!(&error, StoreError::Locked { pid, .. } if *pid == child_pid), "{error}");

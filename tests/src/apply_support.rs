@@ -50,14 +50,24 @@ impl AgentRpc {
         let channel = runtime
             .block_on(endpoint.connect())
             .unwrap_or_else(|e| panic!("cannot connect to the agent at {addr}: {e:?}"));
-        let client = AgentClient::new(channel).max_decoding_message_size(patchd_proto::MAX_MESSAGE_BYTES);
+        let client =
+            AgentClient::new(channel).max_decoding_message_size(patchd_proto::MAX_MESSAGE_BYTES);
         Self { runtime, client }
     }
 
-    pub fn stage(&mut self, service: &str, digest: &str) -> Result<v1::StageResponse, tonic::Status> {
-        let request = v1::StageRequest { service: service.into(), digest: digest.into() };
+    pub fn stage(
+        &mut self,
+        service: &str,
+        digest: &str,
+    ) -> Result<v1::StageResponse, tonic::Status> {
+        let request = v1::StageRequest {
+            service: service.into(),
+            digest: digest.into(),
+        };
         let client = &mut self.client;
-        self.runtime.block_on(client.stage(request)).map(tonic::Response::into_inner)
+        self.runtime
+            .block_on(client.stage(request))
+            .map(tonic::Response::into_inner)
     }
 
     pub fn apply(
@@ -74,7 +84,9 @@ impl AgentRpc {
             offline,
         };
         let client = &mut self.client;
-        self.runtime.block_on(client.apply(request)).map(tonic::Response::into_inner)
+        self.runtime
+            .block_on(client.apply(request))
+            .map(tonic::Response::into_inner)
     }
 
     pub fn rollback(
@@ -83,22 +95,33 @@ impl AgentRpc {
         to_patch_id: &str,
         patch_id: &str,
     ) -> Result<v1::ApplyResponse, tonic::Status> {
-        let request =
-            v1::RollbackRequest { service: service.into(), to_patch_id: to_patch_id.into(), patch_id: patch_id.into() };
+        let request = v1::RollbackRequest {
+            service: service.into(),
+            to_patch_id: to_patch_id.into(),
+            patch_id: patch_id.into(),
+        };
         let client = &mut self.client;
-        self.runtime.block_on(client.rollback(request)).map(tonic::Response::into_inner)
+        self.runtime
+            .block_on(client.rollback(request))
+            .map(tonic::Response::into_inner)
     }
 
     /// Status of one service; panics when the call fails.
     pub fn status(&mut self, service: &str) -> v1::ServiceStatus {
-        let request = v1::StatusRequest { service: service.into() };
+        let request = v1::StatusRequest {
+            service: service.into(),
+        };
         let client = &mut self.client;
         let response = self
             .runtime
             .block_on(client.status(request))
             .unwrap_or_else(|e| panic!("Status({service}) failed: {e}"))
             .into_inner();
-        response.services.into_iter().find(|s| s.name == service).unwrap_or_else(|| panic!("no status for {service}"))
+        response
+            .services
+            .into_iter()
+            .find(|s| s.name == service)
+            .unwrap_or_else(|| panic!("no status for {service}"))
     }
 }
 
@@ -109,7 +132,10 @@ pub fn outcome(response: &v1::ApplyResponse) -> v1::ApplyOutcome {
 
 /// Pushes `package` to the agent at `addr` with `patchctl agent push` and returns its tree digest.
 pub fn push(pki: &Pki, addr: &str, package: &Path) -> String {
-    patchctl_ok(pki.home(), &["agent", "push", addr, &package.to_string_lossy()]);
+    patchctl_ok(
+        pki.home(),
+        &["agent", "push", addr, &package.to_string_lossy()],
+    );
     digest_of(package)
 }
 
@@ -122,10 +148,20 @@ pub fn digest_of(package: &Path) -> String {
 /// A stamped copy of `demo-worker` at `out`: `mode` is ok, crash, fail-health or slow-start.
 pub fn stamp_worker(out: &Path, version: &str, mode: &str, delay_ms: u64) {
     if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        std::fs::create_dir_all(dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     }
     let output = Command::new(bin("demo-worker"))
-        .args(["stamp", "--version", version, "--mode", mode, "--delay-ms", &delay_ms.to_string(), "-o"])
+        .args([
+            "stamp",
+            "--version",
+            version,
+            "--mode",
+            mode,
+            "--delay-ms",
+            &delay_ms.to_string(),
+            "-o",
+        ])
         .arg(out)
         .output()
         .unwrap_or_else(|e| panic!("cannot run demo-worker stamp: {e}"));
@@ -138,19 +174,30 @@ pub fn stamp_worker(out: &Path, version: &str, mode: &str, delay_ms: u64) {
 
 /// The content of the config file that travels with each worker version (so a package has two files).
 pub fn worker_conf(version: &str) -> String {
-    format!("# demo-worker settings\nversion = {}\n", toml_string(version))
+    format!(
+        "# demo-worker settings\nversion = {}\n",
+        toml_string(version)
+    )
 }
 
 /// A patchd package of a demo-worker variant: `demo-worker/demo-worker` (stamped) and
 /// `demo-worker/conf/worker.toml`, built in `<dir>/<version>/`; returns the `.tar.gz`.
 pub fn worker_package(dir: &Path, version: &str, mode: &str) -> PathBuf {
+    worker_package_delayed(dir, version, mode, 0)
+}
+
+/// [`worker_package`] with a start delay (`mode` `slow-start`).
+pub fn worker_package_delayed(dir: &Path, version: &str, mode: &str, delay_ms: u64) -> PathBuf {
     let root = dir.join(version).join("demo-worker");
-    stamp_worker(&root.join("demo-worker"), version, mode, 0);
+    stamp_worker(&root.join("demo-worker"), version, mode, delay_ms);
     let conf = root.join("conf/worker.toml");
-    std::fs::create_dir_all(conf.parent().unwrap_or(dir)).unwrap_or_else(|e| panic!("cannot create conf dir: {e}"));
-    std::fs::write(&conf, worker_conf(version)).unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
+    std::fs::create_dir_all(conf.parent().unwrap_or(dir))
+        .unwrap_or_else(|e| panic!("cannot create conf dir: {e}"));
+    std::fs::write(&conf, worker_conf(version))
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
     let out = dir.join(format!("demo-worker-{version}.tar.gz"));
-    patchd_package::pack_dir(&root, version, &out).unwrap_or_else(|e| panic!("cannot pack {version}: {e}"));
+    patchd_package::pack_dir(&root, version, &out)
+        .unwrap_or_else(|e| panic!("cannot pack {version}: {e}"));
     out
 }
 
@@ -167,12 +214,19 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let socket: SocketAddr = addr.parse().ok()?;
     let mut stream = TcpStream::connect_timeout(&socket, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).ok()?;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -211,7 +265,8 @@ impl WorkerService {
         let conf = self.conf();
         std::fs::create_dir_all(conf.parent().unwrap_or(&self.deploy_dir))
             .unwrap_or_else(|e| panic!("cannot create conf dir: {e}"));
-        std::fs::write(&conf, worker_conf(version)).unwrap_or_else(|e| panic!("cannot write conf: {e}"));
+        std::fs::write(&conf, worker_conf(version))
+            .unwrap_or_else(|e| panic!("cannot write conf: {e}"));
     }
 
     /// The `[[service]]` section for this worker.
@@ -243,10 +298,14 @@ impl WorkerService {
     /// Waits until the worker serves `version`.
     pub fn wait_serving(&self, version: &str) {
         let mut last = None;
-        crate::wait_for(Duration::from_secs(30), &format!("{} to serve {version}", self.name), || {
-            last = self.served_version();
-            last.as_deref() == Some(version)
-        });
+        crate::wait_for(
+            Duration::from_secs(30),
+            &format!("{} to serve {version}", self.name),
+            || {
+                last = self.served_version();
+                last.as_deref() == Some(version)
+            },
+        );
     }
 
     /// sha256 of the deployed binary and config file.
@@ -258,19 +317,28 @@ impl WorkerService {
 /// sha256 of the binary and config file a package built by [`worker_package`] deploys.
 pub fn package_hashes(dir: &Path, version: &str) -> (String, String) {
     let root = dir.join(version).join("demo-worker");
-    (sha256_file(&root.join("demo-worker")), sha256_file(&root.join("conf/worker.toml")))
+    (
+        sha256_file(&root.join("demo-worker")),
+        sha256_file(&root.join("conf/worker.toml")),
+    )
 }
 
 /// The pid recorded by the process backend for `service`, if any.
 pub fn service_pid(state_dir: &Path, service: &str) -> Option<i32> {
-    let text = std::fs::read_to_string(state_dir.join("run").join(format!("{service}.pid"))).ok()?;
+    let text =
+        std::fs::read_to_string(state_dir.join("run").join(format!("{service}.pid"))).ok()?;
     let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-    value.get("pid")?.as_i64().and_then(|p| i32::try_from(p).ok())
+    value
+        .get("pid")?
+        .as_i64()
+        .and_then(|p| i32::try_from(p).ok())
 }
 
 /// Whether a pid is alive and not a zombie.
 pub fn pid_alive(pid: i32) -> bool {
-    proc_stat_fields(pid).and_then(|f| f.first().and_then(|s| s.chars().next())).is_some_and(|s| s != 'Z' && s != 'X')
+    proc_stat_fields(pid)
+        .and_then(|f| f.first().and_then(|s| s.chars().next()))
+        .is_some_and(|s| s != 'Z' && s != 'X')
 }
 
 /// Fields 3.. of /proc/<pid>/stat (after the command name).
@@ -288,13 +356,18 @@ pub fn proc_start_ticks(pid: i32) -> Option<u64> {
 /// The journal of `service` as JSON.
 pub fn journal(state_dir: &Path, service: &str) -> serde_json::Value {
     let path = state_dir.join("journal").join(format!("{service}.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("journal {} is not JSON: {e}", path.display()))
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("journal {} is not JSON: {e}", path.display()))
 }
 
 /// The phase of the journal's current apply (`committed`, `reverted`, …).
 pub fn journal_phase(state_dir: &Path, service: &str) -> String {
-    journal(state_dir, service)["current"]["phase"]["phase"].as_str().unwrap_or_default().to_string()
+    journal(state_dir, service)["current"]["phase"]["phase"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Kills (SIGKILL, whole process group) every service process the agent recorded under `<state>/run` when
@@ -311,7 +384,10 @@ impl ServiceReaper {
     /// agent are reaped here rather than lingering as zombies under an init that does not reap.
     pub fn new(state_dir: &Path) -> Self {
         let _ = nix::sys::prctl::set_child_subreaper(true);
-        Self { state_dir: state_dir.to_path_buf(), tracked: std::sync::Mutex::new(Vec::new()) }
+        Self {
+            state_dir: state_dir.to_path_buf(),
+            tracked: std::sync::Mutex::new(Vec::new()),
+        }
     }
 
     /// Remembers the current process of `service` so it is killed even if the pid file changes later.
@@ -325,19 +401,28 @@ impl ServiceReaper {
 
     /// `(pid, start ticks)` from the process backend's pid file.
     fn recorded(&self, service: &str) -> Option<(i32, u64)> {
-        let text = std::fs::read_to_string(self.state_dir.join("run").join(format!("{service}.pid"))).ok()?;
+        let text =
+            std::fs::read_to_string(self.state_dir.join("run").join(format!("{service}.pid")))
+                .ok()?;
         let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-        let pid = value.get("pid")?.as_i64().and_then(|p| i32::try_from(p).ok())?;
+        let pid = value
+            .get("pid")?
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())?;
         let ticks = value.get("proc_start_ticks")?.as_u64()?;
         Some((pid, ticks))
     }
 
     pub fn reap(&self) {
-        let mut processes: Vec<(i32, u64)> = self.tracked.lock().map(|t| t.clone()).unwrap_or_default();
+        let mut processes: Vec<(i32, u64)> =
+            self.tracked.lock().map(|t| t.clone()).unwrap_or_default();
         if let Ok(listing) = std::fs::read_dir(self.state_dir.join("run")) {
             for entry in listing.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if let Some(process) = name.strip_suffix(".pid").and_then(|service| self.recorded(service)) {
+                if let Some(process) = name
+                    .strip_suffix(".pid")
+                    .and_then(|service| self.recorded(service))
+                {
                     processes.push(process);
                 }
             }
@@ -347,8 +432,14 @@ impl ServiceReaper {
                 continue;
             }
             if pid_alive(pid) {
-                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             reap_orphan(pid);
         }

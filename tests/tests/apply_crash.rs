@@ -5,8 +5,8 @@
 //! replay the recorded result without changing anything.
 
 use patchd_e2e::apply_support::{
-    AgentRpc, ServiceReaper, WorkerService, journal, journal_phase, outcome, package_hashes, pid_alive, push,
-    service_pid, worker_package,
+    AgentRpc, ServiceReaper, WorkerService, journal, journal_phase, outcome, package_hashes,
+    pid_alive, push, service_pid, worker_package,
 };
 use patchd_e2e::{AgentConfig, AgentProcess, Pki, wait_for};
 use patchd_proto::v1::{ApplyOutcome, ServiceState};
@@ -77,27 +77,62 @@ fn agent_killed_at_every_fault_point_recovers_to_the_old_version() {
         agent = AgentProcess::start_with_env(&config_path, &[("PATCHD_FAULT", point)]);
         let mut rpc = AgentRpc::connect(&pki, agent.addr);
         let answer = rpc.apply("worker-1", digest, &patch_id, false);
-        assert!(answer.is_err(), "{point}: the agent should have died, got {answer:?}");
-        wait_for(Duration::from_secs(30), "the agent to die at the fault point", || !agent.is_running());
-        let point_name = point.split(':').next().unwrap();
-        assert!(agent.stderr().contains(&format!("injected crash at {point_name}")), "{point}: {}", agent.stderr());
         assert!(
-            !["committed", "reverted", "failed"].contains(&journal_phase(&state, "worker-1").as_str()),
+            answer.is_err(),
+            "{point}: the agent should have died, got {answer:?}"
+        );
+        wait_for(
+            Duration::from_secs(30),
+            "the agent to die at the fault point",
+            || !agent.is_running(),
+        );
+        let point_name = point.split(':').next().unwrap();
+        assert!(
+            agent
+                .stderr()
+                .contains(&format!("injected crash at {point_name}")),
+            "{point}: {}",
+            agent.stderr()
+        );
+        assert!(
+            !["committed", "reverted", "failed"]
+                .contains(&journal_phase(&state, "worker-1").as_str()),
             "{point}: the journal must show an unfinished apply before recovery"
         );
         reaper.track("worker-1");
 
         agent.restart();
         let phase = journal_phase(&state, "worker-1");
-        let expected_phase = if point == "after-prepare" { "failed" } else { "reverted" };
-        assert_eq!(phase, expected_phase, "{point}: journal {}", journal(&state, "worker-1"));
-        assert_eq!(worker.file_hashes(), original, "{point}: every file must be the old one");
-        assert!(temporaries(&worker.deploy_dir).is_empty(), "{point}: {:?}", temporaries(&worker.deploy_dir));
+        let expected_phase = if point == "after-prepare" {
+            "failed"
+        } else {
+            "reverted"
+        };
+        assert_eq!(
+            phase,
+            expected_phase,
+            "{point}: journal {}",
+            journal(&state, "worker-1")
+        );
+        assert_eq!(
+            worker.file_hashes(),
+            original,
+            "{point}: every file must be the old one"
+        );
+        assert!(
+            temporaries(&worker.deploy_dir).is_empty(),
+            "{point}: {:?}",
+            temporaries(&worker.deploy_dir)
+        );
         worker.wait_serving("v1.0.0");
         let mut rpc = AgentRpc::connect(&pki, agent.addr);
         let status = rpc.status("worker-1");
         assert_eq!(status.state(), ServiceState::Running, "{point}");
-        assert_eq!(Some(status.pid as i32), service_pid(&state, "worker-1"), "{point}");
+        assert_eq!(
+            Some(status.pid as i32),
+            service_pid(&state, "worker-1"),
+            "{point}"
+        );
         assert!(pid_alive(status.pid as i32), "{point}");
         assert_eq!(status.binary_sha256, original.0, "{point}");
         assert!(!status.apply_in_flight, "{point}");
@@ -105,11 +140,27 @@ fn agent_killed_at_every_fault_point_recovers_to_the_old_version() {
 
         let replay = rpc.apply("worker-1", digest, &patch_id, false).unwrap();
         assert!(replay.replayed, "{point}: {replay:?}");
-        let expected = if point == "after-prepare" { ApplyOutcome::Failed } else { ApplyOutcome::Reverted };
+        let expected = if point == "after-prepare" {
+            ApplyOutcome::Failed
+        } else {
+            ApplyOutcome::Reverted
+        };
         assert_eq!(outcome(&replay), expected, "{point}: {replay:?}");
-        assert!(replay.reason.contains("agent restarted"), "{point}: {}", replay.reason);
-        assert_eq!(worker.file_hashes(), original, "{point}: a replay changes nothing");
-        assert_eq!(rpc.status("worker-1").pid, status.pid, "{point}: a replay does not restart");
+        assert!(
+            replay.reason.contains("agent restarted"),
+            "{point}: {}",
+            replay.reason
+        );
+        assert_eq!(
+            worker.file_hashes(),
+            original,
+            "{point}: a replay changes nothing"
+        );
+        assert_eq!(
+            rpc.status("worker-1").pid,
+            status.pid,
+            "{point}: a replay does not restart"
+        );
     }
 
     // After all that, a normal apply still commits (all-new).
@@ -119,8 +170,16 @@ fn agent_killed_at_every_fault_point_recovers_to_the_old_version() {
     assert_eq!(worker.file_hashes(), package_hashes(&pkgs, "v2.0.0"));
     worker.wait_serving("v2.0.0");
     reaper.track("worker-1");
-    let backups: Vec<_> = std::fs::read_dir(state.join("backups")).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert_eq!(backups, vec![std::ffi::OsString::from("final")], "interrupted applies leave no backup sets");
+    let backups: Vec<_> = std::fs::read_dir(state.join("backups/worker-1"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        backups,
+        vec![std::ffi::OsString::from("final")],
+        "interrupted applies leave no backup sets"
+    );
 
     agent.stop();
     reaper.reap();

@@ -4,7 +4,8 @@
 //! agent crash, and refusals (confinement, unknown service, unstaged package, bad patch id).
 
 use patchd_e2e::apply_support::{
-    AgentRpc, ServiceReaper, WorkerService, outcome, package_hashes, pid_alive, push, service_pid, worker_package,
+    AgentRpc, ServiceReaper, WorkerService, outcome, package_hashes, pid_alive, push, service_pid,
+    worker_package, worker_package_delayed,
 };
 use patchd_e2e::{AgentConfig, AgentProcess, Pki};
 use patchd_proto::v1::{ApplyOutcome, ServiceState};
@@ -33,23 +34,35 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     let crash = worker_package(&pkgs, "v1.1.1-crash", "crash");
     let sick = worker_package(&pkgs, "v1.1.2-sick", "fail-health");
     let next = worker_package(&pkgs, "v1.2.0", "ok");
+    let slow = worker_package_delayed(&pkgs, "v1.3.0-slow", "slow-start", 1500);
 
     let mut rpc = AgentRpc::connect(&pki, agent.addr);
     let status = rpc.status("worker-1");
     assert_eq!(status.state(), ServiceState::Running);
-    assert_eq!(status.binary_sha256, original.0, "status reports the deployed binary's sha256 read from disk");
+    assert_eq!(
+        status.binary_sha256, original.0,
+        "status reports the deployed binary's sha256 read from disk"
+    );
     assert_eq!(status.version, "");
     let first_pid = status.pid;
 
     // Refusals before anything is staged.
     let good_digest = push(&pki, &agent.addr_string(), &good);
-    let err = rpc.apply("worker-1", &good_digest, "p1", false).unwrap_err();
+    let err = rpc
+        .apply("worker-1", &good_digest, "p1", false)
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "apply before stage: {err:?}");
     assert!(err.message().contains("Stage"), "{}", err.message());
     let err = rpc.stage("nope", &good_digest).unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert!(err.message().contains("worker-1"), "the error lists the managed services: {}", err.message());
-    let err = rpc.apply("worker-1", &good_digest, "../p1", false).unwrap_err();
+    assert!(
+        err.message().contains("worker-1"),
+        "the error lists the managed services: {}",
+        err.message()
+    );
+    let err = rpc
+        .apply("worker-1", &good_digest, "../p1", false)
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // Stage is idempotent.
@@ -66,7 +79,11 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     let good_hashes = package_hashes(&pkgs, "v1.1.0");
     assert_eq!(worker.file_hashes(), good_hashes);
     assert_eq!(applied.binary_sha256, good_hashes.0);
-    assert!(applied.downtime_ms > 0 && applied.downtime_ms < 8_000, "downtime {}", applied.downtime_ms);
+    assert!(
+        applied.downtime_ms > 0 && applied.downtime_ms < 8_000,
+        "downtime {}",
+        applied.downtime_ms
+    );
     let status = rpc.status("worker-1");
     assert_eq!(status.version, "v1.1.0");
     assert_eq!(status.binary_sha256, good_hashes.0);
@@ -77,20 +94,35 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     let replay = rpc.apply("worker-1", &good_digest, "p1", false).unwrap();
     assert!(replay.replayed);
     assert_eq!(outcome(&replay), ApplyOutcome::Committed);
-    assert_eq!(rpc.status("worker-1").pid, status.pid, "a replay does not restart");
+    assert_eq!(
+        rpc.status("worker-1").pid,
+        status.pid,
+        "a replay does not restart"
+    );
 
     // 2. A version that crashes at start: reverted by the agent, previous version serving again.
     let crash_digest = push(&pki, &agent.addr_string(), &crash);
     rpc.stage("worker-1", &crash_digest).unwrap();
     let reverted = rpc.apply("worker-1", &crash_digest, "p2", false).unwrap();
     assert_eq!(outcome(&reverted), ApplyOutcome::Reverted, "{reverted:?}");
-    assert!(reverted.reason.contains("exited with status"), "reason names the exit: {}", reverted.reason);
     assert!(
-        reverted.log_tail.iter().any(|l| l.contains("crashing on start")),
+        reverted.reason.contains("exited with status"),
+        "reason names the exit: {}",
+        reverted.reason
+    );
+    assert!(
+        reverted
+            .log_tail
+            .iter()
+            .any(|l| l.contains("crashing on start")),
         "log tail shows the service's output: {:?}",
         reverted.log_tail
     );
-    assert_eq!(worker.file_hashes(), good_hashes, "every file is back to the previous version");
+    assert_eq!(
+        worker.file_hashes(),
+        good_hashes,
+        "every file is back to the previous version"
+    );
     assert_eq!(worker.served_version().as_deref(), Some("v1.1.0"));
     reaper.track("worker-1");
 
@@ -99,7 +131,11 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     rpc.stage("worker-1", &sick_digest).unwrap();
     let reverted = rpc.apply("worker-1", &sick_digest, "p3", false).unwrap();
     assert_eq!(outcome(&reverted), ApplyOutcome::Reverted, "{reverted:?}");
-    assert!(reverted.reason.contains("not healthy") && reverted.reason.contains("500"), "{}", reverted.reason);
+    assert!(
+        reverted.reason.contains("not healthy") && reverted.reason.contains("500"),
+        "{}",
+        reverted.reason
+    );
     assert_eq!(worker.file_hashes(), good_hashes);
     assert_eq!(worker.served_version().as_deref(), Some("v1.1.0"));
     reaper.track("worker-1");
@@ -112,9 +148,17 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     rpc.stage("worker-1", &next_digest).unwrap();
     let pid_before = rpc.status("worker-1").pid;
     let offline = rpc.apply("worker-1", &next_digest, "p4", true).unwrap();
-    assert_eq!(outcome(&offline), ApplyOutcome::OfflineSwapped, "{offline:?}");
+    assert_eq!(
+        outcome(&offline),
+        ApplyOutcome::OfflineSwapped,
+        "{offline:?}"
+    );
     assert_eq!(worker.file_hashes(), package_hashes(&pkgs, "v1.2.0"));
-    assert_eq!(worker.served_version().as_deref(), Some("v1.1.0"), "still the old process");
+    assert_eq!(
+        worker.served_version().as_deref(),
+        Some("v1.1.0"),
+        "still the old process"
+    );
     assert_eq!(rpc.status("worker-1").pid, pid_before);
 
     // 5. Rollback of the last patch (the offline one), with a restart and probation.
@@ -135,7 +179,24 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     assert!(status.history.is_empty());
     assert!(rpc.rollback("worker-1", "p1", "r2").unwrap().replayed);
     let err = rpc.rollback("worker-1", "", "r3").unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "nothing left to roll back: {err:?}");
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "nothing left to roll back: {err:?}"
+    );
+    reaper.track("worker-1");
+
+    // 6b. A version that takes 1.5 s to listen: probation waits for its health check, then commits.
+    let slow_digest = push(&pki, &agent.addr_string(), &slow);
+    rpc.stage("worker-1", &slow_digest).unwrap();
+    let applied = rpc.apply("worker-1", &slow_digest, "p5", false).unwrap();
+    assert_eq!(outcome(&applied), ApplyOutcome::Committed, "{applied:?}");
+    assert!(
+        applied.downtime_ms >= 1500,
+        "unavailable until it answered: {} ms",
+        applied.downtime_ms
+    );
+    assert_eq!(worker.served_version().as_deref(), Some("v1.3.0-slow"));
     reaper.track("worker-1");
 
     // 7. The agent crashes (kill -9): the service keeps running and is adopted, not started twice.
@@ -147,7 +208,8 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     let status = rpc.status("worker-1");
     assert_eq!(status.pid as i32, pid, "adopted through the pid file");
     assert_eq!(status.state(), ServiceState::Running);
-    assert_eq!(worker.served_version().as_deref(), Some("v1.0.0"));
+    assert_eq!(status.version, "v1.3.0-slow");
+    assert_eq!(worker.served_version().as_deref(), Some("v1.3.0-slow"));
 
     // 8. Confinement: a directory of the deploy dir replaced by a symlink leading outside the deploy roots.
     let outside = dir.path().join("outside");
@@ -155,11 +217,16 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     let conf_dir = worker.conf().parent().unwrap().to_path_buf();
     std::fs::remove_dir_all(&conf_dir).unwrap();
     std::os::unix::fs::symlink(&outside, &conf_dir).unwrap();
-    let err = rpc.apply("worker-1", &good_digest, "p9", false).unwrap_err();
+    let err = rpc
+        .apply("worker-1", &good_digest, "p9", false)
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("outside"), "{}", err.message());
-    assert!(std::fs::read_dir(&outside).unwrap().next().is_none(), "nothing was written outside");
-    assert_eq!(worker.served_version().as_deref(), Some("v1.0.0"));
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "nothing was written outside"
+    );
+    assert_eq!(worker.served_version().as_deref(), Some("v1.3.0-slow"));
 
     agent.stop();
     reaper.reap();
@@ -174,6 +241,8 @@ fn a_service_outside_the_deploy_roots_is_refused_at_start() {
     let worker = WorkerService::new(&dir.path().join("elsewhere"), "worker-x");
     let config = AgentConfig::new(&agent_dir, &tls).extra(&worker.toml("500ms", "5s"));
     let config_path = config.write();
-    let err = AgentProcess::try_start(&config_path, &[]).map(|_| ()).unwrap_err();
+    let err = AgentProcess::try_start(&config_path, &[])
+        .map(|_| ())
+        .unwrap_err();
     assert!(err.contains("deploy root"), "{err}");
 }

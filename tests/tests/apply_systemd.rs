@@ -7,7 +7,9 @@
 //! Needs root and `systemd-nspawn` (Debian package `systemd-container`; installed here when missing). When the
 //! container cannot run, the test FAILS with the reason: it never passes silently.
 
-use patchd_e2e::apply_support::{AgentRpc, http_get, outcome, package_hashes, push, stamp_worker, worker_conf, worker_package};
+use patchd_e2e::apply_support::{
+    AgentRpc, http_get, outcome, package_hashes, push, stamp_worker, worker_conf, worker_package,
+};
 use patchd_e2e::{Pki, bin, sha256_file, toml_string, wait_for};
 use patchd_proto::v1::{ApplyOutcome, ServiceState};
 use std::collections::HashMap;
@@ -21,14 +23,24 @@ const LISTEN: &str = "127.0.0.1:8262";
 
 /// Makes sure `systemd-nspawn` exists, installing `systemd-container` when it does not.
 fn ensure_nspawn() {
-    let present = || Command::new("systemd-nspawn").arg("--version").output().is_ok_and(|o| o.status.success());
+    let present = || {
+        Command::new("systemd-nspawn")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if present() {
         return;
     }
     eprintln!("systemd-nspawn missing: installing systemd-container with apt-get");
     let install = || {
         Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "systemd-container"])
+            .args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "systemd-container",
+            ])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .is_ok_and(|s| s.success())
@@ -37,13 +49,22 @@ fn ensure_nspawn() {
         let _ = Command::new("apt-get").arg("update").status();
         install();
     }
-    assert!(present(), "systemd-nspawn is not available and `apt-get install systemd-container` failed: cannot test the systemd backend");
+    assert!(
+        present(),
+        "systemd-nspawn is not available and `apt-get install systemd-container` failed: cannot test the systemd backend"
+    );
 }
 
 /// Fields after the command name in /proc/<pid>/stat.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    Some(text.rsplit_once(')')?.1.split_whitespace().map(str::to_string).collect())
+    Some(
+        text.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
 }
 
 /// A booted container. Powered off (then killed) on drop.
@@ -81,20 +102,33 @@ impl Container {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run systemd-nspawn: {e}"));
         let nspawn_pid = nspawn.id();
-        let mut container = Container { nspawn, init: 0, console };
+        let mut container = Container {
+            nspawn,
+            init: 0,
+            console,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while container.init == 0 {
             if let Ok(Some(status)) = container.nspawn.try_wait() {
-                panic!("systemd-nspawn exited ({status}) before booting:\n{}", container.console_text());
+                panic!(
+                    "systemd-nspawn exited ({status}) before booting:\n{}",
+                    container.console_text()
+                );
             }
-            assert!(Instant::now() < deadline, "no systemd inside the container:\n{}", container.console_text());
+            assert!(
+                Instant::now() < deadline,
+                "no systemd inside the container:\n{}",
+                container.console_text()
+            );
             container.init = std::fs::read_dir("/proc")
                 .unwrap()
                 .flatten()
                 .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
                 .find(|pid| {
-                    stat_fields(*pid).is_some_and(|f| f.get(1).map(String::as_str) == Some(&nspawn_pid.to_string()))
-                        && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "systemd")
+                    stat_fields(*pid).is_some_and(|f| {
+                        f.get(1).map(String::as_str) == Some(&nspawn_pid.to_string())
+                    }) && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim() == "systemd")
                 })
                 .unwrap_or(0);
             std::thread::sleep(Duration::from_millis(50));
@@ -120,24 +154,38 @@ impl Container {
     /// `nsenter` into every namespace of the container.
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new("nsenter");
-        command.args(["-t", &self.init.to_string(), "-a"]).args(args);
+        command
+            .args(["-t", &self.init.to_string(), "-a"])
+            .args(args);
         command
     }
 
     fn exec(&self, args: &[&str]) -> std::process::Output {
-        self.command(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("nsenter {args:?}: {e}"))
+        self.command(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("nsenter {args:?}: {e}"))
     }
 
     fn systemctl_ok(&self, args: &[&str]) {
         let mut full = vec!["systemctl"];
         full.extend_from_slice(args);
         let out = self.exec(&full);
-        assert!(out.status.success(), "systemctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "systemctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// `systemctl show` properties of the unit.
     fn show(&self, unit: &str) -> HashMap<String, String> {
-        let out = self.exec(&["systemctl", "show", unit, "--property=MainPID,ActiveState,SubState,NRestarts"]);
+        let out = self.exec(&[
+            "systemctl",
+            "show",
+            unit,
+            "--property=MainPID,ActiveState,SubState,NRestarts",
+        ]);
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.split_once('='))
@@ -164,7 +212,10 @@ impl Drop for Container {
         }
         // Killing the container's init ends every process of its pid namespace.
         if self.init != 0 {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.init as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.init as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         let _ = self.nspawn.kill();
         let _ = self.nspawn.wait();
@@ -175,7 +226,12 @@ impl Drop for Container {
 fn start_agent(container: &Container, config: &Path, log: &Path) -> (Child, String) {
     let stderr = std::fs::File::create(log).unwrap();
     let mut child = container
-        .command(&[&bin("patchd").to_string_lossy(), "run", "--config", &config.to_string_lossy()])
+        .command(&[
+            &bin("patchd").to_string_lossy(),
+            "run",
+            "--config",
+            &config.to_string_lossy(),
+        ])
         .env("PATCHD_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -191,16 +247,24 @@ fn start_agent(container: &Container, config: &Path, log: &Path) -> (Child, Stri
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-        panic!("patchd in the container printed no ready line:\n{}", std::fs::read_to_string(log).unwrap_or_default())
-    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| {
+            panic!(
+                "patchd in the container printed no ready line:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        });
     (child, addr)
 }
 
 #[test]
 fn systemd_backend_applies_reverts_and_rolls_back_a_unit() {
     ensure_nspawn();
-    let dir = tempfile::Builder::new().prefix("patchd-systemd-").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("patchd-systemd-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let root = dir.path().to_path_buf();
     let pki = Pki::new(&root);
     let tls = pki.issue_agent("agent-nspawn", &["127.0.0.1"]);
@@ -209,7 +273,11 @@ fn systemd_backend_applies_reverts_and_rolls_back_a_unit() {
     let binary = deploy_dir.join("bin/demo-worker/demo-worker");
     stamp_worker(&binary, "v1.0.0", "ok", 0);
     std::fs::create_dir_all(deploy_dir.join("bin/demo-worker/conf")).unwrap();
-    std::fs::write(deploy_dir.join("bin/demo-worker/conf/worker.toml"), worker_conf("v1.0.0")).unwrap();
+    std::fs::write(
+        deploy_dir.join("bin/demo-worker/conf/worker.toml"),
+        worker_conf("v1.0.0"),
+    )
+    .unwrap();
     let original_sha = sha256_file(&binary);
 
     let unit = root.join(UNIT);
@@ -250,7 +318,11 @@ fn systemd_backend_applies_reverts_and_rolls_back_a_unit() {
         &[
             (&root, &root, false),
             (&target_debug, &target_debug, true),
-            (&unit, Path::new("/etc/systemd/system/demo-worker.service"), true),
+            (
+                &unit,
+                Path::new("/etc/systemd/system/demo-worker.service"),
+                true,
+            ),
         ],
     );
     container.systemctl_ok(&["daemon-reload"]);
@@ -260,26 +332,36 @@ fn systemd_backend_applies_reverts_and_rolls_back_a_unit() {
     // Everything that talks to the agent or the worker runs in the container's network namespace.
     let netns = container.netns();
     let scenario = {
-        let (pki, pkgs, container_ref, original_sha) = (&pki, &pkgs, &container, original_sha.clone());
+        let (pki, pkgs, container_ref, original_sha) =
+            (&pki, &pkgs, &container, original_sha.clone());
         std::thread::scope(|scope| {
             scope
                 .spawn(move || {
                     let ns = std::fs::File::open(&netns).unwrap();
-                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .unwrap_or_else(|e| panic!("cannot enter the container's network namespace: {e}"));
+                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap_or_else(
+                        |e| panic!("cannot enter the container's network namespace: {e}"),
+                    );
                     let version = || {
                         http_get(LISTEN, "/version")
                             .filter(|(status, _)| *status == 200)
-                            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+                            .and_then(|(_, body)| {
+                                serde_json::from_str::<serde_json::Value>(&body).ok()
+                            })
                             .and_then(|v| v["version"].as_str().map(str::to_string))
                     };
-                    wait_for(Duration::from_secs(30), "the unit to serve v1.0.0", || version().as_deref() == Some("v1.0.0"));
+                    wait_for(Duration::from_secs(30), "the unit to serve v1.0.0", || {
+                        version().as_deref() == Some("v1.0.0")
+                    });
                     let mut rpc = AgentRpc::connect(pki, addr.parse().unwrap());
 
                     let status = rpc.status("worker-1");
                     let show = container_ref.show(UNIT);
                     assert_eq!(status.state(), ServiceState::Running);
-                    assert_eq!(status.pid.to_string(), show["MainPID"], "status reports the unit's MainPID");
+                    assert_eq!(
+                        status.pid.to_string(),
+                        show["MainPID"],
+                        "status reports the unit's MainPID"
+                    );
                     assert_eq!(status.binary_sha256, original_sha);
                     let first_pid = show["MainPID"].clone();
 
@@ -302,15 +384,27 @@ fn systemd_backend_applies_reverts_and_rolls_back_a_unit() {
                     rpc.stage("worker-1", &digest).unwrap();
                     let reverted = rpc.apply("worker-1", &digest, "p2", false).unwrap();
                     assert_eq!(outcome(&reverted), ApplyOutcome::Reverted, "{reverted:?}");
-                    assert!(reverted.reason.contains("exited with status"), "{}", reverted.reason);
                     assert!(
-                        reverted.log_tail.iter().any(|l| l.contains("crashing on start")),
+                        reverted.reason.contains("exited with status"),
+                        "{}",
+                        reverted.reason
+                    );
+                    assert!(
+                        reverted
+                            .log_tail
+                            .iter()
+                            .any(|l| l.contains("crashing on start")),
                         "journalctl tail: {:?}",
                         reverted.log_tail
                     );
-                    wait_for(Duration::from_secs(20), "v2.0.0 serving again", || version().as_deref() == Some("v2.0.0"));
+                    wait_for(Duration::from_secs(20), "v2.0.0 serving again", || {
+                        version().as_deref() == Some("v2.0.0")
+                    });
                     assert_eq!(container_ref.show(UNIT)["ActiveState"], "active");
-                    assert_eq!(rpc.status("worker-1").binary_sha256, package_hashes(pkgs, "v2.0.0").0);
+                    assert_eq!(
+                        rpc.status("worker-1").binary_sha256,
+                        package_hashes(pkgs, "v2.0.0").0
+                    );
 
                     // Rollback to the original version.
                     let rolled = rpc.rollback("worker-1", "p1", "r1").unwrap();
@@ -324,7 +418,10 @@ fn systemd_backend_applies_reverts_and_rolls_back_a_unit() {
     let _ = agent.kill();
     let _ = agent.wait();
     if let Err(panic) = scenario {
-        eprintln!("agent log:\n{}", std::fs::read_to_string(root.join("patchd-stderr.log")).unwrap_or_default());
+        eprintln!(
+            "agent log:\n{}",
+            std::fs::read_to_string(root.join("patchd-stderr.log")).unwrap_or_default()
+        );
         std::panic::resume_unwind(panic);
     }
     assert_eq!(sha256_file(&binary), original_sha);

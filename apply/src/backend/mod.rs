@@ -35,21 +35,33 @@ pub struct ServiceRuntime {
 impl ServiceRuntime {
     /// Nothing known.
     pub fn unknown() -> Self {
-        ServiceRuntime { state: RunState::Unknown, pid: None, uptime_seconds: None, instance: None, last_exit: None }
+        ServiceRuntime {
+            state: RunState::Unknown,
+            pid: None,
+            uptime_seconds: None,
+            instance: None,
+            last_exit: None,
+        }
     }
 }
 
 /// A backend operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("cannot start {command:?}: {source}; check the service's `command` in the agent config")]
+    #[error(
+        "cannot start {command:?}: {source}; check the service's `command` in the agent config"
+    )]
     Spawn {
         command: String,
         #[source]
         source: std::io::Error,
     },
     #[error("`{command}` failed ({status}): {stderr}")]
-    Command { command: String, status: String, stderr: String },
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
     #[error("`{command}` did not finish within {seconds}s")]
     CommandTimeout { command: String, seconds: u64 },
     #[error("pid {pid} is still alive after SIGKILL")]
@@ -77,7 +89,10 @@ pub trait ServiceBackend: Send + Sync + std::fmt::Debug {
 }
 
 /// The real backend for a service spec.
-pub fn real_backend(spec: &ServiceSpec, state_dir: &Path) -> Result<Arc<dyn ServiceBackend>, BackendError> {
+pub fn real_backend(
+    spec: &ServiceSpec,
+    state_dir: &Path,
+) -> Result<Arc<dyn ServiceBackend>, BackendError> {
     Ok(match spec.backend {
         BackendKind::Process => Arc::new(process::ProcessBackend::open(spec.clone(), state_dir)?),
         BackendKind::Systemd => Arc::new(systemd::SystemdBackend::new(spec)?),
@@ -88,9 +103,14 @@ pub fn real_backend(spec: &ServiceSpec, state_dir: &Path) -> Result<Arc<dyn Serv
 pub fn tail_file(path: &Path, lines: usize) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
     const WINDOW: u64 = 64 * 1024;
-    let Ok(mut file) = std::fs::File::open(path) else { return Vec::new() };
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    if file.seek(SeekFrom::Start(len.saturating_sub(WINDOW))).is_err() {
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(WINDOW)))
+        .is_err()
+    {
         return Vec::new();
     }
     let mut bytes = Vec::new();

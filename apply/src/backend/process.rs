@@ -79,7 +79,10 @@ impl ProcessBackend {
     /// Does not start anything.
     pub fn open(spec: ServiceSpec, state_dir: &Path) -> Result<Self, BackendError> {
         if spec.command.is_empty() {
-            return Err(BackendError::Misconfigured { service: spec.name.clone(), what: "command" });
+            return Err(BackendError::Misconfigured {
+                service: spec.name.clone(),
+                what: "command",
+            });
         }
         let log_path = state_dir.join("logs").join(format!("{}.log", spec.name));
         let pid_path = state_dir.join("run").join(format!("{}.pid", spec.name));
@@ -89,7 +92,10 @@ impl ProcessBackend {
                 spec,
                 log_path,
                 pid_path,
-                state: Mutex::new(State { auto_restart, ..State::default() }),
+                state: Mutex::new(State {
+                    auto_restart,
+                    ..State::default()
+                }),
                 exited: Notify::new(),
             }),
         };
@@ -108,8 +114,12 @@ impl ProcessBackend {
     }
 
     fn adopt_from_pid_file(&self) {
-        let Ok(bytes) = std::fs::read(&self.inner.pid_path) else { return };
-        let Ok(record) = serde_json::from_slice::<PidRecord>(&bytes) else { return };
+        let Ok(bytes) = std::fs::read(&self.inner.pid_path) else {
+            return;
+        };
+        let Ok(record) = serde_json::from_slice::<PidRecord>(&bytes) else {
+            return;
+        };
         // pid + start time identify a process since boot (and survive an exec by a wrapper script); the
         // command line is the fallback when the start time could not be recorded.
         let alive_and_ours = proc_stat(record.pid).is_some_and(|stat| {
@@ -144,7 +154,9 @@ impl ProcessBackend {
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     // A poisoned lock only means another task panicked mid-update; the state is still the best we have.
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Inner {
@@ -152,11 +164,18 @@ impl Inner {
     fn spawn(self: &Arc<Self>) -> Result<(), BackendError> {
         let argv = self.spec.resolved_command();
         let Some((program, args)) = argv.split_first() else {
-            return Err(BackendError::Misconfigured { service: self.spec.name.clone(), what: "command" });
+            return Err(BackendError::Misconfigured {
+                service: self.spec.name.clone(),
+                what: "command",
+            });
         };
         let log_dir = fsutil::parent_of(&self.log_path)?;
         std::fs::create_dir_all(log_dir).ctx("create directory", log_dir)?;
-        let mut log = OpenOptions::new().create(true).append(true).open(&self.log_path).ctx("open log", &self.log_path)?;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .ctx("open log", &self.log_path)?;
         let stamp = humantime::format_rfc3339_seconds(SystemTime::now());
         let _ = writeln!(log, "--- patchd {stamp}: starting {}", argv.join(" "));
         let stderr = log.try_clone().ctx("open log", &self.log_path)?;
@@ -173,8 +192,10 @@ impl Inner {
         if self.spec.deploy_dir.is_dir() {
             command.current_dir(&self.spec.deploy_dir);
         }
-        let mut child =
-            command.spawn().map_err(|source| BackendError::Spawn { command: argv.join(" "), source })?;
+        let mut child = command.spawn().map_err(|source| BackendError::Spawn {
+            command: argv.join(" "),
+            source,
+        })?;
         let Some(pid) = child.id() else {
             return Err(BackendError::Spawn {
                 command: argv.join(" "),
@@ -186,12 +207,20 @@ impl Inner {
             pid,
             proc_start_ticks: proc_stat(pid).map(|s| s.start_ticks).unwrap_or(0),
             argv,
-            started_unix_ms: started.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            started_unix_ms: started
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
         };
         let generation = {
             let mut state = lock(&self.state);
             state.generation += 1;
-            state.running = Some(Running { pid, generation: state.generation, started, adopted: false });
+            state.running = Some(Running {
+                pid,
+                generation: state.generation,
+                started,
+                adopted: false,
+            });
             state.generation
         };
         if let Ok(bytes) = serde_json::to_vec(&record)
@@ -214,10 +243,14 @@ impl Inner {
     fn on_exit(self: &Arc<Self>, generation: u64, exit: String) {
         let restart_delay = {
             let mut state = lock(&self.state);
-            let Some(running) = state.running.clone().filter(|r| r.generation == generation) else { return };
+            let Some(running) = state.running.clone().filter(|r| r.generation == generation) else {
+                return;
+            };
             state.running = None;
             state.last_exit = Some(exit.clone());
-            let ran_for = SystemTime::now().duration_since(running.started).unwrap_or_default();
+            let ran_for = SystemTime::now()
+                .duration_since(running.started)
+                .unwrap_or_default();
             if ran_for >= STABLE_RUN {
                 state.crashes_in_a_row = 0;
             }
@@ -256,15 +289,21 @@ impl Inner {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let notified = self.exited.notified();
-            let Some(adopted) =
-                lock(&self.state).running.as_ref().filter(|r| r.generation == generation).map(|r| r.adopted)
+            let Some(adopted) = lock(&self.state)
+                .running
+                .as_ref()
+                .filter(|r| r.generation == generation)
+                .map(|r| r.adopted)
             else {
                 return true;
             };
             // An adopted process is not our child: look at /proc directly rather than wait for the poller.
             // (A child of ours is reaped by its waiter, which reports the real exit status.)
             if adopted && !pid_alive(pid) {
-                self.on_exit(generation, "exited (status unknown: not a child of this agent)".into());
+                self.on_exit(
+                    generation,
+                    "exited (status unknown: not a child of this agent)".into(),
+                );
                 return true;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -284,7 +323,10 @@ async fn watch_adopted(inner: Arc<Inner>, pid: u32, generation: u64) {
             return;
         }
         if !pid_alive(pid) {
-            inner.on_exit(generation, "exited (status unknown: not a child of this agent)".into());
+            inner.on_exit(
+                generation,
+                "exited (status unknown: not a child of this agent)".into(),
+            );
             return;
         }
     }
@@ -300,7 +342,9 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     if let Some(code) = status.code() {
         format!("exited with status {code}")
     } else if let Some(signal) = status.signal() {
-        let name = Signal::try_from(signal).map(|s| s.as_str().to_string()).unwrap_or_else(|_| signal.to_string());
+        let name = Signal::try_from(signal)
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_else(|_| signal.to_string());
         format!("killed by signal {name}")
     } else {
         format!("ended: {status}")
@@ -347,7 +391,11 @@ fn pid_alive(pid: u32) -> bool {
 fn signal_service(pid: u32, signal: Signal) {
     let Ok(raw) = i32::try_from(pid) else { return };
     let leads_group = proc_stat(pid).is_some_and(|s| s.pgrp == raw);
-    let result = if leads_group { killpg(Pid::from_raw(raw), signal) } else { kill(Pid::from_raw(raw), signal) };
+    let result = if leads_group {
+        killpg(Pid::from_raw(raw), signal)
+    } else {
+        kill(Pid::from_raw(raw), signal)
+    };
     if let Err(e) = result {
         tracing::debug!(pid, "signal {signal}: {e}");
     }
@@ -368,14 +416,28 @@ impl ServiceBackend for ProcessBackend {
 
     async fn stop(&self) -> Result<(), BackendError> {
         lock(&self.inner.state).stopping = true;
-        let Some(running) = self.inner.current() else { return Ok(()) };
+        let Some(running) = self.inner.current() else {
+            return Ok(());
+        };
         signal_service(running.pid, Signal::SIGTERM);
-        if self.inner.wait_gone(running.pid, running.generation, self.inner.spec.stop_timeout()).await {
+        if self
+            .inner
+            .wait_gone(
+                running.pid,
+                running.generation,
+                self.inner.spec.stop_timeout(),
+            )
+            .await
+        {
             return Ok(());
         }
         tracing::warn!(service = %self.inner.spec.name, pid = running.pid, "still running after stop_timeout; sending SIGKILL");
         signal_service(running.pid, Signal::SIGKILL);
-        if self.inner.wait_gone(running.pid, running.generation, KILL_GRACE).await {
+        if self
+            .inner
+            .wait_gone(running.pid, running.generation, KILL_GRACE)
+            .await
+        {
             Ok(())
         } else {
             Err(BackendError::Unkillable { pid: running.pid })
@@ -388,12 +450,21 @@ impl ServiceBackend for ProcessBackend {
             Some(running) => ServiceRuntime {
                 state: RunState::Running,
                 pid: Some(running.pid),
-                uptime_seconds: Some(SystemTime::now().duration_since(running.started).unwrap_or_default().as_secs()),
+                uptime_seconds: Some(
+                    SystemTime::now()
+                        .duration_since(running.started)
+                        .unwrap_or_default()
+                        .as_secs(),
+                ),
                 instance: Some(format!("{}#{}", running.pid, running.generation)),
                 last_exit: state.last_exit.clone(),
             },
             None => ServiceRuntime {
-                state: if state.last_exit.is_some() && !state.stopping { RunState::Failed } else { RunState::Stopped },
+                state: if state.last_exit.is_some() && !state.stopping {
+                    RunState::Failed
+                } else {
+                    RunState::Stopped
+                },
                 pid: None,
                 uptime_seconds: None,
                 instance: None,
@@ -404,7 +475,9 @@ impl ServiceBackend for ProcessBackend {
 
     async fn log_tail(&self, lines: usize) -> Vec<String> {
         let path = self.inner.log_path.clone();
-        tokio::task::spawn_blocking(move || tail_file(&path, lines)).await.unwrap_or_default()
+        tokio::task::spawn_blocking(move || tail_file(&path, lines))
+            .await
+            .unwrap_or_default()
     }
 
     fn set_auto_restart(&self, enabled: bool) {
@@ -429,7 +502,11 @@ mod tests {
     #[tokio::test]
     async fn start_stop_and_adopt_after_backend_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = spec("sleeper", dir.path(), &["/bin/sh", "-c", "echo hello; exec sleep 30"]);
+        let spec = spec(
+            "sleeper",
+            dir.path(),
+            &["/bin/sh", "-c", "echo hello; exec sleep 30"],
+        );
         let backend = ProcessBackend::open(spec.clone(), dir.path()).unwrap();
         backend.start().await.unwrap();
         let first = backend.status().await.unwrap();
@@ -454,7 +531,15 @@ mod tests {
     #[tokio::test]
     async fn sigterm_ignored_means_sigkill() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = spec("stubborn", dir.path(), &["/bin/sh", "-c", "trap '' TERM; echo ready; while true; do sleep 0.1; done"]);
+        let spec = spec(
+            "stubborn",
+            dir.path(),
+            &[
+                "/bin/sh",
+                "-c",
+                "trap '' TERM; echo ready; while true; do sleep 0.1; done",
+            ],
+        );
         let backend = ProcessBackend::open(spec, dir.path()).unwrap();
         backend.start().await.unwrap();
         // let the trap be installed
@@ -467,7 +552,10 @@ mod tests {
         let pid = backend.status().await.unwrap().pid.unwrap();
         backend.stop().await.unwrap();
         assert!(!pid_alive(pid));
-        assert_eq!(backend.status().await.unwrap().last_exit.as_deref(), Some("killed by signal SIGKILL"));
+        assert_eq!(
+            backend.status().await.unwrap().last_exit.as_deref(),
+            Some("killed by signal SIGKILL")
+        );
     }
 
     #[tokio::test]
@@ -479,8 +567,15 @@ mod tests {
         let backend = ProcessBackend::open(spec, dir.path()).unwrap();
         backend.start().await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::fs::read_to_string(&marker).map(|s| s.lines().count()).unwrap_or(0) < 2 {
-            assert!(std::time::Instant::now() < deadline, "no restart after a crash");
+        while std::fs::read_to_string(&marker)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+            < 2
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no restart after a crash"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         backend.set_auto_restart(false);

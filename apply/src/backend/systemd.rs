@@ -21,12 +21,16 @@ pub struct SystemdBackend {
 
 impl SystemdBackend {
     pub fn new(spec: &ServiceSpec) -> Result<Self, BackendError> {
-        let unit = spec
-            .unit
-            .clone()
-            .filter(|u| !u.is_empty())
-            .ok_or_else(|| BackendError::Misconfigured { service: spec.name.clone(), what: "unit" })?;
-        Ok(SystemdBackend { unit, service: spec.name.clone() })
+        let unit = spec.unit.clone().filter(|u| !u.is_empty()).ok_or_else(|| {
+            BackendError::Misconfigured {
+                service: spec.name.clone(),
+                what: "unit",
+            }
+        })?;
+        Ok(SystemdBackend {
+            unit,
+            service: spec.name.clone(),
+        })
     }
 
     /// The unit's properties relevant to status and probation.
@@ -58,11 +62,20 @@ async fn run(program: &str, args: &[&str], limit: Duration) -> Result<String, Ba
     let shown = format!("{program} {}", args.join(" "));
     let output = tokio::time::timeout(
         limit,
-        tokio::process::Command::new(program).args(args).kill_on_drop(true).output(),
+        tokio::process::Command::new(program)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
     )
     .await
-    .map_err(|_| BackendError::CommandTimeout { command: shown.clone(), seconds: limit.as_secs() })?
-    .map_err(|source| BackendError::Spawn { command: shown.clone(), source })?;
+    .map_err(|_| BackendError::CommandTimeout {
+        command: shown.clone(),
+        seconds: limit.as_secs(),
+    })?
+    .map_err(|source| BackendError::Spawn {
+        command: shown.clone(),
+        source,
+    })?;
     if !output.status.success() {
         return Err(BackendError::Command {
             command: shown,
@@ -84,8 +97,14 @@ fn monotonic_micros() -> Option<u64> {
 /// The runtime view of `systemctl show` properties.
 fn runtime_from(props: &HashMap<String, String>) -> ServiceRuntime {
     let active = props.get("ActiveState").map(String::as_str).unwrap_or("");
-    let pid = props.get("MainPID").and_then(|p| p.parse::<u32>().ok()).filter(|p| *p != 0);
-    let start_us = props.get("ExecMainStartTimestampMonotonic").and_then(|v| v.parse::<u64>().ok()).filter(|v| *v != 0);
+    let pid = props
+        .get("MainPID")
+        .and_then(|p| p.parse::<u32>().ok())
+        .filter(|p| *p != 0);
+    let start_us = props
+        .get("ExecMainStartTimestampMonotonic")
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|v| *v != 0);
     let sub = props.get("SubState").map(String::as_str).unwrap_or("");
     let state = match active {
         // the main process died and systemd waits to restart it: a crash, whatever Restart= does next
@@ -100,7 +119,10 @@ fn runtime_from(props: &HashMap<String, String>) -> ServiceRuntime {
         (RunState::Running, Some(start), Some(now)) => Some(now.saturating_sub(start) / 1_000_000),
         _ => None,
     };
-    let last_exit = match (props.get("ExecMainCode").map(String::as_str), props.get("ExecMainStatus")) {
+    let last_exit = match (
+        props.get("ExecMainCode").map(String::as_str),
+        props.get("ExecMainStatus"),
+    ) {
         // CLD_EXITED = 1, CLD_KILLED = 2, CLD_DUMPED = 3
         (Some("1"), Some(status)) => Some(format!("exited with status {status}")),
         (Some("2"), Some(signal)) => Some(format!("killed by signal {}", signal_name(signal))),
@@ -108,10 +130,19 @@ fn runtime_from(props: &HashMap<String, String>) -> ServiceRuntime {
         _ => None,
     };
     let instance = match (pid, start_us) {
-        (Some(pid), Some(start)) => Some(format!("{pid}@{start}#{}", props.get("NRestarts").map(String::as_str).unwrap_or("0"))),
+        (Some(pid), Some(start)) => Some(format!(
+            "{pid}@{start}#{}",
+            props.get("NRestarts").map(String::as_str).unwrap_or("0")
+        )),
         _ => None,
     };
-    ServiceRuntime { state, pid, uptime_seconds, instance, last_exit }
+    ServiceRuntime {
+        state,
+        pid,
+        uptime_seconds,
+        instance,
+        last_exit,
+    }
 }
 
 fn signal_name(number: &str) -> String {
@@ -130,11 +161,15 @@ impl ServiceBackend for SystemdBackend {
         if let Err(e) = run("systemctl", &["reset-failed", &self.unit], QUERY_TIMEOUT).await {
             tracing::debug!(service = %self.service, "systemctl reset-failed: {e}");
         }
-        run("systemctl", &["start", &self.unit], SYSTEMCTL_TIMEOUT).await.map(drop)
+        run("systemctl", &["start", &self.unit], SYSTEMCTL_TIMEOUT)
+            .await
+            .map(drop)
     }
 
     async fn stop(&self) -> Result<(), BackendError> {
-        run("systemctl", &["stop", &self.unit], SYSTEMCTL_TIMEOUT).await.map(drop)
+        run("systemctl", &["stop", &self.unit], SYSTEMCTL_TIMEOUT)
+            .await
+            .map(drop)
     }
 
     async fn status(&self) -> Result<ServiceRuntime, BackendError> {
@@ -143,7 +178,13 @@ impl ServiceBackend for SystemdBackend {
 
     async fn log_tail(&self, lines: usize) -> Vec<String> {
         let count = lines.to_string();
-        match run("journalctl", &["-u", &self.unit, "-n", &count, "--no-pager", "-o", "cat"], QUERY_TIMEOUT).await {
+        match run(
+            "journalctl",
+            &["-u", &self.unit, "-n", &count, "--no-pager", "-o", "cat"],
+            QUERY_TIMEOUT,
+        )
+        .await
+        {
             Ok(text) => text.lines().map(str::to_string).collect(),
             Err(e) => {
                 tracing::debug!(service = %self.service, "journalctl: {e}");
@@ -171,17 +212,23 @@ mod tests {
         assert_eq!(rt.pid, None);
         assert_eq!(rt.last_exit.as_deref(), Some("exited with status 3"));
 
-        let props = parse_properties("MainPID=42\nActiveState=active\nExecMainStartTimestampMonotonic=1\nExecMainCode=0\nNRestarts=0\n");
+        let props = parse_properties(
+            "MainPID=42\nActiveState=active\nExecMainStartTimestampMonotonic=1\nExecMainCode=0\nNRestarts=0\n",
+        );
         let rt = runtime_from(&props);
         assert_eq!(rt.state, RunState::Running);
         assert_eq!(rt.pid, Some(42));
         assert_eq!(rt.instance.as_deref(), Some("42@1#0"));
         assert!(rt.uptime_seconds.is_some());
 
-        let rt = runtime_from(&parse_properties("MainPID=0\nActiveState=activating\nSubState=auto-restart\nExecMainCode=1\nExecMainStatus=3\n"));
+        let rt = runtime_from(&parse_properties(
+            "MainPID=0\nActiveState=activating\nSubState=auto-restart\nExecMainCode=1\nExecMainStatus=3\n",
+        ));
         assert_eq!(rt.state, RunState::Failed);
 
-        let rt = runtime_from(&parse_properties("MainPID=0\nActiveState=inactive\nExecMainCode=2\nExecMainStatus=9\n"));
+        let rt = runtime_from(&parse_properties(
+            "MainPID=0\nActiveState=inactive\nExecMainCode=2\nExecMainStatus=9\n",
+        ));
         assert_eq!(rt.last_exit.as_deref(), Some("killed by signal SIGKILL"));
     }
 }

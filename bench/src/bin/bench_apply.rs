@@ -57,14 +57,22 @@ impl Sample {
 }
 
 fn step(response: &v1::ApplyResponse, name: &str) -> f64 {
-    response.steps.iter().filter(|s| s.step == name).map(|s| s.millis as f64).sum()
+    response
+        .steps
+        .iter()
+        .filter(|s| s.step == name)
+        .map(|s| s.millis as f64)
+        .sum()
 }
 
 fn stats(values: &[f64]) -> (f64, f64, f64) {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
-    let p90 = sorted.get((sorted.len() * 9 / 10).min(sorted.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    let p90 = sorted
+        .get((sorted.len() * 9 / 10).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0);
     let max = sorted.last().copied().unwrap_or(0.0);
     (median, p90, max)
 }
@@ -97,9 +105,19 @@ fn durable_write_latency(dir: &Path) -> anyhow::Result<f64> {
     Ok(stats(&samples).0)
 }
 
-fn run_layout(name: &str, base: &Path, deploy_parent: &Path, size: u64, runs: usize) -> anyhow::Result<LayoutResult> {
-    let work = tempfile::Builder::new().prefix("patchd-bench-apply-").tempdir_in(base)?;
-    let deploy_work = tempfile::Builder::new().prefix("patchd-bench-deploy-").tempdir_in(deploy_parent)?;
+fn run_layout(
+    name: &str,
+    base: &Path,
+    deploy_parent: &Path,
+    size: u64,
+    runs: usize,
+) -> anyhow::Result<LayoutResult> {
+    let work = tempfile::Builder::new()
+        .prefix("patchd-bench-apply-")
+        .tempdir_in(base)?;
+    let deploy_work = tempfile::Builder::new()
+        .prefix("patchd-bench-deploy-")
+        .tempdir_in(deploy_parent)?;
     let deploy_root = deploy_work.path().to_path_buf();
     let deploy_dir = deploy_root.join(SERVICE);
     let bin_dir = deploy_dir.join("bin/svc");
@@ -109,9 +127,15 @@ fn run_layout(name: &str, base: &Path, deploy_parent: &Path, size: u64, runs: us
     std::fs::set_permissions(bin_dir.join("svc"), std::fs::Permissions::from_mode(0o755))?;
     write_random_file(&bin_dir.join("payload.bin"), size, 1);
 
-    eprintln!("[{name}] building two packages with a {} MiB payload", size >> 20);
+    eprintln!(
+        "[{name}] building two packages with a {} MiB payload",
+        size >> 20
+    );
     let pkgs = work.path().join("packages");
-    let packages = [build_package(&pkgs, "a", size, 2)?, build_package(&pkgs, "b", size, 3)?];
+    let packages = [
+        build_package(&pkgs, "a", size, 2)?,
+        build_package(&pkgs, "b", size, 3)?,
+    ];
 
     let pki = Pki::new(work.path());
     let tls = pki.issue_agent("bench-agent", &["127.0.0.1"]);
@@ -134,7 +158,8 @@ fn run_layout(name: &str, base: &Path, deploy_parent: &Path, size: u64, runs: us
     for package in &packages {
         let digest = push(&pki, &agent.addr_string(), package);
         let started = Instant::now();
-        rpc.stage(SERVICE, &digest).map_err(|e| anyhow::anyhow!("stage failed: {e}"))?;
+        rpc.stage(SERVICE, &digest)
+            .map_err(|e| anyhow::anyhow!("stage failed: {e}"))?;
         stage_ms = started.elapsed().as_secs_f64() * 1e3;
         digests.push(digest);
     }
@@ -153,8 +178,16 @@ fn run_layout(name: &str, base: &Path, deploy_parent: &Path, size: u64, runs: us
         }
         reaper.track(SERVICE);
         if std::env::var_os("BENCH_VERBOSE").is_some() {
-            let steps: Vec<String> = response.steps.iter().map(|s| format!("{}={}", s.step, s.millis)).collect();
-            eprintln!("  apply {run}: total {total_ms:.1} ms, downtime {} ms, steps {}", response.downtime_ms, steps.join(" "));
+            let steps: Vec<String> = response
+                .steps
+                .iter()
+                .map(|s| format!("{}={}", s.step, s.millis))
+                .collect();
+            eprintln!(
+                "  apply {run}: total {total_ms:.1} ms, downtime {} ms, steps {}",
+                response.downtime_ms,
+                steps.join(" ")
+            );
         }
         samples.push(Sample {
             total_ms,
@@ -170,12 +203,20 @@ fn run_layout(name: &str, base: &Path, deploy_parent: &Path, size: u64, runs: us
     agent.stop();
     reaper.reap();
     let first = samples.remove(0);
-    Ok(LayoutResult { name: name.to_string(), first, warm: samples, stage_ms, durable_write_ms })
+    Ok(LayoutResult {
+        name: name.to_string(),
+        first,
+        warm: samples,
+        stage_ms,
+        durable_write_ms,
+    })
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> anyhow::Result<T> {
     match std::env::var(key) {
-        Ok(text) => text.parse().map_err(|_| anyhow::anyhow!("{key}={text} is not a valid number")),
+        Ok(text) => text
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{key}={text} is not a valid number")),
         Err(_) => Ok(default),
     }
 }
@@ -183,21 +224,32 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> anyhow::Result<T> {
 fn main() -> anyhow::Result<()> {
     let size_mib: u64 = env_or("BENCH_SIZE_MIB", 100)?;
     let runs: usize = env_or("BENCH_RUNS", 20)?;
-    let base = std::env::var_os("BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let base = std::env::var_os("BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
     std::fs::create_dir_all(&base)?;
-    let binaries = std::env::var(patchd_e2e::BIN_DIR_ENV).unwrap_or_else(|_| "target/debug (debug build)".into());
+    let binaries = std::env::var(patchd_e2e::BIN_DIR_ENV)
+        .unwrap_or_else(|_| "target/debug (debug build)".into());
     eprintln!("agent binaries: {binaries}");
     let size = size_mib << 20;
 
     let mut layouts = vec![run_layout("same fs (hard link)", &base, &base, size, runs)?];
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
-        layouts.push(run_layout("other fs: deploy on /dev/shm (copy + fsync)", &base, shm, size, runs)?);
+        layouts.push(run_layout(
+            "other fs: deploy on /dev/shm (copy + fsync)",
+            &base,
+            shm,
+            size,
+            runs,
+        )?);
     } else {
         eprintln!("/dev/shm missing: cross-filesystem layout skipped");
     }
 
-    println!("## bench_apply: {size_mib} MiB payload, {runs} warm applies per layout, agent binaries: {binaries}\n");
+    println!(
+        "## bench_apply: {size_mib} MiB payload, {runs} warm applies per layout, agent binaries: {binaries}\n"
+    );
     println!(
         "| layout | unavailable (stop→healthy) median / p90 / max ms | agent overhead median / p90 / max ms | of which journal writes (median ms) | apply total median ms | prepare / swap median ms | first apply after agent start: total / overhead ms | stage ms | one durable write (fsync+rename+dir fsync) ms |"
     );
@@ -223,7 +275,11 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "\nTarget: agent overhead < {TARGET_OVERHEAD_MS} ms per apply (median, warm): {}",
-        if worst_overhead < TARGET_OVERHEAD_MS { "met" } else { "NOT met" }
+        if worst_overhead < TARGET_OVERHEAD_MS {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     Ok(())
 }
