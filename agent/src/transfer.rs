@@ -9,7 +9,9 @@
 //! A blob becomes complete only by renaming the synced part file after the tree digest of all records matched.
 //!
 //! Each byte is hashed once (its chunk's sha256, on a blocking thread); the tree digest is built from the records.
-//! Memory stays flat: at most [`CHANNEL_DEPTH`] chunks wait between the network and the disk.
+//! Three threads per upload keep the hashing thread (the bottleneck) busy: the hasher verifies each chunk, a writer
+//! `pwrite`s it, a recorder fsyncs and appends records. Memory stays flat: each queue between them holds at most
+//! [`QUEUE_BYTES`] of chunks.
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -24,8 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Chunks waiting between the network task and the disk worker.
-pub const CHANNEL_DEPTH: usize = 4;
+/// Bytes of chunks allowed to wait in each queue (network → hasher, hasher → writer): memory stays flat.
+pub const QUEUE_BYTES: usize = 8 * 1024 * 1024;
 /// Verified data written but not yet recorded before the worker syncs and records it.
 pub const FLUSH_BYTES: u64 = 32 * 1024 * 1024;
 /// A pause in the stream longer than this makes the worker sync and record what it has.
@@ -239,7 +241,7 @@ impl BlobStore {
         };
         let held = partial.held;
 
-        let (tx, rx) = mpsc::channel::<Chunk>(CHANNEL_DEPTH);
+        let (tx, rx) = mpsc::channel::<Chunk>(queue_depth(blob.chunk_size));
         let runtime = tokio::runtime::Handle::current();
         let worker = tokio::task::spawn_blocking(move || partial.receive(rx, &runtime));
 
@@ -391,31 +393,36 @@ impl PartialBlob {
         })
     }
 
-    /// The disk side of an upload, on a blocking thread: takes chunks until the channel closes or one is bad.
-    /// A recorder thread syncs and records batches, so fsync latency never stalls hashing and writing.
+    /// The disk side of an upload, on a blocking thread: hashes chunks until the channel closes or one is bad,
+    /// while a writer thread writes them and a recorder thread makes them durable (so neither `pwrite` nor fsync
+    /// latency stalls hashing).
     fn receive(
         mut self,
         rx: mpsc::Receiver<Chunk>,
         runtime: &tokio::runtime::Handle,
     ) -> Result<UploadOutcome, TransferError> {
+        let writer = Writer { part: self.part.try_clone().map_err(io_err(&self.part_path))?, part_path: self.part_path.clone() };
         let recorder = Recorder {
             part: self.part.try_clone().map_err(io_err(&self.part_path))?,
             records: self.records.try_clone().map_err(io_err(&self.records_path))?,
             part_path: self.part_path.clone(),
             records_path: self.records_path.clone(),
         };
-        // One batch in flight: if the disk falls behind, receiving waits instead of piling up unsynced data.
-        let (batches, batch_rx) = std::sync::mpsc::sync_channel::<Vec<[u8; 32]>>(1);
+        let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(queue_depth(self.blob.chunk_size));
+        // One batch waiting: if the disk falls behind, writing waits instead of piling up unsynced data.
+        let (to_recorder, recorder_rx) = std::sync::mpsc::sync_channel::<Vec<[u8; 32]>>(1);
         let (mut outcome, result) = std::thread::scope(|scope| {
-            let recording = scope.spawn(move || recorder.run(batch_rx));
-            let (outcome, received) = self.receive_chunks(rx, runtime, &batches);
+            let writing = scope.spawn(move || writer.run(writer_rx, to_recorder));
+            let recording = scope.spawn(move || recorder.run(recorder_rx));
+            let (outcome, received) = self.receive_chunks(rx, runtime, &to_writer);
             // Keep what verified before a bad chunk: the retry resumes right at it.
-            let handed = self.hand_over(&batches);
-            drop(batches);
-            let recorded = recording
-                .join()
-                .unwrap_or_else(|_| Err(TransferError::Internal("the recorder thread panicked".into())));
-            (outcome, received.and(recorded).and(handed))
+            let handed = self.hand_over(&to_writer);
+            drop(to_writer);
+            let panicked = |what: &str| Err(TransferError::Internal(format!("the {what} thread panicked")));
+            let written = writing.join().unwrap_or_else(|_| panicked("writer"));
+            let recorded = recording.join().unwrap_or_else(|_| panicked("recorder"));
+            // A disk error explains a stopped writer better than the hasher's view of it.
+            (outcome, written.and(recorded).and(received).and(handed))
         });
         result?;
         if self.held == self.blob.chunk_count() {
@@ -429,7 +436,7 @@ impl PartialBlob {
         &mut self,
         mut rx: mpsc::Receiver<Chunk>,
         runtime: &tokio::runtime::Handle,
-        batches: &SyncSender<Vec<[u8; 32]>>,
+        to_writer: &SyncSender<ToWriter>,
     ) -> (UploadOutcome, Result<(), TransferError>) {
         let mut outcome = UploadOutcome::default();
         let result = loop {
@@ -441,20 +448,20 @@ impl PartialBlob {
             match next {
                 Some(Some(chunk)) => {
                     let len = chunk.data.len() as u64;
-                    if let Err(e) = self.accept(chunk) {
+                    if let Err(e) = self.accept(chunk, to_writer) {
                         break Err(e);
                     }
                     outcome.chunks_received += 1;
                     outcome.bytes_received += len;
                     if self.pending_bytes >= FLUSH_BYTES
-                        && let Err(e) = self.hand_over(batches)
+                        && let Err(e) = self.hand_over(to_writer)
                     {
                         break Err(e);
                     }
                 }
                 Some(None) => break Ok(()),
                 None => {
-                    if let Err(e) = self.hand_over(batches) {
+                    if let Err(e) = self.hand_over(to_writer) {
                         break Err(e);
                     }
                 }
@@ -463,18 +470,19 @@ impl PartialBlob {
         (outcome, result)
     }
 
-    /// Hands the hashes of the chunks written since the last batch to the recorder.
-    fn hand_over(&mut self, batches: &SyncSender<Vec<[u8; 32]>>) -> Result<(), TransferError> {
+    /// Hands the hashes of the chunks verified since the last batch on, behind their data: the writer passes
+    /// them to the recorder once it wrote that data.
+    fn hand_over(&mut self, to_writer: &SyncSender<ToWriter>) -> Result<(), TransferError> {
         if self.pending.is_empty() {
             return Ok(());
         }
         self.pending_bytes = 0;
-        batches
-            .send(std::mem::take(&mut self.pending))
-            .map_err(|_| TransferError::Internal("the recorder stopped".into()))
+        to_writer
+            .send(ToWriter::Batch(std::mem::take(&mut self.pending)))
+            .map_err(|_| TransferError::Internal("the writer stopped".into()))
     }
 
-    fn accept(&mut self, chunk: Chunk) -> Result<(), TransferError> {
+    fn accept(&mut self, chunk: Chunk, to_writer: &SyncSender<ToWriter>) -> Result<(), TransferError> {
         if chunk.index != self.held {
             return Err(TransferError::OutOfOrder { expected: self.held, got: chunk.index });
         }
@@ -497,7 +505,9 @@ impl PartialBlob {
         if hash != chunk.sha256 {
             return Err(TransferError::ChunkCorrupt { index: chunk.index, offset });
         }
-        self.part.write_all_at(&chunk.data, offset).map_err(io_err(&self.part_path))?;
+        to_writer
+            .send(ToWriter::Data { offset, data: chunk.data })
+            .map_err(|_| TransferError::Internal("the writer stopped".into()))?;
         self.tree.push_chunk_hash(&hash);
         self.pending.push(hash);
         self.pending_bytes += expected_len;
@@ -522,6 +532,48 @@ impl PartialBlob {
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))?;
         let _ = std::fs::remove_file(&self.records_path);
         tracing::info!(digest = %self.blob.digest, bytes = self.blob.total_size, "blob complete");
+        Ok(())
+    }
+}
+
+/// What the hasher sends the writer, in stream order.
+enum ToWriter {
+    /// A verified chunk to write at its offset.
+    Data { offset: u64, data: Bytes },
+    /// The hashes of the chunks sent before: pass them to the recorder once written.
+    Batch(Vec<[u8; 32]>),
+}
+
+/// Chunks held in one queue: about [`QUEUE_BYTES`], at least two.
+fn queue_depth(chunk_size: u32) -> usize {
+    (QUEUE_BYTES / (chunk_size.max(1) as usize)).max(2)
+}
+
+/// Writes verified chunks into the part file.
+struct Writer {
+    part: File,
+    part_path: PathBuf,
+}
+
+impl Writer {
+    fn run(
+        self,
+        from_hasher: std::sync::mpsc::Receiver<ToWriter>,
+        to_recorder: SyncSender<Vec<[u8; 32]>>,
+    ) -> Result<(), TransferError> {
+        for message in from_hasher {
+            match message {
+                ToWriter::Data { offset, data } => {
+                    self.part.write_all_at(&data, offset).map_err(io_err(&self.part_path))?;
+                }
+                ToWriter::Batch(batch) => {
+                    // A closed recorder has failed: its own result carries the error.
+                    if to_recorder.send(batch).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }

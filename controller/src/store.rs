@@ -106,7 +106,9 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     /// The home directory could not be created.
-    #[error("cannot create the patchctl home {path}: {source}; check its permissions or set --home")]
+    #[error(
+        "cannot create the patchctl home {path}: {source}; check its permissions or set --home"
+    )]
     Io {
         /// The directory.
         path: PathBuf,
@@ -192,7 +194,10 @@ impl fmt::Display for Timestamp {
         let format = time::macros::format_description!(
             "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
         );
-        match time::OffsetDateTime::from_unix_timestamp_nanos(nanos).ok().and_then(|t| t.format(&format).ok()) {
+        match time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+            .ok()
+            .and_then(|t| t.format(&format).ok())
+        {
             Some(text) => f.write_str(&text),
             None => write!(f, "@{}ms", self.0),
         }
@@ -373,7 +378,10 @@ impl RolloutState {
     pub fn is_unfinished(self) -> bool {
         matches!(
             self,
-            RolloutState::Planned | RolloutState::Running | RolloutState::Paused | RolloutState::Interrupted
+            RolloutState::Planned
+                | RolloutState::Running
+                | RolloutState::Paused
+                | RolloutState::Interrupted
         )
     }
 }
@@ -388,7 +396,10 @@ impl FromStr for RolloutState {
     type Err = UnknownValue;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        RolloutState::ALL.into_iter().find(|state| state.as_str() == text).ok_or_else(|| UnknownValue(text.into()))
+        RolloutState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == text)
+            .ok_or_else(|| UnknownValue(text.into()))
     }
 }
 
@@ -467,7 +478,10 @@ impl NodeRolloutState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            NodeRolloutState::Done | NodeRolloutState::Reverted | NodeRolloutState::Failed | NodeRolloutState::Skipped
+            NodeRolloutState::Done
+                | NodeRolloutState::Reverted
+                | NodeRolloutState::Failed
+                | NodeRolloutState::Skipped
         )
     }
 
@@ -597,7 +611,9 @@ pub struct RolloutReport {
 pub fn new_rollout_id() -> String {
     let format = time::macros::format_description!("[year][month][day]-[hour][minute][second]");
     let now = time::OffsetDateTime::now_utc();
-    let stamp = now.format(&format).unwrap_or_else(|_| Timestamp::now().0.to_string());
+    let stamp = now
+        .format(&format)
+        .unwrap_or_else(|_| Timestamp::now().0.to_string());
     format!("r{stamp}-{}", std::process::id())
 }
 
@@ -611,8 +627,10 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store of a patchctl home.
     pub fn open_home(home: &Home) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(home.root())
-            .map_err(|source| StoreError::Io { path: home.root().to_path_buf(), source })?;
+        std::fs::create_dir_all(home.root()).map_err(|source| StoreError::Io {
+            path: home.root().to_path_buf(),
+            source,
+        })?;
         Store::open(&home.store_path())
     }
 
@@ -620,7 +638,10 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let connection = open_connection(path)?;
         migrate(&connection, path)?;
-        Ok(Store { connection: Mutex::new(connection), path: path.to_path_buf() })
+        Ok(Store {
+            connection: Mutex::new(connection),
+            path: path.to_path_buf(),
+        })
     }
 
     /// The database file.
@@ -630,23 +651,39 @@ impl Store {
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the guard cannot leave SQLite inconsistent (every call is one transaction).
-        self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn sql(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite { path: self.path.clone(), source }
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn corrupt(&self, column: &str, value: &str) -> StoreError {
-        StoreError::Corrupt { path: self.path.clone(), column: column.to_string(), value: value.to_string() }
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            column: column.to_string(),
+            value: value.to_string(),
+        }
     }
 
     // ----- clusters -----
 
     /// Registers a cluster, or replaces its topology (re-import). Returns `true` when it was new.
-    pub fn save_cluster(&self, name: &str, topology_yaml: &str, source_path: &str) -> Result<bool, StoreError> {
+    pub fn save_cluster(
+        &self,
+        name: &str,
+        topology_yaml: &str,
+        source_path: &str,
+    ) -> Result<bool, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.sql(e))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.sql(e))?;
         let now = Timestamp::now().0;
         let existed: bool = tx
             .query_row("SELECT 1 FROM clusters WHERE name = ?1", [name], |_| Ok(()))
@@ -687,7 +724,9 @@ impl Store {
         let mut statement = conn
             .prepare("SELECT name, yaml, source_path, created_at, imported_at FROM clusters ORDER BY name")
             .map_err(|e| self.sql(e))?;
-        let rows = statement.query_map([], cluster_from_row).map_err(|e| self.sql(e))?;
+        let rows = statement
+            .query_map([], cluster_from_row)
+            .map_err(|e| self.sql(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.sql(e))
     }
 
@@ -717,7 +756,10 @@ impl Store {
     /// Removes a node's `(patched)` marker (a rollback brought it back to its deployed version).
     pub fn unmark_patched(&self, cluster: &str, node_id: &str) -> Result<(), StoreError> {
         self.conn()
-            .execute("DELETE FROM node_marks WHERE cluster = ?1 AND node_id = ?2", params![cluster, node_id])
+            .execute(
+                "DELETE FROM node_marks WHERE cluster = ?1 AND node_id = ?2",
+                params![cluster, node_id],
+            )
             .map_err(|e| self.sql(e))?;
         Ok(())
     }
@@ -795,7 +837,9 @@ impl Store {
         let me = ProcessIdentity::current();
         let token = format!("{}-{}-{}", me.host, me.pid, Timestamp::now().0);
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.sql(e))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.sql(e))?;
         let existing = tx
             .query_row(
                 "SELECT pid, host, boot_id, proc_start, started_at FROM rollout_locks WHERE cluster = ?1",
@@ -831,25 +875,52 @@ impl Store {
                 started_at = %started_at,
                 "taking over the rollout lock of a patchctl process that no longer runs"
             );
-            taken_over_from = Some(LockHolder { pid: holder.pid, host: holder.host, started_at });
-            tx.execute("DELETE FROM rollout_locks WHERE cluster = ?1", [cluster]).map_err(|e| self.sql(e))?;
+            taken_over_from = Some(LockHolder {
+                pid: holder.pid,
+                host: holder.host,
+                started_at,
+            });
+            tx.execute("DELETE FROM rollout_locks WHERE cluster = ?1", [cluster])
+                .map_err(|e| self.sql(e))?;
         }
         tx.execute(
             "INSERT INTO rollout_locks (cluster, token, pid, host, boot_id, proc_start, started_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![cluster, token, me.pid, me.host, me.boot_id, me.proc_start, Timestamp::now().0],
+            params![
+                cluster,
+                token,
+                me.pid,
+                me.host,
+                me.boot_id,
+                me.proc_start,
+                Timestamp::now().0
+            ],
         )
         .map_err(|e| self.sql(e))?;
         tx.commit().map_err(|e| self.sql(e))?;
-        Ok(RolloutLock { cluster: cluster.to_string(), token, path: self.path.clone(), released: false, taken_over_from })
+        Ok(RolloutLock {
+            cluster: cluster.to_string(),
+            token,
+            path: self.path.clone(),
+            released: false,
+            taken_over_from,
+        })
     }
 
     /// Who holds the rollout lock of a cluster, if anyone (alive or not).
     pub fn rollout_lock_holder(&self, cluster: &str) -> Result<Option<LockHolder>, StoreError> {
         self.conn()
-            .query_row("SELECT pid, host, started_at FROM rollout_locks WHERE cluster = ?1", [cluster], |row| {
-                Ok(LockHolder { pid: row.get(0)?, host: row.get(1)?, started_at: Timestamp(row.get(2)?) })
-            })
+            .query_row(
+                "SELECT pid, host, started_at FROM rollout_locks WHERE cluster = ?1",
+                [cluster],
+                |row| {
+                    Ok(LockHolder {
+                        pid: row.get(0)?,
+                        host: row.get(1)?,
+                        started_at: Timestamp(row.get(2)?),
+                    })
+                },
+            )
             .optional()
             .map_err(|e| self.sql(e))
     }
@@ -858,7 +929,9 @@ impl Store {
     /// that is known to be gone). Returns the holder that was removed.
     pub fn force_unlock(&self, cluster: &str) -> Result<Option<LockHolder>, StoreError> {
         let holder = self.rollout_lock_holder(cluster)?;
-        self.conn().execute("DELETE FROM rollout_locks WHERE cluster = ?1", [cluster]).map_err(|e| self.sql(e))?;
+        self.conn()
+            .execute("DELETE FROM rollout_locks WHERE cluster = ?1", [cluster])
+            .map_err(|e| self.sql(e))?;
         Ok(holder)
     }
 
@@ -898,7 +971,9 @@ impl Store {
             )
             .map_err(|e| self.sql(e))?;
         if changed == 0 {
-            return Err(StoreError::NotFound { what: format!("rollout {id}") });
+            return Err(StoreError::NotFound {
+                what: format!("rollout {id}"),
+            });
         }
         Ok(())
     }
@@ -924,7 +999,12 @@ impl Store {
     }
 
     /// Sets a node's state in a rollout (inserting it the first time).
-    pub fn set_node_state(&self, rollout_id: &str, node_id: &str, state: NodeRolloutState) -> Result<(), StoreError> {
+    pub fn set_node_state(
+        &self,
+        rollout_id: &str,
+        node_id: &str,
+        state: NodeRolloutState,
+    ) -> Result<(), StoreError> {
         self.conn()
             .execute(
                 "INSERT INTO rollout_nodes (rollout_id, node_id, state, updated_at) VALUES (?1, ?2, ?3, ?4)
@@ -944,14 +1024,23 @@ impl Store {
                 .prepare("SELECT node_id, state, updated_at FROM rollout_nodes WHERE rollout_id = ?1 ORDER BY rowid")
                 .map_err(|e| self.sql(e))?;
             let rows = statement
-                .query_map([rollout_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+                .query_map([rollout_id], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
                 .map_err(|e| self.sql(e))?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.sql(e))?
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(|e| self.sql(e))?
         };
         raw.into_iter()
             .map(|(node_id, state, updated_at)| {
-                let state = state.parse().map_err(|_| self.corrupt("rollout_nodes.state", &state))?;
-                Ok(NodeState { node_id, state, updated_at: Timestamp(updated_at) })
+                let state = state
+                    .parse()
+                    .map_err(|_| self.corrupt("rollout_nodes.state", &state))?;
+                Ok(NodeState {
+                    node_id,
+                    state,
+                    updated_at: Timestamp(updated_at),
+                })
             })
             .collect()
     }
@@ -960,7 +1049,11 @@ impl Store {
     pub fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
         let raw = self
             .conn()
-            .query_row(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?1"), [id], RawRollout::from_row)
+            .query_row(
+                &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?1"),
+                [id],
+                RawRollout::from_row,
+            )
             .optional()
             .map_err(|e| self.sql(e))?;
         raw.map(|raw| raw.into_rollout(self)).transpose()
@@ -968,8 +1061,11 @@ impl Store {
 
     /// The newest rollout of a cluster that is not finished (see [`RolloutState::is_unfinished`]), for `--resume`.
     pub fn unfinished_rollout(&self, cluster: &str) -> Result<Option<Rollout>, StoreError> {
-        let unfinished: Vec<&str> =
-            RolloutState::ALL.into_iter().filter(|s| s.is_unfinished()).map(RolloutState::as_str).collect();
+        let unfinished: Vec<&str> = RolloutState::ALL
+            .into_iter()
+            .filter(|s| s.is_unfinished())
+            .map(RolloutState::as_str)
+            .collect();
         let raw = self
             .conn()
             .query_row(
@@ -995,8 +1091,11 @@ impl Store {
                      ORDER BY created_at, rowid"
                 ))
                 .map_err(|e| self.sql(e))?;
-            let rows = statement.query_map([cluster], RawRollout::from_row).map_err(|e| self.sql(e))?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.sql(e))?
+            let rows = statement
+                .query_map([cluster], RawRollout::from_row)
+                .map_err(|e| self.sql(e))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(|e| self.sql(e))?
         };
         raw.into_iter().map(|raw| raw.into_rollout(self)).collect()
     }
@@ -1015,9 +1114,18 @@ impl Store {
                 )
                 .map_err(|e| self.sql(e))?;
             let rows = statement
-                .query_map([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)))
+                .query_map([id], |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                    ))
+                })
                 .map_err(|e| self.sql(e))?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.sql(e))?
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(|e| self.sql(e))?
         };
         Ok(Some(build_report(rollout, states, steps)))
     }
@@ -1053,13 +1161,29 @@ fn build_report(
         let duration_ms = if state == "started" {
             None
         } else {
-            let started = node.steps.iter().rev().find(|previous| previous.step == step && previous.state == "started");
-            started.or(node.steps.last()).map(|previous| millis(at.since(previous.at)))
+            let started = node
+                .steps
+                .iter()
+                .rev()
+                .find(|previous| previous.step == step && previous.state == "started");
+            started
+                .or(node.steps.last())
+                .map(|previous| millis(at.since(previous.at)))
         };
         if is_failure_result(&state) {
-            node.reason = Some(if detail.is_empty() { format!("{step} {state}") } else { detail.clone() });
+            node.reason = Some(if detail.is_empty() {
+                format!("{step} {state}")
+            } else {
+                detail.clone()
+            });
         }
-        node.steps.push(StepRecord { step, state, detail, at, duration_ms });
+        node.steps.push(StepRecord {
+            step,
+            state,
+            detail,
+            at,
+            duration_ms,
+        });
     }
     for node in &mut nodes {
         if let (Some(first), Some(last)) = (node.steps.first(), node.steps.last()) {
@@ -1070,7 +1194,10 @@ fn build_report(
 }
 
 fn is_failure_result(state: &str) -> bool {
-    matches!(state, "failed" | "timeout" | "reverted" | "error" | "unreachable")
+    matches!(
+        state,
+        "failed" | "timeout" | "reverted" | "error" | "unreachable"
+    )
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -1113,8 +1240,14 @@ impl RawRollout {
     }
 
     fn into_rollout(self, store: &Store) -> Result<Rollout, StoreError> {
-        let kind = self.kind.parse().map_err(|_| store.corrupt("rollouts.kind", &self.kind))?;
-        let state = self.state.parse().map_err(|_| store.corrupt("rollouts.state", &self.state))?;
+        let kind = self
+            .kind
+            .parse()
+            .map_err(|_| store.corrupt("rollouts.kind", &self.kind))?;
+        let state = self
+            .state
+            .parse()
+            .map_err(|_| store.corrupt("rollouts.state", &self.state))?;
         Ok(Rollout {
             id: self.id,
             cluster: self.cluster,
@@ -1142,32 +1275,55 @@ fn cluster_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCluster> 
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
-    let sql = |source| StoreError::Sqlite { path: path.to_path_buf(), source };
+    let sql = |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
     let connection = Connection::open(path).map_err(sql)?;
     connection.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
     // WAL: readers (display, audit) never block the rollout's writer, across processes.
-    let _mode: String = connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(sql)?;
+    let _mode: String = connection
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(sql)?;
     // In WAL mode NORMAL is still crash-consistent (a commit may be lost on power failure, never half-applied).
-    connection.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
-    connection.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
+    connection
+        .pragma_update(None, "synchronous", "NORMAL")
+        .map_err(sql)?;
+    connection
+        .pragma_update(None, "foreign_keys", "ON")
+        .map_err(sql)?;
     Ok(connection)
 }
 
 fn migrate(connection: &Connection, path: &Path) -> Result<(), StoreError> {
-    let sql = |source| StoreError::Sqlite { path: path.to_path_buf(), source };
+    let sql = |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
     let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
     loop {
         // IMMEDIATE: two processes opening a fresh file at once must not both run migration 0.
-        let tx = rusqlite::Transaction::new_unchecked(connection, TransactionBehavior::Immediate).map_err(sql)?;
-        let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(sql)?;
+        let tx = rusqlite::Transaction::new_unchecked(connection, TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        let version: i64 = tx
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(sql)?;
         if version > known {
-            return Err(StoreError::NewerSchema { path: path.to_path_buf(), found: version, known });
+            return Err(StoreError::NewerSchema {
+                path: path.to_path_buf(),
+                found: version,
+                known,
+            });
         }
-        let Some(migration) = usize::try_from(version).ok().and_then(|index| MIGRATIONS.get(index)) else {
+        let Some(migration) = usize::try_from(version)
+            .ok()
+            .and_then(|index| MIGRATIONS.get(index))
+        else {
             return Ok(());
         };
         tx.execute_batch(migration).map_err(sql)?;
-        tx.pragma_update(None, "user_version", version + 1).map_err(sql)?;
+        tx.pragma_update(None, "user_version", version + 1)
+            .map_err(sql)?;
         tx.commit().map_err(sql)?;
     }
 }
@@ -1186,7 +1342,12 @@ struct ProcessIdentity {
 impl ProcessIdentity {
     fn current() -> Self {
         let pid = std::process::id();
-        Self { pid, host: hostname(), boot_id: boot_id(), proc_start: process_start_ticks(pid) }
+        Self {
+            pid,
+            host: hostname(),
+            boot_id: boot_id(),
+            proc_start: process_start_ticks(pid),
+        }
     }
 
     /// A holder is stale only when we can tell from this host: same host and (other boot, or its PID is gone, or
@@ -1220,7 +1381,9 @@ fn hostname() -> String {
 }
 
 fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|id| id.trim().to_string())
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_string())
 }
 
 fn process_start_ticks(pid: u32) -> Option<i64> {
@@ -1261,7 +1424,10 @@ impl RolloutLock {
                 "DELETE FROM rollout_locks WHERE cluster = ?1 AND token = ?2",
                 params![self.cluster, self.token],
             )
-            .map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })?;
+            .map_err(|source| StoreError::Sqlite {
+                path: self.path.clone(),
+                source,
+            })?;
         Ok(())
     }
 }
@@ -1308,15 +1474,26 @@ mod tests {
         let path = store.path().to_path_buf();
         drop(store);
         let reopened = Store::open(&path).expect("reopen");
-        let version: i64 =
-            reopened.conn().query_row("PRAGMA user_version", [], |row| row.get(0)).expect("user_version");
+        let version: i64 = reopened
+            .conn()
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .expect("user_version");
         assert_eq!(version, MIGRATIONS.len() as i64);
-        let mode: String = reopened.conn().query_row("PRAGMA journal_mode", [], |row| row.get(0)).expect("mode");
+        let mode: String = reopened
+            .conn()
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .expect("mode");
         assert_eq!(mode, "wal");
-        reopened.conn().pragma_update(None, "user_version", 99).expect("bump");
+        reopened
+            .conn()
+            .pragma_update(None, "user_version", 99)
+            .expect("bump");
         drop(reopened);
         let error = Store::open(&path).expect_err("newer schema refused");
-        assert!(matches!(error, StoreError::NewerSchema { found: 99, .. }), "{error}");
+        assert!(
+            matches!(error, StoreError::NewerSchema { found: 99, .. }),
+            "{error}"
+        );
         drop(dir);
     }
 
@@ -1324,66 +1501,141 @@ mod tests {
     fn clusters_are_saved_updated_and_listed() {
         let (_dir, store) = temp_store();
         assert!(store.load_cluster("demo").expect("load").is_none());
-        assert!(store.save_cluster("demo", "roles: {}\n", "/a.yaml").expect("save"));
+        assert!(
+            store
+                .save_cluster("demo", "roles: {}\n", "/a.yaml")
+                .expect("save")
+        );
         assert!(store.save_cluster("alpha", "x", "/b.yaml").expect("save"));
         let first = store.load_cluster("demo").expect("load").expect("exists");
-        assert!(!store.save_cluster("demo", "version: v2\n", "/c.yaml").expect("re-import"));
+        assert!(
+            !store
+                .save_cluster("demo", "version: v2\n", "/c.yaml")
+                .expect("re-import")
+        );
         let updated = store.load_cluster("demo").expect("load").expect("exists");
         assert_eq!(updated.yaml, "version: v2\n");
         assert_eq!(updated.source_path, "/c.yaml");
         assert_eq!(updated.created_at, first.created_at);
         assert!(updated.imported_at >= first.imported_at);
-        let names: Vec<String> = store.list_clusters().expect("list").into_iter().map(|c| c.name).collect();
+        let names: Vec<String> = store
+            .list_clusters()
+            .expect("list")
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
         assert_eq!(names, vec!["alpha", "demo"]);
     }
 
     #[test]
     fn marks_and_role_packages_upsert() {
         let (_dir, store) = temp_store();
-        store.mark_patched("demo", "n1", "r1", "d1", "v1").expect("mark");
-        store.mark_patched("demo", "n1", "r2", "d2", "v2").expect("mark again");
-        store.mark_patched("demo", "n2", "r2", "d2", "v2").expect("mark");
-        store.mark_patched("other", "n1", "r9", "d9", "v9").expect("mark");
+        store
+            .mark_patched("demo", "n1", "r1", "d1", "v1")
+            .expect("mark");
+        store
+            .mark_patched("demo", "n1", "r2", "d2", "v2")
+            .expect("mark again");
+        store
+            .mark_patched("demo", "n2", "r2", "d2", "v2")
+            .expect("mark");
+        store
+            .mark_patched("other", "n1", "r9", "d9", "v9")
+            .expect("mark");
         let marks = store.node_marks("demo").expect("marks");
         assert_eq!(marks.len(), 2);
-        assert_eq!((marks[0].node_id.as_str(), marks[0].rollout_id.as_str()), ("n1", "r2"));
+        assert_eq!(
+            (marks[0].node_id.as_str(), marks[0].rollout_id.as_str()),
+            ("n1", "r2")
+        );
         store.unmark_patched("demo", "n1").expect("unmark");
         assert_eq!(store.node_marks("demo").expect("marks").len(), 1);
 
-        store.set_role_package("demo", "worker", "d1", "/p1", "v1").expect("set");
-        store.set_role_package("demo", "worker", "d2", "/p2", "v2").expect("overwrite");
+        store
+            .set_role_package("demo", "worker", "d1", "/p1", "v1")
+            .expect("set");
+        store
+            .set_role_package("demo", "worker", "d2", "/p2", "v2")
+            .expect("overwrite");
         let packages = store.role_packages("demo").expect("packages");
         assert_eq!(packages.len(), 1);
-        assert_eq!((packages[0].digest.as_str(), packages[0].path.as_str()), ("d2", "/p2"));
+        assert_eq!(
+            (packages[0].digest.as_str(), packages[0].path.as_str()),
+            ("d2", "/p2")
+        );
         assert!(store.role_packages("other").expect("packages").is_empty());
     }
 
     #[test]
     fn journal_report_and_resume_lookup() {
         let (_dir, store) = temp_store();
-        store.create_rollout(&new_rollout("r1", "demo")).expect("create");
-        store.create_rollout(&new_rollout("r2", "other")).expect("create");
-        assert!(store.create_rollout(&new_rollout("r1", "demo")).is_err(), "IDs are unique");
-        assert_eq!(store.rollout("r1").expect("get").expect("exists").state, RolloutState::Planned);
-        assert_eq!(store.unfinished_rollout("demo").expect("lookup").map(|r| r.id), Some("r1".into()));
+        store
+            .create_rollout(&new_rollout("r1", "demo"))
+            .expect("create");
+        store
+            .create_rollout(&new_rollout("r2", "other"))
+            .expect("create");
+        assert!(
+            store.create_rollout(&new_rollout("r1", "demo")).is_err(),
+            "IDs are unique"
+        );
+        assert_eq!(
+            store.rollout("r1").expect("get").expect("exists").state,
+            RolloutState::Planned
+        );
+        assert_eq!(
+            store
+                .unfinished_rollout("demo")
+                .expect("lookup")
+                .map(|r| r.id),
+            Some("r1".into())
+        );
 
-        store.set_rollout_state("r1", RolloutState::Running).expect("state");
-        store.set_node_state("r1", "n2", NodeRolloutState::Pending).expect("node");
-        store.set_node_state("r1", "n1", NodeRolloutState::Pending).expect("node");
-        store.record_node_step("r1", "n2", "offline", "started", "").expect("step");
+        store
+            .set_rollout_state("r1", RolloutState::Running)
+            .expect("state");
+        store
+            .set_node_state("r1", "n2", NodeRolloutState::Pending)
+            .expect("node");
+        store
+            .set_node_state("r1", "n1", NodeRolloutState::Pending)
+            .expect("node");
+        store
+            .record_node_step("r1", "n2", "offline", "started", "")
+            .expect("step");
         std::thread::sleep(Duration::from_millis(20));
-        store.record_node_step("r1", "n2", "offline", "ok", "").expect("step");
-        store.record_node_step("r1", "n2", "apply", "started", "").expect("step");
+        store
+            .record_node_step("r1", "n2", "offline", "ok", "")
+            .expect("step");
+        store
+            .record_node_step("r1", "n2", "apply", "started", "")
+            .expect("step");
         std::thread::sleep(Duration::from_millis(20));
-        store.record_node_step("r1", "n2", "apply", "reverted", "health check failed: 503").expect("step");
-        store.set_node_state("r1", "n2", NodeRolloutState::Reverted).expect("node");
-        store.record_node_step("r1", "n1", "apply", "ok", "").expect("step");
-        store.set_node_state("r1", "n1", NodeRolloutState::Done).expect("node");
+        store
+            .record_node_step("r1", "n2", "apply", "reverted", "health check failed: 503")
+            .expect("step");
+        store
+            .set_node_state("r1", "n2", NodeRolloutState::Reverted)
+            .expect("node");
+        store
+            .record_node_step("r1", "n1", "apply", "ok", "")
+            .expect("step");
+        store
+            .set_node_state("r1", "n1", NodeRolloutState::Done)
+            .expect("node");
 
         let states = store.node_states("r1").expect("states");
-        let summary: Vec<(&str, NodeRolloutState)> =
-            states.iter().map(|state| (state.node_id.as_str(), state.state)).collect();
-        assert_eq!(summary, vec![("n2", NodeRolloutState::Reverted), ("n1", NodeRolloutState::Done)]);
+        let summary: Vec<(&str, NodeRolloutState)> = states
+            .iter()
+            .map(|state| (state.node_id.as_str(), state.state))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("n2", NodeRolloutState::Reverted),
+                ("n1", NodeRolloutState::Done)
+            ]
+        );
 
         let report = store.rollout_report("r1").expect("report").expect("exists");
         assert_eq!(report.rollout.state, RolloutState::Running);
@@ -1400,15 +1652,27 @@ mod tests {
         assert_eq!(report.nodes[1].reason, None);
         assert!(store.rollout_report("nope").expect("report").is_none());
 
-        store.set_rollout_state("r1", RolloutState::Halted).expect("state");
+        store
+            .set_rollout_state("r1", RolloutState::Halted)
+            .expect("state");
         assert!(store.unfinished_rollout("demo").expect("lookup").is_none());
         assert!(matches!(
             store.set_rollout_state("nope", RolloutState::Running),
             Err(StoreError::NotFound { .. })
         ));
-        let all: Vec<String> = store.list_rollouts(None).expect("list").into_iter().map(|r| r.id).collect();
+        let all: Vec<String> = store
+            .list_rollouts(None)
+            .expect("list")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
         assert_eq!(all, vec!["r1", "r2"]);
-        let demo: Vec<String> = store.list_rollouts(Some("demo")).expect("list").into_iter().map(|r| r.id).collect();
+        let demo: Vec<String> = store
+            .list_rollouts(Some("demo"))
+            .expect("list")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
         assert_eq!(demo, vec!["r1"]);
     }
 
@@ -1430,19 +1694,29 @@ mod tests {
         let second = Store::open(first.path()).expect("second connection");
         let lock = first.acquire_rollout_lock("demo").expect("first lock");
         assert!(lock.taken_over_from.is_none());
-        let error = second.acquire_rollout_lock("demo").expect_err("second refused");
+        let error = second
+            .acquire_rollout_lock("demo")
+            .expect_err("second refused");
         let StoreError::Locked { pid, .. } = &error else {
             panic!("expected Locked, got {error}");
         };
         assert_eq!(*pid, std::process::id());
         let message = error.to_string();
-        assert!(message.contains(&format!("pid {}", std::process::id())), "{message}");
+        assert!(
+            message.contains(&format!("pid {}", std::process::id())),
+            "{message}"
+        );
         assert!(message.contains("started 20"), "{message}");
-        assert!(message.contains("patchctl cluster unlock demo"), "{message}");
+        assert!(
+            message.contains("patchctl cluster unlock demo"),
+            "{message}"
+        );
         // Another cluster is independent.
         let other = second.acquire_rollout_lock("other").expect("other cluster");
         drop(lock);
-        let again = second.acquire_rollout_lock("demo").expect("released on drop");
+        let again = second
+            .acquire_rollout_lock("demo")
+            .expect("released on drop");
         again.release().expect("explicit release");
         assert!(first.rollout_lock_holder("demo").expect("holder").is_none());
         drop(other);
@@ -1463,8 +1737,13 @@ mod tests {
                 params![dead_pid, me.host, me.boot_id],
             )
             .expect("plant stale lock");
-        let lock = store.acquire_rollout_lock("demo").expect("stale lock taken over");
-        assert_eq!(lock.taken_over_from.as_ref().map(|holder| holder.pid), Some(dead_pid));
+        let lock = store
+            .acquire_rollout_lock("demo")
+            .expect("stale lock taken over");
+        assert_eq!(
+            lock.taken_over_from.as_ref().map(|holder| holder.pid),
+            Some(dead_pid)
+        );
 
         // A holder on another host is never presumed dead.
         store
@@ -1475,9 +1754,17 @@ mod tests {
                 params![dead_pid],
             )
             .expect("plant remote lock");
-        let error = store.acquire_rollout_lock("remote").expect_err("remote holder respected");
+        let error = store
+            .acquire_rollout_lock("remote")
+            .expect_err("remote holder respected");
         assert!(error.to_string().contains("some-other-host"), "{error}");
-        assert_eq!(store.force_unlock("remote").expect("unlock").map(|holder| holder.pid), Some(dead_pid));
+        assert_eq!(
+            store
+                .force_unlock("remote")
+                .expect("unlock")
+                .map(|holder| holder.pid),
+            Some(dead_pid)
+        );
         store.acquire_rollout_lock("remote").expect("after unlock");
     }
 
@@ -1500,7 +1787,13 @@ mod tests {
     fn lock_between_processes() {
         let (_dir, store) = temp_store();
         let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "store::tests::lock_holder_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "store::tests::lock_holder_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("PATCHCTL_STORE_LOCK_CHILD", store.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1523,15 +1816,34 @@ mod tests {
             let _ = child.wait();
             panic!("the child process did not take the lock within 120 s");
         }
-        let error = store.acquire_rollout_lock("demo").expect_err("refused while the child runs");
-        assert!(matches!(&error, StoreError::Locked { pid, .. } if *pid == child_pid), "{error}");
-        assert!(error.to_string().contains(&format!("pid {child_pid}")), "{error}");
+        let error = store
+            .acquire_rollout_lock("demo")
+            .expect_err("refused while the child runs");
+        assert!(
+            matches!(&error, StoreError::Locked { pid, .. } if *pid == child_pid),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains(&format!("pid {child_pid}")),
+            "{error}"
+        );
 
         // SIGKILL: the child cannot release; its row stays and must be recognised as stale.
         child.kill().expect("kill child");
         child.wait().expect("reap child");
-        assert_eq!(store.rollout_lock_holder("demo").expect("holder").map(|h| h.pid), Some(child_pid));
-        let lock = store.acquire_rollout_lock("demo").expect("taken over after SIGKILL");
-        assert_eq!(lock.taken_over_from.as_ref().map(|holder| holder.pid), Some(child_pid));
+        assert_eq!(
+            store
+                .rollout_lock_holder("demo")
+                .expect("holder")
+                .map(|h| h.pid),
+            Some(child_pid)
+        );
+        let lock = store
+            .acquire_rollout_lock("demo")
+            .expect("taken over after SIGKILL");
+        assert_eq!(
+            lock.taken_over_from.as_ref().map(|holder| holder.pid),
+            Some(child_pid)
+        );
     }
 }

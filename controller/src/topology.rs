@@ -54,7 +54,11 @@ impl AgentSettings {
         {
             return PathBuf::from(user_home).join(rest);
         }
-        if dir.is_absolute() { dir.clone() } else { home.root().join(dir) }
+        if dir.is_absolute() {
+            dir.clone()
+        } else {
+            home.root().join(dir)
+        }
     }
 }
 
@@ -149,10 +153,16 @@ impl FromStr for HttpMethod {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        [HttpMethod::Get, HttpMethod::Post, HttpMethod::Put, HttpMethod::Patch, HttpMethod::Delete]
-            .into_iter()
-            .find(|method| method.as_str().eq_ignore_ascii_case(text.trim()))
-            .ok_or_else(|| format!("unknown HTTP method `{text}`; use GET, POST, PUT, PATCH or DELETE"))
+        [
+            HttpMethod::Get,
+            HttpMethod::Post,
+            HttpMethod::Put,
+            HttpMethod::Patch,
+            HttpMethod::Delete,
+        ]
+        .into_iter()
+        .find(|method| method.as_str().eq_ignore_ascii_case(text.trim()))
+        .ok_or_else(|| format!("unknown HTTP method `{text}`; use GET, POST, PUT, PATCH or DELETE"))
     }
 }
 
@@ -217,7 +227,10 @@ impl HookSpec {
     }
 }
 
-fn serialize_duration<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+fn serialize_duration<S: Serializer>(
+    duration: &Duration,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     serializer.collect_str(&humantime::format_duration(*duration))
 }
 
@@ -324,10 +337,11 @@ impl fmt::Display for Problem {
 }
 
 fn syntax_message(line: Option<usize>, column: Option<usize>, message: &str) -> String {
+    let hint = "correct the file and import it again";
     match (line, column) {
-        (Some(line), Some(column)) => format!("line {line}, column {column}: {message}"),
-        (Some(line), None) => format!("line {line}: {message}"),
-        _ => message.to_string(),
+        (Some(line), Some(column)) => format!("line {line}, column {column}: {message}; {hint}"),
+        (Some(line), None) => format!("line {line}: {message}; {hint}"),
+        _ => format!("{message}; {hint}"),
     }
 }
 
@@ -355,7 +369,9 @@ pub enum TemplateError {
     )]
     UnknownPlaceholder(String),
     /// The leader of a role is needed but not known (no leader, or its leader hook failed).
-    #[error("the template needs the leader of role {0}, which is not known: check that role's leader hook")]
+    #[error(
+        "the template needs the leader of role {0}, which is not known: check that role's leader hook"
+    )]
     NoLeader(String),
 }
 
@@ -368,10 +384,14 @@ impl Topology {
 
     /// Reads and parses a topology file; errors are prefixed with its path.
     pub fn load(path: &Path) -> Result<Topology, TopologyError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| TopologyError::Read { path: path.to_path_buf(), source })?;
-        Topology::parse(&text)
-            .map_err(|error| TopologyError::InFile { path: path.to_path_buf(), error: Box::new(error) })
+        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Topology::parse(&text).map_err(|error| TopologyError::InFile {
+            path: path.to_path_buf(),
+            error: Box::new(error),
+        })
     }
 
     /// Refuses a file whose `name:` differs from the name it is imported under.
@@ -418,11 +438,19 @@ impl Topology {
 
     /// Roles whose component is `component` (the package's), in rollout order.
     pub fn component_roles(&self, component: &str) -> Vec<String> {
-        self.roles.iter().filter(|role| role.component == component).map(|role| role.name.clone()).collect()
+        self.roles
+            .iter()
+            .filter(|role| role.component == component)
+            .map(|role| role.name.clone())
+            .collect()
     }
 
     /// The planner's view of every node, given what was observed (leaders, down nodes).
-    pub fn plan_nodes(&self, is_leader: impl Fn(&Node) -> bool, is_down: impl Fn(&Node) -> bool) -> Vec<PlanNode> {
+    pub fn plan_nodes(
+        &self,
+        is_leader: impl Fn(&Node) -> bool,
+        is_down: impl Fn(&Node) -> bool,
+    ) -> Vec<PlanNode> {
         self.nodes()
             .map(|node| PlanNode {
                 id: node.id.clone(),
@@ -459,7 +487,8 @@ pub fn render_url<'n>(
         let value = match Placeholder::parse(placeholder)? {
             Placeholder::Node(field) => field.of(node),
             Placeholder::Leader { role, field } => {
-                let leader = leaders(role).ok_or_else(|| TemplateError::NoLeader(role.to_string()))?;
+                let leader =
+                    leaders(role).ok_or_else(|| TemplateError::NoLeader(role.to_string()))?;
                 field.of(leader)
             }
         };
@@ -515,8 +544,13 @@ impl<'t> Placeholder<'t> {
             return Ok(Placeholder::Node(field));
         }
         let (role, field) = text.rsplit_once('.').ok_or_else(unknown)?;
-        let role = role.strip_suffix(".leader").filter(|role| !role.is_empty()).ok_or_else(unknown)?;
-        let field = NodeField::parse(field).filter(|field| *field != NodeField::Role).ok_or_else(unknown)?;
+        let role = role
+            .strip_suffix(".leader")
+            .filter(|role| !role.is_empty())
+            .ok_or_else(unknown)?;
+        let field = NodeField::parse(field)
+            .filter(|field| *field != NodeField::Role)
+            .ok_or_else(unknown)?;
         Ok(Placeholder::Leader { role, field })
     }
 }
@@ -676,7 +710,10 @@ fn optional_scalar<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<
         fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
             Ok(None)
         }
-        fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        fn visit_some<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Self::Value, D::Error> {
             deserializer.deserialize_any(self)
         }
         fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
@@ -699,15 +736,21 @@ fn optional_scalar<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<
 }
 
 /// A humantime duration (`200ms`, `10s`, `1m 30s`).
-fn optional_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+fn optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
     let Some(text) = optional_scalar(deserializer)? else {
         return Ok(None);
     };
     let duration = humantime::parse_duration(text.trim()).map_err(|error| {
-        de::Error::custom(format!("invalid duration `{text}` ({error}); write a duration such as `500ms` or `10s`"))
+        de::Error::custom(format!(
+            "invalid duration `{text}` ({error}); write a duration such as `500ms` or `10s`"
+        ))
     })?;
     if duration.is_zero() {
-        return Err(de::Error::custom(format!("duration `{text}` is zero; give a positive duration such as `1s`")));
+        return Err(de::Error::custom(format!(
+            "duration `{text}` is zero; give a positive duration such as `1s`"
+        )));
     }
     Ok(Some(duration))
 }
@@ -730,7 +773,11 @@ fn syntax_error(error: serde_norway::Error) -> TopologyError {
 
 /// Characters that would need escaping in a URL path or break `-N a,b` splitting.
 fn bad_name_char(c: char) -> bool {
-    c.is_whitespace() || matches!(c, '/' | '?' | '#' | '{' | '}' | ',' | '%' | '"' | '\'' | '\\')
+    c.is_whitespace()
+        || matches!(
+            c,
+            '/' | '?' | '#' | '{' | '}' | ',' | '%' | '"' | '\'' | '\\'
+        )
 }
 
 fn build(raw: RawTopology, text: &str) -> Result<Topology, TopologyError> {
@@ -739,9 +786,12 @@ fn build(raw: RawTopology, text: &str) -> Result<Topology, TopologyError> {
     let agent_port = raw.agent.port.unwrap_or(DEFAULT_AGENT_PORT);
     if agent_port == 0 {
         problems.push(Problem {
-            line: index.top_key_line("agent").and_then(|start| index.key_line_from(start, "port", None)),
+            line: index
+                .top_key_line("agent")
+                .and_then(|start| index.key_line_from(start, "port", None)),
             key: "agent.port".into(),
-            message: "port 0 cannot be dialed; give the port the agents listen on (default 7480)".into(),
+            message: "port 0 cannot be dialed; give the port the agents listen on (default 7480)"
+                .into(),
         });
     }
     if raw.roles.0.is_empty() {
@@ -756,7 +806,11 @@ fn build(raw: RawTopology, text: &str) -> Result<Topology, TopologyError> {
     for (role_name, raw_role) in raw.roles.0 {
         let role_line = index.role_line(&role_name);
         let role_key = format!("roles.{role_name}");
-        if role_name.is_empty() || !role_name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-')) {
+        if role_name.is_empty()
+            || !role_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        {
             problems.push(Problem {
                 line: role_line,
                 key: role_key.clone(),
@@ -779,7 +833,9 @@ fn build(raw: RawTopology, text: &str) -> Result<Topology, TopologyError> {
             .nodes
             .into_iter()
             .map(|raw_node| {
-                let id = raw_node.id.unwrap_or_else(|| format!("{}:{}", raw_node.host, raw_node.port));
+                let id = raw_node
+                    .id
+                    .unwrap_or_else(|| format!("{}:{}", raw_node.host, raw_node.port));
                 Node {
                     name: raw_node.name.unwrap_or_else(|| id.clone()),
                     id,
@@ -803,7 +859,13 @@ fn build(raw: RawTopology, text: &str) -> Result<Topology, TopologyError> {
             health: raw_role.hooks.health.map(hook_from_raw),
             leader: raw_role.hooks.leader.map(hook_from_raw),
         };
-        roles.push(Role { name: role_name, component, service, hooks, nodes });
+        roles.push(Role {
+            name: role_name,
+            component,
+            service,
+            hooks,
+            nodes,
+        });
     }
 
     validate_nodes(&roles, &index, &mut problems);
@@ -816,7 +878,10 @@ fn build(raw: RawTopology, text: &str) -> Result<Topology, TopologyError> {
     Ok(Topology {
         name: raw.name,
         version: raw.version,
-        agent: AgentSettings { port: agent_port, tls_dir: raw.agent.tls_dir },
+        agent: AgentSettings {
+            port: agent_port,
+            tls_dir: raw.agent.tls_dir,
+        },
         roles,
     })
 }
@@ -843,27 +908,40 @@ fn validate_nodes(roles: &[Role], index: &SourceIndex<'_>, problems: &mut Vec<Pr
             let node_line = index.node_line(&role.name, position);
             let key = format!("roles.{}.nodes[{position}]", role.name);
             let field_line = |field: &str| {
-                node_line.and_then(|start| index.key_line_from(start, field, index.node_line(&role.name, position + 1)))
+                node_line.and_then(|start| {
+                    index.key_line_from(start, field, index.node_line(&role.name, position + 1))
+                })
             };
-            if node.host.is_empty() || node.host.chars().any(|c| bad_name_char(c) || c == '[' || c == ']') {
+            if node.host.is_empty()
+                || node
+                    .host
+                    .chars()
+                    .any(|c| bad_name_char(c) || c == '[' || c == ']')
+            {
                 problems.push(Problem {
                     line: field_line("host").or(node_line),
                     key: format!("{key}.host"),
-                    message: format!("`{}` is not a host name or IP address; give the node's address", node.host),
+                    message: format!(
+                        "`{}` is not a host name or IP address; give the node's address",
+                        node.host
+                    ),
                 });
             }
             if node.port == 0 {
                 problems.push(Problem {
                     line: field_line("port").or(node_line),
                     key: format!("{key}.port"),
-                    message: "port 0 is not a service port; give the port the node's service listens on".into(),
+                    message:
+                        "port 0 is not a service port; give the port the node's service listens on"
+                            .into(),
                 });
             }
             if node.agent_port == 0 {
                 problems.push(Problem {
                     line: field_line("agent_port").or(node_line),
                     key: format!("{key}.agent_port"),
-                    message: "agent port 0 cannot be dialed; give the port its agent listens on".into(),
+                    message: "agent port 0 cannot be dialed; give the port its agent listens on"
+                        .into(),
                 });
             }
             if node.deploy_dir.trim().is_empty() {
@@ -908,8 +986,11 @@ fn validate_nodes(roles: &[Role], index: &SourceIndex<'_>, problems: &mut Vec<Pr
 }
 
 fn validate_hooks(roles: &[Role], index: &SourceIndex<'_>, problems: &mut Vec<Problem>) {
-    let roles_with_leader: HashSet<&str> =
-        roles.iter().filter(|role| role.hooks.leader.is_some()).map(|role| role.name.as_str()).collect();
+    let roles_with_leader: HashSet<&str> = roles
+        .iter()
+        .filter(|role| role.hooks.leader.is_some())
+        .map(|role| role.name.as_str())
+        .collect();
     let known_roles: Vec<&str> = roles.iter().map(|role| role.name.as_str()).collect();
     for role in roles {
         let role_line = index.role_line(&role.name);
@@ -920,24 +1001,46 @@ fn validate_hooks(roles: &[Role], index: &SourceIndex<'_>, problems: &mut Vec<Pr
             .and_then(|next| index.role_line(&next.name));
         for (hook_name, hook) in role.hooks.iter() {
             let key = format!("roles.{}.hooks.{hook_name}", role.name);
-            let hook_line = role_line.and_then(|start| index.key_line_from(start, hook_name, next_role_line));
+            let hook_line =
+                role_line.and_then(|start| index.key_line_from(start, hook_name, next_role_line));
             let line_of = |field: &str| {
-                hook_line.and_then(|start| index.key_line_from(start, field, next_role_line)).or(hook_line)
+                hook_line
+                    .and_then(|start| index.key_line_from(start, field, next_role_line))
+                    .or(hook_line)
             };
             let mut problem = |field: &str, message: String| {
-                let full_key = if field.is_empty() { key.clone() } else { format!("{key}.{field}") };
-                let line = if field.is_empty() { hook_line } else { line_of(field) };
-                problems.push(Problem { line, key: full_key, message });
+                let full_key = if field.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{key}.{field}")
+                };
+                let line = if field.is_empty() {
+                    hook_line
+                } else {
+                    line_of(field)
+                };
+                problems.push(Problem {
+                    line,
+                    key: full_key,
+                    message,
+                });
             };
             if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) {
-                problem("url", format!("`{}` must start with http:// or https://", hook.url));
+                problem(
+                    "url",
+                    format!("`{}` must start with http:// or https://", hook.url),
+                );
             }
-            for (field, template) in std::iter::once(("url", hook.url.as_str())).chain(hook.body.as_deref().map(|b| ("body", b))) {
+            for (field, template) in std::iter::once(("url", hook.url.as_str()))
+                .chain(hook.body.as_deref().map(|b| ("body", b)))
+            {
                 for placeholder in placeholders(template) {
                     match Placeholder::parse(placeholder) {
                         Err(error) => problem(field, error.to_string()),
                         Ok(Placeholder::Node(_)) => {}
-                        Ok(Placeholder::Leader { role: leader_role, .. }) => {
+                        Ok(Placeholder::Leader {
+                            role: leader_role, ..
+                        }) => {
                             if hook_name == "leader" {
                                 problem(
                                     field,
@@ -970,18 +1073,30 @@ fn validate_hooks(roles: &[Role], index: &SourceIndex<'_>, problems: &mut Vec<Pr
                 }
             }
             if hook.equals.is_some() && hook.not_equals.is_some() {
-                problem("not_equals", "give either `equals` or `not_equals`, not both".into());
+                problem(
+                    "not_equals",
+                    "give either `equals` or `not_equals`, not both".into(),
+                );
             }
             if (hook.equals.is_some() || hook.not_equals.is_some()) && hook.field.is_none() {
-                problem("", "`equals`/`not_equals` compare a JSON field: add `field: <name>`".into());
+                problem(
+                    "",
+                    "`equals`/`not_equals` compare a JSON field: add `field: <name>`".into(),
+                );
             }
             if hook_name == "leader" && hook.field.is_none() {
-                problem("", "a leader hook reads the leader from a JSON field: add `field: <name>`".into());
+                problem(
+                    "",
+                    "a leader hook reads the leader from a JSON field: add `field: <name>`".into(),
+                );
             }
             if let Some(status) = hook.expect_status
                 && !(100..=599).contains(&status)
             {
-                problem("expect_status", format!("{status} is not an HTTP status; give one between 100 and 599"));
+                problem(
+                    "expect_status",
+                    format!("{status} is not an HTTP status; give one between 100 and 599"),
+                );
             }
             if hook.interval > hook.timeout {
                 problem(
@@ -1005,14 +1120,20 @@ struct SourceIndex<'t> {
 
 impl<'t> SourceIndex<'t> {
     fn new(text: &'t str) -> Self {
-        Self { lines: text.lines().collect() }
+        Self {
+            lines: text.lines().collect(),
+        }
     }
 
     /// 1-based line of a top-level key.
     fn top_key_line(&self, key: &str) -> Option<usize> {
         self.lines
             .iter()
-            .position(|line| !line.starts_with([' ', '\t', '#']) && line.starts_with(key) && line[key.len()..].trim_start().starts_with(':'))
+            .position(|line| {
+                !line.starts_with([' ', '\t', '#'])
+                    && line.starts_with(key)
+                    && line[key.len()..].trim_start().starts_with(':')
+            })
             .map(|index| index + 1)
     }
 
@@ -1050,9 +1171,16 @@ fn has_key(line: &str, key: &str) -> bool {
     while let Some(offset) = line[from..].find(key) {
         let start = from + offset;
         let end = start + key.len();
-        let boundary_before = start == 0 || matches!(bytes[start - 1], b' ' | b'\t' | b'{' | b',' | b'-' | b'"' | b'\'');
+        let boundary_before = start == 0
+            || matches!(
+                bytes[start - 1],
+                b' ' | b'\t' | b'{' | b',' | b'-' | b'"' | b'\''
+            );
         let after = line[end..].trim_start_matches(['"', '\'']);
-        if boundary_before && after.starts_with(':') && (after.len() == 1 || after[1..].starts_with([' ', '\t'])) {
+        if boundary_before
+            && after.starts_with(':')
+            && (after.len() == 1 || after[1..].starts_with([' ', '\t']))
+        {
             return true;
         }
         from = end;
@@ -1098,7 +1226,11 @@ mod tests {
         assert_eq!(first.ports, "8261/8291");
         assert_eq!(first.agent_port, 7480);
         let worker = topology.role("demo-worker").expect("worker role");
-        let wait_offline = worker.hooks.wait_offline.as_ref().expect("wait_offline hook");
+        let wait_offline = worker
+            .hooks
+            .wait_offline
+            .as_ref()
+            .expect("wait_offline hook");
         assert_eq!(wait_offline.interval, Duration::from_millis(200));
         assert_eq!(wait_offline.timeout, Duration::from_secs(10));
         assert_eq!(wait_offline.equals.as_deref(), Some("Offline"));
@@ -1139,7 +1271,8 @@ mod tests {
     #[test]
     fn duplicate_ids_and_names_are_refused_with_lines() {
         let text = "roles:\n  a:\n    nodes:\n      - { host: 127.0.1.1, port: 1, deploy_dir: /a, name: n1 }\n      - { host: 127.0.1.1, port: 1, deploy_dir: /a }\n  b:\n    nodes:\n      - { host: 127.0.1.2, port: 1, deploy_dir: /a, name: n1 }\n";
-        let TopologyError::Invalid { problems } = Topology::parse(text).expect_err("duplicates") else {
+        let TopologyError::Invalid { problems } = Topology::parse(text).expect_err("duplicates")
+        else {
             panic!("expected a semantic error");
         };
         assert_eq!(problems.len(), 2, "{problems:?}");
@@ -1166,24 +1299,49 @@ mod tests {
     nodes:
       - { host: 127.0.1.2, port: 1, deploy_dir: /a }
 "#;
-        let TopologyError::Invalid { problems } = Topology::parse(text).expect_err("bad placeholders") else {
+        let TopologyError::Invalid { problems } =
+            Topology::parse(text).expect_err("bad placeholders")
+        else {
             panic!("expected a semantic error");
         };
         let rendered: Vec<String> = problems.iter().map(ToString::to_string).collect();
         assert_eq!(problems.len(), 4, "{rendered:#?}");
         // m has no leader hook, so {m.leader.host} is refused as well as the typo.
-        assert!(rendered[0].starts_with("line 9, key `roles.w.hooks.offline.url`"), "{rendered:#?}");
-        assert!(rendered.iter().any(|p| p.contains("{nmae}")), "{rendered:#?}");
-        assert!(rendered.iter().any(|p| p.contains("no `leader` hook")), "{rendered:#?}");
-        assert!(rendered.iter().any(|p| p.starts_with("line 10") && p.contains("`nope`")), "{rendered:#?}");
-        assert!(rendered.iter().any(|p| p.starts_with("line 11") && p.contains("interval 20s")), "{rendered:#?}");
+        assert!(
+            rendered[0].starts_with("line 9, key `roles.w.hooks.offline.url`"),
+            "{rendered:#?}"
+        );
+        assert!(
+            rendered.iter().any(|p| p.contains("{nmae}")),
+            "{rendered:#?}"
+        );
+        assert!(
+            rendered.iter().any(|p| p.contains("no `leader` hook")),
+            "{rendered:#?}"
+        );
+        assert!(
+            rendered
+                .iter()
+                .any(|p| p.starts_with("line 10") && p.contains("`nope`")),
+            "{rendered:#?}"
+        );
+        assert!(
+            rendered
+                .iter()
+                .any(|p| p.starts_with("line 11") && p.contains("interval 20s")),
+            "{rendered:#?}"
+        );
     }
 
     #[test]
     fn empty_roles_and_nodeless_roles_are_refused() {
-        let error = Topology::parse("roles: {}\n").expect_err("no roles").to_string();
+        let error = Topology::parse("roles: {}\n")
+            .expect_err("no roles")
+            .to_string();
         assert!(error.contains("line 1, key `roles`"), "{error}");
-        let error = Topology::parse("version: v1\nroles:\n  w:\n    component: x\n").expect_err("no nodes").to_string();
+        let error = Topology::parse("version: v1\nroles:\n  w:\n    component: x\n")
+            .expect_err("no nodes")
+            .to_string();
         assert!(error.contains("line 3, key `roles.w.nodes`"), "{error}");
     }
 
@@ -1200,14 +1358,26 @@ mod tests {
     fn name_mismatch_is_refused() {
         let topology = Topology::parse(EXAMPLE).expect("parses");
         assert!(topology.check_name("demo", EXAMPLE).is_ok());
-        let error = topology.check_name("prod", EXAMPLE).expect_err("mismatch").to_string();
-        assert!(error.contains("key `name`") && error.contains("prod"), "{error}");
+        let error = topology
+            .check_name("prod", EXAMPLE)
+            .expect_err("mismatch")
+            .to_string();
+        assert!(
+            error.contains("key `name`") && error.contains("prod"),
+            "{error}"
+        );
     }
 
     #[test]
     fn render_url_fills_node_and_leader_fields() {
         let worker = node("w1", "127.0.1.2", 8262, "worker-1", "demo-worker");
-        let leader = node("127.0.1.1:8261", "127.0.1.1", 8261, "master-1", "demo-master");
+        let leader = node(
+            "127.0.1.1:8261",
+            "127.0.1.1",
+            8261,
+            "master-1",
+            "demo-master",
+        );
         let leaders = |role: &str| (role == "demo-master").then_some(&leader);
         let url = render_url(
             "http://{demo-master.leader.host}:{demo-master.leader.port}/api/members/{name}/{id}/{role}/{host}:{port}",
@@ -1215,8 +1385,12 @@ mod tests {
             &leaders,
         )
         .expect("renders");
-        assert_eq!(url, "http://127.0.1.1:8261/api/members/worker-1/w1/demo-worker/127.0.1.2:8262");
-        let body = render_url(r#"{"member": "{name}", "x": {}}"#, &worker, &leaders).expect("json body");
+        assert_eq!(
+            url,
+            "http://127.0.1.1:8261/api/members/worker-1/w1/demo-worker/127.0.1.2:8262"
+        );
+        let body =
+            render_url(r#"{"member": "{name}", "x": {}}"#, &worker, &leaders).expect("json body");
         assert_eq!(body, r#"{"member": "worker-1", "x": {}}"#);
         assert_eq!(
             render_url("http://{other.leader.host}/", &worker, &leaders),
@@ -1233,15 +1407,24 @@ mod tests {
         let topology = Topology::parse(EXAMPLE).expect("parses");
         let master = topology.role("demo-master").expect("role");
         let second = &master.nodes[1];
-        assert_eq!(master.node_named(&second.name).map(|n| &n.id), Some(&second.id));
-        assert_eq!(master.node_named(&second.id).map(|n| &n.id), Some(&second.id));
+        assert_eq!(
+            master.node_named(&second.name).map(|n| &n.id),
+            Some(&second.id)
+        );
+        assert_eq!(
+            master.node_named(&second.id).map(|n| &n.id),
+            Some(&second.id)
+        );
         assert!(master.node_named("nobody").is_none());
     }
 
     #[test]
     fn tls_dir_resolution() {
         let home = Home::at("/tmp/h");
-        let mut agent = AgentSettings { port: 1, tls_dir: None };
+        let mut agent = AgentSettings {
+            port: 1,
+            tls_dir: None,
+        };
         assert_eq!(agent.tls_dir(&home), PathBuf::from("/tmp/h/tls"));
         agent.tls_dir = Some(PathBuf::from("certs"));
         assert_eq!(agent.tls_dir(&home), PathBuf::from("/tmp/h/certs"));

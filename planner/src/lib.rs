@@ -112,7 +112,12 @@ pub struct Policy {
 impl Default for Policy {
     /// tiup's behaviour: one node at a time, no canary, halt at the first failure.
     fn default() -> Self {
-        Self { batch_size: Amount::Count(1), max_unavailable: Amount::Count(1), canary: None, failure_budget: 0 }
+        Self {
+            batch_size: Amount::Count(1),
+            max_unavailable: Amount::Count(1),
+            canary: None,
+            failure_budget: 0,
+        }
     }
 }
 
@@ -150,7 +155,10 @@ impl FromStr for Amount {
     type Err = AmountError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let fail = |reason: &str| AmountError { input: text.to_string(), reason: reason.to_string() };
+        let fail = |reason: &str| AmountError {
+            input: text.to_string(),
+            reason: reason.to_string(),
+        };
         let trimmed = text.trim();
         let (digits, is_percent) = match trimmed.strip_suffix('%') {
             Some(rest) => (rest.trim_end(), true),
@@ -162,7 +170,9 @@ impl FromStr for Amount {
         if !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(fail("it is not a whole number"));
         }
-        let value: u32 = digits.parse().map_err(|_| fail("the number is too large"))?;
+        let value: u32 = digits
+            .parse()
+            .map_err(|_| fail("the number is too large"))?;
         if value == 0 {
             return Err(fail("it must be at least 1"));
         }
@@ -286,7 +296,9 @@ impl Plan {
 
     /// Every planned node in execution order, with its batch.
     pub fn nodes(&self) -> impl Iterator<Item = (&Batch, &PlannedNode)> {
-        self.batches.iter().flat_map(|batch| batch.nodes.iter().map(move |node| (batch, node)))
+        self.batches
+            .iter()
+            .flat_map(|batch| batch.nodes.iter().map(move |node| (batch, node)))
     }
 }
 
@@ -362,7 +374,11 @@ fn list(items: &[String]) -> String {
 }
 
 fn list_or_none(items: &[String]) -> String {
-    if items.is_empty() { "(none)".to_string() } else { items.join(", ") }
+    if items.is_empty() {
+        "(none)".to_string()
+    } else {
+        items.join(", ")
+    }
 }
 
 /// Turns the input into an ordered plan, or says why it cannot.
@@ -375,9 +391,16 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     let mut roles = Vec::new();
     let mut canary_left = policy.canary;
     for role in &input.role_order {
-        let role_nodes: Vec<&PlanNode> = input.nodes.iter().filter(|node| &node.role == role).collect();
-        let mut chosen: Vec<&PlanNode> =
-            role_nodes.iter().copied().filter(|node| selected.contains(node.id.as_str())).collect();
+        let role_nodes: Vec<&PlanNode> = input
+            .nodes
+            .iter()
+            .filter(|node| &node.role == role)
+            .collect();
+        let mut chosen: Vec<&PlanNode> = role_nodes
+            .iter()
+            .copied()
+            .filter(|node| selected.contains(node.id.as_str()))
+            .collect();
         if chosen.is_empty() {
             continue;
         }
@@ -463,8 +486,20 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
     }
 
     let total_nodes = batches.iter().map(|batch| batch.nodes.len()).sum();
-    let down_nodes = batches.iter().flat_map(|batch| &batch.nodes).filter(|node| node.was_down).count();
-    Ok(Plan { batches, policy: policy.clone(), summary: PlanSummary { total_nodes, down_nodes, roles } })
+    let down_nodes = batches
+        .iter()
+        .flat_map(|batch| &batch.nodes)
+        .filter(|node| node.was_down)
+        .count();
+    Ok(Plan {
+        batches,
+        policy: policy.clone(),
+        summary: PlanSummary {
+            total_nodes,
+            down_nodes,
+            roles,
+        },
+    })
 }
 
 /// Leaders that are up form their own batches at the end of a role; a down leader is batched with the down nodes.
@@ -495,7 +530,10 @@ fn check_input(input: &PlanInput) -> Result<(), PlanError> {
     let mut ids = HashSet::new();
     for node in &input.nodes {
         if !ids.insert(node.id.as_str()) {
-            return Err(PlanError::InvalidInput(format!("node ID {} appears twice", node.id)));
+            return Err(PlanError::InvalidInput(format!(
+                "node ID {} appears twice",
+                node.id
+            )));
         }
         if !input.role_order.contains(&node.role) {
             return Err(PlanError::InvalidInput(format!(
@@ -507,10 +545,15 @@ fn check_input(input: &PlanInput) -> Result<(), PlanError> {
         }
     }
     if input.policy.canary == Some(0) {
-        return Err(PlanError::Canary { canary: 0, reason: "a canary batch needs at least 1 node".to_string() });
+        return Err(PlanError::Canary {
+            canary: 0,
+            reason: "a canary batch needs at least 1 node".to_string(),
+        });
     }
-    for (flag, amount) in [("--batch-size", input.policy.batch_size), ("--max-unavailable", input.policy.max_unavailable)]
-    {
+    for (flag, amount) in [
+        ("--batch-size", input.policy.batch_size),
+        ("--max-unavailable", input.policy.max_unavailable),
+    ] {
         let valid = match amount {
             Amount::Count(count) => count >= 1,
             Amount::Percent(percent) => (1..=100).contains(&percent),
@@ -528,14 +571,23 @@ fn check_input(input: &PlanInput) -> Result<(), PlanError> {
 fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
     let selection = &input.selection;
     let known_roles: Vec<String> = input.role_order.clone();
-    let known_ids = || input.nodes.iter().map(|node| node.id.clone()).collect::<Vec<_>>();
+    let known_ids = || {
+        input
+            .nodes
+            .iter()
+            .map(|node| node.id.clone())
+            .collect::<Vec<_>>()
+    };
 
     let unknown_roles: Vec<String> = dedup(&selection.roles)
         .into_iter()
         .filter(|role| !known_roles.iter().any(|known| known == role))
         .collect();
     if !unknown_roles.is_empty() {
-        return Err(PlanError::UnknownRoles { unknown: unknown_roles, known: known_roles });
+        return Err(PlanError::UnknownRoles {
+            unknown: unknown_roles,
+            known: known_roles,
+        });
     }
     let unknown_components: Vec<String> = dedup(&selection.component_roles)
         .into_iter()
@@ -565,14 +617,28 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
         }
     }
     if !unknown_nodes.is_empty() {
-        return Err(PlanError::UnknownNodes { unknown: unknown_nodes, known: known_ids() });
+        return Err(PlanError::UnknownNodes {
+            unknown: unknown_nodes,
+            known: known_ids(),
+        });
     }
 
     let chosen: Vec<&PlanNode> = match (selection.nodes.is_empty(), selection.roles.is_empty()) {
-        (false, false) => named.into_iter().filter(|node| selection.roles.contains(&node.role)).collect(),
+        (false, false) => named
+            .into_iter()
+            .filter(|node| selection.roles.contains(&node.role))
+            .collect(),
         (false, true) => named,
-        (true, false) => input.nodes.iter().filter(|node| selection.roles.contains(&node.role)).collect(),
-        (true, true) => input.nodes.iter().filter(|node| selection.component_roles.contains(&node.role)).collect(),
+        (true, false) => input
+            .nodes
+            .iter()
+            .filter(|node| selection.roles.contains(&node.role))
+            .collect(),
+        (true, true) => input
+            .nodes
+            .iter()
+            .filter(|node| selection.component_roles.contains(&node.role))
+            .collect(),
     };
 
     if chosen.is_empty() {
@@ -589,7 +655,10 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
                  select nodes with -N/-R",
                 known_roles.join(", ")
             ),
-            _ => format!("the package's roles ({}) have no node", selection.component_roles.join(", ")),
+            _ => format!(
+                "the package's roles ({}) have no node",
+                selection.component_roles.join(", ")
+            ),
         };
         return Err(PlanError::EmptySelection { reason });
     }
@@ -611,7 +680,11 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
 fn describe_roles_of(nodes: &[PlanNode], wanted: &[String]) -> String {
     let roles: BTreeSet<&str> = nodes
         .iter()
-        .filter(|node| wanted.iter().any(|name| *name == node.id || *name == node.name))
+        .filter(|node| {
+            wanted
+                .iter()
+                .any(|name| *name == node.id || *name == node.name)
+        })
         .map(|node| node.role.as_str())
         .collect();
     roles.into_iter().collect::<Vec<_>>().join(", ")
@@ -649,9 +722,27 @@ impl fmt::Display for Plan {
             "Policy: batch size {}, max unavailable {}, canary {}, failure budget {}",
             policy.batch_size, policy.max_unavailable, canary, policy.failure_budget
         )?;
-        let id_width = self.batches.iter().flat_map(|b| &b.nodes).map(|n| n.id.len()).max().unwrap_or(0);
-        let name_width = self.batches.iter().flat_map(|b| &b.nodes).map(|n| n.name.len()).max().unwrap_or(0);
-        let host_width = self.batches.iter().flat_map(|b| &b.nodes).map(|n| n.host.len()).max().unwrap_or(0);
+        let id_width = self
+            .batches
+            .iter()
+            .flat_map(|b| &b.nodes)
+            .map(|n| n.id.len())
+            .max()
+            .unwrap_or(0);
+        let name_width = self
+            .batches
+            .iter()
+            .flat_map(|b| &b.nodes)
+            .map(|n| n.name.len())
+            .max()
+            .unwrap_or(0);
+        let host_width = self
+            .batches
+            .iter()
+            .flat_map(|b| &b.nodes)
+            .map(|n| n.host.len())
+            .max()
+            .unwrap_or(0);
         for role in &summary.roles {
             writeln!(f)?;
             writeln!(
@@ -674,7 +765,11 @@ impl fmt::Display for Plan {
                 if batch.pause_after {
                     marks.push("pause after");
                 }
-                let marks = if marks.is_empty() { String::new() } else { format!(" [{}]", marks.join(", ")) };
+                let marks = if marks.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", marks.join(", "))
+                };
                 writeln!(f, "  Batch {}{}", batch.index + 1, marks)?;
                 for node in &batch.nodes {
                     let mut notes = Vec::new();
@@ -684,7 +779,11 @@ impl fmt::Display for Plan {
                     if node.was_down {
                         notes.push("down");
                     }
-                    let notes = if notes.is_empty() { String::new() } else { format!("  ({})", notes.join(", ")) };
+                    let notes = if notes.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  ({})", notes.join(", "))
+                    };
                     let line = format!(
                         "    {:<id_width$}  {:<name_width$}  {:<host_width$}{}",
                         node.id, node.name, node.host, notes

@@ -30,8 +30,14 @@ fn list(ctx: &Ctx, store: &Store, cluster: Option<&str>) -> anyhow::Result<u8> {
         && store.list_rollouts(Some(name))?.is_empty()
     {
         let known: Vec<String> = store.list_clusters()?.into_iter().map(|c| c.name).collect();
-        let known = if known.is_empty() { "none yet".to_string() } else { known.join(", ") };
-        anyhow::bail!("no cluster named `{name}` (registered: {known}); run `patchctl audit` to see every rollout");
+        let known = if known.is_empty() {
+            "none yet".to_string()
+        } else {
+            known.join(", ")
+        };
+        anyhow::bail!(
+            "no cluster named `{name}` (registered: {known}); run `patchctl audit` to see every rollout"
+        );
     }
     let rollouts = store.list_rollouts(cluster)?;
     let mut counts = Vec::with_capacity(rollouts.len());
@@ -75,7 +81,9 @@ fn list(ctx: &Ctx, store: &Store, cluster: Option<&str>) -> anyhow::Result<u8> {
                     ]
                 })
                 .collect();
-            let header = ["ID", "Cluster", "Kind", "Version", "State", "Nodes", "Started", "Duration"];
+            let header = [
+                "ID", "Cluster", "Kind", "Version", "State", "Nodes", "Started", "Duration",
+            ];
             print!("{}", plain_table(&header, &rows));
             println!("Show one rollout with `patchctl audit --rollout <ID>`");
         }
@@ -87,11 +95,24 @@ fn report(ctx: &Ctx, store: &Store, cluster: Option<&str>, id: &str) -> anyhow::
     let report = match store.rollout_report(id)? {
         Some(report) if cluster.is_none_or(|name| report.rollout.cluster == name) => report,
         _ => {
-            let recent: Vec<String> =
-                store.list_rollouts(cluster)?.into_iter().rev().take(10).map(|rollout| rollout.id).collect();
-            let recent = if recent.is_empty() { "none".to_string() } else { recent.join(", ") };
-            let scope = cluster.map(|name| format!(" of cluster `{name}`")).unwrap_or_default();
-            anyhow::bail!("no rollout `{id}`{scope} (most recent: {recent}); list them with `patchctl audit`");
+            let recent: Vec<String> = store
+                .list_rollouts(cluster)?
+                .into_iter()
+                .rev()
+                .take(10)
+                .map(|rollout| rollout.id)
+                .collect();
+            let recent = if recent.is_empty() {
+                "none".to_string()
+            } else {
+                recent.join(", ")
+            };
+            let scope = cluster
+                .map(|name| format!(" of cluster `{name}`"))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "no rollout `{id}`{scope} (most recent: {recent}); list them with `patchctl audit`"
+            );
         }
     };
     match ctx.format {
@@ -107,11 +128,18 @@ fn report_text(report: &RolloutReport) -> String {
     out.push_str(&format!("Rollout:   {}\n", rollout.id));
     out.push_str(&format!("Cluster:   {}\n", rollout.cluster));
     out.push_str(&format!("Kind:      {}\n", rollout.kind));
-    out.push_str(&format!("Package:   {} ({})\n", dash(&rollout.version), dash(&rollout.package_path)));
+    out.push_str(&format!(
+        "Package:   {} ({})\n",
+        dash(&rollout.version),
+        dash(&rollout.package_path)
+    ));
     out.push_str(&format!("Digest:    {}\n", dash(&rollout.package_digest)));
     out.push_str(&format!("State:     {}\n", rollout.state));
     out.push_str(&format!("Started:   {}\n", rollout.created_at));
-    out.push_str(&format!("Duration:  {}\n", format_ms(millis_between(rollout))));
+    out.push_str(&format!(
+        "Duration:  {}\n",
+        format_ms(millis_between(rollout))
+    ));
     out.push('\n');
     let rows: Vec<Vec<String>> = report
         .nodes
@@ -128,14 +156,22 @@ fn report_text(report: &RolloutReport) -> String {
                 .collect();
             vec![
                 node.node_id.clone(),
-                node.state.map_or_else(|| "-".to_string(), |state| state.to_string()),
+                node.state
+                    .map_or_else(|| "-".to_string(), |state| state.to_string()),
                 format_ms(node.duration_ms),
-                if steps.is_empty() { "-".to_string() } else { steps.join(", ") },
+                if steps.is_empty() {
+                    "-".to_string()
+                } else {
+                    steps.join(", ")
+                },
                 node.reason.clone().unwrap_or_else(|| "-".to_string()),
             ]
         })
         .collect();
-    out.push_str(&plain_table(&["Node", "Result", "Duration", "Steps", "Reason"], &rows));
+    out.push_str(&plain_table(
+        &["Node", "Result", "Duration", "Steps", "Reason"],
+        &rows,
+    ));
     out.push_str(&format!("Total nodes: {}\n", report.nodes.len()));
     out
 }
@@ -149,7 +185,9 @@ fn report_json(report: &RolloutReport) -> Value {
 }
 
 fn rollout_json(rollout: &Rollout) -> Value {
-    let parse = |text: &str| serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_string()));
+    let parse = |text: &str| {
+        serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_string()))
+    };
     json!({
         "id": rollout.id,
         "cluster": rollout.cluster,
@@ -178,9 +216,17 @@ fn state_counts(store: &Store, rollout_id: &str) -> anyhow::Result<BTreeMap<&'st
 fn describe_counts(counts: &BTreeMap<&'static str, usize>) -> String {
     let parts: Vec<String> = NodeRolloutState::ALL
         .iter()
-        .filter_map(|state| counts.get(state.as_str()).map(|count| format!("{count} {state}")))
+        .filter_map(|state| {
+            counts
+                .get(state.as_str())
+                .map(|count| format!("{count} {state}"))
+        })
         .collect();
-    if parts.is_empty() { "-".to_string() } else { parts.join(", ") }
+    if parts.is_empty() {
+        "-".to_string()
+    } else {
+        parts.join(", ")
+    }
 }
 
 fn millis_between(rollout: &Rollout) -> u64 {
@@ -188,7 +234,11 @@ fn millis_between(rollout: &Rollout) -> u64 {
 }
 
 fn dash(text: &str) -> String {
-    if text.is_empty() { "-".to_string() } else { text.to_string() }
+    if text.is_empty() {
+        "-".to_string()
+    } else {
+        text.to_string()
+    }
 }
 
 /// `850ms`, `12.3s`, `4m05s`.

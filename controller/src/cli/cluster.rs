@@ -49,7 +49,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
 fn check_cluster_name(name: &str) -> anyhow::Result<()> {
     let valid = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         && !name.starts_with(['.', '-']);
     anyhow::ensure!(
         valid,
@@ -60,10 +62,17 @@ fn check_cluster_name(name: &str) -> anyhow::Result<()> {
 
 fn import(ctx: &Ctx, name: &str, path: &std::path::Path) -> anyhow::Result<u8> {
     check_cluster_name(name)?;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read topology file {}; check the path", path.display()))?;
-    let topology = Topology::parse(&text).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
-    topology.check_name(name, &text).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read topology file {}; check the path",
+            path.display()
+        )
+    })?;
+    let topology =
+        Topology::parse(&text).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
+    topology
+        .check_name(name, &text)
+        .map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
     let source = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
 
     let store = Store::open_home(&ctx.home)?;
@@ -71,7 +80,9 @@ fn import(ctx: &Ctx, name: &str, path: &std::path::Path) -> anyhow::Result<u8> {
     let lock = match store.acquire_rollout_lock(name) {
         Ok(lock) => lock,
         Err(error @ StoreError::Locked { .. }) => {
-            return Err(anyhow::anyhow!("cannot re-import `{name}` while a rollout runs: {error}"));
+            return Err(anyhow::anyhow!(
+                "cannot re-import `{name}` while a rollout runs: {error}"
+            ));
         }
         Err(error) => return Err(error.into()),
     };
@@ -138,7 +149,11 @@ fn roles_table(topology: &Topology) -> String {
                 role.component.clone(),
                 role.service.clone(),
                 role.nodes.len().to_string(),
-                if hooks.is_empty() { "-".to_string() } else { hooks.join(",") },
+                if hooks.is_empty() {
+                    "-".to_string()
+                } else {
+                    hooks.join(",")
+                },
             ]
         })
         .collect();
@@ -174,7 +189,9 @@ fn list(ctx: &Ctx) -> anyhow::Result<u8> {
         }
         Format::Text => {
             if clusters.is_empty() {
-                println!("No cluster registered; register one with `patchctl cluster import <name> <topology.yaml>`");
+                println!(
+                    "No cluster registered; register one with `patchctl cluster import <name> <topology.yaml>`"
+                );
                 return Ok(patchctl::exit::OK);
             }
             let rows: Vec<Vec<String>> = clusters
@@ -183,15 +200,28 @@ fn list(ctx: &Ctx) -> anyhow::Result<u8> {
                     let topology = parsed(cluster);
                     vec![
                         cluster.name.clone(),
-                        topology.as_ref().and_then(|t| t.version.clone()).unwrap_or_else(|| "-".into()),
-                        topology.as_ref().map_or_else(|| "?".into(), |t| t.role_order().join(",")),
-                        topology.as_ref().map_or_else(|| "?".into(), |t| t.node_count().to_string()),
+                        topology
+                            .as_ref()
+                            .and_then(|t| t.version.clone())
+                            .unwrap_or_else(|| "-".into()),
+                        topology
+                            .as_ref()
+                            .map_or_else(|| "?".into(), |t| t.role_order().join(",")),
+                        topology
+                            .as_ref()
+                            .map_or_else(|| "?".into(), |t| t.node_count().to_string()),
                         cluster.imported_at.to_string(),
                         cluster.source_path.clone(),
                     ]
                 })
                 .collect();
-            print!("{}", plain_table(&["Name", "Version", "Roles", "Nodes", "Imported", "Source"], &rows));
+            print!(
+                "{}",
+                plain_table(
+                    &["Name", "Version", "Roles", "Nodes", "Imported", "Source"],
+                    &rows
+                )
+            );
         }
     }
     Ok(patchctl::exit::OK)
@@ -201,8 +231,16 @@ fn load(store: &Store, name: &str) -> anyhow::Result<StoredCluster> {
     if let Some(cluster) = store.load_cluster(name)? {
         return Ok(cluster);
     }
-    let known: Vec<String> = store.list_clusters()?.into_iter().map(|cluster| cluster.name).collect();
-    let known = if known.is_empty() { "none yet".to_string() } else { known.join(", ") };
+    let known: Vec<String> = store
+        .list_clusters()?
+        .into_iter()
+        .map(|cluster| cluster.name)
+        .collect();
+    let known = if known.is_empty() {
+        "none yet".to_string()
+    } else {
+        known.join(", ")
+    };
     anyhow::bail!(
         "no cluster named `{name}` (registered: {known}); register it with `patchctl cluster import {name} \
          <topology.yaml>`"
@@ -238,7 +276,10 @@ fn unlock(ctx: &Ctx, name: &str) -> anyhow::Result<u8> {
     let store = Store::open_home(&ctx.home)?;
     let removed = store.force_unlock(name)?;
     match ctx.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&json!({ "cluster": name, "removed": removed }))?),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "cluster": name, "removed": removed }))?
+        ),
         Format::Text => match removed {
             Some(holder) => println!(
                 "Removed the rollout lock of `{name}` held by patchctl pid {} on {} since {}; if that rollout was \
