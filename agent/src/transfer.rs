@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Bytes of chunks allowed to wait in each queue (network → hasher, hasher → writer): memory stays flat.
-pub const QUEUE_BYTES: usize = 8 * 1024 * 1024;
+pub const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 /// Verified data written but not yet recorded before the worker syncs and records it.
 pub const FLUSH_BYTES: u64 = 32 * 1024 * 1024;
 /// A pause in the stream longer than this makes the worker sync and record what it has.
@@ -544,9 +544,9 @@ enum ToWriter {
     Batch(Vec<[u8; 32]>),
 }
 
-/// Chunks held in one queue: about [`QUEUE_BYTES`], at least two.
+/// Chunks held in one queue: about [`QUEUE_BYTES`], at least one.
 fn queue_depth(chunk_size: u32) -> usize {
-    (QUEUE_BYTES / (chunk_size.max(1) as usize)).max(2)
+    (QUEUE_BYTES / (chunk_size.max(1) as usize)).max(1)
 }
 
 /// Writes verified chunks into the part file.

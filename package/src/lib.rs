@@ -5,15 +5,15 @@
 //! reader here streams the archive once, refuses hostile entries before anything is written, and enforces
 //! the size limits while decompressing, so memory stays flat whatever the package size.
 //!
-//! Rules every package must follow (each broken rule is one [`PackageError`] variant naming the entry):
-//! relative UTF-8 paths without `..` or control characters; only regular files, directories, symlinks and
-//! hard links (no devices, fifos, sparse files…); links that stay inside the component directory and symlinks
-//! that do not pass through other symlinks; each path once; one top-level directory and nothing else at the
-//! root but the manifest; entry count and sizes within [`Limits`]; no setuid/setgid/sticky bit (refused, not
-//! stripped: a hotfix must not change privileges silently) and no world-writable file; a valid gzip stream
-//! with nothing but zero padding after the tar end marker; at least one regular file; when a manifest is
-//! embedded, every file matches it exactly (path, size, sha256, mode) and nothing is missing or extra; ELF
-//! binaries all for one OS/arch, matching the manifest and the target host when those are known.
+//! Rules every package must follow (each broken rule is one [`PackageError`] variant naming the entry): relative
+//! UTF-8 paths without `..` or control characters, at most 4095 bytes and 128 components; only regular files,
+//! directories, symlinks and hard links (no devices, fifos, sparse files…); links that stay inside the component
+//! directory and symlinks that do not pass through other symlinks; each path once; one top-level directory and
+//! nothing else at the root but the manifest; entry count and sizes within [`Limits`]; no setuid/setgid/sticky bit
+//! (refused, not stripped: a hotfix must not change privileges silently) and no world-writable file; a valid gzip
+//! stream with nothing but zero padding after the tar end marker; at least one regular file; when a manifest is
+//! embedded, every file matches it exactly (path, size, sha256, mode) and nothing is missing or extra; ELF binaries
+//! all for one OS/arch, matching the manifest and the target host when those are known.
 
 #![forbid(unsafe_code)]
 

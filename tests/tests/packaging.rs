@@ -176,6 +176,7 @@ fn install_script_is_valid_bash() {
         let out = Command::new("shellcheck")
             .arg(&script)
             .arg(packaging().join("debian/postinst"))
+            .arg(packaging().join("debian/postrm"))
             .output()
             .unwrap();
         assert!(out.status.success(), "shellcheck\n{}", text(&out));
