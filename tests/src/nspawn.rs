@@ -44,7 +44,12 @@ pub fn ensure_nspawn() {
     eprintln!("systemd-nspawn missing: installing systemd-container with apt-get");
     let install = || {
         Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "systemd-container"])
+            .args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "systemd-container",
+            ])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .is_ok_and(|s| s.success())
@@ -98,13 +103,15 @@ impl Boot {
 
     /// Bind-mounts `host` at `inside`, writable.
     pub fn bind(mut self, host: &Path, inside: &Path) -> Self {
-        self.binds.push((host.to_path_buf(), inside.to_path_buf(), false));
+        self.binds
+            .push((host.to_path_buf(), inside.to_path_buf(), false));
         self
     }
 
     /// Bind-mounts `host` at `inside`, read-only.
     pub fn bind_ro(mut self, host: &Path, inside: &Path) -> Self {
-        self.binds.push((host.to_path_buf(), inside.to_path_buf(), true));
+        self.binds
+            .push((host.to_path_buf(), inside.to_path_buf(), true));
         self
     }
 }
@@ -112,7 +119,13 @@ impl Boot {
 /// Fields after the command name in /proc/<pid>/stat.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    Some(text.rsplit_once(')')?.1.split_whitespace().map(str::to_string).collect())
+    Some(
+        text.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    )
 }
 
 /// The child of `parent` whose command is `systemd` (the container's PID 1, seen from the host).
@@ -122,8 +135,10 @@ fn container_init(parent: u32) -> Option<u32> {
         .flatten()
         .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
         .find(|pid| {
-            stat_fields(*pid).is_some_and(|f| f.get(1).map(String::as_str) == Some(&parent.to_string()))
-                && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "systemd")
+            stat_fields(*pid)
+                .is_some_and(|f| f.get(1).map(String::as_str) == Some(&parent.to_string()))
+                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "systemd")
         })
 }
 
@@ -143,9 +158,19 @@ impl Container {
     pub fn boot(spec: Boot) -> Container {
         let log = std::fs::File::create(&spec.console)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", spec.console.display()));
-        let log_err = log.try_clone().unwrap_or_else(|e| panic!("cannot clone the console log handle: {e}"));
+        let log_err = log
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot clone the console log handle: {e}"));
         let mut command = Command::new("systemd-nspawn");
-        command.args(["-D", "/", "--volatile=yes", "--boot", "--register=no", "--keep-unit", "--console=pipe"]);
+        command.args([
+            "-D",
+            "/",
+            "--volatile=yes",
+            "--boot",
+            "--register=no",
+            "--keep-unit",
+            "--console=pipe",
+        ]);
         command.arg(format!("--machine={}", spec.machine));
         if !spec.host_network {
             command.arg("--private-network");
@@ -164,12 +189,23 @@ impl Container {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run systemd-nspawn: {e}"));
         let nspawn_pid = nspawn.id();
-        let mut container =
-            Container { nspawn: Some(nspawn), init: 0, console: spec.console.clone(), machine: spec.machine.clone() };
+        let mut container = Container {
+            nspawn: Some(nspawn),
+            init: 0,
+            console: spec.console.clone(),
+            machine: spec.machine.clone(),
+        };
         let deadline = Instant::now() + BOOT_TIMEOUT;
         while container.init == 0 {
-            if let Some(status) = container.nspawn.as_mut().and_then(|child| child.try_wait().ok().flatten()) {
-                panic!("systemd-nspawn exited ({status}) before booting:\n{}", container.console_text());
+            if let Some(status) = container
+                .nspawn
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten())
+            {
+                panic!(
+                    "systemd-nspawn exited ({status}) before booting:\n{}",
+                    container.console_text()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -211,13 +247,18 @@ impl Container {
     /// A command run by `nsenter` in every namespace of the container.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new("nsenter");
-        command.args(["-t", &self.init.to_string(), "-a"]).args(args);
+        command
+            .args(["-t", &self.init.to_string(), "-a"])
+            .args(args);
         command
     }
 
     /// Runs a command inside and returns its output (whatever the exit code).
     pub fn exec(&self, args: &[&str]) -> Output {
-        self.command(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("nsenter {args:?}: {e}"))
+        self.command(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("nsenter {args:?}: {e}"))
     }
 
     /// Runs a command inside, panics (with its output) unless it exits 0, returns its stdout.
@@ -253,7 +294,14 @@ impl Container {
 
     /// The last `lines` journal lines of a unit (for failure messages).
     pub fn journal(&self, unit: &str, lines: usize) -> String {
-        let out = self.exec(&["journalctl", "-u", unit, "--no-pager", "-n", &lines.to_string()]);
+        let out = self.exec(&[
+            "journalctl",
+            "-u",
+            unit,
+            "--no-pager",
+            "-n",
+            &lines.to_string(),
+        ]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -277,7 +325,10 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         if self.init != 0 {
-            let _ = self.command(&["systemctl", "poweroff"]).stdin(Stdio::null()).output();
+            let _ = self
+                .command(&["systemctl", "poweroff"])
+                .stdin(Stdio::null())
+                .output();
             if self.wait_exit(Duration::from_secs(20)) {
                 return;
             }
@@ -285,7 +336,10 @@ impl Drop for Container {
         if let Some(child) = &self.nspawn
             && let Ok(pid) = i32::try_from(child.id())
         {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         if self.wait_exit(Duration::from_secs(10)) {
             return;
@@ -294,7 +348,10 @@ impl Drop for Container {
         if let Ok(init) = i32::try_from(self.init)
             && init != 0
         {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(init), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(init),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         if let Some(mut child) = self.nspawn.take() {
             let _ = child.kill();

@@ -14,7 +14,9 @@
 use patchd_e2e::apply_support::http_get;
 use patchd_e2e::cluster_fixture::{free_port, stamp};
 use patchd_e2e::nspawn::{Boot, Container, ensure_nspawn};
-use patchd_e2e::{Pki, bin, patchctl, patchctl_ok, sha256_file, toml_string, wait_for, workspace_root};
+use patchd_e2e::{
+    Pki, bin, patchctl, patchctl_ok, sha256_file, toml_string, wait_for, workspace_root,
+};
 use serde_json::Value;
 use std::path::Path;
 use std::process::Output;
@@ -45,14 +47,19 @@ fn text(out: &Output) -> String {
 /// `/version` of the worker, as JSON (None when it does not answer).
 fn worker_version(port: u16) -> Option<Value> {
     let (status, body) = http_get(&format!("{HOST}:{port}"), "/version")?;
-    (status == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+    (status == 200)
+        .then(|| serde_json::from_str(&body).ok())
+        .flatten()
 }
 
 /// The one node of `patchctl --format json display`.
 fn displayed_node(home: &Path) -> Value {
     let out = patchctl_ok(home, &["--format", "json", "display", CLUSTER]);
-    let document: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("display JSON ({e}):\n{out}"));
-    let nodes = document["nodes"].as_array().unwrap_or_else(|| panic!("no nodes in {document}"));
+    let document: Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("display JSON ({e}):\n{out}"));
+    let nodes = document["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes in {document}"));
     assert_eq!(nodes.len(), 1, "{document}");
     nodes[0].clone()
 }
@@ -63,7 +70,11 @@ fn diagnostics(container: &Container) -> String {
         "--- journalctl -u patchd\n{}\n--- journalctl -u {UNIT}\n{}\n--- systemctl --failed\n{}",
         container.journal("patchd.service", 40),
         container.journal(UNIT, 20),
-        String::from_utf8_lossy(&container.exec(&["systemctl", "--failed", "--no-pager"]).stdout)
+        String::from_utf8_lossy(
+            &container
+                .exec(&["systemctl", "--failed", "--no-pager"])
+                .stdout
+        )
     )
 }
 
@@ -73,7 +84,10 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
     ensure_nspawn();
     let patchd_bin = bin("patchd");
     let _ = bin("demo-worker");
-    let tmp = tempfile::Builder::new().prefix("patchd-install-").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("patchd-install-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let root = tmp.path().to_path_buf();
 
     // Controller side: CA, controller certificate, and the agent's certificate naming the host it is dialed by.
@@ -87,11 +101,17 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
     // The host as tiup left it: the original worker deployed under /opt/demo (bound from here, so the test can
     // read the deployed files), and its release package (the base of hotfixes).
     let opt_demo = root.join("opt-demo");
-    let deployed_binary =
-        opt_demo.join(format!("demo-worker-{worker_port}")).join("bin/demo-worker/demo-worker");
+    let deployed_binary = opt_demo
+        .join(format!("demo-worker-{worker_port}"))
+        .join("bin/demo-worker/demo-worker");
     stamp("demo-worker", ORIGINAL, "ok", &deployed_binary);
     let release_tree = root.join("release/demo-worker");
-    stamp("demo-worker", ORIGINAL, "ok", &release_tree.join("demo-worker"));
+    stamp(
+        "demo-worker",
+        ORIGINAL,
+        "ok",
+        &release_tree.join("demo-worker"),
+    );
     let base = root.join(format!("demo-worker-{ORIGINAL}-linux-x86_64.tar.gz"));
     patchd_package::pack_dir(&release_tree, ORIGINAL, &base).unwrap();
     let original_sha = sha256_file(&deployed_binary);
@@ -99,7 +119,11 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
     // What the operator copies to the host: the unit of the service, the agent's certificate and its config.
     let install = root.join("install");
     std::fs::create_dir_all(&install).unwrap();
-    for (from, name) in [(&agent_tls.ca, "ca.crt"), (&agent_tls.cert, "agent.crt"), (&agent_tls.key, "agent.key")] {
+    for (from, name) in [
+        (&agent_tls.ca, "ca.crt"),
+        (&agent_tls.cert, "agent.crt"),
+        (&agent_tls.key, "agent.key"),
+    ] {
         std::fs::copy(from, install.join(name)).unwrap();
     }
     std::fs::write(
@@ -135,15 +159,27 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
             .bind_ro(&install, Path::new(INSTALL_INSIDE))
             .bind(&opt_demo, Path::new(DEPLOY_ROOT)),
     );
-    eprintln!("container {} booted after {:.1}s", container.machine(), started.elapsed().as_secs_f64());
+    eprintln!(
+        "container {} booted after {:.1}s",
+        container.machine(),
+        started.elapsed().as_secs_f64()
+    );
 
     // The service, as it ran before patchd came: a unit of its own, enabled and started.
-    container.exec_ok(&["install", "-m", "0644", &format!("{INSTALL_INSIDE}/{UNIT}"), &format!("/etc/systemd/system/{UNIT}")]);
+    container.exec_ok(&[
+        "install",
+        "-m",
+        "0644",
+        &format!("{INSTALL_INSIDE}/{UNIT}"),
+        &format!("/etc/systemd/system/{UNIT}"),
+    ]);
     container.systemctl_ok(&["daemon-reload"]);
     container.systemctl_ok(&["enable", "--now", UNIT]);
-    wait_for(Duration::from_secs(30), "the worker unit to serve v1.0.0", || {
-        worker_version(worker_port).is_some_and(|v| v["version"] == ORIGINAL)
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "the worker unit to serve v1.0.0",
+        || worker_version(worker_port).is_some_and(|v| v["version"] == ORIGINAL),
+    );
 
     // The operator's install.
     let installed = container.exec(&[
@@ -161,9 +197,19 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
         "--deploy-root",
         DEPLOY_ROOT,
     ]);
-    assert!(installed.status.success(), "install.sh failed: {}\n{}", text(&installed), diagnostics(&container));
+    assert!(
+        installed.status.success(),
+        "install.sh failed: {}\n{}",
+        text(&installed),
+        diagnostics(&container)
+    );
     eprintln!("{}", String::from_utf8_lossy(&installed.stdout));
-    assert_eq!(container.systemctl_ok(&["is-enabled", "patchd.service"]).trim(), "enabled");
+    assert_eq!(
+        container
+            .systemctl_ok(&["is-enabled", "patchd.service"])
+            .trim(),
+        "enabled"
+    );
     let key_mode = container.exec_ok(&["stat", "-c", "%a", "/etc/patchd/tls/agent.key"]);
     assert_eq!(key_mode.trim(), "600", "the agent key is private");
 
@@ -175,7 +221,12 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
         if out.status.success() {
             break;
         }
-        assert!(Instant::now() < deadline, "the installed agent does not answer: {}\n{}", text(&out), diagnostics(&container));
+        assert!(
+            Instant::now() < deadline,
+            "the installed agent does not answer: {}\n{}",
+            text(&out),
+            diagnostics(&container)
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
 
@@ -192,17 +243,35 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
         ),
     )
     .unwrap();
-    patchctl_ok(&home, &["cluster", "import", CLUSTER, topology.to_str().unwrap()]);
+    patchctl_ok(
+        &home,
+        &["cluster", "import", CLUSTER, topology.to_str().unwrap()],
+    );
     let shown = patchctl_ok(&home, &["display", CLUSTER]);
-    assert!(shown.contains(HOST) && shown.contains(&worker_port.to_string()), "display lists the node:\n{shown}");
+    assert!(
+        shown.contains(HOST) && shown.contains(&worker_port.to_string()),
+        "display lists the node:\n{shown}"
+    );
     let before = container.show(UNIT, &["MainPID", "ExecMainStartTimestamp", "ActiveState"]);
     assert_eq!(before["ActiveState"], "active", "{before:?}");
     let node = displayed_node(&home);
     assert_eq!(node["service"]["state"], "running", "{node}");
-    assert_eq!(node["service"]["pid"].to_string(), before["MainPID"], "display's pid is the unit's MainPID: {node}");
-    assert_eq!(node["service"]["binary_sha256"], original_sha.as_str(), "{node}");
+    assert_eq!(
+        node["service"]["pid"].to_string(),
+        before["MainPID"],
+        "display's pid is the unit's MainPID: {node}"
+    );
+    assert_eq!(
+        node["service"]["binary_sha256"],
+        original_sha.as_str(),
+        "{node}"
+    );
     let original_run = worker_version(worker_port).unwrap();
-    assert_eq!(original_run["pid"].to_string(), before["MainPID"], "the worker is the unit's main process");
+    assert_eq!(
+        original_run["pid"].to_string(),
+        before["MainPID"],
+        "the worker is the unit's main process"
+    );
 
     // A hotfix, built and rolled out from outside.
     let hotfix_binary = root.join("hotfix/demo-worker");
@@ -224,17 +293,53 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
         ],
     );
     let patched = patchctl(&home, &["patch", CLUSTER, hotfix.to_str().unwrap(), "-y"]);
-    assert_eq!(patched.status.code(), Some(0), "patch failed: {}\n{}", text(&patched), diagnostics(&container));
+    assert_eq!(
+        patched.status.code(),
+        Some(0),
+        "patch failed: {}\n{}",
+        text(&patched),
+        diagnostics(&container)
+    );
 
     // The unit restarted onto the new binary.
-    let after = container.show(UNIT, &["MainPID", "ExecMainStartTimestamp", "ActiveState", "SubState", "NRestarts"]);
-    assert_eq!((after["ActiveState"].as_str(), after["SubState"].as_str()), ("active", "running"), "{after:?}");
-    assert_ne!(after["MainPID"], before["MainPID"], "the unit has a new main process");
-    assert_ne!(after["ExecMainStartTimestamp"], before["ExecMainStartTimestamp"], "the unit was started again");
-    assert_eq!(after["NRestarts"], "0", "started by the agent, not by Restart=on-failure: {after:?}");
-    assert_eq!(sha256_file(&deployed_binary), sha256_file(&hotfix_binary), "the new binary is deployed");
+    let after = container.show(
+        UNIT,
+        &[
+            "MainPID",
+            "ExecMainStartTimestamp",
+            "ActiveState",
+            "SubState",
+            "NRestarts",
+        ],
+    );
+    assert_eq!(
+        (after["ActiveState"].as_str(), after["SubState"].as_str()),
+        ("active", "running"),
+        "{after:?}"
+    );
+    assert_ne!(
+        after["MainPID"], before["MainPID"],
+        "the unit has a new main process"
+    );
+    assert_ne!(
+        after["ExecMainStartTimestamp"], before["ExecMainStartTimestamp"],
+        "the unit was started again"
+    );
+    assert_eq!(
+        after["NRestarts"], "0",
+        "started by the agent, not by Restart=on-failure: {after:?}"
+    );
+    assert_eq!(
+        sha256_file(&deployed_binary),
+        sha256_file(&hotfix_binary),
+        "the new binary is deployed"
+    );
     let exe = container.exec_ok(&["readlink", &format!("/proc/{}/exe", after["MainPID"])]);
-    assert_eq!(exe.trim(), format!("{deploy_dir}/bin/demo-worker/demo-worker"), "the main process runs the deployed file");
+    assert_eq!(
+        exe.trim(),
+        format!("{deploy_dir}/bin/demo-worker/demo-worker"),
+        "the main process runs the deployed file"
+    );
     let running = worker_version(worker_port).expect("the worker answers after the patch");
     assert_eq!(running["version"], HOTFIX, "{running}");
     assert_eq!(running["pid"].to_string(), after["MainPID"], "{running}");
@@ -242,17 +347,31 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
     // systemctl inside agrees with patchctl display outside.
     let status = container.exec(&["systemctl", "status", UNIT, "--no-pager"]);
     let status_text = String::from_utf8_lossy(&status.stdout).into_owned();
-    assert!(status.status.success(), "systemctl status: {}", text(&status));
+    assert!(
+        status.status.success(),
+        "systemctl status: {}",
+        text(&status)
+    );
     assert!(status_text.contains("active (running)"), "{status_text}");
-    assert!(status_text.contains(&format!("Main PID: {}", after["MainPID"])), "{status_text}");
+    assert!(
+        status_text.contains(&format!("Main PID: {}", after["MainPID"])),
+        "{status_text}"
+    );
     let node = displayed_node(&home);
     assert_eq!(node["service"]["state"], "running", "{node}");
-    assert_eq!(node["service"]["pid"].to_string(), after["MainPID"], "display's pid is the unit's MainPID: {node}");
+    assert_eq!(
+        node["service"]["pid"].to_string(),
+        after["MainPID"],
+        "display's pid is the unit's MainPID: {node}"
+    );
     assert_eq!(node["version"], HOTFIX, "{node}");
     assert_eq!(node["service"]["version"], HOTFIX, "{node}");
     assert_eq!(node["patched"], true, "{node}");
     assert!(
-        !matches!(node["status"].as_str(), Some("Unreachable" | "Down" | "Failed" | "Stopped")),
+        !matches!(
+            node["status"].as_str(),
+            Some("Unreachable" | "Down" | "Failed" | "Stopped")
+        ),
         "display reports the node up: {node}"
     );
 
@@ -267,7 +386,14 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
 
     // The agent itself stayed up as a service the whole time.
     let agent = container.show("patchd.service", &["ActiveState", "NRestarts"]);
-    assert_eq!((agent["ActiveState"].as_str(), agent["NRestarts"].as_str()), ("active", "0"), "{agent:?}");
+    assert_eq!(
+        (agent["ActiveState"].as_str(), agent["NRestarts"].as_str()),
+        ("active", "0"),
+        "{agent:?}"
+    );
     drop(container);
-    eprintln!("systemd install test took {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "systemd install test took {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
 }

@@ -6,7 +6,8 @@
 //! Use the release binaries:
 //! `cargo build --release -p patchd-agent -p patchctl -p patchd-demo --bins && \
 //!  PATCHD_BIN_DIR=target/release cargo run --release -p patchd-bench --bin bench_fleet`
-//! Environment: `BENCH_WORKERS` (default 50), `BENCH_PAD_MIB` (default 64), `BENCH_DIR` (default /var/tmp).
+//! Environment: `BENCH_WORKERS` (default 50), `BENCH_PAD_MIB` (default 64), `BENCH_DIR` (default /var/tmp),
+//! `BENCH_CONCURRENCY` (parallel uploads, default: patchctl's).
 
 use anyhow::{Context, bail};
 use nix::sys::resource::{UsageWho, getrusage};
@@ -34,6 +35,7 @@ struct Run {
     staging: Duration,
     apply_wall: Duration,
     cpu: Duration,
+    agents_cpu: Duration,
     peak_rss: u64,
     failures: u64,
 }
@@ -49,59 +51,143 @@ fn main() -> anyhow::Result<()> {
     }
     let workers: usize = env_or("BENCH_WORKERS", 50)?;
     let pad_mib: u64 = env_or("BENCH_PAD_MIB", 64)?;
-    let base = std::env::var_os("BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let base = std::env::var_os("BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
     std::fs::create_dir_all(&base)?;
-    let work = tempfile::Builder::new().prefix("patchd-fleet-").tempdir_in(&base)?;
+    let work = tempfile::Builder::new()
+        .prefix("patchd-fleet-")
+        .tempdir_in(&base)?;
 
-    eprintln!("starting {} agents (1 master, {workers} workers) on 127.0.1.1-{}", workers + 1, workers + 1);
+    eprintln!(
+        "starting {} agents (1 master, {workers} workers) on 127.0.1.1-{}",
+        workers + 1,
+        workers + 1
+    );
     let started = Instant::now();
-    let options = FixtureOptions { masters: 1, workers, tasks: 10, ..Default::default() };
-    let cluster = ClusterFixture::start(work.path(), options);
+    let options = FixtureOptions {
+        masters: 1,
+        workers,
+        tasks: 10,
+        ..Default::default()
+    };
+    let mut cluster = ClusterFixture::start(work.path(), options);
     eprintln!("cluster up in {:.1}s", started.elapsed().as_secs_f64());
 
     let pad = work.path().join("pad.bin");
     write_random_file(&pad, pad_mib * 1024 * 1024, 7);
-    let big = cluster.worker_package_with("v1.0.1-hotfix", "ok", &[("demo-worker/pad.bin".to_string(), pad)]);
+    let big = cluster.worker_package_with(
+        "v1.0.1-hotfix",
+        "ok",
+        &[("demo-worker/pad.bin".to_string(), pad)],
+    );
     let small = cluster.worker_package("v1.0.2-hotfix", "ok");
 
     let mut runs = Vec::new();
-    for (label, package) in [(format!("{pad_mib} MiB package"), &big), ("small package".to_string(), &small)] {
+    for (label, package) in [
+        (format!("{pad_mib} MiB package"), &big),
+        ("small package".to_string(), &small),
+    ] {
         eprintln!("patching {workers} workers with the {label}");
-        let run = patch(&cluster, &label, package, workers)?;
+        let agents_before = agents_cpu(&mut cluster);
+        let mut run = patch(&cluster, &label, package, workers)?;
+        run.agents_cpu = agents_cpu(&mut cluster).saturating_sub(agents_before);
         runs.push(run);
     }
-    print_report(&runs, workers);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    print_report(
+        &runs,
+        workers,
+        load.split_whitespace().next().unwrap_or("?"),
+    );
     Ok(())
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> anyhow::Result<T> {
     match std::env::var(key) {
-        Ok(value) => value.parse().map_err(|_| anyhow::anyhow!("{key}={value} is not a number")),
+        Ok(value) => value
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{key}={value} is not a number")),
         Err(_) => Ok(default),
     }
+}
+
+/// `--concurrency N` from `BENCH_CONCURRENCY`, else patchctl's default.
+fn concurrency_args() -> Vec<String> {
+    std::env::var("BENCH_CONCURRENCY")
+        .map(|n| vec!["--concurrency".to_string(), n])
+        .unwrap_or_default()
 }
 
 /// Reads `VmHWM` (peak resident set) of a process, in bytes.
 fn peak_rss(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
+/// CPU time (user + system) of a live process, from `/proc/<pid>/stat` (USER_HZ = 100).
+fn process_cpu(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    let Some(close) = stat.rfind(')') else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Total CPU time of every agent of the cluster.
+fn agents_cpu(cluster: &mut ClusterFixture) -> Duration {
+    let names: Vec<String> = cluster.nodes.iter().map(|node| node.name.clone()).collect();
+    names
+        .iter()
+        .filter_map(|name| cluster.agent(name).and_then(|agent| agent.pid()))
+        .map(process_cpu)
+        .sum()
 }
 
 fn cpu_of_children() -> anyhow::Result<Duration> {
     let usage = getrusage(UsageWho::RUSAGE_CHILDREN)?;
     let micros = |tv: nix::sys::time::TimeVal| tv.tv_sec() as u64 * 1_000_000 + tv.tv_usec() as u64;
-    Ok(Duration::from_micros(micros(usage.user_time()) + micros(usage.system_time())))
+    Ok(Duration::from_micros(
+        micros(usage.user_time()) + micros(usage.system_time()),
+    ))
 }
 
-fn patch(cluster: &ClusterFixture, label: &str, package: &Path, nodes: usize) -> anyhow::Result<Run> {
+fn patch(
+    cluster: &ClusterFixture,
+    label: &str,
+    package: &Path,
+    nodes: usize,
+) -> anyhow::Result<Run> {
     let package_bytes = std::fs::metadata(package)?.len();
     let cpu_before = cpu_of_children()?;
     let started = Instant::now();
     let mut child = Command::new(patchd_e2e::bin("patchctl"))
         .args(["--format", "json", "patch", &cluster.name])
         .arg(package)
-        .args(["-y", "--batch-size", "10", "--max-unavailable", "10", "--failure-budget", "9"])
+        .args([
+            "-y",
+            "--batch-size",
+            "10",
+            "--max-unavailable",
+            "10",
+            "--failure-budget",
+            "9",
+        ])
+        .args(concurrency_args())
         .env("PATCHCTL_HOME", cluster.pki.home())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -119,7 +205,8 @@ fn patch(cluster: &ClusterFixture, label: &str, package: &Path, nodes: usize) ->
     });
     let stdout = child.stdout.take().context("no stdout")?;
     let stderr = child.stderr.take().context("no stderr")?;
-    let err_reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let err_reader =
+        std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
     let out = std::io::read_to_string(stdout)?;
     let status = child.wait()?;
     let total = started.elapsed();
@@ -129,9 +216,15 @@ fn patch(cluster: &ClusterFixture, label: &str, package: &Path, nodes: usize) ->
     if !status.success() {
         bail!("patchctl failed ({status}):\n{err}\n{out}");
     }
-    let summary: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("bad summary:\n{out}"))?;
+    let summary: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("bad summary:\n{out}"))?;
     let lines = timeline(&err);
-    let find = |prefix: &str| lines.iter().find(|line| line.text.starts_with(prefix)).map(|line| line.at);
+    let find = |prefix: &str| {
+        lines
+            .iter()
+            .find(|line| line.text.starts_with(prefix))
+            .map(|line| line.at)
+    };
     let stage_start = find("Staging the package").context("no staging line")?;
     let first_batch = find("Batch 1/").context("no batch line")?;
     let elapsed_ms = summary["elapsed_ms"].as_u64().unwrap_or_default();
@@ -147,6 +240,7 @@ fn patch(cluster: &ClusterFixture, label: &str, package: &Path, nodes: usize) ->
         staging: Duration::from_secs_f64((first_batch - stage_start).max(0.0)),
         apply_wall: apply_wall(&lines),
         cpu,
+        agents_cpu: Duration::ZERO,
         peak_rss: peak.load(Ordering::Relaxed),
         failures: summary["failures"].as_u64().unwrap_or_default(),
     })
@@ -159,7 +253,10 @@ fn timeline(stderr: &str) -> Vec<Line> {
         .filter_map(|line| {
             let rest = line.strip_prefix('[')?;
             let (seconds, text) = rest.split_once("s] ")?;
-            Some(Line { at: seconds.trim().parse().ok()?, text: text.to_string() })
+            Some(Line {
+                at: seconds.trim().parse().ok()?,
+                text: text.to_string(),
+            })
         })
         .collect()
 }
@@ -171,7 +268,10 @@ fn apply_wall(lines: &[Line]) -> Duration {
     let mut intervals = Vec::new();
     for line in lines {
         let mut words = line.text.split_whitespace();
-        let (Some(node), Some(step), Some(status)) = (words.next(), words.next(), words.next()) else { continue };
+        let (Some(node), Some(step), Some(status)) = (words.next(), words.next(), words.next())
+        else {
+            continue;
+        };
         if step != "apply" {
             continue;
         }
@@ -206,23 +306,26 @@ fn apply_wall(lines: &[Line]) -> Duration {
     Duration::from_secs_f64(covered.max(0.0))
 }
 
-fn print_report(runs: &[Run], workers: usize) {
+fn print_report(runs: &[Run], workers: usize, load: &str) {
     println!("## Fleet\n");
     println!(
         "{workers} demo workers, one `patchd` agent each on 127.0.1.2–127.0.1.{} (process backend), plus the demo \
          master on 127.0.1.1; `patchctl patch --batch-size 10 --max-unavailable 10 --failure-budget 9` with the \
-         demo's offline/wait_offline/health/online/wait_online hooks; agent probation 500 ms.\n",
+         demo's offline/wait_offline/health/online/wait_online hooks; agent probation 500 ms. Every agent, service \
+         and the controller share the machine's 2 cores (1-minute load average at the end: {load}).\n",
         workers + 1
     );
     println!(
         "| package | total | before rollout¹ | staging (transfer) | agents applying² | controller share³ | per node³ | \
-         controller CPU | CPU per node | peak RSS | failures |"
+         controller CPU | CPU per node | agents' CPU⁴ | peak RSS | failures |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for run in runs {
-        let share = run.total.saturating_sub(run.before_rollout + run.staging + run.apply_wall);
+        let share = run
+            .total
+            .saturating_sub(run.before_rollout + run.staging + run.apply_wall);
         println!(
-            "| {} ({:.1} MiB) | {:.1} s | {:.2} s | {:.1} s | {:.1} s | {:.2} s | {:.1} ms | {:.2} s | {:.1} ms | {:.1} MiB | {} |",
+            "| {} ({:.1} MiB) | {:.1} s | {:.2} s | {:.1} s | {:.1} s | {:.2} s | {:.1} ms | {:.2} s | {:.1} ms | {:.1} s | {:.1} MiB | {} |",
             run.label,
             run.package_bytes as f64 / 1048576.0,
             run.total.as_secs_f64(),
@@ -233,6 +336,7 @@ fn print_report(runs: &[Run], workers: usize) {
             share.as_secs_f64() * 1000.0 / run.nodes as f64,
             run.cpu.as_secs_f64(),
             run.cpu.as_secs_f64() * 1000.0 / run.nodes as f64,
+            run.agents_cpu.as_secs_f64(),
             run.peak_rss as f64 / 1048576.0,
             run.failures
         );
@@ -241,7 +345,9 @@ fn print_report(runs: &[Run], workers: usize) {
         "\n¹ package read and hashed (inspection and chunk hashes, in parallel), status probes of every node, planning.\n\
          ² wall time during which at least one agent was inside Apply (stop, swap, start, probation).\n\
          ³ total minus the three columns before: hooks (cluster-API calls and their polls), journal writes, \
-         scheduling; divided by the node count for the per-node figure."
+         scheduling; divided by the node count for the per-node figure.\n\
+         ⁴ CPU time of all the agents together during the run (receiving, hashing, unpacking and verifying the \
+         package, applying): on a real fleet this is spread over one machine per agent."
     );
     if let Some(run) = runs.first() {
         let reference = 4.0 * 60.0;
