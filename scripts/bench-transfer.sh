@@ -37,6 +37,7 @@ PasswordAuthentication no
 StrictModes no
 PidFile $work/sshd.pid
 UsePAM no
+Subsystem sftp /usr/lib/openssh/sftp-server
 CONF
 "$SSHD" -D -f "$work/sshd_config" -E "$work/sshd.log" &
 sshd_pid=$!

@@ -39,7 +39,11 @@ pub struct TlsSection {
 impl TlsSection {
     /// The same paths as a [`TlsFiles`].
     pub fn files(&self) -> TlsFiles {
-        TlsFiles { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
+        TlsFiles {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
     }
 }
 
@@ -59,7 +63,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_blob_bytes: 4 << 30, max_files: 10_000, max_unpacked_bytes: 8 << 30, keep_backups: 3 }
+        Self {
+            max_blob_bytes: 4 << 30,
+            max_files: 10_000,
+            max_unpacked_bytes: 8 << 30,
+            keep_backups: 3,
+        }
     }
 }
 
@@ -67,11 +76,17 @@ impl Default for Limits {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {}: {cause} (pass an existing file with --config)", path.display())]
-    Read { path: PathBuf, cause: std::io::Error },
+    Read {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("config {}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
     #[error("config {} has {} problem(s):\n{}", path.display(), problems.len(), format_problems(problems))]
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 /// One problem: the key it concerns and what is wrong, including what to do.
@@ -88,7 +103,11 @@ impl std::fmt::Display for Problem {
 }
 
 fn format_problems(problems: &[Problem]) -> String {
-    problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n")
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Subdirectories of `state_dir` the agent uses.
@@ -97,14 +116,19 @@ pub const STATE_SUBDIRS: [&str; 6] = ["blobs", "staging", "backups", "journal", 
 impl Config {
     /// Reads and parses `path` (syntax and types only; see [`Config::validate`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+            path: path.to_path_buf(),
+            cause,
+        })?;
         Self::parse(path, &text)
     }
 
     /// Parses config text; `path` is only used in messages.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
     }
 
     /// Reads, parses and validates `path`.
@@ -114,7 +138,10 @@ impl Config {
         if problems.is_empty() {
             Ok(config)
         } else {
-            Err(ConfigError::Invalid { path: path.to_path_buf(), problems })
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
         }
     }
 
@@ -122,10 +149,19 @@ impl Config {
     /// Touches nothing except a probe file in an existing state directory (removed at once).
     pub fn validate(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
-        let mut problem = |key: &str, message: String| problems.push(Problem { key: key.to_string(), message });
+        let mut problem = |key: &str, message: String| {
+            problems.push(Problem {
+                key: key.to_string(),
+                message,
+            })
+        };
 
-        if self.listen.port() != 0 && self.listen.port() < 1024 && !nix::unistd::geteuid().is_root() {
-            problem("listen", format!("port {} needs root: use a port >= 1024", self.listen.port()));
+        if self.listen.port() != 0 && self.listen.port() < 1024 && !nix::unistd::geteuid().is_root()
+        {
+            problem(
+                "listen",
+                format!("port {} needs root: use a port >= 1024", self.listen.port()),
+            );
         }
 
         match check_state_dir(&self.state_dir) {
@@ -134,24 +170,49 @@ impl Config {
         }
 
         if self.deploy_roots.is_empty() && !self.services.is_empty() {
-            problem("deploy_roots", "is empty but services are declared: list the directories services deploy under".into());
+            problem(
+                "deploy_roots",
+                "is empty but services are declared: list the directories services deploy under"
+                    .into(),
+            );
         }
         for (i, root) in self.deploy_roots.iter().enumerate() {
             let key = format!("deploy_roots[{i}]");
             if let Err(message) = check_absolute_normal(root) {
                 problem(&key, message);
             } else if !root.is_dir() {
-                problem(&key, format!("{} does not exist or is not a directory: create it first", root.display()));
+                problem(
+                    &key,
+                    format!(
+                        "{} does not exist or is not a directory: create it first",
+                        root.display()
+                    ),
+                );
             } else if self.state_dir.starts_with(root) || root.starts_with(&self.state_dir) {
-                problem(&key, format!("{} overlaps state_dir {}: keep them apart", root.display(), self.state_dir.display()));
+                problem(
+                    &key,
+                    format!(
+                        "{} overlaps state_dir {}: keep them apart",
+                        root.display(),
+                        self.state_dir.display()
+                    ),
+                );
             }
         }
 
-        for (key, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+        for (key, path) in [
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
             if let Err(message) = check_absolute_normal(path) {
                 problem(key, message);
             } else if let Err(e) = std::fs::File::open(path).and_then(|f| {
-                if f.metadata()?.is_dir() { Err(std::io::Error::other("is a directory")) } else { Ok(()) }
+                if f.metadata()?.is_dir() {
+                    Err(std::io::Error::other("is a directory"))
+                } else {
+                    Ok(())
+                }
             }) {
                 problem(key, format!("cannot read {}: {e}", path.display()));
             }
@@ -162,29 +223,47 @@ impl Config {
                 Err(e) => {
                     let key = match &e {
                         patchd_tls::TlsError::BadKey { .. } => "tls.key",
-                        patchd_tls::TlsError::Identity { path, .. } | patchd_tls::TlsError::BadCertificate { path, .. }
-                            if path == &self.tls.ca => "tls.ca",
-                        patchd_tls::TlsError::Identity { path, .. } if path == &self.tls.key => "tls.key",
+                        patchd_tls::TlsError::Identity { path, .. }
+                        | patchd_tls::TlsError::BadCertificate { path, .. }
+                            if path == &self.tls.ca =>
+                        {
+                            "tls.ca"
+                        }
+                        patchd_tls::TlsError::Identity { path, .. } if path == &self.tls.key => {
+                            "tls.key"
+                        }
                         _ => "tls.cert",
                     };
-                    problems.push(Problem { key: key.to_string(), message: e.to_string() });
+                    problems.push(Problem {
+                        key: key.to_string(),
+                        message: e.to_string(),
+                    });
                 }
             }
         }
 
         if self.limits.max_blob_bytes == 0 {
-            problems.push(Problem { key: "limits.max_blob_bytes".into(), message: "must be > 0".into() });
+            problems.push(Problem {
+                key: "limits.max_blob_bytes".into(),
+                message: "must be > 0".into(),
+            });
         }
 
         let mut names = BTreeSet::new();
         for (i, service) in self.services.iter().enumerate() {
             for message in check_service(service, &self.deploy_roots) {
-                problems.push(Problem { key: format!("service[{i}] ({})", service.name), message });
+                problems.push(Problem {
+                    key: format!("service[{i}] ({})", service.name),
+                    message,
+                });
             }
             if !names.insert(service.name.as_str()) {
                 problems.push(Problem {
                     key: format!("service[{i}].name"),
-                    message: format!("`{}` is declared twice: service names must be unique", service.name),
+                    message: format!(
+                        "`{}` is declared twice: service names must be unique",
+                        service.name
+                    ),
                 });
             }
         }
@@ -220,23 +299,38 @@ fn problems_with_prefix(problems: &[Problem], prefix: &str) -> bool {
 
 fn check_absolute_normal(path: &Path) -> Result<(), String> {
     if !path.is_absolute() {
-        return Err(format!("`{}` is relative: use an absolute path", path.display()));
+        return Err(format!(
+            "`{}` is relative: use an absolute path",
+            path.display()
+        ));
     }
-    if path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
-        return Err(format!("`{}` contains `.` or `..`: write the plain absolute path", path.display()));
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(format!(
+            "`{}` contains `.` or `..`: write the plain absolute path",
+            path.display()
+        ));
     }
     Ok(())
 }
 
 fn is_under_any(path: &Path, roots: &[PathBuf]) -> bool {
-    check_absolute_normal(path).is_ok() && roots.iter().any(|root| path.starts_with(root) && path != root)
+    check_absolute_normal(path).is_ok()
+        && roots
+            .iter()
+            .any(|root| path.starts_with(root) && path != root)
 }
 
 fn check_state_dir(dir: &Path) -> Result<(), String> {
     check_absolute_normal(dir)?;
     if dir.exists() {
         if !dir.is_dir() {
-            return Err(format!("{} exists and is not a directory: point state_dir at a directory", dir.display()));
+            return Err(format!(
+                "{} exists and is not a directory: point state_dir at a directory",
+                dir.display()
+            ));
         }
         let probe = dir.join(format!(".patchd-validate-{}", std::process::id()));
         return match std::fs::write(&probe, b"") {
@@ -244,7 +338,10 @@ fn check_state_dir(dir: &Path) -> Result<(), String> {
                 let _ = std::fs::remove_file(&probe);
                 Ok(())
             }
-            Err(e) => Err(format!("{} is not writable ({e}): fix its owner or permissions", dir.display())),
+            Err(e) => Err(format!(
+                "{} is not writable ({e}): fix its owner or permissions",
+                dir.display()
+            )),
         };
     }
     // It will be created at start: the nearest existing ancestor must be a writable directory.
@@ -257,7 +354,10 @@ fn check_state_dir(dir: &Path) -> Result<(), String> {
                     a.display()
                 ));
             }
-            return match nix::unistd::access(a, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK) {
+            return match nix::unistd::access(
+                a,
+                nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+            ) {
                 Ok(()) => Ok(()),
                 Err(e) => Err(format!(
                     "{} does not exist and cannot be created in {} ({e}): create it or fix permissions",
@@ -268,19 +368,31 @@ fn check_state_dir(dir: &Path) -> Result<(), String> {
         }
         ancestor = a.parent();
     }
-    Err(format!("{} cannot be created: no existing ancestor", dir.display()))
+    Err(format!(
+        "{} cannot be created: no existing ancestor",
+        dir.display()
+    ))
 }
 
 fn check_service(service: &ServiceSpec, roots: &[PathBuf]) -> Vec<String> {
     let mut out = Vec::new();
     let valid_name = |s: &str| {
-        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) && !s.starts_with('.')
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !s.starts_with('.')
     };
     if !valid_name(&service.name) {
-        out.push(format!("name `{}`: use letters, digits, '-', '_' or '.'", service.name));
+        out.push(format!(
+            "name `{}`: use letters, digits, '-', '_' or '.'",
+            service.name
+        ));
     }
     if !valid_name(&service.component) {
-        out.push(format!("component `{}`: use letters, digits, '-', '_' or '.'", service.component));
+        out.push(format!(
+            "component `{}`: use letters, digits, '-', '_' or '.'",
+            service.component
+        ));
     }
     if let Err(message) = check_absolute_normal(&service.deploy_dir) {
         out.push(format!("deploy_dir: {message}"));
@@ -291,17 +403,25 @@ fn check_service(service: &ServiceSpec, roots: &[PathBuf]) -> Vec<String> {
             roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
         ));
     }
-    for (key, rel) in [("install_dir", &service.install_dir), ("binary", &service.binary)] {
+    for (key, rel) in [
+        ("install_dir", &service.install_dir),
+        ("binary", &service.binary),
+    ] {
         if let Some(rel) = rel
             && (rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))))
         {
-            out.push(format!("{key} `{}` must be a relative path inside deploy_dir, without `..`", rel.display()));
+            out.push(format!(
+                "{key} `{}` must be a relative path inside deploy_dir, without `..`",
+                rel.display()
+            ));
         }
     }
     match service.backend {
         BackendKind::Process => {
             if service.command.is_empty() {
-                out.push("backend \"process\" needs `command` (the argv that starts the service)".into());
+                out.push(
+                    "backend \"process\" needs `command` (the argv that starts the service)".into(),
+                );
             }
         }
         BackendKind::Systemd => {
@@ -328,7 +448,9 @@ mod tests {
     fn unknown_keys_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let text = format!("{}\nbogus = 1\n", base(dir.path()));
-        let err = Config::parse(Path::new("x.toml"), &text).unwrap_err().to_string();
+        let err = Config::parse(Path::new("x.toml"), &text)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bogus"), "{err}");
     }
 

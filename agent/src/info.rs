@@ -32,7 +32,9 @@ pub fn collect(state_dir: &Path, started: Instant, services: Vec<String>) -> Hos
             (0, 0)
         }
     };
-    let cpu_count = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpu_count = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     HostInfo {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         hostname: sysinfo::System::host_name().unwrap_or_default(),

@@ -32,7 +32,10 @@ pub enum AgentError {
     #[error("blob cache: {0}")]
     Transfer(#[from] transfer::TransferError),
     #[error("cannot create the state directory {}: {cause}", path.display())]
-    StateDir { path: std::path::PathBuf, cause: std::io::Error },
+    StateDir {
+        path: std::path::PathBuf,
+        cause: std::io::Error,
+    },
     #[error("apply engine failed to start: {0}")]
     Apply(String),
     #[error("gRPC server: {0}")]
@@ -54,11 +57,22 @@ impl Agent {
     pub async fn prepare(config: Arc<Config>) -> Result<Self, AgentError> {
         config
             .prepare_state_dir()
-            .map_err(|cause| AgentError::StateDir { path: config.state_dir.clone(), cause })?;
+            .map_err(|cause| AgentError::StateDir {
+                path: config.state_dir.clone(),
+                cause,
+            })?;
         let tls = patchd_tls::TlsMaterial::load(&config.tls.files())?;
-        let store = Arc::new(BlobStore::open(&config.blobs_dir(), config.limits.max_blob_bytes)?);
+        let store = Arc::new(BlobStore::open(
+            &config.blobs_dir(),
+            config.limits.max_blob_bytes,
+        )?);
         let apply = Arc::new(start_apply_service(&config).await?);
-        Ok(Self { config, tls, store, apply })
+        Ok(Self {
+            config,
+            tls,
+            store,
+            apply,
+        })
     }
 
     /// The blob cache (the apply engine reads complete blobs from it).
@@ -67,7 +81,11 @@ impl Agent {
     }
 
     /// Serves on `listener` (mutual TLS only) until `shutdown` completes, then drains in-flight calls.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), AgentError> {
         let service = AgentService::new(Arc::clone(&self.config), self.store, self.apply);
         tonic::transport::Server::builder()
             .tls_config(self.tls.server_config())?
@@ -85,5 +103,7 @@ impl Agent {
 
 /// The single place the apply engine is constructed (it runs crash recovery before the server starts).
 async fn start_apply_service(config: &Arc<Config>) -> Result<ApplyService, AgentError> {
-    ApplyService::start(config).await.map_err(|e| AgentError::Apply(e.to_string()))
+    ApplyService::start(config)
+        .await
+        .map_err(|e| AgentError::Apply(e.to_string()))
 }

@@ -22,7 +22,12 @@ pub struct AgentService {
 
 impl AgentService {
     pub fn new(config: Arc<Config>, store: Arc<BlobStore>, apply: Arc<ApplyService>) -> Self {
-        Self { config, store, apply, started: Instant::now() }
+        Self {
+            config,
+            store,
+            apply,
+            started: Instant::now(),
+        }
     }
 
     /// The tonic service, accepting messages up to [`patchd_proto::MAX_MESSAGE_BYTES`] (chunks up to 4 MiB).
@@ -34,12 +39,15 @@ impl AgentService {
 }
 
 fn blob_from_wire(blob: Option<v1::BlobRef>) -> Result<BlobRef, Status> {
-    let blob = blob.ok_or_else(|| invalid_argument("missing `blob`: send the digest, total size and chunk size"))?;
+    let blob = blob.ok_or_else(|| {
+        invalid_argument("missing `blob`: send the digest, total size and chunk size")
+    })?;
     Ok(BlobRef::new(blob.digest, blob.total_size, blob.chunk_size)?)
 }
 
 fn chunk_from_wire(message: Result<v1::UploadMessage, Status>) -> Result<Chunk, TransferError> {
-    let message = message.map_err(|status| TransferError::StreamBroken(status.message().to_string()))?;
+    let message =
+        message.map_err(|status| TransferError::StreamBroken(status.message().to_string()))?;
     match message.kind {
         Some(Kind::Chunk(chunk)) => {
             let sha256: [u8; 32] = chunk.sha256.as_ref().try_into().map_err(|_| {
@@ -49,22 +57,39 @@ fn chunk_from_wire(message: Result<v1::UploadMessage, Status>) -> Result<Chunk, 
                     chunk.sha256.len()
                 ))
             })?;
-            Ok(Chunk { index: chunk.index, offset: chunk.offset, data: chunk.data, sha256 })
+            Ok(Chunk {
+                index: chunk.index,
+                offset: chunk.offset,
+                data: chunk.data,
+                sha256,
+            })
         }
-        Some(Kind::Header(_)) => Err(TransferError::Protocol("a second header: send one header, then chunks".into())),
+        Some(Kind::Header(_)) => Err(TransferError::Protocol(
+            "a second header: send one header, then chunks".into(),
+        )),
         None => Err(TransferError::Protocol("empty upload message".into())),
     }
 }
 
 #[tonic::async_trait]
 impl v1::agent_server::Agent for AgentService {
-    async fn info(&self, _request: Request<v1::InfoRequest>) -> Result<Response<v1::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        _request: Request<v1::InfoRequest>,
+    ) -> Result<Response<v1::InfoResponse>, Status> {
         let state_dir = self.config.state_dir.clone();
-        let services = self.config.services.iter().map(|s| s.name.clone()).collect();
+        let services = self
+            .config
+            .services
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
         let started = self.started;
-        let info = tokio::task::spawn_blocking(move || crate::info::collect(&state_dir, started, services))
-            .await
-            .map_err(|e| Status::internal(format!("collecting host info failed: {e}")))?;
+        let info = tokio::task::spawn_blocking(move || {
+            crate::info::collect(&state_dir, started, services)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("collecting host info failed: {e}")))?;
         Ok(Response::new(v1::InfoResponse {
             agent_version: info.agent_version,
             hostname: info.hostname,
@@ -107,7 +132,11 @@ impl v1::agent_server::Agent for AgentService {
             .map_err(|_| Status::from(TransferError::IdleTimeout))??;
         let blob = match first.and_then(|m| m.kind) {
             Some(Kind::Header(header)) => blob_from_wire(header.blob)?,
-            _ => return Err(invalid_argument("the first upload message must be a header naming the blob")),
+            _ => {
+                return Err(invalid_argument(
+                    "the first upload message must be a header naming the blob",
+                ));
+            }
         };
         let digest = blob.digest.clone();
         let outcome = self.store.upload(blob, stream.map(chunk_from_wire)).await?;
@@ -120,19 +149,43 @@ impl v1::agent_server::Agent for AgentService {
         }))
     }
 
-    async fn stage(&self, request: Request<v1::StageRequest>) -> Result<Response<v1::StageResponse>, Status> {
-        self.apply.stage(request.into_inner()).await.map(Response::new)
+    async fn stage(
+        &self,
+        request: Request<v1::StageRequest>,
+    ) -> Result<Response<v1::StageResponse>, Status> {
+        self.apply
+            .stage(request.into_inner())
+            .await
+            .map(Response::new)
     }
 
-    async fn apply(&self, request: Request<v1::ApplyRequest>) -> Result<Response<v1::ApplyResponse>, Status> {
-        self.apply.apply(request.into_inner()).await.map(Response::new)
+    async fn apply(
+        &self,
+        request: Request<v1::ApplyRequest>,
+    ) -> Result<Response<v1::ApplyResponse>, Status> {
+        self.apply
+            .apply(request.into_inner())
+            .await
+            .map(Response::new)
     }
 
-    async fn rollback(&self, request: Request<v1::RollbackRequest>) -> Result<Response<v1::ApplyResponse>, Status> {
-        self.apply.rollback(request.into_inner()).await.map(Response::new)
+    async fn rollback(
+        &self,
+        request: Request<v1::RollbackRequest>,
+    ) -> Result<Response<v1::ApplyResponse>, Status> {
+        self.apply
+            .rollback(request.into_inner())
+            .await
+            .map(Response::new)
     }
 
-    async fn status(&self, request: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
-        self.apply.status(request.into_inner()).await.map(Response::new)
+    async fn status(
+        &self,
+        request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        self.apply
+            .status(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

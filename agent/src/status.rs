@@ -7,11 +7,15 @@ use tonic::{Code, Status};
 impl From<TransferError> for Status {
     fn from(err: TransferError) -> Self {
         let code = match &err {
-            TransferError::InvalidDigest(_) | TransferError::InvalidChunkSize(_) | TransferError::Protocol(_) => {
-                Code::InvalidArgument
+            TransferError::InvalidDigest(_)
+            | TransferError::InvalidChunkSize(_)
+            | TransferError::Protocol(_) => Code::InvalidArgument,
+            TransferError::TooLarge { .. } | TransferError::NoSpace { .. } => {
+                Code::ResourceExhausted
             }
-            TransferError::TooLarge { .. } | TransferError::NoSpace { .. } => Code::ResourceExhausted,
-            TransferError::ChunkCorrupt { .. } | TransferError::DigestMismatch { .. } => Code::DataLoss,
+            TransferError::ChunkCorrupt { .. } | TransferError::DigestMismatch { .. } => {
+                Code::DataLoss
+            }
             TransferError::OutOfOrder { .. } => Code::FailedPrecondition,
             TransferError::IdleTimeout => Code::DeadlineExceeded,
             TransferError::StreamBroken(_) => Code::Aborted,
@@ -38,11 +42,19 @@ mod tests {
 
     #[test]
     fn codes_tell_the_sender_what_to_do() {
-        let corrupt: Status = TransferError::ChunkCorrupt { index: 3, offset: 3 << 20 }.into();
+        let corrupt: Status = TransferError::ChunkCorrupt {
+            index: 3,
+            offset: 3 << 20,
+        }
+        .into();
         assert_eq!(corrupt.code(), Code::DataLoss);
         assert!(corrupt.message().contains("offset 3145728"));
-        let space: Status =
-            TransferError::NoSpace { needed: 10, free: 5, dir: "/var/lib/patchd/blobs".into() }.into();
+        let space: Status = TransferError::NoSpace {
+            needed: 10,
+            free: 5,
+            dir: "/var/lib/patchd/blobs".into(),
+        }
+        .into();
         assert_eq!(space.code(), Code::ResourceExhausted);
         assert!(space.message().contains("needs 10") && space.message().contains("only 5"));
     }

@@ -15,7 +15,9 @@
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use patchd_package::digest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeHasher, chunk_count, chunk_sha256};
+use patchd_package::digest::{
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeHasher, chunk_count, chunk_sha256,
+};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
@@ -42,7 +44,9 @@ const RECORD_LEN: u64 = 32;
 /// What can go wrong receiving a blob. Mapped to gRPC codes in `status.rs`.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    #[error("invalid digest `{0}`: expected 64 lower-case hex characters (the package's tree digest)")]
+    #[error(
+        "invalid digest `{0}`: expected 64 lower-case hex characters (the package's tree digest)"
+    )]
     InvalidDigest(String),
     #[error("invalid chunk size {0}: use {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes")]
     InvalidChunkSize(u32),
@@ -60,8 +64,14 @@ pub enum TransferError {
          are free there; free space on that filesystem or move state_dir to a bigger one",
         mib(*needed), dir.display(), mib(*free)
     )]
-    NoSpace { needed: u64, free: u64, dir: PathBuf },
-    #[error("sha256 mismatch for chunk {index} at offset {offset}: the chunk was corrupted in transit; resend it")]
+    NoSpace {
+        needed: u64,
+        free: u64,
+        dir: PathBuf,
+    },
+    #[error(
+        "sha256 mismatch for chunk {index} at offset {offset}: the chunk was corrupted in transit; resend it"
+    )]
     ChunkCorrupt { index: u64, offset: u64 },
     #[error(
         "expected chunk {expected}, got chunk {got}: query the blob (QueryBlob) and resume at the first missing chunk"
@@ -75,7 +85,10 @@ pub enum TransferError {
     #[error("no message for {}s: upload abandoned (verified chunks are kept; push again to resume)", IDLE_TIMEOUT.as_secs())]
     IdleTimeout,
     #[error("I/O error on {}: {cause}", path.display())]
-    Io { path: PathBuf, cause: std::io::Error },
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -85,7 +98,10 @@ fn mib(bytes: u64) -> String {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
-    move |cause| TransferError::Io { path: path.to_path_buf(), cause }
+    move |cause| TransferError::Io {
+        path: path.to_path_buf(),
+        cause,
+    }
 }
 
 /// A blob as announced by the sender: its tree digest, size and chunk size (all three fix the digest).
@@ -105,7 +121,11 @@ impl BlobRef {
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
             return Err(TransferError::InvalidChunkSize(chunk_size));
         }
-        Ok(Self { digest, total_size, chunk_size })
+        Ok(Self {
+            digest,
+            total_size,
+            chunk_size,
+        })
     }
 
     fn chunk_count(&self) -> u64 {
@@ -113,7 +133,9 @@ impl BlobRef {
     }
 
     fn held_bytes(&self, chunks: u64) -> u64 {
-        chunks.saturating_mul(u64::from(self.chunk_size)).min(self.total_size)
+        chunks
+            .saturating_mul(u64::from(self.chunk_size))
+            .min(self.total_size)
     }
 }
 
@@ -163,7 +185,12 @@ impl BlobStore {
     pub fn open(dir: &Path, max_blob_bytes: u64) -> Result<Self, TransferError> {
         let partial_dir = dir.join("partial");
         std::fs::create_dir_all(&partial_dir).map_err(io_err(&partial_dir))?;
-        Ok(Self { dir: dir.to_path_buf(), partial_dir, max_blob_bytes, locks: DigestLocks::default() })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            partial_dir,
+            max_blob_bytes,
+            locks: DigestLocks::default(),
+        })
     }
 
     /// Where the complete blob `digest` lives (whether or not it is there).
@@ -200,7 +227,11 @@ impl BlobStore {
         match std::fs::metadata(&path) {
             Ok(meta) if meta.len() == blob.total_size => {
                 let n = blob.chunk_count();
-                return Ok(BlobState { complete: true, chunks_held: n, bytes_held: blob.total_size });
+                return Ok(BlobState {
+                    complete: true,
+                    chunks_held: n,
+                    bytes_held: blob.total_size,
+                });
             }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -217,19 +248,30 @@ impl BlobStore {
             return Ok(BlobState::default());
         }
         let held = (len.saturating_sub(RECORDS_HEADER_LEN) / RECORD_LEN).min(blob.chunk_count());
-        Ok(BlobState { complete: false, chunks_held: held, bytes_held: blob.held_bytes(held) })
+        Ok(BlobState {
+            complete: false,
+            chunks_held: held,
+            bytes_held: blob.held_bytes(held),
+        })
     }
 
     /// Receives chunks of `blob` from `chunks` (in order, starting at any index up to the first missing chunk;
     /// chunks already held are skipped). Verifies, writes and records each; completes the blob when the last
     /// chunk arrived and the tree digest matched. Holds a per-digest lock so concurrent uploads of the same blob
     /// run one after the other.
-    pub async fn upload<S>(self: &Arc<Self>, blob: BlobRef, mut chunks: S) -> Result<UploadOutcome, TransferError>
+    pub async fn upload<S>(
+        self: &Arc<Self>,
+        blob: BlobRef,
+        mut chunks: S,
+    ) -> Result<UploadOutcome, TransferError>
     where
         S: Stream<Item = Result<Chunk, TransferError>> + Unpin,
     {
         if blob.total_size > self.max_blob_bytes {
-            return Err(TransferError::TooLarge { size: blob.total_size, max: self.max_blob_bytes });
+            return Err(TransferError::TooLarge {
+                size: blob.total_size,
+                max: self.max_blob_bytes,
+            });
         }
         let _guard = self.locks.acquire(&blob.digest).await;
 
@@ -237,7 +279,10 @@ impl BlobStore {
         let header = blob.clone();
         let partial = blocking(move || store.open_partial(&header)).await?;
         let Some(partial) = partial else {
-            return Ok(UploadOutcome { complete: true, ..UploadOutcome::default() });
+            return Ok(UploadOutcome {
+                complete: true,
+                ..UploadOutcome::default()
+            });
         };
         let held = partial.held;
 
@@ -268,7 +313,9 @@ impl BlobStore {
             }
         }
         drop(tx);
-        let outcome = worker.await.map_err(|e| TransferError::Internal(format!("upload worker failed: {e}")))??;
+        let outcome = worker
+            .await
+            .map_err(|e| TransferError::Internal(format!("upload worker failed: {e}")))??;
         match stream_error {
             Some(e) if !outcome.complete => Err(e),
             _ => Ok(outcome),
@@ -284,7 +331,11 @@ impl BlobStore {
         let needed = blob.total_size - state.bytes_held;
         let free = self.free_bytes()?;
         if needed > free {
-            return Err(TransferError::NoSpace { needed, free, dir: self.dir.clone() });
+            return Err(TransferError::NoSpace {
+                needed,
+                free,
+                dir: self.dir.clone(),
+            });
         }
         PartialBlob::open(self, blob).map(Some)
     }
@@ -294,15 +345,19 @@ impl BlobStore {
 // The statvfs field types are platform-dependent (32-bit on some targets): the conversions are not useless there.
 #[allow(clippy::useless_conversion)]
 pub fn free_bytes(path: &Path) -> Result<u64, TransferError> {
-    let stat = nix::sys::statvfs::statvfs(path)
-        .map_err(|e| TransferError::Io { path: path.to_path_buf(), cause: std::io::Error::from(e) })?;
+    let stat = nix::sys::statvfs::statvfs(path).map_err(|e| TransferError::Io {
+        path: path.to_path_buf(),
+        cause: std::io::Error::from(e),
+    })?;
     Ok(u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size())))
 }
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
 ) -> Result<T, TransferError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| TransferError::Internal(format!("blocking task failed: {e}")))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TransferError::Internal(format!("blocking task failed: {e}")))?
 }
 
 fn records_header(blob: &BlobRef) -> [u8; RECORDS_HEADER_LEN as usize] {
@@ -341,8 +396,12 @@ impl PartialBlob {
         let mut held = 0u64;
         let resumed = match File::open(&records_path) {
             Ok(file) if header_matches(&file, blob) && part_path.exists() => {
-                let part_len = std::fs::metadata(&part_path).map_err(io_err(&part_path))?.len();
-                let recorded = (file.metadata().map_err(io_err(&records_path))?.len() - RECORDS_HEADER_LEN) / RECORD_LEN;
+                let part_len = std::fs::metadata(&part_path)
+                    .map_err(io_err(&part_path))?
+                    .len();
+                let recorded = (file.metadata().map_err(io_err(&records_path))?.len()
+                    - RECORDS_HEADER_LEN)
+                    / RECORD_LEN;
                 let recorded = recorded.min(blob.chunk_count());
                 // Records follow synced data, so the part file covers them; the check guards against tampering.
                 let covered = if part_len >= blob.held_bytes(recorded) {
@@ -353,7 +412,9 @@ impl PartialBlob {
                 let mut reader = BufReader::new(file);
                 let mut record = [0u8; RECORD_LEN as usize];
                 while held < covered {
-                    reader.read_exact(&mut record).map_err(io_err(&records_path))?;
+                    reader
+                        .read_exact(&mut record)
+                        .map_err(io_err(&records_path))?;
                     tree.push_chunk_hash(&record);
                     held += 1;
                 }
@@ -365,16 +426,30 @@ impl PartialBlob {
         };
         if resumed {
             // Drop a torn trailing record (or records not covered by data) so appends stay aligned.
-            let records = OpenOptions::new().write(true).open(&records_path).map_err(io_err(&records_path))?;
-            records.set_len(RECORDS_HEADER_LEN + held * RECORD_LEN).map_err(io_err(&records_path))?;
+            let records = OpenOptions::new()
+                .write(true)
+                .open(&records_path)
+                .map_err(io_err(&records_path))?;
+            records
+                .set_len(RECORDS_HEADER_LEN + held * RECORD_LEN)
+                .map_err(io_err(&records_path))?;
         } else {
             let mut records = File::create(&records_path).map_err(io_err(&records_path))?;
-            records.write_all(&records_header(blob)).map_err(io_err(&records_path))?;
+            records
+                .write_all(&records_header(blob))
+                .map_err(io_err(&records_path))?;
             records.sync_all().map_err(io_err(&records_path))?;
             File::create(&part_path).map_err(io_err(&part_path))?;
         }
-        let part = OpenOptions::new().read(true).write(true).open(&part_path).map_err(io_err(&part_path))?;
-        let records = OpenOptions::new().append(true).open(&records_path).map_err(io_err(&records_path))?;
+        let part = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&part_path)
+            .map_err(io_err(&part_path))?;
+        let records = OpenOptions::new()
+            .append(true)
+            .open(&records_path)
+            .map_err(io_err(&records_path))?;
         if resumed {
             tracing::info!(digest = %blob.digest, chunks_held = held, "resuming partial upload");
         }
@@ -401,14 +476,21 @@ impl PartialBlob {
         rx: mpsc::Receiver<Chunk>,
         runtime: &tokio::runtime::Handle,
     ) -> Result<UploadOutcome, TransferError> {
-        let writer = Writer { part: self.part.try_clone().map_err(io_err(&self.part_path))?, part_path: self.part_path.clone() };
+        let writer = Writer {
+            part: self.part.try_clone().map_err(io_err(&self.part_path))?,
+            part_path: self.part_path.clone(),
+        };
         let recorder = Recorder {
             part: self.part.try_clone().map_err(io_err(&self.part_path))?,
-            records: self.records.try_clone().map_err(io_err(&self.records_path))?,
+            records: self
+                .records
+                .try_clone()
+                .map_err(io_err(&self.records_path))?,
             part_path: self.part_path.clone(),
             records_path: self.records_path.clone(),
         };
-        let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(queue_depth(self.blob.chunk_size));
+        let (to_writer, writer_rx) =
+            std::sync::mpsc::sync_channel::<ToWriter>(queue_depth(self.blob.chunk_size));
         // One batch waiting: if the disk falls behind, writing waits instead of piling up unsynced data.
         let (to_recorder, recorder_rx) = std::sync::mpsc::sync_channel::<Vec<[u8; 32]>>(1);
         let (mut outcome, result) = std::thread::scope(|scope| {
@@ -418,7 +500,11 @@ impl PartialBlob {
             // Keep what verified before a bad chunk: the retry resumes right at it.
             let handed = self.hand_over(&to_writer);
             drop(to_writer);
-            let panicked = |what: &str| Err(TransferError::Internal(format!("the {what} thread panicked")));
+            let panicked = |what: &str| {
+                Err(TransferError::Internal(format!(
+                    "the {what} thread panicked"
+                )))
+            };
             let written = writing.join().unwrap_or_else(|_| panicked("writer"));
             let recorded = recording.join().unwrap_or_else(|_| panicked("recorder"));
             // A disk error explains a stopped writer better than the hasher's view of it.
@@ -482,9 +568,16 @@ impl PartialBlob {
             .map_err(|_| TransferError::Internal("the writer stopped".into()))
     }
 
-    fn accept(&mut self, chunk: Chunk, to_writer: &SyncSender<ToWriter>) -> Result<(), TransferError> {
+    fn accept(
+        &mut self,
+        chunk: Chunk,
+        to_writer: &SyncSender<ToWriter>,
+    ) -> Result<(), TransferError> {
         if chunk.index != self.held {
-            return Err(TransferError::OutOfOrder { expected: self.held, got: chunk.index });
+            return Err(TransferError::OutOfOrder {
+                expected: self.held,
+                got: chunk.index,
+            });
         }
         let offset = chunk.index * u64::from(self.blob.chunk_size);
         if chunk.offset != offset {
@@ -503,10 +596,16 @@ impl PartialBlob {
         }
         let hash = chunk_sha256(&chunk.data);
         if hash != chunk.sha256 {
-            return Err(TransferError::ChunkCorrupt { index: chunk.index, offset });
+            return Err(TransferError::ChunkCorrupt {
+                index: chunk.index,
+                offset,
+            });
         }
         to_writer
-            .send(ToWriter::Data { offset, data: chunk.data })
+            .send(ToWriter::Data {
+                offset,
+                data: chunk.data,
+            })
             .map_err(|_| TransferError::Internal("the writer stopped".into()))?;
         self.tree.push_chunk_hash(&hash);
         self.pending.push(hash);
@@ -517,19 +616,22 @@ impl PartialBlob {
 
     /// Checks the tree digest, then publishes the blob by renaming the synced part file.
     fn finish(self) -> Result<(), TransferError> {
-        let actual = self
-            .tree
-            .clone()
-            .finish()
-            .ok_or_else(|| TransferError::Internal("chunk count does not match the blob size".into()))?;
+        let actual = self.tree.clone().finish().ok_or_else(|| {
+            TransferError::Internal("chunk count does not match the blob size".into())
+        })?;
         if actual != self.blob.digest {
             let _ = std::fs::remove_file(&self.part_path);
             let _ = std::fs::remove_file(&self.records_path);
-            return Err(TransferError::DigestMismatch { expected: self.blob.digest.clone(), actual });
+            return Err(TransferError::DigestMismatch {
+                expected: self.blob.digest.clone(),
+                actual,
+            });
         }
         self.part.sync_all().map_err(io_err(&self.part_path))?;
         std::fs::rename(&self.part_path, &self.final_path).map_err(io_err(&self.final_path))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err(&self.dir))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))?;
         let _ = std::fs::remove_file(&self.records_path);
         tracing::info!(digest = %self.blob.digest, bytes = self.blob.total_size, "blob complete");
         Ok(())
@@ -564,7 +666,9 @@ impl Writer {
         for message in from_hasher {
             match message {
                 ToWriter::Data { offset, data } => {
-                    self.part.write_all_at(&data, offset).map_err(io_err(&self.part_path))?;
+                    self.part
+                        .write_all_at(&data, offset)
+                        .map_err(io_err(&self.part_path))?;
                 }
                 ToWriter::Batch(batch) => {
                     // A closed recorder has failed: its own result carries the error.
@@ -587,12 +691,19 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn run(mut self, batches: std::sync::mpsc::Receiver<Vec<[u8; 32]>>) -> Result<(), TransferError> {
+    fn run(
+        mut self,
+        batches: std::sync::mpsc::Receiver<Vec<[u8; 32]>>,
+    ) -> Result<(), TransferError> {
         for batch in batches {
             self.part.sync_data().map_err(io_err(&self.part_path))?;
             let records: Vec<u8> = batch.iter().flatten().copied().collect();
-            self.records.write_all(&records).map_err(io_err(&self.records_path))?;
-            self.records.sync_data().map_err(io_err(&self.records_path))?;
+            self.records
+                .write_all(&records)
+                .map_err(io_err(&self.records_path))?;
+            self.records
+                .sync_data()
+                .map_err(io_err(&self.records_path))?;
         }
         Ok(())
     }
@@ -612,17 +723,27 @@ struct DigestGuard<'a> {
 impl DigestLocks {
     async fn acquire(&self, digest: &str) -> DigestGuard<'_> {
         let lock = {
-            let mut map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut map = self
+                .map
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             Arc::clone(map.entry(digest.to_string()).or_default())
         };
-        DigestGuard { locks: self, guard: Some(lock.lock_owned().await) }
+        DigestGuard {
+            locks: self,
+            guard: Some(lock.lock_owned().await),
+        }
     }
 }
 
 impl Drop for DigestGuard<'_> {
     fn drop(&mut self) {
         drop(self.guard.take());
-        let mut map = self.locks.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut map = self
+            .locks
+            .map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         map.retain(|_, lock| Arc::strong_count(lock) > 1);
     }
 }
@@ -658,12 +779,31 @@ mod tests {
         let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
         let chunks = chunks_of(&data, cs);
 
-        let first = store.upload(blob.clone(), futures::stream::iter(chunks[..3].iter().cloned().map(Ok))).await.unwrap();
-        assert_eq!(first, UploadOutcome { complete: false, chunks_received: 3, bytes_received: 3 * u64::from(cs) });
+        let first = store
+            .upload(
+                blob.clone(),
+                futures::stream::iter(chunks[..3].iter().cloned().map(Ok)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            first,
+            UploadOutcome {
+                complete: false,
+                chunks_received: 3,
+                bytes_received: 3 * u64::from(cs)
+            }
+        );
         assert_eq!(store.query(&blob).unwrap().chunks_held, 3);
 
         // A restarted sender may resend held chunks: they are skipped.
-        let second = store.upload(blob.clone(), futures::stream::iter(chunks[2..].iter().cloned().map(Ok))).await.unwrap();
+        let second = store
+            .upload(
+                blob.clone(),
+                futures::stream::iter(chunks[2..].iter().cloned().map(Ok)),
+            )
+            .await
+            .unwrap();
         assert!(second.complete);
         assert_eq!(second.chunks_received, 3);
         assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
@@ -681,13 +821,25 @@ mod tests {
         let blob = BlobRef::new(digest, data.len() as u64, cs).unwrap();
         let mut chunks = chunks_of(&data, cs);
         chunks[2].sha256[0] ^= 1;
-        let err = store.upload(blob.clone(), futures::stream::iter(chunks.into_iter().map(Ok))).await.unwrap_err();
-        assert!(matches!(err, TransferError::ChunkCorrupt { index: 2, offset } if offset == 2 * u64::from(cs)), "{err}");
+        let err = store
+            .upload(
+                blob.clone(),
+                futures::stream::iter(chunks.into_iter().map(Ok)),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, TransferError::ChunkCorrupt { index: 2, offset } if offset == 2 * u64::from(cs)),
+            "{err}"
+        );
         assert_eq!(store.query(&blob).unwrap().chunks_held, 2);
 
         let wrong = BlobRef::new("ab".repeat(32), data.len() as u64, cs).unwrap();
         let err = store
-            .upload(wrong.clone(), futures::stream::iter(chunks_of(&data, cs).into_iter().map(Ok)))
+            .upload(
+                wrong.clone(),
+                futures::stream::iter(chunks_of(&data, cs).into_iter().map(Ok)),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, TransferError::DigestMismatch { .. }), "{err}");
@@ -709,7 +861,10 @@ mod tests {
         let empty = BlobRef::new(digest.clone(), 0, MIN_CHUNK_SIZE).unwrap();
         let outcome = store.upload(empty, futures::stream::empty()).await.unwrap();
         assert!(outcome.complete);
-        assert_eq!(std::fs::metadata(store.blob_path(&digest)).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::metadata(store.blob_path(&digest)).unwrap().len(),
+            0
+        );
         assert!(BlobRef::new("../etc".into(), 1, MIN_CHUNK_SIZE).is_err());
     }
 }

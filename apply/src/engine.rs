@@ -299,6 +299,7 @@ impl Engine {
                 }),
             );
         }
+        let hashes = HashCache::persistent(&config.state_dir.join("journal").join("hashes.json"));
         let engine = Engine {
             inner: Arc::new(Inner {
                 state_dir: config.state_dir,
@@ -306,7 +307,7 @@ impl Engine {
                 package_limits: config.package_limits,
                 confine,
                 effects,
-                hashes: HashCache::default(),
+                hashes,
                 services,
                 stage_locks: Mutex::new(HashMap::new()),
             }),

@@ -226,7 +226,7 @@ pub fn sha256_file(path: &Path) -> Result<String, FsError> {
 /// the inode, writing into it changes the mtime (to the nanosecond). The ctime is left out on purpose: it also
 /// changes when a hard link to the same inode is added or removed (backups and staging share inodes with
 /// deployed files), which does not change the content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 struct StatKey {
     dev: u64,
     ino: u64,
@@ -247,12 +247,73 @@ impl StatKey {
 
 /// sha256 of files by path, reused while the file's stat key is unchanged (like git's index). A file rewritten in
 /// place within the same nanosecond with its mtime forged back would not be noticed; nothing here does that.
+/// Optionally kept in a file across agent restarts (every entry is checked against `stat` before use).
 #[derive(Debug, Default)]
 pub struct HashCache {
     entries: Mutex<HashMap<PathBuf, (StatKey, String)>>,
+    file: Option<PathBuf>,
 }
 
+/// One persisted cache entry.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedHash {
+    path: PathBuf,
+    key: StatKey,
+    sha256: String,
+}
+
+/// Most entries persisted (a host has few deployed files of interest).
+const MAX_PERSISTED_HASHES: usize = 4096;
+
 impl HashCache {
+    /// A cache loaded from (and saved to, by [`HashCache::save`]) `file`; an unreadable file is an empty cache.
+    pub fn persistent(file: &Path) -> Self {
+        let entries = fs::read(file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Vec<CachedHash>>(&bytes).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.path, (e.key, e.sha256)))
+            .collect();
+        HashCache {
+            entries: Mutex::new(entries),
+            file: Some(file.to_path_buf()),
+        }
+    }
+
+    /// Writes the entries whose file is still unchanged. Not fsynced: it is a cache (a lost or torn file only
+    /// means hashing again).
+    pub fn save(&self) {
+        let Some(file) = &self.file else { return };
+        let current: Vec<CachedHash> = match self.entries.lock() {
+            Ok(mut entries) => {
+                entries.retain(|path, (key, _)| {
+                    fs::symlink_metadata(path).is_ok_and(|m| StatKey::of(&m) == *key)
+                });
+                entries
+                    .iter()
+                    .take(MAX_PERSISTED_HASHES)
+                    .map(|(path, (key, sha256))| CachedHash {
+                        path: path.clone(),
+                        key: *key,
+                        sha256: sha256.clone(),
+                    })
+                    .collect()
+            }
+            Err(_) => return,
+        };
+        let Ok(bytes) = serde_json::to_vec(&current) else {
+            return;
+        };
+        let temp = sibling_temp(file, "tmp");
+        if fs::write(&temp, bytes)
+            .and_then(|()| fs::rename(&temp, file))
+            .is_err()
+        {
+            let _ = fs::remove_file(&temp);
+        }
+    }
+
     /// sha256 of `path` (None when absent), from the cache when the file is unchanged since it was hashed.
     pub fn sha256(&self, path: &Path) -> Result<Option<String>, FsError> {
         let meta = match fs::symlink_metadata(path) {
@@ -334,6 +395,31 @@ mod tests {
         place(&backup, &sibling_temp(&target, "restore"), &target, None).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"old");
         assert!(backup.exists());
+    }
+
+    #[test]
+    fn persisted_hash_cache_survives_a_restart_but_not_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, b"content").unwrap();
+        let store = dir.path().join("hashes.json");
+        let cache = HashCache::persistent(&store);
+        cache.remember(&file, "not-the-real-hash");
+        cache.save();
+        // The remembered value is used after a reload (proving it came from the file), while the file is unchanged.
+        let reloaded = HashCache::persistent(&store);
+        assert_eq!(
+            reloaded.sha256(&file).unwrap().as_deref(),
+            Some("not-the-real-hash")
+        );
+        let other = dir.path().join("g");
+        fs::write(&other, b"changed").unwrap();
+        fs::rename(&other, &file).unwrap();
+        let reloaded = HashCache::persistent(&store);
+        assert_eq!(
+            reloaded.sha256(&file).unwrap(),
+            Some(sha256_file(&file).unwrap())
+        );
     }
 
     #[test]

@@ -554,6 +554,7 @@ impl<'a> Run<'a> {
             }
         })
         .await?;
+        self.inner.hashes.save();
         tracing::info!(service = %self.svc.spec.name, patch_id = %result.patch_id, outcome = outcome.as_str(), downtime_ms = result.downtime_ms, "apply finished");
         Ok(result)
     }

@@ -10,7 +10,9 @@
 use crate::tls_files::ControllerTls;
 use bytes::Bytes;
 use futures::StreamExt;
-use patchd_package::digest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeHasher, chunk_count, chunk_sha256, read_full};
+use patchd_package::digest::{
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeHasher, chunk_count, chunk_sha256, read_full,
+};
 use patchd_proto::v1;
 use serde::Serialize;
 use std::io::{Read, Seek, SeekFrom};
@@ -28,8 +30,8 @@ pub type RawAgentClient = v1::agent_client::AgentClient<Channel>;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for a short call (Info, QueryBlob).
 pub const SHORT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Chunks read ahead of the network.
-const SEND_QUEUE_DEPTH: usize = 4;
+/// Bytes of chunks read ahead of the network (at least one chunk).
+const SEND_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
 /// What went wrong talking to an agent. Messages name the agent and say what to do.
 #[derive(Debug, thiserror::Error)]
@@ -39,14 +41,24 @@ pub enum AgentClientError {
     #[error("cannot connect to agent {addr}: {detail}")]
     Connect { addr: String, detail: String },
     #[error("agent {addr}: {call} failed: {code:?}: {detail}")]
-    Rpc { addr: String, call: &'static str, code: Code, detail: String },
+    Rpc {
+        addr: String,
+        call: &'static str,
+        code: Code,
+        detail: String,
+    },
     #[error("cannot read {}: {cause}", path.display())]
-    Io { path: PathBuf, cause: std::io::Error },
+    Io {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("invalid chunk size {0}: use {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes")]
     BadChunkSize(u32),
     #[error("{} changed since its digest was computed: push again", path.display())]
     FileChanged { path: PathBuf },
-    #[error("agent {addr} accepted the upload but does not report the blob complete: push again to resume")]
+    #[error(
+        "agent {addr} accepted the upload but does not report the blob complete: push again to resume"
+    )]
     Incomplete { addr: String },
 }
 
@@ -84,7 +96,12 @@ fn rpc_error(addr: &str, call: &'static str, status: &Status) -> AgentClientErro
             detail = format!("{detail}: {chain}");
         }
     }
-    AgentClientError::Rpc { addr: addr.to_string(), call, code: status.code(), detail }
+    AgentClientError::Rpc {
+        addr: addr.to_string(),
+        call,
+        code: status.code(),
+        detail,
+    }
 }
 
 /// The host part of `host:port` (IPv6 without brackets), used as the TLS server name.
@@ -147,12 +164,16 @@ impl PreparedBlob {
             return Err(AgentClientError::BadChunkSize(chunk_size));
         }
         let started = Instant::now();
-        let io = |cause| AgentClientError::Io { path: path.to_path_buf(), cause };
+        let io = |cause| AgentClientError::Io {
+            path: path.to_path_buf(),
+            cause,
+        };
         let mut file = std::fs::File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
         let total_size = meta.len();
         let mut tree = TreeHasher::new(chunk_size, total_size);
-        let mut hashes = Vec::with_capacity(usize::try_from(chunk_count(total_size, chunk_size)).unwrap_or(0));
+        let mut hashes =
+            Vec::with_capacity(usize::try_from(chunk_count(total_size, chunk_size)).unwrap_or(0));
         let mut buf = vec![0u8; chunk_size as usize];
         let mut seen = 0u64;
         loop {
@@ -166,9 +187,13 @@ impl PreparedBlob {
             seen += n as u64;
         }
         if seen != total_size {
-            return Err(AgentClientError::FileChanged { path: path.to_path_buf() });
+            return Err(AgentClientError::FileChanged {
+                path: path.to_path_buf(),
+            });
         }
-        let digest = tree.finish().ok_or_else(|| AgentClientError::FileChanged { path: path.to_path_buf() })?;
+        let digest = tree.finish().ok_or_else(|| AgentClientError::FileChanged {
+            path: path.to_path_buf(),
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             digest,
@@ -185,7 +210,10 @@ impl PreparedBlob {
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || Self::prepare_blocking(&path, chunk_size))
             .await
-            .map_err(|e| AgentClientError::Io { path: PathBuf::new(), cause: std::io::Error::other(e.to_string()) })?
+            .map_err(|e| AgentClientError::Io {
+                path: PathBuf::new(),
+                cause: std::io::Error::other(e.to_string()),
+            })?
     }
 
     /// Number of chunks.
@@ -194,14 +222,22 @@ impl PreparedBlob {
     }
 
     fn wire_ref(&self) -> v1::BlobRef {
-        v1::BlobRef { digest: self.digest.clone(), total_size: self.total_size, chunk_size: self.chunk_size }
+        v1::BlobRef {
+            digest: self.digest.clone(),
+            total_size: self.total_size,
+            chunk_size: self.chunk_size,
+        }
     }
 
     fn check_unchanged(&self) -> Result<(), AgentClientError> {
-        let meta = std::fs::metadata(&self.path)
-            .map_err(|cause| AgentClientError::Io { path: self.path.clone(), cause })?;
+        let meta = std::fs::metadata(&self.path).map_err(|cause| AgentClientError::Io {
+            path: self.path.clone(),
+            cause,
+        })?;
         if meta.len() != self.total_size || meta.modified().ok() != self.modified {
-            return Err(AgentClientError::FileChanged { path: self.path.clone() });
+            return Err(AgentClientError::FileChanged {
+                path: self.path.clone(),
+            });
         }
         Ok(())
     }
@@ -220,7 +256,10 @@ pub struct PushOptions {
 
 impl Default for PushOptions {
     fn default() -> Self {
-        Self { max_retries: 3, corrupt_chunk_once: None }
+        Self {
+            max_retries: 3,
+            corrupt_chunk_once: None,
+        }
     }
 }
 
@@ -266,7 +305,10 @@ impl AgentClient {
     /// Connects to `host_port` over mutual TLS. The agent's certificate must name `host` (DNS or IP SAN).
     pub async fn connect(host_port: &str, tls: &ControllerTls) -> Result<Self, AgentClientError> {
         let (host, _) = split_host_port(host_port)?;
-        let connect_err = |detail: String| AgentClientError::Connect { addr: host_port.to_string(), detail };
+        let connect_err = |detail: String| AgentClientError::Connect {
+            addr: host_port.to_string(),
+            detail,
+        };
         let endpoint = Endpoint::from_shared(format!("https://{host_port}"))
             .map_err(|_| AgentClientError::BadAddress(host_port.to_string()))?
             .tls_config(tls.client_config(&host))
@@ -277,12 +319,20 @@ impl AgentClient {
             .keep_alive_timeout(Duration::from_secs(20));
         let channel = tokio::time::timeout(CONNECT_TIMEOUT * 2, endpoint.connect())
             .await
-            .map_err(|_| connect_err(format!("no answer within {}s", (CONNECT_TIMEOUT * 2).as_secs())))?
+            .map_err(|_| {
+                connect_err(format!(
+                    "no answer within {}s",
+                    (CONNECT_TIMEOUT * 2).as_secs()
+                ))
+            })?
             .map_err(|e| connect_err(error_chain(&e)))?;
         let client = RawAgentClient::new(channel)
             .max_decoding_message_size(patchd_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(patchd_proto::MAX_MESSAGE_BYTES);
-        Ok(Self { addr: host_port.to_string(), client })
+        Ok(Self {
+            addr: host_port.to_string(),
+            client,
+        })
     }
 
     /// The address this client dialed.
@@ -299,7 +349,12 @@ impl AgentClient {
     pub async fn info(&mut self) -> Result<AgentInfo, AgentClientError> {
         let mut request = tonic::Request::new(v1::InfoRequest {});
         request.set_timeout(SHORT_CALL_TIMEOUT);
-        let info = self.client.info(request).await.map_err(|s| rpc_error(&self.addr, "Info", &s))?.into_inner();
+        let info = self
+            .client
+            .info(request)
+            .await
+            .map_err(|s| rpc_error(&self.addr, "Info", &s))?
+            .into_inner();
         Ok(AgentInfo {
             agent: self.addr.clone(),
             agent_version: info.agent_version,
@@ -319,11 +374,21 @@ impl AgentClient {
 
     /// What the agent holds of `blob`.
     pub async fn query_blob(&mut self, blob: &PreparedBlob) -> Result<BlobHeld, AgentClientError> {
-        let mut request = tonic::Request::new(v1::QueryBlobRequest { blob: Some(blob.wire_ref()) });
+        let mut request = tonic::Request::new(v1::QueryBlobRequest {
+            blob: Some(blob.wire_ref()),
+        });
         request.set_timeout(SHORT_CALL_TIMEOUT);
-        let held =
-            self.client.query_blob(request).await.map_err(|s| rpc_error(&self.addr, "QueryBlob", &s))?.into_inner();
-        Ok(BlobHeld { complete: held.complete, chunks_held: held.chunks_held, bytes_held: held.bytes_held })
+        let held = self
+            .client
+            .query_blob(request)
+            .await
+            .map_err(|s| rpc_error(&self.addr, "QueryBlob", &s))?
+            .into_inner();
+        Ok(BlobHeld {
+            complete: held.complete,
+            chunks_held: held.chunks_held,
+            bytes_held: held.bytes_held,
+        })
     }
 
     /// Reads, hashes and pushes the file at `path` (see [`AgentClient::push`]).
@@ -358,7 +423,12 @@ impl AgentClient {
             }
             blob.check_unchanged()?;
             let result = {
-                let upload = self.upload_from(blob, held.chunks_held, corrupt_next.take(), Arc::clone(&sent));
+                let upload = self.upload_from(
+                    blob,
+                    held.chunks_held,
+                    corrupt_next.take(),
+                    Arc::clone(&sent),
+                );
                 tokio::pin!(upload);
                 let mut ticker = tokio::time::interval(Duration::from_millis(100));
                 loop {
@@ -373,16 +443,27 @@ impl AgentClient {
             };
             match result {
                 Ok(true) => break,
-                Ok(false) => return Err(AgentClientError::Incomplete { addr: self.addr.clone() }),
-                Err(UploadFailure::Rpc(status)) if status.code() == Code::DataLoss && retries < options.max_retries => {
+                Ok(false) => {
+                    return Err(AgentClientError::Incomplete {
+                        addr: self.addr.clone(),
+                    });
+                }
+                Err(UploadFailure::Rpc(status))
+                    if status.code() == Code::DataLoss && retries < options.max_retries =>
+                {
                     retries += 1;
                     tracing::warn!(agent = %self.addr, retry = retries, reason = %status.message(), "agent refused a chunk: resending");
                 }
-                Err(UploadFailure::Rpc(status)) => return Err(rpc_error(&self.addr, "Upload", &status)),
+                Err(UploadFailure::Rpc(status)) => {
+                    return Err(rpc_error(&self.addr, "Upload", &status));
+                }
                 Err(UploadFailure::Local(e)) => return Err(e),
             }
         }
-        on_progress(PushProgress { bytes_done: blob.total_size, total_bytes: blob.total_size });
+        on_progress(PushProgress {
+            bytes_done: blob.total_size,
+            total_bytes: blob.total_size,
+        });
         let elapsed = started.elapsed();
         let bytes_sent = sent.bytes.load(Ordering::Relaxed);
         Ok(PushReport {
@@ -397,7 +478,11 @@ impl AgentClient {
             retries,
             transfer_seconds: elapsed.as_secs_f64(),
             digest_seconds: blob.prepare_elapsed.as_secs_f64(),
-            mb_per_s: if elapsed.is_zero() { 0.0 } else { bytes_sent as f64 / elapsed.as_secs_f64() / 1e6 },
+            mb_per_s: if elapsed.is_zero() {
+                0.0
+            } else {
+                bytes_sent as f64 / elapsed.as_secs_f64() / 1e6
+            },
         })
     }
 
@@ -410,11 +495,15 @@ impl AgentClient {
         sent: Arc<SentCounter>,
     ) -> Result<bool, UploadFailure> {
         sent.stream_bytes.store(0, Ordering::Relaxed);
-        let (tx, rx) = tokio::sync::mpsc::channel::<v1::UploadMessage>(SEND_QUEUE_DEPTH);
+        let depth = (SEND_QUEUE_BYTES / blob.chunk_size as usize).max(1);
+        let (tx, rx) = tokio::sync::mpsc::channel::<v1::UploadMessage>(depth);
         let reader_blob = blob.clone();
-        let reader = tokio::task::spawn_blocking(move || read_chunks(&reader_blob, start, corrupt, &tx));
+        let reader =
+            tokio::task::spawn_blocking(move || read_chunks(&reader_blob, start, corrupt, &tx));
         let header = v1::UploadMessage {
-            kind: Some(v1::upload_message::Kind::Header(v1::UploadHeader { blob: Some(blob.wire_ref()) })),
+            kind: Some(v1::upload_message::Kind::Header(v1::UploadHeader {
+                blob: Some(blob.wire_ref()),
+            })),
         };
         let counter = Arc::clone(&sent);
         let body = futures::stream::once(async move { header }).chain(
@@ -425,12 +514,18 @@ impl AgentClient {
             }),
         );
         let response = self.client.upload(body).await;
-        let read_result = reader
-            .await
-            .map_err(|e| UploadFailure::Local(AgentClientError::Io { path: blob.path.clone(), cause: std::io::Error::other(e.to_string()) }))?;
+        let read_result = reader.await.map_err(|e| {
+            UploadFailure::Local(AgentClientError::Io {
+                path: blob.path.clone(),
+                cause: std::io::Error::other(e.to_string()),
+            })
+        })?;
         // A local read error explains an early end of stream better than the agent's view of it.
         if let Err(cause) = read_result {
-            return Err(UploadFailure::Local(AgentClientError::Io { path: blob.path.clone(), cause }));
+            return Err(UploadFailure::Local(AgentClientError::Io {
+                path: blob.path.clone(),
+                cause,
+            }));
         }
         let response = response.map_err(UploadFailure::Rpc)?.into_inner();
         Ok(response.complete)
@@ -478,7 +573,10 @@ fn read_chunks(
         // Read into spare capacity: no zero-filling of a buffer that is overwritten at once.
         let mut data = Vec::with_capacity(len);
         if (&mut file).take(len as u64).read_to_end(&mut data)? != len {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file shrank during the push"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the file shrank during the push",
+            ));
         }
         let mut sha256 = blob.chunk_hashes[index as usize];
         if corrupt == Some(index) {
@@ -505,9 +603,15 @@ mod tests {
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(split_host_port("127.0.1.3:7480").unwrap(), ("127.0.1.3".into(), 7480));
+        assert_eq!(
+            split_host_port("127.0.1.3:7480").unwrap(),
+            ("127.0.1.3".into(), 7480)
+        );
         assert_eq!(split_host_port("[::1]:7480").unwrap(), ("::1".into(), 7480));
-        assert_eq!(split_host_port("node-1.example:80").unwrap(), ("node-1.example".into(), 80));
+        assert_eq!(
+            split_host_port("node-1.example:80").unwrap(),
+            ("node-1.example".into(), 80)
+        );
         assert!(split_host_port("node-1").is_err());
         assert!(split_host_port("node:x").is_err());
     }

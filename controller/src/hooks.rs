@@ -89,6 +89,15 @@ impl HookClient {
         limit: Duration,
     ) -> Result<HookAnswer, HookError> {
         let method = spec.method.as_str();
+        if !url.starts_with("http://") {
+            return Err(HookError::Http {
+                method,
+                url: url.to_string(),
+                message: "only http:// hook URLs are supported; point the hook at the cluster API's plain HTTP \
+                          address"
+                    .to_string(),
+            });
+        }
         let http_method = match spec.method {
             HttpMethod::Get => reqwest::Method::GET,
             HttpMethod::Post => reqwest::Method::POST,

@@ -109,7 +109,6 @@ pub async fn collect<P: AgentProbe>(
     timeout: Duration,
 ) -> Vec<NodeStatus> {
     let mut roles: Vec<&str> = nodes.iter().map(|node| node.role.as_str()).collect();
-    roles.dedup();
     roles.sort_unstable();
     roles.dedup();
     let leader_lookups = roles.iter().map(|role| async move {

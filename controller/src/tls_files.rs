@@ -38,7 +38,9 @@ impl ControllerTls {
     /// Loads explicit paths. Only checks that each file parses: the agent is the judge of the certificate
     /// (so an expired or wrong-role certificate fails at the handshake, as it would for any client).
     pub fn load(files: &TlsFiles) -> Result<Self, ControllerTlsError> {
-        TlsMaterial::load(files).map(|material| Self { material }).map_err(|cause| ControllerTlsError { cause })
+        TlsMaterial::load(files)
+            .map(|material| Self { material })
+            .map_err(|cause| ControllerTlsError { cause })
     }
 
     /// Checks the identity offline (CA chain, validity, clientAuth EKU, key match).

@@ -35,8 +35,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The command that builds every binary the e2e tests run.
-pub const BUILD_COMMAND: &str =
-    "cargo build -p patchd-agent -p patchctl -p patchd-demo --bins --features patchd-agent/fault-injection";
+pub const BUILD_COMMAND: &str = "cargo build -p patchd-agent -p patchctl -p patchd-demo --bins --features patchd-agent/fault-injection";
 
 /// How long an agent may take to print its ready line (the machine is shared and busy).
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -54,14 +53,20 @@ pub const BIN_DIR_ENV: &str = "PATCHD_BIN_DIR";
 /// `target/debug/<name>` (or under `$CARGO_TARGET_DIR`, or `$PATCHD_BIN_DIR/<name>`); panics with the build
 /// command when missing.
 pub fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os(BIN_DIR_ENV).map(PathBuf::from).unwrap_or_else(|| {
-        std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"))
-            .join("debug")
-    });
+    let dir = std::env::var_os(BIN_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join("target"))
+                .join("debug")
+        });
     let path = dir.join(name);
-    assert!(path.is_file(), "{} is missing: build the binaries first with:\n  {BUILD_COMMAND}", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first with:\n  {BUILD_COMMAND}",
+        path.display()
+    );
     path
 }
 
@@ -102,18 +107,24 @@ pub fn patchd(args: &[&str]) -> Output {
 pub fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// Hex sha256 of a file (streamed).
 pub fn sha256_file(path: &Path) -> String {
-    let mut file = std::fs::File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    let mut file =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let n = file
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         if n == 0 {
             break;
         }
@@ -126,7 +137,8 @@ pub fn sha256_file(path: &Path) -> String {
 pub fn write_random_file(path: &Path, len: u64, seed: u64) {
     use std::io::Write;
     let mut file = std::io::BufWriter::new(
-        std::fs::File::create(path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display())),
+        std::fs::File::create(path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display())),
     );
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut left = len;
@@ -137,10 +149,12 @@ pub fn write_random_file(path: &Path, len: u64, seed: u64) {
         state ^= state >> 27;
         let word = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
         let n = left.min(8) as usize;
-        file.write_all(&word[..n]).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        file.write_all(&word[..n])
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
         left -= n as u64;
     }
-    file.flush().unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    file.flush()
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
 /// Paths of one TLS identity: the cluster CA, a certificate and its key.
@@ -163,7 +177,10 @@ impl Pki {
     pub fn new(dir: &Path) -> Self {
         let home = dir.join("home");
         patchctl_ok(&home, &["ca", "init"]);
-        patchctl_ok(&home, &["cert", "issue", "controller", "--role", "controller"]);
+        patchctl_ok(
+            &home,
+            &["cert", "issue", "controller", "--role", "controller"],
+        );
         Self { home }
     }
 
@@ -185,14 +202,26 @@ impl Pki {
     /// The controller identity.
     pub fn controller(&self) -> TlsPaths {
         let dir = self.tls_dir();
-        TlsPaths { ca: dir.join("ca.crt"), cert: dir.join("controller.crt"), key: dir.join("controller.key") }
+        TlsPaths {
+            ca: dir.join("ca.crt"),
+            cert: dir.join("controller.crt"),
+            key: dir.join("controller.key"),
+        }
     }
 
     /// Issues an agent certificate `name` naming `sans` (IPs or DNS names) into `<home>/tls/agents/`.
     pub fn issue_agent(&self, name: &str, sans: &[&str]) -> TlsPaths {
         let out = self.tls_dir().join("agents");
         let out_str = out.to_string_lossy().into_owned();
-        let mut args = vec!["cert", "issue", name, "--role", "agent", "--out", out_str.as_str()];
+        let mut args = vec![
+            "cert",
+            "issue",
+            name,
+            "--role",
+            "agent",
+            "--out",
+            out_str.as_str(),
+        ];
         for san in sans {
             args.push("--san");
             args.push(san);
@@ -306,10 +335,12 @@ impl AgentConfig {
     /// Creates the directory and deploy roots, writes `<dir>/patchd.toml` and returns its path.
     pub fn write(&self) -> PathBuf {
         for dir in std::iter::once(&self.dir).chain(&self.deploy_roots) {
-            std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+            std::fs::create_dir_all(dir)
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
         }
         let path = self.path();
-        std::fs::write(&path, self.to_toml()).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        std::fs::write(&path, self.to_toml())
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
         path
     }
 }
@@ -365,7 +396,9 @@ impl AgentProcess {
         for (key, value) in env {
             command.env(key, value);
         }
-        let mut child = command.spawn().map_err(|e| format!("cannot start patchd: {e}"))?;
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start patchd: {e}"))?;
         let stdout = child.stdout.take().ok_or("patchd has no stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -379,12 +412,19 @@ impl AgentProcess {
                 }
             }
         });
-        let mut agent = Self { child: Some(child), addr: SocketAddr::from(([0, 0, 0, 0], 0)), config: config.to_path_buf(), stderr_path };
+        let mut agent = Self {
+            child: Some(child),
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            config: config.to_path_buf(),
+            stderr_path,
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(addr) => {
-                    agent.addr = addr.parse().map_err(|e| format!("bad ready line address `{addr}`: {e}"))?;
+                    agent.addr = addr
+                        .parse()
+                        .map_err(|e| format!("bad ready line address `{addr}`: {e}"))?;
                     return Ok(agent);
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}

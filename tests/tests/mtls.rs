@@ -16,7 +16,16 @@ fn tls_dir(dir: &Path, ca: &Path, cert: &Path, key: &Path) -> PathBuf {
 }
 
 fn info_with(pki: &Pki, agent: &AgentProcess, tls_dir: &Path) -> std::process::Output {
-    patchctl(pki.home(), &["agent", "info", &agent.addr_string(), "--tls-dir", &tls_dir.to_string_lossy()])
+    patchctl(
+        pki.home(),
+        &[
+            "agent",
+            "info",
+            &agent.addr_string(),
+            "--tls-dir",
+            &tls_dir.to_string_lossy(),
+        ],
+    )
 }
 
 fn assert_refused(out: &std::process::Output, case: &str) {
@@ -40,7 +49,10 @@ fn agent_serves_the_controller_and_refuses_every_other_client() {
     let agent = AgentProcess::start(&config);
 
     // The controller of this cluster is served.
-    let out = patchctl_ok(pki.home(), &["--format", "json", "agent", "info", &agent.addr_string()]);
+    let out = patchctl_ok(
+        pki.home(),
+        &["--format", "json", "agent", "info", &agent.addr_string()],
+    );
     let info: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(info["protocol_version"], 1);
     assert!(info["cpu_count"].as_u64().unwrap() >= 1);
@@ -49,33 +61,63 @@ fn agent_serves_the_controller_and_refuses_every_other_client() {
     // A client certificate from another CA (the client still trusts the right CA, so only the agent can refuse).
     let other_home = dir.path().join("other-home");
     patchctl_ok(&other_home, &["ca", "init"]);
-    patchctl_ok(&other_home, &["cert", "issue", "controller", "--role", "controller"]);
+    patchctl_ok(
+        &other_home,
+        &["cert", "issue", "controller", "--role", "controller"],
+    );
     let other = tls_dir(
         &dir.path().join("tls-other-ca"),
         &pki.ca_cert(),
         &other_home.join("tls/controller.crt"),
         &other_home.join("tls/controller.key"),
     );
-    assert_refused(&info_with(&pki, &agent, &other), "client certificate from another CA");
+    assert_refused(
+        &info_with(&pki, &agent, &other),
+        "client certificate from another CA",
+    );
 
     // An agent certificate (EKU serverAuth only) presented as a client.
-    let as_client = tls_dir(&dir.path().join("tls-agent-as-client"), &pki.ca_cert(), &agent_tls.cert, &agent_tls.key);
-    assert_refused(&info_with(&pki, &agent, &as_client), "agent certificate used as a client");
+    let as_client = tls_dir(
+        &dir.path().join("tls-agent-as-client"),
+        &pki.ca_cert(),
+        &agent_tls.cert,
+        &agent_tls.key,
+    );
+    assert_refused(
+        &info_with(&pki, &agent, &as_client),
+        "agent certificate used as a client",
+    );
 
     // An expired controller certificate from the right CA.
     let ca = CertificateAuthority::load(&pki.tls_dir()).unwrap();
     let past = time::OffsetDateTime::now_utc() - time::Duration::days(30);
     let expired = ca
-        .issue(&CertSpec::new("controller", Role::Controller, vec![], 1).with_validity(past, past + time::Duration::days(1)))
+        .issue(
+            &CertSpec::new("controller", Role::Controller, vec![], 1)
+                .with_validity(past, past + time::Duration::days(1)),
+        )
         .unwrap()
         .write(&dir.path().join("expired"), "controller")
         .unwrap();
-    let expired_dir = tls_dir(&dir.path().join("tls-expired"), &pki.ca_cert(), &expired.cert, &expired.key);
-    assert_refused(&info_with(&pki, &agent, &expired_dir), "expired controller certificate");
+    let expired_dir = tls_dir(
+        &dir.path().join("tls-expired"),
+        &pki.ca_cert(),
+        &expired.cert,
+        &expired.key,
+    );
+    assert_refused(
+        &info_with(&pki, &agent, &expired_dir),
+        "expired controller certificate",
+    );
 
     // No client certificate at all (patchctl cannot do this: a test-only client).
-    let no_cert = tokio::runtime::Runtime::new().unwrap().block_on(info_without_client_cert(&pki.ca_cert(), &agent));
-    assert!(no_cert.is_err(), "a client without a certificate was served: {no_cert:?}");
+    let no_cert = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(info_without_client_cert(&pki.ca_cert(), &agent));
+    assert!(
+        no_cert.is_err(),
+        "a client without a certificate was served: {no_cert:?}"
+    );
 
     // The agent survived all of that and still serves its controller.
     patchctl_ok(pki.home(), &["agent", "info", &agent.addr_string()]);
@@ -94,7 +136,10 @@ async fn info_without_client_cert(ca: &Path, agent: &AgentProcess) -> Result<(),
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
     let mut client = patchd_proto::v1::agent_client::AgentClient::new(channel);
-    client.info(patchd_proto::v1::InfoRequest {}).await.map_err(|e| format!("info: {e:?}"))?;
+    client
+        .info(patchd_proto::v1::InfoRequest {})
+        .await
+        .map_err(|e| format!("info: {e:?}"))?;
     Ok(())
 }
 
@@ -117,7 +162,17 @@ fn controller_refuses_an_agent_that_does_not_name_the_dialed_host_or_comes_from_
     let foreign_out = dir.path().join("foreign");
     patchctl_ok(
         &other_home,
-        &["cert", "issue", "agent-foreign", "--role", "agent", "--san", "127.0.0.1", "--out", &foreign_out.to_string_lossy()],
+        &[
+            "cert",
+            "issue",
+            "agent-foreign",
+            "--role",
+            "agent",
+            "--san",
+            "127.0.0.1",
+            "--out",
+            &foreign_out.to_string_lossy(),
+        ],
     );
     let foreign = TlsPaths {
         ca: other_home.join("tls/ca.crt"),
@@ -138,13 +193,28 @@ fn ca_init_refuses_to_overwrite_and_keys_are_private() {
     let before = std::fs::read(pki.ca_cert()).unwrap();
     let out = patchctl(pki.home(), &["ca", "init"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"), "the refusal says how to override");
-    assert_eq!(before, std::fs::read(pki.ca_cert()).unwrap(), "the CA was not replaced");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--force"),
+        "the refusal says how to override"
+    );
+    assert_eq!(
+        before,
+        std::fs::read(pki.ca_cert()).unwrap(),
+        "the CA was not replaced"
+    );
     let agent = pki.issue_agent("a", &["127.0.0.1"]);
-    for key in [pki.tls_dir().join("ca.key"), pki.controller().key, agent.key] {
+    for key in [
+        pki.tls_dir().join("ca.key"),
+        pki.controller().key,
+        agent.key,
+    ] {
         let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{} has mode {mode:o}", key.display());
     }
     patchctl_ok(pki.home(), &["ca", "init", "--force"]);
-    assert_ne!(before, std::fs::read(pki.ca_cert()).unwrap(), "--force replaced the CA");
+    assert_ne!(
+        before,
+        std::fs::read(pki.ca_cert()).unwrap(),
+        "--force replaced the CA"
+    );
 }

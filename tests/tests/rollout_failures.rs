@@ -18,20 +18,39 @@ fn text(out: &Output) -> String {
 
 /// (result, reason) of a node in the JSON summary of `patchctl --format json patch`.
 fn result_of(summary: &serde_json::Value, node_id: &str) -> (String, String) {
-    let nodes = summary["nodes"].as_array().unwrap_or_else(|| panic!("no nodes in {summary}"));
-    let node = nodes.iter().find(|n| n["node"] == node_id).unwrap_or_else(|| panic!("no {node_id} in {summary}"));
-    (node["result"].as_str().unwrap_or_default().to_string(), node["reason"].as_str().unwrap_or_default().to_string())
+    let nodes = summary["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes in {summary}"));
+    let node = nodes
+        .iter()
+        .find(|n| n["node"] == node_id)
+        .unwrap_or_else(|| panic!("no {node_id} in {summary}"));
+    (
+        node["result"].as_str().unwrap_or_default().to_string(),
+        node["reason"].as_str().unwrap_or_default().to_string(),
+    )
 }
 
 fn summary(stdout: &str) -> serde_json::Value {
-    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("stdout is not the JSON summary ({e}):\n{stdout}"))
+    serde_json::from_str(stdout)
+        .unwrap_or_else(|e| panic!("stdout is not the JSON summary ({e}):\n{stdout}"))
 }
 
 #[test]
 fn a_crashing_version_is_reverted_and_the_rollout_halts_at_the_budget() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = ClusterFixture::start(dir.path(), FixtureOptions { masters: 1, workers: 4, ..Default::default() });
-    let before: Vec<_> = cluster.workers().map(|w| cluster.version_of(&w.name).unwrap()).collect();
+    let cluster = ClusterFixture::start(
+        dir.path(),
+        FixtureOptions {
+            masters: 1,
+            workers: 4,
+            ..Default::default()
+        },
+    );
+    let before: Vec<_> = cluster
+        .workers()
+        .map(|w| cluster.version_of(&w.name).unwrap())
+        .collect();
     let package = cluster.worker_package("v1.0.1-broken", "crash");
 
     let out = cluster.patchctl(&[
@@ -52,15 +71,34 @@ fn a_crashing_version_is_reverted_and_the_rollout_halts_at_the_budget() {
     let summary = summary(&String::from_utf8_lossy(&out.stdout));
     // Budget 1: at most two nodes in flight, and the rollout halts once two have failed.
     assert_eq!(summary["failures"], 2, "{}", text(&out));
-    assert!(summary["end"].as_str().unwrap().contains("halted"), "{}", text(&out));
+    assert!(
+        summary["end"].as_str().unwrap().contains("halted"),
+        "{}",
+        text(&out)
+    );
     for (worker, old) in cluster.workers().zip(&before) {
         let (result, reason) = result_of(&summary, &worker.id());
-        let now = cluster.version_of(&worker.name).unwrap_or_else(|| panic!("{} serves", worker.name));
-        assert_eq!(now.version, ORIGINAL_VERSION, "{} runs its old version", worker.name);
-        assert_ne!(cluster.member_state(&worker.name).as_deref(), Some("Offline"), "{} online", worker.name);
+        let now = cluster
+            .version_of(&worker.name)
+            .unwrap_or_else(|| panic!("{} serves", worker.name));
+        assert_eq!(
+            now.version, ORIGINAL_VERSION,
+            "{} runs its old version",
+            worker.name
+        );
+        assert_ne!(
+            cluster.member_state(&worker.name).as_deref(),
+            Some("Offline"),
+            "{} online",
+            worker.name
+        );
         if result == "reverted" {
             assert!(reason.contains("reverted by the agent"), "{reason}");
-            assert!(worker.start_count() >= 3, "{}: old, new (crashed), old again", worker.name);
+            assert!(
+                worker.start_count() >= 3,
+                "{}: old, new (crashed), old again",
+                worker.name
+            );
         } else {
             assert_eq!(result, "not started", "{}", text(&out));
             assert_eq!(now.pid, old.pid, "{} untouched", worker.name);
@@ -74,31 +112,67 @@ fn a_crashing_version_is_reverted_and_the_rollout_halts_at_the_budget() {
 #[test]
 fn an_agent_killed_mid_rollout_fails_only_its_node() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = ClusterFixture::start(dir.path(), FixtureOptions { masters: 1, workers: 3, ..Default::default() });
+    let mut cluster = ClusterFixture::start(
+        dir.path(),
+        FixtureOptions {
+            masters: 1,
+            workers: 3,
+            ..Default::default()
+        },
+    );
     // Slow drains keep the rollout busy with worker-1 while worker-3's agent dies.
     cluster.set_drain("delay", 1500);
     let before = cluster.version_of("worker-3").unwrap();
     let package = cluster.worker_package("v1.0.1-hotfix", "ok");
     let mut patch = cluster.spawn_patchctl(
         "patch",
-        &["--format", "json", "patch", &cluster.name, package.to_str().unwrap(), "-y"],
+        &[
+            "--format",
+            "json",
+            "patch",
+            &cluster.name,
+            package.to_str().unwrap(),
+            "-y",
+        ],
     );
     wait_for(Duration::from_secs(60), "worker-1 to be drained", || {
-        cluster.master_calls().iter().any(|c| c.method == "POST" && c.path == "/api/members/worker-1/offline")
+        cluster
+            .master_calls()
+            .iter()
+            .any(|c| c.method == "POST" && c.path == "/api/members/worker-1/offline")
     });
     cluster.kill_agent("worker-3");
     let code = patch.wait(Duration::from_secs(120));
     let stdout = patch.stdout_text();
-    assert_eq!(code, Some(3), "stdout:\n{stdout}\nstderr:\n{}", patch.stderr_text());
+    assert_eq!(
+        code,
+        Some(3),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        patch.stderr_text()
+    );
     let summary = summary(&stdout);
-    assert_eq!(result_of(&summary, &cluster.node("worker-1").id()).0, "patched", "{stdout}");
-    assert_eq!(result_of(&summary, &cluster.node("worker-2").id()).0, "patched", "{stdout}");
+    assert_eq!(
+        result_of(&summary, &cluster.node("worker-1").id()).0,
+        "patched",
+        "{stdout}"
+    );
+    assert_eq!(
+        result_of(&summary, &cluster.node("worker-2").id()).0,
+        "patched",
+        "{stdout}"
+    );
     let (result, reason) = result_of(&summary, &cluster.node("worker-3").id());
     assert_eq!(result, "failed", "{stdout}");
     assert!(reason.contains("unreachable"), "{reason}");
     let after = cluster.version_of("worker-3").unwrap();
-    assert_eq!((after.version.as_str(), after.pid), (ORIGINAL_VERSION, before.pid), "worker-3 untouched");
+    assert_eq!(
+        (after.version.as_str(), after.pid),
+        (ORIGINAL_VERSION, before.pid),
+        "worker-3 untouched"
+    );
     wait_for(Duration::from_secs(20), "worker-3 back online", || {
-        cluster.member_state("worker-3").is_some_and(|state| state != "Offline")
+        cluster
+            .member_state("worker-3")
+            .is_some_and(|state| state != "Offline")
     });
 }

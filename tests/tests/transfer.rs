@@ -5,7 +5,9 @@
 use bytes::Bytes;
 use patchctl::agent_client::{AgentClient, PreparedBlob, PushOptions, PushReport};
 use patchctl::tls_files::ControllerTls;
-use patchd_e2e::{AgentConfig, AgentProcess, Pki, patchctl, patchctl_ok, sha256_file, write_random_file};
+use patchd_e2e::{
+    AgentConfig, AgentProcess, Pki, patchctl, patchctl_ok, sha256_file, write_random_file,
+};
 use patchd_proto::v1::{self, upload_message::Kind};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,7 +29,12 @@ fn setup(configure: impl FnOnce(AgentConfig) -> AgentConfig) -> Setup {
     let tls = pki.issue_agent("agent-1", &["127.0.0.1"]);
     let config = configure(AgentConfig::new(&dir.path().join("agent-1"), &tls));
     let agent = AgentProcess::start(&config.write());
-    Setup { dir, pki, config, agent }
+    Setup {
+        dir,
+        pki,
+        config,
+        agent,
+    }
 }
 
 impl Setup {
@@ -40,7 +47,16 @@ impl Setup {
     fn push_json(&self, file: &Path) -> PushReport {
         let out = patchctl_ok(
             self.pki.home(),
-            &["--format", "json", "agent", "push", &self.agent.addr_string(), &file.to_string_lossy(), "--chunk-size", &CHUNK.to_string()],
+            &[
+                "--format",
+                "json",
+                "agent",
+                "push",
+                &self.agent.addr_string(),
+                &file.to_string_lossy(),
+                "--chunk-size",
+                &CHUNK.to_string(),
+            ],
         );
         parse_report(&out)
     }
@@ -51,12 +67,15 @@ impl Setup {
 
     async fn client(&self) -> AgentClient {
         let tls = ControllerTls::load_dir(&self.pki.tls_dir()).unwrap();
-        AgentClient::connect(&self.agent.addr_string(), &tls).await.unwrap()
+        AgentClient::connect(&self.agent.addr_string(), &tls)
+            .await
+            .unwrap()
     }
 }
 
 fn parse_report(json: &str) -> PushReport {
-    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("bad JSON {json}: {e}"));
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("bad JSON {json}: {e}"));
     PushReport {
         agent: v["agent"].as_str().unwrap().into(),
         digest: v["digest"].as_str().unwrap().into(),
@@ -94,7 +113,11 @@ fn chunk_message(blob: &PreparedBlob, data: &[u8], index: u64, corrupt: bool) ->
 fn header(digest: &str, total_size: u64, chunk_size: u32) -> v1::UploadMessage {
     v1::UploadMessage {
         kind: Some(Kind::Header(v1::UploadHeader {
-            blob: Some(v1::BlobRef { digest: digest.into(), total_size, chunk_size }),
+            blob: Some(v1::BlobRef {
+                digest: digest.into(),
+                total_size,
+                chunk_size,
+            }),
         })),
     }
 }
@@ -114,11 +137,21 @@ fn multi_chunk_push_is_byte_exact_and_a_second_push_sends_nothing() {
     assert_eq!(first.chunks_total, 10);
     assert_eq!(first.bytes_sent, len);
     assert_eq!(first.chunks_sent, 10);
-    assert_eq!(first.digest, patchd_package::digest::tree_digest_file(&file, CHUNK).unwrap());
+    assert_eq!(
+        first.digest,
+        patchd_package::digest::tree_digest_file(&file, CHUNK).unwrap()
+    );
     let stored = s.blob_path(&first.digest);
-    assert_eq!(sha256_file(&stored), sha256_file(&file), "the stored blob is byte-exact");
+    assert_eq!(
+        sha256_file(&stored),
+        sha256_file(&file),
+        "the stored blob is byte-exact"
+    );
     assert!(
-        std::fs::read_dir(s.config.state_path().join("blobs/partial")).unwrap().next().is_none(),
+        std::fs::read_dir(s.config.state_path().join("blobs/partial"))
+            .unwrap()
+            .next()
+            .is_none(),
         "no partial upload is left behind"
     );
 
@@ -139,15 +172,30 @@ async fn corrupt_chunk_is_refused_then_resent_and_a_wrong_digest_is_discarded() 
     let mut client = s.client().await;
 
     // A chunk whose sha256 does not match its data: DATA_LOSS naming the offset; the chunks before it are kept.
-    let messages = vec![header(&blob.digest, len, CHUNK), chunk_message(&blob, &data, 0, false), chunk_message(&blob, &data, 1, true)];
-    let status = client.raw().upload(futures::stream::iter(messages)).await.unwrap_err();
+    let messages = vec![
+        header(&blob.digest, len, CHUNK),
+        chunk_message(&blob, &data, 0, false),
+        chunk_message(&blob, &data, 1, true),
+    ];
+    let status = client
+        .raw()
+        .upload(futures::stream::iter(messages))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::DataLoss, "{status:?}");
-    assert!(status.message().contains(&format!("offset {CHUNK}")), "the refusal names the offset: {}", status.message());
+    assert!(
+        status.message().contains(&format!("offset {CHUNK}")),
+        "the refusal names the offset: {}",
+        status.message()
+    );
     assert_eq!(held(&mut client, &blob).await, 1);
     assert!(!s.blob_path(&blob.digest).exists());
 
     // patchctl's sender resends a refused chunk on a new stream.
-    let options = PushOptions { corrupt_chunk_once: Some(3), ..PushOptions::default() };
+    let options = PushOptions {
+        corrupt_chunk_once: Some(3),
+        ..PushOptions::default()
+    };
     let report = client.push(&blob, &options, |_| {}).await.unwrap();
     assert_eq!(report.retries, 1);
     assert_eq!(report.chunks_skipped, 1);
@@ -163,15 +211,26 @@ async fn corrupt_chunk_is_refused_then_resent_and_a_wrong_digest_is_discarded() 
         chunk_message(&other_blob, &other_data, 0, false),
         chunk_message(&other_blob, &other_data, 1, false),
     ];
-    let status = client.raw().upload(futures::stream::iter(messages)).await.unwrap_err();
+    let status = client
+        .raw()
+        .upload(futures::stream::iter(messages))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::DataLoss, "{status:?}");
     let partial = s.config.state_path().join("blobs/partial");
-    assert!(!partial.join(format!("{fake_digest}.part")).exists(), "the partial data was discarded");
+    assert!(
+        !partial.join(format!("{fake_digest}.part")).exists(),
+        "the partial data was discarded"
+    );
     assert!(!s.blob_path(&fake_digest).exists());
     let query = client
         .raw()
         .query_blob(v1::QueryBlobRequest {
-            blob: Some(v1::BlobRef { digest: fake_digest, total_size: other_blob.total_size, chunk_size: CHUNK }),
+            blob: Some(v1::BlobRef {
+                digest: fake_digest,
+                total_size: other_blob.total_size,
+                chunk_size: CHUNK,
+            }),
         })
         .await
         .unwrap()
@@ -194,7 +253,9 @@ async fn push_resumes_after_the_client_and_then_the_agent_died_mid_transfer() {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tx.send(header(&blob.digest, len, CHUNK)).await.unwrap();
         for i in 0..4 {
-            tx.send(chunk_message(&blob, &data, i, false)).await.unwrap();
+            tx.send(chunk_message(&blob, &data, i, false))
+                .await
+                .unwrap();
         }
         let mut raw = client.raw().clone();
         let upload = tokio::spawn(async move { raw.upload(receiver_stream(rx)).await });
@@ -204,20 +265,29 @@ async fn push_resumes_after_the_client_and_then_the_agent_died_mid_transfer() {
         drop(tx);
     }
     let mut watcher = s.client().await;
-    assert_eq!(held(&mut watcher, &blob).await, 4, "verified chunks survive the client's death");
+    assert_eq!(
+        held(&mut watcher, &blob).await,
+        4,
+        "verified chunks survive the client's death"
+    );
 
     // 2. The next sender continues at chunk 4, and the agent is SIGKILLed while the stream is open after chunk 8.
     let mut client = s.client().await;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(header(&blob.digest, len, CHUNK)).await.unwrap();
     for i in 4..8 {
-        tx.send(chunk_message(&blob, &data, i, false)).await.unwrap();
+        tx.send(chunk_message(&blob, &data, i, false))
+            .await
+            .unwrap();
     }
     let mut raw = client.raw().clone();
     let upload = tokio::spawn(async move { raw.upload(receiver_stream(rx)).await });
     wait_for_held(&mut watcher, &blob, 8).await;
     s.agent.kill();
-    let result = tokio::time::timeout(Duration::from_secs(30), upload).await.unwrap().unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(30), upload)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(result.is_err(), "the upload cannot succeed: the agent died");
     drop(tx);
 
@@ -225,7 +295,16 @@ async fn push_resumes_after_the_client_and_then_the_agent_died_mid_transfer() {
     s.agent.restart();
     let out = patchctl_ok(
         s.pki.home(),
-        &["--format", "json", "agent", "push", &s.agent.addr_string(), &file.to_string_lossy(), "--chunk-size", &CHUNK.to_string()],
+        &[
+            "--format",
+            "json",
+            "agent",
+            "push",
+            &s.agent.addr_string(),
+            &file.to_string_lossy(),
+            "--chunk-size",
+            &CHUNK.to_string(),
+        ],
     );
     let report = parse_report(&out);
     let expected = len - 8 * u64::from(CHUNK);
@@ -250,7 +329,10 @@ async fn wait_for_held(client: &mut AgentClient, blob: &PreparedBlob, n: u64) {
             return;
         }
         assert!(got < n, "agent holds {got} chunks, more than the {n} sent");
-        assert!(tokio::time::Instant::now() < deadline, "agent never recorded {n} chunks (holds {got})");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent never recorded {n} chunks (holds {got})"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -260,10 +342,21 @@ fn packages_over_the_size_limit_or_the_free_disk_space_are_refused() {
     // limits.max_blob_bytes
     let s = setup(|c| c.limit("max_blob_bytes", "1048576"));
     let file = s.file("big.bin", 2 * 1024 * 1024, 5);
-    let out = patchctl(s.pki.home(), &["agent", "push", &s.agent.addr_string(), &file.to_string_lossy()]);
+    let out = patchctl(
+        s.pki.home(),
+        &[
+            "agent",
+            "push",
+            &s.agent.addr_string(),
+            &file.to_string_lossy(),
+        ],
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("ResourceExhausted") && stderr.contains("max_blob_bytes"), "{stderr}");
+    assert!(
+        stderr.contains("ResourceExhausted") && stderr.contains("max_blob_bytes"),
+        "{stderr}"
+    );
 
     // An announced size larger than the state directory's free space (real statvfs figure, nothing written).
     let s = setup(|c| c.limit("max_blob_bytes", "1152921504606846976"));
@@ -271,12 +364,27 @@ fn packages_over_the_size_limit_or_the_free_disk_space_are_refused() {
     let status = runtime.block_on(async {
         let mut client = s.client().await;
         let huge = 1u64 << 50; // 1 PiB
-        client.raw().upload(futures::stream::iter(vec![header(&"cd".repeat(32), huge, CHUNK)])).await.unwrap_err()
+        client
+            .raw()
+            .upload(futures::stream::iter(vec![header(
+                &"cd".repeat(32),
+                huge,
+                CHUNK,
+            )]))
+            .await
+            .unwrap_err()
     });
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains("not enough disk space"), "{}", status.message());
     assert!(
-        std::fs::read_dir(s.config.state_path().join("blobs/partial")).unwrap().next().is_none(),
+        status.message().contains("not enough disk space"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        std::fs::read_dir(s.config.state_path().join("blobs/partial"))
+            .unwrap()
+            .next()
+            .is_none(),
         "nothing was written for the refused package"
     );
 }
@@ -286,14 +394,19 @@ struct Tmpfs(PathBuf);
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
 #[test]
 fn a_push_that_does_not_fit_a_real_small_filesystem_is_refused() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: mounting a tmpfs needs root (the size-announcement case runs in another test)");
+        eprintln!(
+            "SKIPPED: mounting a tmpfs needs root (the size-announcement case runs in another test)"
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -309,21 +422,45 @@ fn a_push_that_does_not_fit_a_real_small_filesystem_is_refused() {
 
     let pki = Pki::new(dir.path());
     let tls = pki.issue_agent("agent-1", &["127.0.0.1"]);
-    let config = AgentConfig::new(&dir.path().join("agent-1"), &tls).state_dir(&mount_point.join("state")).write();
+    let config = AgentConfig::new(&dir.path().join("agent-1"), &tls)
+        .state_dir(&mount_point.join("state"))
+        .write();
     let mut agent = AgentProcess::start(&config);
 
     let small = dir.path().join("small.bin");
     write_random_file(&small, 2 * 1024 * 1024, 6);
-    patchctl_ok(pki.home(), &["agent", "push", &agent.addr_string(), &small.to_string_lossy()]);
+    patchctl_ok(
+        pki.home(),
+        &[
+            "agent",
+            "push",
+            &agent.addr_string(),
+            &small.to_string_lossy(),
+        ],
+    );
 
     let big = dir.path().join("big.bin");
     write_random_file(&big, 16 * 1024 * 1024, 7);
-    let out = patchctl(pki.home(), &["agent", "push", &agent.addr_string(), &big.to_string_lossy()]);
+    let out = patchctl(
+        pki.home(),
+        &[
+            "agent",
+            "push",
+            &agent.addr_string(),
+            &big.to_string_lossy(),
+        ],
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("ResourceExhausted") && stderr.contains("not enough disk space"), "{stderr}");
     assert!(
-        std::fs::read_dir(mount_point.join("state/blobs/partial")).unwrap().next().is_none(),
+        stderr.contains("ResourceExhausted") && stderr.contains("not enough disk space"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_dir(mount_point.join("state/blobs/partial"))
+            .unwrap()
+            .next()
+            .is_none(),
         "nothing was written for the refused package"
     );
     agent.kill();

@@ -26,7 +26,11 @@ impl Fixture {
 /// Runs `patchd validate`; returns (success, stdout + stderr).
 fn validate(config: &Path) -> (bool, String) {
     let out = patchd(&["validate", "--config", &config.to_string_lossy()]);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -35,7 +39,10 @@ fn assert_invalid(config: &Path, must_mention: &[&str]) {
     let (ok, text) = validate(config);
     assert!(!ok, "{} was accepted:\n{text}", config.display());
     for needle in must_mention {
-        assert!(text.contains(needle), "the message does not mention `{needle}`:\n{text}");
+        assert!(
+            text.contains(needle),
+            "the message does not mention `{needle}`:\n{text}"
+        );
     }
 }
 
@@ -46,7 +53,8 @@ fn rewrite(path: &Path, from: &str, to: &str) -> PathBuf {
     path.to_path_buf()
 }
 
-const SERVICE: &str = "[[service]]\nname = \"w\"\ncomponent = \"demo-worker\"\nbackend = \"process\"\n";
+const SERVICE: &str =
+    "[[service]]\nname = \"w\"\ncomponent = \"demo-worker\"\nbackend = \"process\"\n";
 
 #[test]
 fn a_good_config_validates() {
@@ -55,7 +63,10 @@ fn a_good_config_validates() {
     let deploy = config.dir().join("deploy");
     let path = config
         .clone()
-        .extra(&format!("{SERVICE}deploy_dir = \"{}/w\"\ncommand = [\"/bin/true\"]\n", deploy.display()))
+        .extra(&format!(
+            "{SERVICE}deploy_dir = \"{}/w\"\ncommand = [\"/bin/true\"]\n",
+            deploy.display()
+        ))
         .write();
     let (ok, text) = validate(&path);
     assert!(ok, "{text}");
@@ -76,7 +87,12 @@ fn unreadable_or_malformed_configs_are_refused() {
     let path = f.config("unknown").extra("bogus_setting = 1\n").write();
     assert_invalid(&path, &["bogus_setting"]);
 
-    let path = f.config("unknown-in-service").extra(&format!("{SERVICE}deploy_dir = \"/x\"\ncommand = [\"x\"]\ncolour = \"red\"\n")).write();
+    let path = f
+        .config("unknown-in-service")
+        .extra(&format!(
+            "{SERVICE}deploy_dir = \"/x\"\ncommand = [\"x\"]\ncolour = \"red\"\n"
+        ))
+        .write();
     assert_invalid(&path, &["colour"]);
 
     let path = f.config("bad-listen").write();
@@ -88,12 +104,18 @@ fn unreadable_or_malformed_configs_are_refused() {
 fn bad_paths_are_named() {
     let f = fixture();
 
-    let path = f.config("relative-state").state_dir(Path::new("state")).write();
+    let path = f
+        .config("relative-state")
+        .state_dir(Path::new("state"))
+        .write();
     assert_invalid(&path, &["state_dir", "relative"]);
 
     let file_as_parent = f.dir.path().join("a-file");
     std::fs::write(&file_as_parent, "").unwrap();
-    let path = f.config("state-under-file").state_dir(&file_as_parent.join("state")).write();
+    let path = f
+        .config("state-under-file")
+        .state_dir(&file_as_parent.join("state"))
+        .write();
     assert_invalid(&path, &["state_dir", "not a directory"]);
 
     let config = f.config("missing-root");
@@ -103,12 +125,24 @@ fn bad_paths_are_named() {
     assert_invalid(&path, &["deploy_roots[0]", &root.to_string_lossy()]);
 
     let config = f.config("outside-root");
-    let path = config.extra(&format!("{SERVICE}deploy_dir = \"/etc/w\"\ncommand = [\"x\"]\n")).write();
-    assert_invalid(&path, &["deploy_dir", "/etc/w", "not under any deploy root"]);
+    let path = config
+        .extra(&format!(
+            "{SERVICE}deploy_dir = \"/etc/w\"\ncommand = [\"x\"]\n"
+        ))
+        .write();
+    assert_invalid(
+        &path,
+        &["deploy_dir", "/etc/w", "not under any deploy root"],
+    );
 
     let config = f.config("escaping-root");
     let deploy = config.dir().join("deploy");
-    let path = config.extra(&format!("{SERVICE}deploy_dir = \"{}/../../etc\"\ncommand = [\"x\"]\n", deploy.display())).write();
+    let path = config
+        .extra(&format!(
+            "{SERVICE}deploy_dir = \"{}/../../etc\"\ncommand = [\"x\"]\n",
+            deploy.display()
+        ))
+        .write();
     assert_invalid(&path, &["deploy_dir", ".."]);
 }
 
@@ -117,40 +151,68 @@ fn bad_tls_files_are_named() {
     let f = fixture();
 
     let path = f.config("missing-cert").write();
-    rewrite(&path, &f.tls.cert.to_string_lossy(), "/nonexistent/agent.crt");
+    rewrite(
+        &path,
+        &f.tls.cert.to_string_lossy(),
+        "/nonexistent/agent.crt",
+    );
     assert_invalid(&path, &["tls.cert", "/nonexistent/agent.crt"]);
 
     // A directory where the key should be: exists, but cannot be read as a file.
     let path = f.config("key-is-dir").write();
     let key_dir = f.dir.path().join("key-dir");
     std::fs::create_dir(&key_dir).unwrap();
-    rewrite(&path, &f.tls.key.to_string_lossy(), &key_dir.to_string_lossy());
+    rewrite(
+        &path,
+        &f.tls.key.to_string_lossy(),
+        &key_dir.to_string_lossy(),
+    );
     assert_invalid(&path, &["tls.key", &key_dir.to_string_lossy()]);
 
     let garbage = f.dir.path().join("garbage.key");
     std::fs::write(&garbage, "not a key\n").unwrap();
     let path = f.config("garbage-key").write();
-    rewrite(&path, &f.tls.key.to_string_lossy(), &garbage.to_string_lossy());
+    rewrite(
+        &path,
+        &f.tls.key.to_string_lossy(),
+        &garbage.to_string_lossy(),
+    );
     assert_invalid(&path, &["tls.key", "garbage.key"]);
 
     // The key of another certificate.
     let other = f.pki.issue_agent("agent-2", &["127.0.0.1"]);
     let path = f.config("mismatched-key").write();
-    rewrite(&path, &f.tls.key.to_string_lossy(), &other.key.to_string_lossy());
+    rewrite(
+        &path,
+        &f.tls.key.to_string_lossy(),
+        &other.key.to_string_lossy(),
+    );
     assert_invalid(&path, &["tls.key", "does not belong"]);
 
     // A controller certificate cannot serve as an agent certificate.
     let controller = f.pki.controller();
     let path = f.config("controller-cert").write();
-    rewrite(&path, &f.tls.cert.to_string_lossy(), &controller.cert.to_string_lossy());
-    rewrite(&path, &f.tls.key.to_string_lossy(), &controller.key.to_string_lossy());
+    rewrite(
+        &path,
+        &f.tls.cert.to_string_lossy(),
+        &controller.cert.to_string_lossy(),
+    );
+    rewrite(
+        &path,
+        &f.tls.key.to_string_lossy(),
+        &controller.key.to_string_lossy(),
+    );
     assert_invalid(&path, &["tls.cert", "not an agent certificate"]);
 
     // A certificate the configured CA did not issue.
     let other_home = f.dir.path().join("other-home");
     patchd_e2e::patchctl_ok(&other_home, &["ca", "init"]);
     let path = f.config("other-ca").write();
-    rewrite(&path, &f.tls.ca.to_string_lossy(), &other_home.join("tls/ca.crt").to_string_lossy());
+    rewrite(
+        &path,
+        &f.tls.ca.to_string_lossy(),
+        &other_home.join("tls/ca.crt").to_string_lossy(),
+    );
     assert_invalid(&path, &["tls.cert", "not issued by the CA"]);
 }
 
@@ -165,13 +227,26 @@ fn bad_services_are_named() {
             deploy.display()
         ))
         .write();
-    assert_invalid(&path, &["needs `command`", "needs `unit`", "service[1].name", "declared twice"]);
+    assert_invalid(
+        &path,
+        &[
+            "needs `command`",
+            "needs `unit`",
+            "service[1].name",
+            "declared twice",
+        ],
+    );
 }
 
 #[test]
 fn run_refuses_a_bad_config_without_serving() {
     let f = fixture();
-    let path = f.config("run-bad").extra(&format!("{SERVICE}deploy_dir = \"/etc/w\"\ncommand = [\"x\"]\n")).write();
+    let path = f
+        .config("run-bad")
+        .extra(&format!(
+            "{SERVICE}deploy_dir = \"/etc/w\"\ncommand = [\"x\"]\n"
+        ))
+        .write();
     let out = patchd(&["run", "--config", &path.to_string_lossy()]);
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("patchd listening"));

@@ -15,8 +15,8 @@ pub use files::write_file_atomic;
 pub use inspect::{IdentityInfo, check_identity};
 pub use mtls::{TlsFiles, TlsMaterial};
 pub use pki::{
-    CA_CERT_FILE, CA_KEY_FILE, CaPaths, CertPaths, CertSpec, CertificateAuthority, IssuedCert, Role,
-    init_ca,
+    CA_CERT_FILE, CA_KEY_FILE, CaPaths, CertPaths, CertSpec, CertificateAuthority, IssuedCert,
+    Role, init_ca,
 };
 
 use std::path::{Path, PathBuf};
@@ -25,9 +25,15 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {}: {cause}", path.display())]
-    Read { path: PathBuf, cause: std::io::Error },
+    Read {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("cannot write {}: {cause}", path.display())]
-    Write { path: PathBuf, cause: std::io::Error },
+    Write {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error(
         "a CA already exists in {} ({}); pass --force to replace it (every certificate it issued will stop being trusted)",
         dir.display(),
@@ -50,6 +56,9 @@ pub enum TlsError {
 
 impl TlsError {
     pub(crate) fn read(path: &Path, cause: std::io::Error) -> Self {
-        Self::Read { path: path.to_path_buf(), cause }
+        Self::Read {
+            path: path.to_path_buf(),
+            cause,
+        }
     }
 }

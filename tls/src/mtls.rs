@@ -45,7 +45,9 @@ pub struct TlsMaterial {
 impl std::fmt::Debug for TlsMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the private key.
-        f.debug_struct("TlsMaterial").field("files", &self.files).finish_non_exhaustive()
+        f.debug_struct("TlsMaterial")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
     }
 }
 
@@ -58,7 +60,12 @@ impl TlsMaterial {
         parse_certs(&files.cert, &cert_pem)?;
         let key_pem = read(&files.key)?;
         parse_key(&files.key, &key_pem)?;
-        Ok(Self { files: files.clone(), ca_pem, cert_pem, key_pem })
+        Ok(Self {
+            files: files.clone(),
+            ca_pem,
+            cert_pem,
+            key_pem,
+        })
     }
 
     /// Where this material was read from.
@@ -114,7 +121,10 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::BadCertificate { path: path.to_path_buf(), reason: e.to_string() })?;
+        .map_err(|e| TlsError::BadCertificate {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     if certs.is_empty() {
         return Err(TlsError::BadCertificate {
             path: path.to_path_buf(),
@@ -125,6 +135,8 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
 }
 
 fn parse_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_slice(pem)
-        .map_err(|e| TlsError::BadKey { path: path.to_path_buf(), reason: e.to_string() })
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| TlsError::BadKey {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }

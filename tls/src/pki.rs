@@ -47,7 +47,10 @@ pub struct CaPaths {
 impl CaPaths {
     /// The standard file names inside `dir`.
     pub fn in_dir(dir: &Path) -> Self {
-        Self { cert: dir.join(CA_CERT_FILE), key: dir.join(CA_KEY_FILE) }
+        Self {
+            cert: dir.join(CA_CERT_FILE),
+            key: dir.join(CA_KEY_FILE),
+        }
     }
 }
 
@@ -101,7 +104,10 @@ pub struct IssuedCert {
 impl IssuedCert {
     /// Writes `<dir>/<stem>.crt` (0644) and `<dir>/<stem>.key` (0600), replacing older files of that name.
     pub fn write(&self, dir: &Path, stem: &str) -> Result<CertPaths, TlsError> {
-        let paths = CertPaths { cert: dir.join(format!("{stem}.crt")), key: dir.join(format!("{stem}.key")) };
+        let paths = CertPaths {
+            cert: dir.join(format!("{stem}.crt")),
+            key: dir.join(format!("{stem}.key")),
+        };
         write_file_atomic(&paths.key, self.key_pem.as_bytes(), 0o600)?;
         write_file_atomic(&paths.cert, self.cert_pem.as_bytes(), 0o644)?;
         Ok(paths)
@@ -121,29 +127,51 @@ impl CertificateAuthority {
     pub fn generate(common_name: &str) -> Result<Self, TlsError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.distinguished_name.push(DnType::OrganizationName, "patchd");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "patchd");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - CLOCK_SKEW_ALLOWANCE;
         params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
-        Ok(Self { cert_pem: cert.pem(), key_pem, issuer: Issuer::new(params, key) })
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
     }
 
     /// Loads `ca.crt` and `ca.key` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
         let paths = CaPaths::in_dir(dir);
-        let cert_pem = std::fs::read_to_string(&paths.cert).map_err(|e| TlsError::read(&paths.cert, e))?;
-        let key_pem = std::fs::read_to_string(&paths.key).map_err(|e| TlsError::read(&paths.key, e))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| TlsError::BadKey { path: paths.key.clone(), reason: e.to_string() })?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
-            .map_err(|e| TlsError::BadCertificate { path: paths.cert.clone(), reason: e.to_string() })?;
-        Ok(Self { cert_pem, key_pem, issuer })
+        let cert_pem =
+            std::fs::read_to_string(&paths.cert).map_err(|e| TlsError::read(&paths.cert, e))?;
+        let key_pem =
+            std::fs::read_to_string(&paths.key).map_err(|e| TlsError::read(&paths.key, e))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::BadKey {
+            path: paths.key.clone(),
+            reason: e.to_string(),
+        })?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| TlsError::BadCertificate {
+                path: paths.cert.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            cert_pem,
+            key_pem,
+            issuer,
+        })
     }
 
     /// The CA certificate, PEM.
@@ -157,7 +185,10 @@ impl CertificateAuthority {
         if !force {
             for (path, file) in [(&paths.cert, CA_CERT_FILE), (&paths.key, CA_KEY_FILE)] {
                 if path.exists() {
-                    return Err(TlsError::CaExists { dir: dir.to_path_buf(), file });
+                    return Err(TlsError::CaExists {
+                        dir: dir.to_path_buf(),
+                        file,
+                    });
                 }
             }
         }
@@ -176,9 +207,17 @@ impl CertificateAuthority {
         }
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
-        params.subject_alt_names = spec.sans.iter().map(|s| parse_san(s)).collect::<Result<_, _>>()?;
-        params.distinguished_name.push(DnType::CommonName, spec.name.as_str());
-        params.distinguished_name.push(DnType::OrganizationName, "patchd");
+        params.subject_alt_names = spec
+            .sans
+            .iter()
+            .map(|s| parse_san(s))
+            .collect::<Result<_, _>>()?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, spec.name.as_str());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "patchd");
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![match spec.role {
@@ -189,7 +228,10 @@ impl CertificateAuthority {
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 }
 
@@ -199,7 +241,10 @@ pub fn init_ca(dir: &Path, force: bool) -> Result<CaPaths, TlsError> {
     if !force {
         for (path, file) in [(&paths.cert, CA_CERT_FILE), (&paths.key, CA_KEY_FILE)] {
             if path.exists() {
-                return Err(TlsError::CaExists { dir: dir.to_path_buf(), file });
+                return Err(TlsError::CaExists {
+                    dir: dir.to_path_buf(),
+                    file,
+                });
             }
         }
     }
@@ -207,7 +252,9 @@ pub fn init_ca(dir: &Path, force: bool) -> Result<CaPaths, TlsError> {
 }
 
 fn parse_san(raw: &str) -> Result<SanType, TlsError> {
-    let bad = || TlsError::BadSan { san: raw.to_string() };
+    let bad = || TlsError::BadSan {
+        san: raw.to_string(),
+    };
     let trimmed = raw.trim().trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = trimmed.parse::<IpAddr>() {
         return Ok(SanType::IpAddress(ip));
@@ -217,14 +264,17 @@ fn parse_san(raw: &str) -> Result<SanType, TlsError> {
         && trimmed.split('.').enumerate().all(|(i, label)| {
             !label.is_empty()
                 && label.len() <= 63
-                && (label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') || (i == 0 && label == "*"))
+                && (label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    || (i == 0 && label == "*"))
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
     if !valid_dns {
         return Err(bad());
     }
-    Ok(SanType::DnsName(trimmed.to_ascii_lowercase().try_into().map_err(|_| bad())?))
+    Ok(SanType::DnsName(
+        trimmed.to_ascii_lowercase().try_into().map_err(|_| bad())?,
+    ))
 }
 
 #[cfg(test)]
@@ -237,7 +287,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = init_ca(dir.path(), false).unwrap();
         let pem = std::fs::read_to_string(&first.cert).unwrap();
-        assert!(matches!(init_ca(dir.path(), false), Err(TlsError::CaExists { .. })));
+        assert!(matches!(
+            init_ca(dir.path(), false),
+            Err(TlsError::CaExists { .. })
+        ));
         assert_eq!(pem, std::fs::read_to_string(&first.cert).unwrap());
         init_ca(dir.path(), true).unwrap();
         assert_ne!(pem, std::fs::read_to_string(&first.cert).unwrap());
@@ -250,7 +303,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         init_ca(dir.path(), false).unwrap();
         let ca = CertificateAuthority::load(dir.path()).unwrap();
-        let issued = ca.issue(&CertSpec::new("a1", Role::Agent, vec!["127.0.0.1".into()], 30)).unwrap();
+        let issued = ca
+            .issue(&CertSpec::new(
+                "a1",
+                Role::Agent,
+                vec!["127.0.0.1".into()],
+                30,
+            ))
+            .unwrap();
         let paths = issued.write(&dir.path().join("out"), "a1").unwrap();
         let mode = std::fs::metadata(&paths.key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -258,9 +318,15 @@ mod tests {
 
     #[test]
     fn sans_are_checked() {
-        assert!(matches!(parse_san("127.0.1.3").unwrap(), SanType::IpAddress(_)));
+        assert!(matches!(
+            parse_san("127.0.1.3").unwrap(),
+            SanType::IpAddress(_)
+        ));
         assert!(matches!(parse_san("[::1]").unwrap(), SanType::IpAddress(_)));
-        assert!(matches!(parse_san("node-1.example.com").unwrap(), SanType::DnsName(_)));
+        assert!(matches!(
+            parse_san("node-1.example.com").unwrap(),
+            SanType::DnsName(_)
+        ));
         assert!(parse_san("bad name").is_err());
         assert!(parse_san("").is_err());
         assert!(parse_san("-x.example").is_err());

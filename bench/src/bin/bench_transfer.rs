@@ -25,22 +25,31 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let size_mib: u64 = env_or("BENCH_SIZE_MIB", 1024)?;
-    let base = std::env::var_os("BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let base = std::env::var_os("BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
     std::fs::create_dir_all(&base)?;
-    let work = tempfile::Builder::new().prefix("patchd-bench-").tempdir_in(&base)?;
+    let work = tempfile::Builder::new()
+        .prefix("patchd-bench-")
+        .tempdir_in(&base)?;
     let size = size_mib * 1024 * 1024;
 
-    eprintln!("writing a {size_mib} MiB test file in {}", work.path().display());
+    eprintln!(
+        "writing a {size_mib} MiB test file in {}",
+        work.path().display()
+    );
     let file = work.path().join("package.bin");
     write_random_file(&file, size, 42);
 
+    let load_before = load_average();
     eprintln!("measuring single-thread sha256 (ring)");
     let sha_mbps = sha256_speed(&file)?;
 
     eprintln!("starting a release agent");
     let pki = Pki::new(work.path());
     let tls = pki.issue_agent("bench-agent", &["127.0.0.1"]);
-    let config = AgentConfig::new(&work.path().join("agent"), &tls).limit("max_blob_bytes", &(size * 2).to_string());
+    let config = AgentConfig::new(&work.path().join("agent"), &tls)
+        .limit("max_blob_bytes", &(size * 2).to_string());
     let state = config.state_path().to_path_buf();
     let agent = AgentProcess::start(&config.write());
 
@@ -55,27 +64,41 @@ fn main() -> anyhow::Result<()> {
         if again.bytes_sent != 0 {
             bail!("second push sent {} bytes, expected 0", again.bytes_sent);
         }
-        std::fs::remove_file(state.join("blobs").join(&run.digest)).context("removing the pushed blob")?;
+        std::fs::remove_file(state.join("blobs").join(&run.digest))
+            .context("removing the pushed blob")?;
         runs.push((chunk_size, run, again));
     }
-    let agent_rss = agent.peak_rss_bytes().context("cannot read the agent's VmHWM")?;
+    let agent_rss = agent
+        .peak_rss_bytes()
+        .context("cannot read the agent's VmHWM")?;
     drop(agent);
 
-    let scp = match (std::env::var("BENCH_SSH_PORT"), std::env::var("BENCH_SSH_KEY")) {
+    let scp = match (
+        std::env::var("BENCH_SSH_PORT"),
+        std::env::var("BENCH_SSH_KEY"),
+    ) {
         (Ok(port), Ok(key)) => {
             eprintln!("scp + sha256sum over ssh on port {port}");
-            Some(scp_and_hash(&file, &work.path().join("scp-dest.bin"), &port, Path::new(&key))?)
+            Some(scp_and_hash(
+                &file,
+                &work.path().join("scp-dest.bin"),
+                &port,
+                Path::new(&key),
+            )?)
         }
         _ => None,
     };
 
-    print_report(size, sha_mbps, &runs, agent_rss, scp.as_ref());
+    let load = format!("{load_before} at the start, {} at the end", load_average());
+    print_report(size, sha_mbps, &runs, agent_rss, scp.as_ref(), &load);
     Ok(())
 }
 
 fn env_or(key: &str, default: u64) -> anyhow::Result<u64> {
     match std::env::var(key) {
-        Ok(v) => v.parse().with_context(|| format!("{key}={v} is not a number")),
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("{key}={v} is not a number")),
         Err(_) => Ok(default),
     }
 }
@@ -84,7 +107,9 @@ fn env_or(key: &str, default: u64) -> anyhow::Result<u64> {
 fn sha256_speed(file: &Path) -> anyhow::Result<f64> {
     use std::io::Read;
     let mut buf = Vec::new();
-    std::fs::File::open(file)?.take(256 * 1024 * 1024).read_to_end(&mut buf)?;
+    std::fs::File::open(file)?
+        .take(256 * 1024 * 1024)
+        .read_to_end(&mut buf)?;
     let mut best = 0.0f64;
     for _ in 0..3 {
         let started = Instant::now();
@@ -98,6 +123,7 @@ fn sha256_speed(file: &Path) -> anyhow::Result<f64> {
 
 struct PushRun {
     digest: String,
+    agent_cpu_seconds: f64,
     bytes_sent: u64,
     transfer_seconds: f64,
     digest_seconds: f64,
@@ -106,6 +132,8 @@ struct PushRun {
 }
 
 fn push(pki: &Pki, agent: &AgentProcess, file: &Path, chunk_size: u32) -> anyhow::Result<PushRun> {
+    let agent_pid = agent.pid().context("the agent is not running")?;
+    let agent_cpu_before = cpu_seconds(agent_pid).context("cannot read the agent's CPU time")?;
     let started = Instant::now();
     let mut child = Command::new(patchd_e2e::bin("patchctl"))
         .args(["--format", "json", "agent", "push", &agent.addr_string()])
@@ -128,10 +156,16 @@ fn push(pki: &Pki, agent: &AgentProcess, file: &Path, chunk_size: u32) -> anyhow
     if !out.status.success() {
         bail!("patchctl agent push failed ({})", out.status);
     }
+    let agent_cpu_seconds =
+        cpu_seconds(agent_pid).context("cannot read the agent's CPU time")? - agent_cpu_before;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let num = |k: &str| v[k].as_f64().with_context(|| format!("no `{k}` in the push report"));
+    let num = |k: &str| {
+        v[k].as_f64()
+            .with_context(|| format!("no `{k}` in the push report"))
+    };
     Ok(PushRun {
         digest: v["digest"].as_str().context("no digest")?.to_string(),
+        agent_cpu_seconds,
         bytes_sent: v["bytes_sent"].as_u64().context("no bytes_sent")?,
         transfer_seconds: num("transfer_seconds")?,
         digest_seconds: num("digest_seconds")?,
@@ -140,9 +174,31 @@ fn push(pki: &Pki, agent: &AgentProcess, file: &Path, chunk_size: u32) -> anyhow
     })
 }
 
+/// User + system CPU time of a process, from `/proc/<pid>/stat` (clock ticks of 1/100 s on Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn vm_hwm(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some(kib * 1024)
 }
 
@@ -166,7 +222,9 @@ fn scp_and_hash(file: &Path, dest: &Path, port: &str, key: &Path) -> anyhow::Res
     };
     let mut scp = Command::new("scp");
     ssh_opts(&mut scp);
-    scp.args(["-P", port]).arg(file).arg(format!("root@127.0.0.1:{}", dest.display()));
+    scp.args(["-P", port])
+        .arg(file)
+        .arg(format!("root@127.0.0.1:{}", dest.display()));
     let started = Instant::now();
     let status = scp.status().context("cannot run scp")?;
     let scp_seconds = started.elapsed().as_secs_f64();
@@ -175,7 +233,9 @@ fn scp_and_hash(file: &Path, dest: &Path, port: &str, key: &Path) -> anyhow::Res
     }
     let mut ssh = Command::new("ssh");
     ssh_opts(&mut ssh);
-    ssh.args(["-p", port, "root@127.0.0.1", "sha256sum"]).arg(dest).stdout(Stdio::null());
+    ssh.args(["-p", port, "root@127.0.0.1", "sha256sum"])
+        .arg(dest)
+        .stdout(Stdio::null());
     let started = Instant::now();
     let status = ssh.status().context("cannot run ssh")?;
     let sha256sum_seconds = started.elapsed().as_secs_f64();
@@ -183,15 +243,35 @@ fn scp_and_hash(file: &Path, dest: &Path, port: &str, key: &Path) -> anyhow::Res
         bail!("ssh sha256sum failed ({status})");
     }
     let _ = std::fs::remove_file(dest);
-    Ok(ScpRun { scp_seconds, sha256sum_seconds })
+    Ok(ScpRun {
+        scp_seconds,
+        sha256sum_seconds,
+    })
 }
 
-fn print_report(size: u64, sha_mbps: f64, runs: &[(u32, PushRun, PushRun)], agent_rss: u64, scp: Option<&ScpRun>) {
+fn print_report(
+    size: u64,
+    sha_mbps: f64,
+    runs: &[(u32, PushRun, PushRun)],
+    agent_rss: u64,
+    scp: Option<&ScpRun>,
+    load: &str,
+) {
     let mb = size as f64 / MB;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!("| measure | value |");
     println!("|---|---|");
-    println!("| file | {} MiB ({:.0} MB) of random bytes |", size / (1024 * 1024), mb);
+    println!(
+        "| machine | {} CPUs; load average {load} |",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "| file | {} MiB ({:.0} MB) of random bytes |",
+        size / (1024 * 1024),
+        mb
+    );
     println!("| single-thread sha256 (ring, in memory) | {sha_mbps:.0} MB/s |");
     let mut best_transfer = 0.0f64;
     let mut best_end_to_end = 0.0f64;
@@ -218,9 +298,18 @@ fn print_report(size: u64, sha_mbps: f64, runs: &[(u32, PushRun, PushRun)], agen
             again.bytes_sent,
             again.wall_seconds
         );
-        println!("| patchctl peak RSS (sampled), {} KiB chunks | {:.1} MiB |", chunk / 1024, mib(run.controller_rss));
+        println!(
+            "| CPU time, {} KiB chunks: agent during the push / patchctl peak RSS (sampled) | {:.2} s ({:.2} s per GB) / {:.1} MiB |",
+            chunk / 1024,
+            run.agent_cpu_seconds,
+            run.agent_cpu_seconds / (mb / 1000.0),
+            mib(run.controller_rss)
+        );
     }
-    println!("| agent peak RSS (VmHWM over all pushes) | {:.1} MiB |", mib(agent_rss));
+    println!(
+        "| agent peak RSS (VmHWM over all pushes) | {:.1} MiB |",
+        mib(agent_rss)
+    );
     match scp {
         Some(scp) => {
             let total = scp.scp_seconds + scp.sha256sum_seconds;
@@ -231,7 +320,9 @@ fn print_report(size: u64, sha_mbps: f64, runs: &[(u32, PushRun, PushRun)], agen
                 scp.sha256sum_seconds
             );
         }
-        None => println!("| scp to localhost + sha256sum | skipped (BENCH_SSH_PORT/BENCH_SSH_KEY not set) |"),
+        None => println!(
+            "| scp to localhost + sha256sum | skipped (BENCH_SSH_PORT/BENCH_SSH_KEY not set) |"
+        ),
     }
     println!();
     let check = |ok: bool| if ok { "met" } else { "MISSED" };
@@ -249,5 +340,9 @@ fn print_report(size: u64, sha_mbps: f64, runs: &[(u32, PushRun, PushRun)], agen
             check(best_end_to_end >= scp_mbps)
         );
     }
-    println!("- agent peak RSS < 64 MiB: {} ({:.1} MiB)", check(agent_rss < 64 * 1024 * 1024), mib(agent_rss));
+    println!(
+        "- agent peak RSS < 64 MiB: {} ({:.1} MiB)",
+        check(agent_rss < 64 * 1024 * 1024),
+        mib(agent_rss)
+    );
 }

@@ -48,28 +48,50 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
                 Format::Text => {
                     let gib = |b: u64| format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30));
                     println!("agent      {}", info.agent);
-                    println!("version    patchd {} (protocol {})", info.agent_version, info.protocol_version);
-                    println!("host       {} ({}/{}, {} CPUs)", info.hostname, info.os, info.arch, info.cpu_count);
+                    println!(
+                        "version    patchd {} (protocol {})",
+                        info.agent_version, info.protocol_version
+                    );
+                    println!(
+                        "host       {} ({}/{}, {} CPUs)",
+                        info.hostname, info.os, info.arch, info.cpu_count
+                    );
                     println!(
                         "memory     {} available of {}",
                         gib(info.memory_available_bytes),
                         gib(info.memory_total_bytes)
                     );
-                    println!("disk       {} free in the state directory", gib(info.state_dir_free_bytes));
+                    println!(
+                        "disk       {} free in the state directory",
+                        gib(info.state_dir_free_bytes)
+                    );
                     println!(
                         "uptime     host {}, agent {}",
-                        humantime::format_duration(std::time::Duration::from_secs(info.host_uptime_seconds)),
-                        humantime::format_duration(std::time::Duration::from_secs(info.agent_uptime_seconds))
+                        humantime::format_duration(std::time::Duration::from_secs(
+                            info.host_uptime_seconds
+                        )),
+                        humantime::format_duration(std::time::Duration::from_secs(
+                            info.agent_uptime_seconds
+                        ))
                     );
                     println!(
                         "services   {}",
-                        if info.services.is_empty() { "(none)".to_string() } else { info.services.join(", ") }
+                        if info.services.is_empty() {
+                            "(none)".to_string()
+                        } else {
+                            info.services.join(", ")
+                        }
                     );
                 }
             }
             Ok(patchctl::exit::OK)
         }
-        Command::Push { addr, file, chunk_size, tls_dir } => {
+        Command::Push {
+            addr,
+            file,
+            chunk_size,
+            tls_dir,
+        } => {
             let tls = ControllerTls::load_dir(&tls_dir.unwrap_or_else(|| ctx.home.tls_dir()))?;
             let blob = PreparedBlob::prepare(&file, chunk_size).await?;
             let mut client = AgentClient::connect(&addr, &tls).await?;
@@ -79,8 +101,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
                 indicatif::ProgressBar::hidden()
             };
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-                    .context("progress template")?,
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .context("progress template")?,
             );
             let report = client
                 .push(&blob, &PushOptions::default(), |p| bar.set_position(p.bytes_done))
@@ -107,7 +131,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
                         report.bytes_sent,
                         report.chunks_sent,
                         report.chunks_skipped,
-                        if report.retries > 0 { format!(", {} resent", report.retries) } else { String::new() }
+                        if report.retries > 0 {
+                            format!(", {} resent", report.retries)
+                        } else {
+                            String::new()
+                        }
                     );
                     println!(
                         "  time     {:.2} s transfer (+ {:.2} s reading and hashing the file)",

@@ -29,17 +29,24 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
             let dir = dir.unwrap_or_else(|| ctx.home.tls_dir());
             let paths = patchd_tls::init_ca(&dir, force).context("cannot create the CA")?;
             match ctx.format {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::json!({ "cert": paths.cert, "key": paths.key, "replaced": force })
-                ),
+                Format::Json => {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "cert": paths.cert, "key": paths.key, "replaced": force })
+                    )
+                }
                 Format::Text => {
                     println!("created cluster CA");
                     println!("  certificate  {}", paths.cert.display());
-                    println!("  key          {} (mode 0600: keep it secret)", paths.key.display());
+                    println!(
+                        "  key          {} (mode 0600: keep it secret)",
+                        paths.key.display()
+                    );
                     println!("next:");
                     println!("  patchctl cert issue controller --role controller");
-                    println!("  patchctl cert issue <host> --role agent --san <host>   (one per agent host)");
+                    println!(
+                        "  patchctl cert issue <host> --role agent --san <host>   (one per agent host)"
+                    );
                 }
             }
             Ok(patchctl::exit::OK)

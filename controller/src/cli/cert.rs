@@ -44,26 +44,48 @@ enum Command {
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
-    let Command::Issue { name, role, mut sans, out, ca_dir, days } = args.command;
-    if name.is_empty() || name.starts_with('.') || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    let Command::Issue {
+        name,
+        role,
+        mut sans,
+        out,
+        ca_dir,
+        days,
+    } = args.command;
+    if name.is_empty()
+        || name.starts_with('.')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
-        anyhow::bail!("invalid certificate name `{name}`: use letters, digits, '-', '_' and '.' (it becomes a file name)");
+        anyhow::bail!(
+            "invalid certificate name `{name}`: use letters, digits, '-', '_' and '.' (it becomes a file name)"
+        );
     }
     let role = match role {
         RoleArg::Agent => Role::Agent,
         RoleArg::Controller => Role::Controller,
     };
     if role == Role::Agent && sans.is_empty() {
-        eprintln!("note: no --san given: the certificate names only `{name}`; the controller must dial it by that name");
+        eprintln!(
+            "note: no --san given: the certificate names only `{name}`; the controller must dial it by that name"
+        );
         sans.push(name.clone());
     }
     let ca_dir = ca_dir.unwrap_or_else(|| ctx.home.tls_dir());
     let out = out.unwrap_or_else(|| ca_dir.clone());
-    let ca = CertificateAuthority::load(&ca_dir)
-        .with_context(|| format!("cannot load the CA from {} (create one with `patchctl ca init`)", ca_dir.display()))?;
+    let ca = CertificateAuthority::load(&ca_dir).with_context(|| {
+        format!(
+            "cannot load the CA from {} (create one with `patchctl ca init`)",
+            ca_dir.display()
+        )
+    })?;
     let spec = CertSpec::new(name.as_str(), role, sans.clone(), days);
     let not_after = spec.not_after;
-    let paths = ca.issue(&spec).context("cannot issue the certificate")?.write(&out, &name)?;
+    let paths = ca
+        .issue(&spec)
+        .context("cannot issue the certificate")?
+        .write(&out, &name)?;
     match ctx.format {
         Format::Json => println!(
             "{}",
@@ -73,7 +95,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
             })
         ),
         Format::Text => {
-            println!("issued {} certificate `{name}` (valid {days} days)", role.as_str());
+            println!(
+                "issued {} certificate `{name}` (valid {days} days)",
+                role.as_str()
+            );
             if !sans.is_empty() {
                 println!("  names        {}", sans.join(", "));
             }

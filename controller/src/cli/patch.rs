@@ -59,8 +59,8 @@ pub struct Args {
     /// Continue the cluster's unfinished rollout (after a crash or Ctrl-C).
     #[arg(long)]
     pub resume: bool,
-    /// Parallel uploads while staging.
-    #[arg(long, default_value_t = 16)]
+    /// Parallel uploads while staging (each holds a few MiB of buffers in flight).
+    #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
     /// Longest wait for one node's status probes before planning.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
@@ -951,5 +951,52 @@ impl Observer for CliObserver {
             Ok(true) => PauseDecision::Continue,
             _ => PauseDecision::Stop,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology() -> Topology {
+        Topology::parse(
+            "roles:\n  demo-master:\n    nodes:\n      - { host: 127.0.1.1, port: 1, deploy_dir: /a }\n  demo-worker:\n    nodes:\n      - { host: 127.0.1.2, port: 2, deploy_dir: /b }\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_package_for_another_component_is_refused_with_the_roles_listed() {
+        let topology = topology();
+        let unknown = check_component(&topology, "tikv", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            unknown.contains("`tikv`")
+                && unknown.contains("demo-master (demo-master), demo-worker (demo-worker)"),
+            "{unknown}"
+        );
+        let wrong_role = check_component(&topology, "demo-worker", &["demo-master".to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            wrong_role.contains("-R names role(s) demo-master"),
+            "{wrong_role}"
+        );
+        assert!(check_component(&topology, "demo-worker", &["demo-worker".to_string()]).is_ok());
+    }
+
+    #[test]
+    fn long_reasons_are_clipped_in_the_table_only() {
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("0123456789abc", 10), "012345678…");
+        assert_eq!(
+            result_word(RolloutKind::Patch, NodePhase::Pending, true),
+            "interrupted, back online"
+        );
+        assert_eq!(
+            result_word(RolloutKind::Rollback, NodePhase::Done, true),
+            "rolled back"
+        );
     }
 }
