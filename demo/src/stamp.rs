@@ -164,6 +164,10 @@ pub fn write_stamped(source: &Path, out: &Path, stamp: &Stamp) -> Result<(), Sta
         .unwrap_or_default();
     let tmp = out.with_file_name(format!(".{file_name}.stamp-{}", std::process::id()));
     let result = (|| -> Result<(), StampError> {
+        // `stamp -o new/dir/worker` is how the quickstart's hints use it: create the directory.
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(write_err)?;
+        }
         let mut input = std::fs::File::open(source).map_err(|e| StampError::Read {
             path: source.to_path_buf(),
             source: e,

@@ -77,7 +77,10 @@ pub struct Ctx {
 
 /// Runs the chosen command; returns the process exit code (see `patchctl::exit`).
 pub async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
-    let ctx = Ctx { home: cli.home.map(Home::at).unwrap_or_else(Home::from_env), format: cli.format };
+    let ctx = Ctx {
+        home: cli.home.map(Home::at).unwrap_or_else(Home::from_env),
+        format: cli.format,
+    };
     match cli.command {
         Command::Ca(a) => ca::run(&ctx, a).await,
         Command::Cert(a) => cert::run(&ctx, a).await,
@@ -101,5 +104,8 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("PATCHCTL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
