@@ -48,7 +48,9 @@ pub enum TransferError {
         "invalid digest `{0}`: expected 64 lower-case hex characters (the package's tree digest)"
     )]
     InvalidDigest(String),
-    #[error("invalid chunk size {0}: use {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes")]
+    #[error(
+        "invalid chunk size {0}: use a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes"
+    )]
     InvalidChunkSize(u32),
     #[error("invalid upload: {0}")]
     Protocol(String),
@@ -118,7 +120,7 @@ impl BlobRef {
         if !is_digest(&digest) {
             return Err(TransferError::InvalidDigest(digest));
         }
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        if !patchd_package::digest::is_valid_chunk_size(chunk_size) {
             return Err(TransferError::InvalidChunkSize(chunk_size));
         }
         Ok(Self {

@@ -52,7 +52,9 @@ pub enum AgentClientError {
         path: PathBuf,
         cause: std::io::Error,
     },
-    #[error("invalid chunk size {0}: use {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes")]
+    #[error(
+        "invalid chunk size {0}: use a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes"
+    )]
     BadChunkSize(u32),
     #[error("{} changed since its digest was computed: push again", path.display())]
     FileChanged { path: PathBuf },
@@ -160,7 +162,7 @@ pub struct PreparedBlob {
 impl PreparedBlob {
     /// Reads and hashes `path` once (blocking: run it on a blocking thread, or use [`PreparedBlob::prepare`]).
     pub fn prepare_blocking(path: &Path, chunk_size: u32) -> Result<Self, AgentClientError> {
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        if !patchd_package::digest::is_valid_chunk_size(chunk_size) {
             return Err(AgentClientError::BadChunkSize(chunk_size));
         }
         let started = Instant::now();

@@ -19,6 +19,12 @@ pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
 
 const DOMAIN_TAG: &[u8] = b"patchd-tree-v1\0";
 
+/// A chunk size the wire accepts: a power of two from [`MIN_CHUNK_SIZE`] to [`MAX_CHUNK_SIZE`]. The cache does not
+/// record a blob's chunk size (the digest covers it), so keeping the set small lets the agent re-verify any blob.
+pub fn is_valid_chunk_size(chunk_size: u32) -> bool {
+    chunk_size.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
+}
+
 /// sha256 of one chunk.
 pub fn chunk_sha256(data: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&SHA256, data);
@@ -249,6 +255,16 @@ mod tests {
         short.update(&[1, 2, 3]);
         assert!(short.finish().is_none());
         assert!(StreamingTreeDigest::new(4096, 0).finish().is_some());
+    }
+
+    #[test]
+    fn chunk_sizes_are_powers_of_two_in_range() {
+        assert!(is_valid_chunk_size(DEFAULT_CHUNK_SIZE));
+        assert!(is_valid_chunk_size(MIN_CHUNK_SIZE));
+        assert!(is_valid_chunk_size(MAX_CHUNK_SIZE));
+        assert!(!is_valid_chunk_size(MIN_CHUNK_SIZE / 2));
+        assert!(!is_valid_chunk_size(MAX_CHUNK_SIZE * 2));
+        assert!(!is_valid_chunk_size(1_000_000));
     }
 
     #[test]

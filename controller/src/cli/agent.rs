@@ -28,7 +28,7 @@ enum Command {
         addr: String,
         /// The file to send.
         file: PathBuf,
-        /// Chunk size in bytes (4096..=4194304); part of the package digest.
+        /// Chunk size in bytes: a power of two from 4096 to 4194304; part of the package digest.
         #[arg(long, default_value_t = patchd_package::digest::DEFAULT_CHUNK_SIZE)]
         chunk_size: u32,
         /// Directory with ca.crt, controller.crt, controller.key. Default: $PATCHCTL_HOME/tls
