@@ -2,7 +2,37 @@
 
 use crate::stamp::{self, Mode, Stamp, StampError};
 use crate::{StartAction, start_behaviour};
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use tokio::net::TcpListener;
+
+/// The subcommands every demo binary has besides `serve` (flattened into each binary's command enum).
+#[derive(Debug, clap::Subcommand)]
+pub enum CommonCommand {
+    /// Copy this binary with a version label and a behaviour stamped into it.
+    Stamp(StampArgs),
+    /// Print the version label stamped into this binary.
+    Version,
+}
+
+impl CommonCommand {
+    /// Runs the command, printing its result on stdout.
+    pub fn run(&self) -> Result<(), StampError> {
+        match self {
+            Self::Stamp(args) => {
+                let stamped = run_stamp(args)?;
+                println!(
+                    "stamped {} as {} (mode {})",
+                    args.out.display(),
+                    stamped.version,
+                    stamped.mode.as_str()
+                );
+            }
+            Self::Version => println!("{}", stamp::own_stamp()?.version),
+        }
+        Ok(())
+    }
+}
 
 /// `stamp`: copy this executable with a version and behaviour stamped into it.
 #[derive(Debug, clap::Args)]
@@ -48,4 +78,62 @@ pub async fn start(program: &str) -> Result<(Stamp, String), StampError> {
     }
     let sha256 = stamp::sha256_file(&stamp::own_exe())?;
     Ok((own, sha256))
+}
+
+/// Why `serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeStartError {
+    #[error(transparent)]
+    Stamp(#[from] StampError),
+    #[error("cannot listen on {listen}; pick a free address")]
+    Listen {
+        listen: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// A `serve` that passed its start behaviour and holds its listener.
+#[derive(Debug)]
+pub struct Serving {
+    /// This executable's stamp.
+    pub stamp: Stamp,
+    /// Hex sha256 of this executable.
+    pub binary_sha256: String,
+    pub listener: TcpListener,
+    /// The bound address (port 0 resolved).
+    pub addr: SocketAddr,
+}
+
+impl Serving {
+    /// [`start`] (stamp, start behaviour), then binds `listen`.
+    pub async fn start(program: &str, listen: &str) -> Result<Self, ServeStartError> {
+        let (stamp, binary_sha256) = start(program).await?;
+        let listener =
+            TcpListener::bind(listen)
+                .await
+                .map_err(|source| ServeStartError::Listen {
+                    listen: listen.to_string(),
+                    source,
+                })?;
+        let addr = listener.local_addr()?;
+        Ok(Self {
+            stamp,
+            binary_sha256,
+            listener,
+            addr,
+        })
+    }
+
+    /// Prints the ready line `PROGRAM listening on ADDR (name …, version …, mode …)` the tests wait for.
+    pub fn announce(&self, program: &str, name: &str) {
+        println!(
+            "{program} listening on {} (name {name}, version {}, mode {})",
+            self.addr,
+            self.stamp.version,
+            self.stamp.mode.as_str()
+        );
+    }
 }

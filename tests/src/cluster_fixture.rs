@@ -7,6 +7,7 @@
 //! use patchd_e2e::cluster_fixture::{ClusterFixture, FixtureOptions};
 //! let dir = tempfile::tempdir().unwrap();
 //! let cluster = ClusterFixture::start(dir.path(), FixtureOptions { masters: 1, workers: 3, ..Default::default() });
+//! // (the same as `ClusterFixture::with_workers(dir.path(), 3)`)
 //! let package = cluster.worker_package("v1.0.1-hotfix", "ok");
 //! let out = cluster.patchctl(&["patch", &cluster.name, package.to_str().unwrap(), "-y"]);
 //! assert!(out.status.success());
@@ -243,7 +244,29 @@ pub fn http(method: &str, url: &str, body: Option<&str>) -> Result<(u16, String)
     })
 }
 
+/// An exit code with stdout and stderr, for assertion messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 impl ClusterFixture {
+    /// [`ClusterFixture::start`] with one master, `workers` workers and the other options at their defaults.
+    pub fn with_workers(dir: &Path, workers: usize) -> Self {
+        Self::start(
+            dir,
+            FixtureOptions {
+                masters: 1,
+                workers,
+                ..Default::default()
+            },
+        )
+    }
+
     /// Builds and starts the cluster, waits until every service is up and every worker registered, and imports
     /// the topology as cluster `c` into a fresh controller home.
     pub fn start(dir: &Path, options: FixtureOptions) -> Self {
@@ -587,6 +610,39 @@ impl ClusterFixture {
         )
         .unwrap_or_else(|e| panic!("cannot read the master's call log: {e}"));
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("bad call log {body}: {e}"))
+    }
+
+    /// `GET /version` of every worker, in order; panics when one does not answer.
+    pub fn worker_versions(&self) -> Vec<ServiceVersion> {
+        self.workers()
+            .map(|worker| {
+                self.version_of(&worker.name)
+                    .unwrap_or_else(|| panic!("{} does not serve /version", worker.name))
+            })
+            .collect()
+    }
+
+    /// Whether the first master's call log holds `METHOD PATH`.
+    pub fn master_called(&self, method: &str, path: &str) -> bool {
+        self.master_calls()
+            .iter()
+            .any(|call| call.method == method && call.path == path)
+    }
+
+    /// Waits (up to `timeout`) until the rollout asked the master to drain `worker` (`POST …/offline`).
+    pub fn wait_drain_started(&self, worker: &str, timeout: Duration) {
+        let path = format!("/api/members/{worker}/offline");
+        wait_for(timeout, &format!("{worker}'s drain to start"), || {
+            self.master_called("POST", &path)
+        });
+    }
+
+    /// Waits (up to `timeout`) until the master no longer reports `worker` as `Offline`.
+    pub fn wait_back_online(&self, worker: &str, timeout: Duration) {
+        wait_for(timeout, &format!("{worker} back online"), || {
+            self.member_state(worker)
+                .is_some_and(|state| state != "Offline")
+        });
     }
 
     /// Steers `POST …/offline` on every master: `normal`, `refuse`, `never`, or `delay` (then `delay_ms`).

@@ -18,8 +18,8 @@
 //! container.systemctl_ok(&["daemon-reload"]);
 //! ```
 //!
-//! Adapted from the container helper of `tests/tests/apply_systemd.rs` (that test keeps its own copy, with a
-//! private network).
+//! Used by `tests/tests/systemd_install.rs` (host network, writable /usr) and `tests/tests/apply_systemd.rs`
+//! (the default private network).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -10,217 +10,18 @@
 use patchd_e2e::apply_support::{
     AgentRpc, http_get, outcome, package_hashes, push, stamp_worker, worker_conf, worker_package,
 };
+use patchd_e2e::nspawn::{Boot, Container, ensure_nspawn};
 use patchd_e2e::{Pki, bin, sha256_file, toml_string, wait_for};
 use patchd_proto::v1::{ApplyOutcome, ServiceState};
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
 const UNIT: &str = "demo-worker.service";
 const LISTEN: &str = "127.0.0.1:8262";
-
-/// Makes sure `systemd-nspawn` exists, installing `systemd-container` when it does not.
-fn ensure_nspawn() {
-    let present = || {
-        Command::new("systemd-nspawn")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if present() {
-        return;
-    }
-    eprintln!("systemd-nspawn missing: installing systemd-container with apt-get");
-    let install = || {
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "--no-install-recommends",
-                "systemd-container",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !install() {
-        let _ = Command::new("apt-get").arg("update").status();
-        install();
-    }
-    assert!(
-        present(),
-        "systemd-nspawn is not available and `apt-get install systemd-container` failed: cannot test the systemd backend"
-    );
-}
-
-/// Fields after the command name in /proc/<pid>/stat.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    Some(
-        text.rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .map(str::to_string)
-            .collect(),
-    )
-}
-
-/// A booted container. Powered off (then killed) on drop.
-struct Container {
-    nspawn: Child,
-    /// Host pid of the container's systemd (PID 1 inside).
-    init: u32,
-    console: PathBuf,
-}
-
-impl Container {
-    fn boot(name: &str, dir: &Path, binds: &[(&Path, &Path, bool)]) -> Container {
-        let console = dir.join("nspawn-console.log");
-        let log = std::fs::File::create(&console).unwrap();
-        let mut command = Command::new("systemd-nspawn");
-        command.args([
-            "-D",
-            "/",
-            "--volatile=yes",
-            "--boot",
-            "--private-network",
-            "--register=no",
-            "--keep-unit",
-            "--console=pipe",
-        ]);
-        command.arg(format!("--machine={name}"));
-        for (host, inside, read_only) in binds {
-            let flag = if *read_only { "--bind-ro" } else { "--bind" };
-            command.arg(format!("{flag}={}:{}", host.display(), inside.display()));
-        }
-        let nspawn = command
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run systemd-nspawn: {e}"));
-        let nspawn_pid = nspawn.id();
-        let mut container = Container {
-            nspawn,
-            init: 0,
-            console,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while container.init == 0 {
-            if let Ok(Some(status)) = container.nspawn.try_wait() {
-                panic!(
-                    "systemd-nspawn exited ({status}) before booting:\n{}",
-                    container.console_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no systemd inside the container:\n{}",
-                container.console_text()
-            );
-            container.init = std::fs::read_dir("/proc")
-                .unwrap()
-                .flatten()
-                .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-                .find(|pid| {
-                    stat_fields(*pid).is_some_and(|f| {
-                        f.get(1).map(String::as_str) == Some(&nspawn_pid.to_string())
-                    }) && std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                        .is_ok_and(|c| c.trim() == "systemd")
-                })
-                .unwrap_or(0);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let mut state = String::new();
-        while !matches!(state.as_str(), "running" | "degraded") {
-            assert!(
-                Instant::now() < deadline,
-                "the container's systemd did not finish booting (state `{state}`):\n{}",
-                container.console_text()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-            let out = container.exec(&["systemctl", "is-system-running"]);
-            state = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        }
-        container
-    }
-
-    fn console_text(&self) -> String {
-        std::fs::read_to_string(&self.console).unwrap_or_default()
-    }
-
-    /// `nsenter` into every namespace of the container.
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new("nsenter");
-        command
-            .args(["-t", &self.init.to_string(), "-a"])
-            .args(args);
-        command
-    }
-
-    fn exec(&self, args: &[&str]) -> std::process::Output {
-        self.command(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("nsenter {args:?}: {e}"))
-    }
-
-    fn systemctl_ok(&self, args: &[&str]) {
-        let mut full = vec!["systemctl"];
-        full.extend_from_slice(args);
-        let out = self.exec(&full);
-        assert!(
-            out.status.success(),
-            "systemctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// `systemctl show` properties of the unit.
-    fn show(&self, unit: &str) -> HashMap<String, String> {
-        let out = self.exec(&[
-            "systemctl",
-            "show",
-            unit,
-            "--property=MainPID,ActiveState,SubState,NRestarts",
-        ]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    /// The container's network namespace.
-    fn netns(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/ns/net", self.init))
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.nspawn.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // Killing the container's init ends every process of its pid namespace.
-        if self.init != 0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.init as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = self.nspawn.kill();
-        let _ = self.nspawn.wait();
-    }
-}
+/// The unit properties the test reads.
+const SHOWN: &[&str] = &["MainPID", "ActiveState", "SubState", "NRestarts"];
 
 /// Runs `patchd run` inside the container and returns its listening address (inside the container's network).
 fn start_agent(container: &Container, config: &Path, log: &Path) -> (Child, String) {
@@ -312,18 +113,12 @@ fn systemd_backend_applies_reverts_and_rolls_back_a_unit() {
 
     let target_debug = bin("patchd").parent().unwrap().to_path_buf();
     let machine = format!("patchd-apply-{}", std::process::id());
+    // The default private network: the agent and the worker listen only inside the container.
     let container = Container::boot(
-        &machine,
-        &root,
-        &[
-            (&root, &root, false),
-            (&target_debug, &target_debug, true),
-            (
-                &unit,
-                Path::new("/etc/systemd/system/demo-worker.service"),
-                true,
-            ),
-        ],
+        Boot::new(&machine, &root.join("nspawn-console.log"))
+            .bind(&root, &root)
+            .bind_ro(&target_debug, &target_debug)
+            .bind_ro(&unit, Path::new("/etc/systemd/system/demo-worker.service")),
     );
     container.systemctl_ok(&["daemon-reload"]);
     container.systemctl_ok(&["start", UNIT]);
@@ -355,7 +150,7 @@ fn systemd_backend_applies_reverts_and_rolls_back_a_unit() {
                     let mut rpc = AgentRpc::connect(pki, addr.parse().unwrap());
 
                     let status = rpc.status("worker-1");
-                    let show = container_ref.show(UNIT);
+                    let show = container_ref.show(UNIT, SHOWN);
                     assert_eq!(status.state(), ServiceState::Running);
                     assert_eq!(
                         status.pid.to_string(),
@@ -371,7 +166,7 @@ fn systemd_backend_applies_reverts_and_rolls_back_a_unit() {
                     let applied = rpc.apply("worker-1", &digest, "p1", false).unwrap();
                     assert_eq!(outcome(&applied), ApplyOutcome::Committed, "{applied:?}");
                     assert_eq!(version().as_deref(), Some("v2.0.0"));
-                    let show = container_ref.show(UNIT);
+                    let show = container_ref.show(UNIT, SHOWN);
                     assert_eq!(show["ActiveState"], "active");
                     assert_ne!(show["MainPID"], first_pid, "the unit was restarted");
                     let status = rpc.status("worker-1");
@@ -400,7 +195,7 @@ fn systemd_backend_applies_reverts_and_rolls_back_a_unit() {
                     wait_for(Duration::from_secs(20), "v2.0.0 serving again", || {
                         version().as_deref() == Some("v2.0.0")
                     });
-                    assert_eq!(container_ref.show(UNIT)["ActiveState"], "active");
+                    assert_eq!(container_ref.show(UNIT, SHOWN)["ActiveState"], "active");
                     assert_eq!(
                         rpc.status("worker-1").binary_sha256,
                         package_hashes(pkgs, "v2.0.0").0

@@ -2,19 +2,8 @@
 //! rollout halts at budget + 1 failures and starts no further node); an agent killed mid-rollout fails only its
 //! own node, which stays online on its old version.
 
-use patchd_e2e::cluster_fixture::{ClusterFixture, FixtureOptions, ORIGINAL_VERSION};
-use patchd_e2e::wait_for;
-use std::process::Output;
+use patchd_e2e::cluster_fixture::{ClusterFixture, ORIGINAL_VERSION, output_text};
 use std::time::Duration;
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// (result, reason) of a node in the JSON summary of `patchctl --format json patch`.
 fn result_of(summary: &serde_json::Value, node_id: &str) -> (String, String) {
@@ -39,18 +28,8 @@ fn summary(stdout: &str) -> serde_json::Value {
 #[test]
 fn a_crashing_version_is_reverted_and_the_rollout_halts_at_the_budget() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = ClusterFixture::start(
-        dir.path(),
-        FixtureOptions {
-            masters: 1,
-            workers: 4,
-            ..Default::default()
-        },
-    );
-    let before: Vec<_> = cluster
-        .workers()
-        .map(|w| cluster.version_of(&w.name).unwrap())
-        .collect();
+    let cluster = ClusterFixture::with_workers(dir.path(), 4);
+    let before = cluster.worker_versions();
     let package = cluster.worker_package("v1.0.1-broken", "crash");
 
     let out = cluster.patchctl(&[
@@ -67,14 +46,14 @@ fn a_crashing_version_is_reverted_and_the_rollout_halts_at_the_budget() {
         "--max-unavailable",
         "4",
     ]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", output_text(&out));
     let summary = summary(&String::from_utf8_lossy(&out.stdout));
     // Budget 1: at most two nodes in flight, and the rollout halts once two have failed.
-    assert_eq!(summary["failures"], 2, "{}", text(&out));
+    assert_eq!(summary["failures"], 2, "{}", output_text(&out));
     assert!(
         summary["end"].as_str().unwrap().contains("halted"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     for (worker, old) in cluster.workers().zip(&before) {
         let (result, reason) = result_of(&summary, &worker.id());
@@ -100,7 +79,7 @@ fn a_crashing_version_is_reverted_and_the_rollout_halts_at_the_budget() {
                 worker.name
             );
         } else {
-            assert_eq!(result, "not started", "{}", text(&out));
+            assert_eq!(result, "not started", "{}", output_text(&out));
             assert_eq!(now.pid, old.pid, "{} untouched", worker.name);
             assert_eq!(worker.start_count(), 1);
         }
@@ -112,14 +91,7 @@ fn a_crashing_version_is_reverted_and_the_rollout_halts_at_the_budget() {
 #[test]
 fn an_agent_killed_mid_rollout_fails_only_its_node() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = ClusterFixture::start(
-        dir.path(),
-        FixtureOptions {
-            masters: 1,
-            workers: 3,
-            ..Default::default()
-        },
-    );
+    let mut cluster = ClusterFixture::with_workers(dir.path(), 3);
     // Slow drains keep the rollout busy with worker-1 while worker-3's agent dies.
     cluster.set_drain("delay", 1500);
     let before = cluster.version_of("worker-3").unwrap();
@@ -135,12 +107,7 @@ fn an_agent_killed_mid_rollout_fails_only_its_node() {
             "-y",
         ],
     );
-    wait_for(Duration::from_secs(60), "worker-1 to be drained", || {
-        cluster
-            .master_calls()
-            .iter()
-            .any(|c| c.method == "POST" && c.path == "/api/members/worker-1/offline")
-    });
+    cluster.wait_drain_started("worker-1", Duration::from_secs(60));
     cluster.kill_agent("worker-3");
     let code = patch.wait(Duration::from_secs(120));
     let stdout = patch.stdout_text();
@@ -170,9 +137,5 @@ fn an_agent_killed_mid_rollout_fails_only_its_node() {
         (ORIGINAL_VERSION, before.pid),
         "worker-3 untouched"
     );
-    wait_for(Duration::from_secs(20), "worker-3 back online", || {
-        cluster
-            .member_state("worker-3")
-            .is_some_and(|state| state != "Offline")
-    });
+    cluster.wait_back_online("worker-3", Duration::from_secs(20));
 }

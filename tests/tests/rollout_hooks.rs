@@ -2,19 +2,9 @@
 //! patches the leader last, and leaves a node whose drain times out untouched and back online.
 
 use patchd_e2e::cluster_fixture::{
-    ClusterFixture, FixtureOptions, MasterCall, ORIGINAL_VERSION, process_start_ticks,
+    ClusterFixture, FixtureOptions, MasterCall, ORIGINAL_VERSION, output_text, process_start_ticks,
 };
-use std::process::Output;
 use std::time::Duration;
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn position(calls: &[MasterCall], method: &str, path: &str) -> usize {
     calls
@@ -26,22 +16,12 @@ fn position(calls: &[MasterCall], method: &str, path: &str) -> usize {
 #[test]
 fn hooks_run_in_order_around_each_worker_and_display_shows_the_patch() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = ClusterFixture::start(
-        dir.path(),
-        FixtureOptions {
-            masters: 1,
-            workers: 3,
-            ..Default::default()
-        },
-    );
-    let before: Vec<_> = cluster
-        .workers()
-        .map(|w| cluster.version_of(&w.name).unwrap())
-        .collect();
+    let cluster = ClusterFixture::with_workers(dir.path(), 3);
+    let before = cluster.worker_versions();
     let package = cluster.worker_package("v1.0.1-hotfix", "ok");
 
     let out = cluster.patchctl(&["patch", &cluster.name, package.to_str().unwrap(), "-y"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
 
     let calls = cluster.master_calls();
     let mut previous_online = None;
@@ -105,11 +85,11 @@ fn hooks_run_in_order_around_each_worker_and_display_shows_the_patch() {
 
     // Running the same patch again touches nothing: every node already runs the package.
     let again = cluster.patchctl(&["patch", &cluster.name, package.to_str().unwrap(), "-y"]);
-    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert_eq!(again.status.code(), Some(0), "{}", output_text(&again));
     assert!(
         cluster.workers().all(|w| w.start_count() == 2),
         "{}",
-        text(&again)
+        output_text(&again)
     );
     assert_eq!(
         String::from_utf8_lossy(&again.stdout)
@@ -117,12 +97,12 @@ fn hooks_run_in_order_around_each_worker_and_display_shows_the_patch() {
             .count(),
         3,
         "{}",
-        text(&again)
+        output_text(&again)
     );
 
     // Rollback is a rollout too: same hooks, one restart per node, back to the original version, marks cleared.
     let back = cluster.patchctl(&["rollback", &cluster.name, "-y"]);
-    assert_eq!(back.status.code(), Some(0), "{}", text(&back));
+    assert_eq!(back.status.code(), Some(0), "{}", output_text(&back));
     let calls = cluster.master_calls();
     for worker in cluster.workers() {
         assert_eq!(
@@ -172,7 +152,7 @@ fn the_leader_is_patched_last() {
     assert!(plan.contains("(leader)"), "{plan}");
 
     let out = cluster.patchctl(&["patch", &cluster.name, package.to_str().unwrap(), "-y"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
     let leader = cluster.version_of("master-1").unwrap();
     let follower = cluster.version_of("master-2").unwrap();
     assert_eq!(leader.version, "v1.0.1-hotfix");
@@ -182,7 +162,7 @@ fn the_leader_is_patched_last() {
     assert!(
         leader_started > follower_started,
         "the leader restarted after the follower: {}",
-        text(&out)
+        output_text(&out)
     );
 }
 
@@ -208,9 +188,9 @@ fn a_drain_timeout_leaves_the_node_untouched_and_online() {
         "worker-1",
         "-y",
     ]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", output_text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("drain timed out"), "{}", text(&out));
+    assert!(stdout.contains("drain timed out"), "{}", output_text(&out));
 
     let after = cluster.version_of("worker-1").unwrap();
     assert_eq!(after.version, ORIGINAL_VERSION);

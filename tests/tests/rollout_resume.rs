@@ -3,31 +3,14 @@
 //! no node restarted twice.
 
 use nix::sys::signal::Signal;
-use patchd_e2e::cluster_fixture::{ClusterFixture, FixtureOptions, ORIGINAL_VERSION};
+use patchd_e2e::cluster_fixture::{ClusterFixture, ORIGINAL_VERSION, output_text};
 use patchd_e2e::wait_for;
-use std::process::Output;
 use std::time::Duration;
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 #[test]
 fn ctrl_c_puts_the_drained_node_back_and_resume_finishes() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = ClusterFixture::start(
-        dir.path(),
-        FixtureOptions {
-            masters: 1,
-            workers: 3,
-            ..Default::default()
-        },
-    );
+    let cluster = ClusterFixture::with_workers(dir.path(), 3);
     // Each drain takes 3 s: Ctrl-C lands while worker-2 waits for its drain.
     cluster.set_drain("delay", 3000);
     let before = cluster.version_of("worker-2").unwrap();
@@ -36,12 +19,7 @@ fn ctrl_c_puts_the_drained_node_back_and_resume_finishes() {
         "patch",
         &["patch", &cluster.name, package.to_str().unwrap(), "-y"],
     );
-    wait_for(Duration::from_secs(90), "worker-2's drain to start", || {
-        cluster
-            .master_calls()
-            .iter()
-            .any(|c| c.method == "POST" && c.path == "/api/members/worker-2/offline")
-    });
+    cluster.wait_drain_started("worker-2", Duration::from_secs(90));
     patch.signal(Signal::SIGINT);
     let code = patch.wait(Duration::from_secs(60));
     assert_eq!(
@@ -74,11 +52,7 @@ fn ctrl_c_puts_the_drained_node_back_and_resume_finishes() {
             .any(|c| c.method == "POST" && c.path == "/api/members/worker-2/online"),
         "{calls:#?}"
     );
-    wait_for(Duration::from_secs(10), "worker-2 back online", || {
-        cluster
-            .member_state("worker-2")
-            .is_some_and(|state| state != "Offline")
-    });
+    cluster.wait_back_online("worker-2", Duration::from_secs(10));
     assert_eq!(
         cluster.version_of("worker-3").unwrap().version,
         ORIGINAL_VERSION
@@ -87,7 +61,7 @@ fn ctrl_c_puts_the_drained_node_back_and_resume_finishes() {
 
     cluster.set_drain("normal", 0);
     let resumed = cluster.patchctl(&["patch", "--resume", &cluster.name]);
-    assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed));
+    assert_eq!(resumed.status.code(), Some(0), "{}", output_text(&resumed));
     for worker in cluster.workers() {
         assert_eq!(
             cluster.version_of(&worker.name).unwrap().version,
@@ -107,14 +81,7 @@ fn ctrl_c_puts_the_drained_node_back_and_resume_finishes() {
 #[test]
 fn sigkill_during_an_apply_then_rerun_resumes_without_a_second_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = ClusterFixture::start(
-        dir.path(),
-        FixtureOptions {
-            masters: 1,
-            workers: 3,
-            ..Default::default()
-        },
-    );
+    let cluster = ClusterFixture::with_workers(dir.path(), 3);
     // The new version takes 2 s to listen: the agent's apply of worker-2 is in flight long enough to kill patchctl.
     let package = cluster.worker_package_slow("v1.0.1-hotfix", 2000);
     let args = [
@@ -144,11 +111,11 @@ fn sigkill_during_an_apply_then_rerun_resumes_without_a_second_restart() {
 
     // Re-running the same command finds the unfinished rollout of this package and resumes it.
     let rerun = cluster.patchctl(&args);
-    assert_eq!(rerun.status.code(), Some(0), "{}", text(&rerun));
+    assert_eq!(rerun.status.code(), Some(0), "{}", output_text(&rerun));
     assert!(
         String::from_utf8_lossy(&rerun.stderr).contains("resuming"),
         "{}",
-        text(&rerun)
+        output_text(&rerun)
     );
     for worker in cluster.workers() {
         assert_eq!(
@@ -162,7 +129,7 @@ fn sigkill_during_an_apply_then_rerun_resumes_without_a_second_restart() {
             2,
             "{} restarted exactly once; {}",
             worker.name,
-            text(&rerun)
+            output_text(&rerun)
         );
         assert_ne!(
             cluster.member_state(&worker.name).as_deref(),

@@ -14,6 +14,7 @@ mod display;
 mod package;
 mod patch;
 mod rollback;
+mod rollout_flags;
 
 /// patchctl: plan and run live hotfixes and upgrades on a fleet of patchd agents.
 #[derive(Debug, Parser)]

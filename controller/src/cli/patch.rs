@@ -3,6 +3,7 @@
 //! a final summary, and `--resume` after a crash.
 
 use super::display::{load_tls, load_topology};
+use super::rollout_flags::{NewRun, PolicyArgs, RolloutFlags, ask, journal_and_execute};
 use super::{Ctx, Format};
 use anyhow::{Context, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -19,13 +20,13 @@ use patchctl::exit;
 use patchctl::hooks::{ClusterHooks, HookClient};
 use patchctl::status::{self, LiveAgentProbe, NodeStatus};
 use patchctl::store::{
-    NewRollout, NodeRolloutState, Rollout, RolloutKind, RolloutState, Store, new_rollout_id,
+    NodeRolloutState, Rollout, RolloutKind, RolloutState, Store, new_rollout_id,
 };
 use patchctl::tls_files::ControllerTls;
 use patchctl::topology::{Node, Topology};
-use patchd_planner::{Amount, Plan, PlanInput, Policy, Selection};
+use patchd_planner::{Plan, PlanInput, Selection};
 use std::collections::HashMap;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,14 +49,8 @@ pub struct Args {
     /// The cluster is offline: swap files only, no hooks, no restarts.
     #[arg(long)]
     pub offline: bool,
-    /// Print the plan and exit.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Do not ask for confirmation.
-    #[arg(short = 'y', long = "yes")]
-    pub yes: bool,
     #[command(flatten)]
-    pub policy: PolicyArgs,
+    pub rollout: RolloutFlags,
     /// Continue the cluster's unfinished rollout (after a crash or Ctrl-C).
     #[arg(long)]
     pub resume: bool,
@@ -65,38 +60,6 @@ pub struct Args {
     /// Longest wait for one node's status probes before planning.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub probe_timeout: Duration,
-}
-
-/// Batching and failure policy flags, shared with `rollback`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct PolicyArgs {
-    /// Nodes per batch, per role: a count or a percent (`25%`).
-    #[arg(long, default_value = "1")]
-    pub batch_size: Amount,
-    /// Nodes of a role that may be unavailable at once (count or percent), counting nodes already down.
-    #[arg(long, default_value = "1")]
-    pub max_unavailable: Amount,
-    /// Patch a first batch of N nodes, then pause (confirmation, or --canary-wait).
-    #[arg(long, value_name = "N")]
-    pub canary: Option<u32>,
-    /// After the canary batch, wait this long instead of asking (e.g. `30s`).
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub canary_wait: Option<Duration>,
-    /// Nodes allowed to end failed or reverted before the rollout halts. At most budget+1 nodes are patched at
-    /// once, so that at most budget+1 can end failed.
-    #[arg(long, default_value_t = 0)]
-    pub failure_budget: u32,
-}
-
-impl PolicyArgs {
-    pub(super) fn policy(&self) -> Policy {
-        Policy {
-            batch_size: self.batch_size,
-            max_unavailable: self.max_unavailable,
-            canary: self.canary,
-            failure_budget: self.failure_budget,
-        }
-    }
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
@@ -156,7 +119,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         &args.nodes,
         &args.roles,
         topology.component_roles(&component),
-        &args.policy,
+        &args.rollout.policy,
     );
     let plan = patchd_planner::plan(&input)?;
     check_platform(&plan, &observed, &info.manifest)?;
@@ -175,21 +138,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
             ""
         }
     );
-    if args.dry_run {
-        return print_dry_run(ctx, &header, &plan);
-    }
-    eprintln!("{header}\n\n{plan}");
-    warn_parallelism(&plan);
-    if args.policy.canary.is_some()
-        && args.policy.canary_wait.is_none()
-        && !std::io::stdin().is_terminal()
-    {
-        bail!(
-            "--canary needs a confirmation after the canary batch, and stdin is not a terminal: add --canary-wait DURATION"
-        );
-    }
-    if !confirm("Do you want to continue?", args.yes).await? {
-        return Ok(exit::DECLINED);
+    if let Some(code) = args.rollout.review(ctx, &header, &plan).await? {
+        return Ok(code);
     }
 
     let lock = store.acquire_rollout_lock(&args.cluster)?;
@@ -201,40 +151,29 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
             args.cluster
         );
     }
-    let rollout_id = new_rollout_id();
     let options = RolloutOptions {
-        patch_id: rollout_id.clone(),
+        patch_id: new_rollout_id(),
         offline: args.offline,
         overwrite: args.overwrite,
         concurrency: args.concurrency,
-        canary_wait_ms: args.policy.canary_wait.map(|wait| wait.as_millis() as u64),
+        canary_wait_ms: args.rollout.policy.canary_wait_ms(),
         to_patch_id: None,
         component,
     };
-    store.create_rollout(&NewRollout {
-        id: rollout_id.clone(),
-        cluster: args.cluster.clone(),
-        kind: RolloutKind::Patch,
-        package_digest: blob.digest.clone(),
-        package_path: package.display().to_string(),
-        version: info.manifest.version.clone(),
-        plan_json: serde_json::to_string(&plan)?,
-        options_json: serde_json::to_string(&options)?,
-    })?;
-    let rollout = store
-        .rollout(&rollout_id)?
-        .context("the rollout just journaled is missing from the store")?;
-    let code = execute(
+    let code = journal_and_execute(
         ctx,
-        Execution {
-            store,
-            rollout,
+        store,
+        &args.cluster,
+        NewRun {
+            kind: RolloutKind::Patch,
+            package_digest: blob.digest.clone(),
+            package_path: package.display().to_string(),
+            version: info.manifest.version.clone(),
             options,
             plan,
             topology,
             tls,
             blob: Some(Arc::new(blob)),
-            prior: HashMap::new(),
         },
     )
     .await;
@@ -369,33 +308,6 @@ fn check_platform(
     Ok(())
 }
 
-pub(super) fn print_dry_run(ctx: &Ctx, header: &str, plan: &Plan) -> anyhow::Result<u8> {
-    match ctx.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(plan)?),
-        Format::Text => println!("{header}\n\n{plan}\n(dry run: nothing was changed)"),
-    }
-    Ok(exit::OK)
-}
-
-/// Says so when the failure budget, not the batch size, bounds how many nodes run at once.
-pub(super) fn warn_parallelism(plan: &Plan) {
-    let budget = plan.policy().failure_budget as usize;
-    let widest = plan
-        .batches()
-        .iter()
-        .map(|batch| batch.nodes.len())
-        .max()
-        .unwrap_or(0);
-    if widest > budget + 1 {
-        eprintln!(
-            "Note: with --failure-budget {budget} at most {} node(s) are patched at once (so that at most {} can end \
-             failed); raise --failure-budget to run batches of {widest} in parallel.",
-            budget + 1,
-            budget + 1
-        );
-    }
-}
-
 pub(super) fn report_takeover(lock: &patchctl::store::RolloutLock) {
     if let Some(previous) = &lock.taken_over_from {
         eprintln!(
@@ -403,37 +315,6 @@ pub(super) fn report_takeover(lock: &patchctl::store::RolloutLock) {
             previous.pid, previous.host, previous.started_at
         );
     }
-}
-
-/// Asks on the terminal. Without `-y` and without a terminal, refuses (the caller exits 4).
-pub(super) async fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
-    if yes {
-        return Ok(true);
-    }
-    if !std::io::stdin().is_terminal() {
-        eprintln!("Not confirmed: stdin is not a terminal. Pass -y to confirm without a prompt.");
-        return Ok(false);
-    }
-    let question = question.to_string();
-    let answer = tokio::task::spawn_blocking(move || ask(&question))
-        .await
-        .context("the prompt stopped unexpectedly")??;
-    if !answer {
-        eprintln!("Declined: nothing was changed.");
-    }
-    Ok(answer)
-}
-
-fn ask(question: &str) -> anyhow::Result<bool> {
-    let mut stderr = std::io::stderr();
-    write!(stderr, "{question} [y/N]: ")?;
-    stderr.flush()?;
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
-    Ok(matches!(
-        line.trim().to_ascii_lowercase().as_str(),
-        "y" | "yes"
-    ))
 }
 
 fn short(digest: &str) -> &str {

@@ -3,16 +3,12 @@
 
 use super::Ctx;
 use super::display::{load_tls, load_topology};
-use super::patch::{
-    Execution, PolicyArgs, confirm, execute, observe, plan_input, print_dry_run, report_takeover,
-    resume, warn_parallelism,
-};
-use anyhow::{Context, bail};
+use super::patch::{observe, plan_input, report_takeover, resume};
+use super::rollout_flags::{NewRun, RolloutFlags, journal_and_execute};
+use anyhow::bail;
 use patchctl::executor::live::RolloutOptions;
-use patchctl::exit;
 use patchctl::hooks::{ClusterHooks, HookClient};
-use patchctl::store::{NewRollout, RolloutKind, Store, new_rollout_id};
-use std::collections::HashMap;
+use patchctl::store::{RolloutKind, Store, new_rollout_id};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,14 +27,8 @@ pub struct Args {
     /// committed patch of each node.
     #[arg(long = "to", value_name = "PATCH_ID")]
     pub to: Option<String>,
-    /// Print the plan and exit.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Do not ask for confirmation.
-    #[arg(short = 'y', long = "yes")]
-    pub yes: bool,
     #[command(flatten)]
-    pub policy: PolicyArgs,
+    pub rollout: RolloutFlags,
     /// Continue the cluster's unfinished rollout.
     #[arg(long)]
     pub resume: bool,
@@ -97,7 +87,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         &nodes,
         &args.roles,
         topology.role_order(),
-        &args.policy,
+        &args.rollout.policy,
     );
     let plan = patchd_planner::plan(&input)?;
     let target = args.to.as_deref().map_or_else(
@@ -105,58 +95,34 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         |to| format!("the version before {to}"),
     );
     let header = format!("Roll back cluster `{}` to {target}", args.cluster);
-    if args.dry_run {
-        return print_dry_run(ctx, &header, &plan);
-    }
-    eprintln!("{header}\n\n{plan}");
-    warn_parallelism(&plan);
-    if args.policy.canary.is_some()
-        && args.policy.canary_wait.is_none()
-        && !std::io::IsTerminal::is_terminal(&std::io::stdin())
-    {
-        bail!(
-            "--canary needs a confirmation after the canary batch, and stdin is not a terminal: add --canary-wait DURATION"
-        );
-    }
-    if !confirm("Do you want to continue?", args.yes).await? {
-        return Ok(exit::DECLINED);
+    if let Some(code) = args.rollout.review(ctx, &header, &plan).await? {
+        return Ok(code);
     }
     let lock = store.acquire_rollout_lock(&args.cluster)?;
     report_takeover(&lock);
-    let rollout_id = new_rollout_id();
     let options = RolloutOptions {
-        patch_id: rollout_id.clone(),
+        patch_id: new_rollout_id(),
         offline: false,
         overwrite: false,
         concurrency: 1,
-        canary_wait_ms: args.policy.canary_wait.map(|wait| wait.as_millis() as u64),
+        canary_wait_ms: args.rollout.policy.canary_wait_ms(),
         to_patch_id: args.to.clone(),
         component: String::new(),
     };
-    store.create_rollout(&NewRollout {
-        id: rollout_id.clone(),
-        cluster: args.cluster.clone(),
-        kind: RolloutKind::Rollback,
-        package_digest: String::new(),
-        package_path: String::new(),
-        version: args.to.clone().unwrap_or_default(),
-        plan_json: serde_json::to_string(&plan)?,
-        options_json: serde_json::to_string(&options)?,
-    })?;
-    let rollout = store
-        .rollout(&rollout_id)?
-        .context("the rollout just journaled is missing from the store")?;
-    let code = execute(
+    let code = journal_and_execute(
         ctx,
-        Execution {
-            store,
-            rollout,
+        store,
+        &args.cluster,
+        NewRun {
+            kind: RolloutKind::Rollback,
+            package_digest: String::new(),
+            package_path: String::new(),
+            version: args.to.clone().unwrap_or_default(),
             options,
             plan,
             topology,
             tls,
             blob: None,
-            prior: HashMap::new(),
         },
     )
     .await;

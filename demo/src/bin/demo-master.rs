@@ -1,11 +1,10 @@
 //! DEMO ONLY: `demo-master`, the demo cluster's API server: members, leader, offline/online, test controls.
 #![forbid(unsafe_code)]
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use patchd_demo::cli::{StampArgs, run_stamp, start};
+use patchd_demo::cli::{CommonCommand, Serving};
 use patchd_demo::master::{MasterConfig, Peer, serve};
-use patchd_demo::{shutdown_signal, stamp, unix_now};
+use patchd_demo::{shutdown_signal, unix_now};
 
 /// DEMO ONLY: a master of the demo cluster (in-memory member table; the leader is the live master with the smallest name).
 #[derive(Debug, Parser)]
@@ -32,10 +31,8 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         tasks: usize,
     },
-    /// Copy this binary with a version label and a behaviour stamped into it.
-    Stamp(StampArgs),
-    /// Print the version label stamped into this binary.
-    Version,
+    #[command(flatten)]
+    Common(CommonCommand),
 }
 
 #[tokio::main]
@@ -47,36 +44,19 @@ async fn main() -> anyhow::Result<()> {
             peers,
             tasks,
         } => {
-            let (own, binary_sha256) = start("demo-master").await?;
-            let listener = tokio::net::TcpListener::bind(&listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}; pick a free address"))?;
-            let addr = listener.local_addr()?;
-            println!(
-                "demo-master listening on {addr} (name {name}, version {}, mode {})",
-                own.version,
-                own.mode.as_str()
-            );
+            let serving = Serving::start("demo-master", &listen).await?;
+            serving.announce("demo-master", &name);
             let config = MasterConfig {
                 name,
                 peers,
                 tasks,
-                stamp: own,
-                binary_sha256,
+                stamp: serving.stamp,
+                binary_sha256: serving.binary_sha256,
                 started_unix: unix_now(),
             };
-            serve(listener, config, shutdown_signal()).await?;
+            serve(serving.listener, config, shutdown_signal()).await?;
         }
-        Command::Stamp(args) => {
-            let stamped = run_stamp(&args)?;
-            println!(
-                "stamped {} as {} (mode {})",
-                args.out.display(),
-                stamped.version,
-                stamped.mode.as_str()
-            );
-        }
-        Command::Version => println!("{}", stamp::own_stamp()?.version),
+        Command::Common(common) => common.run()?,
     }
     Ok(())
 }

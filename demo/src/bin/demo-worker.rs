@@ -1,11 +1,10 @@
 //! DEMO ONLY: `demo-worker`, a stand-in service for the quickstart and the tests (`serve`, `stamp`, `version`).
 #![forbid(unsafe_code)]
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use patchd_demo::cli::{StampArgs, run_stamp, start};
+use patchd_demo::cli::{CommonCommand, Serving};
 use patchd_demo::worker::{WorkerConfig, serve};
-use patchd_demo::{shutdown_signal, stamp, unix_now};
+use patchd_demo::{shutdown_signal, unix_now};
 
 /// DEMO ONLY: a worker of the demo cluster. Its version and behaviour are stamped into its own binary.
 #[derive(Debug, Parser)]
@@ -29,10 +28,8 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Copy this binary with a version label and a behaviour stamped into it.
-    Stamp(StampArgs),
-    /// Print the version label stamped into this binary.
-    Version,
+    #[command(flatten)]
+    Common(CommonCommand),
 }
 
 #[tokio::main]
@@ -43,36 +40,19 @@ async fn main() -> anyhow::Result<()> {
             masters,
             name,
         } => {
-            let (own, binary_sha256) = start("demo-worker").await?;
-            let listener = tokio::net::TcpListener::bind(&listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}; pick a free address"))?;
-            let addr = listener.local_addr()?;
-            let name = name.unwrap_or_else(|| addr.to_string());
-            println!(
-                "demo-worker listening on {addr} (name {name}, version {}, mode {})",
-                own.version,
-                own.mode.as_str()
-            );
+            let serving = Serving::start("demo-worker", &listen).await?;
+            let name = name.unwrap_or_else(|| serving.addr.to_string());
+            serving.announce("demo-worker", &name);
             let config = WorkerConfig {
                 name,
-                stamp: own,
-                binary_sha256,
+                stamp: serving.stamp,
+                binary_sha256: serving.binary_sha256,
                 masters,
                 started_unix: unix_now(),
             };
-            serve(listener, config, shutdown_signal()).await?;
+            serve(serving.listener, config, shutdown_signal()).await?;
         }
-        Command::Stamp(args) => {
-            let stamped = run_stamp(&args)?;
-            println!(
-                "stamped {} as {} (mode {})",
-                args.out.display(),
-                stamped.version,
-                stamped.mode.as_str()
-            );
-        }
-        Command::Version => println!("{}", stamp::own_stamp()?.version),
+        Command::Common(common) => common.run()?,
     }
     Ok(())
 }

@@ -1,0 +1,206 @@
+//! What `patchctl patch` and `patchctl rollback` share around the rollout engine: the review and policy flags,
+//! the review itself (dry run, plan, confirmation), and journaling then running a new rollout.
+
+use super::patch::{Execution, execute};
+use super::{Ctx, Format};
+use anyhow::{Context, bail};
+use patchctl::agent_client::PreparedBlob;
+use patchctl::executor::live::RolloutOptions;
+use patchctl::exit;
+use patchctl::store::{NewRollout, RolloutKind, Store};
+use patchctl::tls_files::ControllerTls;
+use patchctl::topology::Topology;
+use patchd_planner::{Amount, Plan, Policy};
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Review and policy flags of a new rollout.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RolloutFlags {
+    /// Print the plan and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(short = 'y', long = "yes")]
+    pub yes: bool,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+impl RolloutFlags {
+    /// Prints the plan (or only prints it, with --dry-run) and asks to go on. `Some(exit code)` when the command
+    /// ends here: a dry run, or the operator declined.
+    pub(super) async fn review(
+        &self,
+        ctx: &Ctx,
+        header: &str,
+        plan: &Plan,
+    ) -> anyhow::Result<Option<u8>> {
+        if self.dry_run {
+            return print_dry_run(ctx, header, plan).map(Some);
+        }
+        eprintln!("{header}\n\n{plan}");
+        warn_parallelism(plan);
+        if self.policy.canary.is_some()
+            && self.policy.canary_wait.is_none()
+            && !std::io::stdin().is_terminal()
+        {
+            bail!(
+                "--canary needs a confirmation after the canary batch, and stdin is not a terminal: add --canary-wait DURATION"
+            );
+        }
+        if !confirm("Do you want to continue?", self.yes).await? {
+            return Ok(Some(exit::DECLINED));
+        }
+        Ok(None)
+    }
+}
+
+fn print_dry_run(ctx: &Ctx, header: &str, plan: &Plan) -> anyhow::Result<u8> {
+    match ctx.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(plan)?),
+        Format::Text => println!("{header}\n\n{plan}\n(dry run: nothing was changed)"),
+    }
+    Ok(exit::OK)
+}
+
+/// Says so when the failure budget, not the batch size, bounds how many nodes run at once.
+fn warn_parallelism(plan: &Plan) {
+    let budget = plan.policy().failure_budget as usize;
+    let widest = plan
+        .batches()
+        .iter()
+        .map(|batch| batch.nodes.len())
+        .max()
+        .unwrap_or(0);
+    if widest > budget + 1 {
+        eprintln!(
+            "Note: with --failure-budget {budget} at most {} node(s) are patched at once (so that at most {} can end \
+             failed); raise --failure-budget to run batches of {widest} in parallel.",
+            budget + 1,
+            budget + 1
+        );
+    }
+}
+
+/// Asks on the terminal. Without `-y` and without a terminal, refuses (the caller exits 4).
+async fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
+    if yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        eprintln!("Not confirmed: stdin is not a terminal. Pass -y to confirm without a prompt.");
+        return Ok(false);
+    }
+    let question = question.to_string();
+    let answer = tokio::task::spawn_blocking(move || ask(&question))
+        .await
+        .context("the prompt stopped unexpectedly")??;
+    if !answer {
+        eprintln!("Declined: nothing was changed.");
+    }
+    Ok(answer)
+}
+
+/// Asks a yes/no question on stderr and reads the answer from stdin (no means no).
+pub(super) fn ask(question: &str) -> anyhow::Result<bool> {
+    let mut stderr = std::io::stderr();
+    write!(stderr, "{question} [y/N]: ")?;
+    stderr.flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(matches!(
+        line.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
+/// Batching and failure policy flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PolicyArgs {
+    /// Nodes per batch, per role: a count or a percent (`25%`).
+    #[arg(long, default_value = "1")]
+    pub batch_size: Amount,
+    /// Nodes of a role that may be unavailable at once (count or percent), counting nodes already down.
+    #[arg(long, default_value = "1")]
+    pub max_unavailable: Amount,
+    /// Patch a first batch of N nodes, then pause (confirmation, or --canary-wait).
+    #[arg(long, value_name = "N")]
+    pub canary: Option<u32>,
+    /// After the canary batch, wait this long instead of asking (e.g. `30s`).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub canary_wait: Option<Duration>,
+    /// Nodes allowed to end failed or reverted before the rollout halts. At most budget+1 nodes are patched at
+    /// once, so that at most budget+1 can end failed.
+    #[arg(long, default_value_t = 0)]
+    pub failure_budget: u32,
+}
+
+impl PolicyArgs {
+    pub(super) fn policy(&self) -> Policy {
+        Policy {
+            batch_size: self.batch_size,
+            max_unavailable: self.max_unavailable,
+            canary: self.canary,
+            failure_budget: self.failure_budget,
+        }
+    }
+
+    /// `--canary-wait` as journaled in the rollout options.
+    pub(super) fn canary_wait_ms(&self) -> Option<u64> {
+        self.canary_wait.map(|wait| wait.as_millis() as u64)
+    }
+}
+
+/// A rollout `patch` or `rollback` decided on, not journaled yet.
+pub(super) struct NewRun {
+    pub kind: RolloutKind,
+    pub package_digest: String,
+    pub package_path: String,
+    pub version: String,
+    pub options: RolloutOptions,
+    pub plan: Plan,
+    pub topology: Arc<Topology>,
+    pub tls: ControllerTls,
+    pub blob: Option<Arc<PreparedBlob>>,
+}
+
+/// Journals a new rollout of `cluster` (its id is `options.patch_id`) and runs it; returns the exit code. The
+/// caller holds the cluster's rollout lock.
+pub(super) async fn journal_and_execute(
+    ctx: &Ctx,
+    store: Arc<Store>,
+    cluster: &str,
+    run: NewRun,
+) -> anyhow::Result<u8> {
+    let rollout_id = run.options.patch_id.clone();
+    store.create_rollout(&NewRollout {
+        id: rollout_id.clone(),
+        cluster: cluster.to_string(),
+        kind: run.kind,
+        package_digest: run.package_digest,
+        package_path: run.package_path,
+        version: run.version,
+        plan_json: serde_json::to_string(&run.plan)?,
+        options_json: serde_json::to_string(&run.options)?,
+    })?;
+    let rollout = store
+        .rollout(&rollout_id)?
+        .context("the rollout just journaled is missing from the store")?;
+    execute(
+        ctx,
+        Execution {
+            store,
+            rollout,
+            options: run.options,
+            plan: run.plan,
+            topology: run.topology,
+            tls: run.tls,
+            blob: run.blob,
+            prior: HashMap::new(),
+        },
+    )
+    .await
+}
