@@ -33,6 +33,7 @@ impl ApplyService {
             services: config.services.clone(),
             keep_backups: usize::try_from(config.limits.keep_backups).unwrap_or(usize::MAX),
             package_limits,
+            cache_min_age: config.limits.cache_min_age,
         })
         .await?;
         Ok(Self { engine })

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 /// The whole `patchd.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +60,28 @@ pub struct Limits {
     pub max_unpacked_bytes: u64,
     /// Backups kept per service.
     pub keep_backups: u32,
+    /// Cached blobs, staged packages and partial uploads touched more recently are never pruned (`"24h"`).
+    #[serde(with = "humantime_duration")]
+    pub cache_min_age: Duration,
+}
+
+/// Shortest `limits.cache_min_age` accepted: between `QueryBlob` (which touches a cached blob) and Stage, a
+/// controller needs some minutes; less could prune a blob it was just told the agent holds.
+pub const MIN_CACHE_MIN_AGE: Duration = Duration::from_secs(60);
+
+/// serde adapter: durations written as humantime strings ("24h", "90m").
+mod humantime_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let raw = String::deserialize(d)?;
+        humantime::parse_duration(&raw).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{raw}` is not a duration ({e}): write it like \"24h\" or \"90m\""
+            ))
+        })
+    }
 }
 
 impl Default for Limits {
@@ -68,6 +91,7 @@ impl Default for Limits {
             max_files: 10_000,
             max_unpacked_bytes: 8 << 30,
             keep_backups: 3,
+            cache_min_age: patchd_apply::prune::DEFAULT_CACHE_MIN_AGE,
         }
     }
 }
@@ -246,6 +270,16 @@ impl Config {
             problems.push(Problem {
                 key: "limits.max_blob_bytes".into(),
                 message: "must be > 0".into(),
+            });
+        }
+
+        if self.limits.cache_min_age < MIN_CACHE_MIN_AGE {
+            problems.push(Problem {
+                key: "limits.cache_min_age".into(),
+                message: format!(
+                    "{} is too short: use at least \"1m\" (a controller needs time between QueryBlob and Stage; the default is \"24h\")",
+                    humantime::format_duration(self.limits.cache_min_age)
+                ),
             });
         }
 
@@ -471,6 +505,35 @@ mod tests {
         assert!(all.contains("declared twice"), "{all}");
         assert!(all.contains("needs `unit`"), "{all}");
         assert!(all.contains("tls.ca"), "{all}");
+    }
+
+    #[test]
+    fn cache_min_age_is_a_humantime_duration_of_at_least_a_minute() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse(Path::new("x.toml"), &base(dir.path())).unwrap();
+        assert_eq!(config.limits.cache_min_age, Duration::from_secs(24 * 3600));
+
+        let text = format!("{}[limits]\ncache_min_age = \"90m\"\n", base(dir.path()));
+        let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+        assert_eq!(config.limits.cache_min_age, Duration::from_secs(90 * 60));
+        assert!(!problems_with_prefix(&config.validate(), "limits."));
+
+        let text = format!("{}[limits]\ncache_min_age = \"10s\"\n", base(dir.path()));
+        let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+        let all = format_problems(&config.validate());
+        assert!(
+            all.contains("limits.cache_min_age: 10s is too short"),
+            "{all}"
+        );
+
+        let text = format!("{}[limits]\ncache_min_age = \"a day\"\n", base(dir.path()));
+        let err = Config::parse(Path::new("x.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cache_min_age") && err.contains("not a duration"),
+            "{err}"
+        );
     }
 
     #[test]

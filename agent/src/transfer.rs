@@ -222,12 +222,14 @@ impl BlobStore {
         free_bytes(&self.partial_dir)
     }
 
-    /// What the agent holds of `blob`. Cheap (a few `stat`s); takes no lock, so it can run during an upload and
+    /// What the agent holds of `blob`. Cheap (a few `stat`s, and a touch of a complete blob); takes no lock, so it can run during an upload and
     /// then reports the chunks recorded so far.
     pub fn query(&self, blob: &BlobRef) -> Result<BlobState, TransferError> {
         let path = self.blob_path(&blob.digest);
         match std::fs::metadata(&path) {
             Ok(meta) if meta.len() == blob.total_size => {
+                // The controller skips the upload and stages next: keep the blob young for the cache pruning.
+                patchd_apply::prune::touch(&path);
                 let n = blob.chunk_count();
                 return Ok(BlobState {
                     complete: true,
@@ -809,7 +811,20 @@ mod tests {
         assert!(second.complete);
         assert_eq!(second.chunks_received, 3);
         assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
+        // An old complete blob is touched when reported complete, so the cache pruning keeps it for a while.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3 * 24 * 3600);
+        std::fs::File::options()
+            .write(true)
+            .open(store.blob_path(&digest))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         assert!(store.query(&blob).unwrap().complete);
+        let modified = std::fs::metadata(store.blob_path(&digest))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert!(modified > old + std::time::Duration::from_secs(24 * 3600));
         assert!(!store.records_path(&digest).exists());
     }
 

@@ -30,6 +30,8 @@ pub struct EngineConfig {
     /// Committed patches whose backups are kept (at least 1).
     pub keep_backups: usize,
     pub package_limits: patchd_package::Limits,
+    /// Cached blobs and staged packages touched more recently are never pruned, referenced or not.
+    pub cache_min_age: std::time::Duration,
 }
 
 /// The host effects besides files: clock, probe, faults.
@@ -233,6 +235,9 @@ pub(crate) struct Inner {
     pub(crate) confine: Confinement,
     pub(crate) effects: Effects,
     pub(crate) hashes: HashCache,
+    pub(crate) cache_min_age: std::time::Duration,
+    /// Digests a stage or apply is using: the cache pruning skips them.
+    pub(crate) pins: Arc<crate::prune::Pins>,
     services: BTreeMap<String, Arc<Service>>,
     stage_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -308,6 +313,8 @@ impl Engine {
                 confine,
                 effects,
                 hashes,
+                cache_min_age: config.cache_min_age,
+                pins: Arc::default(),
                 services,
                 stage_locks: Mutex::new(HashMap::new()),
             }),
@@ -345,6 +352,23 @@ impl Engine {
         }
         stage::remove_stale_temps(&self.inner.state_dir);
         self.remove_orphan_backups();
+        let (state_dir, referenced, pins, min_age) = (
+            self.inner.state_dir.clone(),
+            self.inner.cached_digests_in_use(),
+            Arc::clone(&self.inner.pins),
+            self.inner.cache_min_age,
+        );
+        let report = blocking(move || {
+            crate::prune::prune_at_start(
+                &state_dir,
+                &referenced,
+                &pins,
+                min_age,
+                std::time::SystemTime::now(),
+            )
+        })
+        .await?;
+        log_prune(&report);
         Ok(())
     }
 
@@ -394,6 +418,7 @@ impl Engine {
             locks.entry(digest.to_string()).or_default().clone()
         };
         let _staging = digest_lock.lock().await;
+        let _pin = self.inner.pins.pin(digest);
         let state_dir = self.inner.state_dir.clone();
         let digest = digest.to_string();
         let spec = svc.spec.clone();
@@ -420,6 +445,7 @@ impl Engine {
     async fn apply_exclusive(&self, command: ApplyCommand) -> Result<ApplyReport, ApplyError> {
         let svc = self.service(&command.service)?;
         let _op = svc.op_lock.lock().await;
+        let _pin = self.inner.pins.pin(&command.digest);
         if let Some(earlier) = svc.journal().result_of(&command.patch_id) {
             if earlier.kind == ApplyKind::Patch && earlier.digest == command.digest {
                 return Ok(ApplyReport {
@@ -640,6 +666,63 @@ impl Engine {
             });
         }
         Ok(reports)
+    }
+}
+
+impl Inner {
+    /// Digests the cache must keep whatever their age: the apply in flight of every service and the committed
+    /// patches whose backups are kept for rollback (the last `keep_backups` per service).
+    pub(crate) fn cached_digests_in_use(&self) -> HashSet<String> {
+        let mut digests = HashSet::new();
+        for service in self.services.values() {
+            let journal = service.journal();
+            if let Some(current) = journal.current.filter(|c| !c.phase.is_final()) {
+                digests.insert(current.digest);
+            }
+            digests.extend(
+                journal
+                    .history
+                    .into_iter()
+                    .filter(|h| h.backup_kept)
+                    .map(|h| h.digest),
+            );
+        }
+        digests.remove("");
+        digests
+    }
+
+    /// Prunes the blob cache and staging (after an apply or rollback finished; see [`crate::prune`]).
+    pub(crate) async fn prune_cache(&self) {
+        let (state_dir, referenced, pins, min_age) = (
+            self.state_dir.clone(),
+            self.cached_digests_in_use(),
+            Arc::clone(&self.pins),
+            self.cache_min_age,
+        );
+        let pruned = blocking(move || {
+            crate::prune::prune_cache(
+                &state_dir,
+                &referenced,
+                &pins,
+                min_age,
+                std::time::SystemTime::now(),
+            )
+        })
+        .await;
+        match pruned {
+            Ok(report) => log_prune(&report),
+            Err(e) => tracing::warn!("cache pruning failed: {e}"),
+        }
+    }
+}
+
+fn log_prune(report: &crate::prune::PruneReport) {
+    if !report.removed.is_empty() {
+        tracing::info!(
+            removed = report.removed.len(),
+            bytes_freed = report.bytes_freed,
+            "pruned unused blobs, staged packages and partial uploads"
+        );
     }
 }
 

@@ -13,6 +13,7 @@ mod engine;
 pub mod fsutil;
 pub mod journal;
 pub mod plan;
+pub mod prune;
 mod run;
 pub mod spec;
 pub mod stage;

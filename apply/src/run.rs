@@ -556,6 +556,9 @@ impl<'a> Run<'a> {
         .await?;
         self.inner.hashes.save();
         tracing::info!(service = %self.svc.spec.name, patch_id = %result.patch_id, outcome = outcome.as_str(), downtime_ms = result.downtime_ms, "apply finished");
+        if outcome != Outcome::Failed {
+            self.inner.prune_cache().await;
+        }
         Ok(result)
     }
 }

@@ -188,6 +188,8 @@ pub fn stage_blocking(
     }
     if let Some(manifest) = load_staged(state_dir, digest)? {
         check_component(digest, spec, &manifest)?;
+        // Staged again: an apply is coming, so the cache pruning must not take it meanwhile.
+        crate::prune::touch(&StagedPaths::new(state_dir, digest).dir);
         return Ok(Staged {
             digest: digest.to_string(),
             manifest,

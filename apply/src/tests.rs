@@ -148,6 +148,7 @@ struct Host {
     world: Arc<Mutex<FakeWorld>>,
     faults: Arc<TestFaults>,
     keep_backups: usize,
+    cache_min_age: Duration,
 }
 
 const COMPONENT: &str = "svc";
@@ -177,6 +178,7 @@ impl Host {
             world,
             faults: Arc::default(),
             keep_backups: 3,
+            cache_min_age: crate::prune::DEFAULT_CACHE_MIN_AGE,
         }
     }
 
@@ -204,6 +206,7 @@ http = "http://127.0.0.1:1/health"
             services: vec![self.spec()],
             keep_backups: self.keep_backups,
             package_limits: patchd_package::Limits::default(),
+            cache_min_age: self.cache_min_age,
         }
     }
 
@@ -641,6 +644,54 @@ async fn rollback_returns_to_earlier_versions_and_backups_are_pruned() {
         !host.state.join("backups/svc/p3").exists() && !host.state.join("backups/svc/r2").exists()
     );
     host.assert_no_temps();
+}
+
+#[tokio::test]
+async fn finished_applies_and_restarts_prune_what_nothing_needs() {
+    let mut host = Host::new();
+    host.keep_backups = 1;
+    host.cache_min_age = Duration::ZERO;
+    let engine = host.engine().await.unwrap();
+    let v2 = host.package("v2", V2);
+    let v3 = host.package("v3", &[("svc", "binary v3")]);
+    let never_staged = host.package("v4", &[("svc", "binary v4")]);
+    let blob = |d: &str| host.state.join("blobs").join(d);
+    let staged = |d: &str| host.state.join("staging").join(d);
+
+    engine.stage("svc", &v2).await.unwrap();
+    let report = engine.apply(apply_cmd(&v2, "p2")).await.unwrap();
+    assert_eq!(report.result.outcome, Outcome::Committed);
+    // p2 is rollback history: its package stays; v3 was uploaded but not staged yet: with no minimum age it goes.
+    assert!(blob(&v2).is_file() && staged(&v2).is_dir());
+    assert!(!blob(&v3).exists() && !blob(&never_staged).exists());
+
+    let v3 = host.package("v3", &[("svc", "binary v3")]);
+    engine.stage("svc", &v3).await.unwrap();
+    let report = engine.apply(apply_cmd(&v3, "p3")).await.unwrap();
+    assert_eq!(report.result.outcome, Outcome::Committed);
+    // keep_backups = 1: p2 left the rollback history, so its blob and staging went; p3's stay.
+    assert!(!blob(&v2).exists() && !staged(&v2).exists());
+    assert!(blob(&v3).is_file() && staged(&v3).is_dir());
+    let report = engine
+        .rollback(RollbackCommand {
+            service: "svc".into(),
+            to_patch_id: None,
+            patch_id: "r3".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.result.outcome, Outcome::Committed);
+    assert_eq!(host.binary(), "binary v2");
+    // Rolled back: nothing refers to v3 any more.
+    assert!(!blob(&v3).exists() && !staged(&v3).exists());
+
+    // At start, interrupted uploads go too.
+    let partial = host.state.join("blobs/partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join(format!("{never_staged}.part")), "x").unwrap();
+    drop(engine);
+    let _engine = host.engine().await.unwrap();
+    assert_eq!(std::fs::read_dir(&partial).unwrap().count(), 0);
 }
 
 #[tokio::test]
