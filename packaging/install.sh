@@ -15,7 +15,8 @@
 #                       script, with deploy_roots set from --deploy-root). An existing config is kept.
 #   --force-config      replace an existing /etc/patchd/patchd.toml (the old one is kept as patchd.toml.bak)
 #   --deploy-root DIR   a directory the agent may write to (repeatable): created if missing, made writable in the
-#                       unit's sandbox (drop-in patchd.service.d/deploy-roots.conf)
+#                       unit's sandbox (drop-in patchd.service.d/deploy-roots.conf). Without it (an upgrade),
+#                       an existing drop-in is kept, else it is written from deploy_roots of the installed config
 #   --no-start          install or remove files only; do not call systemctl
 #   --root DIR          install under DIR instead of / (packaging tests, images); implies --no-start
 #   --uninstall         stop and disable the unit, remove the files this script installs (the config is saved to
@@ -152,13 +153,18 @@ elif [[ ! -f "$SCRIPT_DIR/patchd.toml" ]]; then
     die "no --config given and no default patchd.toml next to this script ($SCRIPT_DIR)"
 fi
 [[ -f "$SCRIPT_DIR/patchd.service" ]] || die "patchd.service is missing next to this script ($SCRIPT_DIR)"
-for dir in "${deploy_roots[@]}"; do
-    [[ "$dir" == /* ]] || die "--deploy-root $dir must be an absolute path"
-    [[ "$dir" != *[[:space:]\"\\]* ]] || die "--deploy-root \`$dir\`: paths with spaces, quotes or backslashes are not supported"
-    [[ "$dir" != */../* && "$dir" != */.. && "$dir" != */./* ]] || die "--deploy-root $dir must not contain . or .. components"
+# Dies unless $1 is a deploy root the sandbox can safely make writable; $2 says where it came from.
+check_deploy_root() {
+    local dir="$1" from="$2"
+    [[ "$dir" == /* ]] || die "$from $dir must be an absolute path"
+    [[ "$dir" != *[[:space:]\"\\]* ]] || die "$from \`$dir\`: paths with spaces, quotes or backslashes are not supported"
+    [[ "$dir" != */../* && "$dir" != */.. && "$dir" != */./* ]] || die "$from $dir must not contain . or .. components"
     case "$dir" in
-        / | /usr | /usr/* | /etc | /etc/* | /var/lib/patchd | /var/lib/patchd/*) die "--deploy-root $dir is a system directory: use the directory your services are deployed under" ;;
+        / | /usr | /usr/* | /etc | /etc/* | /var/lib/patchd | /var/lib/patchd/*) die "$from $dir is a system directory: use the directory your services are deployed under" ;;
     esac
+}
+for dir in "${deploy_roots[@]}"; do
+    check_deploy_root "$dir" "--deploy-root"
 done
 
 # --- files ----------------------------------------------------------------------------------------------------
@@ -204,6 +210,36 @@ else
     say "kept the existing $CONFIG (it differs from the new one: --force-config replaces it)"
 fi
 
+# Prints the entries of a one-line `deploy_roots = ["/a", "/b"]` in the config; fails on any other shape (a
+# multi-line array, escapes, single quotes), which this script does not try to parse.
+deploy_roots_of() {
+    local file="$1" line inner rest
+    local pattern='^[[:space:]]*deploy_roots[[:space:]]*=[[:space:]]*\[([^]#]*)\][[:space:]]*(#.*)?$'
+    line="$(grep -E '^[[:space:]]*deploy_roots[[:space:]]*=' "$file" | head -n 1)" || return 1
+    [[ "$line" =~ $pattern ]] || return 1
+    inner="${BASH_REMATCH[1]}"
+    rest="$(printf '%s' "$inner" | sed 's/"[^"\\]*"//g; s/[[:space:],]//g')"
+    [[ -z "$rest" ]] || return 1
+    printf '%s' "$inner" | grep -o '"[^"]*"' | tr -d '"' || true
+}
+
+# Without --deploy-root (the upgrade path) the sandbox keeps the deploy roots it had: keep an existing drop-in,
+# else take them from the installed config.
+write_dropin=1
+if [[ ${#deploy_roots[@]} -eq 0 ]]; then
+    if [[ -f "$DROPIN" ]]; then
+        write_dropin=0
+    elif config_roots="$(deploy_roots_of "$CONFIG")"; then
+        while IFS= read -r dir; do
+            [[ -n "$dir" ]] || continue
+            check_deploy_root "$dir" "deploy_roots entry in $CONFIG:"
+            deploy_roots+=("$dir")
+        done <<<"$config_roots"
+    else
+        warn "cannot read deploy_roots from $CONFIG (only a one-line list of \"quoted\" paths is understood): no directory is made writable in the sandbox; run again with --deploy-root DIR for each deploy root"
+    fi
+fi
+
 for dir in "${deploy_roots[@]}"; do
     if [[ ! -d "$root$dir" ]]; then
         install -d -m 0755 "$root$dir"
@@ -216,17 +252,21 @@ install -m 0644 "$SCRIPT_DIR/patchd.service" "$UNIT"
 if [[ -f "$SCRIPT_DIR/README.md" ]]; then
     install -D -m 0644 "$SCRIPT_DIR/README.md" "$DOC"
 fi
-install -d -m 0755 "$DROPIN_DIR"
-{
-    echo "# Written by install.sh: the deploy roots patchd may write to (must match deploy_roots in /etc/patchd/patchd.toml)."
-    echo "[Service]"
-    if [[ ${#deploy_roots[@]} -gt 0 ]]; then
-        echo "ReadWritePaths=${deploy_roots[*]}"
-    fi
-} >"$DROPIN.tmp"
-mv -f "$DROPIN.tmp" "$DROPIN"
-chmod 0644 "$DROPIN"
-say "installed $UNIT and $DROPIN (ReadWritePaths=${deploy_roots[*]:-none})"
+if [[ "$write_dropin" -eq 1 ]]; then
+    install -d -m 0755 "$DROPIN_DIR"
+    {
+        echo "# Written by install.sh: the deploy roots patchd may write to (must match deploy_roots in /etc/patchd/patchd.toml)."
+        echo "[Service]"
+        if [[ ${#deploy_roots[@]} -gt 0 ]]; then
+            echo "ReadWritePaths=${deploy_roots[*]}"
+        fi
+    } >"$DROPIN.tmp"
+    mv -f "$DROPIN.tmp" "$DROPIN"
+    chmod 0644 "$DROPIN"
+    say "installed $UNIT and $DROPIN (ReadWritePaths=${deploy_roots[*]:-none})"
+else
+    say "installed $UNIT; kept $DROPIN (no --deploy-root given: $(grep '^ReadWritePaths=' "$DROPIN" || echo 'no ReadWritePaths'))"
+fi
 
 # --- service --------------------------------------------------------------------------------------------------
 if [[ "$no_start" -eq 1 ]]; then

@@ -583,14 +583,31 @@ impl PartialBlob {
                 got: chunk.index,
             });
         }
-        let offset = chunk.index * u64::from(self.blob.chunk_size);
+        let chunk_count = self.blob.chunk_count();
+        if chunk.index >= chunk_count {
+            return Err(TransferError::Protocol(format!(
+                "chunk {} is past the end: a blob of {} bytes in chunks of {} bytes has {chunk_count} chunks \
+                 (indexes 0..{chunk_count}); stop the stream after the last chunk",
+                chunk.index, self.blob.total_size, self.blob.chunk_size
+            )));
+        }
+        let offset = chunk
+            .index
+            .checked_mul(u64::from(self.blob.chunk_size))
+            .ok_or_else(|| {
+                TransferError::Internal(format!("chunk {} lies outside the blob", chunk.index))
+            })?;
         if chunk.offset != offset {
             return Err(TransferError::Protocol(format!(
                 "chunk {} has offset {}, expected {offset} (index × chunk size)",
                 chunk.index, chunk.offset
             )));
         }
-        let expected_len = (self.blob.total_size - offset).min(u64::from(self.blob.chunk_size));
+        let expected_len = self
+            .blob
+            .total_size
+            .saturating_sub(offset)
+            .min(u64::from(self.blob.chunk_size));
         if chunk.data.len() as u64 != expected_len {
             return Err(TransferError::Protocol(format!(
                 "chunk {} at offset {offset} has {} bytes, expected {expected_len}",
@@ -631,6 +648,11 @@ impl PartialBlob {
                 actual,
             });
         }
+        // Only the blob's own bytes: a part file left longer (by an older agent or a stale upload) must not
+        // carry trailing bytes into the complete blob.
+        self.part
+            .set_len(self.blob.total_size)
+            .map_err(io_err(&self.part_path))?;
         self.part.sync_all().map_err(io_err(&self.part_path))?;
         std::fs::rename(&self.part_path, &self.final_path).map_err(io_err(&self.final_path))?;
         File::open(&self.dir)
@@ -863,6 +885,61 @@ mod tests {
         assert_eq!(store.query(&wrong).unwrap(), BlobState::default());
         assert!(!store.part_path(&wrong.digest).exists());
         assert!(!store.blob_path(&wrong.digest).exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn extra_chunk_is_refused_and_the_blob_has_its_exact_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path(), 1 << 30).unwrap());
+        let cs = MIN_CHUNK_SIZE;
+        let data = sample(cs as usize * 2 + 100);
+        let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
+        let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+        let mut chunks = chunks_of(&data, cs);
+        store
+            .upload(
+                blob.clone(),
+                futures::stream::iter(chunks[..1].iter().cloned().map(Ok)),
+            )
+            .await
+            .unwrap();
+        // A part file longer than the blob (e.g. left by an older agent) must not leak into the blob.
+        let part = std::fs::File::options()
+            .write(true)
+            .open(store.part_path(&digest))
+            .unwrap();
+        part.write_all_at(b"trailing garbage", 3 * u64::from(cs))
+            .unwrap();
+        drop(part);
+
+        let garbage = vec![0xEE_u8; cs as usize];
+        chunks.push(Chunk {
+            index: 3,
+            offset: 3 * u64::from(cs),
+            sha256: chunk_sha256(&garbage),
+            data: Bytes::from(garbage),
+        });
+        let err = store
+            .upload(
+                blob.clone(),
+                futures::stream::iter(chunks[1..].iter().cloned().map(Ok)),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, TransferError::Protocol(message) if message.contains("past the end")),
+            "{err}"
+        );
+        assert!(!store.blob_path(&digest).exists());
+        assert_eq!(store.query(&blob).unwrap().chunks_held, 3);
+
+        // Resuming with nothing left to send completes the verified chunks.
+        let outcome = store
+            .upload(blob.clone(), futures::stream::empty())
+            .await
+            .unwrap();
+        assert!(outcome.complete);
+        assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

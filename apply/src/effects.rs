@@ -92,7 +92,7 @@ impl HealthProbe for NetProbe {
                 .map_err(|e| format!("http probe {url}: {e}"))?;
             let status = response.status();
             if !status.is_success() {
-                let body = response.text().await.unwrap_or_default();
+                let body = probe_body_start(response).await;
                 let body: String = body.chars().take(200).collect();
                 return Err(format!(
                     "http probe {url}: status {status}: {}",
@@ -103,6 +103,23 @@ impl HealthProbe for NetProbe {
         Ok(())
     }
 }
+
+/// The first bytes of a failing probe's body, for the error message: a service may answer with an endless or
+/// huge body, so at most [`PROBE_BODY_MAX`] bytes are read.
+async fn probe_body_start(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < PROBE_BODY_MAX {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body.truncate(PROBE_BODY_MAX);
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// How much of a failing probe's body is read.
+const PROBE_BODY_MAX: usize = 256;
 
 /// The steps of an apply where a crash can be injected (tests only; see `fault-injection`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -234,7 +234,7 @@ pub(crate) struct Inner {
     pub(crate) package_limits: patchd_package::Limits,
     pub(crate) confine: Confinement,
     pub(crate) effects: Effects,
-    pub(crate) hashes: HashCache,
+    pub(crate) hashes: Arc<HashCache>,
     pub(crate) cache_min_age: std::time::Duration,
     /// Digests a stage or apply is using: the cache pruning skips them.
     pub(crate) pins: Arc<crate::prune::Pins>,
@@ -304,7 +304,9 @@ impl Engine {
                 }),
             );
         }
-        let hashes = HashCache::persistent(&config.state_dir.join("journal").join("hashes.json"));
+        let hashes = Arc::new(HashCache::persistent(
+            &config.state_dir.join("journal").join("hashes.json"),
+        ));
         let engine = Engine {
             inner: Arc::new(Inner {
                 state_dir: config.state_dir,
@@ -404,6 +406,28 @@ impl Engine {
         self.inner.state_dir.join("backups").join(service)
     }
 
+    /// A patch id whose result left the recent results may still name a history entry or a kept backup set:
+    /// reusing it would overwrite, then delete, that rollback backup.
+    fn refuse_kept_patch_id(
+        &self,
+        journal: &ServiceJournal,
+        service: &str,
+        patch_id: &str,
+    ) -> Result<(), ApplyError> {
+        let earlier = if journal.history.iter().any(|h| h.patch_id == patch_id) {
+            "it is in the committed-patch history"
+        } else if self.backups_of(service).join(patch_id).exists() {
+            "its backup set is still kept"
+        } else {
+            return Ok(());
+        };
+        Err(ApplyError::PatchIdReused {
+            patch_id: patch_id.to_string(),
+            service: service.to_string(),
+            earlier: earlier.to_string(),
+        })
+    }
+
     /// Stage: verify and unpack a cached blob for a service. Idempotent.
     pub async fn stage(&self, service: &str, digest: &str) -> Result<Staged, ApplyError> {
         let svc = self.service(service)?;
@@ -459,6 +483,7 @@ impl Engine {
                 earlier: describe_earlier(earlier),
             });
         }
+        self.refuse_kept_patch_id(&svc.journal(), &command.service, &command.patch_id)?;
         let manifest =
             stage::load_staged(&self.inner.state_dir, &command.digest)?.ok_or_else(|| {
                 ApplyError::NotStaged {
@@ -543,6 +568,7 @@ impl Engine {
                 earlier: describe_earlier(earlier),
             });
         }
+        self.refuse_kept_patch_id(&journal, &command.service, &command.patch_id)?;
         let history = &journal.history;
         let from = match &command.to_patch_id {
             Some(target) => history

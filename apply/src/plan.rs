@@ -231,8 +231,14 @@ pub fn plan_rollback(
 }
 
 /// Creates missing directories, the backups of the current files and the temporaries of the new ones, all
-/// durable. Nothing live changes: only new names appear.
-pub fn prepare(files: &[FileChange], created_dirs: &[PathBuf]) -> Result<(), FsError> {
+/// durable. Nothing live changes: only new names appear. Each new regular file is hashed (through `hashes`, so
+/// the swap can carry the computed hash over to its target) and must match the plan: a staged file shares its
+/// inode with earlier deployments, so an in-place edit of a deployed file would otherwise be deployed again.
+pub fn prepare(
+    files: &[FileChange],
+    created_dirs: &[PathBuf],
+    hashes: &HashCache,
+) -> Result<(), FsError> {
     for dir in created_dirs {
         fsutil::create_dir_durable(dir)?;
     }
@@ -247,12 +253,39 @@ pub fn prepare(files: &[FileChange], created_dirs: &[PathBuf]) -> Result<(), FsE
         if let Some(source) = &change.source {
             fsutil::materialize(source, &change.temp, change.mode)?;
             dirs_to_sync.insert(fsutil::parent_of(&change.temp)?.to_path_buf());
+            verify_temp(change, source, hashes)?;
         }
     }
     for dir in dirs_to_sync {
         fsutil::fsync_dir(&dir)?;
     }
     Ok(())
+}
+
+/// Checks the temporary of a new regular file holds the planned content.
+fn verify_temp(change: &FileChange, source: &Path, hashes: &HashCache) -> Result<(), FsError> {
+    let Some(expected) = &change.new_sha256 else {
+        return Ok(());
+    };
+    let meta = std::fs::symlink_metadata(&change.temp).ctx("stat", &change.temp)?;
+    if !meta.file_type().is_file() {
+        return Ok(());
+    }
+    match hashes.sha256(&change.temp)? {
+        Some(found) if found == *expected => Ok(()),
+        found => Err(FsError {
+            op: "verify",
+            path: source.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "sha256 is {} but the plan expects {expected}: the file changed after it was staged or \
+                     backed up (e.g. a deployed copy edited in place); stage the package again",
+                    found.as_deref().unwrap_or("absent")
+                ),
+            ),
+        }),
+    }
 }
 
 /// Puts the new content of one file in place (one rename), or removes the file when the change removes it.

@@ -130,6 +130,9 @@ pub fn prune_cache(
     now: SystemTime,
 ) -> PruneReport {
     let mut report = PruneReport::default();
+    // QueryBlob and Stage touch without the pin lock: the age is checked again, under it, right before removing.
+    let still_old =
+        |path: &Path| std::fs::symlink_metadata(path).is_ok_and(|meta| is_old(&meta, min_age, now));
     let prunable = |digest: &str, meta: &std::fs::Metadata| {
         crate::stage::is_digest(digest)
             && !referenced.contains(digest)
@@ -144,7 +147,7 @@ pub fn prune_cache(
         let bytes = freeable_bytes(&path);
         let removed = {
             let counts = pins.counts();
-            if counts.contains_key(&digest) {
+            if counts.contains_key(&digest) || !still_old(&path) {
                 continue;
             }
             std::fs::remove_file(&path)
@@ -173,7 +176,7 @@ pub fn prune_cache(
         ));
         {
             let counts = pins.counts();
-            if counts.contains_key(&digest) {
+            if counts.contains_key(&digest) || !still_old(&path) {
                 continue;
             }
             if let Err(e) = std::fs::rename(&path, &aside) {

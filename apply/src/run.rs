@@ -173,7 +173,8 @@ impl<'a> Run<'a> {
         self.set_phase(ApplyPhase::Prepared)?;
         let started = self.now();
         let (files, dirs) = (self.rec.files.clone(), self.rec.created_dirs.clone());
-        let prepared = flatten(blocking(move || plan::prepare(&files, &dirs)).await);
+        let hashes = std::sync::Arc::clone(&self.inner.hashes);
+        let prepared = flatten(blocking(move || plan::prepare(&files, &dirs, &hashes)).await);
         self.step("prepare", started);
         if let Err(e) = prepared {
             return self
@@ -218,9 +219,8 @@ impl<'a> Run<'a> {
                 flatten(blocking(move || plan::swap_one(&swapping)).await),
                 what
             );
-            if let Some(sha) = &change.new_sha256 {
-                self.inner.hashes.remember(&change.target, sha);
-            }
+            // The hash prepare computed from the temporary, while the target is still that file.
+            self.inner.hashes.carry_over(&change.temp, &change.target);
             or_revert!(
                 self,
                 self.set_phase(ApplyPhase::Swapping { done: index + 1 }),
@@ -379,8 +379,8 @@ impl<'a> Run<'a> {
         self.finish(Outcome::Failed, reason, Vec::new()).await
     }
 
-    /// Puts every old file back (all of them: restoring is idempotent), restarts the old version, records
-    /// `Reverted` with `reason`.
+    /// Puts every old file back (all of them: restoring is idempotent), restarts the old version if the service
+    /// was running when the apply began, records `Reverted` with `reason`.
     async fn revert(&mut self, mut reason: String) -> Result<ApplyResult, ApplyError> {
         tracing::warn!(service = %self.svc.spec.name, patch_id = %self.rec.patch_id, "reverting: {reason}");
         let since = self.now();
@@ -401,15 +401,9 @@ impl<'a> Run<'a> {
             let change = self.rec.files[index].clone();
             let id = self.rec.patch_id.clone();
             let restoring = change.clone();
-            match flatten(blocking(move || plan::restore_one(&restoring, &id)).await) {
-                Ok(()) => {
-                    if let Some(sha) = &change.old_sha256 {
-                        self.inner.hashes.remember(&change.target, sha);
-                    }
-                }
-                Err(e) => {
-                    reason.push_str(&format!("; restoring {} failed: {e}", change.rel.display()))
-                }
+            // Not recorded in the hash cache: the backup was not re-hashed here.
+            if let Err(e) = flatten(blocking(move || plan::restore_one(&restoring, &id)).await) {
+                reason.push_str(&format!("; restoring {} failed: {e}", change.rel.display()))
             }
             self.set_phase_best_effort(ApplyPhase::Reverting {
                 restored: index + 1,
@@ -427,7 +421,11 @@ impl<'a> Run<'a> {
             plan::remove_created_dirs(&dirs);
         })
         .await?;
-        if !offline {
+        if !offline && !self.rec.was_running {
+            reason
+                .push_str("; the service was not running before the apply, so it was left stopped");
+        }
+        if !offline && self.rec.was_running {
             let started = self.now();
             match self.svc.backend.start().await {
                 Err(e) => reason.push_str(&format!("; the previous version did not start: {e}")),

@@ -174,7 +174,8 @@ pub fn check_component(
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Stages `digest` for `spec` (blocking: hashes and unpacks). Idempotent: an existing staging directory is
-/// reused (`already_staged`) after checking its component. Callers serialize stages of one digest.
+/// reused (`already_staged`) after checking its component and its files against the manifest (a changed one is
+/// staged again from the blob). Callers serialize stages of one digest.
 pub fn stage_blocking(
     state_dir: &Path,
     digest: &str,
@@ -188,13 +189,25 @@ pub fn stage_blocking(
     }
     if let Some(manifest) = load_staged(state_dir, digest)? {
         check_component(digest, spec, &manifest)?;
-        // Staged again: an apply is coming, so the cache pruning must not take it meanwhile.
-        crate::prune::touch(&StagedPaths::new(state_dir, digest).dir);
-        return Ok(Staged {
-            digest: digest.to_string(),
-            manifest,
-            already_staged: true,
-        });
+        let paths = StagedPaths::new(state_dir, digest);
+        // Staged files are hard-linked into deploy dirs, so an in-place edit of a deployed file changes the
+        // staged copy too: trust it only while it still matches the manifest, else unpack the blob again.
+        match patchd_package::verify_tree(&paths.files(), &manifest) {
+            Ok(()) => {
+                // Staged again: an apply is coming, so the cache pruning must not take it meanwhile.
+                crate::prune::touch(&paths.dir);
+                return Ok(Staged {
+                    digest: digest.to_string(),
+                    manifest,
+                    already_staged: true,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(%digest, "staged package changed since staging ({e}); staging it again from the blob");
+                fsutil::remove_tree_if_exists(&paths.dir)?;
+                fsutil::fsync_dir(&state_dir.join("staging"))?;
+            }
+        }
     }
     let blob = verify_blob(state_dir, digest)?;
     let staging_root = state_dir.join("staging");

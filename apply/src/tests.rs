@@ -448,6 +448,134 @@ async fn apply_swaps_restarts_commits_and_replays() {
 }
 
 #[tokio::test]
+async fn a_staged_copy_edited_through_its_deployed_link_is_never_deployed() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    engine.stage("svc", &digest).await.unwrap();
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(report.result.outcome, Outcome::Committed);
+    // An operator edits the deployed binary in place: it shares its inode with the staged copy.
+    std::fs::write(host.deploy.join("bin/svc/svc"), "binary hacked").unwrap();
+    let staged = host
+        .state
+        .join("staging")
+        .join(&digest)
+        .join("files/svc/svc");
+    assert_eq!(std::fs::read_to_string(&staged).unwrap(), "binary hacked");
+    let report = engine
+        .rollback(RollbackCommand {
+            service: "svc".into(),
+            to_patch_id: None,
+            patch_id: "r1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.result.outcome, Outcome::Committed);
+    assert_eq!(host.binary(), "binary v1");
+
+    // Applied without staging again: prepare sees the changed bytes and nothing live changes.
+    let report = engine.apply(apply_cmd(&digest, "p2")).await.unwrap();
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Failed,
+        "{:?}",
+        report.result
+    );
+    assert!(
+        report.result.reason.contains("stage the package again"),
+        "{}",
+        report.result.reason
+    );
+    assert_eq!(host.binary(), "binary v1");
+    host.assert_no_temps();
+
+    // Staging again notices the change and unpacks the blob anew.
+    let again = engine.stage("svc", &digest).await.unwrap();
+    assert!(!again.already_staged);
+    assert_eq!(std::fs::read_to_string(&staged).unwrap(), "binary v2");
+    let report = engine.apply(apply_cmd(&digest, "p3")).await.unwrap();
+    assert_eq!(report.result.outcome, Outcome::Committed);
+    assert_eq!(host.binary(), "binary v2");
+    assert_eq!(
+        report.result.binary_sha256,
+        crate::fsutil::sha256_file(&host.deploy.join("bin/svc/svc")).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_patch_id_still_in_the_history_or_the_backups_is_refused() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    engine.stage("svc", &digest).await.unwrap();
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(report.result.outcome, Outcome::Committed);
+    drop(engine);
+    // Many later applies pushed p1 out of the recent results; its history entry and backup are still kept.
+    let path = ServiceJournal::path(&host.state, "svc");
+    let mut journal = host.journal();
+    journal.results.clear();
+    journal.store(&path).unwrap();
+    let backup = host.state.join("backups/svc/p1");
+    assert!(backup.is_dir());
+
+    let engine = host.engine().await.unwrap();
+    let other = host.package("v3", &[("svc", "binary v3")]);
+    engine.stage("svc", &other).await.unwrap();
+    let err = engine.apply(apply_cmd(&other, "p1")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("\"p1\"") && message.contains("use a new patch id"),
+        "{message}"
+    );
+    let err = engine
+        .rollback(RollbackCommand {
+            service: "svc".into(),
+            to_patch_id: None,
+            patch_id: "p1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("use a new patch id"), "{err}");
+    assert_eq!(host.binary(), "binary v2");
+    assert!(backup.is_dir());
+    assert_eq!(host.journal().history.len(), 1);
+
+    // A backup set without a history entry (e.g. one being deleted) still blocks its id.
+    std::fs::create_dir_all(host.state.join("backups/svc/p9")).unwrap();
+    let err = engine.apply(apply_cmd(&other, "p9")).await.unwrap_err();
+    assert!(err.to_string().contains("backup set"), "{err}");
+}
+
+#[tokio::test]
+async fn a_revert_leaves_a_service_that_was_stopped_stopped() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    // Stopped by its operator after the agent started.
+    host.world.lock().unwrap().running = None;
+    let digest = host.package("bad", &[("svc", "binary v2 crash")]);
+    engine.stage("svc", &digest).await.unwrap();
+    let starts_before = host.world.lock().unwrap().starts;
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(report.result.outcome, Outcome::Reverted);
+    assert!(
+        report.result.reason.contains("left stopped"),
+        "{}",
+        report.result.reason
+    );
+    assert_eq!(host.binary(), "binary v1");
+    assert_eq!(host.running(), None);
+    assert_eq!(
+        host.world.lock().unwrap().starts - starts_before,
+        1,
+        "only the new version was started"
+    );
+    assert!(!host.journal().current.unwrap().was_running);
+}
+
+#[tokio::test]
 async fn unchanged_files_are_not_touched() {
     let host = Host::new();
     let engine = host.engine().await.unwrap();

@@ -8,7 +8,7 @@ pub const ERROR: u8 = 1;
 pub const USAGE: u8 = 2;
 /// A rollout ran and ended with failures (reverted nodes, halted at the failure budget, drain timeouts).
 pub const ROLLOUT_FAILED: u8 = 3;
-/// Declined at the confirmation prompt, or nothing to do.
+/// Declined at the confirmation prompt, or `--resume` with nothing to resume (a rollout with nothing to change is OK).
 pub const DECLINED: u8 = 4;
 /// Interrupted by Ctrl-C; state recorded, resumable.
 pub const INTERRUPTED: u8 = 130;

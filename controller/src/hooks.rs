@@ -221,6 +221,9 @@ fn describe_reqwest_error(error: &reqwest::Error) -> String {
     message
 }
 
+/// The least time given to one HTTP call (so the last poll attempt near the deadline still gets an answer).
+const MIN_CALL_TIME: Duration = Duration::from_millis(100);
+
 /// The hooks of one cluster: which spec a node's role has, leader resolution, rendering, calling and polling.
 #[derive(Debug, Clone)]
 pub struct ClusterHooks {
@@ -251,9 +254,14 @@ impl ClusterHooks {
         }
     }
 
-    /// The current leader of `role` through its `leader` hook, asking its nodes in order until one answers.
-    /// `Ok(None)` when the role has no leader hook.
+    /// The current leader of `role` through its `leader` hook, asking its nodes in order until one answers, all
+    /// within `limit` in total. `Ok(None)` when the role has no leader hook.
     pub async fn leader(&self, role: &str, limit: Duration) -> Result<Option<Node>, HookError> {
+        self.leader_by(role, Instant::now() + limit).await
+    }
+
+    /// [`Self::leader`] with every candidate's call sharing one deadline.
+    async fn leader_by(&self, role: &str, deadline: Instant) -> Result<Option<Node>, HookError> {
         let Some(role) = self.topology.role(role) else {
             return Ok(None);
         };
@@ -262,6 +270,10 @@ impl ClusterHooks {
         };
         let mut last_error = None;
         for candidate in &role.nodes {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() && last_error.is_some() {
+                break;
+            }
             let url = render_url(&spec.url, candidate, &|_| None)?;
             let body = spec
                 .body
@@ -270,7 +282,7 @@ impl ClusterHooks {
                 .transpose()?;
             match self
                 .client
-                .call_once(spec, &url, body.as_deref(), limit)
+                .call_once(spec, &url, body.as_deref(), left.max(MIN_CALL_TIME))
                 .await
             {
                 Ok(answer) => {
@@ -304,16 +316,16 @@ impl ClusterHooks {
         }
     }
 
-    /// Renders `spec` for `node`, resolving the leaders its templates name.
+    /// Renders `spec` for `node`, resolving the leaders its templates name before `deadline`.
     async fn render(
         &self,
         spec: &HookSpec,
         node: &Node,
-        limit: Duration,
+        deadline: Instant,
     ) -> Result<(String, Option<String>), HookError> {
         let mut leaders: HashMap<String, Node> = HashMap::new();
         for role in spec.leader_roles() {
-            if let Some(leader) = self.leader(&role, limit).await? {
+            if let Some(leader) = self.leader_by(&role, deadline).await? {
                 leaders.insert(role, leader);
             }
         }
@@ -327,28 +339,37 @@ impl ClusterHooks {
         Ok((url, body))
     }
 
-    /// One call of a rendered hook.
+    /// One call of a rendered hook; leader lookups and the call share `limit` in total.
     pub async fn check_once(
         &self,
         spec: &HookSpec,
         node: &Node,
         limit: Duration,
     ) -> Result<HookAnswer, HookError> {
-        let (url, body) = self.render(spec, node, limit).await?;
+        self.check_by(spec, node, Instant::now() + limit).await
+    }
+
+    /// [`Self::check_once`] against a deadline.
+    async fn check_by(
+        &self,
+        spec: &HookSpec,
+        node: &Node,
+        deadline: Instant,
+    ) -> Result<HookAnswer, HookError> {
+        let (url, body) = self.render(spec, node, deadline).await?;
+        let left = deadline.saturating_duration_since(Instant::now());
         self.client
-            .call_once(spec, &url, body.as_deref(), limit)
+            .call_once(spec, &url, body.as_deref(), left.max(MIN_CALL_TIME))
             .await
     }
 
-    /// Polls a hook every `interval` until it holds or its `timeout` passes (leaders re-resolved each time).
+    /// Polls a hook every `interval` until it holds or its `timeout` passes (leaders re-resolved each time). One
+    /// deadline bounds the whole wait: every leader lookup and call gets only the time left.
     pub async fn poll(&self, spec: &HookSpec, node: &Node) -> Result<HookAnswer, HookFailure> {
         let started = Instant::now();
+        let deadline = started + spec.timeout;
         loop {
-            let remaining = spec.timeout.saturating_sub(started.elapsed());
-            let last = match self
-                .check_once(spec, node, remaining.max(Duration::from_millis(100)))
-                .await
-            {
+            let last = match self.check_by(spec, node, deadline).await {
                 Ok(answer) => return Ok(answer),
                 Err(HookError::Template(error)) => {
                     return Err(HookFailure::Failed(error.to_string()));
@@ -529,6 +550,52 @@ mod tests {
                 .unwrap(),
             None
         );
+    }
+
+    /// A server that accepts connections and never answers.
+    async fn silent() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        address.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_wait_through_silent_leader_candidates_keeps_to_its_timeout() {
+        let mut masters = String::new();
+        for index in 1..=4 {
+            let address = silent().await;
+            let (host, port) = address.split_once(':').unwrap();
+            masters.push_str(&format!(
+                "      - {{ host: {host}, port: {port}, name: master-{index}, deploy_dir: /opt/m }}\n"
+            ));
+        }
+        let text = format!(
+            "roles:\n  master:\n    hooks:\n      leader: {{ url: \"http://{{host}}:{{port}}/api/leader\", field: leader }}\n    nodes:\n{masters}  worker:\n    hooks:\n      wait_offline: {{ url: \"http://{{master.leader.host}}:{{master.leader.port}}/m/{{name}}\", field: state, equals: Offline, interval: 50ms, timeout: 1s }}\n    nodes:\n      - {{ host: 127.0.1.2, port: 8262, name: worker-1, deploy_dir: /opt/w }}\n"
+        );
+        let cluster = ClusterHooks::new(
+            Arc::new(Topology::parse(&text).unwrap()),
+            HookClient::new().unwrap(),
+        );
+        let worker = cluster
+            .topology()
+            .node_by_id("127.0.1.2:8262")
+            .unwrap()
+            .clone();
+        let started = Instant::now();
+        let outcome = cluster.run(&worker, HookKind::WaitOffline).await;
+        let waited = started.elapsed();
+        assert!(
+            matches!(outcome, Err(HookFailure::Timeout { .. })),
+            "{outcome:?}"
+        );
+        // Each of the 4 candidates given the whole timeout would take 4 s or more.
+        assert!(waited < Duration::from_secs(3), "waited {waited:?}");
     }
 
     #[test]

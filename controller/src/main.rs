@@ -21,7 +21,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(cli::dispatch(parsed)) {
+    let result = runtime.block_on(cli::dispatch(parsed));
+    // A prompt abandoned by Ctrl-C still blocks on stdin in a blocking thread: exit without waiting for it.
+    runtime.shutdown_background();
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("error: {err:#}");

@@ -91,12 +91,21 @@ pub struct NodeStatus {
 }
 
 impl NodeStatus {
-    /// Counted as down by the planner: the agent does not answer or the service is not running.
+    /// Counted as down by the planner: the agent does not answer, the service is not running, its health check
+    /// fails, or the cluster reports the member `Offline` (e.g. left offline by an earlier rollout). The leader
+    /// mark `|L` is ignored, and member states are compared without regard to case as clusters spell them freely.
     pub fn is_down(&self) -> bool {
-        matches!(
-            self.status.as_str(),
-            "Unreachable" | "Down" | "Failed" | "Stopped"
-        )
+        let base = self.status.strip_suffix("|L").unwrap_or(&self.status);
+        [
+            "Unreachable",
+            "Down",
+            "Failed",
+            "Stopped",
+            "Offline",
+            "Unhealthy",
+        ]
+        .iter()
+        .any(|down| base.eq_ignore_ascii_case(down))
     }
 }
 
@@ -343,5 +352,39 @@ mod tests {
         assert!(rows[0].patched && !rows[1].patched);
         assert!(rows[2].problems[0].contains("no answer within"));
         assert!(rows[1].is_down() && !rows[0].is_down());
+    }
+
+    #[test]
+    fn offline_and_unhealthy_members_count_as_down() {
+        let row = |status: &str| NodeStatus {
+            id: "w-1".to_string(),
+            role: "w".to_string(),
+            patched: false,
+            host: "127.0.1.1".to_string(),
+            ports: "1".to_string(),
+            os_arch: "-".to_string(),
+            status: status.to_string(),
+            data_dir: "-".to_string(),
+            deploy_dir: "/a".to_string(),
+            version: "-".to_string(),
+            leader: status.ends_with("|L"),
+            service: None,
+            problems: vec![],
+        };
+        for down in [
+            "Offline",
+            "OFFLINE",
+            "Offline|L",
+            "Unhealthy",
+            "Unreachable|L",
+            "Down",
+            "Failed",
+            "Stopped",
+        ] {
+            assert!(row(down).is_down(), "{down} must count as down");
+        }
+        for up in ["Up", "Healthy", "Healthy|L", "Online", "Starting", "-"] {
+            assert!(!row(up).is_down(), "{up} must not count as down");
+        }
     }
 }

@@ -145,6 +145,22 @@ pub enum StoreError {
         /// Hostname of the holder.
         host: String,
     },
+    /// `patchctl cluster unlock` without `--force` while the holder still runs on this host.
+    #[error(
+        "the rollout lock of cluster {cluster} is held by patchctl pid {pid} on this host ({host}), started \
+         {started_at}, and that process is still running; wait for it to finish or stop it (Ctrl-C records its \
+         state; continue with `patchctl patch --resume {cluster}`), or pass `--force` to remove the lock anyway"
+    )]
+    HolderAlive {
+        /// The cluster.
+        cluster: String,
+        /// PID of the holder.
+        pid: u32,
+        /// When the holder took the lock.
+        started_at: Timestamp,
+        /// Hostname of the holder (this host).
+        host: String,
+    },
     /// A referenced record does not exist.
     #[error("{what} not found")]
     NotFound {
@@ -925,14 +941,56 @@ impl Store {
             .map_err(|e| self.sql(e))
     }
 
-    /// Removes a cluster's rollout lock whoever holds it (`patchctl cluster unlock`, for a holder on another host
-    /// that is known to be gone). Returns the holder that was removed.
-    pub fn force_unlock(&self, cluster: &str) -> Result<Option<LockHolder>, StoreError> {
-        let holder = self.rollout_lock_holder(cluster)?;
-        self.conn()
-            .execute("DELETE FROM rollout_locks WHERE cluster = ?1", [cluster])
+    /// Removes a cluster's rollout lock (`patchctl cluster unlock`, for a holder on another host that is known to
+    /// be gone). Refused with [`StoreError::HolderAlive`] when the holder is a live process on this host, unless
+    /// `force`. Returns the holder that was removed.
+    pub fn force_unlock(
+        &self,
+        cluster: &str,
+        force: bool,
+    ) -> Result<Option<LockHolder>, StoreError> {
+        let me = ProcessIdentity::current();
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.sql(e))?;
-        Ok(holder)
+        let existing = tx
+            .query_row(
+                "SELECT pid, host, boot_id, proc_start, started_at FROM rollout_locks WHERE cluster = ?1",
+                [cluster],
+                |row| {
+                    Ok((
+                        ProcessIdentity {
+                            pid: row.get(0)?,
+                            host: row.get(1)?,
+                            boot_id: row.get(2)?,
+                            proc_start: row.get(3)?,
+                        },
+                        Timestamp(row.get(4)?),
+                    ))
+                },
+            )
+            .optional()
+            .map_err(|e| self.sql(e))?;
+        let Some((holder, started_at)) = existing else {
+            return Ok(None);
+        };
+        if !force && holder.host == me.host && !holder.is_stale(&me) {
+            return Err(StoreError::HolderAlive {
+                cluster: cluster.to_string(),
+                pid: holder.pid,
+                started_at,
+                host: holder.host,
+            });
+        }
+        tx.execute("DELETE FROM rollout_locks WHERE cluster = ?1", [cluster])
+            .map_err(|e| self.sql(e))?;
+        tx.commit().map_err(|e| self.sql(e))?;
+        Ok(Some(LockHolder {
+            pid: holder.pid,
+            host: holder.host,
+            started_at,
+        }))
     }
 
     // ----- rollout journal -----
@@ -1760,12 +1818,36 @@ mod tests {
         assert!(error.to_string().contains("some-other-host"), "{error}");
         assert_eq!(
             store
-                .force_unlock("remote")
+                .force_unlock("remote", false)
                 .expect("unlock")
                 .map(|holder| holder.pid),
             Some(dead_pid)
         );
-        store.acquire_rollout_lock("remote").expect("after unlock");
+        let remote = store.acquire_rollout_lock("remote").expect("after unlock");
+
+        // A live holder on this host (this very process) is respected unless forced.
+        let error = store
+            .force_unlock("remote", false)
+            .expect_err("live local holder respected");
+        assert!(
+            matches!(error, StoreError::HolderAlive { pid, .. } if pid == me.pid),
+            "{error}"
+        );
+        assert!(error.to_string().contains("--force"), "{error}");
+        assert!(
+            store
+                .rollout_lock_holder("remote")
+                .expect("holder")
+                .is_some()
+        );
+        assert_eq!(
+            store
+                .force_unlock("remote", true)
+                .expect("forced unlock")
+                .map(|holder| holder.pid),
+            Some(me.pid)
+        );
+        drop(remote);
     }
 
     /// Not a test on its own: the child process of `lock_between_processes` (holds the lock until stdin closes).

@@ -570,6 +570,10 @@ fn check_input(input: &PlanInput) -> Result<(), PlanError> {
 /// The IDs of the selected nodes (tiup's semantics, see the crate docs).
 fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
     let selection = &input.selection;
+    // Names are trimmed and de-duplicated once, so the checks and the filters see the same lists (`-R "a, b"`).
+    let roles = dedup(&selection.roles);
+    let wanted_nodes = dedup(&selection.nodes);
+    let component_roles = dedup(&selection.component_roles);
     let known_roles: Vec<String> = input.role_order.clone();
     let known_ids = || {
         input
@@ -579,9 +583,10 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
             .collect::<Vec<_>>()
     };
 
-    let unknown_roles: Vec<String> = dedup(&selection.roles)
-        .into_iter()
-        .filter(|role| !known_roles.iter().any(|known| known == role))
+    let unknown_roles: Vec<String> = roles
+        .iter()
+        .filter(|role| !known_roles.iter().any(|known| known == *role))
+        .cloned()
         .collect();
     if !unknown_roles.is_empty() {
         return Err(PlanError::UnknownRoles {
@@ -589,9 +594,10 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
             known: known_roles,
         });
     }
-    let unknown_components: Vec<String> = dedup(&selection.component_roles)
-        .into_iter()
-        .filter(|role| !known_roles.iter().any(|known| known == role))
+    let unknown_components: Vec<String> = component_roles
+        .iter()
+        .filter(|role| !known_roles.iter().any(|known| known == *role))
+        .cloned()
         .collect();
     if !unknown_components.is_empty() {
         return Err(PlanError::InvalidInput(format!(
@@ -609,11 +615,11 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
     }
     let mut named: Vec<&PlanNode> = Vec::new();
     let mut unknown_nodes = Vec::new();
-    for wanted in dedup(&selection.nodes) {
+    for wanted in &wanted_nodes {
         match by_name.get(wanted.as_str()) {
             Some(node) if !named.iter().any(|known| known.id == node.id) => named.push(node),
             Some(_) => {}
-            None => unknown_nodes.push(wanted),
+            None => unknown_nodes.push(wanted.clone()),
         }
     }
     if !unknown_nodes.is_empty() {
@@ -623,41 +629,41 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
         });
     }
 
-    let chosen: Vec<&PlanNode> = match (selection.nodes.is_empty(), selection.roles.is_empty()) {
+    let chosen: Vec<&PlanNode> = match (wanted_nodes.is_empty(), roles.is_empty()) {
         (false, false) => named
             .into_iter()
-            .filter(|node| selection.roles.contains(&node.role))
+            .filter(|node| roles.contains(&node.role))
             .collect(),
         (false, true) => named,
         (true, false) => input
             .nodes
             .iter()
-            .filter(|node| selection.roles.contains(&node.role))
+            .filter(|node| roles.contains(&node.role))
             .collect(),
         (true, true) => input
             .nodes
             .iter()
-            .filter(|node| selection.component_roles.contains(&node.role))
+            .filter(|node| component_roles.contains(&node.role))
             .collect(),
     };
 
     if chosen.is_empty() {
-        let reason = match (selection.nodes.is_empty(), selection.roles.is_empty()) {
+        let reason = match (wanted_nodes.is_empty(), roles.is_empty()) {
             (false, false) => format!(
                 "no node given with -N ({}) has a role given with -R ({}); those nodes have roles {}",
-                selection.nodes.join(","),
-                selection.roles.join(","),
-                describe_roles_of(&input.nodes, &selection.nodes)
+                wanted_nodes.join(","),
+                roles.join(","),
+                describe_roles_of(&input.nodes, &wanted_nodes)
             ),
-            (true, false) => format!("role(s) {} have no node", selection.roles.join(", ")),
-            (true, true) if selection.component_roles.is_empty() => format!(
+            (true, false) => format!("role(s) {} have no node", roles.join(", ")),
+            (true, true) if component_roles.is_empty() => format!(
                 "the package's component matches no role of the cluster (roles: {}); check the package, or \
                  select nodes with -N/-R",
                 known_roles.join(", ")
             ),
             _ => format!(
                 "the package's roles ({}) have no node",
-                selection.component_roles.join(", ")
+                component_roles.join(", ")
             ),
         };
         return Err(PlanError::EmptySelection { reason });
@@ -665,13 +671,13 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
 
     let mismatched: Vec<String> = chosen
         .iter()
-        .filter(|node| !selection.component_roles.contains(&node.role))
+        .filter(|node| !component_roles.contains(&node.role))
         .map(|node| format!("{} ({})", node.id, node.role))
         .collect();
     if !mismatched.is_empty() {
         return Err(PlanError::ComponentMismatch {
             nodes: mismatched,
-            component_roles: dedup(&selection.component_roles),
+            component_roles,
         });
     }
     Ok(chosen.into_iter().map(|node| node.id.as_str()).collect())

@@ -122,6 +122,20 @@ fn selection_semantics() {
             component: &["worker"],
             expected: &["w1:2"],
         },
+        Case {
+            name: "names are trimmed: `-R \"master, worker\"` keeps ` worker`",
+            n: &[],
+            r: &["master", " worker"],
+            component: &["master", "worker"],
+            expected: &["m1:1", "m3:1", "m2:1", "w1:2", "w2:2", "w3:2", "w4:2"],
+        },
+        Case {
+            name: "names are trimmed: -N and -R with spaces",
+            n: &[" w2:2", "m1:1 "],
+            r: &["worker ", " worker"],
+            component: &["master", "worker"],
+            expected: &["w2:2"],
+        },
     ];
     for case in cases {
         let plan = plan(&input(

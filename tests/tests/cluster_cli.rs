@@ -251,6 +251,21 @@ fn reimport_is_refused_while_a_rollout_holds_the_lock() {
         "{message}"
     );
     assert!(message.contains("while a rollout runs"), "{message}");
+
+    // `cluster unlock` respects a holder that is alive on this host, unless forced.
+    let out = patchctl(&home, &["cluster", "unlock", "demo"]);
+    assert_eq!(out.status.code(), Some(1));
+    let message = stderr(&out);
+    assert!(
+        message.contains(&format!("pid {}", std::process::id())) && message.contains("--force"),
+        "{message}"
+    );
+    assert!(
+        store.rollout_lock_holder("demo").expect("holder").is_some(),
+        "a refused unlock must keep the lock"
+    );
+    patchctl_ok(&home, &["cluster", "unlock", "demo", "--force"]);
+    assert!(store.rollout_lock_holder("demo").expect("holder").is_none());
     drop(lock);
     patchctl_ok(
         &home,
@@ -261,6 +276,17 @@ fn reimport_is_refused_while_a_rollout_holds_the_lock() {
             topology.to_str().expect("utf-8"),
         ],
     );
+
+    // `--resume` with nothing to resume is "nothing to do" (4), not an error.
+    for command in ["patch", "rollback"] {
+        let out = patchctl(&home, &[command, "--resume", "demo"]);
+        assert_eq!(out.status.code(), Some(4), "{command}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("Nothing to resume"),
+            "{}",
+            stderr(&out)
+        );
+    }
 }
 
 #[test]

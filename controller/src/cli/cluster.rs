@@ -34,6 +34,9 @@ enum Command {
     Unlock {
         /// Cluster name.
         name: String,
+        /// Remove the lock even when its holder still runs on this host.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -42,7 +45,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         Command::Import { name, topology } => import(ctx, &name, &topology),
         Command::List => list(ctx),
         Command::Show { name } => show(ctx, &name),
-        Command::Unlock { name } => unlock(ctx, &name),
+        Command::Unlock { name, force } => unlock(ctx, &name, force),
     }
 }
 
@@ -272,9 +275,9 @@ fn show(ctx: &Ctx, name: &str) -> anyhow::Result<u8> {
     Ok(patchctl::exit::OK)
 }
 
-fn unlock(ctx: &Ctx, name: &str) -> anyhow::Result<u8> {
+fn unlock(ctx: &Ctx, name: &str, force: bool) -> anyhow::Result<u8> {
     let store = Store::open_home(&ctx.home)?;
-    let removed = store.force_unlock(name)?;
+    let removed = store.force_unlock(name, force)?;
     match ctx.format {
         Format::Json => println!(
             "{}",

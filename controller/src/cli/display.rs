@@ -173,6 +173,9 @@ pub(super) fn select_nodes<'t>(
     nodes: &[String],
     roles: &[String],
 ) -> anyhow::Result<Vec<&'t Node>> {
+    // `-R "a, b"` splits into `a` and ` b`: compare trimmed names, as the planner does.
+    let nodes = &trimmed(nodes);
+    let roles = &trimmed(roles);
     let unknown_roles: Vec<&String> = roles
         .iter()
         .filter(|role| topology.role(role).is_none())
@@ -205,6 +208,16 @@ pub(super) fn select_nodes<'t>(
         anyhow::bail!("no node is both in -N and in -R; drop one of them or fix the lists");
     }
     Ok(selected)
+}
+
+/// Trimmed names, empty ones dropped.
+fn trimmed(names: &[String]) -> Vec<String> {
+    names
+        .iter()
+        .map(|name| name.trim())
+        .filter(|name| !name.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn join(items: &[&String]) -> String {

@@ -66,11 +66,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     let store = Arc::new(Store::open_home(&ctx.home)?);
     if args.resume {
         let Some(rollout) = store.unfinished_rollout(&args.cluster)? else {
-            bail!(
-                "cluster `{}` has no unfinished rollout to resume (`patchctl audit {}` lists its rollouts)",
-                args.cluster,
-                args.cluster
+            eprintln!(
+                "Nothing to resume: cluster `{}` has no unfinished rollout (`patchctl audit {}` lists its rollouts)",
+                args.cluster, args.cluster
             );
+            return Ok(patchctl::exit::DECLINED);
         };
         return resume(ctx, store, rollout).await;
     }
@@ -146,8 +146,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     report_takeover(&lock);
     if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
         bail!(
-            "rollout {} on cluster `{}` started meanwhile; resume it with --resume",
+            "rollout {} on cluster `{}` started meanwhile and is unfinished: finish it first with \
+             `patchctl patch --resume {}`",
             unfinished.id,
+            args.cluster,
             args.cluster
         );
     }
@@ -221,8 +223,10 @@ fn check_component(topology: &Topology, component: &str, roles: &[String]) -> an
             listing()
         );
     }
-    let wrong: Vec<&String> = roles
+    // `-R "a, b"` splits into `a` and ` b`: compare trimmed names, as the planner does.
+    let wrong: Vec<&str> = roles
         .iter()
+        .map(|name| name.trim())
         .filter(|name| {
             topology
                 .role(name)
@@ -233,11 +237,7 @@ fn check_component(topology: &Topology, component: &str, roles: &[String]) -> an
         bail!(
             "the package is for component `{component}`, but -R names role(s) {} that run another component; roles \
              (component): {}",
-            wrong
-                .iter()
-                .map(|name| name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
+            wrong.join(", "),
             listing()
         );
     }
@@ -824,12 +824,15 @@ impl Observer for CliObserver {
             "Canary batch {} done. Continue with the remaining batches?",
             batch.index + 1
         );
-        let answer = match &self.bars {
-            Some(bars) => bars.multi.suspend(|| ask(&question)),
+        // The prompt blocks on stdin: keep it off the runtime's workers so Ctrl-C is still handled meanwhile.
+        let multi = self.bars.as_ref().map(|bars| bars.multi.clone());
+        let answer = tokio::task::spawn_blocking(move || match multi {
+            Some(multi) => multi.suspend(|| ask(&question)),
             None => ask(&question),
-        };
+        })
+        .await;
         match answer {
-            Ok(true) => PauseDecision::Continue,
+            Ok(Ok(true)) => PauseDecision::Continue,
             _ => PauseDecision::Stop,
         }
     }
@@ -865,6 +868,18 @@ mod tests {
             "{wrong_role}"
         );
         assert!(check_component(&topology, "demo-worker", &["demo-worker".to_string()]).is_ok());
+        // `-R "demo-worker, demo-master"` splits into ` demo-master`: still checked.
+        let spaced = check_component(
+            &topology,
+            "demo-worker",
+            &["demo-worker".to_string(), " demo-master".to_string()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            spaced.contains("-R names role(s) demo-master that"),
+            "{spaced}"
+        );
     }
 
     #[test]

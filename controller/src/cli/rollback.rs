@@ -53,10 +53,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         );
     }
     if args.resume {
-        bail!(
-            "cluster `{}` has no unfinished rollout to resume",
-            args.cluster
+        eprintln!(
+            "Nothing to resume: cluster `{}` has no unfinished rollout (`patchctl audit {}` lists its rollouts)",
+            args.cluster, args.cluster
         );
+        return Ok(patchctl::exit::DECLINED);
     }
     let topology = Arc::new(load_topology(&store, &args.cluster)?);
     let mut nodes = args.nodes.clone();
@@ -100,6 +101,18 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     }
     let lock = store.acquire_rollout_lock(&args.cluster)?;
     report_takeover(&lock);
+    // Another rollout may have started and stopped while we planned and asked: never run over it.
+    if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
+        bail!(
+            "rollout {} ({}, {}) on cluster `{}` started meanwhile and is unfinished: finish it first with \
+             `patchctl patch --resume {}`",
+            unfinished.id,
+            unfinished.kind,
+            unfinished.state,
+            args.cluster,
+            args.cluster
+        );
+    }
     let options = RolloutOptions {
         patch_id: new_rollout_id(),
         offline: false,

@@ -121,20 +121,27 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 |(node, phase, reason)| async move { (node, self.turn(node, phase, reason).await) },
             )
             .collect();
+        // A node whose apply outcome is still unknown holds the rollout: nothing new starts, and the rollout
+        // ends interrupted (unfinished) so that a resume asks its agent again.
+        let mut unsettled = false;
         while let Some((node, end)) = settling.next().await {
             let end = end?;
-            failures += u32::from(end.phase.is_failure());
+            failures += u32::from(end.phase.holds_budget());
+            unsettled |= end.phase == NodePhase::ApplyUnknown;
             apply_end(&mut states, node, end);
         }
         drop(settling);
 
         // 2. Stage on every node still to do, in parallel, before any node is touched.
-        let mut halted = false;
-        if let Action::Patch { .. } = self.spec.action {
+        // Nothing is staged or started while an earlier apply's outcome is unknown.
+        let mut halted = unsettled;
+        if let Action::Patch { .. } = self.spec.action
+            && !unsettled
+        {
             let to_stage: Vec<&NodeRef> = order
                 .iter()
                 .copied()
-                .filter(|node| !states[&node.id].record.phase.is_terminal())
+                .filter(|node| is_startable(states[&node.id].record.phase))
                 .collect();
             if !to_stage.is_empty() {
                 self.observer.event(&Event::StageStarted {
@@ -182,7 +189,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
             let mut queue: VecDeque<&NodeRef> = batch
                 .nodes
                 .iter()
-                .filter(|node| !states[&node.id].record.phase.is_terminal())
+                .filter(|node| is_startable(states[&node.id].record.phase))
                 .collect();
             if !queue.is_empty() {
                 self.observer.event(&Event::BatchStarted {
@@ -192,6 +199,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
             let mut running = FuturesUnordered::new();
             loop {
                 while !halted
+                    && !unsettled
                     && !self.cancel.is_cancelled()
                     && failures + (running.len() as u32)
                         < self.spec.failure_budget.saturating_add(1)
@@ -204,7 +212,8 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                     break;
                 };
                 let turn_end = turn_end?;
-                if turn_end.phase.is_failure() {
+                unsettled |= turn_end.phase == NodePhase::ApplyUnknown;
+                if turn_end.phase.holds_budget() {
                     failures += 1;
                     if failures > self.spec.failure_budget && !halted {
                         halted = true;
@@ -221,7 +230,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 end = Some(RolloutEnd::Interrupted);
                 break;
             }
-            if halted {
+            if halted || unsettled {
                 break;
             }
             let later_started = self.spec.batches[position + 1..]
@@ -258,6 +267,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         }
         let end = match end {
             Some(end) => end,
+            None if unsettled => RolloutEnd::Interrupted,
             None if halted => RolloutEnd::Halted,
             None if failures > 0 => RolloutEnd::CompletedWithFailures,
             None => RolloutEnd::Completed,
@@ -338,6 +348,8 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         let mut reason = reason;
         let mut downtime = None;
         let mut phase = from;
+        // Resumed from `Applying`: the earlier run may have delivered that Apply before it died.
+        let apply_maybe_delivered = from == NodePhase::Applying;
         loop {
             phase = match phase {
                 NodePhase::Pending | NodePhase::Staged => {
@@ -368,7 +380,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 }
                 NodePhase::Applying => {
                     self.journal.node_phase(node, &NodePhase::Applying, None)?;
-                    let (next, why, measured) = self.apply(node).await?;
+                    let (next, why, measured) = self.apply(node, apply_maybe_delivered).await?;
                     reason = why;
                     downtime = measured;
                     next
@@ -376,6 +388,11 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 NodePhase::Applied => {
                     self.journal.node_phase(node, &NodePhase::Applied, None)?;
                     self.check_health(node, &mut reason).await?
+                }
+                NodePhase::Undoing => {
+                    self.journal
+                        .node_phase(node, &NodePhase::Undoing, reason.as_deref())?;
+                    self.undo(node, &mut reason).await?
                 }
                 NodePhase::Returning(verdict) => {
                     self.journal.node_phase(
@@ -422,9 +439,9 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                     });
                 }
             };
-            if phase == NodePhase::Pending {
-                self.journal
-                    .node_phase(node, &NodePhase::Pending, reason.as_deref())?;
+            // Not terminal, but the end of this turn: re-queued, or held until a resume settles the apply.
+            if matches!(phase, NodePhase::Pending | NodePhase::ApplyUnknown) {
+                self.journal.node_phase(node, &phase, reason.as_deref())?;
                 self.observer.event(&Event::NodeFinished {
                     node: node.clone(),
                     phase,
@@ -467,17 +484,19 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         })
     }
 
-    /// Apply (or Rollback), resent with the same patch id while the answer is lost.
+    /// Apply (or Rollback), resent with the same patch id while the answer is lost. `maybe_delivered`: an earlier
+    /// run may already have sent it, so "unreachable" or "refused" no longer proves that nothing changed.
     async fn apply(
         &self,
         node: &NodeRef,
+        maybe_delivered: bool,
     ) -> Result<(NodePhase, Option<String>, Option<Duration>), JournalError> {
         let call = ApplyCall {
             patch_id: self.spec.patch_id.clone(),
             action: self.spec.action.clone(),
         };
         self.step(node, Step::Apply, StepStatus::Started, &call.patch_id)?;
-        let mut maybe_delivered = false;
+        let mut maybe_delivered = maybe_delivered;
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -533,11 +552,12 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
             }
             if attempts > self.spec.apply_retries {
                 let why = format!(
-                    "{error} after {attempts} attempts; the outcome is unknown, so the node is left out of service \
-                     (check it with `patchctl display`, then resume with `patchctl patch --resume`)"
+                    "{error} after {attempts} attempts; the apply's outcome is unknown, so the node is left out of \
+                     service and the rollout stays unfinished: check the node's agent, then run \
+                     `patchctl patch --resume <cluster>` (it asks the agent again with the same patch id)"
                 );
                 self.step(node, Step::Apply, StepStatus::Failed, &why)?;
-                return Ok((NodePhase::LeftOffline, Some(why), None));
+                return Ok((NodePhase::ApplyUnknown, Some(why), None));
             }
             self.effects.sleep(self.spec.apply_retry_delay).await;
         }
@@ -563,19 +583,34 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
             *reason = Some(why);
             return Ok(NodePhase::LeftOffline);
         }
+        *reason = Some(format!("health check failed after the apply ({failure})"));
+        Ok(NodePhase::Undoing)
+    }
+
+    /// The agent's undo of the committed patch (phase `Undoing` already journaled, so a resume sends it again).
+    async fn undo(
+        &self,
+        node: &NodeRef,
+        reason: &mut Option<String>,
+    ) -> Result<NodePhase, JournalError> {
+        let cause = reason
+            .take()
+            .unwrap_or_else(|| "health check failed after the apply".to_string());
         self.step(node, Step::Undo, StepStatus::Started, &self.spec.patch_id)?;
         match self.effects.undo(node, &self.spec.patch_id).await {
             Ok(result) if result.outcome == ApplyOutcome::Committed => {
-                self.step(node, Step::Undo, StepStatus::Done, "")?;
-                *reason = Some(format!(
-                    "health check failed after the apply ({failure}); rolled back"
-                ));
+                let detail = if result.replayed {
+                    "recorded result of an earlier call"
+                } else {
+                    ""
+                };
+                self.step(node, Step::Undo, StepStatus::Done, detail)?;
+                *reason = Some(format!("{cause}; rolled back"));
                 Ok(NodePhase::Returning(Verdict::Reverted))
             }
             Ok(result) => {
                 let why = format!(
-                    "health check failed after the apply ({failure}) and the rollback did not commit ({:?}: {}); \
-                     left offline",
+                    "{cause} and the rollback did not commit ({:?}: {}); left offline",
                     result.outcome, result.reason
                 );
                 self.step(node, Step::Undo, StepStatus::Failed, &why)?;
@@ -583,9 +618,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 Ok(NodePhase::LeftOffline)
             }
             Err(error) => {
-                let why = format!(
-                    "health check failed after the apply ({failure}) and the rollback failed ({error}); left offline"
-                );
+                let why = format!("{cause} and the rollback failed ({error}); left offline");
                 self.step(node, Step::Undo, StepStatus::Failed, &why)?;
                 *reason = Some(why);
                 Ok(NodePhase::LeftOffline)
@@ -679,12 +712,19 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
 }
 
 /// Where a node left in flight by an earlier run continues: a node that may be offline but was not applied is put
-/// back online first (and re-queued); an apply in flight is asked again; later phases go on.
+/// back online first (and re-queued); an apply in flight or of unknown outcome is asked again; an undo in flight is
+/// sent again; later phases go on.
 fn resume_phase(recorded: NodePhase) -> NodePhase {
     match recorded {
         NodePhase::Draining | NodePhase::Drained => NodePhase::Returning(Verdict::Requeue),
+        NodePhase::ApplyUnknown => NodePhase::Applying,
         other => other,
     }
+}
+
+/// A node whose turn may start in this run (nothing of it in flight, not finished).
+fn is_startable(phase: NodePhase) -> bool {
+    matches!(phase, NodePhase::Pending | NodePhase::Staged)
 }
 
 fn apply_end(states: &mut HashMap<String, NodeState>, node: &NodeRef, end: TurnEnd) {

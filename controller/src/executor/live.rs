@@ -73,7 +73,9 @@ pub fn coarse_state(phase: NodePhase) -> NodeRolloutState {
         NodePhase::Staged => NodeRolloutState::Staged,
         NodePhase::Draining | NodePhase::Returning(Verdict::Requeue) => NodeRolloutState::Draining,
         NodePhase::Drained => NodeRolloutState::Drained,
-        NodePhase::Applying => NodeRolloutState::Applying,
+        NodePhase::Applying | NodePhase::ApplyUnknown | NodePhase::Undoing => {
+            NodeRolloutState::Applying
+        }
         NodePhase::Applied | NodePhase::Returning(Verdict::Patched) => NodeRolloutState::Applied,
         NodePhase::Returning(Verdict::Reverted) | NodePhase::Reverted => NodeRolloutState::Reverted,
         NodePhase::Returning(Verdict::Failed) | NodePhase::Failed | NodePhase::LeftOffline => {

@@ -37,9 +37,13 @@
 //!   `Pending`; a node whose apply was sent finishes its steps. The rollout ends [`RolloutEnd::Interrupted`].
 //! * Crash (the process killed at any point): the journal holds each node's [`NodePhase`], written **before** the
 //!   phase's effect. On resume, terminal nodes are never touched again; a node in `Draining`/`Drained` (maybe
-//!   offline, not applied) is put back online and re-queued; a node in `Applying` gets the same Apply again (the
-//!   agent is idempotent per patch id and answers with the recorded result, without a second restart); a node in
-//!   `Applied` or `Returning` continues from there.
+//!   offline, not applied) is put back online and re-queued; a node in `Applying` or `ApplyUnknown` gets the same
+//!   Apply again (the agent is idempotent per patch id and answers with the recorded result, without a second
+//!   restart; as the earlier run may have delivered it, an unreachable agent is not taken as "nothing changed"); a
+//!   node in `Undoing` gets the same undo again, then returns as reverted; a node in `Applied` or `Returning`
+//!   continues from there.
+//! * Unknown apply outcome (every retry unanswered): the node stays out of service in `ApplyUnknown`, nothing else
+//!   starts, and the run ends [`RolloutEnd::Interrupted`] so the rollout stays unfinished and resumable.
 
 mod engine;
 pub mod live;
@@ -359,7 +363,8 @@ pub enum RolloutEnd {
     CompletedWithFailures,
     /// The failure budget was spent; the nodes after that were not started.
     Halted,
-    /// Ctrl-C: in-flight steps finished, the rest untouched; resumable.
+    /// Ctrl-C (in-flight steps finished, the rest untouched), or a node's apply outcome is unknown
+    /// ([`NodePhase::ApplyUnknown`]); resumable.
     Interrupted,
     /// The operator stopped the rollout at a pause.
     Stopped,

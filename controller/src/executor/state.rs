@@ -17,8 +17,15 @@ pub enum NodePhase {
     Drained,
     /// Apply (or Rollback) sent or about to be sent: the agent may be restarting the service.
     Applying,
+    /// The Apply's outcome stayed unknown (every retry went unanswered): the node is left out of service, not
+    /// terminal. Resume asks the agent again with the same patch id (it replays the recorded result or waits for
+    /// the apply in flight) and goes on from the answer.
+    ApplyUnknown,
     /// The agent committed the new version; the cluster's `health` check is pending.
     Applied,
+    /// The cluster's `health` check failed after the commit: the agent's undo (`{patch}-undo`) is sent or about to
+    /// be. Resume sends the same undo again (the agent replays it by its id), then returns the node as reverted.
+    Undoing,
     /// Being put back into service with this verdict (online, wait_online, then the verdict's terminal phase).
     Returning(Verdict),
     /// Terminal: the node runs the new version, back in service, marked.
@@ -30,8 +37,8 @@ pub enum NodePhase {
     /// Terminal: the node could not be patched (drain timeout, hook or staging error, apply refused); it runs
     /// its old version and is back in service unless the reason says otherwise. Counts as a failure.
     Failed,
-    /// Terminal: the outcome is unknown (agent lost during apply) or the node could not be put back; it is left
-    /// out of service and the reason says so. Counts as a failure.
+    /// Terminal: the node could not be put back into service (or its undo failed); it is left out of service and
+    /// the reason says so. Counts as a failure.
     LeftOffline,
 }
 
@@ -62,11 +69,22 @@ impl NodePhase {
         matches!(self, Self::Reverted | Self::Failed | Self::LeftOffline)
     }
 
+    /// Held against the failure budget: a failure, or an apply whose outcome is unknown (it may have failed).
+    pub fn holds_budget(self) -> bool {
+        self.is_failure() || self == Self::ApplyUnknown
+    }
+
     /// An effect of the node's turn may be under way (resume must settle it first).
     pub fn is_in_flight(self) -> bool {
         matches!(
             self,
-            Self::Draining | Self::Drained | Self::Applying | Self::Applied | Self::Returning(_)
+            Self::Draining
+                | Self::Drained
+                | Self::Applying
+                | Self::ApplyUnknown
+                | Self::Applied
+                | Self::Undoing
+                | Self::Returning(_)
         )
     }
 
@@ -78,7 +96,9 @@ impl NodePhase {
             Self::Draining => "draining",
             Self::Drained => "drained",
             Self::Applying => "applying",
+            Self::ApplyUnknown => "apply_unknown",
             Self::Applied => "applied",
+            Self::Undoing => "undoing",
             Self::Returning(Verdict::Patched) => "returning:patched",
             Self::Returning(Verdict::Reverted) => "returning:reverted",
             Self::Returning(Verdict::Failed) => "returning:failed",
@@ -92,13 +112,15 @@ impl NodePhase {
     }
 
     /// Every phase (for parsing and tests).
-    pub const ALL: [NodePhase; 15] = [
+    pub const ALL: [NodePhase; 17] = [
         Self::Pending,
         Self::Staged,
         Self::Draining,
         Self::Drained,
         Self::Applying,
+        Self::ApplyUnknown,
         Self::Applied,
+        Self::Undoing,
         Self::Returning(Verdict::Patched),
         Self::Returning(Verdict::Reverted),
         Self::Returning(Verdict::Failed),

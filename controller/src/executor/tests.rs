@@ -20,10 +20,13 @@ struct Behaviour {
     drain_hangs: bool,
     apply_outcome: Option<ApplyOutcome>,
     apply_not_sent: bool,
+    /// The agent is unreachable for this many Apply calls, then reachable.
+    apply_not_sent_times: u32,
     /// Apply answers are lost this many times before one arrives.
     apply_lost: u32,
     /// Apply waits for this before answering.
     apply_gate: Option<Arc<Notify>>,
+    /// The cluster's `health` check fails while the node runs the patch (it passes once undone).
     health_fails: bool,
     online_fails: bool,
 }
@@ -36,6 +39,10 @@ struct World {
     applied: Mutex<HashMap<(String, String), ApplyResult>>,
     restarts: Mutex<BTreeMap<String, u32>>,
     lost_so_far: Mutex<HashMap<String, u32>>,
+    not_sent_so_far: Mutex<HashMap<String, u32>>,
+    /// Nodes whose patch the agent undid (the old version runs again).
+    undone: Mutex<HashSet<String>>,
+    undo_calls: Mutex<Vec<String>>,
     violations: Mutex<Vec<String>>,
     in_turn: Mutex<HashSet<String>>,
     max_in_turn: AtomicUsize,
@@ -125,7 +132,10 @@ impl Effects for FakeEffects {
                 last: "state=Online".into(),
             }),
             HookKind::WaitOffline => Ok(HookOutcome::Done),
-            HookKind::Health if behaviour.health_fails => {
+            HookKind::Health
+                if behaviour.health_fails
+                    && !self.world.undone.lock().unwrap().contains(&node.id) =>
+            {
                 Err(HookFailure::Failed("HTTP 503".into()))
             }
             HookKind::Health => Ok(HookOutcome::NotConfigured),
@@ -150,6 +160,14 @@ impl Effects for FakeEffects {
         tokio::task::yield_now().await;
         if behaviour.apply_not_sent {
             return Err(CallError::NotSent("connection refused".into()));
+        }
+        {
+            let mut not_sent = self.world.not_sent_so_far.lock().unwrap();
+            let count = not_sent.entry(node.id.clone()).or_default();
+            if *count < behaviour.apply_not_sent_times {
+                *count += 1;
+                return Err(CallError::NotSent("connection refused".into()));
+            }
         }
         if call.action.uses_hooks() && !self.world.offline.lock().unwrap().contains(&node.id) {
             self.world
@@ -207,13 +225,20 @@ impl Effects for FakeEffects {
         Ok(result)
     }
 
-    async fn undo(&self, node: &NodeRef, _patch_id: &str) -> Result<ApplyResult, CallError> {
+    async fn undo(&self, node: &NodeRef, patch_id: &str) -> Result<ApplyResult, CallError> {
         self.alive().await;
         self.world.log(format!("{}:undo", node.id));
+        self.world
+            .undo_calls
+            .lock()
+            .unwrap()
+            .push(format!("{patch_id}-undo"));
+        // Idempotent per operation id, like the agent: a second call replays the first one's result.
+        let replayed = !self.world.undone.lock().unwrap().insert(node.id.clone());
         Ok(ApplyResult {
             outcome: ApplyOutcome::Committed,
             reason: String::new(),
-            replayed: false,
+            replayed,
             downtime: Duration::from_millis(5),
         })
     }
@@ -614,26 +639,109 @@ async fn a_lost_apply_answer_is_asked_again_with_the_same_patch_id() {
 }
 
 #[tokio::test]
-async fn an_apply_that_never_answers_leaves_the_node_offline_and_says_so() {
+async fn an_apply_that_never_answers_holds_the_rollout_unfinished_until_a_resume_settles_it() {
     let world = Arc::new(World::default());
+    // Four answers lost: every attempt of the first run (1 + 3 retries); the resume gets the answer.
     let lost = Behaviour {
-        apply_lost: 100,
+        apply_lost: 4,
         ..Default::default()
     };
-    let effects = FakeEffects::new(world.clone(), behaviours(&[("a", lost)]));
+    let behaviour = behaviours(&[("a", lost)]);
+    let rollout = spec(&[&["a"], &["b"]], 0);
+    let effects = FakeEffects::new(world.clone(), behaviour.clone());
     let journal = FakeJournal::default();
-    let report = run(&spec(&[&["a"], &["b"]], 0), &effects, &journal).await;
-    assert_eq!(report.end, RolloutEnd::Halted);
-    assert_eq!(report.nodes[0].phase, NodePhase::LeftOffline);
+    let report = run(&rollout, &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Interrupted, "{report:?}");
+    assert_eq!(report.nodes[0].phase, NodePhase::ApplyUnknown);
+    assert!(!NodePhase::ApplyUnknown.is_terminal());
+    let reason = report.nodes[0].reason.as_deref().unwrap();
     assert!(
-        report.nodes[0]
-            .reason
-            .as_deref()
-            .unwrap()
-            .contains("left out of service")
+        reason.contains("left out of") && reason.contains("patchctl patch --resume"),
+        "{reason}"
     );
+    assert_eq!(journal.phase("a"), Some(NodePhase::ApplyUnknown));
     assert!(world.offline.lock().unwrap().contains("a"));
     assert_eq!(world.apply_calls.lock().unwrap().len(), 4);
+    assert_eq!(world.lines_of("b"), ["stage"], "nothing else starts");
+
+    let mut resumed = rollout.clone();
+    resumed.prior = journal.persisted.lock().unwrap().clone();
+    let effects = FakeEffects::new(world.clone(), behaviour);
+    let journal = FakeJournal::resumed_from(resumed.prior.clone(), Vec::new());
+    let report = run(&resumed, &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Completed, "{report:?}");
+    assert_eq!(report.nodes[0].phase, NodePhase::Done);
+    assert_eq!(world.restarts("a"), 1, "the agent replayed its result");
+    let calls = world.apply_calls.lock().unwrap();
+    assert_eq!(calls.len(), 6, "one more for a, one for b");
+    assert!(calls.iter().all(|c| c.patch_id == PATCH));
+    drop(calls);
+    assert!(world.offline.lock().unwrap().is_empty());
+    assert_eq!(*journal.marks.lock().unwrap(), ["a", "b"]);
+}
+
+/// A crash after `Applying` was journaled: the resumed run cannot tell whether that Apply was delivered.
+fn resumed_from_applying(world: &World, delivered: bool) -> RolloutSpec {
+    let mut rollout = spec(&[&["a"], &["b"]], 0);
+    rollout.prior = HashMap::from([(
+        "a".to_string(),
+        NodeRecord {
+            phase: NodePhase::Applying,
+            reason: None,
+        },
+    )]);
+    world.offline.lock().unwrap().insert("a".into());
+    if delivered {
+        world.restarts.lock().unwrap().insert("a".into(), 1);
+        world.applied.lock().unwrap().insert(
+            ("a".into(), PATCH.into()),
+            ApplyResult {
+                outcome: ApplyOutcome::Committed,
+                reason: String::new(),
+                replayed: false,
+                downtime: Duration::from_millis(5),
+            },
+        );
+    }
+    rollout
+}
+
+#[tokio::test]
+async fn a_resumed_apply_retries_an_agent_unreachable_once_instead_of_failing_the_node() {
+    let world = Arc::new(World::default());
+    let rollout = resumed_from_applying(&world, true);
+    let flaky = Behaviour {
+        apply_not_sent_times: 1,
+        ..Default::default()
+    };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("a", flaky)]));
+    let journal = FakeJournal::resumed_from(rollout.prior.clone(), Vec::new());
+    let report = run(&rollout, &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Completed, "{report:?}");
+    assert_eq!(phases(&report)[0], ("a".into(), NodePhase::Done));
+    assert_eq!(world.restarts("a"), 1);
+    assert_eq!(*journal.marks.lock().unwrap(), ["a", "b"]);
+    assert!(world.offline.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_resumed_apply_whose_agent_stays_unreachable_is_held_as_unknown_not_failed() {
+    let world = Arc::new(World::default());
+    let rollout = resumed_from_applying(&world, true);
+    let dead = Behaviour {
+        apply_not_sent: true,
+        ..Default::default()
+    };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("a", dead)]));
+    let journal = FakeJournal::resumed_from(rollout.prior.clone(), Vec::new());
+    let report = run(&rollout, &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Interrupted, "{report:?}");
+    assert_eq!(report.nodes[0].phase, NodePhase::ApplyUnknown);
+    assert_eq!(journal.phase("a"), Some(NodePhase::ApplyUnknown));
+    assert!(journal.marks.lock().unwrap().is_empty());
+    // Never put back with "not restarted": it may run the new version, and it was not health-checked.
+    assert!(!world.lines_of("a").iter().any(|l| l == "online"));
+    assert_eq!(world.lines_of("b"), Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -883,14 +991,23 @@ async fn run_until_crash(
 /// where a crash-free run would, and no node is left out of service.
 #[tokio::test]
 async fn resume_after_a_crash_at_any_write_repeats_no_node() {
-    let behaviour = behaviours(&[(
-        "c",
-        Behaviour {
-            apply_outcome: Some(ApplyOutcome::Reverted),
-            ..Default::default()
-        },
-    )]);
-    let rollout = spec(&[&["a", "b"], &["c"], &["d"]], 1);
+    let behaviour = behaviours(&[
+        (
+            "c",
+            Behaviour {
+                apply_outcome: Some(ApplyOutcome::Reverted),
+                ..Default::default()
+            },
+        ),
+        (
+            "e",
+            Behaviour {
+                health_fails: true,
+                ..Default::default()
+            },
+        ),
+    ]);
+    let rollout = spec(&[&["a", "b"], &["c"], &["d"], &["e"]], 2);
     let mut crash_at = 1;
     loop {
         let world = Arc::new(World::default());
@@ -915,11 +1032,25 @@ async fn resume_after_a_crash_at_any_write_repeats_no_node() {
                 ("a".into(), NodePhase::Done),
                 ("b".into(), NodePhase::Done),
                 ("c".into(), NodePhase::Reverted),
-                ("d".into(), NodePhase::Done)
+                ("d".into(), NodePhase::Done),
+                ("e".into(), NodePhase::Reverted)
             ],
             "{context}"
         );
-        for id in ["a", "b", "c", "d"] {
+        assert!(
+            world.undone.lock().unwrap().contains("e"),
+            "e runs its old version; {context}"
+        );
+        assert!(
+            world
+                .undo_calls
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|id| id == &format!("{PATCH}-undo")),
+            "{context}"
+        );
+        for id in ["a", "b", "c", "d", "e"] {
             assert_eq!(world.restarts(id), 1, "{id} restarted once; {context}");
         }
         assert!(world.offline.lock().unwrap().is_empty(), "{context}");
