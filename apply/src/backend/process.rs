@@ -520,6 +520,16 @@ mod tests {
         again.start().await.unwrap();
         assert_eq!(again.status().await.unwrap().pid, Some(pid));
 
+        // The shell may not have run `echo` yet on a loaded machine: wait for its line before stopping it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !again.log_tail(5).await.iter().any(|l| l == "hello") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the service never printed its line"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+
         again.stop().await.unwrap();
         assert!(!pid_alive(pid));
         assert_eq!(again.status().await.unwrap().state, RunState::Stopped);
@@ -542,11 +552,13 @@ mod tests {
         );
         let backend = ProcessBackend::open(spec, dir.path()).unwrap();
         backend.start().await.unwrap();
-        // let the trap be installed
-        for _ in 0..100 {
-            if backend.log_tail(1).await.iter().any(|l| l == "ready") {
-                break;
-            }
+        // let the trap be installed (a loaded machine may take a while to run the shell)
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !backend.log_tail(1).await.iter().any(|l| l == "ready") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the service never installed its trap"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let pid = backend.status().await.unwrap().pid.unwrap();
