@@ -406,6 +406,32 @@ impl Engine {
         self.inner.state_dir.join("backups").join(service)
     }
 
+    /// The idempotency rule for apply and rollback: a patch id already used for the same operation replays its
+    /// recorded result; used for anything else, or still naming kept rollback state, it is refused.
+    fn replay_or_refuse(
+        &self,
+        journal: &ServiceJournal,
+        service: &str,
+        patch_id: &str,
+        same_operation: impl Fn(&ApplyResult) -> bool,
+    ) -> Result<Option<ApplyReport>, ApplyError> {
+        if let Some(earlier) = journal.result_of(patch_id) {
+            if same_operation(earlier) {
+                return Ok(Some(ApplyReport {
+                    result: earlier.clone(),
+                    replayed: true,
+                }));
+            }
+            return Err(ApplyError::PatchIdReused {
+                patch_id: patch_id.to_string(),
+                service: service.to_string(),
+                earlier: describe_earlier(earlier),
+            });
+        }
+        self.refuse_kept_patch_id(journal, service, patch_id)?;
+        Ok(None)
+    }
+
     /// A patch id whose result left the recent results may still name a history entry or a kept backup set:
     /// reusing it would overwrite, then delete, that rollback backup.
     fn refuse_kept_patch_id(
@@ -470,20 +496,14 @@ impl Engine {
         let svc = self.service(&command.service)?;
         let _op = svc.op_lock.lock().await;
         let _pin = self.inner.pins.pin(&command.digest);
-        if let Some(earlier) = svc.journal().result_of(&command.patch_id) {
-            if earlier.kind == ApplyKind::Patch && earlier.digest == command.digest {
-                return Ok(ApplyReport {
-                    result: earlier.clone(),
-                    replayed: true,
-                });
-            }
-            return Err(ApplyError::PatchIdReused {
-                patch_id: command.patch_id.clone(),
-                service: command.service.clone(),
-                earlier: describe_earlier(earlier),
-            });
+        if let Some(replay) = self.replay_or_refuse(
+            &svc.journal(),
+            &command.service,
+            &command.patch_id,
+            |earlier| earlier.kind == ApplyKind::Patch && earlier.digest == command.digest,
+        )? {
+            return Ok(replay);
         }
-        self.refuse_kept_patch_id(&svc.journal(), &command.service, &command.patch_id)?;
         let manifest =
             stage::load_staged(&self.inner.state_dir, &command.digest)?.ok_or_else(|| {
                 ApplyError::NotStaged {
@@ -528,13 +548,7 @@ impl Engine {
             phase: ApplyPhase::Prepared,
             started_unix: self.inner.effects.clock.unix_now(),
         };
-        let _in_flight = InFlightGuard::set(&svc, &command.patch_id);
-        let steps = vec![("plan".to_string(), millis_since(planning))];
-        let result = crate::run::execute(&self.inner, &svc, record, steps).await?;
-        Ok(ApplyReport {
-            result,
-            replayed: false,
-        })
+        self.execute_record(&svc, record, planning).await
     }
 
     /// Rollback: return the service to the version before `to_patch_id` (or before its newest committed patch),
@@ -555,20 +569,13 @@ impl Engine {
         let svc = self.service(&command.service)?;
         let _op = svc.op_lock.lock().await;
         let journal = svc.journal();
-        if let Some(earlier) = journal.result_of(&command.patch_id) {
-            if matches!(earlier.kind, ApplyKind::Rollback { .. }) {
-                return Ok(ApplyReport {
-                    result: earlier.clone(),
-                    replayed: true,
-                });
-            }
-            return Err(ApplyError::PatchIdReused {
-                patch_id: command.patch_id.clone(),
-                service: command.service.clone(),
-                earlier: describe_earlier(earlier),
-            });
+        if let Some(replay) =
+            self.replay_or_refuse(&journal, &command.service, &command.patch_id, |earlier| {
+                matches!(earlier.kind, ApplyKind::Rollback { .. })
+            })?
+        {
+            return Ok(replay);
         }
-        self.refuse_kept_patch_id(&journal, &command.service, &command.patch_id)?;
         let history = &journal.history;
         let from = match &command.to_patch_id {
             Some(target) => history
@@ -640,9 +647,20 @@ impl Engine {
             phase: ApplyPhase::Prepared,
             started_unix: self.inner.effects.clock.unix_now(),
         };
-        let _in_flight = InFlightGuard::set(&svc, &command.patch_id);
+        self.execute_record(&svc, record, planning).await
+    }
+
+    /// Runs a journaled record (apply or rollback) with the service marked in flight; `planning` is when its
+    /// planning began, reported as the `plan` step.
+    async fn execute_record(
+        &self,
+        svc: &Arc<Service>,
+        record: ApplyRecord,
+        planning: std::time::Instant,
+    ) -> Result<ApplyReport, ApplyError> {
+        let _in_flight = InFlightGuard::set(svc, &record.patch_id);
         let steps = vec![("plan".to_string(), millis_since(planning))];
-        let result = crate::run::execute(&self.inner, &svc, record, steps).await?;
+        let result = crate::run::execute(&self.inner, svc, record, steps).await?;
         Ok(ApplyReport {
             result,
             replayed: false,
