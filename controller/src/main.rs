@@ -1,14 +1,33 @@
 //! `patchctl`: the patchd controller CLI. Parses arguments, dispatches to `cli::*`, maps errors to exit codes.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod cli;
 
 use clap::Parser;
 use std::process::ExitCode;
 
+/// glibc hands freed multi-megabyte blocks (gRPC messages, TLS buffers) back to the kernel and faults fresh,
+/// zeroed pages in for the next one; during a package transfer that costs 10-20% of the CPU on each side. Keep
+/// them in the heap instead: blocks up to 32 MiB come from the arenas and a heap is trimmed only when 128 MiB
+/// at its top are free. Peak memory does not grow (freed blocks are reused); see BENCHMARKS.md, "Transfer".
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn tune_malloc() {
+    use nix::libc::{M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt};
+    // SAFETY: mallopt only sets allocator parameters; it is called first thing in main, before any thread exists.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_TRIM_THRESHOLD, 128 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_malloc() {}
+
 fn main() -> ExitCode {
-    // Both ring and (transitively) other providers may be compiled in: pick ring explicitly.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    tune_malloc();
+    // Both ring and (transitively) other providers may be compiled in: pick ring (tuned) explicitly.
+    patchd_tls::install_crypto_provider();
     let parsed = cli::Cli::parse();
     cli::init_logging(parsed.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
