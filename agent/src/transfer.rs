@@ -683,6 +683,9 @@ fn queue_depth(chunk_size: u32) -> usize {
 
 /// Alignment of direct-I/O offsets, lengths and buffers: the largest logical block size in common use.
 const DIRECT_IO_ALIGN: usize = 4096;
+/// Largest direct write: a chunk is copied into one aligned buffer of this size piece by piece, so the buffer
+/// stays small whatever the chunk size.
+const DIRECT_IO_PIECE: usize = 1024 * 1024;
 
 /// Opens the part file for direct I/O (`O_DIRECT`), or `None` where the filesystem does not support it.
 fn open_direct(path: &Path) -> Option<File> {
@@ -705,7 +708,7 @@ struct Writer {
     part: File,
     direct: Option<File>,
     part_path: PathBuf,
-    /// Reused buffer holding one aligned, padded chunk for direct I/O.
+    /// Reused buffer holding one aligned, padded piece of a chunk for direct I/O.
     aligned: Vec<u8>,
 }
 
@@ -730,30 +733,37 @@ impl Writer {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), TransferError> {
-        if let Some(direct) = &self.direct
-            && offset.is_multiple_of(DIRECT_IO_ALIGN as u64)
-        {
-            let padded = data.len().div_ceil(DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN;
-            if self.aligned.len() < padded + DIRECT_IO_ALIGN {
-                self.aligned = vec![0; padded + DIRECT_IO_ALIGN];
-            }
-            let start = self.aligned.as_ptr().align_offset(DIRECT_IO_ALIGN);
-            let block = &mut self.aligned[start..start + padded];
-            block[..data.len()].copy_from_slice(data);
-            block[data.len()..].fill(0);
-            match direct.write_all_at(block, offset) {
-                Ok(()) => return Ok(()),
-                // The filesystem accepted O_DIRECT at open but not this write: buffered from here on.
-                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                    tracing::debug!(path = %self.part_path.display(), "direct I/O refused, writing buffered");
-                    self.direct = None;
+        let mut done = 0;
+        if offset.is_multiple_of(DIRECT_IO_ALIGN as u64) {
+            while let Some(direct) = &self.direct
+                && done < data.len()
+            {
+                let piece = &data[done..data.len().min(done + DIRECT_IO_PIECE)];
+                let padded = piece.len().div_ceil(DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN;
+                if self.aligned.len() < DIRECT_IO_PIECE + DIRECT_IO_ALIGN {
+                    self.aligned = vec![0; DIRECT_IO_PIECE + DIRECT_IO_ALIGN];
                 }
-                Err(e) => return Err(io_err(&self.part_path)(e)),
+                let start = self.aligned.as_ptr().align_offset(DIRECT_IO_ALIGN);
+                let block = &mut self.aligned[start..start + padded];
+                block[..piece.len()].copy_from_slice(piece);
+                block[piece.len()..].fill(0);
+                match direct.write_all_at(block, offset + done as u64) {
+                    Ok(()) => done += piece.len(),
+                    // The filesystem accepted O_DIRECT at open but not this write: buffered from here on.
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                        tracing::debug!(path = %self.part_path.display(), "direct I/O refused, writing buffered");
+                        self.direct = None;
+                    }
+                    Err(e) => return Err(io_err(&self.part_path)(e)),
+                }
             }
         }
-        self.part
-            .write_all_at(data, offset)
-            .map_err(io_err(&self.part_path))
+        if done < data.len() {
+            self.part
+                .write_all_at(&data[done..], offset + done as u64)
+                .map_err(io_err(&self.part_path))?;
+        }
+        Ok(())
     }
 }
 
@@ -857,12 +867,13 @@ mod tests {
             part_path: path.clone(),
             aligned: Vec::new(),
         };
-        let data = sample(DIRECT_IO_ALIGN * 2 + 100);
-        // Out of order on purpose: each chunk lands at its own offset; the tail is not a whole block.
-        writer
-            .write(DIRECT_IO_ALIGN as u64 * 2, &data[DIRECT_IO_ALIGN * 2..])
-            .unwrap();
-        writer.write(0, &data[..DIRECT_IO_ALIGN * 2]).unwrap();
+        // Two chunks of 2 MiB (each written in pieces) and a tail that is not a whole block.
+        let chunk = 2 * DIRECT_IO_PIECE;
+        let data = sample(chunk * 2 + 100);
+        // Out of order on purpose: each chunk lands at its own offset.
+        writer.write(chunk as u64 * 2, &data[chunk * 2..]).unwrap();
+        writer.write(chunk as u64, &data[chunk..chunk * 2]).unwrap();
+        writer.write(0, &data[..chunk]).unwrap();
         assert_eq!(
             writer.direct.is_some(),
             supported,
@@ -872,7 +883,7 @@ mod tests {
         assert_eq!(&written[..data.len()], &data[..]);
         if supported {
             // The tail block is padded with zeros; `finish` truncates the blob to its size.
-            assert_eq!(written.len(), DIRECT_IO_ALIGN * 3);
+            assert_eq!(written.len(), chunk * 2 + DIRECT_IO_ALIGN);
             assert!(written[data.len()..].iter().all(|&b| b == 0));
         } else {
             assert_eq!(written.len(), data.len());
