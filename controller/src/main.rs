@@ -6,18 +6,20 @@ mod cli;
 use clap::Parser;
 use std::process::ExitCode;
 
-/// glibc hands freed multi-megabyte blocks (gRPC messages, TLS buffers) back to the kernel and faults fresh,
-/// zeroed pages in for the next one; during a package transfer that costs 10-20% of the CPU on each side. Keep
-/// them in the heap instead: blocks up to 32 MiB come from the arenas and a heap is trimmed only when 128 MiB
-/// at its top are free. Peak memory does not grow (freed blocks are reused); see BENCHMARKS.md, "Transfer".
+/// glibc hands freed megabyte blocks (file chunks, gRPC messages, TLS buffers) back to the kernel and faults
+/// fresh, zeroed pages in for the next one; during a push that cost 10-20% of the sender's CPU. Keep blocks up to
+/// 32 MiB in the heap (trimmed only when 128 MiB at its top are free), in at most two arenas so a block freed by
+/// one thread serves the next allocation of another. The controller's memory stays bounded by the chunks in
+/// flight (tens of MiB). See BENCHMARKS.md, "Transfer".
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn tune_malloc() {
-    use nix::libc::{M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt};
+    use nix::libc::{M_ARENA_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt};
     // SAFETY: mallopt only sets allocator parameters; it is called first thing in main, before any thread exists.
     unsafe {
         mallopt(M_MMAP_THRESHOLD, 32 << 20);
         mallopt(M_TRIM_THRESHOLD, 128 << 20);
+        mallopt(M_ARENA_MAX, 2);
     }
 }
 

@@ -57,7 +57,10 @@ fn main() -> anyhow::Result<()> {
     let repeat = env_or("BENCH_REPEAT", 3)?.max(1);
     let mut runs = Vec::new();
     for chunk_size in [1024 * 1024u32, 4 * 1024 * 1024] {
-        eprintln!("pushing with {} KiB chunks, {repeat} times", chunk_size / 1024);
+        eprintln!(
+            "pushing with {} KiB chunks, {repeat} times",
+            chunk_size / 1024
+        );
         let mut pushes = Vec::new();
         let mut again = None;
         for round in 0..repeat {
