@@ -365,7 +365,7 @@ fn print_report(
     let check = |ok: bool| if ok { "met" } else { "MISSED" };
     println!("targets:");
     println!(
-        "- transfer >= 70% of sha256: {} ({:.0}%)",
+        "- transfer (median) >= 70% of sha256: {} ({:.0}%)",
         check(best_transfer >= 0.7 * sha_mbps),
         best_transfer / sha_mbps * 100.0
     );
