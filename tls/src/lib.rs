@@ -87,3 +87,28 @@ pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
 pub fn install_crypto_provider() {
     let _ = crypto_provider().install_default();
 }
+
+#[cfg(test)]
+mod provider_tests {
+    use super::*;
+
+    #[test]
+    fn aes_128_gcm_comes_first_and_no_suite_is_lost() {
+        let tuned = crypto_provider();
+        let default = rustls::crypto::ring::default_provider();
+        let names = |p: &rustls::crypto::CryptoProvider| {
+            let mut v: Vec<_> = p.cipher_suites.iter().map(|s| s.suite()).collect();
+            v.sort_by_key(|s| u16::from(*s));
+            v
+        };
+        assert_eq!(names(&tuned), names(&default));
+        assert_eq!(
+            tuned.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        assert_eq!(
+            tuned.cipher_suites[1].suite(),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+        );
+    }
+}
