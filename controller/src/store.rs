@@ -856,24 +856,7 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.sql(e))?;
-        let existing = tx
-            .query_row(
-                "SELECT pid, host, boot_id, proc_start, started_at FROM rollout_locks WHERE cluster = ?1",
-                [cluster],
-                |row| {
-                    Ok((
-                        ProcessIdentity {
-                            pid: row.get(0)?,
-                            host: row.get(1)?,
-                            boot_id: row.get(2)?,
-                            proc_start: row.get(3)?,
-                        },
-                        Timestamp(row.get(4)?),
-                    ))
-                },
-            )
-            .optional()
-            .map_err(|e| self.sql(e))?;
+        let existing = self.read_lock_row(&tx, cluster)?;
         let mut taken_over_from = None;
         if let Some((holder, started_at)) = existing {
             if !holder.is_stale(&me) {
@@ -923,6 +906,31 @@ impl Store {
         })
     }
 
+    /// The holder's identity and start time from a cluster's rollout-lock row, read inside `tx`.
+    fn read_lock_row(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        cluster: &str,
+    ) -> Result<Option<(ProcessIdentity, Timestamp)>, StoreError> {
+        tx.query_row(
+            "SELECT pid, host, boot_id, proc_start, started_at FROM rollout_locks WHERE cluster = ?1",
+            [cluster],
+            |row| {
+                Ok((
+                    ProcessIdentity {
+                        pid: row.get(0)?,
+                        host: row.get(1)?,
+                        boot_id: row.get(2)?,
+                        proc_start: row.get(3)?,
+                    },
+                    Timestamp(row.get(4)?),
+                ))
+            },
+        )
+        .optional()
+        .map_err(|e| self.sql(e))
+    }
+
     /// Who holds the rollout lock of a cluster, if anyone (alive or not).
     pub fn rollout_lock_holder(&self, cluster: &str) -> Result<Option<LockHolder>, StoreError> {
         self.conn()
@@ -954,24 +962,7 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.sql(e))?;
-        let existing = tx
-            .query_row(
-                "SELECT pid, host, boot_id, proc_start, started_at FROM rollout_locks WHERE cluster = ?1",
-                [cluster],
-                |row| {
-                    Ok((
-                        ProcessIdentity {
-                            pid: row.get(0)?,
-                            host: row.get(1)?,
-                            boot_id: row.get(2)?,
-                            proc_start: row.get(3)?,
-                        },
-                        Timestamp(row.get(4)?),
-                    ))
-                },
-            )
-            .optional()
-            .map_err(|e| self.sql(e))?;
+        let existing = self.read_lock_row(&tx, cluster)?;
         let Some((holder, started_at)) = existing else {
             return Ok(None);
         };
