@@ -7,6 +7,7 @@ pub mod info;
 pub mod server;
 pub mod status;
 pub mod transfer;
+pub mod upload_path;
 
 use crate::apply_rpc::ApplyService;
 use crate::config::Config;
@@ -98,7 +99,7 @@ impl Agent {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .tcp_nodelay(true)
-            .add_service(service.into_server())
+            .add_service(upload_path::AgentRoutes::new(service))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await?;
         Ok(())

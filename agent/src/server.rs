@@ -30,6 +30,11 @@ impl AgentService {
         }
     }
 
+    /// The blob cache uploads go to.
+    pub fn store(&self) -> Arc<BlobStore> {
+        Arc::clone(&self.store)
+    }
+
     /// The tonic service, accepting messages up to [`patchd_proto::MAX_MESSAGE_BYTES`] (chunks up to 4 MiB).
     pub fn into_server(self) -> AgentServer<Self> {
         AgentServer::new(self)
@@ -38,7 +43,7 @@ impl AgentService {
     }
 }
 
-fn blob_from_wire(blob: Option<v1::BlobRef>) -> Result<BlobRef, Status> {
+pub(crate) fn blob_from_wire(blob: Option<v1::BlobRef>) -> Result<BlobRef, Status> {
     let blob = blob.ok_or_else(|| {
         invalid_argument("missing `blob`: send the digest, total size and chunk size")
     })?;

@@ -735,6 +735,22 @@ impl Writer {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), TransferError> {
         let mut done = 0;
         if offset.is_multiple_of(DIRECT_IO_ALIGN as u64) {
+            // Data already in aligned memory (the upload path's buffers) goes to the disk as it is, whole blocks
+            // at once; only a partial last block is copied and padded below.
+            if let Some(direct) = &self.direct
+                && (data.as_ptr() as usize).is_multiple_of(DIRECT_IO_ALIGN)
+                && data.len() >= DIRECT_IO_ALIGN
+            {
+                let whole = data.len() / DIRECT_IO_ALIGN * DIRECT_IO_ALIGN;
+                match direct.write_all_at(&data[..whole], offset) {
+                    Ok(()) => done = whole,
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                        tracing::debug!(path = %self.part_path.display(), "direct I/O refused, writing buffered");
+                        self.direct = None;
+                    }
+                    Err(e) => return Err(io_err(&self.part_path)(e)),
+                }
+            }
             while let Some(direct) = &self.direct
                 && done < data.len()
             {
@@ -894,6 +910,34 @@ mod tests {
             .unwrap_or(true);
         if !on_tmpfs {
             assert!(supported, "O_DIRECT refused on {}", dir.path().display());
+        }
+    }
+
+    #[test]
+    fn writer_takes_aligned_memory_as_is_and_pads_its_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.part");
+        File::create(&path).unwrap();
+        let mut writer = Writer {
+            part: OpenOptions::new().write(true).open(&path).unwrap(),
+            direct: open_direct(&path),
+            part_path: path.clone(),
+            aligned: Vec::new(),
+        };
+        let supported = writer.direct.is_some();
+        let data = sample(DIRECT_IO_ALIGN * 3 + 123);
+        let mut buf: Vec<u8> = Vec::with_capacity(data.len() + DIRECT_IO_ALIGN);
+        let start = buf.as_ptr().align_offset(DIRECT_IO_ALIGN);
+        buf.resize(start, 0);
+        buf.extend_from_slice(&data);
+        let aligned = &buf[start..];
+        assert_eq!(aligned.as_ptr() as usize % DIRECT_IO_ALIGN, 0);
+        writer.write(0, aligned).unwrap();
+        assert_eq!(writer.direct.is_some(), supported);
+        let written = std::fs::read(&path).unwrap();
+        assert_eq!(&written[..data.len()], &data[..]);
+        if supported {
+            assert_eq!(written.len(), DIRECT_IO_ALIGN * 4);
         }
     }
 
