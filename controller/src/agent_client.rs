@@ -301,6 +301,8 @@ pub struct PushReport {
 pub struct AgentClient {
     addr: String,
     client: RawAgentClient,
+    /// The channel under `client`: Upload is sent on it directly ([`crate::upload_call`]).
+    channel: Channel,
 }
 
 impl AgentClient {
@@ -328,12 +330,13 @@ impl AgentClient {
                 ))
             })?
             .map_err(|e| connect_err(error_chain(&e)))?;
-        let client = RawAgentClient::new(channel)
+        let client = RawAgentClient::new(channel.clone())
             .max_decoding_message_size(patchd_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(patchd_proto::MAX_MESSAGE_BYTES);
         Ok(Self {
             addr: host_port.to_string(),
             client,
+            channel,
         })
     }
 
@@ -515,7 +518,7 @@ impl AgentClient {
                 }
             }),
         );
-        let response = self.client.upload(body).await;
+        let response = crate::upload_call::upload(self.channel.clone(), body).await;
         let read_result = reader.await.map_err(|e| {
             UploadFailure::Local(AgentClientError::Io {
                 path: blob.path.clone(),
@@ -529,7 +532,7 @@ impl AgentClient {
                 cause,
             }));
         }
-        let response = response.map_err(UploadFailure::Rpc)?.into_inner();
+        let response = response.map_err(UploadFailure::Rpc)?;
         Ok(response.complete)
     }
 }

@@ -12,3 +12,4 @@ pub mod status;
 pub mod store;
 pub mod tls_files;
 pub mod topology;
+pub mod upload_call;
