@@ -44,7 +44,8 @@ fn main() -> anyhow::Result<()> {
 
     let load_before = load_average();
     eprintln!("measuring single-thread sha256 (ring)");
-    let sha_mbps = sha256_speed(&file)?;
+    let sha_probe = ShaProbe::load(&file)?;
+    let sha_mbps = sha_probe.measure();
 
     eprintln!("starting a release agent");
     let pki = Pki::new(work.path());
@@ -64,7 +65,9 @@ fn main() -> anyhow::Result<()> {
         let mut pushes = Vec::new();
         let mut again = None;
         for round in 0..repeat {
-            let run = push(&pki, &agent, &file, chunk_size)?;
+            let sha_mbps = sha_probe.measure();
+            let mut run = push(&pki, &agent, &file, chunk_size)?;
+            run.sha_mbps_before = sha_mbps;
             if run.bytes_sent != size {
                 bail!("push sent {} bytes, expected {size}", run.bytes_sent);
             }
@@ -122,22 +125,35 @@ fn env_or(key: &str, default: u64) -> anyhow::Result<u64> {
     }
 }
 
-/// Best of three single-thread ring sha256 passes over the first 256 MiB of the file, held in memory.
-fn sha256_speed(file: &Path) -> anyhow::Result<f64> {
-    use std::io::Read;
-    let mut buf = Vec::new();
-    std::fs::File::open(file)?
-        .take(256 * 1024 * 1024)
-        .read_to_end(&mut buf)?;
-    let mut best = 0.0f64;
-    for _ in 0..3 {
-        let started = Instant::now();
-        let digest = ring::digest::digest(&ring::digest::SHA256, &buf);
-        let elapsed = started.elapsed();
-        std::hint::black_box(digest);
-        best = best.max(buf.len() as f64 / elapsed.as_secs_f64() / MB);
+/// Single-thread ring sha256 over the first 256 MiB of the file, held in memory. Measured at the start and again
+/// right before every push, because this VM's speed drifts by up to ±20% within minutes: each push is compared
+/// with the hashing speed of the same minute.
+struct ShaProbe {
+    buf: Vec<u8>,
+}
+
+impl ShaProbe {
+    fn load(file: &Path) -> anyhow::Result<Self> {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        std::fs::File::open(file)?
+            .take(256 * 1024 * 1024)
+            .read_to_end(&mut buf)?;
+        Ok(Self { buf })
     }
-    Ok(best)
+
+    /// Best of three passes, in MB/s.
+    fn measure(&self) -> f64 {
+        let mut best = 0.0f64;
+        for _ in 0..3 {
+            let started = Instant::now();
+            let digest = ring::digest::digest(&ring::digest::SHA256, &self.buf);
+            let elapsed = started.elapsed();
+            std::hint::black_box(digest);
+            best = best.max(self.buf.len() as f64 / elapsed.as_secs_f64() / MB);
+        }
+        best
+    }
 }
 
 /// Every push of one chunk size, fastest transfer first, and the repeated push of the last one.
@@ -155,6 +171,8 @@ impl ChunkRuns {
 }
 
 struct PushRun {
+    /// The sha256 speed measured right before this push (0 when not measured).
+    sha_mbps_before: f64,
     digest: String,
     agent_cpu_seconds: f64,
     bytes_sent: u64,
@@ -197,6 +215,7 @@ fn push(pki: &Pki, agent: &AgentProcess, file: &Path, chunk_size: u32) -> anyhow
             .with_context(|| format!("no `{k}` in the push report"))
     };
     Ok(PushRun {
+        sha_mbps_before: 0.0,
         digest: v["digest"].as_str().context("no digest")?.to_string(),
         agent_cpu_seconds,
         bytes_sent: v["bytes_sent"].as_u64().context("no bytes_sent")?,
@@ -305,9 +324,10 @@ fn print_report(
         size / (1024 * 1024),
         mb
     );
-    println!("| single-thread sha256 (ring, in memory) | {sha_mbps:.0} MB/s |");
+    println!("| single-thread sha256 (ring, in memory), at the start | {sha_mbps:.0} MB/s |");
     let mut best_transfer = 0.0f64;
     let mut best_end_to_end = 0.0f64;
+    let mut best_ratio = 0.0f64;
     for runs in runs {
         let (chunk, run, again) = (runs.chunk_size, runs.median(), &runs.again);
         let transfer = mb / run.transfer_seconds;
@@ -322,6 +342,26 @@ fn print_report(
             runs.pushes.len(),
             run.transfer_seconds,
             transfer / sha_mbps * 100.0
+        );
+        let mut ratios: Vec<f64> = runs
+            .pushes
+            .iter()
+            .map(|p| mb / p.transfer_seconds / p.sha_mbps_before * 100.0)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let median_ratio = ratios[ratios.len() / 2];
+        best_ratio = best_ratio.max(median_ratio);
+        println!(
+            "| patchd push, {} KiB chunks: each push against the sha256 measured just before it ({}) | median {median_ratio:.0}%; all runs {:.0}-{:.0}% |",
+            chunk / 1024,
+            runs.pushes
+                .iter()
+                .map(|p| format!("{:.0}", p.sha_mbps_before))
+                .collect::<Vec<_>>()
+                .join(", ")
+                + " MB/s",
+            ratios[0],
+            ratios[ratios.len() - 1]
         );
         println!(
             "| patchd push, {} KiB chunks: whole command incl. the sender's digest pass ({:.2} s) | {end_to_end:.0} MB/s ({:.2} s) |",
@@ -365,7 +405,8 @@ fn print_report(
     let check = |ok: bool| if ok { "met" } else { "MISSED" };
     println!("targets:");
     println!(
-        "- transfer (median) >= 70% of sha256: {} ({:.0}%)",
+        "- transfer (median) >= 70% of sha256: against the sha256 of the same minute {} ({best_ratio:.0}%); against the sha256 measured at the start {} ({:.0}%)",
+        check(best_ratio >= 70.0),
         check(best_transfer >= 0.7 * sha_mbps),
         best_transfer / sha_mbps * 100.0
     );
