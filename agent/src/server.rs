@@ -1,12 +1,11 @@
-//! The `patchd.v1.Agent` gRPC service: Info, QueryBlob and Upload here; Stage, Apply, Rollback and Status are
-//! delegated to [`ApplyService`]. Wire types are converted to domain types at this boundary.
+//! The `patchd.v1.Agent` gRPC service: Info and QueryBlob here (Upload in [`crate::upload_path`]); Stage, Apply,
+//! Rollback and Status are delegated to [`ApplyService`]. Wire types are converted to domain types at this boundary.
 
 use crate::apply_rpc::ApplyService;
 use crate::config::Config;
 use crate::status::invalid_argument;
-use crate::transfer::{BlobRef, BlobStore, Chunk, IDLE_TIMEOUT, TransferError};
-use futures::StreamExt;
-use patchd_proto::v1::{self, agent_server::AgentServer, upload_message::Kind};
+use crate::transfer::{BlobRef, BlobStore};
+use patchd_proto::v1::{self, agent_server::AgentServer};
 use std::sync::Arc;
 use std::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
@@ -36,7 +35,7 @@ impl AgentService {
     }
 
     /// The tonic service, accepting messages up to [`patchd_proto::MAX_MESSAGE_BYTES`] (chunks up to 4 MiB).
-    pub fn into_server(self) -> AgentServer<Self> {
+    pub(crate) fn into_server(self) -> AgentServer<Self> {
         AgentServer::new(self)
             .max_decoding_message_size(patchd_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(patchd_proto::MAX_MESSAGE_BYTES)
@@ -48,32 +47,6 @@ pub(crate) fn blob_from_wire(blob: Option<v1::BlobRef>) -> Result<BlobRef, Statu
         invalid_argument("missing `blob`: send the digest, total size and chunk size")
     })?;
     Ok(BlobRef::new(blob.digest, blob.total_size, blob.chunk_size)?)
-}
-
-fn chunk_from_wire(message: Result<v1::UploadMessage, Status>) -> Result<Chunk, TransferError> {
-    let message =
-        message.map_err(|status| TransferError::StreamBroken(status.message().to_string()))?;
-    match message.kind {
-        Some(Kind::Chunk(chunk)) => {
-            let sha256: [u8; 32] = chunk.sha256.as_ref().try_into().map_err(|_| {
-                TransferError::Protocol(format!(
-                    "chunk {} carries a {}-byte sha256, expected 32",
-                    chunk.index,
-                    chunk.sha256.len()
-                ))
-            })?;
-            Ok(Chunk {
-                index: chunk.index,
-                offset: chunk.offset,
-                data: chunk.data,
-                sha256,
-            })
-        }
-        Some(Kind::Header(_)) => Err(TransferError::Protocol(
-            "a second header: send one header, then chunks".into(),
-        )),
-        None => Err(TransferError::Protocol("empty upload message".into())),
-    }
 }
 
 #[tonic::async_trait]
@@ -127,31 +100,16 @@ impl v1::agent_server::Agent for AgentService {
         }))
     }
 
+    /// Never reached: [`crate::upload_path::AgentRoutes`] serves Upload straight from the HTTP/2 frames and is the
+    /// only way this service is registered (`into_server` is crate-private).
     async fn upload(
         &self,
-        request: Request<Streaming<v1::UploadMessage>>,
+        _request: Request<Streaming<v1::UploadMessage>>,
     ) -> Result<Response<v1::UploadResponse>, Status> {
-        let mut stream = request.into_inner();
-        let first = tokio::time::timeout(IDLE_TIMEOUT, stream.message())
-            .await
-            .map_err(|_| Status::from(TransferError::IdleTimeout))??;
-        let blob = match first.and_then(|m| m.kind) {
-            Some(Kind::Header(header)) => blob_from_wire(header.blob)?,
-            _ => {
-                return Err(invalid_argument(
-                    "the first upload message must be a header naming the blob",
-                ));
-            }
-        };
-        let digest = blob.digest.clone();
-        let outcome = self.store.upload(blob, stream.map(chunk_from_wire)).await?;
-        tracing::debug!(%digest, ?outcome, "upload call finished");
-        Ok(Response::new(v1::UploadResponse {
-            digest,
-            complete: outcome.complete,
-            chunks_received: outcome.chunks_received,
-            bytes_received: outcome.bytes_received,
-        }))
+        Err(Status::internal(
+            "Upload reached the generated service instead of the agent's upload route: a wiring bug in patchd; \
+             report it",
+        ))
     }
 
     async fn stage(

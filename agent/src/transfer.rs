@@ -734,27 +734,20 @@ impl Writer {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), TransferError> {
         let mut done = 0;
-        if offset.is_multiple_of(DIRECT_IO_ALIGN as u64) {
+        while let Some(direct) = &self.direct
+            && offset.is_multiple_of(DIRECT_IO_ALIGN as u64)
+            && done < data.len()
+        {
+            let rest = &data[done..];
             // Data already in aligned memory (the upload path's buffers) goes to the disk as it is, whole blocks
-            // at once; only a partial last block is copied and padded below.
-            if let Some(direct) = &self.direct
-                && (data.as_ptr() as usize).is_multiple_of(DIRECT_IO_ALIGN)
-                && data.len() >= DIRECT_IO_ALIGN
+            // at once; anything else (and a partial last block) is copied into the aligned buffer and padded.
+            let (block, taken) = if (rest.as_ptr() as usize).is_multiple_of(DIRECT_IO_ALIGN)
+                && rest.len() >= DIRECT_IO_ALIGN
             {
-                let whole = data.len() / DIRECT_IO_ALIGN * DIRECT_IO_ALIGN;
-                match direct.write_all_at(&data[..whole], offset) {
-                    Ok(()) => done = whole,
-                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                        tracing::debug!(path = %self.part_path.display(), "direct I/O refused, writing buffered");
-                        self.direct = None;
-                    }
-                    Err(e) => return Err(io_err(&self.part_path)(e)),
-                }
-            }
-            while let Some(direct) = &self.direct
-                && done < data.len()
-            {
-                let piece = &data[done..data.len().min(done + DIRECT_IO_PIECE)];
+                let whole = rest.len() / DIRECT_IO_ALIGN * DIRECT_IO_ALIGN;
+                (&rest[..whole], whole)
+            } else {
+                let piece = &rest[..rest.len().min(DIRECT_IO_PIECE)];
                 let padded = piece.len().div_ceil(DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN;
                 if self.aligned.len() < DIRECT_IO_PIECE + DIRECT_IO_ALIGN {
                     self.aligned = vec![0; DIRECT_IO_PIECE + DIRECT_IO_ALIGN];
@@ -763,15 +756,16 @@ impl Writer {
                 let block = &mut self.aligned[start..start + padded];
                 block[..piece.len()].copy_from_slice(piece);
                 block[piece.len()..].fill(0);
-                match direct.write_all_at(block, offset + done as u64) {
-                    Ok(()) => done += piece.len(),
-                    // The filesystem accepted O_DIRECT at open but not this write: buffered from here on.
-                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                        tracing::debug!(path = %self.part_path.display(), "direct I/O refused, writing buffered");
-                        self.direct = None;
-                    }
-                    Err(e) => return Err(io_err(&self.part_path)(e)),
+                (&*block, piece.len())
+            };
+            match direct.write_all_at(block, offset + done as u64) {
+                Ok(()) => done += taken,
+                // The filesystem accepted O_DIRECT at open but not this write: buffered from here on.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                    tracing::debug!(path = %self.part_path.display(), "direct I/O refused, writing buffered");
+                    self.direct = None;
                 }
+                Err(e) => return Err(io_err(&self.part_path)(e)),
             }
         }
         if done < data.len() {

@@ -7,7 +7,7 @@
 use crate::server::{AgentService, blob_from_wire};
 use crate::status::invalid_argument;
 use crate::transfer::{BlobStore, Chunk, IDLE_TIMEOUT, TransferError};
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http_body_util::BodyExt;
 use patchd_proto::v1::{self, agent_server::AgentServer, upload_message::Kind};
 use prost::Message;
@@ -110,15 +110,10 @@ fn grpc_response(result: Result<v1::UploadResponse, Status>) -> http::Response<B
         Ok(message) => message,
         Err(status) => return status.into_http(),
     };
-    let len = message.encoded_len();
-    let mut framed = BytesMut::with_capacity(5 + len);
-    framed.put_u8(0);
-    framed.put_u32(len as u32);
-    message.encode_raw(&mut framed);
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
     let frames = futures::stream::iter([
-        Ok::<_, Infallible>(http_body::Frame::data(framed.freeze())),
+        Ok::<_, Infallible>(http_body::Frame::data(patchd_proto::grpc_frame(&message))),
         Ok(http_body::Frame::trailers(trailers)),
     ]);
     let mut response = http::Response::new(Body::new(http_body_util::StreamBody::new(frames)));
@@ -371,10 +366,7 @@ mod tests {
     use super::*;
 
     fn framed(message: &v1::UploadMessage) -> Vec<u8> {
-        let mut out = vec![0u8];
-        out.extend_from_slice(&(message.encoded_len() as u32).to_be_bytes());
-        message.encode(&mut out).unwrap();
-        out
+        patchd_proto::grpc_frame(message).to_vec()
     }
 
     fn chunk_message(index: u64, data: Vec<u8>) -> v1::UploadMessage {
@@ -469,8 +461,7 @@ mod tests {
         prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut message);
         prost::encoding::encode_varint(inner.len() as u64, &mut message);
         message.extend(inner);
-        let mut bytes = vec![0u8];
-        bytes.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        let mut bytes = patchd_proto::grpc_header(message.len()).to_vec();
         bytes.extend(message);
         let parts = read_all(body_of(bytes, &[4000])).await.unwrap();
         let [UploadPart::Chunk(chunk)] = &parts[..] else {

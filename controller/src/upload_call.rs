@@ -5,7 +5,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use patchd_proto::v1;
+use patchd_proto::{GRPC_HEADER_BYTES, grpc_header, v1};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 use std::convert::Infallible;
@@ -21,7 +21,7 @@ pub const UPLOAD_PATH: &str = "/patchd.v1.Agent/Upload";
 pub fn message_pieces(message: v1::UploadMessage) -> Vec<Bytes> {
     let chunk = match message.kind {
         Some(v1::upload_message::Kind::Chunk(chunk)) => chunk,
-        kind => return vec![framed(&v1::UploadMessage { kind })],
+        kind => return vec![patchd_proto::grpc_frame(&v1::UploadMessage { kind })],
     };
     // UploadChunk fields in the order index, offset, sha256, data: protobuf allows any order, and data last lets
     // its bytes follow as a piece of their own.
@@ -33,22 +33,12 @@ pub fn message_pieces(message: v1::UploadMessage) -> Vec<Bytes> {
     encode_varint(chunk.data.len() as u64, &mut fields);
     let inner_len = fields.len() + chunk.data.len();
     let message_len = key_len(2) + encoded_len_varint(inner_len as u64) + inner_len;
-    let mut head = BytesMut::with_capacity(5 + message_len - chunk.data.len());
-    head.put_u8(0);
-    head.put_u32(message_len as u32);
+    let mut head = BytesMut::with_capacity(GRPC_HEADER_BYTES + message_len - chunk.data.len());
+    head.put_slice(&grpc_header(message_len));
     encode_key(2, WireType::LengthDelimited, &mut head);
     encode_varint(inner_len as u64, &mut head);
     head.put(fields);
     vec![head.freeze(), chunk.data]
-}
-
-fn framed(message: &impl Message) -> Bytes {
-    let len = message.encoded_len();
-    let mut out = BytesMut::with_capacity(5 + len);
-    out.put_u8(0);
-    out.put_u32(len as u32);
-    message.encode_raw(&mut out);
-    out.freeze()
 }
 
 /// Runs one Upload call on `channel` with the pieces of `messages`, and returns the agent's answer or its status.
@@ -110,7 +100,9 @@ where
 /// The one message of a unary gRPC answer.
 fn decode_single(body: &[u8]) -> Result<v1::UploadResponse, Status> {
     let malformed = || Status::internal("malformed upload answer from the agent");
-    let (head, rest) = body.split_at_checked(5).ok_or_else(malformed)?;
+    let (head, rest) = body
+        .split_at_checked(GRPC_HEADER_BYTES)
+        .ok_or_else(malformed)?;
     if head[0] != 0 {
         return Err(malformed());
     }
@@ -167,8 +159,8 @@ mod tests {
             chunks_received: 3,
             bytes_received: 12_288,
         };
-        assert_eq!(decode_single(&framed(&answer)).unwrap(), answer);
-        let framed = framed(&answer);
+        let framed = patchd_proto::grpc_frame(&answer);
+        assert_eq!(decode_single(&framed).unwrap(), answer);
         assert!(decode_single(&framed[..framed.len() - 1]).is_err());
         assert!(decode_single(&[1, 0, 0, 0, 0]).is_err());
         assert!(decode_single(&[0, 0]).is_err());

@@ -12,3 +12,21 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Largest gRPC message either side accepts: a chunk of up to 4 MiB plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Length of the gRPC message prefix: a compression flag and a big-endian u32 length.
+pub const GRPC_HEADER_BYTES: usize = 5;
+
+/// The gRPC prefix of an uncompressed message of `len` bytes (both Upload fast paths frame by hand).
+pub fn grpc_header(len: usize) -> [u8; GRPC_HEADER_BYTES] {
+    let [a, b, c, d] = (len as u32).to_be_bytes();
+    [0, a, b, c, d]
+}
+
+/// `message` as one uncompressed gRPC frame: prefix, then the protobuf encoding.
+pub fn grpc_frame(message: &impl prost::Message) -> bytes::Bytes {
+    let len = message.encoded_len();
+    let mut out = Vec::with_capacity(GRPC_HEADER_BYTES + len);
+    out.extend_from_slice(&grpc_header(len));
+    message.encode_raw(&mut out);
+    out.into()
+}
