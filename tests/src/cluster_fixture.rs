@@ -678,26 +678,7 @@ impl ClusterFixture {
 
     /// Starts `patchctl` in the background; its stdout and stderr go to `<dir>/<label>.out|.err`.
     pub fn spawn_patchctl(&self, label: &str, args: &[&str]) -> Background {
-        let stdout = self.dir.join(format!("{label}.out"));
-        let stderr = self.dir.join(format!("{label}.err"));
-        let open = |path: &Path| {
-            std::fs::File::create(path)
-                .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()))
-        };
-        let child = Command::new(bin("patchctl"))
-            .args(args)
-            .env("PATCHCTL_HOME", self.pki.home())
-            .env_remove("PATCHCTL_LOG")
-            .stdin(Stdio::null())
-            .stdout(open(&stdout))
-            .stderr(open(&stderr))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start patchctl: {e}"));
-        Background {
-            child: Some(child),
-            stdout,
-            stderr,
-        }
+        Background::spawn(self.pki.home(), &self.dir, label, args)
     }
 }
 
@@ -740,6 +721,30 @@ pub struct Background {
 }
 
 impl Background {
+    /// Starts `patchctl args` with `PATCHCTL_HOME=home`; its stdout and stderr go to `<dir>/<label>.out|.err`.
+    pub fn spawn(home: &Path, dir: &Path, label: &str, args: &[&str]) -> Background {
+        let stdout = dir.join(format!("{label}.out"));
+        let stderr = dir.join(format!("{label}.err"));
+        let open = |path: &Path| {
+            std::fs::File::create(path)
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()))
+        };
+        let child = Command::new(bin("patchctl"))
+            .args(args)
+            .env("PATCHCTL_HOME", home)
+            .env_remove("PATCHCTL_LOG")
+            .stdin(Stdio::null())
+            .stdout(open(&stdout))
+            .stderr(open(&stderr))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start patchctl: {e}"));
+        Background {
+            child: Some(child),
+            stdout,
+            stderr,
+        }
+    }
+
     /// Sends a signal (`SIGINT` for Ctrl-C, `SIGKILL` for a crash).
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         if let Some(child) = &self.child {
@@ -759,8 +764,8 @@ impl Background {
             }
             assert!(
                 Instant::now() < deadline,
-                "patchctl did not exit within {timeout:?}; stderr:\n{}",
-                self.stderr_text()
+                "patchctl did not exit within {timeout:?}:\n{}",
+                self.output()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -781,6 +786,15 @@ impl Background {
     /// What it printed on stderr so far.
     pub fn stderr_text(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Both outputs, labelled, for assertion messages.
+    pub fn output(&self) -> String {
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            self.stdout_text(),
+            self.stderr_text()
+        )
     }
 }
 

@@ -16,7 +16,7 @@
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use patchd_e2e::cluster_fixture::{http, stamp_with_delay};
+use patchd_e2e::cluster_fixture::{Background, http, stamp_with_delay};
 use patchd_e2e::{bin, patchctl, patchctl_ok, sha256_file, toml_string, wait_for};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -140,22 +140,7 @@ impl Fleet {
 
     /// `patchctl` in the background, output to `<dir>/<label>.out|.err`.
     fn spawn_patchctl(&self, label: &str, args: &[&str]) -> Background {
-        let stdout = self.dir.join(format!("{label}.out"));
-        let stderr = self.dir.join(format!("{label}.err"));
-        let child = Command::new(bin("patchctl"))
-            .args(args)
-            .env("PATCHCTL_HOME", &self.home)
-            .env_remove("PATCHCTL_LOG")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start patchctl: {e}"));
-        Background {
-            child: Some(child),
-            stdout,
-            stderr,
-        }
+        Background::spawn(&self.home, &self.dir, label, args)
     }
 
     fn master_url(&self) -> String {
@@ -303,60 +288,6 @@ impl Drop for Fleet {
         }
         for pid in processes_running_under(&self.dir) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-    }
-}
-
-/// A `patchctl` running in the background; SIGKILLed on drop.
-struct Background {
-    child: Option<Child>,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Background {
-    fn signal(&self, signal: Signal) {
-        if let Some(child) = &self.child {
-            let _ = kill(Pid::from_raw(i32::try_from(child.id()).unwrap()), signal);
-        }
-    }
-
-    /// Exit code (None when killed by a signal); panics after `timeout`.
-    fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut()?;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "patchctl did not exit within {timeout:?}:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stdout_text(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn output(&self) -> String {
-        format!(
-            "stdout:\n{}\nstderr:\n{}",
-            self.stdout_text(),
-            std::fs::read_to_string(&self.stderr).unwrap_or_default()
-        )
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
         }
     }
 }
