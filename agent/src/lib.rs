@@ -17,11 +17,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 /// HTTP/2 flow-control windows of the server: uploads are server-bound, so these bound throughput per RTT.
 const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+/// Idle time before TCP keepalive probes start on an agent connection.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Largest HTTP/2 frame the agent accepts (the default is 16 KiB): a chunk upload arrives in 256 KiB DATA frames,
 /// so the sender writes 16 TLS records per system call and both sides handle 16 times fewer frames.
 const MAX_FRAME_BYTES: u32 = 256 * 1024;
@@ -98,12 +100,20 @@ impl Agent {
             .max_frame_size(Some(MAX_FRAME_BYTES))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .tcp_nodelay(true)
             .add_service(upload_path::AgentRoutes::new(service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(accepted_connections(listener), shutdown)
             .await?;
         Ok(())
     }
+}
+
+/// Connections accepted on `listener`, with `TCP_NODELAY` (HTTP/2 frames go out as soon as they are written:
+/// with Nagle, the agent's flow-control updates waited for the sender's delayed ACKs) and TCP keepalive.
+/// The server builder's socket settings are ignored for a caller-supplied listener, so they are set here.
+fn accepted_connections(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE))
 }
 
 /// The single place the apply engine is constructed (it runs crash recovery before the server starts).
@@ -111,4 +121,25 @@ async fn start_apply_service(config: &Arc<Config>) -> Result<ApplyService, Agent
     ApplyService::start(config)
         .await
         .map_err(|e| AgentError::Apply(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn accepted_connections_send_small_frames_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = accepted_connections(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "TCP_NODELAY is set on accepted connections"
+        );
+        let keepalive = socket2::SockRef::from(&accepted).keepalive().unwrap();
+        assert!(keepalive, "TCP keepalive is on");
+    }
 }
