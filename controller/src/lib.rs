@@ -1,5 +1,5 @@
 //! patchctl library: everything the controller CLI uses, behind thiserror errors so it can be tested.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod agent_client;
 pub mod agent_ops;

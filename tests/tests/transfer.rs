@@ -465,3 +465,43 @@ fn a_push_that_does_not_fit_a_real_small_filesystem_is_refused() {
     );
     agent.kill();
 }
+
+/// patchctl sends chunks from a memory mapping of the package; a truncation racing the read raises SIGBUS, which
+/// must end the command with the error exit code and a message saying what happened, not a "Bus error" crash.
+/// (The race itself cannot be timed in a test; a file already cut short is refused by a unit test of
+/// `read_chunks`.) The signal is delivered while patchctl waits on a listener that never answers.
+#[test]
+fn a_package_truncated_under_a_push_is_reported_as_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let child = std::process::Command::new(patchd_e2e::bin("patchctl"))
+        .args(["agent", "info", &addr])
+        .env("PATCHCTL_HOME", pki.home())
+        .env_remove("PATCHCTL_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Connected: patchctl is past `main`'s set-up, handler installed.
+    let (_connection, _) = silent.accept().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGBUS,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit code 1, not a signal: {stderr}"
+    );
+    assert!(
+        stderr.contains("a package file was truncated while patchctl was reading it")
+            && stderr.contains("keep the file unchanged"),
+        "{stderr}"
+    );
+}
