@@ -129,7 +129,7 @@ mod tests {
     use tokio_stream::StreamExt;
 
     #[tokio::test]
-    async fn accepted_connections_send_small_frames_at_once() {
+    async fn accepted_connections_have_nodelay_and_keepalive() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut incoming = accepted_connections(listener);
