@@ -1,16 +1,18 @@
 //! Crash safety of apply with a real agent: the agent kills itself (SIGKILL, `PATCHD_FAULT=<point>[:n]`, binaries
 //! built with `--features patchd-agent/fault-injection`) at every fault point in turn; after a restart, recovery
-//! must leave every file of the service all-old (no fault point lies after the commit), the service running and
-//! serving the old version, the journal final, no temporaries, and a repeated Apply with the same patch id must
-//! replay the recorded result without changing anything.
+//! must leave the service's deploy dir exactly as before (every file old, files and directories the package adds
+//! gone; no fault point lies after the commit), the service running and serving the old version, the journal
+//! final, no temporaries, and a repeated Apply with the same patch id must replay the recorded result without
+//! changing anything.
 
 use patchd_e2e::apply_support::{
     AgentRpc, ServiceReaper, WorkerService, journal, journal_phase, outcome, package_hashes,
     pid_alive, push, service_pid, worker_package,
 };
-use patchd_e2e::{AgentConfig, AgentProcess, Pki, wait_for};
+use patchd_e2e::{AgentConfig, AgentProcess, Pki, sha256_file, wait_for};
 use patchd_proto::v1::{ApplyOutcome, ServiceState};
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Names in the deploy dir that only an unfinished apply leaves.
@@ -31,32 +33,215 @@ fn temporaries(dir: &Path) -> Vec<String> {
     found
 }
 
+/// Every entry under `dir`: relative path → sha256 of a file, or "dir".
+fn tree(dir: &Path) -> BTreeMap<String, String> {
+    let mut entries = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(current) = stack.pop() {
+        for entry in std::fs::read_dir(&current).unwrap().flatten() {
+            let path = entry.path();
+            let name = path.strip_prefix(dir).unwrap().display().to_string();
+            if entry.file_type().unwrap().is_dir() {
+                entries.insert(name, "dir".to_string());
+                stack.push(path);
+            } else {
+                entries.insert(name, sha256_file(&path));
+            }
+        }
+    }
+    entries
+}
+
+/// A running agent with one worker service at v1.0.0, and what its deploy dir held then.
+struct CrashRig {
+    dir: tempfile::TempDir,
+    pki: Pki,
+    worker: WorkerService,
+    config_path: PathBuf,
+    state: PathBuf,
+    reaper: ServiceReaper,
+    agent: AgentProcess,
+    original: BTreeMap<String, String>,
+}
+
+impl CrashRig {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        let tls = pki.issue_agent("agent-1", &["127.0.0.1"]);
+        let agent_dir = dir.path().join("agent-1");
+        let worker = WorkerService::new(&agent_dir.join("deploy"), "worker-1");
+        worker.install("v1.0.0");
+        let config = AgentConfig::new(&agent_dir, &tls).extra(&worker.toml("300ms", "8s"));
+        let config_path = config.write();
+        let state = config.state_path().to_path_buf();
+        let reaper = ServiceReaper::new(&state);
+        let agent = AgentProcess::start(&config_path);
+        worker.wait_serving("v1.0.0");
+        reaper.track("worker-1");
+        let original = tree(&worker.deploy_dir);
+        Self {
+            dir,
+            pki,
+            worker,
+            config_path,
+            state,
+            reaper,
+            agent,
+            original,
+        }
+    }
+
+    fn packages(&self) -> PathBuf {
+        self.dir.path().join("packages")
+    }
+
+    /// Pushes and stages `package`; its digest.
+    fn push_and_stage(&self, package: &Path) -> String {
+        let digest = push(&self.pki, &self.agent.addr_string(), package);
+        AgentRpc::connect(&self.pki, self.agent.addr)
+            .stage("worker-1", &digest)
+            .unwrap();
+        digest
+    }
+
+    /// Restarts the agent armed to die at `point`, applies `digest`, checks it died there, restarts it, and checks
+    /// that recovery left everything as it was (journal `expected_phase`) and that a replay changes nothing.
+    fn crash_and_recover(&mut self, point: &str, digest: &str, patch_id: &str) {
+        self.agent.kill();
+        self.agent = AgentProcess::start_with_env(&self.config_path, &[("PATCHD_FAULT", point)]);
+        let mut rpc = AgentRpc::connect(&self.pki, self.agent.addr);
+        let answer = rpc.apply("worker-1", digest, patch_id, false);
+        assert!(
+            answer.is_err(),
+            "{point}: the agent should have died, got {answer:?}"
+        );
+        let agent = &mut self.agent;
+        wait_for(
+            Duration::from_secs(30),
+            "the agent to die at the fault point",
+            || !agent.is_running(),
+        );
+        let point_name = point.split(':').next().unwrap();
+        assert!(
+            self.agent
+                .stderr()
+                .contains(&format!("injected crash at {point_name}")),
+            "{point}: {}",
+            self.agent.stderr()
+        );
+        assert!(
+            !["committed", "reverted", "failed"]
+                .contains(&journal_phase(&self.state, "worker-1").as_str()),
+            "{point}: the journal must show an unfinished apply before recovery"
+        );
+        self.reaper.track("worker-1");
+
+        self.agent.restart();
+        let (expected_phase, expected_outcome) = if point == "after-prepare" {
+            ("failed", ApplyOutcome::Failed)
+        } else {
+            ("reverted", ApplyOutcome::Reverted)
+        };
+        assert_eq!(
+            journal_phase(&self.state, "worker-1"),
+            expected_phase,
+            "{point}: journal {}",
+            journal(&self.state, "worker-1")
+        );
+        assert_eq!(
+            tree(&self.worker.deploy_dir),
+            self.original,
+            "{point}: the deploy dir must be exactly the old one"
+        );
+        assert!(
+            temporaries(&self.worker.deploy_dir).is_empty(),
+            "{point}: {:?}",
+            temporaries(&self.worker.deploy_dir)
+        );
+        self.worker.wait_serving("v1.0.0");
+        let mut rpc = AgentRpc::connect(&self.pki, self.agent.addr);
+        let status = rpc.status("worker-1");
+        assert_eq!(status.state(), ServiceState::Running, "{point}");
+        assert_eq!(
+            Some(status.pid as i32),
+            service_pid(&self.state, "worker-1"),
+            "{point}"
+        );
+        assert!(pid_alive(status.pid as i32), "{point}");
+        assert_eq!(status.binary_sha256, self.worker.file_hashes().0, "{point}");
+        assert!(!status.apply_in_flight, "{point}");
+        self.reaper.track("worker-1");
+
+        let replay = rpc.apply("worker-1", digest, patch_id, false).unwrap();
+        assert!(replay.replayed, "{point}: {replay:?}");
+        assert_eq!(outcome(&replay), expected_outcome, "{point}: {replay:?}");
+        assert!(
+            replay.reason.contains("agent restarted"),
+            "{point}: {}",
+            replay.reason
+        );
+        assert_eq!(
+            tree(&self.worker.deploy_dir),
+            self.original,
+            "{point}: a replay changes nothing"
+        );
+        assert_eq!(
+            rpc.status("worker-1").pid,
+            status.pid,
+            "{point}: a replay does not restart"
+        );
+    }
+
+    /// A normal apply of `digest` still commits after the crashes; the backups left are only its own.
+    fn apply_commits(&mut self, digest: &str, version: &str) {
+        let mut rpc = AgentRpc::connect(&self.pki, self.agent.addr);
+        let applied = rpc.apply("worker-1", digest, "final", false).unwrap();
+        assert_eq!(outcome(&applied), ApplyOutcome::Committed, "{applied:?}");
+        assert_eq!(
+            self.worker.file_hashes(),
+            package_hashes(&self.packages(), version)
+        );
+        self.worker.wait_serving(version);
+        self.reaper.track("worker-1");
+        let backups: Vec<_> = std::fs::read_dir(self.state.join("backups/worker-1"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            backups,
+            vec![std::ffi::OsString::from("final")],
+            "interrupted applies leave no backup sets"
+        );
+    }
+
+    fn stop(mut self) {
+        self.agent.stop();
+        self.reaper.reap();
+    }
+}
+
+/// [`worker_package`] plus `plugins/extra.conf`: a file and a directory the deployed version does not have.
+fn worker_package_adding_a_file(dir: &Path, version: &str, mode: &str) -> PathBuf {
+    let built = worker_package(dir, version, mode);
+    let root = dir.join(version).join("demo-worker");
+    std::fs::create_dir_all(root.join("plugins")).unwrap();
+    std::fs::write(
+        root.join("plugins/extra.conf"),
+        format!("added in {version}\n"),
+    )
+    .unwrap();
+    patchd_package::pack_dir(&root, version, &built).unwrap();
+    built
+}
+
 #[test]
 fn agent_killed_at_every_fault_point_recovers_to_the_old_version() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let tls = pki.issue_agent("agent-1", &["127.0.0.1"]);
-    let agent_dir = dir.path().join("agent-1");
-    let worker = WorkerService::new(&agent_dir.join("deploy"), "worker-1");
-    worker.install("v1.0.0");
-    let config = AgentConfig::new(&agent_dir, &tls).extra(&worker.toml("300ms", "8s"));
-    let config_path = config.write();
-    let state = config.state_path().to_path_buf();
-    let reaper = ServiceReaper::new(&state);
-    let mut agent = AgentProcess::start(&config_path);
-    worker.wait_serving("v1.0.0");
-    reaper.track("worker-1");
-    let original = worker.file_hashes();
-
-    let pkgs = dir.path().join("packages");
-    let good = worker_package(&pkgs, "v2.0.0", "ok");
-    let crash = worker_package(&pkgs, "v2.0.1-crash", "crash");
-    let mut rpc = AgentRpc::connect(&pki, agent.addr);
-    let good_digest = push(&pki, &agent.addr_string(), &good);
-    let crash_digest = push(&pki, &agent.addr_string(), &crash);
-    rpc.stage("worker-1", &good_digest).unwrap();
-    rpc.stage("worker-1", &crash_digest).unwrap();
-    drop(rpc);
+    let mut rig = CrashRig::start();
+    let pkgs = rig.packages();
+    let good_digest = rig.push_and_stage(&worker_package(&pkgs, "v2.0.0", "ok"));
+    let crash_digest = rig.push_and_stage(&worker_package(&pkgs, "v2.0.1-crash", "crash"));
 
     // The package has two changed files (conf/worker.toml sorts before demo-worker), so `after-swap:1` and
     // `during-revert:1` leave a mixed deploy dir behind that recovery must put back.
@@ -72,115 +257,44 @@ fn agent_killed_at_every_fault_point_recovers_to_the_old_version() {
         ("during-revert:2", &crash_digest),
     ];
     for (index, (point, digest)) in points.into_iter().enumerate() {
-        let patch_id = format!("crash-{index}");
-        agent.kill();
-        agent = AgentProcess::start_with_env(&config_path, &[("PATCHD_FAULT", point)]);
-        let mut rpc = AgentRpc::connect(&pki, agent.addr);
-        let answer = rpc.apply("worker-1", digest, &patch_id, false);
-        assert!(
-            answer.is_err(),
-            "{point}: the agent should have died, got {answer:?}"
-        );
-        wait_for(
-            Duration::from_secs(30),
-            "the agent to die at the fault point",
-            || !agent.is_running(),
-        );
-        let point_name = point.split(':').next().unwrap();
-        assert!(
-            agent
-                .stderr()
-                .contains(&format!("injected crash at {point_name}")),
-            "{point}: {}",
-            agent.stderr()
-        );
-        assert!(
-            !["committed", "reverted", "failed"]
-                .contains(&journal_phase(&state, "worker-1").as_str()),
-            "{point}: the journal must show an unfinished apply before recovery"
-        );
-        reaper.track("worker-1");
-
-        agent.restart();
-        let phase = journal_phase(&state, "worker-1");
-        let expected_phase = if point == "after-prepare" {
-            "failed"
-        } else {
-            "reverted"
-        };
-        assert_eq!(
-            phase,
-            expected_phase,
-            "{point}: journal {}",
-            journal(&state, "worker-1")
-        );
-        assert_eq!(
-            worker.file_hashes(),
-            original,
-            "{point}: every file must be the old one"
-        );
-        assert!(
-            temporaries(&worker.deploy_dir).is_empty(),
-            "{point}: {:?}",
-            temporaries(&worker.deploy_dir)
-        );
-        worker.wait_serving("v1.0.0");
-        let mut rpc = AgentRpc::connect(&pki, agent.addr);
-        let status = rpc.status("worker-1");
-        assert_eq!(status.state(), ServiceState::Running, "{point}");
-        assert_eq!(
-            Some(status.pid as i32),
-            service_pid(&state, "worker-1"),
-            "{point}"
-        );
-        assert!(pid_alive(status.pid as i32), "{point}");
-        assert_eq!(status.binary_sha256, original.0, "{point}");
-        assert!(!status.apply_in_flight, "{point}");
-        reaper.track("worker-1");
-
-        let replay = rpc.apply("worker-1", digest, &patch_id, false).unwrap();
-        assert!(replay.replayed, "{point}: {replay:?}");
-        let expected = if point == "after-prepare" {
-            ApplyOutcome::Failed
-        } else {
-            ApplyOutcome::Reverted
-        };
-        assert_eq!(outcome(&replay), expected, "{point}: {replay:?}");
-        assert!(
-            replay.reason.contains("agent restarted"),
-            "{point}: {}",
-            replay.reason
-        );
-        assert_eq!(
-            worker.file_hashes(),
-            original,
-            "{point}: a replay changes nothing"
-        );
-        assert_eq!(
-            rpc.status("worker-1").pid,
-            status.pid,
-            "{point}: a replay does not restart"
-        );
+        rig.crash_and_recover(point, digest, &format!("crash-{index}"));
     }
+    rig.apply_commits(&good_digest, "v2.0.0");
+    rig.stop();
+}
 
-    // After all that, a normal apply still commits (all-new).
-    let mut rpc = AgentRpc::connect(&pki, agent.addr);
-    let applied = rpc.apply("worker-1", &good_digest, "final", false).unwrap();
-    assert_eq!(outcome(&applied), ApplyOutcome::Committed, "{applied:?}");
-    assert_eq!(worker.file_hashes(), package_hashes(&pkgs, "v2.0.0"));
-    worker.wait_serving("v2.0.0");
-    reaper.track("worker-1");
-    let backups: Vec<_> = std::fs::read_dir(state.join("backups/worker-1"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+#[test]
+fn a_package_adding_files_leaves_no_trace_after_a_crash() {
+    let mut rig = CrashRig::start();
+    let pkgs = rig.packages();
+    let good_digest = rig.push_and_stage(&worker_package_adding_a_file(&pkgs, "v2.1.0", "ok"));
+    let crash_digest = rig.push_and_stage(&worker_package_adding_a_file(
+        &pkgs,
+        "v2.1.1-crash",
+        "crash",
+    ));
+
+    // Three swaps in order: conf/worker.toml, demo-worker, plugins/extra.conf (the added file, in an added
+    // directory). A crash after the third, or while the third is being undone, leaves the new file behind.
+    let points: [(&str, &str); 5] = [
+        ("after-swap:2", &good_digest),
+        ("after-swap:3", &good_digest),
+        ("during-probation", &good_digest),
+        ("during-revert:1", &crash_digest),
+        ("during-revert:3", &crash_digest),
+    ];
+    for (index, (point, digest)) in points.into_iter().enumerate() {
+        rig.crash_and_recover(point, digest, &format!("add-crash-{index}"));
+    }
+    rig.apply_commits(&good_digest, "v2.1.0");
     assert_eq!(
-        backups,
-        vec![std::ffi::OsString::from("final")],
-        "interrupted applies leave no backup sets"
+        std::fs::read_to_string(
+            rig.worker
+                .deploy_dir
+                .join("bin/demo-worker/plugins/extra.conf")
+        )
+        .unwrap(),
+        "added in v2.1.0\n"
     );
-
-    agent.stop();
-    reaper.reap();
+    rig.stop();
 }
