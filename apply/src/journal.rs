@@ -171,6 +171,10 @@ pub struct HistoryEntry {
     pub backup_kept: bool,
     /// The files the patch changed, with where their previous content is kept (emptied when pruned).
     pub files: Vec<FileChange>,
+    /// Directories the patch created in the deploy dir, parents first: rolling it back removes them when they are
+    /// empty again (emptied when pruned). Absent from journals written before it existed.
+    #[serde(default)]
+    pub created_dirs: Vec<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -291,6 +295,15 @@ mod tests {
             serde_json::to_string(&ApplyPhase::Swapping { done: 2 }).unwrap(),
             r#"{"phase":"swapping","done":2}"#
         );
+    }
+
+    #[test]
+    fn history_written_before_created_dirs_existed_still_reads() {
+        let old = r#"{"patch_id":"p1","digest":"d","version":"v2","outcome":"committed","finished_unix":1,
+            "backup_dir":"/s/backups/svc/p1","backup_kept":true,"files":[]}"#;
+        let entry: HistoryEntry = serde_json::from_str(old).unwrap();
+        assert!(entry.created_dirs.is_empty());
+        assert_eq!(entry.patch_id, "p1");
     }
 
     #[test]

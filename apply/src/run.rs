@@ -498,6 +498,9 @@ impl<'a> Run<'a> {
         let stored = result.clone();
         let keep = self.inner.keep_backups;
         let mut obsolete: Vec<PathBuf> = Vec::new();
+        // Directories of rolled-back patches, removed (when empty) only once the rollback's commit is durable:
+        // were the rollback reverted instead, its files would need them again.
+        let mut emptied_dirs: Vec<PathBuf> = Vec::new();
         self.svc.persist(|journal| {
             journal.current = Some(record.clone());
             journal.push_result(stored);
@@ -515,8 +518,16 @@ impl<'a> Run<'a> {
                     backup_dir: record.backup_dir.clone(),
                     backup_kept: true,
                     files: record.files.clone(),
+                    created_dirs: record.created_dirs.clone(),
                 }),
                 ApplyKind::Rollback { undoes } => {
+                    emptied_dirs.extend(
+                        journal
+                            .history
+                            .iter()
+                            .filter(|h| undoes.contains(&h.patch_id))
+                            .flat_map(|h| h.created_dirs.iter().cloned()),
+                    );
                     obsolete.extend(
                         journal
                             .history
@@ -535,6 +546,7 @@ impl<'a> Run<'a> {
                 let entry = &mut journal.history[index];
                 entry.backup_kept = false;
                 entry.files.clear();
+                entry.created_dirs.clear();
                 obsolete.push(entry.backup_dir.clone());
             }
             let excess = journal.history.len().saturating_sub(MAX_HISTORY);
@@ -545,6 +557,7 @@ impl<'a> Run<'a> {
         let (files, id) = (self.rec.files.clone(), self.rec.patch_id.clone());
         blocking(move || {
             plan::remove_temps(&files, &id);
+            plan::remove_created_dirs(&emptied_dirs);
             for dir in obsolete {
                 if let Err(e) = crate::fsutil::remove_tree_if_exists(&dir) {
                     tracing::warn!("cannot remove backup set {}: {e}", dir.display());

@@ -61,7 +61,30 @@ struct CrashRig {
     state: PathBuf,
     reaper: ServiceReaper,
     agent: AgentProcess,
+    /// The deploy dir and the version served before the operation that crashes: recovery must restore both.
     original: BTreeMap<String, String>,
+    serving: String,
+}
+
+/// The operation a crash interrupts.
+#[derive(Debug, Clone, Copy)]
+enum Op<'a> {
+    Apply(&'a str),
+    /// Roll back the last committed patch.
+    Rollback,
+}
+
+impl Op<'_> {
+    fn call(
+        self,
+        rpc: &mut AgentRpc,
+        patch_id: &str,
+    ) -> Result<patchd_proto::v1::ApplyResponse, tonic::Status> {
+        match self {
+            Op::Apply(digest) => rpc.apply("worker-1", digest, patch_id, false),
+            Op::Rollback => rpc.rollback("worker-1", "", patch_id),
+        }
+    }
 }
 
 impl CrashRig {
@@ -89,6 +112,7 @@ impl CrashRig {
             reaper,
             agent,
             original,
+            serving: "v1.0.0".to_string(),
         }
     }
 
@@ -105,13 +129,13 @@ impl CrashRig {
         digest
     }
 
-    /// Restarts the agent armed to die at `point`, applies `digest`, checks it died there, restarts it, and checks
-    /// that recovery left everything as it was (journal `expected_phase`) and that a replay changes nothing.
-    fn crash_and_recover(&mut self, point: &str, digest: &str, patch_id: &str) {
+    /// Restarts the agent armed to die at `point`, runs `op`, checks it died there, restarts it, and checks that
+    /// recovery left everything as it was before `op` and that a replay changes nothing.
+    fn crash_and_recover(&mut self, point: &str, op: Op<'_>, patch_id: &str) {
         self.agent.kill();
         self.agent = AgentProcess::start_with_env(&self.config_path, &[("PATCHD_FAULT", point)]);
         let mut rpc = AgentRpc::connect(&self.pki, self.agent.addr);
-        let answer = rpc.apply("worker-1", digest, patch_id, false);
+        let answer = op.call(&mut rpc, patch_id);
         assert!(
             answer.is_err(),
             "{point}: the agent should have died, got {answer:?}"
@@ -152,14 +176,14 @@ impl CrashRig {
         assert_eq!(
             tree(&self.worker.deploy_dir),
             self.original,
-            "{point}: the deploy dir must be exactly the old one"
+            "{point}: the deploy dir must be exactly as before"
         );
         assert!(
             temporaries(&self.worker.deploy_dir).is_empty(),
             "{point}: {:?}",
             temporaries(&self.worker.deploy_dir)
         );
-        self.worker.wait_serving("v1.0.0");
+        self.worker.wait_serving(&self.serving);
         let mut rpc = AgentRpc::connect(&self.pki, self.agent.addr);
         let status = rpc.status("worker-1");
         assert_eq!(status.state(), ServiceState::Running, "{point}");
@@ -173,7 +197,7 @@ impl CrashRig {
         assert!(!status.apply_in_flight, "{point}");
         self.reaper.track("worker-1");
 
-        let replay = rpc.apply("worker-1", digest, patch_id, false).unwrap();
+        let replay = op.call(&mut rpc, patch_id).unwrap();
         assert!(replay.replayed, "{point}: {replay:?}");
         assert_eq!(outcome(&replay), expected_outcome, "{point}: {replay:?}");
         assert!(
@@ -193,7 +217,8 @@ impl CrashRig {
         );
     }
 
-    /// A normal apply of `digest` still commits after the crashes; the backups left are only its own.
+    /// A normal apply of `digest` commits (also after crashes); the backups left are only its own. It becomes the
+    /// state later crashes must come back to.
     fn apply_commits(&mut self, digest: &str, version: &str) {
         let mut rpc = AgentRpc::connect(&self.pki, self.agent.addr);
         let applied = rpc.apply("worker-1", digest, "final", false).unwrap();
@@ -214,6 +239,8 @@ impl CrashRig {
             vec![std::ffi::OsString::from("final")],
             "interrupted applies leave no backup sets"
         );
+        self.original = tree(&self.worker.deploy_dir);
+        self.serving = version.to_string();
     }
 
     fn stop(mut self) {
@@ -257,7 +284,7 @@ fn agent_killed_at_every_fault_point_recovers_to_the_old_version() {
         ("during-revert:2", &crash_digest),
     ];
     for (index, (point, digest)) in points.into_iter().enumerate() {
-        rig.crash_and_recover(point, digest, &format!("crash-{index}"));
+        rig.crash_and_recover(point, Op::Apply(digest), &format!("crash-{index}"));
     }
     rig.apply_commits(&good_digest, "v2.0.0");
     rig.stop();
@@ -284,7 +311,7 @@ fn a_package_adding_files_leaves_no_trace_after_a_crash() {
         ("during-revert:3", &crash_digest),
     ];
     for (index, (point, digest)) in points.into_iter().enumerate() {
-        rig.crash_and_recover(point, digest, &format!("add-crash-{index}"));
+        rig.crash_and_recover(point, Op::Apply(digest), &format!("add-crash-{index}"));
     }
     rig.apply_commits(&good_digest, "v2.1.0");
     assert_eq!(
@@ -296,5 +323,41 @@ fn a_package_adding_files_leaves_no_trace_after_a_crash() {
         .unwrap(),
         "added in v2.1.0\n"
     );
+    rig.stop();
+}
+
+#[test]
+fn a_rollback_killed_at_every_fault_point_recovers_to_the_patched_version() {
+    let mut rig = CrashRig::start();
+    let v1 = rig.original.clone();
+    let pkgs = rig.packages();
+    let digest = rig.push_and_stage(&worker_package_adding_a_file(&pkgs, "v2.1.0", "ok"));
+    rig.apply_commits(&digest, "v2.1.0");
+
+    // Rolling back swaps three files: the old conf and binary back, and the added file out (its directory too).
+    let points = [
+        "after-prepare",
+        "after-stop",
+        "after-swap:1",
+        "after-swap:3",
+        "after-start",
+        "during-probation",
+        "before-commit",
+    ];
+    for (index, point) in points.into_iter().enumerate() {
+        rig.crash_and_recover(point, Op::Rollback, &format!("rollback-crash-{index}"));
+    }
+
+    // After all that, the rollback itself still works: exactly the version installed at the start.
+    let mut rpc = AgentRpc::connect(&rig.pki, rig.agent.addr);
+    let rolled = rpc.rollback("worker-1", "", "rollback-final").unwrap();
+    assert_eq!(outcome(&rolled), ApplyOutcome::Committed, "{rolled:?}");
+    assert_eq!(
+        tree(&rig.worker.deploy_dir),
+        v1,
+        "back to the original files, added ones gone"
+    );
+    rig.worker.wait_serving("v1.0.0");
+    rig.reaper.track("worker-1");
     rig.stop();
 }
