@@ -139,7 +139,8 @@ mod tests {
             accepted.nodelay().unwrap(),
             "TCP_NODELAY is set on accepted connections"
         );
-        let keepalive = socket2::SockRef::from(&accepted).keepalive().unwrap();
-        assert!(keepalive, "TCP keepalive is on");
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.keepalive().unwrap(), "TCP keepalive is on");
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE);
     }
 }

@@ -360,7 +360,8 @@ const POOLED_BYTES: usize = 4 * 1024 * 1024;
 
 /// The chunk buffers of one upload, reused: a freed megabyte block goes back to the kernel, and faulting and
 /// zeroing it in again for the next chunk cost 5% of the agent's CPU. The pool lives as long as its upload:
-/// buffers still queued for the disk when the upload ends are freed when the disk side drops them.
+/// buffers still queued for the disk when the upload ends are freed when the disk side drops them. An open upload
+/// keeps at most [`POOLED_BYTES`] (two buffers with 4 MiB chunks) on top of its queues, even while paused.
 #[derive(Debug, Default)]
 struct BufferPool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
 
@@ -459,9 +460,14 @@ mod tests {
             2,
             "at most two buffers this large"
         );
-        // Buffers still out when the upload (and its pool) ends are simply freed.
+        // Buffers still out when the upload (and its pool) ends are simply freed: nothing keeps the pool alive.
         let out = Bytes::from_owner(pool.lend(pool.take(4096)));
+        let weak = Arc::downgrade(&pool.0);
         drop(pool);
+        assert!(
+            weak.upgrade().is_none(),
+            "a lent buffer does not keep the pool"
+        );
         drop(out);
     }
 

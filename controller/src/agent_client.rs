@@ -579,7 +579,7 @@ fn read_chunks(
                 "the file shrank during the push",
             ));
         }
-        let data = map_chunk(&file, offset, len)?;
+        let data = chunk_bytes(&file, offset, len)?;
         let mut sha256 = blob.chunk_hashes[index as usize];
         if corrupt == Some(index) {
             sha256[0] ^= 0xff;
@@ -599,18 +599,33 @@ fn read_chunks(
     Ok(())
 }
 
+/// Chunks at least this large are mapped ([`map_chunk`]); smaller ones are read: for them a mapping costs more
+/// system calls than the copy it saves.
+const MAP_MIN_BYTES: usize = 64 * 1024;
+
+/// Bytes `offset..offset + len` of the file: mapped from the page cache when the chunk is large enough, read
+/// otherwise (or when the file system cannot map it).
+fn chunk_bytes(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    if len >= MAP_MIN_BYTES
+        && let Ok(mapped) = map_chunk(file, offset, len)
+    {
+        return Ok(mapped);
+    }
+    let mut data = vec![0; len];
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut data, offset)?;
+    Ok(Bytes::from(data))
+}
+
 /// One chunk of the file, mapped from the page cache instead of copied out of it: that copy was a third of the
 /// sender's CPU during a push (BENCHMARKS.md, "Transfer"). The mapping lives as long as the chunk's `Bytes`, i.e.
 /// until TLS has encrypted it, so memory stays bounded by the chunks in flight.
 #[allow(unsafe_code)]
-fn map_chunk(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Bytes> {
-    if len == 0 {
-        return Ok(Bytes::new());
-    }
-    // SAFETY: the mapping is read-only, private to this process, and only read. The one hazard is another process
-    // truncating the file while the chunk is mapped (the size was checked just before): reading past the new end
-    // then raises SIGBUS, which patchctl's `main` turns into an error message and exit code 1. A file changed
-    // without truncation is caught by the agent, which checks every chunk's sha256.
+pub(crate) fn map_chunk(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    // SAFETY: a read-only mapping that patchctl never writes through. It is a shared mapping of the file, so
+    // another process could change the bytes under the `Bytes` while TLS copies them: patchctl only copies them
+    // (no decision depends on them twice), and the agent checks every chunk's sha256, so such a change ends as a
+    // refused chunk. A truncation racing the size check before this call makes the next read of the mapping raise
+    // SIGBUS, which `crate::signals` turns into an error message and exit code 1.
     let map = unsafe {
         memmap2::MmapOptions::new()
             .offset(offset)
@@ -627,39 +642,42 @@ mod tests {
 
     #[test]
     fn chunks_are_read_whole_and_a_shrunk_file_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let data: Vec<u8> = (0..(3 * MIN_CHUNK_SIZE + 100))
-            .map(|i| (i % 251) as u8)
-            .collect();
-        std::fs::write(&path, &data).unwrap();
-        let blob = PreparedBlob::prepare_blocking(&path, MIN_CHUNK_SIZE).unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
-        read_chunks(&blob, 1, None, &tx).unwrap();
-        drop(tx);
-        let mut sent = Vec::new();
-        while let Some(message) = rx.blocking_recv() {
-            let Some(v1::upload_message::Kind::Chunk(chunk)) = message.kind else {
-                panic!("only chunks are queued");
-            };
-            assert_eq!(chunk.offset, chunk.index * u64::from(MIN_CHUNK_SIZE));
+        // 4 KiB chunks are read, 64 KiB ones mapped: both give the same bytes.
+        for chunk_size in [MIN_CHUNK_SIZE, MAP_MIN_BYTES as u32] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("f");
+            let data: Vec<u8> = (0..(3 * chunk_size + 100))
+                .map(|i| (i % 251) as u8)
+                .collect();
+            std::fs::write(&path, &data).unwrap();
+            let blob = PreparedBlob::prepare_blocking(&path, chunk_size).unwrap();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+            read_chunks(&blob, 1, None, &tx).unwrap();
+            drop(tx);
+            let mut sent = Vec::new();
+            while let Some(message) = rx.blocking_recv() {
+                let Some(v1::upload_message::Kind::Chunk(chunk)) = message.kind else {
+                    panic!("only chunks are queued");
+                };
+                assert_eq!(chunk.offset, chunk.index * u64::from(chunk_size));
+                assert_eq!(
+                    chunk.sha256.as_ref(),
+                    blob.chunk_hashes[chunk.index as usize]
+                );
+                sent.extend_from_slice(&chunk.data);
+            }
             assert_eq!(
-                chunk.sha256.as_ref(),
-                blob.chunk_hashes[chunk.index as usize]
+                sent,
+                data[chunk_size as usize..],
+                "chunks 1.. byte for byte"
             );
-            sent.extend_from_slice(&chunk.data);
-        }
-        assert_eq!(
-            sent,
-            data[MIN_CHUNK_SIZE as usize..],
-            "chunks 1.. byte for byte"
-        );
 
-        std::fs::write(&path, &data[..MIN_CHUNK_SIZE as usize + 10]).unwrap();
-        let (tx, _rx) = tokio::sync::mpsc::channel(8);
-        let err = read_chunks(&blob, 0, None, &tx).unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
-        assert!(err.to_string().contains("shrank"), "{err}");
+            std::fs::write(&path, &data[..chunk_size as usize + 10]).unwrap();
+            let (tx, _rx) = tokio::sync::mpsc::channel(8);
+            let err = read_chunks(&blob, 0, None, &tx).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+            assert!(err.to_string().contains("shrank"), "{err}");
+        }
     }
 
     #[test]

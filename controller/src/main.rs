@@ -26,38 +26,9 @@ fn tune_malloc() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_malloc() {}
 
-/// A push sends each chunk straight from a memory mapping of the package file. If another process truncates the
-/// file meanwhile, reading the mapping raises SIGBUS: say what happened and exit with the error code, instead of
-/// dying with "Bus error". The agent keeps the chunks it verified, so the next push resumes.
-#[cfg(unix)]
-#[allow(unsafe_code)]
-fn report_truncated_package() {
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    extern "C" fn on_sigbus(_: nix::libc::c_int) {
-        const MESSAGE: &[u8] =
-            b"error: a package file was truncated while patchctl was reading it: \
-            keep the file unchanged during a push, then run the command again\n";
-        // SAFETY: write(2) and _exit(2) are async-signal-safe; nothing else runs in the handler.
-        unsafe {
-            nix::libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
-            nix::libc::_exit(i32::from(patchctl::exit::ERROR));
-        }
-    }
-    let action = SigAction::new(
-        SigHandler::Handler(on_sigbus),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    // SAFETY: the handler only calls async-signal-safe functions. Failing to install it leaves the default action.
-    let _ = unsafe { sigaction(Signal::SIGBUS, &action) };
-}
-
-#[cfg(not(unix))]
-fn report_truncated_package() {}
-
 fn main() -> ExitCode {
     tune_malloc();
-    report_truncated_package();
+    patchctl::signals::report_unreadable_package_mappings();
     // Both ring and (transitively) other providers may be compiled in: pick ring (tuned) explicitly.
     patchd_tls::install_crypto_provider();
     let parsed = cli::Cli::parse();
