@@ -52,18 +52,20 @@ fn tree(dir: &Path) -> BTreeMap<String, String> {
     entries
 }
 
-/// A running agent with one worker service at v1.0.0, and what its deploy dir held then.
+/// A running agent with one worker service at v1.0.0, and what its deploy dir held then. Fields drop in order, so
+/// on a failed assertion the agent dies first (it could restart the service), then the reaper stops the service,
+/// and the directory goes last.
 struct CrashRig {
-    dir: tempfile::TempDir,
-    pki: Pki,
+    agent: AgentProcess,
+    reaper: ServiceReaper,
     worker: WorkerService,
+    pki: Pki,
     config_path: PathBuf,
     state: PathBuf,
-    reaper: ServiceReaper,
-    agent: AgentProcess,
     /// The deploy dir and the version served before the operation that crashes: recovery must restore both.
     original: BTreeMap<String, String>,
     serving: String,
+    dir: tempfile::TempDir,
 }
 
 /// The operation a crash interrupts.
@@ -104,15 +106,15 @@ impl CrashRig {
         reaper.track("worker-1");
         let original = tree(&worker.deploy_dir);
         Self {
-            dir,
-            pki,
+            agent,
+            reaper,
             worker,
+            pki,
             config_path,
             state,
-            reaper,
-            agent,
             original,
             serving: "v1.0.0".to_string(),
+            dir,
         }
     }
 
