@@ -43,8 +43,9 @@ enum Command {
 /// pages in for the next one; during a package transfer that cost 10-20% of the agent's CPU. Blocks under 2 MiB
 /// (everything an upload in the default 1 MiB chunks allocates) now stay in the heap, which is trimmed once 8 MiB
 /// at its top are free (above what one upload keeps in flight); larger blocks (chunks of 2-4 MiB) are still
-/// mapped and unmapped, so the peak memory stays bounded by what is in flight whatever the chunk size. At most two arenas, so a block freed by one
-/// thread (the writer) serves the next allocation of another (the network). See BENCHMARKS.md, "Transfer".
+/// mapped and unmapped, so the peak memory stays bounded by what is in flight whatever the chunk size. At most
+/// two arenas, so a block freed by one thread (the writer) serves the next allocation of another (the network).
+/// See BENCHMARKS.md, "Transfer".
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn tune_malloc() {

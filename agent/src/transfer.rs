@@ -681,8 +681,9 @@ fn queue_depth(chunk_size: u32) -> usize {
     (QUEUE_BYTES / (chunk_size.max(1) as usize)).max(1)
 }
 
-/// Alignment of direct-I/O offsets, lengths and buffers: the largest logical block size in common use.
-const DIRECT_IO_ALIGN: usize = 4096;
+/// Alignment of direct-I/O offsets, lengths and buffers: the largest logical block size in common use (the upload
+/// path allocates chunk buffers with it, so they go to the disk as they are).
+pub(crate) const DIRECT_IO_ALIGN: usize = 4096;
 /// Largest direct write: a chunk is copied into one aligned buffer of this size piece by piece, so the buffer
 /// stays small whatever the chunk size.
 const DIRECT_IO_PIECE: usize = 1024 * 1024;

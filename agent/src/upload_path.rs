@@ -6,9 +6,10 @@
 
 use crate::server::{AgentService, blob_from_wire};
 use crate::status::invalid_argument;
-use crate::transfer::{BlobStore, Chunk, IDLE_TIMEOUT, TransferError};
+use crate::transfer::{BlobStore, Chunk, DIRECT_IO_ALIGN, IDLE_TIMEOUT, TransferError};
 use bytes::{Buf, Bytes};
 use http_body_util::BodyExt;
+use patchd_proto::UPLOAD_PATH;
 use patchd_proto::v1::{self, agent_server::AgentServer, upload_message::Kind};
 use prost::Message;
 use std::convert::Infallible;
@@ -19,12 +20,8 @@ use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
 
-/// The request path of the Upload method.
-pub const UPLOAD_PATH: &str = "/patchd.v1.Agent/Upload";
 /// Messages up to this size are decoded whole (headers, small chunks); larger ones field by field.
 const SMALL_MESSAGE_BYTES: usize = 64 * 1024;
-/// Alignment of chunk buffers: what direct I/O needs (see `transfer::DIRECT_IO_ALIGN`).
-const BUFFER_ALIGN: usize = 4096;
 
 /// The agent's gRPC routes: Upload here, everything else to the tonic-generated service.
 #[derive(Clone)]
@@ -344,10 +341,10 @@ impl FrameReader {
         Ok(len as usize)
     }
 
-    /// The next `len` bytes in a buffer whose first byte is [`BUFFER_ALIGN`]-aligned.
+    /// The next `len` bytes in a buffer whose first byte is [`DIRECT_IO_ALIGN`]-aligned.
     async fn aligned(&mut self, len: usize) -> Result<Bytes, TransferError> {
-        let mut buf = self.buffers.take(len + BUFFER_ALIGN);
-        let start = buf.as_ptr().align_offset(BUFFER_ALIGN);
+        let mut buf = self.buffers.take(len + DIRECT_IO_ALIGN);
+        let start = buf.as_ptr().align_offset(DIRECT_IO_ALIGN);
         buf.resize(start, 0);
         // Within capacity: the buffer does not move, so `start` stays aligned.
         self.copy_into(&mut buf, len).await?;
@@ -545,7 +542,7 @@ mod tests {
                 assert_eq!(chunk.sha256, [index as u8; 32]);
                 assert_eq!(&chunk.data[..], &data[..]);
                 if data.len() > SMALL_MESSAGE_BYTES {
-                    assert_eq!(chunk.data.as_ptr() as usize % BUFFER_ALIGN, 0);
+                    assert_eq!(chunk.data.as_ptr() as usize % DIRECT_IO_ALIGN, 0);
                 }
             }
         }

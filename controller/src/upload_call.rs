@@ -5,7 +5,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use patchd_proto::{GRPC_HEADER_BYTES, grpc_header, v1};
+use patchd_proto::{GRPC_HEADER_BYTES, UPLOAD_PATH, grpc_header, v1};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 use std::convert::Infallible;
@@ -13,9 +13,6 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{Service, http};
 use tonic::transport::Channel;
-
-/// The request path of the Upload method.
-pub const UPLOAD_PATH: &str = "/patchd.v1.Agent/Upload";
 
 /// The body pieces of one framed message: a chunk's data travels as its own piece, without a copy.
 pub fn message_pieces(message: v1::UploadMessage) -> Vec<Bytes> {

@@ -13,6 +13,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest gRPC message either side accepts: a chunk of up to 4 MiB plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
+/// The request path of `patchd.v1.Agent/Upload`: both ends serve and send it outside tonic's codec.
+pub const UPLOAD_PATH: &str = "/patchd.v1.Agent/Upload";
+
 /// Length of the gRPC message prefix: a compression flag and a big-endian u32 length.
 pub const GRPC_HEADER_BYTES: usize = 5;
 

@@ -3,7 +3,7 @@
 //! demo-worker service run by the agent's `process` backend, and cleanup of the service processes the agent
 //! started (they outlive the agent by design, so a test must kill them itself).
 
-use crate::{Pki, bin, patchctl_ok, sha256_file, toml_string};
+use crate::{AgentConfig, AgentProcess, Pki, bin, patchctl_ok, sha256_file, toml_string};
 /// The wire types, for callers without their own `patchd-proto` dependency (the bench).
 pub use patchd_proto::v1;
 use patchd_proto::v1::agent_client::AgentClient;
@@ -462,5 +462,58 @@ fn reap_orphan(pid: i32) {
 impl Drop for ServiceReaper {
     fn drop(&mut self) {
         self.reap();
+    }
+}
+
+/// One real agent supervising `worker-1` (process backend, installed at v1.0.0 and serving), with its PKI, state
+/// dir and a reaper for the service. Fields drop in order, so when a test fails the agent dies first (it could
+/// restart the service), then the reaper stops the service, and the directory goes last.
+pub struct WorkerRig {
+    pub agent: AgentProcess,
+    pub reaper: ServiceReaper,
+    pub worker: WorkerService,
+    pub pki: Pki,
+    pub config_path: PathBuf,
+    pub state: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl WorkerRig {
+    /// Starts the agent with a probation of `min_healthy` (e.g. `"500ms"`) and waits until v1.0.0 serves.
+    pub fn start(min_healthy: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+        let pki = Pki::new(dir.path());
+        let tls = pki.issue_agent("agent-1", &["127.0.0.1"]);
+        let agent_dir = dir.path().join("agent-1");
+        let worker = WorkerService::new(&agent_dir.join("deploy"), "worker-1");
+        worker.install("v1.0.0");
+        let config = AgentConfig::new(&agent_dir, &tls).extra(&worker.toml(min_healthy, "8s"));
+        let config_path = config.write();
+        let state = config.state_path().to_path_buf();
+        let reaper = ServiceReaper::new(&state);
+        // The agent starts the process service it supervises.
+        let agent = AgentProcess::start(&config_path);
+        worker.wait_serving("v1.0.0");
+        reaper.track("worker-1");
+        Self {
+            agent,
+            reaper,
+            worker,
+            pki,
+            config_path,
+            state,
+            dir,
+        }
+    }
+
+    /// Where a test builds its packages.
+    pub fn packages(&self) -> PathBuf {
+        self.dir.path().join("packages")
+    }
+
+    /// Stops the agent, then the service.
+    pub fn stop(mut self) {
+        self.agent.stop();
+        self.reaper.reap();
     }
 }

@@ -6,10 +6,10 @@
 //! changing anything.
 
 use patchd_e2e::apply_support::{
-    AgentRpc, ServiceReaper, WorkerService, journal, journal_phase, outcome, package_hashes,
-    pid_alive, push, service_pid, worker_package,
+    AgentRpc, WorkerRig, journal, journal_phase, outcome, package_hashes, pid_alive, push,
+    service_pid, worker_package,
 };
-use patchd_e2e::{AgentConfig, AgentProcess, Pki, sha256_file, wait_for};
+use patchd_e2e::{AgentProcess, sha256_file, wait_for};
 use patchd_proto::v1::{ApplyOutcome, ServiceState};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -52,20 +52,25 @@ fn tree(dir: &Path) -> BTreeMap<String, String> {
     entries
 }
 
-/// A running agent with one worker service at v1.0.0, and what its deploy dir held then. Fields drop in order, so
-/// on a failed assertion the agent dies first (it could restart the service), then the reaper stops the service,
-/// and the directory goes last.
+/// A [`WorkerRig`] (agent and `worker-1` at v1.0.0), and the state crashes must come back to.
 struct CrashRig {
-    agent: AgentProcess,
-    reaper: ServiceReaper,
-    worker: WorkerService,
-    pki: Pki,
-    config_path: PathBuf,
-    state: PathBuf,
+    rig: WorkerRig,
     /// The deploy dir and the version served before the operation that crashes: recovery must restore both.
     original: BTreeMap<String, String>,
     serving: String,
-    dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for CrashRig {
+    type Target = WorkerRig;
+    fn deref(&self) -> &WorkerRig {
+        &self.rig
+    }
+}
+
+impl std::ops::DerefMut for CrashRig {
+    fn deref_mut(&mut self) -> &mut WorkerRig {
+        &mut self.rig
+    }
 }
 
 /// The operation a crash interrupts.
@@ -90,36 +95,18 @@ impl Op<'_> {
 }
 
 impl CrashRig {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::new(dir.path());
-        let tls = pki.issue_agent("agent-1", &["127.0.0.1"]);
-        let agent_dir = dir.path().join("agent-1");
-        let worker = WorkerService::new(&agent_dir.join("deploy"), "worker-1");
-        worker.install("v1.0.0");
-        let config = AgentConfig::new(&agent_dir, &tls).extra(&worker.toml("300ms", "8s"));
-        let config_path = config.write();
-        let state = config.state_path().to_path_buf();
-        let reaper = ServiceReaper::new(&state);
-        let agent = AgentProcess::start(&config_path);
-        worker.wait_serving("v1.0.0");
-        reaper.track("worker-1");
-        let original = tree(&worker.deploy_dir);
-        Self {
-            agent,
-            reaper,
-            worker,
-            pki,
-            config_path,
-            state,
-            original,
-            serving: "v1.0.0".to_string(),
-            dir,
-        }
+    fn stop(self) {
+        self.rig.stop();
     }
 
-    fn packages(&self) -> PathBuf {
-        self.dir.path().join("packages")
+    fn start() -> Self {
+        let rig = WorkerRig::start("300ms");
+        let original = tree(&rig.worker.deploy_dir);
+        Self {
+            rig,
+            original,
+            serving: "v1.0.0".to_string(),
+        }
     }
 
     /// Pushes and stages `package`; its digest.
@@ -243,11 +230,6 @@ impl CrashRig {
         );
         self.original = tree(&self.worker.deploy_dir);
         self.serving = version.to_string();
-    }
-
-    fn stop(mut self) {
-        self.agent.stop();
-        self.reaper.reap();
     }
 }
 

@@ -4,7 +4,7 @@
 //! agent crash, and refusals (confinement, unknown service, unstaged package, bad patch id).
 
 use patchd_e2e::apply_support::{
-    AgentRpc, ServiceReaper, WorkerService, outcome, package_hashes, pid_alive, push, service_pid,
+    AgentRpc, WorkerRig, WorkerService, outcome, package_hashes, pid_alive, push, service_pid,
     worker_package, worker_package_delayed,
 };
 use patchd_e2e::{AgentConfig, AgentProcess, Pki};
@@ -13,30 +13,20 @@ use tonic::Code;
 
 #[test]
 fn apply_commit_revert_offline_rollback_and_refusals() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let tls = pki.issue_agent("agent-1", &["127.0.0.1"]);
-    let agent_dir = dir.path().join("agent-1");
-    let worker = WorkerService::new(&agent_dir.join("deploy"), "worker-1");
-    worker.install("v1.0.0");
-    let config = AgentConfig::new(&agent_dir, &tls).extra(&worker.toml("500ms", "8s"));
-    let config_path = config.write();
-    let state = config.state_path().to_path_buf();
-    let reaper = ServiceReaper::new(&state);
-    let mut agent = AgentProcess::start(&config_path);
-    // The agent starts the process service it supervises.
-    worker.wait_serving("v1.0.0");
-    reaper.track("worker-1");
+    let mut rig = WorkerRig::start("500ms");
+    let pkgs = rig.packages();
+    let agent = &mut rig.agent;
+    let (pki, worker, state, reaper, dir) =
+        (&rig.pki, &rig.worker, &rig.state, &rig.reaper, &rig.dir);
     let original = worker.file_hashes();
 
-    let pkgs = dir.path().join("packages");
     let good = worker_package(&pkgs, "v1.1.0", "ok");
     let crash = worker_package(&pkgs, "v1.1.1-crash", "crash");
     let sick = worker_package(&pkgs, "v1.1.2-sick", "fail-health");
     let next = worker_package(&pkgs, "v1.2.0", "ok");
     let slow = worker_package_delayed(&pkgs, "v1.3.0-slow", "slow-start", 1500);
 
-    let mut rpc = AgentRpc::connect(&pki, agent.addr);
+    let mut rpc = AgentRpc::connect(pki, agent.addr);
     let status = rpc.status("worker-1");
     assert_eq!(status.state(), ServiceState::Running);
     assert_eq!(
@@ -47,7 +37,7 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     let first_pid = status.pid;
 
     // Refusals before anything is staged.
-    let good_digest = push(&pki, &agent.addr_string(), &good);
+    let good_digest = push(pki, &agent.addr_string(), &good);
     let err = rpc
         .apply("worker-1", &good_digest, "p1", false)
         .unwrap_err();
@@ -101,7 +91,7 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     );
 
     // 2. A version that crashes at start: reverted by the agent, previous version serving again.
-    let crash_digest = push(&pki, &agent.addr_string(), &crash);
+    let crash_digest = push(pki, &agent.addr_string(), &crash);
     rpc.stage("worker-1", &crash_digest).unwrap();
     let reverted = rpc.apply("worker-1", &crash_digest, "p2", false).unwrap();
     assert_eq!(outcome(&reverted), ApplyOutcome::Reverted, "{reverted:?}");
@@ -127,7 +117,7 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     reaper.track("worker-1");
 
     // 3. A version whose health check fails: reverted after the probation timeout.
-    let sick_digest = push(&pki, &agent.addr_string(), &sick);
+    let sick_digest = push(pki, &agent.addr_string(), &sick);
     rpc.stage("worker-1", &sick_digest).unwrap();
     let reverted = rpc.apply("worker-1", &sick_digest, "p3", false).unwrap();
     assert_eq!(outcome(&reverted), ApplyOutcome::Reverted, "{reverted:?}");
@@ -144,7 +134,7 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     assert_eq!(status.last.as_ref().unwrap().patch_id, "p3");
 
     // 4. Offline: files swapped, the running process untouched.
-    let next_digest = push(&pki, &agent.addr_string(), &next);
+    let next_digest = push(pki, &agent.addr_string(), &next);
     rpc.stage("worker-1", &next_digest).unwrap();
     let pid_before = rpc.status("worker-1").pid;
     let offline = rpc.apply("worker-1", &next_digest, "p4", true).unwrap();
@@ -187,7 +177,7 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     reaper.track("worker-1");
 
     // 6b. A version that takes 1.5 s to listen: probation waits for its health check, then commits.
-    let slow_digest = push(&pki, &agent.addr_string(), &slow);
+    let slow_digest = push(pki, &agent.addr_string(), &slow);
     rpc.stage("worker-1", &slow_digest).unwrap();
     let applied = rpc.apply("worker-1", &slow_digest, "p5", false).unwrap();
     assert_eq!(outcome(&applied), ApplyOutcome::Committed, "{applied:?}");
@@ -200,11 +190,11 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     reaper.track("worker-1");
 
     // 7. The agent crashes (kill -9): the service keeps running and is adopted, not started twice.
-    let pid = service_pid(&state, "worker-1").unwrap();
+    let pid = service_pid(state, "worker-1").unwrap();
     agent.kill();
     assert!(pid_alive(pid), "the service outlives the agent");
     agent.restart();
-    let mut rpc = AgentRpc::connect(&pki, agent.addr);
+    let mut rpc = AgentRpc::connect(pki, agent.addr);
     let status = rpc.status("worker-1");
     assert_eq!(status.pid as i32, pid, "adopted through the pid file");
     assert_eq!(status.state(), ServiceState::Running);
@@ -228,8 +218,7 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     );
     assert_eq!(worker.served_version().as_deref(), Some("v1.3.0-slow"));
 
-    agent.stop();
-    reaper.reap();
+    rig.stop();
 }
 
 #[test]
