@@ -8,6 +8,7 @@ pub mod executor;
 pub mod exit;
 pub mod home;
 pub mod hooks;
+pub mod output;
 pub mod signals;
 pub mod status;
 pub mod store;

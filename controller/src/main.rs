@@ -1,6 +1,10 @@
 //! `patchctl`: the patchd controller CLI. Parses arguments, dispatches to `cli::*`, maps errors to exit codes.
 #![deny(unsafe_code)]
 
+// `outln!`, `errln!` & co.: the CLI's output that ends quietly when its reader is gone (`patchctl::output`).
+#[macro_use]
+extern crate patchctl;
+
 mod cli;
 
 use clap::Parser;
@@ -39,7 +43,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            errln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
@@ -49,7 +53,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            eprintln!("error: {err:#}");
+            errln!("error: {err:#}");
             ExitCode::from(patchctl::exit::ERROR)
         }
     }

@@ -44,28 +44,32 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
             let mut client = AgentClient::connect(&addr, &tls).await?;
             let info = client.info().await?;
             match ctx.format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&info)?),
+                Format::Json => outln!("{}", serde_json::to_string_pretty(&info)?),
                 Format::Text => {
                     let gib = |b: u64| format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30));
-                    println!("agent      {}", info.agent);
-                    println!(
+                    outln!("agent      {}", info.agent);
+                    outln!(
                         "version    patchd {} (protocol {})",
-                        info.agent_version, info.protocol_version
+                        info.agent_version,
+                        info.protocol_version
                     );
-                    println!(
+                    outln!(
                         "host       {} ({}/{}, {} CPUs)",
-                        info.hostname, info.os, info.arch, info.cpu_count
+                        info.hostname,
+                        info.os,
+                        info.arch,
+                        info.cpu_count
                     );
-                    println!(
+                    outln!(
                         "memory     {} available of {}",
                         gib(info.memory_available_bytes),
                         gib(info.memory_total_bytes)
                     );
-                    println!(
+                    outln!(
                         "disk       {} free in the state directory",
                         gib(info.state_dir_free_bytes)
                     );
-                    println!(
+                    outln!(
                         "uptime     host {}, agent {}",
                         humantime::format_duration(std::time::Duration::from_secs(
                             info.host_uptime_seconds
@@ -74,7 +78,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
                             info.agent_uptime_seconds
                         ))
                     );
-                    println!(
+                    outln!(
                         "services   {}",
                         if info.services.is_empty() {
                             "(none)".to_string()
@@ -118,15 +122,17 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
                 })?;
             bar.finish_and_clear();
             match ctx.format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Text => {
-                    println!("pushed {} to {}", file.display(), report.agent);
-                    println!("  digest   {}", report.digest);
-                    println!(
+                    outln!("pushed {} to {}", file.display(), report.agent);
+                    outln!("  digest   {}", report.digest);
+                    outln!(
                         "  size     {} bytes in {} chunks of {} bytes",
-                        report.total_bytes, report.chunks_total, report.chunk_size
+                        report.total_bytes,
+                        report.chunks_total,
+                        report.chunk_size
                     );
-                    println!(
+                    outln!(
                         "  sent     {} bytes in {} chunks ({} chunks already held{})",
                         report.bytes_sent,
                         report.chunks_sent,
@@ -137,11 +143,12 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
                             String::new()
                         }
                     );
-                    println!(
+                    outln!(
                         "  time     {:.2} s transfer (+ {:.2} s reading and hashing the file)",
-                        report.transfer_seconds, report.digest_seconds
+                        report.transfer_seconds,
+                        report.digest_seconds
                     );
-                    println!("  speed    {:.1} MB/s", report.mb_per_s);
+                    outln!("  speed    {:.1} MB/s", report.mb_per_s);
                 }
             }
             Ok(patchctl::exit::OK)

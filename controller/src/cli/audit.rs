@@ -55,13 +55,13 @@ fn list(ctx: &Ctx, store: &Store, cluster: Option<&str>) -> anyhow::Result<u8> {
                     entry
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&entries)?);
+            outln!("{}", serde_json::to_string_pretty(&entries)?);
         }
         Format::Text => {
             if rollouts.is_empty() {
                 match cluster {
-                    Some(name) => println!("No rollout recorded for cluster `{name}`"),
-                    None => println!("No rollout recorded yet"),
+                    Some(name) => outln!("No rollout recorded for cluster `{name}`"),
+                    None => outln!("No rollout recorded yet"),
                 }
                 return Ok(patchctl::exit::OK);
             }
@@ -84,8 +84,8 @@ fn list(ctx: &Ctx, store: &Store, cluster: Option<&str>) -> anyhow::Result<u8> {
             let header = [
                 "ID", "Cluster", "Kind", "Version", "State", "Nodes", "Started", "Duration",
             ];
-            print!("{}", plain_table(&header, &rows));
-            println!("Show one rollout with `patchctl audit --rollout <ID>`");
+            out!("{}", plain_table(&header, &rows));
+            outln!("Show one rollout with `patchctl audit --rollout <ID>`");
         }
     }
     Ok(patchctl::exit::OK)
@@ -116,8 +116,8 @@ fn report(ctx: &Ctx, store: &Store, cluster: Option<&str>, id: &str) -> anyhow::
         }
     };
     match ctx.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report_json(&report))?),
-        Format::Text => print!("{}", report_text(&report)),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&report_json(&report))?),
+        Format::Text => out!("{}", report_text(&report)),
     }
     Ok(patchctl::exit::OK)
 }

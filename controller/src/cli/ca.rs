@@ -30,21 +30,21 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
             let paths = patchd_tls::init_ca(&dir, force).context("cannot create the CA")?;
             match ctx.format {
                 Format::Json => {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({ "cert": paths.cert, "key": paths.key, "replaced": force })
                     )
                 }
                 Format::Text => {
-                    println!("created cluster CA");
-                    println!("  certificate  {}", paths.cert.display());
-                    println!(
+                    outln!("created cluster CA");
+                    outln!("  certificate  {}", paths.cert.display());
+                    outln!(
                         "  key          {} (mode 0600: keep it secret)",
                         paths.key.display()
                     );
-                    println!("next:");
-                    println!("  patchctl cert issue controller --role controller");
-                    println!(
+                    outln!("next:");
+                    outln!("  patchctl cert issue controller --role controller");
+                    outln!(
                         "  patchctl cert issue <host> --role agent --san <host>   (one per agent host)"
                     );
                 }

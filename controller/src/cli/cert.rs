@@ -67,7 +67,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         RoleArg::Controller => Role::Controller,
     };
     if role == Role::Agent && sans.is_empty() {
-        eprintln!(
+        errln!(
             "note: no --san given: the certificate names only `{name}`; the controller must dial it by that name"
         );
         sans.push(name.clone());
@@ -87,7 +87,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         .context("cannot issue the certificate")?
         .write(&out, &name)?;
     match ctx.format {
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             serde_json::json!({
                 "name": name, "role": role.as_str(), "sans": sans, "cert": paths.cert, "key": paths.key,
@@ -95,15 +95,15 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
             })
         ),
         Format::Text => {
-            println!(
+            outln!(
                 "issued {} certificate `{name}` (valid {days} days)",
                 role.as_str()
             );
             if !sans.is_empty() {
-                println!("  names        {}", sans.join(", "));
+                outln!("  names        {}", sans.join(", "));
             }
-            println!("  certificate  {}", paths.cert.display());
-            println!("  key          {} (mode 0600)", paths.key.display());
+            outln!("  certificate  {}", paths.cert.display());
+            outln!("  key          {} (mode 0600)", paths.key.display());
         }
     }
     Ok(patchctl::exit::OK)

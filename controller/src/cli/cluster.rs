@@ -103,23 +103,24 @@ fn import(ctx: &Ctx, name: &str, path: &std::path::Path) -> anyhow::Result<u8> {
                 "roles": role_summaries(&topology),
                 "total_nodes": topology.node_count(),
             });
-            println!("{}", serde_json::to_string_pretty(&summary)?);
+            outln!("{}", serde_json::to_string_pretty(&summary)?);
         }
         Format::Text => {
             let verb = if created { "Imported" } else { "Updated" };
-            println!("{verb} cluster `{name}` from {}", source.display());
+            outln!("{verb} cluster `{name}` from {}", source.display());
             if let Some(version) = &topology.version {
-                println!("Cluster version: {version}");
+                outln!("Cluster version: {version}");
             }
-            print!("{}", roles_table(&topology));
-            println!("Total nodes: {}", topology.node_count());
+            out!("{}", roles_table(&topology));
+            outln!("Total nodes: {}", topology.node_count());
         }
     }
     if let Some(rollout) = unfinished {
-        eprintln!(
+        errln!(
             "note: rollout {} of `{name}` is unfinished ({}); `patchctl patch --resume {name}` will use the topology \
              just imported",
-            rollout.id, rollout.state
+            rollout.id,
+            rollout.state
         );
     }
     Ok(patchctl::exit::OK)
@@ -188,11 +189,11 @@ fn list(ctx: &Ctx) -> anyhow::Result<u8> {
                     })
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&entries)?);
+            outln!("{}", serde_json::to_string_pretty(&entries)?);
         }
         Format::Text => {
             if clusters.is_empty() {
-                println!(
+                outln!(
                     "No cluster registered; register one with `patchctl cluster import <name> <topology.yaml>`"
                 );
                 return Ok(patchctl::exit::OK);
@@ -218,7 +219,7 @@ fn list(ctx: &Ctx) -> anyhow::Result<u8> {
                     ]
                 })
                 .collect();
-            print!(
+            out!(
                 "{}",
                 plain_table(
                     &["Name", "Version", "Roles", "Nodes", "Imported", "Source"],
@@ -263,12 +264,12 @@ fn show(ctx: &Ctx, name: &str) -> anyhow::Result<u8> {
                 "topology": parsed(&cluster),
                 "yaml": cluster.yaml,
             });
-            println!("{}", serde_json::to_string_pretty(&document)?);
+            outln!("{}", serde_json::to_string_pretty(&document)?);
         }
         Format::Text => {
-            print!("{}", cluster.yaml);
+            out!("{}", cluster.yaml);
             if !cluster.yaml.ends_with('\n') {
-                println!();
+                outln!();
             }
         }
     }
@@ -279,17 +280,19 @@ fn unlock(ctx: &Ctx, name: &str, force: bool) -> anyhow::Result<u8> {
     let store = Store::open_home(&ctx.home)?;
     let removed = store.force_unlock(name, force)?;
     match ctx.format {
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             serde_json::to_string_pretty(&json!({ "cluster": name, "removed": removed }))?
         ),
         Format::Text => match removed {
-            Some(holder) => println!(
+            Some(holder) => outln!(
                 "Removed the rollout lock of `{name}` held by patchctl pid {} on {} since {}; if that rollout was \
                  cut short, continue it with `patchctl patch --resume {name}`",
-                holder.pid, holder.host, holder.started_at
+                holder.pid,
+                holder.host,
+                holder.started_at
             ),
-            None => println!("Cluster `{name}` has no rollout lock"),
+            None => outln!("Cluster `{name}` has no rollout lock"),
         },
     }
     Ok(patchctl::exit::OK)

@@ -87,7 +87,7 @@ fn demo_dir(ctx: &Ctx, arg: &DirArg) -> PathBuf {
 /// Prints progress on stderr in text mode (stdout carries the result).
 fn progress(ctx: &Ctx, message: &str) {
     if ctx.format == Format::Text {
-        eprintln!("==> {message}");
+        errln!("==> {message}");
     }
 }
 
@@ -112,18 +112,18 @@ async fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<u8> {
         let live = record.live_agents();
         if live.len() == record.agents.len() && !live.is_empty() {
             match ctx.format {
-                Format::Json => println!(
+                Format::Json => outln!(
                     "{}",
                     json!({"already_up": true, "dir": dir, "agents": record.agents.len()})
                 ),
                 Format::Text => {
-                    println!(
+                    outln!(
                         "the demo is already up in {} ({} agents running)",
                         dir.display(),
                         live.len()
                     );
-                    println!("  patchctl display {CLUSTER_NAME}    # see it");
-                    println!("  patchctl demo down{dir_flag}    # stop it");
+                    outln!("  patchctl display {CLUSTER_NAME}    # see it");
+                    outln!("  patchctl demo down{dir_flag}    # stop it");
                 }
             }
             return Ok(patchctl::exit::OK);
@@ -189,7 +189,7 @@ async fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<u8> {
 
     let ready = wait_until_ready(ctx, &layout, &tls_dir, &mut children, args.timeout).await;
     if let Err(error) = ready {
-        eprintln!(
+        errln!(
             "error: the demo did not come up; stopping what was started (logs kept in {})",
             layout.logs_dir().display()
         );
@@ -619,7 +619,7 @@ fn print_up_summary(
                 .map(|s| json!({"name": s.name, "role": s.role.component(), "addr": s.addr(), "deploy_dir": s.deploy_dir}))
                 .collect();
             let agents: Vec<_> = layout.hosts.iter().map(|h| h.agent_addr()).collect();
-            println!(
+            outln!(
                 "{}",
                 json!({
                     "cluster": CLUSTER_NAME, "dir": layout.dir, "agents": agents, "services": services,
@@ -643,47 +643,47 @@ fn print_up_summary(
                 .last()
                 .map(|h| h.ip.as_str())
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "demo cluster `{CLUSTER_NAME}` is up in {:.1}s: {count} agents on {first_ip}..{last_ip}, {masters} \
                  master(s) and {} workers running {ORIGINAL_VERSION}",
                 took.as_secs_f64(),
                 count - masters
             );
             for service in layout.services() {
-                println!(
+                outln!(
                     "  {:<10} {:<16} {}",
                     service.name,
                     service.addr(),
                     service.deploy_dir.display()
                 );
             }
-            println!(
+            outln!(
                 "files: {} (topology.yaml, packages/, logs/)",
                 layout.dir.display()
             );
-            println!();
-            println!("next:");
-            println!("  patchctl display {CLUSTER_NAME}");
-            println!(
+            outln!();
+            outln!("next:");
+            outln!("  patchctl display {CLUSTER_NAME}");
+            outln!(
                 "  # build a hotfix of the worker and roll it out, worker by worker, through the master's API:"
             );
-            println!(
+            outln!(
                 "  {} stamp --version v1.0.1-hotfix -o {}",
                 bins.worker.display(),
                 hotfix_binary.display()
             );
-            println!(
+            outln!(
                 "  patchctl package build --base {} --replace demo-worker/demo-worker={} --version v1.0.1-hotfix -o {}",
                 worker_package.display(),
                 hotfix_binary.display(),
                 hotfix_package.display()
             );
-            println!(
+            outln!(
                 "  patchctl patch {CLUSTER_NAME} {} -R demo-worker",
                 hotfix_package.display()
             );
-            println!("  patchctl display {CLUSTER_NAME}");
-            println!("  patchctl demo down{dir_flag}");
+            outln!("  patchctl display {CLUSTER_NAME}");
+            outln!("  patchctl demo down{dir_flag}");
         }
     }
 }
@@ -693,7 +693,7 @@ fn print_up_summary(
 async fn down(ctx: &Ctx, args: DownArgs) -> anyhow::Result<u8> {
     let dir = demo_dir(ctx, &args.dir);
     if !dir.exists() {
-        println!("no demo in {}: nothing to stop", dir.display());
+        outln!("no demo in {}: nothing to stop", dir.display());
         return Ok(patchctl::exit::OK);
     }
     let dir = dir
@@ -712,24 +712,24 @@ async fn down(ctx: &Ctx, args: DownArgs) -> anyhow::Result<u8> {
             .with_context(|| format!("cannot remove {}", dir.display()))?;
     }
     match ctx.format {
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             json!({"dir": dir, "stopped": stopped, "purged": args.purge})
         ),
         Format::Text => {
             if stopped.is_empty() {
-                println!("nothing was running in {}", dir.display());
+                outln!("nothing was running in {}", dir.display());
             } else {
-                println!(
+                outln!(
                     "stopped {} process(es): {}",
                     stopped.len(),
                     stopped.join(", ")
                 );
             }
             if args.purge {
-                println!("removed {}", dir.display());
+                outln!("removed {}", dir.display());
             } else {
-                println!(
+                outln!(
                     "kept {} (logs, packages, agent state); `patchctl demo down --purge` removes it",
                     dir.display()
                 );
@@ -811,7 +811,7 @@ fn describe_stop(ctx: &Ctx, what: &str, outcome: StopOutcome, stopped: &mut Vec<
             progress(ctx, &format!("{what} ignored SIGTERM: killed"));
             stopped.push(what.to_string());
         }
-        StopOutcome::StillRunning => eprintln!("warning: {what} is still running after SIGKILL"),
+        StopOutcome::StillRunning => errln!("warning: {what} is still running after SIGKILL"),
     }
 }
 
@@ -896,21 +896,21 @@ async fn status(ctx: &Ctx, args: DirArg) -> anyhow::Result<u8> {
     let all_up = agents.iter().all(|a| a["running"] == true)
         && services.iter().all(|s| s["healthy"] == true);
     match ctx.format {
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "dir": dir, "up": all_up, "agents": agents, "services": services, "leader": leader, "members": members,
             }))?
         ),
         Format::Text => {
-            println!(
+            outln!(
                 "demo in {} ({})",
                 dir.display(),
                 if all_up { "up" } else { "NOT fully up" }
             );
-            println!("agents:");
+            outln!("agents:");
             for agent in &agents {
-                println!(
+                outln!(
                     "  {:<16} pid {:<8} {}",
                     agent["addr"].as_str().unwrap_or_default(),
                     agent["pid"],
@@ -921,9 +921,9 @@ async fn status(ctx: &Ctx, args: DirArg) -> anyhow::Result<u8> {
                     }
                 );
             }
-            println!("services:");
+            outln!("services:");
             for service in &services {
-                println!(
+                outln!(
                     "  {:<10} {:<16} {:<8} {}",
                     service["name"].as_str().unwrap_or_default(),
                     service["addr"].as_str().unwrap_or_default(),
@@ -936,12 +936,12 @@ async fn status(ctx: &Ctx, args: DirArg) -> anyhow::Result<u8> {
                 );
             }
             if let Some(leader) = &leader {
-                println!("leader: {}", leader["leader"].as_str().unwrap_or("?"));
+                outln!("leader: {}", leader["leader"].as_str().unwrap_or("?"));
             }
             if let Some(serde_json::Value::Array(members)) = &members {
-                println!("members (as the leader sees them):");
+                outln!("members (as the leader sees them):");
                 for member in members {
-                    println!(
+                    outln!(
                         "  {:<10} {:<7} {:<8} {}",
                         member["name"].as_str().unwrap_or_default(),
                         member["role"].as_str().unwrap_or_default(),

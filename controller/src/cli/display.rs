@@ -55,9 +55,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
                 "nodes": rows,
                 "total_nodes": rows.len(),
             });
-            println!("{}", serde_json::to_string_pretty(&document)?);
+            outln!("{}", serde_json::to_string_pretty(&document)?);
         }
-        Format::Text => print!(
+        Format::Text => out!(
             "{}",
             render(&args.cluster, topology.version.as_deref(), &rows)
         ),

@@ -129,13 +129,13 @@ async fn run_build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<u8> {
             added,
         })?,
         Format::Text => {
-            println!("built {}", output_path.display());
+            outln!("built {}", output_path.display());
             print_summary(&output_path, &info);
-            println!();
+            outln!();
             for (label, paths) in [("replaced", &replaced), ("added", &added)] {
                 for path in paths {
                     if let Some(file) = info.manifest.file(path) {
-                        println!(
+                        outln!(
                             "{label:<9} {path}  ({}, {:04o}, sha256 {})",
                             HumanBytes(file.size),
                             file.mode,
@@ -176,7 +176,7 @@ async fn run_inspect(ctx: &Ctx, args: InspectArgs) -> anyhow::Result<u8> {
         })?,
         Format::Text => {
             print_summary(&package, &info);
-            println!();
+            outln!();
             print_files(&info);
         }
     }
@@ -184,7 +184,7 @@ async fn run_inspect(ctx: &Ctx, args: InspectArgs) -> anyhow::Result<u8> {
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).context("cannot encode the report as JSON")?
     );
@@ -210,18 +210,18 @@ fn print_summary(path: &Path, info: &PackageInfo) {
     } else {
         "computed from the archive (no patchd-manifest.json)"
     };
-    println!(
+    outln!(
         "package      {} ({})",
         path.display(),
         HumanBytes(info.size)
     );
-    println!("component    {}", manifest.component);
-    println!("version      {}", manifest.version);
-    println!("os/arch      {target}");
-    println!("manifest     {origin}");
-    println!("sha256       {}", info.package_sha256);
-    println!("tree digest  {}", info.tree_digest);
-    println!(
+    outln!("component    {}", manifest.component);
+    outln!("version      {}", manifest.version);
+    outln!("os/arch      {target}");
+    outln!("manifest     {origin}");
+    outln!("sha256       {}", info.package_sha256);
+    outln!("tree digest  {}", info.tree_digest);
+    outln!(
         "files        {} ({} unpacked){}",
         manifest.files.len(),
         HumanBytes(manifest.unpacked_size()),
@@ -253,5 +253,5 @@ fn print_files(info: &PackageInfo) {
             format!("{} -> {}", link.path, link.target),
         ]);
     }
-    println!("{table}");
+    outln!("{table}");
 }

@@ -66,9 +66,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     let store = Arc::new(Store::open_home(&ctx.home)?);
     if args.resume {
         let Some(rollout) = store.unfinished_rollout(&args.cluster)? else {
-            eprintln!(
+            errln!(
                 "Nothing to resume: cluster `{}` has no unfinished rollout (`patchctl audit {}` lists its rollouts)",
-                args.cluster, args.cluster
+                args.cluster,
+                args.cluster
             );
             return Ok(patchctl::exit::DECLINED);
         };
@@ -89,7 +90,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
 
     if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
         if unfinished.kind == RolloutKind::Patch && unfinished.package_digest == blob.digest {
-            eprintln!(
+            errln!(
                 "Rollout {} of this package is unfinished: resuming it.",
                 unfinished.id
             );
@@ -310,9 +311,11 @@ fn check_platform(
 
 pub(super) fn report_takeover(lock: &patchctl::store::RolloutLock) {
     if let Some(previous) = &lock.taken_over_from {
-        eprintln!(
+        errln!(
             "Note: took over the rollout lock left by process {} on {} (started {}), which is gone.",
-            previous.pid, previous.host, previous.started_at
+            previous.pid,
+            previous.host,
+            previous.started_at
         );
     }
 }
@@ -371,7 +374,7 @@ pub(super) async fn resume(ctx: &Ctx, store: Arc<Store>, rollout: Rollout) -> an
         .values()
         .filter(|record| record.phase.is_terminal())
         .count();
-    eprintln!(
+    errln!(
         "Resuming {} {} on cluster `{}`: {} of {} node(s) finished earlier and will not be touched.",
         rollout.kind,
         rollout.id,
@@ -482,7 +485,7 @@ pub(super) async fn execute(ctx: &Ctx, run: Execution) -> anyhow::Result<u8> {
             _ = interrupts.recv() => {}
             _ = terminates.recv() => {}
         }
-        eprintln!("Quit at once: resume with `patchctl patch --resume {cluster}`.");
+        errln!("Quit at once: resume with `patchctl patch --resume {cluster}`.");
         std::process::exit(i32::from(exit::INTERRUPTED));
     });
     let started = Instant::now();
@@ -494,7 +497,7 @@ pub(super) async fn execute(ctx: &Ctx, run: Execution) -> anyhow::Result<u8> {
     let report = match outcome {
         Ok(report) => report,
         Err(error) => {
-            eprintln!(
+            errln!(
                 "error: {error}\nThe rollout stopped where it was; resume it with `patchctl patch --resume {}`.",
                 rollout.cluster
             );
@@ -590,7 +593,7 @@ fn print_summary(
                 "elapsed_ms": elapsed.as_millis() as u64,
                 "nodes": nodes,
             });
-            println!("{}", serde_json::to_string_pretty(&document)?);
+            outln!("{}", serde_json::to_string_pretty(&document)?);
         }
         Format::Text => {
             let rows: Vec<Vec<String>> = report
@@ -607,15 +610,15 @@ fn print_summary(
                     ]
                 })
                 .collect();
-            println!();
-            print!(
+            outln!();
+            out!(
                 "{}",
                 super::display::plain_table(
                     &["Node", "Role", "Result", "Duration", "Downtime", "Reason"],
                     &rows
                 )
             );
-            println!(
+            outln!(
                 "{} {} {end} in {:.1}s: {} node(s), {} failure(s).",
                 capitalized(rollout.kind.as_str()),
                 rollout.id,
@@ -625,10 +628,10 @@ fn print_summary(
             );
             match report.end {
                 RolloutEnd::Interrupted => {
-                    println!("Resume with `patchctl patch --resume {}`.", rollout.cluster)
+                    outln!("Resume with `patchctl patch --resume {}`.", rollout.cluster)
                 }
                 RolloutEnd::Halted | RolloutEnd::CompletedWithFailures => {
-                    println!("See `patchctl audit {}` for every step.", rollout.cluster)
+                    outln!("See `patchctl audit {}` for every step.", rollout.cluster)
                 }
                 _ => {}
             }
@@ -702,7 +705,7 @@ impl CliObserver {
             Some(bars) => {
                 let _ = bars.multi.println(stamped);
             }
-            None => eprintln!("{stamped}"),
+            None => errln!("{stamped}"),
         }
     }
 

@@ -53,9 +53,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         );
     }
     if args.resume {
-        eprintln!(
+        errln!(
             "Nothing to resume: cluster `{}` has no unfinished rollout (`patchctl audit {}` lists its rollouts)",
-            args.cluster, args.cluster
+            args.cluster,
+            args.cluster
         );
         return Ok(patchctl::exit::DECLINED);
     }

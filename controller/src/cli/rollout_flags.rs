@@ -41,7 +41,7 @@ impl RolloutFlags {
         if self.dry_run {
             return print_dry_run(ctx, header, plan).map(Some);
         }
-        eprintln!("{header}\n\n{plan}");
+        errln!("{header}\n\n{plan}");
         warn_parallelism(plan);
         if self.policy.canary.is_some()
             && self.policy.canary_wait.is_none()
@@ -60,8 +60,8 @@ impl RolloutFlags {
 
 fn print_dry_run(ctx: &Ctx, header: &str, plan: &Plan) -> anyhow::Result<u8> {
     match ctx.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(plan)?),
-        Format::Text => println!("{header}\n\n{plan}\n(dry run: nothing was changed)"),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(plan)?),
+        Format::Text => outln!("{header}\n\n{plan}\n(dry run: nothing was changed)"),
     }
     Ok(exit::OK)
 }
@@ -76,7 +76,7 @@ fn warn_parallelism(plan: &Plan) {
         .max()
         .unwrap_or(0);
     if widest > budget + 1 {
-        eprintln!(
+        errln!(
             "Note: with --failure-budget {budget} at most {} node(s) are patched at once (so that at most {} can end \
              failed); raise --failure-budget to run batches of {widest} in parallel.",
             budget + 1,
@@ -91,7 +91,7 @@ async fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
         return Ok(true);
     }
     if !std::io::stdin().is_terminal() {
-        eprintln!("Not confirmed: stdin is not a terminal. Pass -y to confirm without a prompt.");
+        errln!("Not confirmed: stdin is not a terminal. Pass -y to confirm without a prompt.");
         return Ok(false);
     }
     let question = question.to_string();
@@ -99,7 +99,7 @@ async fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
         .await
         .context("the prompt stopped unexpectedly")??;
     if !answer {
-        eprintln!("Declined: nothing was changed.");
+        errln!("Declined: nothing was changed.");
     }
     Ok(answer)
 }
