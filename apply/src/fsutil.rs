@@ -214,6 +214,14 @@ impl DirHandle {
                          dir); remove it and apply again",
                     ));
                 }
+                Err(rustix::io::Errno::NOTDIR) if flags.contains(OFlags::DIRECTORY) => {
+                    // What `O_DIRECTORY | O_NOFOLLOW` answers for a symlink as the last component.
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        "refused: a symlink or a file stands where a directory must be (the agent never follows \
+                         a symlink under a deploy or state dir); remove it and apply again",
+                    ));
+                }
                 Err(rustix::io::Errno::XDEV) => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::PermissionDenied,
@@ -769,5 +777,92 @@ mod tests {
         let b = cache.sha256(&path).unwrap().unwrap();
         assert_ne!(a, b);
         assert_eq!(cache.sha256(&dir.path().join("missing")).unwrap(), None);
+    }
+
+    #[test]
+    fn hash_cache_notices_an_in_place_rewrite_with_the_mtime_set_back() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"good").unwrap();
+        let good = sha256_file(&path).unwrap();
+        let cache = HashCache::default();
+        cache.remember(&path, &good);
+        assert_eq!(cache.sha256(&path).unwrap().as_deref(), Some(good.as_str()));
+        let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+        let mut file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all(b"evil").unwrap();
+        file.set_modified(mtime).unwrap();
+        drop(file);
+        assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+        assert_eq!(
+            cache.sha256(&path).unwrap(),
+            Some(sha256_file(&path).unwrap())
+        );
+    }
+
+    #[test]
+    fn a_file_changed_just_now_is_hashed_but_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"fresh").unwrap();
+        let cache = HashCache::default();
+        assert_eq!(
+            cache.sha256(&path).unwrap(),
+            Some(sha256_file(&path).unwrap())
+        );
+        assert!(
+            cache.entries.lock().unwrap().is_empty(),
+            "racily clean: not cached"
+        );
+    }
+
+    #[test]
+    fn a_dir_handle_refuses_symlinks_and_never_copies_over_an_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("victim"), b"outside").unwrap();
+        fs::create_dir(dir.path().join("real")).unwrap();
+        fs::write(dir.path().join("real/source"), b"new").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        let handle = DirHandle::open_trusted(dir.path()).unwrap();
+        // A symlinked directory on the way, or as the directory to create, is refused.
+        let err = handle.open_dir(Path::new("link")).unwrap_err();
+        assert_eq!(
+            err.source.kind(),
+            std::io::ErrorKind::PermissionDenied,
+            "{err}"
+        );
+        assert!(handle.create_dir(Path::new("link")).is_err());
+        assert!(handle.open_dir(Path::new("real/../..")).is_err());
+        let source = At {
+            dir: &handle,
+            rel: Path::new("real/source"),
+        };
+        let into_link = At {
+            dir: &handle,
+            rel: Path::new("link/victim"),
+        };
+        assert!(materialize_at(source, into_link, None, None).is_err());
+        // A symlink at the temporary's own name is removed, never written through, even for a copy.
+        std::os::unix::fs::symlink(outside.path().join("victim"), dir.path().join("real/temp"))
+            .unwrap();
+        let temp = At {
+            dir: &handle,
+            rel: Path::new("real/temp"),
+        };
+        materialize_at(source, temp, Some(0o640), Some((65534, 65534))).unwrap();
+        assert_eq!(fs::read(outside.path().join("victim")).unwrap(), b"outside");
+        let meta = fs::symlink_metadata(dir.path().join("real/temp")).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (65534, 65534, 0o640)
+        );
+        assert_eq!(fs::read(dir.path().join("real/temp")).unwrap(), b"new");
+        assert_eq!(
+            handle.sha256(Path::new("real/temp")).unwrap(),
+            sha256_file(&dir.path().join("real/source")).unwrap()
+        );
     }
 }
