@@ -6,9 +6,10 @@
 //! Placement rule (documented in ARCHITECTURE.md, "Apply state machine"): a file is put at `target` by first
 //! creating a temporary sibling in `target`'s directory and then `rename`-ing it over `target`, so `target`
 //! always names either the complete old or the complete new content. The temporary is a hard link of the
-//! source when source and target directory are on the same file system (no data copied; the source is
-//! immutable: nothing here ever writes into an existing file), otherwise a copy that is fsynced before the
-//! rename. Either way the temporary is fsynced before the rename and the directory after it.
+//! source when source and target directory are on the same file system and the source already has the owner
+//! the new file must have (that of the file it replaces, or of its directory; no data copied; the source is
+//! immutable: nothing here ever writes into an existing file), otherwise a copy created with `O_EXCL |
+//! O_NOFOLLOW`, chowned and fsynced before the rename. The directory is fsynced after the rename.
 
 use ring::digest::{Context, SHA256};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};

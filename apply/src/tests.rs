@@ -897,6 +897,9 @@ async fn crash_at_every_fault_point_recovers_consistently() {
         (FaultPoint::BeforeCommit, 1, false),
         (FaultPoint::DuringRevert, 1, true),
         (FaultPoint::DuringRevert, 2, true),
+        (FaultPoint::AfterBackup, 2, false),
+        (FaultPoint::BeforeRestore, 1, true),
+        (FaultPoint::BeforeRestore, 2, true),
     ];
     for (point, n, crashing) in cases {
         let host = Host::new();
@@ -922,7 +925,7 @@ async fn crash_at_every_fault_point_recovers_consistently() {
         let engine = host.engine().await.unwrap();
         let journal = host.journal();
         let phase = journal.current.as_ref().unwrap().phase.clone();
-        let expect_failed = point == FaultPoint::AfterPrepare;
+        let expect_failed = matches!(point, FaultPoint::AfterPrepare | FaultPoint::AfterBackup);
         assert_eq!(
             phase,
             if expect_failed {
