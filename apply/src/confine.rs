@@ -1,7 +1,9 @@
 //! Confinement (ARCHITECTURE.md invariant 2): the engine writes only under `state_dir` and the deploy roots.
 //! Paths are checked lexically (absolute, no `..`) and again with symlinks resolved on the deepest existing
-//! ancestor, so a symlinked directory inside a deploy dir cannot redirect a write elsewhere.
+//! ancestor, so a symlinked directory inside a deploy dir cannot redirect a write elsewhere; the writes themselves
+//! then go through a handle on the deploy dir ([`Confinement::open_deploy_dir`]) that the kernel keeps them below.
 
+use crate::fsutil::{DirHandle, FsError};
 use std::path::{Component, Path, PathBuf};
 
 /// A path the engine was asked to write lies outside where it may write.
@@ -93,6 +95,33 @@ impl Confinement {
         } else {
             Err(self.refuse(target, allowed))
         }
+    }
+}
+
+impl Confinement {
+    /// Opens a service's deploy dir as a directory handle for the file work of an apply: checked as
+    /// [`Confinement::check_deploy_dir`] does, then reached from its deploy root (opened as configured) with no
+    /// symlink and no `..` on the way, so a deploy dir swapped for a symlink since the check is refused.
+    pub fn open_deploy_dir(&self, deploy_dir: &Path) -> Result<DirHandle, FsError> {
+        let refused = |detail: String| FsError {
+            op: "open deploy dir",
+            path: deploy_dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, detail),
+        };
+        self.check_deploy_dir(deploy_dir)
+            .map_err(|e| refused(e.to_string()))?;
+        let Some((root, rel)) = self
+            .roots
+            .iter()
+            .filter_map(|root| Some((root, deploy_dir.strip_prefix(root).ok()?)))
+            .filter(|(_, rel)| is_clean_relative(rel))
+            .max_by_key(|(root, _)| root.as_os_str().len())
+        else {
+            return Err(refused(
+                self.refuse(deploy_dir, "every deploy root").to_string(),
+            ));
+        };
+        DirHandle::open_trusted(root)?.open_dir(rel)
     }
 }
 

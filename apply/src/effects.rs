@@ -138,10 +138,16 @@ pub enum FaultPoint {
     BeforeCommit,
     /// One more file was restored during a revert.
     DuringRevert,
+    /// A directory the apply needs was just created (and checked), before anything is written into it.
+    AfterCreateDir,
+    /// One more backup was written, before it is checked.
+    AfterBackup,
+    /// A revert is about to restore one more file (the path is its directory).
+    BeforeRestore,
 }
 
 impl FaultPoint {
-    pub const ALL: [FaultPoint; 7] = [
+    pub const ALL: [FaultPoint; 10] = [
         FaultPoint::AfterPrepare,
         FaultPoint::AfterStop,
         FaultPoint::AfterSwap,
@@ -149,6 +155,9 @@ impl FaultPoint {
         FaultPoint::DuringProbation,
         FaultPoint::BeforeCommit,
         FaultPoint::DuringRevert,
+        FaultPoint::AfterCreateDir,
+        FaultPoint::AfterBackup,
+        FaultPoint::BeforeRestore,
     ];
 
     /// The name used in `PATCHD_FAULT=<name>[:n]`.
@@ -161,6 +170,9 @@ impl FaultPoint {
             FaultPoint::DuringProbation => "during-probation",
             FaultPoint::BeforeCommit => "before-commit",
             FaultPoint::DuringRevert => "during-revert",
+            FaultPoint::AfterCreateDir => "after-create-dir",
+            FaultPoint::AfterBackup => "after-backup",
+            FaultPoint::BeforeRestore => "before-restore",
         }
     }
 
@@ -173,6 +185,12 @@ impl FaultPoint {
 /// process when `PATCHD_FAULT` names the point. Unit tests: returns `Err` to simulate a crash right there.
 pub trait FaultHook: Send + Sync + std::fmt::Debug {
     fn hit(&self, point: FaultPoint) -> Result<(), SimulatedCrash>;
+
+    /// A point about the file or directory at `path`: a hook may act on it there (the symlink race of
+    /// `PATCHD_FAULT_SYMLINK_TO`) instead of crashing.
+    fn hit_at(&self, point: FaultPoint, _path: &std::path::Path) -> Result<(), SimulatedCrash> {
+        self.hit(point)
+    }
 }
 
 /// A crash simulated by a test hook: the engine stops right where it is, doing nothing more.
@@ -208,13 +226,17 @@ pub use env_faults::EnvFaults;
 #[cfg(feature = "fault-injection")]
 mod env_faults {
     use super::{FaultHook, FaultPoint, SimulatedCrash};
+    use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicU64, Ordering};
 
     /// Kills the agent (SIGKILL to itself, as `kill -9` would) at the n-th hit of the point named by
-    /// `PATCHD_FAULT=<point>[:n]` (n defaults to 1).
+    /// `PATCHD_FAULT=<point>[:n]` (n defaults to 1). With `PATCHD_FAULT_SYMLINK_TO=<dir>` as well, a point about a
+    /// path plays a local attacker instead: it moves that file or directory aside and puts a symlink to `<dir>`
+    /// in its place, and the agent goes on.
     #[derive(Debug)]
     pub struct EnvFaults {
         armed: Option<(FaultPoint, u64)>,
+        symlink_to: Option<PathBuf>,
         hits: AtomicU64,
     }
 
@@ -223,11 +245,13 @@ mod env_faults {
             let armed = std::env::var("PATCHD_FAULT")
                 .ok()
                 .and_then(|spec| Self::parse(&spec));
+            let symlink_to = std::env::var_os("PATCHD_FAULT_SYMLINK_TO").map(PathBuf::from);
             if let Some((point, n)) = armed {
                 eprintln!("patchd: fault injection armed: {}:{n}", point.name());
             }
             EnvFaults {
                 armed,
+                symlink_to,
                 hits: AtomicU64::new(0),
             }
         }
@@ -239,24 +263,48 @@ mod env_faults {
             };
             Some((FaultPoint::from_name(name.trim())?, count))
         }
+
+        /// True at the armed hit of `point`.
+        fn fires(&self, point: FaultPoint) -> bool {
+            let Some((armed, n)) = self.armed else {
+                return false;
+            };
+            armed == point && self.hits.fetch_add(1, Ordering::SeqCst) + 1 == n
+        }
+
+        fn crash(point: FaultPoint) -> ! {
+            eprintln!("patchd: injected crash at {}", point.name());
+            let _ =
+                nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+            std::process::abort();
+        }
     }
 
     impl FaultHook for EnvFaults {
         fn hit(&self, point: FaultPoint) -> Result<(), SimulatedCrash> {
-            let Some((armed, n)) = self.armed else {
+            if self.fires(point) {
+                Self::crash(point);
+            }
+            Ok(())
+        }
+
+        fn hit_at(&self, point: FaultPoint, path: &Path) -> Result<(), SimulatedCrash> {
+            if !self.fires(point) {
                 return Ok(());
+            }
+            let Some(to) = &self.symlink_to else {
+                Self::crash(point);
             };
-            if armed != point {
-                return Ok(());
-            }
-            if self.hits.fetch_add(1, Ordering::SeqCst) + 1 == n {
-                eprintln!("patchd: injected crash at {}:{n}", point.name());
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::getpid(),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                std::process::abort();
-            }
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(".displaced-by-fault");
+            let swapped =
+                std::fs::rename(path, &aside).and_then(|()| std::os::unix::fs::symlink(to, path));
+            eprintln!(
+                "patchd: injected symlink race at {}: {} -> {} ({swapped:?})",
+                point.name(),
+                path.display(),
+                to.display()
+            );
             Ok(())
         }
     }

@@ -804,3 +804,11 @@ fn describe_earlier(earlier: &ApplyResult) -> String {
         ApplyKind::Rollback { .. } => format!("for a rollback ({})", earlier.outcome.as_str()),
     }
 }
+
+#[cfg(test)]
+impl Engine {
+    /// The engine's hash cache, so a test can seed what an earlier hashing would have cached.
+    pub(crate) fn inner_hashes_for_tests(&self) -> &HashCache {
+        &self.inner.hashes
+    }
+}

@@ -1,18 +1,24 @@
-//! File-system primitives the apply engine's crash safety rests on: durable atomic writes, file placement by
-//! rename, and sha256 of deployed files (with a stat-keyed cache so large unchanged binaries are hashed once).
+//! File-system primitives the apply engine's crash safety and confinement rest on: durable atomic writes, held
+//! directory handles that every write under a deploy or state dir goes through ([`DirHandle`]: nothing resolved
+//! below one can be a symlink or lead out of it), file placement by rename, and sha256 of deployed files (with
+//! a stat-keyed cache so large unchanged binaries are hashed once).
 //!
 //! Placement rule (documented in ARCHITECTURE.md, "Apply state machine"): a file is put at `target` by first
 //! creating a temporary sibling in `target`'s directory and then `rename`-ing it over `target`, so `target`
 //! always names either the complete old or the complete new content. The temporary is a hard link of the
-//! source when source and target directory are on the same file system (no data copied; the source is
-//! immutable: nothing here ever writes into an existing file), otherwise a copy that is fsynced before the
-//! rename. Either way the temporary is fsynced before the rename and the directory after it.
+//! source when source and target directory are on the same file system and the source already has the owner
+//! the new file must have (that of the file it replaces, or of its directory; no data copied; the source is
+//! immutable: nothing here ever writes into an existing file), otherwise a copy created with `O_EXCL |
+//! O_NOFOLLOW`, chowned and fsynced before the rename. The directory is fsynced after the rename.
 
 use ring::digest::{Context, SHA256};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -48,41 +54,19 @@ pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
         .ctx("fsync directory", dir)
 }
 
-/// Creates `dir` (whose parent must exist) and fsyncs the parent so the new entry is durable; an existing
-/// directory is fine.
-pub fn create_dir_durable(dir: &Path) -> Result<(), FsError> {
-    match fs::create_dir(dir) {
-        Ok(()) => fsync_dir(parent_of(dir)?),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(FsError {
-            op: "create directory",
-            path: dir.to_path_buf(),
-            source: e,
-        }),
-    }
-}
-
-/// Creates `dir` and its missing ancestors, each made durable (its parent fsynced).
-pub fn create_dir_all_durable(dir: &Path) -> Result<(), FsError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    if let Some(parent) = dir.parent() {
-        create_dir_all_durable(parent)?;
-    }
-    create_dir_durable(dir)
-}
-
 /// Writes `bytes` to `path` durably and atomically: temp file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     let dir = parent_of(path)?;
     fs::create_dir_all(dir).ctx("create directory", dir)?;
     let tmp = sibling_temp(path, "tmp");
+    // A leftover temporary is removed rather than truncated, and the new one is created exclusively without
+    // following a symlink: whatever sits at that name is never written through.
+    remove_if_exists(&tmp)?;
     {
         let mut file = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc_o_nofollow())
             .open(&tmp)
             .ctx("create", &tmp)?;
         file.write_all(bytes).ctx("write", &tmp)?;
@@ -90,6 +74,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     }
     fs::rename(&tmp, path).ctx("rename into place", path)?;
     fsync_dir(dir)
+}
+
+/// `O_NOFOLLOW` as `OpenOptionsExt::custom_flags` takes it.
+fn libc_o_nofollow() -> i32 {
+    // The flag's bits fit an i32 on every Linux target.
+    i32::try_from(OFlags::NOFOLLOW.bits()).unwrap_or(0)
 }
 
 /// `<dir>/.<name>.<tag>`: a hidden sibling used as the temporary of an atomic replace.
@@ -108,66 +98,6 @@ pub fn parent_of(path: &Path) -> Result<&Path, FsError> {
         path: path.to_path_buf(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no parent"),
     })
-}
-
-/// True when both existing paths live on the same file system (so `link`/`rename` between them work).
-pub fn same_filesystem(a: &Path, b: &Path) -> Result<bool, FsError> {
-    let da = fs::metadata(a).ctx("stat", a)?.dev();
-    let db = fs::metadata(b).ctx("stat", b)?.dev();
-    Ok(da == db)
-}
-
-/// Creates `temp` (in `temp`'s directory, which must exist) with the content of `source`, mode `mode` when
-/// given, durable on disk: hard link on the same file system, otherwise copy. Symlinks are recreated as
-/// symlinks. An existing `temp` (left by an earlier attempt) is replaced.
-pub fn materialize(source: &Path, temp: &Path, mode: Option<u32>) -> Result<(), FsError> {
-    remove_if_exists(temp)?;
-    let meta = fs::symlink_metadata(source).ctx("stat", source)?;
-    if meta.file_type().is_symlink() {
-        let link_target = fs::read_link(source).ctx("read symlink", source)?;
-        std::os::unix::fs::symlink(&link_target, temp).ctx("create symlink", temp)?;
-        return Ok(());
-    }
-    let temp_dir = parent_of(temp)?;
-    let linked =
-        same_filesystem(parent_of(source)?, temp_dir)? && fs::hard_link(source, temp).is_ok();
-    if !linked {
-        copy_file(source, temp)?;
-    }
-    if let Some(mode) = mode {
-        let current = fs::metadata(temp).ctx("stat", temp)?.permissions().mode() & 0o7777;
-        if current != mode & 0o7777 {
-            fs::set_permissions(temp, fs::Permissions::from_mode(mode & 0o7777))
-                .ctx("chmod", temp)?;
-        }
-    }
-    if linked {
-        // Same inode as the source, whose data is as durable as it was (staged files are fsynced when
-        // unpacked); the new name becomes durable with the directory fsync the caller does.
-        return Ok(());
-    }
-    File::open(temp)
-        .and_then(|f| f.sync_all())
-        .ctx("fsync", temp)
-}
-
-/// Copies a regular file's bytes and permissions (not its inode).
-fn copy_file(source: &Path, dest: &Path) -> Result<(), FsError> {
-    fs::copy(source, dest).ctx("copy to", dest)?;
-    Ok(())
-}
-
-/// Atomically puts `source`'s content at `target` (see the module doc) using the temporary `temp`, then fsyncs
-/// the directory. `temp` must be in `target`'s directory.
-pub fn place(source: &Path, temp: &Path, target: &Path, mode: Option<u32>) -> Result<(), FsError> {
-    materialize(source, temp, mode)?;
-    commit_temp(temp, target)
-}
-
-/// Renames a prepared temporary over `target` and fsyncs the directory.
-pub fn commit_temp(temp: &Path, target: &Path) -> Result<(), FsError> {
-    fs::rename(temp, target).ctx("rename into place", target)?;
-    fsync_dir(parent_of(target)?)
 }
 
 /// Removes a file or symlink; absent is fine.
@@ -201,6 +131,406 @@ pub fn exists_no_follow(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok()
 }
 
+/// A directory held open. Every path below it is resolved by the kernel with `openat2(RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS)`, so no `..`, absolute path or symlink anywhere in it (the last component included) can
+/// lead out, whatever a local user who can write the directory swaps in between two steps; names are then
+/// changed with `*at` calls relative to the freshly resolved parent, which never follow a last-component
+/// symlink either.
+#[derive(Debug)]
+pub struct DirHandle {
+    fd: OwnedFd,
+    /// For messages only: nothing is ever resolved through it.
+    path: PathBuf,
+}
+
+/// Owner and group of a file.
+pub type Owner = (u32, u32);
+
+/// `openat2` resolution that stays below the handle and refuses every symlink.
+fn confined() -> ResolveFlags {
+    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS
+}
+
+fn io_err(e: rustix::io::Errno) -> std::io::Error {
+    std::io::Error::from(e)
+}
+
+/// `rel` as given to `openat2` ("." for the directory itself).
+fn at_path(rel: &Path) -> &Path {
+    if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    }
+}
+
+impl DirHandle {
+    /// Opens a directory the agent's own configuration names (the state dir, a deploy root): its path is
+    /// trusted as configured.
+    pub fn open_trusted(path: &Path) -> Result<DirHandle, FsError> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_err)
+        .ctx("open directory", path)?;
+        Ok(DirHandle {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The path this handle was opened at (for messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `rel` below this directory, for messages.
+    pub fn display_path(&self, rel: &Path) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    /// `openat2` below this directory, retried on `EAGAIN` (the kernel's answer when a rename raced the lookup).
+    fn open_below(&self, rel: &Path, flags: OFlags, mode: Mode) -> std::io::Result<OwnedFd> {
+        let mut attempts = 0;
+        loop {
+            match rustix::fs::openat2(
+                &self.fd,
+                at_path(rel),
+                flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                mode,
+                confined(),
+            ) {
+                Err(rustix::io::Errno::AGAIN) if attempts < 16 => attempts += 1,
+                Err(rustix::io::Errno::NOSYS) => {
+                    return Err(std::io::Error::other(
+                        "openat2 is not available (Linux 5.6 or later is required)",
+                    ));
+                }
+                Err(rustix::io::Errno::LOOP) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        "refused: a symlink lies on the path (the agent never follows one under a deploy or state \
+                         dir); remove it and apply again",
+                    ));
+                }
+                Err(rustix::io::Errno::NOTDIR) if flags.contains(OFlags::DIRECTORY) => {
+                    // What `O_DIRECTORY | O_NOFOLLOW` answers for a symlink as the last component.
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        "refused: a symlink or a file stands where a directory must be (the agent never follows \
+                         a symlink under a deploy or state dir); remove it and apply again",
+                    ));
+                }
+                Err(rustix::io::Errno::XDEV) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        "refused: the path leads out of its directory",
+                    ));
+                }
+                other => return other.map_err(io_err),
+            }
+        }
+    }
+
+    /// Opens the directory `rel` below this one (a real directory, reached without any symlink).
+    pub fn open_dir(&self, rel: &Path) -> Result<DirHandle, FsError> {
+        let fd = self
+            .open_below(rel, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+            .ctx("open directory", &self.display_path(rel))?;
+        Ok(DirHandle {
+            fd,
+            path: self.display_path(rel),
+        })
+    }
+
+    /// The directory holding `rel` (opened) and `rel`'s last component.
+    pub fn parent_of<'r>(&self, rel: &'r Path) -> Result<(DirHandle, &'r OsStr), FsError> {
+        let name = rel.file_name().ok_or_else(|| FsError {
+            op: "find the file name of",
+            path: self.display_path(rel),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name"),
+        })?;
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        Ok((self.open_dir(parent)?, name))
+    }
+
+    /// fsync of this directory, so a rename, link or unlink inside it is durable.
+    pub fn sync(&self) -> Result<(), FsError> {
+        rustix::fs::fsync(&self.fd)
+            .map_err(io_err)
+            .ctx("fsync directory", &self.path)
+    }
+
+    /// Owner and group of this directory.
+    pub fn owner(&self) -> Result<Owner, FsError> {
+        let stat = rustix::fs::fstat(&self.fd)
+            .map_err(io_err)
+            .ctx("stat", &self.path)?;
+        Ok((stat.st_uid, stat.st_gid))
+    }
+
+    /// `lstat` of the entry `name` of this directory (`None` when absent).
+    pub fn stat_entry(&self, name: &OsStr) -> Result<Option<rustix::fs::Stat>, FsError> {
+        match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => Ok(Some(stat)),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(io_err(e)).ctx("stat", &self.path.join(name)),
+        }
+    }
+
+    /// `lstat` of `rel` (`None` when it or a directory on its way is absent).
+    pub fn stat(&self, rel: &Path) -> Result<Option<rustix::fs::Stat>, FsError> {
+        let (parent, name) = match self.parent_of(rel) {
+            Ok(found) => found,
+            Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        parent.stat_entry(name)
+    }
+
+    /// Creates the directory `rel` (whose parent must exist) owned as its parent, durable (parent fsynced). An
+    /// existing directory is fine; anything else there (a symlink included) is an error. Either way what is
+    /// there now is checked to be a real directory by opening it without following symlinks. Returns whether
+    /// it was created.
+    pub fn create_dir(&self, rel: &Path) -> Result<bool, FsError> {
+        let (parent, name) = self.parent_of(rel)?;
+        let created = match rustix::fs::mkdirat(&parent.fd, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::EXIST) => false,
+            Err(e) => return Err(io_err(e)).ctx("create directory", &self.display_path(rel)),
+        };
+        let dir = parent.open_dir(Path::new(name))?;
+        if created {
+            let owner = parent.owner()?;
+            if dir.owner()? != owner {
+                rustix::fs::fchown(
+                    &dir.fd,
+                    Some(rustix::fs::Uid::from_raw(owner.0)),
+                    Some(rustix::fs::Gid::from_raw(owner.1)),
+                )
+                .map_err(io_err)
+                .ctx("chown", &self.display_path(rel))?;
+            }
+            parent.sync()?;
+        }
+        Ok(created)
+    }
+
+    /// Creates `rel` and its missing ancestors, each durable and checked as [`DirHandle::create_dir`] does.
+    pub fn create_dir_all(&self, rel: &Path) -> Result<(), FsError> {
+        let mut so_far = PathBuf::new();
+        for part in rel.components() {
+            so_far.push(part);
+            self.create_dir(&so_far)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the file or symlink `rel` (never a directory); absent, or a missing directory on its way, is fine.
+    /// Returns the directory it was in (to fsync), when there was one.
+    pub fn remove_file(&self, rel: &Path) -> Result<Option<DirHandle>, FsError> {
+        let (parent, name) = match self.parent_of(rel) {
+            Ok(found) => found,
+            Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::unlinkat(&parent.fd, name, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(Some(parent)),
+            Err(e) => Err(io_err(e)).ctx("remove", &self.display_path(rel)),
+        }
+    }
+
+    /// Removes the directory `rel` if it is empty (a symlink there is left alone); true when removed, with its
+    /// parent fsynced.
+    pub fn remove_empty_dir(&self, rel: &Path) -> bool {
+        let Ok((parent, name)) = self.parent_of(rel) else {
+            return false;
+        };
+        rustix::fs::unlinkat(&parent.fd, name, AtFlags::REMOVEDIR).is_ok() && parent.sync().is_ok()
+    }
+
+    /// Renames `from` over `to`, both names in `dir` (a rename inside one directory).
+    pub fn rename_in(dir: &DirHandle, from: &OsStr, to: &OsStr) -> Result<(), FsError> {
+        rustix::fs::renameat(&dir.fd, from, &dir.fd, to)
+            .map_err(io_err)
+            .ctx("rename into place", &dir.path.join(to))
+    }
+
+    /// sha256 (hex) of `rel`'s content; for a symlink, of its target path string (it is not followed).
+    pub fn sha256(&self, rel: &Path) -> Result<String, FsError> {
+        let (parent, name) = self.parent_of(rel)?;
+        let shown = self.display_path(rel);
+        let stat = parent.stat_entry(name)?.ok_or_else(|| FsError {
+            op: "open",
+            path: shown.clone(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
+        if FileType::from_raw_mode(stat.st_mode) == FileType::Symlink {
+            let target = rustix::fs::readlinkat(&parent.fd, name, Vec::new())
+                .map_err(io_err)
+                .ctx("read symlink", &shown)?;
+            let digest = ring::digest::digest(&SHA256, target.as_bytes());
+            return Ok(hex::encode(digest.as_ref()));
+        }
+        let fd = parent
+            .open_below(Path::new(name), OFlags::RDONLY, Mode::empty())
+            .ctx("open", &shown)?;
+        hash_reader(File::from(fd), &shown)
+    }
+}
+
+/// sha256 (hex) of everything `reader` yields.
+fn hash_reader(mut reader: impl Read, shown: &Path) -> Result<String, FsError> {
+    let mut ctx = Context::new(&SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).ctx("read", shown)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    Ok(hex::encode(ctx.finish().as_ref()))
+}
+
+/// A file named by a held directory and a clean relative path below it.
+#[derive(Debug, Clone, Copy)]
+pub struct At<'a> {
+    pub dir: &'a DirHandle,
+    pub rel: &'a Path,
+}
+
+impl At<'_> {
+    fn shown(&self) -> PathBuf {
+        self.dir.display_path(self.rel)
+    }
+}
+
+/// Creates `temp` with the content of `source`, mode `mode` when given, owned by `owner` when given (else as
+/// the source), durable on disk. A hard link when source and temp are on the same file system and the source
+/// already has that owner (a link shares the inode, so it cannot have another owner); otherwise a copy created
+/// with `O_CREAT | O_EXCL | O_NOFOLLOW` (never through an existing entry), chowned, chmoded and fsynced.
+/// Symlinks are recreated as symlinks. An existing `temp` (left by an earlier attempt) is removed first.
+/// Returns the directory holding `temp`, to be fsynced by the caller.
+pub fn materialize_at(
+    source: At<'_>,
+    temp: At<'_>,
+    mode: Option<u32>,
+    owner: Option<Owner>,
+) -> Result<DirHandle, FsError> {
+    temp.dir.remove_file(temp.rel)?;
+    let (src_dir, src_name) = source.dir.parent_of(source.rel)?;
+    let (dst_dir, dst_name) = temp.dir.parent_of(temp.rel)?;
+    let src_stat = src_dir.stat_entry(src_name)?.ok_or_else(|| FsError {
+        op: "stat",
+        path: source.shown(),
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })?;
+    let src_owner = (src_stat.st_uid, src_stat.st_gid);
+    let owner = owner.unwrap_or(src_owner);
+    let chown = |fd: BorrowedFd<'_>, flags: Option<AtFlags>| -> Result<(), FsError> {
+        let (uid, gid) = (
+            Some(rustix::fs::Uid::from_raw(owner.0)),
+            Some(rustix::fs::Gid::from_raw(owner.1)),
+        );
+        match flags {
+            Some(flags) => rustix::fs::chownat(fd, dst_name, uid, gid, flags),
+            None => rustix::fs::fchown(fd, uid, gid),
+        }
+        .map_err(io_err)
+        .ctx("chown", &temp.shown())
+    };
+    match FileType::from_raw_mode(src_stat.st_mode) {
+        FileType::Symlink => {
+            let link_target = rustix::fs::readlinkat(&src_dir.fd, src_name, Vec::new())
+                .map_err(io_err)
+                .ctx("read symlink", &source.shown())?;
+            rustix::fs::symlinkat(link_target.as_c_str(), &dst_dir.fd, dst_name)
+                .map_err(io_err)
+                .ctx("create symlink", &temp.shown())?;
+            let created = dst_dir.stat_entry(dst_name)?;
+            if created.is_some_and(|stat| (stat.st_uid, stat.st_gid) != owner) {
+                chown(dst_dir.fd.as_fd(), Some(AtFlags::SYMLINK_NOFOLLOW))?;
+            }
+            return Ok(dst_dir);
+        }
+        FileType::RegularFile => {}
+        other => {
+            return Err(FsError {
+                op: "copy",
+                path: source.shown(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("not a regular file or symlink ({other:?})"),
+                ),
+            });
+        }
+    }
+    let linked = owner == src_owner
+        && rustix::fs::linkat(
+            &src_dir.fd,
+            src_name,
+            &dst_dir.fd,
+            dst_name,
+            AtFlags::empty(),
+        )
+        .is_ok();
+    let file = if linked {
+        File::from(
+            dst_dir
+                .open_below(Path::new(dst_name), OFlags::RDONLY, Mode::empty())
+                .ctx("open", &temp.shown())?,
+        )
+    } else {
+        let mut from = File::from(
+            src_dir
+                .open_below(Path::new(src_name), OFlags::RDONLY, Mode::empty())
+                .ctx("open", &source.shown())?,
+        );
+        let mut to = File::from(
+            rustix::fs::openat(
+                &dst_dir.fd,
+                dst_name,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(io_err)
+            .ctx("create", &temp.shown())?,
+        );
+        std::io::copy(&mut from, &mut to).ctx("copy to", &temp.shown())?;
+        chown(to.as_fd(), None)?;
+        to
+    };
+    let wanted = mode.unwrap_or(src_stat.st_mode) & 0o7777;
+    let current = rustix::fs::fstat(&file)
+        .map_err(io_err)
+        .ctx("stat", &temp.shown())?
+        .st_mode
+        & 0o7777;
+    if current != wanted {
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(wanted))
+            .map_err(io_err)
+            .ctx("chmod", &temp.shown())?;
+    }
+    if !linked {
+        // A hard link shares the source's inode, whose data is as durable as it was (staged files are fsynced
+        // when unpacked); its new name becomes durable with the directory fsync the caller does.
+        file.sync_all().ctx("fsync", &temp.shown())?;
+    }
+    Ok(dst_dir)
+}
+
+/// The owner a new file at `rel` gets: that of the file it replaces, or for a new file that of its directory.
+pub fn owner_for(dir: &DirHandle, rel: &Path) -> Result<Owner, FsError> {
+    let (parent, name) = dir.parent_of(rel)?;
+    match parent.stat_entry(name)? {
+        Some(stat) => Ok((stat.st_uid, stat.st_gid)),
+        None => parent.owner(),
+    }
+}
+
 /// sha256 (hex) of a file's content; for a symlink, of its target path string.
 pub fn sha256_file(path: &Path) -> Result<String, FsError> {
     let meta = fs::symlink_metadata(path).ctx("stat", path)?;
@@ -223,15 +553,17 @@ pub fn sha256_file(path: &Path) -> Result<String, FsError> {
 }
 
 /// What identifies one version of a file on disk without reading it: replacing the file (rename over it) changes
-/// the inode, writing into it changes the mtime (to the nanosecond). The ctime is left out on purpose: it also
-/// changes when a hard link to the same inode is added or removed (backups and staging share inodes with
-/// deployed files), which does not change the content.
+/// the inode, writing into it changes the mtime, and any change to the inode at all (a write, a chmod, a
+/// `touch` that sets the mtime back) changes the ctime, which no user can set. The ctime also changes when a
+/// hard link is added or removed (backups, staging) or the file is renamed, which costs one more hashing: on any
+/// doubt the file is hashed again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 struct StatKey {
     dev: u64,
     ino: u64,
     size: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
 }
 
 impl StatKey {
@@ -241,12 +573,26 @@ impl StatKey {
             ino: meta.ino(),
             size: meta.size(),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         }
+    }
+
+    /// Changed so shortly before `hashed_at` that a further change within the same timestamp tick could leave
+    /// the key unchanged ("racily clean", as git calls it): such a hash is used once but not cached.
+    fn is_racy(&self, hashed_at: std::time::SystemTime) -> bool {
+        let Ok(since_epoch) = hashed_at.duration_since(std::time::UNIX_EPOCH) else {
+            return true;
+        };
+        let hashed_ns = i128::try_from(since_epoch.as_nanos()).unwrap_or(i128::MAX);
+        hashed_ns - self.ctime_ns.max(self.mtime_ns) < RACY_WINDOW_NS
     }
 }
 
-/// sha256 of files by path, reused while the file's stat key is unchanged (like git's index). A file rewritten in
-/// place within the same nanosecond with its mtime forged back would not be noticed; nothing here does that.
+/// See [`StatKey::is_racy`]: one second, like git (a file system's timestamps may be that coarse).
+const RACY_WINDOW_NS: i128 = 1_000_000_000;
+
+/// sha256 of files by path, reused while the file's stat key (with its ctime) is unchanged, like git's index: a
+/// file rewritten in place with its mtime set back has a new ctime and is hashed again.
 /// Optionally kept in a file across agent restarts (every entry is checked against `stat` before use).
 #[derive(Debug, Default)]
 pub struct HashCache {
@@ -331,10 +677,12 @@ impl HashCache {
         if let Some(hit) = self.lookup(path, key) {
             return Ok(Some(hit));
         }
+        let hashed_at = std::time::SystemTime::now();
         let digest = sha256_file(path)?;
-        // Only trust the hash if the file did not change while it was read.
+        // Only cache the hash if the file did not change while it was read and cannot change unnoticed.
         if let Ok(after) = fs::symlink_metadata(path)
             && StatKey::of(&after) == key
+            && !key.is_racy(hashed_at)
             && let Ok(mut entries) = self.entries.lock()
         {
             entries.insert(path.to_path_buf(), (key, digest.clone()));
@@ -392,29 +740,6 @@ mod tests {
     }
 
     #[test]
-    fn place_keeps_old_inode_reachable_through_backup_link() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("bin");
-        let backup = dir.path().join("backup");
-        let staged = dir.path().join("staged");
-        fs::write(&target, b"old").unwrap();
-        fs::write(&staged, b"new").unwrap();
-        materialize(&target, &backup, None).unwrap();
-        place(&staged, &sibling_temp(&target, "new"), &target, Some(0o755)).unwrap();
-        assert_eq!(fs::read(&target).unwrap(), b"new");
-        assert_eq!(fs::read(&backup).unwrap(), b"old");
-        assert_eq!(
-            fs::metadata(&target).unwrap().permissions().mode() & 0o777,
-            0o755
-        );
-        // restore is repeatable: the backup stays
-        place(&backup, &sibling_temp(&target, "restore"), &target, None).unwrap();
-        place(&backup, &sibling_temp(&target, "restore"), &target, None).unwrap();
-        assert_eq!(fs::read(&target).unwrap(), b"old");
-        assert!(backup.exists());
-    }
-
-    #[test]
     fn persisted_hash_cache_survives_a_restart_but_not_a_change() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
@@ -453,5 +778,92 @@ mod tests {
         let b = cache.sha256(&path).unwrap().unwrap();
         assert_ne!(a, b);
         assert_eq!(cache.sha256(&dir.path().join("missing")).unwrap(), None);
+    }
+
+    #[test]
+    fn hash_cache_notices_an_in_place_rewrite_with_the_mtime_set_back() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"good").unwrap();
+        let good = sha256_file(&path).unwrap();
+        let cache = HashCache::default();
+        cache.remember(&path, &good);
+        assert_eq!(cache.sha256(&path).unwrap().as_deref(), Some(good.as_str()));
+        let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+        let mut file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all(b"evil").unwrap();
+        file.set_modified(mtime).unwrap();
+        drop(file);
+        assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+        assert_eq!(
+            cache.sha256(&path).unwrap(),
+            Some(sha256_file(&path).unwrap())
+        );
+    }
+
+    #[test]
+    fn a_file_changed_just_now_is_hashed_but_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"fresh").unwrap();
+        let cache = HashCache::default();
+        assert_eq!(
+            cache.sha256(&path).unwrap(),
+            Some(sha256_file(&path).unwrap())
+        );
+        assert!(
+            cache.entries.lock().unwrap().is_empty(),
+            "racily clean: not cached"
+        );
+    }
+
+    #[test]
+    fn a_dir_handle_refuses_symlinks_and_never_copies_over_an_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("victim"), b"outside").unwrap();
+        fs::create_dir(dir.path().join("real")).unwrap();
+        fs::write(dir.path().join("real/source"), b"new").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        let handle = DirHandle::open_trusted(dir.path()).unwrap();
+        // A symlinked directory on the way, or as the directory to create, is refused.
+        let err = handle.open_dir(Path::new("link")).unwrap_err();
+        assert_eq!(
+            err.source.kind(),
+            std::io::ErrorKind::PermissionDenied,
+            "{err}"
+        );
+        assert!(handle.create_dir(Path::new("link")).is_err());
+        assert!(handle.open_dir(Path::new("real/../..")).is_err());
+        let source = At {
+            dir: &handle,
+            rel: Path::new("real/source"),
+        };
+        let into_link = At {
+            dir: &handle,
+            rel: Path::new("link/victim"),
+        };
+        assert!(materialize_at(source, into_link, None, None).is_err());
+        // A symlink at the temporary's own name is removed, never written through, even for a copy.
+        std::os::unix::fs::symlink(outside.path().join("victim"), dir.path().join("real/temp"))
+            .unwrap();
+        let temp = At {
+            dir: &handle,
+            rel: Path::new("real/temp"),
+        };
+        materialize_at(source, temp, Some(0o640), Some((65534, 65534))).unwrap();
+        assert_eq!(fs::read(outside.path().join("victim")).unwrap(), b"outside");
+        let meta = fs::symlink_metadata(dir.path().join("real/temp")).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (65534, 65534, 0o640)
+        );
+        assert_eq!(fs::read(dir.path().join("real/temp")).unwrap(), b"new");
+        assert_eq!(
+            handle.sha256(Path::new("real/temp")).unwrap(),
+            sha256_file(&dir.path().join("real/source")).unwrap()
+        );
     }
 }

@@ -1,13 +1,17 @@
 //! Which files an apply or rollback changes, and the blocking file operations of each phase: prepare (backups
-//! and temporaries, nothing live), swap (one rename per file), restore (put the backup back; idempotent).
+//! and temporaries, nothing live), swap (one rename per file), restore (put the backup back after checking it;
+//! idempotent). Every file operation goes through directory handles ([`Sites`]) that refuse symlinks and `..`.
 
 use crate::confine::{Confinement, ConfinementError, is_clean_relative};
-use crate::fsutil::{self, FsError, HashCache, IoContext};
+use crate::effects::{FaultHook, FaultPoint, SimulatedCrash};
+use crate::fsutil::{self, At, DirHandle, FsError, HashCache};
 use crate::journal::{FileChange, HistoryEntry};
 use crate::spec::ServiceSpec;
 use patchd_package::Manifest;
-use std::collections::BTreeSet;
+use rustix::fs::FileType;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Planning failed.
 #[derive(Debug, thiserror::Error)]
@@ -230,59 +234,220 @@ pub fn plan_rollback(
     Ok((changes, missing_dirs(&spec.deploy_dir, &targets)))
 }
 
-/// Creates missing directories, the backups of the current files and the temporaries of the new ones, all
-/// durable. Nothing live changes: only new names appear. Each new regular file is hashed (through `hashes`, so
-/// the swap can carry the computed hash over to its target) and must match the plan: a staged file shares its
-/// inode with earlier deployments, so an in-place edit of a deployed file would otherwise be deployed again.
+/// A step of the file work failed, or a test hook simulated a crash in it.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Crash(#[from] SimulatedCrash),
+}
+
+impl From<StepError> for crate::engine::ApplyError {
+    fn from(error: StepError) -> Self {
+        match error {
+            StepError::Fs(e) => e.into(),
+            StepError::Crash(crash) => crash.into(),
+        }
+    }
+}
+
+/// Where an apply's files are: the service's deploy dir and the agent's state dir, each reached only through a
+/// directory handle opened afresh by every step (so nothing swapped in between two steps is trusted), and the
+/// fault hook of the steps about a path.
+#[derive(Debug, Clone)]
+pub struct Sites {
+    pub deploy_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub confine: Confinement,
+    pub faults: Arc<dyn FaultHook>,
+}
+
+/// The two directory handles of one step.
+struct Handles {
+    deploy: DirHandle,
+    state: DirHandle,
+}
+
+impl Sites {
+    pub(crate) fn of(inner: &crate::engine::Inner, svc: &crate::engine::Service) -> Sites {
+        Sites {
+            deploy_dir: svc.spec.deploy_dir.clone(),
+            state_dir: inner.state_dir.clone(),
+            confine: inner.confine.clone(),
+            faults: Arc::clone(&inner.effects.faults),
+        }
+    }
+
+    fn open(&self) -> Result<Handles, FsError> {
+        Ok(Handles {
+            deploy: self.confine.open_deploy_dir(&self.deploy_dir)?,
+            state: DirHandle::open_trusted(&self.state_dir)?,
+        })
+    }
+
+    /// `path` relative to the deploy dir (it must be a clean path below it).
+    fn deploy_rel<'p>(&self, path: &'p Path) -> Result<&'p Path, FsError> {
+        relative_below(&self.deploy_dir, path)
+    }
+
+    /// `path` relative to the state dir (it must be a clean path below it).
+    fn state_rel<'p>(&self, path: &'p Path) -> Result<&'p Path, FsError> {
+        relative_below(&self.state_dir, path)
+    }
+}
+
+/// `path` relative to `base`, refused unless it is a clean relative path below it.
+fn relative_below<'p>(base: &Path, path: &'p Path) -> Result<&'p Path, FsError> {
+    match path.strip_prefix(base) {
+        Ok(rel) if is_clean_relative(rel) => Ok(rel),
+        _ => Err(FsError {
+            op: "refuse",
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("the path lies outside {}", base.display()),
+            ),
+        }),
+    }
+}
+
+/// The error of a file whose content is not what the journal recorded.
+fn not_as_recorded(path: &Path, found: &str, expected: &str, what: &str) -> FsError {
+    FsError {
+        op: "verify",
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("sha256 is {found} but {expected} was recorded: {what}"),
+        ),
+    }
+}
+
+/// Creates missing directories (each checked to be a real directory, owned as its parent), the backups of the
+/// current files (each checked against the sha256 the plan recorded) and the temporaries of the new ones (owned
+/// as the file they replace, or as their directory), all durable, every one through a directory handle. Nothing
+/// live changes: only new names appear. Each new regular file is hashed and must match the plan: a staged file
+/// shares its inode with earlier deployments, so an in-place edit of a deployed file would otherwise be deployed
+/// again.
 pub fn prepare(
+    sites: &Sites,
     files: &[FileChange],
     created_dirs: &[PathBuf],
-    hashes: &HashCache,
-) -> Result<(), FsError> {
+) -> Result<(), StepError> {
+    let handles = sites.open()?;
     for dir in created_dirs {
-        fsutil::create_dir_durable(dir)?;
+        handles.deploy.create_dir(sites.deploy_rel(dir)?)?;
+        sites.faults.hit_at(FaultPoint::AfterCreateDir, dir)?;
     }
-    let mut dirs_to_sync = BTreeSet::new();
+    let mut dirs_to_sync: BTreeMap<PathBuf, DirHandle> = BTreeMap::new();
     for change in files {
+        let target_rel = sites.deploy_rel(&change.target)?;
         if let Some(backup) = &change.backup {
-            let dir = fsutil::parent_of(backup)?;
-            fsutil::create_dir_all_durable(dir)?;
-            fsutil::materialize(&change.target, backup, None)?;
-            dirs_to_sync.insert(dir.to_path_buf());
+            let backup_rel = sites.state_rel(backup)?;
+            if let Some(parent) = backup_rel.parent() {
+                handles.state.create_dir_all(parent)?;
+            }
+            let dir = fsutil::materialize_at(
+                At {
+                    dir: &handles.deploy,
+                    rel: target_rel,
+                },
+                At {
+                    dir: &handles.state,
+                    rel: backup_rel,
+                },
+                None,
+                None,
+            )?;
+            dirs_to_sync.insert(dir.path().to_path_buf(), dir);
+            sites.faults.hit_at(FaultPoint::AfterBackup, backup)?;
+            if let Some(expected) = &change.old_sha256 {
+                let found = handles.state.sha256(backup_rel)?;
+                if found != *expected {
+                    return Err(not_as_recorded(
+                        backup,
+                        &found,
+                        expected,
+                        "the file changed while it was backed up, or the backup was replaced; apply again",
+                    )
+                    .into());
+                }
+            }
         }
         if let Some(source) = &change.source {
-            fsutil::materialize(source, &change.temp, change.mode)?;
-            dirs_to_sync.insert(fsutil::parent_of(&change.temp)?.to_path_buf());
-            verify_temp(change, source, hashes)?;
+            let temp_rel = sites.deploy_rel(&change.temp)?;
+            let owner = fsutil::owner_for(&handles.deploy, target_rel)?;
+            let dir = fsutil::materialize_at(
+                At {
+                    dir: &handles.state,
+                    rel: sites.state_rel(source)?,
+                },
+                At {
+                    dir: &handles.deploy,
+                    rel: temp_rel,
+                },
+                change.mode,
+                Some(owner),
+            )?;
+            dirs_to_sync.insert(dir.path().to_path_buf(), dir);
+            verify_temp(&handles.deploy, temp_rel, change, source)?;
         }
     }
-    for dir in dirs_to_sync {
-        fsutil::fsync_dir(&dir)?;
+    for dir in dirs_to_sync.values() {
+        dir.sync()?;
     }
     Ok(())
 }
 
-/// Checks the temporary of a new regular file holds the planned content.
-fn verify_temp(change: &FileChange, source: &Path, hashes: &HashCache) -> Result<(), FsError> {
+/// Checks the temporary of a new regular file holds the planned content (hashed through the handle).
+fn verify_temp(
+    deploy: &DirHandle,
+    temp_rel: &Path,
+    change: &FileChange,
+    source: &Path,
+) -> Result<(), FsError> {
     let Some(expected) = &change.new_sha256 else {
         return Ok(());
     };
-    let meta = std::fs::symlink_metadata(&change.temp).ctx("stat", &change.temp)?;
-    if !meta.file_type().is_file() {
+    let is_file = deploy
+        .stat(temp_rel)?
+        .is_some_and(|stat| FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile);
+    if !is_file {
         return Ok(());
     }
-    match hashes.sha256(&change.temp)? {
-        Some(found) if found == *expected => Ok(()),
-        found => Err(FsError {
-            op: "verify",
-            path: source.to_path_buf(),
+    let found = deploy.sha256(temp_rel)?;
+    if found == *expected {
+        return Ok(());
+    }
+    Err(not_as_recorded(
+        source,
+        &found,
+        expected,
+        "the file changed after it was staged or backed up (e.g. a deployed copy edited in place); stage the \
+         package again",
+    ))
+}
+
+/// The directory of `rel` below `deploy` (opened) and the names of `rel` and of `temp` in it.
+fn target_and_temp<'p>(
+    sites: &Sites,
+    deploy: &DirHandle,
+    change: &'p FileChange,
+) -> Result<(DirHandle, &'p std::ffi::OsStr, &'p std::ffi::OsStr), FsError> {
+    let target_rel = sites.deploy_rel(&change.target)?;
+    let temp_rel = sites.deploy_rel(&change.temp)?;
+    let (dir, target_name) = deploy.parent_of(target_rel)?;
+    match temp_rel.file_name() {
+        Some(temp_name) if temp_rel.parent() == target_rel.parent() => {
+            Ok((dir, target_name, temp_name))
+        }
+        _ => Err(FsError {
+            op: "refuse",
+            path: change.temp.clone(),
             source: std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!(
-                    "sha256 is {} but the plan expects {expected}: the file changed after it was staged or \
-                     backed up (e.g. a deployed copy edited in place); stage the package again",
-                    found.as_deref().unwrap_or("absent")
-                ),
+                std::io::ErrorKind::InvalidInput,
+                "a temporary must lie next to its target",
             ),
         }),
     }
@@ -291,59 +456,124 @@ fn verify_temp(change: &FileChange, source: &Path, hashes: &HashCache) -> Result
 /// Puts the new content of one file in place (one rename), or removes the file when the change removes it.
 /// Not yet durable: [`sync_target_dirs`] makes every swap durable before the apply goes on (recovery restores
 /// all files whatever a crash left, so per-file durability is not needed).
-pub fn swap_one(change: &FileChange) -> Result<(), FsError> {
+pub fn swap_one(sites: &Sites, change: &FileChange) -> Result<(), StepError> {
+    let deploy = sites.confine.open_deploy_dir(&sites.deploy_dir)?;
+    let (dir, target_name, temp_name) = target_and_temp(sites, &deploy, change)?;
     match &change.source {
-        Some(_) => {
-            std::fs::rename(&change.temp, &change.target).ctx("rename into place", &change.target)
+        Some(_) => DirHandle::rename_in(&dir, temp_name, target_name)?,
+        None => {
+            deploy.remove_file(sites.deploy_rel(&change.target)?)?;
         }
-        None => fsutil::remove_if_exists(&change.target),
-    }
-}
-
-/// fsync of every directory a swap changed (once each).
-pub fn sync_target_dirs(files: &[FileChange]) -> Result<(), FsError> {
-    let dirs: BTreeSet<&Path> = files.iter().filter_map(|c| c.target.parent()).collect();
-    for dir in dirs {
-        fsutil::fsync_dir(dir)?;
     }
     Ok(())
 }
 
-/// Puts the old content of one file back (or removes a file the apply added). Safe to repeat, whatever the
-/// file's current state.
-pub fn restore_one(change: &FileChange, patch_id: &str) -> Result<(), FsError> {
+/// fsync of every directory a swap changed (once each).
+pub fn sync_target_dirs(sites: &Sites, files: &[FileChange]) -> Result<(), StepError> {
+    let deploy = sites.confine.open_deploy_dir(&sites.deploy_dir)?;
+    let mut dirs = BTreeSet::new();
+    for change in files {
+        dirs.insert(
+            sites
+                .deploy_rel(&change.target)?
+                .parent()
+                .unwrap_or(Path::new("")),
+        );
+    }
+    for dir in dirs {
+        deploy.open_dir(dir)?.sync()?;
+    }
+    Ok(())
+}
+
+/// Puts the old content of one file back (or removes a file the apply added), through the directory handles.
+/// Safe to repeat, whatever the file's current state. A backup whose sha256 is not the one recorded when it was
+/// taken is refused: the file keeps its current content and the error says so.
+pub fn restore_one(sites: &Sites, change: &FileChange, patch_id: &str) -> Result<(), StepError> {
+    if let Some(dir) = change.target.parent() {
+        sites.faults.hit_at(FaultPoint::BeforeRestore, dir)?;
+    }
+    let handles = sites.open()?;
     match &change.backup {
         Some(backup) => {
-            fsutil::place(
-                backup,
-                &restore_temp(&change.target, patch_id),
-                &change.target,
+            let backup_rel = sites.state_rel(backup)?;
+            if let Some(expected) = &change.old_sha256 {
+                let found = handles.state.sha256(backup_rel)?;
+                if found != *expected {
+                    return Err(not_as_recorded(
+                        backup,
+                        &found,
+                        expected,
+                        &format!(
+                            "the backup was tampered with, so it was not restored; {} keeps its new content: put \
+                             the old file back by hand",
+                            change.target.display()
+                        ),
+                    )
+                    .into());
+                }
+            }
+            let temp = restore_temp(&change.target, patch_id);
+            let temp_rel = sites.deploy_rel(&temp)?;
+            fsutil::materialize_at(
+                At {
+                    dir: &handles.state,
+                    rel: backup_rel,
+                },
+                At {
+                    dir: &handles.deploy,
+                    rel: temp_rel,
+                },
+                None,
                 None,
             )?;
+            let restoring = FileChange {
+                temp: temp.clone(),
+                ..change.clone()
+            };
+            let (dir, target_name, temp_name) =
+                target_and_temp(sites, &handles.deploy, &restoring)?;
+            DirHandle::rename_in(&dir, temp_name, target_name)?;
+            dir.sync()?;
         }
         None => {
-            fsutil::remove_if_exists(&change.target)?;
-            fsutil::fsync_dir(fsutil::parent_of(&change.target)?)?;
+            if let Some(dir) = handles
+                .deploy
+                .remove_file(sites.deploy_rel(&change.target)?)?
+            {
+                dir.sync()?;
+            }
         }
     }
-    fsutil::remove_if_exists(&change.temp)
+    handles
+        .deploy
+        .remove_file(sites.deploy_rel(&change.temp)?)?;
+    Ok(())
 }
 
-/// Removes temporaries an apply left (after commit or revert nothing of them is needed).
-pub fn remove_temps(files: &[FileChange], patch_id: &str) {
+/// Removes temporaries an apply left (after commit or revert nothing of them is needed); best effort.
+pub fn remove_temps(sites: &Sites, files: &[FileChange], patch_id: &str) {
+    let Ok(deploy) = sites.confine.open_deploy_dir(&sites.deploy_dir) else {
+        return;
+    };
     for change in files {
-        let _ = fsutil::remove_if_exists(&change.temp);
-        let _ = fsutil::remove_if_exists(&restore_temp(&change.target, patch_id));
+        for temp in [change.temp.clone(), restore_temp(&change.target, patch_id)] {
+            if let Ok(rel) = sites.deploy_rel(&temp) {
+                let _ = deploy.remove_file(rel);
+            }
+        }
     }
 }
 
-/// Removes the directories an apply created, children first, when they are empty again.
-pub fn remove_created_dirs(created_dirs: &[PathBuf]) {
+/// Removes the directories an apply created, children first, when they are empty again (a symlink that took
+/// one's place is left alone).
+pub fn remove_created_dirs(sites: &Sites, created_dirs: &[PathBuf]) {
+    let Ok(deploy) = sites.confine.open_deploy_dir(&sites.deploy_dir) else {
+        return;
+    };
     for dir in created_dirs.iter().rev() {
-        if std::fs::remove_dir(dir).is_ok()
-            && let Some(parent) = dir.parent()
-        {
-            let _ = fsutil::fsync_dir(parent);
+        if let Ok(rel) = sites.deploy_rel(dir) {
+            deploy.remove_empty_dir(rel);
         }
     }
 }

@@ -173,9 +173,12 @@ impl<'a> Run<'a> {
         self.set_phase(ApplyPhase::Prepared)?;
         let started = self.now();
         let (files, dirs) = (self.rec.files.clone(), self.rec.created_dirs.clone());
-        let hashes = std::sync::Arc::clone(&self.inner.hashes);
-        let prepared = flatten(blocking(move || plan::prepare(&files, &dirs, &hashes)).await);
+        let sites = plan::Sites::of(self.inner, self.svc);
+        let prepared = flatten(blocking(move || plan::prepare(&sites, &files, &dirs)).await);
         self.step("prepare", started);
+        if let Err(ApplyError::Crash(crash)) = prepared {
+            return Err(crash.into());
+        }
         if let Err(e) = prepared {
             return self
                 .fail_before_live(format!("preparing backups and new files failed: {e}"))
@@ -213,10 +216,10 @@ impl<'a> Run<'a> {
         for index in 0..self.rec.files.len() {
             let change = self.rec.files[index].clone();
             let what = format!("swapping {} failed", change.rel.display());
-            let swapping = change.clone();
+            let (swapping, sites) = (change.clone(), plan::Sites::of(self.inner, self.svc));
             or_revert!(
                 self,
-                flatten(blocking(move || plan::swap_one(&swapping)).await),
+                flatten(blocking(move || plan::swap_one(&sites, &swapping)).await),
                 what
             );
             // The hash prepare computed from the temporary, while the target is still that file.
@@ -228,10 +231,13 @@ impl<'a> Run<'a> {
             );
             self.fault(FaultPoint::AfterSwap)?;
         }
-        let files = self.rec.files.clone();
+        let (files, sites) = (
+            self.rec.files.clone(),
+            plan::Sites::of(self.inner, self.svc),
+        );
         or_revert!(
             self,
-            flatten(blocking(move || plan::sync_target_dirs(&files)).await),
+            flatten(blocking(move || plan::sync_target_dirs(&sites, &files)).await),
             "syncing the swapped files failed"
         );
         self.step("swap", since);
@@ -371,9 +377,10 @@ impl<'a> Run<'a> {
             self.rec.created_dirs.clone(),
             self.rec.patch_id.clone(),
         );
+        let sites = plan::Sites::of(self.inner, self.svc);
         blocking(move || {
-            plan::remove_temps(&files, &id);
-            plan::remove_created_dirs(&dirs);
+            plan::remove_temps(&sites, &files, &id);
+            plan::remove_created_dirs(&sites, &dirs);
         })
         .await?;
         self.finish(Outcome::Failed, reason, Vec::new()).await
@@ -400,10 +407,14 @@ impl<'a> Run<'a> {
         for index in 0..self.rec.files.len() {
             let change = self.rec.files[index].clone();
             let id = self.rec.patch_id.clone();
-            let restoring = change.clone();
-            // Not recorded in the hash cache: the backup was not re-hashed here.
-            if let Err(e) = flatten(blocking(move || plan::restore_one(&restoring, &id)).await) {
-                reason.push_str(&format!("; restoring {} failed: {e}", change.rel.display()))
+            let (restoring, sites) = (change.clone(), plan::Sites::of(self.inner, self.svc));
+            // Not recorded in the hash cache: the restored file has a new ctime, so it is hashed again.
+            match flatten(blocking(move || plan::restore_one(&sites, &restoring, &id)).await) {
+                Ok(()) => {}
+                Err(ApplyError::Crash(crash)) => return Err(crash.into()),
+                Err(e) => {
+                    reason.push_str(&format!("; restoring {} failed: {e}", change.rel.display()))
+                }
             }
             self.set_phase_best_effort(ApplyPhase::Reverting {
                 restored: index + 1,
@@ -416,9 +427,10 @@ impl<'a> Run<'a> {
             self.rec.created_dirs.clone(),
             self.rec.patch_id.clone(),
         );
+        let sites = plan::Sites::of(self.inner, self.svc);
         blocking(move || {
-            plan::remove_temps(&files, &id);
-            plan::remove_created_dirs(&dirs);
+            plan::remove_temps(&sites, &files, &id);
+            plan::remove_created_dirs(&sites, &dirs);
         })
         .await?;
         if !offline && !self.rec.was_running {
@@ -555,9 +567,10 @@ impl<'a> Run<'a> {
             }
         })?;
         let (files, id) = (self.rec.files.clone(), self.rec.patch_id.clone());
+        let sites = plan::Sites::of(self.inner, self.svc);
         blocking(move || {
-            plan::remove_temps(&files, &id);
-            plan::remove_created_dirs(&emptied_dirs);
+            plan::remove_temps(&sites, &files, &id);
+            plan::remove_created_dirs(&sites, &emptied_dirs);
             for dir in obsolete {
                 if let Err(e) = crate::fsutil::remove_tree_if_exists(&dir) {
                     tracing::warn!("cannot remove backup set {}: {e}", dir.display());

@@ -117,14 +117,16 @@ impl Clock for FakeClock {
     }
 }
 
-/// Simulates a crash at the n-th hit of one point.
+/// Simulates a crash at the n-th hit of one point; with `symlink_to` set, a point about a path plays a local
+/// attacker there instead: the file or directory is moved aside and a symlink to `symlink_to` put in its place.
 #[derive(Debug, Default)]
 struct TestFaults {
     armed: Mutex<Option<(FaultPoint, u32)>>,
+    symlink_to: Mutex<Option<PathBuf>>,
 }
 
-impl FaultHook for TestFaults {
-    fn hit(&self, point: FaultPoint) -> Result<(), SimulatedCrash> {
+impl TestFaults {
+    fn fires(&self, point: FaultPoint) -> bool {
         let mut armed = self.armed.lock().unwrap();
         if let Some((p, n)) = armed.as_mut()
             && *p == point
@@ -132,8 +134,30 @@ impl FaultHook for TestFaults {
             *n -= 1;
             if *n == 0 {
                 *armed = None;
-                return Err(SimulatedCrash(point));
+                return true;
             }
+        }
+        false
+    }
+}
+
+impl FaultHook for TestFaults {
+    fn hit(&self, point: FaultPoint) -> Result<(), SimulatedCrash> {
+        if self.fires(point) {
+            return Err(SimulatedCrash(point));
+        }
+        Ok(())
+    }
+
+    fn hit_at(&self, point: FaultPoint, path: &Path) -> Result<(), SimulatedCrash> {
+        let Some(to) = self.symlink_to.lock().unwrap().clone() else {
+            return self.hit(point);
+        };
+        if self.fires(point) {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(".displaced");
+            std::fs::rename(path, &aside).unwrap();
+            std::os::unix::fs::symlink(&to, path).unwrap();
         }
         Ok(())
     }
@@ -873,6 +897,9 @@ async fn crash_at_every_fault_point_recovers_consistently() {
         (FaultPoint::BeforeCommit, 1, false),
         (FaultPoint::DuringRevert, 1, true),
         (FaultPoint::DuringRevert, 2, true),
+        (FaultPoint::AfterBackup, 2, false),
+        (FaultPoint::BeforeRestore, 1, true),
+        (FaultPoint::BeforeRestore, 2, true),
     ];
     for (point, n, crashing) in cases {
         let host = Host::new();
@@ -898,7 +925,7 @@ async fn crash_at_every_fault_point_recovers_consistently() {
         let engine = host.engine().await.unwrap();
         let journal = host.journal();
         let phase = journal.current.as_ref().unwrap().phase.clone();
-        let expect_failed = point == FaultPoint::AfterPrepare;
+        let expect_failed = matches!(point, FaultPoint::AfterPrepare | FaultPoint::AfterBackup);
         assert_eq!(
             phase,
             if expect_failed {
@@ -1033,4 +1060,323 @@ fn spec_defaults_and_validation() {
             .to_string()
             .contains("ip:port")
     );
+}
+
+/// Every file below `dir` (symlinks not followed) with its bytes, owner and mode: what must not change.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, u32, u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&at).unwrap();
+        let bytes = if meta.is_file() {
+            std::fs::read(&at).unwrap()
+        } else {
+            Vec::new()
+        };
+        out.push((at.clone(), bytes, meta.uid(), meta.gid(), meta.mode()));
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&at).unwrap() {
+                stack.push(entry.unwrap().path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+impl Host {
+    /// A directory outside every deploy root holding one file, as an attacker's symlink target.
+    fn outside(&self) -> PathBuf {
+        let outside = self._dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("extra.conf"), "outside, must stay\n").unwrap();
+        outside
+    }
+
+    fn race(&self, point: FaultPoint, n: u32, to: &Path) {
+        *self.faults.symlink_to.lock().unwrap() = Some(to.to_path_buf());
+        *self.faults.armed.lock().unwrap() = Some((point, n));
+    }
+}
+
+/// v2 plus `plugins/extra.conf`: a new file in a directory the apply creates.
+const V2_ADDING: &[(&str, &str)] = &[
+    ("svc", "binary v2"),
+    ("conf/a.toml", "conf v2"),
+    ("plugins/extra.conf", "added in v2"),
+];
+
+#[tokio::test]
+async fn a_created_directory_swapped_for_a_symlink_is_not_written_through() {
+    let host = Host::new();
+    let outside = host.outside();
+    let before = snapshot(&outside);
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2_ADDING);
+    engine.stage("svc", &digest).await.unwrap();
+    host.race(FaultPoint::AfterCreateDir, 1, &outside);
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Failed,
+        "{:?}",
+        report.result
+    );
+    assert!(
+        report.result.reason.contains("symlink"),
+        "{}",
+        report.result.reason
+    );
+    assert_eq!(
+        snapshot(&outside),
+        before,
+        "nothing outside the deploy root changes"
+    );
+    assert_eq!(
+        (host.binary().as_str(), host.conf().as_str()),
+        ("binary v1", "conf v1")
+    );
+    assert_eq!(host.running().as_deref(), Some("binary v1"));
+    // The symlink the attacker left is neither followed nor removed by the clean-up.
+    assert!(
+        std::fs::symlink_metadata(host.deploy.join("bin/svc/plugins"))
+            .unwrap()
+            .is_symlink()
+    );
+    host.assert_no_temps();
+}
+
+#[tokio::test]
+async fn a_backup_swapped_for_a_symlink_is_refused_before_anything_live_changes() {
+    let host = Host::new();
+    let outside = host.outside();
+    let before = snapshot(&outside);
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    engine.stage("svc", &digest).await.unwrap();
+    host.race(FaultPoint::AfterBackup, 1, &outside.join("extra.conf"));
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Failed,
+        "{:?}",
+        report.result
+    );
+    assert!(
+        report.result.reason.contains("backed up"),
+        "{}",
+        report.result.reason
+    );
+    assert_eq!(snapshot(&outside), before);
+    assert_eq!(
+        (host.binary().as_str(), host.conf().as_str()),
+        ("binary v1", "conf v1")
+    );
+    assert_eq!(host.running().as_deref(), Some("binary v1"));
+    host.assert_no_temps();
+}
+
+#[tokio::test]
+async fn a_directory_swapped_for_a_symlink_during_a_revert_is_not_followed() {
+    let host = Host::new();
+    let outside = host.outside();
+    let before = snapshot(&outside);
+    let engine = host.engine().await.unwrap();
+    let digest = host.package(
+        "v2",
+        &[
+            ("svc", "binary v2 crash"),
+            ("conf/a.toml", "conf v2"),
+            ("plugins/extra.conf", "added in v2"),
+        ],
+    );
+    engine.stage("svc", &digest).await.unwrap();
+    // Files are restored in plan order (conf/a.toml, plugins/extra.conf, svc): the second one's directory is
+    // swapped just before its new file is removed, which a path-based removal would do in `outside`.
+    host.race(FaultPoint::BeforeRestore, 2, &outside);
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    let result = report.result;
+    assert_eq!(result.outcome, Outcome::Reverted, "{result:?}");
+    assert!(
+        result
+            .reason
+            .contains("restoring bin/svc/plugins/extra.conf failed"),
+        "{}",
+        result.reason
+    );
+    assert_eq!(
+        snapshot(&outside),
+        before,
+        "nothing outside the deploy root changes"
+    );
+    assert_eq!(
+        (host.binary().as_str(), host.conf().as_str()),
+        ("binary v1", "conf v1")
+    );
+    assert_eq!(
+        host.running().as_deref(),
+        Some("binary v1"),
+        "the old version runs again"
+    );
+}
+
+#[tokio::test]
+async fn a_tampered_backup_is_not_restored_and_the_revert_says_so() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    engine.stage("svc", &digest).await.unwrap();
+    *host.faults.armed.lock().unwrap() = Some((FaultPoint::AfterSwap, 2));
+    let err = engine.apply(apply_cmd(&digest, "p1")).await.unwrap_err();
+    assert!(matches!(err, ApplyError::Crash(_)), "{err}");
+    drop(engine);
+    // While the agent is down, someone rewrites the backup of the config file.
+    let current = host.journal().current.unwrap();
+    let conf_change = current
+        .files
+        .iter()
+        .find(|f| f.rel.ends_with("conf/a.toml"))
+        .unwrap();
+    std::fs::write(conf_change.backup.as_ref().unwrap(), "conf evil").unwrap();
+
+    let _engine = host.engine().await.unwrap();
+    let result = host.journal().result_of("p1").unwrap().clone();
+    assert_eq!(result.outcome, Outcome::Reverted, "{result:?}");
+    assert!(
+        result
+            .reason
+            .contains("restoring bin/svc/conf/a.toml failed")
+            && result.reason.contains("tampered"),
+        "{}",
+        result.reason
+    );
+    assert_eq!(
+        host.conf(),
+        "conf v2",
+        "a tampered backup is never put in place"
+    );
+    assert_eq!(host.binary(), "binary v1", "the good backups are restored");
+    assert_eq!(host.running().as_deref(), Some("binary v1"));
+}
+
+#[tokio::test]
+async fn new_files_are_owned_as_the_files_they_replace_or_their_directory() {
+    use std::os::unix::fs::MetadataExt;
+    let host = Host::new();
+    let owner_of = |rel: &str| {
+        let meta = std::fs::symlink_metadata(host.deploy.join(rel)).unwrap();
+        (meta.uid(), meta.gid())
+    };
+    let nobody = (65534, 65534);
+    std::os::unix::fs::chown(
+        host.deploy.join("bin/svc/conf/a.toml"),
+        Some(nobody.0),
+        Some(nobody.1),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(host.deploy.join("bin/svc"), Some(nobody.0), Some(nobody.1)).unwrap();
+    let root_owned = owner_of("bin/svc/svc");
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2_ADDING);
+    engine.stage("svc", &digest).await.unwrap();
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Committed,
+        "{:?}",
+        report.result
+    );
+    assert_eq!(host.conf(), "conf v2");
+    assert_eq!(
+        owner_of("bin/svc/conf/a.toml"),
+        nobody,
+        "owned as the file it replaced"
+    );
+    assert_eq!(
+        owner_of("bin/svc/svc"),
+        root_owned,
+        "owned as the file it replaced"
+    );
+    assert_eq!(
+        owner_of("bin/svc/plugins"),
+        nobody,
+        "a new directory is owned as its parent"
+    );
+    assert_eq!(
+        owner_of("bin/svc/plugins/extra.conf"),
+        nobody,
+        "a new file as its directory"
+    );
+    // The staged copy keeps its own owner: the deployed file is a copy, not a link to it.
+    let staged = crate::stage::StagedPaths::new(&host.state, &digest).files();
+    let staged_meta = std::fs::metadata(staged.join("svc/conf/a.toml")).unwrap();
+    assert_ne!((staged_meta.uid(), staged_meta.gid()), nobody);
+
+    // A rollback puts the old file back with its old owner.
+    let report = engine
+        .rollback(RollbackCommand {
+            service: "svc".into(),
+            to_patch_id: None,
+            patch_id: "r1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Committed,
+        "{:?}",
+        report.result
+    );
+    assert_eq!(host.conf(), "conf v1");
+    assert_eq!(owner_of("bin/svc/conf/a.toml"), nobody);
+}
+
+#[tokio::test]
+async fn a_file_rewritten_in_place_with_its_mtime_restored_is_shown_and_repaired() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    engine.stage("svc", &digest).await.unwrap();
+    engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    let binary = host.deploy.join("bin/svc/svc");
+    let good = crate::fsutil::sha256_file(&binary).unwrap();
+    // Whatever the status path has cached for the deployed binary now, it is exactly this file.
+    engine.inner_hashes_for_tests().remember(&binary, &good);
+    assert_eq!(
+        engine.status(Some("svc")).await.unwrap()[0]
+            .binary_sha256
+            .as_deref(),
+        Some(good.as_str())
+    );
+
+    let mtime = std::fs::metadata(&binary).unwrap().modified().unwrap();
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&binary)
+            .unwrap();
+        file.write_all(b"binary X2").unwrap(); // same size, in place: same inode
+        file.set_modified(mtime).unwrap();
+    }
+    let evil = crate::fsutil::sha256_file(&binary).unwrap();
+    assert_ne!(evil, good);
+    assert_eq!(
+        engine.status(Some("svc")).await.unwrap()[0]
+            .binary_sha256
+            .as_deref(),
+        Some(evil.as_str()),
+        "status shows the real sha256"
+    );
+    // The next patch of the same package repairs it.
+    engine.stage("svc", &digest).await.unwrap();
+    let report = engine.apply(apply_cmd(&digest, "p2")).await.unwrap();
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Committed,
+        "{:?}",
+        report.result
+    );
+    assert_eq!(host.binary(), "binary v2");
 }
