@@ -450,6 +450,9 @@ fn check_service(service: &ServiceSpec, roots: &[PathBuf]) -> Vec<String> {
             ));
         }
     }
+    if let Err(e) = service.check_run_settings() {
+        out.push(e.problem);
+    }
     match service.backend {
         BackendKind::Process => {
             if service.command.is_empty() {

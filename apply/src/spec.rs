@@ -55,6 +55,14 @@ pub struct ServiceSpec {
     pub restart_on_crash: bool,
     #[serde(default, with = "humantime_serde_opt")]
     pub stop_timeout: Option<std::time::Duration>,
+    /// Process backend: the account the service runs as (required; `"root"` must be written out to run as root).
+    pub user: Option<String>,
+    /// Process backend: the group the service runs as (default: the user's primary group).
+    pub group: Option<String>,
+    /// Process backend: the service's log file is rotated when it grows past this many bytes.
+    pub log_max_bytes: Option<u64>,
+    /// Process backend: rotated log files kept (`<name>.log.1` is the newest).
+    pub log_keep: Option<u32>,
     /// Systemd backend: unit name.
     pub unit: Option<String>,
     #[serde(default)]
@@ -83,6 +91,29 @@ pub const DEFAULT_MIN_HEALTHY: Duration = Duration::from_secs(1);
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default grace period between SIGTERM (or `systemctl stop`) and SIGKILL.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default size past which a process service's log file is rotated.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 << 20;
+/// Default number of rotated log files kept.
+pub const DEFAULT_LOG_KEEP: u32 = 2;
+/// Smallest `log_max_bytes` accepted: rotation copies the file, so tiny bounds would only burn CPU.
+pub const MIN_LOG_MAX_BYTES: u64 = 4096;
+/// Most rotated log files kept.
+pub const MAX_LOG_KEEP: u32 = 20;
+
+/// The numeric identity a process service runs as, resolved from `user` / `group`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// Root: the service keeps the agent's privileges.
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+}
 
 /// A config value that cannot work, with what to change.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +162,97 @@ impl ServiceSpec {
     /// Grace period between a polite stop and SIGKILL.
     pub fn stop_timeout(&self) -> Duration {
         self.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT)
+    }
+
+    /// Size past which the process backend rotates the log file.
+    pub fn log_max_bytes(&self) -> u64 {
+        self.log_max_bytes.unwrap_or(DEFAULT_LOG_MAX_BYTES)
+    }
+
+    /// Rotated log files kept.
+    pub fn log_keep(&self) -> u32 {
+        self.log_keep.unwrap_or(DEFAULT_LOG_KEEP)
+    }
+
+    /// Resolves `user` / `group` to ids through the host's user database (NSS). Only the process backend runs
+    /// anything itself, so only it needs (and accepts) them; a process service without `user` is refused rather
+    /// than silently run as root, the agent's own user.
+    pub fn run_as(&self) -> Result<Option<RunAs>, SpecError> {
+        let fail = |problem: String| SpecError {
+            service: self.name.clone(),
+            problem,
+        };
+        if self.backend != BackendKind::Process {
+            if self.user.is_some() || self.group.is_some() {
+                return Err(fail(
+                    "`user` and `group` apply to backend \"process\" only; for a systemd unit set User=/Group= in the unit"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let Some(user_name) = self.user.as_deref() else {
+            return Err(fail(
+                "backend \"process\" needs `user`, the account the service runs as (e.g. \"tidb\" or \"nobody\"); write `user = \"root\"` to run it as root on purpose"
+                    .into(),
+            ));
+        };
+        let user = match nix::unistd::User::from_name(user_name) {
+            Ok(Some(user)) => user,
+            Ok(None) => {
+                return Err(fail(format!(
+                    "user {user_name:?} does not exist on this host: create the account or name an existing one"
+                )));
+            }
+            Err(e) => {
+                return Err(fail(format!(
+                    "cannot look up user {user_name:?} ({e}): check /etc/passwd and /etc/nsswitch.conf"
+                )));
+            }
+        };
+        let gid = match self.group.as_deref() {
+            None => user.gid,
+            Some(group_name) => match nix::unistd::Group::from_name(group_name) {
+                Ok(Some(group)) => group.gid,
+                Ok(None) => {
+                    return Err(fail(format!(
+                        "group {group_name:?} does not exist on this host: create it or name an existing one (or drop `group` to use the user's primary group)"
+                    )));
+                }
+                Err(e) => {
+                    return Err(fail(format!(
+                        "cannot look up group {group_name:?} ({e}): check /etc/group and /etc/nsswitch.conf"
+                    )));
+                }
+            },
+        };
+        Ok(Some(RunAs {
+            uid: user.uid.as_raw(),
+            gid: gid.as_raw(),
+        }))
+    }
+
+    /// The identity (see [`ServiceSpec::run_as`]) and log rotation bounds, checked together: what `patchd
+    /// validate` and the engine both require before a service is run.
+    pub fn check_run_settings(&self) -> Result<Option<RunAs>, SpecError> {
+        let fail = |problem: String| SpecError {
+            service: self.name.clone(),
+            problem,
+        };
+        let run_as = self.run_as()?;
+        if let Some(max) = self.log_max_bytes
+            && max < MIN_LOG_MAX_BYTES
+        {
+            return Err(fail(format!(
+                "log_max_bytes {max} is too small: use at least {MIN_LOG_MAX_BYTES} (default {DEFAULT_LOG_MAX_BYTES})"
+            )));
+        }
+        if self.log_keep.is_some_and(|keep| keep > MAX_LOG_KEEP) {
+            return Err(fail(format!(
+                "log_keep must be at most {MAX_LOG_KEEP} (default {DEFAULT_LOG_KEEP})"
+            )));
+        }
+        Ok(run_as)
     }
 
     /// The process backend's argv with `{deploy_dir}` replaced.
@@ -200,6 +322,7 @@ impl ServiceSpec {
             }
             _ => {}
         }
+        self.check_run_settings()?;
         if let Some(url) = &self.health.http
             && !url.starts_with("http://")
         {

@@ -213,6 +213,7 @@ name = "svc"
 component = "svc"
 deploy_dir = "{}"
 command = ["{{deploy_dir}}/bin/svc/svc"]
+user = "root"
 [health]
 min_healthy = "1s"
 timeout = "5s"

@@ -269,14 +269,20 @@ impl WorkerService {
             .unwrap_or_else(|e| panic!("cannot write conf: {e}"));
     }
 
-    /// The `[[service]]` section for this worker.
+    /// The `[[service]]` section for this worker, run as root.
     pub fn toml(&self, min_healthy: &str, timeout: &str) -> String {
+        self.toml_as("root", min_healthy, timeout)
+    }
+
+    /// The `[[service]]` section for this worker, run as `user`.
+    pub fn toml_as(&self, user: &str, min_healthy: &str, timeout: &str) -> String {
         format!(
             "[[service]]\nname = {name}\ncomponent = \"demo-worker\"\ndeploy_dir = {dir}\nbackend = \"process\"\n\
              command = [\"{{deploy_dir}}/bin/demo-worker/demo-worker\", \"serve\", \"--listen\", {listen}, \"--name\", {name}]\n\
-             restart_on_crash = true\nstop_timeout = \"5s\"\n\n[service.health]\nmin_healthy = {min}\n\
+             user = {user}\nrestart_on_crash = true\nstop_timeout = \"5s\"\n\n[service.health]\nmin_healthy = {min}\n\
              http = {http}\ntimeout = {timeout}\n",
             name = toml_string(&self.name),
+            user = toml_string(user),
             dir = toml_string(&self.deploy_dir.to_string_lossy()),
             listen = toml_string(&self.listen),
             min = toml_string(min_healthy),

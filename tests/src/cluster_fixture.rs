@@ -360,7 +360,7 @@ impl ClusterFixture {
             let argv: Vec<String> = command.iter().map(|arg| toml_string(arg)).collect();
             let service = format!(
                 "[[service]]\nname = \"{component}\"\ncomponent = \"{component}\"\ndeploy_dir = {}\nbackend = \"process\"\n\
-                 command = [{}]\nrestart_on_crash = true\nstop_timeout = \"5s\"\n\n[service.health]\nmin_healthy = \"{}ms\"\n\
+                 command = [{}]\nuser = \"root\"\nrestart_on_crash = true\nstop_timeout = \"5s\"\n\n[service.health]\nmin_healthy = \"{}ms\"\n\
                  http = \"{}/health\"\ntimeout = \"15s\"\n",
                 toml_string(&node.deploy_dir.to_string_lossy()),
                 argv.join(", "),

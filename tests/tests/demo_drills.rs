@@ -714,7 +714,7 @@ fn a_host_cut_off_mid_rollout_is_reported_and_the_rest_stays_consistent() {
             "listen = \"{host}:{AGENT_PORT}\"\nstate_dir = {state}\ndeploy_roots = [{root}]\n\n[tls]\nca = {ca}\ncert = {cert}\nkey = {key}\n\n\
              [[service]]\nname = \"demo-worker\"\ncomponent = \"demo-worker\"\ndeploy_dir = {dir}\nbackend = \"process\"\n\
              command = [\"{{deploy_dir}}/bin/demo-worker/demo-worker\", \"serve\", \"--listen\", \"{host}:{WORKER_PORT}\", \"--name\", \"worker-cut\", \"--master\", \"{master_url}\"]\n\
-             restart_on_crash = true\nstop_timeout = \"5s\"\n\n[service.health]\nmin_healthy = \"1s\"\nhttp = \"http://{host}:{WORKER_PORT}/health\"\ntimeout = \"15s\"\n",
+             user = \"root\"\nrestart_on_crash = true\nstop_timeout = \"5s\"\n\n[service.health]\nmin_healthy = \"1s\"\nhttp = \"http://{host}:{WORKER_PORT}/health\"\ntimeout = \"15s\"\n",
             state = q(&host_dir.join("state")),
             root = q(&host_dir.join("deploy")),
             ca = q(&fleet.home.join("tls/ca.crt")),

@@ -9,14 +9,19 @@
 //! The container shares the host's network, so the agent and the worker listen on a loopback address
 //! (`127.0.82.1`) that `patchctl` on the host dials directly.
 //!
+//! The agent also runs a second demo-worker itself (`process` backend, `user = "nobody"`): it runs as nobody, and
+//! it keeps its pid across `systemctl restart patchd` (the unit's `KillMode=process`), the new agent adopting it
+//! (its `Status` reports the same pid running) instead of starting another.
+//!
 //! Needs root and `systemd-nspawn` (installed when missing). If the container cannot run, the test FAILS.
 
-use patchd_e2e::apply_support::http_get;
+use patchd_e2e::apply_support::{AgentRpc, http_get};
 use patchd_e2e::cluster_fixture::{free_port, stamp};
 use patchd_e2e::nspawn::{Boot, Container, ensure_nspawn};
 use patchd_e2e::{
     Pki, bin, patchctl, patchctl_ok, sha256_file, toml_string, wait_for, workspace_root,
 };
+use patchd_proto::v1::ServiceState;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Output;
@@ -25,6 +30,8 @@ use std::time::{Duration, Instant};
 /// The "host" the container plays (loopback, shared network).
 const HOST: &str = "127.0.82.1";
 const UNIT: &str = "demo-worker.service";
+/// The service the agent runs itself (process backend).
+const PROC_SERVICE: &str = "proc-worker";
 const CLUSTER: &str = "nspawn";
 const ORIGINAL: &str = "v1.0.0";
 const HOTFIX: &str = "v1.0.1-hotfix";
@@ -115,6 +122,16 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
     let base = root.join(format!("demo-worker-{ORIGINAL}-linux-x86_64.tar.gz"));
     patchd_package::pack_dir(&release_tree, ORIGINAL, &base).unwrap();
     let original_sha = sha256_file(&deployed_binary);
+    let proc_port = free_port(HOST);
+    let proc_deploy_dir = format!("{DEPLOY_ROOT}/proc-worker-{proc_port}");
+    stamp(
+        "demo-worker",
+        ORIGINAL,
+        "ok",
+        &opt_demo
+            .join(format!("proc-worker-{proc_port}"))
+            .join("bin/demo-worker/demo-worker"),
+    );
 
     // What the operator copies to the host: the unit of the service, the agent's certificate and its config.
     let install = root.join("install");
@@ -142,8 +159,13 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
              [tls]\nca = \"/etc/patchd/tls/ca.crt\"\ncert = \"/etc/patchd/tls/agent.crt\"\nkey = \"/etc/patchd/tls/agent.key\"\n\n\
              [[service]]\nname = \"demo-worker\"\ncomponent = \"demo-worker\"\ndeploy_dir = {dir}\nbackend = \"systemd\"\n\
              unit = \"{UNIT}\"\nstop_timeout = \"10s\"\n\n[service.health]\nmin_healthy = \"1s\"\n\
-             http = \"http://{HOST}:{worker_port}/health\"\ntimeout = \"20s\"\n",
+             http = \"http://{HOST}:{worker_port}/health\"\ntimeout = \"20s\"\n\n\
+             [[service]]\nname = \"{PROC_SERVICE}\"\ncomponent = \"demo-worker\"\ndeploy_dir = {proc_dir}\nbackend = \"process\"\n\
+             command = [\"{{deploy_dir}}/bin/demo-worker/demo-worker\", \"serve\", \"--listen\", \"{HOST}:{proc_port}\", \"--name\", \"proc-1\"]\n\
+             user = \"nobody\"\nstop_timeout = \"5s\"\n\n[service.health]\nmin_healthy = \"1s\"\n\
+             http = \"http://{HOST}:{proc_port}/health\"\ntimeout = \"20s\"\n",
             dir = toml_string(&deploy_dir),
+            proc_dir = toml_string(&proc_deploy_dir),
         ),
     )
     .unwrap();
@@ -391,9 +413,83 @@ fn install_sh_agent_as_a_systemd_service_patches_a_unit_from_outside() {
         ("active", "0"),
         "{agent:?}"
     );
+    process_service_survives_an_agent_restart(&container, &pki, &agent_addr, proc_port);
+
     drop(container);
     eprintln!(
         "systemd install test took {:.1}s",
         started.elapsed().as_secs_f64()
+    );
+}
+
+/// The `proc-worker` the agent runs itself: as nobody, and across `systemctl restart patchd` the same process
+/// keeps serving and the new agent adopts it.
+fn process_service_survives_an_agent_restart(
+    container: &Container,
+    pki: &Pki,
+    agent_addr: &str,
+    proc_port: u16,
+) {
+    let addr = agent_addr.parse().unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the process-backend worker to serve",
+        || worker_version(proc_port).is_some(),
+    );
+    let before = AgentRpc::connect(pki, addr).status(PROC_SERVICE);
+    assert_eq!(before.state(), ServiceState::Running, "{before:?}");
+    let pid = before.pid;
+    assert_eq!(
+        worker_version(proc_port).unwrap()["pid"].to_string(),
+        pid.to_string(),
+        "Status reports the pid of the process that serves"
+    );
+    let proc_status = container.exec_ok(&["cat", &format!("/proc/{pid}/status")]);
+    let ids = |field: &str| {
+        proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("no {field} in:\n{proc_status}"))
+    };
+    assert_eq!(ids("Uid:"), "65534 65534 65534 65534", "{proc_status}");
+    assert_eq!(ids("Gid:"), "65534 65534 65534 65534", "{proc_status}");
+    assert_eq!(ids("Groups:"), "", "no supplementary groups: {proc_status}");
+
+    let agent_before = container.show("patchd.service", &["MainPID"]);
+    container.systemctl_ok(&["restart", "patchd.service"]);
+    let agent_after = container.show("patchd.service", &["MainPID", "ActiveState"]);
+    assert_eq!(agent_after["ActiveState"], "active", "{agent_after:?}");
+    assert_ne!(
+        agent_after["MainPID"], agent_before["MainPID"],
+        "the agent was restarted"
+    );
+    // The restarted agent answers once it listens; then its Status must name the same process, adopted.
+    wait_for(
+        Duration::from_secs(30),
+        "the restarted agent to answer",
+        || {
+            patchctl(pki.home(), &["agent", "info", agent_addr])
+                .status
+                .success()
+        },
+    );
+    let after = AgentRpc::connect(pki, addr).status(PROC_SERVICE);
+    assert_eq!(
+        (after.state(), after.pid),
+        (ServiceState::Running, pid),
+        "the new agent adopted the running process: {after:?}\n{}",
+        container.journal("patchd.service", 30)
+    );
+    let serving = worker_version(proc_port).expect("the process-backend worker still serves");
+    assert_eq!(
+        serving["pid"].to_string(),
+        pid.to_string(),
+        "the same process serves: it was not killed with the agent nor started again"
+    );
+    let journal = container.journal("patchd.service", 60);
+    assert!(
+        journal.contains("adopted the running service process"),
+        "the agent says it adopted the process:\n{journal}"
     );
 }

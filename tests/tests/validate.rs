@@ -53,8 +53,7 @@ fn rewrite(path: &Path, from: &str, to: &str) -> PathBuf {
     path.to_path_buf()
 }
 
-const SERVICE: &str =
-    "[[service]]\nname = \"w\"\ncomponent = \"demo-worker\"\nbackend = \"process\"\n";
+const SERVICE: &str = "[[service]]\nname = \"w\"\ncomponent = \"demo-worker\"\nbackend = \"process\"\nuser = \"nobody\"\n";
 
 #[test]
 fn a_good_config_validates() {

@@ -68,6 +68,8 @@ pub enum BackendError {
     Unkillable { pid: u32 },
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
     #[error("service {service:?} has no {what}; fix the agent config")]
     Misconfigured { service: String, what: &'static str },
 }

@@ -1,12 +1,13 @@
 //! The `process` backend: the agent spawns the service's command itself, in its own process group (so it
-//! survives an agent restart and signals to the agent's group), appends its stdout and stderr to
-//! `<state>/logs/<service>.log`, records it in `<state>/run/<service>.pid`, restarts it on crash with backoff,
-//! and stops it with SIGTERM, then SIGKILL after `stop_timeout`. When the agent starts and the pid file names a
-//! live process whose start time and command line match, that process is adopted instead of starting a second copy.
+//! survives an agent restart and signals to the agent's group), as the service's `user`/`group` with no
+//! supplementary groups, appends its stdout and stderr to `<state>/logs/<service>.log` (rotated by size),
+//! records it in `<state>/run/<service>.pid`, restarts it on crash with backoff, and stops it with SIGTERM, then
+//! SIGKILL after `stop_timeout`. When the agent starts and the pid file names a live process whose start time and
+//! command line match, that process is adopted instead of starting a second copy.
 
 use super::{BackendError, RunState, ServiceBackend, ServiceRuntime, tail_file};
 use crate::fsutil::{self, IoContext};
-use crate::spec::ServiceSpec;
+use crate::spec::{RunAs, ServiceSpec};
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
@@ -15,7 +16,8 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
@@ -29,6 +31,8 @@ const STABLE_RUN: Duration = Duration::from_secs(10);
 const ADOPTED_POLL: Duration = Duration::from_millis(100);
 /// After SIGKILL, how long to wait for the process to disappear.
 const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How often the log file's size is checked against `log_max_bytes`.
+const LOG_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What `<state>/run/<service>.pid` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,7 +72,11 @@ pub struct ProcessBackend {
 #[derive(Debug)]
 struct Inner {
     spec: ServiceSpec,
+    /// Resolved once at open: a user deleted later fails loudly at the next agent start, not at a restart.
+    run_as: Option<RunAs>,
     log_path: PathBuf,
+    /// The log rotation task runs (started with the first run or adoption, which happen inside the runtime).
+    rotating: AtomicBool,
     pid_path: PathBuf,
     state: Mutex<State>,
     exited: Notify,
@@ -84,12 +92,15 @@ impl ProcessBackend {
                 what: "command",
             });
         }
+        let run_as = spec.check_run_settings()?;
         let log_path = state_dir.join("logs").join(format!("{}.log", spec.name));
         let pid_path = state_dir.join("run").join(format!("{}.pid", spec.name));
         let auto_restart = spec.restart_on_crash;
         let backend = ProcessBackend {
             inner: Arc::new(Inner {
                 spec,
+                run_as,
+                rotating: AtomicBool::new(false),
                 log_path,
                 pid_path,
                 state: Mutex::new(State {
@@ -147,6 +158,7 @@ impl ProcessBackend {
             state.generation
         };
         tracing::info!(service = %self.inner.spec.name, pid = record.pid, "adopted the running service process");
+        self.inner.start_log_rotation();
         let inner = self.inner.clone();
         tokio::spawn(watch_adopted(inner, record.pid, generation));
     }
@@ -160,6 +172,16 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl Inner {
+    /// Starts the task that keeps the log file under `log_max_bytes`, once. It holds only a weak reference, so it
+    /// ends with the backend; the service itself keeps writing to its inherited descriptor meanwhile.
+    fn start_log_rotation(self: &Arc<Self>) {
+        if self.rotating.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(rotate_logs_periodically(weak));
+    }
+
     /// Launches the command. Caller checked that nothing runs.
     fn spawn(self: &Arc<Self>) -> Result<(), BackendError> {
         let argv = self.spec.resolved_command();
@@ -171,6 +193,14 @@ impl Inner {
         };
         let log_dir = fsutil::parent_of(&self.log_path)?;
         std::fs::create_dir_all(log_dir).ctx("create directory", log_dir)?;
+        if let Err(e) = rotate_log_if_needed(
+            &self.log_path,
+            self.spec.log_max_bytes(),
+            self.spec.log_keep(),
+        ) {
+            tracing::warn!(service = %self.spec.name, "cannot rotate the log: {e}");
+        }
+        self.start_log_rotation();
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -189,6 +219,11 @@ impl Inner {
             // Own process group: the service outlives the agent and is not hit by signals sent to the agent's group.
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(run_as) = self.run_as {
+            // std does setgid, then setgroups([]) (clears the agent's supplementary groups: a uid change alone would
+            // keep root's groups), then setuid, in the child before exec; a failure fails the spawn.
+            command.uid(run_as.uid).gid(run_as.gid);
+        }
         if self.spec.deploy_dir.is_dir() {
             command.current_dir(&self.spec.deploy_dir);
         }
@@ -312,6 +347,77 @@ impl Inner {
             let _ = tokio::time::timeout(Duration::from_millis(20), notified).await;
         }
     }
+}
+
+/// Checks the log file's size every [`LOG_CHECK_INTERVAL`] until the backend is dropped.
+async fn rotate_logs_periodically(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(LOG_CHECK_INTERVAL).await;
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let (path, max, keep, name) = (
+            strong.log_path.clone(),
+            strong.spec.log_max_bytes(),
+            strong.spec.log_keep(),
+            strong.spec.name.clone(),
+        );
+        drop(strong);
+        let rotated =
+            tokio::task::spawn_blocking(move || rotate_log_if_needed(&path, max, keep)).await;
+        match rotated {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(service = %name, "cannot rotate the log: {e}"),
+            Err(e) => tracing::warn!(service = %name, "log rotation task failed: {e}"),
+        }
+    }
+}
+
+/// When the log file is larger than `max_bytes`: shifts `<log>.1`… up by one (dropping the oldest past `keep`),
+/// copies the log to `<log>.1` and truncates it in place. Copy-and-truncate rather than rename: the service
+/// holds the file open (append mode, so its next write lands at the new end) and may have been started by an
+/// earlier agent, so it cannot be told to reopen. Lines written between the copy and the truncation are lost.
+fn rotate_log_if_needed(
+    log_path: &Path,
+    max_bytes: u64,
+    keep: u32,
+) -> Result<(), crate::fsutil::FsError> {
+    let len = match std::fs::metadata(log_path) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).ctx("stat log", log_path),
+    };
+    if len <= max_bytes {
+        return Ok(());
+    }
+    let rotated = |n: u32| {
+        let mut name = log_path.as_os_str().to_owned();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    };
+    if keep > 0 {
+        fsutil::remove_if_exists(&rotated(keep))?;
+        for n in (1..keep).rev() {
+            let from = rotated(n);
+            match std::fs::rename(&from, rotated(n + 1)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).ctx("rename log", &from),
+            }
+        }
+        let newest = rotated(1);
+        let mut partial = newest.as_os_str().to_owned();
+        partial.push(".tmp");
+        let partial = PathBuf::from(partial);
+        std::fs::copy(log_path, &partial).ctx("copy log", &partial)?;
+        std::fs::rename(&partial, &newest).ctx("rename log", &partial)?;
+    }
+    OpenOptions::new()
+        .write(true)
+        .open(log_path)
+        .and_then(|file| file.set_len(0))
+        .ctx("truncate log", log_path)?;
+    Ok(())
 }
 
 /// Polls an adopted process until it is gone, then reports its exit.
@@ -491,8 +597,13 @@ mod tests {
     use crate::spec::ServiceSpec;
 
     fn spec(name: &str, deploy: &Path, command: &[&str]) -> ServiceSpec {
+        // The test's own user: running as it needs no privilege.
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .unwrap()
+            .unwrap()
+            .name;
         let text = format!(
-            "name = {name:?}\ncomponent = \"c\"\ndeploy_dir = {:?}\ncommand = {:?}\nstop_timeout = \"500ms\"\n",
+            "name = {name:?}\ncomponent = \"c\"\ndeploy_dir = {:?}\ncommand = {:?}\nstop_timeout = \"500ms\"\nuser = {me:?}\n",
             deploy.display().to_string(),
             command
         );
@@ -595,6 +706,62 @@ mod tests {
         let status = backend.status().await.unwrap();
         assert_ne!(status.state, RunState::Running);
         assert_eq!(status.last_exit.as_deref(), Some("exited with status 3"));
+    }
+
+    #[test]
+    fn a_log_past_its_bound_is_copied_to_dot_1_truncated_and_old_files_shift() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("svc.log");
+        let dot = |n: u32| dir.path().join(format!("svc.log.{n}"));
+        std::fs::write(&log, vec![b'a'; 100]).unwrap();
+        rotate_log_if_needed(&log, 100, 2).unwrap();
+        assert_eq!(
+            std::fs::metadata(&log).unwrap().len(),
+            100,
+            "at the bound: kept"
+        );
+        assert!(!dot(1).exists());
+
+        for (round, byte) in [b'b', b'c', b'd'].into_iter().enumerate() {
+            std::fs::write(&log, vec![byte; 101 + round]).unwrap();
+            rotate_log_if_needed(&log, 100, 2).unwrap();
+            assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+            assert_eq!(std::fs::read(dot(1)).unwrap(), vec![byte; 101 + round]);
+        }
+        assert_eq!(std::fs::read(dot(2)).unwrap(), vec![b'c'; 102]);
+        assert!(!dot(3).exists(), "only log_keep old files are kept");
+
+        std::fs::write(&log, vec![b'e'; 200]).unwrap();
+        rotate_log_if_needed(&log, 100, 0).unwrap();
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::read(dot(1)).unwrap(),
+            vec![b'd'; 103],
+            "keep 0 copies nothing"
+        );
+    }
+
+    #[test]
+    fn a_process_service_without_user_or_with_an_unknown_user_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut no_user = spec("nouser", dir.path(), &["/bin/true"]);
+        no_user.user = None;
+        let err = ProcessBackend::open(no_user, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("needs `user`") && err.contains("user = \"root\""),
+            "{err}"
+        );
+        let mut unknown = spec("ghost", dir.path(), &["/bin/true"]);
+        unknown.user = Some("patchd-no-such-user".into());
+        let err = ProcessBackend::open(unknown, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"patchd-no-such-user\" does not exist"),
+            "{err}"
+        );
     }
 
     #[test]

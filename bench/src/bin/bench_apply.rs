@@ -141,7 +141,7 @@ fn run_layout(
     let tls = pki.issue_agent("bench-agent", &["127.0.0.1"]);
     let service = format!(
         "[[service]]\nname = \"{SERVICE}\"\ncomponent = \"svc\"\ndeploy_dir = {dir}\nbackend = \"process\"\n\
-         command = [\"{{deploy_dir}}/bin/svc/svc\"]\nstop_timeout = \"5s\"\n\n[service.health]\nmin_healthy = \"0s\"\ntimeout = \"10s\"\n",
+         command = [\"{{deploy_dir}}/bin/svc/svc\"]\nuser = \"root\"\nstop_timeout = \"5s\"\n\n[service.health]\nmin_healthy = \"0s\"\ntimeout = \"10s\"\n",
         dir = toml_string(&deploy_dir.to_string_lossy())
     );
     let config = AgentConfig::new(&work.path().join("agent"), &tls)

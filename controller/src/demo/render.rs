@@ -34,6 +34,7 @@ struct ServiceFile {
     deploy_dir: PathBuf,
     backend: &'static str,
     command: Vec<String>,
+    user: String,
     restart_on_crash: bool,
     stop_timeout: &'static str,
     health: HealthFile,
@@ -82,6 +83,17 @@ pub fn service_command(layout: &DemoLayout, service: &DemoService) -> Vec<String
 /// `patchd.toml` of one demo agent: its address, directories, certificates and its services (process backend).
 pub fn agent_config(layout: &DemoLayout, host: &DemoHost) -> Result<String, DemoError> {
     let tls_dir = host.tls_dir();
+    // The demo's services run as whoever runs the demo (root included, then written out as the agent requires).
+    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|user| user.name)
+        .ok_or_else(|| DemoError::Render {
+            what: "patchd.toml",
+            message:
+                "the current user has no name in the user database; the agent needs one for `user`"
+                    .into(),
+        })?;
     let file = AgentConfigFile {
         listen: host.agent_addr(),
         state_dir: host.state_dir(),
@@ -100,6 +112,7 @@ pub fn agent_config(layout: &DemoLayout, host: &DemoHost) -> Result<String, Demo
                 deploy_dir: service.deploy_dir.clone(),
                 backend: "process",
                 command: service_command(layout, service),
+                user: user.clone(),
                 restart_on_crash: true,
                 stop_timeout: "5s",
                 health: HealthFile {
