@@ -1,8 +1,8 @@
 //! `patchctl cluster import|list|show|unlock`: register clusters from topology files and look at them.
 
-use super::display::plain_table;
 use super::{Ctx, Format};
 use anyhow::Context;
+use patchctl::output::plain_table;
 use patchctl::store::{Store, StoreError, StoredCluster};
 use patchctl::topology::Topology;
 use serde_json::json;

@@ -550,7 +550,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 }
                 CallError::NotSent(_) | CallError::Refused(_) => {}
             }
-            if attempts > self.spec.apply_retries {
+            if attempts > self.spec.apply_retry.retries {
                 let why = format!(
                     "{error} after {attempts} attempts; the apply's outcome is unknown, so the node is left out of \
                      service and the rollout stays unfinished: check the node's agent, then run \
@@ -559,7 +559,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 self.step(node, Step::Apply, StepStatus::Failed, &why)?;
                 return Ok((NodePhase::ApplyUnknown, Some(why), None));
             }
-            self.effects.sleep(self.spec.apply_retry_delay).await;
+            self.effects.sleep(self.spec.apply_retry.delay).await;
         }
     }
 

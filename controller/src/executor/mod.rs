@@ -121,12 +121,30 @@ pub struct RolloutSpec {
     pub failure_budget: u32,
     /// Parallel stagings (uploads).
     pub stage_concurrency: usize,
-    /// How often an Apply whose answer was lost is sent again (same patch id) before giving up.
-    pub apply_retries: u32,
-    /// Wait between those retries.
-    pub apply_retry_delay: Duration,
+    /// How an Apply whose answer was lost is sent again.
+    pub apply_retry: ApplyRetryPolicy,
     /// Each node's record from an earlier run of the same rollout (resume); empty for a fresh rollout.
     pub prior: HashMap<String, NodeRecord>,
+}
+
+/// How often, and how far apart, an Apply (or Rollback) call whose answer was lost is sent again with the same
+/// patch id before the node is left in `ApplyUnknown`. The agent answers a repeated call with the recorded result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyRetryPolicy {
+    /// Sends after the first one.
+    pub retries: u32,
+    /// Wait between two sends.
+    pub delay: Duration,
+}
+
+impl Default for ApplyRetryPolicy {
+    /// Five more sends, 2 s apart: rides out an agent restart or a short network cut.
+    fn default() -> Self {
+        Self {
+            retries: 5,
+            delay: Duration::from_secs(2),
+        }
+    }
 }
 
 /// A cluster API hook step.

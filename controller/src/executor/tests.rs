@@ -381,8 +381,10 @@ fn spec(batches: &[&[&str]], budget: u32) -> RolloutSpec {
             .collect(),
         failure_budget: budget,
         stage_concurrency: 4,
-        apply_retries: 3,
-        apply_retry_delay: Duration::from_millis(1),
+        apply_retry: ApplyRetryPolicy {
+            retries: 3,
+            delay: Duration::from_millis(1),
+        },
         prior: HashMap::new(),
     }
 }

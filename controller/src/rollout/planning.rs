@@ -1,0 +1,49 @@
+//! What a new rollout is planned from: every node's observed status and the operator's selection and policy.
+
+use crate::hooks::ClusterHooks;
+use crate::status::{self, LiveAgentProbe, NodeStatus};
+use crate::tls_files::ControllerTls;
+use crate::topology::{Node, Topology};
+use patchd_planner::{PlanInput, Policy, Selection};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Every node's status (leaders, down nodes) for the planner, probed in parallel.
+pub async fn observe(
+    hooks: &ClusterHooks,
+    topology: &Topology,
+    tls: &ControllerTls,
+    timeout: Duration,
+) -> HashMap<String, NodeStatus> {
+    let nodes: Vec<&Node> = topology.nodes().collect();
+    let probe = LiveAgentProbe::new(tls.clone());
+    status::collect(hooks, &nodes, &probe, &|_| false, timeout)
+        .await
+        .into_iter()
+        .map(|row| (row.id.clone(), row))
+        .collect()
+}
+
+/// The planner's input: the observed cluster, the `-N`/`-R` selection, the roles the rollout may touch.
+pub fn plan_input(
+    topology: &Topology,
+    observed: &HashMap<String, NodeStatus>,
+    nodes: &[String],
+    roles: &[String],
+    component_roles: Vec<String>,
+    policy: Policy,
+) -> PlanInput {
+    PlanInput {
+        nodes: topology.plan_nodes(
+            |node| observed.get(&node.id).is_some_and(|row| row.leader),
+            |node| observed.get(&node.id).is_some_and(NodeStatus::is_down),
+        ),
+        role_order: topology.role_order(),
+        selection: Selection {
+            nodes: nodes.to_vec(),
+            roles: roles.to_vec(),
+            component_roles,
+        },
+        policy,
+    }
+}
