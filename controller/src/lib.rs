@@ -1,8 +1,7 @@
 //! patchctl library: everything the controller CLI uses, behind thiserror errors so it can be tested.
 #![deny(unsafe_code)]
 
-pub mod agent_client;
-pub mod agent_ops;
+pub mod agent;
 pub mod demo;
 pub mod executor;
 pub mod exit;
@@ -16,4 +15,3 @@ pub mod status;
 pub mod store;
 pub mod tls_files;
 pub mod topology;
-pub mod upload_call;

@@ -71,7 +71,7 @@ mod tests {
             nix::sys::signal::raise(nix::sys::signal::Signal::SIGBUS).unwrap();
         } else {
             let file = std::fs::File::open(&path).unwrap();
-            let chunk = crate::agent_client::map_chunk(&file, 0, 64 * 1024).unwrap();
+            let chunk = crate::agent::client::map_chunk(&file, 0, 64 * 1024).unwrap();
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(&path)

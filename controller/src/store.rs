@@ -14,7 +14,7 @@
 
 use crate::home::Home;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -522,6 +522,25 @@ impl FromStr for NodeRolloutState {
             .find(|state| state.as_str() == text)
             .ok_or_else(|| UnknownValue(text.into()))
     }
+}
+
+/// Options a rollout needs again when resumed, stored as JSON with the rollout (`options_json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutOptions {
+    /// The agent idempotency key of this rollout.
+    pub patch_id: String,
+    /// `--offline`.
+    pub offline: bool,
+    /// `--overwrite`.
+    pub overwrite: bool,
+    /// `--concurrency` (parallel stagings).
+    pub concurrency: usize,
+    /// `--canary-wait` in milliseconds.
+    pub canary_wait_ms: Option<u64>,
+    /// `rollback --to`.
+    pub to_patch_id: Option<String>,
+    /// Component of the package (patch only).
+    pub component: String,
 }
 
 /// What [`Store::create_rollout`] journals before anything is done.

@@ -4,15 +4,14 @@
 use super::Ctx;
 use super::args::{RolloutFlags, Selection};
 use anyhow::{Context, bail};
-use patchctl::agent_client::PreparedBlob;
-use patchctl::executor::live::RolloutOptions;
+use patchctl::agent::client::PreparedBlob;
 use patchctl::hooks::{ClusterHooks, HookClient};
 use patchctl::registered::{load_tls, load_topology};
 use patchctl::rollout::{
     NewRun, journal_and_execute, observe, plan_input, report_takeover, resume,
 };
 use patchctl::status::NodeStatus;
-use patchctl::store::{RolloutKind, Store, new_rollout_id};
+use patchctl::store::{RolloutKind, RolloutOptions, Store, new_rollout_id};
 use patchctl::topology::Topology;
 use patchd_planner::Plan;
 use std::collections::HashMap;

@@ -4,13 +4,12 @@
 use super::Ctx;
 use super::args::{RolloutFlags, Selection};
 use anyhow::bail;
-use patchctl::executor::live::RolloutOptions;
 use patchctl::hooks::{ClusterHooks, HookClient};
 use patchctl::registered::{load_tls, load_topology};
 use patchctl::rollout::{
     NewRun, journal_and_execute, observe, plan_input, report_takeover, resume,
 };
-use patchctl::store::{RolloutKind, Store, new_rollout_id};
+use patchctl::store::{RolloutKind, RolloutOptions, Store, new_rollout_id};
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -46,7 +46,6 @@
 //!   starts, and the run ends [`RolloutEnd::Interrupted`] so the rollout stays unfinished and resumable.
 
 mod engine;
-pub mod live;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -259,7 +258,7 @@ pub enum CallError {
 }
 
 /// The effects of a rollout: agent calls, cluster hooks, and the clock. Implemented for real in
-/// [`live::LiveEffects`] and by fakes in the tests.
+/// `agent::effects::LiveEffects` and by fakes in the tests.
 pub trait Effects: Sync {
     /// Uploads the package when the agent lacks it and stages it for the node's service.
     fn stage(&self, node: &NodeRef) -> impl Future<Output = Result<Staged, CallError>> + Send;

@@ -2,15 +2,17 @@
 //! the rollout, drive the [`executor`](crate::executor) engine with live effects, show progress and the summary,
 //! and resume an unfinished rollout after a crash or Ctrl-C.
 
+mod journal;
 mod observer;
 mod planning;
 mod runner;
 mod summary;
 
-pub use planning::{observe, plan_input};
+pub use journal::{PHASE_STEP, StoreJournal, coarse_state, prior_records, rollout_state};
+pub use planning::{batches_from_plan, observe, plan_input};
 pub use runner::{Execution, NewRun, execute, journal_and_execute, report_takeover, resume};
 
-use crate::agent_client::AgentClientError;
+use crate::agent::client::AgentClientError;
 use crate::hooks::HookError;
 use crate::registered::RegisteredError;
 use crate::store::StoreError;

@@ -2,7 +2,7 @@
 //! canary pause (wait, or ask on the terminal).
 
 use super::summary::capitalized;
-use crate::agent_client::PushProgress;
+use crate::agent::client::PushProgress;
 use crate::executor::{BatchSpec, Event, NodeRef, Observer, PauseDecision, Step, StepStatus};
 use crate::output::ask;
 use crate::store::Rollout;

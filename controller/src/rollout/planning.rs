@@ -1,10 +1,11 @@
 //! What a new rollout is planned from: every node's observed status and the operator's selection and policy.
 
+use crate::executor::{BatchSpec, NodeRef};
 use crate::hooks::ClusterHooks;
 use crate::status::{self, LiveAgentProbe, NodeStatus};
 use crate::tls_files::ControllerTls;
 use crate::topology::{Node, Topology};
-use patchd_planner::{PlanInput, Policy, Selection};
+use patchd_planner::{Plan, PlanInput, Policy, Selection};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -46,4 +47,28 @@ pub fn plan_input(
         },
         policy,
     }
+}
+
+/// The engine's batches for a plan; every planned node must be in the topology.
+pub fn batches_from_plan(plan: &Plan, topology: &Topology) -> Vec<BatchSpec> {
+    plan.batches()
+        .iter()
+        .map(|batch| BatchSpec {
+            index: batch.index,
+            role: batch.role.clone(),
+            canary: batch.canary,
+            pause_after: batch.pause_after,
+            nodes: batch
+                .nodes
+                .iter()
+                .map(|planned| NodeRef {
+                    id: planned.id.clone(),
+                    name: planned.name.clone(),
+                    role: topology
+                        .node_by_id(&planned.id)
+                        .map_or_else(|| batch.role.clone(), |node| node.role.clone()),
+                })
+                .collect(),
+        })
+        .collect()
 }

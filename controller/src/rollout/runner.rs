@@ -2,14 +2,13 @@
 //! progress, Ctrl-C handling, and the final summary; returns the process exit code.
 
 use super::RunnerError;
+use super::journal::{StoreJournal, prior_records, rollout_state};
 use super::observer::CliObserver;
+use super::planning::batches_from_plan;
 use super::summary::print_summary;
-use crate::agent_client::PreparedBlob;
-use crate::agent_client::PushProgress;
-use crate::executor::live::{
-    LiveEffects, PushProgressFn, RolloutOptions, StoreJournal, batches_from_plan, prior_records,
-    rollout_state,
-};
+use crate::agent::client::PreparedBlob;
+use crate::agent::client::PushProgress;
+use crate::agent::effects::{LiveEffects, PushProgressFn};
 use crate::executor::{
     Action, ApplyRetryPolicy, Cancel, Engine, NodePhase, NodeRecord, NodeRef, RolloutEnd,
     RolloutSpec,
@@ -19,6 +18,7 @@ use crate::home::Home;
 use crate::hooks::{ClusterHooks, HookClient};
 use crate::output::Format;
 use crate::registered::{load_tls, load_topology};
+use crate::store::RolloutOptions;
 use crate::store::{
     NewRollout, NodeRolloutState, Rollout, RolloutKind, RolloutLock, RolloutState, Store,
 };
