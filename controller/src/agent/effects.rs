@@ -4,8 +4,8 @@
 use super::client::{AgentClient, AgentClientError, PreparedBlob, PushOptions, PushProgress};
 use super::ops;
 use crate::executor::{
-    Action, ApplyCall, ApplyResult, CallError, Effects, HookFailure, HookKind, HookOutcome,
-    NodeRef, Staged,
+    Action, ApplyCall, CallError, HookFailure, HookKind, HookOutcome, NodeApplyResult, NodeRef,
+    RolloutEffects, StageReport,
 };
 use crate::hooks::ClusterHooks;
 use crate::tls_files::ControllerTls;
@@ -71,8 +71,8 @@ fn client_error(error: AgentClientError) -> CallError {
     }
 }
 
-impl Effects for LiveEffects {
-    async fn stage(&self, node_ref: &NodeRef) -> Result<Staged, CallError> {
+impl RolloutEffects for LiveEffects {
+    async fn stage(&self, node_ref: &NodeRef) -> Result<StageReport, CallError> {
         let node = self.node(node_ref)?;
         let Some(blob) = &self.blob else {
             return Err(CallError::Refused(
@@ -94,7 +94,7 @@ impl Effects for LiveEffects {
             )));
         };
         if service.runs_digest(&blob.digest) {
-            return Ok(Staged {
+            return Ok(StageReport {
                 already_running: true,
                 bytes_pushed: 0,
             });
@@ -111,7 +111,7 @@ impl Effects for LiveEffects {
             .map_err(|status| {
                 CallError::Refused(format!("Stage: {:?}: {}", status.code(), status.message()))
             })?;
-        Ok(Staged {
+        Ok(StageReport {
             already_running: false,
             bytes_pushed: report.bytes_sent,
         })
@@ -124,7 +124,11 @@ impl Effects for LiveEffects {
         self.hooks.run(node, hook).await
     }
 
-    async fn apply(&self, node_ref: &NodeRef, call: &ApplyCall) -> Result<ApplyResult, CallError> {
+    async fn apply(
+        &self,
+        node_ref: &NodeRef,
+        call: &ApplyCall,
+    ) -> Result<NodeApplyResult, CallError> {
         let node = self.node(node_ref)?;
         // A fresh connection per call: a refused connection then proves the request was never sent.
         let mut client = self.connect(node).await?;
@@ -163,7 +167,7 @@ impl Effects for LiveEffects {
         })
     }
 
-    async fn undo(&self, node_ref: &NodeRef, patch_id: &str) -> Result<ApplyResult, CallError> {
+    async fn undo(&self, node_ref: &NodeRef, patch_id: &str) -> Result<NodeApplyResult, CallError> {
         let node = self.node(node_ref)?;
         let mut client = self.connect(node).await?;
         let operation = format!("{patch_id}-undo");

@@ -4,9 +4,9 @@
 use super::args::Selection;
 use super::{Ctx, Format};
 use patchctl::hooks::{ClusterHooks, HookClient};
+use patchctl::node_status::{self, LiveAgentProbe, NodeStatus};
 use patchctl::output::plain_table;
 use patchctl::registered::{load_tls, load_topology};
-use patchctl::status::{self, LiveAgentProbe, NodeStatus};
 use patchctl::store::Store;
 use patchctl::topology::{Node, Topology};
 use std::collections::HashSet;
@@ -36,7 +36,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         .map(|mark| mark.node_id)
         .collect();
     let probe = LiveAgentProbe::new(tls);
-    let rows = status::collect(
+    let rows = node_status::collect(
         &hooks,
         &selected,
         &probe,

@@ -6,11 +6,11 @@ use super::args::{RolloutFlags, Selection};
 use anyhow::{Context, bail};
 use patchctl::agent::client::PreparedBlob;
 use patchctl::hooks::{ClusterHooks, HookClient};
+use patchctl::node_status::NodeStatus;
 use patchctl::registered::{load_tls, load_topology};
 use patchctl::rollout::{
     NewRun, journal_and_execute, observe, plan_input, report_takeover, resume,
 };
-use patchctl::status::NodeStatus;
 use patchctl::store::{RolloutKind, RolloutOptions, Store, new_rollout_id};
 use patchctl::topology::Topology;
 use patchd_planner::Plan;

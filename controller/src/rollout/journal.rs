@@ -2,7 +2,8 @@
 //! `audit`, each step, the `(patched)` marks.
 
 use crate::executor::{
-    Journal, JournalError, NodePhase, NodeRecord, NodeRef, RolloutEnd, Step, StepStatus, Verdict,
+    NodePhase, NodeRecord, NodeRef, RolloutEnd, RolloutJournal, RolloutJournalError, Step,
+    StepStatus, Verdict,
 };
 use crate::store::{NodeRolloutState, RolloutKind, RolloutState, Store, StoreError};
 use std::collections::HashMap;
@@ -79,17 +80,17 @@ pub struct StoreJournal {
     pub version: String,
 }
 
-fn journal_error(error: StoreError) -> JournalError {
-    JournalError(error.to_string())
+fn journal_error(error: StoreError) -> RolloutJournalError {
+    RolloutJournalError(error.to_string())
 }
 
-impl Journal for StoreJournal {
+impl RolloutJournal for StoreJournal {
     fn node_phase(
         &self,
         node: &NodeRef,
         phase: &NodePhase,
         reason: Option<&str>,
-    ) -> Result<(), JournalError> {
+    ) -> Result<(), RolloutJournalError> {
         self.store
             .record_node_step(
                 &self.rollout_id,
@@ -110,7 +111,7 @@ impl Journal for StoreJournal {
         step: Step,
         status: StepStatus,
         detail: &str,
-    ) -> Result<(), JournalError> {
+    ) -> Result<(), RolloutJournalError> {
         let state = match status {
             StepStatus::Started => "started",
             StepStatus::Done => "ok",
@@ -122,7 +123,7 @@ impl Journal for StoreJournal {
             .map_err(journal_error)
     }
 
-    fn mark(&self, node: &NodeRef) -> Result<(), JournalError> {
+    fn mark(&self, node: &NodeRef) -> Result<(), RolloutJournalError> {
         match self.kind {
             RolloutKind::Patch => self.store.mark_patched(
                 &self.cluster,

@@ -2,7 +2,7 @@
 
 use crate::executor::{BatchSpec, NodeRef};
 use crate::hooks::ClusterHooks;
-use crate::status::{self, LiveAgentProbe, NodeStatus};
+use crate::node_status::{self, LiveAgentProbe, NodeStatus};
 use crate::tls_files::ControllerTls;
 use crate::topology::{Node, Topology};
 use patchd_planner::{Plan, PlanInput, Policy, Selection};
@@ -18,7 +18,7 @@ pub async fn observe(
 ) -> HashMap<String, NodeStatus> {
     let nodes: Vec<&Node> = topology.nodes().collect();
     let probe = LiveAgentProbe::new(tls.clone());
-    status::collect(hooks, &nodes, &probe, &|_| false, timeout)
+    node_status::collect(hooks, &nodes, &probe, &|_| false, timeout)
         .await
         .into_iter()
         .map(|row| (row.id.clone(), row))

@@ -10,7 +10,7 @@ use crate::agent::client::PreparedBlob;
 use crate::agent::client::PushProgress;
 use crate::agent::effects::{LiveEffects, PushProgressFn};
 use crate::executor::{
-    Action, ApplyRetryPolicy, Cancel, Engine, NodePhase, NodeRecord, NodeRef, RolloutEnd,
+    Action, ApplyRetryPolicy, Cancel, NodePhase, NodeRecord, NodeRef, RolloutEnd, RolloutEngine,
     RolloutSpec,
 };
 use crate::exit;
@@ -226,7 +226,7 @@ pub async fn execute(format: Format, run: Execution) -> Result<u8, RunnerError> 
         std::process::exit(i32::from(exit::INTERRUPTED));
     });
     let started = Instant::now();
-    let outcome = Engine::new(&spec, &effects, &journal, observer.as_ref(), cancel)
+    let outcome = RolloutEngine::new(&spec, &effects, &journal, observer.as_ref(), cancel)
         .run()
         .await;
     signals.abort();
