@@ -2,7 +2,7 @@
 //! controller's TLS identity for its agents.
 
 use crate::home::Home;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoredCluster};
 use crate::tls_files::{ControllerTls, ControllerTlsError};
 use crate::topology::{Topology, TopologyError};
 
@@ -37,8 +37,8 @@ pub enum RegisteredError {
     Tls(#[from] ControllerTlsError),
 }
 
-/// The registered cluster's topology; an unknown name lists the known ones.
-pub fn load_topology(store: &Store, cluster: &str) -> Result<Topology, RegisteredError> {
+/// The registered cluster as stored; an unknown name lists the known ones.
+pub fn load_cluster(store: &Store, cluster: &str) -> Result<StoredCluster, RegisteredError> {
     let Some(stored) = store.load_cluster(cluster)? else {
         let known: Vec<String> = store.list_clusters()?.into_iter().map(|c| c.name).collect();
         let known = if known.is_empty() {
@@ -51,6 +51,12 @@ pub fn load_topology(store: &Store, cluster: &str) -> Result<Topology, Registere
             known,
         });
     };
+    Ok(stored)
+}
+
+/// The registered cluster's topology; an unknown name lists the known ones.
+pub fn load_topology(store: &Store, cluster: &str) -> Result<Topology, RegisteredError> {
+    let stored = load_cluster(store, cluster)?;
     Topology::parse(&stored.yaml).map_err(|source| RegisteredError::StoredTopology {
         cluster: cluster.to_string(),
         source,

@@ -27,11 +27,14 @@ pub struct Args {
     pub package: Option<PathBuf>,
     #[command(flatten)]
     pub selection: Selection,
-    /// Record the package as the role's package for future scale-out.
-    #[arg(long)]
+    /// Record the package as the role's package for future scale-out (`cluster show` lists it). Takes
+    /// `--overwrite=true|false` like tiup.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = false,
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub overwrite: bool,
-    /// The cluster is offline: swap files only, no hooks, no restarts.
-    #[arg(long)]
+    /// The cluster is offline: swap files only, no hooks, no restarts. Takes `--offline=true|false` like tiup.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value_t = false,
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub offline: bool,
     #[command(flatten)]
     pub rollout: RolloutFlags,
@@ -266,6 +269,31 @@ mod tests {
             "roles:\n  demo-master:\n    nodes:\n      - { host: 127.0.1.1, port: 1, deploy_dir: /a }\n  demo-worker:\n    nodes:\n      - { host: 127.0.1.2, port: 2, deploy_dir: /b }\n",
         )
         .unwrap()
+    }
+
+    fn parsed(extra: &[&str]) -> Result<Args, clap::Error> {
+        #[derive(Debug, clap::Parser)]
+        struct Patch {
+            #[command(flatten)]
+            args: Args,
+        }
+        let argv = ["patch", "demo", "pkg.tar.gz"].iter().chain(extra);
+        <Patch as clap::Parser>::try_parse_from(argv).map(|patch| patch.args)
+    }
+
+    #[test]
+    fn overwrite_and_offline_take_tiup_booleans() {
+        let neither = parsed(&[]).unwrap();
+        assert!(!neither.overwrite && !neither.offline);
+        let bare = parsed(&["--overwrite", "--offline"]).unwrap();
+        assert!(bare.overwrite && bare.offline);
+        let tiup = parsed(&["--overwrite=true", "--offline=true"]).unwrap();
+        assert!(tiup.overwrite && tiup.offline);
+        let off = parsed(&["--overwrite=false", "--offline=false"]).unwrap();
+        assert!(!off.overwrite && !off.offline);
+        // As with tiup, a separate word is not the flag's value.
+        assert!(parsed(&["--offline", "false"]).is_err());
+        assert!(parsed(&["--overwrite=maybe"]).is_err());
     }
 
     #[test]
