@@ -232,12 +232,9 @@ fn boot_id() -> Option<String> {
         .map(|id| id.trim().to_string())
 }
 
+/// Stored as SQLite's i64 (clock ticks since boot never come near its limit).
 fn process_start_ticks(pid: u32) -> Option<i64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces: fields after it start after the last ')'.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    // after_name starts at field 3 (state); field 22 (starttime) is the 20th from there.
-    after_name.split_whitespace().nth(19)?.parse().ok()
+    patchd_procstat::start_ticks(pid).and_then(|ticks| i64::try_from(ticks).ok())
 }
 
 fn pid_alive(pid: u32) -> bool {
