@@ -1,7 +1,50 @@
 //! Cluster topology files (`patchctl cluster import <name> <file.yaml>`): parsing, defaults, validation with errors
 //! that name the line and the key, and the URL template renderer the cluster-API hooks use.
 //!
-//! The format is the one in ARCHITECTURE.md ("Topology"). Roles keep their file order: it is the rollout order.
+//! Roles keep their file order: it is the rollout order.
+//!
+//! # File format
+//!
+//! ```yaml
+//! name: demo                     # optional; the import name wins, a mismatch is an error
+//! version: v1.0.0
+//! agent:                         # how the controller reaches agents
+//!   port: 7480                   # default per node; a node may set agent_port
+//!   tls_dir: ~/.patchctl/tls     # optional: ca.crt, controller.crt, controller.key (default $PATCHCTL_HOME/tls)
+//! roles:                         # order of roles = rollout order (one role at a time)
+//!   demo-master:
+//!     component: demo-master     # package component; default = role name
+//!     service: demo-master       # agent service name; default = role name (a node may override)
+//!     hooks:
+//!       health: { url: "http://{host}:{port}/health" }
+//!       leader: { url: "http://{host}:{port}/api/leader", field: "leader" }   # value = a node name/id of this role
+//!     nodes:
+//!       - { host: 127.0.1.1, port: 8261, name: master-1, ports: "8261/8291",
+//!           deploy_dir: /opt/demo/master-8261, data_dir: /opt/demo/data/master-8261 }
+//!   demo-worker:
+//!     hooks:
+//!       offline:      { method: POST, url: "http://{demo-master.leader.host}:{demo-master.leader.port}/api/members/{name}/offline" }
+//!       wait_offline: { url: "http://{demo-master.leader.host}:{demo-master.leader.port}/api/members/{name}", field: "state", equals: "Offline", interval: 200ms, timeout: 10s }
+//!       online:       { method: POST, url: "http://{demo-master.leader.host}:{demo-master.leader.port}/api/members/{name}/online" }
+//!       wait_online:  { url: "…/api/members/{name}", field: "state", not_equals: "Offline", interval: 200ms, timeout: 10s }
+//!       health:       { url: "http://{host}:{port}/health" }
+//!     nodes:
+//!       - { host: 127.0.1.2, port: 8262, name: worker-1, deploy_dir: /opt/demo/worker-8262, data_dir: … }
+//! ```
+//!
+//! Node ID = `host:port` unless `id` is given; `name` defaults to the ID. URL placeholders: `{host} {port} {id} {name}
+//! {role}` of the node, and `{<role>.leader.host|port|name|id}` for the current leader of another role (resolved
+//! through that role's `leader` hook).
+//!
+//! Parsing (`patchctl::topology`): serde (`serde_norway`, unknown keys refused) reports type errors and typos with
+//! line, column and key path; semantic checks (no role, a role without nodes, duplicate node IDs or names, names with
+//! characters that would need URL escaping or break `-N a,b`, unknown placeholders, `{<role>.leader.…}` naming a
+//! missing role or one without a `leader` hook, a `leader` hook using leader placeholders, `equals` without `field`,
+//! `interval > timeout`, zero durations) are all collected and each names its line (found in the source text) and key.
+//! Defaults: `method` GET, `interval` 1s, `timeout` 30s (one call, or the whole wait of a `wait_*` hook), success =
+//! any 2xx unless `expect_status`; `field` is a dotted JSON path; a `leader` hook's value names a node of its role by
+//! name, ID or `host:port`. Text in braces that is not placeholder-shaped (JSON in a `body`) is left as is. An example
+//! that is parsed by a unit test: `controller/examples/topology.yaml`.
 
 mod model;
 mod raw;
