@@ -50,7 +50,8 @@ extern "C" fn on_sigbus(
     }
 }
 
-#[cfg(all(test, target_os = "linux"))]
+#[cfg(test)]
+#[cfg(target_os = "linux")]
 mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;

@@ -47,6 +47,7 @@
 //!
 //! The planner only carries `failure_budget` in the [`Policy`]; the executor accounts it with the nodes in flight.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};

@@ -1,4 +1,6 @@
 //! Table tests of the planner: selection semantics, errors that list what exists, ordering, batch sizing.
+// Test code: helpers may panic like the tests (clippy treats only `#[test]` functions as tests).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use patchd_planner::{
     Amount, Plan, PlanInput, PlanNode, Policy, RolloutPlanError, Selection, plan,

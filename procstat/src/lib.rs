@@ -5,6 +5,7 @@
 //! The command name (field 2) is in parentheses and may itself hold spaces and parentheses, so the fields are
 //! counted from the *last* `)`. Linux only; elsewhere every read is `None`.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 /// The fields of `/proc/<pid>/stat` patchd uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
