@@ -16,6 +16,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 FEATURES=(--features patchd-agent/fault-injection)
+echo "==> import graph (no circles; the executor stays pure)"
+bash scripts/check_imports.sh
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> building binaries (with fault-injection points, activated only by PATCHD_FAULT)"

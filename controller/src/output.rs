@@ -1,5 +1,6 @@
-//! The CLI's one way to standard output and standard error: a reader that went away (`| head -1`, a closed
-//! terminal) ends that stream quietly, never with a panic, and never stops the work in progress.
+//! The CLI's output, in one place: the output format, tiup's plain tables, the yes/no prompt, and the one way to
+//! standard output and standard error, where a reader that went away (`| head -1`, a closed terminal) ends that
+//! stream quietly, never with a panic, and never stops the work in progress.
 //!
 //! `println!` panics when stdout is a closed pipe (Rust ignores SIGPIPE, so the write returns `EPIPE`); for
 //! `patchctl patch` that came after the rollout had finished, turning a success into exit 101. The macros
@@ -8,7 +9,7 @@
 //! so the command goes on and exits with its own code (see the README's exit codes).
 
 use std::fmt::Arguments;
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set once a write to stdout failed: nobody reads it any more.
@@ -100,6 +101,49 @@ macro_rules! err {
     ($($arg:tt)*) => {
         $crate::output::write_stderr(format_args!($($arg)*))
     };
+}
+
+
+/// Output format of a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Human-readable text and tables.
+    Text,
+    /// One JSON document on stdout.
+    Json,
+}
+
+/// tiup's table style: no borders, a dashes line under the header, columns two spaces apart.
+pub fn plain_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
+    table.set_content_arrangement(comfy_table::ContentArrangement::Disabled);
+    table.set_header(header.iter().copied());
+    table.add_row(header.iter().map(|title| "-".repeat(title.chars().count())));
+    for row in rows {
+        table.add_row(row.iter().map(String::as_str));
+    }
+    let mut text = String::new();
+    for line in table.lines() {
+        // Every cell has one space of left padding: drop the first column's.
+        text.push_str(line.strip_prefix(' ').unwrap_or(&line).trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+/// Asks a yes/no question on stderr and reads the answer from stdin (no means no). Blocks: call it off the
+/// async runtime's workers.
+pub fn ask(question: &str) -> std::io::Result<bool> {
+    let mut stderr = std::io::stderr();
+    write!(stderr, "{question} [y/N]: ")?;
+    stderr.flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(matches!(
+        line.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
 }
 
 #[cfg(test)]

@@ -50,7 +50,8 @@ extern "C" fn on_sigbus(
     }
 }
 
-#[cfg(all(test, target_os = "linux"))]
+#[cfg(test)]
+#[cfg(target_os = "linux")]
 mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
@@ -71,7 +72,7 @@ mod tests {
             nix::sys::signal::raise(nix::sys::signal::Signal::SIGBUS).unwrap();
         } else {
             let file = std::fs::File::open(&path).unwrap();
-            let chunk = crate::agent_client::map_chunk(&file, 0, 64 * 1024).unwrap();
+            let chunk = crate::agent::client::map_chunk(&file, 0, 64 * 1024).unwrap();
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(&path)

@@ -1,4 +1,6 @@
 //! demo-master as a process: member states, offline/online with task moves, last-worker refusal, Down detection,
+// Test code: a failing setup step may panic (clippy only treats `#[test]` functions as tests).
+#![allow(clippy::unwrap_used)]
 //! leader choice with forwarding, drain test modes and the call log.
 
 mod common;

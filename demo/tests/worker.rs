@@ -1,4 +1,6 @@
 //! demo-worker as a process: stamping changes what it reports and how it behaves; it shuts down on SIGTERM.
+// Test code: a failing setup step may panic (clippy only treats `#[test]` functions as tests).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! The hostile-package table: one broken or malicious archive per row, each refused by both `inspect` and
 //! `unpack_verified` with the specific error, and never a byte written outside the unpack directory.
+// Test code: helpers may panic like the tests (clippy treats only `#[test]` functions as tests).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use flate2::Compression;
 use flate2::write::GzEncoder;

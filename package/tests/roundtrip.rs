@@ -1,4 +1,6 @@
 //! Happy paths: pack, build a hotfix, inspect, unpack and verify, on realistic trees; deterministic output.
+// Test code: helpers may panic like the tests (clippy treats only `#[test]` functions as tests).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use patchd_package::digest::{DEFAULT_CHUNK_SIZE, tree_digest_file};
 use patchd_package::{

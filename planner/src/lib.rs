@@ -33,7 +33,7 @@
 //! * A selected node that is already down is **not** counted as a node the rollout takes down: patching it does
 //!   not reduce availability. It still occupies a slot of the batch (`B` is a parallelism bound).
 //! * So a batch holds at most `B` nodes, of which at most `headroom` are up.
-//! * If `headroom` is 0 while selected up nodes remain, planning fails ([`PlanError::NoHeadroom`]): patching any
+//! * If `headroom` is 0 while selected up nodes remain, planning fails ([`RolloutPlanError::NoHeadroom`]): patching any
 //!   of them would exceed `--max-unavailable`.
 //!
 //! # Canary
@@ -47,6 +47,7 @@
 //!
 //! The planner only carries `failure_budget` in the [`Policy`]; the executor accounts it with the nodes in flight.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -304,7 +305,7 @@ impl Plan {
 
 /// Why no plan could be made. Each message lists what exists and says what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PlanError {
+pub enum RolloutPlanError {
     /// `-N` named nodes that are not in the cluster.
     #[error("unknown node(s) {}; the cluster has: {}", list(unknown), list(known))]
     UnknownNodes {
@@ -382,7 +383,7 @@ fn list_or_none(items: &[String]) -> String {
 }
 
 /// Turns the input into an ordered plan, or says why it cannot.
-pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
+pub fn plan(input: &PlanInput) -> Result<Plan, RolloutPlanError> {
     check_input(input)?;
     let selected = select(input)?;
     let policy = &input.policy;
@@ -414,7 +415,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
             .collect();
         let headroom = max_unavailable.saturating_sub(down_outside_nodes.len());
         if headroom == 0 && chosen.iter().any(|node| !node.is_down) {
-            return Err(PlanError::NoHeadroom {
+            return Err(RolloutPlanError::NoHeadroom {
                 role: role.clone(),
                 down_outside: down_outside_nodes.len(),
                 down_nodes: down_outside_nodes,
@@ -428,7 +429,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         if let Some(canary) = canary_left.take() {
             let wanted = canary as usize;
             if wanted > remaining.len() {
-                return Err(PlanError::Canary {
+                return Err(RolloutPlanError::Canary {
                     canary,
                     reason: format!(
                         "the first role, {role}, has only {} selected node(s); use a smaller canary",
@@ -439,7 +440,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
             let (canary_nodes, rest) = remaining.split_at(wanted);
             let up = canary_nodes.iter().filter(|node| !node.is_down).count();
             if up > headroom {
-                return Err(PlanError::Canary {
+                return Err(RolloutPlanError::Canary {
                     canary,
                     reason: format!(
                         "it would take {up} node(s) of role {role} down at once but only {headroom} may be \
@@ -526,17 +527,17 @@ fn push_batch(batches: &mut Vec<Batch>, role: &str, nodes: &[&PlanNode], canary:
     });
 }
 
-fn check_input(input: &PlanInput) -> Result<(), PlanError> {
+fn check_input(input: &PlanInput) -> Result<(), RolloutPlanError> {
     let mut ids = HashSet::new();
     for node in &input.nodes {
         if !ids.insert(node.id.as_str()) {
-            return Err(PlanError::InvalidInput(format!(
+            return Err(RolloutPlanError::InvalidInput(format!(
                 "node ID {} appears twice",
                 node.id
             )));
         }
         if !input.role_order.contains(&node.role) {
-            return Err(PlanError::InvalidInput(format!(
+            return Err(RolloutPlanError::InvalidInput(format!(
                 "node {} has role {}, which is not in the role order ({})",
                 node.id,
                 node.role,
@@ -545,7 +546,7 @@ fn check_input(input: &PlanInput) -> Result<(), PlanError> {
         }
     }
     if input.policy.canary == Some(0) {
-        return Err(PlanError::Canary {
+        return Err(RolloutPlanError::Canary {
             canary: 0,
             reason: "a canary batch needs at least 1 node".to_string(),
         });
@@ -559,7 +560,7 @@ fn check_input(input: &PlanInput) -> Result<(), PlanError> {
             Amount::Percent(percent) => (1..=100).contains(&percent),
         };
         if !valid {
-            return Err(PlanError::InvalidInput(format!(
+            return Err(RolloutPlanError::InvalidInput(format!(
                 "{flag} {amount} is out of range; give at least 1, or a percent from 1% to 100%"
             )));
         }
@@ -568,7 +569,7 @@ fn check_input(input: &PlanInput) -> Result<(), PlanError> {
 }
 
 /// The IDs of the selected nodes (tiup's semantics, see the crate docs).
-fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
+fn select(input: &PlanInput) -> Result<HashSet<&str>, RolloutPlanError> {
     let selection = &input.selection;
     // Names are trimmed and de-duplicated once, so the checks and the filters see the same lists (`-R "a, b"`).
     let roles = dedup(&selection.roles);
@@ -589,7 +590,7 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
         .cloned()
         .collect();
     if !unknown_roles.is_empty() {
-        return Err(PlanError::UnknownRoles {
+        return Err(RolloutPlanError::UnknownRoles {
             unknown: unknown_roles,
             known: known_roles,
         });
@@ -600,7 +601,7 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
         .cloned()
         .collect();
     if !unknown_components.is_empty() {
-        return Err(PlanError::InvalidInput(format!(
+        return Err(RolloutPlanError::InvalidInput(format!(
             "component role(s) {} are not roles of the cluster",
             unknown_components.join(", ")
         )));
@@ -623,7 +624,7 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
         }
     }
     if !unknown_nodes.is_empty() {
-        return Err(PlanError::UnknownNodes {
+        return Err(RolloutPlanError::UnknownNodes {
             unknown: unknown_nodes,
             known: known_ids(),
         });
@@ -666,7 +667,7 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
                 component_roles.join(", ")
             ),
         };
-        return Err(PlanError::EmptySelection { reason });
+        return Err(RolloutPlanError::EmptySelection { reason });
     }
 
     let mismatched: Vec<String> = chosen
@@ -675,7 +676,7 @@ fn select(input: &PlanInput) -> Result<HashSet<&str>, PlanError> {
         .map(|node| format!("{} ({})", node.id, node.role))
         .collect();
     if !mismatched.is_empty() {
-        return Err(PlanError::ComponentMismatch {
+        return Err(RolloutPlanError::ComponentMismatch {
             nodes: mismatched,
             component_roles,
         });

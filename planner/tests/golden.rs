@@ -1,6 +1,8 @@
 //! Golden files: rendered plans compared byte for byte with `planner/tests/golden/*.txt`.
 //! After an intended change of the rendering, regenerate them with `UPDATE_GOLDEN=1 cargo test -p patchd-planner`
 //! and review the diff.
+// Test code: helpers may panic like the tests (clippy treats only `#[test]` functions as tests).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use patchd_planner::{Amount, PlanInput, PlanNode, Policy, Selection, plan};
 use std::path::PathBuf;

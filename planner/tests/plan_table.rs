@@ -1,6 +1,10 @@
 //! Table tests of the planner: selection semantics, errors that list what exists, ordering, batch sizing.
+// Test code: helpers may panic like the tests (clippy treats only `#[test]` functions as tests).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use patchd_planner::{Amount, Plan, PlanError, PlanInput, PlanNode, Policy, Selection, plan};
+use patchd_planner::{
+    Amount, Plan, PlanInput, PlanNode, Policy, RolloutPlanError, Selection, plan,
+};
 
 /// A node description: `(id, role, leader, down)`; name = `n-<id>`, host = id before ':'.
 type Spec<'a> = (&'a str, &'a str, bool, bool);
@@ -162,7 +166,7 @@ fn selection_errors_list_what_exists() {
         &["worker"],
         Policy::default(),
     ));
-    let Err(PlanError::UnknownNodes { unknown, known }) = &unknown_node else {
+    let Err(RolloutPlanError::UnknownNodes { unknown, known }) = &unknown_node else {
         panic!("expected UnknownNodes, got {unknown_node:?}");
     };
     assert_eq!(unknown, &["w9:2"]);
@@ -195,7 +199,7 @@ fn selection_errors_list_what_exists() {
         &["worker", "master"],
         Policy::default(),
     ));
-    let Err(PlanError::EmptySelection { reason }) = &disjoint else {
+    let Err(RolloutPlanError::EmptySelection { reason }) = &disjoint else {
         panic!("expected EmptySelection, got {disjoint:?}");
     };
     assert!(
@@ -234,7 +238,10 @@ fn selection_errors_list_what_exists() {
         Policy::default(),
     ));
     assert!(
-        matches!(mismatch_role, Err(PlanError::ComponentMismatch { .. })),
+        matches!(
+            mismatch_role,
+            Err(RolloutPlanError::ComponentMismatch { .. })
+        ),
         "{mismatch_role:?}"
     );
 }
@@ -496,7 +503,7 @@ fn canary_is_first_and_pauses() {
     zero.canary = Some(0);
     assert!(matches!(
         plan(&input(CLUSTER, ROLES, &[], &[], &["worker"], zero)),
-        Err(PlanError::Canary { .. })
+        Err(RolloutPlanError::Canary { .. })
     ));
 }
 
@@ -569,13 +576,13 @@ fn invalid_input_is_refused() {
         Policy::default(),
     );
     assert!(
-        matches!(plan(&bad), Err(PlanError::InvalidInput(_))),
+        matches!(plan(&bad), Err(RolloutPlanError::InvalidInput(_))),
         "worker not in role order"
     );
     bad.role_order = strings(ROLES);
     bad.nodes.push(bad.nodes[0].clone());
     assert!(
-        matches!(plan(&bad), Err(PlanError::InvalidInput(_))),
+        matches!(plan(&bad), Err(RolloutPlanError::InvalidInput(_))),
         "duplicate id"
     );
 }

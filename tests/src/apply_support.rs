@@ -342,21 +342,12 @@ pub fn service_pid(state_dir: &Path, service: &str) -> Option<i32> {
 
 /// Whether a pid is alive and not a zombie.
 pub fn pid_alive(pid: i32) -> bool {
-    proc_stat_fields(pid)
-        .and_then(|f| f.first().and_then(|s| s.chars().next()))
-        .is_some_and(|s| s != 'Z' && s != 'X')
-}
-
-/// Fields 3.. of /proc/<pid>/stat (after the command name).
-fn proc_stat_fields(pid: i32) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = text.rsplit_once(')')?;
-    Some(rest.split_whitespace().map(str::to_string).collect())
+    u32::try_from(pid).is_ok_and(patchd_procstat::is_running)
 }
 
 /// Start time of a process (field 22 of /proc/<pid>/stat): with the pid, it names one process since boot.
 pub fn proc_start_ticks(pid: i32) -> Option<u64> {
-    proc_stat_fields(pid)?.get(19)?.parse().ok()
+    patchd_procstat::start_ticks(u32::try_from(pid).ok()?)
 }
 
 /// The journal of `service` as JSON.

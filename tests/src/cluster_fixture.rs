@@ -213,9 +213,7 @@ pub fn stamp_with_delay(component: &str, version: &str, mode: &str, delay_ms: u6
 
 /// Start time of a process (field 22 of `/proc/<pid>/stat`, clock ticks since boot).
 pub fn process_start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 2..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
+    patchd_procstat::start_ticks(pid)
 }
 
 /// A blocking HTTP call on loopback: (status, body).

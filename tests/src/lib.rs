@@ -26,6 +26,8 @@ pub mod apply_support;
 
 pub mod cluster_fixture;
 
+pub mod demo_fleet;
+
 pub mod nspawn;
 
 use std::io::{BufRead, BufReader, Read};

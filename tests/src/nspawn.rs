@@ -116,18 +116,6 @@ impl Boot {
     }
 }
 
-/// Fields after the command name in /proc/<pid>/stat.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    Some(
-        text.rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .map(str::to_string)
-            .collect(),
-    )
-}
-
 /// The child of `parent` whose command is `systemd` (the container's PID 1, seen from the host).
 fn container_init(parent: u32) -> Option<u32> {
     std::fs::read_dir("/proc")
@@ -135,8 +123,7 @@ fn container_init(parent: u32) -> Option<u32> {
         .flatten()
         .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
         .find(|pid| {
-            stat_fields(*pid)
-                .is_some_and(|f| f.get(1).map(String::as_str) == Some(&parent.to_string()))
+            patchd_procstat::ProcStat::read(*pid).is_some_and(|stat| stat.ppid == parent)
                 && std::fs::read_to_string(format!("/proc/{pid}/comm"))
                     .is_ok_and(|c| c.trim() == "systemd")
         })

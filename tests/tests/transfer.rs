@@ -3,7 +3,7 @@
 //! mid-transfer, and refusals for size limits and free disk space.
 
 use bytes::Bytes;
-use patchctl::agent_client::{AgentClient, PreparedBlob, PushOptions, PushReport};
+use patchctl::agent::client::{AgentClient, PreparedBlob, PushOptions, PushReport};
 use patchctl::tls_files::ControllerTls;
 use patchd_e2e::{
     AgentConfig, AgentProcess, Pki, patchctl, patchctl_ok, sha256_file, write_random_file,

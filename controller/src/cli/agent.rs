@@ -2,7 +2,7 @@
 
 use super::{Ctx, Format};
 use anyhow::Context;
-use patchctl::agent_client::{AgentClient, PreparedBlob, PushOptions};
+use patchctl::agent::client::{AgentClient, PreparedBlob, PushOptions};
 use patchctl::tls_files::ControllerTls;
 use std::path::PathBuf;
 

@@ -1,8 +1,8 @@
 //! `patchctl audit [<cluster>] [--rollout ID]`: the rollouts journaled in the store, and one rollout's per-node
 //! report (steps, durations, result, reason).
 
-use super::display::plain_table;
 use super::{Ctx, Format};
+use patchctl::output::plain_table;
 use patchctl::store::{NodeRolloutState, Rollout, RolloutReport, Store};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;

@@ -1,9 +1,10 @@
 //! `patchctl cluster import|list|show|unlock`: register clusters from topology files and look at them.
 
-use super::display::plain_table;
 use super::{Ctx, Format};
 use anyhow::Context;
-use patchctl::store::{Store, StoreError, StoredCluster};
+use patchctl::output::plain_table;
+use patchctl::registered::load_cluster;
+use patchctl::store::{RolePackage, Store, StoreError, StoredCluster};
 use patchctl::topology::Topology;
 use serde_json::json;
 use std::path::PathBuf;
@@ -231,29 +232,12 @@ fn list(ctx: &Ctx) -> anyhow::Result<u8> {
     Ok(patchctl::exit::OK)
 }
 
-fn load(store: &Store, name: &str) -> anyhow::Result<StoredCluster> {
-    if let Some(cluster) = store.load_cluster(name)? {
-        return Ok(cluster);
-    }
-    let known: Vec<String> = store
-        .list_clusters()?
-        .into_iter()
-        .map(|cluster| cluster.name)
-        .collect();
-    let known = if known.is_empty() {
-        "none yet".to_string()
-    } else {
-        known.join(", ")
-    };
-    anyhow::bail!(
-        "no cluster named `{name}` (registered: {known}); register it with `patchctl cluster import {name} \
-         <topology.yaml>`"
-    )
-}
-
+/// The stored file verbatim, then the packages `patch --overwrite` recorded per role as YAML comments (so the
+/// output can still be saved and re-imported).
 fn show(ctx: &Ctx, name: &str) -> anyhow::Result<u8> {
     let store = Store::open_home(&ctx.home)?;
-    let cluster = load(&store, name)?;
+    let cluster = load_cluster(&store, name)?;
+    let packages = store.role_packages(name)?;
     match ctx.format {
         Format::Json => {
             let document = json!({
@@ -263,6 +247,7 @@ fn show(ctx: &Ctx, name: &str) -> anyhow::Result<u8> {
                 "imported_at": cluster.imported_at,
                 "topology": parsed(&cluster),
                 "yaml": cluster.yaml,
+                "role_packages": packages,
             });
             outln!("{}", serde_json::to_string_pretty(&document)?);
         }
@@ -271,9 +256,31 @@ fn show(ctx: &Ctx, name: &str) -> anyhow::Result<u8> {
             if !cluster.yaml.ends_with('\n') {
                 outln!();
             }
+            out!("{}", role_packages_comment(&packages));
         }
     }
     Ok(patchctl::exit::OK)
+}
+
+/// One comment line per role with a recorded package; nothing when none is.
+fn role_packages_comment(packages: &[RolePackage]) -> String {
+    if packages.is_empty() {
+        return String::new();
+    }
+    let mut text =
+        "# Packages recorded by `patchctl patch --overwrite` (what a scale-out deploys):\n"
+            .to_string();
+    for package in packages {
+        text.push_str(&format!(
+            "#   {}: {} (digest {}, {}, recorded {})\n",
+            package.role,
+            package.version,
+            package.digest.get(..16).unwrap_or(&package.digest),
+            package.path,
+            package.set_at
+        ));
+    }
+    text
 }
 
 fn unlock(ctx: &Ctx, name: &str, force: bool) -> anyhow::Result<u8> {

@@ -3,7 +3,7 @@
 
 use super::{Ctx, Format};
 use anyhow::{Context, bail};
-use patchctl::agent_client::AgentClient;
+use patchctl::agent::client::AgentClient;
 use patchctl::demo::layout::{
     self, CLUSTER_NAME, DEFAULT_AGENT_PORT, ORIGINAL_VERSION, ServiceRole, master_count,
 };

@@ -1,12 +1,13 @@
 //! `patchctl display <cluster>`: the seed's status table (ID, Role, Host, Ports, OS/Arch, Status, Data Dir,
 //! Deploy Dir, Version) from agents and the cluster's hooks, probed in parallel with a timeout.
 
+use super::args::Selection;
 use super::{Ctx, Format};
-use anyhow::Context;
 use patchctl::hooks::{ClusterHooks, HookClient};
-use patchctl::status::{self, LiveAgentProbe, NodeStatus};
+use patchctl::node_status::{self, LiveAgentProbe, NodeStatus};
+use patchctl::output::plain_table;
+use patchctl::registered::{load_tls, load_topology};
 use patchctl::store::Store;
-use patchctl::tls_files::ControllerTls;
 use patchctl::topology::{Node, Topology};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,12 +17,8 @@ use std::time::Duration;
 pub struct Args {
     /// Cluster name (see `patchctl cluster list`).
     pub cluster: String,
-    /// Only these nodes (IDs or names, comma-separated).
-    #[arg(short = 'N', long = "node", value_delimiter = ',')]
-    pub nodes: Vec<String>,
-    /// Only these roles (comma-separated). With -N: the intersection.
-    #[arg(short = 'R', long = "role", value_delimiter = ',')]
-    pub roles: Vec<String>,
+    #[command(flatten)]
+    pub selection: Selection,
     /// Longest wait for one node's probes (agent, health, member state).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -30,8 +27,8 @@ pub struct Args {
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     let store = Store::open_home(&ctx.home)?;
     let topology = Arc::new(load_topology(&store, &args.cluster)?);
-    let selected = select_nodes(&topology, &args.nodes, &args.roles)?;
-    let tls = load_tls(ctx, &topology)?;
+    let selected = select_nodes(&topology, &args.selection.nodes, &args.selection.roles)?;
+    let tls = load_tls(&ctx.home, &topology)?;
     let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::new()?);
     let marks: HashSet<String> = store
         .node_marks(&args.cluster)?
@@ -39,7 +36,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         .map(|mark| mark.node_id)
         .collect();
     let probe = LiveAgentProbe::new(tls);
-    let rows = status::collect(
+    let rows = node_status::collect(
         &hooks,
         &selected,
         &probe,
@@ -121,50 +118,6 @@ pub(super) fn render(cluster: &str, version: Option<&str>, rows: &[NodeStatus]) 
         }
     }
     out
-}
-
-/// tiup's table style: no borders, a dashes line under the header, columns two spaces apart.
-pub(super) fn plain_table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut table = comfy_table::Table::new();
-    table.load_style(comfy_table::presets::NOTHING);
-    table.set_content_arrangement(comfy_table::ContentArrangement::Disabled);
-    table.set_header(header.iter().copied());
-    table.add_row(header.iter().map(|title| "-".repeat(title.chars().count())));
-    for row in rows {
-        table.add_row(row.iter().map(String::as_str));
-    }
-    let mut text = String::new();
-    for line in table.lines() {
-        // Every cell has one space of left padding: drop the first column's.
-        text.push_str(line.strip_prefix(' ').unwrap_or(&line).trim_end());
-        text.push('\n');
-    }
-    text
-}
-
-/// The registered cluster's topology; an unknown name lists the known ones.
-pub(super) fn load_topology(store: &Store, cluster: &str) -> anyhow::Result<Topology> {
-    let Some(stored) = store.load_cluster(cluster)? else {
-        let known: Vec<String> = store.list_clusters()?.into_iter().map(|c| c.name).collect();
-        let known = if known.is_empty() {
-            "none yet".to_string()
-        } else {
-            known.join(", ")
-        };
-        anyhow::bail!(
-            "no cluster named `{cluster}` (registered: {known}); register it with `patchctl cluster import {cluster} \
-             <topology.yaml>`"
-        );
-    };
-    Topology::parse(&stored.yaml).with_context(|| {
-        format!("the stored topology of cluster `{cluster}` no longer parses; re-import it")
-    })
-}
-
-/// The controller's TLS identity for this cluster's agents.
-pub(super) fn load_tls(ctx: &Ctx, topology: &Topology) -> anyhow::Result<ControllerTls> {
-    let dir = topology.agent.tls_dir(&ctx.home);
-    Ok(ControllerTls::load_dir(&dir)?)
 }
 
 /// `-N`/`-R` for display: filters with intersection semantics; unknown names list what exists.

@@ -1,10 +1,12 @@
-//! Command-line surface of patchctl: one module per command; `anyhow` is allowed here and in main only.
+//! Command-line surface of patchctl: one module per command (plus `args`, the arguments several share); `anyhow`
+//! is allowed here and in main only. What the commands share beyond arguments lives in the library.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use patchctl::home::Home;
 use std::path::PathBuf;
 
 mod agent;
+mod args;
 mod audit;
 mod ca;
 mod cert;
@@ -14,7 +16,6 @@ mod display;
 mod package;
 mod patch;
 mod rollback;
-mod rollout_flags;
 
 /// patchctl: plan and run live hotfixes and upgrades on a fleet of patchd agents.
 #[derive(Debug, Parser)]
@@ -36,14 +37,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Output format of a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Human-readable text and tables.
-    Text,
-    /// One JSON document on stdout.
-    Json,
-}
+pub use patchctl::output::Format;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -62,6 +56,8 @@ pub enum Command {
     /// Patch a live cluster with a package, rolling through the nodes.
     Patch(patch::Args),
     /// Bring nodes back to their previous version, as a rollout.
+    ///
+    /// Without -N/-R: the nodes marked `(patched)` (by `--to`'s rollout, when given).
     Rollback(rollback::Args),
     /// Show rollout reports.
     Audit(audit::Args),

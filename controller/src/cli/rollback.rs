@@ -2,13 +2,14 @@
 //! whose apply step is the agent's Rollback call, bringing nodes back to the version before a patch.
 
 use super::Ctx;
-use super::display::{load_tls, load_topology};
-use super::patch::{observe, plan_input, report_takeover, resume};
-use super::rollout_flags::{NewRun, RolloutFlags, journal_and_execute};
+use super::args::{RolloutFlags, Selection};
 use anyhow::bail;
-use patchctl::executor::live::RolloutOptions;
 use patchctl::hooks::{ClusterHooks, HookClient};
-use patchctl::store::{RolloutKind, Store, new_rollout_id};
+use patchctl::registered::{load_tls, load_topology};
+use patchctl::rollout::{
+    NewRun, journal_and_execute, observe, plan_input, report_takeover, resume,
+};
+use patchctl::store::{RolloutKind, RolloutOptions, Store, new_rollout_id};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,13 +17,9 @@ use std::time::Duration;
 pub struct Args {
     /// Cluster name.
     pub cluster: String,
-    /// Only these nodes (IDs or names, comma-separated). Default: the nodes marked `(patched)` (by `--to`'s
-    /// rollout, when given).
-    #[arg(short = 'N', long = "node", value_delimiter = ',')]
-    pub nodes: Vec<String>,
-    /// Only these roles (comma-separated). With -N: the intersection.
-    #[arg(short = 'R', long = "role", value_delimiter = ',')]
-    pub roles: Vec<String>,
+    // Without -N/-R: the nodes marked `(patched)` (by `--to`'s rollout, when given); said in the command's help.
+    #[command(flatten)]
+    pub selection: Selection,
     /// Return to the version before this patch (a rollout id, see `patchctl audit`). Default: undo the last
     /// committed patch of each node.
     #[arg(long = "to", value_name = "PATCH_ID")]
@@ -41,7 +38,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     let store = Arc::new(Store::open_home(&ctx.home)?);
     if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
         if args.resume {
-            return resume(ctx, store, unfinished).await;
+            return Ok(resume(&ctx.home, ctx.format, store, unfinished).await?);
         }
         bail!(
             "rollout {} ({}, {}) on cluster `{}` is unfinished: finish it first with `patchctl patch --resume {}`",
@@ -61,8 +58,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         return Ok(patchctl::exit::DECLINED);
     }
     let topology = Arc::new(load_topology(&store, &args.cluster)?);
-    let mut nodes = args.nodes.clone();
-    if nodes.is_empty() && args.roles.is_empty() {
+    let mut nodes = args.selection.nodes.clone();
+    if nodes.is_empty() && args.selection.roles.is_empty() {
         let marks = store.node_marks(&args.cluster)?;
         nodes = marks
             .into_iter()
@@ -80,16 +77,16 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
             );
         }
     }
-    let tls = load_tls(ctx, &topology)?;
+    let tls = load_tls(&ctx.home, &topology)?;
     let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::new()?);
     let observed = observe(&hooks, &topology, &tls, args.probe_timeout).await;
     let input = plan_input(
         &topology,
         &observed,
         &nodes,
-        &args.roles,
+        &args.selection.roles,
         topology.role_order(),
-        &args.rollout.policy,
+        args.rollout.policy.policy(),
     );
     let plan = patchd_planner::plan(&input)?;
     let target = args.to.as_deref().map_or_else(
@@ -124,7 +121,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         component: String::new(),
     };
     let code = journal_and_execute(
-        ctx,
+        ctx.format,
         store,
         &args.cluster,
         NewRun {
@@ -141,5 +138,5 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     )
     .await;
     drop(lock);
-    code
+    Ok(code?)
 }

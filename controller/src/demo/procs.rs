@@ -96,14 +96,9 @@ pub enum StopOutcome {
 
 /// Start time of a live, non-zombie process (field 22 of `/proc/<pid>/stat`).
 pub fn proc_start_ticks(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces: count fields after the last ')'.
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
+    patchd_procstat::ProcStat::read(pid)
+        .filter(patchd_procstat::ProcStat::is_running)
+        .map(|stat| stat.start_ticks)
 }
 
 /// One agent `demo up` started.

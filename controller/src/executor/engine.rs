@@ -3,16 +3,16 @@
 
 use super::state::{NodePhase, NodeRecord, Step, StepStatus, Verdict};
 use super::{
-    Action, ApplyCall, ApplyOutcome, CallError, Cancel, Effects, Event, HookFailure, HookKind,
-    HookOutcome, Journal, JournalError, NodeRef, NodeReport, Observer, PauseDecision, RolloutEnd,
-    RolloutReport, RolloutSpec,
+    Action, ApplyCall, ApplyOutcome, CallError, Cancel, Event, HookFailure, HookKind, HookOutcome,
+    NodeRef, NodeReport, Observer, PauseDecision, RolloutEffects, RolloutEnd, RolloutJournal,
+    RolloutJournalError, RolloutReport, RolloutSpec,
 };
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Runs one rollout (fresh or resumed) over its effects, journal and observer.
-pub struct Engine<'a, E, J, O> {
+pub struct RolloutEngine<'a, E, J, O> {
     spec: &'a RolloutSpec,
     effects: &'a E,
     journal: &'a J,
@@ -51,7 +51,7 @@ struct NodeState {
     downtime: Option<Duration>,
 }
 
-impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
+impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E, J, O> {
     /// An engine for `spec`.
     pub fn new(
         spec: &'a RolloutSpec,
@@ -70,7 +70,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
     }
 
     /// Runs the rollout to its end. A journal error stops it at once, as a crash would: resume settles the rest.
-    pub async fn run(&self) -> Result<RolloutReport, JournalError> {
+    pub async fn run(&self) -> Result<RolloutReport, RolloutJournalError> {
         let order: Vec<&NodeRef> = self
             .spec
             .batches
@@ -303,7 +303,10 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
     }
 
     /// Stages one node: `Staged`, `Skipped` (already runs the package) or `Failed` (untouched).
-    async fn stage(&self, node: &NodeRef) -> Result<(NodePhase, Option<String>), JournalError> {
+    async fn stage(
+        &self,
+        node: &NodeRef,
+    ) -> Result<(NodePhase, Option<String>), RolloutJournalError> {
         self.step(node, Step::Stage, StepStatus::Started, "")?;
         match self.effects.stage(node).await {
             Ok(staged) if staged.already_running => {
@@ -342,7 +345,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         node: &NodeRef,
         from: NodePhase,
         reason: Option<String>,
-    ) -> Result<TurnEnd, JournalError> {
+    ) -> Result<TurnEnd, RolloutJournalError> {
         let started = Instant::now();
         let hooks = self.spec.action.uses_hooks();
         let mut reason = reason;
@@ -458,7 +461,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
     }
 
     /// `offline` then `wait_offline` (the wait is cut short by Ctrl-C).
-    async fn drain(&self, node: &NodeRef) -> Result<Drain, JournalError> {
+    async fn drain(&self, node: &NodeRef) -> Result<Drain, RolloutJournalError> {
         match self.hook(node, HookKind::Offline, false).await? {
             HookCall::Ok => {}
             HookCall::Failed(failure) => {
@@ -490,7 +493,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         &self,
         node: &NodeRef,
         maybe_delivered: bool,
-    ) -> Result<(NodePhase, Option<String>, Option<Duration>), JournalError> {
+    ) -> Result<(NodePhase, Option<String>, Option<Duration>), RolloutJournalError> {
         let call = ApplyCall {
             patch_id: self.spec.patch_id.clone(),
             action: self.spec.action.clone(),
@@ -550,7 +553,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 }
                 CallError::NotSent(_) | CallError::Refused(_) => {}
             }
-            if attempts > self.spec.apply_retries {
+            if attempts > self.spec.apply_retry.retries {
                 let why = format!(
                     "{error} after {attempts} attempts; the apply's outcome is unknown, so the node is left out of \
                      service and the rollout stays unfinished: check the node's agent, then run \
@@ -559,7 +562,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
                 self.step(node, Step::Apply, StepStatus::Failed, &why)?;
                 return Ok((NodePhase::ApplyUnknown, Some(why), None));
             }
-            self.effects.sleep(self.spec.apply_retry_delay).await;
+            self.effects.sleep(self.spec.apply_retry.delay).await;
         }
     }
 
@@ -568,7 +571,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         &self,
         node: &NodeRef,
         reason: &mut Option<String>,
-    ) -> Result<NodePhase, JournalError> {
+    ) -> Result<NodePhase, RolloutJournalError> {
         if !self.spec.action.uses_hooks() {
             return Ok(NodePhase::Returning(Verdict::Patched));
         }
@@ -592,7 +595,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         &self,
         node: &NodeRef,
         reason: &mut Option<String>,
-    ) -> Result<NodePhase, JournalError> {
+    ) -> Result<NodePhase, RolloutJournalError> {
         let cause = reason
             .take()
             .unwrap_or_else(|| "health check failed after the apply".to_string());
@@ -627,7 +630,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
     }
 
     /// `online` then `wait_online`; never cut short (a node must not be left out by Ctrl-C).
-    async fn bring_back(&self, node: &NodeRef) -> Result<Result<(), String>, JournalError> {
+    async fn bring_back(&self, node: &NodeRef) -> Result<Result<(), String>, RolloutJournalError> {
         for kind in [HookKind::Online, HookKind::WaitOnline] {
             if let HookCall::Failed(failure) = self.hook(node, kind, false).await? {
                 return Ok(Err(format!("{} hook: {failure}", kind.step())));
@@ -642,7 +645,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         node: &NodeRef,
         kind: HookKind,
         cancellable: bool,
-    ) -> Result<HookCall, JournalError> {
+    ) -> Result<HookCall, RolloutJournalError> {
         let step = kind.step();
         self.step(node, step, StepStatus::Started, "")?;
         let outcome = if cancellable {
@@ -684,7 +687,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         step: Step,
         status: StepStatus,
         detail: &str,
-    ) -> Result<(), JournalError> {
+    ) -> Result<(), RolloutJournalError> {
         self.journal.step(node, step, status, detail)?;
         self.observer.event(&Event::Step {
             node: node.clone(),
@@ -700,7 +703,7 @@ impl<'a, E: Effects, J: Journal, O: Observer> Engine<'a, E, J, O> {
         node: &NodeRef,
         phase: NodePhase,
         reason: Option<&str>,
-    ) -> Result<(), JournalError> {
+    ) -> Result<(), RolloutJournalError> {
         self.journal.node_phase(node, &phase, reason)?;
         self.observer.event(&Event::NodeFinished {
             node: node.clone(),

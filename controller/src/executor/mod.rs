@@ -1,7 +1,7 @@
 //! The rollout executor: a journaled step engine that drives the planner's batches node by node.
 //!
 //! A rollout is a sequence of **node steps** over ordered batches. Every step's effect (an agent call, a cluster
-//! API hook, a pause) goes through the [`Effects`] trait, every transition is written to the [`Journal`] before the
+//! API hook, a pause) goes through the [`RolloutEffects`] trait, every transition is written to the [`RolloutJournal`] before the
 //! effect starts and after it ends, and progress goes to an [`Observer`]. The engine itself does no I/O, so it is
 //! tested with in-memory fakes (order of steps, budget accounting, resume after a crash at every journal write).
 //!
@@ -46,12 +46,11 @@
 //!   starts, and the run ends [`RolloutEnd::Interrupted`] so the rollout stays unfinished and resumable.
 
 mod engine;
-pub mod live;
 mod state;
 #[cfg(test)]
 mod tests;
 
-pub use engine::Engine;
+pub use engine::RolloutEngine;
 pub use state::{NodePhase, NodeRecord, Step, StepStatus, Verdict};
 
 use std::collections::HashMap;
@@ -121,12 +120,30 @@ pub struct RolloutSpec {
     pub failure_budget: u32,
     /// Parallel stagings (uploads).
     pub stage_concurrency: usize,
-    /// How often an Apply whose answer was lost is sent again (same patch id) before giving up.
-    pub apply_retries: u32,
-    /// Wait between those retries.
-    pub apply_retry_delay: Duration,
+    /// How an Apply whose answer was lost is sent again.
+    pub apply_retry: ApplyRetryPolicy,
     /// Each node's record from an earlier run of the same rollout (resume); empty for a fresh rollout.
     pub prior: HashMap<String, NodeRecord>,
+}
+
+/// How often, and how far apart, an Apply (or Rollback) call whose answer was lost is sent again with the same
+/// patch id before the node is left in `ApplyUnknown`. The agent answers a repeated call with the recorded result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyRetryPolicy {
+    /// Sends after the first one.
+    pub retries: u32,
+    /// Wait between two sends.
+    pub delay: Duration,
+}
+
+impl Default for ApplyRetryPolicy {
+    /// Five more sends, 2 s apart: rides out an agent restart or a short network cut.
+    fn default() -> Self {
+        Self {
+            retries: 5,
+            delay: Duration::from_secs(2),
+        }
+    }
 }
 
 /// A cluster API hook step.
@@ -184,7 +201,7 @@ pub enum HookFailure {
 
 /// What staging found on one node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Staged {
+pub struct StageReport {
     /// The node already runs this package (a committed apply of the same digest): nothing to do.
     pub already_running: bool,
     /// Bytes uploaded (0 when the agent held the blob).
@@ -202,7 +219,7 @@ pub struct ApplyCall {
 
 /// The agent's answer to Apply or Rollback.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApplyResult {
+pub struct NodeApplyResult {
     /// What happened.
     pub outcome: ApplyOutcome,
     /// Why, when it did not commit.
@@ -241,10 +258,10 @@ pub enum CallError {
 }
 
 /// The effects of a rollout: agent calls, cluster hooks, and the clock. Implemented for real in
-/// [`live::LiveEffects`] and by fakes in the tests.
-pub trait Effects: Sync {
+/// `agent::effects::LiveEffects` and by fakes in the tests.
+pub trait RolloutEffects: Sync {
     /// Uploads the package when the agent lacks it and stages it for the node's service.
-    fn stage(&self, node: &NodeRef) -> impl Future<Output = Result<Staged, CallError>> + Send;
+    fn stage(&self, node: &NodeRef) -> impl Future<Output = Result<StageReport, CallError>> + Send;
     /// Calls one hook of the node's role (polling for the wait hooks and `health`).
     fn hook(
         &self,
@@ -256,13 +273,13 @@ pub trait Effects: Sync {
         &self,
         node: &NodeRef,
         call: &ApplyCall,
-    ) -> impl Future<Output = Result<ApplyResult, CallError>> + Send;
+    ) -> impl Future<Output = Result<NodeApplyResult, CallError>> + Send;
     /// Undoes the patch `patch_id` the agent committed (the cluster's health check failed afterwards).
     fn undo(
         &self,
         node: &NodeRef,
         patch_id: &str,
-    ) -> impl Future<Output = Result<ApplyResult, CallError>> + Send;
+    ) -> impl Future<Output = Result<NodeApplyResult, CallError>> + Send;
     /// Waits (apply retries, canary wait).
     fn sleep(&self, duration: Duration) -> impl Future<Output = ()> + Send;
 }
@@ -270,17 +287,17 @@ pub trait Effects: Sync {
 /// A journal write failed: the rollout cannot promise a correct resume and stops.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot record the rollout's progress: {0}")]
-pub struct JournalError(pub String);
+pub struct RolloutJournalError(pub String);
 
 /// Where the engine records every transition (the controller's store).
-pub trait Journal: Sync {
+pub trait RolloutJournal: Sync {
     /// A node enters `phase`. Written before the phase's effect.
     fn node_phase(
         &self,
         node: &NodeRef,
         phase: &NodePhase,
         reason: Option<&str>,
-    ) -> Result<(), JournalError>;
+    ) -> Result<(), RolloutJournalError>;
     /// A step started, ended, failed or was skipped.
     fn step(
         &self,
@@ -288,9 +305,9 @@ pub trait Journal: Sync {
         step: Step,
         status: StepStatus,
         detail: &str,
-    ) -> Result<(), JournalError>;
+    ) -> Result<(), RolloutJournalError>;
     /// The node now runs what the rollout wanted: record `(patched)` (or clear it after a rollback).
-    fn mark(&self, node: &NodeRef) -> Result<(), JournalError>;
+    fn mark(&self, node: &NodeRef) -> Result<(), RolloutJournalError>;
 }
 
 /// What the operator decides at a pause (after the canary batch).
@@ -385,7 +402,7 @@ pub struct NodeReport {
     pub downtime: Option<Duration>,
 }
 
-/// What [`Engine::run`] returns.
+/// What [`RolloutEngine::run`] returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RolloutReport {
     /// How the rollout ended.

@@ -36,7 +36,7 @@ struct Behaviour {
 struct World {
     log: Mutex<Vec<String>>,
     offline: Mutex<HashSet<String>>,
-    applied: Mutex<HashMap<(String, String), ApplyResult>>,
+    applied: Mutex<HashMap<(String, String), NodeApplyResult>>,
     restarts: Mutex<BTreeMap<String, u32>>,
     lost_so_far: Mutex<HashMap<String, u32>>,
     not_sent_so_far: Mutex<HashMap<String, u32>>,
@@ -98,15 +98,15 @@ impl FakeEffects {
     }
 }
 
-impl Effects for FakeEffects {
-    async fn stage(&self, node: &NodeRef) -> Result<Staged, CallError> {
+impl RolloutEffects for FakeEffects {
+    async fn stage(&self, node: &NodeRef) -> Result<StageReport, CallError> {
         self.alive().await;
         self.world.log(format!("{}:stage", node.id));
         let behaviour = self.of(node);
         if behaviour.stage_error {
             return Err(CallError::NotSent("connection refused".into()));
         }
-        Ok(Staged {
+        Ok(StageReport {
             already_running: behaviour.already_running,
             bytes_pushed: 10,
         })
@@ -151,7 +151,7 @@ impl Effects for FakeEffects {
         }
     }
 
-    async fn apply(&self, node: &NodeRef, call: &ApplyCall) -> Result<ApplyResult, CallError> {
+    async fn apply(&self, node: &NodeRef, call: &ApplyCall) -> Result<NodeApplyResult, CallError> {
         self.alive().await;
         let behaviour = self.of(node);
         self.world.log(format!("{}:apply", node.id));
@@ -195,7 +195,7 @@ impl Effects for FakeEffects {
                     Action::Patch { offline: true, .. } => ApplyOutcome::OfflineSwapped,
                     _ => ApplyOutcome::Committed,
                 });
-                let result = ApplyResult {
+                let result = NodeApplyResult {
                     outcome,
                     reason: if outcome == ApplyOutcome::Reverted {
                         "health probe failed".into()
@@ -225,7 +225,7 @@ impl Effects for FakeEffects {
         Ok(result)
     }
 
-    async fn undo(&self, node: &NodeRef, patch_id: &str) -> Result<ApplyResult, CallError> {
+    async fn undo(&self, node: &NodeRef, patch_id: &str) -> Result<NodeApplyResult, CallError> {
         self.alive().await;
         self.world.log(format!("{}:undo", node.id));
         self.world
@@ -235,7 +235,7 @@ impl Effects for FakeEffects {
             .push(format!("{patch_id}-undo"));
         // Idempotent per operation id, like the agent: a second call replays the first one's result.
         let replayed = !self.world.undone.lock().unwrap().insert(node.id.clone());
-        Ok(ApplyResult {
+        Ok(NodeApplyResult {
             outcome: ApplyOutcome::Committed,
             reason: String::new(),
             replayed,
@@ -294,13 +294,13 @@ impl FakeJournal {
     }
 }
 
-impl Journal for FakeJournal {
+impl RolloutJournal for FakeJournal {
     fn node_phase(
         &self,
         node: &NodeRef,
         phase: &NodePhase,
         reason: Option<&str>,
-    ) -> Result<(), JournalError> {
+    ) -> Result<(), RolloutJournalError> {
         if self.write() {
             self.persisted.lock().unwrap().insert(
                 node.id.clone(),
@@ -318,7 +318,7 @@ impl Journal for FakeJournal {
         step: Step,
         status: StepStatus,
         _detail: &str,
-    ) -> Result<(), JournalError> {
+    ) -> Result<(), RolloutJournalError> {
         if self.write() {
             self.steps
                 .lock()
@@ -327,7 +327,7 @@ impl Journal for FakeJournal {
         }
         Ok(())
     }
-    fn mark(&self, node: &NodeRef) -> Result<(), JournalError> {
+    fn mark(&self, node: &NodeRef) -> Result<(), RolloutJournalError> {
         if self.write() {
             self.marks.lock().unwrap().push(node.id.clone());
         }
@@ -381,8 +381,10 @@ fn spec(batches: &[&[&str]], budget: u32) -> RolloutSpec {
             .collect(),
         failure_budget: budget,
         stage_concurrency: 4,
-        apply_retries: 3,
-        apply_retry_delay: Duration::from_millis(1),
+        apply_retry: ApplyRetryPolicy {
+            retries: 3,
+            delay: Duration::from_millis(1),
+        },
         prior: HashMap::new(),
     }
 }
@@ -396,7 +398,7 @@ fn behaviours(list: &[(&str, Behaviour)]) -> HashMap<String, Behaviour> {
 async fn run(spec: &RolloutSpec, effects: &FakeEffects, journal: &FakeJournal) -> RolloutReport {
     let observer = FakeObserver::default();
     let (_handle, cancel) = Cancel::new();
-    Engine::new(spec, effects, journal, &observer, cancel)
+    RolloutEngine::new(spec, effects, journal, &observer, cancel)
         .run()
         .await
         .unwrap()
@@ -695,7 +697,7 @@ fn resumed_from_applying(world: &World, delivered: bool) -> RolloutSpec {
         world.restarts.lock().unwrap().insert("a".into(), 1);
         world.applied.lock().unwrap().insert(
             ("a".into(), PATCH.into()),
-            ApplyResult {
+            NodeApplyResult {
                 outcome: ApplyOutcome::Committed,
                 reason: String::new(),
                 replayed: false,
@@ -888,7 +890,7 @@ async fn the_canary_pause_can_stop_the_rollout() {
             ..Default::default()
         };
         let (_handle, cancel) = Cancel::new();
-        let report = Engine::new(&canary, &effects, &journal, &observer, cancel)
+        let report = RolloutEngine::new(&canary, &effects, &journal, &observer, cancel)
             .run()
             .await
             .unwrap();
@@ -913,7 +915,7 @@ async fn ctrl_c_during_a_drain_puts_the_node_back_and_starts_nothing_else() {
     let observer = FakeObserver::default();
     let (handle, cancel) = Cancel::new();
     let rollout = spec(&[&["a"], &["b"]], 0);
-    let engine = Engine::new(&rollout, &effects, &journal, &observer, cancel);
+    let engine = RolloutEngine::new(&rollout, &effects, &journal, &observer, cancel);
     let world_watch = world.clone();
     let interrupter = async move {
         while !world_watch.lines().iter().any(|l| l == "a:wait_offline") {
@@ -947,7 +949,7 @@ async fn ctrl_c_during_an_apply_finishes_that_node() {
     let observer = FakeObserver::default();
     let (handle, cancel) = Cancel::new();
     let rollout = spec(&[&["a"], &["b"]], 0);
-    let engine = Engine::new(&rollout, &effects, &journal, &observer, cancel);
+    let engine = RolloutEngine::new(&rollout, &effects, &journal, &observer, cancel);
     let world_watch = world.clone();
     let interrupter = async move {
         while !world_watch.lines().iter().any(|l| l == "a:apply") {
@@ -978,7 +980,7 @@ async fn run_until_crash(
     let observer = FakeObserver::default();
     let (_handle, cancel) = Cancel::new();
     let signal = journal.crash_signal.clone();
-    let engine = Engine::new(rollout, &effects, &journal, &observer, cancel);
+    let engine = RolloutEngine::new(rollout, &effects, &journal, &observer, cancel);
     tokio::select! {
         biased;
         () = signal.notified() => {}

@@ -1,4 +1,6 @@
 //! Test helpers: start demo binaries, wait for their `listening on ADDR` line, kill them on drop.
+// Test helpers: a failing setup step may panic, as in the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};

@@ -300,7 +300,7 @@ pub struct PushReport {
 pub struct AgentClient {
     addr: String,
     client: RawAgentClient,
-    /// The channel under `client`: Upload is sent on it directly ([`crate::upload_call`]).
+    /// The channel under `client`: Upload is sent on it directly ([`crate::agent::upload`]).
     channel: Channel,
 }
 
@@ -517,7 +517,7 @@ impl AgentClient {
                 }
             }),
         );
-        let response = crate::upload_call::upload(self.channel.clone(), body).await;
+        let response = crate::agent::upload::upload(self.channel.clone(), body).await;
         let read_result = reader.await.map_err(|e| {
             UploadFailure::Local(AgentClientError::Io {
                 path: blob.path.clone(),

@@ -1,20 +1,24 @@
-//! What `patchctl patch` and `patchctl rollback` share around the rollout engine: the review and policy flags,
-//! the review itself (dry run, plan, confirmation), and journaling then running a new rollout.
+//! Arguments several commands share: the `-N`/`-R` selection, and for `patch` and `rollback` the review and
+//! policy flags with the review itself (dry run, plan, confirmation).
 
-use super::patch::{Execution, execute};
 use super::{Ctx, Format};
 use anyhow::{Context, bail};
-use patchctl::agent_client::PreparedBlob;
-use patchctl::executor::live::RolloutOptions;
 use patchctl::exit;
-use patchctl::store::{NewRollout, RolloutKind, Store};
-use patchctl::tls_files::ControllerTls;
-use patchctl::topology::Topology;
+use patchctl::output::ask;
 use patchd_planner::{Amount, Plan, Policy};
-use std::collections::HashMap;
-use std::io::{BufRead, IsTerminal, Write};
-use std::sync::Arc;
+use std::io::IsTerminal;
 use std::time::Duration;
+
+/// `-N`/`-R`: which nodes a command is about.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Selection {
+    /// Only these nodes (IDs or names, comma-separated).
+    #[arg(short = 'N', long = "node", value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// Only these roles (comma-separated). With -N: the intersection.
+    #[arg(short = 'R', long = "role", value_delimiter = ',')]
+    pub roles: Vec<String>,
+}
 
 /// Review and policy flags of a new rollout.
 #[derive(Debug, Clone, clap::Args)]
@@ -104,19 +108,6 @@ async fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
     Ok(answer)
 }
 
-/// Asks a yes/no question on stderr and reads the answer from stdin (no means no).
-pub(super) fn ask(question: &str) -> anyhow::Result<bool> {
-    let mut stderr = std::io::stderr();
-    write!(stderr, "{question} [y/N]: ")?;
-    stderr.flush()?;
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
-    Ok(matches!(
-        line.trim().to_ascii_lowercase().as_str(),
-        "y" | "yes"
-    ))
-}
-
 /// Batching and failure policy flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PolicyArgs {
@@ -152,55 +143,4 @@ impl PolicyArgs {
     pub(super) fn canary_wait_ms(&self) -> Option<u64> {
         self.canary_wait.map(|wait| wait.as_millis() as u64)
     }
-}
-
-/// A rollout `patch` or `rollback` decided on, not journaled yet.
-pub(super) struct NewRun {
-    pub kind: RolloutKind,
-    pub package_digest: String,
-    pub package_path: String,
-    pub version: String,
-    pub options: RolloutOptions,
-    pub plan: Plan,
-    pub topology: Arc<Topology>,
-    pub tls: ControllerTls,
-    pub blob: Option<Arc<PreparedBlob>>,
-}
-
-/// Journals a new rollout of `cluster` (its id is `options.patch_id`) and runs it; returns the exit code. The
-/// caller holds the cluster's rollout lock.
-pub(super) async fn journal_and_execute(
-    ctx: &Ctx,
-    store: Arc<Store>,
-    cluster: &str,
-    run: NewRun,
-) -> anyhow::Result<u8> {
-    let rollout_id = run.options.patch_id.clone();
-    store.create_rollout(&NewRollout {
-        id: rollout_id.clone(),
-        cluster: cluster.to_string(),
-        kind: run.kind,
-        package_digest: run.package_digest,
-        package_path: run.package_path,
-        version: run.version,
-        plan_json: serde_json::to_string(&run.plan)?,
-        options_json: serde_json::to_string(&run.options)?,
-    })?;
-    let rollout = store
-        .rollout(&rollout_id)?
-        .context("the rollout just journaled is missing from the store")?;
-    execute(
-        ctx,
-        Execution {
-            store,
-            rollout,
-            options: run.options,
-            plan: run.plan,
-            topology: run.topology,
-            tls: run.tls,
-            blob: run.blob,
-            prior: HashMap::new(),
-        },
-    )
-    .await
 }

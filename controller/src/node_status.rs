@@ -2,8 +2,8 @@
 //! the role's health, leader and member-state hooks, probed for every node in parallel, each probe bounded by a
 //! timeout so one dead host does not stall the others.
 
-use crate::agent_client::AgentClient;
-use crate::agent_ops::{self, RunState, ServiceInfo};
+use crate::agent::client::AgentClient;
+use crate::agent::ops::{self, RunState, ServiceInfo};
 use crate::hooks::{ClusterHooks, value_text};
 use crate::tls_files::ControllerTls;
 use crate::topology::{HookSpec, Node};
@@ -47,7 +47,7 @@ impl AgentProbe for LiveAgentProbe {
             .await
             .map_err(|e| e.to_string())?;
         let info = client.info().await.map_err(|e| e.to_string())?;
-        let services = agent_ops::status(client.raw(), Some(&node.service))
+        let services = ops::status(client.raw(), Some(&node.service))
             .await
             .map_err(|status| format!("Status: {:?}: {}", status.code(), status.message()))?;
         Ok(AgentView {

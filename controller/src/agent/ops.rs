@@ -1,7 +1,7 @@
 //! Typed agent calls for rollouts and display: Stage, Apply, Rollback and Status over the generated gRPC client,
 //! converted into controller domain types at this boundary (generated types do not leak further).
 
-use crate::executor::{ApplyOutcome, ApplyResult, CallError};
+use crate::executor::{ApplyOutcome, CallError, NodeApplyResult};
 use patchd_proto::v1;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -162,7 +162,7 @@ fn service_info(wire: v1::ServiceStatus) -> ServiceInfo {
     }
 }
 
-fn apply_result(wire: v1::ApplyResponse) -> Result<ApplyResult, CallError> {
+fn apply_result(wire: v1::ApplyResponse) -> Result<NodeApplyResult, CallError> {
     let outcome = outcome_from_wire(wire.outcome).ok_or_else(|| {
         CallError::Refused(format!(
             "the agent answered without an outcome (patch {})",
@@ -181,7 +181,7 @@ fn apply_result(wire: v1::ApplyResponse) -> Result<ApplyResult, CallError> {
         let last = &tail[tail.len().saturating_sub(2)..];
         reason = format!("{reason} (service output: {})", last.join(" | "));
     }
-    Ok(ApplyResult {
+    Ok(NodeApplyResult {
         outcome,
         reason,
         replayed: wire.replayed,
@@ -236,7 +236,7 @@ pub async fn apply(
     digest: &str,
     patch_id: &str,
     offline: bool,
-) -> Result<ApplyResult, CallError> {
+) -> Result<NodeApplyResult, CallError> {
     let request = v1::ApplyRequest {
         service: service.to_string(),
         digest: digest.to_string(),
@@ -257,7 +257,7 @@ pub async fn rollback(
     service: &str,
     to_patch_id: Option<&str>,
     patch_id: &str,
-) -> Result<ApplyResult, CallError> {
+) -> Result<NodeApplyResult, CallError> {
     let request = v1::RollbackRequest {
         service: service.to_string(),
         to_patch_id: to_patch_id.unwrap_or_default().to_string(),
