@@ -1,15 +1,12 @@
-//! `patchctl demo up|down|status` (DEMO ONLY): run a demo cluster of patchd agents on loopback (`127.0.1.1` …
-//! `127.0.1.N`) with demo-master/demo-worker services, imported as cluster `demo`, so patchd can be tried in one go.
+//! `patchctl demo up`: check the addresses, create the TLS identities, build the original packages, deploy each
+//! host, start the agents, wait until the cluster is ready, import it as cluster `demo`.
 
-use super::{Ctx, Format};
+use super::down::{stop_all, stop_services};
+use super::{Ctx, Format, UpArgs, demo_dir, progress};
 use anyhow::{Context, bail};
 use patchctl::agent::client::AgentClient;
-use patchctl::demo::layout::{
-    self, CLUSTER_NAME, DEFAULT_AGENT_PORT, ORIGINAL_VERSION, ServiceRole, master_count,
-};
-use patchctl::demo::procs::{
-    self, AgentRecord, DemoRecord, ProcessIdentity, RECORD_FORMAT, StopOutcome,
-};
+use patchctl::demo::layout::{self, CLUSTER_NAME, ORIGINAL_VERSION, ServiceRole, master_count};
+use patchctl::demo::procs::{AgentRecord, DemoRecord, ProcessIdentity, RECORD_FORMAT};
 use patchctl::demo::{DemoHost, DemoLayout, DemoService, render};
 use patchctl::store::Store;
 use patchctl::tls_files::ControllerTls;
@@ -19,81 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, clap::Subcommand)]
-enum Command {
-    /// Start N agents on 127.0.1.1..127.0.1.N running the demo cluster (v1.0.0) and import it as cluster `demo`.
-    Up(UpArgs),
-    /// Stop every process `demo up` started (agents and their services); keeps the files for inspection.
-    Down(DownArgs),
-    /// Show the demo's agents, services, leader and members.
-    Status(DirArg),
-}
-
-#[derive(Debug, clap::Args)]
-struct DirArg {
-    /// Demo directory. Default: $PATCHCTL_HOME/demo
-    #[arg(long)]
-    dir: Option<PathBuf>,
-}
-
-#[derive(Debug, clap::Args)]
-struct UpArgs {
-    /// Number of hosts (agents): 1 master below 6 hosts, 3 masters from 6 on; the rest are workers.
-    #[arg(long, default_value_t = 4)]
-    nodes: usize,
-    #[command(flatten)]
-    dir: DirArg,
-    /// Port every demo agent listens on (at 127.0.1.k).
-    #[arg(long, default_value_t = DEFAULT_AGENT_PORT)]
-    agent_port: u16,
-    /// First three octets of the hosts' addresses (host k is <prefix>.k); loopback only.
-    #[arg(long, default_value = layout::DEFAULT_HOSTS_PREFIX)]
-    hosts_prefix: String,
-    /// Directory holding the `patchd`, `demo-master` and `demo-worker` binaries. Default: patchctl's own directory.
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    /// How long to wait for the agents to answer and the services to become healthy.
-    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
-}
-
-#[derive(Debug, clap::Args)]
-struct DownArgs {
-    #[command(flatten)]
-    dir: DirArg,
-    /// Also delete the demo directory (packages, logs, agent state).
-    #[arg(long)]
-    purge: bool,
-}
-
-pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
-    match args.command {
-        Command::Up(up_args) => up(ctx, up_args).await,
-        Command::Down(down_args) => down(ctx, down_args).await,
-        Command::Status(dir) => status(ctx, dir).await,
-    }
-}
-
-fn demo_dir(ctx: &Ctx, arg: &DirArg) -> PathBuf {
-    arg.dir.clone().unwrap_or_else(|| ctx.home.demo_dir())
-}
-
-/// Prints progress on stderr in text mode (stdout carries the result).
-fn progress(ctx: &Ctx, message: &str) {
-    if ctx.format == Format::Text {
-        errln!("==> {message}");
-    }
-}
-
 // ----- up -----
 
-async fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<u8> {
+pub(super) async fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<u8> {
     let started = Instant::now();
     let dir = demo_dir(ctx, &args.dir);
     std::fs::create_dir_all(&dir)
@@ -216,7 +141,7 @@ async fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<u8> {
 }
 
 /// The binaries the demo runs, found next to each other.
-struct DemoBinaries {
+pub(super) struct DemoBinaries {
     patchd: PathBuf,
     master: PathBuf,
     worker: PathBuf,
@@ -259,7 +184,7 @@ impl DemoBinaries {
     }
 }
 
-fn check_addresses_free(layout: &DemoLayout) -> anyhow::Result<()> {
+pub(super) fn check_addresses_free(layout: &DemoLayout) -> anyhow::Result<()> {
     let addresses = layout
         .hosts
         .iter()
@@ -281,7 +206,7 @@ fn check_addresses_free(layout: &DemoLayout) -> anyhow::Result<()> {
 }
 
 /// Creates the cluster CA and the controller certificate in `tls_dir` when they are missing.
-fn ensure_controller_tls(ctx: &Ctx, tls_dir: &Path) -> anyhow::Result<()> {
+pub(super) fn ensure_controller_tls(ctx: &Ctx, tls_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(tls_dir)
         .with_context(|| format!("cannot create {}", tls_dir.display()))?;
     if !tls_dir.join("ca.crt").exists() {
@@ -305,7 +230,7 @@ fn ensure_controller_tls(ctx: &Ctx, tls_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Stamped v1.0.0 binaries (in `packages/.src/<component>/<component>`) and their original packages.
-async fn build_originals(
+pub(super) async fn build_originals(
     layout: &DemoLayout,
     bins: &DemoBinaries,
 ) -> anyhow::Result<Vec<(ServiceRole, PathBuf)>> {
@@ -342,7 +267,7 @@ async fn build_originals(
 }
 
 /// Writes one host's certificates, config and deployed binaries; its old state is removed (a fresh demo).
-fn prepare_host(
+pub(super) fn prepare_host(
     layout: &DemoLayout,
     host: &DemoHost,
     controller_tls: &Path,
@@ -402,7 +327,7 @@ fn prepare_host(
 }
 
 /// Starts `patchd run` for one host, detached from this process (own process group, output to its log).
-fn start_agent(
+pub(super) fn start_agent(
     layout: &DemoLayout,
     host: &DemoHost,
     patchd: &Path,
@@ -451,13 +376,13 @@ fn start_agent(
 }
 
 /// Last lines of a log file, for error messages.
-fn log_tail(path: &Path, lines: usize) -> String {
+pub(super) fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n    ")
 }
 
-async fn wait_until_ready(
+pub(super) async fn wait_until_ready(
     ctx: &Ctx,
     layout: &DemoLayout,
     tls_dir: &Path,
@@ -599,7 +524,7 @@ async fn wait_until_ready(
     }
 }
 
-fn print_up_summary(
+pub(super) fn print_up_summary(
     ctx: &Ctx,
     layout: &DemoLayout,
     bins: &DemoBinaries,
@@ -686,275 +611,4 @@ fn print_up_summary(
             outln!("  patchctl demo down{dir_flag}");
         }
     }
-}
-
-// ----- down -----
-
-async fn down(ctx: &Ctx, args: DownArgs) -> anyhow::Result<u8> {
-    let dir = demo_dir(ctx, &args.dir);
-    if !dir.exists() {
-        outln!("no demo in {}: nothing to stop", dir.display());
-        return Ok(patchctl::exit::OK);
-    }
-    let dir = dir
-        .canonicalize()
-        .with_context(|| format!("cannot resolve {}", dir.display()))?;
-    let record = DemoRecord::load(&layout::record_path(&dir))?;
-    if record.is_none() && !dir.join("hosts").is_dir() {
-        bail!(
-            "{} does not look like a demo directory (no demo.json, no hosts/); pass the --dir given to `demo up`",
-            dir.display()
-        );
-    }
-    let stopped = stop_all(ctx, &dir, record.as_ref()).await;
-    if args.purge {
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("cannot remove {}", dir.display()))?;
-    }
-    match ctx.format {
-        Format::Json => outln!(
-            "{}",
-            json!({"dir": dir, "stopped": stopped, "purged": args.purge})
-        ),
-        Format::Text => {
-            if stopped.is_empty() {
-                outln!("nothing was running in {}", dir.display());
-            } else {
-                outln!(
-                    "stopped {} process(es): {}",
-                    stopped.len(),
-                    stopped.join(", ")
-                );
-            }
-            if args.purge {
-                outln!("removed {}", dir.display());
-            } else {
-                outln!(
-                    "kept {} (logs, packages, agent state); `patchctl demo down --purge` removes it",
-                    dir.display()
-                );
-            }
-        }
-    }
-    Ok(patchctl::exit::OK)
-}
-
-/// Stops the recorded agents, then every service they started (pid files), then any stray process running a
-/// binary deployed under the demo directory. Returns a description of each process stopped.
-async fn stop_all(ctx: &Ctx, dir: &Path, record: Option<&DemoRecord>) -> Vec<String> {
-    let mut stopped = Vec::new();
-    if let Some(record) = record {
-        // Agents first: a live agent would restart a service stopped under it.
-        let stops = record.agents.iter().map(|agent| async move {
-            (
-                agent,
-                agent.process.stop(false, Duration::from_secs(15)).await,
-            )
-        });
-        for (agent, outcome) in futures::future::join_all(stops).await {
-            describe_stop(
-                ctx,
-                &format!("agent {} (pid {})", agent.addr, agent.process.pid),
-                outcome,
-                &mut stopped,
-            );
-        }
-    }
-    stopped.extend(stop_services(ctx, dir).await);
-    stopped
-}
-
-/// Stops the services named by the agents' pid files and any process still running a binary deployed under `dir`.
-async fn stop_services(ctx: &Ctx, dir: &Path) -> Vec<String> {
-    let mut stopped = Vec::new();
-    let hosts_dir = dir.join("hosts");
-    let host_dirs: Vec<PathBuf> = std::fs::read_dir(&hosts_dir)
-        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    let mut services = Vec::new();
-    for host_dir in host_dirs {
-        services.extend(procs::service_processes(&host_dir.join("state")));
-    }
-    let stops = services.iter().map(|service| async move {
-        (
-            service,
-            service.process.stop(true, Duration::from_secs(10)).await,
-        )
-    });
-    for (service, outcome) in futures::future::join_all(stops).await {
-        describe_stop(
-            ctx,
-            &format!("{} (pid {})", service.service, service.process.pid),
-            outcome,
-            &mut stopped,
-        );
-    }
-    // Belt and braces: a service whose pid file is gone (e.g. an agent killed mid-restart) still runs a binary
-    // from the demo's deploy directories.
-    for stray in processes_running_under(&hosts_dir) {
-        let outcome = stray.stop(true, Duration::from_secs(10)).await;
-        describe_stop(
-            ctx,
-            &format!("stray process {}", stray.pid),
-            outcome,
-            &mut stopped,
-        );
-    }
-    stopped
-}
-
-fn describe_stop(ctx: &Ctx, what: &str, outcome: StopOutcome, stopped: &mut Vec<String>) {
-    match outcome {
-        StopOutcome::NotRunning => {}
-        StopOutcome::Terminated => stopped.push(what.to_string()),
-        StopOutcome::Killed => {
-            progress(ctx, &format!("{what} ignored SIGTERM: killed"));
-            stopped.push(what.to_string());
-        }
-        StopOutcome::StillRunning => errln!("warning: {what} is still running after SIGKILL"),
-    }
-}
-
-/// Live processes whose executable lies under `dir`.
-fn processes_running_under(dir: &Path) -> Vec<ProcessIdentity> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            entry
-                .file_name()
-                .to_str()
-                .and_then(|name| name.parse::<u32>().ok())
-        })
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.starts_with(dir))
-        })
-        .filter_map(ProcessIdentity::of)
-        .collect()
-}
-
-// ----- status -----
-
-async fn status(ctx: &Ctx, args: DirArg) -> anyhow::Result<u8> {
-    let dir = demo_dir(ctx, &args);
-    let dir = dir.canonicalize().unwrap_or(dir);
-    let Some(record) = DemoRecord::load(&layout::record_path(&dir))? else {
-        bail!(
-            "no demo in {}: start one with `patchctl demo up`",
-            dir.display()
-        );
-    };
-    let layout = DemoLayout::new(&dir, record.nodes, record.agent_port, &record.hosts_prefix)?;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(2))
-        .build()?;
-    let mut agents = Vec::new();
-    for agent in &record.agents {
-        agents.push(json!({"addr": agent.addr, "pid": agent.process.pid, "running": agent.process.is_alive(), "log": agent.log}));
-    }
-    let mut services = Vec::new();
-    for service in layout.services() {
-        let healthy = http
-            .get(format!("{}/health", service.url()))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        let version: Option<serde_json::Value> =
-            match http.get(format!("{}/version", service.url())).send().await {
-                Ok(response) => response.json().await.ok(),
-                Err(_) => None,
-            };
-        services.push(json!({
-            "name": service.name, "role": service.role.component(), "addr": service.addr(), "healthy": healthy,
-            "version": version.as_ref().and_then(|v| v.get("version")).cloned(),
-            "pid": version.as_ref().and_then(|v| v.get("pid")).cloned(),
-        }));
-    }
-    let mut leader = None;
-    let mut members = None;
-    for master in layout.services_of(ServiceRole::Master) {
-        if let Ok(response) = http
-            .get(format!("{}/api/leader", master.url()))
-            .send()
-            .await
-            && let Ok(body) = response.json::<serde_json::Value>().await
-        {
-            leader = Some(body);
-            if let Ok(response) = http
-                .get(format!("{}/api/members", master.url()))
-                .send()
-                .await
-            {
-                members = response.json::<serde_json::Value>().await.ok();
-            }
-            break;
-        }
-    }
-    let all_up = agents.iter().all(|a| a["running"] == true)
-        && services.iter().all(|s| s["healthy"] == true);
-    match ctx.format {
-        Format::Json => outln!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "dir": dir, "up": all_up, "agents": agents, "services": services, "leader": leader, "members": members,
-            }))?
-        ),
-        Format::Text => {
-            outln!(
-                "demo in {} ({})",
-                dir.display(),
-                if all_up { "up" } else { "NOT fully up" }
-            );
-            outln!("agents:");
-            for agent in &agents {
-                outln!(
-                    "  {:<16} pid {:<8} {}",
-                    agent["addr"].as_str().unwrap_or_default(),
-                    agent["pid"],
-                    if agent["running"] == true {
-                        "running"
-                    } else {
-                        "stopped"
-                    }
-                );
-            }
-            outln!("services:");
-            for service in &services {
-                outln!(
-                    "  {:<10} {:<16} {:<8} {}",
-                    service["name"].as_str().unwrap_or_default(),
-                    service["addr"].as_str().unwrap_or_default(),
-                    if service["healthy"] == true {
-                        "healthy"
-                    } else {
-                        "DOWN"
-                    },
-                    service["version"].as_str().unwrap_or("-")
-                );
-            }
-            if let Some(leader) = &leader {
-                outln!("leader: {}", leader["leader"].as_str().unwrap_or("?"));
-            }
-            if let Some(serde_json::Value::Array(members)) = &members {
-                outln!("members (as the leader sees them):");
-                for member in members {
-                    outln!(
-                        "  {:<10} {:<7} {:<8} {}",
-                        member["name"].as_str().unwrap_or_default(),
-                        member["role"].as_str().unwrap_or_default(),
-                        member["state"].as_str().unwrap_or_default(),
-                        member["version"].as_str().unwrap_or("-")
-                    );
-                }
-            }
-        }
-    }
-    Ok(if all_up {
-        patchctl::exit::OK
-    } else {
-        patchctl::exit::ERROR
-    })
 }
