@@ -336,7 +336,7 @@ pub fn prepare(
     created_dirs: &[PathBuf],
 ) -> Result<(), StepError> {
     // A deploy dir that does not exist yet is created first, from its deploy root.
-    if created_dirs.iter().any(|dir| *dir == sites.deploy_dir) {
+    if created_dirs.contains(&sites.deploy_dir) {
         sites.confine.create_deploy_dir(&sites.deploy_dir)?;
         sites
             .faults
@@ -582,7 +582,7 @@ pub fn remove_created_dirs(sites: &Sites, created_dirs: &[PathBuf]) {
             }
         }
     }
-    if created_dirs.iter().any(|dir| *dir == sites.deploy_dir) {
+    if created_dirs.contains(&sites.deploy_dir) {
         sites.confine.remove_deploy_dir_if_empty(&sites.deploy_dir);
     }
 }
