@@ -103,6 +103,27 @@ impl Confinement {
     /// [`Confinement::check_deploy_dir`] does, then reached from its deploy root (opened as configured) with no
     /// symlink and no `..` on the way, so a deploy dir swapped for a symlink since the check is refused.
     pub fn open_deploy_dir(&self, deploy_dir: &Path) -> Result<DirHandle, FsError> {
+        let (root, rel) = self.root_of(deploy_dir)?;
+        root.open_dir(rel)
+    }
+
+    /// Creates a service's deploy dir that does not exist yet (its parent must), through its deploy root's
+    /// handle as [`DirHandle::create_dir`] does; an existing directory is fine.
+    pub fn create_deploy_dir(&self, deploy_dir: &Path) -> Result<(), FsError> {
+        let (root, rel) = self.root_of(deploy_dir)?;
+        root.create_dir(rel).map(|_| ())
+    }
+
+    /// Removes a service's deploy dir if it is empty (an apply created it and is undone); best effort.
+    pub fn remove_deploy_dir_if_empty(&self, deploy_dir: &Path) {
+        if let Ok((root, rel)) = self.root_of(deploy_dir) {
+            root.remove_empty_dir(rel);
+        }
+    }
+
+    /// The deploy root holding `deploy_dir` (opened as configured) and the path from it to `deploy_dir`, once
+    /// `deploy_dir` passed [`Confinement::check_deploy_dir`].
+    fn root_of<'p>(&self, deploy_dir: &'p Path) -> Result<(DirHandle, &'p Path), FsError> {
         let refused = |detail: String| FsError {
             op: "open deploy dir",
             path: deploy_dir.to_path_buf(),
@@ -121,7 +142,7 @@ impl Confinement {
                 self.refuse(deploy_dir, "every deploy root").to_string(),
             ));
         };
-        DirHandle::open_trusted(root)?.open_dir(rel)
+        Ok((DirHandle::open_trusted(root)?, rel))
     }
 }
 

@@ -21,6 +21,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// An I/O error with the operation and path it happened on.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +156,31 @@ fn io_err(e: rustix::io::Errno) -> std::io::Error {
     std::io::Error::from(e)
 }
 
+/// Cleared once `openat2` was found denied (seccomp): [`DirHandle::open_below`] then walks components.
+static OPENAT2_AVAILABLE: AtomicBool = AtomicBool::new(true);
+
+/// The error of a refused or failed lookup below a handle, saying why in words a person can act on.
+fn refusal(errno: rustix::io::Errno, flags: OFlags) -> std::io::Error {
+    match errno {
+        rustix::io::Errno::LOOP => std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "refused: a symlink lies on the path (the agent never follows one under a deploy or state dir); \
+             remove it and apply again",
+        ),
+        // What `O_DIRECTORY | O_NOFOLLOW` answers for a symlink as the last component.
+        rustix::io::Errno::NOTDIR if flags.contains(OFlags::DIRECTORY) => std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "refused: a symlink or a file stands where a directory must be (the agent never follows a \
+             symlink under a deploy or state dir); remove it and apply again",
+        ),
+        rustix::io::Errno::XDEV => std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "refused: the path leads out of its directory",
+        ),
+        other => io_err(other),
+    }
+}
+
 /// `rel` as given to `openat2` ("." for the directory itself).
 fn at_path(rel: &Path) -> &Path {
     if rel.as_os_str().is_empty() {
@@ -191,47 +217,73 @@ impl DirHandle {
         self.path.join(rel)
     }
 
-    /// `openat2` below this directory, retried on `EAGAIN` (the kernel's answer when a rename raced the lookup).
+    /// Opens `rel` below this directory: `openat2` (retried on `EAGAIN`, the kernel's answer when a rename raced
+    /// the lookup), or where a seccomp filter denies `openat2` (systemd-nspawn, older container runtimes answer
+    /// `ENOSYS`) one `openat(O_NOFOLLOW)` per component, which is as strict: every component is a plain name
+    /// (no `..`) and none may be a symlink.
     fn open_below(&self, rel: &Path, flags: OFlags, mode: Mode) -> std::io::Result<OwnedFd> {
+        let flags = flags | OFlags::CLOEXEC | OFlags::NOFOLLOW;
         let mut attempts = 0;
-        loop {
-            match rustix::fs::openat2(
-                &self.fd,
-                at_path(rel),
-                flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                mode,
-                confined(),
-            ) {
-                Err(rustix::io::Errno::AGAIN) if attempts < 16 => attempts += 1,
-                Err(rustix::io::Errno::NOSYS) => {
-                    return Err(std::io::Error::other(
-                        "openat2 is not available (Linux 5.6 or later is required)",
-                    ));
-                }
-                Err(rustix::io::Errno::LOOP) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::PermissionDenied,
-                        "refused: a symlink lies on the path (the agent never follows one under a deploy or state \
-                         dir); remove it and apply again",
-                    ));
-                }
-                Err(rustix::io::Errno::NOTDIR) if flags.contains(OFlags::DIRECTORY) => {
-                    // What `O_DIRECTORY | O_NOFOLLOW` answers for a symlink as the last component.
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::PermissionDenied,
-                        "refused: a symlink or a file stands where a directory must be (the agent never follows \
-                         a symlink under a deploy or state dir); remove it and apply again",
-                    ));
-                }
-                Err(rustix::io::Errno::XDEV) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::PermissionDenied,
-                        "refused: the path leads out of its directory",
-                    ));
-                }
-                other => return other.map_err(io_err),
+        let opened = loop {
+            if !OPENAT2_AVAILABLE.load(Ordering::Relaxed) {
+                break self.open_by_components(rel, flags, mode);
             }
+            match rustix::fs::openat2(&self.fd, at_path(rel), flags, mode, confined()) {
+                Err(rustix::io::Errno::AGAIN) if attempts < 16 => attempts += 1,
+                Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::PERM)
+                    if attempts == 0 && self.openat2_denied() =>
+                {
+                    OPENAT2_AVAILABLE.store(false, Ordering::Relaxed);
+                }
+                other => break other,
+            }
+        };
+        opened.map_err(|errno| refusal(errno, flags))
+    }
+
+    /// True when `openat2` itself is refused (checked on this directory with a harmless lookup of ".").
+    fn openat2_denied(&self) -> bool {
+        matches!(
+            rustix::fs::openat2(
+                &self.fd,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                confined(),
+            ),
+            Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::PERM)
+        )
+    }
+
+    /// The `openat2`-less walk of [`DirHandle::open_below`].
+    fn open_by_components(
+        &self,
+        rel: &Path,
+        flags: OFlags,
+        mode: Mode,
+    ) -> Result<OwnedFd, rustix::io::Errno> {
+        let names: Vec<&OsStr> = rel
+            .components()
+            .map(|part| match part {
+                std::path::Component::Normal(name) => Ok(name),
+                _ => Err(rustix::io::Errno::XDEV),
+            })
+            .collect::<Result<_, _>>()?;
+        let Some((last, parents)) = names.split_last() else {
+            return rustix::fs::openat(&self.fd, ".", flags, mode);
+        };
+        let mut dir: Option<OwnedFd> = None;
+        for name in parents {
+            let at = dir.as_ref().map_or(self.fd.as_fd(), |fd| fd.as_fd());
+            dir = Some(rustix::fs::openat(
+                at,
+                *name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?);
         }
+        let at = dir.as_ref().map_or(self.fd.as_fd(), |fd| fd.as_fd());
+        rustix::fs::openat(at, *last, flags, mode)
     }
 
     /// Opens the directory `rel` below this one (a real directory, reached without any symlink).
@@ -865,5 +917,27 @@ mod tests {
             handle.sha256(Path::new("real/temp")).unwrap(),
             sha256_file(&dir.path().join("real/source")).unwrap()
         );
+    }
+
+    #[test]
+    fn the_walk_without_openat2_refuses_the_same_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        fs::write(dir.path().join("a/b/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("a/link")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("a/b/f"), dir.path().join("a/flink")).unwrap();
+        let handle = DirHandle::open_trusted(dir.path()).unwrap();
+        let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let file_flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let walk =
+            |rel: &str, flags| handle.open_by_components(Path::new(rel), flags, Mode::empty());
+        assert!(walk("a/b", dir_flags).is_ok());
+        assert!(walk("", dir_flags).is_ok());
+        assert!(walk("a/b/f", file_flags).is_ok());
+        assert!(walk("a/link", dir_flags).is_err());
+        assert!(walk("a/link/x", file_flags).is_err());
+        assert!(walk("a/flink", file_flags).is_err());
+        assert!(walk("a/../..", dir_flags).is_err());
     }
 }

@@ -335,8 +335,15 @@ pub fn prepare(
     files: &[FileChange],
     created_dirs: &[PathBuf],
 ) -> Result<(), StepError> {
+    // A deploy dir that does not exist yet is created first, from its deploy root.
+    if created_dirs.contains(&sites.deploy_dir) {
+        sites.confine.create_deploy_dir(&sites.deploy_dir)?;
+        sites
+            .faults
+            .hit_at(FaultPoint::AfterCreateDir, &sites.deploy_dir)?;
+    }
     let handles = sites.open()?;
-    for dir in created_dirs {
+    for dir in created_dirs.iter().filter(|dir| **dir != sites.deploy_dir) {
         handles.deploy.create_dir(sites.deploy_rel(dir)?)?;
         sites.faults.hit_at(FaultPoint::AfterCreateDir, dir)?;
     }
@@ -568,12 +575,56 @@ pub fn remove_temps(sites: &Sites, files: &[FileChange], patch_id: &str) {
 /// Removes the directories an apply created, children first, when they are empty again (a symlink that took
 /// one's place is left alone).
 pub fn remove_created_dirs(sites: &Sites, created_dirs: &[PathBuf]) {
-    let Ok(deploy) = sites.confine.open_deploy_dir(&sites.deploy_dir) else {
-        return;
-    };
-    for dir in created_dirs.iter().rev() {
-        if let Ok(rel) = sites.deploy_rel(dir) {
-            deploy.remove_empty_dir(rel);
+    if let Ok(deploy) = sites.confine.open_deploy_dir(&sites.deploy_dir) {
+        for dir in created_dirs.iter().rev() {
+            if let Ok(rel) = sites.deploy_rel(dir) {
+                deploy.remove_empty_dir(rel);
+            }
         }
+    }
+    if created_dirs.contains(&sites.deploy_dir) {
+        sites.confine.remove_deploy_dir_if_empty(&sites.deploy_dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::effects::NoFaults;
+
+    #[test]
+    fn a_missing_deploy_dir_is_created_from_its_root_and_removed_when_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("opt");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(root.join("svc")).unwrap();
+        std::fs::create_dir_all(state.join("staging/x")).unwrap();
+        std::fs::write(state.join("staging/x/file"), b"new").unwrap();
+        let deploy_dir = root.join("svc/new");
+        let sites = Sites {
+            deploy_dir: deploy_dir.clone(),
+            state_dir: state.clone(),
+            confine: Confinement::new(std::slice::from_ref(&root)),
+            faults: Arc::new(NoFaults),
+        };
+        let target = deploy_dir.join("bin/file");
+        let change = FileChange {
+            rel: PathBuf::from("bin/file"),
+            temp: new_temp(&target, "p1"),
+            target,
+            source: Some(state.join("staging/x/file")),
+            new_sha256: Some(fsutil::sha256_file(&state.join("staging/x/file")).unwrap()),
+            mode: Some(0o644),
+            old_sha256: None,
+            backup: None,
+        };
+        let created = vec![deploy_dir.clone(), deploy_dir.join("bin")];
+        prepare(&sites, std::slice::from_ref(&change), &created).unwrap();
+        swap_one(&sites, &change).unwrap();
+        assert_eq!(std::fs::read(deploy_dir.join("bin/file")).unwrap(), b"new");
+        restore_one(&sites, &change, "p1").unwrap();
+        remove_created_dirs(&sites, &created);
+        assert!(!deploy_dir.exists());
+        assert!(root.join("svc").is_dir());
     }
 }
