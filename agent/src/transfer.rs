@@ -8,6 +8,10 @@
 //! fast upload does not pay one fsync per chunk; a crash loses at most one batch of progress, never correctness.
 //! A blob becomes complete only by renaming the synced part file after the tree digest of all records matched.
 //!
+//! Bounds: at most `max_concurrent_uploads` uploads receive at once (one more is refused, not queued, so an idle
+//! caller cannot pile up blocking threads), and each holds a reservation of the bytes it still needs against the
+//! free space of the state filesystem ([`SpaceLedger`]), so two uploads cannot both count the same free bytes.
+//!
 //! Each byte is hashed once (its chunk's sha256, on a blocking thread); the tree digest is built from the records.
 //! Three threads per upload keep the hashing thread (the bottleneck) busy: the hasher verifies each chunk, a writer
 //! `pwrite`s it, a recorder fsyncs and appends records. Memory stays flat: each queue between them holds at most
@@ -34,8 +38,10 @@ pub const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 pub const FLUSH_BYTES: u64 = 32 * 1024 * 1024;
 /// A pause in the stream longer than this makes the worker sync and record what it has.
 pub const FLUSH_IDLE: Duration = Duration::from_millis(100);
-/// An upload that sends nothing for this long is abandoned (its verified chunks are kept).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default for an upload that sends nothing: after this long it is abandoned (its verified chunks are kept).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default number of uploads receiving at once.
+pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 8;
 
 const RECORDS_MAGIC: &[u8; 16] = b"patchd-chunks-v1";
 const RECORDS_HEADER_LEN: u64 = 16 + 4 + 8;
@@ -63,12 +69,15 @@ pub enum TransferError {
     TooLarge { size: u64, max: u64 },
     #[error(
         "not enough disk space for this package: it needs {needed} more bytes ({}) in {} but only {free} bytes ({}) \
-         are free there; free space on that filesystem or move state_dir to a bigger one",
-        mib(*needed), dir.display(), mib(*free)
+         are free there{}; free space on that filesystem or move state_dir to a bigger one",
+        mib(*needed), dir.display(), mib(*free), reserved_note(*reserved)
     )]
     NoSpace {
         needed: u64,
+        /// Free bytes not reserved by other uploads.
         free: u64,
+        /// Bytes reserved by uploads in progress (already subtracted from `free`).
+        reserved: u64,
         dir: PathBuf,
     },
     #[error(
@@ -84,8 +93,16 @@ pub enum TransferError {
          was discarded; check the package digest and push again"
     )]
     DigestMismatch { expected: String, actual: String },
-    #[error("no message for {}s: upload abandoned (verified chunks are kept; push again to resume)", IDLE_TIMEOUT.as_secs())]
-    IdleTimeout,
+    #[error(
+        "no message for {}s: upload abandoned (verified chunks are kept; push again to resume)",
+        .0.as_secs()
+    )]
+    IdleTimeout(Duration),
+    #[error(
+        "{limit} uploads are already in progress on this agent (bounds.max_concurrent_uploads): push again when \
+         they finished, or raise the limit in patchd.toml"
+    )]
+    TooManyUploads { limit: usize },
     #[error("I/O error on {}: {cause}", path.display())]
     Io {
         path: PathBuf,
@@ -93,6 +110,17 @@ pub enum TransferError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn reserved_note(reserved: u64) -> String {
+    if reserved == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({reserved} more bytes, {}, are reserved by uploads in progress)",
+            mib(reserved)
+        )
+    }
 }
 
 fn mib(bytes: u64) -> String {
@@ -173,6 +201,93 @@ pub struct UploadOutcome {
     pub bytes_received: u64,
 }
 
+/// Bytes promised to uploads in progress and not yet written: free space minus this is what a new upload may
+/// claim. Each [`Reservation`] gives its bytes back as its chunks are written (they then show in `statvfs`),
+/// and the rest when it ends.
+#[derive(Debug, Default)]
+pub struct SpaceLedger {
+    outstanding: Mutex<u64>,
+}
+
+/// Bytes one upload may still write; see [`SpaceLedger`].
+#[derive(Debug)]
+pub struct Reservation {
+    ledger: Arc<SpaceLedger>,
+    remaining: u64,
+}
+
+impl SpaceLedger {
+    fn outstanding(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.outstanding
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reserves `needed` bytes of the `free` ones (measured by the caller right before) unless uploads in
+    /// progress already hold too many of them. Checking and reserving happen under one lock.
+    pub fn reserve(
+        self: &Arc<Self>,
+        needed: u64,
+        free: impl FnOnce() -> Result<u64, TransferError>,
+        dir: &Path,
+    ) -> Result<Reservation, TransferError> {
+        let mut outstanding = self.outstanding();
+        let free = free()?;
+        let available = free.saturating_sub(*outstanding);
+        if needed > available {
+            return Err(TransferError::NoSpace {
+                needed,
+                free: available,
+                reserved: *outstanding,
+                dir: dir.to_path_buf(),
+            });
+        }
+        *outstanding += needed;
+        Ok(Reservation {
+            ledger: Arc::clone(self),
+            remaining: needed,
+        })
+    }
+
+    /// Bytes reserved and not yet written.
+    pub fn reserved(&self) -> u64 {
+        *self.outstanding()
+    }
+}
+
+impl Reservation {
+    /// `bytes` of this upload were written: they now count in the filesystem's own free figure.
+    fn written(&mut self, bytes: u64) {
+        let taken = bytes.min(self.remaining);
+        self.remaining -= taken;
+        let mut outstanding = self.ledger.outstanding();
+        *outstanding = outstanding.saturating_sub(taken);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut outstanding = self.ledger.outstanding();
+        *outstanding = outstanding.saturating_sub(self.remaining);
+    }
+}
+
+/// How many uploads may run at once and how long one may stay silent.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadBounds {
+    pub max_concurrent: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Default for UploadBounds {
+    fn default() -> Self {
+        Self {
+            max_concurrent: DEFAULT_MAX_CONCURRENT_UPLOADS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
 /// The content-addressed blob cache under `<state>/blobs`.
 #[derive(Debug)]
 pub struct BlobStore {
@@ -180,11 +295,23 @@ pub struct BlobStore {
     partial_dir: PathBuf,
     max_blob_bytes: u64,
     locks: DigestLocks,
+    space: Arc<SpaceLedger>,
+    bounds: UploadBounds,
+    upload_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl BlobStore {
-    /// Opens (creating if needed) the cache in `dir`.
+    /// Opens (creating if needed) the cache in `dir`, with the default [`UploadBounds`].
     pub fn open(dir: &Path, max_blob_bytes: u64) -> Result<Self, TransferError> {
+        Self::open_bounded(dir, max_blob_bytes, UploadBounds::default())
+    }
+
+    /// Opens (creating if needed) the cache in `dir`.
+    pub fn open_bounded(
+        dir: &Path,
+        max_blob_bytes: u64,
+        bounds: UploadBounds,
+    ) -> Result<Self, TransferError> {
         let partial_dir = dir.join("partial");
         std::fs::create_dir_all(&partial_dir).map_err(io_err(&partial_dir))?;
         Ok(Self {
@@ -192,7 +319,76 @@ impl BlobStore {
             partial_dir,
             max_blob_bytes,
             locks: DigestLocks::default(),
+            space: Arc::default(),
+            bounds,
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(bounds.max_concurrent.max(1))),
         })
+    }
+
+    /// How long an upload may stay silent.
+    pub fn idle_timeout(&self) -> Duration {
+        self.bounds.idle_timeout
+    }
+
+    /// Bytes reserved by uploads in progress and not yet written.
+    pub fn reserved_bytes(&self) -> u64 {
+        self.space.reserved()
+    }
+
+    /// Removes partial uploads (`partial/<digest>.part` and `.chunks`) untouched (later of mtime and ctime) for
+    /// `max_age`, skipping any digest an upload holds right now: its lock is taken without waiting, so an upload
+    /// that starts meanwhile waits and then begins afresh. Returns the paths removed.
+    pub fn prune_partials(&self, max_age: Duration) -> Vec<PathBuf> {
+        let now = std::time::SystemTime::now();
+        let Ok(listing) = std::fs::read_dir(&self.partial_dir) else {
+            return Vec::new();
+        };
+        let mut by_digest: HashMap<String, Vec<(PathBuf, std::fs::Metadata)>> = HashMap::new();
+        for entry in listing.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let digest = name
+                .strip_suffix(".part")
+                .or_else(|| name.strip_suffix(".chunks"))
+                .unwrap_or(&name)
+                .to_string();
+            if let Ok(meta) = entry.metadata() {
+                by_digest
+                    .entry(digest)
+                    .or_default()
+                    .push((entry.path(), meta));
+            }
+        }
+        let mut removed = Vec::new();
+        for (digest, files) in by_digest {
+            // Both files of an upload go together, and only when both are old.
+            if !files
+                .iter()
+                .all(|(_, meta)| is_untouched_for(meta, max_age, now))
+            {
+                continue;
+            }
+            let Some(_held) = self.locks.try_acquire(&digest) else {
+                continue;
+            };
+            for (path, meta) in files {
+                // Re-checked under the lock: an upload may have written it since the listing.
+                let still_old = std::fs::symlink_metadata(&path)
+                    .is_ok_and(|now_meta| is_untouched_for(&now_meta, max_age, now));
+                if !still_old || !meta.is_file() {
+                    continue;
+                }
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), bytes = meta.len(), "removed an old partial upload");
+                        removed.push(path);
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), "cannot remove a partial upload: {e}")
+                    }
+                }
+            }
+        }
+        removed
     }
 
     /// Where the complete blob `digest` lives (whether or not it is there).
@@ -277,6 +473,12 @@ impl BlobStore {
                 max: self.max_blob_bytes,
             });
         }
+        // Refused rather than queued: a waiting upload would still hold its connection's buffers.
+        let _slot = Arc::clone(&self.upload_slots)
+            .try_acquire_owned()
+            .map_err(|_| TransferError::TooManyUploads {
+                limit: self.bounds.max_concurrent,
+            })?;
         let _guard = self.locks.acquire(&blob.digest).await;
 
         let store = Arc::clone(self);
@@ -296,9 +498,9 @@ impl BlobStore {
 
         let mut stream_error = None;
         loop {
-            let chunk = match tokio::time::timeout(IDLE_TIMEOUT, chunks.next()).await {
+            let chunk = match tokio::time::timeout(self.bounds.idle_timeout, chunks.next()).await {
                 Err(_) => {
-                    stream_error = Some(TransferError::IdleTimeout);
+                    stream_error = Some(TransferError::IdleTimeout(self.bounds.idle_timeout));
                     break;
                 }
                 Ok(None) => break,
@@ -333,16 +535,23 @@ impl BlobStore {
             return Ok(None);
         }
         let needed = blob.total_size - state.bytes_held;
-        let free = self.free_bytes()?;
-        if needed > free {
-            return Err(TransferError::NoSpace {
-                needed,
-                free,
-                dir: self.dir.clone(),
-            });
-        }
-        PartialBlob::open(self, blob).map(Some)
+        let reservation = self
+            .space
+            .reserve(needed, || self.free_bytes(), &self.dir)?;
+        PartialBlob::open(self, blob, reservation).map(Some)
     }
+}
+
+/// Untouched (neither written nor renamed: the later of mtime and ctime) for at least `min_age` before `now`.
+fn is_untouched_for(
+    meta: &std::fs::Metadata,
+    min_age: Duration,
+    now: std::time::SystemTime,
+) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let seconds = u64::try_from(meta.mtime().max(meta.ctime())).unwrap_or(0);
+    let touched = std::time::UNIX_EPOCH + Duration::from_secs(seconds);
+    now.duration_since(touched).is_ok_and(|age| age >= min_age)
 }
 
 /// Available bytes (for unprivileged users) on the filesystem holding `path`.
@@ -390,10 +599,16 @@ struct PartialBlob {
     held: u64,
     pending: Vec<[u8; 32]>,
     pending_bytes: u64,
+    /// The bytes this upload may still write; given back as chunks are accepted and when it ends.
+    reservation: Reservation,
 }
 
 impl PartialBlob {
-    fn open(store: &BlobStore, blob: &BlobRef) -> Result<Self, TransferError> {
+    fn open(
+        store: &BlobStore,
+        blob: &BlobRef,
+        reservation: Reservation,
+    ) -> Result<Self, TransferError> {
         let part_path = store.part_path(&blob.digest);
         let records_path = store.records_path(&blob.digest);
         let mut tree = TreeHasher::new(blob.chunk_size, blob.total_size);
@@ -469,6 +684,7 @@ impl PartialBlob {
             held,
             pending: Vec::new(),
             pending_bytes: 0,
+            reservation,
         })
     }
 
@@ -636,6 +852,7 @@ impl PartialBlob {
         self.pending.push(hash);
         self.pending_bytes += expected_len;
         self.held += 1;
+        self.reservation.written(expected_len);
         Ok(())
     }
 
@@ -817,6 +1034,21 @@ struct DigestGuard<'a> {
 }
 
 impl DigestLocks {
+    /// The lock of `digest` if nobody holds it now.
+    fn try_acquire(&self, digest: &str) -> Option<DigestGuard<'_>> {
+        let lock = {
+            let mut map = self
+                .map
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            Arc::clone(map.entry(digest.to_string()).or_default())
+        };
+        let guard = lock.try_lock_owned().ok();
+        let acquired = DigestGuard { locks: self, guard };
+        // Dropping a guard that holds nothing still cleans the map entry made above.
+        acquired.guard.is_some().then_some(acquired)
+    }
+
     async fn acquire(&self, digest: &str) -> DigestGuard<'_> {
         let lock = {
             let mut map = self
