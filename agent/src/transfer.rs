@@ -1334,4 +1334,117 @@ mod tests {
         );
         assert!(BlobRef::new("../etc".into(), 1, MIN_CHUNK_SIZE).is_err());
     }
+
+    #[test]
+    fn reservations_share_the_free_bytes_and_are_given_back() {
+        let ledger = Arc::new(SpaceLedger::default());
+        let dir = Path::new("/state/blobs");
+        let mut first = ledger.reserve(60, || Ok(100), dir).unwrap();
+        let err = ledger.reserve(50, || Ok(100), dir).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransferError::NoSpace {
+                    needed: 50,
+                    free: 40,
+                    reserved: 60,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("reserved by uploads in progress"),
+            "{err}"
+        );
+        // Written bytes leave the ledger (the file system's own free figure now counts them).
+        first.written(30);
+        assert_eq!(ledger.reserved(), 30);
+        drop(first);
+        assert_eq!(ledger.reserved(), 0);
+        let _second = ledger.reserve(50, || Ok(100), dir).unwrap();
+        assert_eq!(ledger.reserved(), 50);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_over_the_limit_is_refused_and_its_reservation_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let bounds = UploadBounds {
+            max_concurrent: 1,
+            idle_timeout: Duration::from_secs(60),
+        };
+        let store = Arc::new(BlobStore::open_bounded(dir.path(), 1 << 30, bounds).unwrap());
+        let cs = MIN_CHUNK_SIZE;
+        let data = sample(cs as usize * 3);
+        let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
+        let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+
+        // A silent upload holds the only slot and a reservation for what it has not written.
+        let (tx, rx) = mpsc::channel::<Result<Chunk, TransferError>>(4);
+        tx.send(Ok(chunks_of(&data, cs)[0].clone())).await.unwrap();
+        let silent = {
+            let store = Arc::clone(&store);
+            let blob = blob.clone();
+            tokio::spawn(async move {
+                let chunks = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|c| (c, rx))
+                });
+                store.upload(blob, Box::pin(chunks)).await
+            })
+        };
+        while store.query(&blob).unwrap().chunks_held < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.reserved_bytes(), 2 * u64::from(cs));
+
+        let other = BlobRef::new("ab".repeat(32), 10, cs).unwrap();
+        let err = store
+            .upload(other.clone(), futures::stream::empty())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, TransferError::TooManyUploads { limit: 1 }),
+            "{err}"
+        );
+        assert!(!store.part_path(&other.digest).exists());
+
+        drop(tx);
+        assert!(!silent.await.unwrap().unwrap().complete);
+        assert_eq!(store.reserved_bytes(), 0);
+        let rest = chunks_of(&data, cs).into_iter().skip(1).map(Ok);
+        let done = store
+            .upload(blob, futures::stream::iter(rest))
+            .await
+            .unwrap();
+        assert!(done.complete);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn old_partial_uploads_are_pruned_unless_an_upload_holds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path(), 1 << 30).unwrap());
+        let cs = MIN_CHUNK_SIZE;
+        let data = sample(cs as usize * 3);
+        let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
+        let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+        let first = chunks_of(&data, cs).into_iter().take(1).map(Ok);
+        store
+            .upload(blob.clone(), futures::stream::iter(first))
+            .await
+            .unwrap();
+        assert!(store.part_path(&digest).exists() && store.records_path(&digest).exists());
+
+        let held = store.locks.acquire(&digest).await;
+        assert!(store.prune_partials(Duration::ZERO).is_empty());
+        assert!(store.prune_partials(Duration::from_secs(3600)).is_empty());
+        drop(held);
+        assert!(
+            store.prune_partials(Duration::from_secs(3600)).is_empty(),
+            "young partial uploads are kept"
+        );
+        let removed = store.prune_partials(Duration::ZERO);
+        assert_eq!(removed.len(), 2);
+        assert_eq!(store.query(&blob).unwrap(), BlobState::default());
+        assert!(store.locks.map.lock().unwrap().is_empty());
+    }
 }
