@@ -239,6 +239,7 @@ pub fn prepare(
     created_dirs: &[PathBuf],
     hashes: &HashCache,
 ) -> Result<(), FsError> {
+    crate::space::ensure_copies_fit(files)?;
     for dir in created_dirs {
         fsutil::create_dir_durable(dir)?;
     }

@@ -2,9 +2,13 @@
 //! `limits.max_unpacked_bytes`) and copying backups or temporaries across file systems. A check that fails
 //! refuses the operation before its first byte is written, with the bytes needed and free.
 
+use crate::fsutil::FsError;
+use crate::journal::FileChange;
 use patchd_package::manifest::MAX_MANIFEST_BYTES;
 use patchd_package::{MANIFEST_FILE, Manifest};
+use std::collections::BTreeMap;
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Files take whole blocks: sizes are rounded up to this before they are added up.
@@ -118,6 +122,63 @@ pub fn ensure_unpack_fits(
     ensure_fits(&format!("unpacking package {digest}"), needed, staging_root)
 }
 
+/// The bytes each destination file system must take for the backups and temporaries of `files`: a backup or
+/// temporary is a hard link when it stays on its source's file system (no data) and a copy otherwise (state_dir
+/// and a deploy dir on different file systems), as `fsutil::materialize` makes them. One entry per file system,
+/// with an existing directory on it.
+pub fn copies_needed(files: &[FileChange]) -> Vec<(u64, PathBuf)> {
+    let mut per_fs: BTreeMap<u64, (u64, PathBuf)> = BTreeMap::new();
+    for change in files {
+        let backup = change
+            .backup
+            .as_deref()
+            .map(|backup| (change.target.as_path(), backup));
+        let temp = change
+            .source
+            .as_deref()
+            .map(|source| (source, change.temp.as_path()));
+        for (from, to) in backup.into_iter().chain(temp) {
+            let Ok(meta) = std::fs::symlink_metadata(from) else {
+                continue;
+            };
+            let Some(dest_dir) = to.ancestors().skip(1).find(|dir| dir.is_dir()) else {
+                continue;
+            };
+            let (Some(source_dir), Ok(dest_meta)) = (from.parent(), std::fs::metadata(dest_dir))
+            else {
+                continue;
+            };
+            let linked = std::fs::metadata(source_dir).is_ok_and(|m| m.dev() == dest_meta.dev());
+            if !meta.is_file() || linked {
+                continue;
+            }
+            let entry = per_fs
+                .entry(dest_meta.dev())
+                .or_insert_with(|| (0, dest_dir.to_path_buf()));
+            entry.0 = entry.0.saturating_add(on_disk(meta.len()));
+        }
+    }
+    per_fs.into_values().collect()
+}
+
+/// Refuses, before an apply prepares anything, when the copies it would make (see [`copies_needed`]) do not fit
+/// on their file system; the apply then fails with nothing changed.
+pub fn ensure_copies_fit(files: &[FileChange]) -> Result<(), FsError> {
+    for (needed, dir) in copies_needed(files) {
+        ensure_fits(
+            "copying backups and new files across file systems",
+            needed,
+            &dir,
+        )
+        .map_err(|e| FsError {
+            op: "check free space in",
+            path: dir.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::StorageFull, e.to_string()),
+        })?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +214,47 @@ mod tests {
             "{err}"
         );
         ensure_fits("unpacking x", 1, dir.path()).unwrap();
+    }
+
+    fn change(dir: &Path, target: &Path, source: &Path) -> FileChange {
+        FileChange {
+            rel: PathBuf::from("f"),
+            target: target.to_path_buf(),
+            source: Some(source.to_path_buf()),
+            new_sha256: None,
+            mode: None,
+            old_sha256: None,
+            backup: Some(dir.join("backups/set/0-f")),
+            temp: target.with_file_name(".f.new"),
+        }
+    }
+
+    #[test]
+    fn only_copies_across_file_systems_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, source) = (dir.path().join("target"), dir.path().join("staged"));
+        std::fs::write(&target, vec![1u8; 5000]).unwrap();
+        std::fs::write(&source, vec![2u8; 100]).unwrap();
+        // Everything on one file system: hard links, nothing to copy.
+        assert!(copies_needed(&[change(dir.path(), &target, &source)]).is_empty());
+        ensure_copies_fit(&[change(dir.path(), &target, &source)]).unwrap();
+
+        // The staged file on another file system (a tmpfs, where /dev/shm is one): its copy counts, where
+        // the temporary goes; the backup stays a link.
+        let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("SKIPPED: no /dev/shm");
+            return;
+        };
+        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        if dev(other.path()) == dev(dir.path()) {
+            eprintln!("SKIPPED: /dev/shm is on the temp dir's file system");
+            return;
+        }
+        let far = other.path().join("staged");
+        std::fs::write(&far, vec![3u8; 100]).unwrap();
+        assert_eq!(
+            copies_needed(&[change(dir.path(), &target, &far)]),
+            vec![(BLOCK_BYTES, dir.path().to_path_buf())]
+        );
     }
 }
