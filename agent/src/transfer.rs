@@ -599,8 +599,8 @@ struct PartialBlob {
     held: u64,
     pending: Vec<[u8; 32]>,
     pending_bytes: u64,
-    /// The bytes this upload may still write; given back as chunks are accepted and when it ends.
-    reservation: Reservation,
+    /// The bytes this upload may still write; handed to the writer, which gives them back as it writes.
+    reservation: Option<Reservation>,
 }
 
 impl PartialBlob {
@@ -684,7 +684,7 @@ impl PartialBlob {
             held,
             pending: Vec::new(),
             pending_bytes: 0,
-            reservation,
+            reservation: Some(reservation),
         })
     }
 
@@ -701,6 +701,7 @@ impl PartialBlob {
             direct: open_direct(&self.part_path),
             part_path: self.part_path.clone(),
             aligned: Vec::new(),
+            reservation: self.reservation.take(),
         };
         let recorder = Recorder {
             part: self.part.try_clone().map_err(io_err(&self.part_path))?,
@@ -852,7 +853,6 @@ impl PartialBlob {
         self.pending.push(hash);
         self.pending_bytes += expected_len;
         self.held += 1;
-        self.reservation.written(expected_len);
         Ok(())
     }
 
@@ -928,6 +928,8 @@ struct Writer {
     part_path: PathBuf,
     /// Reused buffer holding one aligned, padded piece of a chunk for direct I/O.
     aligned: Vec<u8>,
+    /// Given back chunk by chunk once written: from then on the file system's free figure counts the bytes.
+    reservation: Option<Reservation>,
 }
 
 impl Writer {
@@ -938,7 +940,12 @@ impl Writer {
     ) -> Result<(), TransferError> {
         for message in from_hasher {
             match message {
-                ToWriter::Data { offset, data } => self.write(offset, &data)?,
+                ToWriter::Data { offset, data } => {
+                    self.write(offset, &data)?;
+                    if let Some(reservation) = &mut self.reservation {
+                        reservation.written(data.len() as u64);
+                    }
+                }
                 ToWriter::Batch(batch) => {
                     // A closed recorder has failed: its own result carries the error.
                     if to_recorder.send(batch).is_err() {
@@ -1109,6 +1116,7 @@ mod tests {
             direct,
             part_path: path.clone(),
             aligned: Vec::new(),
+            reservation: None,
         };
         // Two chunks of 2 MiB (each written in pieces) and a tail that is not a whole block.
         let chunk = 2 * DIRECT_IO_PIECE;
@@ -1150,6 +1158,7 @@ mod tests {
             direct: open_direct(&path),
             part_path: path.clone(),
             aligned: Vec::new(),
+            reservation: None,
         };
         let supported = writer.direct.is_some();
         let data = sample(DIRECT_IO_ALIGN * 3 + 123);
