@@ -99,8 +99,8 @@ pub enum TransferError {
     )]
     IdleTimeout(Duration),
     #[error(
-        "{limit} uploads are already in progress on this agent (bounds.max_concurrent_uploads): push again when \
-         they finished, or raise the limit in patchd.toml"
+        "{limit} uploads are already in progress on this agent (bounds.max_concurrent_uploads): push again once \
+         they have finished, or raise the limit in patchd.toml"
     )]
     TooManyUploads { limit: usize },
     #[error("I/O error on {}: {cause}", path.display())]
@@ -223,8 +223,8 @@ impl SpaceLedger {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Reserves `needed` bytes of the `free` ones (measured by the caller right before) unless uploads in
-    /// progress already hold too many of them. Checking and reserving happen under one lock.
+    /// Reserves `needed` of the free bytes `free` measures unless uploads in progress already hold too many of
+    /// them. Measuring, checking and reserving happen under one lock.
     pub fn reserve(
         self: &Arc<Self>,
         needed: u64,
