@@ -8,14 +8,16 @@
 //! fast upload does not pay one fsync per chunk; a crash loses at most one batch of progress, never correctness.
 //! A blob becomes complete only by renaming the synced part file after the tree digest of all records matched.
 //!
-//! Bounds: at most `max_concurrent_uploads` uploads receive at once (one more is refused, not queued, so an idle
-//! caller cannot pile up blocking threads), and each holds a reservation of the bytes it still needs against the
+//! Bounds: at most `max_concurrent_uploads` uploads run at once (one more is refused, not queued: a waiting one
+//! would still hold its connection's buffers), and each holds a reservation of the bytes it still needs against the
 //! free space of the state filesystem ([`SpaceLedger`]), so two uploads cannot both count the same free bytes.
 //!
 //! Each byte is hashed once (its chunk's sha256, on a blocking thread); the tree digest is built from the records.
 //! Three threads per upload keep the hashing thread (the bottleneck) busy: the hasher verifies each chunk, a writer
-//! `pwrite`s it, a recorder fsyncs and appends records. Memory stays flat: each queue between them holds at most
-//! [`QUEUE_BYTES`] of chunks.
+//! `pwrite`s it, a recorder fsyncs and appends records. They run only while chunks come: after [`PARK_AFTER`] of
+//! silence they record what they have and end, and the parked upload waits for its next message on the async side
+//! alone (so idle uploads hold no threads, and an apply never waits behind them). Memory stays flat: each queue
+//! between them holds at most [`QUEUE_BYTES`] of chunks.
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -40,6 +42,9 @@ pub const FLUSH_BYTES: u64 = 32 * 1024 * 1024;
 pub const FLUSH_IDLE: Duration = Duration::from_millis(100);
 /// Default for an upload that sends nothing: after this long it is abandoned (its verified chunks are kept).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A stream silent for this long parks its upload: the hasher, writer and recorder threads record what they have
+/// and end, so an idle upload holds no thread; the next message starts them again.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
 /// Default number of uploads receiving at once.
 pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 8;
 
@@ -298,6 +303,8 @@ pub struct BlobStore {
     space: Arc<SpaceLedger>,
     bounds: UploadBounds,
     upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Uploads whose disk threads run now (the others are parked or waiting for their digest's lock).
+    receiving: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl BlobStore {
@@ -322,12 +329,18 @@ impl BlobStore {
             space: Arc::default(),
             bounds,
             upload_slots: Arc::new(tokio::sync::Semaphore::new(bounds.max_concurrent.max(1))),
+            receiving: Arc::default(),
         })
     }
 
     /// How long an upload may stay silent.
     pub fn idle_timeout(&self) -> Duration {
         self.bounds.idle_timeout
+    }
+
+    /// Uploads holding threads right now: receiving chunks, not parked.
+    pub fn receiving_uploads(&self) -> usize {
+        self.receiving.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Bytes reserved by uploads in progress and not yet written.
@@ -490,15 +503,14 @@ impl BlobStore {
                 ..UploadOutcome::default()
             });
         };
-        let held = partial.held;
-
-        let (tx, rx) = mpsc::channel::<Chunk>(queue_depth(blob.chunk_size));
-        let runtime = tokio::runtime::Handle::current();
-        let worker = tokio::task::spawn_blocking(move || partial.receive(rx, &runtime));
-
+        let held_at_start = partial.held;
+        let mut partial = partial;
+        let mut outcome = UploadOutcome::default();
         let mut stream_error = None;
-        loop {
-            let chunk = match tokio::time::timeout(self.bounds.idle_timeout, chunks.next()).await {
+        let mut ended = false;
+        while !ended {
+            // Parked: the disk threads are gone and the next message is awaited without holding any thread.
+            let first = match tokio::time::timeout(self.bounds.idle_timeout, chunks.next()).await {
                 Err(_) => {
                     stream_error = Some(TransferError::IdleTimeout(self.bounds.idle_timeout));
                     break;
@@ -510,18 +522,52 @@ impl BlobStore {
                 }
                 Ok(Some(Ok(chunk))) => chunk,
             };
-            if chunk.index < held {
-                // Another upload of this digest finished these chunks while this one waited for the lock.
-                continue;
+            let (tx, rx) = mpsc::channel::<Chunk>(queue_depth(blob.chunk_size));
+            let runtime = tokio::runtime::Handle::current();
+            let receiving = Arc::clone(&self.receiving);
+            receiving.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let worker = tokio::task::spawn_blocking(move || {
+                let received = partial.receive(rx, &runtime);
+                receiving.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                (partial, received)
+            });
+            let mut next = Some(first);
+            loop {
+                if let Some(chunk) = next.take()
+                    // Chunks another upload of this digest finished while this one waited for the lock.
+                    && chunk.index >= held_at_start
+                    && tx.send(chunk).await.is_err()
+                {
+                    break; // the worker stopped; its result says why
+                }
+                match tokio::time::timeout(PARK_AFTER, chunks.next()).await {
+                    // A pause: the worker records what it has and ends; the upload parks.
+                    Err(_) => break,
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Ok(Some(Err(e))) => {
+                        stream_error = Some(e);
+                        ended = true;
+                        break;
+                    }
+                    Ok(Some(Ok(chunk))) => next = Some(chunk),
+                }
             }
-            if tx.send(chunk).await.is_err() {
-                break; // the worker stopped; its result says why
-            }
+            drop(tx);
+            let (back, received) = worker
+                .await
+                .map_err(|e| TransferError::Internal(format!("upload worker failed: {e}")))?;
+            let received = received?;
+            outcome.chunks_received += received.chunks_received;
+            outcome.bytes_received += received.bytes_received;
+            partial = back;
         }
-        drop(tx);
-        let outcome = worker
-            .await
-            .map_err(|e| TransferError::Internal(format!("upload worker failed: {e}")))??;
+        if partial.held == blob.chunk_count() {
+            blocking(move || partial.finish()).await?;
+            outcome.complete = true;
+        }
         match stream_error {
             Some(e) if !outcome.complete => Err(e),
             _ => Ok(outcome),
@@ -692,7 +738,7 @@ impl PartialBlob {
     /// while a writer thread writes them and a recorder thread makes them durable (so neither `pwrite` nor fsync
     /// latency stalls hashing).
     fn receive(
-        mut self,
+        &mut self,
         rx: mpsc::Receiver<Chunk>,
         runtime: &tokio::runtime::Handle,
     ) -> Result<UploadOutcome, TransferError> {
@@ -716,28 +762,28 @@ impl PartialBlob {
             std::sync::mpsc::sync_channel::<ToWriter>(queue_depth(self.blob.chunk_size));
         // One batch waiting: if the disk falls behind, writing waits instead of piling up unsynced data.
         let (to_recorder, recorder_rx) = std::sync::mpsc::sync_channel::<Vec<[u8; 32]>>(1);
-        let (mut outcome, result) = std::thread::scope(|scope| {
+        let (outcome, result) = std::thread::scope(|scope| {
             let writing = scope.spawn(move || writer.run(writer_rx, to_recorder));
             let recording = scope.spawn(move || recorder.run(recorder_rx));
             let (outcome, received) = self.receive_chunks(rx, runtime, &to_writer);
             // Keep what verified before a bad chunk: the retry resumes right at it.
             let handed = self.hand_over(&to_writer);
             drop(to_writer);
-            let panicked = |what: &str| {
+            fn panicked<T>(what: &str) -> Result<T, TransferError> {
                 Err(TransferError::Internal(format!(
                     "the {what} thread panicked"
                 )))
-            };
-            let written = writing.join().unwrap_or_else(|_| panicked("writer"));
+            }
+            let written = writing
+                .join()
+                .unwrap_or_else(|_| panicked("writer"))
+                // The writer hands the rest of the reservation back for the next burst of chunks.
+                .map(|reservation| self.reservation = reservation);
             let recorded = recording.join().unwrap_or_else(|_| panicked("recorder"));
             // A disk error explains a stopped writer better than the hasher's view of it.
             (outcome, written.and(recorded).and(received).and(handed))
         });
         result?;
-        if self.held == self.blob.chunk_count() {
-            self.finish()?;
-            outcome.complete = true;
-        }
         Ok(outcome)
     }
 
@@ -933,11 +979,12 @@ struct Writer {
 }
 
 impl Writer {
+    /// Writes until the hasher is done; returns what is left of the reservation.
     fn run(
         mut self,
         from_hasher: std::sync::mpsc::Receiver<ToWriter>,
         to_recorder: SyncSender<Vec<[u8; 32]>>,
-    ) -> Result<(), TransferError> {
+    ) -> Result<Option<Reservation>, TransferError> {
         for message in from_hasher {
             match message {
                 ToWriter::Data { offset, data } => {
@@ -949,12 +996,12 @@ impl Writer {
                 ToWriter::Batch(batch) => {
                     // A closed recorder has failed: its own result carries the error.
                     if to_recorder.send(batch).is_err() {
-                        return Ok(());
+                        return Ok(self.reservation);
                     }
                 }
             }
         }
-        Ok(())
+        Ok(self.reservation)
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), TransferError> {
@@ -1455,5 +1502,50 @@ mod tests {
         assert_eq!(removed.len(), 2);
         assert_eq!(store.query(&blob).unwrap(), BlobState::default());
         assert!(store.locks.map.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_upload_parks_without_threads_and_goes_on_when_chunks_come() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path(), 1 << 30).unwrap());
+        let cs = MIN_CHUNK_SIZE;
+        let data = sample(cs as usize * 3 + 10);
+        let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
+        let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+        let chunks = chunks_of(&data, cs);
+
+        let (tx, rx) = mpsc::channel::<Result<Chunk, TransferError>>(4);
+        let upload = {
+            let store = Arc::clone(&store);
+            let blob = blob.clone();
+            tokio::spawn(async move {
+                let stream = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|c| (c, rx))
+                });
+                store.upload(blob, Box::pin(stream)).await
+            })
+        };
+        tx.send(Ok(chunks[0].clone())).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while store.query(&blob).unwrap().chunks_held < 1 || store.receiving_uploads() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the silent upload never parked (receiving: {})",
+                store.receiving_uploads()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!upload.is_finished(), "parked, not ended");
+
+        for chunk in &chunks[1..] {
+            tx.send(Ok(chunk.clone())).await.unwrap();
+        }
+        drop(tx);
+        let outcome = upload.await.unwrap().unwrap();
+        assert!(outcome.complete);
+        assert_eq!(outcome.chunks_received, 4);
+        assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
+        assert_eq!(store.reserved_bytes(), 0);
+        assert_eq!(store.receiving_uploads(), 0);
     }
 }
