@@ -455,7 +455,8 @@ fn partial_uploads_are_pruned_on_a_timer_unless_an_upload_holds_them() {
                 .any(|f| f.starts_with(&abandoned))
         },
     );
-    // Older than partial_max_age by now, but its upload is still open.
+    // The held partial is as old as the pruned one, but its upload is still open. Showing that something does not
+    // happen takes time: three more prune passes (one per second) must leave it alone.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         partial_files(&state),
