@@ -1,5 +1,8 @@
 //! RPC glue between the gRPC service and `patchd-apply`: Stage, Apply, Rollback and Status requests become engine
 //! commands, engine results become wire messages, and engine errors become `tonic::Status` (here, once).
+//!
+//! The engine runs on its own runtime ([`ApplyRuntime`]: its own worker and blocking threads), so uploads that
+//! fill the server runtime's blocking pool (hashing, disk writes) can never delay an apply's steps or probation.
 
 use crate::config::Config;
 use patchd_apply::backend::RunState;
@@ -8,18 +11,73 @@ use patchd_apply::{
     RollbackCommand, ServiceReport,
 };
 use patchd_proto::v1;
+use std::future::Future;
+use std::sync::Arc;
 use tonic::{Code, Status};
+
+/// Worker threads of the apply runtime: applies of different services run at once, and one may block briefly.
+const APPLY_WORKER_THREADS: usize = 2;
+/// Blocking threads of the apply runtime (staging, hashing, file swaps); one apply uses a few at a time.
+const APPLY_BLOCKING_THREADS: usize = 32;
+
+/// The runtime the apply engine runs on. Shut down without waiting when dropped, which may happen inside the
+/// server's runtime (where blocking on a shutdown is not allowed); the engine's tasks end with it.
+#[derive(Debug)]
+pub struct ApplyRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl ApplyRuntime {
+    fn new() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(APPLY_WORKER_THREADS)
+            .max_blocking_threads(APPLY_BLOCKING_THREADS)
+            .thread_name("patchd-apply")
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Runs `work` on the apply runtime and waits for it from any runtime.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let Some(runtime) = &self.runtime else {
+            return Err(Status::unavailable("the agent is shutting down"));
+        };
+        runtime
+            .spawn(work)
+            .await
+            .map_err(|e| Status::internal(format!("apply task failed: {e}")))
+    }
+}
+
+impl Drop for ApplyRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
 
 /// The apply side of the agent, created once at start-up (after crash recovery) and shared by all RPCs.
 #[derive(Debug, Clone)]
 pub struct ApplyService {
     engine: Engine,
+    runtime: Arc<ApplyRuntime>,
 }
 
 impl ApplyService {
     /// Starts the engine for the agent config: checks the services, recovers every interrupted apply (each
     /// service ends all-old or all-new) and makes sure agent-supervised services run. Call before serving.
     pub async fn start(config: &Config) -> Result<Self, ApplyError> {
+        let runtime =
+            Arc::new(ApplyRuntime::new().map_err(|e| {
+                ApplyError::Internal(format!("cannot start the apply runtime: {e}"))
+            })?);
         let package_limits = patchd_package::Limits {
             max_files: config.limits.max_files,
             max_unpacked_bytes: config.limits.max_unpacked_bytes,
@@ -27,16 +85,19 @@ impl ApplyService {
                 .max_entry_bytes
                 .min(config.limits.max_unpacked_bytes),
         };
-        let engine = Engine::start(EngineConfig {
+        let engine_config = EngineConfig {
             state_dir: config.state_dir.clone(),
             deploy_roots: config.deploy_roots.clone(),
             services: config.services.clone(),
             keep_backups: usize::try_from(config.limits.keep_backups).unwrap_or(usize::MAX),
             package_limits,
             cache_min_age: config.limits.cache_min_age,
-        })
-        .await?;
-        Ok(Self { engine })
+        };
+        let engine = runtime
+            .run(Engine::start(engine_config))
+            .await
+            .map_err(|status| ApplyError::Internal(status.message().to_string()))??;
+        Ok(Self { engine, runtime })
     }
 
     /// The engine behind the RPCs.
@@ -44,11 +105,20 @@ impl ApplyService {
         &self.engine
     }
 
-    pub async fn stage(&self, req: v1::StageRequest) -> Result<v1::StageResponse, Status> {
-        let staged = self
-            .engine
-            .stage(&req.service, &req.digest)
+    /// Prunes unused cached blobs and staged packages now (the periodic pass; see `patchd_apply::prune`).
+    pub async fn prune_cache(&self) -> Result<(), Status> {
+        let engine = self.engine.clone();
+        self.runtime
+            .run(async move { engine.prune_cache().await })
             .await
+    }
+
+    pub async fn stage(&self, req: v1::StageRequest) -> Result<v1::StageResponse, Status> {
+        let engine = self.engine.clone();
+        let staged = self
+            .runtime
+            .run(async move { engine.stage(&req.service, &req.digest).await })
+            .await?
             .map_err(to_status)?;
         let manifest = staged.manifest;
         Ok(v1::StageResponse {
@@ -80,7 +150,12 @@ impl ApplyService {
             patch_id: req.patch_id,
             offline: req.offline,
         };
-        let report = self.engine.apply(command).await.map_err(to_status)?;
+        let engine = self.engine.clone();
+        let report = self
+            .runtime
+            .run(async move { engine.apply(command).await })
+            .await?
+            .map_err(to_status)?;
         Ok(response_of(report.result, report.replayed))
     }
 
@@ -100,13 +175,25 @@ impl ApplyService {
             to_patch_id: Some(req.to_patch_id).filter(|p| !p.is_empty()),
             patch_id,
         };
-        let report = self.engine.rollback(command).await.map_err(to_status)?;
+        let engine = self.engine.clone();
+        let report = self
+            .runtime
+            .run(async move { engine.rollback(command).await })
+            .await?
+            .map_err(to_status)?;
         Ok(response_of(report.result, report.replayed))
     }
 
     pub async fn status(&self, req: v1::StatusRequest) -> Result<v1::StatusResponse, Status> {
-        let service = Some(req.service.as_str()).filter(|s| !s.is_empty());
-        let reports = self.engine.status(service).await.map_err(to_status)?;
+        let engine = self.engine.clone();
+        let reports = self
+            .runtime
+            .run(async move {
+                let service = Some(req.service.as_str()).filter(|s| !s.is_empty());
+                engine.status(service).await
+            })
+            .await?
+            .map_err(to_status)?;
         Ok(v1::StatusResponse {
             services: reports.into_iter().map(service_status).collect(),
         })
@@ -120,6 +207,7 @@ fn to_status(err: ApplyError) -> Status {
         ErrorKind::NotFound => Code::NotFound,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,
         ErrorKind::PermissionDenied => Code::PermissionDenied,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
         ErrorKind::Internal => Code::Internal,
     };
     if code == Code::Internal {

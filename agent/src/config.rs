@@ -23,6 +23,8 @@ pub struct Config {
     pub tls: TlsSection,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub bounds: Bounds,
     /// Managed services (`[[service]]`).
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceSpec>,
@@ -93,6 +95,62 @@ impl Default for Limits {
             keep_backups: 3,
             cache_min_age: patchd_apply::prune::DEFAULT_CACHE_MIN_AGE,
         }
+    }
+}
+
+/// `[bounds]`: how much of the host's disk, threads and connections concurrent callers may hold at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Bounds {
+    /// Uploads receiving at the same time; one more is refused (`RESOURCE_EXHAUSTED`) until one ends.
+    pub max_concurrent_uploads: u32,
+    /// HTTP/2 streams (calls) open at once on one connection (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_streams_per_connection: u32,
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    pub max_connections: u32,
+    /// An upload that sends nothing for this long is ended (its verified chunks are kept).
+    #[serde(with = "humantime_duration")]
+    pub upload_idle_timeout: Duration,
+    /// How often unused blobs, staged packages and partial uploads are pruned while the agent runs.
+    #[serde(with = "humantime_duration")]
+    pub prune_interval: Duration,
+    /// Partial uploads untouched this long are pruned; default `limits.cache_min_age`.
+    #[serde(default, with = "humantime_duration_opt")]
+    pub partial_max_age: Option<Duration>,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            max_concurrent_uploads: 8,
+            max_streams_per_connection: 32,
+            max_connections: 64,
+            upload_idle_timeout: Duration::from_secs(30),
+            prune_interval: Duration::from_secs(10 * 60),
+            partial_max_age: None,
+        }
+    }
+}
+
+impl Config {
+    /// Age after which a partial upload no upload is using is pruned.
+    pub fn partial_max_age(&self) -> Duration {
+        self.bounds
+            .partial_max_age
+            .unwrap_or(self.limits.cache_min_age)
+    }
+}
+
+/// Shortest `bounds.prune_interval`, `bounds.partial_max_age` and `bounds.upload_idle_timeout` accepted.
+pub const MIN_BOUNDS_DURATION: Duration = Duration::from_secs(1);
+
+/// serde adapter: an optional humantime duration.
+mod humantime_duration_opt {
+    use serde::Deserializer;
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::humantime_duration::deserialize(d).map(Some)
     }
 }
 
@@ -281,6 +339,40 @@ impl Config {
                     humantime::format_duration(self.limits.cache_min_age)
                 ),
             });
+        }
+
+        for (key, value) in [
+            (
+                "bounds.max_concurrent_uploads",
+                self.bounds.max_concurrent_uploads,
+            ),
+            (
+                "bounds.max_streams_per_connection",
+                self.bounds.max_streams_per_connection,
+            ),
+            ("bounds.max_connections", self.bounds.max_connections),
+        ] {
+            if value == 0 {
+                problems.push(Problem {
+                    key: key.into(),
+                    message: "must be at least 1 (remove the key for the default)".into(),
+                });
+            }
+        }
+        for (key, value) in [
+            (
+                "bounds.upload_idle_timeout",
+                Some(self.bounds.upload_idle_timeout),
+            ),
+            ("bounds.prune_interval", Some(self.bounds.prune_interval)),
+            ("bounds.partial_max_age", self.bounds.partial_max_age),
+        ] {
+            if value.is_some_and(|v| v < MIN_BOUNDS_DURATION) {
+                problems.push(Problem {
+                    key: key.into(),
+                    message: "is too short: use at least \"1s\"".into(),
+                });
+            }
         }
 
         let mut names = BTreeSet::new();
@@ -537,6 +629,37 @@ mod tests {
             err.contains("cache_min_age") && err.contains("not a duration"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn bounds_have_defaults_and_refuse_zero_and_tiny_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse(Path::new("x.toml"), &base(dir.path())).unwrap();
+        assert_eq!(config.bounds.max_concurrent_uploads, 8);
+        assert_eq!(config.partial_max_age(), config.limits.cache_min_age);
+        assert!(!problems_with_prefix(&config.validate(), "bounds."));
+
+        let text = format!(
+            "{}[bounds]\nmax_concurrent_uploads = 2\nprune_interval = \"1s\"\npartial_max_age = \"3s\"\n",
+            base(dir.path())
+        );
+        let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+        assert_eq!(config.bounds.max_concurrent_uploads, 2);
+        assert_eq!(config.bounds.prune_interval, Duration::from_secs(1));
+        assert_eq!(config.partial_max_age(), Duration::from_secs(3));
+        assert!(!problems_with_prefix(&config.validate(), "bounds."));
+
+        let text = format!(
+            "{}[bounds]\nmax_connections = 0\nprune_interval = \"10ms\"\n",
+            base(dir.path())
+        );
+        let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+        let all = format_problems(&config.validate());
+        assert!(
+            all.contains("bounds.max_connections: must be at least 1"),
+            "{all}"
+        );
+        assert!(all.contains("bounds.prune_interval: is too short"), "{all}");
     }
 
     #[test]

@@ -12,12 +12,17 @@ pub mod upload_path;
 use crate::apply_rpc::ApplyService;
 use crate::config::Config;
 use crate::server::AgentService;
-use crate::transfer::BlobStore;
+use crate::transfer::{BlobStore, UploadBounds};
+use futures::{Stream, StreamExt};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
 /// HTTP/2 flow-control windows of the server: uploads are server-bound, so these bound throughput per RTT.
 const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
@@ -68,9 +73,14 @@ impl Agent {
                 cause,
             })?;
         let tls = patchd_tls::TlsMaterial::load(&config.tls.files())?;
-        let store = Arc::new(BlobStore::open(
+        let store = Arc::new(BlobStore::open_bounded(
             &config.blobs_dir(),
             config.limits.max_blob_bytes,
+            UploadBounds {
+                max_concurrent: usize::try_from(config.bounds.max_concurrent_uploads)
+                    .unwrap_or(usize::MAX),
+                idle_timeout: config.bounds.upload_idle_timeout,
+            },
         )?);
         let apply = Arc::new(start_apply_service(&config).await?);
         Ok(Self {
@@ -92,19 +102,143 @@ impl Agent {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AgentError> {
+        let pruning = tokio::spawn(prune_periodically(
+            Arc::clone(&self.store),
+            Arc::clone(&self.apply),
+            self.config.bounds.prune_interval,
+            self.config.partial_max_age(),
+        ));
+        let bounds = &self.config.bounds;
+        let connections = limit_connections(
+            accepted_connections(listener),
+            usize::try_from(bounds.max_connections).unwrap_or(usize::MAX),
+        );
         let service = AgentService::new(Arc::clone(&self.config), self.store, self.apply);
-        tonic::transport::Server::builder()
+        let served = tonic::transport::Server::builder()
             .tls_config(self.tls.server_config())?
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .max_frame_size(Some(MAX_FRAME_BYTES))
+            .max_concurrent_streams(Some(bounds.max_streams_per_connection))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(upload_path::AgentRoutes::new(service))
-            .serve_with_incoming_shutdown(accepted_connections(listener), shutdown)
-            .await?;
+            .serve_with_incoming_shutdown(connections, shutdown)
+            .await;
+        pruning.abort();
+        served?;
         Ok(())
     }
+}
+
+/// Prunes old partial uploads, then unused blobs and staged packages, every `interval` while the agent serves
+/// (at start, recovery already pruned, so the first pass waits one interval).
+async fn prune_periodically(
+    store: Arc<BlobStore>,
+    apply: Arc<ApplyService>,
+    interval: Duration,
+    partial_max_age: Duration,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let partials = Arc::clone(&store);
+        match tokio::task::spawn_blocking(move || partials.prune_partials(partial_max_age)).await {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(removed = removed.len(), "pruned old partial uploads");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pruning partial uploads failed: {e}"),
+        }
+        if let Err(status) = apply.prune_cache().await {
+            tracing::warn!("pruning the blob cache failed: {}", status.message());
+        }
+    }
+}
+
+/// A connection that holds one of the agent's connection slots until it is closed.
+struct BoundedConnection {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connected for BoundedConnection {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for BoundedConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BoundedConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// At most `max` connections open at once: one more is closed as soon as it is accepted (a refusal the caller
+/// sees at once, where leaving it in the listen backlog would only make it time out), and logged.
+fn limit_connections(
+    incoming: TcpIncoming,
+    max: usize,
+) -> impl Stream<Item = std::io::Result<BoundedConnection>> {
+    let slots = Arc::new(Semaphore::new(max.max(1)));
+    incoming.filter_map(move |accepted| {
+        let slots = Arc::clone(&slots);
+        async move {
+            match accepted {
+                Err(e) => Some(Err(e)),
+                Ok(stream) => match slots.try_acquire_owned() {
+                    Ok(slot) => Some(Ok(BoundedConnection {
+                        stream,
+                        _slot: slot,
+                    })),
+                    Err(_) => {
+                        tracing::warn!(
+                            peer = ?stream.peer_addr().ok(),
+                            "refused a connection: {max} are open (bounds.max_connections)"
+                        );
+                        None
+                    }
+                },
+            }
+        }
+    })
 }
 
 /// Connections accepted on `listener`, with `TCP_NODELAY` (HTTP/2 frames go out as soon as they are written:
@@ -127,6 +261,29 @@ async fn start_apply_service(config: &Arc<Config>) -> Result<ApplyService, Agent
 mod tests {
     use super::*;
     use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_and_a_closed_one_frees_its_slot() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(limit_connections(accepted_connections(listener), 1));
+        let _first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let held = incoming.next().await.unwrap().unwrap();
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The second is accepted and closed while the first holds the only slot; once the first is closed,
+        // a third gets the slot.
+        let next = tokio::spawn(async move { incoming.next().await.map(|c| c.is_ok()) });
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            second.read(&mut byte).await.unwrap(),
+            0,
+            "closed by the agent"
+        );
+        drop(held);
+        let _third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert_eq!(next.await.unwrap(), Some(true));
+    }
 
     #[tokio::test]
     async fn accepted_connections_have_nodelay_and_keepalive() {

@@ -10,14 +10,14 @@ impl From<TransferError> for Status {
             TransferError::InvalidDigest(_)
             | TransferError::InvalidChunkSize(_)
             | TransferError::Protocol(_) => Code::InvalidArgument,
-            TransferError::TooLarge { .. } | TransferError::NoSpace { .. } => {
-                Code::ResourceExhausted
-            }
+            TransferError::TooLarge { .. }
+            | TransferError::NoSpace { .. }
+            | TransferError::TooManyUploads { .. } => Code::ResourceExhausted,
             TransferError::ChunkCorrupt { .. } | TransferError::DigestMismatch { .. } => {
                 Code::DataLoss
             }
             TransferError::OutOfOrder { .. } => Code::FailedPrecondition,
-            TransferError::IdleTimeout => Code::DeadlineExceeded,
+            TransferError::IdleTimeout(_) => Code::DeadlineExceeded,
             TransferError::StreamBroken(_) => Code::Aborted,
             TransferError::Io { cause, .. } if cause.kind() == std::io::ErrorKind::StorageFull => {
                 Code::ResourceExhausted
@@ -52,6 +52,7 @@ mod tests {
         let space: Status = TransferError::NoSpace {
             needed: 10,
             free: 5,
+            reserved: 0,
             dir: "/var/lib/patchd/blobs".into(),
         }
         .into();

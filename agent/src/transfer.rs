@@ -8,10 +8,16 @@
 //! fast upload does not pay one fsync per chunk; a crash loses at most one batch of progress, never correctness.
 //! A blob becomes complete only by renaming the synced part file after the tree digest of all records matched.
 //!
+//! Bounds: at most `max_concurrent_uploads` uploads run at once (one more is refused, not queued: a waiting one
+//! would still hold its connection's buffers), and each holds a reservation of the bytes it still needs against the
+//! free space of the state filesystem ([`SpaceLedger`]), so two uploads cannot both count the same free bytes.
+//!
 //! Each byte is hashed once (its chunk's sha256, on a blocking thread); the tree digest is built from the records.
 //! Three threads per upload keep the hashing thread (the bottleneck) busy: the hasher verifies each chunk, a writer
-//! `pwrite`s it, a recorder fsyncs and appends records. Memory stays flat: each queue between them holds at most
-//! [`QUEUE_BYTES`] of chunks.
+//! `pwrite`s it, a recorder fsyncs and appends records. They run only while chunks come: after [`PARK_AFTER`] of
+//! silence they record what they have and end, and the parked upload waits for its next message on the async side
+//! alone (so idle uploads hold no threads, and an apply never waits behind them). Memory stays flat: each queue
+//! between them holds at most [`QUEUE_BYTES`] of chunks.
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -34,8 +40,13 @@ pub const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 pub const FLUSH_BYTES: u64 = 32 * 1024 * 1024;
 /// A pause in the stream longer than this makes the worker sync and record what it has.
 pub const FLUSH_IDLE: Duration = Duration::from_millis(100);
-/// An upload that sends nothing for this long is abandoned (its verified chunks are kept).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default for an upload that sends nothing: after this long it is abandoned (its verified chunks are kept).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A stream silent for this long parks its upload: the hasher, writer and recorder threads record what they have
+/// and end, so an idle upload holds no thread; the next message starts them again.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
+/// Default number of uploads receiving at once.
+pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 8;
 
 const RECORDS_MAGIC: &[u8; 16] = b"patchd-chunks-v1";
 const RECORDS_HEADER_LEN: u64 = 16 + 4 + 8;
@@ -63,12 +74,15 @@ pub enum TransferError {
     TooLarge { size: u64, max: u64 },
     #[error(
         "not enough disk space for this package: it needs {needed} more bytes ({}) in {} but only {free} bytes ({}) \
-         are free there; free space on that filesystem or move state_dir to a bigger one",
-        mib(*needed), dir.display(), mib(*free)
+         are free there{}; free space on that filesystem or move state_dir to a bigger one",
+        mib(*needed), dir.display(), mib(*free), reserved_note(*reserved)
     )]
     NoSpace {
         needed: u64,
+        /// Free bytes not reserved by other uploads.
         free: u64,
+        /// Bytes reserved by uploads in progress (already subtracted from `free`).
+        reserved: u64,
         dir: PathBuf,
     },
     #[error(
@@ -84,8 +98,16 @@ pub enum TransferError {
          was discarded; check the package digest and push again"
     )]
     DigestMismatch { expected: String, actual: String },
-    #[error("no message for {}s: upload abandoned (verified chunks are kept; push again to resume)", IDLE_TIMEOUT.as_secs())]
-    IdleTimeout,
+    #[error(
+        "no message for {}s: upload abandoned (verified chunks are kept; push again to resume)",
+        .0.as_secs()
+    )]
+    IdleTimeout(Duration),
+    #[error(
+        "{limit} uploads are already in progress on this agent (bounds.max_concurrent_uploads): push again once \
+         they have finished, or raise the limit in patchd.toml"
+    )]
+    TooManyUploads { limit: usize },
     #[error("I/O error on {}: {cause}", path.display())]
     Io {
         path: PathBuf,
@@ -93,6 +115,17 @@ pub enum TransferError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn reserved_note(reserved: u64) -> String {
+    if reserved == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({reserved} more bytes, {}, are reserved by uploads in progress)",
+            mib(reserved)
+        )
+    }
 }
 
 fn mib(bytes: u64) -> String {
@@ -173,6 +206,93 @@ pub struct UploadOutcome {
     pub bytes_received: u64,
 }
 
+/// Bytes promised to uploads in progress and not yet written: free space minus this is what a new upload may
+/// claim. Each [`Reservation`] gives its bytes back as its chunks are written (they then show in `statvfs`),
+/// and the rest when it ends.
+#[derive(Debug, Default)]
+pub struct SpaceLedger {
+    outstanding: Mutex<u64>,
+}
+
+/// Bytes one upload may still write; see [`SpaceLedger`].
+#[derive(Debug)]
+pub struct Reservation {
+    ledger: Arc<SpaceLedger>,
+    remaining: u64,
+}
+
+impl SpaceLedger {
+    fn outstanding(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.outstanding
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reserves `needed` of the free bytes `free` measures unless uploads in progress already hold too many of
+    /// them. Measuring, checking and reserving happen under one lock.
+    pub fn reserve(
+        self: &Arc<Self>,
+        needed: u64,
+        free: impl FnOnce() -> Result<u64, TransferError>,
+        dir: &Path,
+    ) -> Result<Reservation, TransferError> {
+        let mut outstanding = self.outstanding();
+        let free = free()?;
+        let available = free.saturating_sub(*outstanding);
+        if needed > available {
+            return Err(TransferError::NoSpace {
+                needed,
+                free: available,
+                reserved: *outstanding,
+                dir: dir.to_path_buf(),
+            });
+        }
+        *outstanding += needed;
+        Ok(Reservation {
+            ledger: Arc::clone(self),
+            remaining: needed,
+        })
+    }
+
+    /// Bytes reserved and not yet written.
+    pub fn reserved(&self) -> u64 {
+        *self.outstanding()
+    }
+}
+
+impl Reservation {
+    /// `bytes` of this upload were written: they now count in the filesystem's own free figure.
+    fn written(&mut self, bytes: u64) {
+        let taken = bytes.min(self.remaining);
+        self.remaining -= taken;
+        let mut outstanding = self.ledger.outstanding();
+        *outstanding = outstanding.saturating_sub(taken);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut outstanding = self.ledger.outstanding();
+        *outstanding = outstanding.saturating_sub(self.remaining);
+    }
+}
+
+/// How many uploads may run at once and how long one may stay silent.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadBounds {
+    pub max_concurrent: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Default for UploadBounds {
+    fn default() -> Self {
+        Self {
+            max_concurrent: DEFAULT_MAX_CONCURRENT_UPLOADS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
 /// The content-addressed blob cache under `<state>/blobs`.
 #[derive(Debug)]
 pub struct BlobStore {
@@ -180,11 +300,25 @@ pub struct BlobStore {
     partial_dir: PathBuf,
     max_blob_bytes: u64,
     locks: DigestLocks,
+    space: Arc<SpaceLedger>,
+    bounds: UploadBounds,
+    upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Uploads whose disk threads run now (the others are parked or waiting for their digest's lock).
+    receiving: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl BlobStore {
-    /// Opens (creating if needed) the cache in `dir`.
+    /// Opens (creating if needed) the cache in `dir`, with the default [`UploadBounds`].
     pub fn open(dir: &Path, max_blob_bytes: u64) -> Result<Self, TransferError> {
+        Self::open_bounded(dir, max_blob_bytes, UploadBounds::default())
+    }
+
+    /// Opens (creating if needed) the cache in `dir`.
+    pub fn open_bounded(
+        dir: &Path,
+        max_blob_bytes: u64,
+        bounds: UploadBounds,
+    ) -> Result<Self, TransferError> {
         let partial_dir = dir.join("partial");
         std::fs::create_dir_all(&partial_dir).map_err(io_err(&partial_dir))?;
         Ok(Self {
@@ -192,7 +326,82 @@ impl BlobStore {
             partial_dir,
             max_blob_bytes,
             locks: DigestLocks::default(),
+            space: Arc::default(),
+            bounds,
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(bounds.max_concurrent.max(1))),
+            receiving: Arc::default(),
         })
+    }
+
+    /// How long an upload may stay silent.
+    pub fn idle_timeout(&self) -> Duration {
+        self.bounds.idle_timeout
+    }
+
+    /// Uploads holding threads right now: receiving chunks, not parked.
+    pub fn receiving_uploads(&self) -> usize {
+        self.receiving.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes reserved by uploads in progress and not yet written.
+    pub fn reserved_bytes(&self) -> u64 {
+        self.space.reserved()
+    }
+
+    /// Removes partial uploads (`partial/<digest>.part` and `.chunks`) untouched (later of mtime and ctime) for
+    /// `max_age`, skipping any digest an upload holds right now: its lock is taken without waiting, so an upload
+    /// that starts meanwhile waits and then begins afresh. Returns the paths removed.
+    pub fn prune_partials(&self, max_age: Duration) -> Vec<PathBuf> {
+        let now = std::time::SystemTime::now();
+        let Ok(listing) = std::fs::read_dir(&self.partial_dir) else {
+            return Vec::new();
+        };
+        let mut by_digest: HashMap<String, Vec<(PathBuf, std::fs::Metadata)>> = HashMap::new();
+        for entry in listing.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let digest = name
+                .strip_suffix(".part")
+                .or_else(|| name.strip_suffix(".chunks"))
+                .unwrap_or(&name)
+                .to_string();
+            if let Ok(meta) = entry.metadata() {
+                by_digest
+                    .entry(digest)
+                    .or_default()
+                    .push((entry.path(), meta));
+            }
+        }
+        let mut removed = Vec::new();
+        for (digest, files) in by_digest {
+            // Both files of an upload go together, and only when both are old.
+            if !files
+                .iter()
+                .all(|(_, meta)| is_untouched_for(meta, max_age, now))
+            {
+                continue;
+            }
+            let Some(_held) = self.locks.try_acquire(&digest) else {
+                continue;
+            };
+            for (path, meta) in files {
+                // Re-checked under the lock: an upload may have written it since the listing.
+                let still_old = std::fs::symlink_metadata(&path)
+                    .is_ok_and(|now_meta| is_untouched_for(&now_meta, max_age, now));
+                if !still_old || !meta.is_file() {
+                    continue;
+                }
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), bytes = meta.len(), "removed an old partial upload");
+                        removed.push(path);
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), "cannot remove a partial upload: {e}")
+                    }
+                }
+            }
+        }
+        removed
     }
 
     /// Where the complete blob `digest` lives (whether or not it is there).
@@ -277,6 +486,12 @@ impl BlobStore {
                 max: self.max_blob_bytes,
             });
         }
+        // Refused rather than queued: a waiting upload would still hold its connection's buffers.
+        let _slot = Arc::clone(&self.upload_slots)
+            .try_acquire_owned()
+            .map_err(|_| TransferError::TooManyUploads {
+                limit: self.bounds.max_concurrent,
+            })?;
         let _guard = self.locks.acquire(&blob.digest).await;
 
         let store = Arc::clone(self);
@@ -288,17 +503,16 @@ impl BlobStore {
                 ..UploadOutcome::default()
             });
         };
-        let held = partial.held;
-
-        let (tx, rx) = mpsc::channel::<Chunk>(queue_depth(blob.chunk_size));
-        let runtime = tokio::runtime::Handle::current();
-        let worker = tokio::task::spawn_blocking(move || partial.receive(rx, &runtime));
-
+        let held_at_start = partial.held;
+        let mut partial = partial;
+        let mut outcome = UploadOutcome::default();
         let mut stream_error = None;
-        loop {
-            let chunk = match tokio::time::timeout(IDLE_TIMEOUT, chunks.next()).await {
+        let mut ended = false;
+        while !ended {
+            // Parked: the disk threads are gone and the next message is awaited without holding any thread.
+            let first = match tokio::time::timeout(self.bounds.idle_timeout, chunks.next()).await {
                 Err(_) => {
-                    stream_error = Some(TransferError::IdleTimeout);
+                    stream_error = Some(TransferError::IdleTimeout(self.bounds.idle_timeout));
                     break;
                 }
                 Ok(None) => break,
@@ -308,18 +522,52 @@ impl BlobStore {
                 }
                 Ok(Some(Ok(chunk))) => chunk,
             };
-            if chunk.index < held {
-                // Another upload of this digest finished these chunks while this one waited for the lock.
-                continue;
+            let (tx, rx) = mpsc::channel::<Chunk>(queue_depth(blob.chunk_size));
+            let runtime = tokio::runtime::Handle::current();
+            let receiving = Arc::clone(&self.receiving);
+            receiving.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let worker = tokio::task::spawn_blocking(move || {
+                let received = partial.receive(rx, &runtime);
+                receiving.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                (partial, received)
+            });
+            let mut next = Some(first);
+            loop {
+                if let Some(chunk) = next.take()
+                    // Chunks another upload of this digest finished while this one waited for the lock.
+                    && chunk.index >= held_at_start
+                    && tx.send(chunk).await.is_err()
+                {
+                    break; // the worker stopped; its result says why
+                }
+                match tokio::time::timeout(PARK_AFTER, chunks.next()).await {
+                    // A pause: the worker records what it has and ends; the upload parks.
+                    Err(_) => break,
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Ok(Some(Err(e))) => {
+                        stream_error = Some(e);
+                        ended = true;
+                        break;
+                    }
+                    Ok(Some(Ok(chunk))) => next = Some(chunk),
+                }
             }
-            if tx.send(chunk).await.is_err() {
-                break; // the worker stopped; its result says why
-            }
+            drop(tx);
+            let (back, received) = worker
+                .await
+                .map_err(|e| TransferError::Internal(format!("upload worker failed: {e}")))?;
+            let received = received?;
+            outcome.chunks_received += received.chunks_received;
+            outcome.bytes_received += received.bytes_received;
+            partial = back;
         }
-        drop(tx);
-        let outcome = worker
-            .await
-            .map_err(|e| TransferError::Internal(format!("upload worker failed: {e}")))??;
+        if partial.held == blob.chunk_count() {
+            blocking(move || partial.finish()).await?;
+            outcome.complete = true;
+        }
         match stream_error {
             Some(e) if !outcome.complete => Err(e),
             _ => Ok(outcome),
@@ -333,16 +581,23 @@ impl BlobStore {
             return Ok(None);
         }
         let needed = blob.total_size - state.bytes_held;
-        let free = self.free_bytes()?;
-        if needed > free {
-            return Err(TransferError::NoSpace {
-                needed,
-                free,
-                dir: self.dir.clone(),
-            });
-        }
-        PartialBlob::open(self, blob).map(Some)
+        let reservation = self
+            .space
+            .reserve(needed, || self.free_bytes(), &self.dir)?;
+        PartialBlob::open(self, blob, reservation).map(Some)
     }
+}
+
+/// Untouched (neither written nor renamed: the later of mtime and ctime) for at least `min_age` before `now`.
+fn is_untouched_for(
+    meta: &std::fs::Metadata,
+    min_age: Duration,
+    now: std::time::SystemTime,
+) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let seconds = u64::try_from(meta.mtime().max(meta.ctime())).unwrap_or(0);
+    let touched = std::time::UNIX_EPOCH + Duration::from_secs(seconds);
+    now.duration_since(touched).is_ok_and(|age| age >= min_age)
 }
 
 /// Available bytes (for unprivileged users) on the filesystem holding `path`.
@@ -390,10 +645,16 @@ struct PartialBlob {
     held: u64,
     pending: Vec<[u8; 32]>,
     pending_bytes: u64,
+    /// The bytes this upload may still write; handed to the writer, which gives them back as it writes.
+    reservation: Option<Reservation>,
 }
 
 impl PartialBlob {
-    fn open(store: &BlobStore, blob: &BlobRef) -> Result<Self, TransferError> {
+    fn open(
+        store: &BlobStore,
+        blob: &BlobRef,
+        reservation: Reservation,
+    ) -> Result<Self, TransferError> {
         let part_path = store.part_path(&blob.digest);
         let records_path = store.records_path(&blob.digest);
         let mut tree = TreeHasher::new(blob.chunk_size, blob.total_size);
@@ -469,6 +730,7 @@ impl PartialBlob {
             held,
             pending: Vec::new(),
             pending_bytes: 0,
+            reservation: Some(reservation),
         })
     }
 
@@ -476,7 +738,7 @@ impl PartialBlob {
     /// while a writer thread writes them and a recorder thread makes them durable (so neither `pwrite` nor fsync
     /// latency stalls hashing).
     fn receive(
-        mut self,
+        &mut self,
         rx: mpsc::Receiver<Chunk>,
         runtime: &tokio::runtime::Handle,
     ) -> Result<UploadOutcome, TransferError> {
@@ -485,6 +747,7 @@ impl PartialBlob {
             direct: open_direct(&self.part_path),
             part_path: self.part_path.clone(),
             aligned: Vec::new(),
+            reservation: self.reservation.take(),
         };
         let recorder = Recorder {
             part: self.part.try_clone().map_err(io_err(&self.part_path))?,
@@ -499,28 +762,28 @@ impl PartialBlob {
             std::sync::mpsc::sync_channel::<ToWriter>(queue_depth(self.blob.chunk_size));
         // One batch waiting: if the disk falls behind, writing waits instead of piling up unsynced data.
         let (to_recorder, recorder_rx) = std::sync::mpsc::sync_channel::<Vec<[u8; 32]>>(1);
-        let (mut outcome, result) = std::thread::scope(|scope| {
+        let (outcome, result) = std::thread::scope(|scope| {
             let writing = scope.spawn(move || writer.run(writer_rx, to_recorder));
             let recording = scope.spawn(move || recorder.run(recorder_rx));
             let (outcome, received) = self.receive_chunks(rx, runtime, &to_writer);
             // Keep what verified before a bad chunk: the retry resumes right at it.
             let handed = self.hand_over(&to_writer);
             drop(to_writer);
-            let panicked = |what: &str| {
+            fn panicked<T>(what: &str) -> Result<T, TransferError> {
                 Err(TransferError::Internal(format!(
                     "the {what} thread panicked"
                 )))
-            };
-            let written = writing.join().unwrap_or_else(|_| panicked("writer"));
+            }
+            let written = writing
+                .join()
+                .unwrap_or_else(|_| panicked("writer"))
+                // The writer hands the rest of the reservation back for the next burst of chunks.
+                .map(|reservation| self.reservation = reservation);
             let recorded = recording.join().unwrap_or_else(|_| panicked("recorder"));
             // A disk error explains a stopped writer better than the hasher's view of it.
             (outcome, written.and(recorded).and(received).and(handed))
         });
         result?;
-        if self.held == self.blob.chunk_count() {
-            self.finish()?;
-            outcome.complete = true;
-        }
         Ok(outcome)
     }
 
@@ -711,26 +974,34 @@ struct Writer {
     part_path: PathBuf,
     /// Reused buffer holding one aligned, padded piece of a chunk for direct I/O.
     aligned: Vec<u8>,
+    /// Given back chunk by chunk once written: from then on the file system's free figure counts the bytes.
+    reservation: Option<Reservation>,
 }
 
 impl Writer {
+    /// Writes until the hasher is done; returns what is left of the reservation.
     fn run(
         mut self,
         from_hasher: std::sync::mpsc::Receiver<ToWriter>,
         to_recorder: SyncSender<Vec<[u8; 32]>>,
-    ) -> Result<(), TransferError> {
+    ) -> Result<Option<Reservation>, TransferError> {
         for message in from_hasher {
             match message {
-                ToWriter::Data { offset, data } => self.write(offset, &data)?,
+                ToWriter::Data { offset, data } => {
+                    self.write(offset, &data)?;
+                    if let Some(reservation) = &mut self.reservation {
+                        reservation.written(data.len() as u64);
+                    }
+                }
                 ToWriter::Batch(batch) => {
                     // A closed recorder has failed: its own result carries the error.
                     if to_recorder.send(batch).is_err() {
-                        return Ok(());
+                        return Ok(self.reservation);
                     }
                 }
             }
         }
-        Ok(())
+        Ok(self.reservation)
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), TransferError> {
@@ -817,6 +1088,21 @@ struct DigestGuard<'a> {
 }
 
 impl DigestLocks {
+    /// The lock of `digest` if nobody holds it now.
+    fn try_acquire(&self, digest: &str) -> Option<DigestGuard<'_>> {
+        let lock = {
+            let mut map = self
+                .map
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            Arc::clone(map.entry(digest.to_string()).or_default())
+        };
+        let guard = lock.try_lock_owned().ok();
+        let acquired = DigestGuard { locks: self, guard };
+        // Dropping a guard that holds nothing still cleans the map entry made above.
+        acquired.guard.is_some().then_some(acquired)
+    }
+
     async fn acquire(&self, digest: &str) -> DigestGuard<'_> {
         let lock = {
             let mut map = self
@@ -877,6 +1163,7 @@ mod tests {
             direct,
             part_path: path.clone(),
             aligned: Vec::new(),
+            reservation: None,
         };
         // Two chunks of 2 MiB (each written in pieces) and a tail that is not a whole block.
         let chunk = 2 * DIRECT_IO_PIECE;
@@ -918,6 +1205,7 @@ mod tests {
             direct: open_direct(&path),
             part_path: path.clone(),
             aligned: Vec::new(),
+            reservation: None,
         };
         let supported = writer.direct.is_some();
         let data = sample(DIRECT_IO_ALIGN * 3 + 123);
@@ -1101,5 +1389,163 @@ mod tests {
             0
         );
         assert!(BlobRef::new("../etc".into(), 1, MIN_CHUNK_SIZE).is_err());
+    }
+
+    #[test]
+    fn reservations_share_the_free_bytes_and_are_given_back() {
+        let ledger = Arc::new(SpaceLedger::default());
+        let dir = Path::new("/state/blobs");
+        let mut first = ledger.reserve(60, || Ok(100), dir).unwrap();
+        let err = ledger.reserve(50, || Ok(100), dir).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransferError::NoSpace {
+                    needed: 50,
+                    free: 40,
+                    reserved: 60,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("reserved by uploads in progress"),
+            "{err}"
+        );
+        // Written bytes leave the ledger (the file system's own free figure now counts them).
+        first.written(30);
+        assert_eq!(ledger.reserved(), 30);
+        drop(first);
+        assert_eq!(ledger.reserved(), 0);
+        let _second = ledger.reserve(50, || Ok(100), dir).unwrap();
+        assert_eq!(ledger.reserved(), 50);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_over_the_limit_is_refused_and_its_reservation_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let bounds = UploadBounds {
+            max_concurrent: 1,
+            idle_timeout: Duration::from_secs(60),
+        };
+        let store = Arc::new(BlobStore::open_bounded(dir.path(), 1 << 30, bounds).unwrap());
+        let cs = MIN_CHUNK_SIZE;
+        let data = sample(cs as usize * 3);
+        let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
+        let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+
+        // A silent upload holds the only slot and a reservation for what it has not written.
+        let (tx, rx) = mpsc::channel::<Result<Chunk, TransferError>>(4);
+        tx.send(Ok(chunks_of(&data, cs)[0].clone())).await.unwrap();
+        let silent = {
+            let store = Arc::clone(&store);
+            let blob = blob.clone();
+            tokio::spawn(async move {
+                let chunks = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|c| (c, rx))
+                });
+                store.upload(blob, Box::pin(chunks)).await
+            })
+        };
+        while store.query(&blob).unwrap().chunks_held < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.reserved_bytes(), 2 * u64::from(cs));
+
+        let other = BlobRef::new("ab".repeat(32), 10, cs).unwrap();
+        let err = store
+            .upload(other.clone(), futures::stream::empty())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, TransferError::TooManyUploads { limit: 1 }),
+            "{err}"
+        );
+        assert!(!store.part_path(&other.digest).exists());
+
+        drop(tx);
+        assert!(!silent.await.unwrap().unwrap().complete);
+        assert_eq!(store.reserved_bytes(), 0);
+        let rest = chunks_of(&data, cs).into_iter().skip(1).map(Ok);
+        let done = store
+            .upload(blob, futures::stream::iter(rest))
+            .await
+            .unwrap();
+        assert!(done.complete);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn old_partial_uploads_are_pruned_unless_an_upload_holds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path(), 1 << 30).unwrap());
+        let cs = MIN_CHUNK_SIZE;
+        let data = sample(cs as usize * 3);
+        let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
+        let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+        let first = chunks_of(&data, cs).into_iter().take(1).map(Ok);
+        store
+            .upload(blob.clone(), futures::stream::iter(first))
+            .await
+            .unwrap();
+        assert!(store.part_path(&digest).exists() && store.records_path(&digest).exists());
+
+        let held = store.locks.acquire(&digest).await;
+        assert!(store.prune_partials(Duration::ZERO).is_empty());
+        assert!(store.prune_partials(Duration::from_secs(3600)).is_empty());
+        drop(held);
+        assert!(
+            store.prune_partials(Duration::from_secs(3600)).is_empty(),
+            "young partial uploads are kept"
+        );
+        let removed = store.prune_partials(Duration::ZERO);
+        assert_eq!(removed.len(), 2);
+        assert_eq!(store.query(&blob).unwrap(), BlobState::default());
+        assert!(store.locks.map.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_upload_parks_without_threads_and_goes_on_when_chunks_come() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path(), 1 << 30).unwrap());
+        let cs = MIN_CHUNK_SIZE;
+        let data = sample(cs as usize * 3 + 10);
+        let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
+        let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+        let chunks = chunks_of(&data, cs);
+
+        let (tx, rx) = mpsc::channel::<Result<Chunk, TransferError>>(4);
+        let upload = {
+            let store = Arc::clone(&store);
+            let blob = blob.clone();
+            tokio::spawn(async move {
+                let stream = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|c| (c, rx))
+                });
+                store.upload(blob, Box::pin(stream)).await
+            })
+        };
+        tx.send(Ok(chunks[0].clone())).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while store.query(&blob).unwrap().chunks_held < 1 || store.receiving_uploads() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the silent upload never parked (receiving: {})",
+                store.receiving_uploads()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!upload.is_finished(), "parked, not ended");
+
+        for chunk in &chunks[1..] {
+            tx.send(Ok(chunk.clone())).await.unwrap();
+        }
+        drop(tx);
+        let outcome = upload.await.unwrap().unwrap();
+        assert!(outcome.complete);
+        assert_eq!(outcome.chunks_received, 4);
+        assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
+        assert_eq!(store.reserved_bytes(), 0);
+        assert_eq!(store.receiving_uploads(), 0);
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::server::{AgentService, blob_from_wire};
 use crate::status::invalid_argument;
-use crate::transfer::{BlobStore, Chunk, DIRECT_IO_ALIGN, IDLE_TIMEOUT, TransferError};
+use crate::transfer::{BlobStore, Chunk, DIRECT_IO_ALIGN, TransferError};
 use bytes::{Buf, Bytes};
 use http_body_util::BodyExt;
 use patchd_proto::UPLOAD_PATH;
@@ -65,9 +65,10 @@ impl Service<http::Request<Body>> for AgentRoutes {
 
 async fn upload(store: Arc<BlobStore>, body: Body) -> Result<v1::UploadResponse, Status> {
     let mut reader = FrameReader::new(body);
-    let first = tokio::time::timeout(IDLE_TIMEOUT, reader.next_message())
+    let idle_timeout = store.idle_timeout();
+    let first = tokio::time::timeout(idle_timeout, reader.next_message())
         .await
-        .map_err(|_| Status::from(TransferError::IdleTimeout))??;
+        .map_err(|_| Status::from(TransferError::IdleTimeout(idle_timeout)))??;
     let blob = match first {
         Some(UploadPart::Header(header)) => blob_from_wire(header.blob)?,
         _ => {

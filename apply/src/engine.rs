@@ -64,6 +64,8 @@ pub enum ErrorKind {
     NotFound,
     FailedPrecondition,
     PermissionDenied,
+    /// Not enough disk space (or another bound) for the operation now: free some, then retry.
+    ResourceExhausted,
     Internal,
 }
 
@@ -116,6 +118,7 @@ impl ApplyError {
                 ErrorKind::PermissionDenied
             }
             ApplyError::Stage(StageError::BadDigest { .. }) => ErrorKind::InvalidArgument,
+            ApplyError::Stage(StageError::NoSpace { .. }) => ErrorKind::ResourceExhausted,
             ApplyError::Stage(StageError::BlobMissing { .. }) => ErrorKind::NotFound,
             ApplyError::Stage(StageError::Fs(_)) => ErrorKind::Internal,
             ApplyError::Stage(_) => ErrorKind::FailedPrecondition,
@@ -710,6 +713,12 @@ impl Engine {
             });
         }
         Ok(reports)
+    }
+
+    /// Prunes unused cached blobs and staged packages now, by the same rules as after an apply (the agent
+    /// calls it on a timer, so a host that stops being patched still gets its space back).
+    pub async fn prune_cache(&self) {
+        self.inner.prune_cache().await;
     }
 }
 

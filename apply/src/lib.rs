@@ -15,6 +15,7 @@ pub mod journal;
 pub mod plan;
 pub mod prune;
 mod run;
+pub mod space;
 pub mod spec;
 pub mod stage;
 

@@ -335,6 +335,7 @@ pub fn prepare(
     files: &[FileChange],
     created_dirs: &[PathBuf],
 ) -> Result<(), StepError> {
+    crate::space::ensure_copies_fit(files)?;
     // A deploy dir that does not exist yet is created first, from its deploy root.
     if created_dirs.contains(&sites.deploy_dir) {
         sites.confine.create_deploy_dir(&sites.deploy_dir)?;

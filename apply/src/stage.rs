@@ -39,6 +39,13 @@ pub enum StageError {
     },
     #[error("staging directory of {digest} is damaged ({detail}); it was removed, stage again")]
     Damaged { digest: String, detail: String },
+    #[error("package {digest} refused for service {service:?}: {source}")]
+    NoSpace {
+        digest: String,
+        service: String,
+        #[source]
+        source: crate::space::SpaceError,
+    },
     #[error(transparent)]
     Fs(#[from] fsutil::FsError),
 }
@@ -212,6 +219,13 @@ pub fn stage_blocking(
     let blob = verify_blob(state_dir, digest)?;
     let staging_root = state_dir.join("staging");
     std::fs::create_dir_all(&staging_root).ctx("create directory", &staging_root)?;
+    crate::space::ensure_unpack_fits(&blob, digest, &staging_root).map_err(|source| {
+        StageError::NoSpace {
+            digest: digest.to_string(),
+            service: spec.name.clone(),
+            source,
+        }
+    })?;
     let temp = staging_root.join(format!(
         ".tmp-{digest}-{}-{}",
         std::process::id(),
