@@ -1203,3 +1203,41 @@ async fn recovery_restores_and_starts_even_when_the_journal_cannot_be_written() 
     let report = engine.apply(apply_cmd(&digest, "p2")).await.unwrap();
     assert_eq!(report.result.outcome, Outcome::Committed);
 }
+
+/// A journal write that fails during an apply quarantines the service: nothing live changed, the failure is
+/// reported, and later Applies are refused until the agent restarts and reads the journal on disk again.
+#[tokio::test]
+async fn a_failed_journal_write_during_an_apply_quarantines_the_service_until_restart() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    engine.stage("svc", &digest).await.unwrap();
+    let journal = ServiceJournal::path(&host.state, "svc");
+    let blocker = crate::fsutil::sibling_temp(&journal, "tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let err = engine.apply(apply_cmd(&digest, "p1")).await.unwrap_err();
+    assert!(matches!(err, ApplyError::Journal(_)), "{err}");
+    assert_eq!(host.binary(), "binary v1", "nothing live changed");
+    assert_eq!(host.running().as_deref(), Some("binary v1"));
+    let reason = engine.status(Some("svc")).await.unwrap()[0]
+        .quarantine
+        .clone()
+        .expect("quarantined");
+    assert!(
+        reason.contains("cannot be written") && reason.contains("restart patchd"),
+        "{reason}"
+    );
+    std::fs::remove_dir(&blocker).unwrap();
+    let err = engine.apply(apply_cmd(&digest, "p2")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    drop(engine);
+
+    let engine = host.engine().await.unwrap();
+    assert!(
+        engine.status(Some("svc")).await.unwrap()[0]
+            .quarantine
+            .is_none()
+    );
+    let report = engine.apply(apply_cmd(&digest, "p2")).await.unwrap();
+    assert_eq!(report.result.outcome, Outcome::Committed);
+}
