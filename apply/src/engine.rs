@@ -376,7 +376,7 @@ impl Engine {
                     Some(Quarantine {
                         reason: format!(
                             "{e}. Until then patchd leaves this service as it is (no recovery, not started, backups \
-                             untouched) and refuses Apply and Rollback for it"
+                             untouched), serves the others, and refuses Apply and Rollback for it"
                         ),
                         lifted_by_a_write: false,
                     }),
@@ -497,11 +497,17 @@ impl Engine {
                 continue;
             }
             let journal = service.journal();
-            let mut referenced: HashSet<PathBuf> = journal
+            // By name, not by full path: a kept set must survive a state dir reached through another path.
+            let set_name = |dir: &Path| {
+                dir.file_name()
+                    .map(|name| name.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            };
+            let mut referenced: HashSet<String> = journal
                 .history
                 .iter()
                 .filter(|h| h.backup_kept)
-                .map(|h| h.backup_dir.clone())
+                .map(|h| set_name(&h.backup_dir))
                 .collect();
             let mut known: HashSet<String> = journal
                 .history
@@ -515,7 +521,7 @@ impl Engine {
                     known.extend(undoes.iter().cloned());
                 }
                 if !current.phase.is_final() {
-                    referenced.insert(current.backup_dir.clone());
+                    referenced.insert(set_name(&current.backup_dir));
                 }
             }
             let Ok(listing) = std::fs::read_dir(self.backups_of(&service.spec.name)) else {
@@ -523,10 +529,10 @@ impl Engine {
             };
             for entry in listing.flatten() {
                 let path = entry.path();
-                if referenced.contains(&path) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if referenced.contains(&name) {
                     continue;
                 }
-                let name = entry.file_name().to_string_lossy().into_owned();
                 if known.contains(&name) {
                     tracing::info!(path = %path.display(), "removing a backup set its journal no longer needs");
                     let _ = crate::fsutil::remove_tree_if_exists(&path);

@@ -216,6 +216,19 @@ pub enum JournalError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(
+        "journal {0} cannot be read: {source}; make it a readable journal file again, or move it aside \
+         (`mv {0} {0}.bad`) to start this service's history afresh, then restart patchd (moved aside: the deployed \
+         files are left as they are and the service's backup sets are kept, moved to {1} and listed by Status and \
+         `patchctl display`)",
+        path.display(),
+        quarantine_dir_of(path).display()
+    )]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("encode journal: {0}")]
     Encode(#[source] serde_json::Error),
 }
@@ -250,12 +263,10 @@ impl ServiceJournal {
                 source,
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(FsError {
-                op: "read",
+            Err(source) => Err(JournalError::Unreadable {
                 path: path.to_path_buf(),
                 source,
-            }
-            .into()),
+            }),
         }
     }
 
