@@ -195,14 +195,17 @@ fn display_shows_a_quarantined_service_with_what_to_do() {
     );
 }
 
-/// A tmpfs mounted for one test, lazily unmounted when dropped (a service may still hold its log open).
+/// A tmpfs mounted on a temporary directory of its own for one test, lazily unmounted when dropped (a service may
+/// still hold its log open), before that directory is removed.
 struct Tmpfs {
     path: PathBuf,
+    _mount_point: tempfile::TempDir,
 }
 
 impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(path).unwrap();
+    fn mount(size: &str) -> Self {
+        let mount_point = tempfile::tempdir().unwrap();
+        let path = mount_point.path();
         nix::mount::mount(
             Some("tmpfs"),
             path,
@@ -218,6 +221,7 @@ impl Tmpfs {
         });
         Self {
             path: path.to_path_buf(),
+            _mount_point: mount_point,
         }
     }
 
@@ -263,7 +267,7 @@ struct FullDiskRig {
 impl FullDiskRig {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let tmpfs = Tmpfs::mount(&dir.path().join("statefs"), "512m");
+        let tmpfs = Tmpfs::mount("512m");
         let pki = Pki::new(dir.path());
         let tls = pki.issue_agent("agent-1", &["127.0.0.1"]);
         let agent_dir = dir.path().join("agent-1");
