@@ -285,6 +285,12 @@ fn service_status(report: ServiceReport) -> v1::ServiceStatus {
         last: report.last.as_ref().map(applied_of_result),
         apply_in_flight: report.in_flight.is_some(),
         history: report.history.iter().map(applied_of_history).collect(),
+        quarantine: report.quarantine.unwrap_or_default(),
+        quarantined_backups: report
+            .quarantined_backups
+            .iter()
+            .map(|path| path.display().to_string())
+            .collect(),
     }
 }
 

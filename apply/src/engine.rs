@@ -105,6 +105,8 @@ pub enum ApplyError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Crash(#[from] SimulatedCrash),
+    #[error("service {service:?} is quarantined: {reason}")]
+    Quarantined { service: String, reason: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -124,7 +126,9 @@ impl ApplyError {
             ApplyError::Stage(_) => ErrorKind::FailedPrecondition,
             ApplyError::Plan(PlanError::Fs(_)) => ErrorKind::Internal,
             ApplyError::Plan(PlanError::UnknownPatch { .. }) => ErrorKind::NotFound,
-            ApplyError::Plan(_) | ApplyError::PatchIdReused { .. } => ErrorKind::FailedPrecondition,
+            ApplyError::Plan(_)
+            | ApplyError::PatchIdReused { .. }
+            | ApplyError::Quarantined { .. } => ErrorKind::FailedPrecondition,
             ApplyError::Fs(_)
             | ApplyError::Journal(_)
             | ApplyError::Backend(_)
@@ -176,6 +180,21 @@ pub struct ServiceReport {
     pub in_flight: Option<String>,
     /// Committed patches whose backups are kept, newest first.
     pub history: Vec<HistoryEntry>,
+    /// Why the service is quarantined and what to do (the agent leaves it alone and refuses Apply and Rollback).
+    pub quarantine: Option<String>,
+    /// Backup sets kept under `<state>/quarantine/<service>/` because no journal referred to them.
+    pub quarantined_backups: Vec<PathBuf>,
+}
+
+/// Why a service is quarantined: the agent serves its other services, leaves this one as it is and refuses to
+/// change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Quarantine {
+    /// What happened and what to do.
+    pub(crate) reason: String,
+    /// Set by a failed journal write: a later successful write (the whole journal is rewritten each time) makes
+    /// the disk agree with memory again and lifts it.
+    pub(crate) lifted_by_a_write: bool,
 }
 
 /// One managed service.
@@ -188,6 +207,7 @@ pub(crate) struct Service {
     /// Serializes applies, rollbacks and recovery of this service.
     op_lock: tokio::sync::Mutex<()>,
     in_flight: Mutex<Option<String>>,
+    quarantine: Mutex<Option<Quarantine>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -203,14 +223,72 @@ impl Service {
     }
 
     /// Changes the journal and writes it durably before returning; on a write error the change is kept in
-    /// memory only.
+    /// memory only and the service is quarantined until a later write succeeds (or the agent restarts and
+    /// reads what is on disk).
     pub(crate) fn persist(
         &self,
         change: impl FnOnce(&mut ServiceJournal),
     ) -> Result<(), JournalError> {
-        let mut journal = lock(&self.journal);
-        change(&mut journal);
-        journal.store(&self.journal_path)
+        let written = {
+            let mut journal = lock(&self.journal);
+            change(&mut journal);
+            journal.store(&self.journal_path)
+        };
+        match &written {
+            Ok(()) => {
+                let mut quarantine = lock(&self.quarantine);
+                if quarantine.as_ref().is_some_and(|q| q.lifted_by_a_write) {
+                    tracing::info!(service = %self.spec.name, "the journal is written again: quarantine lifted");
+                    *quarantine = None;
+                }
+            }
+            Err(e) => self.quarantine(
+                format!(
+                    "its journal cannot be written ({e}); the last change is in memory only. Make {} writable \
+                     (free space on its file system), then restart patchd: the next start finishes or reverts any \
+                     interrupted apply from the journal on disk",
+                    self.journal_path.display()
+                ),
+                true,
+            ),
+        }
+        written
+    }
+
+    /// Quarantines the service (the first reason stays: it is the cause, later ones are consequences).
+    pub(crate) fn quarantine(&self, reason: String, lifted_by_a_write: bool) {
+        let mut quarantine = lock(&self.quarantine);
+        if quarantine.is_none() {
+            tracing::error!(service = %self.spec.name, "service quarantined: {reason}");
+            *quarantine = Some(Quarantine {
+                reason,
+                lifted_by_a_write,
+            });
+        }
+    }
+
+    /// Replaces the reason of the quarantine: recovery knows better than the journal write that failed in it.
+    fn requarantine(&self, reason: String) {
+        tracing::error!(service = %self.spec.name, "service quarantined: {reason}");
+        *lock(&self.quarantine) = Some(Quarantine {
+            reason,
+            lifted_by_a_write: false,
+        });
+    }
+
+    pub(crate) fn quarantined(&self) -> Option<Quarantine> {
+        lock(&self.quarantine).clone()
+    }
+
+    /// Refuses an operation that would change a quarantined service.
+    fn refuse_if_quarantined(&self) -> Result<(), ApplyError> {
+        match self.quarantined() {
+            Some(q) => Err(ApplyError::Quarantined {
+                service: self.spec.name.clone(),
+                reason: q.reason,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -293,7 +371,23 @@ impl Engine {
                 )));
             }
             let journal_path = ServiceJournal::path(&config.state_dir, &spec.name);
-            let journal = ServiceJournal::load(&journal_path)?;
+            // One unreadable journal must not keep the agent from serving the other services.
+            let (journal, quarantine) = match ServiceJournal::load(&journal_path) {
+                Ok(journal) => (journal, None),
+                Err(e) => (
+                    ServiceJournal::default(),
+                    Some(Quarantine {
+                        reason: format!(
+                            "{e}. Until then patchd leaves this service as it is (no recovery, not started, backups \
+                             untouched), serves the others, and refuses Apply and Rollback for it"
+                        ),
+                        lifted_by_a_write: false,
+                    }),
+                ),
+            };
+            if let Some(q) = &quarantine {
+                tracing::error!(service = %spec.name, "service quarantined: {}", q.reason);
+            }
             let backend = factory(&spec, &config.state_dir)?;
             services.insert(
                 spec.name.clone(),
@@ -304,9 +398,12 @@ impl Engine {
                     journal: Mutex::new(journal),
                     op_lock: tokio::sync::Mutex::new(()),
                     in_flight: Mutex::new(None),
+                    quarantine: Mutex::new(quarantine),
                 }),
             );
         }
+        let journal_dir = config.state_dir.join("journal");
+        ensure_space_reserve(&journal_dir);
         let hashes = Arc::new(HashCache::persistent(
             &config.state_dir.join("journal").join("hashes.json"),
         ));
@@ -352,8 +449,23 @@ impl Engine {
     /// services are running, and removes leftovers no journal refers to.
     async fn recover(&self) -> Result<(), ApplyError> {
         for service in self.inner.services.values() {
+            if service.quarantined().is_some() {
+                tracing::warn!(service = %service.spec.name, "quarantined: not recovered, not started");
+                continue;
+            }
             let _op = service.op_lock.lock().await;
-            crate::run::recover_service(&self.inner, service).await?;
+            match crate::run::recover_service(&self.inner, service).await {
+                Ok(()) => {}
+                // A simulated crash stands for the agent dying here: nothing after it runs.
+                Err(ApplyError::Crash(crash)) => return Err(crash.into()),
+                Err(e) => service.requarantine(format!(
+                    "recovering its interrupted apply at agent start did not complete: {e}. Its files were \
+                     restored as far as possible and it was started if it ran before; the journal on disk still \
+                     describes the interrupted apply, so the next start of patchd restores the previous version \
+                     again (restoring is idempotent). Fix the cause (free space in {}), then restart patchd",
+                    self.inner.state_dir.display()
+                )),
+            }
         }
         stage::remove_stale_temps(&self.inner.state_dir);
         self.remove_orphan_backups();
@@ -377,30 +489,87 @@ impl Engine {
         Ok(())
     }
 
-    /// Backup sets of managed services that no journal refers to (left by a crash between the final journal
-    /// write and the delete). Directories of services no longer in the config are left alone.
+    /// Backup sets of managed services that the journal no longer needs. A set whose patch id the journal knows
+    /// as finished with (reverted, failed, rolled back, pruned: left by a crash between the final journal write
+    /// and the delete) is deleted; a set the journal does not know at all (a journal moved aside, lost or new)
+    /// is never deleted but moved to `<state>/quarantine/<service>/` and listed in Status. Quarantined services
+    /// and directories of services no longer in the config are left alone.
     fn remove_orphan_backups(&self) {
         for service in self.inner.services.values() {
+            if service.quarantined().is_some() {
+                continue;
+            }
             let journal = service.journal();
-            let mut referenced: HashSet<PathBuf> = journal
+            // By name, not by full path: a kept set must survive a state dir reached through another path.
+            let set_name = |dir: &Path| {
+                dir.file_name()
+                    .map(|name| name.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            };
+            let mut referenced: HashSet<String> = journal
                 .history
                 .iter()
                 .filter(|h| h.backup_kept)
-                .map(|h| h.backup_dir.clone())
+                .map(|h| set_name(&h.backup_dir))
                 .collect();
-            if let Some(current) = journal.current.filter(|c| !c.phase.is_final()) {
-                referenced.insert(current.backup_dir);
+            let mut known: HashSet<String> = journal
+                .history
+                .iter()
+                .map(|h| h.patch_id.clone())
+                .chain(journal.results.iter().map(|r| r.patch_id.clone()))
+                .collect();
+            if let Some(current) = &journal.current {
+                known.insert(current.patch_id.clone());
+                if let ApplyKind::Rollback { undoes } = &current.kind {
+                    known.extend(undoes.iter().cloned());
+                }
+                if !current.phase.is_final() {
+                    referenced.insert(set_name(&current.backup_dir));
+                }
             }
             let Ok(listing) = std::fs::read_dir(self.backups_of(&service.spec.name)) else {
                 continue;
             };
             for entry in listing.flatten() {
-                if !referenced.contains(&entry.path()) {
-                    tracing::info!(path = %entry.path().display(), "removing a backup set no journal refers to");
-                    let _ = crate::fsutil::remove_tree_if_exists(&entry.path());
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if referenced.contains(&name) {
+                    continue;
+                }
+                if known.contains(&name) {
+                    tracing::info!(path = %path.display(), "removing a backup set its journal no longer needs");
+                    let _ = crate::fsutil::remove_tree_if_exists(&path);
+                    continue;
+                }
+                let aside =
+                    crate::journal::quarantine_dir(&self.inner.state_dir, &service.spec.name);
+                match move_aside(&path, &aside, &name) {
+                    Ok(to) => tracing::warn!(
+                        service = %service.spec.name,
+                        "backup set {} is not known to the service's journal (moved aside, lost or new): kept as {}; \
+                         it may hold the previous files of an interrupted apply; delete it when it is not needed",
+                        path.display(),
+                        to.display()
+                    ),
+                    Err(e) => tracing::error!(
+                        service = %service.spec.name,
+                        "backup set {} is not known to the service's journal and could not be moved aside \
+                         ({e}); it is left where it is",
+                        path.display()
+                    ),
                 }
             }
         }
+    }
+
+    /// Backup sets kept in quarantine for `service`, oldest name first.
+    fn quarantined_backups(&self, service: &str) -> Vec<PathBuf> {
+        let dir = crate::journal::quarantine_dir(&self.inner.state_dir, service);
+        let mut sets: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|listing| listing.flatten().map(|entry| entry.path()).collect())
+            .unwrap_or_default();
+        sets.sort();
+        sets
     }
 
     /// `<state>/backups/<service>`: backup sets are per service, since one rollout's patch id may reach
@@ -498,6 +667,7 @@ impl Engine {
     async fn apply_exclusive(&self, command: ApplyCommand) -> Result<ApplyReport, ApplyError> {
         let svc = self.service(&command.service)?;
         let _op = svc.op_lock.lock().await;
+        svc.refuse_if_quarantined()?;
         let _pin = self.inner.pins.pin(&command.digest);
         if let Some(replay) = self.replay_or_refuse(
             &svc.journal(),
@@ -571,6 +741,7 @@ impl Engine {
     ) -> Result<ApplyReport, ApplyError> {
         let svc = self.service(&command.service)?;
         let _op = svc.op_lock.lock().await;
+        svc.refuse_if_quarantined()?;
         let journal = svc.journal();
         if let Some(replay) =
             self.replay_or_refuse(&journal, &command.service, &command.patch_id, |earlier| {
@@ -710,6 +881,8 @@ impl Engine {
                     .filter(|h| h.backup_kept)
                     .cloned()
                     .collect(),
+                quarantine: svc.quarantined().map(|q| q.reason),
+                quarantined_backups: self.quarantined_backups(&svc.spec.name),
             });
         }
         Ok(reports)
@@ -767,6 +940,44 @@ impl Inner {
             Err(e) => tracing::warn!("cache pruning failed: {e}"),
         }
     }
+}
+
+/// Takes the journal's space reserve if it is missing (see [`crate::reserve`]); a full disk is reported, not fatal.
+pub(crate) fn ensure_space_reserve(journal_dir: &Path) {
+    match crate::reserve::ensure(journal_dir) {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            "the state dir has no room for the journal's {} MiB space reserve in {}: free space there",
+            crate::reserve::RESERVE_BYTES >> 20,
+            journal_dir.display()
+        ),
+        Err(e) => tracing::warn!("cannot create the journal's space reserve: {e}"),
+    }
+}
+
+/// Moves the backup set `set` into `aside` under its own name (a numbered suffix when taken); where it went.
+fn move_aside(set: &Path, aside: &Path, name: &str) -> Result<PathBuf, FsError> {
+    std::fs::create_dir_all(aside).map_err(|source| FsError {
+        op: "create directory",
+        path: aside.to_path_buf(),
+        source,
+    })?;
+    let mut to = aside.join(name);
+    let mut n = 1;
+    while to.exists() {
+        n += 1;
+        to = aside.join(format!("{name}.{n}"));
+    }
+    std::fs::rename(set, &to).map_err(|source| FsError {
+        op: "move aside",
+        path: set.to_path_buf(),
+        source,
+    })?;
+    crate::fsutil::fsync_dir(aside)?;
+    if let Some(parent) = set.parent() {
+        crate::fsutil::fsync_dir(parent)?;
+    }
+    Ok(to)
 }
 
 fn log_prune(report: &crate::prune::PruneReport) {

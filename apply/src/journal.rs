@@ -204,16 +204,49 @@ pub enum JournalError {
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error(
-        "journal {} is not valid: {source}; move it aside to start this service's history afresh (the files on disk are kept)",
-        path.display()
+        "journal {0} is not valid: {source}; to start this service's history afresh, move it aside (`mv {0} {0}.bad`) \
+         and restart patchd: the deployed files are left as they are and the service's backup sets are kept (moved \
+         to {1} and listed by Status and `patchctl display`); if the journal described an interrupted apply, the \
+         previous files are in its backup set there",
+        path.display(),
+        quarantine_dir_of(path).display()
     )]
     Corrupt {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
+    #[error(
+        "journal {0} cannot be read: {source}; make it a readable journal file again, or move it aside \
+         (`mv {0} {0}.bad`) to start this service's history afresh, then restart patchd (moved aside: the deployed \
+         files are left as they are and the service's backup sets are kept, moved to {1} and listed by Status and \
+         `patchctl display`)",
+        path.display(),
+        quarantine_dir_of(path).display()
+    )]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("encode journal: {0}")]
     Encode(#[source] serde_json::Error),
+}
+
+/// `<state>/quarantine/<service>` for the journal `<state>/journal/<service>.json`: where backup sets that no
+/// journal refers to are moved at start instead of being deleted.
+pub fn quarantine_dir_of(journal: &Path) -> PathBuf {
+    let service = journal
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let state = journal.parent().and_then(Path::parent).unwrap_or(journal);
+    quarantine_dir(state, &service)
+}
+
+/// `<state>/quarantine/<service>`.
+pub fn quarantine_dir(state_dir: &Path, service: &str) -> PathBuf {
+    state_dir.join("quarantine").join(service)
 }
 
 impl ServiceJournal {
@@ -230,20 +263,39 @@ impl ServiceJournal {
                 source,
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(FsError {
-                op: "read",
+            Err(source) => Err(JournalError::Unreadable {
                 path: path.to_path_buf(),
                 source,
-            }
-            .into()),
+            }),
         }
     }
 
-    /// Writes the journal durably (temp, fsync, rename, directory fsync).
+    /// Writes the journal durably (temp, fsync, rename, directory fsync). A full disk releases the space reserve
+    /// ([`crate::reserve`]) and the write is tried once more.
     pub fn store(&self, path: &Path) -> Result<(), JournalError> {
         let bytes = serde_json::to_vec(self).map_err(JournalError::Encode)?;
-        fsutil::write_atomic(path, &bytes)?;
-        Ok(())
+        match fsutil::write_atomic(path, &bytes) {
+            Err(full) if full.source.kind() == std::io::ErrorKind::StorageFull => {
+                let dir = fsutil::parent_of(path)?;
+                // The partial temporary holds space the retry needs.
+                let _ = fsutil::remove_if_exists(&fsutil::sibling_temp(path, "tmp"));
+                if !crate::reserve::release(dir) {
+                    return Err(full.into());
+                }
+                tracing::error!(
+                    "the state dir is full: released the journal's space reserve ({} MiB) to write {}; free space \
+                     there (the reserve is taken again at the next start or apply)",
+                    crate::reserve::RESERVE_BYTES >> 20,
+                    path.display()
+                );
+                let retried = fsutil::write_atomic(path, &bytes);
+                if retried.is_err() {
+                    let _ = fsutil::remove_if_exists(&fsutil::sibling_temp(path, "tmp"));
+                }
+                Ok(retried?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// The earlier result of `patch_id`, if any.

@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod journal;
 pub mod plan;
 pub mod prune;
+pub mod reserve;
 mod run;
 pub mod space;
 pub mod spec;

@@ -86,8 +86,11 @@ pub(crate) async fn execute(
 }
 
 /// Brings an interrupted apply of `svc` to a final phase (the recovery rule of ARCHITECTURE.md), then makes sure
-/// an agent-supervised service runs.
+/// an agent-supervised service runs. When the final journal write fails the files are restored and the service
+/// started all the same, and the error is returned: the journal on disk still shows the apply unfinished, so the
+/// next start restores the same backups again.
 pub(crate) async fn recover_service(inner: &Inner, svc: &Service) -> Result<(), ApplyError> {
+    let mut failure = None;
     if let Some(record) = svc.journal().current.filter(|r| !r.phase.is_final()) {
         let phase = record.phase.clone();
         tracing::warn!(service = %svc.spec.name, patch_id = %record.patch_id, phase = phase.name(), "recovering an interrupted apply");
@@ -109,8 +112,13 @@ pub(crate) async fn recover_service(inner: &Inner, svc: &Service) -> Result<(), 
             }
         };
         svc.backend.set_auto_restart(true);
-        let result = outcome?;
-        tracing::warn!(service = %svc.spec.name, patch_id = %result.patch_id, outcome = result.outcome.as_str(), "recovered: {}", result.reason);
+        match outcome {
+            Ok(result) => {
+                tracing::warn!(service = %svc.spec.name, patch_id = %result.patch_id, outcome = result.outcome.as_str(), "recovered: {}", result.reason);
+            }
+            Err(ApplyError::Crash(crash)) => return Err(crash.into()),
+            Err(e) => failure = Some(e),
+        }
     }
     if agent_supervised(&svc.spec) {
         let up = svc
@@ -123,7 +131,10 @@ pub(crate) async fn recover_service(inner: &Inner, svc: &Service) -> Result<(), 
             tracing::error!(service = %svc.spec.name, "cannot start the service: {e}");
         }
     }
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 impl<'a> Run<'a> {
@@ -579,6 +590,8 @@ impl<'a> Run<'a> {
         })
         .await?;
         self.inner.hashes.save();
+        let journal_dir = self.inner.state_dir.join("journal");
+        blocking(move || crate::engine::ensure_space_reserve(&journal_dir)).await?;
         tracing::info!(service = %self.svc.spec.name, patch_id = %result.patch_id, outcome = outcome.as_str(), downtime_ms = result.downtime_ms, "apply finished");
         if outcome != Outcome::Failed {
             self.inner.prune_cache().await;

@@ -232,6 +232,17 @@ fn build_row(node: &Node, probed: Probed, leader: bool, patched: bool) -> NodeSt
             node.service
         ));
     }
+    if let Some(service) = &service {
+        if !service.quarantine.is_empty() {
+            problems.push(format!("quarantined by its agent: {}", service.quarantine));
+        }
+        if !service.quarantined_backups.is_empty() {
+            problems.push(format!(
+                "backup sets kept aside by its agent (no journal referred to them; delete them when not needed): {}",
+                service.quarantined_backups.join(", ")
+            ));
+        }
+    }
     let health = probed.health;
     if let Some(Err(error)) = &health {
         problems.push(error.clone());
@@ -319,6 +330,8 @@ mod tests {
                     last: None,
                     apply_in_flight: false,
                     history: vec![],
+                    quarantine: String::new(),
+                    quarantined_backups: vec![],
                 }),
             })
         }

@@ -103,7 +103,6 @@ macro_rules! err {
     };
 }
 
-
 /// Output format of a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

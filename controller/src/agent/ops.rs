@@ -98,6 +98,10 @@ pub struct ServiceInfo {
     pub apply_in_flight: bool,
     /// Committed patches kept as backups, newest first.
     pub history: Vec<PatchRecord>,
+    /// Why the agent quarantined the service and what to do ("" when it is not).
+    pub quarantine: String,
+    /// Backup sets the agent kept aside because no journal referred to them.
+    pub quarantined_backups: Vec<String>,
 }
 
 impl ServiceInfo {
@@ -159,6 +163,8 @@ fn service_info(wire: v1::ServiceStatus) -> ServiceInfo {
         last: wire.last.and_then(patch_record),
         apply_in_flight: wire.apply_in_flight,
         history: wire.history.into_iter().filter_map(patch_record).collect(),
+        quarantine: wire.quarantine,
+        quarantined_backups: wire.quarantined_backups,
     }
 }
 

@@ -55,7 +55,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         let Some(rollout) = store.unfinished_rollout(&args.cluster)? else {
             errln!(
                 "Nothing to resume: cluster `{}` has no unfinished rollout (`patchctl audit {}` lists its rollouts)",
-                args.cluster, args.cluster
+                args.cluster,
+                args.cluster
             );
             return Ok(patchctl::exit::DECLINED);
         };

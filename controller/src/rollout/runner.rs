@@ -35,7 +35,9 @@ pub fn report_takeover(lock: &RolloutLock) {
     if let Some(previous) = &lock.taken_over_from {
         errln!(
             "Note: took over the rollout lock left by process {} on {} (started {}), which is gone.",
-            previous.pid, previous.host, previous.started_at
+            previous.pid,
+            previous.host,
+            previous.started_at
         );
     }
 }
