@@ -542,8 +542,19 @@ fn check_service(service: &ServiceSpec, roots: &[PathBuf]) -> Vec<String> {
             ));
         }
     }
-    if let Err(e) = service.check_run_settings() {
-        out.push(e.problem);
+    match service.check_run_settings() {
+        Err(e) => out.push(e.problem),
+        Ok(Some(run_as)) => {
+            let me = nix::unistd::geteuid();
+            if !me.is_root() && run_as.uid != me.as_raw() {
+                out.push(format!(
+                    "user {:?} (uid {}) differs from the agent's own uid {me}, and only root can switch users: run patchd as root, or set `user` to the agent's own account",
+                    service.user.as_deref().unwrap_or_default(),
+                    run_as.uid
+                ));
+            }
+        }
+        Ok(None) => {}
     }
     match service.backend {
         BackendKind::Process => {

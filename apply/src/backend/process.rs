@@ -207,7 +207,15 @@ impl Inner {
             .open(&self.log_path)
             .ctx("open log", &self.log_path)?;
         let stamp = humantime::format_rfc3339_seconds(SystemTime::now());
-        let _ = writeln!(log, "--- patchd {stamp}: starting {}", argv.join(" "));
+        let identity = self
+            .run_as
+            .map(|id| format!(" as uid {} gid {}", id.uid, id.gid))
+            .unwrap_or_default();
+        let _ = writeln!(
+            log,
+            "--- patchd {stamp}: starting{identity} {}",
+            argv.join(" ")
+        );
         let stderr = log.try_clone().ctx("open log", &self.log_path)?;
         let mut command = tokio::process::Command::new(program);
         command

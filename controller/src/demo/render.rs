@@ -247,6 +247,15 @@ mod tests {
         let service = &value["service"][0];
         assert_eq!(service["name"].as_str(), Some("demo-worker"));
         assert_eq!(service["backend"].as_str(), Some("process"));
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .unwrap()
+            .unwrap()
+            .name;
+        assert_eq!(
+            service["user"].as_str(),
+            Some(me.as_str()),
+            "demo services run as whoever runs the demo, written out"
+        );
         assert_eq!(
             service["health"]["http"].as_str(),
             Some("http://127.0.1.5:8262/health")
