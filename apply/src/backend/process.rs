@@ -11,6 +11,7 @@ use crate::spec::{RunAs, ServiceSpec};
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+use patchd_procstat::ProcStat;
 use serde::{Deserialize, Serialize};
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -133,7 +134,7 @@ impl ProcessBackend {
         };
         // pid + start time identify a process since boot (and survive an exec by a wrapper script); the
         // command line is the fallback when the start time could not be recorded.
-        let alive_and_ours = proc_stat(record.pid).is_some_and(|stat| {
+        let alive_and_ours = ProcStat::read(record.pid).is_some_and(|stat| {
             stat.state != 'Z'
                 && if record.proc_start_ticks != 0 {
                     stat.start_ticks == record.proc_start_ticks
@@ -248,7 +249,7 @@ impl Inner {
         let started = SystemTime::now();
         let record = PidRecord {
             pid,
-            proc_start_ticks: proc_stat(pid).map(|s| s.start_ticks).unwrap_or(0),
+            proc_start_ticks: patchd_procstat::start_ticks(pid).unwrap_or(0),
             argv,
             started_unix_ms: started
                 .duration_since(UNIX_EPOCH)
@@ -465,26 +466,6 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// The fields of /proc/<pid>/stat the backend uses.
-struct ProcStat {
-    state: char,
-    pgrp: i32,
-    start_ticks: u64,
-}
-
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // comm (field 2) may contain spaces and parentheses: split after the last ')'.
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // fields[0] is field 3 (state); field N is fields[N - 3].
-    Some(ProcStat {
-        state: fields.first()?.chars().next()?,
-        pgrp: fields.get(2)?.parse().ok()?,
-        start_ticks: fields.get(19)?.parse().ok()?,
-    })
-}
-
 fn proc_cmdline(pid: u32) -> Option<Vec<String>> {
     let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     Some(
@@ -498,13 +479,13 @@ fn proc_cmdline(pid: u32) -> Option<Vec<String>> {
 
 /// Alive and not a zombie.
 fn pid_alive(pid: u32) -> bool {
-    proc_stat(pid).is_some_and(|s| s.state != 'Z' && s.state != 'X')
+    patchd_procstat::is_running(pid)
 }
 
 /// Sends `signal` to the service's process group when it leads one (it does when we started it), else to the pid.
 fn signal_service(pid: u32, signal: Signal) {
     let Ok(raw) = i32::try_from(pid) else { return };
-    let leads_group = proc_stat(pid).is_some_and(|s| s.pgrp == raw);
+    let leads_group = ProcStat::read(pid).is_some_and(|s| s.pgrp == pid);
     let result = if leads_group {
         killpg(Pid::from_raw(raw), signal)
     } else {
