@@ -1032,3 +1032,12 @@ impl Engine {
         &self.inner.hashes
     }
 }
+
+impl From<crate::plan::StepError> for ApplyError {
+    fn from(error: crate::plan::StepError) -> Self {
+        match error {
+            crate::plan::StepError::Fs(e) => e.into(),
+            crate::plan::StepError::Crash(crash) => crash.into(),
+        }
+    }
+}

@@ -243,15 +243,6 @@ pub enum StepError {
     Crash(#[from] SimulatedCrash),
 }
 
-impl From<StepError> for crate::engine::ApplyError {
-    fn from(error: StepError) -> Self {
-        match error {
-            StepError::Fs(e) => e.into(),
-            StepError::Crash(crash) => crash.into(),
-        }
-    }
-}
-
 /// Where an apply's files are: the service's deploy dir and the agent's state dir, each reached only through a
 /// directory handle opened afresh by every step (so nothing swapped in between two steps is trusted), and the
 /// fault hook of the steps about a path.
@@ -270,15 +261,6 @@ struct Handles {
 }
 
 impl Sites {
-    pub(crate) fn of(inner: &crate::engine::Inner, svc: &crate::engine::Service) -> Sites {
-        Sites {
-            deploy_dir: svc.spec.deploy_dir.clone(),
-            state_dir: inner.state_dir.clone(),
-            confine: inner.confine.clone(),
-            faults: Arc::clone(&inner.effects.faults),
-        }
-    }
-
     fn open(&self) -> Result<Handles, FsError> {
         Ok(Handles {
             deploy: self.confine.open_deploy_dir(&self.deploy_dir)?,

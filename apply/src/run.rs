@@ -9,6 +9,7 @@ use crate::journal::{
 };
 use crate::plan;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Lines of the service's output reported when probation fails.
@@ -138,6 +139,16 @@ pub(crate) async fn recover_service(inner: &Inner, svc: &Service) -> Result<(), 
 }
 
 impl<'a> Run<'a> {
+    /// Where this apply's files are: the service's deploy dir and the agent's state dir.
+    fn sites(&self) -> plan::Sites {
+        plan::Sites {
+            deploy_dir: self.svc.spec.deploy_dir.clone(),
+            state_dir: self.inner.state_dir.clone(),
+            confine: self.inner.confine.clone(),
+            faults: Arc::clone(&self.inner.effects.faults),
+        }
+    }
+
     fn new(inner: &'a Inner, svc: &'a Service, rec: ApplyRecord) -> Self {
         Run {
             inner,
@@ -184,7 +195,7 @@ impl<'a> Run<'a> {
         self.set_phase(ApplyPhase::Prepared)?;
         let started = self.now();
         let (files, dirs) = (self.rec.files.clone(), self.rec.created_dirs.clone());
-        let sites = plan::Sites::of(self.inner, self.svc);
+        let sites = self.sites();
         let prepared = flatten(blocking(move || plan::prepare(&sites, &files, &dirs)).await);
         self.step("prepare", started);
         if let Err(ApplyError::Crash(crash)) = prepared {
@@ -227,7 +238,7 @@ impl<'a> Run<'a> {
         for index in 0..self.rec.files.len() {
             let change = self.rec.files[index].clone();
             let what = format!("swapping {} failed", change.rel.display());
-            let (swapping, sites) = (change.clone(), plan::Sites::of(self.inner, self.svc));
+            let (swapping, sites) = (change.clone(), self.sites());
             or_revert!(
                 self,
                 flatten(blocking(move || plan::swap_one(&sites, &swapping)).await),
@@ -242,10 +253,7 @@ impl<'a> Run<'a> {
             );
             self.fault(FaultPoint::AfterSwap)?;
         }
-        let (files, sites) = (
-            self.rec.files.clone(),
-            plan::Sites::of(self.inner, self.svc),
-        );
+        let (files, sites) = (self.rec.files.clone(), self.sites());
         or_revert!(
             self,
             flatten(blocking(move || plan::sync_target_dirs(&sites, &files)).await),
@@ -388,7 +396,7 @@ impl<'a> Run<'a> {
             self.rec.created_dirs.clone(),
             self.rec.patch_id.clone(),
         );
-        let sites = plan::Sites::of(self.inner, self.svc);
+        let sites = self.sites();
         blocking(move || {
             plan::remove_temps(&sites, &files, &id);
             plan::remove_created_dirs(&sites, &dirs);
@@ -418,7 +426,7 @@ impl<'a> Run<'a> {
         for index in 0..self.rec.files.len() {
             let change = self.rec.files[index].clone();
             let id = self.rec.patch_id.clone();
-            let (restoring, sites) = (change.clone(), plan::Sites::of(self.inner, self.svc));
+            let (restoring, sites) = (change.clone(), self.sites());
             // Not recorded in the hash cache: the restored file has a new ctime, so it is hashed again.
             match flatten(blocking(move || plan::restore_one(&sites, &restoring, &id)).await) {
                 Ok(()) => {}
@@ -438,7 +446,7 @@ impl<'a> Run<'a> {
             self.rec.created_dirs.clone(),
             self.rec.patch_id.clone(),
         );
-        let sites = plan::Sites::of(self.inner, self.svc);
+        let sites = self.sites();
         blocking(move || {
             plan::remove_temps(&sites, &files, &id);
             plan::remove_created_dirs(&sites, &dirs);
@@ -578,7 +586,7 @@ impl<'a> Run<'a> {
             }
         })?;
         let (files, id) = (self.rec.files.clone(), self.rec.patch_id.clone());
-        let sites = plan::Sites::of(self.inner, self.svc);
+        let sites = self.sites();
         blocking(move || {
             plan::remove_temps(&sites, &files, &id);
             plan::remove_created_dirs(&sites, &emptied_dirs);
