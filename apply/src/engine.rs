@@ -7,11 +7,11 @@ use crate::confine::{Confinement, ConfinementError};
 use crate::effects::{
     Clock, FaultHook, HealthProbe, NetProbe, SimulatedCrash, SystemClock, default_fault_hook,
 };
+use crate::file_plan::{self, PlanError};
 use crate::fsutil::{FsError, HashCache};
 use crate::journal::{
     ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, JournalError, ServiceJournal,
 };
-use crate::plan::{self, PlanError};
 use crate::spec::{BackendKind, ServiceSpec, SpecError, is_safe_name};
 use crate::stage::{self, StageError, Staged};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -696,7 +696,7 @@ impl Engine {
             let patch_id = command.patch_id.clone();
             let backup_dir = backup_dir.clone();
             blocking(move || {
-                plan::plan_patch(
+                file_plan::plan_patch(
                     &spec,
                     &inner.confine,
                     &inner.hashes,
@@ -795,7 +795,7 @@ impl Engine {
             let rollback_id = command.patch_id.clone();
             let backup_dir = backup_dir.clone();
             blocking(move || {
-                plan::plan_rollback(
+                file_plan::plan_rollback(
                     &spec,
                     &inner.confine,
                     &inner.hashes,
@@ -1033,11 +1033,11 @@ impl Engine {
     }
 }
 
-impl From<crate::plan::StepError> for ApplyError {
-    fn from(error: crate::plan::StepError) -> Self {
+impl From<crate::file_plan::StepError> for ApplyError {
+    fn from(error: crate::file_plan::StepError) -> Self {
         match error {
-            crate::plan::StepError::Fs(e) => e.into(),
-            crate::plan::StepError::Crash(crash) => crash.into(),
+            crate::file_plan::StepError::Fs(e) => e.into(),
+            crate::file_plan::StepError::Crash(crash) => crash.into(),
         }
     }
 }
