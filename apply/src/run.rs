@@ -3,7 +3,8 @@
 
 use crate::backend::{RunState, ServiceRuntime};
 use crate::effects::FaultPoint;
-use crate::engine::{ApplyError, Inner, Service, agent_supervised, blocking, is_up};
+use crate::engine::error::ApplyError;
+use crate::engine::service::{Inner, Service, agent_supervised, blocking, is_up};
 use crate::file_plan;
 use crate::journal::{
     ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, MAX_HISTORY, Outcome,
@@ -599,7 +600,7 @@ impl<'a> Run<'a> {
         .await?;
         self.inner.hashes.save();
         let journal_dir = self.inner.state_dir.join("journal");
-        blocking(move || crate::engine::ensure_space_reserve(&journal_dir)).await?;
+        blocking(move || crate::engine::service::ensure_space_reserve(&journal_dir)).await?;
         tracing::info!(service = %self.svc.spec.name, patch_id = %result.patch_id, outcome = outcome.as_str(), downtime_ms = result.downtime_ms, "apply finished");
         if outcome != Outcome::Failed {
             self.inner.prune_cache().await;
