@@ -13,6 +13,7 @@ mod engine;
 pub mod file_plan;
 pub mod fsutil;
 pub mod journal;
+pub mod layout;
 pub mod prune;
 pub mod reserve;
 mod run;

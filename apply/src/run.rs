@@ -9,6 +9,7 @@ use crate::file_plan;
 use crate::journal::{
     ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, MAX_HISTORY, Outcome,
 };
+use crate::layout::StateLayout;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -599,7 +600,7 @@ impl<'a> Run<'a> {
         })
         .await?;
         self.inner.hashes.save();
-        let journal_dir = self.inner.state_dir.join("journal");
+        let journal_dir = StateLayout::new(&self.inner.state_dir).journal();
         blocking(move || crate::engine::service::ensure_space_reserve(&journal_dir)).await?;
         tracing::info!(service = %self.svc.spec.name, patch_id = %result.patch_id, outcome = outcome.as_str(), downtime_ms = result.downtime_ms, "apply finished");
         if outcome != Outcome::Failed {

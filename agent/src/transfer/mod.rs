@@ -31,6 +31,7 @@ pub use store::BlobStore;
 pub(crate) use writer::DIRECT_IO_ALIGN;
 
 use bytes::Bytes;
+use patchd_apply::layout::is_digest;
 use patchd_package::digest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, chunk_count};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -169,11 +170,6 @@ impl BlobRef {
             .saturating_mul(u64::from(self.chunk_size))
             .min(self.total_size)
     }
-}
-
-/// Whether `s` is a tree digest (64 lower-case hex characters).
-pub fn is_digest(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// One chunk as received: already converted from the wire type.

@@ -10,6 +10,7 @@ use super::{
     is_digest,
 };
 use futures::{Stream, StreamExt};
+use patchd_apply::layout::StateLayout;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -43,7 +44,7 @@ impl BlobStore {
         max_blob_bytes: u64,
         bounds: UploadBounds,
     ) -> Result<Self, TransferError> {
-        let partial_dir = dir.join("partial");
+        let partial_dir = StateLayout::partial_uploads_in(dir);
         std::fs::create_dir_all(&partial_dir).map_err(io_err(&partial_dir))?;
         Ok(Self {
             dir: dir.to_path_buf(),

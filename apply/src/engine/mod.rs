@@ -17,6 +17,7 @@ use crate::fsutil::{FsError, HashCache};
 use crate::journal::{
     ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, ServiceJournal,
 };
+use crate::layout::{StateLayout, is_digest};
 use crate::spec::is_safe_name;
 use crate::stage::{self, StageError, Staged};
 use service::{InFlightGuard, Inner, Quarantine, Service, blocking, ensure_space_reserve, lock};
@@ -94,7 +95,13 @@ impl Engine {
         factory: BackendFactory,
     ) -> Result<Engine, ApplyError> {
         let confine = Confinement::new(&config.deploy_roots);
-        for dir in ["journal", "staging", "backups", "logs", "run"] {
+        for dir in [
+            StateLayout::JOURNAL,
+            StateLayout::STAGING,
+            StateLayout::BACKUPS,
+            StateLayout::LOGS,
+            StateLayout::RUN,
+        ] {
             let path = config.state_dir.join(dir);
             std::fs::create_dir_all(&path).map_err(|source| FsError {
                 op: "create directory",
@@ -144,11 +151,9 @@ impl Engine {
                 }),
             );
         }
-        let journal_dir = config.state_dir.join("journal");
+        let journal_dir = StateLayout::new(&config.state_dir).journal();
         ensure_space_reserve(&journal_dir);
-        let hashes = Arc::new(HashCache::persistent(
-            &config.state_dir.join("journal").join("hashes.json"),
-        ));
+        let hashes = Arc::new(HashCache::persistent(&journal_dir.join("hashes.json")));
         let engine = Engine {
             inner: Arc::new(Inner {
                 state_dir: config.state_dir,
@@ -238,7 +243,7 @@ impl Engine {
     /// Stage: verify and unpack a cached blob for a service. Idempotent.
     pub async fn stage(&self, service: &str, digest: &str) -> Result<Staged, ApplyError> {
         let svc = self.service(service)?;
-        if !stage::is_digest(digest) {
+        if !is_digest(digest) {
             return Err(StageError::BadDigest {
                 digest: digest.to_string(),
             }
@@ -261,7 +266,7 @@ impl Engine {
     pub async fn apply(&self, command: ApplyCommand) -> Result<ApplyReport, ApplyError> {
         self.service(&command.service)?;
         check_patch_id(&command.patch_id)?;
-        if !stage::is_digest(&command.digest) {
+        if !is_digest(&command.digest) {
             return Err(StageError::BadDigest {
                 digest: command.digest.clone(),
             }

@@ -6,6 +6,7 @@ use super::error::ApplyError;
 use super::service::{blocking, log_prune};
 use crate::fsutil::FsError;
 use crate::journal::ApplyKind;
+use crate::layout::StateLayout;
 use crate::stage::{self};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -142,7 +143,7 @@ impl Engine {
     /// `<state>/backups/<service>`: backup sets are per service, since one rollout's patch id may reach
     /// several services of a host.
     pub(super) fn backups_of(&self, service: &str) -> PathBuf {
-        self.inner.state_dir.join("backups").join(service)
+        StateLayout::new(&self.inner.state_dir).backups_of(service)
     }
 }
 
