@@ -1,6 +1,7 @@
 //! The agent configuration (`patchd.toml`, format in ARCHITECTURE.md): parsing, and the checks behind
 //! `patchd validate` and the start of `patchd run`. Every problem names the key or path and says what to do.
 
+use patchd_apply::layout::StateLayout;
 use patchd_apply::spec::{BackendKind, ServiceSpec};
 use patchd_tls::{Role, TlsFiles, TlsMaterial};
 use serde::Deserialize;
@@ -193,7 +194,14 @@ fn format_problems(problems: &[Problem]) -> String {
 }
 
 /// Subdirectories of `state_dir` the agent uses.
-pub const STATE_SUBDIRS: [&str; 6] = ["blobs", "staging", "backups", "journal", "logs", "run"];
+pub const STATE_SUBDIRS: [&str; 6] = [
+    StateLayout::BLOBS,
+    StateLayout::STAGING,
+    StateLayout::BACKUPS,
+    StateLayout::JOURNAL,
+    StateLayout::LOGS,
+    StateLayout::RUN,
+];
 
 impl Config {
     /// Reads and parses `path` (syntax and types only; see [`Config::validate`]).
@@ -410,7 +418,7 @@ impl Config {
 
     /// The directory of the blob cache.
     pub fn blobs_dir(&self) -> PathBuf {
-        self.state_dir.join("blobs")
+        StateLayout::new(&self.state_dir).blobs()
     }
 
     /// Whether `path` lies under one of the deploy roots (lexically: `path` must be absolute with no `..`).

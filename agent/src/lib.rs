@@ -7,7 +7,7 @@ pub mod info;
 pub mod server;
 pub mod status;
 pub mod transfer;
-pub mod upload_path;
+pub mod upload_receiver;
 
 use crate::apply_rpc::ApplyService;
 use crate::config::Config;
@@ -122,7 +122,7 @@ impl Agent {
             .max_concurrent_streams(Some(bounds.max_streams_per_connection))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .add_service(upload_path::AgentRoutes::new(service))
+            .add_service(upload_receiver::AgentRoutes::new(service))
             .serve_with_incoming_shutdown(connections, shutdown)
             .await;
         pruning.abort();

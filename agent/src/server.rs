@@ -1,4 +1,4 @@
-//! The `patchd.v1.Agent` gRPC service: Info and QueryBlob here (Upload in [`crate::upload_path`]); Stage, Apply,
+//! The `patchd.v1.Agent` gRPC service: Info and QueryBlob here (Upload in [`crate::upload_receiver`]); Stage, Apply,
 //! Rollback and Status are delegated to [`ApplyService`]. Wire types are converted to domain types at this boundary.
 
 use crate::apply_rpc::ApplyService;
@@ -100,7 +100,7 @@ impl v1::agent_server::Agent for AgentService {
         }))
     }
 
-    /// Never reached: [`crate::upload_path::AgentRoutes`] serves Upload straight from the HTTP/2 frames and is the
+    /// Never reached: [`crate::upload_receiver::AgentRoutes`] serves Upload straight from the HTTP/2 frames and is the
     /// only way this service is registered (`into_server` is crate-private).
     async fn upload(
         &self,

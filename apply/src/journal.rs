@@ -5,6 +5,7 @@
 //! the recent results by patch id (so a repeated Apply or Rollback replays the earlier answer).
 
 use crate::fsutil::{self, FsError};
+use crate::layout::StateLayout;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -246,13 +247,13 @@ pub fn quarantine_dir_of(journal: &Path) -> PathBuf {
 
 /// `<state>/quarantine/<service>`.
 pub fn quarantine_dir(state_dir: &Path, service: &str) -> PathBuf {
-    state_dir.join("quarantine").join(service)
+    StateLayout::new(state_dir).quarantine_of(service)
 }
 
 impl ServiceJournal {
     /// `<state>/journal/<service>.json`.
     pub fn path(state_dir: &Path, service: &str) -> PathBuf {
-        state_dir.join("journal").join(format!("{service}.json"))
+        StateLayout::new(state_dir).journal_of(service)
     }
 
     /// Loads the journal; an absent file is an empty journal.

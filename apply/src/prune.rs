@@ -7,6 +7,7 @@
 //! `cache_min_age` ago. A blob reported complete by `QueryBlob` and a package staged again are touched, so what a
 //! controller is about to use stays young. Partial uploads are only pruned at agent start, before any upload runs.
 
+use crate::layout::{StateLayout, is_digest};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -134,12 +135,10 @@ pub fn prune_cache(
     let still_old =
         |path: &Path| std::fs::symlink_metadata(path).is_ok_and(|meta| is_old(&meta, min_age, now));
     let prunable = |digest: &str, meta: &std::fs::Metadata| {
-        crate::stage::is_digest(digest)
-            && !referenced.contains(digest)
-            && is_old(meta, min_age, now)
+        is_digest(digest) && !referenced.contains(digest) && is_old(meta, min_age, now)
     };
 
-    let blobs = state_dir.join("blobs");
+    let blobs = StateLayout::new(state_dir).blobs();
     for (digest, path, meta) in listing(&blobs) {
         if !meta.is_file() || !prunable(&digest, &meta) {
             continue;
@@ -162,7 +161,7 @@ pub fn prune_cache(
         }
     }
 
-    let staging = state_dir.join("staging");
+    let staging = StateLayout::new(state_dir).staging();
     for (digest, path, meta) in listing(&staging) {
         if !meta.is_dir() || !prunable(&digest, &meta) {
             continue;
@@ -199,7 +198,7 @@ pub fn prune_cache(
 /// uploading.
 pub fn prune_partials(state_dir: &Path, min_age: Duration, now: SystemTime) -> PruneReport {
     let mut report = PruneReport::default();
-    for (_, path, meta) in listing(&state_dir.join("blobs").join("partial")) {
+    for (_, path, meta) in listing(&StateLayout::new(state_dir).partial_uploads()) {
         if !meta.is_file() || !is_old(&meta, min_age, now) {
             continue;
         }

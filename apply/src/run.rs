@@ -3,11 +3,13 @@
 
 use crate::backend::{RunState, ServiceRuntime};
 use crate::effects::FaultPoint;
-use crate::engine::{ApplyError, Inner, Service, agent_supervised, blocking, is_up};
+use crate::engine::error::ApplyError;
+use crate::engine::service::{Inner, Service, agent_supervised, blocking, is_up};
+use crate::file_plan;
 use crate::journal::{
     ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, MAX_HISTORY, Outcome,
 };
-use crate::plan;
+use crate::layout::StateLayout;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -140,8 +142,8 @@ pub(crate) async fn recover_service(inner: &Inner, svc: &Service) -> Result<(), 
 
 impl<'a> Run<'a> {
     /// Where this apply's files are: the service's deploy dir and the agent's state dir.
-    fn sites(&self) -> plan::Sites {
-        plan::Sites {
+    fn sites(&self) -> file_plan::Sites {
+        file_plan::Sites {
             deploy_dir: self.svc.spec.deploy_dir.clone(),
             state_dir: self.inner.state_dir.clone(),
             confine: self.inner.confine.clone(),
@@ -196,7 +198,7 @@ impl<'a> Run<'a> {
         let started = self.now();
         let (files, dirs) = (self.rec.files.clone(), self.rec.created_dirs.clone());
         let sites = self.sites();
-        let prepared = flatten(blocking(move || plan::prepare(&sites, &files, &dirs)).await);
+        let prepared = flatten(blocking(move || file_plan::prepare(&sites, &files, &dirs)).await);
         self.step("prepare", started);
         if let Err(ApplyError::Crash(crash)) = prepared {
             return Err(crash.into());
@@ -241,7 +243,7 @@ impl<'a> Run<'a> {
             let (swapping, sites) = (change.clone(), self.sites());
             or_revert!(
                 self,
-                flatten(blocking(move || plan::swap_one(&sites, &swapping)).await),
+                flatten(blocking(move || file_plan::swap_one(&sites, &swapping)).await),
                 what
             );
             // The hash prepare computed from the temporary, while the target is still that file.
@@ -256,7 +258,7 @@ impl<'a> Run<'a> {
         let (files, sites) = (self.rec.files.clone(), self.sites());
         or_revert!(
             self,
-            flatten(blocking(move || plan::sync_target_dirs(&sites, &files)).await),
+            flatten(blocking(move || file_plan::sync_target_dirs(&sites, &files)).await),
             "syncing the swapped files failed"
         );
         self.step("swap", since);
@@ -398,8 +400,8 @@ impl<'a> Run<'a> {
         );
         let sites = self.sites();
         blocking(move || {
-            plan::remove_temps(&sites, &files, &id);
-            plan::remove_created_dirs(&sites, &dirs);
+            file_plan::remove_temps(&sites, &files, &id);
+            file_plan::remove_created_dirs(&sites, &dirs);
         })
         .await?;
         self.finish(Outcome::Failed, reason, Vec::new()).await
@@ -428,7 +430,7 @@ impl<'a> Run<'a> {
             let id = self.rec.patch_id.clone();
             let (restoring, sites) = (change.clone(), self.sites());
             // Not recorded in the hash cache: the restored file has a new ctime, so it is hashed again.
-            match flatten(blocking(move || plan::restore_one(&sites, &restoring, &id)).await) {
+            match flatten(blocking(move || file_plan::restore_one(&sites, &restoring, &id)).await) {
                 Ok(()) => {}
                 Err(ApplyError::Crash(crash)) => return Err(crash.into()),
                 Err(e) => {
@@ -448,8 +450,8 @@ impl<'a> Run<'a> {
         );
         let sites = self.sites();
         blocking(move || {
-            plan::remove_temps(&sites, &files, &id);
-            plan::remove_created_dirs(&sites, &dirs);
+            file_plan::remove_temps(&sites, &files, &id);
+            file_plan::remove_created_dirs(&sites, &dirs);
         })
         .await?;
         if !offline && !self.rec.was_running {
@@ -588,8 +590,8 @@ impl<'a> Run<'a> {
         let (files, id) = (self.rec.files.clone(), self.rec.patch_id.clone());
         let sites = self.sites();
         blocking(move || {
-            plan::remove_temps(&sites, &files, &id);
-            plan::remove_created_dirs(&sites, &emptied_dirs);
+            file_plan::remove_temps(&sites, &files, &id);
+            file_plan::remove_created_dirs(&sites, &emptied_dirs);
             for dir in obsolete {
                 if let Err(e) = crate::fsutil::remove_tree_if_exists(&dir) {
                     tracing::warn!("cannot remove backup set {}: {e}", dir.display());
@@ -598,8 +600,8 @@ impl<'a> Run<'a> {
         })
         .await?;
         self.inner.hashes.save();
-        let journal_dir = self.inner.state_dir.join("journal");
-        blocking(move || crate::engine::ensure_space_reserve(&journal_dir)).await?;
+        let journal_dir = StateLayout::new(&self.inner.state_dir).journal();
+        blocking(move || crate::engine::service::ensure_space_reserve(&journal_dir)).await?;
         tracing::info!(service = %self.svc.spec.name, patch_id = %result.patch_id, outcome = outcome.as_str(), downtime_ms = result.downtime_ms, "apply finished");
         if outcome != Outcome::Failed {
             self.inner.prune_cache().await;

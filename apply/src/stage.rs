@@ -5,6 +5,7 @@
 //! Layout: `staging/<digest>/files/<component>/...` (the archive root) and `staging/<digest>/manifest.json`.
 
 use crate::fsutil::{self, IoContext};
+use crate::layout::{StateLayout, is_digest};
 use crate::spec::ServiceSpec;
 use patchd_package::{Expectations, Limits, Manifest, PackageError};
 use std::path::{Path, PathBuf};
@@ -67,7 +68,7 @@ pub struct StagedPaths {
 impl StagedPaths {
     pub fn new(state_dir: &Path, digest: &str) -> Self {
         StagedPaths {
-            dir: state_dir.join("staging").join(digest),
+            dir: StateLayout::new(state_dir).staged(digest),
         }
     }
 
@@ -81,17 +82,9 @@ impl StagedPaths {
     }
 }
 
-/// A hex sha256 / tree digest: 64 lowercase hex digits (also safe as a file name).
-pub fn is_digest(text: &str) -> bool {
-    text.len() == 64
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 /// The blob in the agent's cache (`<state>/blobs/<digest>`, complete blobs only).
 pub fn blob_path(state_dir: &Path, digest: &str) -> PathBuf {
-    state_dir.join("blobs").join(digest)
+    StateLayout::new(state_dir).blob(digest)
 }
 
 /// Chunk sizes a blob of the cache may have been uploaded with (the cache does not record it; the digest covers
@@ -212,12 +205,12 @@ pub fn stage_blocking(
             Err(e) => {
                 tracing::warn!(%digest, "staged package changed since staging ({e}); staging it again from the blob");
                 fsutil::remove_tree_if_exists(&paths.dir)?;
-                fsutil::fsync_dir(&state_dir.join("staging"))?;
+                fsutil::fsync_dir(&StateLayout::new(state_dir).staging())?;
             }
         }
     }
     let blob = verify_blob(state_dir, digest)?;
-    let staging_root = state_dir.join("staging");
+    let staging_root = StateLayout::new(state_dir).staging();
     std::fs::create_dir_all(&staging_root).ctx("create directory", &staging_root)?;
     crate::space::ensure_unpack_fits(&blob, digest, &staging_root).map_err(|source| {
         StageError::NoSpace {
@@ -262,7 +255,7 @@ pub fn stage_blocking(
 
 /// Removes leftovers of interrupted stages (`staging/.tmp-*`).
 pub fn remove_stale_temps(state_dir: &Path) {
-    let Ok(listing) = std::fs::read_dir(state_dir.join("staging")) else {
+    let Ok(listing) = std::fs::read_dir(StateLayout::new(state_dir).staging()) else {
         return;
     };
     for entry in listing.flatten() {

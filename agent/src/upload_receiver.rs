@@ -1,8 +1,8 @@
-//! `patchd.v1.Agent/Upload` read straight from the HTTP/2 frames. The wire format is unchanged (gRPC framing, the
-//! same protobuf messages, any client works), but chunk data is copied once, from the frames into a 4 KiB-aligned
-//! buffer that the hasher reads and the writer hands to direct I/O as it is. Through tonic's decoder each byte was
-//! copied twice more: into its decode buffer, then into an aligned buffer for direct I/O. Every other method goes to
-//! the tonic service.
+//! The receiving end of an upload (the sending end is the controller's `agent/upload.rs`): `patchd.v1.Agent/Upload`
+//! read straight from the HTTP/2 frames. The wire format is unchanged (gRPC framing, the same protobuf messages, any
+//! client works), but chunk data is copied once, from the frames into a 4 KiB-aligned buffer that the hasher reads and
+//! the writer hands to direct I/O as it is. Through tonic's decoder each byte was copied twice more: into its decode
+//! buffer, then into an aligned buffer for direct I/O. Every other method goes to the tonic service.
 
 use crate::server::{AgentService, blob_from_wire};
 use crate::status::invalid_argument;
