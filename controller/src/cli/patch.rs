@@ -76,7 +76,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     check_component(&topology, &component, &args.selection.roles)?;
 
     if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
-        if unfinished.kind == RolloutKind::Patch && unfinished.package_digest == blob.digest {
+        if unfinished.kind == RolloutKind::Patch
+            && unfinished.package_digest.as_ref() == Some(&blob.digest)
+        {
             errln!(
                 "Rollout {} of this package is unfinished: resuming it.",
                 unfinished.id
@@ -119,7 +121,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         info.manifest.version,
         package.display(),
         info.size,
-        short(&blob.digest),
+        blob.digest.short(16),
         if args.offline {
             " --offline: files only, no hooks, no restarts"
         } else {
@@ -156,7 +158,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         &args.cluster,
         NewRun {
             kind: RolloutKind::Patch,
-            package_digest: blob.digest.clone(),
+            package_digest: Some(blob.digest.clone()),
             package_path: package.display().to_string(),
             version: info.manifest.version.clone(),
             options,
@@ -186,7 +188,7 @@ async fn inspect_and_prepare(
         .context("package inspection stopped unexpectedly")?
         .with_context(|| format!("package {} is not usable", package.display()))?;
     let blob = prepared?;
-    if info.tree_digest != blob.digest {
+    if blob.digest != info.tree_digest {
         bail!(
             "package {} changed while it was being read: try again",
             package.display()
@@ -255,10 +257,6 @@ fn check_platform(
         );
     }
     Ok(())
-}
-
-fn short(digest: &str) -> &str {
-    digest.get(..16).unwrap_or(digest)
 }
 
 #[cfg(test)]

@@ -126,7 +126,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         &args.cluster,
         NewRun {
             kind: RolloutKind::Rollback,
-            package_digest: String::new(),
+            package_digest: None,
             package_path: String::new(),
             version: args.to.clone().unwrap_or_default(),
             options,

@@ -53,6 +53,7 @@ mod tests;
 pub use engine::RolloutEngine;
 pub use state::{NodePhase, NodeRecord, Step, StepStatus, Verdict};
 
+use patchd_package::digest::TreeDigest;
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
@@ -63,7 +64,7 @@ pub enum Action {
     /// Apply a package (staged first on every node).
     Patch {
         /// Tree digest of the package.
-        digest: String,
+        digest: TreeDigest,
         /// `--offline`: swap files only, no hooks, no restart.
         offline: bool,
     },
