@@ -46,6 +46,7 @@
 //!   starts, and the run ends [`RolloutEnd::Interrupted`] so the rollout stays unfinished and resumable.
 
 mod engine;
+mod node_calls;
 mod state;
 #[cfg(test)]
 mod tests;
