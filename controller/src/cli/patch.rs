@@ -2,15 +2,13 @@
 //! rollout to the runner (`patchctl::rollout`); `--resume` continues an unfinished one after a crash.
 
 use super::Ctx;
-use super::args::{RolloutFlags, Selection};
+use super::args::{RolloutFlags, Selection, lock_for_new_rollout};
 use anyhow::{Context, bail};
 use patchctl::agent::client::PreparedBlob;
 use patchctl::hooks::{ClusterHooks, HookClient};
 use patchctl::node_status::NodeStatus;
 use patchctl::registered::{load_tls, load_topology};
-use patchctl::rollout::{
-    NewRun, journal_and_execute, observe, plan_input, report_takeover, resume,
-};
+use patchctl::rollout::{NewRun, journal_and_execute, observe, plan_input, resume};
 use patchctl::store::{RolloutKind, RolloutOptions, Store, new_rollout_id};
 use patchctl::topology::Topology;
 use patchd_planner::Plan;
@@ -132,17 +130,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         return Ok(code);
     }
 
-    let lock = store.acquire_rollout_lock(&args.cluster)?;
-    report_takeover(&lock);
-    if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
-        bail!(
-            "rollout {} on cluster `{}` started meanwhile and is unfinished: finish it first with \
-             `patchctl patch --resume {}`",
-            unfinished.id,
-            args.cluster,
-            args.cluster
-        );
-    }
+    let lock = lock_for_new_rollout(&store, &args.cluster)?;
     let options = RolloutOptions {
         patch_id: new_rollout_id(),
         offline: args.offline,
