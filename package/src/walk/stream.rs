@@ -133,25 +133,26 @@ pub(super) fn classify(
             limit: MAX_METADATA_BYTES,
         }
     } else if state.decoder_failed.get() {
-        let detail = if err.kind() == io::ErrorKind::UnexpectedEof {
-            format!("truncated: {err}")
-        } else {
-            err.to_string()
-        };
+        let detail = error_detail(&err);
         PackageError::CorruptGzip {
             path: path.to_owned(),
             detail,
         }
     } else {
-        let detail = if err.kind() == io::ErrorKind::UnexpectedEof {
-            format!("truncated: {err}")
-        } else {
-            err.to_string()
-        };
+        let detail = error_detail(&err);
         PackageError::CorruptTar {
             path: path.to_owned(),
             after,
             detail,
         }
+    }
+}
+
+/// An error's text, saying "truncated" when the stream ended early (the common case of a cut download).
+fn error_detail(err: &io::Error) -> String {
+    if err.kind() == io::ErrorKind::UnexpectedEof {
+        format!("truncated: {err}")
+    } else {
+        err.to_string()
     }
 }
