@@ -80,6 +80,11 @@ impl TreeHasher {
         }
         Some(hex::encode(self.ctx.finish().as_ref()))
     }
+
+    /// [`TreeHasher::finish`] as a [`TreeDigest`] (the hex of a sha256 needs no further check).
+    pub fn finish_digest(self) -> Option<TreeDigest> {
+        self.finish().map(TreeDigest)
+    }
 }
 
 /// Computes the tree digest of a stream whose total length is known up front, fed in pieces of any size.
@@ -207,9 +212,147 @@ pub fn read_full<R: Read>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usi
     Ok(filled)
 }
 
+/// A package's tree digest: 64 lower-case hex characters, checked once where it enters (a CLI argument, a
+/// stored row, an agent reply) so later code never re-validates. Serialized as the plain string, so stored JSON
+/// and SQLite columns read the same as before the type existed.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct TreeDigest(String);
+
+/// A string that is not a tree digest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`{0}` is not a tree digest: expected 64 lower-case hex characters (as `patchctl package inspect` prints)"
+)]
+pub struct InvalidTreeDigest(pub String);
+
+impl TreeDigest {
+    /// True when `text` has the shape of a tree digest.
+    pub fn is_valid(text: &str) -> bool {
+        text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+
+    /// The digest as hex text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The first `len` characters, for tables and progress lines that cannot print all 64.
+    pub fn short(&self, len: usize) -> &str {
+        self.0.get(..len).unwrap_or(&self.0)
+    }
+
+    /// The empty placeholder some records carry when no package is involved (a rollback's own row).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Display for TreeDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for TreeDigest {
+    type Err = InvalidTreeDigest;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::try_from(text.to_string())
+    }
+}
+
+impl TryFrom<String> for TreeDigest {
+    type Error = InvalidTreeDigest;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        if Self::is_valid(&text) {
+            Ok(Self(text))
+        } else {
+            Err(InvalidTreeDigest(text))
+        }
+    }
+}
+
+impl From<TreeDigest> for String {
+    fn from(digest: TreeDigest) -> Self {
+        digest.0
+    }
+}
+
+impl AsRef<str> for TreeDigest {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for TreeDigest {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for TreeDigest {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl PartialEq<String> for TreeDigest {
+    fn eq(&self, other: &String) -> bool {
+        &self.0 == other
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tree_digest_is_64_lower_case_hex_and_travels_as_a_plain_string() {
+        let text = "0123456789abcdef".repeat(4);
+        let digest: TreeDigest = text.parse().unwrap();
+        assert_eq!(digest.to_string(), text);
+        assert_eq!(digest.short(16), "0123456789abcdef");
+        assert_eq!(
+            serde_json::to_string(&digest).unwrap(),
+            format!("\"{text}\"")
+        );
+        assert_eq!(
+            serde_json::from_str::<TreeDigest>(&format!("\"{text}\"")).unwrap(),
+            digest
+        );
+        for bad in [
+            &text[..63],
+            &text.to_uppercase(),
+            &format!("{}g", &text[..63]),
+            "",
+        ] {
+            let error = bad.parse::<TreeDigest>().unwrap_err();
+            assert!(error.to_string().contains("64 lower-case hex"), "{error}");
+            assert!(serde_json::from_str::<TreeDigest>(&format!("\"{bad}\"")).is_err());
+        }
+    }
+
+    #[test]
+    fn the_hasher_names_the_same_digest_as_text_and_as_tree_digest() {
+        let data = vec![7u8; 10_000];
+        let expected = tree_digest_reader(&data[..], MIN_CHUNK_SIZE, data.len() as u64).unwrap();
+        let mut tree = TreeHasher::new(MIN_CHUNK_SIZE, data.len() as u64);
+        for chunk in data.chunks(MIN_CHUNK_SIZE as usize) {
+            tree.push_chunk_hash(&chunk_sha256(chunk));
+        }
+        assert_eq!(tree.finish_digest().unwrap(), expected);
+    }
 
     #[test]
     fn digest_depends_on_content_length_and_chunk_size() {

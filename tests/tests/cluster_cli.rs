@@ -321,7 +321,7 @@ fn audit_lists_rollouts_and_reports_one() {
             id: "r-test-1".into(),
             cluster: "demo".into(),
             kind: RolloutKind::Patch,
-            package_digest: "d1g3st".into(),
+            package_digest: Some("d1".repeat(32).parse().unwrap()),
             package_path: "/tmp/demo-worker.tar.gz".into(),
             version: "v1.0.1".into(),
             plan_json: r#"{"batches":[]}"#.into(),

@@ -78,7 +78,7 @@ fn parse_report(json: &str) -> PushReport {
         serde_json::from_str(json).unwrap_or_else(|e| panic!("bad JSON {json}: {e}"));
     PushReport {
         agent: v["agent"].as_str().unwrap().into(),
-        digest: v["digest"].as_str().unwrap().into(),
+        digest: v["digest"].as_str().unwrap().parse().unwrap(),
         total_bytes: v["total_bytes"].as_u64().unwrap(),
         chunk_size: u32::try_from(v["chunk_size"].as_u64().unwrap()).unwrap(),
         chunks_total: v["chunks_total"].as_u64().unwrap(),
@@ -141,7 +141,7 @@ fn multi_chunk_push_is_byte_exact_and_a_second_push_sends_nothing() {
         first.digest,
         patchd_package::digest::tree_digest_file(&file, CHUNK).unwrap()
     );
-    let stored = s.blob_path(&first.digest);
+    let stored = s.blob_path(first.digest.as_str());
     assert_eq!(
         sha256_file(&stored),
         sha256_file(&file),
@@ -173,7 +173,7 @@ async fn corrupt_chunk_is_refused_then_resent_and_a_wrong_digest_is_discarded() 
 
     // A chunk whose sha256 does not match its data: DATA_LOSS naming the offset; the chunks before it are kept.
     let messages = vec![
-        header(&blob.digest, len, CHUNK),
+        header(blob.digest.as_str(), len, CHUNK),
         chunk_message(&blob, &data, 0, false),
         chunk_message(&blob, &data, 1, true),
     ];
@@ -189,7 +189,7 @@ async fn corrupt_chunk_is_refused_then_resent_and_a_wrong_digest_is_discarded() 
         status.message()
     );
     assert_eq!(held(&mut client, &blob).await, 1);
-    assert!(!s.blob_path(&blob.digest).exists());
+    assert!(!s.blob_path(blob.digest.as_str()).exists());
 
     // patchctl's sender resends a refused chunk on a new stream.
     let options = PushOptions {
@@ -199,7 +199,10 @@ async fn corrupt_chunk_is_refused_then_resent_and_a_wrong_digest_is_discarded() 
     let report = client.push(&blob, &options, |_| {}).await.unwrap();
     assert_eq!(report.retries, 1);
     assert_eq!(report.chunks_skipped, 1);
-    assert_eq!(sha256_file(&s.blob_path(&blob.digest)), sha256_file(&file));
+    assert_eq!(
+        sha256_file(&s.blob_path(blob.digest.as_str())),
+        sha256_file(&file)
+    );
 
     // Every chunk is fine but the announced digest is not theirs: the partial upload is discarded.
     let other = s.file("other.bin", 2 * u64::from(CHUNK), 3);
@@ -251,7 +254,9 @@ async fn push_resumes_after_the_client_and_then_the_agent_died_mid_transfer() {
     {
         let mut client = s.client().await;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tx.send(header(&blob.digest, len, CHUNK)).await.unwrap();
+        tx.send(header(blob.digest.as_str(), len, CHUNK))
+            .await
+            .unwrap();
         for i in 0..4 {
             tx.send(chunk_message(&blob, &data, i, false))
                 .await
@@ -274,7 +279,9 @@ async fn push_resumes_after_the_client_and_then_the_agent_died_mid_transfer() {
     // 2. The next sender continues at chunk 4, and the agent is SIGKILLed while the stream is open after chunk 8.
     let mut client = s.client().await;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(header(&blob.digest, len, CHUNK)).await.unwrap();
+    tx.send(header(blob.digest.as_str(), len, CHUNK))
+        .await
+        .unwrap();
     for i in 4..8 {
         tx.send(chunk_message(&blob, &data, i, false))
             .await
@@ -312,7 +319,10 @@ async fn push_resumes_after_the_client_and_then_the_agent_died_mid_transfer() {
     assert_eq!(report.chunks_sent, 4);
     assert_eq!(report.bytes_sent, expected);
     assert!(report.bytes_sent < len);
-    assert_eq!(sha256_file(&s.blob_path(&blob.digest)), sha256_file(&file));
+    assert_eq!(
+        sha256_file(&s.blob_path(blob.digest.as_str())),
+        sha256_file(&file)
+    );
 }
 
 fn receiver_stream(

@@ -11,7 +11,7 @@ use crate::tls_files::ControllerTls;
 use bytes::Bytes;
 use futures::StreamExt;
 use patchd_package::digest::{
-    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeHasher, chunk_count, chunk_sha256, read_full,
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeDigest, TreeHasher, chunk_count, chunk_sha256, read_full,
 };
 use patchd_proto::v1;
 use serde::Serialize;
@@ -149,7 +149,7 @@ pub struct BlobHeld {
 #[derive(Debug, Clone)]
 pub struct PreparedBlob {
     pub path: PathBuf,
-    pub digest: String,
+    pub digest: TreeDigest,
     pub total_size: u64,
     pub chunk_size: u32,
     chunk_hashes: Arc<Vec<[u8; 32]>>,
@@ -192,9 +192,11 @@ impl PreparedBlob {
                 path: path.to_path_buf(),
             });
         }
-        let digest = tree.finish().ok_or_else(|| AgentClientError::FileChanged {
-            path: path.to_path_buf(),
-        })?;
+        let digest = tree
+            .finish_digest()
+            .ok_or_else(|| AgentClientError::FileChanged {
+                path: path.to_path_buf(),
+            })?;
         Ok(Self {
             path: path.to_path_buf(),
             digest,
@@ -224,7 +226,7 @@ impl PreparedBlob {
 
     fn wire_ref(&self) -> v1::BlobRef {
         v1::BlobRef {
-            digest: self.digest.clone(),
+            digest: self.digest.to_string(),
             total_size: self.total_size,
             chunk_size: self.chunk_size,
         }
@@ -276,7 +278,7 @@ pub struct PushProgress {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PushReport {
     pub agent: String,
-    pub digest: String,
+    pub digest: TreeDigest,
     pub total_bytes: u64,
     pub chunk_size: u32,
     pub chunks_total: u64,

@@ -2,6 +2,7 @@
 //! converted into controller domain types at this boundary (generated types do not leak further).
 
 use crate::executor::{ApplyOutcome, CallError, NodeApplyResult};
+use patchd_package::digest::TreeDigest;
 use patchd_proto::v1;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -106,8 +107,8 @@ pub struct ServiceInfo {
 
 impl ServiceInfo {
     /// The service runs a committed apply of `digest` (so patching it again would change nothing).
-    pub fn runs_digest(&self, digest: &str) -> bool {
-        matches!(&self.last, Some(last) if last.digest == digest && last.outcome == ApplyOutcome::Committed)
+    pub fn runs_digest(&self, digest: &TreeDigest) -> bool {
+        matches!(&self.last, Some(last) if *digest == last.digest && last.outcome == ApplyOutcome::Committed)
     }
 
     /// `Version` column: the version label, else the first 12 hex digits of the binary's sha256.
@@ -219,7 +220,7 @@ fn code_name(code: tonic::Code) -> String {
 pub async fn stage(
     rpc: &mut AgentRpc,
     service: &str,
-    digest: &str,
+    digest: &TreeDigest,
 ) -> Result<StageInfo, tonic::Status> {
     let request = v1::StageRequest {
         service: service.to_string(),
@@ -239,7 +240,7 @@ pub async fn stage(
 pub async fn apply(
     rpc: &mut AgentRpc,
     service: &str,
-    digest: &str,
+    digest: &TreeDigest,
     patch_id: &str,
     offline: bool,
 ) -> Result<NodeApplyResult, CallError> {
@@ -343,9 +344,10 @@ mod tests {
 
     #[test]
     fn a_service_runs_a_digest_only_after_a_committed_apply() {
+        let digest = |c: &str| -> TreeDigest { c.repeat(64).parse().unwrap() };
         let record = |outcome| PatchRecord {
             patch_id: "p".into(),
-            digest: "d".into(),
+            digest: "d".repeat(64),
             version: "v".into(),
             outcome,
             reason: String::new(),
@@ -357,9 +359,9 @@ mod tests {
         });
         assert_eq!(info.version_label(), "0123456789ab");
         info.last = Some(record(ApplyOutcome::Reverted));
-        assert!(!info.runs_digest("d"));
+        assert!(!info.runs_digest(&digest("d")));
         info.last = Some(record(ApplyOutcome::Committed));
-        assert!(info.runs_digest("d"));
-        assert!(!info.runs_digest("e"));
+        assert!(info.runs_digest(&digest("d")));
+        assert!(!info.runs_digest(&digest("e")));
     }
 }

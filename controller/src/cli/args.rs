@@ -1,10 +1,12 @@
 //! Arguments several commands share: the `-N`/`-R` selection, and for `patch` and `rollback` the review and
-//! policy flags with the review itself (dry run, plan, confirmation).
+//! policy flags with the review itself (dry run, plan, confirmation) and the rollout lock taken after it.
 
 use super::{Ctx, Format};
 use anyhow::{Context, bail};
 use patchctl::exit;
 use patchctl::output::ask;
+use patchctl::rollout::report_takeover;
+use patchctl::store::{RolloutLock, Store};
 use patchd_planner::{Amount, Plan, Policy};
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -143,4 +145,21 @@ impl PolicyArgs {
     pub(super) fn canary_wait_ms(&self) -> Option<u64> {
         self.canary_wait.map(|wait| wait.as_millis() as u64)
     }
+}
+
+/// Takes `cluster`'s rollout lock for a new `patch` or `rollback`, after its review. Another rollout may have
+/// started and stopped while this one planned and asked: never run over it.
+pub fn lock_for_new_rollout(store: &Store, cluster: &str) -> anyhow::Result<RolloutLock> {
+    let lock = store.acquire_rollout_lock(cluster)?;
+    report_takeover(&lock);
+    if let Some(unfinished) = store.unfinished_rollout(cluster)? {
+        bail!(
+            "rollout {} ({}, {}) on cluster `{cluster}` started meanwhile and is unfinished: finish it first with \
+             `patchctl patch --resume {cluster}`",
+            unfinished.id,
+            unfinished.kind,
+            unfinished.state,
+        );
+    }
+    Ok(lock)
 }

@@ -4,6 +4,7 @@
 use super::{Ctx, Format};
 use patchctl::output::plain_table;
 use patchctl::store::{NodeRolloutState, Rollout, RolloutReport, Store};
+use patchd_package::digest::TreeDigest;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
@@ -133,7 +134,15 @@ fn report_text(report: &RolloutReport) -> String {
         dash(&rollout.version),
         dash(&rollout.package_path)
     ));
-    out.push_str(&format!("Digest:    {}\n", dash(&rollout.package_digest)));
+    out.push_str(&format!(
+        "Digest:    {}\n",
+        dash(
+            rollout
+                .package_digest
+                .as_ref()
+                .map_or("", TreeDigest::as_str)
+        )
+    ));
     out.push_str(&format!("State:     {}\n", rollout.state));
     out.push_str(&format!("Started:   {}\n", rollout.created_at));
     out.push_str(&format!(
@@ -193,7 +202,7 @@ fn rollout_json(rollout: &Rollout) -> Value {
         "cluster": rollout.cluster,
         "kind": rollout.kind,
         "state": rollout.state,
-        "package_digest": rollout.package_digest,
+        "package_digest": rollout.package_digest.as_ref().map_or("", TreeDigest::as_str),
         "package_path": rollout.package_path,
         "version": rollout.version,
         "created_at": rollout.created_at,

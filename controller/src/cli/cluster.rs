@@ -275,7 +275,7 @@ fn role_packages_comment(packages: &[RolePackage]) -> String {
             "#   {}: {} (digest {}, {}, recorded {})\n",
             package.role,
             package.version,
-            package.digest.get(..16).unwrap_or(&package.digest),
+            package.digest.short(16),
             package.path,
             package.set_at
         ));

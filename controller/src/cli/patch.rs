@@ -2,15 +2,13 @@
 //! rollout to the runner (`patchctl::rollout`); `--resume` continues an unfinished one after a crash.
 
 use super::Ctx;
-use super::args::{RolloutFlags, Selection};
+use super::args::{RolloutFlags, Selection, lock_for_new_rollout};
 use anyhow::{Context, bail};
 use patchctl::agent::client::PreparedBlob;
 use patchctl::hooks::{ClusterHooks, HookClient};
 use patchctl::node_status::NodeStatus;
 use patchctl::registered::{load_tls, load_topology};
-use patchctl::rollout::{
-    NewRun, journal_and_execute, observe, plan_input, report_takeover, resume,
-};
+use patchctl::rollout::{NewRun, journal_and_execute, observe, plan_input, resume};
 use patchctl::store::{RolloutKind, RolloutOptions, Store, new_rollout_id};
 use patchctl::topology::Topology;
 use patchd_planner::Plan;
@@ -76,7 +74,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     check_component(&topology, &component, &args.selection.roles)?;
 
     if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
-        if unfinished.kind == RolloutKind::Patch && unfinished.package_digest == blob.digest {
+        if unfinished.kind == RolloutKind::Patch
+            && unfinished.package_digest.as_ref() == Some(&blob.digest)
+        {
             errln!(
                 "Rollout {} of this package is unfinished: resuming it.",
                 unfinished.id
@@ -119,7 +119,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         info.manifest.version,
         package.display(),
         info.size,
-        short(&blob.digest),
+        blob.digest.short(16),
         if args.offline {
             " --offline: files only, no hooks, no restarts"
         } else {
@@ -130,17 +130,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         return Ok(code);
     }
 
-    let lock = store.acquire_rollout_lock(&args.cluster)?;
-    report_takeover(&lock);
-    if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
-        bail!(
-            "rollout {} on cluster `{}` started meanwhile and is unfinished: finish it first with \
-             `patchctl patch --resume {}`",
-            unfinished.id,
-            args.cluster,
-            args.cluster
-        );
-    }
+    let lock = lock_for_new_rollout(&store, &args.cluster)?;
     let options = RolloutOptions {
         patch_id: new_rollout_id(),
         offline: args.offline,
@@ -156,7 +146,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         &args.cluster,
         NewRun {
             kind: RolloutKind::Patch,
-            package_digest: blob.digest.clone(),
+            package_digest: Some(blob.digest.clone()),
             package_path: package.display().to_string(),
             version: info.manifest.version.clone(),
             options,
@@ -186,7 +176,7 @@ async fn inspect_and_prepare(
         .context("package inspection stopped unexpectedly")?
         .with_context(|| format!("package {} is not usable", package.display()))?;
     let blob = prepared?;
-    if info.tree_digest != blob.digest {
+    if blob.digest != info.tree_digest {
         bail!(
             "package {} changed while it was being read: try again",
             package.display()
@@ -255,10 +245,6 @@ fn check_platform(
         );
     }
     Ok(())
-}
-
-fn short(digest: &str) -> &str {
-    digest.get(..16).unwrap_or(digest)
 }
 
 #[cfg(test)]

@@ -2,13 +2,11 @@
 //! whose apply step is the agent's Rollback call, bringing nodes back to the version before a patch.
 
 use super::Ctx;
-use super::args::{RolloutFlags, Selection};
+use super::args::{RolloutFlags, Selection, lock_for_new_rollout};
 use anyhow::bail;
 use patchctl::hooks::{ClusterHooks, HookClient};
 use patchctl::registered::{load_tls, load_topology};
-use patchctl::rollout::{
-    NewRun, journal_and_execute, observe, plan_input, report_takeover, resume,
-};
+use patchctl::rollout::{NewRun, journal_and_execute, observe, plan_input, resume};
 use patchctl::store::{RolloutKind, RolloutOptions, Store, new_rollout_id};
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,20 +95,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     if let Some(code) = args.rollout.review(ctx, &header, &plan).await? {
         return Ok(code);
     }
-    let lock = store.acquire_rollout_lock(&args.cluster)?;
-    report_takeover(&lock);
-    // Another rollout may have started and stopped while we planned and asked: never run over it.
-    if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
-        bail!(
-            "rollout {} ({}, {}) on cluster `{}` started meanwhile and is unfinished: finish it first with \
-             `patchctl patch --resume {}`",
-            unfinished.id,
-            unfinished.kind,
-            unfinished.state,
-            args.cluster,
-            args.cluster
-        );
-    }
+    let lock = lock_for_new_rollout(&store, &args.cluster)?;
     let options = RolloutOptions {
         patch_id: new_rollout_id(),
         offline: false,
@@ -126,7 +111,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         &args.cluster,
         NewRun {
             kind: RolloutKind::Rollback,
-            package_digest: String::new(),
+            package_digest: None,
             package_path: String::new(),
             version: args.to.clone().unwrap_or_default(),
             options,

@@ -46,6 +46,7 @@
 //!   starts, and the run ends [`RolloutEnd::Interrupted`] so the rollout stays unfinished and resumable.
 
 mod engine;
+mod node_calls;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -53,6 +54,7 @@ mod tests;
 pub use engine::RolloutEngine;
 pub use state::{NodePhase, NodeRecord, Step, StepStatus, Verdict};
 
+use patchd_package::digest::TreeDigest;
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
@@ -63,7 +65,7 @@ pub enum Action {
     /// Apply a package (staged first on every node).
     Patch {
         /// Tree digest of the package.
-        digest: String,
+        digest: TreeDigest,
         /// `--offline`: swap files only, no hooks, no restart.
         offline: bool,
     },

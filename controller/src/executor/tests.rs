@@ -2,13 +2,18 @@
 //! simulated crash at every journal write.
 
 use super::*;
+use patchd_package::digest::TreeDigest;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
-const DIGEST: &str = "d1";
 const PATCH: &str = "p-1";
+
+/// The package every fake rollout patches with.
+fn package_digest() -> TreeDigest {
+    "d1".repeat(32).parse().unwrap()
+}
 
 /// What a fake node does when its turn comes.
 #[derive(Debug, Clone, Default)]
@@ -365,7 +370,7 @@ fn spec(batches: &[&[&str]], budget: u32) -> RolloutSpec {
     RolloutSpec {
         patch_id: PATCH.into(),
         action: Action::Patch {
-            digest: DIGEST.into(),
+            digest: package_digest(),
             offline: false,
         },
         batches: batches
@@ -834,7 +839,7 @@ async fn offline_mode_swaps_files_without_hooks() {
     let journal = FakeJournal::default();
     let mut offline = spec(&[&["a", "b"]], 0);
     offline.action = Action::Patch {
-        digest: DIGEST.into(),
+        digest: package_digest(),
         offline: true,
     };
     let report = run(&offline, &effects, &journal).await;

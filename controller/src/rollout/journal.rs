@@ -5,7 +5,8 @@ use crate::executor::{
     NodePhase, NodeRecord, NodeRef, RolloutEnd, RolloutJournal, RolloutJournalError, Step,
     StepStatus, Verdict,
 };
-use crate::store::{NodeRolloutState, RolloutKind, RolloutState, Store, StoreError};
+use crate::store::{NodeRolloutState, RolloutState, Store, StoreError};
+use patchd_package::digest::TreeDigest;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -73,9 +74,8 @@ pub struct StoreJournal {
     /// Rollout id.
     pub rollout_id: String,
     /// Patch or rollback.
-    pub kind: RolloutKind,
-    /// Package digest (patch).
-    pub digest: String,
+    /// The patch's package digest, marked on each patched node; `None` for a rollback, whose nodes lose their mark.
+    pub patched_digest: Option<TreeDigest>,
     /// Package version label (patch).
     pub version: String,
 }
@@ -124,15 +124,15 @@ impl RolloutJournal for StoreJournal {
     }
 
     fn mark(&self, node: &NodeRef) -> Result<(), RolloutJournalError> {
-        match self.kind {
-            RolloutKind::Patch => self.store.mark_patched(
+        match &self.patched_digest {
+            Some(digest) => self.store.mark_patched(
                 &self.cluster,
                 &node.id,
                 &self.rollout_id,
-                &self.digest,
+                digest,
                 &self.version,
             ),
-            RolloutKind::Rollback => self.store.unmark_patched(&self.cluster, &node.id),
+            None => self.store.unmark_patched(&self.cluster, &node.id),
         }
         .map_err(journal_error)
     }
@@ -141,7 +141,11 @@ impl RolloutJournal for StoreJournal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::NewRollout;
+    use crate::store::{NewRollout, RolloutKind};
+
+    fn digest() -> TreeDigest {
+        "d".repeat(64).parse().unwrap()
+    }
 
     #[test]
     fn every_phase_maps_to_a_store_state_of_the_same_terminality() {
@@ -169,7 +173,7 @@ mod tests {
                 id: "r1".into(),
                 cluster: "c".into(),
                 kind: RolloutKind::Patch,
-                package_digest: "d".into(),
+                package_digest: Some(digest()),
                 package_path: "/p".into(),
                 version: "v".into(),
                 plan_json: "{}".into(),
@@ -180,8 +184,7 @@ mod tests {
             store: Arc::clone(&store),
             cluster: "c".into(),
             rollout_id: "r1".into(),
-            kind: RolloutKind::Patch,
-            digest: "d".into(),
+            patched_digest: Some(digest()),
             version: "v".into(),
         };
         let a = NodeRef {

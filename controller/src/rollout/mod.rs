@@ -62,6 +62,14 @@ pub enum RunnerError {
         #[source]
         source: AgentClientError,
     },
+    /// A journaled patch has no package digest (the store writes one for every patch: the row was edited).
+    #[error(
+        "rollout {rollout} is a patch without a package digest: its journal row is damaged; start a new patch"
+    )]
+    PatchWithoutPackage {
+        /// Rollout id.
+        rollout: String,
+    },
     /// A resumed patch's package is not the one the rollout started with.
     #[error(
         "package {} changed since rollout {rollout} started (digest {now} instead of {then}): put the original back",

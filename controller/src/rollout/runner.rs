@@ -24,6 +24,7 @@ use crate::store::{
 };
 use crate::tls_files::ControllerTls;
 use crate::topology::Topology;
+use patchd_package::digest::TreeDigest;
 use patchd_planner::Plan;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,10 +41,6 @@ pub fn report_takeover(lock: &RolloutLock) {
             previous.started_at
         );
     }
-}
-
-fn short(digest: &str) -> &str {
-    digest.get(..16).unwrap_or(digest)
 }
 
 /// Continues an unfinished rollout from its journal.
@@ -87,12 +84,16 @@ pub async fn resume(
                     path: path.clone(),
                     source,
                 })?;
-            if blob.digest != rollout.package_digest {
+            if rollout.package_digest.as_ref() != Some(&blob.digest) {
                 return Err(RunnerError::PackageChanged {
                     path,
                     rollout: rollout.id.clone(),
-                    now: short(&blob.digest).to_string(),
-                    then: short(&rollout.package_digest).to_string(),
+                    now: blob.digest.short(16).to_string(),
+                    then: rollout
+                        .package_digest
+                        .as_ref()
+                        .map_or("", |digest| digest.short(16))
+                        .to_string(),
                 });
             }
             Some(Arc::new(blob))
@@ -163,14 +164,23 @@ pub async fn execute(format: Format, run: Execution) -> Result<u8, RunnerError> 
         blob,
         prior,
     } = run;
-    let action = match rollout.kind {
-        RolloutKind::Patch => Action::Patch {
-            digest: rollout.package_digest.clone(),
+    let action = match (rollout.kind, &rollout.package_digest) {
+        (RolloutKind::Patch, Some(digest)) => Action::Patch {
+            digest: digest.clone(),
             offline: options.offline,
         },
-        RolloutKind::Rollback => Action::Rollback {
+        (RolloutKind::Patch, None) => {
+            return Err(RunnerError::PatchWithoutPackage {
+                rollout: rollout.id.clone(),
+            });
+        }
+        (RolloutKind::Rollback, _) => Action::Rollback {
             to_patch_id: options.to_patch_id.clone(),
         },
+    };
+    let patched_digest = match &action {
+        Action::Patch { digest, .. } => Some(digest.clone()),
+        Action::Rollback { .. } => None,
     };
     let spec = RolloutSpec {
         patch_id: options.patch_id.clone(),
@@ -197,8 +207,7 @@ pub async fn execute(format: Format, run: Execution) -> Result<u8, RunnerError> 
         store: Arc::clone(&store),
         cluster: rollout.cluster.clone(),
         rollout_id: rollout.id.clone(),
-        kind: rollout.kind,
-        digest: rollout.package_digest.clone(),
+        patched_digest,
         version: rollout.version.clone(),
     };
     store.set_rollout_state(&rollout.id, RolloutState::Running)?;
@@ -255,12 +264,13 @@ pub async fn execute(format: Format, run: Execution) -> Result<u8, RunnerError> 
     if options.overwrite
         && report.end == RolloutEnd::Completed
         && rollout.kind == RolloutKind::Patch
+        && let Some(digest) = &rollout.package_digest
     {
         for role in &plan.summary().roles {
             store.set_role_package(
                 &rollout.cluster,
                 &role.role,
-                &rollout.package_digest,
+                digest,
                 &rollout.package_path,
                 &rollout.version,
             )?;
@@ -279,8 +289,8 @@ pub async fn execute(format: Format, run: Execution) -> Result<u8, RunnerError> 
 pub struct NewRun {
     /// Patch or rollback.
     pub kind: RolloutKind,
-    /// Tree digest of the package (empty for a rollback).
-    pub package_digest: String,
+    /// Tree digest of the package (`None` for a rollback).
+    pub package_digest: Option<TreeDigest>,
     /// Where the package is, to read it again on resume (empty for a rollback).
     pub package_path: String,
     /// The package's version, or the rollback's `--to`.

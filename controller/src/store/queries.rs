@@ -3,6 +3,7 @@
 
 use super::records::*;
 use super::{Store, StoreError};
+use patchd_package::digest::TreeDigest;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use std::time::Duration;
 
@@ -72,7 +73,7 @@ impl Store {
         cluster: &str,
         node_id: &str,
         rollout_id: &str,
-        digest: &str,
+        digest: &TreeDigest,
         version: &str,
     ) -> Result<(), StoreError> {
         self.conn()
@@ -81,7 +82,7 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (cluster, node_id) DO UPDATE SET rollout_id = excluded.rollout_id,
                    digest = excluded.digest, version = excluded.version, patched_at = excluded.patched_at",
-                params![cluster, node_id, rollout_id, digest, version, Timestamp::now().0],
+                params![cluster, node_id, rollout_id, digest.as_str(), version, Timestamp::now().0],
             )
             .map_err(|e| self.sql(e))?;
         Ok(())
@@ -112,7 +113,7 @@ impl Store {
                 Ok(NodeMark {
                     node_id: row.get(0)?,
                     rollout_id: row.get(1)?,
-                    digest: row.get(2)?,
+                    digest: digest_column(row, 2)?,
                     version: row.get(3)?,
                     patched_at: Timestamp(row.get(4)?),
                 })
@@ -126,7 +127,7 @@ impl Store {
         &self,
         cluster: &str,
         role: &str,
-        digest: &str,
+        digest: &TreeDigest,
         path: &str,
         version: &str,
     ) -> Result<(), StoreError> {
@@ -136,7 +137,7 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (cluster, role) DO UPDATE SET digest = excluded.digest, path = excluded.path,
                    version = excluded.version, set_at = excluded.set_at",
-                params![cluster, role, digest, path, version, Timestamp::now().0],
+                params![cluster, role, digest.as_str(), path, version, Timestamp::now().0],
             )
             .map_err(|e| self.sql(e))?;
         Ok(())
@@ -152,7 +153,7 @@ impl Store {
             .query_map([cluster], |row| {
                 Ok(RolePackage {
                     role: row.get(0)?,
-                    digest: row.get(1)?,
+                    digest: digest_column(row, 1)?,
                     path: row.get(2)?,
                     version: row.get(3)?,
                     set_at: Timestamp(row.get(4)?),
@@ -174,7 +175,7 @@ impl Store {
                     rollout.cluster,
                     rollout.kind.as_str(),
                     RolloutState::Planned.as_str(),
-                    rollout.package_digest,
+                    rollout.package_digest.as_ref().map_or("", TreeDigest::as_str),
                     rollout.package_path,
                     rollout.version,
                     rollout.plan_json,
@@ -478,7 +479,13 @@ impl RawRollout {
             cluster: self.cluster,
             kind,
             state,
-            package_digest: self.package_digest,
+            package_digest: match self.package_digest.as_str() {
+                "" => None,
+                text => Some(
+                    text.parse()
+                        .map_err(|_| store.corrupt("rollouts.package_digest", text))?,
+                ),
+            },
             package_path: self.package_path,
             version: self.version,
             plan_json: self.plan_json,
@@ -496,5 +503,13 @@ fn cluster_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCluster> 
         source_path: row.get(2)?,
         created_at: Timestamp(row.get(3)?),
         imported_at: Timestamp(row.get(4)?),
+    })
+}
+
+/// Reads a digest column, refusing a row whose text is not a tree digest (the store only ever writes real ones).
+fn digest_column(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<TreeDigest> {
+    let text: String = row.get(index)?;
+    text.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
     })
 }

@@ -1,6 +1,7 @@
 //! What the store holds, as Rust types: clusters, marks, role packages, rollouts and their rows, and the stored
 //! enums with their state machines.
 
+use patchd_package::digest::TreeDigest;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -76,7 +77,7 @@ pub struct NodeMark {
     /// The rollout that patched it.
     pub rollout_id: String,
     /// Tree digest of the package.
-    pub digest: String,
+    pub digest: TreeDigest,
     /// Package version label.
     pub version: String,
     /// When.
@@ -89,7 +90,7 @@ pub struct RolePackage {
     /// Role name.
     pub role: String,
     /// Tree digest.
-    pub digest: String,
+    pub digest: TreeDigest,
     /// Package file path on the controller.
     pub path: String,
     /// Version label.
@@ -355,8 +356,8 @@ pub struct NewRollout {
     pub cluster: String,
     /// Patch or rollback.
     pub kind: RolloutKind,
-    /// Tree digest of the package (empty for a rollback without one).
-    pub package_digest: String,
+    /// Tree digest of the package (`None` for a rollback without one; stored as an empty column).
+    pub package_digest: Option<TreeDigest>,
     /// Package file on the controller.
     pub package_path: String,
     /// Package version label.
@@ -378,8 +379,9 @@ pub struct Rollout {
     pub kind: RolloutKind,
     /// Current state.
     pub state: RolloutState,
-    /// Tree digest of the package.
-    pub package_digest: String,
+    /// Tree digest of the package (`None` for a rollback without one).
+    #[serde(serialize_with = "digest_or_empty")]
+    pub package_digest: Option<TreeDigest>,
     /// Package file on the controller.
     pub package_path: String,
     /// Package version label.
@@ -453,4 +455,12 @@ pub fn new_rollout_id() -> String {
         .format(&format)
         .unwrap_or_else(|_| Timestamp::now().0.to_string());
     format!("r{stamp}-{}", std::process::id())
+}
+
+/// Serializes a rollout's optional digest as the column holds it: the digest, or an empty string.
+fn digest_or_empty<S: serde::Serializer>(
+    digest: &Option<TreeDigest>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(digest.as_ref().map_or("", TreeDigest::as_str))
 }

@@ -2,6 +2,7 @@
 
 use super::lock::ProcessIdentity;
 use super::*;
+use patchd_package::digest::TreeDigest;
 use rusqlite::params;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -13,12 +14,17 @@ fn temp_store() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// A valid tree digest made of `tag` repeated (tags are two hex characters: "d1", "d2").
+fn digest(tag: &str) -> TreeDigest {
+    tag.repeat(32).parse().expect("test digest")
+}
+
 fn new_rollout(id: &str, cluster: &str) -> NewRollout {
     NewRollout {
         id: id.into(),
         cluster: cluster.into(),
         kind: RolloutKind::Patch,
-        package_digest: "abc".into(),
+        package_digest: Some(digest("ab")),
         package_path: "/tmp/p.tar.gz".into(),
         version: "v1.0.1".into(),
         plan_json: "{}".into(),
@@ -89,16 +95,16 @@ fn clusters_are_saved_updated_and_listed() {
 fn marks_and_role_packages_upsert() {
     let (_dir, store) = temp_store();
     store
-        .mark_patched("demo", "n1", "r1", "d1", "v1")
+        .mark_patched("demo", "n1", "r1", &digest("d1"), "v1")
         .expect("mark");
     store
-        .mark_patched("demo", "n1", "r2", "d2", "v2")
+        .mark_patched("demo", "n1", "r2", &digest("d2"), "v2")
         .expect("mark again");
     store
-        .mark_patched("demo", "n2", "r2", "d2", "v2")
+        .mark_patched("demo", "n2", "r2", &digest("d2"), "v2")
         .expect("mark");
     store
-        .mark_patched("other", "n1", "r9", "d9", "v9")
+        .mark_patched("other", "n1", "r9", &digest("d9"), "v9")
         .expect("mark");
     let marks = store.node_marks("demo").expect("marks");
     assert_eq!(marks.len(), 2);
@@ -110,16 +116,16 @@ fn marks_and_role_packages_upsert() {
     assert_eq!(store.node_marks("demo").expect("marks").len(), 1);
 
     store
-        .set_role_package("demo", "worker", "d1", "/p1", "v1")
+        .set_role_package("demo", "worker", &digest("d1"), "/p1", "v1")
         .expect("set");
     store
-        .set_role_package("demo", "worker", "d2", "/p2", "v2")
+        .set_role_package("demo", "worker", &digest("d2"), "/p2", "v2")
         .expect("overwrite");
     let packages = store.role_packages("demo").expect("packages");
     assert_eq!(packages.len(), 1);
     assert_eq!(
         (packages[0].digest.as_str(), packages[0].path.as_str()),
-        ("d2", "/p2")
+        (digest("d2").as_str(), "/p2")
     );
     assert!(store.role_packages("other").expect("packages").is_empty());
 }

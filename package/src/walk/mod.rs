@@ -2,6 +2,13 @@
 //! checks every entry against the hostile-package rules before handing it to a sink, and enforces the limits
 //! while bytes flow, so a decompression bomb stops at the limit and memory stays flat.
 
+mod stream;
+mod tree;
+
+pub(crate) use stream::MAX_METADATA_BYTES;
+use stream::{Decoder, Decompressed, Source, StreamState, classify, drain_trailer};
+use tree::{Node, PackageTree};
+
 use crate::digest::{DEFAULT_CHUNK_SIZE, StreamingTreeDigest, read_full};
 use crate::elf::{ELF_SNIFF_BYTES, detect_elf_target, target_label};
 use crate::manifest::{FileEntry, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, SymlinkEntry};
@@ -10,19 +17,12 @@ use crate::paths::{
 };
 use crate::{Expectations, Limits, PackageError};
 use ring::digest::{Context, SHA256};
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
 use std::rc::Rc;
 
-/// Largest tar extension data (GNU long name/link, pax records) read for one entry. tar-rs keeps these in
-/// memory, so without this cap a long-name entry of a few GiB of zeros would be a memory bomb.
-pub(crate) const MAX_METADATA_BYTES: u64 = 1024 * 1024;
-/// Zero padding accepted after the end-of-archive marker (tar pads to its record size, 10 KiB by default;
-/// large blocking factors reach a few MiB).
-const MAX_TRAILER_BYTES: u64 = 16 * 1024 * 1024;
 /// Size of the read buffer for file contents and of the raw file reader.
 const BUF_BYTES: usize = 256 * 1024;
 
@@ -81,99 +81,6 @@ pub(crate) struct Walked {
     pub size: u64,
 }
 
-/// What the readers below observed, so an `io::Error` coming out of tar can be told apart by its layer.
-#[derive(Default)]
-struct StreamState {
-    source_failed: Cell<bool>,
-    decoder_failed: Cell<bool>,
-    /// Bytes tar may still pull out of the decompressor before the next entry starts (`None`: no cap, tar is
-    /// reading content whose size was already checked against the limits).
-    metadata_budget: Cell<Option<u64>>,
-    budget_exceeded: Cell<bool>,
-}
-
-/// The raw `.tar.gz` file: hashes every byte it hands out.
-struct Source {
-    file: File,
-    sha256: Context,
-    tree: StreamingTreeDigest,
-    state: Rc<StreamState>,
-}
-
-impl Read for Source {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.file.read(buf) {
-            Ok(n) => {
-                self.sha256.update(&buf[..n]);
-                self.tree.update(&buf[..n]);
-                Ok(n)
-            }
-            Err(e) => {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    self.state.source_failed.set(true);
-                }
-                Err(e)
-            }
-        }
-    }
-}
-
-/// The decompressed tar stream: records decoder failures and enforces the metadata budget.
-struct Decompressed<R> {
-    inner: R,
-    state: Rc<StreamState>,
-}
-
-impl<R: Read> Read for Decompressed<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let budget = self.state.metadata_budget.get();
-        let want = match budget {
-            Some(0) if !buf.is_empty() => {
-                self.state.budget_exceeded.set(true);
-                return Err(io::Error::other("tar extension header over the size limit"));
-            }
-            Some(left) => buf.len().min(usize::try_from(left).unwrap_or(usize::MAX)),
-            None => buf.len(),
-        };
-        match self.inner.read(&mut buf[..want]) {
-            Ok(n) => {
-                if let Some(left) = budget {
-                    self.state.metadata_budget.set(Some(left - n as u64));
-                }
-                Ok(n)
-            }
-            Err(e) => {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    self.state.decoder_failed.set(true);
-                }
-                Err(e)
-            }
-        }
-    }
-}
-
-type Decoder = flate2::bufread::MultiGzDecoder<BufReader<Source>>;
-
-/// What a path in the archive is, as far as later entries are concerned.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Node {
-    ImpliedDir,
-    Dir,
-    File,
-    Symlink,
-}
-
-/// One path component of the package tree.
-struct TreeNode {
-    kind: Node,
-    children: HashMap<String, usize>,
-}
-
-/// Index of the archive root in the tree.
-const ROOT: usize = 0;
-/// Deepest path accepted, in components: real packages stay far below; deeper ones only cost memory.
-pub(crate) const MAX_DEPTH: usize = 128;
-
 /// Walks `path` once: every entry is checked against the rules before the sink sees it.
 pub(crate) fn walk(
     path: &Path,
@@ -215,7 +122,7 @@ pub(crate) fn walk(
 
     let mut walker = Walker::new(path, limits, expect, &state);
     walker.run(&mut archive, sink)?;
-    walker.check_symlink_chains()?;
+    walker.tree.check_symlink_chains(&walker.symlinks)?;
     let Walker {
         top,
         files,
@@ -259,76 +166,13 @@ pub(crate) fn walk(
     })
 }
 
-/// Reads what follows the end-of-archive marker to the end of the gzip stream: zeros only, bounded. Reaching
-/// the end also makes the decoder check the gzip CRC and length, which catches corruption near the end.
-fn drain_trailer(
-    rest: &mut Decompressed<Decoder>,
-    path: &Path,
-    state: &StreamState,
-) -> Result<(), PackageError> {
-    state.metadata_budget.set(None);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut seen = 0u64;
-    loop {
-        let n = rest
-            .read(&mut buf)
-            .map_err(|e| classify(e, state, path, None))?;
-        if n == 0 {
-            return Ok(());
-        }
-        seen += n as u64;
-        if seen > MAX_TRAILER_BYTES || buf[..n].iter().any(|&b| b != 0) {
-            return Err(PackageError::TrailingData {
-                path: path.to_owned(),
-            });
-        }
-    }
-}
-
-/// Names the layer an I/O error came from: the file, gzip, the metadata cap, or tar itself.
-fn classify(err: io::Error, state: &StreamState, path: &Path, after: Option<&str>) -> PackageError {
-    let after = after.map(str::to_owned);
-    if state.source_failed.get() {
-        PackageError::io("cannot read package", path, err)
-    } else if state.budget_exceeded.get() {
-        PackageError::MetadataTooLarge {
-            path: path.to_owned(),
-            after,
-            limit: MAX_METADATA_BYTES,
-        }
-    } else if state.decoder_failed.get() {
-        let detail = if err.kind() == io::ErrorKind::UnexpectedEof {
-            format!("truncated: {err}")
-        } else {
-            err.to_string()
-        };
-        PackageError::CorruptGzip {
-            path: path.to_owned(),
-            detail,
-        }
-    } else {
-        let detail = if err.kind() == io::ErrorKind::UnexpectedEof {
-            format!("truncated: {err}")
-        } else {
-            err.to_string()
-        };
-        PackageError::CorruptTar {
-            path: path.to_owned(),
-            after,
-            detail,
-        }
-    }
-}
-
 struct Walker<'a> {
     path: &'a Path,
     limits: &'a Limits,
     expect: &'a Expectations,
     state: &'a StreamState,
     top: Option<String>,
-    /// The package's tree, one node per path component (index 0 is the archive root): memory grows with the
-    /// number of components, never with the square of the path lengths.
-    tree: Vec<TreeNode>,
+    tree: PackageTree,
     file_index: HashMap<String, usize>,
     files: Vec<FileEntry>,
     symlinks: Vec<SymlinkEntry>,
@@ -353,10 +197,7 @@ impl<'a> Walker<'a> {
             expect,
             state,
             top: None,
-            tree: vec![TreeNode {
-                kind: Node::Dir,
-                children: HashMap::new(),
-            }],
+            tree: PackageTree::new(),
             file_index: HashMap::new(),
             files: Vec::new(),
             symlinks: Vec::new(),
@@ -501,7 +342,7 @@ impl<'a> Walker<'a> {
             }
             Some(_) => {}
         }
-        self.place(&path, node)?;
+        self.tree.place(&path, node)?;
 
         match node {
             Node::Dir | Node::ImpliedDir => sink.directory(&path)?,
@@ -512,109 +353,6 @@ impl<'a> Walker<'a> {
             Node::File => self.file(&mut entry, path.clone(), declared, sink)?,
         }
         self.last = Some(path);
-        Ok(())
-    }
-
-    /// Records where `path` sits in the tree; refuses duplicates and entries below a file or a symlink.
-    fn place(&mut self, path: &str, node: Node) -> Result<(), PackageError> {
-        let parts: Vec<&str> = path.split('/').collect();
-        if parts.len() > MAX_DEPTH {
-            return Err(PackageError::PathTooDeep {
-                entry: path.to_owned(),
-                depth: parts.len(),
-                limit: MAX_DEPTH,
-            });
-        }
-        let mut at = ROOT;
-        for (i, part) in parts.iter().enumerate() {
-            let existing = self.tree[at].children.get(*part).copied();
-            let is_last = i + 1 == parts.len();
-            match (existing, is_last) {
-                (Some(child), false) => match self.tree[child].kind {
-                    Node::File | Node::Symlink => {
-                        let ancestor_kind = if self.tree[child].kind == Node::File {
-                            "file"
-                        } else {
-                            "symlink"
-                        };
-                        return Err(PackageError::ThroughNonDirectory {
-                            entry: path.to_owned(),
-                            ancestor: parts[..=i].join("/"),
-                            ancestor_kind,
-                        });
-                    }
-                    Node::Dir | Node::ImpliedDir => at = child,
-                },
-                (None, false) => at = self.add_node(at, part, Node::ImpliedDir),
-                (Some(child), true)
-                    if self.tree[child].kind == Node::ImpliedDir && node == Node::Dir =>
-                {
-                    self.tree[child].kind = Node::Dir;
-                }
-                (Some(_), true) => {
-                    return Err(PackageError::DuplicatePath {
-                        entry: path.to_owned(),
-                    });
-                }
-                (None, true) => {
-                    self.add_node(at, part, node);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn add_node(&mut self, parent: usize, name: &str, kind: Node) -> usize {
-        let index = self.tree.len();
-        self.tree.push(TreeNode {
-            kind,
-            children: HashMap::new(),
-        });
-        self.tree[parent].children.insert(name.to_owned(), index);
-        index
-    }
-
-    /// A symlink whose target walks through another symlink of the package could escape after a `..`, whatever
-    /// the lexical check says: refused. Walks the package tree along each target, so the cost stays linear.
-    fn check_symlink_chains(&self) -> Result<(), PackageError> {
-        for link in &self.symlinks {
-            // Where each step of the walk stands in the package tree (`None`: outside what the package holds).
-            let mut stack: Vec<Option<usize>> = vec![Some(ROOT)];
-            let link_parts: Vec<&str> = link.path.split('/').collect();
-            for part in &link_parts[..link_parts.len() - 1] {
-                let here = stack.last().copied().flatten();
-                stack.push(here.and_then(|n| self.tree[n].children.get(*part).copied()));
-            }
-            let steps: Vec<&str> = link
-                .target
-                .split('/')
-                .filter(|p| !p.is_empty() && *p != ".")
-                .collect();
-            for (i, step) in steps.iter().enumerate() {
-                if *step == ".." {
-                    stack.pop();
-                    if stack.is_empty() {
-                        break; // above the root: the lexical check already refused it
-                    }
-                    continue;
-                }
-                let here = stack.last().copied().flatten();
-                let next = here.and_then(|n| self.tree[n].children.get(*step).copied());
-                if let Some(child) = next
-                    && self.tree[child].kind == Node::Symlink
-                    && i + 1 < steps.len()
-                {
-                    let via =
-                        resolve_symlink(&link.path, &steps[..=i].join("/")).unwrap_or_default();
-                    return Err(PackageError::SymlinkThroughSymlink {
-                        entry: link.path.clone(),
-                        target: link.target.clone(),
-                        via,
-                    });
-                }
-                stack.push(next);
-            }
-        }
         Ok(())
     }
 
