@@ -246,8 +246,6 @@ impl<'a> Run<'a> {
                 flatten(blocking(move || file_plan::swap_one(&sites, &swapping)).await),
                 what
             );
-            // The hash prepare computed from the temporary, while the target is still that file.
-            self.inner.hashes.carry_over(&change.temp, &change.target);
             or_revert!(
                 self,
                 self.set_phase(ApplyPhase::Swapping { done: index + 1 }),

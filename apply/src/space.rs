@@ -122,22 +122,23 @@ pub fn ensure_unpack_fits(
     ensure_fits(&format!("unpacking package {digest}"), needed, staging_root)
 }
 
-/// The bytes each destination file system must take for the backups and temporaries of `files`: a backup or
-/// temporary is a hard link when it stays on its source's file system (no data) and a copy otherwise (state_dir
-/// and a deploy dir on different file systems), as `fsutil::materialize` makes them. One entry per file system,
-/// with an existing directory on it.
+/// The bytes each destination file system must take for the backups and temporaries of `files`, as
+/// `fsutil::materialize_at` makes them: a hard link (no data) when it stays on its source's file system and the
+/// source already has the owner it needs (a backup keeps its source's; a temporary takes the target's, or its
+/// directory's for a new file), a copy otherwise. One entry per file system, with an existing directory on it.
 pub fn copies_needed(files: &[FileChange]) -> Vec<(u64, PathBuf)> {
     let mut per_fs: BTreeMap<u64, (u64, PathBuf)> = BTreeMap::new();
     for change in files {
+        // (from, to, whether `to` takes the target's owner rather than keeping its source's)
         let backup = change
             .backup
             .as_deref()
-            .map(|backup| (change.target.as_path(), backup));
+            .map(|backup| (change.target.as_path(), backup, false));
         let temp = change
             .source
             .as_deref()
-            .map(|source| (source, change.temp.as_path()));
-        for (from, to) in backup.into_iter().chain(temp) {
+            .map(|source| (source, change.temp.as_path(), true));
+        for (from, to, owned_as_target) in backup.into_iter().chain(temp) {
             let Ok(meta) = std::fs::symlink_metadata(from) else {
                 continue;
             };
@@ -148,7 +149,12 @@ pub fn copies_needed(files: &[FileChange]) -> Vec<(u64, PathBuf)> {
             else {
                 continue;
             };
-            let linked = std::fs::metadata(source_dir).is_ok_and(|m| m.dev() == dest_meta.dev());
+            let same_owner = !owned_as_target || {
+                let wanted = std::fs::symlink_metadata(&change.target).unwrap_or(dest_meta.clone());
+                (wanted.uid(), wanted.gid()) == (meta.uid(), meta.gid())
+            };
+            let linked = same_owner
+                && std::fs::metadata(source_dir).is_ok_and(|m| m.dev() == dest_meta.dev());
             if !meta.is_file() || linked {
                 continue;
             }
@@ -254,6 +260,22 @@ mod tests {
         std::fs::write(&far, vec![3u8; 100]).unwrap();
         assert_eq!(
             copies_needed(&[change(dir.path(), &target, &far)]),
+            vec![(BLOCK_BYTES, dir.path().to_path_buf())]
+        );
+    }
+
+    #[test]
+    fn a_new_file_that_needs_another_owner_is_a_copy_on_the_same_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, source) = (dir.path().join("target"), dir.path().join("staged"));
+        std::fs::write(&target, vec![1u8; 5000]).unwrap();
+        std::fs::write(&source, vec![2u8; 100]).unwrap();
+        // The deployed file belongs to the service user: its temporary is a copy owned as it (a link would
+        // share the staged file's owner), so its blocks count; the backup keeps its owner and stays a link.
+        std::os::unix::fs::chown(&target, Some(65534), Some(65534))
+            .expect("chown needs root: run the tests as root (scripts/test.sh does)");
+        assert_eq!(
+            copies_needed(&[change(dir.path(), &target, &source)]),
             vec![(BLOCK_BYTES, dir.path().to_path_buf())]
         );
     }

@@ -29,6 +29,8 @@ pub mod cluster_fixture;
 pub mod demo_fleet;
 
 pub mod nspawn;
+/// A tmpfs for one test.
+pub mod tmpfs;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

@@ -7,11 +7,12 @@ use bytes::Bytes;
 use patchd_e2e::apply_support::{
     AgentRpc, ServiceReaper, WorkerRig, WorkerService, outcome, push, worker_package,
 };
+use patchd_e2e::tmpfs::Tmpfs;
 use patchd_e2e::{
     AgentConfig, AgentProcess, Pki, patchctl, patchctl_ok, wait_for, write_random_file,
 };
 use patchd_proto::v1::{self, ApplyOutcome, agent_client::AgentClient, upload_message::Kind};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -114,36 +115,6 @@ fn partial_files(state: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-/// A tmpfs of `size` mounted at `<dir>/<name>` for the lifetime of the guard (root only).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, name: &str, size: &str) -> Option<Self> {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "mounting a tmpfs needs root: run the tests as root (scripts/test.sh does)"
-        );
-        let mount_point = dir.join(name);
-        std::fs::create_dir(&mount_point).unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&mount_point)
-            .status()
-            .unwrap();
-        assert!(mounted.success(), "mount -t tmpfs failed");
-        Some(Self(mount_point))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 const IDLE_UPLOADS: usize = 600;
@@ -273,12 +244,10 @@ fn six_hundred_idle_uploads_do_not_slow_an_apply_down() {
 #[test]
 fn two_uploads_that_fit_alone_but_not_together_one_is_refused_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(tmpfs) = Tmpfs::mount(dir.path(), "small", "16m") else {
-        return;
-    };
+    let tmpfs = Tmpfs::mount("16m");
     let pki = Pki::new(dir.path());
     let tls = pki.issue_agent("agent-1", &["127.0.0.1"]);
-    let state = tmpfs.0.join("state");
+    let state = tmpfs.path.join("state");
     let config = AgentConfig::new(&dir.path().join("agent-1"), &tls)
         .state_dir(&state)
         .write();
@@ -358,15 +327,13 @@ fn two_uploads_that_fit_alone_but_not_together_one_is_refused_and_leaves_nothing
 #[test]
 fn a_package_larger_unpacked_than_the_free_space_is_refused_before_staging_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(tmpfs) = Tmpfs::mount(dir.path(), "small", "8m") else {
-        return;
-    };
+    let tmpfs = Tmpfs::mount("8m");
     let pki = Pki::new(dir.path());
     let tls = pki.issue_agent("agent-1", &["127.0.0.1"]);
     let agent_dir = dir.path().join("agent-1");
     let worker = WorkerService::new(&agent_dir.join("deploy"), "worker-1");
     worker.install("v1.0.0");
-    let state = tmpfs.0.join("state");
+    let state = tmpfs.path.join("state");
     let config = AgentConfig::new(&agent_dir, &tls)
         .state_dir(&state)
         .extra(&worker.toml("200ms", "8s"))

@@ -8,9 +8,9 @@ use patchd_e2e::apply_support::{
     push, worker_package,
 };
 use patchd_e2e::cluster_fixture::{ClusterFixture, FixtureOptions};
+use patchd_e2e::tmpfs::Tmpfs;
 use patchd_e2e::{AgentConfig, AgentProcess, Pki, sha256_file, wait_for};
 use patchd_proto::v1::{self, ApplyOutcome, ServiceState};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -193,66 +193,6 @@ fn display_shows_a_quarantined_service_with_what_to_do() {
         !problems.contains(&other),
         "the other node is not affected:\n{shown}"
     );
-}
-
-/// A tmpfs mounted on a temporary directory of its own for one test, lazily unmounted when dropped (a service may
-/// still hold its log open), before that directory is removed.
-struct Tmpfs {
-    path: PathBuf,
-    _mount_point: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Self {
-        let mount_point = tempfile::tempdir().unwrap();
-        let path = mount_point.path();
-        nix::mount::mount(
-            Some("tmpfs"),
-            path,
-            Some("tmpfs"),
-            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-            Some(format!("size={size},mode=0700").as_str()),
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot mount a tmpfs at {} (this test runs as root): {e}",
-                path.display()
-            )
-        });
-        Self {
-            path: path.to_path_buf(),
-            _mount_point: mount_point,
-        }
-    }
-
-    /// Bytes an unprivileged writer could still allocate.
-    fn available(&self) -> u64 {
-        let stat = nix::sys::statvfs::statvfs(&self.path).unwrap();
-        stat.blocks_available() * stat.fragment_size()
-    }
-
-    /// Fills the file system to the last byte: big writes, then pages, then single bytes until ENOSPC.
-    fn fill(&self) {
-        let mut filler = std::fs::File::create(self.path.join("filler")).unwrap();
-        for size in [1 << 20, 4096, 1] {
-            let block = vec![0xA5u8; size];
-            loop {
-                match filler.write(&block) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
-                    Err(e) => panic!("filling {}: {e}", self.path.display()),
-                }
-            }
-        }
-        assert_eq!(self.available(), 0, "the tmpfs must be full");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
-    }
 }
 
 /// A [`WorkerRig`] whose state dir is on its own tmpfs, with the original file hashes and the v1.0.1 package.

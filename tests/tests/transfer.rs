@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use patchctl::agent::client::{AgentClient, PreparedBlob, PushOptions, PushReport};
 use patchctl::tls_files::ControllerTls;
+use patchd_e2e::tmpfs::Tmpfs;
 use patchd_e2e::{
     AgentConfig, AgentProcess, Pki, patchctl, patchctl_ok, sha256_file, write_random_file,
 };
@@ -399,36 +400,11 @@ fn packages_over_the_size_limit_or_the_free_disk_space_are_refused() {
     );
 }
 
-/// A tmpfs mounted for the lifetime of the guard (root only).
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn a_push_that_does_not_fit_a_real_small_filesystem_is_refused() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "SKIPPED: mounting a tmpfs needs root (the size-announcement case runs in another test)"
-        );
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let mount_point = dir.path().join("small");
-    std::fs::create_dir(&mount_point).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&mount_point)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount -t tmpfs failed");
-    let _tmpfs = Tmpfs(mount_point.clone());
+    let tmpfs = Tmpfs::mount("8m");
+    let mount_point = tmpfs.path.clone();
 
     let pki = Pki::new(dir.path());
     let tls = pki.issue_agent("agent-1", &["127.0.0.1"]);

@@ -159,23 +159,8 @@ impl HashCache {
         Ok(Some(digest))
     }
 
-    /// Moves the hash computed for `from` to `to`, which `from` was renamed to: kept only while `to` is still
-    /// the very file that was hashed (a rename keeps the inode, size and mtime), so only a hash actually
-    /// computed from the content is ever recorded.
-    pub fn carry_over(&self, from: &Path, to: &Path) {
-        let Ok(mut entries) = self.entries.lock() else {
-            return;
-        };
-        let Some((key, sha256)) = entries.remove(from) else {
-            return;
-        };
-        if fs::symlink_metadata(to).is_ok_and(|meta| StatKey::of(&meta) == key) {
-            entries.insert(to.to_path_buf(), (key, sha256));
-        }
-    }
-
     /// Records that `path`, as it is on disk now, has content `sha256` (tests only: production code records
-    /// only hashes it computed, see [`HashCache::carry_over`]).
+    /// only hashes it computed itself).
     #[cfg(test)]
     pub fn remember(&self, path: &Path, sha256: &str) {
         if let Ok(meta) = fs::symlink_metadata(path)
