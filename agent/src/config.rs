@@ -194,13 +194,14 @@ fn format_problems(problems: &[Problem]) -> String {
 }
 
 /// Subdirectories of `state_dir` the agent uses.
-pub const STATE_SUBDIRS: [&str; 6] = [
+pub const STATE_SUBDIRS: [&str; 7] = [
     StateLayout::BLOBS,
     StateLayout::STAGING,
     StateLayout::BACKUPS,
     StateLayout::JOURNAL,
     StateLayout::LOGS,
     StateLayout::RUN,
+    StateLayout::LEASES,
 ];
 
 impl Config {

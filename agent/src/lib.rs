@@ -4,6 +4,7 @@
 pub mod apply_rpc;
 pub mod config;
 pub mod info;
+pub mod lease;
 pub mod server;
 pub mod status;
 pub mod transfer;
@@ -61,6 +62,7 @@ pub struct Agent {
     tls: patchd_tls::TlsMaterial,
     store: Arc<BlobStore>,
     apply: Arc<ApplyService>,
+    leases: Arc<lease::LeaseBook>,
 }
 
 impl Agent {
@@ -83,11 +85,16 @@ impl Agent {
             },
         )?);
         let apply = Arc::new(start_apply_service(&config).await?);
+        let leases = Arc::new(lease::LeaseBook::open(
+            patchd_apply::layout::StateLayout::new(&config.state_dir),
+            config.services.iter().map(|service| service.name.as_str()),
+        ));
         Ok(Self {
             config,
             tls,
             store,
             apply,
+            leases,
         })
     }
 
@@ -113,7 +120,12 @@ impl Agent {
             accepted_connections(listener),
             usize::try_from(bounds.max_connections).unwrap_or(usize::MAX),
         );
-        let service = AgentService::new(Arc::clone(&self.config), self.store, self.apply);
+        let service = AgentService::new(
+            Arc::clone(&self.config),
+            self.store,
+            self.apply,
+            self.leases,
+        );
         let served = tonic::transport::Server::builder()
             .tls_config(self.tls.server_config())?
             .initial_stream_window_size(STREAM_WINDOW_BYTES)

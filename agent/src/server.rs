@@ -3,6 +3,7 @@
 
 use crate::apply_rpc::ApplyService;
 use crate::config::Config;
+use crate::lease::{self, LeaseBook, Ticket};
 use crate::status::invalid_argument;
 use crate::transfer::{BlobRef, BlobStore};
 use patchd_proto::v1::{self, agent_server::AgentServer};
@@ -16,17 +17,40 @@ pub struct AgentService {
     config: Arc<Config>,
     store: Arc<BlobStore>,
     apply: Arc<ApplyService>,
+    leases: Arc<LeaseBook>,
     started: Instant,
 }
 
 impl AgentService {
-    pub fn new(config: Arc<Config>, store: Arc<BlobStore>, apply: Arc<ApplyService>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<BlobStore>,
+        apply: Arc<ApplyService>,
+        leases: Arc<LeaseBook>,
+    ) -> Self {
         Self {
             config,
             store,
             apply,
+            leases,
             started: Instant::now(),
         }
+    }
+
+    /// Refuses a change of `service` while another rollout holds its lease (see [`crate::lease`]).
+    fn check_lease(
+        &self,
+        service: &str,
+        ticket: Option<v1::LeaseTicket>,
+        caller: &str,
+    ) -> Result<(), Status> {
+        let ticket = Ticket::from_wire(ticket)?;
+        self.leases
+            .check(service, ticket.as_ref(), caller, lease::now_unix_ms())
+            .map_err(|error| {
+                tracing::warn!(service, caller, "refused a change: {error}");
+                Status::from(error)
+            })
     }
 
     /// The blob cache uploads go to.
@@ -126,20 +150,65 @@ impl v1::agent_server::Agent for AgentService {
         &self,
         request: Request<v1::ApplyRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
-        self.apply
-            .apply(request.into_inner())
-            .await
-            .map(Response::new)
+        let caller = lease::caller_name(&request);
+        let mut request = request.into_inner();
+        self.check_lease(&request.service, request.lease.take(), &caller)?;
+        self.apply.apply(request).await.map(Response::new)
     }
 
     async fn rollback(
         &self,
         request: Request<v1::RollbackRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
-        self.apply
-            .rollback(request.into_inner())
-            .await
-            .map(Response::new)
+        let caller = lease::caller_name(&request);
+        let mut request = request.into_inner();
+        self.check_lease(&request.service, request.lease.take(), &caller)?;
+        self.apply.rollback(request).await.map(Response::new)
+    }
+
+    async fn lease(
+        &self,
+        request: Request<v1::LeaseRequest>,
+    ) -> Result<Response<v1::LeaseResponse>, Status> {
+        let caller = lease::caller_name(&request);
+        let request = request.into_inner();
+        if !self
+            .config
+            .services
+            .iter()
+            .any(|s| s.name == request.service)
+        {
+            return Err(lease::LeaseError::UnknownService(request.service).into());
+        }
+        let ticket = Ticket::from_wire(request.ticket)?.ok_or_else(|| {
+            invalid_argument(
+                "missing `ticket`: a lease needs the rollout id and the controller's store id",
+            )
+        })?;
+        let leases = Arc::clone(&self.leases);
+        let action = v1::LeaseAction::try_from(request.action).unwrap_or_default();
+        let ttl = std::time::Duration::from_millis(request.ttl_ms);
+        let service = request.service;
+        let answer = tokio::task::spawn_blocking(move || match action {
+            v1::LeaseAction::Acquire => leases
+                .acquire(&service, &ticket, &caller, ttl, lease::now_unix_ms())
+                .map(|granted| v1::LeaseResponse {
+                    held: true,
+                    expires_unix_ms: granted.expires_unix_ms,
+                    taken_over: granted.taken_over.unwrap_or_default(),
+                })
+                .map_err(Status::from),
+            v1::LeaseAction::Release => leases
+                .release(&service, &ticket, &caller)
+                .map(|_| v1::LeaseResponse::default())
+                .map_err(Status::from),
+            v1::LeaseAction::Unspecified => Err(invalid_argument(
+                "missing `action`: ACQUIRE (take or renew) or RELEASE",
+            )),
+        })
+        .await
+        .map_err(|e| Status::internal(format!("lease task failed: {e}")))??;
+        Ok(Response::new(answer))
     }
 
     async fn status(

@@ -27,6 +27,8 @@ impl StateLayout {
     pub const LOGS: &'static str = "logs";
     /// Pid files of agent-supervised processes.
     pub const RUN: &'static str = "run";
+    /// Rollout leases, one per leased service: `<state>/leases/<service>.json`.
+    pub const LEASES: &'static str = "leases";
 
     /// The layout below `root` (the configured `state_dir`).
     pub fn new(root: &Path) -> Self {
@@ -86,6 +88,11 @@ impl StateLayout {
         self.root.join(Self::BACKUPS).join(service)
     }
 
+    /// `<state>/leases/<service>.json`: the lease a rollout holds on the service, when one does.
+    pub fn lease_of(&self, service: &str) -> PathBuf {
+        self.root.join(Self::LEASES).join(format!("{service}.json"))
+    }
+
     /// `<state>/quarantine/<service>`.
     pub fn quarantine_of(&self, service: &str) -> PathBuf {
         self.root.join(Self::QUARANTINE).join(service)
@@ -128,6 +135,10 @@ mod tests {
         assert_eq!(
             layout.backups_of("db"),
             Path::new("/var/lib/patchd/backups/db")
+        );
+        assert_eq!(
+            layout.lease_of("db"),
+            Path::new("/var/lib/patchd/leases/db.json")
         );
         assert_eq!(
             layout.quarantine_of("db"),

@@ -82,6 +82,7 @@ impl AgentRpc {
             digest: digest.into(),
             patch_id: patch_id.into(),
             offline,
+            lease: None,
         };
         let client = &mut self.client;
         self.runtime
@@ -99,6 +100,7 @@ impl AgentRpc {
             service: service.into(),
             to_patch_id: to_patch_id.into(),
             patch_id: patch_id.into(),
+            lease: None,
         };
         let client = &mut self.client;
         self.runtime

@@ -18,6 +18,20 @@ pub struct IdentityInfo {
     pub not_after: String,
 }
 
+/// The subject common name of a DER certificate (the peer's, as the handshake verified it), `None` when it has
+/// none or does not parse. Used to name who holds a lease; never to decide trust (the handshake did that).
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    Some(name)
+}
+
 /// Checks that `material`'s certificate chains to its CA, is valid now, has the EKU of `role`, and matches
 /// the private key. The error names the file and says what to do.
 pub fn check_identity(material: &TlsMaterial, role: Role) -> Result<IdentityInfo, TlsError> {

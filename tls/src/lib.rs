@@ -12,7 +12,7 @@ mod mtls;
 mod pki;
 
 pub use files::write_file_atomic;
-pub use inspect::{IdentityInfo, check_identity};
+pub use inspect::{IdentityInfo, check_identity, common_name};
 pub use mtls::{TlsFiles, TlsMaterial};
 pub use pki::{
     CA_CERT_FILE, CA_KEY_FILE, CaPaths, CertPaths, CertSpec, CertificateAuthority, IssuedCert,

@@ -2,10 +2,11 @@
 //! HTTP hooks.
 
 use super::client::{AgentClient, AgentClientError, PreparedBlob, PushOptions, PushProgress};
+use super::lease::LeaseKeeper;
 use super::ops;
 use crate::executor::{
-    Action, ApplyCall, CallError, HookFailure, HookKind, HookOutcome, NodeApplyResult, NodeRef,
-    RolloutEffects, StageReport,
+    Action, ApplyCall, CallError, HookFailure, HookKind, HookOutcome, LeaseFailure,
+    NodeApplyResult, NodeRef, RolloutEffects, StageReport,
 };
 use crate::hooks::ClusterHooks;
 use crate::tls_files::ControllerTls;
@@ -26,16 +27,19 @@ pub struct LiveEffects {
     tls: ControllerTls,
     blob: Option<Arc<PreparedBlob>>,
     on_push: PushProgressFn,
+    leases: LeaseKeeper,
 }
 
 impl LiveEffects {
-    /// Effects for a cluster; `blob` is the prepared package of a patch (`None` for a rollback).
+    /// Effects for a cluster; `blob` is the prepared package of a patch (`None` for a rollback); `leases` the
+    /// rollout's leases (its ticket goes with every Apply and Rollback).
     pub fn new(
         topology: Arc<Topology>,
         hooks: ClusterHooks,
         tls: ControllerTls,
         blob: Option<Arc<PreparedBlob>>,
         on_push: PushProgressFn,
+        leases: LeaseKeeper,
     ) -> Self {
         Self {
             topology,
@@ -43,6 +47,7 @@ impl LiveEffects {
             tls,
             blob,
             on_push,
+            leases,
         }
     }
 
@@ -142,6 +147,7 @@ impl RolloutEffects for LiveEffects {
                         digest,
                         &call.patch_id,
                         *offline,
+                        Some(self.leases.ticket()),
                     ),
                 )
                 .await
@@ -154,6 +160,7 @@ impl RolloutEffects for LiveEffects {
                         &node.service,
                         to_patch_id.as_deref(),
                         &call.patch_id,
+                        Some(self.leases.ticket()),
                     ),
                 )
                 .await
@@ -173,7 +180,13 @@ impl RolloutEffects for LiveEffects {
         let operation = format!("{patch_id}-undo");
         tokio::time::timeout(
             APPLY_CALL_TIMEOUT,
-            ops::rollback(client.raw(), &node.service, Some(patch_id), &operation),
+            ops::rollback(
+                client.raw(),
+                &node.service,
+                Some(patch_id),
+                &operation,
+                Some(self.leases.ticket()),
+            ),
         )
         .await
         .unwrap_or_else(|_| {
@@ -186,5 +199,16 @@ impl RolloutEffects for LiveEffects {
 
     async fn sleep(&self, duration: Duration) {
         tokio::time::sleep(duration).await;
+    }
+
+    async fn lease(&self, node_ref: &NodeRef) -> Result<(), LeaseFailure> {
+        let node = self
+            .node(node_ref)
+            .map_err(|error| LeaseFailure::Unanswered(error.to_string()))?;
+        self.leases.take(node).await
+    }
+
+    async fn release_leases(&self) {
+        self.leases.release_all().await;
     }
 }

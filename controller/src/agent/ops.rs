@@ -236,19 +236,86 @@ pub async fn stage(
     })
 }
 
-/// `Apply` with `patch_id` as the idempotency key.
+/// A rollout's claim on the services it changes: its id and the controller's store id (the agent adds the
+/// certificate's common name). See `crate::agent::lease`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseTicket {
+    /// The rollout (its patch id).
+    pub rollout_id: String,
+    /// The controller's store id ([`crate::store::Store::store_id`]).
+    pub holder: String,
+}
+
+impl LeaseTicket {
+    fn to_wire(&self) -> v1::LeaseTicket {
+        v1::LeaseTicket {
+            rollout_id: self.rollout_id.clone(),
+            holder: self.holder.clone(),
+        }
+    }
+}
+
+/// What the agent granted for a lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseGrant {
+    /// Expiry on the agent's clock (Unix ms).
+    pub expires_unix_ms: i64,
+    /// The expired lease of another rollout this one replaced, described ("" when none).
+    pub taken_over: String,
+}
+
+/// `Lease(ACQUIRE)`: take or renew `ticket`'s lease on `service` for `ttl`. A lease held by another rollout
+/// comes back as `FAILED_PRECONDITION` naming it.
+pub async fn acquire_lease(
+    rpc: &mut AgentRpc,
+    service: &str,
+    ticket: &LeaseTicket,
+    ttl: Duration,
+) -> Result<LeaseGrant, tonic::Status> {
+    let request = v1::LeaseRequest {
+        service: service.to_string(),
+        ticket: Some(ticket.to_wire()),
+        action: v1::LeaseAction::Acquire.into(),
+        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+    };
+    let response = rpc.lease(request).await?.into_inner();
+    Ok(LeaseGrant {
+        expires_unix_ms: response.expires_unix_ms,
+        taken_over: response.taken_over,
+    })
+}
+
+/// `Lease(RELEASE)`: give `ticket`'s lease on `service` back (nothing changes when it does not hold it).
+pub async fn release_lease(
+    rpc: &mut AgentRpc,
+    service: &str,
+    ticket: &LeaseTicket,
+) -> Result<(), tonic::Status> {
+    let request = v1::LeaseRequest {
+        service: service.to_string(),
+        ticket: Some(ticket.to_wire()),
+        action: v1::LeaseAction::Release.into(),
+        ttl_ms: 0,
+    };
+    rpc.lease(request).await?;
+    Ok(())
+}
+
+/// `Apply` with `patch_id` as the idempotency key, under the rollout's lease when it has one.
 pub async fn apply(
     rpc: &mut AgentRpc,
     service: &str,
     digest: &TreeDigest,
     patch_id: &str,
     offline: bool,
+    lease: Option<&LeaseTicket>,
 ) -> Result<NodeApplyResult, CallError> {
     let request = v1::ApplyRequest {
         service: service.to_string(),
         digest: digest.to_string(),
         patch_id: patch_id.to_string(),
         offline,
+        lease: lease.map(LeaseTicket::to_wire),
     };
     let response = rpc
         .apply(request)
@@ -258,17 +325,20 @@ pub async fn apply(
     apply_result(response)
 }
 
-/// `Rollback` of `service` to before `to_patch_id` (or the last committed patch), as operation `patch_id`.
+/// `Rollback` of `service` to before `to_patch_id` (or the last committed patch), as operation `patch_id`, under
+/// the rollout's lease when it has one.
 pub async fn rollback(
     rpc: &mut AgentRpc,
     service: &str,
     to_patch_id: Option<&str>,
     patch_id: &str,
+    lease: Option<&LeaseTicket>,
 ) -> Result<NodeApplyResult, CallError> {
     let request = v1::RollbackRequest {
         service: service.to_string(),
         to_patch_id: to_patch_id.unwrap_or_default().to_string(),
         patch_id: patch_id.to_string(),
+        lease: lease.map(LeaseTicket::to_wire),
     };
     let response = rpc
         .rollback(request)

@@ -3,7 +3,7 @@
 
 use super::state::{NodePhase, NodeRecord, Step, StepStatus, Verdict};
 use super::{
-    Action, Cancel, Event, HookFailure, NodeRef, NodeReport, Observer, PauseDecision,
+    Action, Cancel, Event, HookFailure, LeaseFailure, NodeRef, NodeReport, Observer, PauseDecision,
     RolloutEffects, RolloutEnd, RolloutJournal, RolloutJournalError, RolloutReport, RolloutSpec,
 };
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -68,8 +68,93 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
         }
     }
 
-    /// Runs the rollout to its end. A journal error stops it at once, as a crash would: resume settles the rest.
+    /// Runs the rollout to its end under its leases (see the module doc of [`super`]), released whatever the
+    /// end. A journal error stops it at once, as a crash would: resume settles the rest.
     pub async fn run(&self) -> Result<RolloutReport, RolloutJournalError> {
+        let refused = self.take_leases().await;
+        let outcome = match refused {
+            Ok(None) => self.run_leased().await,
+            Ok(Some(report)) => Ok(report),
+            Err(error) => Err(error),
+        };
+        self.effects.release_leases().await;
+        outcome
+    }
+
+    /// Takes the lease of every node not finished yet, in parallel. `Some(report)` when another rollout holds
+    /// any of them: the rollout ends [`RolloutEnd::Refused`] with every node as it was.
+    async fn take_leases(&self) -> Result<Option<RolloutReport>, RolloutJournalError> {
+        let order: Vec<&NodeRef> = self
+            .spec
+            .batches
+            .iter()
+            .flat_map(|batch| batch.nodes.iter())
+            .collect();
+        let unfinished = order.iter().copied().filter(|node| {
+            !self
+                .spec
+                .prior
+                .get(&node.id)
+                .is_some_and(|record| record.phase.is_terminal())
+        });
+        let mut held = HashMap::new();
+        let mut leasing = futures::stream::iter(unfinished)
+            .map(|node| async move { (node, self.effects.lease(node).await) })
+            .buffer_unordered(self.spec.stage_concurrency.max(1));
+        while let Some((node, leased)) = leasing.next().await {
+            if let Err(LeaseFailure::Held(holder)) = leased {
+                held.insert(node.id.clone(), holder);
+            }
+        }
+        drop(leasing);
+        if held.is_empty() {
+            return Ok(None);
+        }
+        let mut states = HashMap::new();
+        for node in &order {
+            let mut record = self
+                .spec
+                .prior
+                .get(&node.id)
+                .cloned()
+                .unwrap_or(NodeRecord {
+                    phase: NodePhase::Pending,
+                    reason: None,
+                });
+            if let Some(holder) = held.remove(&node.id) {
+                let reason = format!("not started, untouched: {holder}");
+                self.journal
+                    .node_phase(node, &record.phase, Some(&reason))?;
+                self.observer.event(&Event::NodeFinished {
+                    node: (*node).clone(),
+                    phase: record.phase,
+                    reason: Some(reason.clone()),
+                });
+                record.reason = Some(reason);
+            }
+            states.insert(
+                node.id.clone(),
+                NodeState {
+                    record,
+                    duration: None,
+                    downtime: None,
+                },
+            );
+        }
+        let failures = states
+            .values()
+            .filter(|state| state.record.phase.is_failure())
+            .count() as u32;
+        Ok(Some(self.report(
+            RolloutEnd::Refused,
+            &order,
+            states,
+            failures,
+        )))
+    }
+
+    /// [`Self::run`] once the leases are held.
+    async fn run_leased(&self) -> Result<RolloutReport, RolloutJournalError> {
         let order: Vec<&NodeRef> = self
             .spec
             .batches

@@ -31,6 +31,19 @@
 //! node untouched; they count against the budget like any other failure (a rollout that cannot stage more nodes
 //! than its budget allows halts before touching any node).
 //!
+//! # Leases (two controllers, one node)
+//!
+//! Before anything else (settling, staging, any node's turn) the rollout takes a lease on every node it still
+//! has to finish ([`RolloutEffects::lease`]; the agent keeps it per service, see `patchd_agent::lease`), and
+//! the effects renew them in the background until [`RolloutEffects::release_leases`] at the end of the run,
+//! whatever the end. If another rollout (of this or another controller) holds any of them, the rollout is
+//! refused as a whole before it changes anything ([`RolloutEnd::Refused`], the holder named in each such node's
+//! reason): all or nothing, so two rollouts never interleave on the nodes they share, and each one's
+//! `--max-unavailable` and failure budget hold on those nodes across controllers. A node whose agent does not
+//! answer the lease call is not refused for it: its own steps fail (or are retried) as before, and its agent
+//! refuses a change while another rollout holds the service. A resume is the same rollout: it takes its own
+//! leases again (renewed, or re-taken after they expired unless another rollout took them meanwhile).
+//!
 //! # Interrupts and crashes
 //!
 //! * Ctrl-C ([`Cancel`]): no new node starts; a node waiting for its drain is put back online and returns to
@@ -259,6 +272,17 @@ pub enum CallError {
     Refused(String),
 }
 
+/// A lease the rollout could not take on a node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseFailure {
+    /// Another rollout holds the node's service; the text names it and its expiry.
+    #[error("{0}")]
+    Held(String),
+    /// The agent did not answer, or answered with another error: the node's own steps meet the same problem.
+    #[error("{0}")]
+    Unanswered(String),
+}
+
 /// The effects of a rollout: agent calls, cluster hooks, and the clock. Implemented for real in
 /// `agent::effects::LiveEffects` and by fakes in the tests.
 pub trait RolloutEffects: Sync {
@@ -284,6 +308,11 @@ pub trait RolloutEffects: Sync {
     ) -> impl Future<Output = Result<NodeApplyResult, CallError>> + Send;
     /// Waits (apply retries, canary wait).
     fn sleep(&self, duration: Duration) -> impl Future<Output = ()> + Send;
+    /// Takes (or renews) this rollout's lease on the node's service and keeps it renewed until
+    /// [`Self::release_leases`].
+    fn lease(&self, node: &NodeRef) -> impl Future<Output = Result<(), LeaseFailure>> + Send;
+    /// Stops renewing and gives back every lease this run took.
+    fn release_leases(&self) -> impl Future<Output = ()> + Send;
 }
 
 /// A journal write failed: the rollout cannot promise a correct resume and stops.
@@ -387,6 +416,9 @@ pub enum RolloutEnd {
     Interrupted,
     /// The operator stopped the rollout at a pause.
     Stopped,
+    /// Another rollout holds a lease on some of the nodes: nothing was started or changed (the holders are named
+    /// in those nodes' reasons).
+    Refused,
 }
 
 /// Per node, what a run of the engine ended with.

@@ -34,6 +34,10 @@ struct Behaviour {
     /// The cluster's `health` check fails while the node runs the patch (it passes once undone).
     health_fails: bool,
     online_fails: bool,
+    /// Another rollout holds the node's lease (the agent's description of it).
+    leased_by: Option<String>,
+    /// The agent does not answer the lease call.
+    lease_unanswered: bool,
 }
 
 /// The agents and the cluster: they outlive a controller crash.
@@ -52,6 +56,9 @@ struct World {
     in_turn: Mutex<HashSet<String>>,
     max_in_turn: AtomicUsize,
     apply_calls: Mutex<Vec<ApplyCall>>,
+    /// Nodes whose lease this rollout took, in order, and how often its leases were released.
+    leased: Mutex<Vec<String>>,
+    releases: AtomicUsize,
 }
 
 impl World {
@@ -82,6 +89,8 @@ struct FakeEffects {
     world: Arc<World>,
     behaviour: HashMap<String, Behaviour>,
     crashed: Arc<AtomicBool>,
+    /// This run (this controller) performed an effect on a node: no lease may be taken after that.
+    acted: AtomicBool,
 }
 
 impl FakeEffects {
@@ -90,6 +99,7 @@ impl FakeEffects {
             world,
             behaviour,
             crashed: Arc::new(AtomicBool::new(false)),
+            acted: AtomicBool::new(false),
         }
     }
     fn of(&self, node: &NodeRef) -> Behaviour {
@@ -106,6 +116,7 @@ impl FakeEffects {
 impl RolloutEffects for FakeEffects {
     async fn stage(&self, node: &NodeRef) -> Result<StageReport, CallError> {
         self.alive().await;
+        self.acted.store(true, Ordering::SeqCst);
         self.world.log(format!("{}:stage", node.id));
         let behaviour = self.of(node);
         if behaviour.stage_error {
@@ -119,6 +130,7 @@ impl RolloutEffects for FakeEffects {
 
     async fn hook(&self, node: &NodeRef, hook: HookKind) -> Result<HookOutcome, HookFailure> {
         self.alive().await;
+        self.acted.store(true, Ordering::SeqCst);
         let behaviour = self.of(node);
         self.world.log(format!("{}:{}", node.id, hook.step()));
         match hook {
@@ -158,6 +170,7 @@ impl RolloutEffects for FakeEffects {
 
     async fn apply(&self, node: &NodeRef, call: &ApplyCall) -> Result<NodeApplyResult, CallError> {
         self.alive().await;
+        self.acted.store(true, Ordering::SeqCst);
         let behaviour = self.of(node);
         self.world.log(format!("{}:apply", node.id));
         self.world.apply_calls.lock().unwrap().push(call.clone());
@@ -232,6 +245,7 @@ impl RolloutEffects for FakeEffects {
 
     async fn undo(&self, node: &NodeRef, patch_id: &str) -> Result<NodeApplyResult, CallError> {
         self.alive().await;
+        self.acted.store(true, Ordering::SeqCst);
         self.world.log(format!("{}:undo", node.id));
         self.world
             .undo_calls
@@ -251,6 +265,30 @@ impl RolloutEffects for FakeEffects {
     async fn sleep(&self, _duration: Duration) {
         self.alive().await;
         tokio::task::yield_now().await;
+    }
+
+    async fn lease(&self, node: &NodeRef) -> Result<(), LeaseFailure> {
+        self.alive().await;
+        let behaviour = self.of(node);
+        if let Some(holder) = behaviour.leased_by {
+            return Err(LeaseFailure::Held(holder));
+        }
+        if behaviour.lease_unanswered {
+            return Err(LeaseFailure::Unanswered("connection refused".into()));
+        }
+        if self.acted.load(Ordering::SeqCst) {
+            self.world
+                .violations
+                .lock()
+                .unwrap()
+                .push(format!("{} leased after the first effect", node.id));
+        }
+        self.world.leased.lock().unwrap().push(node.id.clone());
+        Ok(())
+    }
+
+    async fn release_leases(&self) {
+        self.world.releases.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -463,6 +501,81 @@ async fn every_node_goes_through_the_steps_in_order() {
     let a_apply = steps.iter().position(|s| s == "a:apply:started").unwrap();
     assert_eq!(steps[a_apply + 1], "a:apply:done");
     assert!(steps.contains(&"a:health:skipped".to_string()));
+}
+
+#[tokio::test]
+async fn leases_are_taken_before_any_effect_and_released_at_the_end() {
+    let world = Arc::new(World::default());
+    let unreachable = Behaviour {
+        lease_unanswered: true,
+        ..Default::default()
+    };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("c", unreachable)]));
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a", "b"], &["c"]], 0), &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Completed);
+    let mut leased = world.leased.lock().unwrap().clone();
+    leased.sort();
+    assert_eq!(
+        leased,
+        ["a", "b"],
+        "c's agent did not answer the lease call"
+    );
+    assert_eq!(world.releases.load(Ordering::SeqCst), 1);
+    assert!(world.violations.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_node_leased_by_another_rollout_refuses_the_rollout_before_anything_changes() {
+    let world = Arc::new(World::default());
+    let held = Behaviour {
+        leased_by: Some("rollout `p-other` of controller `ops-b` (store s-b), until …".into()),
+        ..Default::default()
+    };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("b", held)]));
+    let journal = FakeJournal::default();
+    let report = run(&spec(&[&["a"], &["b", "c"]], 3), &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Refused);
+    assert_eq!(report.failures, 0);
+    assert!(
+        world.lines().is_empty(),
+        "nothing staged, drained or applied: {:?}",
+        world.lines()
+    );
+    assert_eq!(
+        world.releases.load(Ordering::SeqCst),
+        1,
+        "the leases taken are given back"
+    );
+    let b = report.nodes.iter().find(|n| n.node.id == "b").unwrap();
+    assert_eq!(b.phase, NodePhase::Pending);
+    assert!(
+        b.reason.as_deref().unwrap().contains("rollout `p-other`"),
+        "{b:?}"
+    );
+    let journaled = journal.persisted.lock().unwrap().get("b").cloned().unwrap();
+    assert!(journaled.reason.unwrap().contains("controller `ops-b`"));
+    let a = report.nodes.iter().find(|n| n.node.id == "a").unwrap();
+    assert_eq!((a.phase, a.reason.clone()), (NodePhase::Pending, None));
+}
+
+#[tokio::test]
+async fn a_resume_leases_only_the_nodes_it_has_left() {
+    let world = Arc::new(World::default());
+    let effects = FakeEffects::new(world.clone(), HashMap::new());
+    let mut resumed = spec(&[&["a", "b"]], 0);
+    resumed.prior.insert(
+        "a".into(),
+        NodeRecord {
+            phase: NodePhase::Done,
+            reason: None,
+        },
+    );
+    let journal = FakeJournal::resumed_from(resumed.prior.clone(), vec!["a".into()]);
+    let report = run(&resumed, &effects, &journal).await;
+    assert_eq!(report.end, RolloutEnd::Completed);
+    assert_eq!(*world.leased.lock().unwrap(), ["b"]);
+    assert_eq!(world.releases.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

@@ -40,6 +40,7 @@ pub fn rollout_state(end: &RolloutEnd) -> RolloutState {
         RolloutEnd::CompletedWithFailures | RolloutEnd::Halted => RolloutState::Halted,
         RolloutEnd::Interrupted => RolloutState::Interrupted,
         RolloutEnd::Stopped => RolloutState::Cancelled,
+        RolloutEnd::Refused => RolloutState::Failed,
     }
 }
 

@@ -9,6 +9,8 @@ use super::summary::print_summary;
 use crate::agent::client::PreparedBlob;
 use crate::agent::client::PushProgress;
 use crate::agent::effects::{LiveEffects, PushProgressFn};
+use crate::agent::lease::LeaseKeeper;
+use crate::agent::ops::LeaseTicket;
 use crate::executor::{
     Action, ApplyRetryPolicy, Cancel, NodePhase, NodeRecord, NodeRef, RolloutEnd, RolloutEngine,
     RolloutSpec,
@@ -202,7 +204,12 @@ pub async fn execute(format: Format, run: Execution) -> Result<u8, RunnerError> 
         push_observer.pushed(node, progress)
     });
     let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::new()?);
-    let effects = LiveEffects::new(Arc::clone(&topology), hooks, tls, blob, on_push);
+    let ticket = LeaseTicket {
+        rollout_id: rollout.id.clone(),
+        holder: store.store_id()?,
+    };
+    let leases = LeaseKeeper::new(ticket, tls.clone());
+    let effects = LiveEffects::new(Arc::clone(&topology), hooks, tls, blob, on_push, leases);
     let journal = StoreJournal {
         store: Arc::clone(&store),
         cluster: rollout.cluster.clone(),
@@ -282,6 +289,7 @@ pub async fn execute(format: Format, run: Execution) -> Result<u8, RunnerError> 
         RolloutEnd::CompletedWithFailures | RolloutEnd::Halted => exit::ROLLOUT_FAILED,
         RolloutEnd::Interrupted => exit::INTERRUPTED,
         RolloutEnd::Stopped => exit::DECLINED,
+        RolloutEnd::Refused => exit::ERROR,
     })
 }
 

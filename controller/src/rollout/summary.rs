@@ -35,6 +35,7 @@ pub(super) fn print_summary(
         RolloutEnd::Halted => "halted: failure budget spent",
         RolloutEnd::Interrupted => "interrupted",
         RolloutEnd::Stopped => "stopped after the canary",
+        RolloutEnd::Refused => "refused: another rollout holds a lease on its nodes",
     };
     match format {
         Format::Json => {
@@ -101,6 +102,17 @@ pub(super) fn print_summary(
                 }
                 RolloutEnd::Halted | RolloutEnd::CompletedWithFailures => {
                     outln!("See `patchctl audit {}` for every step.", rollout.cluster)
+                }
+                RolloutEnd::Refused => {
+                    for node in &report.nodes {
+                        if let Some(reason) = &node.reason {
+                            errln!("error: node {}: {reason}", node.node.id);
+                        }
+                    }
+                    errln!(
+                        "Nothing was changed. Run again once that rollout has ended (its controller releases the \
+                         lease), or after the lease expires if that controller is gone."
+                    );
                 }
                 _ => {}
             }

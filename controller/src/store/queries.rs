@@ -8,6 +8,16 @@ use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use std::time::Duration;
 
 impl Store {
+    /// This store's id, made once when the store was created: names the controller (one per `PATCHCTL_HOME`)
+    /// in the leases it takes on agents.
+    pub fn store_id(&self) -> Result<String, StoreError> {
+        self.conn()
+            .query_row("SELECT id FROM store_identity LIMIT 1", [], |row| {
+                row.get(0)
+            })
+            .map_err(|e| self.sql(e))
+    }
+
     /// Registers a cluster, or replaces its topology (re-import). Returns `true` when it was new.
     pub fn save_cluster(
         &self,

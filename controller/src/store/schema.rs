@@ -10,7 +10,8 @@ use std::time::Duration;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Schema migrations, in order; migration `i` brings `user_version` from `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE clusters (
     name        TEXT PRIMARY KEY,
     yaml        TEXT NOT NULL,
@@ -76,7 +77,14 @@ CREATE TABLE rollout_steps (
     at         INTEGER NOT NULL
 );
 CREATE INDEX rollout_steps_by_rollout ON rollout_steps (rollout_id, seq);
-"#];
+"#,
+    r#"
+CREATE TABLE store_identity (
+    id TEXT NOT NULL
+);
+INSERT INTO store_identity (id) VALUES ('store-' || lower(hex(randomblob(8))));
+"#,
+];
 
 pub(super) fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let sql = |source| StoreError::Sqlite {

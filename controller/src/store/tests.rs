@@ -36,8 +36,17 @@ fn new_rollout(id: &str, cluster: &str) -> NewRollout {
 fn schema_is_created_once_and_newer_files_are_refused() {
     let (dir, store) = temp_store();
     let path = store.path().to_path_buf();
+    let id = store.store_id().expect("store id");
+    assert!(id.starts_with("store-") && id.len() == 22, "{id}");
+    let (_other_dir, other) = temp_store();
+    assert_ne!(
+        other.store_id().expect("other id"),
+        id,
+        "each store has its own id"
+    );
     drop(store);
     let reopened = Store::open(&path).expect("reopen");
+    assert_eq!(reopened.store_id().expect("id kept"), id);
     let version: i64 = reopened
         .conn()
         .query_row("PRAGMA user_version", [], |row| row.get(0))
