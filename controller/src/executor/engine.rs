@@ -81,8 +81,11 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
         outcome
     }
 
-    /// Takes the lease of every node not finished yet, in parallel. `Some(report)` when another rollout holds
-    /// any of them: the rollout ends [`RolloutEnd::Refused`] with every node as it was.
+    /// Takes the lease of every node not finished yet, one after the other in node id order and stopping at the
+    /// first refusal: two rollouts that want the same nodes meet at the first one they share, so exactly one of
+    /// them goes on (taking them all at once, each could hold one the other needs and both would be refused).
+    /// `Some(report)` when another rollout holds one: the rollout ends [`RolloutEnd::Refused`] with every node as
+    /// it was.
     async fn take_leases(&self) -> Result<Option<RolloutReport>, RolloutJournalError> {
         let order: Vec<&NodeRef> = self
             .spec
@@ -90,23 +93,25 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
             .iter()
             .flat_map(|batch| batch.nodes.iter())
             .collect();
-        let unfinished = order.iter().copied().filter(|node| {
-            !self
-                .spec
-                .prior
-                .get(&node.id)
-                .is_some_and(|record| record.phase.is_terminal())
-        });
+        let mut unfinished: Vec<&NodeRef> = order
+            .iter()
+            .copied()
+            .filter(|node| {
+                !self
+                    .spec
+                    .prior
+                    .get(&node.id)
+                    .is_some_and(|record| record.phase.is_terminal())
+            })
+            .collect();
+        unfinished.sort_by(|a, b| a.id.cmp(&b.id));
         let mut held = HashMap::new();
-        let mut leasing = futures::stream::iter(unfinished)
-            .map(|node| async move { (node, self.effects.lease(node).await) })
-            .buffer_unordered(self.spec.stage_concurrency.max(1));
-        while let Some((node, leased)) = leasing.next().await {
-            if let Err(LeaseFailure::Held(holder)) = leased {
+        for node in unfinished {
+            if let Err(LeaseFailure::Held(holder)) = self.effects.lease(node).await {
                 held.insert(node.id.clone(), holder);
+                break;
             }
         }
-        drop(leasing);
         if held.is_empty() {
             return Ok(None);
         }

@@ -34,7 +34,8 @@
 //! # Leases (two controllers, one node)
 //!
 //! Before anything else (settling, staging, any node's turn) the rollout takes a lease on every node it still
-//! has to finish ([`RolloutEffects::lease`]; the agent keeps it per service, see `patchd_agent::lease`), and
+//! has to finish ([`RolloutEffects::lease`]; the agent keeps it per service, see `patchd_agent::lease`), one
+//! after the other in node id order so that two rollouts wanting the same nodes meet at the first they share, and
 //! the effects renew them in the background until [`RolloutEffects::release_leases`] at the end of the run,
 //! whatever the end. If another rollout (of this or another controller) holds any of them, the rollout is
 //! refused as a whole before it changes anything ([`RolloutEnd::Refused`], the holder named in each such node's

@@ -537,6 +537,11 @@ async fn a_node_leased_by_another_rollout_refuses_the_rollout_before_anything_ch
     let report = run(&spec(&[&["a"], &["b", "c"]], 3), &effects, &journal).await;
     assert_eq!(report.end, RolloutEnd::Refused);
     assert_eq!(report.failures, 0);
+    assert_eq!(
+        *world.leased.lock().unwrap(),
+        ["a"],
+        "leases are taken in id order and the first refusal stops the rest"
+    );
     assert!(
         world.lines().is_empty(),
         "nothing staged, drained or applied: {:?}",
