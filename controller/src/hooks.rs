@@ -1,10 +1,13 @@
 //! Cluster-API hooks: render a role's hook URL for a node, call it over HTTP, check the status and a JSON field,
 //! poll the `wait_*` and `health` hooks until they hold or time out, and find a role's current leader.
 //!
-//! Only `http://` URLs are supported (the cluster APIs this talks to live on the cluster's own network; the
-//! controller's TLS is for agents).
+//! `http://` and `https://` URLs: on `https://` the server's certificate must chain to the system roots or to the
+//! registered cluster's own CA (`ca.crt` of its TLS directory), and name the URL's host. Redirects are never
+//! followed (a hook answers where it is asked, or fails naming the `Location`), and at most
+//! [`MAX_ANSWER_BYTES`] of an answer are read: a longer one fails the call with a clear error.
 
 use crate::executor::{HookFailure, HookKind, HookOutcome};
+use crate::tls_files::ControllerTls;
 use crate::topology::{HookSpec, HttpMethod, Node, TemplateError, Topology, render_url};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,10 +51,41 @@ pub enum HookError {
         /// What is wrong with the field.
         message: String,
     },
+    /// The answer is a redirect, which hooks do not follow.
+    #[error(
+        "{method} {url}: HTTP {status} redirect to `{location}`: hooks do not follow redirects; put the final URL in \
+         the topology"
+    )]
+    Redirect {
+        /// Method.
+        method: &'static str,
+        /// Rendered URL.
+        url: String,
+        /// Status received.
+        status: u16,
+        /// Where it points (`-` when absent).
+        location: String,
+    },
+    /// The answer is longer than [`MAX_ANSWER_BYTES`].
+    #[error(
+        "{method} {url}: the answer is larger than {limit} bytes, the most a hook reads; point the hook at an \
+         endpoint that answers briefly"
+    )]
+    TooLarge {
+        /// Method.
+        method: &'static str,
+        /// Rendered URL.
+        url: String,
+        /// The bound.
+        limit: usize,
+    },
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client for hooks: {0}")]
     Client(String),
 }
+
+/// The most of an answer a hook reads (JSON status documents are a few KiB).
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 
 /// An answer that met the hook's expectation.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,13 +103,36 @@ pub struct HookClient {
 }
 
 impl HookClient {
-    /// A client with no proxy (hooks target the cluster's own addresses).
+    /// A client with no proxy (hooks target the cluster's own addresses) that trusts the system roots on
+    /// `https://`.
     pub fn new() -> Result<Self, HookError> {
+        Self::trusting(Vec::new())
+    }
+
+    /// [`Self::new`] that also trusts the cluster's own CA (from its TLS identity) on `https://`.
+    pub fn for_cluster(tls: &ControllerTls) -> Result<Self, HookError> {
+        let ders = tls
+            .ca_certs_der()
+            .map_err(|error| HookError::Client(format!("cannot read the cluster CA: {error}")))?;
+        Self::trusting(ders)
+    }
+
+    /// System roots plus `extra_roots` (DER).
+    fn trusting(extra_roots: Vec<Vec<u8>>) -> Result<Self, HookError> {
+        // reqwest uses the process's rustls provider (ring, as everywhere in patchd).
+        patchd_tls::install_crypto_provider();
+        let roots = extra_roots
+            .iter()
+            .map(|der| reqwest::Certificate::from_der(der))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| HookError::Client(format!("bad CA certificate: {error}")))?;
         let http = reqwest::Client::builder()
             .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(30))
+            .tls_certs_merge(roots)
             .build()
-            .map_err(|error| HookError::Client(error.to_string()))?;
+            .map_err(|error| HookError::Client(describe_reqwest_error(&error)))?;
         Ok(Self { http })
     }
 
@@ -89,13 +146,11 @@ impl HookClient {
         limit: Duration,
     ) -> Result<HookAnswer, HookError> {
         let method = spec.method.as_str();
-        if !url.starts_with("http://") {
+        if !url.starts_with("http://") && !url.starts_with("https://") {
             return Err(HookError::Http {
                 method,
                 url: url.to_string(),
-                message: "only http:// hook URLs are supported; point the hook at the cluster API's plain HTTP \
-                          address"
-                    .to_string(),
+                message: "a hook URL starts with http:// or https://".to_string(),
             });
         }
         let http_method = match spec.method {
@@ -124,8 +179,22 @@ impl HookClient {
             url: url.to_string(),
             message: describe_reqwest_error(&error),
         };
-        let response = request.send().await.map_err(http_error)?;
+        let mut response = request.send().await.map_err(http_error)?;
         let status = response.status().as_u16();
+        if response.status().is_redirection() && spec.expect_status != Some(status) {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            return Err(HookError::Redirect {
+                method,
+                url: url.to_string(),
+                status,
+                location,
+            });
+        }
         let status_ok = match spec.expect_status {
             Some(expected) => status == expected,
             None => (200..300).contains(&status),
@@ -147,7 +216,24 @@ impl HookClient {
                 field_value: None,
             });
         };
-        let bytes = response.bytes().await.map_err(http_error)?;
+        let too_large = || HookError::TooLarge {
+            method,
+            url: url.to_string(),
+            limit: MAX_ANSWER_BYTES,
+        };
+        if response
+            .content_length()
+            .is_some_and(|length| length > MAX_ANSWER_BYTES as u64)
+        {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(http_error)? {
+            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         let field_error = |message: String| HookError::Field {
             method,
             url: url.to_string(),
@@ -596,6 +682,203 @@ mod tests {
         );
         // Each of the 4 candidates given the whole timeout would take 4 s or more.
         assert!(waited < Duration::from_secs(3), "waited {waited:?}");
+    }
+
+    /// An axum app on 127.0.0.1:0 over plain HTTP; its base URL.
+    async fn serve_app(app: axum::Router) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{address}")
+    }
+
+    /// The worker's `offline` hook at `url`, with `field` when given.
+    fn one_hook(url: &str, field: Option<&str>) -> (ClusterHooks, Node) {
+        let field = field.map_or(String::new(), |f| format!(", field: {f}"));
+        let text = format!(
+            "roles:\n  worker:\n    hooks:\n      offline: {{ url: \"{url}\"{field}, timeout: 5s }}\n    nodes:\n      - {{ host: 127.0.0.1, port: 1, name: worker-1, deploy_dir: /opt/w }}\n"
+        );
+        let topology = Arc::new(Topology::parse(&text).unwrap());
+        let node = topology.node_by_id("127.0.0.1:1").unwrap().clone();
+        (
+            ClusterHooks::new(topology, HookClient::new().unwrap()),
+            node,
+        )
+    }
+
+    #[tokio::test]
+    async fn redirects_are_not_followed_and_the_error_names_the_location() {
+        use axum::response::IntoResponse;
+        let followed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = followed.clone();
+        let app = axum::Router::new()
+            .route(
+                "/moved",
+                axum::routing::get(|| async {
+                    (
+                        axum::http::StatusCode::FOUND,
+                        [(axum::http::header::LOCATION, "/elsewhere")],
+                    )
+                        .into_response()
+                }),
+            )
+            .route(
+                "/elsewhere",
+                axum::routing::get(move || {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async { "{}" }
+                }),
+            );
+        let base = serve_app(app).await;
+        let (hooks, node) = one_hook(&format!("{base}/moved"), None);
+        let outcome = hooks.run(&node, HookKind::Offline).await;
+        let Err(HookFailure::Failed(message)) = outcome else {
+            panic!("a redirect fails the hook: {outcome:?}");
+        };
+        assert!(
+            message.contains("HTTP 302 redirect to `/elsewhere`"),
+            "{message}"
+        );
+        assert!(message.contains("do not follow redirects"), "{message}");
+        assert_eq!(followed.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn answers_past_the_bound_fail_with_a_clear_error_with_or_without_a_length() {
+        let big = format!(r#"{{"state":"{}"}}"#, "x".repeat(MAX_ANSWER_BYTES));
+        let streamed = big.clone();
+        let app = axum::Router::new()
+            .route(
+                "/sized",
+                axum::routing::get(move || {
+                    let big = big.clone();
+                    async move { big }
+                }),
+            )
+            .route(
+                "/streamed",
+                axum::routing::get(move || {
+                    let chunks: Vec<Result<bytes::Bytes, std::convert::Infallible>> = streamed
+                        .as_bytes()
+                        .chunks(64 * 1024)
+                        .map(|chunk| Ok(bytes::Bytes::copy_from_slice(chunk)))
+                        .collect();
+                    async move { axum::body::Body::from_stream(futures::stream::iter(chunks)) }
+                }),
+            )
+            .route(
+                "/small",
+                axum::routing::get(|| async { r#"{"state":"Offline"}"# }),
+            );
+        let base = serve_app(app).await;
+        for path in ["sized", "streamed"] {
+            let (hooks, node) = one_hook(&format!("{base}/{path}"), Some("state"));
+            let outcome = hooks.run(&node, HookKind::Offline).await;
+            let Err(HookFailure::Failed(message)) = outcome else {
+                panic!("{path}: a large answer fails the hook: {outcome:?}");
+            };
+            assert!(
+                message.contains(&format!("larger than {MAX_ANSWER_BYTES} bytes")),
+                "{path}: {message}"
+            );
+        }
+        let (hooks, node) = one_hook(&format!("{base}/small"), Some("state"));
+        assert_eq!(
+            hooks.run(&node, HookKind::Offline).await,
+            Ok(HookOutcome::Done)
+        );
+    }
+
+    /// A TLS listener for `axum::serve`: each accepted connection is handshaken before it is handed over.
+    struct TlsListener {
+        tcp: TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+    }
+
+    impl axum::serve::Listener for TlsListener {
+        type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+        type Addr = std::net::SocketAddr;
+
+        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+            loop {
+                let Ok((stream, peer)) = self.tcp.accept().await else {
+                    continue;
+                };
+                if let Ok(tls) = self.acceptor.accept(stream).await {
+                    return (tls, peer);
+                }
+            }
+        }
+
+        fn local_addr(&self) -> std::io::Result<Self::Addr> {
+            self.tcp.local_addr()
+        }
+    }
+
+    #[tokio::test]
+    async fn https_hooks_trust_the_cluster_ca_and_refuse_a_server_it_did_not_issue() {
+        use patchd_tls::{CertSpec, CertificateAuthority, Role};
+        use rustls_pki_types::pem::PemObject;
+        patchd_tls::install_crypto_provider();
+        let ca = CertificateAuthority::generate("hooks test CA").unwrap();
+        let server = ca
+            .issue(&CertSpec::new(
+                "api",
+                Role::Agent,
+                vec!["127.0.0.1".into()],
+                1,
+            ))
+            .unwrap();
+        let chain: Vec<rustls_pki_types::CertificateDer<'static>> =
+            rustls_pki_types::CertificateDer::pem_slice_iter(server.cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key =
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap();
+        let config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(patchd_tls::crypto_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = tcp.local_addr().unwrap();
+        let listener = TlsListener {
+            tcp,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        };
+        let app = axum::Router::new().route(
+            "/state",
+            axum::routing::get(|| async { r#"{"state":"Offline"}"# }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        // The controller's TLS directory of the cluster: its CA and a controller identity.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+        ca.issue(&CertSpec::new("controller", Role::Controller, vec![], 1))
+            .unwrap()
+            .write(dir.path(), "controller")
+            .unwrap();
+        let tls = ControllerTls::load_dir(dir.path()).unwrap();
+
+        let url = format!("https://127.0.0.1:{}/state", address.port());
+        let (system_only, node) = one_hook(&url, Some("state"));
+        let refused = system_only.run(&node, HookKind::Offline).await;
+        let Err(HookFailure::Failed(message)) = refused else {
+            panic!("a server the system roots do not know is refused: {refused:?}");
+        };
+        assert!(message.to_lowercase().contains("certificate"), "{message}");
+
+        let cluster = ClusterHooks::new(
+            Arc::clone(&system_only.topology),
+            HookClient::for_cluster(&tls).unwrap(),
+        );
+        assert_eq!(
+            cluster.run(&node, HookKind::Offline).await,
+            Ok(HookOutcome::Done)
+        );
     }
 
     #[test]

@@ -48,6 +48,16 @@ impl ControllerTls {
         self.material.check(Role::Controller)
     }
 
+    /// The cluster CA's certificates (`ca.crt`): what hooks on `https://` trust besides the system roots.
+    pub fn ca_certs_der(&self) -> Result<Vec<Vec<u8>>, TlsError> {
+        Ok(self
+            .material
+            .ca_certs()?
+            .into_iter()
+            .map(|der| der.to_vec())
+            .collect())
+    }
+
     /// Client config for dialing `host`: the agent's certificate must name it.
     pub fn client_config(&self, host: &str) -> ClientTlsConfig {
         self.material.client_config(host)

@@ -29,7 +29,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     let topology = Arc::new(load_topology(&store, &args.cluster)?);
     let selected = select_nodes(&topology, &args.selection.nodes, &args.selection.roles)?;
     let tls = load_tls(&ctx.home, &topology)?;
-    let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::new()?);
+    let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::for_cluster(&tls)?);
     let marks: HashSet<String> = store
         .node_marks(&args.cluster)?
         .into_iter()

@@ -99,7 +99,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     }
 
     let tls = load_tls(&ctx.home, &topology)?;
-    let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::new()?);
+    let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::for_cluster(&tls)?);
     let observed = observe(&hooks, &topology, &tls, args.probe_timeout).await;
     let input = plan_input(
         &topology,

@@ -203,7 +203,7 @@ pub async fn execute(format: Format, run: Execution) -> Result<u8, RunnerError> 
     let on_push: PushProgressFn = Arc::new(move |node: &NodeRef, progress: PushProgress| {
         push_observer.pushed(node, progress)
     });
-    let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::new()?);
+    let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::for_cluster(&tls)?);
     let ticket = LeaseTicket {
         rollout_id: rollout.id.clone(),
         holder: store.store_id()?,
