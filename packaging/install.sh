@@ -4,7 +4,7 @@
 #
 # Usage:
 #   install.sh --binary PATH --ca FILE --cert FILE --key FILE [--config FILE] [--force-config]
-#              [--deploy-root DIR]... [--no-start] [--root DIR]
+#              [--deploy-root DIR]... [--listen-interface IFACE] [--no-start] [--root DIR]
 #   install.sh --uninstall [--purge] [--no-start] [--root DIR]
 #
 #   --binary PATH       the patchd executable to install as /usr/bin/patchd
@@ -17,6 +17,9 @@
 #   --deploy-root DIR   a directory the agent may write to (repeatable): created if missing, made writable in the
 #                       unit's sandbox (drop-in patchd.service.d/deploy-roots.conf). Without it (an upgrade),
 #                       an existing drop-in is kept, else it is written from deploy_roots of the installed config
+#   --listen-interface IFACE
+#                       the interface whose IPv4 address the default config listens on (port 7480); default: the
+#                       interface of the default route. Only used when the default config is installed (no --config).
 #   --no-start          install or remove files only; do not call systemctl
 #   --root DIR          install under DIR instead of / (packaging tests, images); implies --no-start
 #   --uninstall         stop and disable the unit, remove the files this script installs (the config is saved to
@@ -40,7 +43,7 @@ usage() {
     exit "${1:-2}"
 }
 
-binary="" ca="" cert="" key="" config="" root="" force_config=0 no_start=0 uninstall=0 purge=0
+binary="" ca="" cert="" key="" config="" root="" listen_interface="" force_config=0 no_start=0 uninstall=0 purge=0
 deploy_roots=()
 
 while [[ $# -gt 0 ]]; do
@@ -51,6 +54,7 @@ while [[ $# -gt 0 ]]; do
         --key) key="${2:?--key needs a file}"; shift 2 ;;
         --config) config="${2:?--config needs a file}"; shift 2 ;;
         --deploy-root) deploy_roots+=("${2:?--deploy-root needs a directory}"); shift 2 ;;
+        --listen-interface) listen_interface="${2:?--listen-interface needs an interface name}"; shift 2 ;;
         --force-config) force_config=1; shift ;;
         --no-start) no_start=1; shift ;;
         --root) root="${2:?--root needs a directory}"; no_start=1; shift 2 ;;
@@ -167,6 +171,21 @@ for dir in "${deploy_roots[@]}"; do
     check_deploy_root "$dir" "--deploy-root"
 done
 
+# The IPv4 address the default config listens on: that of --listen-interface, else of the default route's
+# interface. Never a wildcard: the agent serves on the cluster-facing interface only.
+listen_address=""
+if [[ -z "$config" ]]; then
+    command -v ip >/dev/null || die "ip (iproute2) not found: it is needed to read the address of the listen interface; install it, or pass --config with listen set"
+    if [[ -z "$listen_interface" ]]; then
+        listen_interface="$(ip -4 route show default 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -n 1)"
+        [[ -n "$listen_interface" ]] || die "this host has no IPv4 default route: name the cluster-facing interface with --listen-interface IFACE"
+    fi
+    [[ "$listen_interface" =~ ^[A-Za-z0-9._@:-]+$ ]] || die "--listen-interface \`$listen_interface\` is not an interface name"
+    ip link show dev "$listen_interface" >/dev/null 2>&1 || die "--listen-interface $listen_interface: no such interface on this host (see \`ip -br link\`)"
+    listen_address="$(ip -4 -o addr show dev "$listen_interface" 2>/dev/null | sed -n 's/.* inet \([0-9.]*\)\/.*/\1/p' | head -n 1)"
+    [[ -n "$listen_address" ]] || die "interface $listen_interface has no IPv4 address: name another with --listen-interface, or pass --config with listen set"
+fi
+
 # --- files ----------------------------------------------------------------------------------------------------
 owner_args=()
 [[ "$(id -u)" -eq 0 ]] && owner_args=(-o root -g root)
@@ -181,13 +200,14 @@ install -m 0644 "${owner_args[@]}" "$cert" "$TLS/agent.crt"
 install -m 0600 "${owner_args[@]}" "$key" "$TLS/agent.key"
 say "installed $TLS/{ca.crt,agent.crt,agent.key} (key mode 0600)"
 
-# The default config with deploy_roots filled in from --deploy-root.
+# The default config with deploy_roots filled in from --deploy-root and listen from the listen interface.
 render_default_config() {
     local list="" dir
     for dir in "${deploy_roots[@]}"; do
         list+="${list:+, }\"$dir\""
     done
-    sed "s|^deploy_roots = \[\]\$|deploy_roots = [$list]|" "$SCRIPT_DIR/patchd.toml"
+    sed -e "s|^deploy_roots = \[\]\$|deploy_roots = [$list]|" \
+        -e "s|^listen = \"127\.0\.0\.1:7480\"\$|listen = \"$listen_address:7480\"|" "$SCRIPT_DIR/patchd.toml"
 }
 
 new_config="$(mktemp)"
@@ -208,6 +228,11 @@ elif [[ "$force_config" -eq 1 ]]; then
     say "replaced $CONFIG (previous one saved as $CONFIG.bak)"
 else
     say "kept the existing $CONFIG (it differs from the new one: --force-config replaces it)"
+fi
+# Agents before the listen check accepted a wildcard; this one refuses to start on it.
+if grep -Eq '^[[:space:]]*listen[[:space:]]*=[[:space:]]*"(0\.0\.0\.0|\[::\]):' "$CONFIG" &&
+    ! grep -Eq '^[[:space:]]*allow_wildcard_listen[[:space:]]*=[[:space:]]*true' "$CONFIG"; then
+    warn "$CONFIG listens on every interface, which patchd now refuses: set listen to the cluster-facing address (or allow_wildcard_listen = true)"
 fi
 
 # Prints the entries of a one-line `deploy_roots = ["/a", "/b"]` in the config; fails on any other shape (a

@@ -14,8 +14,13 @@ use std::time::Duration;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Address the gRPC server binds (port 0: any free port, printed at start).
+    /// Address the gRPC server binds (port 0: any free port, printed at start). A wildcard address (`0.0.0.0`,
+    /// `[::]`) is refused unless [`Config::allow_wildcard_listen`]: the agent serves on the cluster-facing
+    /// interface only (`install.sh --listen-interface` fills in its address).
     pub listen: SocketAddr,
+    /// Accept a wildcard `listen` address (every interface of the host). Off by default.
+    #[serde(default)]
+    pub allow_wildcard_listen: bool,
     /// Everything the agent owns: blobs/, staging/, backups/, journal/, logs/, run/.
     pub state_dir: PathBuf,
     /// The only places besides `state_dir` the agent writes to.
@@ -252,6 +257,18 @@ impl Config {
             problem(
                 "listen",
                 format!("port {} needs root: use a port >= 1024", self.listen.port()),
+            );
+        }
+
+        if self.listen.ip().is_unspecified() && !self.allow_wildcard_listen {
+            problem(
+                "listen",
+                format!(
+                    "{} listens on every interface of the host: name the cluster-facing address instead (install.sh \
+                     --listen-interface IFACE fills it in), or set allow_wildcard_listen = true if every interface \
+                     is meant",
+                    self.listen
+                ),
             );
         }
 
@@ -591,6 +608,35 @@ mod tests {
             "listen = \"127.0.0.1:0\"\nstate_dir = \"{0}/state\"\ndeploy_roots = [\"{0}/deploy\"]\n[tls]\nca = \"{0}/ca.crt\"\ncert = \"{0}/a.crt\"\nkey = \"{0}/a.key\"\n",
             dir.display()
         )
+    }
+
+    #[test]
+    fn a_wildcard_listen_is_refused_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let listen_problems = |text: &str| -> Vec<String> {
+            Config::parse(Path::new("x.toml"), text)
+                .unwrap()
+                .validate()
+                .into_iter()
+                .filter(|p| p.key == "listen")
+                .map(|p| p.message)
+                .collect()
+        };
+        let named = base(dir.path());
+        assert!(listen_problems(&named).is_empty());
+        for wildcard in ["0.0.0.0:7480", "[::]:7480"] {
+            let text = named.replace("127.0.0.1:0", wildcard);
+            let problems = listen_problems(&text);
+            assert_eq!(problems.len(), 1, "{wildcard}: {problems:?}");
+            assert!(
+                problems[0].contains("every interface")
+                    && problems[0].contains("allow_wildcard_listen"),
+                "{}",
+                problems[0]
+            );
+            let allowed = format!("allow_wildcard_listen = true\n{text}");
+            assert!(listen_problems(&allowed).is_empty(), "{wildcard} allowed");
+        }
     }
 
     #[test]

@@ -209,7 +209,7 @@ fn localised_default_config(host: &Host, with_examples: bool) -> String {
     }
     let deploy = host.root.join("deploy");
     config
-        .replace("listen = \"0.0.0.0:7480\"", "listen = \"127.0.0.1:0\"")
+        .replace("listen = \"127.0.0.1:7480\"", "listen = \"127.0.0.1:0\"")
         .replace("/var/lib/patchd", host.root.join("state").to_str().unwrap())
         .replace(
             "deploy_roots = []",
@@ -275,6 +275,41 @@ fn default_config_passes_patchd_validate_and_documents_every_key() {
     }
 }
 
+#[test]
+fn default_config_listens_on_a_named_address_and_the_agent_refuses_a_wildcard() {
+    let host = host();
+    let raw = fs::read_to_string(packaging().join("patchd.toml")).unwrap();
+    let listen: toml::Table = toml::from_str(&raw).unwrap();
+    let address = listen["listen"].as_str().unwrap();
+    assert!(
+        !address.starts_with("0.0.0.0") && !address.starts_with("[::]"),
+        "the packaged config listens on a named address: {address}"
+    );
+    assert_eq!(listen["allow_wildcard_listen"].as_bool(), Some(false));
+
+    let localised = localised_default_config(&host, false);
+    let wildcard = localised.replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:0\"");
+    assert_ne!(wildcard, localised);
+    let path = host.root.join("wildcard.toml");
+    fs::write(&path, &wildcard).unwrap();
+    let out = patchd(&["validate", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("listen")
+            && said.contains("every interface")
+            && said.contains("allow_wildcard_listen"),
+        "{said}"
+    );
+    let allowed = wildcard.replace(
+        "allow_wildcard_listen = false",
+        "allow_wildcard_listen = true",
+    );
+    fs::write(&path, &allowed).unwrap();
+    let out = patchd(&["validate", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 fn install(args: &[&str]) -> Output {
     Command::new(packaging().join("install.sh"))
         .args(args)
@@ -330,10 +365,26 @@ fn install_script_installs_idempotently_keeps_configs_and_uninstalls() {
         "/opt/demo".to_owned(),
         "--deploy-root".to_owned(),
         "/home/tidb/deploy".to_owned(),
+        "--listen-interface".to_owned(),
+        "lo".to_owned(),
         "--root".to_owned(),
         image.display().to_string(),
     ];
     let args: Vec<&str> = base_args.iter().map(String::as_str).collect();
+
+    // An interface that does not exist, or one without an IPv4 address, is refused before anything changes.
+    let mut no_such = args.clone();
+    let at = no_such.iter().position(|a| *a == "lo").unwrap();
+    no_such[at] = "nosuch0";
+    let out = install(&no_such);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("--listen-interface nosuch0: no such interface"),
+        "{}",
+        text(&out)
+    );
+    assert!(tree(&image).is_empty(), "nothing installed");
 
     let out = install(&args);
     assert!(out.status.success(), "{}", text(&out));
@@ -364,6 +415,10 @@ fn install_script_installs_idempotently_keeps_configs_and_uninstalls() {
     assert!(
         config.contains("deploy_roots = [\"/opt/demo\", \"/home/tidb/deploy\"]"),
         "{config}"
+    );
+    assert!(
+        config.contains("\nlisten = \"127.0.0.1:7480\"\n"),
+        "listen filled in from --listen-interface lo: {config}"
     );
     assert!(
         image.join("opt/demo").is_dir() && image.join("home/tidb/deploy").is_dir(),
