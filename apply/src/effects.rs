@@ -54,6 +54,9 @@ const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl NetProbe {
     pub fn new() -> Result<Self, String> {
+        // reqwest's rustls backend (on in the workspace for the controller's https hooks) uses the process's crypto
+        // provider: ring, as everywhere in patchd (a no-op when one is installed).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .timeout(PROBE_ATTEMPT_TIMEOUT)
             .connect_timeout(PROBE_ATTEMPT_TIMEOUT)

@@ -432,6 +432,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let self_addr = listener.local_addr()?.to_string();
+    // reqwest's rustls backend (on in the workspace for the controller's https hooks) uses the process's crypto
+    // provider: ring, as everywhere in patchd (a no-op when one is installed).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_millis(1500))

@@ -97,6 +97,9 @@ async fn heartbeat_loop(config: Arc<WorkerConfig>, addr: String) {
     if config.masters.is_empty() {
         return;
     }
+    // reqwest's rustls backend (on in the workspace for the controller's https hooks) uses the process's crypto
+    // provider: ring, as everywhere in patchd (a no-op when one is installed).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = match reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_millis(1000))

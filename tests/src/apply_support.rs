@@ -77,12 +77,27 @@ impl AgentRpc {
         patch_id: &str,
         offline: bool,
     ) -> Result<v1::ApplyResponse, tonic::Status> {
+        self.apply_leased(service, digest, patch_id, offline, None)
+    }
+
+    /// [`Self::apply`] carrying a lease ticket `(rollout id, holder)`.
+    pub fn apply_leased(
+        &mut self,
+        service: &str,
+        digest: &str,
+        patch_id: &str,
+        offline: bool,
+        lease: Option<(&str, &str)>,
+    ) -> Result<v1::ApplyResponse, tonic::Status> {
         let request = v1::ApplyRequest {
             service: service.into(),
             digest: digest.into(),
             patch_id: patch_id.into(),
             offline,
-            lease: None,
+            lease: lease.map(|(rollout_id, holder)| v1::LeaseTicket {
+                rollout_id: rollout_id.into(),
+                holder: holder.into(),
+            }),
         };
         let client = &mut self.client;
         self.runtime
@@ -105,6 +120,29 @@ impl AgentRpc {
         let client = &mut self.client;
         self.runtime
             .block_on(client.rollback(request))
+            .map(tonic::Response::into_inner)
+    }
+
+    /// `Lease` of `service` for the ticket `(rollout id, holder)`: acquire (`ttl_ms`) or release.
+    pub fn lease(
+        &mut self,
+        service: &str,
+        action: v1::LeaseAction,
+        ticket: (&str, &str),
+        ttl_ms: u64,
+    ) -> Result<v1::LeaseResponse, tonic::Status> {
+        let request = v1::LeaseRequest {
+            service: service.into(),
+            ticket: Some(v1::LeaseTicket {
+                rollout_id: ticket.0.into(),
+                holder: ticket.1.into(),
+            }),
+            action: action.into(),
+            ttl_ms,
+        };
+        let client = &mut self.client;
+        self.runtime
+            .block_on(client.lease(request))
             .map(tonic::Response::into_inner)
     }
 

@@ -222,6 +222,7 @@ pub fn http(method: &str, url: &str, body: Option<&str>) -> Result<(u16, String)
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
     runtime.block_on(async {
         let client = reqwest::Client::builder()
             .no_proxy()

@@ -2,10 +2,16 @@
 //! same CA) start a rollout on the same nodes at once. Exactly one proceeds; the other is refused before it changes
 //! anything, names the holder (its rollout, controller and expiry) and exits 1; both stores tell the truth in
 //! `audit` and `display`; once the first rollout has ended (its leases released), the second controller can run.
+//! And on one agent over its gRPC API: a lease refuses every other caller's Apply, survives an agent crash and
+//! restart, and once expired is taken over by another rollout.
 
+use patchd_e2e::apply_support::{AgentRpc, WorkerRig, outcome, push, worker_package};
 use patchd_e2e::cluster_fixture::{Background, ClusterFixture, output_text};
+use patchd_e2e::wait_for;
+use patchd_proto::v1::{ApplyOutcome, LeaseAction};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tonic::Code;
 
 /// A second controller home for the fixture's cluster: certificate `ops-b` issued by the cluster CA, the same
 /// topology imported with its `tls_dir` pointing at that identity.
@@ -154,4 +160,80 @@ fn two_controllers_on_the_same_nodes_one_proceeds_the_other_names_the_holder() {
             loser_version
         );
     }
+}
+
+#[test]
+fn a_lease_refuses_other_callers_survives_an_agent_restart_and_is_taken_over_once_expired() {
+    let mut rig = WorkerRig::start("300ms");
+    let package = worker_package(&rig.packages(), "v1.1.0", "ok");
+    let digest = push(&rig.pki, &rig.agent.addr_string(), &package);
+    let mut rpc = AgentRpc::connect(&rig.pki, rig.agent.addr);
+    rpc.stage("worker-1", &digest).unwrap();
+
+    // Rollout r-x of store store-x takes the lease for 12 s (long enough to restart the agent within it).
+    let x = ("r-x", "store-x");
+    let y = ("r-y", "store-y");
+    let granted = rpc
+        .lease("worker-1", LeaseAction::Acquire, x, 12_000)
+        .unwrap();
+    assert!(granted.held && granted.taken_over.is_empty(), "{granted:?}");
+    assert!(rig.state.join("leases/worker-1.json").is_file());
+    let refused = rpc
+        .lease("worker-1", LeaseAction::Acquire, y, 60_000)
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("leased by rollout `r-x` of controller `controller` (store store-x)"),
+        "{}",
+        refused.message()
+    );
+
+    // The agent crashes and comes back: the lease is still there, and an Apply without it (or with another
+    // rollout's ticket) is refused naming the holder; the service is untouched.
+    rig.agent.kill();
+    rig.agent.restart();
+    let mut rpc = AgentRpc::connect(&rig.pki, rig.agent.addr);
+    for ticket in [None, Some(y)] {
+        let refused = rpc
+            .apply_leased("worker-1", &digest, "p-y", false, ticket)
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(
+            refused.message().contains("rollout `r-x`"),
+            "{}",
+            refused.message()
+        );
+    }
+    assert_eq!(rig.worker.served_version().as_deref(), Some("v1.0.0"));
+
+    // Once it expires, rollout r-y takes it over (the answer names the expired holder) and may apply; r-x may not.
+    let mut taken = None;
+    wait_for(Duration::from_secs(40), "r-x's lease to expire", || {
+        taken = rpc.lease("worker-1", LeaseAction::Acquire, y, 60_000).ok();
+        taken.is_some()
+    });
+    let taken = taken.unwrap();
+    assert!(taken.taken_over.contains("rollout `r-x`"), "{taken:?}");
+    let refused = rpc
+        .apply_leased("worker-1", &digest, "p-x", false, Some(x))
+        .unwrap_err();
+    assert!(
+        refused.message().contains("rollout `r-y`"),
+        "{}",
+        refused.message()
+    );
+    let applied = rpc
+        .apply_leased("worker-1", &digest, "p-y", false, Some(y))
+        .unwrap();
+    assert_eq!(outcome(&applied), ApplyOutcome::Committed, "{applied:?}");
+    rig.worker.wait_serving("v1.1.0");
+
+    // Released: the file is gone and a caller without a ticket is let through again.
+    rpc.lease("worker-1", LeaseAction::Release, y, 0).unwrap();
+    assert!(!rig.state.join("leases/worker-1.json").exists());
+    let replay = rpc.apply("worker-1", &digest, "p-y", false).unwrap();
+    assert!(replay.replayed);
+    rig.stop();
 }

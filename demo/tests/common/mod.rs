@@ -152,5 +152,6 @@ pub async fn post_json(url: &str, body: serde_json::Value) -> (u16, serde_json::
 
 /// An HTTP client that never goes through a proxy (loopback only).
 pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
