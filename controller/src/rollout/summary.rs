@@ -103,20 +103,20 @@ pub(super) fn print_summary(
                 RolloutEnd::Halted | RolloutEnd::CompletedWithFailures => {
                     outln!("See `patchctl audit {}` for every step.", rollout.cluster)
                 }
-                RolloutEnd::Refused => {
-                    for node in &report.nodes {
-                        if let Some(reason) = &node.reason {
-                            errln!("error: node {}: {reason}", node.node.id);
-                        }
-                    }
-                    errln!(
-                        "Nothing was changed. Run again once that rollout has ended (its controller releases the \
-                         lease), or after the lease expires if that controller is gone."
-                    );
-                }
                 _ => {}
             }
         }
+    }
+    if report.end == RolloutEnd::Refused {
+        for node in &report.nodes {
+            if let Some(reason) = &node.reason {
+                errln!("error: node {}: {reason}", node.node.id);
+            }
+        }
+        errln!(
+            "Nothing was changed. Run again once that rollout has ended (its controller releases the lease), or \
+             after the lease expires if that controller is gone."
+        );
     }
     Ok(())
 }
