@@ -228,6 +228,9 @@ impl LeaseBook {
         if let Some(previous) = &taken_over {
             tracing::warn!(service, "took over the expired lease of {previous}");
         }
+        if acquired_unix_ms == now_ms {
+            tracing::info!(service, "leased to {}", lease.describe(now_ms));
+        }
         let granted = Granted {
             expires_unix_ms: lease.expires_unix_ms,
             taken_over,

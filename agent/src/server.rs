@@ -1,5 +1,6 @@
-//! The `patchd.v1.Agent` gRPC service: Info and QueryBlob here (Upload in [`crate::upload_receiver`]); Stage, Apply,
-//! Rollback and Status are delegated to [`ApplyService`]. Wire types are converted to domain types at this boundary.
+//! The `patchd.v1.Agent` gRPC service: Info, QueryBlob and Lease here (Upload in [`crate::upload_receiver`], the
+//! lease rules in [`crate::lease`]); Stage, Apply, Rollback and Status are delegated to [`ApplyService`], Apply and
+//! Rollback after the lease check. Wire types are converted to domain types at this boundary.
 
 use crate::apply_rpc::ApplyService;
 use crate::config::Config;
