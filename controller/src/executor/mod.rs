@@ -43,7 +43,8 @@
 //! `--max-unavailable` and failure budget hold on those nodes across controllers. A node whose agent does not
 //! answer the lease call is not refused for it: its own steps fail (or are retried) as before, and its agent
 //! refuses a change while another rollout holds the service. A resume is the same rollout: it takes its own
-//! leases again (renewed, or re-taken after they expired unless another rollout took them meanwhile).
+//! leases again (renewed, or re-taken after they expired unless another rollout took them meanwhile: then the
+//! resume is refused and the runner keeps the rollout resumable).
 //!
 //! # Interrupts and crashes
 //!

@@ -259,7 +259,12 @@ pub async fn execute(format: Format, run: Execution) -> Result<u8, RunnerError> 
             return Ok(exit::ERROR);
         }
     };
-    let state = rollout_state(&report.end);
+    // A resume refused for a lease another rollout took meanwhile stays resumable: its nodes may be mid-turn.
+    let state = if report.end == RolloutEnd::Refused && !spec.prior.is_empty() {
+        RolloutState::Interrupted
+    } else {
+        rollout_state(&report.end)
+    };
     if !state.is_unfinished() {
         for node in &report.nodes {
             if matches!(node.phase, NodePhase::Pending | NodePhase::Staged) {
