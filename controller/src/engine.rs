@@ -1,0 +1,186 @@
+//! The local Docker Engine, reached over its Unix socket through the Engine API (`bollard`): what
+//! `patchctl package build --image <reference>` and the container demo need from it.
+
+use bollard::Docker;
+use futures::StreamExt;
+use std::path::{Path, PathBuf};
+use tokio::io::AsyncWriteExt;
+
+/// The socket the engine listens on when `DOCKER_HOST` does not name another.
+pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+
+/// Seconds any single Engine API call may take (exports of large images stream well within it).
+const ENGINE_TIMEOUT_SECS: u64 = 600;
+
+/// Why the engine could not do what was asked; each names the socket or the image and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// `DOCKER_HOST` names something other than a Unix socket.
+    #[error(
+        "DOCKER_HOST={value} is not a Unix socket: patchctl reaches the Docker Engine only over its Unix socket; \
+         set DOCKER_HOST=unix:///path/to/docker.sock or unset it (default {DEFAULT_SOCKET})"
+    )]
+    NotUnixSocket { value: String },
+
+    /// No engine answers on the socket.
+    #[error(
+        "no Docker Engine answers on {}: {detail}; start the engine (`systemctl start docker` or `dockerd`), \
+         or point DOCKER_HOST=unix://… at its socket",
+        socket.display()
+    )]
+    Unreachable { socket: PathBuf, detail: String },
+
+    /// The engine has no image by that reference.
+    #[error(
+        "the Docker Engine on {} has no image `{reference}` ({detail}); build or load it first \
+         (`docker images` lists what it has), or pass a `docker save` archive instead",
+        socket.display()
+    )]
+    NoSuchImage {
+        socket: PathBuf,
+        reference: String,
+        detail: String,
+    },
+
+    /// The engine failed while exporting the image.
+    #[error("exporting image `{reference}` from the Docker Engine on {} failed: {detail}", socket.display())]
+    Export {
+        socket: PathBuf,
+        reference: String,
+        detail: String,
+    },
+
+    /// Writing the exported archive failed.
+    #[error("cannot write {}: {cause}", path.display())]
+    Write {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+}
+
+/// A connection to the local engine that has answered a ping.
+pub struct Engine {
+    docker: Docker,
+    socket: PathBuf,
+}
+
+impl Engine {
+    /// Connects to the socket `DOCKER_HOST` names (`unix://…`), or [`DEFAULT_SOCKET`], and pings it.
+    pub async fn connect() -> Result<Self, EngineError> {
+        let socket = match std::env::var("DOCKER_HOST") {
+            Ok(value) if !value.is_empty() => match value.strip_prefix("unix://") {
+                Some(path) => PathBuf::from(path),
+                None => return Err(EngineError::NotUnixSocket { value }),
+            },
+            _ => PathBuf::from(DEFAULT_SOCKET),
+        };
+        Self::connect_to(&socket).await
+    }
+
+    /// Connects to the engine on `socket` and pings it.
+    pub async fn connect_to(socket: &Path) -> Result<Self, EngineError> {
+        let unreachable = |detail: String| EngineError::Unreachable {
+            socket: socket.to_owned(),
+            detail,
+        };
+        let docker = Docker::connect_with_unix(
+            &socket.to_string_lossy(),
+            ENGINE_TIMEOUT_SECS,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(|e| unreachable(e.to_string()))?;
+        docker
+            .ping()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok(Self {
+            docker,
+            socket: socket.to_owned(),
+        })
+    }
+
+    /// The socket this engine answers on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The bollard client, for callers that need more of the Engine API (the container demo).
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// Writes `docker save <reference>` to `dest` (created, or truncated), streaming.
+    pub async fn export_image(&self, reference: &str, dest: &Path) -> Result<(), EngineError> {
+        self.docker
+            .inspect_image(reference)
+            .await
+            .map_err(|e| EngineError::NoSuchImage {
+                socket: self.socket.clone(),
+                reference: reference.to_owned(),
+                detail: e.to_string(),
+            })?;
+        let write_error = |cause| EngineError::Write {
+            path: dest.to_owned(),
+            cause,
+        };
+        let mut file = tokio::fs::File::create(dest).await.map_err(write_error)?;
+        let mut stream = self.docker.export_image(reference);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| EngineError::Export {
+                socket: self.socket.clone(),
+                reference: reference.to_owned(),
+                detail: e.to_string(),
+            })?;
+            file.write_all(&chunk).await.map_err(write_error)?;
+        }
+        file.flush().await.map_err(write_error)?;
+        file.sync_all().await.map_err(write_error)
+    }
+}
+
+/// `(component, version)` from an image reference or repo tag: `registry:5000/team/demo-worker:v2` gives
+/// `("demo-worker", "v2")`; without a tag the version is `latest`; a digest reference gives no version.
+pub fn component_and_version(reference: &str) -> (String, Option<String>) {
+    let without_digest = reference.split('@').next().unwrap_or(reference);
+    let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
+    match last.split_once(':') {
+        Some((name, tag)) => (name.to_owned(), Some(tag.to_owned())),
+        None if without_digest.len() < reference.len() => (last.to_owned(), None),
+        None => (last.to_owned(), Some("latest".to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn component_and_version_come_from_the_last_path_segment() {
+        assert_eq!(
+            component_and_version("demo-worker:v2"),
+            ("demo-worker".to_owned(), Some("v2".to_owned()))
+        );
+        assert_eq!(
+            component_and_version("registry:5000/team/demo-worker:v2.1-hotfix"),
+            ("demo-worker".to_owned(), Some("v2.1-hotfix".to_owned()))
+        );
+        assert_eq!(
+            component_and_version("demo-worker"),
+            ("demo-worker".to_owned(), Some("latest".to_owned()))
+        );
+        assert_eq!(
+            component_and_version("demo-worker@sha256:abcd"),
+            ("demo-worker".to_owned(), None)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_absent_engine_is_named_by_its_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("no-engine.sock");
+        let err = Engine::connect_to(&socket).await.err().unwrap();
+        let message = err.to_string();
+        assert!(message.contains(&socket.display().to_string()), "{message}");
+        assert!(message.contains("DOCKER_HOST"), "{message}");
+    }
+}
