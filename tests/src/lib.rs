@@ -28,6 +28,9 @@ pub mod cluster_fixture;
 
 pub mod demo_fleet;
 
+/// The real Docker Engine for the container tests.
+pub mod docker;
+
 pub mod nspawn;
 /// A tmpfs for one test.
 pub mod tmpfs;
