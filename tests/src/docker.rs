@@ -314,6 +314,8 @@ fn build_context(files: &[(&Path, Option<&str>)], entrypoint: &[&str]) -> Vec<u8
     let dockerfile = format!("FROM scratch\nCOPY rootfs/ /\nENTRYPOINT {entrypoint}\n");
     let mut tar = tar::Builder::new(Vec::new());
     tar.follow_symlinks(true);
+    // Linker output has holes; GNU sparse entries (type `S`) are refused by the engine's tar reader.
+    tar.sparse(false);
     let mut header = tar::Header::new_gnu();
     header.set_size(dockerfile.len() as u64);
     header.set_mode(0o644);
