@@ -6,7 +6,7 @@ use super::{Ctx, Format};
 use anyhow::{Context as _, bail};
 use comfy_table::{Table, presets};
 use indicatif::HumanBytes;
-use patchctl::engine::{Engine, component_and_version};
+use patchctl::docker::{DockerEngine, component_and_version};
 use patchd_package::{BuildSpec, Expectations, Limits, PackageInfo};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -163,7 +163,7 @@ async fn build_image_package(
     let exported = if source.is_file() {
         None
     } else {
-        let engine = Engine::connect().await.with_context(|| {
+        let engine = DockerEngine::connect().await.with_context(|| {
             format!("`{image}` is not a file, so it was taken as an image reference")
         })?;
         let out_dir = match output.parent() {

@@ -1,4 +1,4 @@
-//! The local Docker Engine, reached over its Unix socket through the Engine API (`bollard`): what
+//! The local Docker Engine (`DockerEngine`), reached over its Unix socket through the Engine API (`bollard`): what
 //! `patchctl package build --image <reference>` and the container demo need from it.
 
 use bollard::Docker;
@@ -14,7 +14,7 @@ const ENGINE_TIMEOUT_SECS: u64 = 600;
 
 /// Why the engine could not do what was asked; each names the socket or the image and what to do.
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub enum DockerError {
     /// `DOCKER_HOST` names something other than a Unix socket.
     #[error(
         "DOCKER_HOST={value} is not a Unix socket: patchctl reaches the Docker Engine only over its Unix socket; \
@@ -24,7 +24,7 @@ pub enum EngineError {
 
     /// No engine answers on the socket.
     #[error(
-        "no Docker Engine answers on {}: {detail}; start the engine (`systemctl start docker` or `dockerd`), \
+        "no Docker Engine answers on {}: {detail}; start the Docker Engine (`systemctl start docker` or `dockerd`), \
          or point DOCKER_HOST=unix://… at its socket",
         socket.display()
     )]
@@ -59,18 +59,18 @@ pub enum EngineError {
 }
 
 /// A connection to the local engine that has answered a ping.
-pub struct Engine {
+pub struct DockerEngine {
     docker: Docker,
     socket: PathBuf,
 }
 
-impl Engine {
+impl DockerEngine {
     /// Connects to the socket `DOCKER_HOST` names (`unix://…`), or [`DEFAULT_SOCKET`], and pings it.
-    pub async fn connect() -> Result<Self, EngineError> {
+    pub async fn connect() -> Result<Self, DockerError> {
         let socket = match std::env::var("DOCKER_HOST") {
             Ok(value) if !value.is_empty() => match value.strip_prefix("unix://") {
                 Some(path) => PathBuf::from(path),
-                None => return Err(EngineError::NotUnixSocket { value }),
+                None => return Err(DockerError::NotUnixSocket { value }),
             },
             _ => PathBuf::from(DEFAULT_SOCKET),
         };
@@ -78,8 +78,8 @@ impl Engine {
     }
 
     /// Connects to the engine on `socket` and pings it.
-    pub async fn connect_to(socket: &Path) -> Result<Self, EngineError> {
-        let unreachable = |detail: String| EngineError::Unreachable {
+    pub async fn connect_to(socket: &Path) -> Result<Self, DockerError> {
+        let unreachable = |detail: String| DockerError::Unreachable {
             socket: socket.to_owned(),
             detail,
         };
@@ -110,23 +110,23 @@ impl Engine {
     }
 
     /// Writes `docker save <reference>` to `dest` (created, or truncated), streaming.
-    pub async fn export_image(&self, reference: &str, dest: &Path) -> Result<(), EngineError> {
+    pub async fn export_image(&self, reference: &str, dest: &Path) -> Result<(), DockerError> {
         self.docker
             .inspect_image(reference)
             .await
-            .map_err(|e| EngineError::NoSuchImage {
+            .map_err(|e| DockerError::NoSuchImage {
                 socket: self.socket.clone(),
                 reference: reference.to_owned(),
                 detail: e.to_string(),
             })?;
-        let write_error = |cause| EngineError::Write {
+        let write_error = |cause| DockerError::Write {
             path: dest.to_owned(),
             cause,
         };
         let mut file = tokio::fs::File::create(dest).await.map_err(write_error)?;
         let mut stream = self.docker.export_image(reference);
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| EngineError::Export {
+            let chunk = chunk.map_err(|e| DockerError::Export {
                 socket: self.socket.clone(),
                 reference: reference.to_owned(),
                 detail: e.to_string(),
@@ -178,7 +178,7 @@ mod tests {
     async fn an_absent_engine_is_named_by_its_socket() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("no-engine.sock");
-        let err = Engine::connect_to(&socket).await.err().unwrap();
+        let err = DockerEngine::connect_to(&socket).await.err().unwrap();
         let message = err.to_string();
         assert!(message.contains(&socket.display().to_string()), "{message}");
         assert!(message.contains("DOCKER_HOST"), "{message}");
