@@ -528,6 +528,16 @@ fn check_service(service: &ServiceSpec, roots: &[PathBuf]) -> Vec<String> {
             service.component
         ));
     }
+    if service.backend == BackendKind::Docker {
+        // A container's files are in its image: no deploy dir, only the docker keys and the probes.
+        if let Err(e) = service.validate(roots) {
+            out.push(e.problem);
+        }
+        return out;
+    }
+    if let Err(e) = service.check_docker_keys() {
+        out.push(e.problem);
+    }
     if let Err(message) = check_absolute_normal(&service.deploy_dir) {
         out.push(format!("deploy_dir: {message}"));
     } else if !is_under_any(&service.deploy_dir, roots) {
@@ -577,6 +587,7 @@ fn check_service(service: &ServiceSpec, roots: &[PathBuf]) -> Vec<String> {
                 out.push("backend \"systemd\" needs `unit` (e.g. \"demo-worker.service\")".into());
             }
         }
+        BackendKind::Docker => {}
     }
     out
 }

@@ -26,6 +26,9 @@ pub mod apply_support;
 
 pub mod cluster_fixture;
 
+/// One agent managing one container service.
+pub mod container_rig;
+
 pub mod demo_fleet;
 
 /// The real Docker Engine for the container tests.
