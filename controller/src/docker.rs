@@ -1,8 +1,15 @@
 //! The local Docker Engine (`DockerEngine`), reached over its Unix socket through the Engine API (`bollard`): what
-//! `patchctl package build --image <reference>` and the container demo need from it.
+//! `patchctl package build --image <reference>` (export) and `patchctl demo up --containers` (build, run, list,
+//! remove) need from it.
 
 use bollard::Docker;
+use bollard::models::ContainerCreateBody;
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, StartContainerOptions,
+};
 use futures::StreamExt;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
 
@@ -47,6 +54,14 @@ pub enum DockerError {
     Export {
         socket: PathBuf,
         reference: String,
+        detail: String,
+    },
+
+    /// An Engine API call failed (build, create, start, list, remove).
+    #[error("{action} on the Docker Engine on {} failed: {detail}", socket.display())]
+    Call {
+        action: String,
+        socket: PathBuf,
         detail: String,
     },
 
@@ -135,6 +150,101 @@ impl DockerEngine {
         }
         file.flush().await.map_err(write_error)?;
         file.sync_all().await.map_err(write_error)
+    }
+}
+
+impl DockerEngine {
+    fn call_error(&self, action: String, detail: impl std::fmt::Display) -> DockerError {
+        DockerError::Call {
+            action,
+            socket: self.socket.clone(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// `docker build -t tag` of a build context (an uncompressed tar holding a `Dockerfile`); returns the image ID.
+    pub async fn build_image(&self, tag: &str, context: Vec<u8>) -> Result<String, DockerError> {
+        let options = BuildImageOptionsBuilder::default()
+            .dockerfile("Dockerfile")
+            .t(tag)
+            .rm(true)
+            .forcerm(true)
+            .build();
+        let action = || format!("building image {tag}");
+        let mut stream =
+            self.docker
+                .build_image(options, None, Some(bollard::body_full(context.into())));
+        while let Some(step) = stream.next().await {
+            let step = step.map_err(|e| self.call_error(action(), e))?;
+            if let Some(message) = step.error_detail.and_then(|detail| detail.message) {
+                return Err(self.call_error(action(), message));
+            }
+        }
+        let image = self
+            .docker
+            .inspect_image(tag)
+            .await
+            .map_err(|e| self.call_error(action(), e))?;
+        image
+            .id
+            .ok_or_else(|| self.call_error(action(), "the built image has no ID"))
+    }
+
+    /// `docker run -d --name name` of `body`; returns the container ID.
+    pub async fn run_container(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<String, DockerError> {
+        let options = CreateContainerOptionsBuilder::default().name(name).build();
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| self.call_error(format!("creating container {name}"), e))?;
+        self.docker
+            .start_container(&created.id, None::<StartContainerOptions>)
+            .await
+            .map_err(|e| self.call_error(format!("starting container {name}"), e))?;
+        Ok(created.id)
+    }
+
+    /// Names of every container (running or not) carrying label `key=value`.
+    pub async fn containers_labelled(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<String>, DockerError> {
+        let label = format!("{key}={value}");
+        let filters = HashMap::from([("label", vec![label.as_str()])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let listed = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| self.call_error(format!("listing containers labelled {label}"), e))?;
+        let mut names: Vec<String> = listed
+            .into_iter()
+            .filter_map(|container| container.names?.into_iter().next())
+            .map(|name| name.trim_start_matches('/').to_owned())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// `docker rm -f name`; a container already gone is fine.
+    pub async fn remove_container(&self, name: &str) -> Result<(), DockerError> {
+        let options = RemoveContainerOptionsBuilder::default().force(true).build();
+        match self.docker.remove_container(name, Some(options)).await {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(self.call_error(format!("removing container {name}"), e)),
+        }
     }
 }
 
