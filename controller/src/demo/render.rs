@@ -313,4 +313,34 @@ mod tests {
         assert!(master_text.contains("master-2=http://127.0.1.2:8261"));
         assert!(!master_text.contains("master-1=http"));
     }
+
+    #[test]
+    fn with_containers_the_workers_are_docker_services_and_the_masters_stay_processes() {
+        let layout =
+            DemoLayout::new(Path::new("/d"), 4, DEFAULT_AGENT_PORT, DEFAULT_HOSTS_PREFIX).unwrap();
+        let worker_host = &layout.hosts[1];
+        let value: toml::Table =
+            toml::from_str(&agent_config(&layout, worker_host, true).unwrap()).unwrap();
+        let service = value["service"][0].as_table().unwrap();
+        assert_eq!(service["backend"].as_str(), Some("docker"));
+        let container = container_name(&layout.dir, worker_host, &worker_host.services[0]);
+        assert_eq!(service["container"].as_str(), Some(container.as_str()));
+        assert!(container.ends_with("-2-demo-worker"), "{container}");
+        assert_eq!(service["env_add"][0].as_str(), Some(ENV_ADD));
+        assert_eq!(
+            service["health"]["http"].as_str(),
+            Some("http://127.0.1.2:8262/health")
+        );
+        for key in ["deploy_dir", "command", "user", "restart_on_crash"] {
+            assert!(!service.contains_key(key), "{key} does not apply to docker");
+        }
+        let master: toml::Table =
+            toml::from_str(&agent_config(&layout, &layout.hosts[0], true).unwrap()).unwrap();
+        assert_eq!(master["service"][0]["backend"].as_str(), Some("process"));
+        let other_demo = container_name(Path::new("/e"), worker_host, &worker_host.services[0]);
+        assert_ne!(
+            container, other_demo,
+            "two demo directories never share a container name"
+        );
+    }
 }
