@@ -693,6 +693,40 @@ mod tests {
     }
 
     #[test]
+    fn docker_services_need_a_container_and_take_only_their_own_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = |body: &str| {
+            let text = format!(
+                "{}\n[[service]]\nname = \"oms\"\ncomponent = \"oms\"\nbackend = \"docker\"\n{body}",
+                base(dir.path())
+            );
+            let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+            format_problems(&config.validate())
+        };
+        let fine = service("container = \"oms_431\"\nenv_add = [\"IS_UPGRADE=true\"]\n");
+        assert!(!fine.contains("service"), "{fine}");
+        assert!(service("").contains("needs `container`"));
+        assert!(service("container = \"-bad name\"\n").contains("not a Docker container name"));
+        assert!(service("container = \"oms\"\nenv_add = [\"NOEQUALS\"]\n").contains("KEY=VALUE"));
+        assert!(
+            service("container = \"oms\"\ndeploy_dir = \"/opt/oms\"\n")
+                .contains("`deploy_dir` does not apply to backend \"docker\"")
+        );
+        let text = format!(
+            "{}\n[[service]]\nname = \"w\"\ncomponent = \"w\"\ndeploy_dir = \"{}/deploy/w\"\nbackend = \"systemd\"\n\
+             unit = \"w.service\"\ncontainer = \"w\"\n",
+            base(dir.path()),
+            dir.path().display()
+        );
+        let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+        let all = format_problems(&config.validate());
+        assert!(
+            all.contains("`container` applies to backend \"docker\" only"),
+            "{all}"
+        );
+    }
+
+    #[test]
     fn deploy_root_containment_is_lexical_and_strict() {
         let roots = vec![PathBuf::from("/opt/demo")];
         assert!(is_under_any(Path::new("/opt/demo/w"), &roots));
