@@ -233,6 +233,8 @@ fn a_containerized_demo_is_patched_keeping_each_containers_configuration() {
             .unwrap_or_else(|| panic!("{addr} missing from:\n{display}"));
         assert!(line.contains("(patched)"), "{line}");
         assert!(line.contains("v1.0.1-hotfix"), "{line}");
+        let short_id = &hotfix_id.trim_start_matches("sha256:")[..12];
+        assert!(line.contains(short_id), "display shows the image: {line}");
     }
 
     let down = demo.demo(&["down"]);
