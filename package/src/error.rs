@@ -418,6 +418,49 @@ fn similar_hint(similar: &[String]) -> String {
 }
 
 impl PackageError {
+    /// An image-archive error re-addressed to the package holding the archive (the archive itself was a
+    /// temporary copy); any other error is returned as it is.
+    pub(crate) fn at_package(self, package: &std::path::Path) -> Self {
+        let path = package.to_owned();
+        match self {
+            Self::ImageNotTar { detail, .. } => Self::ImageNotTar { path, detail },
+            Self::ImageNoManifest { .. } => Self::ImageNoManifest { path },
+            Self::ImageSeveralImages { count, .. } => Self::ImageSeveralImages { path, count },
+            Self::ImageConfigMissing { config, .. } => Self::ImageConfigMissing { path, config },
+            Self::ImageConfigDigestMismatch {
+                config, computed, ..
+            } => Self::ImageConfigDigestMismatch {
+                path,
+                config,
+                computed,
+            },
+            Self::ImageJsonTooLarge {
+                entry, size, limit, ..
+            } => Self::ImageJsonTooLarge {
+                path,
+                entry,
+                size,
+                limit,
+            },
+            Self::ImageInvalid { detail, .. } => Self::ImageInvalid { path, detail },
+            Self::ImageIdMismatch {
+                found, expected, ..
+            } => Self::ImageIdMismatch {
+                path,
+                found,
+                expected,
+            },
+            Self::ImageLayersMismatch {
+                found, expected, ..
+            } => Self::ImageLayersMismatch {
+                path,
+                found,
+                expected,
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn io(
         action: &'static str,
         path: impl Into<PathBuf>,

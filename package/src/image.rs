@@ -200,27 +200,9 @@ pub fn inspect_verifying_image(
         })?;
     let tree = work.path().join("tree");
     crate::unpack_verified(package, &tree, limits, expect)?;
-    verify_image_archive(&tree.join(&image.archive), image).map_err(|err| {
-        // Name the package the operator gave, not the temporary copy.
-        let path = package.to_owned();
-        match err {
-            PackageError::ImageIdMismatch {
-                found, expected, ..
-            } => PackageError::ImageIdMismatch {
-                path,
-                found,
-                expected,
-            },
-            PackageError::ImageLayersMismatch {
-                found, expected, ..
-            } => PackageError::ImageLayersMismatch {
-                path,
-                found,
-                expected,
-            },
-            other => other,
-        }
-    })?;
+    // Errors name the package the operator gave, not the temporary copy of its archive.
+    verify_image_archive(&tree.join(&image.archive), image)
+        .map_err(|err| err.at_package(package))?;
     Ok(info)
 }
 
@@ -807,6 +789,11 @@ mod tests {
 
     /// Rewrites a package's embedded manifest through `edit`, keeping every other entry as it is.
     fn tamper_manifest(package: &Path, edit: impl Fn(&mut serde_json::Value)) {
+        tamper(package, edit, None);
+    }
+
+    /// Rewrites a package: the manifest through `edit`, and the image archive by `archive` when given.
+    fn tamper(package: &Path, edit: impl Fn(&mut serde_json::Value), replacement: Option<&[u8]>) {
         let gz = flate2::read::GzDecoder::new(File::open(package).unwrap());
         let mut archive = tar::Archive::new(gz);
         let mut entries: Vec<(tar::Header, Vec<u8>)> = Vec::new();
@@ -818,6 +805,10 @@ mod tests {
                 let mut manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
                 edit(&mut manifest);
                 bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+            } else if let Some(replacement) = replacement
+                && entry.path().unwrap().ends_with("image.tar")
+            {
+                bytes = replacement.to_vec();
             }
             let mut header = entry.header().clone();
             header.set_size(bytes.len() as u64);
@@ -887,5 +878,40 @@ mod tests {
         assert!(!package.exists());
         let err = crate::build_image(&archive, "../x", "v2", &package).unwrap_err();
         assert!(err.to_string().contains("--component"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_archive_with_matching_hashes_is_refused_naming_the_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = image();
+        let archive = write(&dir, &legacy_archive(&image, legacy_manifest(&image)));
+        let package = dir.path().join("demo-worker-v2.tar.gz");
+        crate::build_image(&archive, "demo-worker", "v2", &package).unwrap();
+        // The config altered under its digest name, and the file hash updated to match.
+        let mut damaged_image = super::tests::image();
+        damaged_image.config.push(b' ');
+        let damaged = legacy_archive(&damaged_image, legacy_manifest(&damaged_image));
+        let (sha, size) = (sha256_hex(&damaged), damaged.len());
+        tamper(
+            &package,
+            |m| {
+                m["files"][0]["sha256"] = sha.clone().into();
+                m["files"][0]["size"] = size.into();
+            },
+            Some(&damaged),
+        );
+        let limits = crate::Limits::default();
+        crate::inspect(&package, &limits).unwrap();
+        let err = inspect_verifying_image(&package, &limits, &crate::Expectations::default())
+            .unwrap_err();
+        assert!(
+            matches!(err, PackageError::ImageConfigDigestMismatch { .. }),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&package.display().to_string()),
+            "names the package, not a temporary copy: {message}"
+        );
     }
 }
