@@ -3,20 +3,23 @@
 #! builds a hotfix package of demo-worker, patches the cluster with it worker by worker, and shows `display`
 #! before and after. Needs only the Rust toolchain. The demo stays up afterwards (`patchctl demo down` stops it).
 #!
-#! usage: scripts/demo.sh [--nodes N] [--down]
-#!   --nodes N   hosts in the demo cluster (default 4: 1 master, 3 workers; 6 or more: 3 masters)
-#!   --down      stop the demo at the end
+#! usage: scripts/demo.sh [--nodes N] [--containers] [--down]
+#!   --nodes N      hosts in the demo cluster (default 4: 1 master, 3 workers; 6 or more: 3 masters)
+#!   --containers   workers run as Docker containers; the hotfix is an image package (needs a Docker Engine)
+#!   --down         stop the demo at the end
 #! Files go to $PATCHCTL_HOME (default ~/.patchctl): tls/, the store, and demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 nodes=4
 down=0
+containers=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --nodes) nodes="${2:?--nodes needs a number}"; shift 2 ;;
     --down) down=1; shift ;;
-    -h|--help) sed -n '2,9s/^#! \{0,1\}//p' "$0"; exit 0 ;;
+    --containers) containers=1; shift ;;
+    -h|--help) sed -n '2,10s/^#! \{0,1\}//p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see $0 --help)" >&2; exit 2 ;;
   esac
 done
@@ -40,20 +43,30 @@ if "$patchctl" demo status >/dev/null 2>&1; then
   "$patchctl" demo down
 fi
 
-step "patchctl demo up --nodes $nodes"
-"$patchctl" demo up --nodes "$nodes"
+up_flags=(--nodes "$nodes")
+[ "$containers" = 1 ] && up_flags+=(--containers)
+step "patchctl demo up ${up_flags[*]}"
+"$patchctl" demo up "${up_flags[@]}"
 
 step "patchctl display demo (before)"
 "$patchctl" display demo
 
-step "building a hotfix of demo-worker: v1.0.1-hotfix"
-mkdir -p "$demo_dir/hotfix"
-"$bin/demo-worker" stamp --version v1.0.1-hotfix -o "$demo_dir/hotfix/demo-worker"
-base=$(ls "$demo_dir"/packages/demo-worker-v1.0.0-*.tar.gz)
-hotfix="$demo_dir/packages/demo-worker-v1.0.1-hotfix.tar.gz"
-"$patchctl" package build --base "$base" \
-  --replace "demo-worker/demo-worker=$demo_dir/hotfix/demo-worker" \
-  --version v1.0.1-hotfix -o "$hotfix"
+if [ "$containers" = 1 ]; then
+  step "building a hotfix image of demo-worker: demo-worker:v1.0.1-hotfix"
+  "$bin/demo-worker" stamp --version v1.0.1-hotfix -o "$demo_dir/image/rootfs/demo-worker"
+  docker build -q -t demo-worker:v1.0.1-hotfix "$demo_dir/image"
+  hotfix="$demo_dir/packages/demo-worker-v1.0.1-hotfix-image.tar.gz"
+  "$patchctl" package build --image demo-worker:v1.0.1-hotfix -o "$hotfix"
+else
+  step "building a hotfix of demo-worker: v1.0.1-hotfix"
+  mkdir -p "$demo_dir/hotfix"
+  "$bin/demo-worker" stamp --version v1.0.1-hotfix -o "$demo_dir/hotfix/demo-worker"
+  base=$(ls "$demo_dir"/packages/demo-worker-v1.0.0-*.tar.gz)
+  hotfix="$demo_dir/packages/demo-worker-v1.0.1-hotfix.tar.gz"
+  "$patchctl" package build --base "$base" \
+    --replace "demo-worker/demo-worker=$demo_dir/hotfix/demo-worker" \
+    --version v1.0.1-hotfix -o "$hotfix"
+fi
 
 step "patchctl patch demo $(basename "$hotfix") -R demo-worker -y"
 "$patchctl" patch demo "$hotfix" -R demo-worker -y

@@ -15,6 +15,31 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# The container tests need a Docker Engine. Where none answers, install Debian's docker.io and start dockerd
+# ourselves (in the background, logging to target/dockerd.log); if it still does not answer, the container tests
+# run anyway and fail, naming the socket: they never skip.
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+if ! docker info >/dev/null 2>&1; then
+  if ! command -v dockerd >/dev/null 2>&1; then
+    echo "==> installing Debian's docker.io (no Docker Engine on this machine)"
+    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io
+  fi
+  if ! docker info >/dev/null 2>&1; then
+    mkdir -p target
+    echo "==> starting dockerd (log: target/dockerd.log)"
+    as_root nohup dockerd >target/dockerd.log 2>&1 &
+    for _ in $(seq 1 60); do
+      docker info >/dev/null 2>&1 && break
+      sleep 1
+    done
+    if docker info >/dev/null 2>&1; then
+      echo "==> Docker Engine up"
+    else
+      echo "!! the Docker Engine did not answer within 60 s (see target/dockerd.log); the container tests will fail" >&2
+    fi
+  fi
+fi
+
 FEATURES=(--features patchd-agent/fault-injection)
 echo "==> import graph (no circles; the executor stays pure)"
 bash scripts/check_imports.sh

@@ -291,6 +291,7 @@ fn service_status(report: ServiceReport) -> v1::ServiceStatus {
             .iter()
             .map(|path| path.display().to_string())
             .collect(),
+        image: report.image.unwrap_or_default(),
     }
 }
 

@@ -546,6 +546,16 @@ fn check_service(service: &ServiceSpec, roots: &[PathBuf]) -> Vec<String> {
             service.component
         ));
     }
+    if service.backend == BackendKind::Docker {
+        // A container's files are in its image: no deploy dir, only the docker keys and the probes.
+        if let Err(e) = service.validate(roots) {
+            out.push(e.problem);
+        }
+        return out;
+    }
+    if let Err(e) = service.check_docker_keys() {
+        out.push(e.problem);
+    }
     if let Err(message) = check_absolute_normal(&service.deploy_dir) {
         out.push(format!("deploy_dir: {message}"));
     } else if !is_under_any(&service.deploy_dir, roots) {
@@ -595,6 +605,7 @@ fn check_service(service: &ServiceSpec, roots: &[PathBuf]) -> Vec<String> {
                 out.push("backend \"systemd\" needs `unit` (e.g. \"demo-worker.service\")".into());
             }
         }
+        BackendKind::Docker => {}
     }
     out
 }
@@ -726,6 +737,40 @@ mod tests {
             "{all}"
         );
         assert!(all.contains("bounds.prune_interval: is too short"), "{all}");
+    }
+
+    #[test]
+    fn docker_services_need_a_container_and_take_only_their_own_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = |body: &str| {
+            let text = format!(
+                "{}\n[[service]]\nname = \"oms\"\ncomponent = \"oms\"\nbackend = \"docker\"\n{body}",
+                base(dir.path())
+            );
+            let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+            format_problems(&config.validate())
+        };
+        let fine = service("container = \"oms_431\"\nenv_add = [\"IS_UPGRADE=true\"]\n");
+        assert!(!fine.contains("service"), "{fine}");
+        assert!(service("").contains("needs `container`"));
+        assert!(service("container = \"-bad name\"\n").contains("not a Docker container name"));
+        assert!(service("container = \"oms\"\nenv_add = [\"NOEQUALS\"]\n").contains("KEY=VALUE"));
+        assert!(
+            service("container = \"oms\"\ndeploy_dir = \"/opt/oms\"\n")
+                .contains("`deploy_dir` does not apply to backend \"docker\"")
+        );
+        let text = format!(
+            "{}\n[[service]]\nname = \"w\"\ncomponent = \"w\"\ndeploy_dir = \"{}/deploy/w\"\nbackend = \"systemd\"\n\
+             unit = \"w.service\"\ncontainer = \"w\"\n",
+            base(dir.path()),
+            dir.path().display()
+        );
+        let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+        let all = format_problems(&config.validate());
+        assert!(
+            all.contains("`container` applies to backend \"docker\" only"),
+            "{all}"
+        );
     }
 
     #[test]

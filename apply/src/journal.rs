@@ -156,6 +156,40 @@ pub struct ApplyRecord {
     pub backup_dir: PathBuf,
     pub phase: ApplyPhase,
     pub started_unix: i64,
+    /// Backend `docker`: the container swap this apply makes instead of swapping files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerSwap>,
+}
+
+/// One container swap (backend `docker`), journaled with its apply: which container ran before, what the new one
+/// runs and the names each has along the way, so recovery can put the old container back under its name or
+/// finish the committed one.
+///
+/// Along the phases: `Prepared` the image is loaded and the new container created as `new_name` (`new_id` set
+/// once created); `Stopping` the old one is stopped; `Swapping{done: 1}` the old one is renamed to `aside_name`,
+/// `Swapping{done: 2}` the new one to `container`; `Starting`, `Probation`; `Committed` the old container is
+/// removed (its image kept for rollback). A revert removes the new container, renames the old one back and
+/// starts it: the same container ID runs again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSwap {
+    /// The declared container name.
+    pub container: String,
+    /// The container that ran before the apply.
+    pub old_id: String,
+    /// Its image (an ID), kept for rollback once the apply commits.
+    pub old_image: String,
+    /// The image the new container runs (an ID).
+    pub new_image: String,
+    /// The staged `docker save` archive to load (`None` for a rollback: the earlier image was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<PathBuf>,
+    /// The new container, once created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_id: Option<String>,
+    /// The new container's name until it takes `container`.
+    pub new_name: String,
+    /// The old container's name while the new one runs under `container`.
+    pub aside_name: String,
 }
 
 /// A committed patch whose backup is kept, so it can be rolled back.
@@ -176,6 +210,9 @@ pub struct HistoryEntry {
     /// empty again (emptied when pruned). Absent from journals written before it existed.
     #[serde(default)]
     pub created_dirs: Vec<PathBuf>,
+    /// Backend `docker`: the image (an ID) the container ran before this patch, kept for rollback until pruned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_image: Option<String>,
 }
 
 fn yes() -> bool {

@@ -2,12 +2,13 @@
 //!
 //! The agent creates one [`Engine`] at start ([`Engine::start`] recovers interrupted applies before returning)
 //! and calls [`Engine::stage`], [`Engine::apply`], [`Engine::rollback`] and [`Engine::status`] from its RPCs.
-//! Every host effect sits behind a small trait (service [`backend`], clock, health probe, fault hook in
-//! [`effects`]) so the engine is unit-tested with fakes; files are real (temporary directories in tests).
+//! Every host effect sits behind a small trait (service [`backend`], the Docker Engine in [`container`], clock,
+//! health probe, fault hook in [`effects`]) so the engine is unit-tested with fakes; files are real (temporary directories in tests).
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod confine;
+pub mod container;
 pub mod effects;
 mod engine;
 pub mod file_plan;

@@ -39,6 +39,8 @@ macro_rules! or_revert {
     };
 }
 
+mod container;
+
 /// Why probation ended without success.
 enum ProbationEnd {
     Crash(ApplyError),
@@ -94,6 +96,15 @@ pub(crate) async fn execute(
 /// next start restores the same backups again.
 pub(crate) async fn recover_service(inner: &Inner, svc: &Service) -> Result<(), ApplyError> {
     let mut failure = None;
+    if let Some(record) = svc
+        .journal()
+        .current
+        .filter(|r| r.phase == ApplyPhase::Committed)
+        && let Some(swap) = &record.container
+        && let Some((engine, _)) = svc.backend.containers()
+    {
+        container::finish_container_swap(&engine, swap, true, &record.kind).await;
+    }
     if let Some(record) = svc.journal().current.filter(|r| !r.phase.is_final()) {
         let phase = record.phase.clone();
         tracing::warn!(service = %svc.spec.name, patch_id = %record.patch_id, phase = phase.name(), "recovering an interrupted apply");
@@ -194,6 +205,9 @@ impl<'a> Run<'a> {
     }
 
     async fn drive(&mut self) -> Result<ApplyResult, ApplyError> {
+        if self.rec.container.is_some() {
+            return self.drive_container().await;
+        }
         self.set_phase(ApplyPhase::Prepared)?;
         let started = self.now();
         let (files, dirs) = (self.rec.files.clone(), self.rec.created_dirs.clone());
@@ -391,6 +405,9 @@ impl<'a> Run<'a> {
 
     /// Nothing live changed: drop what prepare wrote and record `Failed`.
     async fn fail_before_live(&mut self, reason: String) -> Result<ApplyResult, ApplyError> {
+        if self.rec.container.is_some() {
+            return self.fail_container_before_live(reason).await;
+        }
         let (files, dirs, id) = (
             self.rec.files.clone(),
             self.rec.created_dirs.clone(),
@@ -408,6 +425,9 @@ impl<'a> Run<'a> {
     /// Puts every old file back (all of them: restoring is idempotent), restarts the old version if the service
     /// was running when the apply began, records `Reverted` with `reason`.
     async fn revert(&mut self, mut reason: String) -> Result<ApplyResult, ApplyError> {
+        if self.rec.container.is_some() {
+            return self.revert_container(reason).await;
+        }
         tracing::warn!(service = %self.svc.spec.name, patch_id = %self.rec.patch_id, "reverting: {reason}");
         let since = self.now();
         let offline = self.rec.offline;
@@ -498,7 +518,10 @@ impl<'a> Run<'a> {
     ) -> Result<ApplyResult, ApplyError> {
         let since = self.now();
         let binary = self.svc.spec.binary_path();
-        let binary_sha256 = {
+        // A container's files are in its image: there is no deployed binary to hash.
+        let binary_sha256 = if self.rec.container.is_some() {
+            String::new()
+        } else {
             let hashes_owner = self.inner.hashes.sha256(&binary);
             hashes_owner.ok().flatten().unwrap_or_default()
         };
@@ -532,6 +555,8 @@ impl<'a> Run<'a> {
         // Directories of rolled-back patches, removed (when empty) only once the rollback's commit is durable:
         // were the rollback reverted instead, its files would need them again.
         let mut emptied_dirs: Vec<PathBuf> = Vec::new();
+        // Rollback images of container patches whose history entry is pruned now.
+        let mut pruned_images: Vec<String> = Vec::new();
         self.svc.persist(|journal| {
             journal.current = Some(record.clone());
             journal.push_result(stored);
@@ -550,6 +575,7 @@ impl<'a> Run<'a> {
                     backup_kept: true,
                     files: record.files.clone(),
                     created_dirs: record.created_dirs.clone(),
+                    previous_image: record.container.as_ref().map(|c| c.old_image.clone()),
                 }),
                 ApplyKind::Rollback { undoes } => {
                     emptied_dirs.extend(
@@ -578,6 +604,7 @@ impl<'a> Run<'a> {
                 entry.backup_kept = false;
                 entry.files.clear();
                 entry.created_dirs.clear();
+                pruned_images.extend(entry.previous_image.take());
                 obsolete.push(entry.backup_dir.clone());
             }
             let excess = journal.history.len().saturating_sub(MAX_HISTORY);
@@ -597,6 +624,9 @@ impl<'a> Run<'a> {
             }
         })
         .await?;
+        if self.rec.container.is_some() {
+            self.tidy_containers(committed, pruned_images).await;
+        }
         self.inner.hashes.save();
         let journal_dir = StateLayout::new(&self.inner.state_dir).journal();
         blocking(move || crate::engine::service::ensure_space_reserve(&journal_dir)).await?;

@@ -14,6 +14,9 @@ pub enum BackendKind {
     Process,
     /// A systemd unit, driven through `systemctl`.
     Systemd,
+    /// A Docker container, driven through the Docker Engine API; an apply loads an image package and swaps the
+    /// container for one made from the new image with the same configuration.
+    Docker,
 }
 
 /// Health probation settings of a service.
@@ -39,6 +42,8 @@ pub struct ServiceSpec {
     pub name: String,
     /// Package component this service accepts.
     pub component: String,
+    /// Where the service's files are (every backend but `docker`, whose files are in its image).
+    #[serde(default)]
     pub deploy_dir: PathBuf,
     /// Where the package root lands, relative to `deploy_dir` (default "bin").
     pub install_dir: Option<PathBuf>,
@@ -67,6 +72,16 @@ pub struct ServiceSpec {
     pub unit: Option<String>,
     #[serde(default)]
     pub health: HealthSpec,
+    /// Docker backend: the container's name (the agent touches no other container).
+    pub container: Option<String>,
+    /// Docker backend: `K=V` variables set in the new container on top of the old one's environment.
+    #[serde(default)]
+    pub env_add: Vec<String>,
+    /// Docker backend: command and entrypoint from the new image instead of the old container.
+    #[serde(default)]
+    pub use_image_defaults: bool,
+    /// Docker backend: the engine's Unix socket (default `/var/run/docker.sock`).
+    pub docker_socket: Option<PathBuf>,
 }
 
 fn default_true() -> bool {
@@ -282,6 +297,15 @@ impl ServiceSpec {
                 "component is empty; set it to the package component this service accepts".into(),
             ));
         }
+        self.check_docker_keys()?;
+        if self.backend == BackendKind::Docker {
+            return self.check_health();
+        }
+        if self.deploy_dir.as_os_str().is_empty() {
+            return Err(fail(
+                "deploy_dir is missing: set it to the directory the service's files are in".into(),
+            ));
+        }
         if !self.deploy_dir.is_absolute() || has_parent_or_dot(&self.deploy_dir) {
             return Err(fail(format!(
                 "deploy_dir {} must be an absolute path without `.` or `..`",
@@ -323,6 +347,15 @@ impl ServiceSpec {
             _ => {}
         }
         self.check_run_settings()?;
+        self.check_health()
+    }
+
+    /// The health probes must be usable addresses.
+    fn check_health(&self) -> Result<(), SpecError> {
+        let fail = |problem: String| SpecError {
+            service: self.name.clone(),
+            problem,
+        };
         if let Some(url) = &self.health.http
             && !url.starts_with("http://")
         {
@@ -333,6 +366,88 @@ impl ServiceSpec {
         {
             return Err(fail(format!(
                 "health.tcp {addr:?} must be an ip:port address, e.g. \"127.0.0.1:8262\""
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl ServiceSpec {
+    /// The Docker Engine socket of a `docker` service.
+    pub fn docker_socket(&self) -> PathBuf {
+        self.docker_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::container::DEFAULT_DOCKER_SOCKET))
+    }
+
+    /// The `docker` keys belong to backend "docker" alone, which needs `container` and takes neither a deploy
+    /// dir nor the other backends' keys.
+    pub fn check_docker_keys(&self) -> Result<(), SpecError> {
+        let fail = |problem: String| SpecError {
+            service: self.name.clone(),
+            problem,
+        };
+        if self.backend != BackendKind::Docker {
+            let docker_only = [
+                ("container", self.container.is_some()),
+                ("env_add", !self.env_add.is_empty()),
+                ("use_image_defaults", self.use_image_defaults),
+                ("docker_socket", self.docker_socket.is_some()),
+            ];
+            if let Some((key, _)) = docker_only.iter().find(|(_, set)| *set) {
+                return Err(fail(format!(
+                    "`{key}` applies to backend \"docker\" only; remove it or set `backend = \"docker\"`"
+                )));
+            }
+            return Ok(());
+        }
+        let Some(container) = self.container.as_deref() else {
+            return Err(fail(
+                "backend \"docker\" needs `container`, the name of the container to patch (as in `docker run --name`)"
+                    .into(),
+            ));
+        };
+        if !crate::container::is_container_name(container) {
+            return Err(fail(format!(
+                "container {container:?} is not a Docker container name: use letters, digits, `_`, `.` and `-`, \
+                 starting with a letter or digit"
+            )));
+        }
+        let other_backends = [
+            ("deploy_dir", !self.deploy_dir.as_os_str().is_empty()),
+            ("install_dir", self.install_dir.is_some()),
+            ("binary", self.binary.is_some()),
+            ("command", !self.command.is_empty()),
+            ("env", !self.env.is_empty()),
+            ("user", self.user.is_some()),
+            ("group", self.group.is_some()),
+            ("log_max_bytes", self.log_max_bytes.is_some()),
+            ("log_keep", self.log_keep.is_some()),
+            ("unit", self.unit.is_some()),
+        ];
+        if let Some((key, _)) = other_backends.iter().find(|(_, set)| *set) {
+            return Err(fail(format!(
+                "`{key}` does not apply to backend \"docker\" (the container's own configuration is carried over \
+                 to the new one; add variables with `env_add`); remove it"
+            )));
+        }
+        for entry in &self.env_add {
+            let key = crate::container::recreate::env_key(entry);
+            if !entry.contains('=')
+                || key.is_empty()
+                || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(fail(format!(
+                    "env_add entry {entry:?} must be KEY=VALUE with a KEY of letters, digits and `_`, e.g. \"IS_UPGRADE=true\""
+                )));
+            }
+        }
+        if let Some(socket) = &self.docker_socket
+            && !socket.is_absolute()
+        {
+            return Err(fail(format!(
+                "docker_socket {} must be an absolute path, e.g. \"/var/run/docker.sock\"",
+                socket.display()
             )));
         }
         Ok(())

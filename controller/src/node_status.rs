@@ -332,6 +332,7 @@ mod tests {
                     history: vec![],
                     quarantine: String::new(),
                     quarantined_backups: vec![],
+                    image: String::new(),
                 }),
             })
         }

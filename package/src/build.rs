@@ -7,7 +7,9 @@ use crate::elf::{ELF_SNIFF_BYTES, detect_elf_target, target_label};
 use crate::manifest::{FileEntry, MANIFEST_FILE, MANIFEST_FORMAT, Manifest, SymlinkEntry};
 use crate::paths::{ancestors, is_within, normalize_entry_path, resolve_symlink, similar_paths};
 use crate::unpack::sync_dir;
-use crate::{Expectations, Limits, PackageError, PackageInfo, inspect, unpack_verified};
+use crate::{
+    Expectations, Limits, PackageError, PackageInfo, inspect, read_image_archive, unpack_verified,
+};
 use ring::digest::{Context, SHA256};
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -138,6 +140,7 @@ pub fn build_with(spec: &BuildSpec<'_>, out: &Path) -> Result<PackageInfo, Packa
         &base.component,
         &version,
         (base.os.clone(), base.arch.clone()),
+        base.image.as_ref().map(|image| image.archive.as_str()),
         out,
     )
 }
@@ -160,7 +163,52 @@ pub fn pack_dir(
         })?
         .to_owned();
     let root = parent_dir(component_dir);
-    write_package(&root, &component, version, (None, None), out)
+    write_package(&root, &component, version, (None, None), None, out)
+}
+
+/// File name of the `docker save` archive inside an image package's component directory.
+pub const IMAGE_ARCHIVE_FILE: &str = "image.tar";
+
+/// Builds an image package: the `docker save` archive `archive` as `<component>/image.tar`, with its image
+/// ID, tags, os/arch and layers in the manifest.
+pub fn build_image(
+    archive: &Path,
+    component: &str,
+    version: &str,
+    out: &Path,
+) -> Result<PackageInfo, PackageError> {
+    if normalize_entry_path(component).ok().as_deref() != Some(component) || component.contains('/')
+    {
+        return Err(bad(
+            component,
+            "is not a usable component name (one directory name, like `demo-worker`); pass --component",
+        ));
+    }
+    // Refuse a bad archive before copying it anywhere.
+    read_image_archive(archive)?;
+    let out_dir = parent_dir(out);
+    let work = tempfile::Builder::new()
+        .prefix(".patchd-build-")
+        .tempdir_in(&out_dir)
+        .map_err(|e| PackageError::io("cannot create a work directory in", &out_dir, e))?;
+    let component_dir = work.path().join(component);
+    fs::create_dir(&component_dir)
+        .map_err(|e| PackageError::io("cannot create directory", &component_dir, e))?;
+    let path_in_package = format!("{component}/{IMAGE_ARCHIVE_FILE}");
+    copy_in(
+        archive,
+        &work.path().join(&path_in_package),
+        0o644,
+        &path_in_package,
+    )?;
+    write_package(
+        work.path(),
+        component,
+        version,
+        (None, None),
+        Some(&path_in_package),
+        out,
+    )
 }
 
 fn bad(path: &str, detail: &str) -> PackageError {
@@ -219,6 +267,7 @@ fn write_package(
     component: &str,
     version: &str,
     fallback_target: (Option<String>, Option<String>),
+    image_archive: Option<&str>,
     out: &Path,
 ) -> Result<PackageInfo, PackageError> {
     if version.is_empty() || version.chars().any(char::is_control) {
@@ -276,8 +325,21 @@ fn write_package(
                 }
             })
             .collect(),
+        image: None,
     };
     manifest.sort();
+    if let Some(archive) = image_archive {
+        // Read from the tree being packed, so a replaced archive gets its own image ID.
+        let mut image = read_image_archive(&root.join(archive))?;
+        image.archive = archive.to_owned();
+        if !image.os.is_empty() {
+            manifest.os = Some(image.os.clone());
+        }
+        if !image.arch.is_empty() {
+            manifest.arch = Some(image.host_arch());
+        }
+        manifest.image = Some(image);
+    }
     if manifest.files.is_empty() {
         return Err(PackageError::EmptyPackage {
             path: root.join(component),

@@ -321,6 +321,92 @@ pub enum PackageError {
     /// `build` was given an unusable replacement or addition.
     #[error("{path}: {detail}")]
     BadReplacement { path: String, detail: String },
+
+    // Image packages (`docker save` archives); kept together at the end of the enum.
+    /// The image archive is not a readable tar.
+    #[error(
+        "{}: not a readable tar ({detail}); an image archive is what `docker save -o FILE IMAGE` writes \
+         (uncompressed: gunzip it first)",
+        path.display()
+    )]
+    ImageNotTar { path: PathBuf, detail: String },
+
+    /// The image archive has neither `manifest.json` nor an OCI `index.json` naming an image.
+    #[error(
+        "{}: no image manifest (neither `manifest.json` nor an OCI `index.json` naming an image); \
+         make the archive with `docker save -o FILE IMAGE`",
+        path.display()
+    )]
+    ImageNoManifest { path: PathBuf },
+
+    /// The image archive holds several images.
+    #[error(
+        "{}: the archive holds {count} images; an image package carries exactly one: \
+         `docker save` a single image reference",
+        path.display()
+    )]
+    ImageSeveralImages { path: PathBuf, count: usize },
+
+    /// The image config the archive's manifest names is not in the archive.
+    #[error(
+        "{}: the image config `{config}` named by the archive's manifest is missing; the archive is \
+         incomplete: save the image again with `docker save`",
+        path.display()
+    )]
+    ImageConfigMissing { path: PathBuf, config: String },
+
+    /// The image config's content does not hash to the digest its file name claims.
+    #[error(
+        "{}: the image config `{config}` hashes to {computed}, not the digest its name claims; the archive \
+         was altered or damaged: save the image again with `docker save`",
+        path.display()
+    )]
+    ImageConfigDigestMismatch {
+        path: PathBuf,
+        config: String,
+        computed: String,
+    },
+
+    /// A JSON document of the image archive (config, manifest, index) is larger than any real one.
+    #[error(
+        "{}: {entry} is {size} bytes, over the {limit}-byte limit for image metadata; refused: \
+         save the image again with `docker save`",
+        path.display()
+    )]
+    ImageJsonTooLarge {
+        path: PathBuf,
+        entry: String,
+        size: u64,
+        limit: u64,
+    },
+
+    /// The image archive is malformed in another way (bad JSON, missing layer, inconsistent layer count).
+    #[error("{}: not a valid image archive: {detail}; save the image again with `docker save`", path.display())]
+    ImageInvalid { path: PathBuf, detail: String },
+
+    /// The archive's image ID is not the one the package manifest names.
+    #[error(
+        "{}: the archive holds image {found} but the package manifest names image {expected}; the package \
+         was altered after it was built: rebuild it with `patchctl package build --image`",
+        path.display()
+    )]
+    ImageIdMismatch {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+
+    /// The archive's layer digests are not the ones the package manifest names.
+    #[error(
+        "{}: the archive's layers are [{found}] but the package manifest names [{expected}]; rebuild the \
+         package with `patchctl package build --image`",
+        path.display()
+    )]
+    ImageLayersMismatch {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
 }
 
 fn similar_hint(similar: &[String]) -> String {
@@ -332,6 +418,49 @@ fn similar_hint(similar: &[String]) -> String {
 }
 
 impl PackageError {
+    /// An image-archive error re-addressed to the package holding the archive (the archive itself was a
+    /// temporary copy); any other error is returned as it is.
+    pub(crate) fn at_package(self, package: &std::path::Path) -> Self {
+        let path = package.to_owned();
+        match self {
+            Self::ImageNotTar { detail, .. } => Self::ImageNotTar { path, detail },
+            Self::ImageNoManifest { .. } => Self::ImageNoManifest { path },
+            Self::ImageSeveralImages { count, .. } => Self::ImageSeveralImages { path, count },
+            Self::ImageConfigMissing { config, .. } => Self::ImageConfigMissing { path, config },
+            Self::ImageConfigDigestMismatch {
+                config, computed, ..
+            } => Self::ImageConfigDigestMismatch {
+                path,
+                config,
+                computed,
+            },
+            Self::ImageJsonTooLarge {
+                entry, size, limit, ..
+            } => Self::ImageJsonTooLarge {
+                path,
+                entry,
+                size,
+                limit,
+            },
+            Self::ImageInvalid { detail, .. } => Self::ImageInvalid { path, detail },
+            Self::ImageIdMismatch {
+                found, expected, ..
+            } => Self::ImageIdMismatch {
+                path,
+                found,
+                expected,
+            },
+            Self::ImageLayersMismatch {
+                found, expected, ..
+            } => Self::ImageLayersMismatch {
+                path,
+                found,
+                expected,
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn io(
         action: &'static str,
         path: impl Into<PathBuf>,

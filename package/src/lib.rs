@@ -21,14 +21,19 @@ mod build;
 pub mod digest;
 mod elf;
 mod error;
+mod image;
 pub mod manifest;
 mod paths;
 mod unpack;
 mod walk;
 
-pub use build::{BuildSpec, build, build_with, pack_dir};
+pub use build::{BuildSpec, IMAGE_ARCHIVE_FILE, build, build_image, build_with, pack_dir};
 pub use elf::detect_elf_target;
 pub use error::PackageError;
+pub use image::{
+    ImageInfo, MAX_IMAGE_JSON_BYTES, engine_arch_to_host, inspect_verifying_image,
+    read_image_archive, verify_image_archive,
+};
 pub use manifest::{FileEntry, MANIFEST_FILE, MANIFEST_FORMAT, Manifest, SymlinkEntry};
 pub use unpack::{unpack_verified, verify_tree};
 
@@ -150,6 +155,7 @@ pub(crate) fn settle_manifest(
                 arch: arch.map(str::to_owned),
                 files: walked.files.clone(),
                 symlinks: walked.symlinks.clone(),
+                image: None,
             };
             (manifest, false)
         }

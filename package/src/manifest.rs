@@ -1,6 +1,6 @@
 //! The package manifest (`patchd-manifest.json` at the archive root): component, version, target and every file.
 
-use crate::PackageError;
+use crate::{ImageInfo, PackageError};
 use serde::{Deserialize, Serialize};
 
 /// Name of the manifest file at the archive root.
@@ -30,6 +30,9 @@ pub struct Manifest {
     /// Every symlink, sorted by path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub symlinks: Vec<SymlinkEntry>,
+    /// The container image of an image package (its `docker save` archive is one of `files`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageInfo>,
 }
 
 /// One regular file of a package.
@@ -132,6 +135,15 @@ impl Manifest {
                 return Err(invalid(format!(
                     "`{}` has an invalid sha256 `{}` (64 lowercase hex digits expected)",
                     file.path, file.sha256
+                )));
+            }
+        }
+        if let Some(image) = &self.image {
+            image.check_self().map_err(invalid)?;
+            if self.file(&image.archive).is_none() {
+                return Err(invalid(format!(
+                    "image archive `{}` is not one of the package's files",
+                    image.archive
                 )));
             }
         }

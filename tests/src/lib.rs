@@ -26,7 +26,13 @@ pub mod apply_support;
 
 pub mod cluster_fixture;
 
+/// One agent managing one container service.
+pub mod container_rig;
+
 pub mod demo_fleet;
+
+/// The real Docker Engine for the container tests.
+pub mod docker;
 
 pub mod nspawn;
 /// A tmpfs for one test.

@@ -249,6 +249,39 @@ fn default_config_passes_patchd_validate_and_documents_every_key() {
         );
     }
 
+    // Every key a [[service]] table takes is shown in an example (with the comment the loop above requires).
+    for key in [
+        "name",
+        "component",
+        "deploy_dir",
+        "install_dir",
+        "binary",
+        "backend",
+        "command",
+        "env",
+        "restart_on_crash",
+        "stop_timeout",
+        "user",
+        "group",
+        "log_max_bytes",
+        "log_keep",
+        "unit",
+        "container",
+        "env_add",
+        "use_image_defaults",
+        "docker_socket",
+        "min_healthy",
+        "http",
+        "tcp",
+        "timeout",
+    ] {
+        assert!(
+            raw.lines()
+                .any(|line| line.starts_with(&format!("# {key} = "))),
+            "the service key `{key}` is not documented in packaging/patchd.toml"
+        );
+    }
+
     for with_examples in [false, true] {
         let localised = localised_default_config(&host, with_examples);
         let parsed: toml::Table = toml::from_str(&localised).unwrap();
@@ -256,11 +289,11 @@ fn default_config_passes_patchd_validate_and_documents_every_key() {
             .get("service")
             .and_then(|s| s.as_array())
             .map_or(0, Vec::len);
-        assert_eq!(services, if with_examples { 2 } else { 0 });
+        assert_eq!(services, if with_examples { 3 } else { 0 });
         if with_examples {
             assert_eq!(
                 localised.lines().filter(|l| *l == "[[service]]").count(),
-                2,
+                3,
                 "both examples switched on:\n{localised}"
             );
         }

@@ -1,9 +1,12 @@
-//! Service backends behind one trait: `process` (the agent runs and supervises the command itself) and `systemd`
-//! (a unit driven through `systemctl`/`journalctl`). The engine only sees [`ServiceBackend`].
+//! Service backends behind one trait: `process` (the agent runs and supervises the command itself), `systemd`
+//! (a unit driven through `systemctl`/`journalctl`) and `docker` (one container, through the Docker Engine API).
+//! The engine only sees [`ServiceBackend`].
 
+pub mod docker;
 pub mod process;
 pub mod systemd;
 
+use crate::container::ContainerEngine;
 use crate::fsutil::FsError;
 use crate::spec::{BackendKind, ServiceSpec};
 use async_trait::async_trait;
@@ -72,6 +75,8 @@ pub enum BackendError {
     Spec(#[from] crate::spec::SpecError),
     #[error("service {service:?} has no {what}; fix the agent config")]
     Misconfigured { service: String, what: &'static str },
+    #[error(transparent)]
+    Container(Box<crate::container::ContainerError>),
 }
 
 /// Starts, stops and observes one service.
@@ -88,6 +93,10 @@ pub trait ServiceBackend: Send + Sync + std::fmt::Debug {
     /// Turns the backend's own restart-on-crash on or off; the engine turns it off during an apply so a crashing
     /// new version is seen (and reverted) rather than restarted in a loop.
     fn set_auto_restart(&self, enabled: bool);
+    /// A `docker` service's engine and container name: its applies swap containers, not files.
+    fn containers(&self) -> Option<(Arc<dyn ContainerEngine>, String)> {
+        None
+    }
 }
 
 /// The real backend for a service spec.
@@ -98,6 +107,12 @@ pub fn real_backend(
     Ok(match spec.backend {
         BackendKind::Process => Arc::new(process::ProcessBackend::open(spec.clone(), state_dir)?),
         BackendKind::Systemd => Arc::new(systemd::SystemdBackend::new(spec)?),
+        BackendKind::Docker => {
+            let engine = Arc::new(crate::container::bollard_engine::BollardEngine::new(
+                &spec.docker_socket(),
+            ));
+            Arc::new(docker::DockerBackend::new(spec, engine)?)
+        }
     })
 }
 

@@ -61,6 +61,18 @@ pub enum ApplyError {
     Quarantined { service: String, reason: String },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error(transparent)]
+    Container(#[from] crate::container::ContainerError),
+    #[error(
+        "service {service:?}: container {container:?} does not exist; create it (docker run --name {container} ...) \
+         or fix `container` in the agent config"
+    )]
+    ContainerMissing { service: String, container: String },
+    #[error(
+        "package {digest} is not an image package (its manifest has no `image`), but service {service:?} runs a \
+         container; build one with `patchctl package build --image <docker-save.tar | image>`"
+    )]
+    NotAnImage { digest: String, service: String },
 }
 
 impl ApplyError {
@@ -80,7 +92,10 @@ impl ApplyError {
             ApplyError::Plan(PlanError::UnknownPatch { .. }) => ErrorKind::NotFound,
             ApplyError::Plan(_)
             | ApplyError::PatchIdReused { .. }
-            | ApplyError::Quarantined { .. } => ErrorKind::FailedPrecondition,
+            | ApplyError::Quarantined { .. }
+            | ApplyError::Container(_)
+            | ApplyError::ContainerMissing { .. }
+            | ApplyError::NotAnImage { .. } => ErrorKind::FailedPrecondition,
             ApplyError::Fs(_)
             | ApplyError::Journal(_)
             | ApplyError::Backend(_)

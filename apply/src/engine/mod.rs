@@ -3,6 +3,7 @@
 //! disconnects does not cancel it), replays finished patch ids, and recovers interrupted applies at start.
 
 mod config;
+mod container;
 pub(crate) mod error;
 mod recovery;
 pub(crate) mod service;
@@ -74,6 +75,9 @@ pub struct ServiceReport {
     pub quarantine: Option<String>,
     /// Backup sets kept under `<state>/quarantine/<service>/` because no journal referred to them.
     pub quarantined_backups: Vec<PathBuf>,
+    /// Backend `docker`: the image the container runs, `tag (short id)` (`None` for other backends, or when the
+    /// engine cannot tell).
+    pub image: Option<String>,
 }
 /// The apply engine (cheap to clone).
 #[derive(Debug, Clone)]
@@ -112,7 +116,9 @@ impl Engine {
         let mut services = BTreeMap::new();
         for spec in config.services {
             spec.validate(&config.deploy_roots)?;
-            confine.check_deploy_dir(&spec.deploy_dir)?;
+            if spec.backend != crate::spec::BackendKind::Docker {
+                confine.check_deploy_dir(&spec.deploy_dir)?;
+            }
             if services.contains_key(&spec.name) {
                 return Err(ApplyError::InvalidRequest(format!(
                     "service {:?} is declared twice in the agent config; give each [[service]] its own name",
@@ -300,6 +306,24 @@ impl Engine {
             })?;
         stage::check_component(&command.digest, &svc.spec, &manifest)?;
         let planning = std::time::Instant::now();
+        if svc.backend.containers().is_some() {
+            let swap = self.plan_container_patch(&svc, &command, &manifest).await?;
+            let record = ApplyRecord {
+                patch_id: command.patch_id.clone(),
+                kind: ApplyKind::Patch,
+                digest: command.digest.clone(),
+                version: manifest.version.clone(),
+                offline: command.offline,
+                was_running: false,
+                files: Vec::new(),
+                created_dirs: Vec::new(),
+                backup_dir: self.backups_of(&command.service).join(&command.patch_id),
+                phase: ApplyPhase::Prepared,
+                started_unix: self.inner.effects.clock.unix_now(),
+                container: Some(swap),
+            };
+            return self.execute_record(&svc, record, planning).await;
+        }
         let backup_dir = self.backups_of(&command.service).join(&command.patch_id);
         let (files, created_dirs) = {
             let inner = self.inner.clone();
@@ -334,6 +358,7 @@ impl Engine {
             backup_dir,
             phase: ApplyPhase::Prepared,
             started_unix: self.inner.effects.clock.unix_now(),
+            container: None,
         };
         self.execute_record(&svc, record, planning).await
     }
@@ -402,6 +427,28 @@ impl Engine {
             .unwrap_or_default();
         let planning = std::time::Instant::now();
         let backup_dir = self.backups_of(&command.service).join(&command.patch_id);
+        if svc.backend.containers().is_some() {
+            let swap = self
+                .plan_container_rollback(&svc, &command.patch_id, &undo)
+                .await?;
+            let record = ApplyRecord {
+                patch_id: command.patch_id.clone(),
+                kind: ApplyKind::Rollback {
+                    undoes: undo.iter().map(|h| h.patch_id.clone()).collect(),
+                },
+                digest: String::new(),
+                version: version_before,
+                offline: false,
+                was_running: false,
+                files: Vec::new(),
+                created_dirs: Vec::new(),
+                backup_dir,
+                phase: ApplyPhase::Prepared,
+                started_unix: self.inner.effects.clock.unix_now(),
+                container: Some(swap),
+            };
+            return self.execute_record(&svc, record, planning).await;
+        }
         let (files, created_dirs) = {
             let inner = self.inner.clone();
             let spec = svc.spec.clone();
@@ -434,6 +481,7 @@ impl Engine {
             backup_dir,
             phase: ApplyPhase::Prepared,
             started_unix: self.inner.effects.clock.unix_now(),
+            container: None,
         };
         self.execute_record(&svc, record, planning).await
     }
@@ -470,14 +518,19 @@ impl Engine {
                     ..ServiceRuntime::unknown()
                 },
             };
+            let image = self.running_image(&svc).await;
             let binary = svc.spec.binary_path();
             let inner = self.inner.clone();
-            let binary_sha256 = blocking(move || inner.hashes.sha256(&binary))
-                .await?
-                .unwrap_or_else(|e| {
-                    tracing::warn!("cannot hash the deployed binary: {e}");
-                    None
-                });
+            let binary_sha256 = if svc.backend.containers().is_some() {
+                None
+            } else {
+                blocking(move || inner.hashes.sha256(&binary))
+                    .await?
+                    .unwrap_or_else(|e| {
+                        tracing::warn!("cannot hash the deployed binary: {e}");
+                        None
+                    })
+            };
             let journal = svc.journal();
             reports.push(ServiceReport {
                 name: svc.spec.name.clone(),
@@ -497,6 +550,7 @@ impl Engine {
                     .collect(),
                 quarantine: svc.quarantined().map(|q| q.reason),
                 quarantined_backups: self.quarantined_backups(&svc.spec.name),
+                image,
             });
         }
         Ok(reports)

@@ -103,6 +103,8 @@ pub struct ServiceInfo {
     pub quarantine: String,
     /// Backup sets the agent kept aside because no journal referred to them.
     pub quarantined_backups: Vec<String>,
+    /// A container service's image, `tag (short id)` ("" for other backends).
+    pub image: String,
 }
 
 impl ServiceInfo {
@@ -111,8 +113,20 @@ impl ServiceInfo {
         matches!(&self.last, Some(last) if *digest == last.digest && last.outcome == ApplyOutcome::Committed)
     }
 
-    /// `Version` column: the version label, else the first 12 hex digits of the binary's sha256.
+    /// `Version` column: the version label, else the first 12 hex digits of the binary's sha256; a container
+    /// service's image (`tag (short id)`) follows.
     pub fn version_label(&self) -> String {
+        let label = self.file_version_label();
+        if self.image.is_empty() {
+            label
+        } else if label == "-" {
+            self.image.clone()
+        } else {
+            format!("{label} {}", self.image)
+        }
+    }
+
+    fn file_version_label(&self) -> String {
         if !self.version.is_empty() {
             self.version.clone()
         } else if self.binary_sha256.is_empty() {
@@ -166,6 +180,7 @@ fn service_info(wire: v1::ServiceStatus) -> ServiceInfo {
         history: wire.history.into_iter().filter_map(patch_record).collect(),
         quarantine: wire.quarantine,
         quarantined_backups: wire.quarantined_backups,
+        image: wire.image,
     }
 }
 

@@ -1,10 +1,12 @@
-//! `patchctl package`: build a hotfix package from a base package in one command, and inspect packages
-//! (every hostile-package rule is checked; a refused package exits 1 with the entry and the rule).
+//! `patchctl package`: build a hotfix package from a base package in one command, or an image package from a
+//! container image, and inspect packages (every hostile-package rule is checked, and an image package's archive
+//! against its image ID; a refused package exits 1 with the entry and the rule).
 
 use super::{Ctx, Format};
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use comfy_table::{Table, presets};
 use indicatif::HumanBytes;
+use patchctl::docker::{DockerEngine, component_and_version};
 use patchd_package::{BuildSpec, Expectations, Limits, PackageInfo};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -17,10 +19,13 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    /// Build a hotfix package: the base package with some of its files replaced by local ones.
+    /// Build a hotfix package (the base package with some of its files replaced by local ones), or an image
+    /// package (a container image for services with `backend = "docker"`).
     ///
     /// Example: patchctl package build --base demo-worker-v1.0.0-linux-amd64.tar.gz
     ///   --replace demo-worker/demo-worker=./target/release/demo-worker --version v1.0.1-hotfix -o hotfix.tar.gz
+    ///
+    /// Example: patchctl package build --image demo-worker:v1.0.1-hotfix -o demo-worker-image.tar.gz
     Build(BuildArgs),
     /// Check a package against every rule and print its manifest and digests.
     Inspect(InspectArgs),
@@ -29,18 +34,28 @@ enum Command {
 #[derive(Debug, clap::Args)]
 // `--version` is the package's version label here, not patchctl's own version.
 #[command(disable_version_flag = true)]
-#[command(group = clap::ArgGroup::new("changes").required(true).multiple(true).args(["replace", "add"]))]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["base", "image"]))]
+#[command(group = clap::ArgGroup::new("changes").multiple(true).args(["replace", "add"]))]
 struct BuildArgs {
     /// The original package (`<component>/…` inside, as released).
-    #[arg(long, value_name = "PACKAGE")]
-    base: PathBuf,
+    #[arg(long, value_name = "PACKAGE", requires = "changes")]
+    base: Option<PathBuf>,
     /// Replace a file of the base package (path as printed by `package inspect`); its mode is kept.
-    #[arg(long, value_name = "PATH_IN_PACKAGE=LOCAL_FILE", value_parser = parse_mapping)]
+    #[arg(long, value_name = "PATH_IN_PACKAGE=LOCAL_FILE", value_parser = parse_mapping, requires = "base")]
     replace: Vec<(String, PathBuf)>,
     /// Add a file the base package does not hold (mode taken from the local file, at most 0755).
-    #[arg(long, value_name = "PATH_IN_PACKAGE=LOCAL_FILE", value_parser = parse_mapping)]
+    #[arg(long, value_name = "PATH_IN_PACKAGE=LOCAL_FILE", value_parser = parse_mapping, requires = "base")]
     add: Vec<(String, PathBuf)>,
-    /// Version label recorded in the manifest (default: the base version with `-hotfix`).
+    /// Build an image package from a `docker save` archive (an existing file) or an image reference the local
+    /// Docker Engine has (exported over its Unix socket; `DOCKER_HOST=unix://…` names another).
+    #[arg(long, value_name = "ARCHIVE|REFERENCE")]
+    image: Option<String>,
+    /// Component of an image package (default: the image name of its first repo tag, `demo-worker` for
+    /// `registry/demo-worker:v2`).
+    #[arg(long, value_name = "NAME", requires = "image")]
+    component: Option<String>,
+    /// Version label recorded in the manifest (default: the base version with `-hotfix`; for an image, the tag
+    /// of its first repo tag).
     #[arg(long, value_name = "LABEL")]
     version: Option<String>,
     /// Where to write the hotfix package (written atomically).
@@ -102,9 +117,20 @@ async fn run_build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<u8> {
         base,
         replace,
         add,
+        image,
+        component,
         version,
         output,
     } = args;
+    let base = match (base, image) {
+        (Some(base), _) => base,
+        (None, Some(image)) => {
+            let info = build_image_package(&image, component, version, &output).await?;
+            print_built(ctx, &output, &info, vec![], vec![])?;
+            return Ok(patchctl::exit::OK);
+        }
+        (None, None) => bail!("give --base (a hotfix of a package) or --image (an image package)"),
+    };
     let output_path = output.clone();
     let (info, replace, add) = tokio::task::spawn_blocking(move || {
         let spec = BuildSpec {
@@ -121,16 +147,86 @@ async fn run_build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<u8> {
     .context("the build task panicked")??;
     let replaced: Vec<&str> = replace.iter().map(|(p, _)| p.as_str()).collect();
     let added: Vec<&str> = add.iter().map(|(p, _)| p.as_str()).collect();
+    print_built(ctx, &output_path, &info, replaced, added)?;
+    Ok(patchctl::exit::OK)
+}
+
+/// An image package from a `docker save` archive or from an image of the local engine.
+async fn build_image_package(
+    image: &str,
+    component: Option<String>,
+    version: Option<String>,
+    output: &Path,
+) -> anyhow::Result<PackageInfo> {
+    let source = PathBuf::from(image);
+    // A path that exists is an archive; anything else is a reference the engine must have.
+    let exported = if source.is_file() {
+        None
+    } else {
+        let engine = DockerEngine::connect().await.with_context(|| {
+            format!("`{image}` is not a file, so it was taken as an image reference")
+        })?;
+        let out_dir = match output.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let temp = tempfile::Builder::new()
+            .prefix(".patchd-image-")
+            .suffix(".tar")
+            .tempfile_in(&out_dir)
+            .with_context(|| format!("cannot create a temporary file in {}", out_dir.display()))?
+            .into_temp_path();
+        engine.export_image(image, &temp).await?;
+        Some(temp)
+    };
+    let archive = exported
+        .as_deref()
+        .map_or(source.clone(), Path::to_path_buf);
+    let output = output.to_path_buf();
+    let image = image.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let found = patchd_package::read_image_archive(&archive)
+            .with_context(|| format!("cannot build an image package from `{image}`"))?;
+        let first_tag = found.repo_tags.first().map(|tag| component_and_version(tag));
+        let component = match (component, &first_tag) {
+            (Some(component), _) => component,
+            (None, Some((name, _))) => name.clone(),
+            (None, None) => bail!(
+                "image `{image}` carries no repo tag to name the component: pass --component NAME (and --version)"
+            ),
+        };
+        let version = match (version, first_tag.and_then(|(_, tag)| tag)) {
+            (Some(version), _) => version,
+            (None, Some(tag)) => tag,
+            (None, None) => bail!("image `{image}` carries no tag to take the version from: pass --version LABEL"),
+        };
+        let info = patchd_package::build_image(&archive, &component, &version, &output)
+            .with_context(|| format!("cannot build an image package from `{image}`"))?;
+        // `exported` (the temporary archive) is removed when it drops, after the package is written.
+        drop(exported);
+        anyhow::Ok(info)
+    })
+    .await
+    .context("the build task panicked")?
+}
+
+fn print_built(
+    ctx: &Ctx,
+    output_path: &Path,
+    info: &PackageInfo,
+    replaced: Vec<&str>,
+    added: Vec<&str>,
+) -> anyhow::Result<()> {
     match ctx.format {
         Format::Json => print_json(&PackageReport {
-            path: &output_path,
-            info: &info,
+            path: output_path,
+            info,
             replaced,
             added,
         })?,
         Format::Text => {
             outln!("built {}", output_path.display());
-            print_summary(&output_path, &info);
+            print_summary(output_path, info);
             outln!();
             for (label, paths) in [("replaced", &replaced), ("added", &added)] {
                 for path in paths {
@@ -146,7 +242,7 @@ async fn run_build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<u8> {
             }
         }
     }
-    Ok(patchctl::exit::OK)
+    Ok(())
 }
 
 async fn run_inspect(ctx: &Ctx, args: InspectArgs) -> anyhow::Result<u8> {
@@ -161,7 +257,7 @@ async fn run_inspect(ctx: &Ctx, args: InspectArgs) -> anyhow::Result<u8> {
     };
     let package = args.package;
     let (info, package) = tokio::task::spawn_blocking(move || {
-        let info = patchd_package::inspect_expecting(&package, &limits, &expect)
+        let info = patchd_package::inspect_verifying_image(&package, &limits, &expect)
             .with_context(|| format!("package {} refused", package.display()))?;
         anyhow::Ok((info, package))
     })
@@ -221,6 +317,23 @@ fn print_summary(path: &Path, info: &PackageInfo) {
     outln!("manifest     {origin}");
     outln!("sha256       {}", info.package_sha256);
     outln!("tree digest  {}", info.tree_digest);
+    if let Some(image) = &manifest.image {
+        outln!("image        {}", image.id);
+        outln!(
+            "tags         {}",
+            if image.repo_tags.is_empty() {
+                "(none)".to_owned()
+            } else {
+                image.repo_tags.join(", ")
+            }
+        );
+        outln!("image os     {}/{}", image.os, image.arch);
+        outln!("archive      {}", image.archive);
+        outln!("layers       {}", image.layers.len());
+        for layer in &image.layers {
+            outln!("  {layer}");
+        }
+    }
     outln!(
         "files        {} ({} unpacked){}",
         manifest.files.len(),

@@ -168,7 +168,12 @@ async fn inspect_and_prepare(
 ) -> anyhow::Result<(patchd_package::PackageInfo, PreparedBlob)> {
     let path = package.to_path_buf();
     let inspection = tokio::task::spawn_blocking(move || {
-        patchd_package::inspect(&path, &patchd_package::Limits::default())
+        // An image package's archive is also checked against its image ID, before anything is uploaded.
+        patchd_package::inspect_verifying_image(
+            &path,
+            &patchd_package::Limits::default(),
+            &patchd_package::Expectations::default(),
+        )
     });
     let prepared = PreparedBlob::prepare(package, patchd_package::digest::DEFAULT_CHUNK_SIZE);
     let (inspection, prepared) = tokio::join!(inspection, prepared);

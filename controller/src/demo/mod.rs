@@ -12,8 +12,11 @@
 //! hosts/host-<k>/tls/             agent k's certificate and key, and the cluster CA
 //! hosts/host-<k>/state/           agent k's state_dir (its services' pid files in run/, logs in logs/)
 //! hosts/host-<k>/deploy/<component>-<port>/bin/<component>/<component>   the deployed binary, laid out as tiup does
+//! image/                          with --containers: the worker image's build context (Dockerfile, rootfs/)
+//! hosts/host-<k>/container-data/  with --containers: bind-mounted as /data into the worker's container
 //! ```
 
+pub mod containers;
 pub mod layout;
 pub mod procs;
 pub mod render;

@@ -127,6 +127,9 @@ pub struct DemoRecord {
     /// Unix time of `demo up`.
     pub started_unix: u64,
     pub agents: Vec<AgentRecord>,
+    /// `demo up --containers`: the workers run as containers labelled with the demo directory.
+    #[serde(default)]
+    pub containers: bool,
 }
 
 fn default_hosts_prefix() -> String {
@@ -275,6 +278,7 @@ mod tests {
         let path = dir.path().join("demo.json");
         assert_eq!(DemoRecord::load(&path).unwrap(), None);
         let record = DemoRecord {
+            containers: false,
             format: RECORD_FORMAT,
             nodes: 4,
             agent_port: 7480,

@@ -2,6 +2,7 @@
 //! config") and the cluster topology (from `demo/topology.yaml.tmpl`, the worked example of hooks).
 
 use super::DemoError;
+use super::containers::{ENV_ADD, container_name};
 use super::layout::{
     DemoHost, DemoLayout, DemoService, MASTER_PEER_PORT, ORIGINAL_VERSION, ServiceRole,
 };
@@ -17,7 +18,26 @@ struct AgentConfigFile {
     state_dir: PathBuf,
     deploy_roots: Vec<PathBuf>,
     tls: TlsFile,
-    service: Vec<ServiceFile>,
+    service: Vec<ServiceEntry>,
+}
+
+/// A process service, or (`--containers`) a container service.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum ServiceEntry {
+    Process(ServiceFile),
+    Docker(DockerServiceFile),
+}
+
+#[derive(Debug, Serialize)]
+struct DockerServiceFile {
+    name: String,
+    component: String,
+    backend: &'static str,
+    container: String,
+    env_add: Vec<String>,
+    stop_timeout: &'static str,
+    health: HealthFile,
 }
 
 #[derive(Debug, Serialize)]
@@ -80,8 +100,13 @@ pub fn service_command(layout: &DemoLayout, service: &DemoService) -> Vec<String
     argv
 }
 
-/// `patchd.toml` of one demo agent: its address, directories, certificates and its services (process backend).
-pub fn agent_config(layout: &DemoLayout, host: &DemoHost) -> Result<String, DemoError> {
+/// `patchd.toml` of one demo agent: its address, directories, certificates and its services (process backend;
+/// with `containers`, the workers are containers: backend `docker`).
+pub fn agent_config(
+    layout: &DemoLayout,
+    host: &DemoHost,
+    containers: bool,
+) -> Result<String, DemoError> {
     let tls_dir = host.tls_dir();
     // The demo's services run as whoever runs the demo (root included, then written out as the agent requires).
     let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
@@ -106,20 +131,34 @@ pub fn agent_config(layout: &DemoLayout, host: &DemoHost) -> Result<String, Demo
         service: host
             .services
             .iter()
-            .map(|service| ServiceFile {
-                name: service.role.component().to_string(),
-                component: service.role.component().to_string(),
-                deploy_dir: service.deploy_dir.clone(),
-                backend: "process",
-                command: service_command(layout, service),
-                user: user.clone(),
-                restart_on_crash: true,
-                stop_timeout: "5s",
-                health: HealthFile {
+            .map(|service| {
+                let health = HealthFile {
                     min_healthy: "1s",
                     http: format!("{}/health", service.url()),
                     timeout: "15s",
-                },
+                };
+                if containers && service.role == ServiceRole::Worker {
+                    return ServiceEntry::Docker(DockerServiceFile {
+                        name: service.role.component().to_string(),
+                        component: service.role.component().to_string(),
+                        backend: "docker",
+                        container: container_name(&layout.dir, host, service),
+                        env_add: vec![ENV_ADD.to_string()],
+                        stop_timeout: "5s",
+                        health,
+                    });
+                }
+                ServiceEntry::Process(ServiceFile {
+                    name: service.role.component().to_string(),
+                    component: service.role.component().to_string(),
+                    deploy_dir: service.deploy_dir.clone(),
+                    backend: "process",
+                    command: service_command(layout, service),
+                    user: user.clone(),
+                    restart_on_crash: true,
+                    stop_timeout: "5s",
+                    health,
+                })
             })
             .collect(),
     };
@@ -237,7 +276,7 @@ mod tests {
         let layout =
             DemoLayout::new(Path::new("/d"), 6, DEFAULT_AGENT_PORT, DEFAULT_HOSTS_PREFIX).unwrap();
         let worker_host = &layout.hosts[4];
-        let text = agent_config(&layout, worker_host).unwrap();
+        let text = agent_config(&layout, worker_host, false).unwrap();
         let value: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(value["listen"].as_str(), Some("127.0.1.5:7480"));
         assert_eq!(
@@ -270,8 +309,38 @@ mod tests {
         assert_eq!(argv.iter().filter(|a| **a == "--master").count(), 3);
         assert!(argv.contains(&"worker-2"));
 
-        let master_text = agent_config(&layout, &layout.hosts[0]).unwrap();
+        let master_text = agent_config(&layout, &layout.hosts[0], false).unwrap();
         assert!(master_text.contains("master-2=http://127.0.1.2:8261"));
         assert!(!master_text.contains("master-1=http"));
+    }
+
+    #[test]
+    fn with_containers_the_workers_are_docker_services_and_the_masters_stay_processes() {
+        let layout =
+            DemoLayout::new(Path::new("/d"), 4, DEFAULT_AGENT_PORT, DEFAULT_HOSTS_PREFIX).unwrap();
+        let worker_host = &layout.hosts[1];
+        let value: toml::Table =
+            toml::from_str(&agent_config(&layout, worker_host, true).unwrap()).unwrap();
+        let service = value["service"][0].as_table().unwrap();
+        assert_eq!(service["backend"].as_str(), Some("docker"));
+        let container = container_name(&layout.dir, worker_host, &worker_host.services[0]);
+        assert_eq!(service["container"].as_str(), Some(container.as_str()));
+        assert!(container.ends_with("-2-demo-worker"), "{container}");
+        assert_eq!(service["env_add"][0].as_str(), Some(ENV_ADD));
+        assert_eq!(
+            service["health"]["http"].as_str(),
+            Some("http://127.0.1.2:8262/health")
+        );
+        for key in ["deploy_dir", "command", "user", "restart_on_crash"] {
+            assert!(!service.contains_key(key), "{key} does not apply to docker");
+        }
+        let master: toml::Table =
+            toml::from_str(&agent_config(&layout, &layout.hosts[0], true).unwrap()).unwrap();
+        assert_eq!(master["service"][0]["backend"].as_str(), Some("process"));
+        let other_demo = container_name(Path::new("/e"), worker_host, &worker_host.services[0]);
+        assert_ne!(
+            container, other_demo,
+            "two demo directories never share a container name"
+        );
     }
 }

@@ -1,10 +1,12 @@
 //! `patchctl demo down`: stop every recorded agent and service, then anything still running from the demo
-//! directory.
+//! directory, and remove the demo's containers (`--containers`).
 
 use super::{Ctx, DownArgs, Format, demo_dir, progress};
 use anyhow::{Context, bail};
+use patchctl::demo::containers::DEMO_LABEL;
 use patchctl::demo::layout;
 use patchctl::demo::procs::{self, DemoRecord, ProcessIdentity, StopOutcome};
+use patchctl::docker::DockerEngine;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -82,7 +84,43 @@ pub(super) async fn stop_all(ctx: &Ctx, dir: &Path, record: Option<&DemoRecord>)
         }
     }
     stopped.extend(stop_services(ctx, dir).await);
+    if record.is_none_or(|record| record.containers) {
+        stopped.extend(remove_containers(ctx, dir, record.is_some()).await);
+    }
     stopped
+}
+
+/// Removes every container labelled with this demo directory (`demo up --containers`), also one the agent left
+/// renamed aside. `required`: the record says there are containers, so an unreachable Docker Engine is reported.
+pub(super) async fn remove_containers(ctx: &Ctx, dir: &Path, required: bool) -> Vec<String> {
+    let engine = match DockerEngine::connect().await {
+        Ok(engine) => engine,
+        Err(error) => {
+            if required {
+                errln!("warning: the demo's containers were not removed: {error}");
+            }
+            return Vec::new();
+        }
+    };
+    let label = dir.to_string_lossy();
+    let names = match engine.containers_labelled(DEMO_LABEL, &label).await {
+        Ok(names) => names,
+        Err(error) => {
+            errln!("warning: the demo's containers were not removed: {error}");
+            return Vec::new();
+        }
+    };
+    let mut removed = Vec::new();
+    for name in names {
+        match engine.remove_container(&name).await {
+            Ok(()) => {
+                progress(ctx, &format!("removed container {name}"));
+                removed.push(format!("container {name}"));
+            }
+            Err(error) => errln!("warning: {error}"),
+        }
+    }
+    removed
 }
 
 /// Stops the services named by the agents' pid files and any process still running a binary deployed under `dir`.

@@ -54,6 +54,10 @@ struct UpArgs {
     /// Directory holding the `patchd`, `demo-master` and `demo-worker` binaries. Default: patchctl's own directory.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Run the workers as Docker containers (backend `docker`) from an image built locally from demo-worker;
+    /// needs the Docker Engine on its Unix socket (`DOCKER_HOST=unix://…` names another).
+    #[arg(long)]
+    containers: bool,
     /// How long to wait for the agents to answer and the services to become healthy.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     timeout: Duration,

@@ -1,13 +1,15 @@
 //! `patchctl demo up`: check the addresses, create the TLS identities, build the original packages, deploy each
-//! host, start the agents, wait until the cluster is ready, import it as cluster `demo`.
+//! host (with `--containers`: build the worker image and start the worker containers), start the agents, wait
+//! until the cluster is ready, import it as cluster `demo`.
 
-use super::down::{stop_all, stop_services};
+use super::down::{remove_containers, stop_all, stop_services};
 use super::{Ctx, Format, UpArgs, demo_dir, progress};
 use anyhow::{Context, bail};
 use patchctl::agent::client::AgentClient;
 use patchctl::demo::layout::{self, CLUSTER_NAME, ORIGINAL_VERSION, ServiceRole, master_count};
 use patchctl::demo::procs::{AgentRecord, DemoRecord, ProcessIdentity, RECORD_FORMAT};
-use patchctl::demo::{DemoHost, DemoLayout, DemoService, render};
+use patchctl::demo::{DemoHost, DemoLayout, DemoService, containers, render};
+use patchctl::docker::DockerEngine;
 use patchctl::store::Store;
 use patchctl::tls_files::ControllerTls;
 use patchctl::topology::Topology;
@@ -63,6 +65,9 @@ pub(super) async fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<u8> {
         }
         // A demo that went down without `demo down` (host reboot, killed agents): stop its leftover services.
         stop_services(ctx, &dir).await;
+        if record.containers {
+            remove_containers(ctx, &dir, true).await;
+        }
     }
 
     let bins = DemoBinaries::find(args.bin_dir.as_deref())?;
@@ -81,7 +86,13 @@ pub(super) async fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<u8> {
     ensure_controller_tls(ctx, &tls_dir)?;
     let originals = build_originals(&layout, &bins).await?;
     for host in &layout.hosts {
-        prepare_host(&layout, host, &tls_dir, &originals)?;
+        prepare_host(&layout, host, &tls_dir, &originals, args.containers)?;
+    }
+    if args.containers
+        && let Err(error) = start_worker_containers(ctx, &layout, &originals).await
+    {
+        remove_containers(ctx, &layout.dir, false).await;
+        return Err(error);
     }
 
     progress(
@@ -103,6 +114,7 @@ pub(super) async fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<u8> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         agents: Vec::new(),
+        containers: args.containers,
     };
     for host in &layout.hosts {
         let (child, agent) = start_agent(&layout, host, &bins.patchd)?;
@@ -136,7 +148,14 @@ pub(super) async fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<u8> {
         &topology_path.to_string_lossy(),
     )?;
 
-    print_up_summary(ctx, &layout, &bins, &dir_flag, started.elapsed());
+    print_up_summary(
+        ctx,
+        &layout,
+        &bins,
+        &dir_flag,
+        args.containers,
+        started.elapsed(),
+    );
     Ok(patchctl::exit::OK)
 }
 
@@ -266,12 +285,66 @@ pub(super) async fn build_originals(
     Ok(originals)
 }
 
+/// `--containers`: builds the worker image from the stamped original (`demo-worker:v1.0.0`) and starts each
+/// worker's container, after removing any container a previous demo in this directory left.
+async fn start_worker_containers(
+    ctx: &Ctx,
+    layout: &DemoLayout,
+    originals: &[(ServiceRole, PathBuf)],
+) -> anyhow::Result<()> {
+    let engine = DockerEngine::connect()
+        .await
+        .context("--containers runs the workers in the Docker Engine")?;
+    remove_containers(ctx, &layout.dir, true).await;
+    let original = originals
+        .iter()
+        .find(|(role, _)| *role == ServiceRole::Worker)
+        .map(|(_, path)| path)
+        .context("no original worker binary")?;
+    let context = containers::context_dir(&layout.dir);
+    containers::write_context(&context, original)?;
+    let tag = format!("{}:{ORIGINAL_VERSION}", containers::IMAGE_REPOSITORY);
+    progress(
+        ctx,
+        &format!(
+            "building image {tag} from {} (Docker Engine on {})",
+            context.display(),
+            engine.socket().display()
+        ),
+    );
+    let context_tar = containers::context_tar(&context)?;
+    engine.build_image(&tag, context_tar).await?;
+    for host in &layout.hosts {
+        for service in host
+            .services
+            .iter()
+            .filter(|service| service.role == ServiceRole::Worker)
+        {
+            let name = containers::container_name(&layout.dir, host, service);
+            // The worker's arguments as the process backend runs them, without the binary (the entrypoint).
+            let args = render::service_command(layout, service)
+                .into_iter()
+                .skip(1)
+                .collect();
+            let body = containers::worker_container(&layout.dir, host, &tag, args);
+            engine.run_container(&name, body).await?;
+            progress(
+                ctx,
+                &format!("started container {name} ({})", service.addr()),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Writes one host's certificates, config and deployed binaries; its old state is removed (a fresh demo).
+/// With `containers`, the workers' files are in their image: only their data directory is made.
 pub(super) fn prepare_host(
     layout: &DemoLayout,
     host: &DemoHost,
     controller_tls: &Path,
     originals: &[(ServiceRole, PathBuf)],
+    containers: bool,
 ) -> anyhow::Result<()> {
     for stale in [host.state_dir(), host.deploy_root()] {
         if stale.exists() {
@@ -301,6 +374,12 @@ pub(super) fn prepare_host(
         .with_context(|| format!("cannot copy the CA certificate to {}", tls_dir.display()))?;
 
     for service in &host.services {
+        if containers && service.role == ServiceRole::Worker {
+            let data = host.dir.join("container-data");
+            std::fs::create_dir_all(&data)
+                .with_context(|| format!("cannot create {}", data.display()))?;
+            continue;
+        }
         let binary = service.binary();
         let bin_dir = binary
             .parent()
@@ -320,7 +399,7 @@ pub(super) fn prepare_host(
             )
         })?;
     }
-    let config = render::agent_config(layout, host)?;
+    let config = render::agent_config(layout, host, containers)?;
     std::fs::write(host.config_path(), config)
         .with_context(|| format!("cannot write {}", host.config_path().display()))?;
     Ok(())
@@ -529,9 +608,24 @@ pub(super) fn print_up_summary(
     layout: &DemoLayout,
     bins: &DemoBinaries,
     dir_flag: &str,
+    containers: bool,
     took: Duration,
 ) {
     let worker_package = layout.original_package(ServiceRole::Worker);
+    let container_names: Vec<String> = if containers {
+        layout
+            .hosts
+            .iter()
+            .flat_map(|host| {
+                host.services
+                    .iter()
+                    .filter(|service| service.role == ServiceRole::Worker)
+                    .map(|service| containers::container_name(&layout.dir, host, service))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let hotfix_binary = layout.dir.join("hotfix").join("demo-worker");
     let hotfix_package = layout
         .packages_dir()
@@ -553,6 +647,7 @@ pub(super) fn print_up_summary(
                         "demo-worker": worker_package,
                     },
                     "seconds": took.as_secs_f64(),
+                    "containers": container_names,
                 })
             );
         }
@@ -574,13 +669,18 @@ pub(super) fn print_up_summary(
                 took.as_secs_f64(),
                 count - masters
             );
-            for service in layout.services() {
-                outln!(
-                    "  {:<10} {:<16} {}",
-                    service.name,
-                    service.addr(),
-                    service.deploy_dir.display()
-                );
+            for host in &layout.hosts {
+                for service in &host.services {
+                    let place = if containers && service.role == ServiceRole::Worker {
+                        format!(
+                            "container {}",
+                            containers::container_name(&layout.dir, host, service)
+                        )
+                    } else {
+                        service.deploy_dir.display().to_string()
+                    };
+                    outln!("  {:<10} {:<16} {place}", service.name, service.addr());
+                }
             }
             outln!(
                 "files: {} (topology.yaml, packages/, logs/)",
@@ -589,6 +689,42 @@ pub(super) fn print_up_summary(
             outln!();
             outln!("next:");
             outln!("  patchctl display {CLUSTER_NAME}");
+            if containers {
+                let context = containers::context_dir(&layout.dir);
+                let image_package = layout
+                    .packages_dir()
+                    .join("demo-worker-v1.0.1-hotfix-image.tar.gz");
+                outln!(
+                    "  docker ps --filter label={}={}",
+                    containers::DEMO_LABEL,
+                    layout.dir.display()
+                );
+                outln!(
+                    "  # build a hotfix image of the worker and roll it out, container by container, through the master's API:"
+                );
+                outln!(
+                    "  {} stamp --version v1.0.1-hotfix -o {}",
+                    bins.worker.display(),
+                    context.join("rootfs").join("demo-worker").display()
+                );
+                outln!(
+                    "  docker build -t {}:v1.0.1-hotfix {}",
+                    containers::IMAGE_REPOSITORY,
+                    context.display()
+                );
+                outln!(
+                    "  patchctl package build --image {}:v1.0.1-hotfix -o {}",
+                    containers::IMAGE_REPOSITORY,
+                    image_package.display()
+                );
+                outln!(
+                    "  patchctl patch {CLUSTER_NAME} {} -R demo-worker",
+                    image_package.display()
+                );
+                outln!("  patchctl display {CLUSTER_NAME}");
+                outln!("  patchctl demo down{dir_flag}");
+                return;
+            }
             outln!(
                 "  # build a hotfix of the worker and roll it out, worker by worker, through the master's API:"
             );
