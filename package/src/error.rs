@@ -321,6 +321,12 @@ pub enum PackageError {
     /// `build` was given an unusable replacement or addition.
     #[error("{path}: {detail}")]
     BadReplacement { path: String, detail: String },
+
+    /// A path or link target with an invisible Unicode format character (U+202E, zero-width…) or not in NFC.
+    #[error(
+        "entry {entry:?}: {detail}; rename the file (NFC, no format characters) and rebuild the package"
+    )]
+    UnsafeUnicode { entry: String, detail: String },
 }
 
 fn similar_hint(similar: &[String]) -> String {

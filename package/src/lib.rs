@@ -23,6 +23,7 @@ mod elf;
 mod error;
 pub mod manifest;
 mod paths;
+pub mod signing;
 mod unpack;
 mod walk;
 
