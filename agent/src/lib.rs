@@ -7,6 +7,7 @@ pub mod info;
 pub mod server;
 pub mod status;
 pub mod transfer;
+pub mod trust;
 pub mod upload_receiver;
 
 use crate::apply_rpc::ApplyService;

@@ -60,9 +60,20 @@ impl AgentRpc {
         service: &str,
         digest: &str,
     ) -> Result<v1::StageResponse, tonic::Status> {
+        self.stage_signed(service, digest, Vec::new())
+    }
+
+    /// Stage with the texts of minisign signature files.
+    pub fn stage_signed(
+        &mut self,
+        service: &str,
+        digest: &str,
+        signatures: Vec<String>,
+    ) -> Result<v1::StageResponse, tonic::Status> {
         let request = v1::StageRequest {
             service: service.into(),
             digest: digest.into(),
+            signatures,
         };
         let client = &mut self.client;
         self.runtime
@@ -82,6 +93,7 @@ impl AgentRpc {
             digest: digest.into(),
             patch_id: patch_id.into(),
             offline,
+            signatures: Vec::new(),
         };
         let client = &mut self.client;
         self.runtime

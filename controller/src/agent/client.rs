@@ -61,6 +61,9 @@ pub enum AgentClientError {
         "agent {addr} accepted the upload but does not report the blob complete: push again to resume"
     )]
     Incomplete { addr: String },
+    /// The signature files beside the package cannot be read.
+    #[error("package signature: {0}")]
+    Signature(#[from] patchd_package::signing::SignatureError),
 }
 
 impl AgentClientError {
@@ -156,6 +159,9 @@ pub struct PreparedBlob {
     modified: Option<SystemTime>,
     /// Time spent reading and hashing the file.
     pub prepare_elapsed: Duration,
+    /// Texts of the minisign signature files beside the package (`<package>.minisig`, `<package>.*.minisig`),
+    /// sent with Stage and Apply; agents that trust keys refuse the package without enough valid ones.
+    pub signatures: Arc<Vec<String>>,
 }
 
 impl PreparedBlob {
@@ -197,6 +203,7 @@ impl PreparedBlob {
             .ok_or_else(|| AgentClientError::FileChanged {
                 path: path.to_path_buf(),
             })?;
+        let signatures = patchd_package::signing::read_signatures(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             digest,
@@ -205,6 +212,7 @@ impl PreparedBlob {
             chunk_hashes: Arc::new(hashes),
             modified: meta.modified().ok(),
             prepare_elapsed: started.elapsed(),
+            signatures: Arc::new(signatures),
         })
     }
 

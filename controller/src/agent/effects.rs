@@ -106,7 +106,7 @@ impl RolloutEffects for LiveEffects {
             })
             .await
             .map_err(client_error)?;
-        ops::stage(client.raw(), &node.service, &blob.digest)
+        ops::stage(client.raw(), &node.service, &blob.digest, &blob.signatures)
             .await
             .map_err(|status| {
                 CallError::Refused(format!("Stage: {:?}: {}", status.code(), status.message()))
@@ -134,6 +134,10 @@ impl RolloutEffects for LiveEffects {
         let mut client = self.connect(node).await?;
         let answer = match &call.action {
             Action::Patch { digest, offline } => {
+                let signatures = self
+                    .blob
+                    .as_ref()
+                    .map_or(&[][..], |blob| blob.signatures.as_slice());
                 tokio::time::timeout(
                     APPLY_CALL_TIMEOUT,
                     ops::apply(
@@ -142,6 +146,7 @@ impl RolloutEffects for LiveEffects {
                         digest,
                         &call.patch_id,
                         *offline,
+                        signatures,
                     ),
                 )
                 .await

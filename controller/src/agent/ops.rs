@@ -216,15 +216,17 @@ fn code_name(code: tonic::Code) -> String {
     format!("{code:?}")
 }
 
-/// `Stage`: unpack a held blob for `service`.
+/// `Stage`: unpack a held blob for `service`; `signatures` are the package's minisign signature texts.
 pub async fn stage(
     rpc: &mut AgentRpc,
     service: &str,
     digest: &TreeDigest,
+    signatures: &[String],
 ) -> Result<StageInfo, tonic::Status> {
     let request = v1::StageRequest {
         service: service.to_string(),
         digest: digest.to_string(),
+        signatures: signatures.to_vec(),
     };
     let response = rpc.stage(request).await?.into_inner();
     let manifest = response.manifest.unwrap_or_default();
@@ -236,19 +238,21 @@ pub async fn stage(
     })
 }
 
-/// `Apply` with `patch_id` as the idempotency key.
+/// `Apply` with `patch_id` as the idempotency key; `signatures` as for [`stage`].
 pub async fn apply(
     rpc: &mut AgentRpc,
     service: &str,
     digest: &TreeDigest,
     patch_id: &str,
     offline: bool,
+    signatures: &[String],
 ) -> Result<NodeApplyResult, CallError> {
     let request = v1::ApplyRequest {
         service: service.to_string(),
         digest: digest.to_string(),
         patch_id: patch_id.to_string(),
         offline,
+        signatures: signatures.to_vec(),
     };
     let response = rpc
         .apply(request)
