@@ -105,7 +105,7 @@ mod tests {
         let keys = generate_keys().unwrap();
         let secret = dir.path().join("k.key");
         std::fs::write(&secret, &keys.secret_file).unwrap();
-        let signature = sign_file(&blob, &secret).unwrap();
+        let signature = sign_file(&blob, &secret).unwrap().text;
         let trust = PackageTrust::new(
             TrustPolicy::new(vec![TrustedKey::parse(&keys.public_key).unwrap()], 1),
             dir.path(),

@@ -167,9 +167,18 @@ pub fn generate_keys() -> Result<GeneratedKeys, SignatureError> {
     })
 }
 
-/// Signs the bytes of `package` with the unencrypted minisign secret key in `secret_key_file`; returns the text of
-/// the `.minisig` file. The trusted comment names the file and the time, as `minisign -S` writes it.
-pub fn sign_file(package: &Path, secret_key_file: &Path) -> Result<String, SignatureError> {
+/// A signature made by [`sign_file`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// The key that signed.
+    pub key_id: KeyId,
+    /// The text of the `.minisig` file.
+    pub text: String,
+}
+
+/// Signs the bytes of `package` with the unencrypted minisign secret key in `secret_key_file`. The trusted comment
+/// names the file and the time, as `minisign -S` writes it.
+pub fn sign_file(package: &Path, secret_key_file: &Path) -> Result<Signed, SignatureError> {
     let text =
         std::fs::read_to_string(secret_key_file).map_err(io_error("read", secret_key_file))?;
     let bad_key = |detail: String| SignatureError::BadSecretKey {
@@ -205,7 +214,10 @@ pub fn sign_file(package: &Path, secret_key_file: &Path) -> Result<String, Signa
         path: package.to_path_buf(),
         detail: error.to_string(),
     })?;
-    Ok(signature.into_string())
+    Ok(Signed {
+        key_id,
+        text: signature.into_string(),
+    })
 }
 
 /// The signature files beside `package`: `<package>.minisig` first, then `<package>.<name>.minisig` in name order.
@@ -419,8 +431,10 @@ mod tests {
         std::fs::write(&package, b"package bytes").unwrap();
         let a = signer(dir.path(), "a");
         let b = signer(dir.path(), "b");
-        let by_a = sign_file(&package, &a.secret).unwrap();
-        let by_b = sign_file(&package, &b.secret).unwrap();
+        let signed = sign_file(&package, &a.secret).unwrap();
+        assert_eq!(signed.key_id, a.keys.key_id);
+        let by_a = signed.text;
+        let by_b = sign_file(&package, &b.secret).unwrap().text;
         assert!(by_a.contains("file:p.tar.gz"), "{by_a}");
 
         let trust_a = policy(&[&a], 1);
@@ -470,8 +484,8 @@ mod tests {
         std::fs::write(&package, b"bytes").unwrap();
         let a = signer(dir.path(), "a");
         let b = signer(dir.path(), "b");
-        let by_a = sign_file(&package, &a.secret).unwrap();
-        let by_b = sign_file(&package, &b.secret).unwrap();
+        let by_a = sign_file(&package, &a.secret).unwrap().text;
+        let by_b = sign_file(&package, &b.secret).unwrap().text;
         let two_of_two = policy(&[&a, &b], 2);
         assert!(matches!(
             two_of_two.verify_file(&package, &[by_a.clone(), by_a.clone()]),
