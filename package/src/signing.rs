@@ -6,6 +6,8 @@
 //! for a k-of-n policy go beside it as `<package>.<anything>.minisig`. Keys are ed25519 in minisign's key files:
 //! the public key is the `RW…` base64 line of `<name>.pub`, the secret key file is kept unencrypted (mode 0600),
 //! and belongs on a signing host, not on the controller host. Legacy (non-prehashed) signatures are refused.
+//! The `minisign` tool signs with these secret keys too; its own unencrypted (`-W`) secret keys carry a checksum
+//! the minisign crate does not read, so those sign with `minisign -S` (signatures and public keys interoperate).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -52,8 +54,8 @@ pub enum SignatureError {
     BadPublicKey { key: String, detail: String },
     /// A secret key file that cannot be used.
     #[error(
-        "{}: not an unencrypted minisign secret key ({detail}); use a key made by `patchctl key generate` \
-         (or `minisign -G -W`)",
+        "{}: not a secret key `patchctl package sign` can use ({detail}); use a key made by `patchctl key \
+         generate`, or sign with `minisign -Sm PKG -s KEY` (its PKG.minisig is accepted as well)",
         path.display()
     )]
     BadSecretKey { path: PathBuf, detail: String },

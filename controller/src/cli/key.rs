@@ -17,7 +17,7 @@ enum Command {
     ///
     /// Run this on the host that signs releases, not on the controller host: whoever holds the secret key can
     /// sign packages every agent that trusts the public key will install. The secret key file is written mode
-    /// 0600 and unencrypted (like `minisign -G -W`); keep it offline or in a secrets store. Put the public key
+    /// 0600 and unencrypted (`minisign -S -s NAME.key` signs with it too); keep it offline or in a secrets store. Put the public key
     /// (the `RW…` line, or the .pub file) in each agent's patchd.toml under `[trust] keys`.
     Generate(GenerateArgs),
 }

@@ -36,7 +36,7 @@ enum Command {
 struct SignArgs {
     /// The package to sign.
     package: PathBuf,
-    /// The secret key file (from `patchctl key generate`, or an unencrypted `minisign -G -W` key).
+    /// The secret key file (from `patchctl key generate`; with a key of `minisign -G`, sign with `minisign -S`).
     #[arg(long, value_name = "SECRET_KEY")]
     key: PathBuf,
     /// Where to write the signature (default: PKG.minisig; use PKG.<name>.minisig for a second signer).
