@@ -18,3 +18,4 @@ pub mod signals;
 pub mod store;
 pub mod tls_files;
 pub mod topology;
+pub mod untrusted;

@@ -8,6 +8,7 @@
 //! to. Mapping runs on a blocking thread feeding a bounded channel: memory stays flat whatever the package size.
 
 use crate::tls_files::ControllerTls;
+use crate::untrusted::escaped;
 use bytes::Bytes;
 use futures::StreamExt;
 use patchd_package::digest::{
@@ -104,7 +105,7 @@ fn rpc_error(addr: &str, call: &'static str, status: &Status) -> AgentClientErro
         addr: addr.to_string(),
         call,
         code: status.code(),
-        detail,
+        detail: escaped(&detail),
     }
 }
 
@@ -371,18 +372,18 @@ impl AgentClient {
             .into_inner();
         Ok(AgentInfo {
             agent: self.addr.clone(),
-            agent_version: info.agent_version,
+            agent_version: escaped(&info.agent_version),
             protocol_version: info.protocol_version,
-            hostname: info.hostname,
-            os: info.os,
-            arch: info.arch,
+            hostname: escaped(&info.hostname),
+            os: escaped(&info.os),
+            arch: escaped(&info.arch),
             cpu_count: info.cpu_count,
             memory_total_bytes: info.memory_total_bytes,
             memory_available_bytes: info.memory_available_bytes,
             state_dir_free_bytes: info.state_dir_free_bytes,
             host_uptime_seconds: info.host_uptime_seconds,
             agent_uptime_seconds: info.agent_uptime_seconds,
-            services: info.services,
+            services: info.services.iter().map(|name| escaped(name)).collect(),
         })
     }
 

@@ -10,6 +10,7 @@ use crate::executor::{
 use crate::hooks::ClusterHooks;
 use crate::tls_files::ControllerTls;
 use crate::topology::{Node, Topology};
+use crate::untrusted::escaped;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,7 +83,9 @@ impl RolloutEffects for LiveEffects {
         let mut client = self.connect(node).await?;
         let services = ops::status(client.raw(), Some(&node.service))
             .await
-            .map_err(|status| CallError::Refused(format!("Status: {}", status.message())))?;
+            .map_err(|status| {
+                CallError::Refused(format!("Status: {}", escaped(status.message())))
+            })?;
         let Some(service) = services
             .into_iter()
             .find(|service| service.name == node.service)
@@ -109,7 +112,11 @@ impl RolloutEffects for LiveEffects {
         ops::stage(client.raw(), &node.service, &blob.digest, &blob.signatures)
             .await
             .map_err(|status| {
-                CallError::Refused(format!("Stage: {:?}: {}", status.code(), status.message()))
+                CallError::Refused(format!(
+                    "Stage: {:?}: {}",
+                    status.code(),
+                    escaped(status.message())
+                ))
             })?;
         Ok(StageReport {
             already_running: false,
@@ -121,7 +128,17 @@ impl RolloutEffects for LiveEffects {
         let node = self
             .node(node_ref)
             .map_err(|error| HookFailure::Failed(error.to_string()))?;
-        self.hooks.run(node, hook).await
+        // A hook's failure quotes the cluster API's answer: service text, escaped before the store and terminal.
+        self.hooks
+            .run(node, hook)
+            .await
+            .map_err(|failure| match failure {
+                HookFailure::Timeout { waited, last } => HookFailure::Timeout {
+                    waited,
+                    last: escaped(&last),
+                },
+                HookFailure::Failed(message) => HookFailure::Failed(escaped(&message)),
+            })
     }
 
     async fn apply(
