@@ -441,7 +441,9 @@ mod tests {
 
         let trust_a = policy(&[&a], 1);
         assert_eq!(
-            trust_a.verify_file(&package, &[by_a.clone()]).unwrap(),
+            trust_a
+                .verify_file(&package, std::slice::from_ref(&by_a))
+                .unwrap(),
             vec![a.keys.key_id]
         );
         // An extra signature by an unknown key does not hurt.
