@@ -88,12 +88,24 @@ impl AgentRpc {
         patch_id: &str,
         offline: bool,
     ) -> Result<v1::ApplyResponse, tonic::Status> {
+        self.apply_signed(service, digest, patch_id, offline, Vec::new())
+    }
+
+    /// Apply with the texts of minisign signature files.
+    pub fn apply_signed(
+        &mut self,
+        service: &str,
+        digest: &str,
+        patch_id: &str,
+        offline: bool,
+        signatures: Vec<String>,
+    ) -> Result<v1::ApplyResponse, tonic::Status> {
         let request = v1::ApplyRequest {
             service: service.into(),
             digest: digest.into(),
             patch_id: patch_id.into(),
             offline,
-            signatures: Vec::new(),
+            signatures,
         };
         let client = &mut self.client;
         self.runtime

@@ -287,3 +287,87 @@ fn a_service_printing_an_osc_sequence_shows_escaped_in_patch_and_display_output(
     );
     assert!(shown.contains("set-\\x1b]0;pwned\\x07"), "{shown}");
 }
+
+#[test]
+fn apply_of_a_package_staged_before_keys_were_trusted_needs_a_trusted_signature_whatever_the_controller_says()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let (key_a, secret_a) = generate_key(dir.path(), &keys, "a");
+    let (_, secret_b) = generate_key(dir.path(), &keys, "b");
+    let mut cluster = ClusterFixture::start(
+        dir.path(),
+        FixtureOptions {
+            workers: 2,
+            first_host: 81,
+            ..Default::default()
+        },
+    );
+    let package = cluster.worker_package("v1.0.1-hotfix", "ok");
+    let digest = patchd_package::digest::tree_digest_file(
+        &package,
+        patchd_package::digest::DEFAULT_CHUNK_SIZE,
+    )
+    .unwrap();
+    let worker = cluster.node("worker-1").clone();
+    let before = cluster.version_of("worker-1").unwrap();
+
+    // Staged while the agent trusted no key.
+    let addr = cluster.agent("worker-1").unwrap().addr;
+    cluster.patchctl_ok(&[
+        "agent",
+        "push",
+        &addr.to_string(),
+        package.to_str().unwrap(),
+    ]);
+    let mut rpc = patchd_e2e::apply_support::AgentRpc::connect(&cluster.pki, addr);
+    rpc.stage("demo-worker", &digest).unwrap();
+    drop(rpc);
+
+    // Now it trusts key A: a controller calling Apply straight away, unsigned or signed by B, is refused.
+    let agent = cluster.agent("worker-1").unwrap();
+    let config = agent.config_path().to_path_buf();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("\n[trust]\nkeys = [\"{key_a}\"]\n"));
+    std::fs::write(&config, text).unwrap();
+    agent.restart();
+    let addr = agent.addr;
+    let mut rpc = patchd_e2e::apply_support::AgentRpc::connect(&cluster.pki, addr);
+    let refused = rpc
+        .apply("demo-worker", &digest, "p-unsigned", false)
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("not signed"), "{refused:?}");
+
+    sign(&cluster, &package, &secret_b);
+    let by_b = std::fs::read_to_string(signature_of(&package)).unwrap();
+    let refused = rpc
+        .apply_signed("demo-worker", &digest, "p-by-b", false, vec![by_b])
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let now = cluster.version_of("worker-1").unwrap();
+    assert_eq!(
+        (now.version.as_str(), now.pid),
+        (ORIGINAL_VERSION, before.pid)
+    );
+
+    // With A's signature it applies.
+    sign(&cluster, &package, &secret_a);
+    let by_a = std::fs::read_to_string(signature_of(&package)).unwrap();
+    let applied = rpc
+        .apply_signed("demo-worker", &digest, "p-by-a", false, vec![by_a])
+        .unwrap();
+    assert_eq!(
+        applied.outcome,
+        patchd_e2e::apply_support::v1::ApplyOutcome::Committed as i32,
+        "{applied:?}"
+    );
+    assert_eq!(
+        cluster.version_of(&worker.name).unwrap().version,
+        "v1.0.1-hotfix"
+    );
+}
