@@ -269,6 +269,12 @@ pub fn read_signatures(package: &Path) -> Result<Vec<String>, SignatureError> {
         .collect()
 }
 
+/// The key id a signature text names, `None` when it is not a minisign signature.
+pub fn signature_key_id(text: &str) -> Option<KeyId> {
+    let signature = minisign::SignatureBox::from_string(text).ok()?;
+    KeyId::from_slice(signature.keynum())
+}
+
 /// A minisign public key: the `RW…` base64 line, or the text of a `.pub` file (comment line, then the key).
 #[derive(Clone)]
 pub struct TrustedKey {
@@ -438,6 +444,8 @@ mod tests {
         let by_a = signed.text;
         let by_b = sign_file(&package, &b.secret).unwrap().text;
         assert!(by_a.contains("file:p.tar.gz"), "{by_a}");
+        assert_eq!(signature_key_id(&by_a), Some(a.keys.key_id));
+        assert_eq!(signature_key_id("junk"), None);
 
         let trust_a = policy(&[&a], 1);
         assert_eq!(

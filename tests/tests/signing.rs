@@ -195,6 +195,11 @@ fn agents_trusting_key_a_refuse_other_unsigned_and_altered_packages_and_install_
         "-y",
     ]);
     assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("Signed by key {id_a}")),
+        "the plan header names the signer: {}",
+        output_text(&out)
+    );
     for (result, _) in worker_results(&cluster, &out.stdout) {
         assert_eq!(result, "patched", "{}", output_text(&out));
     }
