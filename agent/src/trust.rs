@@ -83,7 +83,9 @@ fn refusal(digest: &str, error: SignatureError) -> Status {
     tracing::warn!(%digest, %error, "package signature refused");
     match error {
         SignatureError::Unsigned { .. } => Status::failed_precondition(message),
-        SignatureError::Malformed { .. } => Status::invalid_argument(message),
+        SignatureError::Malformed { .. } | SignatureError::TooMany { .. } => {
+            Status::invalid_argument(message)
+        }
         SignatureError::Io { .. } => Status::internal(message),
         _ => Status::permission_denied(message),
     }

@@ -20,6 +20,9 @@ pub const SIGNATURE_SUFFIX: &str = ".minisig";
 /// Largest signature file read (a minisign signature is about 300 bytes; comments make it longer).
 pub const MAX_SIGNATURE_BYTES: u64 = 16 * 1024;
 
+/// Most signatures checked for one package: each one by a trusted key reads the whole package.
+pub const MAX_SIGNATURES: usize = 16;
+
 /// A minisign key id: 8 bytes, shown as minisign shows it (16 upper-case hex digits of the little-endian number).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct KeyId([u8; 8]);
@@ -68,6 +71,12 @@ pub enum SignatureError {
          or `minisign -S`"
     )]
     Malformed { index: usize, detail: String },
+    /// More signatures than [`MAX_SIGNATURES`].
+    #[error(
+        "{count} signatures came with the package, over the limit of {limit}; keep only the signatures of the \
+         trusted keys beside the package"
+    )]
+    TooMany { count: usize, limit: usize },
     /// A legacy (non-prehashed) minisign signature.
     #[error(
         "signature {index} (key {key}) is a legacy minisign signature, which is refused; sign again with \
@@ -339,8 +348,9 @@ impl TrustPolicy {
     }
 
     /// Checks `signatures` (texts of `.minisig` files) against the bytes of `package`; returns the trusted keys whose
-    /// signatures verified. Every signature by a trusted key must verify; signatures by other keys are ignored as
-    /// long as enough trusted ones are valid. A policy with no key accepts anything (and returns no key).
+    /// signatures verified. A trusted key's first signature must verify (later ones by the same key are skipped);
+    /// signatures by other keys are ignored as long as enough trusted ones are valid. A policy with no key accepts
+    /// anything (and returns no key).
     pub fn verify_file(
         &self,
         package: &Path,
@@ -352,6 +362,12 @@ impl TrustPolicy {
         if signatures.iter().all(|text| text.trim().is_empty()) {
             return Err(SignatureError::Unsigned {
                 trusted: self.key_ids(),
+            });
+        }
+        if signatures.len() > MAX_SIGNATURES {
+            return Err(SignatureError::TooMany {
+                count: signatures.len(),
+                limit: MAX_SIGNATURES,
             });
         }
         let mut valid = BTreeSet::new();
@@ -373,6 +389,10 @@ impl TrustPolicy {
                 untrusted.insert(id);
                 continue;
             };
+            if valid.contains(&id) {
+                // A second signature by a key already counted adds nothing: not worth reading the package again.
+                continue;
+            }
             if !signature.is_prehashed() {
                 return Err(SignatureError::Legacy { index, key: id });
             }
@@ -480,6 +500,10 @@ mod tests {
         assert!(matches!(
             trust_a.verify_file(&package, &["not a signature".to_string()]),
             Err(SignatureError::Malformed { index: 1, .. })
+        ));
+        assert!(matches!(
+            trust_a.verify_file(&package, &vec![String::from("x"); MAX_SIGNATURES + 1]),
+            Err(SignatureError::TooMany { .. })
         ));
         // No key: nothing enforced.
         assert!(
