@@ -5,6 +5,7 @@
 //! fill the server runtime's blocking pool (hashing, disk writes) can never delay an apply's steps or probation.
 
 use crate::config::Config;
+use crate::trust::PackageTrust;
 use patchd_apply::backend::RunState;
 use patchd_apply::{
     ApplyCommand, ApplyError, ApplyResult, Engine, EngineConfig, ErrorKind, HistoryEntry, Outcome,
@@ -68,12 +69,21 @@ impl Drop for ApplyRuntime {
 pub struct ApplyService {
     engine: Engine,
     runtime: Arc<ApplyRuntime>,
+    trust: Arc<PackageTrust>,
 }
 
 impl ApplyService {
     /// Starts the engine for the agent config: checks the services, recovers every interrupted apply (each
     /// service ends all-old or all-new) and makes sure agent-supervised services run. Call before serving.
     pub async fn start(config: &Config) -> Result<Self, ApplyError> {
+        let policy = config.trust.policy().map_err(|problems| {
+            let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            ApplyError::Internal(format!(
+                "[trust] cannot be used: {}; fix patchd.toml (`patchd validate` lists every problem)",
+                listed.join("; ")
+            ))
+        })?;
+        let trust = Arc::new(PackageTrust::new(policy, &config.state_dir));
         let runtime =
             Arc::new(ApplyRuntime::new().map_err(|e| {
                 ApplyError::Internal(format!("cannot start the apply runtime: {e}"))
@@ -97,7 +107,32 @@ impl ApplyService {
             .run(Engine::start(engine_config))
             .await
             .map_err(|status| ApplyError::Internal(status.message().to_string()))??;
-        Ok(Self { engine, runtime })
+        Ok(Self {
+            engine,
+            runtime,
+            trust,
+        })
+    }
+
+    /// The signing gate (see [`crate::trust`]), on the apply runtime's blocking threads: it reads the whole blob.
+    async fn check_signatures(
+        &self,
+        digest: &str,
+        signatures: Vec<String>,
+        fresh: bool,
+    ) -> Result<(), Status> {
+        if !self.trust.is_enforced() {
+            return Ok(());
+        }
+        let trust = Arc::clone(&self.trust);
+        let digest = digest.to_string();
+        self.runtime
+            .run(async move {
+                tokio::task::spawn_blocking(move || trust.check(&digest, &signatures, fresh))
+                    .await
+                    .map_err(|e| Status::internal(format!("signature check failed: {e}")))?
+            })
+            .await?
     }
 
     /// The engine behind the RPCs.
@@ -113,7 +148,9 @@ impl ApplyService {
             .await
     }
 
-    pub async fn stage(&self, req: v1::StageRequest) -> Result<v1::StageResponse, Status> {
+    pub async fn stage(&self, mut req: v1::StageRequest) -> Result<v1::StageResponse, Status> {
+        self.check_signatures(&req.digest, std::mem::take(&mut req.signatures), true)
+            .await?;
         let engine = self.engine.clone();
         let staged = self
             .runtime
@@ -144,6 +181,8 @@ impl ApplyService {
     }
 
     pub async fn apply(&self, req: v1::ApplyRequest) -> Result<v1::ApplyResponse, Status> {
+        self.check_signatures(&req.digest, req.signatures, false)
+            .await?;
         let command = ApplyCommand {
             service: req.service,
             digest: req.digest,

@@ -3,6 +3,7 @@
 
 use patchd_apply::layout::StateLayout;
 use patchd_apply::spec::{BackendKind, ServiceSpec};
+use patchd_package::signing::{TrustPolicy, TrustedKey};
 use patchd_tls::{Role, TlsFiles, TlsMaterial};
 use serde::Deserialize;
 use std::collections::BTreeSet;
@@ -34,6 +35,75 @@ pub struct Config {
     /// Managed services (`[[service]]`).
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceSpec>,
+    #[serde(default)]
+    pub trust: TrustSection,
+}
+
+/// `[trust]`: the minisign public keys whose signatures packages must carry before this agent stages them,
+/// whatever the controller says. No key: packages are not checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustSection {
+    /// Each a minisign public key: the `RW…` base64 line, or the absolute path of a minisign `.pub` file.
+    pub keys: Vec<String>,
+    /// How many distinct trusted keys must have signed a package (k of n), 1 to the number of keys.
+    pub threshold: u32,
+}
+
+impl Default for TrustSection {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            threshold: 1,
+        }
+    }
+}
+
+impl TrustSection {
+    /// The signing policy: every key parsed (files read); `Err` lists each problem under its key.
+    pub fn policy(&self) -> Result<TrustPolicy, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut keys: Vec<TrustedKey> = Vec::new();
+        for (i, entry) in self.keys.iter().enumerate() {
+            let key = format!("trust.keys[{i}]");
+            let parsed = if entry.starts_with('/') {
+                std::fs::read_to_string(entry)
+                    .map_err(|e| format!("cannot read the public key file {entry}: {e}"))
+                    .and_then(|text| TrustedKey::parse(&text).map_err(|e| e.to_string()))
+            } else {
+                TrustedKey::parse(entry).map_err(|e| e.to_string())
+            };
+            match parsed {
+                Ok(parsed) if keys.iter().any(|known| known.id() == parsed.id()) => {
+                    problems.push(Problem {
+                        key,
+                        message: format!(
+                            "key {} is listed twice: list each key once (the threshold counts distinct keys)",
+                            parsed.id()
+                        ),
+                    });
+                }
+                Ok(parsed) => keys.push(parsed),
+                Err(message) => problems.push(Problem { key, message }),
+            }
+        }
+        let threshold = usize::try_from(self.threshold).unwrap_or(usize::MAX);
+        if threshold == 0 || (!self.keys.is_empty() && threshold > self.keys.len()) {
+            problems.push(Problem {
+                key: "trust.threshold".into(),
+                message: format!(
+                    "is {threshold} but must be between 1 and the number of keys ({}): a package can never \
+                     carry more valid signatures than there are trusted keys",
+                    self.keys.len().max(1)
+                ),
+            });
+        }
+        if problems.is_empty() {
+            Ok(TrustPolicy::new(keys, threshold))
+        } else {
+            Err(problems)
+        }
+    }
 }
 
 /// `[tls]`: the agent's identity and the cluster CA that issues controller certificates.
@@ -399,6 +469,10 @@ impl Config {
                     message: "is too short: use at least \"1s\"".into(),
                 });
             }
+        }
+
+        if let Err(trust_problems) = self.trust.policy() {
+            problems.extend(trust_problems);
         }
 
         let mut names = BTreeSet::new();
@@ -780,5 +854,45 @@ mod tests {
         assert!(!is_under_any(Path::new("/opt/demo"), &roots));
         assert!(!is_under_any(Path::new("/opt/demo2/w"), &roots));
         assert!(!is_under_any(Path::new("/opt/demo/../etc"), &roots));
+    }
+
+    #[test]
+    fn trust_keys_parse_from_lines_and_files_and_the_threshold_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse(Path::new("x.toml"), &base(dir.path())).unwrap();
+        assert!(!config.trust.policy().unwrap().is_enforced());
+
+        let a = patchd_package::signing::generate_keys().unwrap();
+        let b = patchd_package::signing::generate_keys().unwrap();
+        let b_file = dir.path().join("b.pub");
+        std::fs::write(&b_file, &b.public_file).unwrap();
+        let text = format!(
+            "{}[trust]\nkeys = [\"{}\", \"{}\"]\nthreshold = 2\n",
+            base(dir.path()),
+            a.public_key,
+            b_file.display()
+        );
+        let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+        let policy = config.trust.policy().unwrap();
+        assert_eq!(policy.key_ids(), vec![a.key_id, b.key_id]);
+        assert!(!problems_with_prefix(&config.validate(), "trust."));
+
+        let text = format!(
+            "{}[trust]\nkeys = [\"{}\", \"RWnot-a-key\", \"{}\"]\nthreshold = 4\n",
+            base(dir.path()),
+            a.public_key,
+            a.public_key
+        );
+        let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+        let all = format_problems(&config.validate());
+        assert!(
+            all.contains("trust.keys[1]: `RWnot-a-key` is not a minisign public key"),
+            "{all}"
+        );
+        assert!(
+            all.contains("trust.keys[2]: key") && all.contains("listed twice"),
+            "{all}"
+        );
+        assert!(all.contains("trust.threshold: is 4"), "{all}");
     }
 }

@@ -8,6 +8,7 @@ pub mod lease;
 pub mod server;
 pub mod status;
 pub mod transfer;
+pub mod trust;
 pub mod upload_receiver;
 
 use crate::apply_rpc::ApplyService;

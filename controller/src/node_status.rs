@@ -7,6 +7,7 @@ use crate::agent::ops::{self, RunState, ServiceInfo};
 use crate::hooks::{ClusterHooks, value_text};
 use crate::tls_files::ControllerTls;
 use crate::topology::{HookSpec, Node};
+use crate::untrusted::escaped;
 use futures::future::join_all;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -49,7 +50,9 @@ impl AgentProbe for LiveAgentProbe {
         let info = client.info().await.map_err(|e| e.to_string())?;
         let services = ops::status(client.raw(), Some(&node.service))
             .await
-            .map_err(|status| format!("Status: {:?}: {}", status.code(), status.message()))?;
+            .map_err(|status| {
+                format!("Status: {:?}: {}", status.code(), escaped(status.message()))
+            })?;
         Ok(AgentView {
             os_arch: format!("{}/{}", info.os, info.arch),
             service: services
@@ -248,7 +251,7 @@ fn build_row(node: &Node, probed: Probed, leader: bool, patched: bool) -> NodeSt
         problems.push(error.clone());
     }
     let member_state = match probed.member_state {
-        Some(Ok(state)) => Some(state),
+        Some(Ok(state)) => Some(escaped(&state)),
         Some(Err(error)) => {
             problems.push(error);
             None
@@ -292,7 +295,8 @@ fn build_row(node: &Node, probed: Probed, leader: bool, patched: bool) -> NodeSt
             .map_or_else(|| "-".to_string(), ServiceInfo::version_label),
         leader,
         service,
-        problems,
+        // Problems quote agents and cluster APIs (errors, answers): escaped like all such text.
+        problems: problems.iter().map(|problem| escaped(problem)).collect(),
     }
 }
 

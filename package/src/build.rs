@@ -464,6 +464,9 @@ fn scan_tree(
         if name.chars().any(char::is_control) {
             return Err(PackageError::ControlCharacter { entry: path });
         }
+        if let Some(problem) = crate::paths::unicode_problem(&name) {
+            return Err(crate::paths::unicode_error(path, problem));
+        }
         let at = root.join(&path);
         let meta =
             fs::symlink_metadata(&at).map_err(|e| PackageError::io("cannot stat", &at, e))?;

@@ -407,6 +407,11 @@ pub enum PackageError {
         found: String,
         expected: String,
     },
+    /// A path or link target with an invisible Unicode format character (U+202E, zero-width…) or not in NFC.
+    #[error(
+        "entry {entry:?}: {detail}; rename the file (NFC, no format characters) and rebuild the package"
+    )]
+    UnsafeUnicode { entry: String, detail: String },
 }
 
 fn similar_hint(similar: &[String]) -> String {

@@ -24,6 +24,7 @@ mod error;
 mod image;
 pub mod manifest;
 mod paths;
+pub mod signing;
 mod unpack;
 mod walk;
 

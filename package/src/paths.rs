@@ -1,4 +1,8 @@
-//! Entry path rules: relative, no `..`, no control characters, normalised to `a/b/c` (no `./`, no trailing `/`).
+//! Entry path rules: relative, no `..`, no control characters, no invisible Unicode format characters, in Unicode
+//! NFC, normalised to `a/b/c` (no `./`, no trailing `/`).
+
+use unicode_normalization::{IsNormalized, is_nfc_quick};
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 /// Why a raw entry path was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -10,6 +14,61 @@ pub(crate) enum PathProblem {
     Root,
     /// Longer than the kernel's PATH_MAX: it could not be created, and deep paths would cost quadratic memory.
     TooLong,
+    /// An invisible Unicode format character (bidi override U+202E, zero-width space…) or line/paragraph separator:
+    /// the name would display as something it is not.
+    FormatCharacter(char),
+    /// Not in Unicode NFC: a look-alike of another spelling of the same name.
+    NotNfc,
+}
+
+/// The first character of `text` that displays as something else or nothing: Unicode format characters (`Cf`:
+/// bidi controls, zero-width characters, BOM…) and line/paragraph separators.
+pub(crate) fn first_format_character(text: &str) -> Option<char> {
+    text.chars().find(|c| {
+        matches!(
+            c.general_category(),
+            GeneralCategory::Format
+                | GeneralCategory::LineSeparator
+                | GeneralCategory::ParagraphSeparator
+        )
+    })
+}
+
+/// The Unicode rule `text` (a path or link target) breaks, if any: a format character, or a spelling not in NFC.
+pub(crate) fn unicode_problem(text: &str) -> Option<PathProblem> {
+    if let Some(found) = first_format_character(text) {
+        Some(PathProblem::FormatCharacter(found))
+    } else if !is_nfc(text) {
+        Some(PathProblem::NotNfc)
+    } else {
+        None
+    }
+}
+
+/// The error of a path or link target that breaks a Unicode rule ([`PathProblem::FormatCharacter`], `NotNfc`).
+pub(crate) fn unicode_error(entry: String, problem: PathProblem) -> crate::PackageError {
+    use unicode_normalization::UnicodeNormalization;
+    let detail = match problem {
+        PathProblem::FormatCharacter(found) => format!(
+            "it holds the invisible Unicode format character U+{:04X}, which makes a name display as \
+             something it is not",
+            u32::from(found)
+        ),
+        _ => format!(
+            "it is not in Unicode normalization form C (NFC), so it looks like `{}` but is spelled differently",
+            entry.nfc().collect::<String>()
+        ),
+    };
+    crate::PackageError::UnsafeUnicode { entry, detail }
+}
+
+/// True when `text` is in Unicode Normalization Form C (what macOS and most editors do not guarantee).
+pub(crate) fn is_nfc(text: &str) -> bool {
+    match is_nfc_quick(text.chars()) {
+        IsNormalized::Yes => true,
+        IsNormalized::No => false,
+        IsNormalized::Maybe => unicode_normalization::is_nfc(text),
+    }
 }
 
 /// Longest entry path or link target accepted, in bytes (Linux `PATH_MAX` less the terminating NUL).
@@ -25,6 +84,9 @@ pub(crate) fn normalize_entry_path(raw: &str) -> Result<String, PathProblem> {
     }
     if raw.chars().any(char::is_control) {
         return Err(PathProblem::Control);
+    }
+    if let Some(problem) = unicode_problem(raw) {
+        return Err(problem);
     }
     let mut parts = Vec::new();
     for part in raw.split('/') {
@@ -105,6 +167,21 @@ mod tests {
         assert_eq!(normalize_entry_path("a/../../b"), Err(PathProblem::Parent));
         assert_eq!(normalize_entry_path("a/b\nc"), Err(PathProblem::Control));
         assert_eq!(normalize_entry_path("./"), Err(PathProblem::Root));
+        assert_eq!(
+            normalize_entry_path("c/evil\u{202e}fdp.exe"),
+            Err(PathProblem::FormatCharacter('\u{202e}'))
+        );
+        assert_eq!(
+            normalize_entry_path("c/bin\u{200b}/x"),
+            Err(PathProblem::FormatCharacter('\u{200b}'))
+        );
+        // `é` as e + combining acute (NFD) is refused; the precomposed NFC spelling is fine.
+        assert_eq!(
+            normalize_entry_path("c/cafe\u{301}"),
+            Err(PathProblem::NotNfc)
+        );
+        assert_eq!(normalize_entry_path("c/caf\u{e9}").unwrap(), "c/caf\u{e9}");
+        assert_eq!(normalize_entry_path("c/日本語").unwrap(), "c/日本語");
         assert_eq!(
             normalize_entry_path(&"a/".repeat(3000)),
             Err(PathProblem::TooLong)

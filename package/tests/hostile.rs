@@ -398,6 +398,30 @@ fn cases(abs_target: &str) -> Vec<Case> {
             |e| matches!(e, PackageError::ControlCharacter { .. }),
         ),
         case(
+            "bidi override (U+202E) in a path",
+            good().file("demo/invoice\u{202e}fdp.sh", b"x").gz(),
+            "U+202E",
+            |e| matches!(e, PackageError::UnsafeUnicode { .. }),
+        ),
+        case(
+            "zero-width space in a directory name",
+            good().file("demo/bin\u{200b}/x", b"x").gz(),
+            "U+200B",
+            |e| matches!(e, PackageError::UnsafeUnicode { .. }),
+        ),
+        case(
+            "path not in NFC (decomposed e + combining acute)",
+            good().file("demo/cafe\u{301}", b"x").gz(),
+            "NFC",
+            |e| matches!(e, PackageError::UnsafeUnicode { .. }),
+        ),
+        case(
+            "symlink target with a zero-width joiner",
+            good().symlink("demo/link", "x\u{200d}").gz(),
+            "U+200D",
+            |e| matches!(e, PackageError::UnsafeUnicode { .. }),
+        ),
+        case(
             "setuid binary",
             good().file_mode("demo/suid", 0o4755, b"x").gz(),
             "demo/suid",

@@ -406,3 +406,18 @@ fn pack_dir_round_trips() {
     .unwrap();
     verify_tree(&tmp.path().join("d"), &manifest).unwrap();
 }
+
+#[test]
+fn pack_dir_refuses_names_with_format_characters_or_not_in_nfc() {
+    for name in ["invoice\u{202e}fdp.sh", "cafe\u{301}.conf"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = release_tree(tmp.path());
+        write(&dir.join(name), b"x", 0o644);
+        let err = pack_dir(&dir, "v9", &tmp.path().join("p.tar.gz")).unwrap_err();
+        assert!(
+            matches!(err, PackageError::UnsafeUnicode { .. }),
+            "{name:?}: {err}"
+        );
+        assert!(!tmp.path().join("p.tar.gz").exists(), "nothing written");
+    }
+}

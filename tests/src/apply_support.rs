@@ -60,9 +60,20 @@ impl AgentRpc {
         service: &str,
         digest: &str,
     ) -> Result<v1::StageResponse, tonic::Status> {
+        self.stage_signed(service, digest, Vec::new())
+    }
+
+    /// Stage with the texts of minisign signature files.
+    pub fn stage_signed(
+        &mut self,
+        service: &str,
+        digest: &str,
+        signatures: Vec<String>,
+    ) -> Result<v1::StageResponse, tonic::Status> {
         let request = v1::StageRequest {
             service: service.into(),
             digest: digest.into(),
+            signatures,
         };
         let client = &mut self.client;
         self.runtime
@@ -77,7 +88,7 @@ impl AgentRpc {
         patch_id: &str,
         offline: bool,
     ) -> Result<v1::ApplyResponse, tonic::Status> {
-        self.apply_leased(service, digest, patch_id, offline, None)
+        self.apply_with(service, digest, patch_id, offline, None, Vec::new())
     }
 
     /// [`Self::apply`] carrying a lease ticket `(rollout id, holder)`.
@@ -89,6 +100,31 @@ impl AgentRpc {
         offline: bool,
         lease: Option<(&str, &str)>,
     ) -> Result<v1::ApplyResponse, tonic::Status> {
+        self.apply_with(service, digest, patch_id, offline, lease, Vec::new())
+    }
+
+    /// Apply with the texts of minisign signature files.
+    pub fn apply_signed(
+        &mut self,
+        service: &str,
+        digest: &str,
+        patch_id: &str,
+        offline: bool,
+        signatures: Vec<String>,
+    ) -> Result<v1::ApplyResponse, tonic::Status> {
+        self.apply_with(service, digest, patch_id, offline, None, signatures)
+    }
+
+    /// Apply with an optional lease ticket `(rollout id, holder)` and signature texts.
+    pub fn apply_with(
+        &mut self,
+        service: &str,
+        digest: &str,
+        patch_id: &str,
+        offline: bool,
+        lease: Option<(&str, &str)>,
+        signatures: Vec<String>,
+    ) -> Result<v1::ApplyResponse, tonic::Status> {
         let request = v1::ApplyRequest {
             service: service.into(),
             digest: digest.into(),
@@ -98,6 +134,7 @@ impl AgentRpc {
                 rollout_id: rollout_id.into(),
                 holder: holder.into(),
             }),
+            signatures,
         };
         let client = &mut self.client;
         self.runtime

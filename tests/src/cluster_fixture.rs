@@ -41,6 +41,8 @@ pub struct FixtureOptions {
     pub min_healthy: Duration,
     /// Fake tasks handed to workers by the master.
     pub tasks: usize,
+    /// Raw TOML appended to every agent's patchd.toml (e.g. a `[trust]` section).
+    pub agent_extra: String,
 }
 
 impl Default for FixtureOptions {
@@ -52,6 +54,7 @@ impl Default for FixtureOptions {
             first_host: 1,
             min_healthy: Duration::from_millis(500),
             tasks: 2,
+            agent_extra: String::new(),
         }
     }
 }
@@ -371,6 +374,7 @@ impl ClusterFixture {
                 .listen(&format!("{}:0", node.host))
                 .deploy_roots(&[&node.agent_dir.join("deploy")])
                 .extra(&service)
+                .extra(&options.agent_extra)
                 .write();
             agents.push(Some(AgentProcess::start(&config)));
         }

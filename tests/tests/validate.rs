@@ -251,3 +251,26 @@ fn run_refuses_a_bad_config_without_serving() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("patchd listening"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not under any deploy root"));
 }
+
+#[test]
+fn trust_keys_that_do_not_parse_and_an_unreachable_threshold_are_named() {
+    let f = fixture();
+    let missing = f.dir.path().join("missing.pub");
+    let config = f
+        .config("trust")
+        .extra(&format!(
+            "[trust]\nkeys = [\"RWnot-a-minisign-key\", \"{}\"]\nthreshold = 3\n",
+            missing.display()
+        ))
+        .write();
+    assert_invalid(
+        &config,
+        &[
+            "trust.keys[0]",
+            "not a minisign public key",
+            "trust.keys[1]",
+            "missing.pub",
+            "trust.threshold",
+        ],
+    );
+}

@@ -8,6 +8,7 @@
 //! to. Mapping runs on a blocking thread feeding a bounded channel: memory stays flat whatever the package size.
 
 use crate::tls_files::ControllerTls;
+use crate::untrusted::escaped;
 use bytes::Bytes;
 use futures::StreamExt;
 use patchd_package::digest::{
@@ -61,6 +62,9 @@ pub enum AgentClientError {
         "agent {addr} accepted the upload but does not report the blob complete: push again to resume"
     )]
     Incomplete { addr: String },
+    /// The signature files beside the package cannot be read.
+    #[error("package signature: {0}")]
+    Signature(#[from] patchd_package::signing::SignatureError),
 }
 
 impl AgentClientError {
@@ -101,7 +105,7 @@ fn rpc_error(addr: &str, call: &'static str, status: &Status) -> AgentClientErro
         addr: addr.to_string(),
         call,
         code: status.code(),
-        detail,
+        detail: escaped(&detail),
     }
 }
 
@@ -156,6 +160,9 @@ pub struct PreparedBlob {
     modified: Option<SystemTime>,
     /// Time spent reading and hashing the file.
     pub prepare_elapsed: Duration,
+    /// Texts of the minisign signature files beside the package (`<package>.minisig`, `<package>.*.minisig`),
+    /// sent with Stage and Apply; agents that trust keys refuse the package without enough valid ones.
+    pub signatures: Arc<Vec<String>>,
 }
 
 impl PreparedBlob {
@@ -197,6 +204,7 @@ impl PreparedBlob {
             .ok_or_else(|| AgentClientError::FileChanged {
                 path: path.to_path_buf(),
             })?;
+        let signatures = patchd_package::signing::read_signatures(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             digest,
@@ -205,6 +213,7 @@ impl PreparedBlob {
             chunk_hashes: Arc::new(hashes),
             modified: meta.modified().ok(),
             prepare_elapsed: started.elapsed(),
+            signatures: Arc::new(signatures),
         })
     }
 
@@ -363,18 +372,18 @@ impl AgentClient {
             .into_inner();
         Ok(AgentInfo {
             agent: self.addr.clone(),
-            agent_version: info.agent_version,
+            agent_version: escaped(&info.agent_version),
             protocol_version: info.protocol_version,
-            hostname: info.hostname,
-            os: info.os,
-            arch: info.arch,
+            hostname: escaped(&info.hostname),
+            os: escaped(&info.os),
+            arch: escaped(&info.arch),
             cpu_count: info.cpu_count,
             memory_total_bytes: info.memory_total_bytes,
             memory_available_bytes: info.memory_available_bytes,
             state_dir_free_bytes: info.state_dir_free_bytes,
             host_uptime_seconds: info.host_uptime_seconds,
             agent_uptime_seconds: info.agent_uptime_seconds,
-            services: info.services,
+            services: info.services.iter().map(|name| escaped(name)).collect(),
         })
     }
 

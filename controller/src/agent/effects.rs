@@ -11,6 +11,7 @@ use crate::executor::{
 use crate::hooks::ClusterHooks;
 use crate::tls_files::ControllerTls;
 use crate::topology::{Node, Topology};
+use crate::untrusted::escaped;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,7 +88,9 @@ impl RolloutEffects for LiveEffects {
         let mut client = self.connect(node).await?;
         let services = ops::status(client.raw(), Some(&node.service))
             .await
-            .map_err(|status| CallError::Refused(format!("Status: {}", status.message())))?;
+            .map_err(|status| {
+                CallError::Refused(format!("Status: {}", escaped(status.message())))
+            })?;
         let Some(service) = services
             .into_iter()
             .find(|service| service.name == node.service)
@@ -111,10 +114,14 @@ impl RolloutEffects for LiveEffects {
             })
             .await
             .map_err(client_error)?;
-        ops::stage(client.raw(), &node.service, &blob.digest)
+        ops::stage(client.raw(), &node.service, &blob.digest, &blob.signatures)
             .await
             .map_err(|status| {
-                CallError::Refused(format!("Stage: {:?}: {}", status.code(), status.message()))
+                CallError::Refused(format!(
+                    "Stage: {:?}: {}",
+                    status.code(),
+                    escaped(status.message())
+                ))
             })?;
         Ok(StageReport {
             already_running: false,
@@ -126,7 +133,17 @@ impl RolloutEffects for LiveEffects {
         let node = self
             .node(node_ref)
             .map_err(|error| HookFailure::Failed(error.to_string()))?;
-        self.hooks.run(node, hook).await
+        // A hook's failure quotes the cluster API's answer: service text, escaped before the store and terminal.
+        self.hooks
+            .run(node, hook)
+            .await
+            .map_err(|failure| match failure {
+                HookFailure::Timeout { waited, last } => HookFailure::Timeout {
+                    waited,
+                    last: escaped(&last),
+                },
+                HookFailure::Failed(message) => HookFailure::Failed(escaped(&message)),
+            })
     }
 
     async fn apply(
@@ -139,6 +156,10 @@ impl RolloutEffects for LiveEffects {
         let mut client = self.connect(node).await?;
         let answer = match &call.action {
             Action::Patch { digest, offline } => {
+                let signatures = self
+                    .blob
+                    .as_ref()
+                    .map_or(&[][..], |blob| blob.signatures.as_slice());
                 tokio::time::timeout(
                     APPLY_CALL_TIMEOUT,
                     ops::apply(
@@ -148,6 +169,7 @@ impl RolloutEffects for LiveEffects {
                         &call.patch_id,
                         *offline,
                         Some(self.leases.ticket()),
+                        signatures,
                     ),
                 )
                 .await

@@ -2,6 +2,7 @@
 //! converted into controller domain types at this boundary (generated types do not leak further).
 
 use crate::executor::{ApplyOutcome, CallError, NodeApplyResult};
+use crate::untrusted::escaped;
 use patchd_package::digest::TreeDigest;
 use patchd_proto::v1;
 use std::time::Duration;
@@ -150,10 +151,10 @@ fn outcome_from_wire(value: i32) -> Option<ApplyOutcome> {
 fn patch_record(wire: v1::AppliedPatch) -> Option<PatchRecord> {
     Some(PatchRecord {
         outcome: outcome_from_wire(wire.outcome)?,
-        patch_id: wire.patch_id,
-        digest: wire.digest,
-        version: wire.version,
-        reason: wire.reason,
+        patch_id: escaped(&wire.patch_id),
+        digest: escaped(&wire.digest),
+        version: escaped(&wire.version),
+        reason: escaped(&wire.reason),
         finished_unix: wire.finished_unix,
     })
 }
@@ -166,21 +167,26 @@ fn service_info(wire: v1::ServiceStatus) -> ServiceInfo {
         Ok(v1::ServiceState::Starting) => RunState::Starting,
         _ => RunState::Unknown,
     };
+    // Everything here is text from the agent: escaped once, at this boundary (`crate::untrusted`).
     ServiceInfo {
-        name: wire.name,
-        component: wire.component,
+        name: escaped(&wire.name),
+        component: escaped(&wire.component),
         state,
         pid: wire.pid,
         uptime_seconds: wire.uptime_seconds,
-        binary_sha256: wire.binary_sha256,
-        version: wire.version,
-        deploy_dir: wire.deploy_dir,
+        binary_sha256: escaped(&wire.binary_sha256),
+        version: escaped(&wire.version),
+        deploy_dir: escaped(&wire.deploy_dir),
         last: wire.last.and_then(patch_record),
         apply_in_flight: wire.apply_in_flight,
         history: wire.history.into_iter().filter_map(patch_record).collect(),
-        quarantine: wire.quarantine,
-        quarantined_backups: wire.quarantined_backups,
-        image: wire.image,
+        quarantine: escaped(&wire.quarantine),
+        quarantined_backups: wire
+            .quarantined_backups
+            .iter()
+            .map(|path| escaped(path))
+            .collect(),
+        image: escaped(&wire.image),
     }
 }
 
@@ -188,10 +194,10 @@ fn apply_result(wire: v1::ApplyResponse) -> Result<NodeApplyResult, CallError> {
     let outcome = outcome_from_wire(wire.outcome).ok_or_else(|| {
         CallError::Refused(format!(
             "the agent answered without an outcome (patch {})",
-            wire.patch_id
+            escaped(&wire.patch_id)
         ))
     })?;
-    let mut reason = wire.reason;
+    let mut reason = escaped(&wire.reason);
     // The service's own last words explain a failed start; the agent's `--- patchd …` markers do not.
     let tail: Vec<&str> = wire
         .log_tail
@@ -201,7 +207,7 @@ fn apply_result(wire: v1::ApplyResponse) -> Result<NodeApplyResult, CallError> {
         .collect();
     if outcome != ApplyOutcome::Committed && !tail.is_empty() {
         let last = &tail[tail.len().saturating_sub(2)..];
-        reason = format!("{reason} (service output: {})", last.join(" | "));
+        reason = format!("{reason} (service output: {})", escaped(&last.join(" | ")));
     }
     Ok(NodeApplyResult {
         outcome,
@@ -215,7 +221,11 @@ fn apply_result(wire: v1::ApplyResponse) -> Result<NodeApplyResult, CallError> {
 /// unknown service, …) changed nothing; transport-level codes leave the outcome unknown.
 pub fn classify(status: &tonic::Status) -> CallError {
     use tonic::Code;
-    let text = format!("{}: {}", code_name(status.code()), status.message());
+    let text = format!(
+        "{}: {}",
+        code_name(status.code()),
+        escaped(status.message())
+    );
     match status.code() {
         Code::Unavailable
         | Code::Unknown
@@ -231,22 +241,24 @@ fn code_name(code: tonic::Code) -> String {
     format!("{code:?}")
 }
 
-/// `Stage`: unpack a held blob for `service`.
+/// `Stage`: unpack a held blob for `service`; `signatures` are the package's minisign signature texts.
 pub async fn stage(
     rpc: &mut AgentRpc,
     service: &str,
     digest: &TreeDigest,
+    signatures: &[String],
 ) -> Result<StageInfo, tonic::Status> {
     let request = v1::StageRequest {
         service: service.to_string(),
         digest: digest.to_string(),
+        signatures: signatures.to_vec(),
     };
     let response = rpc.stage(request).await?.into_inner();
     let manifest = response.manifest.unwrap_or_default();
     Ok(StageInfo {
-        digest: response.digest,
-        component: manifest.component,
-        version: manifest.version,
+        digest: escaped(&response.digest),
+        component: escaped(&manifest.component),
+        version: escaped(&manifest.version),
         already_staged: response.already_staged,
     })
 }
@@ -316,7 +328,8 @@ pub async fn release_lease(
     Ok(())
 }
 
-/// `Apply` with `patch_id` as the idempotency key, under the rollout's lease when it has one.
+/// `Apply` with `patch_id` as the idempotency key, under the rollout's lease when it has one; `signatures` as
+/// for [`stage`].
 pub async fn apply(
     rpc: &mut AgentRpc,
     service: &str,
@@ -324,6 +337,7 @@ pub async fn apply(
     patch_id: &str,
     offline: bool,
     lease: Option<&LeaseTicket>,
+    signatures: &[String],
 ) -> Result<NodeApplyResult, CallError> {
     let request = v1::ApplyRequest {
         service: service.to_string(),
@@ -331,6 +345,7 @@ pub async fn apply(
         patch_id: patch_id.to_string(),
         offline,
         lease: lease.map(LeaseTicket::to_wire),
+        signatures: signatures.to_vec(),
     };
     let response = rpc
         .apply(request)
@@ -409,6 +424,45 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(apply_result(missing), Err(CallError::Refused(_))));
+    }
+
+    #[test]
+    fn agent_and_service_text_arrives_escaped() {
+        let wire = v1::ApplyResponse {
+            patch_id: "p".into(),
+            outcome: v1::ApplyOutcome::Reverted as i32,
+            reason: "exited\x1b[2J".into(),
+            log_tail: vec!["\x1b]8;;https://evil.example\x07click\x1b]8;;\x07".into()],
+            ..Default::default()
+        };
+        let result = apply_result(wire).unwrap();
+        assert!(!result.reason.contains('\x1b'), "{}", result.reason);
+        assert_eq!(
+            result.reason,
+            "exited\\x1b[2J (service output: \\x1b]8;;https://evil.example\\x07click\\x1b]8;;\\x07)"
+        );
+        let info = service_info(v1::ServiceStatus {
+            name: "svc".into(),
+            version: "v1\u{202e}1v".into(),
+            quarantine: "journal\x1b]0;owned\x07".into(),
+            quarantined_backups: vec!["/q/\x1b[31mred".into()],
+            last: Some(v1::AppliedPatch {
+                outcome: v1::ApplyOutcome::Failed as i32,
+                reason: "bad\x07".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(info.version, "v1\\u{202e}1v");
+        assert_eq!(info.quarantine, "journal\\x1b]0;owned\\x07");
+        assert_eq!(info.quarantined_backups, ["/q/\\x1b[31mred"]);
+        assert_eq!(info.last.unwrap().reason, "bad\\x07");
+        let CallError::Refused(text) =
+            classify(&tonic::Status::permission_denied("no\x1b]0;x\x07"))
+        else {
+            panic!("a refusal");
+        };
+        assert_eq!(text, "PermissionDenied: no\\x1b]0;x\\x07");
     }
 
     #[test]

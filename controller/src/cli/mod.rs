@@ -13,6 +13,7 @@ mod cert;
 mod cluster;
 mod demo;
 mod display;
+mod key;
 mod package;
 mod patch;
 mod rollback;
@@ -47,7 +48,7 @@ pub enum Command {
     Cert(cert::Args),
     /// Talk to one agent directly (info, push): building blocks and debugging.
     Agent(agent::Args),
-    /// Build and inspect hotfix packages.
+    /// Build, inspect and sign hotfix packages.
     Package(package::Args),
     /// Register and list clusters (topology files).
     Cluster(cluster::Args),
@@ -63,6 +64,8 @@ pub enum Command {
     Audit(audit::Args),
     /// Run a local demo cluster on loopback (DEMO ONLY).
     Demo(demo::Args),
+    /// Package-signing keys (ed25519, minisign's format), meant to live off the controller host.
+    Key(key::Args),
 }
 
 /// What every command gets besides its own arguments.
@@ -89,6 +92,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Rollback(a) => rollback::run(&ctx, a).await,
         Command::Audit(a) => audit::run(&ctx, a).await,
         Command::Demo(a) => demo::run(&ctx, a).await,
+        Command::Key(a) => key::run(&ctx, a).await,
     }
 }
 

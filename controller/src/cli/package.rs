@@ -29,6 +29,24 @@ enum Command {
     Build(BuildArgs),
     /// Check a package against every rule and print its manifest and digests.
     Inspect(InspectArgs),
+    /// Sign a package (after checking it against every rule): writes PKG.minisig beside it, in minisign's format.
+    ///
+    /// `minisign -Vm PKG -p KEY.pub` verifies the result; `patchctl patch` sends PKG.minisig (and any
+    /// PKG.<name>.minisig, for agents that require several keys) with the package. Run it where the secret key
+    /// lives, not on the controller host.
+    Sign(SignArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SignArgs {
+    /// The package to sign.
+    package: PathBuf,
+    /// The secret key file (from `patchctl key generate`; with a key of `minisign -G`, sign with `minisign -S`).
+    #[arg(long, value_name = "SECRET_KEY")]
+    key: PathBuf,
+    /// Where to write the signature (default: PKG.minisig; use PKG.<name>.minisig for a second signer).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,7 +115,54 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     match args.command {
         Command::Build(build) => run_build(ctx, build).await,
         Command::Inspect(inspect) => run_inspect(ctx, inspect).await,
+        Command::Sign(sign) => run_sign(ctx, sign).await,
     }
+}
+
+async fn run_sign(ctx: &Ctx, args: SignArgs) -> anyhow::Result<u8> {
+    let output = args.output.clone().unwrap_or_else(|| {
+        let mut name = args.package.clone().into_os_string();
+        name.push(patchd_package::signing::SIGNATURE_SUFFIX);
+        PathBuf::from(name)
+    });
+    let package = args.package.clone();
+    let key = args.key.clone();
+    let (info, signed) = tokio::task::spawn_blocking(move || {
+        // A signature vouches for the package: never sign one an agent would refuse anyway.
+        let info = patchd_package::inspect_expecting(
+            &package,
+            &Limits::default(),
+            &Expectations::default(),
+        )
+        .with_context(|| format!("package {} refused, not signed", package.display()))?;
+        let signed = patchd_package::signing::sign_file(&package, &key)?;
+        anyhow::Ok((info, signed))
+    })
+    .await
+    .context("the signing task panicked")??;
+    patchd_tls::write_file_atomic(&output, signed.text.as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    let key_id = signed.key_id;
+    match ctx.format {
+        Format::Json => outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "package": args.package,
+                "signature": output,
+                "key_id": key_id.to_string(),
+                "component": info.manifest.component,
+                "version": info.manifest.version,
+            }))?
+        ),
+        Format::Text => outln!(
+            "Signed {} ({} {}) with key {key_id}: {}",
+            args.package.display(),
+            info.manifest.component,
+            info.manifest.version,
+            output.display()
+        ),
+    }
+    Ok(patchctl::exit::OK)
 }
 
 /// What `--format json` prints: the package info plus where it is.

@@ -113,7 +113,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     check_platform(&plan, &observed, &info.manifest)?;
 
     let header = format!(
-        "Patch cluster `{}` with {} {} ({}, {} bytes, digest {}){}",
+        "Patch cluster `{}` with {} {} ({}, {} bytes, digest {}){}\n{}",
         args.cluster,
         component,
         info.manifest.version,
@@ -124,7 +124,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
             " --offline: files only, no hooks, no restarts"
         } else {
             ""
-        }
+        },
+        signature_line(&blob.signatures)
     );
     if let Some(code) = args.rollout.review(ctx, &header, &plan).await? {
         return Ok(code);
@@ -250,6 +251,25 @@ fn check_platform(
         );
     }
     Ok(())
+}
+
+/// Who signed the package (the signature files beside it), so the operator knows before agents that trust keys
+/// refuse it.
+fn signature_line(signatures: &[String]) -> String {
+    if signatures.is_empty() {
+        return "Unsigned (no PKG.minisig): agents with [trust] keys refuse it; sign it with `patchctl package sign`"
+            .to_string();
+    }
+    let signers: Vec<String> = signatures
+        .iter()
+        .map(|text| {
+            patchd_package::signing::signature_key_id(text).map_or_else(
+                || "an unreadable signature".to_string(),
+                |id| format!("key {id}"),
+            )
+        })
+        .collect();
+    format!("Signed by {}", signers.join(", "))
 }
 
 #[cfg(test)]

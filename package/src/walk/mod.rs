@@ -14,6 +14,7 @@ use crate::elf::{ELF_SNIFF_BYTES, detect_elf_target, target_label};
 use crate::manifest::{FileEntry, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, SymlinkEntry};
 use crate::paths::{
     MAX_PATH_BYTES, PathProblem, is_within, normalize_entry_path, resolve_symlink, top_component,
+    unicode_error, unicode_problem,
 };
 use crate::{Expectations, Limits, PackageError};
 use ring::digest::{Context, SHA256};
@@ -264,6 +265,9 @@ impl<'a> Walker<'a> {
             Err(PathProblem::Parent) => return Err(PackageError::ParentComponent { entry: raw }),
             Err(PathProblem::Control) => return Err(PackageError::ControlCharacter { entry: raw }),
             Err(PathProblem::TooLong) => return Err(too_long(&raw)),
+            Err(problem @ (PathProblem::FormatCharacter(_) | PathProblem::NotNfc)) => {
+                return Err(unicode_error(raw, problem));
+            }
             // `./` (what `tar czf x.tar.gz .` writes first) is the archive root itself.
             Err(PathProblem::Root) if kind.is_dir() => return Ok(()),
             Err(PathProblem::Root) => return Err(PackageError::EntryAtRoot { entry: raw }),
@@ -404,6 +408,9 @@ impl<'a> Walker<'a> {
             return Err(PackageError::ControlCharacter {
                 entry: format!("{path} -> {target}"),
             });
+        }
+        if let Some(problem) = unicode_problem(&target) {
+            return Err(unicode_error(format!("{path} -> {target}"), problem));
         }
         let inside = !target.is_empty()
             && !target.starts_with('/')
