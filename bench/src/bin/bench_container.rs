@@ -187,11 +187,9 @@ fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut hand_loads = Vec::new();
     let mut patchd_loads = Vec::new();
-    let mut back = 0;
     for run in 0..load_runs {
         // Back to a small image, so the big one is used by no container and can be removed before each load.
-        let back_digest = if back % 2 == 0 { &digest_a } else { &digest_b };
-        back += 1;
+        let back_digest = if run % 2 == 0 { &digest_a } else { &digest_b };
         rpc.apply(SERVICE, back_digest, &format!("back-{run}"), false)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         rig.docker.remove_image(&big);
