@@ -598,3 +598,42 @@ async fn a_crash_at_every_step_recovers_to_the_old_container_under_its_name() {
         assert!(host.journal().current.unwrap().phase.is_final());
     }
 }
+
+#[tokio::test]
+async fn an_engine_that_does_not_answer_refuses_the_apply_naming_its_socket() {
+    let host = DockerHost::new();
+    let (digest, _) = host.package("v2");
+    let socket = host.dir.path().join("no-docker.sock");
+    let effects = Effects {
+        clock: Arc::new(FakeClock {
+            base: Instant::now(),
+            offset: Mutex::new(Duration::ZERO),
+        }),
+        probe: Arc::new(ContainerProbe {
+            engine: host.engine.clone(),
+        }),
+        faults: host.faults.clone(),
+    };
+    let absent = socket.clone();
+    let factory: BackendFactory = Box::new(move |spec: &ServiceSpec, _state: &Path| {
+        let engine = crate::container::bollard_engine::BollardEngine::new(&absent);
+        Ok(Arc::new(DockerBackend::new(spec, Arc::new(engine))?) as Arc<dyn ServiceBackend>)
+    });
+    let config = EngineConfig {
+        state_dir: host.state.clone(),
+        deploy_roots: vec![],
+        services: vec![host.spec()],
+        keep_backups: 3,
+        package_limits: patchd_package::Limits::default(),
+        cache_min_age: crate::prune::DEFAULT_CACHE_MIN_AGE,
+    };
+    let engine = Engine::start_with(config, effects, factory).await.unwrap();
+    engine.stage("oms", &digest).await.unwrap();
+    let err = engine.apply(apply_cmd(&digest, "p1")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(
+        err.to_string().contains(&socket.display().to_string()),
+        "{err}"
+    );
+    assert!(host.journal().current.is_none(), "nothing was journaled");
+}
