@@ -637,3 +637,31 @@ async fn an_engine_that_does_not_answer_refuses_the_apply_naming_its_socket() {
     );
     assert!(host.journal().current.is_none(), "nothing was journaled");
 }
+
+#[tokio::test]
+async fn an_archive_that_is_not_the_manifests_image_is_refused_before_loading() {
+    let host = DockerHost::new();
+    let engine = host.engine().await.unwrap();
+    let (digest, image) = host.package("v2");
+    engine.stage("oms", &digest).await.unwrap();
+    // The staged manifest now names another image than the archive holds.
+    let manifest_path = crate::stage::StagedPaths::new(&host.state, &digest).manifest();
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let other = format!("sha256:{}", "e".repeat(64));
+    std::fs::write(&manifest_path, text.replace(&image, &other)).unwrap();
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Failed,
+        "{:?}",
+        report.result
+    );
+    assert!(
+        report.result.reason.contains("refused before loading"),
+        "{}",
+        report.result.reason
+    );
+    assert_eq!(host.docker().loads, 0, "nothing was loaded");
+    let (id, _) = host.one_running();
+    assert_eq!(id, host.original_id);
+}
