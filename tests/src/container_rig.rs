@@ -176,7 +176,8 @@ impl ContainerRig {
 
     /// Every container of this test, by name.
     pub fn containers(&self) -> Vec<String> {
-        self.docker.containers_named(self.docker.prefix())
+        self.docker
+            .containers_named(&format!("{}-", self.docker.prefix()))
     }
 
     /// Exactly one container of the test exists, under the service's name, running: none is left renamed aside.

@@ -269,7 +269,8 @@ impl DockerTest {
 
 impl Drop for DockerTest {
     fn drop(&mut self) {
-        for name in self.containers_named(&self.prefix.clone()) {
+        // `<prefix>-`: a test whose pid extends this one's (123 and 1234) keeps its containers.
+        for name in self.containers_named(&format!("{}-", self.prefix)) {
             self.remove_container(&name);
         }
         let images = std::mem::take(&mut *self.images.lock().unwrap_or_else(|e| e.into_inner()));

@@ -102,3 +102,46 @@ fn a_new_image_whose_entrypoint_exits_1_is_reverted_and_the_original_container_r
     assert_eq!(now.image.as_deref(), Some(rig.original_image.as_str()));
     rig.wait_serving("v1.0.0");
 }
+
+#[test]
+fn an_offline_apply_recreates_a_stopped_container_without_starting_it() {
+    use patchd_e2e::apply_support::{outcome, push, v1};
+    use patchd_e2e::container_rig::SERVICE;
+    let rig = ContainerRig::start("ct-offline", RigOptions::default());
+    let before = rig.current();
+    let (package, new_image) = rig.image_package("v1.0.1-hotfix", "ok");
+    let digest = push(&rig.pki, &rig.agent.addr_string(), &package);
+    let mut rpc = rig.rpc();
+    rpc.stage(SERVICE, &digest).unwrap();
+
+    // A running container is refused: an offline apply never starts or stops anything.
+    let refused = rpc.apply(SERVICE, &digest, "offline-1", true).unwrap();
+    assert_eq!(outcome(&refused), v1::ApplyOutcome::Failed, "{refused:?}");
+    assert!(refused.reason.contains("docker stop"), "{}", refused.reason);
+    assert_eq!(rig.assert_one_running().id, before.id);
+
+    let stopped = std::process::Command::new("docker")
+        .args(["stop", &rig.container])
+        .output()
+        .unwrap();
+    assert!(stopped.status.success(), "{stopped:?}");
+    let applied = rpc.apply(SERVICE, &digest, "offline-2", true).unwrap();
+    assert_eq!(
+        outcome(&applied),
+        v1::ApplyOutcome::OfflineSwapped,
+        "{applied:?}"
+    );
+    assert_eq!(
+        rig.containers(),
+        vec![rig.container.clone()],
+        "nothing left aside"
+    );
+    let now = rig.current();
+    assert_eq!(now.image.as_deref(), Some(new_image.as_str()));
+    assert_eq!(
+        now.state.clone().unwrap_or_default().running,
+        Some(false),
+        "not started"
+    );
+    assert_eq!(carried_config(&now), carried_config(&before));
+}

@@ -220,3 +220,23 @@ impl ContainerEngine for BollardEngine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_engine_that_does_not_answer_is_named_by_its_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("docker.sock");
+        let engine = BollardEngine::new(&socket);
+        let err = engine.inspect_container("oms").await.unwrap_err();
+        assert!(matches!(err, ContainerError::Unreachable { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("unix://{}", socket.display()))
+                && text.contains("docker_socket"),
+            "{text}"
+        );
+    }
+}

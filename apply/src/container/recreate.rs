@@ -73,3 +73,71 @@ pub fn new_container_body(
 pub fn env_key(entry: &str) -> &str {
     entry.split_once('=').map_or(entry, |(key, _)| key)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::models::{ContainerConfig, HostConfig};
+
+    fn old() -> ContainerInspectResponse {
+        ContainerInspectResponse {
+            id: Some("abcdef0123456789".into()),
+            config: Some(ContainerConfig {
+                hostname: Some("abcdef012345".into()),
+                env: Some(vec!["PATH=/bin".into(), "IS_UPGRADE=false".into()]),
+                cmd: Some(vec!["serve".into()]),
+                entrypoint: Some(vec!["/app".into()]),
+                user: Some("admin".into()),
+                working_dir: Some("/home/admin".into()),
+                ..Default::default()
+            }),
+            host_config: Some(HostConfig {
+                privileged: Some(true),
+                network_mode: Some("host".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_old_configuration_is_carried_over_with_env_add_on_top() {
+        let env_add = vec!["IS_UPGRADE=true".to_string(), "NEW=1".to_string()];
+        let body = new_container_body(
+            &old(),
+            &Recreate {
+                image: "sha256:new",
+                env_add: &env_add,
+                use_image_defaults: false,
+            },
+        );
+        assert_eq!(body.image.as_deref(), Some("sha256:new"));
+        assert_eq!(
+            body.env.unwrap(),
+            vec!["PATH=/bin", "IS_UPGRADE=true", "NEW=1"]
+        );
+        assert_eq!(body.cmd.unwrap(), vec!["serve"]);
+        assert_eq!(body.entrypoint.unwrap(), vec!["/app"]);
+        assert_eq!(body.user.as_deref(), Some("admin"));
+        assert_eq!(body.working_dir.as_deref(), Some("/home/admin"));
+        assert_eq!(body.host_config, old().host_config);
+        assert_eq!(
+            body.hostname, None,
+            "the engine's default hostname is not carried over"
+        );
+    }
+
+    #[test]
+    fn image_defaults_leave_command_and_entrypoint_to_the_new_image() {
+        let body = new_container_body(
+            &old(),
+            &Recreate {
+                image: "sha256:new",
+                env_add: &[],
+                use_image_defaults: true,
+            },
+        );
+        assert_eq!(body.cmd, None);
+        assert_eq!(body.entrypoint, None);
+    }
+}

@@ -27,10 +27,11 @@ impl Engine {
                 // A simulated crash stands for the agent dying here: nothing after it runs.
                 Err(ApplyError::Crash(crash)) => return Err(crash.into()),
                 Err(e) => service.requarantine(format!(
-                    "recovering its interrupted apply at agent start did not complete: {e}. Its files were \
-                     restored as far as possible and it was started if it ran before; the journal on disk still \
-                     describes the interrupted apply, so the next start of patchd restores the previous version \
-                     again (restoring is idempotent). Fix the cause (free space in {}), then restart patchd",
+                    "recovering its interrupted apply at agent start did not complete: {e}. Its files (or its \
+                     container) were restored as far as possible and it was started if it ran before; the journal on \
+                     disk still describes the interrupted apply, so the next start of patchd restores the previous \
+                     version again (restoring is idempotent). Fix the cause (free space in {}, or a Docker Engine \
+                     that does not answer), then restart patchd",
                     self.inner.state_dir.display()
                 )),
             }

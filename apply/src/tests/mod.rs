@@ -6,6 +6,7 @@
 
 mod apply;
 mod confinement;
+mod container;
 mod recovery;
 
 use crate::backend::{BackendError, RunState, ServiceBackend, ServiceRuntime};
