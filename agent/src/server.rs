@@ -49,6 +49,15 @@ pub(crate) fn blob_from_wire(blob: Option<v1::BlobRef>) -> Result<BlobRef, Statu
     Ok(BlobRef::new(blob.digest, blob.total_size, blob.chunk_size)?)
 }
 
+/// The caller [`crate::access::authorize`] put on the request, as Status shows it.
+fn caller_of<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<patchd_tls::PeerIdentity>()
+        .map(patchd_tls::PeerIdentity::describe)
+        .unwrap_or_default()
+}
+
 #[tonic::async_trait]
 impl v1::agent_server::Agent for AgentService {
     async fn info(
@@ -126,8 +135,9 @@ impl v1::agent_server::Agent for AgentService {
         &self,
         request: Request<v1::ApplyRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
+        let caller = caller_of(&request);
         self.apply
-            .apply(request.into_inner())
+            .apply(request.into_inner(), caller)
             .await
             .map(Response::new)
     }
@@ -136,8 +146,9 @@ impl v1::agent_server::Agent for AgentService {
         &self,
         request: Request<v1::RollbackRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
+        let caller = caller_of(&request);
         self.apply
-            .rollback(request.into_inner())
+            .rollback(request.into_inner(), caller)
             .await
             .map(Response::new)
     }

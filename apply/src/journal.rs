@@ -135,6 +135,10 @@ pub struct ApplyResult {
     pub binary_sha256: String,
     pub steps: Vec<(String, u64)>,
     pub finished_unix: i64,
+    /// Who asked for it: the client certificate's CN, operator and serial (empty in journals written before
+    /// callers were recorded).
+    #[serde(default)]
+    pub caller: String,
 }
 
 /// An apply in progress or the last one, with everything recovery needs.
@@ -156,6 +160,10 @@ pub struct ApplyRecord {
     pub backup_dir: PathBuf,
     pub phase: ApplyPhase,
     pub started_unix: i64,
+    /// Who asked for it: the client certificate's CN, operator and serial (empty in journals written before
+    /// callers were recorded).
+    #[serde(default)]
+    pub caller: String,
 }
 
 /// A committed patch whose backup is kept, so it can be rolled back.
@@ -176,6 +184,10 @@ pub struct HistoryEntry {
     /// empty again (emptied when pruned). Absent from journals written before it existed.
     #[serde(default)]
     pub created_dirs: Vec<PathBuf>,
+    /// Who asked for it: the client certificate's CN, operator and serial (empty in journals written before
+    /// callers were recorded).
+    #[serde(default)]
+    pub caller: String,
 }
 
 fn yes() -> bool {
@@ -389,6 +401,7 @@ mod tests {
                 binary_sha256: String::new(),
                 steps: vec![],
                 finished_unix: 0,
+                caller: String::new(),
             });
         }
         assert_eq!(journal.results.len(), MAX_RESULTS);

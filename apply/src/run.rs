@@ -524,6 +524,7 @@ impl<'a> Run<'a> {
             binary_sha256,
             steps: self.steps.clone(),
             finished_unix,
+            caller: self.rec.caller.clone(),
         };
         let record = self.rec.clone();
         let stored = result.clone();
@@ -550,6 +551,7 @@ impl<'a> Run<'a> {
                     backup_kept: true,
                     files: record.files.clone(),
                     created_dirs: record.created_dirs.clone(),
+                    caller: record.caller.clone(),
                 }),
                 ApplyKind::Rollback { undoes } => {
                     emptied_dirs.extend(
