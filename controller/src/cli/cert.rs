@@ -43,7 +43,7 @@ enum Command {
         #[arg(long, value_enum)]
         role: RoleArg,
         /// The person a controller certificate is for (logged by agents with every change they make, and shown by
-        /// `display`). Default: $USER.
+        /// `display`). Default: $USER, else the name of the current user.
         #[arg(long, value_name = "NAME")]
         operator: Option<String>,
         /// Host name or IP address the controller dials this agent by (repeatable; no wildcards). Default for
@@ -102,12 +102,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         }
         (None, None) => None,
         (Some(_), Some(operator)) => Some(operator),
-        (Some(_), None) => Some(
-            std::env::var("USER")
-                .ok()
-                .filter(|user| !user.is_empty())
-                .context("name the person this certificate is for with --operator NAME ($USER is not set)")?,
-        ),
+        (Some(_), None) => Some(login_name().context(
+            "name the person this certificate is for with --operator NAME (no login name found)",
+        )?),
     };
     if role == Role::Agent && sans.is_empty() {
         errln!(
@@ -174,4 +171,17 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         }
     }
     Ok(patchctl::exit::OK)
+}
+
+/// Who runs this command: `$USER`, else the account name of the current user id.
+fn login_name() -> Option<String> {
+    std::env::var("USER")
+        .ok()
+        .filter(|user| !user.is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|user| user.name)
+        })
 }
