@@ -183,7 +183,7 @@ async fn handshake(
 #[test]
 fn an_observer_can_display_but_not_patch_and_the_agent_records_who_applied() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = ClusterFixture::with_workers(dir.path(), 1);
+    let cluster = ClusterFixture::with_workers(dir.path(), 2);
     let worker = cluster.workers().next().unwrap().name.clone();
     let package = cluster.worker_package("v1.0.1-hotfix", "ok");
     let issue = |role: &str, operator: &str| {
@@ -201,7 +201,7 @@ fn an_observer_can_display_but_not_patch_and_the_agent_records_who_applied() {
 
     issue("observer", "olga");
     let shown = cluster.patchctl_ok(&["display", &cluster.name]);
-    assert!(shown.contains("Total nodes: 2"), "{shown}");
+    assert!(shown.contains("Total nodes: 3"), "{shown}");
     assert!(
         !shown.contains("Problems:"),
         "every agent answered:\n{shown}"
