@@ -12,7 +12,8 @@ pub const CONTROLLER_STEM: &str = "controller";
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{cause}\n  (the controller needs ca.crt, controller.crt and controller.key in its TLS directory: create them with \
-     `patchctl ca init` and `patchctl cert issue controller --role controller`, or pass --tls-dir)"
+     `patchctl ca init` and `patchctl cert issue controller --role operator --operator <your name>`, or pass \
+     --tls-dir)"
 )]
 pub struct ControllerTlsError {
     pub cause: TlsError,

@@ -1,5 +1,6 @@
 //! `patchctl display <cluster>`: the seed's status table (ID, Role, Host, Ports, OS/Arch, Status, Data Dir,
-//! Deploy Dir, Version) from agents and the cluster's hooks, probed in parallel with a timeout.
+//! Deploy Dir, Version) from agents and the cluster's hooks, probed in parallel with a timeout; then who made each
+//! node's last change (as its agent recorded it from the controller certificate) and the problems.
 
 use super::args::Selection;
 use super::{Ctx, Format};
