@@ -3,6 +3,7 @@
 //! records which operator applied what; `cert issue` refuses the CA's names, existing names and wildcards, and
 //! works with the CA key kept in another directory.
 
+use patchd_e2e::apply_support::AgentRpc;
 use patchd_e2e::cluster_fixture::{ClusterFixture, ORIGINAL_VERSION, output_text};
 use patchd_e2e::{AgentConfig, AgentProcess, Pki, bin, patchctl, patchctl_ok};
 use std::path::Path;
@@ -183,8 +184,9 @@ async fn handshake(
 #[test]
 fn an_observer_can_display_but_not_patch_and_the_agent_records_who_applied() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = ClusterFixture::with_workers(dir.path(), 2);
+    let mut cluster = ClusterFixture::with_workers(dir.path(), 2);
     let worker = cluster.workers().next().unwrap().name.clone();
+    let agent_addr = cluster.agent(&worker).unwrap().addr;
     let package = cluster.worker_package("v1.0.1-hotfix", "ok");
     let issue = |role: &str, operator: &str| {
         cluster.patchctl_ok(&[
@@ -217,6 +219,17 @@ fn an_observer_can_display_but_not_patch_and_the_agent_records_who_applied() {
         cluster.version_of(&worker).unwrap().version,
         ORIGINAL_VERSION
     );
+    // The same certificate straight at the agent: Status is served, Apply is PERMISSION_DENIED.
+    let mut rpc = AgentRpc::connect(&cluster.pki, agent_addr);
+    rpc.status("demo-worker");
+    let refused = rpc
+        .apply("demo-worker", &"0".repeat(64), "p-observer", false)
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("observer") && refused.message().contains("Apply"),
+        "{refused:?}"
+    );
 
     issue("operator", "alice");
     let out = cluster.patchctl(&["patch", &cluster.name, package.to_str().unwrap(), "-y"]);
@@ -243,6 +256,17 @@ fn an_observer_can_display_but_not_patch_and_the_agent_records_who_applied() {
         .as_str()
         .unwrap_or_default();
     assert!(caller.contains("operator alice"), "{json}");
+    // The agent logged the mutating calls with the caller; the refused ones too.
+    let log = cluster.agent(&worker).unwrap().stderr();
+    let logged = |needle: &str| {
+        log.lines()
+            .any(|line| line.contains(needle) && line.contains("alice"))
+    };
+    assert!(logged("mutating call") && log.contains("Apply"), "{log}");
+    assert!(
+        log.contains("refused a call the caller's role does not allow"),
+        "{log}"
+    );
 }
 
 #[test]
