@@ -149,3 +149,61 @@ impl ReloadingTls {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patchd_tls::{CertSpec, CertificateAuthority, Revocations, Role, TlsFiles};
+    use std::path::Path;
+
+    fn install(path: &Path, text: &str) {
+        let temporary = path.with_extension("tmp");
+        std::fs::write(&temporary, text).unwrap();
+        std::fs::rename(&temporary, path).unwrap();
+    }
+
+    #[test]
+    fn a_changed_crl_is_reloaded_and_a_bad_one_refuses_until_fixed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let files = TlsFiles::in_dir(dir.path(), "agent");
+        std::fs::write(&files.ca, ca.cert_pem()).unwrap();
+        ca.issue(&CertSpec::new(
+            "a",
+            Role::Agent,
+            vec!["127.0.0.1".into()],
+            1,
+        ))
+        .unwrap()
+        .write(dir.path(), "agent")
+        .unwrap();
+        let crl = dir.path().join("ca.crl");
+        install(&crl, &ca.crl_pem(&Revocations::default()).unwrap());
+        let tls = ReloadingTls::new(TlsMaterial::load(&files).unwrap(), Some(crl.clone())).unwrap();
+        assert!(tls.acceptor().is_ok());
+
+        let foreign = CertificateAuthority::generate("other CA").unwrap();
+        install(&crl, &foreign.crl_pem(&Revocations::default()).unwrap());
+        let refused = tls
+            .acceptor()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(refused.contains("not signed by the CA"), "{refused}");
+        assert!(
+            tls.acceptor().is_err(),
+            "still refused while the file is bad"
+        );
+
+        let mut revocations = Revocations::default();
+        revocations.revoke("01", "").unwrap();
+        install(&crl, &ca.crl_pem(&revocations).unwrap());
+        assert!(
+            tls.acceptor().is_ok(),
+            "served again once a good CRL is back"
+        );
+
+        std::fs::remove_file(&crl).unwrap();
+        assert!(tls.acceptor().is_err(), "a missing CRL refuses too");
+    }
+}
