@@ -174,10 +174,13 @@ async fn handshake(
     // In TLS 1.3 the server judges the client certificate after the client's handshake ends: a refusal would
     // arrive as an alert on the first read. A served client gets the HTTP/2 server preface instead.
     let mut first = [0u8; 1];
-    tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut first))
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut first))
         .await
         .map_err(|_| "no answer".to_string())?
         .map_err(|e| e.to_string())?;
+    if read == 0 {
+        return Err("the agent closed the connection".to_string());
+    }
     negotiated.ok_or_else(|| "no version".to_string())
 }
 
