@@ -16,6 +16,8 @@ pub struct IdentityInfo {
     pub sans: Vec<String>,
     /// End of validity, RFC 2822.
     pub not_after: String,
+    /// End of validity, Unix seconds.
+    pub not_after_unix: i64,
     /// Serial number, lower-case hex (what `patchctl ca revoke` takes).
     pub serial: String,
     /// The role of a controller certificate (`None`: issued before roles, or an agent certificate).
@@ -195,6 +197,7 @@ pub fn check_identity(material: &TlsMaterial, role: Role) -> Result<IdentityInfo
     Ok(IdentityInfo {
         subject: leaf.subject().to_string(),
         sans: names,
+        not_after_unix: validity.not_after.timestamp(),
         serial: leaf
             .raw_serial()
             .iter()
