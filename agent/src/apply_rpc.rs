@@ -180,7 +180,12 @@ impl ApplyService {
         })
     }
 
-    pub async fn apply(&self, req: v1::ApplyRequest) -> Result<v1::ApplyResponse, Status> {
+    /// `caller` (see [`patchd_tls::PeerIdentity::describe`]) is journaled with the apply and shown by Status.
+    pub async fn apply(
+        &self,
+        req: v1::ApplyRequest,
+        caller: String,
+    ) -> Result<v1::ApplyResponse, Status> {
         self.check_signatures(&req.digest, req.signatures, false)
             .await?;
         let command = ApplyCommand {
@@ -188,6 +193,7 @@ impl ApplyService {
             digest: req.digest,
             patch_id: req.patch_id,
             offline: req.offline,
+            caller,
         };
         let engine = self.engine.clone();
         let report = self
@@ -198,8 +204,13 @@ impl ApplyService {
         Ok(response_of(report.result, report.replayed))
     }
 
-    /// An empty `patch_id` gets a generated one (such a rollback cannot be retried idempotently).
-    pub async fn rollback(&self, req: v1::RollbackRequest) -> Result<v1::ApplyResponse, Status> {
+    /// An empty `patch_id` gets a generated one (such a rollback cannot be retried idempotently). `caller` as for
+    /// [`ApplyService::apply`].
+    pub async fn rollback(
+        &self,
+        req: v1::RollbackRequest,
+        caller: String,
+    ) -> Result<v1::ApplyResponse, Status> {
         let patch_id = if req.patch_id.is_empty() {
             let millis = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -213,6 +224,7 @@ impl ApplyService {
             service: req.service,
             to_patch_id: Some(req.to_patch_id).filter(|p| !p.is_empty()),
             patch_id,
+            caller,
         };
         let engine = self.engine.clone();
         let report = self
@@ -290,6 +302,7 @@ fn applied_of_result(result: &ApplyResult) -> v1::AppliedPatch {
         outcome: outcome_of(result.outcome).into(),
         reason: result.reason.clone(),
         finished_unix: result.finished_unix,
+        caller: result.caller.clone(),
     }
 }
 
@@ -301,6 +314,7 @@ fn applied_of_history(entry: &HistoryEntry) -> v1::AppliedPatch {
         outcome: outcome_of(entry.outcome).into(),
         reason: String::new(),
         finished_unix: entry.finished_unix,
+        caller: entry.caller.clone(),
     }
 }
 

@@ -113,6 +113,10 @@ pub struct TlsSection {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The CA's certificate revocation list (`patchctl ca crl`): a client certificate it lists is refused at the
+    /// handshake. Re-read when the file changes, without a restart. Absent: nothing is revoked.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 impl TlsSection {
@@ -417,6 +421,22 @@ impl Config {
                         message: e.to_string(),
                     });
                 }
+            }
+        }
+
+        if let Some(crl) = &self.tls.crl {
+            let message = match check_absolute_normal(crl) {
+                Err(message) => Some(message),
+                Ok(()) if problems_with_prefix(&problems, "tls.ca") => None,
+                Ok(()) => patchd_tls::load_crl(crl, &self.tls.ca)
+                    .err()
+                    .map(|e| e.to_string()),
+            };
+            if let Some(message) = message {
+                problems.push(Problem {
+                    key: "tls.crl".into(),
+                    message,
+                });
             }
         }
 

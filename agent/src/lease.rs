@@ -291,8 +291,9 @@ pub fn now_unix_ms() -> i64 {
 /// lets through; unit tests call the service without TLS).
 pub fn caller_name<T>(request: &tonic::Request<T>) -> String {
     request
-        .peer_certs()
-        .and_then(|certs| certs.first().and_then(|der| patchd_tls::common_name(der)))
+        .extensions()
+        .get::<patchd_tls::PeerIdentity>()
+        .map(|peer| peer.common_name.clone())
         .unwrap_or_default()
 }
 

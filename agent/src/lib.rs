@@ -1,12 +1,14 @@
 //! patchd agent library: config, mTLS gRPC server, blob transfer, host info, and the RPC glue to the apply engine.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod apply_rpc;
 pub mod config;
 pub mod info;
 pub mod lease;
 pub mod server;
 pub mod status;
+pub mod tls_listener;
 pub mod transfer;
 pub mod trust;
 pub mod upload_receiver;
@@ -14,6 +16,7 @@ pub mod upload_receiver;
 use crate::apply_rpc::ApplyService;
 use crate::config::Config;
 use crate::server::AgentService;
+use crate::tls_listener::ReloadingTls;
 use crate::transfer::{BlobStore, UploadBounds};
 use futures::{Stream, StreamExt};
 use std::future::Future;
@@ -60,7 +63,7 @@ pub enum AgentError {
 #[derive(Debug)]
 pub struct Agent {
     config: Arc<Config>,
-    tls: patchd_tls::TlsMaterial,
+    tls: Arc<ReloadingTls>,
     store: Arc<BlobStore>,
     apply: Arc<ApplyService>,
     leases: Arc<lease::LeaseBook>,
@@ -75,7 +78,10 @@ impl Agent {
                 path: config.state_dir.clone(),
                 cause,
             })?;
-        let tls = patchd_tls::TlsMaterial::load(&config.tls.files())?;
+        let tls = Arc::new(ReloadingTls::new(
+            patchd_tls::TlsMaterial::load(&config.tls.files())?,
+            config.tls.crl.clone(),
+        )?);
         let store = Arc::new(BlobStore::open_bounded(
             &config.blobs_dir(),
             config.limits.max_blob_bytes,
@@ -104,7 +110,8 @@ impl Agent {
         &self.store
     }
 
-    /// Serves on `listener` (mutual TLS only) until `shutdown` completes, then drains in-flight calls.
+    /// Serves on `listener` (mutual TLS 1.3 only, see [`tls_listener`]) until `shutdown` completes, then drains
+    /// in-flight calls.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -117,9 +124,12 @@ impl Agent {
             self.config.partial_max_age(),
         ));
         let bounds = &self.config.bounds;
-        let connections = limit_connections(
-            accepted_connections(listener),
-            usize::try_from(bounds.max_connections).unwrap_or(usize::MAX),
+        let connections = tls_handshakes(
+            limit_connections(
+                accepted_connections(listener),
+                usize::try_from(bounds.max_connections).unwrap_or(usize::MAX),
+            ),
+            Arc::clone(&self.tls),
         );
         let service = AgentService::new(
             Arc::clone(&self.config),
@@ -128,7 +138,6 @@ impl Agent {
             self.leases,
         );
         let served = tonic::transport::Server::builder()
-            .tls_config(self.tls.server_config())?
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .max_frame_size(Some(MAX_FRAME_BYTES))
@@ -222,6 +231,45 @@ impl AsyncWrite for BoundedConnection {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
+}
+
+/// The connections of `incoming` once their TLS handshake succeeded. Each handshake runs in its own task, so a slow
+/// or silent client never delays the others; a refused one is logged with its peer address and the reason (a
+/// revoked certificate shows up here). Accepting stops when the server drops the stream.
+fn tls_handshakes(
+    incoming: impl Stream<Item = std::io::Result<BoundedConnection>> + Send + 'static,
+    tls: Arc<ReloadingTls>,
+) -> impl Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<BoundedConnection>>> {
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut incoming = std::pin::pin!(incoming);
+        loop {
+            let accepted = tokio::select! {
+                () = ready_tx.closed() => break,
+                accepted = incoming.next() => accepted,
+            };
+            let connection = match accepted {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!("accepting a connection failed: {e}");
+                    continue;
+                }
+                Some(Ok(connection)) => connection,
+            };
+            let tls = Arc::clone(&tls);
+            let ready_tx = ready_tx.clone();
+            tokio::spawn(async move {
+                let peer = connection.stream.peer_addr().ok();
+                match tls.handshake(connection).await {
+                    Ok(stream) => {
+                        let _ = ready_tx.send(Ok(stream)).await;
+                    }
+                    Err(reason) => tracing::warn!(?peer, "refused a connection: {reason}"),
+                }
+            });
+        }
+    });
+    futures::stream::poll_fn(move |cx| ready_rx.poll_recv(cx))
 }
 
 /// At most `max` connections open at once: one more is closed as soon as it is accepted (a refusal the caller

@@ -74,6 +74,15 @@ pub(crate) fn blob_from_wire(blob: Option<v1::BlobRef>) -> Result<BlobRef, Statu
     Ok(BlobRef::new(blob.digest, blob.total_size, blob.chunk_size)?)
 }
 
+/// The caller [`crate::access::authorize`] put on the request, as Status shows it.
+fn caller_of<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<patchd_tls::PeerIdentity>()
+        .map(patchd_tls::PeerIdentity::describe)
+        .unwrap_or_default()
+}
+
 #[tonic::async_trait]
 impl v1::agent_server::Agent for AgentService {
     async fn info(
@@ -151,20 +160,22 @@ impl v1::agent_server::Agent for AgentService {
         &self,
         request: Request<v1::ApplyRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
-        let caller = lease::caller_name(&request);
+        let caller = caller_of(&request);
+        let lease_holder = lease::caller_name(&request);
         let mut request = request.into_inner();
-        self.check_lease(&request.service, request.lease.take(), &caller)?;
-        self.apply.apply(request).await.map(Response::new)
+        self.check_lease(&request.service, request.lease.take(), &lease_holder)?;
+        self.apply.apply(request, caller).await.map(Response::new)
     }
 
     async fn rollback(
         &self,
         request: Request<v1::RollbackRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
-        let caller = lease::caller_name(&request);
+        let caller = caller_of(&request);
+        let lease_holder = lease::caller_name(&request);
         let mut request = request.into_inner();
-        self.check_lease(&request.service, request.lease.take(), &caller)?;
-        self.apply.rollback(request).await.map(Response::new)
+        self.check_lease(&request.service, request.lease.take(), &lease_holder)?;
+        self.apply.rollback(request, caller).await.map(Response::new)
     }
 
     async fn lease(

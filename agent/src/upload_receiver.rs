@@ -23,7 +23,8 @@ use tonic::server::NamedService;
 /// Messages up to this size are decoded whole (headers, small chunks); larger ones field by field.
 const SMALL_MESSAGE_BYTES: usize = 64 * 1024;
 
-/// The agent's gRPC routes: Upload here, everything else to the tonic-generated service.
+/// The agent's gRPC routes: the role check ([`crate::access`]) for every call, then Upload here and everything else
+/// to the tonic-generated service.
 #[derive(Clone)]
 pub struct AgentRoutes {
     inner: AgentServer<AgentService>,
@@ -53,7 +54,14 @@ impl Service<http::Request<Body>> for AgentRoutes {
         Service::<http::Request<Body>>::poll_ready(&mut self.inner, cx)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        // Roles are checked here, once, for every method (Upload included) before any handler runs.
+        match crate::access::authorize(&request) {
+            Ok(caller) => {
+                request.extensions_mut().insert(caller);
+            }
+            Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
+        }
         if request.uri().path() == UPLOAD_PATH {
             let store = Arc::clone(&self.store);
             Box::pin(async move { Ok(grpc_response(upload(store, request.into_body()).await)) })

@@ -135,6 +135,10 @@ pub struct ApplyResult {
     pub binary_sha256: String,
     pub steps: Vec<(String, u64)>,
     pub finished_unix: i64,
+    /// Who asked for it: the client certificate's CN, operator and serial (empty in journals written before
+    /// callers were recorded).
+    #[serde(default)]
+    pub caller: String,
 }
 
 /// An apply in progress or the last one, with everything recovery needs.
@@ -159,6 +163,10 @@ pub struct ApplyRecord {
     /// Backend `docker`: the container swap this apply makes instead of swapping files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerSwap>,
+    /// Who asked for it: the client certificate's CN, operator and serial (empty in journals written before
+    /// callers were recorded).
+    #[serde(default)]
+    pub caller: String,
 }
 
 /// One container swap (backend `docker`), journaled with its apply: which container ran before, what the new one
@@ -213,6 +221,10 @@ pub struct HistoryEntry {
     /// Backend `docker`: the image (an ID) the container ran before this patch, kept for rollback until pruned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_image: Option<String>,
+    /// Who asked for it: the client certificate's CN, operator and serial (empty in journals written before
+    /// callers were recorded).
+    #[serde(default)]
+    pub caller: String,
 }
 
 fn yes() -> bool {
@@ -426,6 +438,7 @@ mod tests {
                 binary_sha256: String::new(),
                 steps: vec![],
                 finished_unix: 0,
+                caller: String::new(),
             });
         }
         assert_eq!(journal.results.len(), MAX_RESULTS);

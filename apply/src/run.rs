@@ -547,6 +547,7 @@ impl<'a> Run<'a> {
             binary_sha256,
             steps: self.steps.clone(),
             finished_unix,
+            caller: self.rec.caller.clone(),
         };
         let record = self.rec.clone();
         let stored = result.clone();
@@ -576,6 +577,7 @@ impl<'a> Run<'a> {
                     files: record.files.clone(),
                     created_dirs: record.created_dirs.clone(),
                     previous_image: record.container.as_ref().map(|c| c.old_image.clone()),
+                    caller: record.caller.clone(),
                 }),
                 ApplyKind::Rollback { undoes } => {
                     emptied_dirs.extend(

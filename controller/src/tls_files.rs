@@ -12,7 +12,8 @@ pub const CONTROLLER_STEM: &str = "controller";
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{cause}\n  (the controller needs ca.crt, controller.crt and controller.key in its TLS directory: create them with \
-     `patchctl ca init` and `patchctl cert issue controller --role controller`, or pass --tls-dir)"
+     `patchctl ca init` and `patchctl cert issue controller --role operator --operator <your name>`, or pass \
+     --tls-dir)"
 )]
 pub struct ControllerTlsError {
     pub cause: TlsError,
@@ -36,11 +37,41 @@ impl ControllerTls {
     }
 
     /// Loads explicit paths. Only checks that each file parses: the agent is the judge of the certificate
-    /// (so an expired or wrong-role certificate fails at the handshake, as it would for any client).
+    /// (so an expired or wrong-role certificate fails at the handshake, as it would for any client). A certificate
+    /// that expired or expires within a day gets a warning saying how to renew it: controller certificates are
+    /// short-lived (7 days by default), and the agent's refusal alone would not say why.
     pub fn load(files: &TlsFiles) -> Result<Self, ControllerTlsError> {
-        TlsMaterial::load(files)
+        let tls = TlsMaterial::load(files)
             .map(|material| Self { material })
-            .map_err(|cause| ControllerTlsError { cause })
+            .map_err(|cause| ControllerTlsError { cause })?;
+        if let Some(note) = tls.expiry_note(time::OffsetDateTime::now_utc().unix_timestamp()) {
+            errln!("warning: {note}");
+        }
+        Ok(tls)
+    }
+
+    /// What to tell the operator when the certificate has expired at `now` (Unix seconds) or expires within a day.
+    fn expiry_note(&self, now: i64) -> Option<String> {
+        const DAY: i64 = 86_400;
+        let renew = format!(
+            "renew it with `patchctl cert issue {CONTROLLER_STEM} --role operator --force` (or --role observer)"
+        );
+        let cert = &self.material.files().cert;
+        match self.material.check(Role::Controller) {
+            Err(TlsError::Identity { problem, .. }) if problem.starts_with("expired") => {
+                Some(format!(
+                    "the controller certificate {} {}; agents refuse it: {renew}",
+                    cert.display(),
+                    problem.split(": issue").next().unwrap_or(&problem)
+                ))
+            }
+            Ok(info) if info.not_after_unix - now < DAY => Some(format!(
+                "the controller certificate {} expires at {}: {renew}",
+                cert.display(),
+                info.not_after
+            )),
+            _ => None,
+        }
     }
 
     /// Checks the identity offline (CA chain, validity, clientAuth EKU, key match).
@@ -61,5 +92,48 @@ impl ControllerTls {
     /// Client config for dialing `host`: the agent's certificate must name it.
     pub fn client_config(&self, host: &str) -> ClientTlsConfig {
         self.material.client_config(host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patchd_tls::{CertSpec, CertificateAuthority};
+
+    #[test]
+    fn an_expired_or_expiring_certificate_gets_a_note_saying_how_to_renew() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+        let issue = |spec: CertSpec| {
+            ca.issue(&spec)
+                .unwrap()
+                .write(dir.path(), CONTROLLER_STEM)
+                .unwrap();
+            ControllerTls::load_dir(dir.path()).unwrap()
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let fresh = issue(CertSpec::new("controller", Role::Controller, vec![], 7));
+        assert_eq!(fresh.expiry_note(now.unix_timestamp()), None);
+        let note = fresh
+            .expiry_note((now + time::Duration::days(7)).unix_timestamp())
+            .unwrap();
+        assert!(
+            note.contains("expires at") && note.contains("--force"),
+            "{note}"
+        );
+
+        let past = now - time::Duration::days(10);
+        let expired = issue(
+            CertSpec::new("controller", Role::Controller, vec![], 1)
+                .with_validity(past, past + time::Duration::days(1)),
+        );
+        let note = expired.expiry_note(now.unix_timestamp()).unwrap();
+        assert!(
+            note.contains("expired on")
+                && note.contains("agents refuse it")
+                && note.contains("--force"),
+            "{note}"
+        );
     }
 }

@@ -253,6 +253,7 @@ pub struct AgentConfig {
     state_dir: PathBuf,
     deploy_roots: Vec<PathBuf>,
     tls: TlsPaths,
+    crl: Option<PathBuf>,
     limits: Vec<String>,
     extra: String,
 }
@@ -267,6 +268,7 @@ impl AgentConfig {
             state_dir: dir.join("state"),
             deploy_roots: vec![dir.join("deploy")],
             tls: tls.clone(),
+            crl: None,
             limits: Vec::new(),
             extra: String::new(),
         }
@@ -287,6 +289,12 @@ impl AgentConfig {
     /// Replaces the deploy roots (default `[<dir>/deploy]`); they are created by [`AgentConfig::write`].
     pub fn deploy_roots(mut self, roots: &[&Path]) -> Self {
         self.deploy_roots = roots.iter().map(|r| r.to_path_buf()).collect();
+        self
+    }
+
+    /// `[tls] crl`: the CRL the agent checks client certificates against (re-read when it changes).
+    pub fn crl(mut self, path: &Path) -> Self {
+        self.crl = Some(path.to_path_buf());
         self
     }
 
@@ -331,6 +339,9 @@ impl AgentConfig {
             q(&self.tls.cert),
             q(&self.tls.key),
         );
+        if let Some(crl) = &self.crl {
+            text.push_str(&format!("crl = {}\n", q(crl)));
+        }
         if !self.limits.is_empty() {
             text.push_str("\n[limits]\n");
             for line in &self.limits {

@@ -1,7 +1,7 @@
 //! Offline checks of an identity (used by `patchd validate` and the controller): issued by the configured CA,
 //! currently valid, carrying the EKU of its role, and matching its private key.
 
-use crate::{Role, TlsError, TlsMaterial};
+use crate::{ControllerRole, OPERATOR_URI_PREFIX, ROLE_URI_PREFIX, Role, TlsError, TlsMaterial};
 use std::net::IpAddr;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
@@ -16,20 +16,80 @@ pub struct IdentityInfo {
     pub sans: Vec<String>,
     /// End of validity, RFC 2822.
     pub not_after: String,
+    /// End of validity, Unix seconds.
+    pub not_after_unix: i64,
+    /// Serial number, lower-case hex (what `patchctl ca revoke` takes).
+    pub serial: String,
+    /// The role of a controller certificate (`None`: issued before roles, or an agent certificate).
+    pub controller_role: Option<ControllerRole>,
+    /// The person a controller certificate was issued to.
+    pub operator: Option<String>,
 }
 
-/// The subject common name of a DER certificate (the peer's, as the handshake verified it), `None` when it has
-/// none or does not parse. Used to name who holds a lease; never to decide trust (the handshake did that).
-pub fn common_name(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let name = cert
-        .subject()
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
-    Some(name)
+/// Who is calling: read from the client certificate of a connection, once per call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// Subject common name (`patchctl cert issue <name>`).
+    pub common_name: String,
+    /// Serial number, lower-case hex.
+    pub serial: String,
+    /// `None` for a certificate issued before roles existed (the agent treats it as an observer).
+    pub role: Option<ControllerRole>,
+    /// The person named by `--operator`, if any.
+    pub operator: Option<String>,
+}
+
+impl PeerIdentity {
+    /// Reads the identity of a (handshake-verified) client certificate.
+    pub fn from_der(der: &[u8]) -> Result<Self, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+        let common_name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let (role, operator) = role_and_operator(&cert);
+        Ok(Self {
+            common_name,
+            serial: cert
+                .raw_serial()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            role,
+            operator,
+        })
+    }
+
+    /// `CN (serial S, operator O)`: how logs and Status name the caller.
+    pub fn describe(&self) -> String {
+        match &self.operator {
+            Some(operator) => format!(
+                "{} (operator {operator}, serial {})",
+                self.common_name, self.serial
+            ),
+            None => format!("{} (serial {})", self.common_name, self.serial),
+        }
+    }
+}
+
+fn role_and_operator(cert: &X509Certificate<'_>) -> (Option<ControllerRole>, Option<String>) {
+    let mut role = None;
+    let mut operator = None;
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                if let Some(name) = uri.strip_prefix(ROLE_URI_PREFIX) {
+                    role = role.or(ControllerRole::from_name(name));
+                } else if let Some(name) = uri.strip_prefix(OPERATOR_URI_PREFIX) {
+                    operator = operator.or(Some(name.to_string()));
+                }
+            }
+        }
+    }
+    (role, operator)
 }
 
 /// Checks that `material`'s certificate chains to its CA, is valid now, has the EKU of `role`, and matches
@@ -107,6 +167,16 @@ pub fn check_identity(material: &TlsMaterial, role: Role) -> Result<IdentityInfo
         )));
     }
 
+    let names = sans(&leaf);
+    if role == Role::Agent
+        && let Some(wildcard) = names.iter().find(|name| name.contains('*'))
+    {
+        return Err(cert_problem(format!(
+            "names the wildcard `{wildcard}`: issue a certificate naming this host (`patchctl cert issue <host> \
+             --role agent --san <host>`)"
+        )));
+    }
+
     let key = material.private_key()?;
     let signing_key =
         rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| TlsError::BadKey {
@@ -123,9 +193,18 @@ pub fn check_identity(material: &TlsMaterial, role: Role) -> Result<IdentityInfo
             ),
         })?;
 
+    let (controller_role, operator) = role_and_operator(&leaf);
     Ok(IdentityInfo {
         subject: leaf.subject().to_string(),
-        sans: sans(&leaf),
+        sans: names,
+        not_after_unix: validity.not_after.timestamp(),
+        serial: leaf
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        controller_role,
+        operator,
         not_after: validity
             .not_after
             .to_rfc2822()
@@ -172,6 +251,7 @@ fn sans(cert: &X509Certificate<'_>) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::{CertSpec, CertificateAuthority, TlsFiles};
+    use rustls_pki_types::pem::PemObject;
 
     fn write_identity(
         dir: &std::path::Path,
@@ -239,6 +319,30 @@ mod tests {
             .check(Role::Controller)
             .unwrap_err();
         assert!(err.to_string().contains("not issued by the CA"), "{err}");
+    }
+
+    #[test]
+    fn peer_identity_names_role_operator_and_serial() {
+        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let issued = ca
+            .issue(
+                &CertSpec::new("ctl", Role::Controller, vec![], 1)
+                    .with_controller_role(ControllerRole::Observer)
+                    .with_operator("alice"),
+            )
+            .unwrap();
+        let der =
+            rustls_pki_types::CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        let peer = PeerIdentity::from_der(&der).unwrap();
+        assert_eq!(peer.common_name, "ctl");
+        assert_eq!(peer.role, Some(ControllerRole::Observer));
+        assert_eq!(peer.operator.as_deref(), Some("alice"));
+        assert!(!peer.serial.is_empty());
+        assert!(peer.describe().contains("operator alice"));
+        assert!(
+            ca.issue(&CertSpec::new("ctl", Role::Controller, vec![], 1).with_operator("bad name"))
+                .is_err()
+        );
     }
 
     #[test]

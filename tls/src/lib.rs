@@ -4,20 +4,27 @@
 //! Roles are carried by the extended key usage: agent certificates have `serverAuth` only, controller
 //! certificates `clientAuth` only. rustls' WebPKI verifiers enforce the EKU on both sides, so an agent certificate
 //! presented as a client (or a controller certificate presented as a server) is refused by the handshake itself.
+//! A controller certificate also names its [`ControllerRole`] (`observer`, `operator`) and the person it was issued
+//! to in URI SANs (`urn:patchd:role:…`, `urn:patchd:operator:…`), which the agent reads per call
+//! ([`PeerIdentity`]). Revoked serials are kept beside the CA ([`Revocations`]) and published as a CRL the agent
+//! checks at the handshake. Only TLS 1.3 is offered or accepted ([`crypto_provider`]).
 #![forbid(unsafe_code)]
 
 mod files;
 mod inspect;
 mod mtls;
 mod pki;
+mod revocation;
 
 pub use files::write_file_atomic;
-pub use inspect::{IdentityInfo, check_identity, common_name};
-pub use mtls::{TlsFiles, TlsMaterial};
+pub use inspect::{IdentityInfo, PeerIdentity, check_identity};
+pub use mtls::{HANDSHAKE_TIMEOUT, TlsFiles, TlsMaterial, load_crl};
 pub use pki::{
-    CA_CERT_FILE, CA_KEY_FILE, CaPaths, CertPaths, CertSpec, CertificateAuthority, IssuedCert,
-    Role, init_ca,
+    CA_CERT_FILE, CA_KEY_FILE, CRL_VALIDITY_DAYS, CaPaths, CertPaths, CertSpec,
+    CertificateAuthority, ControllerRole, IssuedCert, OPERATOR_URI_PREFIX, ROLE_URI_PREFIX, Role,
+    check_operator_name, init_ca,
 };
+pub use revocation::{CRL_FILE, REVOKED_FILE, Revocations, RevokedCert, serial_of_cert_pem};
 
 use std::path::{Path, PathBuf};
 
@@ -35,17 +42,28 @@ pub enum TlsError {
         cause: std::io::Error,
     },
     #[error(
-        "a CA already exists in {} ({}); pass --force to replace it (every certificate it issued will stop being trusted)",
-        dir.display(),
-        file
+        "a CA already exists ({}); pass --force to replace it (every certificate it issued will stop being trusted)",
+        path.display()
     )]
-    CaExists { dir: PathBuf, file: &'static str },
+    CaExists { path: PathBuf },
     #[error("{} is not a usable PEM certificate: {reason}", path.display())]
     BadCertificate { path: PathBuf, reason: String },
     #[error("{} is not a usable PEM private key: {reason}", path.display())]
     BadKey { path: PathBuf, reason: String },
     #[error("invalid subject alternative name `{san}`: use an IP address or a DNS name")]
     BadSan { san: String },
+    #[error(
+        "wildcard name `{san}` refused: name each host the controller dials (one --san per name or address)"
+    )]
+    WildcardSan { san: String },
+    #[error(
+        "invalid operator name `{name}`: use 1 to 64 letters, digits, '.', '_', '@' or '-' (e.g. a login name)"
+    )]
+    BadOperator { name: String },
+    #[error("{}: {problem}", path.display())]
+    Revocation { path: PathBuf, problem: String },
+    #[error("cannot build the TLS configuration: {0}")]
+    Config(String),
     #[error("invalid certificate validity: {0}")]
     BadValidity(String),
     #[error("{}: {problem}", path.display())]
@@ -63,7 +81,10 @@ impl TlsError {
     }
 }
 
-/// The rustls crypto provider of both binaries: ring, with AES-128-GCM preferred over AES-256-GCM.
+/// The rustls crypto provider of both binaries: ring, TLS 1.3 suites only, AES-128-GCM preferred over AES-256-GCM.
+///
+/// Without a TLS 1.2 suite neither end can negotiate TLS 1.2: rustls offers and accepts only the versions its
+/// provider has suites for, so tonic's client config (built on the process default) is TLS 1.3 only too.
 ///
 /// Bulk transfer is CPU-bound on both ends and AES-128 runs 10 AES rounds to AES-256's 14; both are TLS 1.3
 /// mandatory-to-implement suites with far more security margin than the ECDSA P-256 keys that authenticate the
@@ -75,9 +96,10 @@ pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
         cipher_suite::TLS13_AES_128_GCM_SHA256,
         cipher_suite::TLS13_AES_256_GCM_SHA384,
     ];
-    provider
-        .cipher_suites
-        .retain(|suite| !preferred.iter().any(|p| p.suite() == suite.suite()));
+    provider.cipher_suites.retain(|suite| {
+        suite.version() == &rustls::version::TLS13
+            && !preferred.iter().any(|p| p.suite() == suite.suite())
+    });
     provider.cipher_suites.splice(0..0, preferred);
     provider
 }
@@ -93,15 +115,21 @@ mod provider_tests {
     use super::*;
 
     #[test]
-    fn aes_128_gcm_comes_first_and_no_suite_is_lost() {
+    fn aes_128_gcm_comes_first_and_only_tls13_suites_remain() {
         let tuned = crypto_provider();
         let default = rustls::crypto::ring::default_provider();
         let names = |p: &rustls::crypto::CryptoProvider| {
-            let mut v: Vec<_> = p.cipher_suites.iter().map(|s| s.suite()).collect();
+            let mut v: Vec<_> = p
+                .cipher_suites
+                .iter()
+                .filter(|s| s.version() == &rustls::version::TLS13)
+                .map(|s| s.suite())
+                .collect();
             v.sort_by_key(|s| u16::from(*s));
             v
         };
         assert_eq!(names(&tuned), names(&default));
+        assert_eq!(tuned.cipher_suites.len(), names(&default).len());
         assert_eq!(
             tuned.cipher_suites[0].suite(),
             rustls::CipherSuite::TLS13_AES_128_GCM_SHA256

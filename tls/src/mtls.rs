@@ -1,15 +1,19 @@
-//! Mutual-TLS configurations for tonic: the agent's server config (client certificate mandatory, from the cluster
-//! CA, EKU clientAuth) and the controller's client config (agent certificate must name the dialed host).
+//! Mutual-TLS configurations: the agent's rustls server config (TLS 1.3 only, client certificate mandatory, from the
+//! cluster CA, EKU clientAuth, not on the CRL) and the controller's tonic client config (agent certificate must name
+//! the dialed host).
 
 use crate::{Role, TlsError};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// A TLS handshake that takes longer than this is abandoned (a stuck or hostile peer must not pin a task).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Paths of the three files one side of a connection needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,14 +97,37 @@ impl TlsMaterial {
         crate::check_identity(self, role)
     }
 
-    /// The agent's server config: presents this identity; requires a client certificate issued by the CA.
-    /// rustls' WebPKI client verifier refuses certificates from another CA, expired ones, and ones whose EKU
-    /// lacks clientAuth (agent certificates).
-    pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .client_ca_root(Certificate::from_pem(&self.ca_pem))
-            .timeout(HANDSHAKE_TIMEOUT)
+    /// The agent's server config: TLS 1.3 only, presents this identity, requires a client certificate issued by the
+    /// CA. rustls' WebPKI client verifier refuses certificates from another CA, expired ones, ones whose EKU lacks
+    /// clientAuth (agent certificates) and, given the CA's `crl`, revoked ones.
+    pub fn server_config(
+        &self,
+        crl: Option<CertificateRevocationListDer<'static>>,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let provider = Arc::new(crate::crypto_provider());
+        let config_error = |e: &dyn std::fmt::Display| TlsError::Config(e.to_string());
+        let mut roots = RootCertStore::empty();
+        for ca in self.ca_certs()? {
+            roots.add(ca).map_err(|e| TlsError::BadCertificate {
+                path: self.files.ca.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let mut verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider));
+        if let Some(crl) = crl {
+            // The CA is the trust anchor, so only the client's own certificate can be on a CRL.
+            verifier = verifier.with_crls([crl]).only_check_end_entity_revocation();
+        }
+        let verifier = verifier.build().map_err(|e| config_error(&e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| config_error(&e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.cert_chain()?, self.private_key()?)
+            .map_err(|e| config_error(&e))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
     }
 
     /// The controller's client config for dialing `host` (IP or DNS name): trusts only the CA, presents this
@@ -112,6 +139,38 @@ impl TlsMaterial {
             .domain_name(host.trim_start_matches('[').trim_end_matches(']'))
             .timeout(HANDSHAKE_TIMEOUT)
     }
+}
+
+/// Reads the CRL at `path` (PEM, as `patchctl ca crl` writes it) and checks that `ca_pem`'s CA signed it: a CRL of
+/// another CA would make the agent refuse every client, so it is refused here, naming the file.
+pub fn load_crl(
+    path: &Path,
+    ca_pem_path: &Path,
+) -> Result<CertificateRevocationListDer<'static>, TlsError> {
+    let problem = |problem: String| TlsError::Revocation {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let pem = read(path)?;
+    let crl = CertificateRevocationListDer::from_pem_slice(&pem).map_err(|e| {
+        problem(format!(
+            "not a PEM CRL ({e}): write it with `patchctl ca crl` and copy it here"
+        ))
+    })?;
+    let (_, parsed) =
+        x509_parser::parse_x509_crl(&crl).map_err(|e| problem(format!("not a valid CRL: {e}")))?;
+    let ca_pem = read(ca_pem_path)?;
+    let signed_by_ca = parse_certs(ca_pem_path, &ca_pem)?.iter().any(|der| {
+        x509_parser::parse_x509_certificate(der)
+            .is_ok_and(|(_, ca)| parsed.verify_signature(ca.public_key()).is_ok())
+    });
+    if !signed_by_ca {
+        return Err(problem(format!(
+            "not signed by the CA in {}: write it with `patchctl ca crl` from that CA",
+            ca_pem_path.display()
+        )));
+    }
+    Ok(crl)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {

@@ -2,8 +2,9 @@
 
 use crate::{TlsError, write_file_atomic};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, RevokedCertParams, SanType, SerialNumber,
 };
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -15,10 +16,14 @@ pub const CA_CERT_FILE: &str = "ca.crt";
 pub const CA_KEY_FILE: &str = "ca.key";
 
 const CA_VALIDITY_DAYS: i64 = 3650;
+/// The `nextUpdate` of a CRL, in days from its issue. The agent does not refuse a CRL past it (an agent that
+/// cannot be reached with a fresh CRL must not lock every controller out); it says when to issue a new one.
+pub const CRL_VALIDITY_DAYS: i64 = 30;
 /// Certificates start slightly in the past so that hosts with a lagging clock accept them at once.
 const CLOCK_SKEW_ALLOWANCE: Duration = Duration::minutes(5);
 
-/// What a certificate is for. Encoded as the extended key usage, which the TLS stacks enforce.
+/// What a certificate is for. Encoded as the extended key usage, which the TLS stacks enforce; a controller
+/// certificate also carries a [`ControllerRole`] that the agent enforces per RPC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// A patchd agent: TLS server (EKU serverAuth only).
@@ -37,6 +42,55 @@ impl Role {
     }
 }
 
+/// What a controller certificate may ask of an agent, carried as the URI SAN `urn:patchd:role:<name>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControllerRole {
+    /// Info and Status only (`patchctl display`, `agent info`).
+    Observer,
+    /// Everything: also upload, query, stage, apply and rollback.
+    Operator,
+}
+
+/// Prefix of the URI SAN naming a controller certificate's [`ControllerRole`].
+pub const ROLE_URI_PREFIX: &str = "urn:patchd:role:";
+/// Prefix of the URI SAN naming the person a controller certificate was issued to.
+pub const OPERATOR_URI_PREFIX: &str = "urn:patchd:operator:";
+
+impl ControllerRole {
+    /// Lower-case name, as on the command line and in the certificate.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControllerRole::Observer => "observer",
+            ControllerRole::Operator => "operator",
+        }
+    }
+
+    /// The role named `name` (`observer`, `operator`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "observer" => Some(ControllerRole::Observer),
+            "operator" => Some(ControllerRole::Operator),
+            _ => None,
+        }
+    }
+}
+
+/// Checks an operator name: 1 to 64 ASCII letters, digits, `.`, `_`, `@` or `-` (it is logged and shown).
+pub fn check_operator_name(name: &str) -> Result<(), TlsError> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(TlsError::BadOperator {
+            name: name.to_string(),
+        })
+    }
+}
+
 /// Where a CA lives on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaPaths {
@@ -51,6 +105,16 @@ impl CaPaths {
             cert: dir.join(CA_CERT_FILE),
             key: dir.join(CA_KEY_FILE),
         }
+    }
+
+    /// `ca.crt` inside `dir`, the key at `key` when given (a CA key kept off the controller's TLS directory),
+    /// else `ca.key` beside the certificate.
+    pub fn with_key(dir: &Path, key: Option<&Path>) -> Self {
+        let mut paths = Self::in_dir(dir);
+        if let Some(key) = key {
+            paths.key = key.to_path_buf();
+        }
+        paths
     }
 }
 
@@ -69,6 +133,10 @@ pub struct CertSpec {
     pub role: Role,
     /// Subject alternative names: IP addresses become IP SANs, anything else a DNS SAN.
     pub sans: Vec<String>,
+    /// What a controller certificate may do (ignored for agents).
+    pub controller_role: ControllerRole,
+    /// Who a controller certificate is for (a person; logged by the agent with every mutating call).
+    pub operator: Option<String>,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
 }
@@ -81,9 +149,23 @@ impl CertSpec {
             name: name.into(),
             role,
             sans,
+            controller_role: ControllerRole::Operator,
+            operator: None,
             not_before: now - CLOCK_SKEW_ALLOWANCE,
             not_after: now + Duration::days(i64::from(days)),
         }
+    }
+
+    /// The same request for a controller with `role` (default [`ControllerRole::Operator`]).
+    pub fn with_controller_role(mut self, role: ControllerRole) -> Self {
+        self.controller_role = role;
+        self
+    }
+
+    /// The same request naming the person it is for.
+    pub fn with_operator(mut self, operator: impl Into<String>) -> Self {
+        self.operator = Some(operator.into());
+        self
     }
 
     /// The same request with an explicit validity window (tests use it to make expired certificates).
@@ -153,7 +235,11 @@ impl CertificateAuthority {
 
     /// Loads `ca.crt` and `ca.key` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, TlsError> {
-        let paths = CaPaths::in_dir(dir);
+        Self::load_from(&CaPaths::in_dir(dir))
+    }
+
+    /// Loads the CA certificate and key from `paths` (the key may live elsewhere, see [`CaPaths::with_key`]).
+    pub fn load_from(paths: &CaPaths) -> Result<Self, TlsError> {
         let cert_pem =
             std::fs::read_to_string(&paths.cert).map_err(|e| TlsError::read(&paths.cert, e))?;
         let key_pem =
@@ -181,20 +267,43 @@ impl CertificateAuthority {
 
     /// Writes `ca.crt` (0644) and `ca.key` (0600) into `dir`; refuses to replace an existing CA unless `force`.
     pub fn write(&self, dir: &Path, force: bool) -> Result<CaPaths, TlsError> {
-        let paths = CaPaths::in_dir(dir);
-        if !force {
-            for (path, file) in [(&paths.cert, CA_CERT_FILE), (&paths.key, CA_KEY_FILE)] {
-                if path.exists() {
-                    return Err(TlsError::CaExists {
-                        dir: dir.to_path_buf(),
-                        file,
-                    });
-                }
-            }
-        }
+        self.write_to(&CaPaths::in_dir(dir), force)
+    }
+
+    /// Writes the certificate (0644) and key (0600) to `paths`; refuses to replace either unless `force`.
+    pub fn write_to(&self, paths: &CaPaths, force: bool) -> Result<CaPaths, TlsError> {
+        refuse_existing_ca(paths, force)?;
         write_file_atomic(&paths.key, self.key_pem.as_bytes(), 0o600)?;
         write_file_atomic(&paths.cert, self.cert_pem.as_bytes(), 0o644)?;
-        Ok(paths)
+        Ok(paths.clone())
+    }
+
+    /// Signs a CRL listing every serial in `revocations`, valid from now for [`CRL_VALIDITY_DAYS`]. The CRL number
+    /// is the current Unix time, so a later CRL always has a higher number.
+    pub fn crl_pem(&self, revocations: &crate::Revocations) -> Result<String, TlsError> {
+        let now = OffsetDateTime::now_utc();
+        let revoked_certs = revocations
+            .entries()
+            .iter()
+            .map(|entry| {
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&entry.serial_bytes()?),
+                    revocation_time: OffsetDateTime::from_unix_timestamp(entry.revoked_unix)
+                        .unwrap_or(now),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, TlsError>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: now - CLOCK_SKEW_ALLOWANCE,
+            next_update: now + Duration::days(CRL_VALIDITY_DAYS),
+            crl_number: SerialNumber::from(u64::try_from(now.unix_timestamp()).unwrap_or(0)),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 
     /// Issues a certificate for `spec`, signed by this CA, with a new ECDSA P-256 key.
@@ -212,6 +321,23 @@ impl CertificateAuthority {
             .iter()
             .map(|s| parse_san(s))
             .collect::<Result<_, _>>()?;
+        if spec.role == Role::Controller {
+            let mut uris = vec![format!(
+                "{ROLE_URI_PREFIX}{}",
+                spec.controller_role.as_str()
+            )];
+            if let Some(operator) = &spec.operator {
+                check_operator_name(operator)?;
+                uris.push(format!("{OPERATOR_URI_PREFIX}{operator}"));
+            }
+            for text in uris {
+                let uri = text
+                    .clone()
+                    .try_into()
+                    .map_err(|_| TlsError::BadSan { san: text })?;
+                params.subject_alt_names.push(SanType::URI(uri));
+            }
+        }
         params
             .distinguished_name
             .push(DnType::CommonName, spec.name.as_str());
@@ -235,20 +361,22 @@ impl CertificateAuthority {
     }
 }
 
-/// Creates a new CA in `dir` (`ca.crt`, `ca.key` mode 0600). Refuses to replace an existing one unless `force`.
-pub fn init_ca(dir: &Path, force: bool) -> Result<CaPaths, TlsError> {
-    let paths = CaPaths::in_dir(dir);
-    if !force {
-        for (path, file) in [(&paths.cert, CA_CERT_FILE), (&paths.key, CA_KEY_FILE)] {
-            if path.exists() {
-                return Err(TlsError::CaExists {
-                    dir: dir.to_path_buf(),
-                    file,
-                });
-            }
+/// Creates a new CA (`paths.cert`, `paths.key` mode 0600). Refuses to replace an existing one unless `force`.
+pub fn init_ca(paths: &CaPaths, force: bool) -> Result<CaPaths, TlsError> {
+    refuse_existing_ca(paths, force)?;
+    CertificateAuthority::generate("patchd cluster CA")?.write_to(paths, force)
+}
+
+fn refuse_existing_ca(paths: &CaPaths, force: bool) -> Result<(), TlsError> {
+    if force {
+        return Ok(());
+    }
+    for path in [&paths.cert, &paths.key] {
+        if path.exists() {
+            return Err(TlsError::CaExists { path: path.clone() });
         }
     }
-    CertificateAuthority::generate("patchd cluster CA")?.write(dir, force)
+    Ok(())
 }
 
 fn parse_san(raw: &str) -> Result<SanType, TlsError> {
@@ -256,16 +384,21 @@ fn parse_san(raw: &str) -> Result<SanType, TlsError> {
         san: raw.to_string(),
     };
     let trimmed = raw.trim().trim_start_matches('[').trim_end_matches(']');
+    if trimmed.contains('*') {
+        // A wildcard would let one agent's key answer for every host it matches.
+        return Err(TlsError::WildcardSan {
+            san: raw.to_string(),
+        });
+    }
     if let Ok(ip) = trimmed.parse::<IpAddr>() {
         return Ok(SanType::IpAddress(ip));
     }
     let valid_dns = !trimmed.is_empty()
         && trimmed.len() <= 253
-        && trimmed.split('.').enumerate().all(|(i, label)| {
+        && trimmed.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && (label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                    || (i == 0 && label == "*"))
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
@@ -285,14 +418,15 @@ mod tests {
     #[test]
     fn ca_init_refuses_to_overwrite_without_force() {
         let dir = tempfile::tempdir().unwrap();
-        let first = init_ca(dir.path(), false).unwrap();
+        let paths = CaPaths::in_dir(dir.path());
+        let first = init_ca(&paths, false).unwrap();
         let pem = std::fs::read_to_string(&first.cert).unwrap();
         assert!(matches!(
-            init_ca(dir.path(), false),
+            init_ca(&paths, false),
             Err(TlsError::CaExists { .. })
         ));
         assert_eq!(pem, std::fs::read_to_string(&first.cert).unwrap());
-        init_ca(dir.path(), true).unwrap();
+        init_ca(&paths, true).unwrap();
         assert_ne!(pem, std::fs::read_to_string(&first.cert).unwrap());
         let mode = std::fs::metadata(&first.key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -301,7 +435,7 @@ mod tests {
     #[test]
     fn issued_key_is_private_and_ca_reloads() {
         let dir = tempfile::tempdir().unwrap();
-        init_ca(dir.path(), false).unwrap();
+        init_ca(&CaPaths::in_dir(dir.path()), false).unwrap();
         let ca = CertificateAuthority::load(dir.path()).unwrap();
         let issued = ca
             .issue(&CertSpec::new(
@@ -330,5 +464,23 @@ mod tests {
         assert!(parse_san("bad name").is_err());
         assert!(parse_san("").is_err());
         assert!(parse_san("-x.example").is_err());
+        assert!(matches!(
+            parse_san("*.example.com"),
+            Err(TlsError::WildcardSan { .. })
+        ));
+    }
+
+    #[test]
+    fn ca_key_can_live_in_another_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("offline/ca.key");
+        std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+        let paths = CaPaths::with_key(&dir.path().join("tls"), Some(&key));
+        std::fs::create_dir_all(dir.path().join("tls")).unwrap();
+        init_ca(&paths, false).unwrap();
+        assert!(key.exists());
+        assert!(!dir.path().join("tls").join(CA_KEY_FILE).exists());
+        assert!(CertificateAuthority::load(&dir.path().join("tls")).is_err());
+        CertificateAuthority::load_from(&paths).unwrap();
     }
 }

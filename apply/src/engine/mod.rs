@@ -37,6 +37,8 @@ pub struct ApplyCommand {
     pub patch_id: String,
     /// Swap files only; no stop, start or probation.
     pub offline: bool,
+    /// Who asked (recorded in the journal, shown by Status).
+    pub caller: String,
 }
 
 /// Return a service to the version before `to_patch_id` (or before its last committed patch).
@@ -45,6 +47,8 @@ pub struct RollbackCommand {
     pub service: String,
     pub to_patch_id: Option<String>,
     pub patch_id: String,
+    /// Who asked (recorded in the journal, shown by Status).
+    pub caller: String,
 }
 
 /// The answer to Apply and Rollback.
@@ -359,6 +363,7 @@ impl Engine {
             phase: ApplyPhase::Prepared,
             started_unix: self.inner.effects.clock.unix_now(),
             container: None,
+            caller: command.caller.clone(),
         };
         self.execute_record(&svc, record, planning).await
     }
@@ -482,6 +487,7 @@ impl Engine {
             phase: ApplyPhase::Prepared,
             started_unix: self.inner.effects.clock.unix_now(),
             container: None,
+            caller: command.caller.clone(),
         };
         self.execute_record(&svc, record, planning).await
     }

@@ -171,6 +171,7 @@ async fn a_staged_copy_edited_through_its_deployed_link_is_never_deployed() {
     assert_eq!(std::fs::read_to_string(&staged).unwrap(), "binary hacked");
     let report = engine
         .rollback(RollbackCommand {
+            caller: String::new(),
             service: "svc".into(),
             to_patch_id: None,
             patch_id: "r1".into(),
@@ -238,6 +239,7 @@ async fn a_patch_id_still_in_the_history_or_the_backups_is_refused() {
     );
     let err = engine
         .rollback(RollbackCommand {
+            caller: String::new(),
             service: "svc".into(),
             to_patch_id: None,
             patch_id: "p1".into(),
@@ -390,6 +392,7 @@ async fn rollback_returns_to_earlier_versions_and_backups_are_pruned() {
     let engine = host.engine().await.unwrap();
     let err = engine
         .rollback(RollbackCommand {
+            caller: String::new(),
             service: "svc".into(),
             to_patch_id: None,
             patch_id: "r0".into(),
@@ -420,6 +423,7 @@ async fn rollback_returns_to_earlier_versions_and_backups_are_pruned() {
     );
     let err = engine
         .rollback(RollbackCommand {
+            caller: String::new(),
             service: "svc".into(),
             to_patch_id: Some("p2".into()),
             patch_id: "r1".into(),
@@ -431,6 +435,7 @@ async fn rollback_returns_to_earlier_versions_and_backups_are_pruned() {
     // undo the last one
     let report = engine
         .rollback(RollbackCommand {
+            caller: String::new(),
             service: "svc".into(),
             to_patch_id: None,
             patch_id: "r1".into(),
@@ -451,6 +456,7 @@ async fn rollback_returns_to_earlier_versions_and_backups_are_pruned() {
     assert_eq!(engine.status(Some("svc")).await.unwrap()[0].version, "v3");
     let replay = engine
         .rollback(RollbackCommand {
+            caller: String::new(),
             service: "svc".into(),
             to_patch_id: None,
             patch_id: "r1".into(),
@@ -463,6 +469,7 @@ async fn rollback_returns_to_earlier_versions_and_backups_are_pruned() {
     // back to before p3: that is p2's content
     let report = engine
         .rollback(RollbackCommand {
+            caller: String::new(),
             service: "svc".into(),
             to_patch_id: Some("p3".into()),
             patch_id: "r2".into(),
@@ -508,6 +515,7 @@ async fn finished_applies_and_restarts_prune_what_nothing_needs() {
     assert!(blob(&v3).is_file() && staged(&v3).is_dir());
     let report = engine
         .rollback(RollbackCommand {
+            caller: String::new(),
             service: "svc".into(),
             to_patch_id: None,
             patch_id: "r3".into(),
@@ -547,6 +555,7 @@ async fn failed_rollback_is_reverted_to_the_current_version() {
     );
     let report = engine
         .rollback(RollbackCommand {
+            caller: String::new(),
             service: "svc".into(),
             to_patch_id: None,
             patch_id: "r1".into(),

@@ -281,6 +281,7 @@ async fn new_files_are_owned_as_the_files_they_replace_or_their_directory() {
     // A rollback puts the old file back with its old owner.
     let report = engine
         .rollback(RollbackCommand {
+            caller: String::new(),
             service: "svc".into(),
             to_patch_id: None,
             patch_id: "r1".into(),

@@ -318,6 +318,7 @@ http = "http://127.0.0.1:1/health"
 
 fn apply_cmd(digest: &str, patch_id: &str) -> ApplyCommand {
     ApplyCommand {
+        caller: String::new(),
         service: "svc".into(),
         digest: digest.into(),
         patch_id: patch_id.into(),

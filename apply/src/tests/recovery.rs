@@ -154,6 +154,7 @@ async fn an_unreadable_journal_quarantines_its_service_instead_of_failing_the_st
         assert!(err.to_string().contains("quarantined"), "{err}");
         let err = engine
             .rollback(RollbackCommand {
+                caller: String::new(),
                 service: "svc".into(),
                 to_patch_id: None,
                 patch_id: "r1".into(),

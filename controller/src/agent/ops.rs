@@ -56,6 +56,9 @@ pub struct PatchRecord {
     pub reason: String,
     /// When it finished (Unix seconds).
     pub finished_unix: i64,
+    /// Who asked for it, as the agent recorded it from the controller certificate: CN, operator and serial
+    /// ("" when the agent did not record it).
+    pub caller: String,
 }
 
 fn serialize_outcome<S: serde::Serializer>(
@@ -156,6 +159,7 @@ fn patch_record(wire: v1::AppliedPatch) -> Option<PatchRecord> {
         version: escaped(&wire.version),
         reason: escaped(&wire.reason),
         finished_unix: wire.finished_unix,
+        caller: wire.caller,
     })
 }
 
@@ -491,6 +495,7 @@ mod tests {
             outcome,
             reason: String::new(),
             finished_unix: 0,
+            caller: String::new(),
         };
         let mut info = service_info(v1::ServiceStatus {
             binary_sha256: "0123456789abcdef".into(),

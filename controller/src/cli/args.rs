@@ -1,5 +1,6 @@
-//! Arguments several commands share: the `-N`/`-R` selection, and for `patch` and `rollback` the review and
-//! policy flags with the review itself (dry run, plan, confirmation) and the rollout lock taken after it.
+//! Arguments several commands share: the `-N`/`-R` selection; where the CA lives (`ca`, `cert`); and for `patch`
+//! and `rollback` the review and policy flags with the review itself (dry run, plan, confirmation) and the rollout
+//! lock taken after it.
 
 use super::{Ctx, Format};
 use anyhow::{Context, bail};
@@ -20,6 +21,46 @@ pub struct Selection {
     /// Only these roles (comma-separated). With -N: the intersection.
     #[arg(short = 'R', long = "role", value_delimiter = ',')]
     pub roles: Vec<String>,
+}
+
+/// Environment variable naming the CA private key when it is kept outside the CA directory.
+pub const CA_KEY_ENV: &str = "PATCHCTL_CA_KEY";
+
+/// Where the cluster CA is: its directory (`ca.crt`, `revoked.json`, `ca.crl`) and its private key, which may be
+/// kept elsewhere (another directory, removable media): only `cert issue`, `ca revoke` and `ca crl` read it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CaLocation {
+    /// Directory of the CA certificate. Default: $PATCHCTL_HOME/tls
+    #[arg(long = "ca-dir", alias = "dir", value_name = "DIR")]
+    pub dir: Option<std::path::PathBuf>,
+    /// The CA private key. Default: ca.key in the CA directory.
+    #[arg(long = "ca-key", env = CA_KEY_ENV, value_name = "PATH")]
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl CaLocation {
+    /// The CA directory.
+    pub fn dir(&self, ctx: &Ctx) -> std::path::PathBuf {
+        self.dir.clone().unwrap_or_else(|| ctx.home.tls_dir())
+    }
+
+    /// The CA certificate and key paths.
+    pub fn paths(&self, ctx: &Ctx) -> patchd_tls::CaPaths {
+        patchd_tls::CaPaths::with_key(&self.dir(ctx), self.key.as_deref())
+    }
+
+    /// Loads the CA (certificate and key); the error says where it looked and how to point elsewhere.
+    pub fn load(&self, ctx: &Ctx) -> anyhow::Result<patchd_tls::CertificateAuthority> {
+        let paths = self.paths(ctx);
+        patchd_tls::CertificateAuthority::load_from(&paths).with_context(|| {
+            format!(
+                "cannot load the CA ({}, key {}): create one with `patchctl ca init`, or pass --ca-dir, and --ca-key \
+                 (or set {CA_KEY_ENV}) when the key is kept elsewhere",
+                paths.cert.display(),
+                paths.key.display()
+            )
+        })
+    }
 }
 
 /// Review and policy flags of a new rollout.

@@ -1,5 +1,6 @@
 //! `patchctl display <cluster>`: the seed's status table (ID, Role, Host, Ports, OS/Arch, Status, Data Dir,
-//! Deploy Dir, Version) from agents and the cluster's hooks, probed in parallel with a timeout.
+//! Deploy Dir, Version) from agents and the cluster's hooks, probed in parallel with a timeout; then who made each
+//! node's last change (as its agent recorded it from the controller certificate) and the problems.
 
 use super::args::Selection;
 use super::{Ctx, Format};
@@ -102,6 +103,29 @@ pub(super) fn render(cluster: &str, version: Option<&str>, rows: &[NodeStatus]) 
         .collect();
     out.push_str(&plain_table(&header, &body));
     out.push_str(&format!("Total nodes: {}\n", rows.len()));
+    // Who made each node's last change, as its agent recorded it from the controller certificate.
+    let changes: Vec<String> = rows
+        .iter()
+        .filter_map(|row| {
+            let last = row.service.as_ref()?.last.as_ref()?;
+            (!last.caller.is_empty()).then(|| {
+                format!(
+                    "  {}: {} {} by {}",
+                    row.id,
+                    patchctl::agent::ops::outcome_name(last.outcome),
+                    last.patch_id,
+                    last.caller
+                )
+            })
+        })
+        .collect();
+    if !changes.is_empty() {
+        out.push_str("Last changes:\n");
+        for change in changes {
+            out.push_str(&change);
+            out.push('\n');
+        }
+    }
     let problems: Vec<String> = rows
         .iter()
         .flat_map(|row| {

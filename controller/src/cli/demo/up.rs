@@ -233,7 +233,8 @@ pub(super) fn ensure_controller_tls(ctx: &Ctx, tls_dir: &Path) -> anyhow::Result
             ctx,
             &format!("creating the cluster CA in {}", tls_dir.display()),
         );
-        patchd_tls::init_ca(tls_dir, false).context("cannot create the cluster CA")?;
+        patchd_tls::init_ca(&patchd_tls::CaPaths::in_dir(tls_dir), false)
+            .context("cannot create the cluster CA")?;
     }
     let files = ControllerTls::files_in(tls_dir);
     if !files.cert.exists() || !files.key.exists() {
