@@ -325,6 +325,7 @@ impl Engine {
                 phase: ApplyPhase::Prepared,
                 started_unix: self.inner.effects.clock.unix_now(),
                 container: Some(swap),
+                caller: command.caller.clone(),
             };
             return self.execute_record(&svc, record, planning).await;
         }
@@ -451,6 +452,7 @@ impl Engine {
                 phase: ApplyPhase::Prepared,
                 started_unix: self.inner.effects.clock.unix_now(),
                 container: Some(swap),
+                caller: command.caller.clone(),
             };
             return self.execute_record(&svc, record, planning).await;
         }

@@ -443,6 +443,7 @@ fn apply_cmd(digest: &str, patch_id: &str) -> ApplyCommand {
         digest: digest.into(),
         patch_id: patch_id.into(),
         offline: false,
+        caller: String::new(),
     }
 }
 
@@ -506,6 +507,7 @@ async fn a_committed_swap_carries_the_configuration_over_and_keeps_the_old_image
             service: "oms".into(),
             to_patch_id: None,
             patch_id: "r1".into(),
+            caller: String::new(),
         })
         .await
         .unwrap();
