@@ -1,0 +1,1 @@
+//! The journaled upgrade step machine.
