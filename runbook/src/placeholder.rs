@@ -79,9 +79,9 @@ pub fn render(template: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String
             rest = &tail[2..];
             continue;
         }
-        if tail.starts_with('}') {
+        if let Some(after) = tail.strip_prefix('}') {
             out.push('}');
-            rest = &tail[1..];
+            rest = after;
             continue;
         }
         match tail[1..].find('}') {
