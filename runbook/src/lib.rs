@@ -33,7 +33,8 @@
 //! * **Placeholders**: see [`placeholder`]; each is checked where it is used.
 //! * **Undo.** A step that changes nothing (`check`, `mark`, `assert`, `backup`, an HTTP GET) has no undo.
 //!   `yaml_edit` and `container` swap/stop/start undo themselves (original bytes, old container). Every other
-//!   step that changes something needs `undo: <step body>` (an `http`, `sql`, `container` or `restore`), or
+//!   step that changes something needs `undo: <step body>` (an `http`, `sql`, `container` or `restore`; or a list of
+//!   them, run in order), or
 //!   `undo: none`, allowed only at or after the step named by `point_of_no_return`: before it a failure rolls
 //!   every change back, so every change must be undoable.
 //! * **Idempotency** (what happens after a crash mid-step, see [`machine`]): `check`, `mark`, `assert`,

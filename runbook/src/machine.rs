@@ -170,8 +170,8 @@ pub trait UpgradeEffects {
         check: &Check,
         values: &Values,
     ) -> Result<Resolution, String>;
-    /// Undoes `step`: `undo` is the undo body, or `None` for a built-in undo of `action`; `output` is what the
-    /// step recorded (a `yaml_edit`'s backup of the original, …).
+    /// Undoes `step`: `undo` is one undo body (called for each, in order), or `None` for a built-in undo of
+    /// `action`; `output` is what the step recorded (a `yaml_edit`'s backup of the original, …).
     fn undo(
         &mut self,
         step: &ScheduledStep,
@@ -544,10 +544,10 @@ impl<'r> UpgradeMachine<'r> {
     ) -> Result<Option<Halt>, JournalError> {
         for instance in list {
             let step = self.step(instance);
-            let undo = match &step.undo {
+            let undos: Vec<Option<&Action>> = match &step.undo {
                 Undo::NothingToUndo | Undo::None => continue,
-                Undo::BuiltIn => None,
-                Undo::Action(action) => Some(action.as_ref()),
+                Undo::BuiltIn => vec![None],
+                Undo::Actions(actions) => actions.iter().map(Some).collect(),
             };
             if replay.undone_ok(&instance.key) {
                 continue;
@@ -555,8 +555,11 @@ impl<'r> UpgradeMachine<'r> {
             let output = replay.output(&instance.key).cloned().unwrap_or_default();
             journal.append(&Entry::UndoStarted(instance.key.clone()))?;
             let values = self.values(replay);
-            let result = effects.undo(instance, &step.action, undo, &output, &values);
-            let error = result.err();
+            let error = undos.into_iter().find_map(|undo| {
+                effects
+                    .undo(instance, &step.action, undo, &output, &values)
+                    .err()
+            });
             journal.append(&Entry::UndoFinished {
                 key: instance.key.clone(),
                 error: error.clone(),

@@ -93,8 +93,8 @@ pub enum Undo {
     /// Built into the kind: `yaml_edit` restores the original bytes, `container` swaps or starts the old container
     /// back.
     BuiltIn,
-    /// `undo: <step body>`.
-    Action(Box<Action>),
+    /// `undo: <step body>` or `undo: [<step body>, ..]`, run in order.
+    Actions(Vec<Action>),
     /// `undo: none`, only at or after the point of no return.
     None,
 }

@@ -222,10 +222,22 @@ pub fn dry_run(runbook: &Runbook, schedule: &Schedule) -> Vec<DryRunStep> {
             let undo = match &step.undo {
                 Undo::NothingToUndo => "nothing to undo".to_string(),
                 Undo::BuiltIn => match &step.action {
-                    Action::YamlEdit(_) => "restore the original file".to_string(),
-                    _ => "put the old container back".to_string(),
+                    Action::Container(ContainerAction {
+                        name,
+                        op: ContainerOp::Stop,
+                    }) => format!("start container {}", fill(name)),
+                    Action::Container(ContainerAction {
+                        name,
+                        op: ContainerOp::Start,
+                    }) => format!("stop container {}", fill(name)),
+                    Action::Container(_) => "put the old container back".to_string(),
+                    _ => "restore the original file".to_string(),
                 },
-                Undo::Action(action) => describe(action, &fill),
+                Undo::Actions(actions) => actions
+                    .iter()
+                    .map(|action| describe(action, &fill))
+                    .collect::<Vec<_>>()
+                    .join("; then "),
                 Undo::None => "none".to_string(),
             };
             DryRunStep {

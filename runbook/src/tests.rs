@@ -164,3 +164,45 @@ fn defaults_follow_the_kind() {
     assert_eq!(get.on, RunsOn::FirstNodeOf("oms".into()));
     assert!(get.idempotent);
 }
+
+#[test]
+fn the_oms_example_is_valid_and_its_schedule_matches_the_golden_dry_run() {
+    let text = include_str!("../../examples/oms/runbook.yaml");
+    let facts = ClusterFacts {
+        roles: vec!["oms".into()],
+        databases: vec!["rm".into(), "cm".into(), "cm_hb".into()],
+    };
+    let runbook = parse_for_cluster(text, &facts).unwrap_or_else(|error| panic!("{error}"));
+    let nodes: Vec<schedule::NodeRef> = (1..=3)
+        .map(|n| schedule::NodeRef {
+            id: format!("127.0.2.{n}:8088"),
+            name: format!("oms-{n}"),
+            host: format!("127.0.2.{n}"),
+            role: "oms".into(),
+            batch: n - 1,
+        })
+        .collect();
+    let planned = schedule::schedule(&runbook, &nodes).unwrap();
+    let text = schedule::render_dry_run(&runbook, &schedule::dry_run(&runbook, &planned));
+    let golden = include_str!("../tests/golden/oms_dry_run.txt");
+    if text != golden && std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/oms_dry_run.txt"),
+            &text,
+        )
+        .unwrap();
+        return;
+    }
+    assert_eq!(
+        text, golden,
+        "rerun with UPDATE_GOLDEN=1 to accept a deliberate change"
+    );
+    // `once` on the first node only; the heartbeat rotation once for the cluster.
+    let upgrades: Vec<_> = planned
+        .steps
+        .iter()
+        .filter(|s| s.key.step == "docker-upgrade")
+        .collect();
+    assert_eq!(upgrades.len(), 1);
+    assert_eq!(upgrades[0].key.node.as_deref(), Some("127.0.2.1:8088"));
+}

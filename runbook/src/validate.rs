@@ -187,7 +187,7 @@ pub(crate) fn build(
     let mut saved = HashSet::new();
     let mut marks = HashSet::new();
     let mut backups: HashMap<String, bool> = HashMap::new();
-    let mut databases: Vec<String> = Vec::new();
+    let mut databases: Vec<(String, String)> = Vec::new();
     for (position, raw_step) in raw.steps.into_iter().enumerate() {
         let path = format!("steps[{position}]");
         let scope = scopes[position];
@@ -360,10 +360,10 @@ pub(crate) fn build(
         });
     }
     if let Some(facts) = facts {
-        for database in &databases {
+        for (database, key) in &databases {
             if !facts.databases.contains(database) {
                 c.problem(
-                    "steps",
+                    key,
                     format!(
                         "database `{database}` is not defined in the cluster's topology (`databases:`); define \
                          it there with its host, port, user and password source"
@@ -384,7 +384,7 @@ pub(crate) fn build(
         params,
         point_of_no_return: raw.point_of_no_return,
         steps,
-        databases,
+        databases: databases.into_iter().map(|(name, _)| name).collect(),
     })
 }
 
@@ -417,7 +417,7 @@ fn undo_from(
     after_ponr: bool,
     known: &Known<'_>,
     backups: &HashMap<String, bool>,
-    databases: &mut Vec<String>,
+    databases: &mut Vec<(String, String)>,
 ) -> Undo {
     let key = format!("{path}.undo");
     let built_in = matches!(action, Action::YamlEdit(_))
@@ -468,44 +468,79 @@ fn undo_from(
             }
             Undo::None
         }
-        Some(value) => {
-            let body: RawStep = match serde_norway::from_value(value.clone()) {
-                Ok(body) => body,
-                Err(error) => {
-                    c.problem(&key, format!("`undo:` is `none` or a step body: {error}"));
-                    return Undo::None;
-                }
-            };
-            if body.id.is_some()
-                || body.scope.is_some()
-                || body.on.is_some()
-                || body.roles.is_some()
-                || body.once.is_some()
-                || body.idempotent.is_some()
-                || body.resolve.is_some()
-                || body.undo.is_some()
-            {
-                c.problem(
-                    &key,
-                    format!("an undo is a step body only; it takes none of: {STEP_ONLY_KEYS}"),
-                );
-            }
-            match action_from(c, &body, &key, known, backups, databases) {
-                Some(undo) if undo.changes_something() => Undo::Action(Box::new(undo)),
-                Some(undo) => {
-                    c.problem(
-                        &key,
-                        format!(
-                            "an undo must put something back; a `{}` changes nothing",
-                            undo.kind()
-                        ),
-                    );
-                    Undo::None
-                }
-                None => Undo::None,
-            }
+        Some(Value::Sequence(items)) if items.is_empty() => {
+            c.problem(
+                &key,
+                "`undo: []` undoes nothing; give the undo steps, or `undo: none`",
+            );
+            Undo::None
         }
+        Some(Value::Sequence(items)) => {
+            let mut actions = Vec::new();
+            for (at, item) in items.iter().enumerate() {
+                actions.extend(undo_body(
+                    c,
+                    item,
+                    &format!("{key}[{at}]"),
+                    known,
+                    backups,
+                    databases,
+                ));
+            }
+            Undo::Actions(actions)
+        }
+        Some(value) => match undo_body(c, value, &key, known, backups, databases) {
+            Some(action) => Undo::Actions(vec![action]),
+            None => Undo::None,
+        },
     }
+}
+
+/// One undo body (`undo: {..}` or an item of `undo: [..]`).
+fn undo_body(
+    c: &mut Checker<'_>,
+    value: &Value,
+    key: &str,
+    known: &Known<'_>,
+    backups: &HashMap<String, bool>,
+    databases: &mut Vec<(String, String)>,
+) -> Option<Action> {
+    let body: RawStep = match serde_norway::from_value(value.clone()) {
+        Ok(body) => body,
+        Err(error) => {
+            c.problem(
+                key,
+                format!("`undo:` is `none`, a step body or a list of them: {error}"),
+            );
+            return None;
+        }
+    };
+    if body.id.is_some()
+        || body.scope.is_some()
+        || body.on.is_some()
+        || body.roles.is_some()
+        || body.once.is_some()
+        || body.idempotent.is_some()
+        || body.resolve.is_some()
+        || body.undo.is_some()
+    {
+        c.problem(
+            key,
+            format!("an undo is a step body only; it takes none of: {STEP_ONLY_KEYS}"),
+        );
+    }
+    let undo = action_from(c, &body, key, known, backups, databases)?;
+    if !undo.changes_something() {
+        c.problem(
+            key,
+            format!(
+                "an undo must put something back; a `{}` changes nothing",
+                undo.kind()
+            ),
+        );
+        return None;
+    }
+    Some(undo)
 }
 
 /// The one kind key of a step (or undo body) turned into an [`Action`]; `None` after reporting problems.
@@ -515,7 +550,7 @@ fn action_from(
     path: &str,
     known: &Known<'_>,
     backups: &HashMap<String, bool>,
-    databases: &mut Vec<String>,
+    databases: &mut Vec<(String, String)>,
 ) -> Option<Action> {
     let given: Vec<&str> = [
         ("check", raw.check.is_some()),
@@ -671,7 +706,7 @@ fn action_from(
         })
     } else if let Some(sql) = &raw.sql {
         let key = format!("{path}.sql");
-        note_database(databases, &sql.database);
+        note_database(databases, &sql.database, &format!("{key}.database"));
         if sql.statements.is_empty() {
             c.problem(
                 &format!("{key}.statements"),
@@ -810,7 +845,7 @@ fn check_from(
     raw: &RawCheck,
     key: &str,
     known: &Known<'_>,
-    databases: &mut Vec<String>,
+    databases: &mut Vec<(String, String)>,
 ) -> Option<Check> {
     let before = c.problems.len();
     let probe = match (&raw.command, &raw.http, &raw.sql) {
@@ -838,7 +873,7 @@ fn check_from(
             }
         }
         (None, None, Some(query)) => {
-            note_database(databases, &query.database);
+            note_database(databases, &query.database, &format!("{key}.sql.database"));
             templates(
                 c,
                 &format!("{key}.sql.query"),
@@ -1030,9 +1065,10 @@ fn check_url(c: &mut Checker<'_>, key: &str, url: &str) {
     }
 }
 
-fn note_database(databases: &mut Vec<String>, name: &str) {
-    if !databases.iter().any(|known| known == name) {
-        databases.push(name.to_string());
+/// Notes a database name with the key that first named it.
+fn note_database(databases: &mut Vec<(String, String)>, name: &str, key: &str) {
+    if !databases.iter().any(|(known, _)| known == name) {
+        databases.push((name.to_string(), key.to_string()));
     }
 }
 
