@@ -28,6 +28,8 @@ pub mod cluster_fixture;
 
 pub mod demo_fleet;
 
+pub mod mariadb;
+
 pub mod nspawn;
 /// A tmpfs for one test.
 pub mod tmpfs;
