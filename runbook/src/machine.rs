@@ -244,6 +244,11 @@ pub enum UndoRefused {
         .0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
     )]
     CannotUndo(Vec<StepKey>),
+    /// A step was started and its outcome is unknown: undoing around it could leave its effect behind.
+    #[error(
+        "step {0} was started and its outcome is unknown; resume the upgrade first (it resolves the step or asks          whether it took effect), then undo"
+    )]
+    Unresolved(StepKey),
     /// The journal could not be written.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -576,7 +581,8 @@ impl<'r> UpgradeMachine<'r> {
     }
 
     /// `rollback --upgrade`: undoes every done step (all nodes and the cluster) in reverse order, skipping those
-    /// already undone. Refused, before anything is journaled, when a done step has `undo: none`.
+    /// already undone. Refused, before anything is journaled, when a done step has `undo: none` or a started step
+    /// has no result yet.
     pub fn full_undo(
         &self,
         history: &[Entry],
@@ -585,6 +591,14 @@ impl<'r> UpgradeMachine<'r> {
     ) -> Result<Outcome, UndoRefused> {
         let mut replay = Replay::new(history);
         if !replay.full_undo {
+            if let Some(started) = self
+                .schedule
+                .steps
+                .iter()
+                .find(|instance| *replay.state(&instance.key) == State::Started)
+            {
+                return Err(UndoRefused::Unresolved(started.key.clone()));
+            }
             let stuck: Vec<StepKey> = self
                 .schedule
                 .steps

@@ -468,3 +468,24 @@ fn the_window_assertion_reads_marks_and_fails_the_step_when_too_long() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn full_undo_refuses_while_a_step_outcome_is_unknown() {
+    let runbook = crate::parse(RUNBOOK).unwrap();
+    let schedule = schedule(&runbook, &nodes()).unwrap();
+    let machine = UpgradeMachine::new(&runbook, &schedule);
+    let dump = key("dump", Some("n1"));
+    let position = schedule.steps.iter().position(|s| s.key == dump).unwrap();
+    let mut world = World::default();
+    let mut journal = Journal::new(Vec::new());
+    journal.crash_at = Some(2 * position + 1);
+    assert!(machine.run(&[], &[], &mut world, &mut journal).is_err());
+    let history = journal.entries.clone();
+    let mut after = Journal::new(history.clone());
+    let refused = machine
+        .full_undo(&history, &mut world, &mut after)
+        .unwrap_err();
+    assert_eq!(refused, UndoRefused::Unresolved(dump));
+    assert_eq!(after.entries.len(), history.len());
+    assert!(world.undos.is_empty());
+}
