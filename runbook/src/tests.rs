@@ -206,3 +206,44 @@ fn the_oms_example_is_valid_and_its_schedule_matches_the_golden_dry_run() {
     assert_eq!(upgrades.len(), 1);
     assert_eq!(upgrades[0].key.node.as_deref(), Some("127.0.2.1:8088"));
 }
+
+/// The crate stays pure: no file, network, process, clock or async use in its sources (tests may read files).
+#[test]
+fn the_crate_does_no_io_reads_no_clock_and_has_no_async() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![src.clone()];
+    let mut checked = 0;
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(
+                std::fs::read_dir(&path)
+                    .unwrap()
+                    .map(|entry| entry.unwrap().path()),
+            );
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        if path.ends_with("tests.rs") {
+            continue;
+        }
+        for forbidden in [
+            "std::fs",
+            "std::net",
+            "std::process",
+            "SystemTime",
+            "Instant",
+            "async ",
+            "tokio",
+            "std::env",
+        ] {
+            assert!(
+                !code.contains(forbidden),
+                "{} uses `{forbidden}`",
+                path.display()
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} files checked");
+}

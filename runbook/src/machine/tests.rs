@@ -489,3 +489,73 @@ fn full_undo_refuses_while_a_step_outcome_is_unknown() {
     assert_eq!(after.entries.len(), history.len());
     assert!(world.undos.is_empty());
 }
+
+#[test]
+fn what_a_failure_undoes_table() {
+    let runbook = crate::parse(RUNBOOK).unwrap();
+    let schedule = schedule(&runbook, &nodes()).unwrap();
+    let machine = UpgradeMachine::new(&runbook, &schedule);
+    // (failing step, undos run in order, or None when the run halts past the point of no return)
+    let cases: Vec<(StepKey, Option<Vec<StepKey>>)> = vec![
+        // A failed first check: nothing was changed, nothing to undo, nothing else ran.
+        (key("no-tasks", None), Some(vec![])),
+        (key("ha-off", None), Some(vec![])),
+        (key("stop", Some("n1")), Some(vec![key("ha-off", None)])),
+        (
+            key("rotate", Some("n1")),
+            Some(vec![key("stop", Some("n1")), key("ha-off", None)]),
+        ),
+        (
+            key("dump", Some("n1")),
+            Some(vec![
+                key("rotate", Some("n1")),
+                key("stop", Some("n1")),
+                key("ha-off", None),
+            ]),
+        ),
+        (key("swap", Some("n2")), None),
+        (key("ha-on", None), None),
+    ];
+    for (failing, expected) in cases {
+        let mut world = World {
+            fail: Some(failing.clone()),
+            ..World::default()
+        };
+        let mut journal = Journal::new(Vec::new());
+        let outcome = machine.run(&[], &[], &mut world, &mut journal).unwrap();
+        match expected {
+            Some(undos) => {
+                assert_eq!(
+                    outcome,
+                    Outcome::RolledBack {
+                        failed: failing.clone(),
+                        message: "injected failure".into()
+                    }
+                );
+                assert_eq!(world.undos, undos, "undos after {failing} failed");
+                let position = schedule
+                    .steps
+                    .iter()
+                    .position(|s| s.key == failing)
+                    .unwrap();
+                for later in &schedule.steps[position + 1..] {
+                    assert!(
+                        !world.runs.contains_key(&later.key),
+                        "{} ran after {failing} failed",
+                        later.key
+                    );
+                }
+            }
+            None => {
+                assert!(
+                    matches!(
+                        outcome,
+                        Outcome::Halted(Halt::FailedPastPointOfNoReturn { .. })
+                    ),
+                    "{failing}: {outcome:?}"
+                );
+                assert!(world.undos.is_empty());
+            }
+        }
+    }
+}
