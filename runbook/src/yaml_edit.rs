@@ -9,14 +9,17 @@
 //! same value, a rename whose source is gone and a delete of an absent key are no-ops; a copy or rename onto a key
 //! holding a *different* value is refused ([`YamlEditError::Conflict`]) unless the edit says `overwrite: true`.
 //!
-//! **What is kept**: when nothing changes, the input bytes are returned untouched. Otherwise the document is written
-//! again by `serde_norway`: key order is kept (new keys go to the end, in the order the edits create them, which
-//! reproduces OMS's sample exactly), values and their types are kept, but **comments, quoting style and blank lines
-//! are not** (no maintained crate edits YAML losslessly with serde's data model). The step that runs an edit backs
-//! the original up first and its undo restores it byte for byte.
+//! **What is kept** (the `yaml-edit` crate edits the text losslessly): when nothing changes, the input bytes are
+//! returned untouched. Otherwise every entry not edited keeps its text, comments, quoting and place; a renamed key
+//! keeps its place and value text; a copied value keeps its text; new keys go to the end, written plain (unquoted),
+//! in the order the edits create them, which reproduces OMS's sample key order exactly. Values are compared as YAML
+//! (`"2883"` and `'2883'` are equal). The step that runs an edit backs the original up first and its undo restores
+//! it byte for byte.
 
+use ::yaml_edit::{Document, Mapping, YamlNode};
 use serde::Serialize;
-use serde_norway::{Mapping, Value};
+use serde_norway::Value;
+use std::str::FromStr;
 
 /// One edit of a `yaml_edit` step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -107,7 +110,7 @@ pub enum YamlEditError {
     #[error("the file's top level is not a mapping of keys; yaml_edit only edits top-level keys")]
     NotAMapping,
     /// A key that is not a string.
-    #[error("key {0} is not a string; yaml_edit only edits string keys")]
+    #[error("key {0} is not a plain key; yaml_edit only edits string keys")]
     NonStringKey(String),
     /// Target holds another value.
     #[error(
@@ -129,19 +132,24 @@ pub enum YamlEditError {
 
 /// Applies `edits` in order to the YAML document `input`.
 pub fn apply_edits(input: &[u8], edits: &[Edit]) -> Result<Edited, YamlEditError> {
+    // serde's reading first: its errors name line and column, and it settles that the top is a mapping.
     let value: Value =
         serde_norway::from_slice(input).map_err(|error| YamlEditError::Parse(error.to_string()))?;
-    let Value::Mapping(mut map) = value else {
+    if !matches!(value, Value::Mapping(_)) {
         return Err(YamlEditError::NotAMapping);
-    };
+    }
+    let text = std::str::from_utf8(input)
+        .map_err(|error| YamlEditError::Parse(format!("not UTF-8: {error}")))?;
+    let document =
+        Document::from_str(text).map_err(|error| YamlEditError::Parse(error.to_string()))?;
+    let map = document.as_mapping().ok_or(YamlEditError::NotAMapping)?;
     let mut changes = Vec::new();
     for edit in edits {
         if let Some(when) = &edit.when {
-            let keys = string_keys(&map)?;
             let present = match when {
-                When::Present(pattern) | When::Absent(pattern) => {
-                    keys.iter().any(|key| capture(pattern, key).is_some())
-                }
+                When::Present(pattern) | When::Absent(pattern) => string_keys(&map)?
+                    .iter()
+                    .any(|key| capture(pattern, key).is_some()),
             };
             if present != matches!(when, When::Present(_)) {
                 continue;
@@ -154,10 +162,10 @@ pub fn apply_edits(input: &[u8], edits: &[Edit]) -> Result<Edited, YamlEditError
                 overwrite,
             } => {
                 for (source, target) in pairs(&map, from, to)? {
-                    let Some(value) = map.get(source.as_str()).cloned() else {
+                    let Some(value) = map.get(source.as_str()) else {
                         continue;
                     };
-                    if place(&mut map, "copy", &source, &target, value, *overwrite)? {
+                    if place(&map, "copy", &source, &target, value, *overwrite)? {
                         changes.push(Change::Copied {
                             from: source,
                             to: target,
@@ -174,25 +182,15 @@ pub fn apply_edits(input: &[u8], edits: &[Edit]) -> Result<Edited, YamlEditError
                     if source == target {
                         continue;
                     }
-                    let Some(value) = map.get(source.as_str()).cloned() else {
+                    let Some(value) = map.get(source.as_str()) else {
                         continue;
                     };
-                    if !map.contains_key(target.as_str()) {
-                        // A new name keeps the value where it was in the file.
-                        let renamed = map
-                            .into_iter()
-                            .map(|(key, value)| {
-                                if key.as_str() == Some(source.as_str()) {
-                                    (Value::String(target.clone()), value)
-                                } else {
-                                    (key, value)
-                                }
-                            })
-                            .collect();
-                        map = renamed;
+                    if map.contains_key(target.as_str()) {
+                        place(&map, "rename", &source, &target, value, *overwrite)?;
+                        map.remove(source.as_str());
                     } else {
-                        place(&mut map, "rename", &source, &target, value, *overwrite)?;
-                        map.shift_remove(source.as_str());
+                        // A new name keeps the entry where it was, with its comment.
+                        map.rename_key(source.as_str(), target.as_str());
                     }
                     changes.push(Change::Renamed {
                         from: source,
@@ -203,7 +201,7 @@ pub fn apply_edits(input: &[u8], edits: &[Edit]) -> Result<Edited, YamlEditError
             EditOp::Delete(pattern) => {
                 for key in string_keys(&map)? {
                     if capture(pattern, &key).is_some() {
-                        map.shift_remove(key.as_str());
+                        map.remove(key.as_str());
                         changes.push(Change::Deleted { key });
                     }
                 }
@@ -216,32 +214,31 @@ pub fn apply_edits(input: &[u8], edits: &[Edit]) -> Result<Edited, YamlEditError
             changes,
         });
     }
-    let text = serde_norway::to_string(&Value::Mapping(map))
+    let bytes = document.to_string().into_bytes();
+    // The edited text must still be YAML that says what the edits meant.
+    serde_norway::from_slice::<Value>(&bytes)
         .map_err(|error| YamlEditError::Write(error.to_string()))?;
-    Ok(Edited {
-        bytes: text.into_bytes(),
-        changes,
-    })
+    Ok(Edited { bytes, changes })
 }
 
-/// Puts `value` under `target`; false when it already held that value.
+/// Puts `value` under `target`; false when it already held an equal value.
 fn place(
-    map: &mut Mapping,
+    map: &Mapping,
     op: &'static str,
     source: &str,
     target: &str,
-    value: Value,
+    value: YamlNode,
     overwrite: bool,
 ) -> Result<bool, YamlEditError> {
     match map.get(target) {
-        Some(existing) if *existing == value => Ok(false),
+        Some(existing) if existing.yaml_eq(&value) => Ok(false),
         Some(_) if !overwrite => Err(YamlEditError::Conflict {
             op,
             from: source.to_string(),
             to: target.to_string(),
         }),
         _ => {
-            map.insert(Value::String(target.to_string()), value);
+            map.set(target, value);
             Ok(true)
         }
     }
@@ -250,9 +247,9 @@ fn place(
 fn string_keys(map: &Mapping) -> Result<Vec<String>, YamlEditError> {
     map.keys()
         .map(|key| {
-            key.as_str().map(str::to_string).ok_or_else(|| {
-                YamlEditError::NonStringKey(serde_norway::to_string(key).unwrap_or_default())
-            })
+            key.as_scalar()
+                .map(|scalar| scalar.as_string())
+                .ok_or_else(|| YamlEditError::NonStringKey(key.to_string()))
         })
         .collect()
 }
@@ -336,8 +333,18 @@ mod tests {
         };
         assert_eq!(keys(&got), keys(&want));
         assert_eq!(edited.changes.len(), 12);
-        let golden = include_str!("../tests/golden/oms_config_431.edited.yaml");
-        assert_eq!(String::from_utf8(edited.bytes).unwrap(), golden);
+        let text = String::from_utf8(edited.bytes).unwrap();
+        assert_eq!(
+            text,
+            include_str!("../tests/golden/oms_config_431.edited.yaml")
+        );
+        // Lossless: the comment and every entry not edited keep their exact text.
+        for line in OMS_430.lines().filter(|line| !line.contains("oms_meta_")) {
+            assert!(
+                text.lines().any(|out| out == line),
+                "lost `{line}`:\n{text}"
+            );
+        }
     }
 
     #[test]
@@ -392,6 +399,38 @@ mod tests {
         };
         let again = apply_edits(&edited.bytes, &[rename, skipped]).unwrap();
         assert!(again.changes.is_empty());
+    }
+
+    #[test]
+    fn comments_quoting_and_places_survive_an_edit() {
+        let input = b"# top\nx: 0  # keep me\n\"old\": [1, 2]\nnodes:\n  - a\n  - b\ny: 'q'\n";
+        let edits = [
+            Edit {
+                op: EditOp::Rename {
+                    from: "old".into(),
+                    to: "new".into(),
+                    overwrite: false,
+                },
+                when: None,
+            },
+            Edit {
+                op: EditOp::Copy {
+                    from: "nodes".into(),
+                    to: "nodes_copy".into(),
+                    overwrite: false,
+                },
+                when: None,
+            },
+            Edit {
+                op: EditOp::Delete("y".into()),
+                when: None,
+            },
+        ];
+        let edited = apply_edits(input, &edits).unwrap();
+        assert_eq!(
+            String::from_utf8(edited.bytes).unwrap(),
+            "# top\nx: 0  # keep me\nnew: [1, 2]\nnodes:\n  - a\n  - b\nnodes_copy:\n  - a\n  - b\n"
+        );
     }
 
     #[test]
