@@ -20,7 +20,9 @@
 //!
 //! * **Scopes.** Cluster steps written before the first node step run once before any node; those written after
 //!   the last one run once after every node; a cluster step between node steps is refused. A cluster step runs on
-//!   the controller unless `on: <role>` names a role, then on that role's first node in plan order. Node steps run
+//!   the controller unless `on: <role>` names a role, then on that role's first node in plan order (`sql` and `http`
+//!   are always sent by the controller; `on:` places the commands, files and containers of the step and its undo,
+//!   and a `restore` must run where its backup was taken). Node steps run
 //!   on every node of their `roles` (default: the runbook's), node after node in plan order, all of a node's steps
 //!   before the next node's; `once: true` runs one on exactly one node of each role: its first in plan order.
 //! * **Kinds** (one per step): `check` (a `command`, `http` GET or `sql` query, and `expect`: `exit`, `field` with

@@ -90,6 +90,12 @@ const CASES: &[(&str, usize, &str, &str)] = &[
         "steps[0].http.url",
         "`{nope}` is not a placeholder",
     ),
+    (
+        "  - id: dump\n    scope: cluster\n    on: oms\n    backup: { command: [dump], output: /b.sql }\n  - id: a\n    scope: node\n    restore: { backup: dump, command: [load] }\n    undo: none\n",
+        11,
+        "steps[1].restore.backup",
+        "was taken on the first node of oms, but this step runs on every node",
+    ),
 ];
 
 #[test]

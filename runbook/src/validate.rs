@@ -34,6 +34,24 @@ struct Known<'a> {
     saved: &'a HashSet<String>,
     marks: &'a HashSet<String>,
     has_node: bool,
+    /// Where the step runs (a `restore` must run where its backup was taken).
+    place: Place,
+}
+
+/// Where a step instance runs, for matching a `restore` with its backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Place {
+    Controller,
+    /// On every node of its roles.
+    EachNode,
+    /// On the first node, in plan order, of these roles.
+    FirstOf(Vec<String>),
+}
+
+/// What a `restore` needs to know of an earlier `backup`.
+struct BackupInfo {
+    command_output: bool,
+    place: Place,
 }
 
 pub(crate) fn build(
@@ -186,7 +204,7 @@ pub(crate) fn build(
     let mut steps = Vec::new();
     let mut saved = HashSet::new();
     let mut marks = HashSet::new();
-    let mut backups: HashMap<String, bool> = HashMap::new();
+    let mut backups: HashMap<String, BackupInfo> = HashMap::new();
     let mut databases: Vec<(String, String)> = Vec::new();
     for (position, raw_step) in raw.steps.into_iter().enumerate() {
         let path = format!("steps[{position}]");
@@ -248,11 +266,18 @@ pub(crate) fn build(
             );
         }
         let has_node = scope == Scope::Node || matches!(on, RunsOn::FirstNodeOf(_));
+        let place = match (&on, scope) {
+            (_, Scope::Node) if once => Place::FirstOf(step_roles.clone()),
+            (_, Scope::Node) => Place::EachNode,
+            (RunsOn::FirstNodeOf(role), _) => Place::FirstOf(vec![role.clone()]),
+            (RunsOn::Controller, _) => Place::Controller,
+        };
         let known = Known {
             params: &params,
             saved: &saved,
             marks: &marks,
             has_node,
+            place: place.clone(),
         };
         let Some(action) = action_from(c, &raw_step, &path, &known, &backups, &mut databases)
         else {
@@ -261,7 +286,10 @@ pub(crate) fn build(
         if let Action::Backup(backup) = &action {
             backups.insert(
                 id.clone(),
-                matches!(backup.source, BackupSource::CommandOutput { .. }),
+                BackupInfo {
+                    command_output: matches!(backup.source, BackupSource::CommandOutput { .. }),
+                    place,
+                },
             );
         }
         if !has_node && needs_node(&action) {
@@ -388,6 +416,24 @@ pub(crate) fn build(
     })
 }
 
+/// Whether a restore running at `restore` finds the files a backup taken at `backup` saved.
+fn restores_where_taken(backup: &Place, restore: &Place) -> bool {
+    match (backup, restore) {
+        // Each node restores its own copy; the first node of a role has one too.
+        (Place::EachNode, Place::EachNode | Place::FirstOf(_)) => true,
+        (Place::FirstOf(taken), Place::FirstOf(restoring)) => taken == restoring,
+        _ => false,
+    }
+}
+
+fn describe_place(place: &Place) -> String {
+    match place {
+        Place::Controller => "on the controller".to_string(),
+        Place::EachNode => "on every node".to_string(),
+        Place::FirstOf(roles) => format!("on the first node of {}", roles.join(", ")),
+    }
+}
+
 fn needs_node(action: &Action) -> bool {
     match action {
         Action::Check(check) => matches!(check.probe, Probe::Command(_)),
@@ -416,7 +462,7 @@ fn undo_from(
     action: &Action,
     after_ponr: bool,
     known: &Known<'_>,
-    backups: &HashMap<String, bool>,
+    backups: &HashMap<String, BackupInfo>,
     databases: &mut Vec<(String, String)>,
 ) -> Undo {
     let key = format!("{path}.undo");
@@ -502,7 +548,7 @@ fn undo_body(
     value: &Value,
     key: &str,
     known: &Known<'_>,
-    backups: &HashMap<String, bool>,
+    backups: &HashMap<String, BackupInfo>,
     databases: &mut Vec<(String, String)>,
 ) -> Option<Action> {
     let body: RawStep = match serde_norway::from_value(value.clone()) {
@@ -530,6 +576,16 @@ fn undo_body(
         );
     }
     let undo = action_from(c, &body, key, known, backups, databases)?;
+    if !known.has_node && needs_node(&undo) {
+        c.problem(
+            key,
+            format!(
+                "a `{}` undo acts on a host, and this step runs on the controller: give the cluster step `on: <role>`",
+                undo.kind()
+            ),
+        );
+        return None;
+    }
     if !undo.changes_something() {
         c.problem(
             key,
@@ -549,7 +605,7 @@ fn action_from(
     raw: &RawStep,
     path: &str,
     known: &Known<'_>,
-    backups: &HashMap<String, bool>,
+    backups: &HashMap<String, BackupInfo>,
     databases: &mut Vec<(String, String)>,
 ) -> Option<Action> {
     let given: Vec<&str> = [
@@ -809,14 +865,23 @@ fn action_from(
                 &format!("{key}.backup"),
                 format!("`{}` is not an earlier backup step; name the backup to restore", restore.backup),
             ),
-            Some(true) if restore.command.is_none() => c.problem(
+            Some(info) if !restores_where_taken(&info.place, &known.place) => c.problem(
+                &format!("{key}.backup"),
+                format!(
+                    "`{}` was taken {}, but this step runs {}: a restore runs where its backup is",
+                    restore.backup,
+                    describe_place(&info.place),
+                    describe_place(&known.place)
+                ),
+            ),
+            Some(info) if info.command_output && restore.command.is_none() => c.problem(
                 &key,
                 format!(
                     "`{}` saved a command's output: give the declared `command:` that reads it back",
                     restore.backup
                 ),
             ),
-            Some(false) if restore.command.is_some() => c.problem(
+            Some(info) if !info.command_output && restore.command.is_some() => c.problem(
                 &format!("{key}.command"),
                 format!("`{}` copied files; they are put back as they were, without a command", restore.backup),
             ),

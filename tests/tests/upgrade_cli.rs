@@ -54,7 +54,9 @@ fn dry_run_of_the_oms_example_prints_every_step_in_order() {
             .collect()
     };
     assert_eq!(on("docker-upgrade"), vec!["127.0.2.1:8088"]);
-    assert_eq!(on("heartbeat-rotate"), vec!["controller"]);
+    // Once for the cluster (placed on the first node, where its undo reloads the dump).
+    assert_eq!(on("heartbeat-rotate"), vec!["127.0.2.1:8088"]);
+    assert_eq!(on("ha-off"), vec!["controller"]);
     assert_eq!(on("swap").len(), 3);
     assert_eq!(json["plan"]["batches"].as_array().map(Vec::len), Some(3));
 }
@@ -114,7 +116,7 @@ fn a_bad_runbook_is_refused_with_line_and_key_and_nothing_runs_without_dry_run()
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("line 47: steps[6].sql.database: database `cm_hb_typo` is not defined"),
+        stderr.contains("line 48: steps[6].sql.database: database `cm_hb_typo` is not defined"),
         "{stderr}"
     );
     assert!(
