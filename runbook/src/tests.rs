@@ -96,12 +96,28 @@ const CASES: &[(&str, usize, &str, &str)] = &[
         "steps[1].restore.backup",
         "was taken on the first node of oms, but this step runs on every node",
     ),
+    (
+        "  - id: a\n    scope: node\n    roles: [oms]\n    container: { name: c, exec: [x] }\n    undo: none\n  - id: b\n    scope: node\n    roles: [other]\n    container: { name: c, exec: [y] }\n    undo: none\n",
+        15,
+        "steps[1].undo",
+        "where the point of no return `a` never runs",
+    ),
 ];
 
 #[test]
 fn every_problem_names_its_line_and_key() {
     for (steps, line, key, fragment) in CASES {
         let text = format!("{BASE}{steps}");
+        // Cases naming a second role or a point of no return get them.
+        let text = if steps.contains("roles: [other]") {
+            text.replacen(
+                "roles: [oms]\n",
+                "roles: [oms, other]\npoint_of_no_return: a\n",
+                1,
+            )
+        } else {
+            text
+        };
         let problems = match parse(&text) {
             Err(RunbookError::Invalid { problems }) => problems,
             other => panic!("expected problems for\n{text}\ngot {other:?}"),

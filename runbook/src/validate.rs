@@ -387,6 +387,37 @@ pub(crate) fn build(
             resolve,
         });
     }
+    // A node step past the point of no return in file order may still run before it, on nodes of a role the
+    // point of no return does not run on (roles go one after the other in plan order).
+    if let Some(ponr_step) = raw
+        .point_of_no_return
+        .as_ref()
+        .and_then(|id| steps.iter().find(|step| &step.id == id))
+        .filter(|step| step.scope == Scope::Node)
+    {
+        for step in steps
+            .iter()
+            .filter(|step| step.scope == Scope::Node && step.undo == Undo::None)
+        {
+            let outside: Vec<&String> = step
+                .roles
+                .iter()
+                .filter(|role| !ponr_step.roles.contains(role))
+                .collect();
+            if !outside.is_empty() {
+                let position = ids.get(&step.id).copied().unwrap_or_default();
+                c.problem(
+                    &format!("steps[{position}].undo"),
+                    format!(
+                        "`undo: none` on role(s) {} where the point of no return `{}` never runs, so this step could \
+                         run before it; give it an undo, or run the point of no return on those roles too",
+                        outside.iter().map(|role| role.as_str()).collect::<Vec<_>>().join(", "),
+                        ponr_step.id
+                    ),
+                );
+            }
+        }
+    }
     if let Some(facts) = facts {
         for (database, key) in &databases {
             if !facts.databases.contains(database) {
