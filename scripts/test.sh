@@ -8,6 +8,7 @@ command -v systemd-nspawn >/dev/null 2>&1 || need_apt+=(systemd-container)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # tests/tests/signing.rs checks that the minisign tool verifies what `patchctl package sign` writes.
 command -v minisign >/dev/null 2>&1 || need_apt+=(minisign)
+command -v mariadbd >/dev/null 2>&1 || need_apt+=(mariadb-server mariadb-client)  # scripts/mariadb.sh
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing Debian packages the tests need: ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then

@@ -33,6 +33,7 @@ pub mod demo_fleet;
 
 /// The real Docker Engine for the container tests.
 pub mod docker;
+pub mod mariadb;
 
 pub mod nspawn;
 /// A tmpfs for one test.

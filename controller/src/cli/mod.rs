@@ -17,6 +17,7 @@ mod key;
 mod package;
 mod patch;
 mod rollback;
+mod upgrade;
 
 /// patchctl: plan and run live hotfixes and upgrades on a fleet of patchd agents.
 #[derive(Debug, Parser)]
@@ -60,6 +61,8 @@ pub enum Command {
     ///
     /// Without -N/-R: the nodes marked `(patched)` (by `--to`'s rollout, when given).
     Rollback(rollback::Args),
+    /// Check an upgrade runbook against a cluster and print its steps (--dry-run; running is not wired yet).
+    Upgrade(upgrade::Args),
     /// Show rollout reports.
     Audit(audit::Args),
     /// Run a local demo cluster on loopback (DEMO ONLY).
@@ -90,6 +93,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Display(a) => display::run(&ctx, a).await,
         Command::Patch(a) => patch::run(&ctx, a).await,
         Command::Rollback(a) => rollback::run(&ctx, a).await,
+        Command::Upgrade(a) => upgrade::run(&ctx, a).await,
         Command::Audit(a) => audit::run(&ctx, a).await,
         Command::Demo(a) => demo::run(&ctx, a).await,
         Command::Key(a) => key::run(&ctx, a).await,

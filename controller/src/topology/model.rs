@@ -19,6 +19,36 @@ pub struct Topology {
     pub agent: AgentSettings,
     /// Roles in file order (= rollout order).
     pub roles: Vec<Role>,
+    /// `databases:` by name, for upgrade runbooks (`sql` steps and checks).
+    pub databases: Vec<Database>,
+}
+
+/// A database named in `databases:`. The password is never in the topology, the store or a log: only where to
+/// read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Database {
+    /// The key under `databases:`.
+    pub name: String,
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// User.
+    pub user: String,
+    /// Where the password comes from.
+    pub password: PasswordSource,
+}
+
+/// Where a database password is read when a step needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PasswordSource {
+    /// No password.
+    None,
+    /// `password_file:` (its first line).
+    File(PathBuf),
+    /// `password_env:` an environment variable of `patchctl`.
+    Env(String),
 }
 
 /// `agent:` section.

@@ -18,6 +18,19 @@ pub(super) struct RawTopology {
     #[serde(default)]
     pub(super) agent: RawAgent,
     pub(super) roles: OrderedRoles,
+    #[serde(default)]
+    pub(super) databases: std::collections::BTreeMap<String, RawDatabase>,
+}
+
+/// `databases.<name>`: a database upgrade runbooks' `sql` steps and checks name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDatabase {
+    pub(super) host: String,
+    pub(super) port: u16,
+    pub(super) user: String,
+    pub(super) password_file: Option<PathBuf>,
+    pub(super) password_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

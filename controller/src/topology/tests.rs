@@ -240,3 +240,32 @@ fn tls_dir_resolution() {
     agent.tls_dir = Some(PathBuf::from("/etc/x"));
     assert_eq!(agent.tls_dir(&home), PathBuf::from("/etc/x"));
 }
+
+#[test]
+fn databases_are_parsed_and_checked() {
+    let roles = "roles:\n  oms:\n    nodes:\n      - { host: 127.0.2.1, port: 8088, deploy_dir: /data/oms }\n";
+    let topology = Topology::parse(&format!(
+        "{roles}databases:\n  cm: {{ host: 127.0.0.1, port: 3306, user: oms, password_env: OMS_DB_PASSWORD }}\n  rm: {{ host: db, port: 3306, user: oms, password_file: /etc/oms/pw }}\n"
+    ))
+    .expect("databases parse");
+    assert_eq!(topology.databases.len(), 2);
+    assert_eq!(topology.databases[0].name, "cm");
+    assert_eq!(
+        topology.databases[0].password,
+        PasswordSource::Env("OMS_DB_PASSWORD".into())
+    );
+    assert_eq!(
+        topology.databases[1].password,
+        PasswordSource::File("/etc/oms/pw".into())
+    );
+    let error = Topology::parse(&format!(
+        "{roles}databases:\n  cm: {{ host: h, port: 0, user: u, password_env: A, password_file: /b }}\n"
+    ))
+    .expect_err("bad database refused")
+    .to_string();
+    assert!(
+        error.contains("line 6") && error.contains("databases.cm.port"),
+        "{error}"
+    );
+    assert!(error.contains("databases.cm.password_env"), "{error}");
+}

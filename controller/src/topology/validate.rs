@@ -94,6 +94,62 @@ pub(super) fn build(raw: RawTopology, text: &str) -> Result<Topology, TopologyEr
         });
     }
 
+    let mut databases = Vec::new();
+    for (name, raw_database) in raw.databases {
+        let key = format!("databases.{name}");
+        let line = index
+            .top_key_line("databases")
+            .and_then(|start| index.key_line_from(start + 1, &name, None));
+        let mut problem = |field: &str, message: String| {
+            problems.push(Problem {
+                line,
+                key: if field.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{key}.{field}")
+                },
+                message,
+            })
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        {
+            problem(
+                "",
+                format!(
+                    "database name `{name}` may only hold letters, digits, `-` and `_`; rename it"
+                ),
+            );
+        }
+        if raw_database.port == 0 {
+            problem(
+                "port",
+                "port 0 cannot be dialed; give the database's port".into(),
+            );
+        }
+        let password = match (raw_database.password_file, raw_database.password_env) {
+            (Some(_), Some(_)) => {
+                problem(
+                    "password_env",
+                    "give either `password_file` or `password_env`, not both".into(),
+                );
+                PasswordSource::None
+            }
+            (Some(file), None) => PasswordSource::File(file),
+            (None, Some(variable)) => PasswordSource::Env(variable),
+            (None, None) => PasswordSource::None,
+        };
+        databases.push(Database {
+            name,
+            host: raw_database.host,
+            port: raw_database.port,
+            user: raw_database.user,
+            password,
+        });
+    }
+
     validate_nodes(&roles, &index, &mut problems);
     validate_hooks(&roles, &index, &mut problems);
 
@@ -109,6 +165,7 @@ pub(super) fn build(raw: RawTopology, text: &str) -> Result<Topology, TopologyEr
             tls_dir: raw.agent.tls_dir,
         },
         roles,
+        databases,
     })
 }
 
