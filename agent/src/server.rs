@@ -175,7 +175,10 @@ impl v1::agent_server::Agent for AgentService {
         let lease_holder = lease::caller_name(&request);
         let mut request = request.into_inner();
         self.check_lease(&request.service, request.lease.take(), &lease_holder)?;
-        self.apply.rollback(request, caller).await.map(Response::new)
+        self.apply
+            .rollback(request, caller)
+            .await
+            .map(Response::new)
     }
 
     async fn lease(
