@@ -57,7 +57,10 @@ impl NetProbe {
         // reqwest's rustls backend (on in the workspace for the controller's https hooks) uses the process's crypto
         // provider: ring, as everywhere in patchd (a no-op when one is installed).
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // Probes speak plain http to the host's own service: no root store, so building the client does not depend on
+        // the platform's CA bundle (absent in a minimal root such as an nspawn machine or a scratch container).
         let client = reqwest::Client::builder()
+            .tls_certs_only(std::iter::empty())
             .timeout(PROBE_ATTEMPT_TIMEOUT)
             .connect_timeout(PROBE_ATTEMPT_TIMEOUT)
             .no_proxy()
