@@ -10,7 +10,7 @@ use crate::journal::{
     ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, MAX_HISTORY, Outcome,
 };
 use crate::layout::StateLayout;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -508,6 +508,27 @@ impl<'a> Run<'a> {
         self.finish(outcome, note, Vec::new()).await
     }
 
+    /// The sha256 of `target` without reading it, when a patch placed it as a hard link of its staged file: that
+    /// inode's content was checked against the manifest when it was staged, and staged files are never written in
+    /// place. Anything else (a copy, a rollback's backup, a file changed since) is `None`: hash it.
+    fn staged_sha256(&self, target: &Path) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        if self.rec.kind != ApplyKind::Patch {
+            return None;
+        }
+        let change = self
+            .rec
+            .files
+            .iter()
+            .find(|change| change.target == target)?;
+        let (source, sha256) = (change.source.as_deref()?, change.new_sha256.as_ref()?);
+        let placed = std::fs::symlink_metadata(target).ok()?;
+        let staged = std::fs::symlink_metadata(source).ok()?;
+        let same_inode = placed.file_type().is_file()
+            && (placed.dev(), placed.ino()) == (staged.dev(), staged.ino());
+        same_inode.then(|| sha256.clone())
+    }
+
     /// Writes the final phase, the result and the history in one journal write, then deletes what is no
     /// longer needed (backups of pruned, rolled-back or reverted applies).
     async fn finish(
@@ -518,14 +539,19 @@ impl<'a> Run<'a> {
     ) -> Result<ApplyResult, ApplyError> {
         let since = self.now();
         let binary = self.svc.spec.binary_path();
+        let committed = matches!(outcome, Outcome::Committed | Outcome::OfflineSwapped);
         // A container's files are in its image: there is no deployed binary to hash.
         let binary_sha256 = if self.rec.container.is_some() {
             String::new()
         } else {
-            let hashes_owner = self.inner.hashes.sha256(&binary);
-            hashes_owner.ok().flatten().unwrap_or_default()
+            committed
+                .then(|| self.staged_sha256(&binary))
+                .flatten()
+                .unwrap_or_else(|| {
+                    let hashes_owner = self.inner.hashes.sha256(&binary);
+                    hashes_owner.ok().flatten().unwrap_or_default()
+                })
         };
-        let committed = matches!(outcome, Outcome::Committed | Outcome::OfflineSwapped);
         self.rec.phase = match outcome {
             Outcome::Committed | Outcome::OfflineSwapped => ApplyPhase::Committed,
             Outcome::Reverted => ApplyPhase::Reverted,

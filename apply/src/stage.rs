@@ -1,6 +1,12 @@
-//! Stage: a complete blob from the agent's cache is verified against its digest and unpacked (hostile-package
-//! checks, every file against the manifest) into `<state>/staging/<digest>/`, built in a temporary directory
-//! and renamed into place, so a staging directory is complete or absent. Nothing live changes.
+//! Stage: a complete blob from the agent's cache is unpacked (hostile-package checks, every file against the
+//! manifest) into `<state>/staging/<digest>/`, built in a temporary directory and renamed into place, so a
+//! staging directory is complete or absent. Nothing live changes.
+//!
+//! Each byte is read, inflated, hashed and written once. The blob is not hashed against its tree digest again:
+//! the agent verified that as it arrived (a blob appears only by rename after its digest matched), and damage on
+//! disk since then fails the unpack (gzip's CRC-32 covers the whole tar stream, each file is checked against the
+//! manifest). Only when an unpack fails is the blob hashed, to tell a damaged blob (removed from the cache:
+//! upload it again) from a package that is refused as it is.
 //!
 //! Layout: `staging/<digest>/files/<component>/...` (the archive root) and `staging/<digest>/manifest.json`.
 
@@ -19,7 +25,7 @@ pub enum StageError {
     #[error("blob {digest} is not in this agent's cache; upload it first (QueryBlob/Upload)")]
     BlobMissing { digest: String },
     #[error(
-        "blob {digest} in the cache does not match its digest at any power-of-two chunk size (at the default: {found}); upload it again"
+        "blob {digest} in the cache does not match its digest at any power-of-two chunk size (at the default: {found}): it was damaged on disk after its upload and was removed from the cache; upload it again"
     )]
     BlobCorrupt { digest: String, found: String },
     #[error("package {digest} refused for service {service:?}: {source}")]
@@ -103,14 +109,20 @@ fn candidate_chunk_sizes() -> Vec<u32> {
     sizes
 }
 
-/// Checks a cached blob against its tree digest.
-pub fn verify_blob(state_dir: &Path, digest: &str) -> Result<PathBuf, StageError> {
+/// The cached blob of `digest`, if the cache holds it.
+fn cached_blob(state_dir: &Path, digest: &str) -> Result<PathBuf, StageError> {
     let path = blob_path(state_dir, digest);
     if !path.is_file() {
         return Err(StageError::BlobMissing {
             digest: digest.to_string(),
         });
     }
+    Ok(path)
+}
+
+/// Checks a cached blob against its tree digest.
+pub fn verify_blob(state_dir: &Path, digest: &str) -> Result<PathBuf, StageError> {
+    let path = cached_blob(state_dir, digest)?;
     let mut at_default = None;
     for chunk_size in candidate_chunk_sizes() {
         let found =
@@ -125,6 +137,54 @@ pub fn verify_blob(state_dir: &Path, digest: &str) -> Result<PathBuf, StageError
         digest: digest.to_string(),
         found,
     })
+}
+
+/// An unpack of the blob failed with `refused`: hashes the blob to tell why. A blob that no longer matches its
+/// digest was damaged on disk after its upload; a sound blob is a package refused as it is.
+fn explain_refusal(
+    state_dir: &Path,
+    digest: &str,
+    service: &str,
+    refused: PackageError,
+) -> StageError {
+    match verify_or_forget(state_dir, digest) {
+        Err(damaged) => {
+            tracing::warn!(%digest, "the cached blob no longer matches its digest: {refused}");
+            damaged
+        }
+        Ok(()) => StageError::Package {
+            digest: digest.to_string(),
+            service: service.to_string(),
+            source: Box::new(refused),
+        },
+    }
+}
+
+/// Checks the cached blob against its digest; a damaged one is removed, so that the next push uploads it again
+/// instead of finding it cached. Only the file that was hashed goes: one that a new upload renamed into place
+/// meanwhile (another inode) stays.
+fn verify_or_forget(state_dir: &Path, digest: &str) -> Result<(), StageError> {
+    use std::os::unix::fs::MetadataExt;
+    let path = blob_path(state_dir, digest);
+    let identity = |path: &Path| {
+        std::fs::symlink_metadata(path)
+            .ok()
+            .map(|meta| (meta.dev(), meta.ino()))
+    };
+    let hashed = identity(&path);
+    match verify_blob(state_dir, digest) {
+        Ok(_) => Ok(()),
+        Err(damaged) => {
+            if matches!(damaged, StageError::BlobCorrupt { .. })
+                && hashed.is_some()
+                && identity(&path) == hashed
+                && let Err(e) = std::fs::remove_file(&path)
+            {
+                tracing::warn!(%digest, "cannot remove the damaged blob {}: {e}", path.display());
+            }
+            Err(damaged)
+        }
+    }
 }
 
 /// Loads the manifest of an already staged package, `None` when not staged.
@@ -209,14 +269,20 @@ pub fn stage_blocking(
             }
         }
     }
-    let blob = verify_blob(state_dir, digest)?;
+    let blob = cached_blob(state_dir, digest)?;
     let staging_root = StateLayout::new(state_dir).staging();
     std::fs::create_dir_all(&staging_root).ctx("create directory", &staging_root)?;
     crate::space::ensure_unpack_fits(&blob, digest, &staging_root).map_err(|source| {
-        StageError::NoSpace {
+        let unreadable = matches!(source, crate::space::SpaceError::Read { .. });
+        let refused = StageError::NoSpace {
             digest: digest.to_string(),
             service: spec.name.clone(),
             source,
+        };
+        // A blob that cannot even be sized may have been damaged on disk: say so rather than blame the package.
+        match unreadable.then(|| verify_or_forget(state_dir, digest)) {
+            Some(Err(damaged)) => damaged,
+            _ => refused,
         }
     })?;
     let temp = staging_root.join(format!(
@@ -229,11 +295,7 @@ pub fn stage_blocking(
     let result = (|| {
         let expect = Expectations::for_this_host(Some(spec.component.clone()));
         let manifest = patchd_package::unpack_verified(&blob, &temp.join("files"), limits, &expect)
-            .map_err(|source| StageError::Package {
-                digest: digest.to_string(),
-                service: spec.name.clone(),
-                source: Box::new(source),
-            })?;
+            .map_err(|refused| explain_refusal(state_dir, digest, &spec.name, refused))?;
         fsutil::write_atomic(&temp.join("manifest.json"), &manifest.to_json())?;
         let final_dir = StagedPaths::new(state_dir, digest).dir;
         std::fs::rename(&temp, &final_dir).ctx("rename staging directory to", &final_dir)?;

@@ -115,13 +115,26 @@ pub fn inspect_expecting(
     limits: &Limits,
     expect: &Expectations,
 ) -> Result<PackageInfo, PackageError> {
-    let walked = walk::walk(path, limits, expect, &mut walk::NullSink)?;
+    let walked = walk::walk(
+        path,
+        limits,
+        expect,
+        walk::RawDigests::Compute,
+        &mut walk::NullSink,
+    )?;
     let (manifest, manifest_embedded) = settle_manifest(&walked, path, expect)?;
+    let (package_sha256, tree_digest) = walked.digests.ok_or_else(|| {
+        PackageError::io(
+            "package digests missing after a walk that computes them",
+            path,
+            std::io::Error::other("internal error"),
+        )
+    })?;
     Ok(PackageInfo {
         manifest,
         manifest_embedded,
-        package_sha256: walked.package_sha256,
-        tree_digest: walked.tree_digest,
+        package_sha256,
+        tree_digest,
         size: walked.size,
     })
 }

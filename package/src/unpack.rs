@@ -5,7 +5,7 @@
 //! so no write can be steered outside the destination. On any error the destination is emptied again.
 
 use crate::manifest::Manifest;
-use crate::walk::{Sink, walk};
+use crate::walk::{RawDigests, Sink, walk};
 use crate::{Expectations, Limits, PackageError, settle_manifest};
 use ring::digest::{Context, SHA256};
 use std::collections::HashSet;
@@ -20,6 +20,10 @@ use std::path::{Path, PathBuf};
 /// Every entry is checked against the hostile-package rules and `expect` before it is written; files get
 /// their manifest mode and are fsynced, as are the directories. The manifest itself is not written into
 /// `dest`: the tree holds exactly the package's files. On error nothing is left in `dest`.
+///
+/// Each byte is read, inflated, hashed and written once: the raw `.tar.gz` is not hashed (its identity is the
+/// caller's to know, as the agent's blob cache does); damage to it still fails here, through gzip's CRC-32 over the
+/// whole tar stream and each file's sha256 against the manifest.
 pub fn unpack_verified(
     package: &Path,
     dest: &Path,
@@ -41,7 +45,7 @@ fn unpack_into(
     expect: &Expectations,
 ) -> Result<Manifest, PackageError> {
     let mut sink = DiskSink::new(dest);
-    let walked = walk(package, limits, expect, &mut sink)?;
+    let walked = walk(package, limits, expect, RawDigests::Skip, &mut sink)?;
     let (manifest, _) = settle_manifest(&walked, package, expect)?;
     for link in &manifest.symlinks {
         let at = dest.join(&link.path);

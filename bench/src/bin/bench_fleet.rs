@@ -1,15 +1,18 @@
-//! Fleet benchmark: patch 50 demo workers, each managed by its own `patchd` agent on `127.0.1.k` (process backend,
-//! instant-restart service), with `--batch-size 10`, through the real cluster-API hooks of a demo master. Reports the
-//! total time, where it went (package read, staging transfer, the agents' apply, the controller's own share), the
-//! controller's CPU time per node and its peak RSS. Runs twice: a 64 MiB package and a small one.
+//! Fleet benchmark, side by side with the peer: patch N demo workers, each managed by its own `patchd` agent on
+//! `127.0.1.k` (process backend, instant-restart service), in batches of S, through the real cluster-API hooks of a
+//! demo master; and, right before each patchd rollout, the same rolling hotfix done with Ansible over SSH by the
+//! peer harness (`run.sh rollout N S MIB`, same N, S and package size). Prints both wall times and their ratio for
+//! every package size (a table and one JSON line each), plus where patchd's time went (package read, staging
+//! transfer, the agents' apply, the controller's own share), the controller's CPU per node, the agents' CPU and
+//! the controller's peak RSS. No figure of either side is ever taken from anywhere but this run.
 //!
-//! Use the release binaries:
+//! Use the release binaries, from the project root (the peer harness is `../shared/peers/run.sh` from there):
 //! `cargo build --release -p patchd-agent -p patchctl -p patchd-demo --bins && \
-//!  PATCHD_BIN_DIR=target/release cargo run --release -p patchd-bench --bin bench_fleet`
-//! Environment: `BENCH_WORKERS` (default 50), `BENCH_PAD_MIB` (default 64), `BENCH_DIR` (default /var/tmp),
-//! `BENCH_CONCURRENCY` (parallel uploads, default: patchctl's).
+//!  PATCHD_BIN_DIR=target/release cargo run --release -p patchd-bench --bin bench_fleet -- --workers 50 \
+//!  --batch-size 10 --package-mib 64,8`
 
 use anyhow::{Context, bail};
+use clap::Parser;
 use nix::sys::resource::{UsageWho, getrusage};
 use patchd_e2e::cluster_fixture::{ClusterFixture, FixtureOptions};
 use patchd_e2e::write_random_file;
@@ -19,6 +22,35 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// Rolls a hotfix out to a fleet with patchd and with the peer harness (Ansible over SSH), one after the other.
+#[derive(Parser)]
+struct Args {
+    /// Worker nodes (each with its own agent); the peer gets as many hosts.
+    #[arg(long, env = "BENCH_WORKERS", default_value_t = 50)]
+    workers: usize,
+    /// Nodes per batch, on both sides (patchctl: `--batch-size S --max-unavailable S --failure-budget S-1`;
+    /// Ansible: `serial: S`, `forks = S`).
+    #[arg(long, env = "BENCH_BATCH", default_value_t = 10)]
+    batch_size: usize,
+    /// Package sizes in MiB, one rollout of each on both sides. patchd's package is the demo worker padded with
+    /// random bytes up to this size (the worker alone when it is already larger); the peer's is its service
+    /// script padded to it.
+    #[arg(long, env = "BENCH_PACKAGE_MIB", value_delimiter = ',', default_values_t = [64, 8])]
+    package_mib: Vec<u64>,
+    /// The peer harness script (Ansible over SSH); relative paths are taken from the current directory.
+    #[arg(long, default_value = "../shared/peers/run.sh")]
+    peer: PathBuf,
+    /// Skip the peer: patchd's figures only, no ratio.
+    #[arg(long)]
+    no_peer: bool,
+    /// Where the cluster's files go.
+    #[arg(long, env = "BENCH_DIR", default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// `patchctl --concurrency` (parallel uploads); patchctl's default when absent.
+    #[arg(long, env = "BENCH_CONCURRENCY")]
+    concurrency: Option<usize>,
+}
+
 /// One timestamped progress line of `patchctl` (plain mode): seconds since the rollout began, and the text.
 struct Line {
     at: f64,
@@ -27,7 +59,7 @@ struct Line {
 
 /// Figures of one patch run.
 struct Run {
-    label: String,
+    package_mib: u64,
     package_bytes: u64,
     nodes: usize,
     total: Duration,
@@ -38,9 +70,18 @@ struct Run {
     agents_cpu: Duration,
     peak_rss: u64,
     failures: u64,
+    peer: Option<PeerRun>,
+}
+
+/// What the peer harness printed for the same rollout (its JSON line).
+struct PeerRun {
+    wall_s: f64,
+    /// The whole JSON line, kept as it came.
+    raw: serde_json::Value,
 }
 
 fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
     if std::env::var_os(patchd_e2e::BIN_DIR_ENV).is_none() {
         bail!(
             "{} is not set: build the release binaries (`cargo build --release -p patchd-agent -p patchctl -p \
@@ -49,15 +90,26 @@ fn main() -> anyhow::Result<()> {
             patchd_e2e::BIN_DIR_ENV
         );
     }
-    let workers: usize = env_or("BENCH_WORKERS", 50)?;
-    let pad_mib: u64 = env_or("BENCH_PAD_MIB", 64)?;
-    let base = std::env::var_os("BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
-    std::fs::create_dir_all(&base)?;
+    if args.workers == 0 || args.batch_size == 0 || args.package_mib.is_empty() {
+        bail!("--workers, --batch-size and --package-mib must be at least 1");
+    }
+    let peer = if args.no_peer {
+        None
+    } else {
+        let script = std::fs::canonicalize(&args.peer).with_context(|| {
+            format!(
+                "the peer harness {} is not there: run from the project root, pass --peer PATH, or --no-peer for \
+                 patchd's figures alone",
+                args.peer.display()
+            )
+        })?;
+        Some(script)
+    };
+    std::fs::create_dir_all(&args.dir)?;
     let work = tempfile::Builder::new()
         .prefix("patchd-fleet-")
-        .tempdir_in(&base)?;
+        .tempdir_in(&args.dir)?;
+    let workers = args.workers;
 
     eprintln!(
         "starting {} agents (1 master, {workers} workers) on 127.0.1.1-{}",
@@ -74,49 +126,107 @@ fn main() -> anyhow::Result<()> {
     let mut cluster = ClusterFixture::start(work.path(), options);
     eprintln!("cluster up in {:.1}s", started.elapsed().as_secs_f64());
 
-    let pad = work.path().join("pad.bin");
-    write_random_file(&pad, pad_mib * 1024 * 1024, 7);
-    let big = cluster.worker_package_with(
-        "v1.0.1-hotfix",
-        "ok",
-        &[("demo-worker/pad.bin".to_string(), pad)],
-    );
-    let small = cluster.worker_package("v1.0.2-hotfix", "ok");
-
+    // The worker alone, to know how much padding brings a package to the size asked for.
+    let bare_bytes = std::fs::metadata(cluster.worker_package("v1.0.99-probe", "ok"))?.len();
     let mut runs = Vec::new();
-    for (label, package) in [
-        (format!("{pad_mib} MiB package"), &big),
-        ("small package".to_string(), &small),
-    ] {
-        eprintln!("patching {workers} workers with the {label}");
+    for (index, &mib) in args.package_mib.iter().enumerate() {
+        let version = format!("v1.1.{index}-hotfix");
+        let pad_bytes = (mib * 1024 * 1024).saturating_sub(bare_bytes);
+        let package = if pad_bytes == 0 {
+            cluster.worker_package(&version, "ok")
+        } else {
+            let pad = work.path().join(format!("pad-{index}.bin"));
+            write_random_file(&pad, pad_bytes, 7 + index as u64);
+            cluster.worker_package_with(&version, "ok", &[("demo-worker/pad.bin".to_string(), pad)])
+        };
+        let peer_run = match &peer {
+            Some(script) => {
+                eprintln!(
+                    "peer: Ansible over SSH, {workers} hosts, batches of {}, {mib} MiB",
+                    args.batch_size
+                );
+                Some(run_peer(script, workers, args.batch_size, mib)?)
+            }
+            None => None,
+        };
+        eprintln!(
+            "patchd: patching {workers} workers, batches of {}, {mib} MiB",
+            args.batch_size
+        );
         let agents_before = agents_cpu(&mut cluster);
-        let mut run = patch(&cluster, &label, package, workers)?;
+        let mut run = patch(&cluster, &args, &package, mib)?;
         run.agents_cpu = agents_cpu(&mut cluster).saturating_sub(agents_before);
+        run.peer = peer_run;
+        print_json(&run, &args);
         runs.push(run);
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    print_report(
-        &runs,
-        workers,
-        load.split_whitespace().next().unwrap_or("?"),
-    );
+    print_report(&runs, &args, load.split_whitespace().next().unwrap_or("?"));
     Ok(())
 }
 
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> anyhow::Result<T> {
-    match std::env::var(key) {
-        Ok(value) => value
-            .parse()
-            .map_err(|_| anyhow::anyhow!("{key}={value} is not a number")),
-        Err(_) => Ok(default),
+/// Runs `script rollout N S MIB` and reads the JSON line it ends with (its progress goes to our stderr).
+fn run_peer(script: &Path, hosts: usize, batch: usize, mib: u64) -> anyhow::Result<PeerRun> {
+    let output = Command::new("bash")
+        .arg(script)
+        .args([
+            "rollout",
+            &hosts.to_string(),
+            &batch.to_string(),
+            &mib.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run the peer harness {}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "the peer harness failed ({}); its output:\n{stdout}\nsee /tmp/peerfleet/logs/ and its README",
+            output.status
+        );
     }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|line| line.trim_start().starts_with('{'))
+        .with_context(|| format!("the peer harness printed no JSON line:\n{stdout}"))?;
+    let raw: serde_json::Value = serde_json::from_str(line).with_context(|| {
+        format!("the peer harness printed a JSON line that does not parse: {line}")
+    })?;
+    let wall_s = raw["wall_s"]
+        .as_f64()
+        .with_context(|| format!("the peer harness's JSON line has no wall_s: {line}"))?;
+    Ok(PeerRun { wall_s, raw })
 }
 
-/// `--concurrency N` from `BENCH_CONCURRENCY`, else patchctl's default.
-fn concurrency_args() -> Vec<String> {
-    std::env::var("BENCH_CONCURRENCY")
-        .map(|n| vec!["--concurrency".to_string(), n])
-        .unwrap_or_default()
+/// One JSON line per package size: both wall times and their ratio, and patchd's breakdown.
+fn print_json(run: &Run, args: &Args) {
+    let ratio = run
+        .peer
+        .as_ref()
+        .map(|peer| peer.wall_s / run.total.as_secs_f64());
+    let line = serde_json::json!({
+        "workers": run.nodes,
+        "batch_size": args.batch_size,
+        "package_mib": run.package_mib,
+        "patchd_package_bytes": run.package_bytes,
+        "patchd_wall_s": round3(run.total.as_secs_f64()),
+        "peer_wall_s": run.peer.as_ref().map(|peer| peer.wall_s),
+        "ratio": ratio.map(round3),
+        "patchd_staging_s": round3(run.staging.as_secs_f64()),
+        "patchd_apply_wall_s": round3(run.apply_wall.as_secs_f64()),
+        "patchd_controller_cpu_s": round3(run.cpu.as_secs_f64()),
+        "patchd_agents_cpu_s": round3(run.agents_cpu.as_secs_f64()),
+        "patchd_controller_peak_rss_mib": round3(run.peak_rss as f64 / 1048576.0),
+        "patchd_failures": run.failures,
+        "peer": run.peer.as_ref().map(|peer| peer.raw.clone()),
+    });
+    println!("{line}");
+}
+
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
 }
 
 /// Reads `VmHWM` (peak resident set) of a process, in bytes.
@@ -168,10 +278,16 @@ fn cpu_of_children() -> anyhow::Result<Duration> {
 
 fn patch(
     cluster: &ClusterFixture,
-    label: &str,
+    args: &Args,
     package: &Path,
-    nodes: usize,
+    package_mib: u64,
 ) -> anyhow::Result<Run> {
+    let batch = args.batch_size.to_string();
+    let budget = args.batch_size.saturating_sub(1).to_string();
+    let concurrency = args
+        .concurrency
+        .map(|n| vec!["--concurrency".to_string(), n.to_string()])
+        .unwrap_or_default();
     let package_bytes = std::fs::metadata(package)?.len();
     let cpu_before = cpu_of_children()?;
     let started = Instant::now();
@@ -181,13 +297,13 @@ fn patch(
         .args([
             "-y",
             "--batch-size",
-            "10",
+            &batch,
             "--max-unavailable",
-            "10",
+            &batch,
             "--failure-budget",
-            "9",
+            &budget,
         ])
-        .args(concurrency_args())
+        .args(concurrency)
         .env("PATCHCTL_HOME", cluster.pki.home())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -232,9 +348,9 @@ fn patch(
     // engine's own elapsed time.
     let before_rollout = total.saturating_sub(Duration::from_millis(elapsed_ms));
     Ok(Run {
-        label: label.to_string(),
+        package_mib,
         package_bytes,
-        nodes,
+        nodes: args.workers,
         total,
         before_rollout,
         staging: Duration::from_secs_f64((first_batch - stage_start).max(0.0)),
@@ -243,6 +359,7 @@ fn patch(
         agents_cpu: Duration::ZERO,
         peak_rss: peak.load(Ordering::Relaxed),
         failures: summary["failures"].as_u64().unwrap_or_default(),
+        peer: None,
     })
 }
 
@@ -306,27 +423,54 @@ fn apply_wall(lines: &[Line]) -> Duration {
     Duration::from_secs_f64(covered.max(0.0))
 }
 
-fn print_report(runs: &[Run], workers: usize, load: &str) {
-    println!("## Fleet\n");
+fn print_report(runs: &[Run], args: &Args, load: &str) {
+    let workers = args.workers;
+    let batch = args.batch_size;
+    println!("\n## Fleet\n");
     println!(
         "{workers} demo workers, one `patchd` agent each on 127.0.1.2–127.0.1.{} (process backend), plus the demo \
-         master on 127.0.1.1; `patchctl patch --batch-size 10 --max-unavailable 10 --failure-budget 9` with the \
-         demo's offline/wait_offline/health/online/wait_online hooks; agent probation 500 ms. Every agent, service \
-         and the controller share the machine's 2 cores (1-minute load average at the end: {load}).\n",
-        workers + 1
+         master on 127.0.1.1; `patchctl patch --batch-size {batch} --max-unavailable {batch} --failure-budget {}` \
+         with the demo's offline/wait_offline/health/online/wait_online hooks; agent probation 500 ms. The peer: \
+         the same rolling hotfix with Ansible over SSH ({}), run right before each patchd rollout. Everything \
+         shares the machine's cores (1-minute load average at the end: {load}).\n",
+        workers + 1,
+        batch.saturating_sub(1),
+        if args.no_peer {
+            "skipped: --no-peer"
+        } else {
+            "`run.sh rollout N S MIB`"
+        },
     );
+    println!("| package | Ansible over SSH | patchd | ratio |");
+    println!("|---|---|---|---|");
+    for run in runs {
+        let (peer, ratio) = match &run.peer {
+            Some(peer) => (
+                format!("{:.1} s", peer.wall_s),
+                format!("**{:.1}×**", peer.wall_s / run.total.as_secs_f64()),
+            ),
+            None => ("not run".to_string(), "–".to_string()),
+        };
+        println!(
+            "| {} MiB ({:.1} MiB file) | {peer} | {:.1} s | {ratio} |",
+            run.package_mib,
+            run.package_bytes as f64 / 1048576.0,
+            run.total.as_secs_f64(),
+        );
+    }
     println!(
-        "| package | total | before rollout¹ | staging (transfer) | agents applying² | controller share³ | per node³ | \
-         controller CPU | CPU per node | agents' CPU⁴ | peak RSS | failures |"
+        "\n| package | total | before rollout¹ | staging (transfer) | agents applying² | controller share³ | per node³ | \
+         controller CPU | CPU per node | agents' CPU⁴ | agents' CPU per GB received⁴ | peak RSS | failures |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for run in runs {
         let share = run
             .total
             .saturating_sub(run.before_rollout + run.staging + run.apply_wall);
+        let received_gb = (run.package_bytes * run.nodes as u64) as f64 / 1e9;
         println!(
-            "| {} ({:.1} MiB) | {:.1} s | {:.2} s | {:.1} s | {:.1} s | {:.2} s | {:.1} ms | {:.2} s | {:.1} ms | {:.1} s | {:.1} MiB | {} |",
-            run.label,
+            "| {} MiB ({:.1} MiB file) | {:.1} s | {:.2} s | {:.1} s | {:.1} s | {:.2} s | {:.1} ms | {:.2} s | {:.1} ms | {:.1} s | {:.2} s | {:.1} MiB | {} |",
+            run.package_mib,
             run.package_bytes as f64 / 1048576.0,
             run.total.as_secs_f64(),
             run.before_rollout.as_secs_f64(),
@@ -337,6 +481,7 @@ fn print_report(runs: &[Run], workers: usize, load: &str) {
             run.cpu.as_secs_f64(),
             run.cpu.as_secs_f64() * 1000.0 / run.nodes as f64,
             run.agents_cpu.as_secs_f64(),
+            run.agents_cpu.as_secs_f64() / received_gb,
             run.peak_rss as f64 / 1048576.0,
             run.failures
         );
@@ -347,15 +492,7 @@ fn print_report(runs: &[Run], workers: usize, load: &str) {
          ³ total minus the three columns before: hooks (cluster-API calls and their polls), journal writes, \
          scheduling; divided by the node count for the per-node figure.\n\
          ⁴ CPU time of all the agents together during the run (receiving, hashing, unpacking and verifying the \
-         package, applying): on a real fleet this is spread over one machine per agent."
+         package, applying), and the same per GB of package received by all of them: on a real fleet this is \
+         spread over one machine per agent."
     );
-    if let Some(run) = runs.first() {
-        let reference = 4.0 * 60.0;
-        println!(
-            "\nReference: the common way (Ansible over SSH: copy, checksum, drain, stop, swap, start, wait, online) \
-             takes about 5 s per host, about {reference:.0} s for 50 hosts with a 64 MiB package: this run is {:.1}× \
-             faster.",
-            reference / run.total.as_secs_f64()
-        );
-    }
 }

@@ -1,4 +1,4 @@
-//! One streaming pass over a `.tar.gz`: hashes the raw file (plain sha256 and tree digest), decompresses,
+//! One streaming pass over a `.tar.gz`: hashes the raw file (plain sha256 and tree digest) unless told not to, decompresses,
 //! checks every entry against the hostile-package rules before handing it to a sink, and enforces the limits
 //! while bytes flow, so a decompression bomb stops at the limit and memory stays flat.
 
@@ -6,7 +6,7 @@ mod stream;
 mod tree;
 
 pub(crate) use stream::MAX_METADATA_BYTES;
-use stream::{Decoder, Decompressed, Source, StreamState, classify, drain_trailer};
+use stream::{Decoder, Decompressed, RawHashes, Source, StreamState, classify, drain_trailer};
 use tree::{Node, PackageTree};
 
 use crate::digest::{DEFAULT_CHUNK_SIZE, StreamingTreeDigest, read_full};
@@ -74,12 +74,22 @@ pub(crate) struct Walked {
     pub embedded: Option<Manifest>,
     /// `(path, os, arch)` of every ELF binary.
     pub targets: Vec<(String, &'static str, &'static str)>,
-    /// Plain sha256 of the `.tar.gz` file.
-    pub package_sha256: String,
-    /// Tree digest of the `.tar.gz` file at the default chunk size.
-    pub tree_digest: String,
+    /// Plain sha256 of the `.tar.gz` file, and its tree digest at the default chunk size (`None` when the walk
+    /// was asked not to hash the raw file: [`RawDigests::Skip`]).
+    pub digests: Option<(String, String)>,
     /// Size of the `.tar.gz` file.
     pub size: u64,
+}
+
+/// Whether a walk hashes the raw `.tar.gz` bytes as well (the file's own digests, not its entries').
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RawDigests {
+    /// `inspect`: the package's sha256 and tree digest are what it reports.
+    Compute,
+    /// Stage: the agent verified the blob's tree digest as it arrived, and every entry is still checked
+    /// (gzip's CRC-32 over the whole tar stream, each file against the manifest), so hashing the raw bytes again
+    /// would only spend a second pass of sha256.
+    Skip,
 }
 
 /// Walks `path` once: every entry is checked against the rules before the sink sees it.
@@ -87,6 +97,7 @@ pub(crate) fn walk(
     path: &Path,
     limits: &Limits,
     expect: &Expectations,
+    raw: RawDigests,
     sink: &mut dyn Sink,
 ) -> Result<Walked, PackageError> {
     let file = File::open(path).map_err(|e| PackageError::io("cannot open package", path, e))?;
@@ -102,8 +113,11 @@ pub(crate) fn walk(
     let state = Rc::new(StreamState::default());
     let source = Source {
         file,
-        sha256: Context::new(&SHA256),
-        tree: StreamingTreeDigest::new(DEFAULT_CHUNK_SIZE, size),
+        hashes: (raw == RawDigests::Compute).then(|| RawHashes {
+            sha256: Context::new(&SHA256),
+            tree: StreamingTreeDigest::new(DEFAULT_CHUNK_SIZE, size),
+        }),
+        read: 0,
         state: Rc::clone(&state),
     };
     let mut buffered = BufReader::with_capacity(BUF_BYTES, source);
@@ -136,15 +150,24 @@ pub(crate) fn walk(
     let mut rest = archive.into_inner();
     drain_trailer(&mut rest, path, &state)?;
     let source = rest.inner.into_inner().into_inner();
-    let Source { sha256, tree, .. } = source;
-    let fed = tree.len();
-    let tree_digest = tree.finish().ok_or_else(|| {
+    let Source { hashes, read, .. } = source;
+    let changed = || {
         PackageError::io(
             "package changed while it was read",
             path,
-            io::Error::other(format!("read {fed} bytes, expected {size}")),
+            io::Error::other(format!("read {read} bytes, expected {size}")),
         )
-    })?;
+    };
+    if read != size {
+        return Err(changed());
+    }
+    let digests = match hashes {
+        Some(RawHashes { sha256, tree }) => Some((
+            hex::encode(sha256.finish().as_ref()),
+            tree.finish().ok_or_else(changed)?,
+        )),
+        None => None,
+    };
     let Some(top) = top else {
         return Err(PackageError::EmptyPackage {
             path: path.to_owned(),
@@ -161,8 +184,7 @@ pub(crate) fn walk(
         symlinks,
         embedded,
         targets,
-        package_sha256: hex::encode(sha256.finish().as_ref()),
-        tree_digest,
+        digests,
         size,
     })
 }

@@ -28,11 +28,18 @@ pub(super) struct StreamState {
     pub(super) budget_exceeded: Cell<bool>,
 }
 
-/// The raw `.tar.gz` file: hashes every byte it hands out.
-pub(super) struct Source {
-    pub(super) file: File,
+/// The two digests of the raw `.tar.gz` file that `inspect` reports.
+pub(super) struct RawHashes {
     pub(super) sha256: Context,
     pub(super) tree: StreamingTreeDigest,
+}
+
+/// The raw `.tar.gz` file: counts every byte it hands out, and hashes it when asked to.
+pub(super) struct Source {
+    pub(super) file: File,
+    /// `None` when the caller already trusts the file's identity (a blob the agent verified as it arrived).
+    pub(super) hashes: Option<RawHashes>,
+    pub(super) read: u64,
     pub(super) state: Rc<StreamState>,
 }
 
@@ -40,8 +47,11 @@ impl Read for Source {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.file.read(buf) {
             Ok(n) => {
-                self.sha256.update(&buf[..n]);
-                self.tree.update(&buf[..n]);
+                if let Some(hashes) = &mut self.hashes {
+                    hashes.sha256.update(&buf[..n]);
+                    hashes.tree.update(&buf[..n]);
+                }
+                self.read += n as u64;
                 Ok(n)
             }
             Err(e) => {
