@@ -4,7 +4,7 @@
 //! the new image with its Mounts, Env (plus `env_add`), Privileged, Ulimits and NetworkMode unchanged, serves the
 //! new version, and `display` shows it `(patched)`; `demo down` removes the containers.
 //!
-//! Runs on `127.0.79.k` (not the default `127.0.1.k`) so it never meets a demo someone runs by hand. Fails (never
+//! Runs on `127.0.82.k` (not the default `127.0.1.k`) so it never meets a demo someone runs by hand. Fails (never
 //! skips) without a Docker Engine.
 
 use patchd_e2e::apply_support::stamp_worker;
@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Output;
 
-const PREFIX: &str = "127.0.79";
+const PREFIX: &str = "127.0.82";
 const DEMO_LABEL: &str = "io.patchd.demo";
 
 /// Runs `demo down` on drop (it removes the containers), so a failing test leaks no container or agent.
