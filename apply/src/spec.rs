@@ -377,7 +377,7 @@ impl ServiceSpec {
     pub fn docker_socket(&self) -> PathBuf {
         self.docker_socket
             .clone()
-            .unwrap_or_else(|| PathBuf::from(crate::container::DEFAULT_DOCKER_SOCKET))
+            .unwrap_or_else(|| PathBuf::from(patchd_docker::DEFAULT_SOCKET))
     }
 
     /// The `docker` keys belong to backend "docker" alone, which needs `container` and takes neither a deploy

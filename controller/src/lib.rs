@@ -7,7 +7,6 @@ pub mod output;
 
 pub mod agent;
 pub mod demo;
-pub mod docker;
 pub mod executor;
 pub mod exit;
 pub mod home;

@@ -1,30 +1,20 @@
-//! The real [`ContainerEngine`]: the Docker Engine API on a Unix socket through bollard. The connection is made
-//! (and the API version negotiated) at the first call, so an agent starts while the engine is down and says
-//! which socket did not answer when a call needs it.
+//! The real [`ContainerEngine`]: the Docker Engine on a Unix socket through the workspace's one client
+//! (`patchd_docker::Engine`). The connection is made (and the API version negotiated) at the first call, so an
+//! agent starts while the engine is down and says which socket did not answer when a call needs it.
 
 use super::{ContainerEngine, ContainerError, ImageFacts};
 use async_trait::async_trait;
-use bollard::Docker;
-use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, ContainerInspectResponse};
-use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ImportImageOptionsBuilder, RemoveContainerOptionsBuilder,
-    RemoveImageOptionsBuilder, RenameContainerOptionsBuilder, StartContainerOptions,
-    StopContainerOptionsBuilder,
-};
-use futures::StreamExt;
+use patchd_docker::{DockerError, Engine};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::OnceCell;
-
-/// Seconds a single engine call may take: loading a large image is the longest.
-const CALL_TIMEOUT_SECS: u64 = 600;
 
 /// The Docker Engine on a Unix socket.
 #[derive(Debug)]
 pub struct BollardEngine {
     socket: PathBuf,
-    client: OnceCell<Docker>,
+    engine: OnceCell<Engine>,
 }
 
 impl BollardEngine {
@@ -32,46 +22,35 @@ impl BollardEngine {
     pub fn new(socket: &Path) -> Self {
         BollardEngine {
             socket: socket.to_path_buf(),
-            client: OnceCell::new(),
+            engine: OnceCell::new(),
         }
     }
 
-    fn unreachable(&self, detail: impl std::fmt::Display) -> ContainerError {
-        ContainerError::Unreachable {
-            socket: self.socket.clone(),
-            detail: detail.to_string(),
-        }
-    }
-
-    async fn client(&self) -> Result<&Docker, ContainerError> {
-        self.client
-            .get_or_try_init(|| async {
-                let path = self.socket.to_string_lossy();
-                let docker = Docker::connect_with_unix(
-                    &path,
-                    CALL_TIMEOUT_SECS,
-                    bollard::API_DEFAULT_VERSION,
-                )
-                .map_err(|e| self.unreachable(e))?;
-                docker
-                    .negotiate_version()
-                    .await
-                    .map_err(|e| self.unreachable(e))
-            })
+    async fn engine(&self) -> Result<&Engine, ContainerError> {
+        self.engine
+            .get_or_try_init(|| Engine::connect(&self.socket))
             .await
+            .map_err(|e| self.container_error("connect", &self.socket.display().to_string(), e))
     }
 
-    /// A failed call: a transport error means the engine went away; an answer is reported as it came.
-    fn call_error(&self, op: &'static str, target: &str, error: DockerError) -> ContainerError {
+    /// The agent's words for a failed call: the service's `docker_socket` is what to fix when the engine does not
+    /// answer; an answer is reported as `docker <op> <target>` with the engine's message.
+    fn container_error(
+        &self,
+        op: &'static str,
+        target: &str,
+        error: DockerError,
+    ) -> ContainerError {
         match error {
-            DockerError::HyperResponseError { .. }
-            | DockerError::IOError { .. }
-            | DockerError::SocketNotFoundError(_)
-            | DockerError::RequestTimeoutError => self.unreachable(error),
-            DockerError::DockerResponseServerError { message, .. } => ContainerError::Call {
+            DockerError::Unreachable { detail, .. } => ContainerError::Unreachable {
+                socket: self.socket.clone(),
+                detail,
+            },
+            DockerError::File { path, source, .. } => ContainerError::Archive { path, source },
+            DockerError::Call { detail, .. } => ContainerError::Call {
                 op,
                 target: target.to_string(),
-                detail: message,
+                detail,
             },
             other => ContainerError::Call {
                 op,
@@ -82,26 +61,6 @@ impl BollardEngine {
     }
 }
 
-fn is_not_found(error: &DockerError) -> bool {
-    matches!(
-        error,
-        DockerError::DockerResponseServerError {
-            status_code: 404,
-            ..
-        }
-    )
-}
-
-fn is_not_modified(error: &DockerError) -> bool {
-    matches!(
-        error,
-        DockerError::DockerResponseServerError {
-            status_code: 304,
-            ..
-        }
-    )
-}
-
 #[async_trait]
 impl ContainerEngine for BollardEngine {
     fn socket(&self) -> &Path {
@@ -109,47 +68,36 @@ impl ContainerEngine for BollardEngine {
     }
 
     async fn load_image(&self, archive: &Path) -> Result<(), ContainerError> {
-        let docker = self.client().await?;
-        let file =
-            tokio::fs::File::open(archive)
-                .await
-                .map_err(|source| ContainerError::Archive {
-                    path: archive.to_path_buf(),
-                    source,
-                })?;
-        // 1 MiB reads: the engine, not this copy, should be what a load costs.
-        let body = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
-        let options = ImportImageOptionsBuilder::default().quiet(true).build();
-        let mut progress = docker.import_image(options, bollard::body_try_stream(body), None);
         let target = archive.display().to_string();
-        while let Some(item) = progress.next().await {
-            item.map_err(|e| self.call_error("load", &target, e))?;
-        }
-        Ok(())
+        self.engine()
+            .await?
+            .load_image(archive)
+            .await
+            .map_err(|e| self.container_error("load", &target, e))
     }
 
     async fn inspect_image(&self, reference: &str) -> Result<Option<ImageFacts>, ContainerError> {
-        let docker = self.client().await?;
-        match docker.inspect_image(reference).await {
-            Ok(image) => Ok(Some(ImageFacts {
-                id: image.id.unwrap_or_default(),
-                repo_tags: image.repo_tags.unwrap_or_default(),
-            })),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(self.call_error("image inspect", reference, e)),
-        }
+        let found = self
+            .engine()
+            .await?
+            .inspect_image(reference)
+            .await
+            .map_err(|e| self.container_error("image inspect", reference, e))?;
+        Ok(found.map(|image| ImageFacts {
+            id: image.id.unwrap_or_default(),
+            repo_tags: image.repo_tags.unwrap_or_default(),
+        }))
     }
 
     async fn inspect_container(
         &self,
         name: &str,
     ) -> Result<Option<ContainerInspectResponse>, ContainerError> {
-        let docker = self.client().await?;
-        match docker.inspect_container(name, None).await {
-            Ok(found) => Ok(Some(found)),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(self.call_error("inspect", name, e)),
-        }
+        self.engine()
+            .await?
+            .inspect_container(name)
+            .await
+            .map_err(|e| self.container_error("inspect", name, e))
     }
 
     async fn create_container(
@@ -157,67 +105,51 @@ impl ContainerEngine for BollardEngine {
         name: &str,
         body: ContainerCreateBody,
     ) -> Result<String, ContainerError> {
-        let docker = self.client().await?;
-        let options = CreateContainerOptionsBuilder::default().name(name).build();
-        docker
-            .create_container(Some(options), body)
+        self.engine()
+            .await?
+            .create_container(name, body)
             .await
-            .map(|created| created.id)
-            .map_err(|e| self.call_error("create", name, e))
+            .map_err(|e| self.container_error("create", name, e))
     }
 
     async fn start_container(&self, name: &str) -> Result<(), ContainerError> {
-        let docker = self.client().await?;
-        match docker
-            .start_container(name, None::<StartContainerOptions>)
+        self.engine()
+            .await?
+            .start_container(name)
             .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_modified(&e) => Ok(()),
-            Err(e) => Err(self.call_error("start", name, e)),
-        }
+            .map_err(|e| self.container_error("start", name, e))
     }
 
     async fn stop_container(&self, name: &str, grace: Duration) -> Result<(), ContainerError> {
-        let docker = self.client().await?;
-        let seconds = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
-        let options = StopContainerOptionsBuilder::default().t(seconds).build();
-        match docker.stop_container(name, Some(options)).await {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_modified(&e) => Ok(()),
-            Err(e) => Err(self.call_error("stop", name, e)),
-        }
+        self.engine()
+            .await?
+            .stop_container(name, grace)
+            .await
+            .map_err(|e| self.container_error("stop", name, e))
     }
 
     async fn rename_container(&self, name: &str, new_name: &str) -> Result<(), ContainerError> {
-        let docker = self.client().await?;
-        let options = RenameContainerOptionsBuilder::default()
-            .name(new_name)
-            .build();
-        docker
-            .rename_container(name, options)
+        self.engine()
+            .await?
+            .rename_container(name, new_name)
             .await
-            .map_err(|e| self.call_error("rename", name, e))
+            .map_err(|e| self.container_error("rename", name, e))
     }
 
     async fn remove_container(&self, name: &str) -> Result<(), ContainerError> {
-        let docker = self.client().await?;
-        let options = RemoveContainerOptionsBuilder::default().force(true).build();
-        match docker.remove_container(name, Some(options)).await {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(self.call_error("rm", name, e)),
-        }
+        self.engine()
+            .await?
+            .remove_container(name)
+            .await
+            .map_err(|e| self.container_error("rm", name, e))
     }
 
     async fn remove_image(&self, id: &str) -> Result<(), ContainerError> {
-        let docker = self.client().await?;
-        let options = RemoveImageOptionsBuilder::default().build();
-        match docker.remove_image(id, Some(options), None).await {
-            Ok(_) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(self.call_error("rmi", id, e)),
-        }
+        self.engine()
+            .await?
+            .remove_image(id, false)
+            .await
+            .map_err(|e| self.container_error("rmi", id, e))
     }
 }
 

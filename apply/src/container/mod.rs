@@ -1,6 +1,7 @@
 //! The Docker Engine behind one small trait, [`ContainerEngine`]: the calls a container swap makes (load an image
 //! archive, inspect images and containers, create, start, stop, rename, remove). The real one talks to the
-//! engine's API on its Unix socket through bollard ([`bollard_engine`]); the engine unit tests use a fake.
+//! engine's API on its Unix socket through the workspace's one client, `patchd_docker` ([`bollard_engine`]); the
+//! engine unit tests use a fake.
 //! [`recreate`] derives the new container's configuration from the old one's (pure).
 
 pub mod bollard_engine;
@@ -10,9 +11,6 @@ use async_trait::async_trait;
 use bollard::models::{ContainerCreateBody, ContainerInspectResponse};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// The engine's socket when a service names none.
-pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 
 /// An engine call failed; each variant says what to do.
 #[derive(Debug, thiserror::Error)]

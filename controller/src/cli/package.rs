@@ -6,7 +6,6 @@ use super::{Ctx, Format};
 use anyhow::{Context as _, bail};
 use comfy_table::{Table, presets};
 use indicatif::HumanBytes;
-use patchctl::docker::{DockerEngine, component_and_version};
 use patchd_package::{BuildSpec, Expectations, Limits, PackageInfo};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -228,9 +227,11 @@ async fn build_image_package(
     let exported = if source.is_file() {
         None
     } else {
-        let engine = DockerEngine::connect().await.with_context(|| {
-            format!("`{image}` is not a file, so it was taken as an image reference")
-        })?;
+        let engine = patchd_docker::Engine::connect_default()
+            .await
+            .with_context(|| {
+                format!("`{image}` is not a file, so it was taken as an image reference")
+            })?;
         let out_dir = match output.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
             _ => PathBuf::from("."),
@@ -241,7 +242,7 @@ async fn build_image_package(
             .tempfile_in(&out_dir)
             .with_context(|| format!("cannot create a temporary file in {}", out_dir.display()))?
             .into_temp_path();
-        engine.export_image(image, &temp).await?;
+        engine.save_image(image, &temp).await?;
         Some(temp)
     };
     let archive = exported
@@ -432,4 +433,41 @@ fn print_files(info: &PackageInfo) {
         ]);
     }
     outln!("{table}");
+}
+
+/// `(component, version)` from an image reference or repo tag: `registry:5000/team/demo-worker:v2` gives
+/// `("demo-worker", "v2")`; without a tag the version is `latest`; a digest reference gives no version.
+pub fn component_and_version(reference: &str) -> (String, Option<String>) {
+    let without_digest = reference.split('@').next().unwrap_or(reference);
+    let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
+    match last.split_once(':') {
+        Some((name, tag)) => (name.to_owned(), Some(tag.to_owned())),
+        None if without_digest.len() < reference.len() => (last.to_owned(), None),
+        None => (last.to_owned(), Some("latest".to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn component_and_version_come_from_the_last_path_segment() {
+        assert_eq!(
+            component_and_version("demo-worker:v2"),
+            ("demo-worker".to_owned(), Some("v2".to_owned()))
+        );
+        assert_eq!(
+            component_and_version("registry:5000/team/demo-worker:v2.1-hotfix"),
+            ("demo-worker".to_owned(), Some("v2.1-hotfix".to_owned()))
+        );
+        assert_eq!(
+            component_and_version("demo-worker"),
+            ("demo-worker".to_owned(), Some("latest".to_owned()))
+        );
+        assert_eq!(
+            component_and_version("demo-worker@sha256:abcd"),
+            ("demo-worker".to_owned(), None)
+        );
+    }
 }

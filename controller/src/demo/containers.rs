@@ -11,6 +11,7 @@ use super::layout::{DemoHost, DemoService};
 use bollard::models::{
     ContainerCreateBody, HostConfig, ResourcesUlimits, RestartPolicy, RestartPolicyNameEnum,
 };
+use patchd_docker::context::{scratch_dockerfile, scratch_files};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -43,42 +44,30 @@ pub fn container_name(demo_dir: &Path, host: &DemoHost, service: &DemoService) -
     )
 }
 
-/// Writes the build context: `Dockerfile` and `rootfs/` with `binary` as `/demo-worker` plus its libraries.
+/// Writes the build context: `Dockerfile` and `rootfs/` with `binary` as `/demo-worker` plus its libraries (the
+/// files of `patchd_docker::context::scratch_files`), packed with `patchd_docker::context::directory_context`.
 pub fn write_context(context: &Path, binary: &Path) -> Result<(), DemoError> {
     let rootfs = context.join("rootfs");
     if rootfs.exists() {
         std::fs::remove_dir_all(&rootfs).map_err(|e| DemoError::io("cannot clear", &rootfs, e))?;
     }
     std::fs::create_dir_all(&rootfs).map_err(|e| DemoError::io("cannot create", &rootfs, e))?;
-    let inside = rootfs.join(ENTRYPOINT.trim_start_matches('/'));
-    std::fs::copy(binary, &inside).map_err(|e| DemoError::io("cannot copy", binary, e))?;
-    for library in shared_libraries(binary)? {
-        let target = rootfs.join(library.strip_prefix("/").unwrap_or(&library));
+    for file in scratch_files(&[(binary, Some(ENTRYPOINT))])? {
+        let target = rootfs.join(file.inside.trim_start_matches('/'));
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| DemoError::io("cannot create", parent, e))?;
         }
         // `copy` follows symlinks: the image gets the library itself under the name the loader asks for.
-        std::fs::copy(&library, &target).map_err(|e| DemoError::io("cannot copy", &library, e))?;
+        std::fs::copy(&file.host, &target)
+            .map_err(|e| DemoError::io("cannot copy", &file.host, e))?;
     }
     let dockerfile = format!(
-        "# DEMO ONLY: the demo worker image, written by `patchctl demo up --containers`.\n\
-         FROM scratch\nCOPY rootfs/ /\nENTRYPOINT [\"{ENTRYPOINT}\"]\n"
+        "# DEMO ONLY: the demo worker image, written by `patchctl demo up --containers`.\n{}",
+        scratch_dockerfile(&[ENTRYPOINT])
     );
     let path = context.join("Dockerfile");
     std::fs::write(&path, dockerfile).map_err(|e| DemoError::io("cannot write", &path, e))
-}
-
-/// The build context as the uncompressed tar the Engine API takes.
-pub fn context_tar(context: &Path) -> Result<Vec<u8>, DemoError> {
-    let mut tar = tar::Builder::new(Vec::new());
-    tar.follow_symlinks(true);
-    // Linker output has holes; the engine's tar reader refuses GNU sparse entries.
-    tar.sparse(false);
-    tar.append_dir_all(".", context)
-        .map_err(|e| DemoError::io("cannot pack the build context", context, e))?;
-    tar.into_inner()
-        .map_err(|e| DemoError::io("cannot pack the build context", context, e))
 }
 
 /// The container of one worker: the image's entrypoint with the worker's arguments, host network (the worker
@@ -117,26 +106,6 @@ pub fn worker_container(
     }
 }
 
-/// The shared libraries (and the loader) `ldd` lists for `binary`; none for a static binary.
-fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, DemoError> {
-    let output = std::process::Command::new("ldd")
-        .arg(binary)
-        .output()
-        .map_err(|e| DemoError::io("cannot run ldd (install libc-bin) on", binary, e))?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    Ok(text
-        .lines()
-        .filter_map(|line| {
-            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)"
-            let path = match line.split_once("=>") {
-                Some((_, right)) => right.split_whitespace().next()?,
-                None => line.split_whitespace().next()?,
-            };
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,7 +118,7 @@ mod tests {
         let dockerfile = std::fs::read_to_string(dir.path().join("Dockerfile")).unwrap();
         assert!(dockerfile.contains("FROM scratch"), "{dockerfile}");
         assert!(dir.path().join("rootfs/demo-worker").is_file());
-        let libc = shared_libraries(&binary).unwrap();
+        let libc = patchd_docker::context::shared_libraries(&binary).unwrap();
         assert!(!libc.is_empty(), "a test binary links libc");
         for library in libc {
             let inside = dir
@@ -158,7 +127,7 @@ mod tests {
                 .join(library.strip_prefix("/").unwrap());
             assert!(inside.is_file(), "{} missing", inside.display());
         }
-        let tar = context_tar(dir.path()).unwrap();
+        let tar = patchd_docker::context::directory_context(dir.path()).unwrap();
         let names: Vec<String> = tar::Archive::new(tar.as_slice())
             .entries()
             .unwrap()

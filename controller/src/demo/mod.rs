@@ -46,6 +46,8 @@ pub enum DemoError {
     },
     #[error("cannot render {what}: {message}")]
     Render { what: &'static str, message: String },
+    #[error(transparent)]
+    Docker(#[from] patchd_docker::DockerError),
 }
 
 impl DemoError {

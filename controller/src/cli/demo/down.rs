@@ -6,7 +6,6 @@ use anyhow::{Context, bail};
 use patchctl::demo::containers::DEMO_LABEL;
 use patchctl::demo::layout;
 use patchctl::demo::procs::{self, DemoRecord, ProcessIdentity, StopOutcome};
-use patchctl::docker::DockerEngine;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -93,7 +92,7 @@ pub(super) async fn stop_all(ctx: &Ctx, dir: &Path, record: Option<&DemoRecord>)
 /// Removes every container labelled with this demo directory (`demo up --containers`), also one the agent left
 /// renamed aside. `required`: the record says there are containers, so an unreachable Docker Engine is reported.
 pub(super) async fn remove_containers(ctx: &Ctx, dir: &Path, required: bool) -> Vec<String> {
-    let engine = match DockerEngine::connect().await {
+    let engine = match patchd_docker::Engine::connect_default().await {
         Ok(engine) => engine,
         Err(error) => {
             if required {
@@ -102,8 +101,9 @@ pub(super) async fn remove_containers(ctx: &Ctx, dir: &Path, required: bool) -> 
             return Vec::new();
         }
     };
-    let label = dir.to_string_lossy();
-    let names = match engine.containers_labelled(DEMO_LABEL, &label).await {
+    let label = format!("{DEMO_LABEL}={}", dir.to_string_lossy());
+    let filters = std::collections::HashMap::from([("label", vec![label.as_str()])]);
+    let names = match engine.container_names(&filters).await {
         Ok(names) => names,
         Err(error) => {
             errln!("warning: the demo's containers were not removed: {error}");

@@ -9,7 +9,6 @@ use patchctl::agent::client::AgentClient;
 use patchctl::demo::layout::{self, CLUSTER_NAME, ORIGINAL_VERSION, ServiceRole, master_count};
 use patchctl::demo::procs::{AgentRecord, DemoRecord, ProcessIdentity, RECORD_FORMAT};
 use patchctl::demo::{DemoHost, DemoLayout, DemoService, containers, render};
-use patchctl::docker::DockerEngine;
 use patchctl::store::Store;
 use patchctl::tls_files::ControllerTls;
 use patchctl::topology::Topology;
@@ -293,7 +292,7 @@ async fn start_worker_containers(
     layout: &DemoLayout,
     originals: &[(ServiceRole, PathBuf)],
 ) -> anyhow::Result<()> {
-    let engine = DockerEngine::connect()
+    let engine = patchd_docker::Engine::connect_default()
         .await
         .context("--containers runs the workers in the Docker Engine")?;
     remove_containers(ctx, &layout.dir, true).await;
@@ -313,7 +312,7 @@ async fn start_worker_containers(
             engine.socket().display()
         ),
     );
-    let context_tar = containers::context_tar(&context)?;
+    let context_tar = patchd_docker::context::directory_context(&context)?;
     engine.build_image(&tag, context_tar).await?;
     for host in &layout.hosts {
         for service in host
