@@ -2,7 +2,8 @@
 //! workers as containers of an image built locally from `demo-worker`; a hotfix image of the worker is packaged
 //! with `package build --image` and rolled out with `patch -R demo-worker`; afterwards every worker container runs
 //! the new image with its Mounts, Env (plus `env_add`), Privileged, Ulimits and NetworkMode unchanged, serves the
-//! new version, and `display` shows it `(patched)`; `demo down` removes the containers.
+//! new version, and `display` shows it `(patched)`. A second hotfix whose worker exits at once halts the rollout
+//! with exit 3, every worker running its container (same ID) again. `demo down` removes the containers.
 //!
 //! Runs on `127.0.82.k` (not the default `127.0.1.k`) so it never meets a demo someone runs by hand. Fails (never
 //! skips) without a Docker Engine.
@@ -235,6 +236,67 @@ fn a_containerized_demo_is_patched_keeping_each_containers_configuration() {
         assert!(line.contains("v1.0.1-hotfix"), "{line}");
         let short_id = &hotfix_id.trim_start_matches("sha256:")[..12];
         assert!(line.contains(short_id), "display shows the image: {line}");
+    }
+
+    // A hotfix whose worker exits at once: the rollout halts with exit 3 and every worker runs the container it
+    // ran before, same ID, nothing left aside.
+    let ids_before: Vec<Option<String>> = containers
+        .iter()
+        .map(|name| docker.inspect_container(name).unwrap().id)
+        .collect();
+    let broken = tmp.path().join("broken/demo-worker");
+    stamp_worker(&broken, "v1.0.2-broken", "crash", 0);
+    let broken_tag = docker.name("worker:v1.0.2-broken");
+    docker.build_image(&broken_tag, &broken, &["/demo-worker"]);
+    let broken_package = tmp.path().join("demo-worker-v1.0.2-broken-image.tar.gz");
+    assert_ok(
+        &patchctl(
+            &demo.home,
+            &[
+                "package",
+                "build",
+                "--image",
+                &broken_tag,
+                "--component",
+                "demo-worker",
+                "--version",
+                "v1.0.2-broken",
+                "-o",
+                broken_package.to_str().unwrap(),
+            ],
+        ),
+        "package build --image (broken)",
+    );
+    let halted = patchctl(
+        &demo.home,
+        &[
+            "patch",
+            "demo",
+            broken_package.to_str().unwrap(),
+            "-R",
+            "demo-worker",
+            "-y",
+        ],
+    );
+    assert_eq!(
+        halted.status.code(),
+        Some(3),
+        "{}{}",
+        String::from_utf8_lossy(&halted.stdout),
+        String::from_utf8_lossy(&halted.stderr)
+    );
+    assert_eq!(listed(&docker), containers, "nothing left aside");
+    for (name, id_before) in containers.iter().zip(&ids_before) {
+        let now = docker.inspect_container(name).unwrap();
+        assert_eq!(&now.id, id_before, "{name} runs its container again");
+        assert_eq!(now.state.and_then(|s| s.running), Some(true), "{name} runs");
+    }
+    for addr in &workers {
+        assert_eq!(
+            served_version(addr).as_deref(),
+            Some("v1.0.1-hotfix"),
+            "{addr}"
+        );
     }
 
     let down = demo.demo(&["down"]);

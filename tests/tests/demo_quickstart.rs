@@ -282,6 +282,7 @@ fn demo_up_patch_down() {
     );
     let after = patchctl_ok(&home, &["display", "demo"]);
     assert_eq!(after.matches("v1.0.1-hotfix").count(), 3, "{after}");
+    assert_eq!(after.matches("(patched)").count(), 3, "{after}");
 
     // Down: every agent and service stops; the files stay.
     let service_pids: Vec<u64> = (1..=4)
@@ -320,6 +321,17 @@ fn demo_up_patch_down() {
     for k in 1..=4 {
         std::net::TcpListener::bind(format!("{PREFIX}.{k}:7480")).expect("agent port free again");
     }
+    // Up again in the same home, as `scripts/demo.sh` run twice does: the services are fresh, and so is `display`.
+    assert_ok(
+        &demo.demo(&["up", "--nodes", "4", "--hosts-prefix", PREFIX]),
+        "demo up again",
+    );
+    let fresh = patchctl_ok(&home, &["display", "demo"]);
+    assert!(
+        !fresh.contains("(patched)") && !fresh.contains("v1.0.1-hotfix"),
+        "no mark of the earlier demo's patch: {fresh}"
+    );
+    assert_ok(&demo.demo(&["down"]), "demo down after the second up");
     let again = assert_ok(&demo.demo(&["down"]), "second demo down");
     assert!(again.contains("nothing was running"), "{again}");
     assert_ok(&demo.demo(&["down", "--purge"]), "demo down --purge");

@@ -1,7 +1,8 @@
 //! Image packages end to end: a real image built in the real Docker Engine from the project's `demo-worker`
 //! binary, packaged by `patchctl package build --image` from its reference (exported over the engine's socket)
 //! and from a `docker save` archive, shown by `package inspect`, loaded back into the engine under the same ID;
-//! and every broken or altered image package refused with exit 1 before anything reaches an agent.
+//! and every broken or altered image package refused with exit 1 before anything reaches an agent, as is a build
+//! from an engine that does not answer (its socket named) or lacks the image.
 //! Needs a Docker Engine on /var/run/docker.sock: fails (never skips) without one.
 
 use patchd_e2e::cluster_fixture::ClusterFixture;
@@ -271,6 +272,44 @@ fn broken_or_altered_image_packages_are_refused_with_exit_1() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("not a readable tar"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!out_path.exists());
+
+    // An engine that does not answer is named by its socket; a reference it does not have is named too.
+    let absent_socket = tmp.path().join("no-docker.sock");
+    let out = Command::new(bin("patchctl"))
+        .args(["package", "build", "--image", &tag_v1, "-o"])
+        .arg(&out_path)
+        .env("PATCHCTL_HOME", &home)
+        .env("DOCKER_HOST", format!("unix://{}", absent_socket.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "no Docker Engine answers on {}",
+            absent_socket.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    let missing = docker.name("worker:never-built");
+    let out = patchctl(
+        &home,
+        &[
+            "package",
+            "build",
+            "--image",
+            &missing,
+            "-o",
+            out_path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("has no image `{missing}`")),
         "{}",
         stderr(&out)
     );

@@ -16,7 +16,7 @@ use bollard::models::{
     ContainerConfig, ContainerCreateBody, ContainerInspectResponse, ContainerState,
     ContainerStateStatusEnum, HostConfig, ResourcesUlimits,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -243,10 +243,12 @@ impl ContainerEngine for FakeEngine {
     }
 }
 
-/// Healthy when the container under the service's name runs.
+/// Healthy when the container under the service's name runs an image not listed in `unhealthy_images` (a
+/// service that starts but never answers its health endpoint).
 #[derive(Debug)]
 struct ContainerProbe {
     engine: FakeEngine,
+    unhealthy_images: Arc<Mutex<HashSet<String>>>,
 }
 
 #[async_trait]
@@ -254,7 +256,14 @@ impl HealthProbe for ContainerProbe {
     async fn check(&self, _health: &HealthSpec) -> Result<(), String> {
         let docker = self.engine.docker.lock().unwrap();
         match docker.named(NAME) {
-            Some(c) if c.running => Ok(()),
+            Some(c) if c.running => {
+                let image = c.body.image.clone().unwrap_or_default();
+                if self.unhealthy_images.lock().unwrap().contains(&image) {
+                    Err("GET /health: 503 Service Unavailable".into())
+                } else {
+                    Ok(())
+                }
+            }
             _ => Err("connection refused".into()),
         }
     }
@@ -265,6 +274,7 @@ struct DockerHost {
     state: PathBuf,
     engine: FakeEngine,
     faults: Arc<TestFaults>,
+    unhealthy_images: Arc<Mutex<HashSet<String>>>,
     original_id: String,
     original_image: String,
 }
@@ -366,6 +376,7 @@ impl DockerHost {
             state,
             engine,
             faults: Arc::default(),
+            unhealthy_images: Arc::default(),
             original_id,
             original_image,
         }
@@ -387,6 +398,7 @@ impl DockerHost {
             }),
             probe: Arc::new(ContainerProbe {
                 engine: self.engine.clone(),
+                unhealthy_images: self.unhealthy_images.clone(),
             }),
             faults: self.faults.clone(),
         };
@@ -546,6 +558,30 @@ async fn a_new_image_that_exits_at_once_is_reverted_to_the_same_container() {
 }
 
 #[tokio::test]
+async fn a_new_container_that_runs_but_fails_its_health_probe_is_reverted_to_the_same_container() {
+    let host = DockerHost::new();
+    let engine = host.engine().await.unwrap();
+    let (digest, image) = host.package("v2-unhealthy");
+    host.unhealthy_images.lock().unwrap().insert(image);
+    engine.stage("oms", &digest).await.unwrap();
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Reverted,
+        "{:?}",
+        report.result
+    );
+    assert!(
+        report.result.reason.contains("503 Service Unavailable"),
+        "the reason names the failed probe: {}",
+        report.result.reason
+    );
+    let (id, image) = host.one_running();
+    assert_eq!(id, host.original_id, "the same container runs again");
+    assert_eq!(image, host.original_image);
+}
+
+#[tokio::test]
 async fn a_package_without_an_image_or_a_missing_container_is_refused_before_anything_changes() {
     let host = DockerHost::new();
     let engine = host.engine().await.unwrap();
@@ -613,6 +649,7 @@ async fn an_engine_that_does_not_answer_refuses_the_apply_naming_its_socket() {
         }),
         probe: Arc::new(ContainerProbe {
             engine: host.engine.clone(),
+            unhealthy_images: host.unhealthy_images.clone(),
         }),
         faults: host.faults.clone(),
     };

@@ -109,6 +109,23 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets what earlier rollouts left on a cluster that was deployed afresh (`demo up`): its `(patched)` markers
+    /// and `--overwrite` role packages describe binaries that no longer run. The rollout history stays for `audit`.
+    pub fn forget_deployment(&self, cluster: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.sql(e))?;
+        for table in ["node_marks", "role_packages"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE cluster = ?1"),
+                [cluster],
+            )
+            .map_err(|e| self.sql(e))?;
+        }
+        tx.commit().map_err(|e| self.sql(e))
+    }
+
     /// The `(patched)` markers of a cluster, by node ID.
     pub fn node_marks(&self, cluster: &str) -> Result<Vec<NodeMark>, StoreError> {
         let conn = self.conn();

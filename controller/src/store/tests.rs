@@ -137,6 +137,15 @@ fn marks_and_role_packages_upsert() {
         (digest("d2").as_str(), "/p2")
     );
     assert!(store.role_packages("other").expect("packages").is_empty());
+
+    store.forget_deployment("demo").expect("forget");
+    assert!(store.node_marks("demo").expect("marks").is_empty());
+    assert!(store.role_packages("demo").expect("packages").is_empty());
+    assert_eq!(
+        store.node_marks("other").expect("marks").len(),
+        1,
+        "another cluster keeps its marks"
+    );
 }
 
 #[test]

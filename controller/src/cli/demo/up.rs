@@ -146,6 +146,8 @@ pub(super) async fn up(ctx: &Ctx, args: UpArgs) -> anyhow::Result<u8> {
         &topology_text,
         &topology_path.to_string_lossy(),
     )?;
+    // The services were just deployed at their original version: `(patched)` marks of an earlier demo are stale.
+    store.forget_deployment(CLUSTER_NAME)?;
 
     print_up_summary(
         ctx,
