@@ -287,16 +287,6 @@ pub fn now_unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The common name of the caller's certificate ("" when the connection carries none, which mutual TLS never
-/// lets through; unit tests call the service without TLS).
-pub fn caller_name<T>(request: &tonic::Request<T>) -> String {
-    request
-        .extensions()
-        .get::<patchd_tls::PeerIdentity>()
-        .map(|peer| peer.common_name.clone())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,12 +74,13 @@ pub(crate) fn blob_from_wire(blob: Option<v1::BlobRef>) -> Result<BlobRef, Statu
     Ok(BlobRef::new(blob.digest, blob.total_size, blob.chunk_size)?)
 }
 
-/// The caller [`crate::access::authorize`] put on the request, as Status shows it.
-fn caller_of<T>(request: &Request<T>) -> String {
+/// The caller [`crate::access::authorize`] put on the request: as Status shows it (CN, operator, serial) and its
+/// common name alone, which names a lease holder. Both "" without a certificate (unit tests call without TLS).
+fn caller_of<T>(request: &Request<T>) -> (String, String) {
     request
         .extensions()
         .get::<patchd_tls::PeerIdentity>()
-        .map(patchd_tls::PeerIdentity::describe)
+        .map(|peer| (peer.describe(), peer.common_name.clone()))
         .unwrap_or_default()
 }
 
@@ -160,8 +161,7 @@ impl v1::agent_server::Agent for AgentService {
         &self,
         request: Request<v1::ApplyRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
-        let caller = caller_of(&request);
-        let lease_holder = lease::caller_name(&request);
+        let (caller, lease_holder) = caller_of(&request);
         let mut request = request.into_inner();
         self.check_lease(&request.service, request.lease.take(), &lease_holder)?;
         self.apply.apply(request, caller).await.map(Response::new)
@@ -171,8 +171,7 @@ impl v1::agent_server::Agent for AgentService {
         &self,
         request: Request<v1::RollbackRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
-        let caller = caller_of(&request);
-        let lease_holder = lease::caller_name(&request);
+        let (caller, lease_holder) = caller_of(&request);
         let mut request = request.into_inner();
         self.check_lease(&request.service, request.lease.take(), &lease_holder)?;
         self.apply
@@ -185,7 +184,7 @@ impl v1::agent_server::Agent for AgentService {
         &self,
         request: Request<v1::LeaseRequest>,
     ) -> Result<Response<v1::LeaseResponse>, Status> {
-        let caller = lease::caller_name(&request);
+        let (_, caller) = caller_of(&request);
         let request = request.into_inner();
         if !self
             .config

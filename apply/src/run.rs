@@ -290,6 +290,12 @@ impl<'a> Run<'a> {
             "starting the new version failed"
         );
         self.step("start", since);
+        self.probation_then_commit().await
+    }
+
+    /// After the start, shared by the file swap and the container swap: journal `Probation`, watch the service
+    /// until healthy (then commit) or failed (then revert).
+    async fn probation_then_commit(&mut self) -> Result<ApplyResult, ApplyError> {
         self.fault(FaultPoint::AfterStart)?;
         or_revert!(
             self,

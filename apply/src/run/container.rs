@@ -111,29 +111,7 @@ impl Run<'_> {
             "starting the new container failed"
         );
         self.step("start", since);
-        self.fault(FaultPoint::AfterStart)?;
-        or_revert!(
-            self,
-            self.set_phase(ApplyPhase::Probation),
-            "journal write failed"
-        );
-        let since = self.now();
-        match self.watch(since, true).await {
-            Ok(healthy_at) => {
-                self.step("healthy", since);
-                if let Some(down) = self.down_since {
-                    self.downtime_ms = millis(healthy_at.saturating_duration_since(down));
-                }
-            }
-            Err(ProbationEnd::Crash(crash)) => return Err(crash),
-            Err(ProbationEnd::Failed(reason)) => {
-                self.step("probation", since);
-                return self.revert(reason).await;
-            }
-        }
-        self.step("probation", since);
-        self.fault(FaultPoint::BeforeCommit)?;
-        self.commit(String::new()).await
+        self.probation_then_commit().await
     }
 
     /// Verifies and loads the staged image (a rollback's image must still be on the host), checks the engine has
