@@ -234,4 +234,13 @@ impl v1::agent_server::Agent for AgentService {
             .await
             .map(Response::new)
     }
+
+    async fn upgrade_step(
+        &self,
+        _request: Request<v1::UpgradeStepRequest>,
+    ) -> Result<Response<v1::UpgradeStepResponse>, Status> {
+        Err(Status::unimplemented(
+            "this agent does not run upgrade runbook steps yet",
+        ))
+    }
 }

@@ -36,7 +36,7 @@
 use crate::assert::AssertError;
 use crate::model::*;
 use crate::placeholder::{Placeholder, render};
-use crate::schedule::{Schedule, ScheduledStep, StepKey};
+use crate::schedule::{Schedule, ScheduledStep, StepKey, render_node_placeholders};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -45,6 +45,10 @@ use std::collections::{BTreeMap, HashMap};
 pub struct BackupRecord {
     /// Where the copy is.
     pub path: String,
+    /// What was copied (a path backup, a `yaml_edit`'s original), put back there by a restore; `None` for a
+    /// command's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// Its size in bytes.
     pub size: u64,
     /// Its sha256, lower-case hex.
@@ -149,7 +153,10 @@ impl Values {
             Placeholder::Node(node) => step.node_value(node),
             Placeholder::Saved(saved) => self.saved.get(saved).cloned(),
             Placeholder::Mark(mark) => self.marks.get(mark).map(i64::to_string),
-            Placeholder::Param(param) => self.params.get(param).cloned(),
+            Placeholder::Param(param) => self
+                .params
+                .get(param)
+                .map(|value| render_node_placeholders(value, step)),
         }
     }
 }

@@ -1,15 +1,25 @@
 //! `{name}` placeholders in step templates: which exist, where each may appear, and rendering.
 //!
-//! * Node: `{host}` `{id}` `{name}` `{role}` (the node's), `{is_first}` / `{is_last}` (`true` when the node is the
+//! * Node: `{host}` `{id}` `{name}` `{role}` `{deploy_dir}` `{service}` (the node's, from the topology), `{is_first}` / `{is_last}` (`true` when the node is the
 //!   first / last of its role in plan order). In node steps and in cluster steps that run `on:` a role's node.
-//! * `{param}`: a value of the runbook's `params:`.
+//! * `{param}`: a value of the runbook's `params:`; a param's value may itself hold node placeholders
+//!   (`config: "{deploy_dir}/config.yaml"`), rendered for the step's node.
 //! * `{saved.NAME}`: a value a `cluster` step before this one saved (`http` … `save: NAME = field`).
 //! * `{mark.NAME}`: the time (Unix seconds) a `mark: NAME` step recorded before this one.
 //!
 //! `{{` and `}}` stand for literal braces (JSON bodies).
 
 /// The node placeholders.
-pub const NODE_PLACEHOLDERS: [&str; 6] = ["host", "id", "name", "role", "is_first", "is_last"];
+pub const NODE_PLACEHOLDERS: [&str; 8] = [
+    "host",
+    "id",
+    "name",
+    "role",
+    "deploy_dir",
+    "service",
+    "is_first",
+    "is_last",
+];
 
 /// A placeholder as written.
 #[derive(Debug, Clone, PartialEq, Eq)]

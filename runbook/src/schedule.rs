@@ -21,6 +21,12 @@ pub struct NodeRef {
     pub host: String,
     /// Role.
     pub role: String,
+    /// Deploy directory (the topology's).
+    #[serde(default)]
+    pub deploy_dir: String,
+    /// The agent service the node runs (the topology's).
+    #[serde(default)]
+    pub service: String,
     /// 0-based batch of the plan.
     pub batch: usize,
 }
@@ -69,11 +75,21 @@ impl ScheduledStep {
             "id" => node.id.clone(),
             "name" => node.name.clone(),
             "role" => node.role.clone(),
+            "deploy_dir" => node.deploy_dir.clone(),
+            "service" => node.service.clone(),
             "is_first" => self.is_first.to_string(),
             "is_last" => self.is_last.to_string(),
             _ => return None,
         })
     }
+}
+
+/// Renders the node placeholders in a param's value for `step` (other text is left as written).
+pub fn render_node_placeholders(value: &str, step: &ScheduledStep) -> String {
+    render(value, &|name| match Placeholder::parse(name) {
+        Placeholder::Node(node) => step.node_value(node),
+        _ => None,
+    })
 }
 
 /// Every step instance of an upgrade, in run order.
@@ -215,7 +231,10 @@ pub fn dry_run(runbook: &Runbook, schedule: &Schedule) -> Vec<DryRunStep> {
             let fill = |text: &str| {
                 render(text, &|name| match Placeholder::parse(name) {
                     Placeholder::Node(node) => instance.node_value(node),
-                    Placeholder::Param(param) => runbook.params.get(param).cloned(),
+                    Placeholder::Param(param) => runbook
+                        .params
+                        .get(param)
+                        .map(|value| render_node_placeholders(value, instance)),
                     Placeholder::Saved(_) | Placeholder::Mark(_) => None,
                 })
             };

@@ -201,6 +201,8 @@ fn the_oms_example_is_valid_and_its_schedule_matches_the_golden_dry_run() {
             name: format!("oms-{n}"),
             host: format!("127.0.2.{n}"),
             role: "oms".into(),
+            deploy_dir: "/data/oms".into(),
+            service: "oms".into(),
             batch: n - 1,
         })
         .collect();

@@ -17,12 +17,12 @@
 //! it byte for byte.
 
 use ::yaml_edit::{Document, Mapping, YamlNode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_norway::Value;
 use std::str::FromStr;
 
 /// One edit of a `yaml_edit` step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Edit {
     /// What is done.
     pub op: EditOp,
@@ -31,7 +31,7 @@ pub struct Edit {
 }
 
 /// The edit operations.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EditOp {
     /// Copy every key matching `from` to the key `to` names.
@@ -57,7 +57,7 @@ pub enum EditOp {
 }
 
 /// An edit's condition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum When {
     /// Some key matches the pattern.

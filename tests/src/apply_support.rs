@@ -135,6 +135,7 @@ impl AgentRpc {
                 holder: holder.into(),
             }),
             signatures,
+            env_add: Default::default(),
         };
         let client = &mut self.client;
         self.runtime

@@ -350,6 +350,7 @@ pub async fn apply(
         offline,
         lease: lease.map(LeaseTicket::to_wire),
         signatures: signatures.to_vec(),
+        env_add: Default::default(),
     };
     let response = rpc
         .apply(request)

@@ -73,12 +73,21 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         .batches()
         .iter()
         .flat_map(|batch| {
-            batch.nodes.iter().map(|node| NodeRef {
-                id: node.id.clone(),
-                name: node.name.clone(),
-                host: node.host.clone(),
-                role: batch.role.clone(),
-                batch: batch.index,
+            batch.nodes.iter().map(|node| {
+                let declared = topology
+                    .roles
+                    .iter()
+                    .flat_map(|role| role.nodes.iter())
+                    .find(|declared| declared.id == node.id);
+                NodeRef {
+                    id: node.id.clone(),
+                    name: node.name.clone(),
+                    host: node.host.clone(),
+                    role: batch.role.clone(),
+                    deploy_dir: declared.map(|n| n.deploy_dir.clone()).unwrap_or_default(),
+                    service: declared.map(|n| n.service.clone()).unwrap_or_default(),
+                    batch: batch.index,
+                }
             })
         })
         .collect();

@@ -65,6 +65,8 @@ fn nodes() -> Vec<NodeRef> {
             name: format!("n{n}"),
             host: format!("h{n}"),
             role: "oms".into(),
+            deploy_dir: "/data/oms".into(),
+            service: "oms".into(),
             batch: n - 1,
         })
         .collect()
@@ -102,6 +104,7 @@ impl UpgradeEffects for World {
         if let Action::Backup(_) = action {
             output.backups.push(BackupRecord {
                 path: format!("/backup/{}.sql", step.key),
+                source: None,
                 size: 10,
                 sha256: "00".repeat(32),
             });
