@@ -1,9 +1,11 @@
-//! DEMO ONLY: a tiny DM-like cluster (`demo-master`, `demo-worker`) that the quickstart and the e2e tests patch.
+//! DEMO ONLY: a tiny DM-like cluster (`demo-master`, `demo-worker`) that the quickstart and the e2e tests patch,
+//! and `demo-oms` (`oms.rs`), the OMS stand-in of the upgrade example.
 //! Not part of patchd: it exists so there is something real to patch, take offline and watch.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod master;
+pub mod oms;
 pub mod stamp;
 pub mod worker;
 

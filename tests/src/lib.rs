@@ -36,6 +36,8 @@ pub mod docker;
 pub mod mariadb;
 
 pub mod nspawn;
+/// The OMS upgrade rig: MariaDB, the demo-oms console, three agents over three demo-oms containers.
+pub mod oms_rig;
 /// A tmpfs for one test.
 pub mod tmpfs;
 
