@@ -1,0 +1,334 @@
+//! End-to-end acceptance of upgrade runbooks (issue 14) on the OMS rig (`patchd_e2e::oms_rig`): the example runbook
+//! (`examples/oms/runbook.yaml`) upgrades three real demo-oms containers from v4.3.0 to v4.3.1 through real agents,
+//! a real MariaDB and the demo console; `patchctl rollback --upgrade` puts everything back; a dump that comes out
+//! empty halts before any container is stopped; a release that fails its health probe on node 2 is rolled back
+//! there with exit 3; an undeclared command and an edit outside the declared roots are refused. Needs the Docker
+//! Engine and MariaDB: fails (never skips) without them.
+
+use patchd_e2e::oms_rig::{
+    CLUSTER, CONFIG_430, CONFIG_431, NEW_VERSION, OLD_VERSION, OmsRig, Snapshot, describe,
+};
+use patchd_e2e::sha256_file;
+use std::path::Path;
+
+/// `patchctl upgrade oms <runbook> [--package PKG] -y`; returns the output and the new rollout's ID.
+fn upgrade(rig: &OmsRig, runbook: &Path, package: Option<&Path>) -> (std::process::Output, String) {
+    let known = rig.rollout_ids();
+    let runbook = runbook.to_string_lossy().into_owned();
+    let mut args = vec!["upgrade", CLUSTER, runbook.as_str(), "-y"];
+    let package = package.map(|p| p.to_string_lossy().into_owned());
+    if let Some(package) = &package {
+        args.extend(["--package", package.as_str()]);
+    }
+    let out = rig.patchctl(&args);
+    let new: Vec<String> = rig
+        .rollout_ids()
+        .into_iter()
+        .filter(|id| !known.contains(id))
+        .collect();
+    assert_eq!(
+        new.len(),
+        1,
+        "one new rollout journaled for the upgrade: {new:?}\n{}",
+        describe(&out)
+    );
+    let id = new.into_iter().next().unwrap_or_default();
+    (out, id)
+}
+
+/// The top-level entries of a YAML mapping, in file order (quoting and comments aside).
+fn entries(text: &str) -> Vec<(String, serde_norway::Value)> {
+    let value: serde_norway::Value = serde_norway::from_str(text).expect("YAML");
+    value
+        .as_mapping()
+        .expect("a mapping")
+        .iter()
+        .map(|(key, value)| (key.as_str().expect("string key").to_string(), value.clone()))
+        .collect()
+}
+
+/// Every string in a JSON document (where to look for hashes, marks and step IDs, whatever the nesting).
+fn strings(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::String(text) => out.push(text.clone()),
+        serde_json::Value::Array(items) => items.iter().for_each(|item| strings(item, out)),
+        serde_json::Value::Object(map) => {
+            for (key, item) in map {
+                out.push(key.clone());
+                strings(item, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn audit_strings(rig: &OmsRig, id: &str) -> (serde_json::Value, Vec<String>) {
+    let audit = rig.audit(id);
+    let mut found = Vec::new();
+    strings(&audit, &mut found);
+    (audit, found)
+}
+
+fn assert_unchanged(rig: &OmsRig, before: &Snapshot, what: &str) {
+    let after = rig.snapshot();
+    for (index, (old, new)) in before.nodes.iter().zip(&after.nodes).enumerate() {
+        assert_eq!(old, new, "{what}: node {} changed", index + 1);
+    }
+    assert_eq!(before.tables, after.tables, "{what}: the databases changed");
+    assert_eq!(
+        before.ha_config, after.ha_config,
+        "{what}: ha.config changed"
+    );
+    for node in &rig.nodes {
+        node.wait_serving(OLD_VERSION);
+    }
+}
+
+#[test]
+fn the_example_upgrade_migrates_three_nodes_and_rollback_upgrade_puts_everything_back() {
+    let rig = OmsRig::start("upg-oms-ok");
+    let package = rig.new_package(None);
+    let new_image = rig
+        .docker
+        .inspect_image(&rig.docker.name(&format!("demo-oms:{NEW_VERSION}")))
+        .and_then(|image| image.id)
+        .expect("the v4.3.1 image");
+    let before = rig.snapshot();
+    let ha_before = before.ha_config.clone();
+    let heartbeat_before = rig
+        .db
+        .sql(Some("cm_hb"), "SELECT id FROM heatbeat_sequence ORDER BY id");
+    assert_eq!(heartbeat_before.lines().count(), 4, "{heartbeat_before}");
+    let binds_before: Vec<_> = rig
+        .nodes
+        .iter()
+        .map(|node| rig.container(node).host_config.and_then(|h| h.binds))
+        .collect();
+
+    let runbook = rig.write_runbook("runbook.yaml", &rig.example_runbook());
+    let (out, id) = upgrade(&rig, &runbook, Some(&package));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+
+    // Every node: a new container from the new image, the same mounts, IS_UPGRADE added, serving v4.3.1 on the
+    // migrated config.yaml, exactly the guide's after-sample.
+    for (index, node) in rig.nodes.iter().enumerate() {
+        node.wait_serving(NEW_VERSION);
+        let inspected = rig.container(node);
+        assert_ne!(inspected.id.as_deref(), Some(node.original_id.as_str()));
+        assert_eq!(inspected.image.as_deref(), Some(new_image.as_str()));
+        assert_eq!(
+            inspected.host_config.clone().and_then(|h| h.binds),
+            binds_before[index],
+            "{}: the same mounts",
+            node.name
+        );
+        let env = inspected.config.and_then(|c| c.env).unwrap_or_default();
+        assert!(env.iter().any(|e| e == "IS_UPGRADE=true"), "{env:?}");
+        let served = node.served().expect("serving");
+        assert_eq!(served["is_upgrade"], "true", "{served}");
+        let config = std::fs::read_to_string(node.config()).expect("config.yaml");
+        assert_eq!(
+            entries(&config),
+            entries(CONFIG_431),
+            "{}: config.yaml is the guide's V4.3.1 sample:\n{config}",
+            node.name
+        );
+    }
+
+    // Three non-empty dumps on the first node, each recorded with its sha256.
+    let (audit, found) = audit_strings(&rig, &id);
+    let dumps = rig.nodes[0].deploy_dir.join("upgrade-backup");
+    for db in ["rm", "cm", "cm_hb"] {
+        let dump = dumps.join(format!("{db}.sql"));
+        let bytes = std::fs::read(&dump).unwrap_or_else(|e| panic!("{}: {e}", dump.display()));
+        assert!(!bytes.is_empty(), "{} is empty", dump.display());
+        assert!(String::from_utf8_lossy(&bytes).contains("CREATE TABLE"));
+        let sha256 = sha256_file(&dump);
+        assert!(
+            found.iter().any(|text| text.contains(&sha256)),
+            "audit records the sha256 of {}: {audit:#}",
+            dump.display()
+        );
+    }
+    // The heartbeat table rotated: only its last row is left, and no intermediate table.
+    let last = heartbeat_before.lines().last().expect("a row");
+    assert_eq!(
+        rig.db.sql(Some("cm_hb"), "SELECT id FROM heatbeat_sequence"),
+        format!("{last}\n")
+    );
+    assert_eq!(rig.db.sql(Some("cm_hb"), "SHOW TABLES"), "heatbeat_sequence\n");
+    // docker_upgrade.sh ran once, on the first node.
+    let runs: Vec<usize> = rig.nodes.iter().map(|node| node.upgrade_runs()).collect();
+    assert_eq!(runs, vec![1, 0, 0], "docker_upgrade.sh runs per node");
+    // HA: off during the upgrade, back on with the value it had.
+    let stats = rig.master.stats();
+    assert_eq!(stats["value"], ha_before.as_str(), "{stats}");
+    assert_eq!(stats["puts"], 2, "{stats}");
+    assert_eq!(stats["put_values"][0], r#"{"enable": false}"#, "{stats}");
+    // T1 and T2 are in the audit.
+    for mark in ["T1", "T2"] {
+        assert!(
+            found.iter().any(|text| text.contains(mark)),
+            "audit shows {mark}: {audit:#}"
+        );
+    }
+
+    // The full undo: tables as before (from the dumps), the old config byte for byte, the old image running.
+    let out = rig.patchctl(&["rollback", CLUSTER, "--upgrade", &id, "-y"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let after = rig.snapshot();
+    assert_eq!(after.tables, before.tables, "the databases as before");
+    for (node, snapshot) in rig.nodes.iter().zip(&after.nodes) {
+        node.wait_serving(OLD_VERSION);
+        assert_eq!(
+            snapshot.config,
+            CONFIG_430.as_bytes(),
+            "{}: the old config.yaml byte for byte",
+            node.name
+        );
+        assert_eq!(
+            snapshot.image, rig.old_image,
+            "{}: the old image",
+            node.name
+        );
+        assert!(snapshot.running, "{} runs", node.name);
+        let served = node.served().expect("serving");
+        assert_eq!(served["is_upgrade"], serde_json::Value::Null, "{served}");
+    }
+    assert_eq!(
+        rig.master.ha_config(),
+        ha_before,
+        "HA back on with its value"
+    );
+}
+
+#[test]
+fn a_dump_that_comes_out_empty_halts_before_any_container_is_stopped() {
+    let rig = OmsRig::start("upg-oms-empty");
+    let package = rig.new_package(None);
+    let before = rig.snapshot();
+    // The cm dump through a declared action that dumps no table definition and no row: 0 bytes.
+    let text = rig.example_runbook();
+    assert!(text.contains("[mysqldump, cm]"));
+    let runbook = rig.write_runbook(
+        "runbook-empty-dump.yaml",
+        &text.replace("[mysqldump, cm]", "[dump-nothing, cm]"),
+    );
+    let (out, id) = upgrade(&rig, &runbook, Some(&package));
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let said = describe(&out);
+    assert!(said.contains("dump-cm"), "the failed step is named: {said}");
+
+    assert_unchanged(&rig, &before, "after an empty dump");
+    let dumps = rig.nodes[0].deploy_dir.join("upgrade-backup");
+    assert!(
+        !dumps.join("cm.sql").exists(),
+        "the empty dump is not left behind"
+    );
+    let stats = rig.master.stats();
+    assert_eq!(stats["puts"], 2, "HA off, then back on: {stats}");
+    let (audit, found) = audit_strings(&rig, &id);
+    assert!(
+        found.iter().any(|text| text.contains("dump-cm")),
+        "{audit:#}"
+    );
+}
+
+#[test]
+fn a_release_failing_its_health_probe_on_node_2_is_rolled_back_there_with_exit_3() {
+    let rig = OmsRig::start("upg-oms-broken");
+    let package = rig.new_package(Some(&rig.nodes[1].host));
+    let before = rig.snapshot();
+    let runbook = rig.write_runbook("runbook.yaml", &rig.example_runbook());
+    let (out, _id) = upgrade(&rig, &runbook, Some(&package));
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+
+    let node2 = &rig.nodes[1];
+    let inspected = rig.container(node2);
+    assert_eq!(
+        inspected.id.as_deref(),
+        Some(node2.original_id.as_str()),
+        "node 2 runs its old container again"
+    );
+    assert_eq!(
+        inspected.state.and_then(|s| s.running),
+        Some(true),
+        "node 2's container runs"
+    );
+    assert_eq!(
+        std::fs::read(node2.config()).expect("config.yaml"),
+        CONFIG_430.as_bytes(),
+        "node 2's config.yaml byte for byte"
+    );
+    node2.wait_serving(OLD_VERSION);
+    // Node 3 was never reached.
+    assert_eq!(before.nodes[2], rig.snapshot().nodes[2], "node 3 untouched");
+    // The cluster steps are undone: HA back on with its saved value.
+    assert_eq!(rig.master.ha_config(), before.ha_config);
+}
+
+#[test]
+fn an_undeclared_command_and_an_edit_outside_the_roots_are_refused() {
+    let rig = OmsRig::start("upg-oms-refused");
+    let before = rig.snapshot();
+    let node = &rig.nodes[0];
+
+    // A command no agent declared: refused, and it did not run.
+    let marker = rig.path().join("pwned");
+    let runbook = rig.write_runbook(
+        "undeclared.yaml",
+        &format!(
+            "runbook: undeclared\nroles: [oms]\nsteps:\n  - id: arbitrary\n    scope: node\n    \
+             check: {{ command: [sh, -c, \"touch {}\"], expect: {{ exit: 0 }} }}\n",
+            marker.display()
+        ),
+    );
+    let (out, _) = upgrade(&rig, &runbook, None);
+    assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
+    let said = describe(&out).to_lowercase();
+    assert!(
+        said.contains("declar") || said.contains("permission"),
+        "the refusal says the command is not declared: {said}"
+    );
+    assert!(!marker.exists(), "the undeclared command ran");
+
+    // yaml_edit of a file outside the declared roots: by absolute path, through `..` and through a symlink.
+    let outside = rig.path().join("outside");
+    std::fs::create_dir_all(&outside).expect("outside dir");
+    let target = outside.join("config.yaml");
+    std::fs::write(&target, CONFIG_430).expect("outside config");
+    std::os::unix::fs::symlink(&target, node.deploy_dir.join("link.yaml")).expect("symlink");
+    let relative = format!("{}/../../outside/config.yaml", node.deploy_dir.display());
+    for (case, file) in [
+        ("absolute", target.to_string_lossy().into_owned()),
+        ("dot-dot", relative),
+        ("symlink", "{deploy_dir}/link.yaml".to_string()),
+    ] {
+        let runbook = rig.write_runbook(
+            &format!("outside-{case}.yaml"),
+            &format!(
+                "runbook: outside-{case}\nroles: [oms]\nsteps:\n  - id: edit\n    scope: node\n    \
+                 yaml_edit: {{ file: \"{file}\", edits: [{{ delete: \"oms_meta_*\" }}] }}\n"
+            ),
+        );
+        let out = rig.patchctl(&[
+            "upgrade",
+            CLUSTER,
+            &runbook.to_string_lossy(),
+            "-y",
+        ]);
+        assert_ne!(
+            out.status.code(),
+            Some(0),
+            "{case}: refused\n{}",
+            describe(&out)
+        );
+        assert_eq!(
+            std::fs::read(&target).expect("outside config"),
+            CONFIG_430.as_bytes(),
+            "{case}: the file outside the roots is untouched"
+        );
+    }
+    std::fs::remove_file(node.deploy_dir.join("link.yaml")).expect("remove symlink");
+    assert_unchanged(&rig, &before, "after the refused runbooks");
+}
