@@ -102,7 +102,8 @@ pub struct OmsMaster {
 }
 
 impl OmsMaster {
-    fn start(host: &str) -> Self {
+    /// Starts `demo-oms master` on `host`, port 0, and waits for its ready line.
+    pub fn start(host: &str) -> Self {
         let mut child = Command::new(bin("demo-oms"))
             .args(["master", "--listen", &format!("{host}:0")])
             .stdin(Stdio::null())
@@ -184,15 +185,7 @@ impl OmsRig {
         let db = MariaDb::start(&dir.path().join("mariadb"));
         let db_password = format!("oms-{}", std::process::id());
         seed_databases(&db, &db_password);
-        let db_defaults = dir.path().join("oms-db.cnf");
-        std::fs::write(
-            &db_defaults,
-            format!(
-                "[client]\nprotocol=tcp\nhost=127.0.0.1\nport={}\nuser=oms\npassword={db_password}\n",
-                db.port
-            ),
-        )
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", db_defaults.display()));
+        let db_defaults = write_db_defaults(dir.path(), &db, &db_password);
         let master = OmsMaster::start("127.0.93.254");
         let old_image = oms_image(&docker, dir.path(), OLD_VERSION, None);
         let pki = Pki::new(dir.path());
@@ -444,7 +437,7 @@ pub fn describe(out: &Output) -> String {
 
 /// The databases as an OMS deployment has them: `rm` (resources), `cm` with `task` (every task in a state the
 /// upgrade accepts), `cm_hb` with several heartbeat rows; user `oms` owns them.
-fn seed_databases(db: &MariaDb, password: &str) {
+pub fn seed_databases(db: &MariaDb, password: &str) {
     db.sql(
         None,
         &format!(
@@ -468,14 +461,25 @@ fn seed_databases(db: &MariaDb, password: &str) {
     );
 }
 
+/// Writes `<dir>/oms-db.cnf`, the `[client]` section (address, user `oms`, password) of the agents' actions.
+pub fn write_db_defaults(dir: &Path, db: &MariaDb, password: &str) -> PathBuf {
+    let path = dir.join("oms-db.cnf");
+    std::fs::write(
+        &path,
+        format!(
+            "[client]\nprotocol=tcp\nhost=127.0.0.1\nport={}\nuser=oms\npassword={password}\n",
+            db.port
+        ),
+    )
+    .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    path
+}
+
 /// The agent's service (the container, probed on the node's address) and its `[upgrade]` declarations: roots =
 /// the deploy dir; actions `mysqldump`, `mysql-load`, `dump-nothing` (a dump that comes out empty, for the 0-byte
 /// test) on the host and `docker-upgrade` in the container.
 fn agent_toml(container: &str, host: &str, port: u16, deploy_dir: &Path, db_defaults: &Path) -> String {
-    let dump = program(&["mariadb-dump", "mysqldump"]);
-    let client = program(&["mariadb", "mysql"]);
-    let defaults = format!("--defaults-extra-file={}", db_defaults.to_string_lossy());
-    let argv = |args: &[&str]| {
+    let argv = |args: Vec<String>| {
         let quoted: Vec<String> = args.iter().map(|arg| toml_string(arg)).collect();
         format!("[{}]", quoted.join(", "))
     };
@@ -491,16 +495,43 @@ fn agent_toml(container: &str, host: &str, port: u16, deploy_dir: &Path, db_defa
          [[upgrade.action]]\nname = \"docker-upgrade\"\nargv = [\"sh\", \"/root/docker_upgrade.sh\"]\ncontainer = true\n",
         toml_string(container),
         toml_string(&deploy_dir.to_string_lossy()),
-        argv(&[&dump, &defaults, "--triggers=false", "--databases", "{db}"]),
-        // No table definitions and no rows of a database: an empty output.
-        argv(&[&dump, &defaults, "--compact", "--no-create-info", "--no-data", "{db}"]),
-        argv(&[&client, &defaults, "{db}"]),
+        argv(dump_argv(db_defaults)),
+        argv(empty_dump_argv(db_defaults)),
+        argv(load_argv(db_defaults)),
     )
+}
+
+fn defaults_arg(db_defaults: &Path) -> String {
+    format!("--defaults-extra-file={}", db_defaults.to_string_lossy())
+}
+
+/// The `mysqldump` action: the database's schema and rows, with its `CREATE DATABASE`/`USE` so a load recreates it.
+pub fn dump_argv(db_defaults: &Path) -> Vec<String> {
+    let dump = program(&["mariadb-dump", "mysqldump"]);
+    [&dump, &defaults_arg(db_defaults), "--triggers=false", "--databases", "{db}"]
+        .map(str::to_string)
+        .to_vec()
+}
+
+/// The `dump-nothing` action: no table definitions and no rows of a database, an empty output.
+pub fn empty_dump_argv(db_defaults: &Path) -> Vec<String> {
+    let dump = program(&["mariadb-dump", "mysqldump"]);
+    [&dump, &defaults_arg(db_defaults), "--compact", "--no-create-info", "--no-data", "{db}"]
+        .map(str::to_string)
+        .to_vec()
+}
+
+/// The `mysql-load` action: SQL on standard input into the database.
+pub fn load_argv(db_defaults: &Path) -> Vec<String> {
+    let client = program(&["mariadb", "mysql"]);
+    [&client, &defaults_arg(db_defaults), "{db}"]
+        .map(str::to_string)
+        .to_vec()
 }
 
 /// The container as the OMS guide runs one: host network, config.yaml and the three data directories mounted,
 /// `OMS_HOST_IP` set; the image's entrypoint serves on `DEMO_OMS_LISTEN`.
-fn container_body(
+pub fn container_body(
     image: &str,
     host: &str,
     port: u16,
@@ -557,7 +588,7 @@ pub fn oms_image(docker: &DockerTest, dir: &Path, version: &str, unhealthy_on: O
 }
 
 /// A port free on `host` now (the container binds it right after).
-fn free_port_on(host: &str) -> u16 {
+pub fn free_port_on(host: &str) -> u16 {
     std::net::TcpListener::bind((host, 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
