@@ -47,7 +47,9 @@ pub enum OmsError {
         path: PathBuf,
         keys: String,
     },
-    #[error("OMS {version} refuses to start: {path} lacks {keys}; add them (the meta database connection)")]
+    #[error(
+        "OMS {version} refuses to start: {path} lacks {keys}; add them (the meta database connection)"
+    )]
     MissingKeys {
         version: String,
         path: PathBuf,
@@ -172,7 +174,10 @@ pub fn load_node(version: &str, config: &Path) -> Result<NodeInfo, OmsError> {
     Ok(NodeInfo {
         version: version.to_string(),
         config: config.to_string_lossy().into_owned(),
-        meta_keys: keys.into_iter().filter(|key| key.contains("meta")).collect(),
+        meta_keys: keys
+            .into_iter()
+            .filter(|key| key.contains("meta"))
+            .collect(),
         is_upgrade: std::env::var("IS_UPGRADE").ok(),
         host_ip: std::env::var("OMS_HOST_IP").ok(),
         pid: std::process::id(),
@@ -252,7 +257,9 @@ pub async fn serve_master(
 
 fn lock(state: &MasterState) -> std::sync::MutexGuard<'_, MasterStats> {
     // A panicked handler cannot leave the counters half-written: keep serving them.
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn get_param(State(state): State<MasterState>) -> Json<Param> {

@@ -298,7 +298,11 @@ impl OmsRig {
         let reference = self.image_reference(NEW_VERSION, unhealthy_on);
         let out = self.path().join("packages").join(format!(
             "oms-{NEW_VERSION}{}.tar.gz",
-            if unhealthy_on.is_some() { "-broken" } else { "" }
+            if unhealthy_on.is_some() {
+                "-broken"
+            } else {
+                ""
+            }
         ));
         std::fs::create_dir_all(out.parent().expect("a parent"))
             .unwrap_or_else(|e| panic!("cannot create the packages dir: {e}"));
@@ -341,8 +345,7 @@ impl OmsRig {
     pub fn rollout_ids(&self) -> Vec<String> {
         let out = self.patchctl(&["--format", "json", "audit", CLUSTER]);
         assert!(out.status.success(), "{}", describe(&out));
-        let list: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("audit JSON list");
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("audit JSON list");
         list.as_array()
             .expect("a list")
             .iter()
@@ -478,7 +481,13 @@ pub fn write_db_defaults(dir: &Path, db: &MariaDb, password: &str) -> PathBuf {
 /// The agent's service (the container, probed on the node's address) and its `[upgrade]` declarations: roots =
 /// the deploy dir; actions `mysqldump`, `mysql-load`, `dump-nothing` (a dump that comes out empty, for the 0-byte
 /// test) on the host and `docker-upgrade` in the container.
-fn agent_toml(container: &str, host: &str, port: u16, deploy_dir: &Path, db_defaults: &Path) -> String {
+fn agent_toml(
+    container: &str,
+    host: &str,
+    port: u16,
+    deploy_dir: &Path,
+    db_defaults: &Path,
+) -> String {
     let argv = |args: Vec<String>| {
         let quoted: Vec<String> = args.iter().map(|arg| toml_string(arg)).collect();
         format!("[{}]", quoted.join(", "))
@@ -508,17 +517,31 @@ fn defaults_arg(db_defaults: &Path) -> String {
 /// The `mysqldump` action: the database's schema and rows, with its `CREATE DATABASE`/`USE` so a load recreates it.
 pub fn dump_argv(db_defaults: &Path) -> Vec<String> {
     let dump = program(&["mariadb-dump", "mysqldump"]);
-    [&dump, &defaults_arg(db_defaults), "--triggers=false", "--databases", "{db}"]
-        .map(str::to_string)
-        .to_vec()
+    [
+        &dump,
+        &defaults_arg(db_defaults),
+        "--triggers=false",
+        "--databases",
+        "{db}",
+    ]
+    .map(str::to_string)
+    .to_vec()
 }
 
-/// The `dump-nothing` action: no table definitions and no rows of a database, an empty output.
+/// The `dump-nothing` action: a query of no rows in the database, an empty output (`mariadb-dump` always writes a
+/// header line, even told to dump no table definition and no row).
 pub fn empty_dump_argv(db_defaults: &Path) -> Vec<String> {
-    let dump = program(&["mariadb-dump", "mysqldump"]);
-    [&dump, &defaults_arg(db_defaults), "--compact", "--no-create-info", "--no-data", "{db}"]
-        .map(str::to_string)
-        .to_vec()
+    let client = program(&["mariadb", "mysql"]);
+    [
+        &client,
+        &defaults_arg(db_defaults),
+        "--batch",
+        "--skip-column-names",
+        "--execute=SELECT 1 FROM DUAL WHERE FALSE",
+        "{db}",
+    ]
+    .map(str::to_string)
+    .to_vec()
 }
 
 /// The `mysql-load` action: SQL on standard input into the database.
@@ -538,14 +561,18 @@ pub fn container_body(
     deploy_dir: &Path,
     test: &str,
 ) -> ContainerCreateBody {
-    let bind = |from: &str, inside: &str| format!("{}:{inside}", deploy_dir.join(from).to_string_lossy());
+    let bind =
+        |from: &str, inside: &str| format!("{}:{inside}", deploy_dir.join(from).to_string_lossy());
     ContainerCreateBody {
         image: Some(image.to_string()),
         env: Some(vec![
             format!("OMS_HOST_IP={host}"),
             format!("DEMO_OMS_LISTEN={host}:{port}"),
         ]),
-        labels: Some(HashMap::from([("patchd-test".to_string(), test.to_string())])),
+        labels: Some(HashMap::from([(
+            "patchd-test".to_string(),
+            test.to_string(),
+        )])),
         host_config: Some(HostConfig {
             binds: Some(vec![
                 bind("config.yaml", "/home/admin/conf/config.yaml"),
@@ -561,13 +588,22 @@ pub fn container_body(
 }
 
 fn image_reference(docker: &DockerTest, version: &str, unhealthy_on: Option<&str>) -> String {
-    let suffix = if unhealthy_on.is_some() { "-broken" } else { "" };
+    let suffix = if unhealthy_on.is_some() {
+        "-broken"
+    } else {
+        ""
+    };
     docker.name(&format!("demo-oms:{version}{suffix}"))
 }
 
 /// Image `<prefix>-demo-oms:<version>` from scratch: demo-oms (entrypoint `serve --oms-version <version>`), the
 /// host's `/bin/sh` and `/root/docker_upgrade.sh`, with their libraries. Returns the image ID.
-pub fn oms_image(docker: &DockerTest, dir: &Path, version: &str, unhealthy_on: Option<&str>) -> String {
+pub fn oms_image(
+    docker: &DockerTest,
+    dir: &Path,
+    version: &str,
+    unhealthy_on: Option<&str>,
+) -> String {
     let script = dir.join("docker_upgrade.sh");
     std::fs::write(&script, DOCKER_UPGRADE_SH)
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", script.display()));

@@ -9,8 +9,9 @@ use futures::StreamExt;
 use patchd_e2e::docker::DockerTest;
 use patchd_e2e::mariadb::MariaDb;
 use patchd_e2e::oms_rig::{
-    CONFIG_430, CONFIG_431, NEW_VERSION, OLD_VERSION, OmsMaster, UPGRADE_LOG, container_body, dump_argv,
-    empty_dump_argv, free_port_on, load_argv, oms_image, seed_databases, write_db_defaults,
+    CONFIG_430, CONFIG_431, NEW_VERSION, OLD_VERSION, OmsMaster, UPGRADE_LOG, container_body,
+    dump_argv, empty_dump_argv, free_port_on, load_argv, oms_image, seed_databases,
+    write_db_defaults,
 };
 use patchd_e2e::wait_for;
 use std::io::{Read, Write};
@@ -90,7 +91,10 @@ fn demo_oms_images_check_their_config_and_run_docker_upgrade_sh() {
                     CreateExecOptions {
                         attach_stdout: Some(true),
                         attach_stderr: Some(true),
-                        cmd: Some(vec!["sh".to_string(), "/root/docker_upgrade.sh".to_string()]),
+                        cmd: Some(vec![
+                            "sh".to_string(),
+                            "/root/docker_upgrade.sh".to_string(),
+                        ]),
                         ..Default::default()
                     },
                 )
@@ -142,12 +146,20 @@ fn the_rigs_database_actions_dump_and_load_as_user_oms() {
     let dump = render(&dump_argv(&defaults), "cm_hb")
         .output()
         .expect("run the dump action");
-    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
     assert!(String::from_utf8_lossy(&dump.stdout).contains("CREATE TABLE"));
     let empty = render(&empty_dump_argv(&defaults), "cm")
         .output()
         .expect("run the empty dump action");
-    assert!(empty.status.success(), "{}", String::from_utf8_lossy(&empty.stderr));
+    assert!(
+        empty.status.success(),
+        "{}",
+        String::from_utf8_lossy(&empty.stderr)
+    );
     assert_eq!(
         String::from_utf8_lossy(&empty.stdout),
         "",
@@ -166,7 +178,11 @@ fn the_rigs_database_actions_dump_and_load_as_user_oms() {
         .write_all(&dump.stdout)
         .expect("feed the dump");
     let loaded = load.wait_with_output().expect("load");
-    assert!(loaded.status.success(), "{}", String::from_utf8_lossy(&loaded.stderr));
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
     assert_eq!(
         db.sql(Some("cm_hb"), "SELECT * FROM heatbeat_sequence ORDER BY id"),
         before
@@ -189,7 +205,10 @@ fn put(addr: &str, path: &str, body: &str) -> (u16, String) {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
-    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (code, body)
 }
 
@@ -205,7 +224,15 @@ fn the_console_serves_ha_config_and_counts_its_puts() {
     let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(answer["value"], original.as_str());
 
-    assert_eq!(put(&addr, "/api/system/params/ha.config", r#"{"enable": false}"#).0, 200);
+    assert_eq!(
+        put(
+            &addr,
+            "/api/system/params/ha.config",
+            r#"{"enable": false}"#
+        )
+        .0,
+        200
+    );
     assert_eq!(master.ha_config(), r#"{"enable": false}"#);
     assert_eq!(put(&addr, "/api/system/params/ha.config", &original).0, 200);
     let stats = master.stats();

@@ -95,9 +95,10 @@ fn the_example_upgrade_migrates_three_nodes_and_rollback_upgrade_puts_everything
         .expect("the v4.3.1 image");
     let before = rig.snapshot();
     let ha_before = before.ha_config.clone();
-    let heartbeat_before = rig
-        .db
-        .sql(Some("cm_hb"), "SELECT id FROM heatbeat_sequence ORDER BY id");
+    let heartbeat_before = rig.db.sql(
+        Some("cm_hb"),
+        "SELECT id FROM heatbeat_sequence ORDER BY id",
+    );
     assert_eq!(heartbeat_before.lines().count(), 4, "{heartbeat_before}");
     let binds_before: Vec<_> = rig
         .nodes
@@ -153,10 +154,14 @@ fn the_example_upgrade_migrates_three_nodes_and_rollback_upgrade_puts_everything
     // The heartbeat table rotated: only its last row is left, and no intermediate table.
     let last = heartbeat_before.lines().last().expect("a row");
     assert_eq!(
-        rig.db.sql(Some("cm_hb"), "SELECT id FROM heatbeat_sequence"),
+        rig.db
+            .sql(Some("cm_hb"), "SELECT id FROM heatbeat_sequence"),
         format!("{last}\n")
     );
-    assert_eq!(rig.db.sql(Some("cm_hb"), "SHOW TABLES"), "heatbeat_sequence\n");
+    assert_eq!(
+        rig.db.sql(Some("cm_hb"), "SHOW TABLES"),
+        "heatbeat_sequence\n"
+    );
     // docker_upgrade.sh ran once, on the first node.
     let runs: Vec<usize> = rig.nodes.iter().map(|node| node.upgrade_runs()).collect();
     assert_eq!(runs, vec![1, 0, 0], "docker_upgrade.sh runs per node");
@@ -318,12 +323,7 @@ fn an_undeclared_command_and_an_edit_outside_the_roots_are_refused() {
                  yaml_edit: {{ file: \"{file}\", edits: [{{ delete: \"oms_meta_*\" }}] }}\n"
             ),
         );
-        let out = rig.patchctl(&[
-            "upgrade",
-            CLUSTER,
-            &runbook.to_string_lossy(),
-            "-y",
-        ]);
+        let out = rig.patchctl(&["upgrade", CLUSTER, &runbook.to_string_lossy(), "-y"]);
         assert_ne!(
             out.status.code(),
             Some(0),
