@@ -124,8 +124,9 @@ pub fn top_level_keys(path: &Path, text: &str) -> Result<Vec<String>, OmsError> 
         .collect()
 }
 
-/// Checks that `keys` are the layout `version` reads: before v4.3.1 `oms_meta_*`; from v4.3.1 on
-/// `oms_cm_meta_*` and `oms_rm_meta_*`, and no `oms_meta_*` left.
+/// Checks that `keys` are a layout `version` reads: from v4.3.1 on `oms_cm_meta_*` and `oms_rm_meta_*`, and no
+/// `oms_meta_*` left; before, `oms_meta_*` or the split keys (the guide rolls back by restarting the old container,
+/// which may meet the migrated file before its backup is put back).
 pub fn check_layout(version: &str, path: &Path, keys: &[String]) -> Result<(), OmsError> {
     let split = parse_version(version)? >= SPLIT_META_VERSION;
     let missing_of = |prefixes: &[&str]| -> Vec<String> {
@@ -150,7 +151,12 @@ pub fn check_layout(version: &str, path: &Path, keys: &[String]) -> Result<(), O
         }
         missing_of(&["oms_cm_meta_", "oms_rm_meta_"])
     } else {
-        missing_of(&["oms_meta_"])
+        let old_layout = missing_of(&["oms_meta_"]);
+        if old_layout.is_empty() || missing_of(&["oms_cm_meta_", "oms_rm_meta_"]).is_empty() {
+            Vec::new()
+        } else {
+            old_layout
+        }
     };
     if missing.is_empty() {
         Ok(())
@@ -318,7 +324,10 @@ mod tests {
         let refused = check("v4.3.1", OLD).unwrap_err().to_string();
         assert!(refused.contains("oms_meta_host"), "{refused}");
         assert!(refused.contains("copy them to oms_cm_meta_*"), "{refused}");
-        let missing = check("v4.3.0", NEW).unwrap_err().to_string();
+        check("v4.3.0", NEW).unwrap();
+        let missing = check("v4.3.0", "\"cm_location\": \"2\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("lacks oms_meta_host"), "{missing}");
         let both = format!("{NEW}\"oms_meta_user\": \"u\"\n");
         assert!(matches!(

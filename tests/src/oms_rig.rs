@@ -341,21 +341,23 @@ impl OmsRig {
             .unwrap_or_else(|e| panic!("cannot run patchctl {args:?}: {e}"))
     }
 
-    /// IDs of the rollouts of the cluster, as `audit --format json` lists them.
-    pub fn rollout_ids(&self) -> Vec<String> {
-        let out = self.patchctl(&["--format", "json", "audit", CLUSTER]);
-        assert!(out.status.success(), "{}", describe(&out));
-        let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("audit JSON list");
-        list.as_array()
-            .expect("a list")
-            .iter()
-            .filter_map(|entry| entry["id"].as_str().map(str::to_string))
-            .collect()
+    /// `patchctl upgrade oms <runbook> [--package PKG] -y`; returns the output and the upgrade ID it announced
+    /// (`Upgrade <ID> started ...` on stderr; `None` when it was refused before starting).
+    pub fn upgrade(&self, runbook: &Path, package: Option<&Path>) -> (Output, Option<String>) {
+        let runbook = runbook.to_string_lossy().into_owned();
+        let package = package.map(|p| p.to_string_lossy().into_owned());
+        let mut args = vec!["upgrade", CLUSTER, runbook.as_str(), "-y"];
+        if let Some(package) = &package {
+            args.extend(["--package", package.as_str()]);
+        }
+        let out = self.patchctl(&args);
+        let id = upgrade_id(&out);
+        (out, id)
     }
 
-    /// `audit --rollout ID --format json`.
+    /// `audit --rollout ID --format json` of an upgrade.
     pub fn audit(&self, id: &str) -> serde_json::Value {
-        let out = self.patchctl(&["--format", "json", "audit", CLUSTER, "--rollout", id]);
+        let out = self.patchctl(&["--format", "json", "audit", "--rollout", id]);
         assert!(out.status.success(), "{}", describe(&out));
         serde_json::from_slice(&out.stdout).expect("audit JSON")
     }
@@ -426,6 +428,16 @@ pub struct Snapshot {
     pub nodes: Vec<NodeSnapshot>,
     pub tables: Vec<(String, String)>,
     pub ha_config: String,
+}
+
+/// The upgrade ID `patchctl upgrade` announced: `Upgrade <ID> started ...` on stderr.
+pub fn upgrade_id(out: &Output) -> Option<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find_map(|line| {
+            let (id, rest) = line.strip_prefix("Upgrade ")?.split_once(' ')?;
+            rest.starts_with("started").then(|| id.to_string())
+        })
 }
 
 /// Exit code, stdout and stderr of a command, for assertion messages.

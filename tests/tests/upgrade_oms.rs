@@ -9,31 +9,38 @@ use patchd_e2e::oms_rig::{
     CLUSTER, CONFIG_430, CONFIG_431, NEW_VERSION, OLD_VERSION, OmsRig, Snapshot, describe,
 };
 use patchd_e2e::{patchd, sha256_file};
+use std::collections::HashMap;
 use std::path::Path;
 
-/// `patchctl upgrade oms <runbook> [--package PKG] -y`; returns the output and the new rollout's ID.
+/// Runs the upgrade; the ID it announced (it must have started).
 fn upgrade(rig: &OmsRig, runbook: &Path, package: Option<&Path>) -> (std::process::Output, String) {
-    let known = rig.rollout_ids();
-    let runbook = runbook.to_string_lossy().into_owned();
-    let mut args = vec!["upgrade", CLUSTER, runbook.as_str(), "-y"];
-    let package = package.map(|p| p.to_string_lossy().into_owned());
-    if let Some(package) = &package {
-        args.extend(["--package", package.as_str()]);
-    }
-    let out = rig.patchctl(&args);
-    let new: Vec<String> = rig
-        .rollout_ids()
-        .into_iter()
-        .filter(|id| !known.contains(id))
-        .collect();
-    assert_eq!(
-        new.len(),
-        1,
-        "one new rollout journaled for the upgrade: {new:?}\n{}",
-        describe(&out)
-    );
-    let id = new.into_iter().next().unwrap_or_default();
+    let (out, id) = rig.upgrade(runbook, package);
+    let id = id.unwrap_or_else(|| panic!("no upgrade ID announced:\n{}", describe(&out)));
     (out, id)
+}
+
+/// `step` → `outcome` of every step instance in the audit.
+fn outcomes(audit: &serde_json::Value) -> HashMap<String, String> {
+    audit["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|row| {
+            (
+                row["step"].as_str().expect("step").to_string(),
+                row["outcome"].as_str().expect("outcome").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The outcome of `step` (on the controller, or `step@<node>` for a cluster step placed on a node).
+fn outcome_of<'a>(steps: &'a HashMap<String, String>, step: &str) -> &'a str {
+    steps
+        .iter()
+        .find(|(key, _)| *key == step || key.starts_with(&format!("{step}@")))
+        .map(|(_, outcome)| outcome.as_str())
+        .unwrap_or_else(|| panic!("no step {step} in the audit: {steps:?}"))
 }
 
 /// The top-level entries of a YAML mapping, in file order (quoting and comments aside).
@@ -45,28 +52,6 @@ fn entries(text: &str) -> Vec<(String, serde_norway::Value)> {
         .iter()
         .map(|(key, value)| (key.as_str().expect("string key").to_string(), value.clone()))
         .collect()
-}
-
-/// Every string in a JSON document (where to look for hashes, marks and step IDs, whatever the nesting).
-fn strings(value: &serde_json::Value, out: &mut Vec<String>) {
-    match value {
-        serde_json::Value::String(text) => out.push(text.clone()),
-        serde_json::Value::Array(items) => items.iter().for_each(|item| strings(item, out)),
-        serde_json::Value::Object(map) => {
-            for (key, item) in map {
-                out.push(key.clone());
-                strings(item, out);
-            }
-        }
-        _ => {}
-    }
-}
-
-fn audit_strings(rig: &OmsRig, id: &str) -> (serde_json::Value, Vec<String>) {
-    let audit = rig.audit(id);
-    let mut found = Vec::new();
-    strings(&audit, &mut found);
-    (audit, found)
 }
 
 fn assert_unchanged(rig: &OmsRig, before: &Snapshot, what: &str) {
@@ -136,19 +121,41 @@ fn the_example_upgrade_migrates_three_nodes_and_rollback_upgrade_puts_everything
         );
     }
 
-    // Three non-empty dumps on the first node, each recorded with its sha256.
-    let (audit, found) = audit_strings(&rig, &id);
+    // Three non-empty dumps on the first node, each recorded with its size and sha256.
+    let audit = rig.audit(&id);
+    assert_eq!(audit["upgrade"]["outcome"], "completed", "{audit:#}");
+    let steps = outcomes(&audit);
+    assert!(steps.values().all(|outcome| outcome == "done"), "{audit:#}");
+    let backups = audit["backups"].as_array().expect("backups");
     let dumps = rig.nodes[0].deploy_dir.join("upgrade-backup");
-    for db in ["rm", "cm", "cm_hb"] {
+    for (step, db) in [
+        ("dump-rm", "rm"),
+        ("dump-cm", "cm"),
+        ("dump-cm-hb", "cm_hb"),
+    ] {
         let dump = dumps.join(format!("{db}.sql"));
         let bytes = std::fs::read(&dump).unwrap_or_else(|e| panic!("{}: {e}", dump.display()));
         assert!(!bytes.is_empty(), "{} is empty", dump.display());
         assert!(String::from_utf8_lossy(&bytes).contains("CREATE TABLE"));
-        let sha256 = sha256_file(&dump);
-        assert!(
-            found.iter().any(|text| text.contains(&sha256)),
-            "audit records the sha256 of {}: {audit:#}",
-            dump.display()
+        let recorded: Vec<_> = backups
+            .iter()
+            .filter(|row| {
+                row["step"]
+                    .as_str()
+                    .is_some_and(|s| s == step || s.starts_with(&format!("{step}@")))
+            })
+            .collect();
+        assert_eq!(recorded.len(), 1, "{step}: one backup: {audit:#}");
+        assert_eq!(
+            recorded[0]["path"],
+            dump.to_string_lossy().as_ref(),
+            "{audit:#}"
+        );
+        assert_eq!(recorded[0]["size"], bytes.len() as u64, "{audit:#}");
+        assert_eq!(
+            recorded[0]["sha256"],
+            sha256_file(&dump).as_str(),
+            "{audit:#}"
         );
     }
     // The heartbeat table rotated: only its last row is left, and no intermediate table.
@@ -165,22 +172,45 @@ fn the_example_upgrade_migrates_three_nodes_and_rollback_upgrade_puts_everything
     // docker_upgrade.sh ran once, on the first node.
     let runs: Vec<usize> = rig.nodes.iter().map(|node| node.upgrade_runs()).collect();
     assert_eq!(runs, vec![1, 0, 0], "docker_upgrade.sh runs per node");
+    let once: Vec<&String> = steps
+        .keys()
+        .filter(|s| s.starts_with("docker-upgrade"))
+        .collect();
+    assert_eq!(
+        once,
+        vec![&format!("docker-upgrade@{}", rig.nodes[0].name)],
+        "{audit:#}"
+    );
     // HA: off during the upgrade, back on with the value it had.
     let stats = rig.master.stats();
     assert_eq!(stats["value"], ha_before.as_str(), "{stats}");
     assert_eq!(stats["puts"], 2, "{stats}");
     assert_eq!(stats["put_values"][0], r#"{"enable": false}"#, "{stats}");
-    // T1 and T2 are in the audit.
-    for mark in ["T1", "T2"] {
-        assert!(
-            found.iter().any(|text| text.contains(mark)),
-            "audit shows {mark}: {audit:#}"
-        );
-    }
+    assert_eq!(
+        audit["saved"],
+        serde_json::json!([["ha_config", ha_before]]),
+        "{audit:#}"
+    );
+    // T1 and T2 are in the audit, and the window between them.
+    let marks: Vec<&str> = audit["marks"]
+        .as_array()
+        .expect("marks")
+        .iter()
+        .filter_map(|mark| mark[0].as_str())
+        .collect();
+    assert_eq!(marks, vec!["T1", "T2"], "{audit:#}");
+    assert_eq!(audit["windows"][0][0], "T2 - T1", "{audit:#}");
+    assert!(
+        audit["windows"][0][1]
+            .as_i64()
+            .is_some_and(|s| (0..1800).contains(&s)),
+        "{audit:#}"
+    );
 
     // The full undo: tables as before (from the dumps), the old config byte for byte, the old image running.
     let out = rig.patchctl(&["rollback", CLUSTER, "--upgrade", &id, "-y"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(rig.audit(&id)["upgrade"]["outcome"], "undone");
     let after = rig.snapshot();
     assert_eq!(after.tables, before.tables, "the databases as before");
     for (node, snapshot) in rig.nodes.iter().zip(&after.nodes) {
@@ -230,10 +260,14 @@ fn a_dump_that_comes_out_empty_halts_before_any_container_is_stopped() {
     );
     let stats = rig.master.stats();
     assert_eq!(stats["puts"], 2, "HA off, then back on: {stats}");
-    let (audit, found) = audit_strings(&rig, &id);
+    let audit = rig.audit(&id);
+    assert_eq!(audit["upgrade"]["outcome"], "rolled_back", "{audit:#}");
+    let steps = outcomes(&audit);
+    assert_eq!(outcome_of(&steps, "dump-cm"), "failed", "{audit:#}");
+    assert_eq!(outcome_of(&steps, "ha-off"), "undone", "{audit:#}");
     assert!(
-        found.iter().any(|text| text.contains("dump-cm")),
-        "{audit:#}"
+        !steps.keys().any(|step| step.starts_with("stop@")),
+        "no container was stopped: {audit:#}"
     );
 }
 
@@ -243,8 +277,17 @@ fn a_release_failing_its_health_probe_on_node_2_is_rolled_back_there_with_exit_3
     let package = rig.new_package(Some(&rig.nodes[1].host));
     let before = rig.snapshot();
     let runbook = rig.write_runbook("runbook.yaml", &rig.example_runbook());
-    let (out, _id) = upgrade(&rig, &runbook, Some(&package));
+    let (out, id) = upgrade(&rig, &runbook, Some(&package));
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let audit = rig.audit(&id);
+    assert_eq!(audit["upgrade"]["outcome"], "rolled_back", "{audit:#}");
+    let steps = outcomes(&audit);
+    assert_eq!(
+        steps[&format!("swap@{}", rig.nodes[1].name)],
+        "failed",
+        "{audit:#}"
+    );
+    assert_eq!(outcome_of(&steps, "ha-off"), "undone", "{audit:#}");
 
     let node2 = &rig.nodes[1];
     let inspected = rig.container(node2);
@@ -295,7 +338,7 @@ fn an_undeclared_command_and_an_edit_outside_the_roots_are_refused() {
             marker.display()
         ),
     );
-    let (out, _) = upgrade(&rig, &runbook, None);
+    let (out, _) = rig.upgrade(&runbook, None);
     assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
     let said = describe(&out).to_lowercase();
     assert!(
@@ -311,10 +354,14 @@ fn an_undeclared_command_and_an_edit_outside_the_roots_are_refused() {
     std::fs::write(&target, CONFIG_430).expect("outside config");
     std::os::unix::fs::symlink(&target, node.deploy_dir.join("link.yaml")).expect("symlink");
     let relative = format!("{}/../../outside/config.yaml", node.deploy_dir.display());
-    for (case, file) in [
-        ("absolute", target.to_string_lossy().into_owned()),
-        ("dot-dot", relative),
-        ("symlink", "{deploy_dir}/link.yaml".to_string()),
+    for (case, file, why) in [
+        (
+            "absolute",
+            target.to_string_lossy().into_owned(),
+            "outside the declared upgrade roots",
+        ),
+        ("dot-dot", relative, "not a clean absolute path"),
+        ("symlink", "{deploy_dir}/link.yaml".to_string(), "symlink"),
     ] {
         let runbook = rig.write_runbook(
             &format!("outside-{case}.yaml"),
@@ -328,6 +375,11 @@ fn an_undeclared_command_and_an_edit_outside_the_roots_are_refused() {
             out.status.code(),
             Some(0),
             "{case}: refused\n{}",
+            describe(&out)
+        );
+        assert!(
+            describe(&out).contains(why),
+            "{case}: the refusal says why ({why}):\n{}",
             describe(&out)
         );
         assert_eq!(
