@@ -41,7 +41,7 @@ start() {
     if [[ ! -d $dir/data/mysql ]]; then
         mariadb-install-db --no-defaults --datadir="$dir/data" --user="$user" \
             --auth-root-authentication-method=normal --skip-test-db >"$dir/install.log" 2>&1 \
-            || { echo "mariadb-install-db failed; see $dir/install.log" >&2; exit 1; }
+            || { echo "mariadb-install-db failed ($dir/install.log):" >&2; tail -n 20 "$dir/install.log" >&2; exit 1; }
     fi
     local attempt port pid
     for attempt in 1 2 3 4 5; do
