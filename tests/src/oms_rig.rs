@@ -1,6 +1,6 @@
 //! The OMS upgrade rig (issue 14): a real MariaDB holding `rm`, `cm` and `cm_hb` (user `oms` with a password the
 //! agents read from a `--defaults-extra-file` and `patchctl` from the environment), the `demo-oms` console, and three
-//! OMS nodes: each a real `patchd` on `127.0.93.<n>` (mTLS) managing a `demo-oms` container named like its node
+//! OMS nodes: each a real `patchd` on `127.0.93.<first + i>` (mTLS) managing a `demo-oms` container named like its node
 //! (host network, serving on the node's address) whose deploy dir (config.yaml with the old keys, logs, store, run)
 //! is mounted into it. Images `v4.3.0`/`v4.3.1` are built locally from the `demo-oms` binary, its libraries, the
 //! host's `/bin/sh` and a `/root/docker_upgrade.sh` that only appends a line to the mounted logs directory. The
@@ -49,7 +49,7 @@ pub const DOCKER_UPGRADE_SH: &str =
 pub struct OmsNode {
     /// Node and container name (`<prefix>-oms-<n>`).
     pub name: String,
-    /// `127.0.93.<n>`: the agent's and the service's address.
+    /// `127.0.93.<first + i>`: the agent's and the service's address.
     pub host: String,
     /// The demo-oms port.
     pub port: u16,
@@ -178,22 +178,24 @@ pub struct OmsRig {
 
 impl OmsRig {
     /// Starts MariaDB and the console, builds image v4.3.0, runs the three containers, starts the agents and
-    /// imports the cluster. `test` names the test (container and image names start with its prefix).
-    pub fn start(test: &str) -> Self {
+    /// imports the cluster. `test` names the test (container and image names start with its prefix); the nodes
+    /// live on `127.0.93.<first_host>` to `<first_host + 2>` and the console on `<first_host + 3>` (tests running at
+    /// once use distinct ranges, so a port one picked is never taken by another).
+    pub fn start(test: &str, first_host: u8) -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
         let docker = DockerTest::connect(test);
         let db = MariaDb::start(&dir.path().join("mariadb"));
         let db_password = format!("oms-{}", std::process::id());
         seed_databases(&db, &db_password);
         let db_defaults = write_db_defaults(dir.path(), &db, &db_password);
-        let master = OmsMaster::start("127.0.93.254");
+        let master = OmsMaster::start(&format!("127.0.93.{}", first_host + 3));
         let old_image = oms_image(&docker, dir.path(), OLD_VERSION, None);
         let pki = Pki::new(dir.path());
 
         let mut nodes = Vec::new();
         for index in 1..=3u8 {
             let name = docker.name(&format!("oms-{index}"));
-            let host = format!("127.0.93.{index}");
+            let host = format!("127.0.93.{}", first_host + index - 1);
             let port = free_port_on(&host);
             let deploy_dir = dir.path().join(format!("oms-{index}")).join("data");
             for sub in ["logs", "store", "run"] {

@@ -71,7 +71,7 @@ fn assert_unchanged(rig: &OmsRig, before: &Snapshot, what: &str) {
 
 #[test]
 fn the_example_upgrade_migrates_three_nodes_and_rollback_upgrade_puts_everything_back() {
-    let rig = OmsRig::start("upg-oms-ok");
+    let rig = OmsRig::start("upg-oms-ok", 10);
     let package = rig.new_package(None);
     let new_image = rig
         .docker
@@ -237,7 +237,7 @@ fn the_example_upgrade_migrates_three_nodes_and_rollback_upgrade_puts_everything
 
 #[test]
 fn a_dump_that_comes_out_empty_halts_before_any_container_is_stopped() {
-    let rig = OmsRig::start("upg-oms-empty");
+    let rig = OmsRig::start("upg-oms-empty", 20);
     let package = rig.new_package(None);
     let before = rig.snapshot();
     // The cm dump through a declared action that dumps no table definition and no row: 0 bytes.
@@ -273,7 +273,7 @@ fn a_dump_that_comes_out_empty_halts_before_any_container_is_stopped() {
 
 #[test]
 fn a_release_failing_its_health_probe_on_node_2_is_rolled_back_there_with_exit_3() {
-    let rig = OmsRig::start("upg-oms-broken");
+    let rig = OmsRig::start("upg-oms-broken", 30);
     let package = rig.new_package(Some(&rig.nodes[1].host));
     let before = rig.snapshot();
     let runbook = rig.write_runbook("runbook.yaml", &rig.example_runbook());
@@ -315,7 +315,7 @@ fn a_release_failing_its_health_probe_on_node_2_is_rolled_back_there_with_exit_3
 
 #[test]
 fn an_undeclared_command_and_an_edit_outside_the_roots_are_refused() {
-    let rig = OmsRig::start("upg-oms-refused");
+    let rig = OmsRig::start("upg-oms-refused", 40);
     let before = rig.snapshot();
     let node = &rig.nodes[0];
     for node in &rig.nodes {
