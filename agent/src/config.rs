@@ -37,6 +37,9 @@ pub struct Config {
     pub services: Vec<ServiceSpec>,
     #[serde(default)]
     pub trust: TrustSection,
+    /// `[upgrade]`: what upgrade runbook steps may run and touch ([`crate::upgrade`]).
+    #[serde(default)]
+    pub upgrade: crate::upgrade::config::UpgradeSection,
 }
 
 /// `[trust]`: the minisign public keys whose signatures packages must carry before this agent stages them,
@@ -152,7 +155,7 @@ pub struct Limits {
 pub const MIN_CACHE_MIN_AGE: Duration = Duration::from_secs(60);
 
 /// serde adapter: durations written as humantime strings ("24h", "90m").
-mod humantime_duration {
+pub(crate) mod humantime_duration {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
@@ -494,6 +497,8 @@ impl Config {
         if let Err(trust_problems) = self.trust.policy() {
             problems.extend(trust_problems);
         }
+
+        problems.extend(self.upgrade.validate(&self.state_dir, &self.services));
 
         let mut names = BTreeSet::new();
         for (i, service) in self.services.iter().enumerate() {
