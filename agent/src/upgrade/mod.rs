@@ -104,10 +104,19 @@ fn backup_of(roots: &Roots, written: &files::Written, source: &str) -> v1::Upgra
 
 impl Upgrades {
     pub fn new(config: &Config) -> Self {
+        Self::with(
+            config.upgrade.clone(),
+            &config.state_dir,
+            config.services.clone(),
+        )
+    }
+
+    /// From the parts of a config: the section, the state dir (its `upgrade/` is the backup area), the services.
+    pub fn with(section: UpgradeSection, state_dir: &Path, services: Vec<ServiceSpec>) -> Self {
         Upgrades {
-            section: config.upgrade.clone(),
-            roots: Roots::new(&config.upgrade.roots, &config.state_dir),
-            services: config.services.clone(),
+            roots: Roots::new(&section.roots, state_dir),
+            section,
+            services,
         }
     }
 

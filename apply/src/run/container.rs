@@ -176,11 +176,19 @@ impl Run<'_> {
         }
         // A container of this name is a leftover of this very apply (the agent died before journaling its ID).
         engine.remove_container(&swap.new_name).await?;
+        let env_add: Vec<String> = self
+            .svc
+            .spec
+            .env_add
+            .iter()
+            .chain(&swap.env_add)
+            .cloned()
+            .collect();
         let body = new_container_body(
             &old,
             &Recreate {
                 image: &swap.new_image,
-                env_add: &self.svc.spec.env_add,
+                env_add: &env_add,
                 use_image_defaults: self.svc.spec.use_image_defaults,
             },
         );

@@ -456,6 +456,7 @@ fn apply_cmd(digest: &str, patch_id: &str) -> ApplyCommand {
         patch_id: patch_id.into(),
         offline: false,
         caller: String::new(),
+        env_add: Vec::new(),
     }
 }
 
