@@ -29,7 +29,6 @@ use patchd_apply::spec::{BackendKind, ServiceSpec};
 use patchd_proto::v1;
 use patchd_runbook::yaml_edit::{Edit, apply_edits};
 use run::{Finished, Streams};
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use template::ParamType;
@@ -86,7 +85,7 @@ async fn blocking<T: Send + 'static>(
 fn response_of(finished: Finished, note: String) -> v1::UpgradeStepResponse {
     v1::UpgradeStepResponse {
         exit_code: finished.exit_code,
-        stdout: finished.stdout,
+        stdout: finished.stdout.into(),
         stderr_tail: finished.stderr_tail,
         backups: Vec::new(),
         note,
@@ -333,7 +332,7 @@ impl Upgrades {
             parent.sync().map_err(|e| paths::fs_error(e, "backup output"))?;
             Ok(v1::UpgradeStepResponse {
                 exit_code: 0,
-                stdout: Vec::new(),
+                stdout: Default::default(),
                 stderr_tail: finished.stderr_tail,
                 backups: vec![v1::UpgradeBackup {
                     path: output.clone(),

@@ -103,16 +103,16 @@ async fn a_declared_action_runs_with_its_typed_arguments_and_exit_code() {
     let rig = rig();
     let answer = run(&rig, "say", &["hello", "3"]).await.unwrap();
     assert_eq!(answer.exit_code, 3);
-    assert_eq!(answer.stdout, b"hello");
+    assert_eq!(&answer.stdout[..], b"hello");
     assert_eq!(answer.stderr_tail, "to stderr");
-    assert_eq!(run(&rig, "mode", &["safe"]).await.unwrap().stdout, b"safe\n");
+    assert_eq!(&run(&rig, "mode", &["safe"]).await.unwrap().stdout[..], b"safe\n");
 }
 
 #[tokio::test]
 async fn the_environment_is_path_and_the_declared_env_only() {
     let rig = rig();
     let answer = run(&rig, "env", &[]).await.unwrap();
-    let text = String::from_utf8(answer.stdout).unwrap();
+    let text = String::from_utf8(answer.stdout.to_vec()).unwrap();
     let mut names: Vec<&str> = text.lines().filter_map(|l| l.split('=').next()).collect();
     names.sort();
     assert_eq!(names, ["ONLY", "PATH"], "{text}");
