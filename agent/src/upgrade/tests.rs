@@ -4,6 +4,7 @@
 use super::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 struct Rig {
     _dir: tempfile::TempDir,
@@ -163,12 +164,15 @@ fn templating_is_one_pass_and_paths_must_be_under_a_root() {
     assert_eq!(argv[2], format!("cat > {inside}"));
     for bad in [
         rig.outside.join("f").display().to_string(),
-        format!("{}/../outside/f", rig.root.display()),
         rig.root.display().to_string(),
     ] {
         let refused = template::render(load, &[bad.clone()], &rig.upgrades.roots).unwrap_err();
         assert!(matches!(refused, UpgradeError::Denied(_)), "{bad}: {refused}");
     }
+    // `..` is not a path of type `path` at all.
+    let dotted = format!("{}/../outside/f", rig.root.display());
+    let refused = template::render(load, &[dotted], &rig.upgrades.roots).unwrap_err();
+    assert!(matches!(refused, UpgradeError::Invalid(_)), "{refused}");
     std::os::unix::fs::symlink(&rig.outside, rig.root.join("link")).unwrap();
     let through = rig.root.join("link/f").display().to_string();
     let refused = template::render(load, &[through], &rig.upgrades.roots).unwrap_err();
@@ -271,6 +275,19 @@ async fn a_symlink_planted_under_a_root_is_refused() {
             .unwrap_err();
         assert!(matches!(refused, UpgradeError::Denied(_)), "{file}: {refused}");
     }
+    let dotted = format!("{}/../outside/config.yaml", rig.root.display());
+    let refused = rig
+        .upgrades
+        .yaml_edit(
+            area(),
+            v1::YamlEditOp {
+                file: dotted,
+                edits_json: "[]".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, UpgradeError::Denied(_)), "{refused}");
     let refused = dump(&rig, "5", &rig.root.join("dir-link/out").display().to_string(), 1)
         .await
         .unwrap_err();
