@@ -605,12 +605,14 @@ fn millis_since(since: std::time::Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A patch id names a backup directory: a safe name, where `:` may also separate an upgrade's id from its step
+/// (`<upgrade_id>:<step>`, the patch id of a runbook's container swap).
 fn check_patch_id(patch_id: &str) -> Result<(), ApplyError> {
-    if is_safe_name(patch_id) {
+    if is_safe_name(&patch_id.replace(':', "_")) {
         Ok(())
     } else {
         Err(ApplyError::InvalidRequest(format!(
-            "patch_id {patch_id:?} must be 1-128 characters of A-Z a-z 0-9 . _ @ - (it names the backup directory)"
+            "patch_id {patch_id:?} must be 1-128 characters of A-Z a-z 0-9 . _ @ - : (it names the backup directory)"
         )))
     }
 }
