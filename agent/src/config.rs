@@ -873,6 +873,23 @@ mod tests {
     }
 
     #[test]
+    fn upgrade_declarations_are_checked_by_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{}[upgrade]\nroots = [\"{}/nowhere\"]\n[[upgrade.action]]\nname = \"dump\"\nargv = [\"/usr/bin/mysqldump\", \"{{db}}\"]\n",
+            base(dir.path()),
+            dir.path().display()
+        );
+        let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+        let all = format_problems(&config.validate());
+        assert!(all.contains("upgrade.roots[0]"), "{all}");
+        assert!(
+            all.contains("upgrade.action[0] (dump): argv[1] uses `{db}`"),
+            "{all}"
+        );
+    }
+
+    #[test]
     fn deploy_root_containment_is_lexical_and_strict() {
         let roots = vec![PathBuf::from("/opt/demo")];
         assert!(is_under_any(Path::new("/opt/demo/w"), &roots));

@@ -247,7 +247,12 @@ impl v1::agent_server::Agent for AgentService {
         let (caller, lease_holder) = caller_of(&request);
         let mut request = request.into_inner();
         if !request.service.is_empty() {
-            if !self.config.services.iter().any(|s| s.name == request.service) {
+            if !self
+                .config
+                .services
+                .iter()
+                .any(|s| s.name == request.service)
+            {
                 return Err(invalid_argument(format!(
                     "service `{}` is not managed by this agent: name a [[service]] of its patchd.toml, or \"\" \
                      for a step no lease covers",

@@ -105,7 +105,11 @@ fn the_agent_runs_only_declared_actions_and_touches_only_its_roots() {
         })))
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    assert!(refused.message().contains("`touch` is not declared"), "{}", refused.message());
+    assert!(
+        refused.message().contains("`touch` is not declared"),
+        "{}",
+        refused.message()
+    );
     assert!(!marker.exists(), "nothing ran");
 
     // Wrong argument type: INVALID_ARGUMENT, nothing ran.
@@ -140,7 +144,12 @@ fn the_agent_runs_only_declared_actions_and_touches_only_its_roots() {
                 edits_json: edits.into(),
             })))
             .unwrap_err();
-        assert_eq!(refused.code(), Code::PermissionDenied, "{}: {refused:?}", file.display());
+        assert_eq!(
+            refused.code(),
+            Code::PermissionDenied,
+            "{}: {refused:?}",
+            file.display()
+        );
     }
     assert_eq!(text(&victim), "oms_meta_host: a\n");
 
@@ -156,7 +165,11 @@ fn the_agent_runs_only_declared_actions_and_touches_only_its_roots() {
         })))
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    assert_eq!(std::fs::read_dir(&dumps).unwrap().count(), 0, "no file left");
+    assert_eq!(
+        std::fs::read_dir(&dumps).unwrap().count(),
+        0,
+        "no file left"
+    );
     let dumped = rpc
         .upgrade_step(step(Op::BackupCommand(v1::BackupCommandOp {
             call: call("dump", &["512"]),
@@ -165,7 +178,10 @@ fn the_agent_runs_only_declared_actions_and_touches_only_its_roots() {
         })))
         .unwrap();
     assert_eq!(dumped.backups[0].size, 512);
-    assert_eq!(dumped.backups[0].sha256, patchd_e2e::sha256_file(Path::new(&output)));
+    assert_eq!(
+        dumped.backups[0].sha256,
+        patchd_e2e::sha256_file(Path::new(&output))
+    );
 
     // A backed-up file whose backup is tampered with: not restored, the target untouched.
     let config = rig.root.join("config.yaml");
@@ -177,7 +193,11 @@ fn the_agent_runs_only_declared_actions_and_touches_only_its_roots() {
         })))
         .unwrap();
     let backup = saved.backups[0].clone();
-    assert!(Path::new(&backup.path).starts_with(rig.state.join("upgrade/upg-e2e")), "{}", backup.path);
+    assert!(
+        Path::new(&backup.path).starts_with(rig.state.join("upgrade/upg-e2e")),
+        "{}",
+        backup.path
+    );
     std::fs::write(&config, "edited since\n").unwrap();
     std::fs::write(&backup.path, "tampered\n").unwrap();
     let refused = rpc
@@ -217,7 +237,9 @@ container = true
     let running = |rig: &ContainerRig| rig.current().state.unwrap_or_default().running;
 
     // A container the agent does not manage is refused.
-    let refused = rpc.upgrade_step(power(false, "some-other-container")).unwrap_err();
+    let refused = rpc
+        .upgrade_step(power(false, "some-other-container"))
+        .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     assert_eq!(running(&rig), Some(true));
 
@@ -231,13 +253,46 @@ container = true
     assert_eq!(exec.exit_code, 0, "{exec:?}");
     assert_eq!(String::from_utf8_lossy(&exec.stdout).trim(), "v1.0.0");
 
+    // Another rollout holds the service's lease: a step naming the service is refused as Apply is.
+    rpc.lease(
+        SERVICE,
+        v1::LeaseAction::Acquire,
+        ("other-rollout", "other-store"),
+        60_000,
+    )
+    .unwrap();
+    let mut leased = power(false, &rig.container);
+    leased.service = SERVICE.into();
+    let refused = rpc.upgrade_step(leased.clone()).unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(running(&rig), Some(true), "nothing stopped");
+    rpc.lease(
+        SERVICE,
+        v1::LeaseAction::Release,
+        ("other-rollout", "other-store"),
+        0,
+    )
+    .unwrap();
+
     // Stop twice (idempotent), start, stop again: the runbook's stop before the swap.
-    assert_eq!(rpc.upgrade_step(power(false, &rig.container)).unwrap().note, "stopped");
+    assert_eq!(
+        rpc.upgrade_step(power(false, &rig.container)).unwrap().note,
+        "stopped"
+    );
     assert_eq!(running(&rig), Some(false));
-    assert_eq!(rpc.upgrade_step(power(false, &rig.container)).unwrap().note, "already stopped");
-    assert_eq!(rpc.upgrade_step(power(true, &rig.container)).unwrap().note, "started");
+    assert_eq!(
+        rpc.upgrade_step(power(false, &rig.container)).unwrap().note,
+        "already stopped"
+    );
+    assert_eq!(
+        rpc.upgrade_step(power(true, &rig.container)).unwrap().note,
+        "started"
+    );
     rig.wait_serving("v1.0.0");
-    assert_eq!(rpc.upgrade_step(power(false, &rig.container)).unwrap().note, "stopped");
+    assert_eq!(
+        rpc.upgrade_step(power(false, &rig.container)).unwrap().note,
+        "stopped"
+    );
 
     // Apply with env_add to the stopped container: the new one is created, started, and passes probation.
     let (package, new_image) = rig.image_package("v4.3.1", "ok");
@@ -252,11 +307,21 @@ container = true
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(outcome(&applied), v1::ApplyOutcome::Committed, "{applied:?}");
+    assert_eq!(
+        outcome(&applied),
+        v1::ApplyOutcome::Committed,
+        "{applied:?}"
+    );
     let after = rig.assert_one_running();
     assert_eq!(after.image.as_deref(), Some(new_image.as_str()));
     let env = env_of(&after);
-    assert!(env.contains(&"UPGRADE_MARK=from-request".to_string()), "{env:?}");
-    assert!(env.contains(&patchd_e2e::container_rig::ENV_ADD.to_string()), "{env:?}");
+    assert!(
+        env.contains(&"UPGRADE_MARK=from-request".to_string()),
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&patchd_e2e::container_rig::ENV_ADD.to_string()),
+        "{env:?}"
+    );
     rig.wait_serving("v4.3.1");
 }

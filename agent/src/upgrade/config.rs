@@ -43,7 +43,10 @@ pub struct ActionSpec {
     #[serde(default)]
     pub container: bool,
     /// Killed after this long.
-    #[serde(default = "default_timeout", with = "crate::config::humantime_duration")]
+    #[serde(
+        default = "default_timeout",
+        with = "crate::config::humantime_duration"
+    )]
     pub timeout: Duration,
     /// The action's whole environment besides `PATH` (the agent's own is not passed on).
     #[serde(default)]

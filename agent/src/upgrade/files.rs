@@ -41,9 +41,12 @@ pub fn write_file(
 ) -> Result<Written, UpgradeError> {
     let shown = dir.display_path(rel);
     if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
-        dir.create_dir_all(parent).map_err(|e| fs_error(e, "a directory to write into"))?;
+        dir.create_dir_all(parent)
+            .map_err(|e| fs_error(e, "a directory to write into"))?;
     }
-    let (parent, name) = dir.parent_of(rel).map_err(|e| fs_error(e, "the file to write"))?;
+    let (parent, name) = dir
+        .parent_of(rel)
+        .map_err(|e| fs_error(e, "the file to write"))?;
     let temp = temp_name(name, "write");
     parent
         .remove_file(Path::new(&temp))
@@ -66,7 +69,9 @@ pub fn write_file(
         return Err(io_failed("cannot write", &shown, error));
     }
     DirHandle::rename_in(&parent, &temp, name).map_err(|e| fs_error(e, "the file to write"))?;
-    parent.sync().map_err(|e| fs_error(e, "the file to write"))?;
+    parent
+        .sync()
+        .map_err(|e| fs_error(e, "the file to write"))?;
     Ok(Written {
         rel: rel.to_path_buf(),
         size,
@@ -94,7 +99,11 @@ impl Write for HashingWriter<'_> {
 }
 
 /// Opens the regular file `rel` below `dir` and its mode (permission bits).
-pub fn open_with_mode(dir: &DirHandle, rel: &Path, what: &str) -> Result<(File, u32), UpgradeError> {
+pub fn open_with_mode(
+    dir: &DirHandle,
+    rel: &Path,
+    what: &str,
+) -> Result<(File, u32), UpgradeError> {
     let file = dir.open_file(rel).map_err(|e| fs_error(e, what))?;
     let mode = file
         .metadata()
@@ -122,7 +131,9 @@ pub fn copy_file(
     what: &str,
 ) -> Result<Written, UpgradeError> {
     let (mut source, mode) = open_with_mode(from_dir, from, what)?;
-    write_file(to_dir, to, mode, |out| std::io::copy(&mut source, out).map(|_| ()))
+    write_file(to_dir, to, mode, |out| {
+        std::io::copy(&mut source, out).map(|_| ())
+    })
 }
 
 /// Copies the file or directory tree `from` below `from_dir` to `to` below `to_dir`: every regular file (mode
@@ -149,7 +160,9 @@ pub fn copy_tree(
             copy_file(from_dir, from, to_dir, to, what)?,
         )]),
         FileType::Directory => {
-            to_dir.create_dir_all(to).map_err(|e| fs_error(e, "the backup directory"))?;
+            to_dir
+                .create_dir_all(to)
+                .map_err(|e| fs_error(e, "the backup directory"))?;
             let below = from_dir.open_dir(from).map_err(|e| fs_error(e, what))?;
             let mut out = Vec::new();
             for (name, _) in below.entries().map_err(|e| fs_error(e, what))? {

@@ -24,10 +24,10 @@ mod tests;
 
 use crate::config::Config;
 use config::{ActionSpec, UpgradeSection};
-use paths::Roots;
 use patchd_apply::spec::{BackendKind, ServiceSpec};
 use patchd_proto::v1;
 use patchd_runbook::yaml_edit::{Edit, apply_edits};
+use paths::Roots;
 use run::{Finished, Streams};
 use std::path::Path;
 use std::sync::Arc;
@@ -148,7 +148,10 @@ impl Upgrades {
     }
 
     /// The declared action a call names, else `PERMISSION_DENIED`.
-    fn action(&self, call: Option<&v1::ActionCall>) -> Result<(&ActionSpec, Vec<String>), UpgradeError> {
+    fn action(
+        &self,
+        call: Option<&v1::ActionCall>,
+    ) -> Result<(&ActionSpec, Vec<String>), UpgradeError> {
         let call = call.ok_or_else(|| {
             UpgradeError::Invalid("missing `call`: name a declared action and its arguments".into())
         })?;
@@ -178,19 +181,31 @@ impl Upgrades {
             })
     }
 
-    async fn engine_for(&self, service: &ServiceSpec) -> Result<patchd_docker::Engine, UpgradeError> {
+    async fn engine_for(
+        &self,
+        service: &ServiceSpec,
+    ) -> Result<patchd_docker::Engine, UpgradeError> {
         patchd_docker::Engine::connect(&service.docker_socket())
             .await
             .map_err(|e| UpgradeError::Precondition(e.to_string()))
     }
 
     /// RunActionOp: a declared action, on the host or (declared `container = true`) in a declared container.
-    pub async fn run_action(&self, op: v1::RunActionOp) -> Result<v1::UpgradeStepResponse, UpgradeError> {
+    pub async fn run_action(
+        &self,
+        op: v1::RunActionOp,
+    ) -> Result<v1::UpgradeStepResponse, UpgradeError> {
         let (action, argv) = self.action(op.call.as_ref())?;
         match (action.container, op.container.is_empty()) {
             (false, true) => {
-                let finished =
-                    run::run_host(&action.name, &argv, &action.env, Streams::default(), action.timeout).await?;
+                let finished = run::run_host(
+                    &action.name,
+                    &argv,
+                    &action.env,
+                    Streams::default(),
+                    action.timeout,
+                )
+                .await?;
                 let note = format!("{} exited {}", action.name, finished.exit_code);
                 Ok(response_of(finished, note))
             }
@@ -198,7 +213,13 @@ impl Upgrades {
                 let service = self.docker_service(&op.container)?;
                 let engine = self.engine_for(service).await?;
                 let env: Vec<String> = action.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                let exec = engine.exec(&op.container, &argv, &env, run::STDOUT_CAP, run::STDERR_TAIL_BYTES);
+                let exec = engine.exec(
+                    &op.container,
+                    &argv,
+                    &env,
+                    run::STDOUT_CAP,
+                    run::STDERR_TAIL_BYTES,
+                );
                 let output = tokio::time::timeout(action.timeout, exec)
                     .await
                     .map_err(|_| {
@@ -237,7 +258,10 @@ impl Upgrades {
     }
 
     /// A declared host action (dumps and loads run on the host).
-    fn host_action(&self, call: Option<&v1::ActionCall>) -> Result<(ActionSpec, Vec<String>), UpgradeError> {
+    fn host_action(
+        &self,
+        call: Option<&v1::ActionCall>,
+    ) -> Result<(ActionSpec, Vec<String>), UpgradeError> {
         let (action, argv) = self.action(call)?;
         if action.container {
             return Err(UpgradeError::Invalid(format!(
@@ -269,11 +293,16 @@ impl Upgrades {
             parent
                 .remove_file(Path::new(&temp))
                 .map_err(|e| paths::fs_error(e, "a leftover partial dump"))?;
-            if let Some(stat) = parent.stat_entry(&name).map_err(|e| paths::fs_error(e, "backup output"))?
+            if let Some(stat) = parent
+                .stat_entry(&name)
+                .map_err(|e| paths::fs_error(e, "backup output"))?
                 && patchd_apply::fsutil::FileType::from_raw_mode(stat.st_mode)
                     == patchd_apply::fsutil::FileType::Symlink
             {
-                return Err(paths::symlink_refused(Path::new(&output_path), "backup output"));
+                return Err(paths::symlink_refused(
+                    Path::new(&output_path),
+                    "backup output",
+                ));
             }
             Ok((parent, name, temp))
         })
@@ -353,12 +382,18 @@ impl Upgrades {
         op: v1::BackupPathsOp,
     ) -> Result<v1::UpgradeStepResponse, UpgradeError> {
         if op.paths.is_empty() {
-            return Err(UpgradeError::Invalid("`paths` is empty: name what to back up".into()));
+            return Err(UpgradeError::Invalid(
+                "`paths` is empty: name what to back up".into(),
+            ));
         }
         let located = op
             .paths
             .iter()
-            .map(|path| self.roots.locate(path, "backup path").map(|found| (path.clone(), found)))
+            .map(|path| {
+                self.roots
+                    .locate(path, "backup path")
+                    .map(|found| (path.clone(), found))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let roots = self.roots.clone();
         blocking(move || {
@@ -394,9 +429,14 @@ impl Upgrades {
     }
 
     /// RestoreOp: every backup's sha256 checked first, then each put back (or fed to the declared action).
-    pub async fn restore(&self, op: v1::RestoreOp) -> Result<v1::UpgradeStepResponse, UpgradeError> {
+    pub async fn restore(
+        &self,
+        op: v1::RestoreOp,
+    ) -> Result<v1::UpgradeStepResponse, UpgradeError> {
         if op.backups.is_empty() {
-            return Err(UpgradeError::Invalid("`backups` is empty: name what to restore".into()));
+            return Err(UpgradeError::Invalid(
+                "`backups` is empty: name what to restore".into(),
+            ));
         }
         let call = match op.call.as_ref() {
             Some(call) => {
@@ -452,7 +492,9 @@ impl Upgrades {
                         stdin: Some(file),
                         stdout: None,
                     };
-                    let finished = run::run_host(&action.name, argv, &action.env, streams, action.timeout).await?;
+                    let finished =
+                        run::run_host(&action.name, argv, &action.env, streams, action.timeout)
+                            .await?;
                     if finished.exit_code != 0 {
                         return Err(UpgradeError::Precondition(format!(
                             "loading {} with `{}` exited {}; stderr: {}",
@@ -484,7 +526,9 @@ impl Upgrades {
         op: v1::YamlEditOp,
     ) -> Result<v1::UpgradeStepResponse, UpgradeError> {
         let edits: Vec<Edit> = serde_json::from_str(&op.edits_json).map_err(|e| {
-            UpgradeError::Invalid(format!("`edits_json` is not a list of yaml_edit edits: {e}"))
+            UpgradeError::Invalid(format!(
+                "`edits_json` is not a list of yaml_edit edits: {e}"
+            ))
         })?;
         let (root, rel) = self.roots.locate(&op.file, "yaml_edit file")?;
         let roots = self.roots.clone();
@@ -504,7 +548,9 @@ impl Upgrades {
                 files::Written {
                     rel: backup_rel,
                     size: bytes.len() as u64,
-                    sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref()),
+                    sha256: hex::encode(
+                        ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref(),
+                    ),
                 }
             } else {
                 files::write_file(&state, &backup_rel, mode, |out| out.write_all(&original))?
@@ -551,7 +597,10 @@ impl Upgrades {
             (true, true) => "already running".to_string(),
             (false, false) => "already stopped".to_string(),
             (true, false) => {
-                engine.start_container(&op.container).await.map_err(failed)?;
+                engine
+                    .start_container(&op.container)
+                    .await
+                    .map_err(failed)?;
                 "started".to_string()
             }
             (false, true) => {

@@ -92,7 +92,10 @@ impl Roots {
     /// `upgrade/<upgrade_id>/<step>/<source without its leading />`.
     pub fn backup_rel(upgrade_id: &str, step: &str, source: &Path) -> PathBuf {
         let below = source.strip_prefix("/").unwrap_or(source);
-        Path::new(BACKUP_AREA).join(upgrade_id).join(step).join(below)
+        Path::new(BACKUP_AREA)
+            .join(upgrade_id)
+            .join(step)
+            .join(below)
     }
 
     /// The absolute path of `rel` below the state dir (what a backup record names).
@@ -138,9 +141,9 @@ pub fn fs_error(error: FsError, what: &str) -> UpgradeError {
         std::io::ErrorKind::PermissionDenied => UpgradeError::Denied(format!(
             "{what}: {error}; upgrade steps never follow a symlink below a declared root"
         )),
-        std::io::ErrorKind::NotFound => {
-            UpgradeError::Precondition(format!("{what}: {error}; check the path exists on this host"))
-        }
+        std::io::ErrorKind::NotFound => UpgradeError::Precondition(format!(
+            "{what}: {error}; check the path exists on this host"
+        )),
         _ => UpgradeError::Internal(format!("{what}: {error}")),
     }
 }

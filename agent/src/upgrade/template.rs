@@ -24,9 +24,7 @@ pub enum ParamType {
 #[serde(untagged)]
 enum RawParamType {
     Named(String),
-    OneOf {
-        one_of: Vec<String>,
-    },
+    OneOf { one_of: Vec<String> },
 }
 
 impl TryFrom<RawParamType> for ParamType {
@@ -54,9 +52,9 @@ impl ParamType {
             ParamType::Word => {
                 let fine = (1..=128).contains(&value.len())
                     && !value.starts_with('-')
-                    && value
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-'));
+                    && value.chars().all(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-')
+                    });
                 if fine {
                     Ok(())
                 } else {
@@ -67,7 +65,10 @@ impl ParamType {
             }
             ParamType::Int => {
                 let digits = value.strip_prefix('-').unwrap_or(value);
-                if !digits.is_empty() && digits.len() <= 19 && digits.chars().all(|c| c.is_ascii_digit()) {
+                if !digits.is_empty()
+                    && digits.len() <= 19
+                    && digits.chars().all(|c| c.is_ascii_digit())
+                {
                     Ok(())
                 } else {
                     Err(format!("`{value}` is not a decimal integer"))
@@ -108,7 +109,11 @@ pub fn placeholders(arg: &str) -> Vec<String> {
 
 /// The argv of `action` called with `args`: the count and every type checked (`INVALID_ARGUMENT`), a `path`
 /// also under a root without a symlink on its way (`PERMISSION_DENIED`).
-pub fn render(action: &ActionSpec, args: &[String], roots: &Roots) -> Result<Vec<String>, UpgradeError> {
+pub fn render(
+    action: &ActionSpec,
+    args: &[String],
+    roots: &Roots,
+) -> Result<Vec<String>, UpgradeError> {
     if args.len() != action.params.len() {
         let expected: Vec<&str> = action.params.iter().map(|p| p.name.as_str()).collect();
         return Err(UpgradeError::Invalid(format!(
@@ -127,7 +132,10 @@ pub fn render(action: &ActionSpec, args: &[String], roots: &Roots) -> Result<Vec
             ))
         })?;
         if param.kind == ParamType::Path {
-            roots.check_path(value, &format!("parameter `{}` of action `{}`", param.name, action.name))?;
+            roots.check_path(
+                value,
+                &format!("parameter `{}` of action `{}`", param.name, action.name),
+            )?;
         }
     }
     Ok(action

@@ -90,7 +90,11 @@ fn area() -> BackupArea {
     backup_area("up-1", "edit@n1").unwrap()
 }
 
-async fn run(rig: &Rig, action: &str, args: &[&str]) -> Result<v1::UpgradeStepResponse, UpgradeError> {
+async fn run(
+    rig: &Rig,
+    action: &str,
+    args: &[&str],
+) -> Result<v1::UpgradeStepResponse, UpgradeError> {
     rig.upgrades
         .run_action(v1::RunActionOp {
             call: call(action, args),
@@ -106,7 +110,10 @@ async fn a_declared_action_runs_with_its_typed_arguments_and_exit_code() {
     assert_eq!(answer.exit_code, 3);
     assert_eq!(&answer.stdout[..], b"hello");
     assert_eq!(answer.stderr_tail, "to stderr");
-    assert_eq!(&run(&rig, "mode", &["safe"]).await.unwrap().stdout[..], b"safe\n");
+    assert_eq!(
+        &run(&rig, "mode", &["safe"]).await.unwrap().stdout[..],
+        b"safe\n"
+    );
 }
 
 #[tokio::test]
@@ -123,7 +130,10 @@ async fn the_environment_is_path_and_the_declared_env_only() {
 async fn undeclared_actions_and_bad_arguments_are_refused_before_anything_runs() {
     let rig = rig();
     let denied = run(&rig, "rm", &["-rf", "/"]).await.unwrap_err();
-    assert!(matches!(&denied, UpgradeError::Denied(m) if m.contains("`rm` is not declared") && m.contains("[[upgrade.action]]")), "{denied}");
+    assert!(
+        matches!(&denied, UpgradeError::Denied(m) if m.contains("`rm` is not declared") && m.contains("[[upgrade.action]]")),
+        "{denied}"
+    );
     for (action, args) in [
         ("say", vec!["hello"]),
         ("say", vec!["-rf", "1"]),
@@ -132,7 +142,10 @@ async fn undeclared_actions_and_bad_arguments_are_refused_before_anything_runs()
         ("mode", vec!["turbo"]),
     ] {
         let refused = run(&rig, action, &args).await.unwrap_err();
-        assert!(matches!(refused, UpgradeError::Invalid(_)), "{action} {args:?}: {refused}");
+        assert!(
+            matches!(refused, UpgradeError::Invalid(_)),
+            "{action} {args:?}: {refused}"
+        );
     }
     let outside = rig.outside.join("x").display().to_string();
     let refused = rig
@@ -151,7 +164,10 @@ async fn a_timeout_kills_the_action() {
     let rig = rig();
     let started = std::time::Instant::now();
     let refused = run(&rig, "sleep", &[]).await.unwrap_err();
-    assert!(matches!(&refused, UpgradeError::Timeout(m) if m.contains("killed")), "{refused}");
+    assert!(
+        matches!(&refused, UpgradeError::Timeout(m) if m.contains("killed")),
+        "{refused}"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
@@ -167,7 +183,10 @@ fn templating_is_one_pass_and_paths_must_be_under_a_root() {
         rig.root.display().to_string(),
     ] {
         let refused = template::render(load, &[bad.clone()], &rig.upgrades.roots).unwrap_err();
-        assert!(matches!(refused, UpgradeError::Denied(_)), "{bad}: {refused}");
+        assert!(
+            matches!(refused, UpgradeError::Denied(_)),
+            "{bad}: {refused}"
+        );
     }
     // `..` is not a path of type `path` at all.
     let dotted = format!("{}/../outside/f", rig.root.display());
@@ -218,10 +237,18 @@ argv = []
     .err()
     .map(|e| e.to_string())
     .unwrap_or_default();
-    assert!(bad_type.contains("unknown parameter type `float`"), "{bad_type}");
+    assert!(
+        bad_type.contains("unknown parameter type `float`"),
+        "{bad_type}"
+    );
 }
 
-async fn dump(rig: &Rig, bytes: &str, output: &str, min: u64) -> Result<v1::UpgradeStepResponse, UpgradeError> {
+async fn dump(
+    rig: &Rig,
+    bytes: &str,
+    output: &str,
+    min: u64,
+) -> Result<v1::UpgradeStepResponse, UpgradeError> {
     rig.upgrades
         .backup_command(v1::BackupCommandOp {
             call: call("dump", &[bytes]),
@@ -237,7 +264,10 @@ async fn a_dump_below_min_bytes_or_empty_is_refused_and_removed() {
     let output = rig.root.join("dumps/rm.sql");
     let shown = output.display().to_string();
     let empty = dump(&rig, "0", &shown, 0).await.unwrap_err();
-    assert!(matches!(&empty, UpgradeError::Precondition(m) if m.contains("0 bytes")), "{empty}");
+    assert!(
+        matches!(&empty, UpgradeError::Precondition(m) if m.contains("0 bytes")),
+        "{empty}"
+    );
     let small = dump(&rig, "10", &shown, 100).await.unwrap_err();
     assert!(matches!(small, UpgradeError::Precondition(_)), "{small}");
     let leftovers: Vec<_> = std::fs::read_dir(rig.root.join("dumps")).unwrap().collect();
@@ -252,7 +282,10 @@ async fn a_dump_below_min_bytes_or_empty_is_refused_and_removed() {
     assert_eq!(backup.sha256, sha);
 
     let outside = rig.outside.join("rm.sql").display().to_string();
-    assert!(matches!(dump(&rig, "10", &outside, 1).await, Err(UpgradeError::Denied(_))));
+    assert!(matches!(
+        dump(&rig, "10", &outside, 1).await,
+        Err(UpgradeError::Denied(_))
+    ));
 }
 
 #[tokio::test]
@@ -260,7 +293,11 @@ async fn a_symlink_planted_under_a_root_is_refused() {
     let rig = rig();
     std::fs::write(rig.outside.join("config.yaml"), "a: 1\n").unwrap();
     std::os::unix::fs::symlink(&rig.outside, rig.root.join("dir-link")).unwrap();
-    std::os::unix::fs::symlink(rig.outside.join("config.yaml"), rig.root.join("file-link.yaml")).unwrap();
+    std::os::unix::fs::symlink(
+        rig.outside.join("config.yaml"),
+        rig.root.join("file-link.yaml"),
+    )
+    .unwrap();
     for file in ["dir-link/config.yaml", "file-link.yaml"] {
         let refused = rig
             .upgrades
@@ -273,7 +310,10 @@ async fn a_symlink_planted_under_a_root_is_refused() {
             )
             .await
             .unwrap_err();
-        assert!(matches!(refused, UpgradeError::Denied(_)), "{file}: {refused}");
+        assert!(
+            matches!(refused, UpgradeError::Denied(_)),
+            "{file}: {refused}"
+        );
     }
     let dotted = format!("{}/../outside/config.yaml", rig.root.display());
     let refused = rig
@@ -288,9 +328,14 @@ async fn a_symlink_planted_under_a_root_is_refused() {
         .await
         .unwrap_err();
     assert!(matches!(refused, UpgradeError::Denied(_)), "{refused}");
-    let refused = dump(&rig, "5", &rig.root.join("dir-link/out").display().to_string(), 1)
-        .await
-        .unwrap_err();
+    let refused = dump(
+        &rig,
+        "5",
+        &rig.root.join("dir-link/out").display().to_string(),
+        1,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(refused, UpgradeError::Denied(_)), "{refused}");
     let refused = rig
         .upgrades
@@ -304,7 +349,10 @@ async fn a_symlink_planted_under_a_root_is_refused() {
         .await
         .unwrap_err();
     assert!(matches!(refused, UpgradeError::Denied(_)), "{refused}");
-    assert_eq!(std::fs::read_to_string(rig.outside.join("config.yaml")).unwrap(), "a: 1\n");
+    assert_eq!(
+        std::fs::read_to_string(rig.outside.join("config.yaml")).unwrap(),
+        "a: 1\n"
+    );
 }
 
 const CONFIG: &str = "# OMS\noms_meta_host: \"10.0.0.1\"  # keep\nport: 2883\n";
@@ -324,15 +372,28 @@ async fn yaml_edit_backs_up_the_original_once_is_idempotent_and_restores_byte_fo
     };
     let first = rig.upgrades.yaml_edit(area(), op.clone()).await.unwrap();
     let edited = std::fs::read_to_string(&file).unwrap();
-    assert!(edited.contains("oms_cm_meta_host") && !edited.contains("oms_meta_host"), "{edited}");
-    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o640);
+    assert!(
+        edited.contains("oms_cm_meta_host") && !edited.contains("oms_meta_host"),
+        "{edited}"
+    );
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
     let backup = first.backups[0].clone();
-    assert!(backup.path.starts_with(&rig.state.join("upgrade/up-1/edit@n1").display().to_string()));
+    assert!(
+        backup
+            .path
+            .starts_with(&rig.state.join("upgrade/up-1/edit@n1").display().to_string())
+    );
     assert_eq!(std::fs::read_to_string(&backup.path).unwrap(), CONFIG);
 
     let again = rig.upgrades.yaml_edit(area(), op).await.unwrap();
     assert_eq!(again.note, "already edited: nothing changed");
-    assert_eq!(again.backups[0], backup, "the first backup (the original) is kept");
+    assert_eq!(
+        again.backups[0], backup,
+        "the first backup (the original) is kept"
+    );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), edited);
 
     rig.upgrades
@@ -343,7 +404,10 @@ async fn yaml_edit_backs_up_the_original_once_is_idempotent_and_restores_byte_fo
         .await
         .unwrap();
     assert_eq!(std::fs::read_to_string(&file).unwrap(), CONFIG);
-    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o640);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
 }
 
 #[tokio::test]
@@ -374,7 +438,10 @@ async fn a_tampered_backup_is_not_restored_and_the_target_is_untouched() {
         })
         .await
         .unwrap_err();
-    assert!(matches!(&refused, UpgradeError::Precondition(m) if m.contains("changed since it was taken")), "{refused}");
+    assert!(
+        matches!(&refused, UpgradeError::Precondition(m) if m.contains("changed since it was taken")),
+        "{refused}"
+    );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "changed since\n");
 
     let empty_min = rig
@@ -388,7 +455,10 @@ async fn a_tampered_backup_is_not_restored_and_the_target_is_untouched() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(empty_min, UpgradeError::Precondition(_)), "{empty_min}");
+    assert!(
+        matches!(empty_min, UpgradeError::Precondition(_)),
+        "{empty_min}"
+    );
 }
 
 #[tokio::test]
@@ -411,6 +481,9 @@ async fn a_dump_is_loaded_back_through_a_stdin_action() {
 fn backup_area_names_are_words() {
     assert!(backup_area("up-1", "dump_rm@oms-1").is_ok());
     for (id, step) in [("../x", "s"), ("u", "a/b"), ("", "s"), ("u", ".hidden")] {
-        assert!(matches!(backup_area(id, step), Err(UpgradeError::Invalid(_))), "{id} {step}");
+        assert!(
+            matches!(backup_area(id, step), Err(UpgradeError::Invalid(_))),
+            "{id} {step}"
+        );
     }
 }

@@ -298,7 +298,12 @@ impl Engine {
         if command.env_add.is_empty() {
             return Ok(());
         }
-        if self.service(&command.service)?.backend.containers().is_none() {
+        if self
+            .service(&command.service)?
+            .backend
+            .containers()
+            .is_none()
+        {
             return Err(ApplyError::InvalidRequest(format!(
                 "env_add applies to docker services only, and {:?} is not one; drop env_add from the request",
                 command.service

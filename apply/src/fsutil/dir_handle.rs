@@ -5,9 +5,9 @@ use super::{FsError, IoContext, hash_reader, io_err};
 use ring::digest::SHA256;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -304,10 +304,7 @@ impl DirHandle {
             return Err(FsError {
                 op: "open",
                 path: self.display_path(rel),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "not a regular file",
-                ),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
             });
         }
         Ok(file)

@@ -22,9 +22,9 @@ pub use durable::{
     write_atomic,
 };
 pub use hash_cache::{HashCache, sha256_file};
+pub use place::{At, materialize_at, owner_for};
 /// The file type [`DirHandle::entries`] reports.
 pub use rustix::fs::FileType;
-pub use place::{At, materialize_at, owner_for};
 
 use ring::digest::{Context, SHA256};
 use std::io::Read;
