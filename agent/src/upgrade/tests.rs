@@ -182,7 +182,8 @@ fn templating_is_one_pass_and_paths_must_be_under_a_root() {
         rig.outside.join("f").display().to_string(),
         rig.root.display().to_string(),
     ] {
-        let refused = template::render(load, &[bad.clone()], &rig.upgrades.roots).unwrap_err();
+        let refused =
+            template::render(load, std::slice::from_ref(&bad), &rig.upgrades.roots).unwrap_err();
         assert!(
             matches!(refused, UpgradeError::Denied(_)),
             "{bad}: {refused}"
