@@ -155,7 +155,7 @@ pub struct Limits {
 pub const MIN_CACHE_MIN_AGE: Duration = Duration::from_secs(60);
 
 /// serde adapter: durations written as humantime strings ("24h", "90m").
-pub(crate) mod humantime_duration {
+mod humantime_duration {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
@@ -498,7 +498,12 @@ impl Config {
             problems.extend(trust_problems);
         }
 
-        problems.extend(self.upgrade.validate(&self.state_dir, &self.services));
+        problems.extend(
+            self.upgrade
+                .validate(&self.state_dir, &self.services)
+                .into_iter()
+                .map(|(key, message)| Problem { key, message }),
+        );
 
         let mut names = BTreeSet::new();
         for (i, service) in self.services.iter().enumerate() {

@@ -1,9 +1,8 @@
 //! The `[upgrade]` section of `patchd.toml`: the roots upgrade steps may read and write below, and the named
 //! actions (`[[upgrade.action]]`: an argv template with typed positional parameters) a runbook may call. Nothing
 //! else runs: the controller names an action and its arguments, never a command. Checked by `patchd validate`.
+//! Also the parameter types ([`ParamType`]) and the `{name}` marks of an argv ([`placeholders`]).
 
-use super::template::{ParamType, placeholders};
-use crate::config::Problem;
 use patchd_apply::spec::{BackendKind, ServiceSpec};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -43,10 +42,7 @@ pub struct ActionSpec {
     #[serde(default)]
     pub container: bool,
     /// Killed after this long.
-    #[serde(
-        default = "default_timeout",
-        with = "crate::config::humantime_duration"
-    )]
+    #[serde(default = "default_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
     /// The action's whole environment besides `PATH` (the agent's own is not passed on).
     #[serde(default)]
@@ -55,6 +51,117 @@ pub struct ActionSpec {
 
 fn default_timeout() -> Duration {
     DEFAULT_ACTION_TIMEOUT
+}
+
+/// A humantime duration ("10m", "90s").
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let raw = String::deserialize(d)?;
+    humantime::parse_duration(&raw).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{raw}` is not a duration ({e}): write it like \"10m\" or \"90s\""
+        ))
+    })
+}
+
+/// The type of an action parameter.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawParamType")]
+pub enum ParamType {
+    /// 1..=128 of `[A-Za-z0-9_.:@-]`, not starting with `-`.
+    Word,
+    /// A decimal integer.
+    Int,
+    /// An absolute, clean path under a declared root.
+    Path,
+    /// One of the listed values.
+    OneOf(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawParamType {
+    Named(String),
+    OneOf { one_of: Vec<String> },
+}
+
+impl TryFrom<RawParamType> for ParamType {
+    type Error = String;
+
+    fn try_from(raw: RawParamType) -> Result<Self, String> {
+        match raw {
+            RawParamType::Named(name) => match name.as_str() {
+                "word" => Ok(ParamType::Word),
+                "int" => Ok(ParamType::Int),
+                "path" => Ok(ParamType::Path),
+                other => Err(format!(
+                    "unknown parameter type `{other}`: use \"word\", \"int\", \"path\" or {{ one_of = [..] }}"
+                )),
+            },
+            RawParamType::OneOf { one_of } => Ok(ParamType::OneOf(one_of)),
+        }
+    }
+}
+
+impl ParamType {
+    /// Whether `value` has this type (paths only lexically; see [`render`] for the roots).
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        match self {
+            ParamType::Word => {
+                let fine = (1..=128).contains(&value.len())
+                    && !value.starts_with('-')
+                    && value.chars().all(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-')
+                    });
+                if fine {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "`{value}` is not a word (1 to 128 of letters, digits, `_.:@-`, not starting with `-`)"
+                    ))
+                }
+            }
+            ParamType::Int => {
+                let digits = value.strip_prefix('-').unwrap_or(value);
+                if !digits.is_empty()
+                    && digits.len() <= 19
+                    && digits.chars().all(|c| c.is_ascii_digit())
+                {
+                    Ok(())
+                } else {
+                    Err(format!("`{value}` is not a decimal integer"))
+                }
+            }
+            ParamType::Path => {
+                if patchd_apply::confine::is_clean_absolute(std::path::Path::new(value)) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "`{value}` is not a clean absolute path (no `.`, `..` or relative parts)"
+                    ))
+                }
+            }
+            ParamType::OneOf(choices) => {
+                if choices.iter().any(|choice| choice == value) {
+                    Ok(())
+                } else {
+                    Err(format!("`{value}` is not one of {choices:?}"))
+                }
+            }
+        }
+    }
+}
+
+/// The `{name}` marks in one argv element, in order.
+pub fn placeholders(arg: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = arg;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else { break };
+        out.push(after[..close].to_string());
+        rest = &after[close + 1..];
+    }
+    out
 }
 
 /// One parameter of an action.
@@ -72,10 +179,10 @@ impl UpgradeSection {
         self.actions.iter().find(|action| action.name == name)
     }
 
-    /// Every problem of the section, by key; `state_dir` must not overlap a root (backups live there).
-    pub fn validate(&self, state_dir: &Path, services: &[ServiceSpec]) -> Vec<Problem> {
+    /// Every problem of the section as (key, message); `state_dir` must not overlap a root (backups live there).
+    pub fn validate(&self, state_dir: &Path, services: &[ServiceSpec]) -> Vec<(String, String)> {
         let mut problems = Vec::new();
-        let mut problem = |key: String, message: String| problems.push(Problem { key, message });
+        let mut problem = |key: String, message: String| problems.push((key, message));
         for (i, root) in self.roots.iter().enumerate() {
             let key = format!("upgrade.roots[{i}]");
             if !patchd_apply::confine::is_clean_absolute(root) || root == Path::new("/") {

@@ -1,7 +1,7 @@
 //! File work of upgrade steps, all through directory handles ([`DirHandle`]): copies that keep the mode and are
 //! written to a temporary name, fsynced and renamed into place, hashed (sha256) as they are written.
 
-use super::UpgradeError;
+use super::error::UpgradeError;
 use super::paths::{fs_error, symlink_refused};
 use patchd_apply::fsutil::{DirHandle, FileType};
 use ring::digest::{Context, SHA256};

@@ -14,6 +14,7 @@
 //! [`Upgrades::container_power`] (idempotent stop/start). The lease check is the caller's (`server.rs`).
 
 pub mod config;
+mod error;
 mod files;
 pub mod paths;
 mod run;
@@ -22,8 +23,10 @@ pub mod template;
 #[cfg(test)]
 mod tests;
 
+pub use error::UpgradeError;
+
 use crate::config::Config;
-use config::{ActionSpec, UpgradeSection};
+use config::{ActionSpec, ParamType, UpgradeSection};
 use patchd_apply::spec::{BackendKind, ServiceSpec};
 use patchd_proto::v1;
 use patchd_runbook::yaml_edit::{Edit, apply_edits};
@@ -31,39 +34,6 @@ use paths::Roots;
 use run::{Finished, Streams};
 use std::path::Path;
 use std::sync::Arc;
-use template::ParamType;
-
-/// Why a step was refused; each maps to one gRPC code.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UpgradeError {
-    /// Undeclared action, path outside the roots, symlink, undeclared container: `PERMISSION_DENIED`.
-    #[error("{0}")]
-    Denied(String),
-    /// Wrong argument count or type, malformed request: `INVALID_ARGUMENT`.
-    #[error("{0}")]
-    Invalid(String),
-    /// A backup too small, a failed dump, a changed backup, a missing file: `FAILED_PRECONDITION`.
-    #[error("{0}")]
-    Precondition(String),
-    /// An action killed at its timeout: `DEADLINE_EXCEEDED`.
-    #[error("{0}")]
-    Timeout(String),
-    /// `INTERNAL`.
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<UpgradeError> for tonic::Status {
-    fn from(error: UpgradeError) -> Self {
-        match error {
-            UpgradeError::Denied(m) => tonic::Status::permission_denied(m),
-            UpgradeError::Invalid(m) => tonic::Status::invalid_argument(m),
-            UpgradeError::Precondition(m) => tonic::Status::failed_precondition(m),
-            UpgradeError::Timeout(m) => tonic::Status::deadline_exceeded(m),
-            UpgradeError::Internal(m) => tonic::Status::internal(m),
-        }
-    }
-}
 
 /// What one agent may do for upgrade steps: its `[upgrade]` section and docker services.
 #[derive(Debug, Clone)]

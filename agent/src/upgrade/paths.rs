@@ -3,7 +3,7 @@
 //! access goes through a handle on the root (`DirHandle`: `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`), so
 //! a symlink planted anywhere below a root is refused, never followed.
 
-use super::UpgradeError;
+use super::error::UpgradeError;
 use patchd_apply::fsutil::{DirHandle, FileType, FsError};
 use std::path::{Path, PathBuf};
 

@@ -3,7 +3,7 @@
 //! started. Standard output is captured up to [`STDOUT_CAP`] or streamed into a file (a dump); standard error's
 //! tail is kept for the answer.
 
-use super::UpgradeError;
+use super::error::UpgradeError;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::process::Stdio;

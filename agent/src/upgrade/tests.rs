@@ -218,7 +218,7 @@ argv = []
         dir.path().display()
     );
     let problems = section(&text).validate(&dir.path().join("state"), &[]);
-    let all: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    let all: Vec<String> = problems.iter().map(|(k, m)| format!("{k}: {m}")).collect();
     let all = all.join("\n");
     for expected in [
         "upgrade.roots[0]: `relative` must be a clean absolute path",
