@@ -488,3 +488,11 @@ fn backup_area_names_are_words() {
         );
     }
 }
+
+#[tokio::test]
+async fn standard_output_in_the_answer_is_capped_at_64_kib() {
+    let rig = rig();
+    let answer = run(&rig, "dump", &["200000"]).await.unwrap();
+    assert_eq!(answer.exit_code, 0, "the action was not blocked by the cap");
+    assert_eq!(answer.stdout.len(), run::STDOUT_CAP);
+}
