@@ -175,7 +175,7 @@ async fn resume(ctx: &Ctx, store: Arc<Store>, args: &Args, id: &str) -> anyhow::
     let package = prepare_package(&runbook, package_path.as_deref()).await?;
     if let Some(blob) = &package
         && !record.package_digest.is_empty()
-        && blob.digest.to_string() != record.package_digest
+        && blob.digest.as_str() != record.package_digest
     {
         bail!(
             "{} is not the package upgrade {id} started with (digest {}); give that one",

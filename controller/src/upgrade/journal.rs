@@ -41,6 +41,7 @@ pub struct StoreJournal {
     positions: HashMap<StepKey, (usize, String)>,
     total: usize,
     progress: ProgressFn,
+    #[cfg(feature = "fault-injection")]
     appended: u64,
     #[cfg(feature = "fault-injection")]
     exit_after: Option<u64>,
@@ -74,6 +75,7 @@ impl StoreJournal {
             positions,
             total: schedule.steps.len(),
             progress,
+            #[cfg(feature = "fault-injection")]
             appended: 0,
             #[cfg(feature = "fault-injection")]
             exit_after: std::env::var("PATCHCTL_FAULT_UPGRADE_EXIT_AFTER")
@@ -146,12 +148,14 @@ impl UpgradeJournal for StoreJournal {
             .append_upgrade_entry(&self.upgrade_id, &json)
             .map_err(|error| JournalError(error.to_string()))?;
         self.history.push(entry.clone());
-        self.appended += 1;
         self.report(entry);
         #[cfg(feature = "fault-injection")]
-        if self.exit_after == Some(self.appended) {
-            // A crash right after a durable write: what a SIGKILL there leaves, without a signal race.
-            std::process::abort();
+        {
+            self.appended += 1;
+            if self.exit_after == Some(self.appended) {
+                // A crash right after a durable write: what a SIGKILL there leaves, without a signal race.
+                std::process::abort();
+            }
         }
         Ok(())
     }
