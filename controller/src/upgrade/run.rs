@@ -220,3 +220,83 @@ pub fn changed_something(runbook: &Runbook, entries: &[Entry]) -> bool {
     }
     !open.is_empty()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patchd_runbook::machine::StepOutput;
+    use patchd_runbook::schedule::StepKey;
+    use patchd_runbook::{ClusterFacts, parse_for_cluster};
+
+    const RUNBOOK: &str = r#"
+runbook: t
+roles: [app]
+steps:
+  - id: look
+    scope: cluster
+    check:
+      sql: { database: db, query: "SELECT 1 FROM t WHERE 0" }
+      expect: { no_rows: true }
+  - id: write
+    scope: cluster
+    sql: { database: db, statements: ["UPDATE t SET x = 1"] }
+    undo: { sql: { database: db, statements: ["UPDATE t SET x = 0"] } }
+"#;
+
+    fn key(step: &str) -> StepKey {
+        StepKey {
+            step: step.into(),
+            node: None,
+        }
+    }
+
+    #[test]
+    fn only_a_changing_step_done_or_left_open_counts_as_a_change() {
+        let runbook = parse_for_cluster(
+            RUNBOOK,
+            &ClusterFacts {
+                roles: vec!["app".into()],
+                databases: vec!["db".into()],
+            },
+        )
+        .expect("runbook");
+        let done = |step: &str| Entry::Finished {
+            key: key(step),
+            result: StepResult::Done(StepOutput::default()),
+        };
+        let failed = |step: &str| Entry::Finished {
+            key: key(step),
+            result: StepResult::Failed("no".into()),
+        };
+        // A failed check, then nothing: unchanged.
+        assert!(!changed_something(
+            &runbook,
+            &[Entry::Started(key("look")), failed("look")]
+        ));
+        // The changing step failed (it changes nothing when it fails): unchanged.
+        assert!(!changed_something(
+            &runbook,
+            &[
+                Entry::Started(key("look")),
+                done("look"),
+                Entry::Started(key("write")),
+                failed("write"),
+            ]
+        ));
+        // Started without a result: its effect may have begun.
+        assert!(changed_something(&runbook, &[Entry::Started(key("write"))]));
+        // Done, even if undone later: the cluster was changed (and put back).
+        assert!(changed_something(
+            &runbook,
+            &[
+                Entry::Started(key("write")),
+                done("write"),
+                Entry::UndoStarted(key("write")),
+                Entry::UndoFinished {
+                    key: key("write"),
+                    error: None
+                },
+            ]
+        ));
+    }
+}
