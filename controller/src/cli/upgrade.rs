@@ -107,6 +107,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     if !confirm("Run this upgrade?", args.yes).await? {
         return Ok(exit::DECLINED);
     }
+    // One rollout or upgrade of a cluster at a time from this store (leases guard the agents across stores).
+    let _lock = store.acquire_rollout_lock(&args.cluster)?;
     let upgrade_id = new_upgrade_id();
     store.create_upgrade(&NewUpgrade {
         id: upgrade_id.clone(),
@@ -183,6 +185,7 @@ async fn resume(ctx: &Ctx, store: Arc<Store>, args: &Args, id: &str) -> anyhow::
             record.package_digest
         );
     }
+    let _lock = store.acquire_rollout_lock(&record.cluster)?;
     errln!("Resuming upgrade {id} of cluster `{}`", record.cluster);
     let ending = run_execution(
         ctx,
@@ -219,6 +222,7 @@ pub(super) async fn undo(ctx: &Ctx, cluster: &str, id: &str, yes: bool) -> anyho
     if !confirm("Undo this upgrade?", yes).await? {
         return Ok(exit::DECLINED);
     }
+    let _lock = store.acquire_rollout_lock(cluster)?;
     let ending = run_execution(
         ctx,
         store,
