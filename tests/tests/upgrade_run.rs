@@ -116,6 +116,7 @@ struct Rig {
     server: ParamServer,
     runbook: PathBuf,
     failing_runbook: PathBuf,
+    unresolvable_runbook: PathBuf,
 }
 
 const RUNBOOK: &str = r#"
@@ -215,6 +216,14 @@ impl Rig {
         let failing_runbook = dir.path().join("failing.yaml");
         std::fs::write(&failing_runbook, body.replace("FAILING\n", FAILING_STEP))
             .expect("write runbook");
+        // `bump` without its resolve check: after a crash mid-step only the operator can tell.
+        let unresolvable_runbook = dir.path().join("unresolvable.yaml");
+        let without_resolve = body.replace("FAILING\n", "").replace(
+            "    resolve:\n      sql: { database: upg, query: \"SELECT 1 FROM effects WHERE step = 'bump' HAVING COUNT(*) = 0\" }\n      expect: { no_rows: true }\n",
+            "",
+        );
+        assert!(!without_resolve.contains("resolve:"));
+        std::fs::write(&unresolvable_runbook, without_resolve).expect("write runbook");
         Rig {
             _dir: dir,
             db,
@@ -222,6 +231,7 @@ impl Rig {
             server,
             runbook,
             failing_runbook,
+            unresolvable_runbook,
         }
     }
 
