@@ -433,4 +433,38 @@ fn controller_side_upgrades_run_fail_roll_back_resume_after_crashes_and_undo() {
         k > 10,
         "only {k} journal writes: the crash loop did not cover the run"
     );
+
+    // 6. A crash right after `bump` started, and no resolve check: the resume halts naming the step and how to go
+    // on (exit 130); the operator's answer is journaled and the upgrade completes with the effect once.
+    rig.reset();
+    let started_bump = 7; // check, ha-read and ha-off started and finished, then `bump` started
+    let out = rig.upgrade(&rig.unresolvable_runbook, Some(started_bump));
+    assert_eq!(out.status.code(), None, "aborted: {}", text(&out));
+    let id = upgrade_id(&out);
+    assert_eq!(rig.effects(), 0);
+    let halted = run(&rig.home, &["upgrade", "upg", "--resume", &id, "-y"], None);
+    assert_eq!(halted.status.code(), Some(130), "{}", text(&halted));
+    let stderr = String::from_utf8_lossy(&halted.stderr);
+    assert!(
+        stderr.contains(&format!("--resume {id} --took-effect bump")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--not-taken bump"), "{stderr}");
+    assert_eq!(rig.effects(), 0, "a halt runs nothing");
+    let out = run(
+        &rig.home,
+        &[
+            "upgrade",
+            "upg",
+            "--resume",
+            &id,
+            "--not-taken",
+            "bump",
+            "-y",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(rig.effects(), 1);
+    assert_eq!(rig.server.value(), "on");
 }
