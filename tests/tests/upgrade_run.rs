@@ -357,6 +357,19 @@ fn controller_side_upgrades_run_fail_roll_back_resume_after_crashes_and_undo() {
         "the database password is in the store"
     );
 
+    let list = run(&rig.home, &["--format", "json", "audit", "upg"], None);
+    assert!(list.status.success(), "{}", text(&list));
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).expect("audit list JSON");
+    assert!(
+        list.as_array()
+            .expect("array")
+            .iter()
+            .any(|entry| entry["id"] == id.as_str()
+                && entry["kind"] == "upgrade"
+                && entry["state"] == "completed"),
+        "{list}"
+    );
+
     // 2. `rollback --upgrade`: every done step undone, newest first; the HA value is the one saved.
     let out = run(
         &rig.home,

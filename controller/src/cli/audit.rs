@@ -61,17 +61,23 @@ fn list(ctx: &Ctx, store: &Store, cluster: Option<&str>) -> anyhow::Result<u8> {
                     entry
                 })
                 .collect();
-            if upgrades.is_empty() {
-                outln!("{}", serde_json::to_string_pretty(&entries)?);
-            } else {
-                // Rollouts stay the array they always were; upgrades come beside them only when there are some.
-                outln!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &json!({"rollouts": entries, "upgrades": upgrades})
-                    )?
-                );
-            }
+            // Upgrades join the same array as kind `upgrade`, so the document keeps one shape.
+            let mut entries = entries;
+            entries.extend(upgrades.iter().map(|upgrade| {
+                json!({
+                    "id": upgrade.id,
+                    "cluster": upgrade.cluster,
+                    "kind": "upgrade",
+                    "state": upgrade.outcome,
+                    "runbook": upgrade.runbook_name,
+                    "runbook_sha256": upgrade.runbook_sha256,
+                    "package_digest": upgrade.package_digest,
+                    "package_path": upgrade.package_path,
+                    "created_at": upgrade.started_at,
+                    "finished_at": upgrade.finished_at,
+                })
+            }));
+            outln!("{}", serde_json::to_string_pretty(&entries)?);
         }
         Format::Text => {
             if !upgrades.is_empty() {
