@@ -195,3 +195,48 @@ pub async fn upgrade_step(
         note: escaped(&response.note),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use v1::upgrade_step_request::Op;
+
+    #[test]
+    fn operations_reach_the_wire_with_their_records_and_the_host_as_an_empty_container() {
+        let call =
+            ActionCall::from_argv(&["mysql-load".to_string(), "cm".to_string()]).expect("call");
+        assert_eq!(call.action, "mysql-load");
+        assert!(ActionCall::from_argv(&[]).is_none());
+        let restore = UpgradeOp::Restore {
+            backups: vec![BackupRecord {
+                path: "/state/upgrade/u1/dump/cm.sql".into(),
+                source: None,
+                size: 12,
+                sha256: "ab".into(),
+            }],
+            call: Some(call.clone()),
+        };
+        let Op::Restore(wire) = restore.to_wire() else {
+            panic!("not a restore");
+        };
+        assert_eq!(wire.backups[0].source, "");
+        assert_eq!(wire.backups[0].size, 12);
+        assert_eq!(wire.call.expect("call").args, vec!["cm".to_string()]);
+        let run = UpgradeOp::Run {
+            call,
+            container: None,
+        };
+        let Op::Run(wire) = run.to_wire() else {
+            panic!("not a run");
+        };
+        assert_eq!(wire.container, "");
+        let Op::ContainerPower(power) = (UpgradeOp::ContainerPower {
+            container: "oms-1".into(),
+            start: false,
+        })
+        .to_wire() else {
+            panic!("not a power op");
+        };
+        assert!(!power.start);
+    }
+}
