@@ -98,7 +98,7 @@ pub async fn execute(execution: Execution, mode: Mode) -> Result<Ending, Upgrade
         runbook,
         schedule,
         package,
-        mut progress,
+        progress,
     } = execution;
     let ticket = LeaseTicket {
         rollout_id: upgrade_id.clone(),
@@ -126,10 +126,10 @@ pub async fn execute(execution: Execution, mode: Mode) -> Result<Ending, Upgrade
                 });
             }
             // Its own steps meet the same problem and fail there (as a patch rollout does).
-            Err(LeaseFailure::Unanswered(why)) => progress(&format!(
+            Err(LeaseFailure::Unanswered(why)) => errln!(
                 "warning: no lease on {} ({why}); its steps will tell whether the agent answers",
                 node.name
-            )),
+            ),
         }
     }
     let history = load_history(&store, &upgrade_id).map_err(UpgradeError::Journal)?;
