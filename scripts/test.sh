@@ -43,12 +43,12 @@ if ! docker info >/dev/null 2>&1; then
   fi
 fi
 
-FEATURES=(--features patchd-agent/fault-injection)
+FEATURES=(--features patchd-agent/fault-injection,patchctl/fault-injection)
 echo "==> import graph (no circles; the executor stays pure)"
 bash scripts/check_imports.sh
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
-echo "==> building binaries (with fault-injection points, activated only by PATCHD_FAULT)"
+echo "==> building binaries (with fault-injection points, activated only by PATCHD_FAULT and PATCHCTL_FAULT_*)"
 cargo build --workspace --bins "${FEATURES[@]}"
 echo "==> cargo test"
 cargo test --workspace "${FEATURES[@]}" -- --test-threads 2

@@ -18,6 +18,7 @@ pub enum Rpc {
     Stage,
     Apply,
     Rollback,
+    UpgradeStep,
 }
 
 impl Rpc {
@@ -32,6 +33,7 @@ impl Rpc {
             "Stage" => Rpc::Stage,
             "Apply" => Rpc::Apply,
             "Rollback" => Rpc::Rollback,
+            "UpgradeStep" => Rpc::UpgradeStep,
             _ => return None,
         })
     }
@@ -45,6 +47,7 @@ impl Rpc {
             Rpc::Stage => "Stage",
             Rpc::Apply => "Apply",
             Rpc::Rollback => "Rollback",
+            Rpc::UpgradeStep => "UpgradeStep",
         }
     }
 
@@ -58,7 +61,10 @@ impl Rpc {
 
     /// Calls that change the host (or its blob cache), logged with their caller.
     fn mutates(self) -> bool {
-        matches!(self, Rpc::Upload | Rpc::Stage | Rpc::Apply | Rpc::Rollback)
+        matches!(
+            self,
+            Rpc::Upload | Rpc::Stage | Rpc::Apply | Rpc::Rollback | Rpc::UpgradeStep
+        )
     }
 }
 
@@ -123,6 +129,7 @@ mod tests {
             Rpc::Stage,
             Rpc::Apply,
             Rpc::Rollback,
+            Rpc::UpgradeStep,
         ];
         for rpc in all {
             assert!(rpc.allowed_for(ControllerRole::Operator), "{rpc:?}");

@@ -194,6 +194,15 @@ impl ApplyService {
             patch_id: req.patch_id,
             offline: req.offline,
             caller,
+            env_add: {
+                let mut env_add: Vec<String> = req
+                    .env_add
+                    .into_iter()
+                    .map(|(key, value)| format!("{key}={value}"))
+                    .collect();
+                env_add.sort();
+                env_add
+            },
         };
         let engine = self.engine.clone();
         let report = self

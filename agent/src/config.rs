@@ -37,6 +37,9 @@ pub struct Config {
     pub services: Vec<ServiceSpec>,
     #[serde(default)]
     pub trust: TrustSection,
+    /// `[upgrade]`: what upgrade runbook steps may run and touch ([`crate::upgrade`]).
+    #[serde(default)]
+    pub upgrade: crate::upgrade::config::UpgradeSection,
 }
 
 /// `[trust]`: the minisign public keys whose signatures packages must carry before this agent stages them,
@@ -495,6 +498,13 @@ impl Config {
             problems.extend(trust_problems);
         }
 
+        problems.extend(
+            self.upgrade
+                .validate(&self.state_dir, &self.services)
+                .into_iter()
+                .map(|(key, message)| Problem { key, message }),
+        );
+
         let mut names = BTreeSet::new();
         for (i, service) in self.services.iter().enumerate() {
             for message in check_service(service, &self.deploy_roots) {
@@ -863,6 +873,23 @@ mod tests {
         let all = format_problems(&config.validate());
         assert!(
             all.contains("`container` applies to backend \"docker\" only"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn upgrade_declarations_are_checked_by_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{}[upgrade]\nroots = [\"{}/nowhere\"]\n[[upgrade.action]]\nname = \"dump\"\nargv = [\"/usr/bin/mysqldump\", \"{{db}}\"]\n",
+            base(dir.path()),
+            dir.path().display()
+        );
+        let config = Config::parse(Path::new("x.toml"), &text).unwrap();
+        let all = format_problems(&config.validate());
+        assert!(all.contains("upgrade.roots[0]"), "{all}");
+        assert!(
+            all.contains("upgrade.action[0] (dump): argv[1] uses `{db}`"),
             "{all}"
         );
     }

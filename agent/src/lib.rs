@@ -11,6 +11,7 @@ pub mod status;
 pub mod tls_listener;
 pub mod transfer;
 pub mod trust;
+pub mod upgrade;
 pub mod upload_receiver;
 
 use crate::apply_rpc::ApplyService;

@@ -1,12 +1,13 @@
 //! The `patchd.v1.Agent` gRPC service: Info, QueryBlob and Lease here (Upload in [`crate::upload_receiver`], the
 //! lease rules in [`crate::lease`]); Stage, Apply, Rollback and Status are delegated to [`ApplyService`], Apply and
-//! Rollback after the lease check. Wire types are converted to domain types at this boundary.
+//! Rollback after the lease check; UpgradeStep in [`crate::upgrade`] (after the same lease check). Wire types are converted to domain types at this boundary.
 
 use crate::apply_rpc::ApplyService;
 use crate::config::Config;
 use crate::lease::{self, LeaseBook, Ticket};
 use crate::status::invalid_argument;
 use crate::transfer::{BlobRef, BlobStore};
+use crate::upgrade::Upgrades;
 use patchd_proto::v1::{self, agent_server::AgentServer};
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +20,7 @@ pub struct AgentService {
     store: Arc<BlobStore>,
     apply: Arc<ApplyService>,
     leases: Arc<LeaseBook>,
+    upgrades: Arc<Upgrades>,
     started: Instant,
 }
 
@@ -29,11 +31,13 @@ impl AgentService {
         apply: Arc<ApplyService>,
         leases: Arc<LeaseBook>,
     ) -> Self {
+        let upgrades = Arc::new(Upgrades::new(&config));
         Self {
             config,
             store,
             apply,
             leases,
+            upgrades,
             started: Instant::now(),
         }
     }
@@ -235,12 +239,42 @@ impl v1::agent_server::Agent for AgentService {
             .map(Response::new)
     }
 
+    /// Upgrade runbook steps ([`crate::upgrade`]); a step naming a service needs the caller's lease on it.
     async fn upgrade_step(
         &self,
-        _request: Request<v1::UpgradeStepRequest>,
+        request: Request<v1::UpgradeStepRequest>,
     ) -> Result<Response<v1::UpgradeStepResponse>, Status> {
-        Err(Status::unimplemented(
-            "this agent does not run upgrade runbook steps yet",
-        ))
+        let (caller, lease_holder) = caller_of(&request);
+        let mut request = request.into_inner();
+        if !request.service.is_empty() {
+            if !self
+                .config
+                .services
+                .iter()
+                .any(|s| s.name == request.service)
+            {
+                return Err(invalid_argument(format!(
+                    "service `{}` is not managed by this agent: name a [[service]] of its patchd.toml, or \"\" \
+                     for a step no lease covers",
+                    request.service
+                )));
+            }
+            self.check_lease(&request.service, request.lease.take(), &lease_holder)?;
+        }
+        tracing::info!(
+            upgrade = %request.upgrade_id,
+            step = %request.step,
+            caller = %caller,
+            "upgrade step"
+        );
+        let upgrades = Arc::clone(&self.upgrades);
+        upgrades
+            .step(request)
+            .await
+            .map(Response::new)
+            .map_err(|error| {
+                tracing::warn!(caller = %caller, "upgrade step refused or failed: {error}");
+                Status::from(error)
+            })
     }
 }

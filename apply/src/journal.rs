@@ -198,6 +198,9 @@ pub struct ContainerSwap {
     pub new_name: String,
     /// The old container's name while the new one runs under `container`.
     pub aside_name: String,
+    /// `K=V` the apply request added on top of the spec's `env_add` (set last, so they win).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_add: Vec<String>,
 }
 
 /// A committed patch whose backup is kept, so it can be rolled back.

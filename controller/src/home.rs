@@ -43,6 +43,11 @@ impl Home {
         self.root.join("patchctl.db")
     }
 
+    /// The sender's cache of package chunk hashes (`patchctl::agent::digest_cache`).
+    pub fn digest_cache_dir(&self) -> PathBuf {
+        self.root.join("cache").join("digests")
+    }
+
     /// Files of the demo cluster (`patchctl demo up`).
     pub fn demo_dir(&self) -> PathBuf {
         self.root.join("demo")

@@ -19,3 +19,4 @@ pub mod store;
 pub mod tls_files;
 pub mod topology;
 pub mod untrusted;
+pub mod upgrade;

@@ -291,6 +291,74 @@ impl Engine {
         }
     }
 
+    /// `docker exec` of `argv` in the running container `name` with exactly `env` (no shell, no TTY, no stdin),
+    /// waiting for it to end. Standard output is kept up to `stdout_cap` bytes (the rest is read and dropped),
+    /// standard error's last `stderr_cap` bytes. The caller bounds the wait: the engine's API cannot kill an exec.
+    pub async fn exec(
+        &self,
+        name: &str,
+        argv: &[String],
+        env: &[String],
+        stdout_cap: usize,
+        stderr_cap: usize,
+    ) -> Result<ExecOutput, DockerError> {
+        use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+        let created = self
+            .docker
+            .create_exec(
+                name,
+                CreateExecOptions {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    attach_stdin: Some(false),
+                    tty: Some(false),
+                    env: Some(env.to_vec()),
+                    cmd: Some(argv.to_vec()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| self.call_error("exec", name, e))?;
+        let started = self
+            .docker
+            .start_exec(
+                &created.id,
+                Some(StartExecOptions {
+                    detach: false,
+                    tty: false,
+                    output_capacity: None,
+                }),
+            )
+            .await
+            .map_err(|e| self.call_error("exec", name, e))?;
+        let mut out = ExecOutput::default();
+        if let StartExecResults::Attached { mut output, .. } = started {
+            while let Some(chunk) = output.next().await {
+                match chunk.map_err(|e| self.call_error("exec", name, e))? {
+                    bollard::container::LogOutput::StdOut { message } => {
+                        let room = stdout_cap.saturating_sub(out.stdout.len());
+                        out.stdout
+                            .extend_from_slice(&message[..room.min(message.len())]);
+                        out.stdout_bytes += message.len() as u64;
+                    }
+                    bollard::container::LogOutput::StdErr { message } => {
+                        out.stderr_tail.extend_from_slice(&message);
+                        let excess = out.stderr_tail.len().saturating_sub(stderr_cap);
+                        out.stderr_tail.drain(..excess);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let inspected = self
+            .docker
+            .inspect_exec(&created.id)
+            .await
+            .map_err(|e| self.call_error("exec inspect", name, e))?;
+        out.exit_code = inspected.exit_code;
+        Ok(out)
+    }
+
     /// Names (without the leading `/`), sorted, of every container, running or not, that `filters` select
     /// (`docker ps -a --filter key=value`, e.g. `label` or `name`).
     pub async fn container_names(
@@ -338,4 +406,17 @@ mod tests {
             "{message}"
         );
     }
+}
+
+/// What a finished [`Engine::exec`] gave.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// `None` when the engine could not tell.
+    pub exit_code: Option<i64>,
+    /// Standard output, at most the cap asked for.
+    pub stdout: Vec<u8>,
+    /// How many bytes of standard output there were in all.
+    pub stdout_bytes: u64,
+    /// The last bytes of standard error.
+    pub stderr_tail: Vec<u8>,
 }

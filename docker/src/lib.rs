@@ -11,6 +11,6 @@ mod engine;
 mod error;
 pub mod socket;
 
-pub use engine::Engine;
+pub use engine::{Engine, ExecOutput};
 pub use error::DockerError;
 pub use socket::DEFAULT_SOCKET;

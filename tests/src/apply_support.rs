@@ -143,6 +143,28 @@ impl AgentRpc {
             .map(tonic::Response::into_inner)
     }
 
+    /// Any ApplyRequest as it is (e.g. with `env_add`).
+    pub fn apply_request(
+        &mut self,
+        request: v1::ApplyRequest,
+    ) -> Result<v1::ApplyResponse, tonic::Status> {
+        let client = &mut self.client;
+        self.runtime
+            .block_on(client.apply(request))
+            .map(tonic::Response::into_inner)
+    }
+
+    /// One UpgradeStep call.
+    pub fn upgrade_step(
+        &mut self,
+        request: v1::UpgradeStepRequest,
+    ) -> Result<v1::UpgradeStepResponse, tonic::Status> {
+        let client = &mut self.client;
+        self.runtime
+            .block_on(client.upgrade_step(request))
+            .map(tonic::Response::into_inner)
+    }
+
     pub fn rollback(
         &mut self,
         service: &str,

@@ -48,7 +48,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The command that builds every binary the e2e tests run.
-pub const BUILD_COMMAND: &str = "cargo build -p patchd-agent -p patchctl -p patchd-demo --bins --features patchd-agent/fault-injection";
+pub const BUILD_COMMAND: &str = "cargo build -p patchd-agent -p patchctl -p patchd-demo --bins --features patchd-agent/fault-injection,patchctl/fault-injection";
 
 /// How long an agent may take to print its ready line (the machine is shared and busy).
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,9 +1,12 @@
-//! Package transfer end to end: byte-exact multi-chunk delivery, dedupe (a second push sends nothing), corrupt
-//! chunks refused and resent, a wrong final digest discarded, resume after the client and after the agent died
+//! Package transfer end to end: byte-exact multi-chunk delivery, dedupe (a second push sends nothing, with the
+//! chunk hashes from the sender's digest cache; a rewritten file is hashed again; a wrong remembered digest is
+//! refused by the agent, forgotten and the file hashed again), corrupt chunks refused and resent, a wrong final digest discarded, resume after the client and after the agent died
 //! mid-transfer, and refusals for size limits and free disk space.
 
 use bytes::Bytes;
 use patchctl::agent::client::{AgentClient, PreparedBlob, PushOptions, PushReport};
+use patchctl::agent::digest_cache::{CachedDigest, DigestCache, FileIdentity, RACY_WINDOW};
+use patchctl::home::Home;
 use patchctl::tls_files::ControllerTls;
 use patchd_e2e::tmpfs::Tmpfs;
 use patchd_e2e::{
@@ -89,6 +92,9 @@ fn parse_report(json: &str) -> PushReport {
         retries: u32::try_from(v["retries"].as_u64().unwrap()).unwrap(),
         transfer_seconds: v["transfer_seconds"].as_f64().unwrap(),
         digest_seconds: v["digest_seconds"].as_f64().unwrap(),
+        digest_cached: v["digest_cached"]
+            .as_bool()
+            .unwrap_or_else(|| panic!("no digest_cached in {json}")),
         mb_per_s: v["mb_per_s"].as_f64().unwrap(),
     }
 }
@@ -133,6 +139,7 @@ fn multi_chunk_push_is_byte_exact_and_a_second_push_sends_nothing() {
     let len = 9 * u64::from(CHUNK) + 12_345; // 10 chunks, the last one short
     let file = s.file("pkg.bin", len, 1);
 
+    wait_out_racy_window(&file);
     let first = s.push_json(&file);
     assert_eq!(first.total_bytes, len);
     assert_eq!(first.chunks_total, 10);
@@ -161,6 +168,94 @@ fn multi_chunk_push_is_byte_exact_and_a_second_push_sends_nothing() {
     assert_eq!(second.bytes_sent, 0, "the agent already holds the package");
     assert_eq!(second.chunks_sent, 0);
     assert_eq!(second.chunks_skipped, 10);
+    assert!(!first.digest_cached, "a new file is hashed");
+    assert!(
+        second.digest_cached,
+        "the same file's hashes are remembered"
+    );
+
+    // Other bytes of the same length in the same file: hashed again, sent whole.
+    write_random_file(&file, len, 2);
+    wait_out_racy_window(&file);
+    let rewritten = s.push_json(&file);
+    assert!(
+        !rewritten.digest_cached,
+        "a rewritten file misses the cache"
+    );
+    assert_ne!(rewritten.digest, first.digest);
+    assert_eq!(
+        rewritten.digest,
+        patchd_package::digest::tree_digest_file(&file, CHUNK).unwrap()
+    );
+    assert_eq!(rewritten.bytes_sent, len);
+    assert_eq!(
+        sha256_file(&s.blob_path(rewritten.digest.as_str())),
+        sha256_file(&file)
+    );
+}
+
+/// Waits until the file's last change is older than the digest cache's racy window, so its hashes are remembered.
+fn wait_out_racy_window(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let meta = std::fs::metadata(path).unwrap();
+        let changed = Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32)
+            .max(Duration::new(meta.mtime() as u64, meta.mtime_nsec() as u32));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        if now > changed + 2 * RACY_WINDOW {
+            return;
+        }
+        std::thread::sleep(RACY_WINDOW / 4);
+    }
+}
+
+#[test]
+fn a_wrong_remembered_digest_is_refused_forgotten_and_the_file_hashed_again() {
+    let s = setup(|c| c);
+    let len = 3 * u64::from(CHUNK) + 100;
+    let file = s.file("pkg.bin", len, 11);
+    let other = std::fs::read(s.file("other.bin", len, 12)).unwrap();
+    // Plant the hashes of other bytes of the same length under this file's identity.
+    let chunk_hashes: Vec<[u8; 32]> = other
+        .chunks(CHUNK as usize)
+        .map(patchd_package::digest::chunk_sha256)
+        .collect();
+    let wrong = CachedDigest {
+        digest: patchd_package::digest::tree_digest_reader(other.as_slice(), CHUNK, len)
+            .unwrap()
+            .parse()
+            .unwrap(),
+        chunk_hashes,
+    };
+    let cache = DigestCache::at(Home::at(s.pki.home()).digest_cache_dir());
+    wait_out_racy_window(&file);
+    let identity = FileIdentity::of(&std::fs::metadata(&file).unwrap());
+    cache.store(&identity, CHUNK, &wrong);
+    assert_eq!(cache.lookup(&identity, CHUNK), Some(wrong.clone()));
+
+    let report = s.push_json(&file);
+    let right: patchd_package::digest::TreeDigest =
+        patchd_package::digest::tree_digest_file(&file, CHUNK)
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert!(!report.digest_cached, "hashed again after the refusal");
+    assert_eq!(report.digest, right);
+    assert_eq!(
+        sha256_file(&s.blob_path(right.as_str())),
+        sha256_file(&file)
+    );
+    assert!(
+        !s.blob_path(wrong.digest.as_str()).exists(),
+        "nothing is stored under the wrong digest"
+    );
+    assert_eq!(
+        cache.lookup(&identity, CHUNK).map(|entry| entry.digest),
+        Some(right),
+        "the right hashes replace the wrong ones"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! End-to-end: `patchctl upgrade <cluster> <runbook> --dry-run` as the real binary against a real store, with the
-//! shipped OMS example (`examples/oms/`): the golden text, JSON, selection, refusals with line and key, and the
-//! honest "not implemented" exit without `--dry-run`.
+//! shipped OMS example (`examples/oms/`): the golden text, JSON, selection, refusals with line and key, and a run
+//! without the image package its container swaps need refused before anything changes.
 //!
 //! Needs the binaries: `cargo build -p patchd-agent -p patchctl -p patchd-demo --bins --features patchd-agent/fault-injection`
 
@@ -125,11 +125,12 @@ fn a_bad_runbook_is_refused_with_line_and_key_and_nothing_runs_without_dry_run()
     );
     assert!(stderr.contains("line 44: steps[6]"), "{stderr}");
 
+    // Without --dry-run the upgrade needs its image package (the runbook swaps containers) before anything else.
     let out = patchctl(&home, &["upgrade", "oms", &example("runbook.yaml")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("not implemented yet: nothing was changed"),
+        stderr.contains("step `swap` swaps a container to the package's image: give the image package with `--package PKG`; nothing was changed"),
         "{stderr}"
     );
     assert!(out.stdout.is_empty());

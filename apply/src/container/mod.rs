@@ -85,9 +85,9 @@ pub fn bare_name(inspected: &ContainerInspectResponse) -> String {
         .to_string()
 }
 
-/// Docker names allow `[a-zA-Z0-9][a-zA-Z0-9_.-]*`: a patch id's `@` becomes `_`.
+/// Docker names allow `[a-zA-Z0-9][a-zA-Z0-9_.-]*`: a patch id's `@` and `:` become `_`.
 fn name_part(patch_id: &str) -> String {
-    patch_id.replace('@', "_")
+    patch_id.replace(['@', ':'], "_")
 }
 
 /// The name the old container has while the new one runs under its name: `<name>.patchd-old-<patch>`.

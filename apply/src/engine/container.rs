@@ -54,6 +54,7 @@ impl Engine {
             .join(&image.archive);
         let (_, container, old_id, old_image) = self.running_container(svc).await?;
         Ok(ContainerSwap {
+            env_add: command.env_add.clone(),
             new_name: new_name(&container, &command.patch_id),
             aside_name: aside_name(&container, &command.patch_id),
             container,
@@ -91,6 +92,7 @@ impl Engine {
             new_image: previous,
             archive: None,
             new_id: None,
+            env_add: Vec::new(),
         })
     }
 

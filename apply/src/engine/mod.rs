@@ -39,6 +39,10 @@ pub struct ApplyCommand {
     pub offline: bool,
     /// Who asked (recorded in the journal, shown by Status).
     pub caller: String,
+    /// Docker services only: `K=V` set in the new container on top of the old environment and the spec's
+    /// `env_add` (an upgrade runbook's `IS_UPGRADE=true`); journaled with the swap, so recovery recreates the
+    /// same container.
+    pub env_add: Vec<String>,
 }
 
 /// Return a service to the version before `to_patch_id` (or before its last committed patch).
@@ -276,6 +280,7 @@ impl Engine {
     pub async fn apply(&self, command: ApplyCommand) -> Result<ApplyReport, ApplyError> {
         self.service(&command.service)?;
         check_patch_id(&command.patch_id)?;
+        self.check_env_add(&command)?;
         if !is_digest(&command.digest) {
             return Err(StageError::BadDigest {
                 digest: command.digest.clone(),
@@ -286,6 +291,36 @@ impl Engine {
         tokio::spawn(async move { engine.apply_exclusive(command).await })
             .await
             .map_err(|e| ApplyError::Internal(format!("apply task failed: {e}")))?
+    }
+
+    /// A request's `env_add`: docker services only, each `KEY=VALUE` with a key of letters, digits and `_`.
+    fn check_env_add(&self, command: &ApplyCommand) -> Result<(), ApplyError> {
+        if command.env_add.is_empty() {
+            return Ok(());
+        }
+        if self
+            .service(&command.service)?
+            .backend
+            .containers()
+            .is_none()
+        {
+            return Err(ApplyError::InvalidRequest(format!(
+                "env_add applies to docker services only, and {:?} is not one; drop env_add from the request",
+                command.service
+            )));
+        }
+        for entry in &command.env_add {
+            let key = entry.split_once('=').map_or("", |(key, _)| key);
+            if key.is_empty()
+                || key.starts_with(|c: char| c.is_ascii_digit())
+                || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(ApplyError::InvalidRequest(format!(
+                    "env_add entry {entry:?}: the key must be letters, digits and `_` (e.g. IS_UPGRADE)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     async fn apply_exclusive(&self, command: ApplyCommand) -> Result<ApplyReport, ApplyError> {
@@ -575,12 +610,14 @@ fn millis_since(since: std::time::Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A patch id names a backup directory: a safe name, where `:` may also separate an upgrade's id from its step
+/// (`<upgrade_id>:<step>`, the patch id of a runbook's container swap).
 fn check_patch_id(patch_id: &str) -> Result<(), ApplyError> {
-    if is_safe_name(patch_id) {
+    if is_safe_name(&patch_id.replace(':', "_")) {
         Ok(())
     } else {
         Err(ApplyError::InvalidRequest(format!(
-            "patch_id {patch_id:?} must be 1-128 characters of A-Z a-z 0-9 . _ @ - (it names the backup directory)"
+            "patch_id {patch_id:?} must be 1-128 characters of A-Z a-z 0-9 . _ @ - : (it names the backup directory)"
         )))
     }
 }

@@ -7,6 +7,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -287,6 +288,61 @@ impl DirHandle {
         rustix::fs::renameat(&dir.fd, from, &dir.fd, to)
             .map_err(io_err)
             .ctx("rename into place", &dir.path.join(to))
+    }
+
+    /// Opens the regular file `rel` for reading (no symlink anywhere on its way, the last component included).
+    pub fn open_file(&self, rel: &Path) -> Result<File, FsError> {
+        let fd = self
+            .open_below(rel, OFlags::RDONLY, Mode::empty())
+            .ctx("open", &self.display_path(rel))?;
+        let file = File::from(fd);
+        let is_file = file
+            .metadata()
+            .ctx("stat", &self.display_path(rel))?
+            .is_file();
+        if !is_file {
+            return Err(FsError {
+                op: "open",
+                path: self.display_path(rel),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+            });
+        }
+        Ok(file)
+    }
+
+    /// Creates the file `rel` for writing with `mode`, refusing anything already there (`O_CREAT | O_EXCL |
+    /// O_NOFOLLOW`): a write never lands in an existing file or through a planted symlink.
+    pub fn create_new_file(&self, rel: &Path, mode: u32) -> Result<File, FsError> {
+        let fd = self
+            .open_below(
+                rel,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                Mode::from_raw_mode(mode),
+            )
+            .ctx("create", &self.display_path(rel))?;
+        Ok(File::from(fd))
+    }
+
+    /// The entries of this directory (without `.` and `..`), each with its file type as `lstat` sees it.
+    pub fn entries(&self) -> Result<Vec<(std::ffi::OsString, FileType)>, FsError> {
+        let dir = rustix::fs::Dir::read_from(&self.fd)
+            .map_err(io_err)
+            .ctx("read directory", &self.path)?;
+        let mut out = Vec::new();
+        for entry in dir {
+            let entry = entry.map_err(io_err).ctx("read directory", &self.path)?;
+            let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
+            if name == "." || name == ".." {
+                continue;
+            }
+            let kind = match self.stat_entry(&name)? {
+                Some(stat) => FileType::from_raw_mode(stat.st_mode),
+                None => continue,
+            };
+            out.push((name, kind));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 
     /// sha256 (hex) of `rel`'s content; for a symlink, of its target path string (it is not followed).

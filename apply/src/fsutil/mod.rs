@@ -23,6 +23,8 @@ pub use durable::{
 };
 pub use hash_cache::{HashCache, sha256_file};
 pub use place::{At, materialize_at, owner_for};
+/// The file type [`DirHandle::entries`] reports.
+pub use rustix::fs::FileType;
 
 use ring::digest::{Context, SHA256};
 use std::io::Read;

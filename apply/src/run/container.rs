@@ -5,6 +5,11 @@
 //! `Swapping{2}` give the new one the service's name; `Starting`; `Probation`; `Committed` remove the old
 //! container (its image is kept for rollback). A revert removes the new container, renames the old one back and
 //! starts it: the same container ID runs again. Fault points as in the file swap.
+//!
+//! The new container's environment is the old one's plus the spec's `env_add` plus the request's (`ApplyRequest.
+//! env_add`, journaled in [`ContainerSwap`]), later ones winning. A container that was stopped before the apply
+//! (an upgrade runbook stops it first) is swapped the same way: the new one is started and must pass probation.
+//! Its revert puts the old container back under its name and leaves it stopped, as it was.
 
 use super::{ProbationEnd, Run, millis};
 use crate::container::recreate::{Recreate, new_container_body};
@@ -176,11 +181,19 @@ impl Run<'_> {
         }
         // A container of this name is a leftover of this very apply (the agent died before journaling its ID).
         engine.remove_container(&swap.new_name).await?;
+        let env_add: Vec<String> = self
+            .svc
+            .spec
+            .env_add
+            .iter()
+            .chain(&swap.env_add)
+            .cloned()
+            .collect();
         let body = new_container_body(
             &old,
             &Recreate {
                 image: &swap.new_image,
-                env_add: &self.svc.spec.env_add,
+                env_add: &env_add,
                 use_image_defaults: self.svc.spec.use_image_defaults,
             },
         );

@@ -456,6 +456,7 @@ fn apply_cmd(digest: &str, patch_id: &str) -> ApplyCommand {
         patch_id: patch_id.into(),
         offline: false,
         caller: String::new(),
+        env_add: Vec::new(),
     }
 }
 
@@ -703,4 +704,80 @@ async fn an_archive_that_is_not_the_manifests_image_is_refused_before_loading() 
     assert_eq!(host.docker().loads, 0, "nothing was loaded");
     let (id, _) = host.one_running();
     assert_eq!(id, host.original_id);
+}
+
+/// An upgrade runbook stops the container, then swaps it with `env_add` in the request: the new container is
+/// created with the old environment plus the spec's and the request's variables (the request's win), started and
+/// probed; a patch id `<upgrade>:<step>` is accepted. A revert of such a swap puts the old container back under its
+/// name, stopped as it was.
+#[tokio::test]
+async fn a_stopped_container_is_swapped_with_the_requests_env_add_and_a_revert_leaves_it_stopped() {
+    let host = DockerHost::new();
+    let engine = host.engine().await.unwrap();
+    let (digest, image) = host.package("v4.3.1");
+    engine.stage("oms", &digest).await.unwrap();
+    host.docker().containers[0].running = false;
+    let mut command = apply_cmd(&digest, "upg-1:swap@oms-1");
+    command.env_add = vec!["EXTRA=1".into(), "IS_UPGRADE=yes".into()];
+    let report = engine.apply(command).await.unwrap();
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Committed,
+        "{:?}",
+        report.result
+    );
+    let (_, running_image) = host.one_running();
+    assert_eq!(running_image, image);
+    assert_eq!(
+        host.docker().containers[0].body.env.clone().unwrap(),
+        vec![
+            "OMS_HOST_IP=10.0.0.1".to_string(),
+            "EXTRA=1".to_string(),
+            "IS_UPGRADE=yes".to_string()
+        ]
+    );
+
+    let (bad, bad_image) = host.package("v4.3.2");
+    engine.stage("oms", &bad).await.unwrap();
+    host.unhealthy_images.lock().unwrap().insert(bad_image);
+    let before_id = host.docker().containers[0].id.clone();
+    host.docker().containers[0].running = false;
+    let mut command = apply_cmd(&bad, "upg-2:swap@oms-1");
+    command.env_add = vec!["IS_UPGRADE=true".into()];
+    let report = engine.apply(command).await.unwrap();
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Reverted,
+        "{:?}",
+        report.result
+    );
+    assert!(
+        report.result.reason.contains("left stopped"),
+        "{}",
+        report.result.reason
+    );
+    let docker = host.docker();
+    let names: Vec<&str> = docker.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec![NAME],
+        "the old container is back under its name"
+    );
+    assert_eq!(docker.containers[0].id, before_id);
+    assert!(
+        !docker.containers[0].running,
+        "left stopped, as before the apply"
+    );
+}
+
+#[tokio::test]
+async fn env_add_is_refused_for_a_bad_key() {
+    let host = DockerHost::new();
+    let engine = host.engine().await.unwrap();
+    let (digest, _) = host.package("v2");
+    engine.stage("oms", &digest).await.unwrap();
+    let mut command = apply_cmd(&digest, "p1");
+    command.env_add = vec!["BAD KEY=1".into()];
+    let refused = engine.apply(command).await.unwrap_err().to_string();
+    assert!(refused.contains("env_add entry"), "{refused}");
 }

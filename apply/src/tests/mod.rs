@@ -323,6 +323,7 @@ fn apply_cmd(digest: &str, patch_id: &str) -> ApplyCommand {
         digest: digest.into(),
         patch_id: patch_id.into(),
         offline: false,
+        env_add: Vec::new(),
     }
 }
 

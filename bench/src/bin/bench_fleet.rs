@@ -4,7 +4,7 @@
 //! peer harness (`run.sh rollout N S MIB`, same N, S and package size). Prints both wall times and their ratio for
 //! every package size (a table and one JSON line each), plus where patchd's time went (package read, staging
 //! transfer, the agents' apply, the controller's own share), the controller's CPU per node, the agents' CPU and
-//! the controller's peak RSS. No figure of either side is ever taken from anywhere but this run.
+//! the peak RSS of the controller and of the largest agent. No figure of either side is ever taken from anywhere but this run.
 //!
 //! Use the release binaries, from the project root (the peer harness is `../shared/peers/run.sh` from there):
 //! `cargo build --release -p patchd-agent -p patchctl -p patchd-demo --bins && \
@@ -69,6 +69,8 @@ struct Run {
     cpu: Duration,
     agents_cpu: Duration,
     peak_rss: u64,
+    /// The largest agent's peak RSS since it started (agents live through every package size of the run).
+    agent_peak_rss: u64,
     failures: u64,
     peer: Option<PeerRun>,
 }
@@ -156,6 +158,7 @@ fn main() -> anyhow::Result<()> {
         let agents_before = agents_cpu(&mut cluster);
         let mut run = patch(&cluster, &args, &package, mib)?;
         run.agents_cpu = agents_cpu(&mut cluster).saturating_sub(agents_before);
+        run.agent_peak_rss = agents_peak_rss(&mut cluster);
         run.peer = peer_run;
         print_json(&run, &args);
         runs.push(run);
@@ -219,6 +222,7 @@ fn print_json(run: &Run, args: &Args) {
         "patchd_controller_cpu_s": round3(run.cpu.as_secs_f64()),
         "patchd_agents_cpu_s": round3(run.agents_cpu.as_secs_f64()),
         "patchd_controller_peak_rss_mib": round3(run.peak_rss as f64 / 1048576.0),
+        "patchd_agent_peak_rss_mib": round3(run.agent_peak_rss as f64 / 1048576.0),
         "patchd_failures": run.failures,
         "peer": run.peer.as_ref().map(|peer| peer.raw.clone()),
     });
@@ -256,6 +260,17 @@ fn process_cpu(pid: u32) -> Duration {
             .unwrap_or(0)
     };
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// The largest `VmHWM` among the cluster's agents: each agent's peak since it started.
+fn agents_peak_rss(cluster: &mut ClusterFixture) -> u64 {
+    let names: Vec<String> = cluster.nodes.iter().map(|node| node.name.clone()).collect();
+    names
+        .iter()
+        .filter_map(|name| cluster.agent(name).and_then(|agent| agent.pid()))
+        .filter_map(peak_rss)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Total CPU time of every agent of the cluster.
@@ -358,6 +373,7 @@ fn patch(
         cpu,
         agents_cpu: Duration::ZERO,
         peak_rss: peak.load(Ordering::Relaxed),
+        agent_peak_rss: 0,
         failures: summary["failures"].as_u64().unwrap_or_default(),
         peer: None,
     })
@@ -460,16 +476,16 @@ fn print_report(runs: &[Run], args: &Args, load: &str) {
     }
     println!(
         "\n| package | total | before rollout¹ | staging (transfer) | agents applying² | controller share³ | per node³ | \
-         controller CPU | CPU per node | agents' CPU⁴ | agents' CPU per GB received⁴ | peak RSS | failures |"
+         controller CPU | CPU per node | agents' CPU⁴ | agents' CPU per GB received⁴ | controller peak RSS | agent peak RSS⁵ | failures |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for run in runs {
         let share = run
             .total
             .saturating_sub(run.before_rollout + run.staging + run.apply_wall);
         let received_gb = (run.package_bytes * run.nodes as u64) as f64 / 1e9;
         println!(
-            "| {} MiB ({:.1} MiB file) | {:.1} s | {:.2} s | {:.1} s | {:.1} s | {:.2} s | {:.1} ms | {:.2} s | {:.1} ms | {:.1} s | {:.2} s | {:.1} MiB | {} |",
+            "| {} MiB ({:.1} MiB file) | {:.1} s | {:.2} s | {:.1} s | {:.1} s | {:.2} s | {:.1} ms | {:.2} s | {:.1} ms | {:.1} s | {:.2} s | {:.1} MiB | {:.1} MiB | {} |",
             run.package_mib,
             run.package_bytes as f64 / 1048576.0,
             run.total.as_secs_f64(),
@@ -483,6 +499,7 @@ fn print_report(runs: &[Run], args: &Args, load: &str) {
             run.agents_cpu.as_secs_f64(),
             run.agents_cpu.as_secs_f64() / received_gb,
             run.peak_rss as f64 / 1048576.0,
+            run.agent_peak_rss as f64 / 1048576.0,
             run.failures
         );
     }
@@ -493,6 +510,8 @@ fn print_report(runs: &[Run], args: &Args, load: &str) {
          scheduling; divided by the node count for the per-node figure.\n\
          ⁴ CPU time of all the agents together during the run (receiving, hashing, unpacking and verifying the \
          package, applying), and the same per GB of package received by all of them: on a real fleet this is \
-         spread over one machine per agent."
+         spread over one machine per agent.\n\
+         ⁵ the largest `VmHWM` of the agents: each one's peak since it started, so a later row includes the \
+         earlier packages."
     );
 }

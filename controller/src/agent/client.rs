@@ -3,16 +3,18 @@
 //!
 //! A push needs the package's tree digest before the first byte is sent (it is the agent's cache key), so a file
 //! is first read once to compute every chunk's sha256 ([`PreparedBlob`]: 32 bytes kept per chunk, so 32 KiB per
-//! GiB at 1 MiB chunks). The push then maps the chunks the agent lacks from the page cache, one at a time (no copy
+//! GiB at 1 MiB chunks), on up to four threads (the chunks are independent), or not at all when the sender's
+//! digest cache remembers this very file (`super::digest_cache`). The push then maps the chunks the agent lacks from the page cache, one at a time (no copy
 //! out of it), and sends them with those hashes, so the sender hashes each byte once however many agents it pushes
 //! to. Mapping runs on a blocking thread feeding a bounded channel: memory stays flat whatever the package size.
 
+use crate::agent::digest_cache::{CachedDigest, DigestCache, FileIdentity};
 use crate::tls_files::ControllerTls;
 use crate::untrusted::escaped;
 use bytes::Bytes;
 use futures::StreamExt;
 use patchd_package::digest::{
-    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeDigest, TreeHasher, chunk_count, chunk_sha256, read_full,
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeDigest, TreeHasher, chunk_count, chunk_sha256,
 };
 use patchd_proto::v1;
 use serde::Serialize;
@@ -158,7 +160,9 @@ pub struct PreparedBlob {
     pub chunk_size: u32,
     chunk_hashes: Arc<Vec<[u8; 32]>>,
     modified: Option<SystemTime>,
-    /// Time spent reading and hashing the file.
+    identity: FileIdentity,
+    from_cache: bool,
+    /// Time spent reading and hashing the file (or finding its hashes in the digest cache).
     pub prepare_elapsed: Duration,
     /// Texts of the minisign signature files beside the package (`<package>.minisig`, `<package>.*.minisig`),
     /// sent with Stage and Apply; agents that trust keys refuse the package without enough valid ones.
@@ -168,6 +172,16 @@ pub struct PreparedBlob {
 impl PreparedBlob {
     /// Reads and hashes `path` once (blocking: run it on a blocking thread, or use [`PreparedBlob::prepare`]).
     pub fn prepare_blocking(path: &Path, chunk_size: u32) -> Result<Self, AgentClientError> {
+        Self::prepare_blocking_cached(path, chunk_size, None)
+    }
+
+    /// Like [`PreparedBlob::prepare_blocking`], but takes the chunk hashes from `cache` when it remembers this very
+    /// file (same device, inode, size, modification and change times), and remembers them there otherwise.
+    pub fn prepare_blocking_cached(
+        path: &Path,
+        chunk_size: u32,
+        cache: Option<&DigestCache>,
+    ) -> Result<Self, AgentClientError> {
         if !patchd_package::digest::is_valid_chunk_size(chunk_size) {
             return Err(AgentClientError::BadChunkSize(chunk_size));
         }
@@ -176,42 +190,54 @@ impl PreparedBlob {
             path: path.to_path_buf(),
             cause,
         };
-        let mut file = std::fs::File::open(path).map_err(io)?;
+        let changed = || AgentClientError::FileChanged {
+            path: path.to_path_buf(),
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
-        let total_size = meta.len();
-        let mut tree = TreeHasher::new(chunk_size, total_size);
-        let mut hashes =
-            Vec::with_capacity(usize::try_from(chunk_count(total_size, chunk_size)).unwrap_or(0));
-        let mut buf = vec![0u8; chunk_size as usize];
-        let mut seen = 0u64;
-        loop {
-            let n = read_full(&mut file, &mut buf).map_err(io)?;
-            if n == 0 {
-                break;
+        let identity = FileIdentity::of(&meta);
+        let remembered = cache.and_then(|cache| cache.lookup(&identity, chunk_size));
+        let from_cache = remembered.is_some();
+        let CachedDigest {
+            digest,
+            chunk_hashes,
+        } = match remembered {
+            Some(remembered) => remembered,
+            None => {
+                let chunk_hashes =
+                    hash_chunks(&file, identity.size(), chunk_size).map_err(|cause| match cause
+                        .kind()
+                    {
+                        std::io::ErrorKind::UnexpectedEof => changed(),
+                        _ => io(cause),
+                    })?;
+                if FileIdentity::of(&file.metadata().map_err(io)?) != identity {
+                    return Err(changed());
+                }
+                let mut tree = TreeHasher::new(chunk_size, identity.size());
+                for hash in &chunk_hashes {
+                    tree.push_chunk_hash(hash);
+                }
+                let hashed = CachedDigest {
+                    digest: tree.finish_digest().ok_or_else(changed)?,
+                    chunk_hashes,
+                };
+                if let Some(cache) = cache {
+                    cache.store(&identity, chunk_size, &hashed);
+                }
+                hashed
             }
-            let hash = chunk_sha256(&buf[..n]);
-            tree.push_chunk_hash(&hash);
-            hashes.push(hash);
-            seen += n as u64;
-        }
-        if seen != total_size {
-            return Err(AgentClientError::FileChanged {
-                path: path.to_path_buf(),
-            });
-        }
-        let digest = tree
-            .finish_digest()
-            .ok_or_else(|| AgentClientError::FileChanged {
-                path: path.to_path_buf(),
-            })?;
+        };
         let signatures = patchd_package::signing::read_signatures(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             digest,
-            total_size,
+            total_size: identity.size(),
             chunk_size,
-            chunk_hashes: Arc::new(hashes),
+            chunk_hashes: Arc::new(chunk_hashes),
             modified: meta.modified().ok(),
+            identity,
+            from_cache,
             prepare_elapsed: started.elapsed(),
             signatures: Arc::new(signatures),
         })
@@ -219,13 +245,34 @@ impl PreparedBlob {
 
     /// [`PreparedBlob::prepare_blocking`] on a blocking thread.
     pub async fn prepare(path: &Path, chunk_size: u32) -> Result<Self, AgentClientError> {
+        Self::prepare_cached(path, chunk_size, None).await
+    }
+
+    /// [`PreparedBlob::prepare_blocking_cached`] on a blocking thread.
+    pub async fn prepare_cached(
+        path: &Path,
+        chunk_size: u32,
+        cache: Option<DigestCache>,
+    ) -> Result<Self, AgentClientError> {
         let path = path.to_path_buf();
-        tokio::task::spawn_blocking(move || Self::prepare_blocking(&path, chunk_size))
-            .await
-            .map_err(|e| AgentClientError::Io {
-                path: PathBuf::new(),
-                cause: std::io::Error::other(e.to_string()),
-            })?
+        tokio::task::spawn_blocking(move || {
+            Self::prepare_blocking_cached(&path, chunk_size, cache.as_ref())
+        })
+        .await
+        .map_err(|e| AgentClientError::Io {
+            path: PathBuf::new(),
+            cause: std::io::Error::other(e.to_string()),
+        })?
+    }
+
+    /// Whether the chunk hashes came from the sender's digest cache instead of a read of the file.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+
+    /// The file's identity when it was prepared (the digest cache's key).
+    pub fn identity(&self) -> &FileIdentity {
+        &self.identity
     }
 
     /// Number of chunks.
@@ -300,8 +347,10 @@ pub struct PushReport {
     pub retries: u32,
     /// Seconds spent in the transfer (query to completion).
     pub transfer_seconds: f64,
-    /// Seconds spent reading and hashing the file beforehand.
+    /// Seconds spent reading and hashing the file beforehand (or finding its hashes in the digest cache).
     pub digest_seconds: f64,
+    /// Whether the chunk hashes came from the sender's digest cache (no read of the file before sending).
+    pub digest_cached: bool,
     /// Transfer throughput in MB/s (10^6 bytes per second) of the bytes actually sent.
     pub mb_per_s: f64,
 }
@@ -493,6 +542,7 @@ impl AgentClient {
             retries,
             transfer_seconds: elapsed.as_secs_f64(),
             digest_seconds: blob.prepare_elapsed.as_secs_f64(),
+            digest_cached: blob.from_cache,
             mb_per_s: if elapsed.is_zero() {
                 0.0
             } else {
@@ -569,6 +619,53 @@ impl SentCounter {
     fn bytes_this_stream(&self) -> u64 {
         self.stream_bytes.load(Ordering::Relaxed)
     }
+}
+
+/// Threads that hash a file's chunks at most: the chunks are independent (the tree digest only combines their
+/// hashes in order), so on an idle machine the digest pass takes 1/n of a single thread's time.
+const MAX_HASH_THREADS: usize = 4;
+
+/// The sha256 of every chunk of the first `size` bytes of `file`, in order: the file is cut into one contiguous
+/// range of chunks per thread, each read with `pread` into its own buffer. `UnexpectedEof` when the file is shorter.
+fn hash_chunks(file: &std::fs::File, size: u64, chunk_size: u32) -> std::io::Result<Vec<[u8; 32]>> {
+    let chunks = chunk_count(size, chunk_size);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(MAX_HASH_THREADS)
+        .min(usize::try_from(chunks).unwrap_or(1))
+        .max(1) as u64;
+    let per_thread = chunks.div_ceil(threads);
+    let hash_range = |first: u64, end: u64| -> std::io::Result<Vec<[u8; 32]>> {
+        let mut buf = vec![0u8; chunk_size as usize];
+        let mut hashes = Vec::with_capacity(usize::try_from(end - first).unwrap_or(0));
+        for index in first..end {
+            let offset = index * u64::from(chunk_size);
+            let len = (size - offset).min(u64::from(chunk_size)) as usize;
+            std::os::unix::fs::FileExt::read_exact_at(file, &mut buf[..len], offset)?;
+            hashes.push(chunk_sha256(&buf[..len]));
+        }
+        Ok(hashes)
+    };
+    if threads == 1 {
+        return hash_range(0, chunks);
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|thread| {
+                let first = (thread * per_thread).min(chunks);
+                let end = (first + per_thread).min(chunks);
+                scope.spawn(move || hash_range(first, end))
+            })
+            .collect();
+        let mut hashes = Vec::with_capacity(usize::try_from(chunks).unwrap_or(0));
+        for worker in workers {
+            let part = worker
+                .join()
+                .map_err(|_| std::io::Error::other("a hashing thread panicked"))??;
+            hashes.extend(part);
+        }
+        Ok(hashes)
+    })
 }
 
 /// Reads chunks `start..` of the blob's file and queues them; stops quietly when the stream is dropped.
@@ -717,5 +814,55 @@ mod tests {
         assert_eq!(blob.digest, expected);
         assert_eq!(blob.chunk_count(), 5);
         assert!(PreparedBlob::prepare_blocking(&path, 1).is_err());
+    }
+
+    #[test]
+    fn chunks_hashed_on_several_threads_give_the_single_pass_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let chunk = MIN_CHUNK_SIZE as usize;
+        for len in [0, 1, chunk, chunk + 1, 4 * chunk, 7 * chunk - 3, 13 * chunk] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 247) as u8).collect();
+            std::fs::write(&path, &data).unwrap();
+            let file = std::fs::File::open(&path).unwrap();
+            let hashes = hash_chunks(&file, len as u64, MIN_CHUNK_SIZE).unwrap();
+            let expected: Vec<[u8; 32]> = data.chunks(chunk).map(chunk_sha256).collect();
+            assert_eq!(hashes, expected, "{len} bytes");
+            if len > 0 {
+                let err = hash_chunks(&file, len as u64 + 1, MIN_CHUNK_SIZE).unwrap_err();
+                assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{len} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn a_prepared_file_is_remembered_and_a_rewritten_one_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DigestCache::at(dir.path().join("digests"));
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![3u8; 3 * MIN_CHUNK_SIZE as usize]).unwrap();
+        let racy_window_over = || loop {
+            let blob = PreparedBlob::prepare_blocking(&path, MIN_CHUNK_SIZE).unwrap();
+            let changed = std::fs::metadata(&path).unwrap().modified().unwrap();
+            if changed.elapsed().unwrap_or_default() > 2 * crate::agent::digest_cache::RACY_WINDOW {
+                return blob;
+            }
+            std::thread::sleep(crate::agent::digest_cache::RACY_WINDOW / 4);
+        };
+        let plain = racy_window_over();
+        let first =
+            PreparedBlob::prepare_blocking_cached(&path, MIN_CHUNK_SIZE, Some(&cache)).unwrap();
+        assert!(!first.from_cache());
+        let second =
+            PreparedBlob::prepare_blocking_cached(&path, MIN_CHUNK_SIZE, Some(&cache)).unwrap();
+        assert!(second.from_cache());
+        assert_eq!(second.digest, plain.digest);
+        assert_eq!(second.chunk_hashes, plain.chunk_hashes);
+
+        std::fs::write(&path, vec![4u8; 3 * MIN_CHUNK_SIZE as usize]).unwrap();
+        let rewritten =
+            PreparedBlob::prepare_blocking_cached(&path, MIN_CHUNK_SIZE, Some(&cache)).unwrap();
+        assert!(!rewritten.from_cache());
+        assert_ne!(rewritten.digest, plain.digest);
     }
 }

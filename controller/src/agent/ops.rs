@@ -278,7 +278,7 @@ pub struct LeaseTicket {
 }
 
 impl LeaseTicket {
-    fn to_wire(&self) -> v1::LeaseTicket {
+    pub(crate) fn to_wire(&self) -> v1::LeaseTicket {
         v1::LeaseTicket {
             rollout_id: self.rollout_id.clone(),
             holder: self.holder.clone(),
@@ -343,6 +343,32 @@ pub async fn apply(
     lease: Option<&LeaseTicket>,
     signatures: &[String],
 ) -> Result<NodeApplyResult, CallError> {
+    apply_with_env(
+        rpc,
+        service,
+        digest,
+        patch_id,
+        offline,
+        lease,
+        signatures,
+        &std::collections::BTreeMap::new(),
+    )
+    .await
+}
+
+/// [`apply`] whose new container gets `env_add` on top of the old one's environment (backend `docker` only: an
+/// upgrade runbook's container swap).
+#[allow(clippy::too_many_arguments)] // one per field of ApplyRequest
+pub async fn apply_with_env(
+    rpc: &mut AgentRpc,
+    service: &str,
+    digest: &TreeDigest,
+    patch_id: &str,
+    offline: bool,
+    lease: Option<&LeaseTicket>,
+    signatures: &[String],
+    env_add: &std::collections::BTreeMap<String, String>,
+) -> Result<NodeApplyResult, CallError> {
     let request = v1::ApplyRequest {
         service: service.to_string(),
         digest: digest.to_string(),
@@ -350,7 +376,10 @@ pub async fn apply(
         offline,
         lease: lease.map(LeaseTicket::to_wire),
         signatures: signatures.to_vec(),
-        env_add: Default::default(),
+        env_add: env_add
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect(),
     };
     let response = rpc
         .apply(request)

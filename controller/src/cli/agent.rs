@@ -3,6 +3,7 @@
 use super::{Ctx, Format};
 use anyhow::Context;
 use patchctl::agent::client::{AgentClient, PreparedBlob, PushOptions};
+use patchctl::agent::digest_cache::DigestCache;
 use patchctl::tls_files::ControllerTls;
 use std::path::PathBuf;
 
@@ -22,7 +23,8 @@ enum Command {
         #[arg(long)]
         tls_dir: Option<PathBuf>,
     },
-    /// Send a package to an agent's cache (transfer only; resumes; skips what the agent holds).
+    /// Send a package to an agent's cache (transfer only; resumes; skips what the agent holds). The chunk hashes
+    /// are remembered in $PATCHCTL_HOME/cache/digests, so pushing the same file again sends at once.
     Push {
         /// Agent address, HOST:PORT. Its certificate must name HOST.
         addr: String,
@@ -97,7 +99,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
             tls_dir,
         } => {
             let tls = ControllerTls::load_dir(&tls_dir.unwrap_or_else(|| ctx.home.tls_dir()))?;
-            let blob = PreparedBlob::prepare(&file, chunk_size).await?;
+            let cache = DigestCache::at(ctx.home.digest_cache_dir());
+            let mut blob =
+                PreparedBlob::prepare_cached(&file, chunk_size, Some(cache.clone())).await?;
             let mut client = AgentClient::connect(&addr, &tls).await?;
             let bar = if ctx.format == Format::Text {
                 indicatif::ProgressBar::new(blob.total_size)
@@ -110,16 +114,35 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
                 )
                 .context("progress template")?,
             );
-            let report = client
-                .push(&blob, &PushOptions::default(), |p| bar.set_position(p.bytes_done))
-                .await
-                .with_context(|| {
-                    format!(
-                        "push of {} to {addr} failed (the agent keeps the chunks it verified: run the same command \
-                         again to resume)",
-                        file.display()
-                    )
-                })?;
+            let mut result = client
+                .push(&blob, &PushOptions::default(), |p| {
+                    bar.set_position(p.bytes_done)
+                })
+                .await;
+            // Remembered hashes the agent refuses are forgotten, and the file is hashed and sent once more.
+            if blob.from_cache()
+                && let Err(error) = &result
+                && error.code() == Some(tonic::Code::DataLoss)
+            {
+                cache.forget(blob.identity(), chunk_size);
+                errln!(
+                    "the agent refused the chunk hashes remembered for {} ({error}): hashing the file again",
+                    file.display()
+                );
+                blob = PreparedBlob::prepare_cached(&file, chunk_size, Some(cache.clone())).await?;
+                result = client
+                    .push(&blob, &PushOptions::default(), |p| {
+                        bar.set_position(p.bytes_done)
+                    })
+                    .await;
+            }
+            let report = result.with_context(|| {
+                format!(
+                    "push of {} to {addr} failed (the agent keeps the chunks it verified: run the same command \
+                     again to resume)",
+                    file.display()
+                )
+            })?;
             bar.finish_and_clear();
             match ctx.format {
                 Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
@@ -144,9 +167,14 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
                         }
                     );
                     outln!(
-                        "  time     {:.2} s transfer (+ {:.2} s reading and hashing the file)",
+                        "  time     {:.2} s transfer (+ {:.2} s {})",
                         report.transfer_seconds,
-                        report.digest_seconds
+                        report.digest_seconds,
+                        if report.digest_cached {
+                            "finding the chunk hashes in the digest cache"
+                        } else {
+                            "reading and hashing the file"
+                        }
                     );
                     outln!("  speed    {:.1} MB/s", report.mb_per_s);
                 }

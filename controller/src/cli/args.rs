@@ -133,7 +133,7 @@ fn warn_parallelism(plan: &Plan) {
 }
 
 /// Asks on the terminal. Without `-y` and without a terminal, refuses (the caller exits 4).
-async fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
+pub(super) async fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
     if yes {
         return Ok(true);
     }

@@ -1,5 +1,5 @@
-//! `patchctl audit [<cluster>] [--rollout ID]`: the rollouts journaled in the store, and one rollout's per-node
-//! report (steps, durations, result, reason).
+//! `patchctl audit [<cluster>] [--rollout ID]`: the rollouts and upgrades journaled in the store, and one rollout's
+//! per-node report (steps, durations, result, reason) or one upgrade's report (`patchctl::upgrade::report`).
 
 use super::{Ctx, Format};
 use patchctl::output::plain_table;
@@ -20,6 +20,9 @@ pub struct Args {
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     let store = Store::open_home(&ctx.home)?;
     match &args.rollout {
+        Some(id) if store.upgrade(id)?.is_some() => {
+            upgrade_report(ctx, &store, args.cluster.as_deref(), id)
+        }
         Some(id) => report(ctx, &store, args.cluster.as_deref(), id),
         None => list(ctx, &store, args.cluster.as_deref()),
     }
@@ -29,6 +32,7 @@ fn list(ctx: &Ctx, store: &Store, cluster: Option<&str>) -> anyhow::Result<u8> {
     if let Some(name) = cluster
         && store.load_cluster(name)?.is_none()
         && store.list_rollouts(Some(name))?.is_empty()
+        && store.list_upgrades(Some(name))?.is_empty()
     {
         let known: Vec<String> = store.list_clusters()?.into_iter().map(|c| c.name).collect();
         let known = if known.is_empty() {
@@ -41,6 +45,7 @@ fn list(ctx: &Ctx, store: &Store, cluster: Option<&str>) -> anyhow::Result<u8> {
         );
     }
     let rollouts = store.list_rollouts(cluster)?;
+    let upgrades = store.list_upgrades(cluster)?;
     let mut counts = Vec::with_capacity(rollouts.len());
     for rollout in &rollouts {
         counts.push(state_counts(store, &rollout.id)?);
@@ -56,9 +61,52 @@ fn list(ctx: &Ctx, store: &Store, cluster: Option<&str>) -> anyhow::Result<u8> {
                     entry
                 })
                 .collect();
+            // Upgrades join the same array as kind `upgrade`, so the document keeps one shape.
+            let mut entries = entries;
+            entries.extend(upgrades.iter().map(|upgrade| {
+                json!({
+                    "id": upgrade.id,
+                    "cluster": upgrade.cluster,
+                    "kind": "upgrade",
+                    "state": upgrade.outcome,
+                    "runbook": upgrade.runbook_name,
+                    "runbook_sha256": upgrade.runbook_sha256,
+                    "package_digest": upgrade.package_digest,
+                    "package_path": upgrade.package_path,
+                    "created_at": upgrade.started_at,
+                    "finished_at": upgrade.finished_at,
+                })
+            }));
             outln!("{}", serde_json::to_string_pretty(&entries)?);
         }
         Format::Text => {
+            if !upgrades.is_empty() {
+                let rows: Vec<Vec<String>> = upgrades
+                    .iter()
+                    .map(|upgrade| {
+                        vec![
+                            upgrade.id.clone(),
+                            upgrade.cluster.clone(),
+                            upgrade.runbook_name.clone(),
+                            upgrade.outcome.to_string(),
+                            upgrade.started_at.to_string(),
+                            upgrade
+                                .finished_at
+                                .map_or_else(|| "-".to_string(), |at| at.to_string()),
+                        ]
+                    })
+                    .collect();
+                out!(
+                    "{}",
+                    plain_table(
+                        &[
+                            "Upgrade", "Cluster", "Runbook", "Outcome", "Started", "Finished"
+                        ],
+                        &rows
+                    )
+                );
+                outln!();
+            }
             if rollouts.is_empty() {
                 match cluster {
                     Some(name) => outln!("No rollout recorded for cluster `{name}`"),
@@ -121,6 +169,97 @@ fn report(ctx: &Ctx, store: &Store, cluster: Option<&str>, id: &str) -> anyhow::
         Format::Text => out!("{}", report_text(&report)),
     }
     Ok(patchctl::exit::OK)
+}
+
+fn upgrade_report(ctx: &Ctx, store: &Store, cluster: Option<&str>, id: &str) -> anyhow::Result<u8> {
+    let Some(upgrade) = store
+        .upgrade(id)?
+        .filter(|upgrade| cluster.is_none_or(|name| upgrade.cluster == name))
+    else {
+        anyhow::bail!("no upgrade `{id}` of that cluster; list them with `patchctl audit`");
+    };
+    let entries = store
+        .upgrade_entries(id)?
+        .into_iter()
+        .map(|(at, json)| {
+            serde_json::from_str(&json)
+                .map(|entry| (at, entry))
+                .map_err(|error| {
+                    anyhow::anyhow!("upgrade {id}: a journal entry cannot be read: {error}")
+                })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let report = patchctl::upgrade::report::build(upgrade, &entries);
+    match ctx.format {
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Text => out!("{}", upgrade_report_text(&report)),
+    }
+    Ok(patchctl::exit::OK)
+}
+
+fn upgrade_report_text(report: &patchctl::upgrade::report::UpgradeReport) -> String {
+    let upgrade = &report.upgrade;
+    let mut out = String::new();
+    out.push_str(&format!("Upgrade:   {}\n", upgrade.id));
+    out.push_str(&format!("Cluster:   {}\n", upgrade.cluster));
+    out.push_str(&format!(
+        "Runbook:   {} (sha256 {})\n",
+        upgrade.runbook_name, upgrade.runbook_sha256
+    ));
+    out.push_str(&format!("Package:   {}\n", dash(&upgrade.package_path)));
+    out.push_str(&format!("Outcome:   {}\n", upgrade.outcome));
+    out.push_str(&format!("Started:   {}\n", upgrade.started_at));
+    if let Some(finished) = upgrade.finished_at {
+        out.push_str(&format!("Finished:  {finished}\n"));
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = report
+        .steps
+        .iter()
+        .map(|row| {
+            let mut note = dash(&row.note);
+            if row.resolved {
+                note = format!("{note} (resolved after a crash)");
+            }
+            vec![row.step.clone(), row.outcome.clone(), note]
+        })
+        .collect();
+    out.push_str(&plain_table(&["Step", "Outcome", "Note"], &rows));
+    if !report.backups.is_empty() {
+        out.push_str("\nBackups:\n");
+        let rows: Vec<Vec<String>> = report
+            .backups
+            .iter()
+            .map(|backup| {
+                vec![
+                    backup.step.clone(),
+                    backup.path.clone(),
+                    backup.size.to_string(),
+                    backup.sha256.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&plain_table(&["Step", "Path", "Bytes", "sha256"], &rows));
+    }
+    if !report.saved.is_empty() {
+        out.push_str("\nSaved values:\n");
+        for (name, value) in &report.saved {
+            out.push_str(&format!("  {name} = {value}\n"));
+        }
+    }
+    if !report.marks.is_empty() {
+        out.push_str("\nMarks:\n");
+        for (name, at) in &report.marks {
+            out.push_str(&format!(
+                "  {name} = {}\n",
+                patchctl::store::Timestamp(at.saturating_mul(1000))
+            ));
+        }
+        for (window, seconds) in &report.windows {
+            out.push_str(&format!("  {window} = {seconds}s\n"));
+        }
+    }
+    out
 }
 
 fn report_text(report: &RolloutReport) -> String {

@@ -61,7 +61,8 @@ pub enum Command {
     ///
     /// Without -N/-R: the nodes marked `(patched)` (by `--to`'s rollout, when given).
     Rollback(rollback::Args),
-    /// Check an upgrade runbook against a cluster and print its steps (--dry-run; running is not wired yet).
+    /// Run an upgrade runbook on a cluster: checks, backups, edits, SQL, container swaps; journaled, resumable,
+    /// rolled back on failure (--dry-run prints its steps).
     Upgrade(upgrade::Args),
     /// Show rollout reports.
     Audit(audit::Args),

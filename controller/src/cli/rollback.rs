@@ -1,5 +1,6 @@
 //! `patchctl rollback <cluster>`: a rollout like `patch` (same planner, hooks, failure budget, journal and resume)
-//! whose apply step is the agent's Rollback call, bringing nodes back to the version before a patch.
+//! whose apply step is the agent's Rollback call, bringing nodes back to the version before a patch. With
+//! `--upgrade ID`, the full undo of an upgrade instead (`cli/upgrade.rs`).
 
 use super::Ctx;
 use super::args::{RolloutFlags, Selection, lock_for_new_rollout};
@@ -27,12 +28,19 @@ pub struct Args {
     /// Continue the cluster's unfinished rollout.
     #[arg(long)]
     pub resume: bool,
+    /// Undo an upgrade (`patchctl upgrade`): every done step's undo, newest first (databases loaded back from
+    /// their dumps, files and containers restored).
+    #[arg(long = "upgrade", value_name = "UPGRADE_ID", conflicts_with_all = ["to", "resume"])]
+    pub upgrade: Option<String>,
     /// Longest wait for one node's status probes before planning.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub probe_timeout: Duration,
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
+    if let Some(id) = &args.upgrade {
+        return super::upgrade::undo(ctx, &args.cluster, id, args.rollout.yes).await;
+    }
     let store = Arc::new(Store::open_home(&ctx.home)?);
     if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
         if args.resume {

@@ -1,5 +1,6 @@
 //! The controller's records in one SQLite file (`$PATCHCTL_HOME/patchctl.db`): clusters, per-node `(patched)`
-//! marks, `--overwrite` packages per role, the rollout lock, and every rollout's journal and audit trail.
+//! marks, `--overwrite` packages per role, the rollout lock, every rollout's journal and audit trail, and every
+//! upgrade (runbook) with its step journal (`upgrades.rs`).
 //!
 //! Why SQLite and not redb: `patchctl display` and `patchctl audit` must read the store while another
 //! `patchctl patch` process is writing its journal, and two processes must be able to race for the rollout lock.
@@ -18,11 +19,13 @@ mod records;
 mod schema;
 #[cfg(test)]
 mod tests;
+mod upgrades;
 
 pub use lock::{LockHolder, RolloutLock};
 pub use records::*;
 pub use schema::MIGRATIONS;
 use schema::{migrate, open_connection};
+pub use upgrades::{NewUpgrade, UpgradeOutcome, UpgradeRecord};
 
 use crate::home::Home;
 use rusqlite::Connection;

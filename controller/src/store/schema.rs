@@ -84,6 +84,29 @@ CREATE TABLE store_identity (
 );
 INSERT INTO store_identity (id) VALUES ('store-' || lower(hex(randomblob(8))));
 "#,
+    r#"
+CREATE TABLE upgrades (
+    id             TEXT PRIMARY KEY,
+    cluster        TEXT NOT NULL,
+    runbook_name   TEXT NOT NULL,
+    runbook_sha256 TEXT NOT NULL,
+    runbook_text   TEXT NOT NULL,
+    package_digest TEXT NOT NULL,
+    package_path   TEXT NOT NULL,
+    schedule_json  TEXT NOT NULL,
+    started_at     INTEGER NOT NULL,
+    finished_at    INTEGER,
+    outcome        TEXT NOT NULL
+);
+CREATE INDEX upgrades_by_cluster ON upgrades (cluster, started_at);
+CREATE TABLE upgrade_journal (
+    upgrade_id TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    entry_json TEXT NOT NULL,
+    at         INTEGER NOT NULL,
+    PRIMARY KEY (upgrade_id, seq)
+);
+"#,
 ];
 
 pub(super) fn open_connection(path: &Path) -> Result<Connection, StoreError> {
