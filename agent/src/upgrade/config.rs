@@ -69,7 +69,7 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error
 pub enum ParamType {
     /// 1..=128 of `[A-Za-z0-9_.:@-]`, not starting with `-`.
     Word,
-    /// A decimal integer.
+    /// A decimal integer without a sign.
     Int,
     /// An absolute, clean path under a declared root.
     Path,
@@ -120,15 +120,18 @@ impl ParamType {
                     ))
                 }
             }
+            // No sign: a value starting with `-` would be read as an option by most programs.
             ParamType::Int => {
-                let digits = value.strip_prefix('-').unwrap_or(value);
-                if !digits.is_empty()
-                    && digits.len() <= 19
-                    && digits.chars().all(|c| c.is_ascii_digit())
+                if !value.is_empty()
+                    && value.len() <= 19
+                    && value.chars().all(|c| c.is_ascii_digit())
                 {
                     Ok(())
                 } else {
-                    Err(format!("`{value}` is not a decimal integer"))
+                    Err(format!(
+                        "`{value}` is not a decimal integer of at most 19 digits without a sign (a leading `-` \
+                         would read as an option)"
+                    ))
                 }
             }
             ParamType::Path => {

@@ -35,6 +35,11 @@ use run::{Finished, Streams};
 use std::path::Path;
 use std::sync::Arc;
 
+/// The largest file a yaml_edit reads: configuration files are small, and the whole file is held in memory.
+pub const MAX_YAML_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// The largest `edits_json` a yaml_edit accepts.
+pub const MAX_EDITS_JSON_BYTES: usize = 256 * 1024;
+
 /// What one agent may do for upgrade steps: its `[upgrade]` section and docker services.
 #[derive(Debug, Clone)]
 pub struct Upgrades {
@@ -495,6 +500,13 @@ impl Upgrades {
         area: BackupArea,
         op: v1::YamlEditOp,
     ) -> Result<v1::UpgradeStepResponse, UpgradeError> {
+        if op.edits_json.len() > MAX_EDITS_JSON_BYTES {
+            return Err(UpgradeError::Invalid(format!(
+                "`edits_json` is {} bytes, more than the {MAX_EDITS_JSON_BYTES} a yaml_edit step may send: split \
+                 the edits over several steps",
+                op.edits_json.len()
+            )));
+        }
         let edits: Vec<Edit> = serde_json::from_str(&op.edits_json).map_err(|e| {
             UpgradeError::Invalid(format!(
                 "`edits_json` is not a list of yaml_edit edits: {e}"
@@ -503,7 +515,8 @@ impl Upgrades {
         let (root, rel) = self.roots.locate(&op.file, "yaml_edit file")?;
         let roots = self.roots.clone();
         blocking(move || {
-            let (original, mode) = files::read_file(&root, &rel, "yaml_edit file")?;
+            let (original, mode) =
+                files::read_file_capped(&root, &rel, MAX_YAML_FILE_BYTES, "yaml_edit file")?;
             let edited = apply_edits(&original, &edits).map_err(|e| {
                 UpgradeError::Precondition(format!("yaml_edit of {}: {e}", op.file))
             })?;
@@ -514,7 +527,12 @@ impl Upgrades {
                 .map_err(|e| paths::fs_error(e, "the yaml_edit backup"))?
                 .is_some();
             let saved = if kept {
-                let (bytes, _) = files::read_file(&state, &backup_rel, "the yaml_edit backup")?;
+                let (bytes, _) = files::read_file_capped(
+                    &state,
+                    &backup_rel,
+                    MAX_YAML_FILE_BYTES,
+                    "the yaml_edit backup",
+                )?;
                 files::Written {
                     rel: backup_rel,
                     size: bytes.len() as u64,
