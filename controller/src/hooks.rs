@@ -288,7 +288,7 @@ pub fn value_text(value: &serde_json::Value) -> String {
     }
 }
 
-fn describe_reqwest_error(error: &reqwest::Error) -> String {
+pub(crate) fn describe_reqwest_error(error: &reqwest::Error) -> String {
     use std::error::Error as _;
     let kind = if error.is_timeout() {
         "timed out"
