@@ -71,7 +71,7 @@ pub enum ParamType {
     Word,
     /// A decimal integer without a sign.
     Int,
-    /// An absolute, clean path under a declared root.
+    /// An absolute, clean path under a declared root, of plain characters (letters, digits, `/_.:@+,=-`).
     Path,
     /// One of the listed values.
     OneOf(Vec<String>),
@@ -134,13 +134,20 @@ impl ParamType {
                     ))
                 }
             }
+            // Plain characters only: an action's argv may hand the value to a shell (`sh -c "... {path}"`),
+            // where a space, quote, `;`, `$` or newline would be syntax.
             ParamType::Path => {
-                if patchd_apply::confine::is_clean_absolute(std::path::Path::new(value)) {
-                    Ok(())
-                } else {
+                if !patchd_apply::confine::is_clean_absolute(std::path::Path::new(value)) {
                     Err(format!(
                         "`{value}` is not a clean absolute path (no `.`, `..` or relative parts)"
                     ))
+                } else if value.len() > 4096 || !value.chars().all(is_plain_path_char) {
+                    Err(format!(
+                        "{value:?} holds characters a path parameter may not (only letters, digits and \
+                         `/_.:@+,=-`, at most 4096): rename the file or pass its directory"
+                    ))
+                } else {
+                    Ok(())
                 }
             }
             ParamType::OneOf(choices) => {
@@ -152,6 +159,11 @@ impl ParamType {
             }
         }
     }
+}
+
+/// A character of a `path` parameter: nothing a shell reads as syntax, no whitespace or control character.
+fn is_plain_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '.' | ':' | '@' | '+' | ',' | '=' | '-')
 }
 
 /// The `{name}` marks in one argv element, in order.

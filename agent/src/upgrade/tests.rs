@@ -175,9 +175,13 @@ async fn a_timeout_kills_the_action() {
 fn templating_is_one_pass_and_paths_must_be_under_a_root() {
     let rig = rig();
     let load = rig.upgrades.section.action("load").unwrap();
-    let inside = rig.root.join("f{target}").display().to_string();
+    let inside = rig.root.join("f").display().to_string();
     let argv = template::render(load, std::slice::from_ref(&inside), &rig.upgrades.roots).unwrap();
     assert_eq!(argv[2], format!("cat > {inside}"));
+    // A value holding a mark is refused outright (and would not be filled again: one pass).
+    let marked = rig.root.join("f{target}").display().to_string();
+    let refused = template::render(load, &[marked], &rig.upgrades.roots).unwrap_err();
+    assert!(matches!(refused, UpgradeError::Invalid(_)), "{refused}");
     for bad in [
         rig.outside.join("f").display().to_string(),
         rig.root.display().to_string(),
@@ -666,7 +670,22 @@ mod hostile_controller {
             .unwrap_err();
         assert!(matches!(refused, UpgradeError::Invalid(_)), "{refused}");
         let load = rig.upgrades.section.action("load").unwrap();
-        for bad in [nul.clone(), "relative/path".into(), "-/x".into()] {
+        let root = rig.root.display();
+        for bad in [
+            nul.clone(),
+            "relative/path".into(),
+            "-/x".into(),
+            format!("{root}/x; rm -rf /"),
+            format!("{root}/$(id)"),
+            format!("{root}/`id`"),
+            format!("{root}/a\nb"),
+            format!("{root}/a b"),
+            format!("{root}/a'b"),
+            format!("{root}/a\"b"),
+            format!("{root}/a|b"),
+            format!("{root}/a>b"),
+            format!("{root}/*"),
+        ] {
             let refused = template::render(load, std::slice::from_ref(&bad), &rig.upgrades.roots)
                 .unwrap_err();
             assert!(
