@@ -2,7 +2,7 @@
 //! plus the registered cluster's CA (as hooks do, `crate::hooks`); no proxy, no redirects followed, at most
 //! [`crate::hooks::MAX_ANSWER_BYTES`] of an answer read.
 
-use crate::hooks::{MAX_ANSWER_BYTES, describe_reqwest_error};
+use crate::hooks::{MAX_ANSWER_BYTES, describe_reqwest_error, with_body};
 use crate::tls_files::ControllerTls;
 use crate::untrusted::escaped;
 use patchd_runbook::HttpMethod;
@@ -69,14 +69,7 @@ impl HttpSteps {
         };
         let mut request = self.http.request(wire_method, url).timeout(HTTP_TIMEOUT);
         if let Some(body) = body {
-            let content_type = if body.trim_start().starts_with(['{', '[', '"']) {
-                "application/json"
-            } else {
-                "text/plain"
-            };
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, content_type)
-                .body(body.to_string());
+            request = with_body(request, body);
         }
         let failed =
             |error: reqwest::Error| format!("{name} {url}: {}", describe_reqwest_error(&error));
