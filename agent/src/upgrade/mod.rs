@@ -32,6 +32,7 @@ use patchd_proto::v1;
 use patchd_runbook::yaml_edit::{Edit, apply_edits};
 use paths::Roots;
 use run::{Finished, Streams};
+use std::io::Seek;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -443,9 +444,15 @@ impl Upgrades {
             };
             plan.push((backup.clone(), saved, target));
         }
+        // Each backup is opened once, hashed through that descriptor and rewound: what is restored is the very
+        // file whose sha256 was checked, not whatever a rename put at its path meanwhile.
         let plan = blocking(move || {
-            for (backup, (dir, rel), _) in &plan {
-                let actual = dir.sha256(rel).map_err(|e| paths::fs_error(e, "backup file"))?;
+            let mut opened = Vec::new();
+            for (backup, (dir, rel), target) in plan {
+                let (mut file, mode) = files::open_with_mode(&dir, &rel, "backup file")?;
+                let shown = dir.display_path(&rel);
+                let actual = patchd_apply::fsutil::hash_reader(&mut file, &shown)
+                    .map_err(|e| paths::fs_error(e, "backup file"))?;
                 if actual != backup.sha256 {
                     return Err(UpgradeError::Precondition(format!(
                         "backup {} changed since it was taken (sha256 {actual}, recorded {}): nothing was \
@@ -453,16 +460,19 @@ impl Upgrades {
                         backup.path, backup.sha256
                     )));
                 }
+                file.rewind().map_err(|e| {
+                    UpgradeError::Internal(format!("cannot rewind backup {}: {e}", backup.path))
+                })?;
+                opened.push((backup, file, mode, target));
             }
-            Ok(plan)
+            Ok(opened)
         })
         .await?;
         let mut response = v1::UpgradeStepResponse::default();
         let count = plan.len();
-        for (backup, (dir, rel), target) in plan {
+        for (backup, mut file, mode, target) in plan {
             match (&call, target) {
                 (Some((action, argv)), _) => {
-                    let (file, _) = files::open_with_mode(&dir, &rel, "backup file")?;
                     let streams = Streams {
                         stdin: Some(file),
                         stdout: None,
@@ -480,7 +490,10 @@ impl Upgrades {
                 }
                 (None, Some((root, target_rel))) => {
                     blocking(move || {
-                        files::copy_file(&dir, &rel, &root, &target_rel, "backup file").map(|_| ())
+                        files::write_file(&root, &target_rel, mode, |out| {
+                            std::io::copy(&mut file, out).map(|_| ())
+                        })
+                        .map(|_| ())
                     })
                     .await?;
                 }
