@@ -261,9 +261,10 @@ impl v1::agent_server::Agent for AgentService {
             }
             self.check_lease(&request.service, request.lease.take(), &lease_holder)?;
         }
+        // Debug-quoted: both are the caller's text, checked only later, and must not forge log lines.
         tracing::info!(
-            upgrade = %request.upgrade_id,
-            step = %request.step,
+            upgrade = ?request.upgrade_id,
+            step = ?request.step,
             caller = %caller,
             "upgrade step"
         );

@@ -165,14 +165,7 @@ impl HookClient {
             .request(http_method, url)
             .timeout(limit.min(spec.timeout));
         if let Some(body) = body {
-            let content_type = if body.trim_start().starts_with(['{', '[']) {
-                "application/json"
-            } else {
-                "text/plain"
-            };
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, content_type)
-                .body(body.to_string());
+            request = with_body(request, body);
         }
         let http_error = |error: reqwest::Error| HookError::Http {
             method,
@@ -288,7 +281,21 @@ pub fn value_text(value: &serde_json::Value) -> String {
     }
 }
 
-fn describe_reqwest_error(error: &reqwest::Error) -> String {
+/// `request` carrying `body`, typed `application/json` when it reads as JSON (an object, list or string), else
+/// `text/plain`.
+pub(crate) fn with_body(request: reqwest::RequestBuilder, body: &str) -> reqwest::RequestBuilder {
+    let content_type = if body.trim_start().starts_with(['{', '[', '"']) {
+        "application/json"
+    } else {
+        "text/plain"
+    };
+    request
+        .header(reqwest::header::CONTENT_TYPE, content_type)
+        .body(body.to_string())
+}
+
+/// What went wrong with an HTTP call: its kind, then every cause.
+pub(crate) fn describe_reqwest_error(error: &reqwest::Error) -> String {
     use std::error::Error as _;
     let kind = if error.is_timeout() {
         "timed out"

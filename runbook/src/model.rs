@@ -229,6 +229,17 @@ impl HttpMethod {
     pub fn is_idempotent(self) -> bool {
         matches!(self, HttpMethod::Get | HttpMethod::Put | HttpMethod::Delete)
     }
+
+    /// The method as HTTP spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            HttpMethod::Get => "GET",
+            HttpMethod::Put => "PUT",
+            HttpMethod::Post => "POST",
+            HttpMethod::Delete => "DELETE",
+            HttpMethod::Patch => "PATCH",
+        }
+    }
 }
 
 /// `http:`.

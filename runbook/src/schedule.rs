@@ -343,7 +343,7 @@ fn describe(action: &Action, fill: &dyn Fn(&str) -> String) -> String {
             let probe = match &check.probe {
                 Probe::Command(command) => format!("run `{}`", argv(command)),
                 Probe::Http { method, url, .. } => {
-                    format!("{} {}", method_name(*method), fill(url))
+                    format!("{} {}", method.name(), fill(url))
                 }
                 Probe::Sql { database, query } => format!("query {database}: {}", fill(query)),
             };
@@ -356,7 +356,7 @@ fn describe(action: &Action, fill: &dyn Fn(&str) -> String) -> String {
             format!("check {probe} → {expect}")
         }
         Action::Http(call) => {
-            let mut text = format!("{} {}", method_name(call.method), fill(&call.url));
+            let mut text = format!("{} {}", call.method.name(), fill(&call.url));
             if let Some(save) = &call.save {
                 text.push_str(&format!(", save {} = {}", save.name, save.field));
             }
@@ -454,15 +454,5 @@ fn describe(action: &Action, fill: &dyn Fn(&str) -> String) -> String {
                 restore.backup
             ),
         },
-    }
-}
-
-fn method_name(method: HttpMethod) -> &'static str {
-    match method {
-        HttpMethod::Get => "GET",
-        HttpMethod::Put => "PUT",
-        HttpMethod::Post => "POST",
-        HttpMethod::Delete => "DELETE",
-        HttpMethod::Patch => "PATCH",
     }
 }

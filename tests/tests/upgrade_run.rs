@@ -276,15 +276,22 @@ fn run(home: &Path, args: &[&str], fault_after: Option<usize>) -> Output {
         .args(args)
         .env("PATCHCTL_HOME", home)
         .env(PASSWORD_ENV, PASSWORD)
-        .env_remove("PATCHCTL_LOG")
+        // Every log line on: the password must be in none of them either.
+        .env("PATCHCTL_LOG", "debug")
         .env_remove("PATCHCTL_FAULT_UPGRADE_EXIT_AFTER")
         .stdin(Stdio::null());
     if let Some(n) = fault_after {
         command.env("PATCHCTL_FAULT_UPGRADE_EXIT_AFTER", n.to_string());
     }
-    command
+    let out = command
         .output()
-        .unwrap_or_else(|e| panic!("cannot run patchctl {args:?}: {e}"))
+        .unwrap_or_else(|e| panic!("cannot run patchctl {args:?}: {e}"));
+    assert!(
+        !text(&out).contains(PASSWORD),
+        "patchctl {args:?} showed the database password:\n{}",
+        text(&out)
+    );
+    out
 }
 
 fn text(out: &Output) -> String {

@@ -69,9 +69,9 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error
 pub enum ParamType {
     /// 1..=128 of `[A-Za-z0-9_.:@-]`, not starting with `-`.
     Word,
-    /// A decimal integer.
+    /// A decimal integer without a sign.
     Int,
-    /// An absolute, clean path under a declared root.
+    /// An absolute, clean path under a declared root, of plain characters (letters, digits, `/_.:@+,=-`).
     Path,
     /// One of the listed values.
     OneOf(Vec<String>),
@@ -120,24 +120,34 @@ impl ParamType {
                     ))
                 }
             }
+            // No sign: a value starting with `-` would be read as an option by most programs.
             ParamType::Int => {
-                let digits = value.strip_prefix('-').unwrap_or(value);
-                if !digits.is_empty()
-                    && digits.len() <= 19
-                    && digits.chars().all(|c| c.is_ascii_digit())
+                if !value.is_empty()
+                    && value.len() <= 19
+                    && value.chars().all(|c| c.is_ascii_digit())
                 {
                     Ok(())
                 } else {
-                    Err(format!("`{value}` is not a decimal integer"))
+                    Err(format!(
+                        "`{value}` is not a decimal integer of at most 19 digits without a sign (a leading `-` \
+                         would read as an option)"
+                    ))
                 }
             }
+            // Plain characters only: an action's argv may hand the value to a shell (`sh -c "... {path}"`),
+            // where a space, quote, `;`, `$` or newline would be syntax.
             ParamType::Path => {
-                if patchd_apply::confine::is_clean_absolute(std::path::Path::new(value)) {
-                    Ok(())
-                } else {
+                if !patchd_apply::confine::is_clean_absolute(std::path::Path::new(value)) {
                     Err(format!(
                         "`{value}` is not a clean absolute path (no `.`, `..` or relative parts)"
                     ))
+                } else if value.len() > 4096 || !value.chars().all(is_plain_path_char) {
+                    Err(format!(
+                        "{value:?} holds characters a path parameter may not (only letters, digits and \
+                         `/_.:@+,=-`, at most 4096): rename the file or pass its directory"
+                    ))
+                } else {
+                    Ok(())
                 }
             }
             ParamType::OneOf(choices) => {
@@ -149,6 +159,11 @@ impl ParamType {
             }
         }
     }
+}
+
+/// A character of a `path` parameter: nothing a shell reads as syntax, no whitespace or control character.
+fn is_plain_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '.' | ':' | '@' | '+' | ',' | '=' | '-')
 }
 
 /// The `{name}` marks in one argv element, in order.

@@ -113,12 +113,36 @@ pub fn open_with_mode(
     Ok((file, mode & 0o7777))
 }
 
-/// Reads the whole regular file `rel` below `dir`, with its mode.
-pub fn read_file(dir: &DirHandle, rel: &Path, what: &str) -> Result<(Vec<u8>, u32), UpgradeError> {
-    let (mut file, mode) = open_with_mode(dir, rel, what)?;
+/// Reads the whole regular file `rel` below `dir`, with its mode, refusing one of more than `cap` bytes (checked
+/// while reading too: a file growing meanwhile cannot get past it).
+pub fn read_file_capped(
+    dir: &DirHandle,
+    rel: &Path,
+    cap: u64,
+    what: &str,
+) -> Result<(Vec<u8>, u32), UpgradeError> {
+    let (file, mode) = open_with_mode(dir, rel, what)?;
+    let too_big = || {
+        UpgradeError::Precondition(format!(
+            "{what} {} is larger than {cap} bytes, more than an upgrade step reads: edit it by hand or with a \
+             declared action",
+            dir.display_path(rel).display()
+        ))
+    };
+    let size = file
+        .metadata()
+        .map_err(|e| io_failed("cannot stat", &dir.display_path(rel), e))?
+        .len();
+    if size > cap {
+        return Err(too_big());
+    }
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)
+    file.take(cap.saturating_add(1))
+        .read_to_end(&mut bytes)
         .map_err(|e| io_failed("cannot read", &dir.display_path(rel), e))?;
+    if bytes.len() as u64 > cap {
+        return Err(too_big());
+    }
     Ok((bytes, mode))
 }
 

@@ -32,8 +32,14 @@ use patchd_proto::v1;
 use patchd_runbook::yaml_edit::{Edit, apply_edits};
 use paths::Roots;
 use run::{Finished, Streams};
+use std::io::Seek;
 use std::path::Path;
 use std::sync::Arc;
+
+/// The largest file a yaml_edit reads: configuration files are small, and the whole file is held in memory.
+pub const MAX_YAML_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// The largest `edits_json` a yaml_edit accepts.
+pub const MAX_EDITS_JSON_BYTES: usize = 256 * 1024;
 
 /// What one agent may do for upgrade steps: its `[upgrade]` section and docker services.
 #[derive(Debug, Clone)]
@@ -438,9 +444,15 @@ impl Upgrades {
             };
             plan.push((backup.clone(), saved, target));
         }
+        // Each backup is opened once, hashed through that descriptor and rewound: what is restored is the very
+        // file whose sha256 was checked, not whatever a rename put at its path meanwhile.
         let plan = blocking(move || {
-            for (backup, (dir, rel), _) in &plan {
-                let actual = dir.sha256(rel).map_err(|e| paths::fs_error(e, "backup file"))?;
+            let mut opened = Vec::new();
+            for (backup, (dir, rel), target) in plan {
+                let (mut file, mode) = files::open_with_mode(&dir, &rel, "backup file")?;
+                let shown = dir.display_path(&rel);
+                let actual = patchd_apply::fsutil::hash_reader(&mut file, &shown)
+                    .map_err(|e| paths::fs_error(e, "backup file"))?;
                 if actual != backup.sha256 {
                     return Err(UpgradeError::Precondition(format!(
                         "backup {} changed since it was taken (sha256 {actual}, recorded {}): nothing was \
@@ -448,16 +460,19 @@ impl Upgrades {
                         backup.path, backup.sha256
                     )));
                 }
+                file.rewind().map_err(|e| {
+                    UpgradeError::Internal(format!("cannot rewind backup {}: {e}", backup.path))
+                })?;
+                opened.push((backup, file, mode, target));
             }
-            Ok(plan)
+            Ok(opened)
         })
         .await?;
         let mut response = v1::UpgradeStepResponse::default();
         let count = plan.len();
-        for (backup, (dir, rel), target) in plan {
+        for (backup, mut file, mode, target) in plan {
             match (&call, target) {
                 (Some((action, argv)), _) => {
-                    let (file, _) = files::open_with_mode(&dir, &rel, "backup file")?;
                     let streams = Streams {
                         stdin: Some(file),
                         stdout: None,
@@ -475,7 +490,10 @@ impl Upgrades {
                 }
                 (None, Some((root, target_rel))) => {
                     blocking(move || {
-                        files::copy_file(&dir, &rel, &root, &target_rel, "backup file").map(|_| ())
+                        files::write_file(&root, &target_rel, mode, |out| {
+                            std::io::copy(&mut file, out).map(|_| ())
+                        })
+                        .map(|_| ())
                     })
                     .await?;
                 }
@@ -495,6 +513,13 @@ impl Upgrades {
         area: BackupArea,
         op: v1::YamlEditOp,
     ) -> Result<v1::UpgradeStepResponse, UpgradeError> {
+        if op.edits_json.len() > MAX_EDITS_JSON_BYTES {
+            return Err(UpgradeError::Invalid(format!(
+                "`edits_json` is {} bytes, more than the {MAX_EDITS_JSON_BYTES} a yaml_edit step may send: split \
+                 the edits over several steps",
+                op.edits_json.len()
+            )));
+        }
         let edits: Vec<Edit> = serde_json::from_str(&op.edits_json).map_err(|e| {
             UpgradeError::Invalid(format!(
                 "`edits_json` is not a list of yaml_edit edits: {e}"
@@ -503,7 +528,8 @@ impl Upgrades {
         let (root, rel) = self.roots.locate(&op.file, "yaml_edit file")?;
         let roots = self.roots.clone();
         blocking(move || {
-            let (original, mode) = files::read_file(&root, &rel, "yaml_edit file")?;
+            let (original, mode) =
+                files::read_file_capped(&root, &rel, MAX_YAML_FILE_BYTES, "yaml_edit file")?;
             let edited = apply_edits(&original, &edits).map_err(|e| {
                 UpgradeError::Precondition(format!("yaml_edit of {}: {e}", op.file))
             })?;
@@ -514,7 +540,12 @@ impl Upgrades {
                 .map_err(|e| paths::fs_error(e, "the yaml_edit backup"))?
                 .is_some();
             let saved = if kept {
-                let (bytes, _) = files::read_file(&state, &backup_rel, "the yaml_edit backup")?;
+                let (bytes, _) = files::read_file_capped(
+                    &state,
+                    &backup_rel,
+                    MAX_YAML_FILE_BYTES,
+                    "the yaml_edit backup",
+                )?;
                 files::Written {
                     rel: backup_rel,
                     size: bytes.len() as u64,

@@ -5,6 +5,7 @@
 
 use super::error::UpgradeError;
 use patchd_apply::fsutil::{DirHandle, FileType, FsError};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// The backup area below `state_dir`.
@@ -38,6 +39,11 @@ impl Roots {
 
     /// The root `path` lies strictly below (lexically) and the path relative to it.
     fn split<'p>(&self, path: &'p Path, what: &str) -> Result<(&Path, &'p Path), UpgradeError> {
+        if path.as_os_str().as_bytes().contains(&0) {
+            return Err(UpgradeError::Invalid(format!(
+                "{what} {path:?} holds a NUL byte: no file is named so; fix the runbook's path"
+            )));
+        }
         if !patchd_apply::confine::is_clean_absolute(path) {
             return Err(UpgradeError::Denied(format!(
                 "{what} `{}` is not a clean absolute path (no `.`, `..` or relative parts); upgrade steps touch \
@@ -134,8 +140,8 @@ pub fn symlink_refused(path: &Path, what: &str) -> UpgradeError {
     ))
 }
 
-/// A file-system failure in the words of the RPC: a symlink or escape is `PERMISSION_DENIED`, an absent file
-/// `FAILED_PRECONDITION`, anything else `INTERNAL`.
+/// A file-system failure in the words of the RPC: a symlink or escape is `PERMISSION_DENIED`, an absent file or
+/// one that is not a regular file `FAILED_PRECONDITION`, anything else `INTERNAL`.
 pub fn fs_error(error: FsError, what: &str) -> UpgradeError {
     match error.source.kind() {
         std::io::ErrorKind::PermissionDenied => UpgradeError::Denied(format!(
@@ -143,6 +149,10 @@ pub fn fs_error(error: FsError, what: &str) -> UpgradeError {
         )),
         std::io::ErrorKind::NotFound => UpgradeError::Precondition(format!(
             "{what}: {error}; check the path exists on this host"
+        )),
+        std::io::ErrorKind::InvalidInput => UpgradeError::Precondition(format!(
+            "{what}: {error}; upgrade steps read and write regular files only (not a directory, pipe, socket \
+             or device): fix the runbook's path"
         )),
         _ => UpgradeError::Internal(format!("{what}: {error}")),
     }

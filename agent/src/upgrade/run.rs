@@ -119,23 +119,28 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
 
 /// Reads everything, keeping the first `cap` bytes (the rest is drained so the writer never blocks).
 async fn read_capped(stream: Option<impl AsyncRead + Unpin>, cap: usize) -> Vec<u8> {
-    let mut kept = Vec::new();
-    let Some(mut stream) = stream else {
-        return kept;
-    };
-    let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n) = stream.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-        let room = cap.saturating_sub(kept.len()).min(n);
-        kept.extend_from_slice(&buf[..room]);
-    }
-    kept
+    read_keeping(stream, |kept, chunk| {
+        let room = cap.saturating_sub(kept.len()).min(chunk.len());
+        kept.extend_from_slice(&chunk[..room]);
+    })
+    .await
 }
 
 /// Reads everything, keeping the last `cap` bytes.
 async fn read_tail(stream: Option<impl AsyncRead + Unpin>, cap: usize) -> Vec<u8> {
+    read_keeping(stream, |kept, chunk| {
+        kept.extend_from_slice(chunk);
+        let excess = kept.len().saturating_sub(cap);
+        kept.drain(..excess);
+    })
+    .await
+}
+
+/// Reads `stream` to its end, `keep` choosing what of each chunk stays.
+async fn read_keeping(
+    stream: Option<impl AsyncRead + Unpin>,
+    mut keep: impl FnMut(&mut Vec<u8>, &[u8]),
+) -> Vec<u8> {
     let mut kept = Vec::new();
     let Some(mut stream) = stream else {
         return kept;
@@ -145,9 +150,7 @@ async fn read_tail(stream: Option<impl AsyncRead + Unpin>, cap: usize) -> Vec<u8
         if n == 0 {
             break;
         }
-        kept.extend_from_slice(&buf[..n]);
-        let excess = kept.len().saturating_sub(cap);
-        kept.drain(..excess);
+        keep(&mut kept, &buf[..n]);
     }
     kept
 }

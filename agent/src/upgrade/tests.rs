@@ -175,9 +175,13 @@ async fn a_timeout_kills_the_action() {
 fn templating_is_one_pass_and_paths_must_be_under_a_root() {
     let rig = rig();
     let load = rig.upgrades.section.action("load").unwrap();
-    let inside = rig.root.join("f{target}").display().to_string();
+    let inside = rig.root.join("f").display().to_string();
     let argv = template::render(load, std::slice::from_ref(&inside), &rig.upgrades.roots).unwrap();
     assert_eq!(argv[2], format!("cat > {inside}"));
+    // A value holding a mark is refused outright (and would not be filled again: one pass).
+    let marked = rig.root.join("f{target}").display().to_string();
+    let refused = template::render(load, &[marked], &rig.upgrades.roots).unwrap_err();
+    assert!(matches!(refused, UpgradeError::Invalid(_)), "{refused}");
     for bad in [
         rig.outside.join("f").display().to_string(),
         rig.root.display().to_string(),
@@ -495,4 +499,318 @@ async fn standard_output_in_the_answer_is_capped_at_64_kib() {
     let answer = run(&rig, "dump", &["200000"]).await.unwrap();
     assert_eq!(answer.exit_code, 0, "the action was not blocked by the cap");
     assert_eq!(answer.stdout.len(), run::STDOUT_CAP);
+}
+
+/// What a hostile controller may send: every refusal below must come before anything is read or written.
+mod hostile_controller {
+    use super::*;
+
+    fn restore_op(path: &Path, source: &Path, sha256: &str) -> v1::RestoreOp {
+        v1::RestoreOp {
+            backups: vec![v1::UpgradeBackup {
+                path: path.display().to_string(),
+                source: source.display().to_string(),
+                size: 0,
+                sha256: sha256.into(),
+            }],
+            call: None,
+        }
+    }
+
+    fn sha256_of(bytes: &[u8]) -> String {
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+    }
+
+    #[tokio::test]
+    async fn a_restore_neither_reads_nor_writes_outside_the_roots_and_the_backup_area() {
+        let rig = rig();
+        let secret = rig.outside.join("shadow");
+        std::fs::write(&secret, "root:hash\n").unwrap();
+        let inside = rig.root.join("config.yaml");
+        std::fs::write(&inside, CONFIG).unwrap();
+        let dotted_area = rig.state.join("upgrade/../../outside/shadow");
+        let cases = [
+            // Reading a file outside into a root.
+            (secret.clone(), inside.clone(), "root:hash\n".as_bytes()),
+            // `..` out of the backup area.
+            (dotted_area, inside.clone(), "root:hash\n".as_bytes()),
+            // The state dir outside its backup area.
+            (rig.state.join("agent.key"), inside.clone(), b"".as_slice()),
+            // Overwriting a file outside through `source`.
+            (inside.clone(), secret.clone(), CONFIG.as_bytes()),
+            (
+                inside.clone(),
+                rig.root.join("../outside/shadow"),
+                CONFIG.as_bytes(),
+            ),
+        ];
+        for (path, source, bytes) in cases {
+            let refused = rig
+                .upgrades
+                .restore(restore_op(&path, &source, &sha256_of(bytes)))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(refused, UpgradeError::Denied(_)),
+                "{} -> {}: {refused}",
+                path.display(),
+                source.display()
+            );
+        }
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "root:hash\n");
+        assert_eq!(std::fs::read_to_string(&inside).unwrap(), CONFIG);
+    }
+
+    #[tokio::test]
+    async fn a_symlinked_backup_area_or_restore_target_is_refused() {
+        let rig = rig();
+        let secret = rig.outside.join("shadow");
+        std::fs::write(&secret, "root:hash\n").unwrap();
+        std::os::unix::fs::symlink(&rig.outside, rig.state.join("upgrade")).unwrap();
+        let through_area = rig.state.join("upgrade/shadow");
+        let target = rig.root.join("copy");
+        let refused = rig
+            .upgrades
+            .restore(restore_op(
+                &through_area,
+                &target,
+                &sha256_of(b"root:hash\n"),
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, UpgradeError::Denied(_)), "{refused}");
+        assert!(!target.exists());
+        let file = rig.root.join("config.yaml");
+        std::fs::write(&file, CONFIG).unwrap();
+        let refused = rig
+            .upgrades
+            .backup_paths(
+                area(),
+                v1::BackupPathsOp {
+                    paths: vec![file.display().to_string()],
+                    min_bytes: 0,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, UpgradeError::Denied(_)), "{refused}");
+        assert_eq!(
+            std::fs::read_dir(&rig.outside).unwrap().count(),
+            1,
+            "nothing written through the symlinked backup area"
+        );
+
+        std::fs::create_dir_all(rig.root.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&rig.outside, rig.root.join("sub/link")).unwrap();
+        let refused = rig
+            .upgrades
+            .restore(restore_op(
+                &file,
+                &rig.root.join("sub/link/shadow"),
+                &sha256_of(CONFIG.as_bytes()),
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, UpgradeError::Denied(_)), "{refused}");
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "root:hash\n");
+    }
+
+    #[test]
+    fn backup_area_names_cannot_escape_or_hold_odd_bytes() {
+        let long = "a".repeat(129);
+        for (id, step) in [
+            ("..", "s"),
+            ("u", ".."),
+            ("u", "a\0b"),
+            ("u\0", "s"),
+            ("u", "a\nb"),
+            ("/abs", "s"),
+            ("u", "-rf"),
+            (long.as_str(), "s"),
+            ("u", long.as_str()),
+        ] {
+            assert!(
+                matches!(backup_area(id, step), Err(UpgradeError::Invalid(_))),
+                "{id:?} {step:?}"
+            );
+        }
+        assert!(backup_area(&"a".repeat(128), "s").is_ok());
+    }
+
+    #[tokio::test]
+    async fn arguments_cannot_smuggle_shell_syntax_options_or_lines() {
+        let rig = rig();
+        for (action, args) in [
+            ("say", vec!["$(touch x)", "1"]),
+            ("say", vec!["a;rm", "1"]),
+            ("say", vec!["a|b", "1"]),
+            ("say", vec!["`id`", "1"]),
+            ("say", vec!["a\nb", "1"]),
+            ("say", vec!["--help", "1"]),
+            ("say", vec!["a", "-1"]),
+            ("say", vec!["a", "1\n2"]),
+            ("say", vec!["a", "99999999999999999999"]),
+            ("say", vec!["a\0b", "1"]),
+            ("mode", vec!["safe "]),
+        ] {
+            let refused = run(&rig, action, &args).await.unwrap_err();
+            assert!(
+                matches!(refused, UpgradeError::Invalid(_)),
+                "{action} {args:?}: {refused}"
+            );
+        }
+        let nul = format!("{}/a\0b", rig.root.display());
+        let refused = rig
+            .upgrades
+            .restore(v1::RestoreOp {
+                backups: vec![],
+                call: call("load", &[&nul]),
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, UpgradeError::Invalid(_)), "{refused}");
+        let load = rig.upgrades.section.action("load").unwrap();
+        let root = rig.root.display();
+        for bad in [
+            nul.clone(),
+            "relative/path".into(),
+            "-/x".into(),
+            format!("{root}/x; rm -rf /"),
+            format!("{root}/$(id)"),
+            format!("{root}/`id`"),
+            format!("{root}/a\nb"),
+            format!("{root}/a b"),
+            format!("{root}/a'b"),
+            format!("{root}/a\"b"),
+            format!("{root}/a|b"),
+            format!("{root}/a>b"),
+            format!("{root}/*"),
+        ] {
+            let refused = template::render(load, std::slice::from_ref(&bad), &rig.upgrades.roots)
+                .unwrap_err();
+            assert!(
+                matches!(refused, UpgradeError::Invalid(_)),
+                "{bad:?}: {refused}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn undeclared_containers_are_refused_before_the_engine_is_asked() {
+        let rig = rig();
+        let refused = rig
+            .upgrades
+            .container_power(v1::ContainerPowerOp {
+                container: "postgres".into(),
+                start: false,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, UpgradeError::Denied(m) if m.contains("`postgres`") && m.contains("backend = \"docker\"")),
+            "{refused}"
+        );
+        let refused = rig
+            .upgrades
+            .container_power(v1::ContainerPowerOp {
+                container: String::new(),
+                start: true,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, UpgradeError::Denied(_)), "{refused}");
+        let refused = rig
+            .upgrades
+            .run_action(v1::RunActionOp {
+                call: call("say", &["a", "1"]),
+                container: "postgres".into(),
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, UpgradeError::Denied(_)), "{refused}");
+    }
+
+    #[tokio::test]
+    async fn a_yaml_edit_refuses_huge_edits_and_files_that_are_not_small_regular_files() {
+        let rig = rig();
+        let file = rig.root.join("config.yaml");
+        std::fs::write(&file, CONFIG).unwrap();
+        let huge_edits = format!(
+            "[{}]",
+            vec![r#"{"op":{"delete":"a"},"when":null}"#; 10_000].join(",")
+        );
+        let refused = rig
+            .upgrades
+            .yaml_edit(
+                area(),
+                v1::YamlEditOp {
+                    file: file.display().to_string(),
+                    edits_json: huge_edits,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, UpgradeError::Invalid(m) if m.contains("edits_json")),
+            "{refused}"
+        );
+
+        let fifo = rig.root.join("fifo.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let dir = rig.root.join("dir.yaml");
+        std::fs::create_dir(&dir).unwrap();
+        let big = rig.root.join("big.yaml");
+        std::fs::write(&big, vec![b'#'; MAX_YAML_FILE_BYTES as usize + 1]).unwrap();
+        for target in [&fifo, &dir, &big] {
+            let edit = rig.upgrades.yaml_edit(
+                area(),
+                v1::YamlEditOp {
+                    file: target.display().to_string(),
+                    edits_json: "[]".into(),
+                },
+            );
+            let refused = tokio::time::timeout(Duration::from_secs(20), edit)
+                .await
+                .unwrap_or_else(|_| panic!("{} blocked the step", target.display()))
+                .unwrap_err();
+            assert!(
+                matches!(refused, UpgradeError::Precondition(_)),
+                "{}: {refused}",
+                target.display()
+            );
+        }
+        assert!(
+            !rig.state.join("upgrade").join("up-1").exists()
+                || std::fs::read_dir(rig.state.join("upgrade/up-1/edit@n1"))
+                    .map(|entries| entries.count() == 0)
+                    .unwrap_or(true),
+            "no backup was kept of a refused file"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fifo_named_as_a_backup_does_not_block_the_restore() {
+        let rig = rig();
+        let fifo = rig.root.join("dump.sql");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let target = rig.root.join("loaded");
+        let restore = rig.upgrades.restore(v1::RestoreOp {
+            backups: vec![v1::UpgradeBackup {
+                path: fifo.display().to_string(),
+                source: String::new(),
+                size: 0,
+                sha256: sha256_of(b""),
+            }],
+            call: call("load", &[&target.display().to_string()]),
+        });
+        let refused = tokio::time::timeout(Duration::from_secs(20), restore)
+            .await
+            .expect("the restore blocked on a FIFO")
+            .unwrap_err();
+        assert!(
+            matches!(refused, UpgradeError::Precondition(_)),
+            "{refused}"
+        );
+        assert!(!target.exists(), "the load action never ran");
+    }
 }

@@ -291,9 +291,11 @@ impl DirHandle {
     }
 
     /// Opens the regular file `rel` for reading (no symlink anywhere on its way, the last component included).
+    /// `O_NONBLOCK` so a FIFO planted there is refused at once instead of blocking until a writer comes (it
+    /// changes nothing for a regular file).
     pub fn open_file(&self, rel: &Path) -> Result<File, FsError> {
         let fd = self
-            .open_below(rel, OFlags::RDONLY, Mode::empty())
+            .open_below(rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())
             .ctx("open", &self.display_path(rel))?;
         let file = File::from(fd);
         let is_file = file
@@ -361,8 +363,19 @@ impl DirHandle {
             let digest = ring::digest::digest(&SHA256, target.as_bytes());
             return Ok(hex::encode(digest.as_ref()));
         }
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            return Err(FsError {
+                op: "hash",
+                path: shown,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+            });
+        }
         let fd = parent
-            .open_below(Path::new(name), OFlags::RDONLY, Mode::empty())
+            .open_below(
+                Path::new(name),
+                OFlags::RDONLY | OFlags::NONBLOCK,
+                Mode::empty(),
+            )
             .ctx("open", &shown)?;
         hash_reader(File::from(fd), &shown)
     }

@@ -60,7 +60,7 @@ fn io_err(e: rustix::io::Errno) -> std::io::Error {
 }
 
 /// sha256 (hex) of everything `reader` yields.
-fn hash_reader(mut reader: impl Read, shown: &Path) -> Result<String, FsError> {
+pub fn hash_reader(mut reader: impl Read, shown: &Path) -> Result<String, FsError> {
     let mut ctx = Context::new(&SHA256);
     let mut buf = vec![0u8; 1 << 20];
     loop {

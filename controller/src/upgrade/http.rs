@@ -2,7 +2,7 @@
 //! plus the registered cluster's CA (as hooks do, `crate::hooks`); no proxy, no redirects followed, at most
 //! [`crate::hooks::MAX_ANSWER_BYTES`] of an answer read.
 
-use crate::hooks::MAX_ANSWER_BYTES;
+use crate::hooks::{MAX_ANSWER_BYTES, describe_reqwest_error, with_body};
 use crate::tls_files::ControllerTls;
 use crate::untrusted::escaped;
 use patchd_runbook::HttpMethod;
@@ -54,7 +54,7 @@ impl HttpSteps {
         body: Option<&str>,
         expect_status: Option<u16>,
     ) -> Result<HttpAnswer, String> {
-        let name = method_name(method);
+        let name = method.name();
         if !url.starts_with("http://") && !url.starts_with("https://") {
             return Err(format!(
                 "{name} {url}: a step's URL starts with http:// or https://"
@@ -69,16 +69,10 @@ impl HttpSteps {
         };
         let mut request = self.http.request(wire_method, url).timeout(HTTP_TIMEOUT);
         if let Some(body) = body {
-            let content_type = if body.trim_start().starts_with(['{', '[', '"']) {
-                "application/json"
-            } else {
-                "text/plain"
-            };
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, content_type)
-                .body(body.to_string());
+            request = with_body(request, body);
         }
-        let failed = |error: reqwest::Error| format!("{name} {url}: {}", describe(&error));
+        let failed =
+            |error: reqwest::Error| format!("{name} {url}: {}", describe_reqwest_error(&error));
         let mut response = request.send().await.map_err(failed)?;
         let status = response.status().as_u16();
         let accepted = match expect_status {
@@ -108,33 +102,4 @@ impl HttpSteps {
         }
         Ok(HttpAnswer { status, body })
     }
-}
-
-/// The method's name.
-pub fn method_name(method: HttpMethod) -> &'static str {
-    match method {
-        HttpMethod::Get => "GET",
-        HttpMethod::Put => "PUT",
-        HttpMethod::Post => "POST",
-        HttpMethod::Delete => "DELETE",
-        HttpMethod::Patch => "PATCH",
-    }
-}
-
-fn describe(error: &reqwest::Error) -> String {
-    use std::error::Error as _;
-    let mut message = if error.is_timeout() {
-        "timed out".to_string()
-    } else if error.is_connect() {
-        "cannot connect".to_string()
-    } else {
-        "request failed".to_string()
-    };
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

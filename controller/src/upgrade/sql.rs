@@ -161,4 +161,36 @@ mod tests {
             "{unset}"
         );
     }
+
+    #[tokio::test]
+    async fn a_failed_connection_names_the_database_but_not_the_password() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "pw-9f3a61c\n").expect("write");
+        // A port nothing listens on any more: the connection is refused at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("free port")
+            .port();
+        let steps = SqlSteps {
+            databases: vec![Database {
+                port,
+                ..database(PasswordSource::File(path))
+            }],
+        };
+        let error = steps
+            .execute("cm", &["SELECT 1".to_string()])
+            .await
+            .expect_err("nothing listens");
+        assert!(
+            error.contains("cannot connect to database `cm`") && error.contains(&port.to_string()),
+            "{error}"
+        );
+        assert!(!error.contains("pw-9f3a61c"), "{error}");
+        let error = steps
+            .count_rows("cm", "SELECT 1")
+            .await
+            .expect_err("nothing listens");
+        assert!(!error.contains("pw-9f3a61c"), "{error}");
+    }
 }
