@@ -7,6 +7,7 @@ use crate::effects::{FaultHook, FaultPoint, SimulatedCrash};
 use crate::fsutil::{self, At, DirHandle, FsError, HashCache};
 use crate::journal::{FileChange, HistoryEntry};
 use crate::spec::ServiceSpec;
+use crate::staged_identity::{self, FileIdentity, Identities};
 use patchd_package::Manifest;
 use rustix::fs::FileType;
 use std::collections::{BTreeMap, BTreeSet};
@@ -309,9 +310,10 @@ fn not_as_recorded(path: &Path, found: &str, expected: &str, what: &str) -> FsEr
 /// Creates missing directories (each checked to be a real directory, owned as its parent), the backups of the
 /// current files (each checked against the sha256 the plan recorded) and the temporaries of the new ones (owned
 /// as the file they replace, or as their directory), all durable, every one through a directory handle. Nothing
-/// live changes: only new names appear. Each new regular file is hashed and must match the plan: a staged file
-/// shares its inode with earlier deployments, so an in-place edit of a deployed file would otherwise be deployed
-/// again.
+/// live changes: only new names appear. Each new regular file must match the plan: a staged file shares its
+/// inode with earlier deployments, so an in-place edit of a deployed file would otherwise be deployed again. It
+/// is hashed, unless it is a hard link of a staged file whose identity is still the one stage recorded after
+/// verifying it ([`staged_identity`]): then its bytes are the verified ones.
 pub fn prepare(
     sites: &Sites,
     files: &[FileChange],
@@ -331,6 +333,7 @@ pub fn prepare(
         sites.faults.hit_at(FaultPoint::AfterCreateDir, dir)?;
     }
     let mut dirs_to_sync: BTreeMap<PathBuf, DirHandle> = BTreeMap::new();
+    let mut records: BTreeMap<PathBuf, Identities> = BTreeMap::new();
     for change in files {
         let target_rel = sites.deploy_rel(&change.target)?;
         if let Some(backup) = &change.backup {
@@ -367,11 +370,13 @@ pub fn prepare(
         }
         if let Some(source) = &change.source {
             let temp_rel = sites.deploy_rel(&change.temp)?;
+            let source_rel = sites.state_rel(source)?;
             let owner = fsutil::owner_for(&handles.deploy, target_rel)?;
+            let verified = unchanged_since_stage(&handles.state, source_rel, &mut records)?;
             let dir = fsutil::materialize_at(
                 At {
                     dir: &handles.state,
-                    rel: sites.state_rel(source)?,
+                    rel: source_rel,
                 },
                 At {
                     dir: &handles.deploy,
@@ -381,13 +386,43 @@ pub fn prepare(
                 Some(owner),
             )?;
             dirs_to_sync.insert(dir.path().to_path_buf(), dir);
-            verify_temp(&handles.deploy, temp_rel, change, source)?;
+            let linked_verified = match (verified, handles.deploy.stat(temp_rel)?) {
+                (Some(verified), Some(temp)) => {
+                    verified.same_content_as(&FileIdentity::of_stat(&temp))
+                }
+                _ => false,
+            };
+            if !linked_verified {
+                verify_temp(&handles.deploy, temp_rel, change, source)?;
+            }
         }
     }
     for dir in dirs_to_sync.values() {
         dir.sync()?;
     }
     Ok(())
+}
+
+/// The identity of the staged file `source_rel` when it is exactly what stage verified and recorded (so its
+/// content is the manifest's, which the plan took its sha256 from); `None` means it must be hashed.
+fn unchanged_since_stage(
+    state: &DirHandle,
+    source_rel: &Path,
+    records: &mut BTreeMap<PathBuf, Identities>,
+) -> Result<Option<FileIdentity>, FsError> {
+    let Some((staged_rel, package_path)) = staged_identity::staged_source(source_rel) else {
+        return Ok(None);
+    };
+    let record = records
+        .entry(staged_rel.clone())
+        .or_insert_with(|| staged_identity::load(state, &staged_rel));
+    let Some(recorded) = record.get(&package_path) else {
+        return Ok(None);
+    };
+    let now = state
+        .stat(source_rel)?
+        .map(|stat| FileIdentity::of_stat(&stat));
+    Ok((now.as_ref() == Some(recorded)).then_some(*recorded))
 }
 
 /// Checks the temporary of a new regular file holds the planned content (hashed through the handle).

@@ -21,6 +21,7 @@ mod run;
 pub mod space;
 pub mod spec;
 pub mod stage;
+pub mod staged_identity;
 
 pub use engine::{
     ApplyCommand, ApplyError, ApplyReport, BackendFactory, DEFAULT_KEEP_BACKUPS, Effects, Engine,

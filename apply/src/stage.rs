@@ -8,7 +8,8 @@
 //! manifest). Only when an unpack fails is the blob hashed, to tell a damaged blob (removed from the cache:
 //! upload it again) from a package that is refused as it is.
 //!
-//! Layout: `staging/<digest>/files/<component>/...` (the archive root) and `staging/<digest>/manifest.json`.
+//! Layout: `staging/<digest>/files/<component>/...` (the archive root), `staging/<digest>/manifest.json` and
+//! `staging/<digest>/identities.json` (what [`crate::staged_identity`] recorded of the verified files).
 
 use crate::fsutil::{self, IoContext};
 use crate::layout::{StateLayout, is_digest};
@@ -296,6 +297,8 @@ pub fn stage_blocking(
         let expect = Expectations::for_this_host(Some(spec.component.clone()));
         let manifest = patchd_package::unpack_verified(&blob, &temp.join("files"), limits, &expect)
             .map_err(|refused| explain_refusal(state_dir, digest, &spec.name, refused))?;
+        // So that apply can trust these verified files without hashing them again.
+        crate::staged_identity::record(&temp, &manifest)?;
         fsutil::write_atomic(&temp.join("manifest.json"), &manifest.to_json())?;
         let final_dir = StagedPaths::new(state_dir, digest).dir;
         std::fs::rename(&temp, &final_dir).ctx("rename staging directory to", &final_dir)?;

@@ -1,5 +1,6 @@
 //! Package transfer end to end: byte-exact multi-chunk delivery, dedupe (a second push sends nothing, with the
-//! chunk hashes from the sender's digest cache; a rewritten file is hashed again; a wrong remembered digest is
+//! chunk hashes from the sender's digest cache; a package just built by `patchctl package build` is pushed with the
+//! hashes the build remembered; a rewritten file is hashed again; a wrong remembered digest is
 //! refused by the agent, forgotten and the file hashed again), corrupt chunks refused and resent, a wrong final digest discarded, resume after the client and after the agent died
 //! mid-transfer, and refusals for size limits and free disk space.
 
@@ -209,6 +210,74 @@ fn wait_out_racy_window(path: &Path) {
         }
         std::thread::sleep(RACY_WINDOW / 4);
     }
+}
+
+#[test]
+fn a_push_right_after_package_build_takes_its_hashes_from_the_build() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup(|c| c);
+    let release = s.dir.path().join("release");
+    let binary = release.join("demo-worker/demo-worker");
+    std::fs::create_dir_all(binary.parent().unwrap()).unwrap();
+    write_random_file(&binary, 3 * u64::from(CHUNK), 7);
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let base = s.dir.path().join("demo-worker-v1.0.0-linux-amd64.tar.gz");
+    let tar = std::process::Command::new("tar")
+        .current_dir(&release)
+        .args(["czf", &base.to_string_lossy(), "demo-worker"])
+        .output()
+        .expect("GNU tar is installed");
+    assert!(tar.status.success(), "{tar:?}");
+    let hotfix_binary = s.file("demo-worker-hotfix", 3 * u64::from(CHUNK), 8);
+    let package = s.dir.path().join("hotfix.tar.gz");
+    patchctl_ok(
+        s.pki.home(),
+        &[
+            "package",
+            "build",
+            "--base",
+            &base.to_string_lossy(),
+            "--replace",
+            &format!("demo-worker/demo-worker={}", hotfix_binary.display()),
+            "--version",
+            "v1.0.1-hotfix",
+            "-o",
+            &package.to_string_lossy(),
+        ],
+    );
+
+    // Right away, at the default chunk size: nothing in this test waits for the racy window.
+    let pushed = parse_report(&patchctl_ok(
+        s.pki.home(),
+        &[
+            "--format",
+            "json",
+            "agent",
+            "push",
+            &s.agent.addr_string(),
+            &package.to_string_lossy(),
+        ],
+    ));
+    assert!(
+        pushed.digest_cached,
+        "the build remembered the package's hashes"
+    );
+    assert_eq!(
+        pushed.bytes_sent, pushed.total_bytes,
+        "a new package is sent whole"
+    );
+    assert_eq!(
+        pushed.digest,
+        patchd_package::digest::tree_digest_file(
+            &package,
+            patchd_package::digest::DEFAULT_CHUNK_SIZE
+        )
+        .unwrap()
+    );
+    assert_eq!(
+        sha256_file(&s.blob_path(pushed.digest.as_str())),
+        sha256_file(&package)
+    );
 }
 
 #[test]

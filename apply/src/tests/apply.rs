@@ -211,6 +211,61 @@ async fn a_staged_copy_edited_through_its_deployed_link_is_never_deployed() {
 }
 
 #[tokio::test]
+async fn a_staged_file_edited_in_place_after_stage_is_refused_at_apply() {
+    let host = Host::new();
+    let engine = host.engine().await.unwrap();
+    let digest = host.package("v2", V2);
+    engine.stage("svc", &digest).await.unwrap();
+    let staged_dir = host.state.join("staging").join(&digest);
+    // Stage recorded what it verified, so an unchanged file is not hashed again at apply.
+    let record: crate::staged_identity::Identities = serde_json::from_slice(
+        &std::fs::read(staged_dir.join(crate::staged_identity::RECORD_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert!(record.contains_key("svc/svc"), "{record:?}");
+
+    // Same size, other bytes, written into the staged inode itself.
+    let staged = staged_dir.join("files/svc/svc");
+    let before = std::fs::metadata(&staged).unwrap().len();
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&staged)
+            .unwrap();
+        file.write_all(b"binary X2").unwrap();
+    }
+    assert_eq!(std::fs::metadata(&staged).unwrap().len(), before);
+
+    let report = engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
+    assert_eq!(
+        report.result.outcome,
+        Outcome::Failed,
+        "{:?}",
+        report.result
+    );
+    assert!(
+        report.result.reason.contains("stage the package again"),
+        "{}",
+        report.result.reason
+    );
+    assert_eq!(host.binary(), "binary v1");
+    host.assert_no_temps();
+}
+
+#[test]
+fn only_files_below_a_staged_tree_have_a_record() {
+    use crate::staged_identity::staged_source;
+    assert_eq!(
+        staged_source(Path::new("staging/abc/files/svc/bin")),
+        Some((PathBuf::from("staging/abc"), "svc/bin".to_string()))
+    );
+    assert_eq!(staged_source(Path::new("staging/abc/files")), None);
+    assert_eq!(staged_source(Path::new("backups/abc/files/svc/bin")), None);
+    assert_eq!(staged_source(Path::new("staging/abc/other/svc/bin")), None);
+}
+
+#[tokio::test]
 async fn a_patch_id_still_in_the_history_or_the_backups_is_refused() {
     let host = Host::new();
     let engine = host.engine().await.unwrap();

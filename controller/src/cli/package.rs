@@ -6,6 +6,7 @@ use super::{Ctx, Format};
 use anyhow::{Context as _, bail};
 use comfy_table::{Table, presets};
 use indicatif::HumanBytes;
+use patchctl::agent::digest_cache::DigestCache;
 use patchd_package::{BuildSpec, Expectations, Limits, PackageInfo};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -190,6 +191,7 @@ async fn run_build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<u8> {
         (Some(base), _) => base,
         (None, Some(image)) => {
             let info = build_image_package(&image, component, version, &output).await?;
+            remember_digests(ctx, &output).await;
             print_built(ctx, &output, &info, vec![], vec![])?;
             return Ok(patchctl::exit::OK);
         }
@@ -209,6 +211,7 @@ async fn run_build(ctx: &Ctx, args: BuildArgs) -> anyhow::Result<u8> {
     })
     .await
     .context("the build task panicked")??;
+    remember_digests(ctx, &output_path).await;
     let replaced: Vec<&str> = replace.iter().map(|(p, _)| p.as_str()).collect();
     let added: Vec<&str> = add.iter().map(|(p, _)| p.as_str()).collect();
     print_built(ctx, &output_path, &info, replaced, added)?;
@@ -274,6 +277,20 @@ async fn build_image_package(
     })
     .await
     .context("the build task panicked")?
+}
+
+/// Fills the sender's digest cache with the package just written, so that its first `agent push` or `patch`
+/// (at the default chunk size) sends at once instead of reading the whole file again.
+async fn remember_digests(ctx: &Ctx, output: &Path) {
+    let cache = DigestCache::at(ctx.home.digest_cache_dir());
+    let output = output.to_path_buf();
+    let remembered = tokio::task::spawn_blocking(move || {
+        cache.remember_new_file(&output, patchd_package::digest::DEFAULT_CHUNK_SIZE)
+    })
+    .await;
+    if let Err(error) = remembered {
+        tracing::debug!(%error, "digest cache not filled");
+    }
 }
 
 fn print_built(
