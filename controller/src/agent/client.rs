@@ -175,6 +175,20 @@ impl PreparedBlob {
         Self::prepare_blocking_cached(path, chunk_size, None)
     }
 
+    /// Hashes the file at `path` (just written, e.g. by `package build`) into `cache` at `chunk_size`, so that its
+    /// first push sends at once. Waits out the rest of the cache's racy window after its last change first (else it
+    /// would not be remembered). Best effort: a failure only means the push hashes it.
+    pub fn remember_new_file(cache: &DigestCache, path: &Path, chunk_size: u32) {
+        if let Ok(meta) = std::fs::symlink_metadata(path)
+            && let Some(wait) = DigestCache::settle_wait(&FileIdentity::of(&meta))
+        {
+            std::thread::sleep(wait);
+        }
+        if let Err(error) = PreparedBlob::prepare_blocking_cached(path, chunk_size, Some(cache)) {
+            tracing::debug!(path = %path.display(), %error, "digest cache not filled");
+        }
+    }
+
     /// Like [`PreparedBlob::prepare_blocking`], but takes the chunk hashes from `cache` when it remembers this very
     /// file (same device, inode, size, modification and change times), and remembers them there otherwise.
     pub fn prepare_blocking_cached(

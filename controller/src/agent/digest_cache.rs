@@ -160,31 +160,18 @@ impl DigestCache {
         Ok(())
     }
 
-    /// Hashes the file at `path` (just written, e.g. by `package build`) into the cache at `chunk_size`, so that
-    /// its first push sends at once. Waits out the rest of [`RACY_WINDOW`] after its last change first (else
-    /// it would not be remembered). Best effort: a failure only means the push hashes it.
-    pub fn remember_new_file(&self, path: &Path, chunk_size: u32) {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            let identity = FileIdentity::of(&meta);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
-                .unwrap_or(0);
-            let settled_at =
-                identity.mtime_ns.max(identity.ctime_ns) + RACY_WINDOW.as_nanos() as i128;
-            if let Ok(wait) = u64::try_from(settled_at.saturating_sub(now) + 1_000_000)
-                && wait <= 2 * RACY_WINDOW.as_nanos() as u64
-            {
-                std::thread::sleep(std::time::Duration::from_nanos(wait));
-            }
-        }
-        if let Err(error) = crate::agent::client::PreparedBlob::prepare_blocking_cached(
-            path,
-            chunk_size,
-            Some(self),
-        ) {
-            tracing::debug!(path = %path.display(), %error, "digest cache not filled");
-        }
+    /// How long to wait before a file whose last change was at `identity` can be remembered (the rest of
+    /// [`RACY_WINDOW`]), or `None` when there is nothing to wait for or the wait would be unreasonably long.
+    pub fn settle_wait(identity: &FileIdentity) -> Option<std::time::Duration> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
+            .unwrap_or(0);
+        let settled_at = identity.mtime_ns.max(identity.ctime_ns) + RACY_WINDOW.as_nanos() as i128;
+        u64::try_from(settled_at.saturating_sub(now) + 1_000_000)
+            .ok()
+            .filter(|wait| *wait <= 2 * RACY_WINDOW.as_nanos() as u64)
+            .map(std::time::Duration::from_nanos)
     }
 
     /// Forgets the entry of this identity (after an agent refused what it said).

@@ -6,6 +6,7 @@ use super::{Ctx, Format};
 use anyhow::{Context as _, bail};
 use comfy_table::{Table, presets};
 use indicatif::HumanBytes;
+use patchctl::agent::client::PreparedBlob;
 use patchctl::agent::digest_cache::DigestCache;
 use patchd_package::{BuildSpec, Expectations, Limits, PackageInfo};
 use serde::Serialize;
@@ -279,13 +280,13 @@ async fn build_image_package(
     .context("the build task panicked")?
 }
 
-/// Fills the sender's digest cache with the package just written, so that its first `agent push` or `patch`
+/// Fills the sender's digest cache with the package just written, so that its first `agent push`
 /// (at the default chunk size) sends at once instead of reading the whole file again.
 async fn remember_digests(ctx: &Ctx, output: &Path) {
     let cache = DigestCache::at(ctx.home.digest_cache_dir());
     let output = output.to_path_buf();
     let remembered = tokio::task::spawn_blocking(move || {
-        cache.remember_new_file(&output, patchd_package::digest::DEFAULT_CHUNK_SIZE)
+        PreparedBlob::remember_new_file(&cache, &output, patchd_package::digest::DEFAULT_CHUNK_SIZE)
     })
     .await;
     if let Err(error) = remembered {
