@@ -140,6 +140,13 @@ impl ApplyService {
         &self.engine
     }
 
+    /// What lets uploads stage their package as it arrives (`patchd_apply::prestage`), unless packages must be
+    /// signed: then nothing is unpacked before Stage has verified the signatures it carries (the signing gate,
+    /// [`crate::trust`]), and Stage unpacks the blob as before.
+    pub fn prestager(&self) -> Option<patchd_apply::prestage::PreStager> {
+        (!self.trust.is_enforced()).then(|| self.engine.prestager())
+    }
+
     /// Prunes unused cached blobs and staged packages now (the periodic pass; see `patchd_apply::prune`).
     pub async fn prune_cache(&self) -> Result<(), Status> {
         let engine = self.engine.clone();

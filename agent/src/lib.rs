@@ -83,7 +83,7 @@ impl Agent {
             patchd_tls::TlsMaterial::load(&config.tls.files())?,
             config.tls.crl.clone(),
         )?);
-        let store = Arc::new(BlobStore::open_bounded(
+        let store = BlobStore::open_bounded(
             &config.blobs_dir(),
             config.limits.max_blob_bytes,
             UploadBounds {
@@ -91,8 +91,13 @@ impl Agent {
                     .unwrap_or(usize::MAX),
                 idle_timeout: config.bounds.upload_idle_timeout,
             },
-        )?);
+        )?;
         let apply = Arc::new(start_apply_service(&config).await?);
+        // Uploads stage their package as it arrives, in step with the engine's stages (see `transfer`).
+        let store = Arc::new(match apply.prestager() {
+            Some(prestager) => store.with_prestage(prestager),
+            None => store,
+        });
         let leases = Arc::new(lease::LeaseBook::open(
             patchd_apply::layout::StateLayout::new(&config.state_dir),
             config.services.iter().map(|service| service.name.as_str()),

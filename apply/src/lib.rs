@@ -9,12 +9,14 @@
 pub mod backend;
 pub mod confine;
 pub mod container;
+pub mod digest_locks;
 pub mod effects;
 mod engine;
 pub mod file_plan;
 pub mod fsutil;
 pub mod journal;
 pub mod layout;
+pub mod prestage;
 pub mod prune;
 pub mod reserve;
 mod run;

@@ -10,6 +10,11 @@
 //!
 //! Layout: `staging/<digest>/files/<component>/...` (the archive root), `staging/<digest>/manifest.json` and
 //! `staging/<digest>/identities.json` (what [`crate::staged_identity`] recorded of the verified files).
+//!
+//! The agent may also have staged the package while it was uploaded ([`crate::prestage`]: the same unpack over
+//! the verified chunks, finished by the same [`finish_staging`] under the same per-digest lock). Either way an
+//! existing staging directory is checked before it is reused: a file whose identity still equals the record is
+//! trusted without reading it, any other is hashed, and a mismatch stages the package again from the blob.
 
 use crate::fsutil::{self, IoContext};
 use crate::layout::{StateLayout, is_digest};
@@ -81,11 +86,16 @@ impl StagedPaths {
 
     /// The archive root.
     pub fn files(&self) -> PathBuf {
-        self.dir.join("files")
+        files_of(&self.dir)
     }
 
     pub fn manifest(&self) -> PathBuf {
         self.dir.join("manifest.json")
+    }
+
+    /// Present while a tree staged during its upload waits for its first Stage ([`crate::prestage`]).
+    pub fn prestaged(&self) -> PathBuf {
+        self.dir.join("prestaged")
     }
 }
 
@@ -235,8 +245,10 @@ pub fn check_component(
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Stages `digest` for `spec` (blocking: hashes and unpacks). Idempotent: an existing staging directory is
-/// reused (`already_staged`) after checking its component and its files against the manifest (a changed one is
-/// staged again from the blob). Callers serialize stages of one digest.
+/// reused (`already_staged`) after checking its component and its files against the manifest (reading only the
+/// files whose identity no longer equals stage's record; a changed one is staged again from the blob). Callers
+/// serialize stages of one digest (the engine's stage locks, which [`crate::prestage`] takes too). A tree staged
+/// during its upload is claimed here: its `prestaged` marker goes, and it is reported staged now.
 pub fn stage_blocking(
     state_dir: &Path,
     digest: &str,
@@ -253,14 +265,27 @@ pub fn stage_blocking(
         let paths = StagedPaths::new(state_dir, digest);
         // Staged files are hard-linked into deploy dirs, so an in-place edit of a deployed file changes the
         // staged copy too: trust it only while it still matches the manifest, else unpack the blob again.
-        match patchd_package::verify_tree(&paths.files(), &manifest) {
+        match crate::staged_identity::verify_staged(state_dir, digest, &manifest) {
             Ok(()) => {
                 // Staged again: an apply is coming, so the cache pruning must not take it meanwhile.
                 crate::prune::touch(&paths.dir);
+                // Its upload staged it and no Stage had checked it yet: this one stages it, as far as anyone asks.
+                let claimed = match std::fs::remove_file(paths.prestaged()) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                    Err(e) => {
+                        return Err(fsutil::FsError {
+                            op: "remove",
+                            path: paths.prestaged(),
+                            source: e,
+                        }
+                        .into());
+                    }
+                };
                 return Ok(Staged {
                     digest: digest.to_string(),
                     manifest,
-                    already_staged: true,
+                    already_staged: !claimed,
                 });
             }
             Err(e) => {
@@ -286,23 +311,14 @@ pub fn stage_blocking(
             _ => refused,
         }
     })?;
-    let temp = staging_root.join(format!(
-        ".tmp-{digest}-{}-{}",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let temp = temp_dir(state_dir, digest);
     fsutil::remove_tree_if_exists(&temp)?;
     std::fs::create_dir(&temp).ctx("create directory", &temp)?;
     let result = (|| {
         let expect = Expectations::for_this_host(Some(spec.component.clone()));
-        let manifest = patchd_package::unpack_verified(&blob, &temp.join("files"), limits, &expect)
+        let manifest = patchd_package::unpack_verified(&blob, &files_of(&temp), limits, &expect)
             .map_err(|refused| explain_refusal(state_dir, digest, &spec.name, refused))?;
-        // So that apply can trust these verified files without hashing them again.
-        crate::staged_identity::record(&temp, &manifest)?;
-        fsutil::write_atomic(&temp.join("manifest.json"), &manifest.to_json())?;
-        let final_dir = StagedPaths::new(state_dir, digest).dir;
-        std::fs::rename(&temp, &final_dir).ctx("rename staging directory to", &final_dir)?;
-        fsutil::fsync_dir(&staging_root)?;
+        finish_staging(state_dir, digest, &temp, &manifest)?;
         Ok(manifest)
     })();
     match result {
@@ -316,6 +332,45 @@ pub fn stage_blocking(
             Err(e)
         }
     }
+}
+
+/// True while the tree of `digest` was staged during its upload and no Stage has checked it since: Apply refuses
+/// it until then, as it refuses a package that is not staged.
+pub fn is_prestaged(state_dir: &Path, digest: &str) -> bool {
+    fsutil::exists_no_follow(&StagedPaths::new(state_dir, digest).prestaged())
+}
+
+/// A fresh private directory name for a stage of `digest`, under `staging/` (not created here). Its name starts
+/// with `.tmp-`, so [`remove_stale_temps`] clears it at the next start if the agent dies meanwhile.
+pub fn temp_dir(state_dir: &Path, digest: &str) -> PathBuf {
+    StateLayout::new(state_dir).staging().join(format!(
+        ".tmp-{digest}-{}-{}",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Where a stage unpacks the archive root inside its private directory (`files/`, as in a staged one).
+pub fn files_of(temp: &Path) -> PathBuf {
+    temp.join("files")
+}
+
+/// The end of every stage, once `files_of(temp)` holds the tree of `digest` unpacked and verified against
+/// `manifest`: records the files' identities (so apply and a later stage can trust them without hashing them
+/// again), writes `manifest.json`, renames `temp` to `staging/<digest>` and syncs the staging directory. The caller
+/// holds the stage lock of `digest` (so the name is free) and removes `temp` when this fails.
+pub fn finish_staging(
+    state_dir: &Path,
+    digest: &str,
+    temp: &Path,
+    manifest: &Manifest,
+) -> Result<(), StageError> {
+    crate::staged_identity::record(temp, manifest)?;
+    fsutil::write_atomic(&temp.join("manifest.json"), &manifest.to_json())?;
+    let final_dir = StagedPaths::new(state_dir, digest).dir;
+    std::fs::rename(temp, &final_dir).ctx("rename staging directory to", &final_dir)?;
+    fsutil::fsync_dir(&StateLayout::new(state_dir).staging())?;
+    Ok(())
 }
 
 /// Removes leftovers of interrupted stages (`staging/.tmp-*`).

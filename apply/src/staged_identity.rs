@@ -7,8 +7,12 @@
 //! would go unseen ("racily clean", as git calls it), so an identity is recorded only when the file system's
 //! clock has moved past it: anything written later gets a later ctime. Anything doubtful (no record, a
 //! mismatch, a hard link added since, which changes the ctime) means hashing the file as before.
+//!
+//! Stage uses the same record when it finds a package already staged ([`verify_staged`]): only the files whose
+//! identity changed since are hashed against the manifest, so a tree staged during its upload is not read again.
 
 use crate::fsutil::{DirHandle, FsError, IoContext, write_atomic};
+use crate::layout::StateLayout;
 use patchd_package::Manifest;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -45,6 +49,18 @@ impl FileIdentity {
             mode: stat.st_mode as u32,
             mtime_ns: nanos(stat.st_mtime as i64, stat.st_mtime_nsec as i64),
             ctime_ns: nanos(stat.st_ctime as i64, stat.st_ctime_nsec as i64),
+        }
+    }
+
+    pub fn of_metadata(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mode: meta.mode(),
+            mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
         }
     }
 
@@ -116,6 +132,26 @@ pub fn load(state: &DirHandle, staged_rel: &Path) -> Identities {
     read().unwrap_or_default()
 }
 
+/// Checks the staged tree of `digest` against its manifest as [`patchd_package::verify_tree`] does, except that a
+/// regular file whose `lstat` identity equals the record is not read (see the module doc: it has not been written
+/// since stage verified it). Without a record every file is hashed.
+pub fn verify_staged(
+    state_dir: &Path,
+    digest: &str,
+    manifest: &Manifest,
+) -> Result<(), patchd_package::PackageError> {
+    let staged_rel = Path::new(StateLayout::STAGING).join(digest);
+    let recorded = DirHandle::open_trusted(state_dir)
+        .map(|state| load(&state, &staged_rel))
+        .unwrap_or_default();
+    let files = state_dir.join(&staged_rel).join("files");
+    patchd_package::verify_tree_trusting(&files, manifest, |path, meta| {
+        recorded
+            .get(path)
+            .is_some_and(|id| *id == FileIdentity::of_metadata(meta))
+    })
+}
+
 /// For a source below the state dir that is a staged file (`staging/<digest>/files/<package path>`), the staged
 /// dir (relative to the state dir) and the package path.
 pub fn staged_source(source_rel: &Path) -> Option<(std::path::PathBuf, String)> {
@@ -124,10 +160,7 @@ pub fn staged_source(source_rel: &Path) -> Option<(std::path::PathBuf, String)> 
     let digest = parts.next()?.as_os_str();
     let files = parts.next()?.as_os_str();
     let package_path = parts.as_path();
-    if staging != crate::layout::StateLayout::STAGING
-        || files != "files"
-        || package_path.as_os_str().is_empty()
-    {
+    if staging != StateLayout::STAGING || files != "files" || package_path.as_os_str().is_empty() {
         return None;
     }
     let package_path = package_path.to_str()?.to_string();

@@ -36,7 +36,7 @@ pub use image::{
     read_image_archive, verify_image_archive,
 };
 pub use manifest::{FileEntry, MANIFEST_FILE, MANIFEST_FORMAT, Manifest, SymlinkEntry};
-pub use unpack::{unpack_verified, verify_tree};
+pub use unpack::{unpack_verified, unpack_verified_from, verify_tree, verify_tree_trusting};
 
 use elf::target_label;
 use serde::Serialize;

@@ -1,11 +1,13 @@
-//! Verified unpack into a private directory (what the agent stages with), and re-verification of an unpacked tree.
+//! Verified unpack into a private directory (what the agent stages with), from a package file or from any reader of
+//! known length (the agent's upload, as it arrives), and re-verification of an unpacked tree (every file hashed, or
+//! only those the caller cannot vouch for).
 //!
 //! tar's own unpack is not used: every file is created here with `O_EXCL` (never through an existing path or
 //! symlink), directories one component at a time, and symlinks only at the very end, after every check passed,
 //! so no write can be steered outside the destination. On any error the destination is emptied again.
 
 use crate::manifest::Manifest;
-use crate::walk::{RawDigests, Sink, walk};
+use crate::walk::{RawDigests, Sink, Walked, open_package, walk_reader};
 use crate::{Expectations, Limits, PackageError, settle_manifest};
 use ring::digest::{Context, SHA256};
 use std::collections::HashSet;
@@ -30,8 +32,53 @@ pub fn unpack_verified(
     limits: &Limits,
     expect: &Expectations,
 ) -> Result<Manifest, PackageError> {
+    unpack_guarded(dest, package, expect, |sink| {
+        let (mut file, size) = open_package(package)?;
+        walk_reader(
+            &mut file,
+            size,
+            package,
+            limits,
+            expect,
+            RawDigests::Skip,
+            sink,
+        )
+    })
+}
+
+/// [`unpack_verified`] of the `size` bytes `source` yields: the same walk, rules and writes, for a package that is
+/// not a file (yet). `package` names it in errors, and its file name gives the version of a package without a
+/// manifest, exactly as when the same bytes are unpacked from a file of that name.
+pub fn unpack_verified_from(
+    source: &mut dyn Read,
+    size: u64,
+    package: &Path,
+    dest: &Path,
+    limits: &Limits,
+    expect: &Expectations,
+) -> Result<Manifest, PackageError> {
+    unpack_guarded(dest, package, expect, |sink| {
+        walk_reader(
+            source,
+            size,
+            package,
+            limits,
+            expect,
+            RawDigests::Skip,
+            sink,
+        )
+    })
+}
+
+/// Prepares `dest`, walks into it and finishes the tree; on any error `dest` is emptied again.
+fn unpack_guarded(
+    dest: &Path,
+    package: &Path,
+    expect: &Expectations,
+    walk: impl FnOnce(&mut DiskSink<'_>) -> Result<Walked, PackageError>,
+) -> Result<Manifest, PackageError> {
     let created = prepare_destination(dest)?;
-    let result = unpack_into(package, dest, limits, expect);
+    let result = unpack_into(dest, package, expect, walk);
     if result.is_err() {
         clear_destination(dest, created);
     }
@@ -39,13 +86,13 @@ pub fn unpack_verified(
 }
 
 fn unpack_into(
-    package: &Path,
     dest: &Path,
-    limits: &Limits,
+    package: &Path,
     expect: &Expectations,
+    walk: impl FnOnce(&mut DiskSink<'_>) -> Result<Walked, PackageError>,
 ) -> Result<Manifest, PackageError> {
     let mut sink = DiskSink::new(dest);
-    let walked = walk(package, limits, expect, RawDigests::Skip, &mut sink)?;
+    let walked = walk(&mut sink)?;
     let (manifest, _) = settle_manifest(&walked, package, expect)?;
     for link in &manifest.symlinks {
         let at = dest.join(&link.path);
@@ -239,6 +286,18 @@ impl Sink for DiskSink<'_> {
 /// Re-reads an unpacked tree and checks it holds exactly the manifest's files (content, size, mode) and
 /// symlinks: what the agent runs before trusting a staging directory it finds from an earlier run.
 pub fn verify_tree(root: &Path, manifest: &Manifest) -> Result<(), PackageError> {
+    verify_tree_trusting(root, manifest, |_, _| false)
+}
+
+/// [`verify_tree`], except that the content of a regular file is not read when `unchanged(path, lstat)` holds
+/// for it (`path` as in the manifest, after its type, size and mode matched): the caller vouches that the file is
+/// still the one it verified earlier (the agent's record of each staged file's identity). Everything else is
+/// checked as [`verify_tree`] does, so a file the caller cannot vouch for is hashed as always.
+pub fn verify_tree_trusting(
+    root: &Path,
+    manifest: &Manifest,
+    unchanged: impl Fn(&str, &fs::Metadata) -> bool,
+) -> Result<(), PackageError> {
     let mismatch = |path: &Path, detail: String| PackageError::TreeMismatch {
         path: path.to_owned(),
         detail,
@@ -272,6 +331,9 @@ pub fn verify_tree(root: &Path, manifest: &Manifest) -> Result<(), PackageError>
                     entry.mode
                 ),
             ));
+        }
+        if unchanged(&entry.path, &meta) {
+            continue;
         }
         let mut file = File::open(&at).map_err(|e| mismatch(&at, format!("cannot open: {e}")))?;
         let mut hash = Context::new(&SHA256);

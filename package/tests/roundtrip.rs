@@ -5,7 +5,7 @@
 use patchd_package::digest::{DEFAULT_CHUNK_SIZE, tree_digest_file};
 use patchd_package::{
     BuildSpec, Expectations, Limits, MANIFEST_FILE, PackageError, build, build_with, inspect,
-    pack_dir, unpack_verified, verify_tree,
+    pack_dir, unpack_verified, unpack_verified_from, verify_tree, verify_tree_trusting,
 };
 use std::fs;
 use std::io::Read;
@@ -217,6 +217,186 @@ fn build_inspect_unpack_round_trip() {
     fs::write(dest.join("demo-worker/stray"), b"x").unwrap();
     assert!(matches!(
         verify_tree(&dest, &manifest),
+        Err(PackageError::TreeMismatch { .. })
+    ));
+}
+
+/// Every entry below `root`: path, kind, mode, and content or link target.
+fn tree_snapshot(root: &Path) -> Vec<(String, String, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.is_dir() {
+                stack.push(path.clone());
+                out.push((rel, "dir".into(), mode, Vec::new()));
+            } else if meta.file_type().is_symlink() {
+                let target = fs::read_link(&path).unwrap();
+                out.push((
+                    rel,
+                    "link".into(),
+                    0,
+                    target.into_os_string().into_encoded_bytes(),
+                ));
+            } else {
+                out.push((rel, "file".into(), mode, fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Hands out at most `piece` bytes per read (as chunks arrive), then fails after `fail_after` bytes if set.
+struct Trickle<'a> {
+    bytes: &'a [u8],
+    piece: usize,
+    fail_after: Option<usize>,
+    given: usize,
+}
+
+impl Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.fail_after.is_some_and(|limit| self.given >= limit) {
+            return Err(std::io::Error::other("the upload stopped"));
+        }
+        let n = buf.len().min(self.piece).min(self.bytes.len() - self.given);
+        buf[..n].copy_from_slice(&self.bytes[self.given..self.given + n]);
+        self.given += n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn unpack_from_a_reader_writes_what_unpack_from_the_file_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No manifest: the version comes from the name the package goes by, file or not.
+    let base = upstream_package(tmp.path());
+    let bytes = fs::read(&base).unwrap();
+    let (limits, expect) = (Limits::default(), Expectations::default());
+    let from_file = tmp.path().join("from-file");
+    let manifest = unpack_verified(&base, &from_file, &limits, &expect).unwrap();
+    assert_eq!(manifest.version, "v1.0.0");
+
+    let from_reader = tmp.path().join("from-reader");
+    let mut source = Trickle {
+        bytes: &bytes,
+        piece: 1000,
+        fail_after: None,
+        given: 0,
+    };
+    let streamed = unpack_verified_from(
+        &mut source,
+        bytes.len() as u64,
+        &base,
+        &from_reader,
+        &limits,
+        &expect,
+    )
+    .unwrap();
+    assert_eq!(streamed, manifest);
+    assert_eq!(tree_snapshot(&from_reader), tree_snapshot(&from_file));
+    assert!(!tree_snapshot(&from_file).is_empty());
+
+    // A source that fails mid-way is an I/O error naming the package, and leaves nothing behind.
+    let broken = tmp.path().join("broken");
+    let mut source = Trickle {
+        bytes: &bytes,
+        piece: 1000,
+        fail_after: Some(bytes.len() / 2),
+        given: 0,
+    };
+    let err = unpack_verified_from(
+        &mut source,
+        bytes.len() as u64,
+        &base,
+        &broken,
+        &limits,
+        &expect,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, PackageError::Io { path, .. } if *path == base),
+        "{err:?}"
+    );
+    assert!(!broken.exists(), "{:?}", tree_snapshot(&broken));
+
+    // A source longer than announced is refused too.
+    let mut source = Trickle {
+        bytes: &bytes,
+        piece: 1000,
+        fail_after: None,
+        given: 0,
+    };
+    let err = unpack_verified_from(
+        &mut source,
+        bytes.len() as u64 - 1,
+        &base,
+        &broken,
+        &limits,
+        &expect,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("changed while it was read"),
+        "{err}"
+    );
+    assert!(!broken.exists());
+}
+
+#[test]
+fn verify_tree_trusting_reads_only_files_the_caller_cannot_vouch_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = upstream_package(tmp.path());
+    let dest = tmp.path().join("dest");
+    let manifest =
+        unpack_verified(&base, &dest, &Limits::default(), &Expectations::default()).unwrap();
+    // Same size and mode, other bytes.
+    fs::write(
+        dest.join("demo-worker/conf/worker.toml"),
+        b"threads = 8
+",
+    )
+    .unwrap();
+    let changed = "demo-worker/conf/worker.toml";
+    assert!(matches!(
+        verify_tree(&dest, &manifest),
+        Err(PackageError::TreeMismatch { .. })
+    ));
+    assert!(matches!(
+        verify_tree_trusting(&dest, &manifest, |_, _| false),
+        Err(PackageError::TreeMismatch { .. })
+    ));
+    // Vouched for: its content is not read, so the change goes unseen (the caller's record must be sound).
+    verify_tree_trusting(&dest, &manifest, |path, _| path == changed).unwrap();
+    // Vouching covers the content only: size, mode and stray entries are still checked.
+    fs::write(
+        dest.join(changed),
+        b"threads = 16
+",
+    )
+    .unwrap();
+    assert!(matches!(
+        verify_tree_trusting(&dest, &manifest, |_, _| true),
+        Err(PackageError::TreeMismatch { .. })
+    ));
+    fs::write(
+        dest.join(changed),
+        b"threads = 4
+",
+    )
+    .unwrap();
+    fs::write(dest.join("demo-worker/stray"), b"x").unwrap();
+    assert!(matches!(
+        verify_tree_trusting(&dest, &manifest, |_, _| true),
         Err(PackageError::TreeMismatch { .. })
     ));
 }

@@ -18,12 +18,16 @@
 //! silence they record what they have and end, and the parked upload waits for its next message on the async side
 //! alone (so idle uploads hold no threads, and an apply never waits behind them). Memory stays flat: each queue
 //! between them holds at most [`QUEUE_BYTES`] of chunks.
+//!
+//! A fourth thread, the unpacker, stages the package as it arrives when the agent allows it
+//! ([`BlobStore::with_prestage`]) and the upload starts at chunk 0: the hasher hands it each verified chunk and it
+//! unpacks them as Stage would, published as `staging/<digest>` once the blob is complete (`unpacker.rs`).
 
 mod ledger;
-mod locks;
 mod partial;
 mod recorder;
 mod store;
+mod unpacker;
 mod writer;
 
 pub use ledger::{Reservation, SpaceLedger, free_bytes};
@@ -36,7 +40,8 @@ use patchd_package::digest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, chunk_count};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Bytes of chunks allowed to wait in each queue (network → hasher, hasher → writer): memory stays flat.
+/// Bytes of chunks allowed to wait in each queue (network → hasher, hasher → writer, hasher → unpacker): memory
+/// stays flat.
 pub const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 /// Verified data written but not yet recorded before the worker syncs and records it.
 pub const FLUSH_BYTES: u64 = 32 * 1024 * 1024;

@@ -1,10 +1,12 @@
 //! A partial upload: the part file and its append-only chunk records (`<digest>.part`, `<digest>.chunks`), resumed
-//! from the records after a crash, and the hashing side of the three threads that receive chunks into it.
+//! from the records after a crash, and the hashing side of the threads that receive chunks into it (the hasher also
+//! hands each verified chunk to the unpacker, when one stages the package as it arrives).
 
 use super::ledger::Reservation;
 use super::recorder::Recorder;
 use super::writer::{ToWriter, Writer, open_direct, queue_depth};
 use super::{BlobRef, Chunk, FLUSH_BYTES, FLUSH_IDLE, TransferError, UploadOutcome, io_err};
+use bytes::Bytes;
 use patchd_package::digest::{TreeHasher, chunk_sha256};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
@@ -146,11 +148,13 @@ impl PartialBlob {
 
     /// The disk side of an upload, on a blocking thread: hashes chunks until the channel closes or one is bad,
     /// while a writer thread writes them and a recorder thread makes them durable (so neither `pwrite` nor fsync
-    /// latency stalls hashing).
+    /// latency stalls hashing). Each verified chunk also goes to `to_unpacker`, if set, until the unpacker stops
+    /// taking them; it is dropped on return, which tells the unpacker the stream ended.
     pub(super) fn receive(
         &mut self,
         rx: mpsc::Receiver<Chunk>,
         runtime: &tokio::runtime::Handle,
+        mut to_unpacker: Option<SyncSender<Bytes>>,
     ) -> Result<UploadOutcome, TransferError> {
         let writer = Writer {
             part: self.part.try_clone().map_err(io_err(&self.part_path))?,
@@ -175,7 +179,9 @@ impl PartialBlob {
         let (outcome, result) = std::thread::scope(|scope| {
             let writing = scope.spawn(move || writer.run(writer_rx, to_recorder));
             let recording = scope.spawn(move || recorder.run(recorder_rx));
-            let (outcome, received) = self.receive_chunks(rx, runtime, &to_writer);
+            let (outcome, received) =
+                self.receive_chunks(rx, runtime, &to_writer, &mut to_unpacker);
+            drop(to_unpacker);
             // Keep what verified before a bad chunk: the retry resumes right at it.
             let handed = self.hand_over(&to_writer);
             drop(to_writer);
@@ -202,6 +208,7 @@ impl PartialBlob {
         mut rx: mpsc::Receiver<Chunk>,
         runtime: &tokio::runtime::Handle,
         to_writer: &SyncSender<ToWriter>,
+        to_unpacker: &mut Option<SyncSender<Bytes>>,
     ) -> (UploadOutcome, Result<(), TransferError>) {
         let mut outcome = UploadOutcome::default();
         let result = loop {
@@ -214,7 +221,7 @@ impl PartialBlob {
                 Some(Some(chunk)) => {
                     let len = chunk.data.len() as u64;
                     let hash = chunk_sha256(&chunk.data);
-                    if let Err(e) = self.accept(chunk, hash, to_writer) {
+                    if let Err(e) = self.accept(chunk, hash, to_writer, to_unpacker) {
                         break Err(e);
                     }
                     outcome.chunks_received += 1;
@@ -254,6 +261,7 @@ impl PartialBlob {
         chunk: Chunk,
         hash: [u8; 32],
         to_writer: &SyncSender<ToWriter>,
+        to_unpacker: &mut Option<SyncSender<Bytes>>,
     ) -> Result<(), TransferError> {
         if chunk.index != self.held {
             return Err(TransferError::OutOfOrder {
@@ -298,6 +306,13 @@ impl PartialBlob {
                 index: chunk.index,
                 offset,
             });
+        }
+        // A clone shares the buffer. An unpacker that stopped (it refused the package) is fed no more; the upload
+        // goes on regardless.
+        if let Some(unpacker) = to_unpacker
+            && unpacker.send(chunk.data.clone()).is_err()
+        {
+            *to_unpacker = None;
         }
         to_writer
             .send(ToWriter::Data {

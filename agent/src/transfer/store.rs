@@ -1,16 +1,19 @@
 //! The blob store: complete blobs under `<state>/blobs`, partial uploads under `blobs/partial`, the upload loop
-//! that parks idle uploads, and the pruning of stale partial uploads.
+//! that parks idle uploads (and stages a package as it arrives, see [`super::unpacker`]), and the pruning of stale
+//! partial uploads.
 
 use super::ledger::{SpaceLedger, free_bytes};
-use super::locks::DigestLocks;
 use super::partial::{PartialBlob, PartialPaths, RECORD_LEN, RECORDS_HEADER_LEN, header_matches};
+use super::unpacker::{Unpacking, unpack_budget};
 use super::writer::queue_depth;
 use super::{
     BlobRef, BlobState, Chunk, PARK_AFTER, TransferError, UploadBounds, UploadOutcome, io_err,
     is_digest,
 };
 use futures::{Stream, StreamExt};
+use patchd_apply::digest_locks::DigestLocks;
 use patchd_apply::layout::StateLayout;
+use patchd_apply::prestage::PreStager;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -30,6 +33,8 @@ pub struct BlobStore {
     upload_slots: Arc<tokio::sync::Semaphore>,
     /// Uploads whose disk threads run now (the others are parked or waiting for their digest's lock).
     receiving: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set: an upload that starts at chunk 0 stages its package as it arrives.
+    prestage: Option<PreStager>,
 }
 
 impl BlobStore {
@@ -55,7 +60,14 @@ impl BlobStore {
             bounds,
             upload_slots: Arc::new(tokio::sync::Semaphore::new(bounds.max_concurrent.max(1))),
             receiving: Arc::default(),
+            prestage: None,
         })
+    }
+
+    /// Stages each package whose upload starts at its first chunk while it arrives (see [`super::unpacker`]).
+    pub fn with_prestage(mut self, prestage: PreStager) -> Self {
+        self.prestage = Some(prestage);
+        self
     }
 
     /// How long an upload may stay silent.
@@ -200,7 +212,7 @@ impl BlobStore {
     pub async fn upload<S>(
         self: &Arc<Self>,
         blob: BlobRef,
-        mut chunks: S,
+        chunks: S,
     ) -> Result<UploadOutcome, TransferError>
     where
         S: Stream<Item = Result<Chunk, TransferError>> + Unpin,
@@ -221,13 +233,46 @@ impl BlobStore {
 
         let store = Arc::clone(self);
         let header = blob.clone();
-        let partial = blocking(move || store.open_partial(&header)).await?;
-        let Some(partial) = partial else {
+        let opened = blocking(move || {
+            let partial = store.open_partial(&header)?;
+            Ok(partial.map(|partial| {
+                let prestage = store.prestage_for(&header, partial.held);
+                (partial, prestage)
+            }))
+        })
+        .await?;
+        let Some((partial, prestage)) = opened else {
             return Ok(UploadOutcome {
                 complete: true,
                 ..UploadOutcome::default()
             });
         };
+        let mut unpacking = None;
+        let received = self
+            .receive_stream(blob, partial, chunks, prestage, &mut unpacking)
+            .await;
+        // Whatever happened to the upload, its unpacker is published or dropped here, never left behind.
+        if let Some(unpacking) = unpacking {
+            unpacking
+                .settle(received.as_ref().is_ok_and(|outcome| outcome.complete))
+                .await;
+        }
+        received
+    }
+
+    /// The upload loop of [`BlobStore::upload`], once the partial upload is open. The first burst of chunks also
+    /// feeds the unpacker when `prestage` is set; it is then left in `unpacking` for the caller to settle.
+    async fn receive_stream<S>(
+        &self,
+        blob: BlobRef,
+        partial: PartialBlob,
+        mut chunks: S,
+        mut prestage: Option<(PreStager, u64)>,
+        unpacking: &mut Option<Unpacking>,
+    ) -> Result<UploadOutcome, TransferError>
+    where
+        S: Stream<Item = Result<Chunk, TransferError>> + Unpin,
+    {
         let held_at_start = partial.held;
         let mut partial = partial;
         let mut outcome = UploadOutcome::default();
@@ -248,11 +293,17 @@ impl BlobStore {
                 Ok(Some(Ok(chunk))) => chunk,
             };
             let (tx, rx) = mpsc::channel::<Chunk>(queue_depth(blob.chunk_size));
+            // Only the first burst unpacks: a stream that parks is staged later, from the blob.
+            let to_unpacker = prestage.take().map(|(prestager, budget)| {
+                let (started, to_unpacker) = Unpacking::start(prestager, &blob, budget);
+                *unpacking = Some(started);
+                to_unpacker
+            });
             let runtime = tokio::runtime::Handle::current();
             let receiving = Arc::clone(&self.receiving);
             receiving.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let worker = tokio::task::spawn_blocking(move || {
-                let received = partial.receive(rx, &runtime);
+                let received = partial.receive(rx, &runtime, to_unpacker);
                 receiving.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 (partial, received)
             });
@@ -296,6 +347,28 @@ impl BlobStore {
         match stream_error {
             Some(e) if !outcome.complete => Err(e),
             _ => Ok(outcome),
+        }
+    }
+
+    /// Whether an upload of `blob` that holds `held` chunks at its start stages the package as it arrives, and
+    /// within how many unpacked bytes: only a fresh upload (a resumed one cannot see the bytes it already has) of a
+    /// package not staged yet, when the store stages at all and the disk has room (see [`unpack_budget`]).
+    fn prestage_for(&self, blob: &BlobRef, held: u64) -> Option<(PreStager, u64)> {
+        let prestager = self.prestage.as_ref()?;
+        if held != 0 || blob.total_size == 0 || prestager.is_staged(&blob.digest) {
+            return None;
+        }
+        let budget = unpack_budget(
+            self.free_bytes(),
+            self.space.reserved(),
+            &prestager.limits(),
+        );
+        match budget {
+            Some(budget) => Some((prestager.clone(), budget)),
+            None => {
+                tracing::debug!(digest = %blob.digest, "too little free space to stage during the upload");
+                None
+            }
         }
     }
 

@@ -376,7 +376,7 @@ async fn old_partial_uploads_are_pruned_unless_an_upload_holds_them() {
     let removed = store.prune_partials(Duration::ZERO);
     assert_eq!(removed.len(), 2);
     assert_eq!(store.query(&blob).unwrap(), BlobState::default());
-    assert!(store.locks.map.lock().unwrap().is_empty());
+    assert_eq!(store.locks.in_use(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,4 +423,297 @@ async fn a_silent_upload_parks_without_threads_and_goes_on_when_chunks_come() {
     assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
     assert_eq!(store.reserved_bytes(), 0);
     assert_eq!(store.receiving_uploads(), 0);
+}
+
+/// Staging during the upload (`unpacker.rs`): what the upload leaves in `staging/`, compared with a Stage from the
+/// blob as the agent did before.
+mod staged_during_upload {
+    use super::*;
+    use patchd_apply::layout::StateLayout;
+    use patchd_apply::prestage::PreStager;
+    use patchd_apply::spec::ServiceSpec;
+    use patchd_apply::stage::{StageError, stage_blocking};
+    use patchd_package::{Limits, PackageError};
+    use std::path::PathBuf;
+
+    /// A store over `<dir>/state` that stages packages as they arrive, as the agent opens it.
+    fn prestaging_store(dir: &Path) -> (PathBuf, Arc<BlobStore>) {
+        let state = dir.join("state");
+        let store = BlobStore::open(&StateLayout::new(&state).blobs(), 1 << 30)
+            .unwrap()
+            .with_prestage(PreStager::standalone(&state, Limits::default()));
+        (state, Arc::new(store))
+    }
+
+    fn spec() -> ServiceSpec {
+        toml::from_str("name = \"svc\"\ncomponent = \"svc\"\n").unwrap()
+    }
+
+    /// A package of component `svc` as `patchctl package build` makes them (manifest first): a binary of
+    /// incompressible bytes, so that the package spans many chunks, and a config file.
+    fn package(dir: &Path, version: &str) -> Vec<u8> {
+        let src = dir.join(format!("src-{version}")).join("svc");
+        std::fs::create_dir_all(src.join("conf")).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        let binary: Vec<u8> = (0..64 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(src.join("svc"), binary).unwrap();
+        std::fs::write(src.join("conf/a.toml"), format!("version = {version:?}\n")).unwrap();
+        let out = dir.join(format!("svc-{version}.tar.gz"));
+        patchd_package::pack_dir(&src, version, &out).unwrap();
+        std::fs::read(&out).unwrap()
+    }
+
+    /// A package that breaks a hostile-package rule: a setuid binary.
+    fn setuid_package() -> Vec<u8> {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut dir = tar::Header::new_gnu();
+        dir.set_entry_type(tar::EntryType::Directory);
+        dir.set_mode(0o755);
+        dir.set_size(0);
+        tar.append_data(&mut dir, "svc/", &b""[..]).unwrap();
+        let mut file = tar::Header::new_gnu();
+        file.set_entry_type(tar::EntryType::Regular);
+        file.set_mode(0o4755);
+        let data = b"#!/bin/sh\nexec /bin/sh\n";
+        file.set_size(data.len() as u64);
+        tar.append_data(&mut file, "svc/svc", &data[..]).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &tar.into_inner().unwrap()).unwrap();
+        gz.finish().unwrap()
+    }
+
+    fn blob_of(data: &[u8]) -> BlobRef {
+        let cs = MIN_CHUNK_SIZE;
+        let digest = tree_digest_reader(data, cs, data.len() as u64).unwrap();
+        BlobRef::new(digest, data.len() as u64, cs).unwrap()
+    }
+
+    /// What `staging/` holds: staged digests and temporaries alike.
+    fn staging_entries(state: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(StateLayout::new(state).staging())
+            .map(|listing| {
+                listing
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Every entry of a staged package but its identity record (inode numbers and times differ by nature):
+    /// path, mode and content.
+    fn staged_tree(staged: &Path) -> Vec<(String, u32, Vec<u8>)> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut out = Vec::new();
+        let mut stack = vec![staged.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let rel = path
+                    .strip_prefix(staged)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                if rel == patchd_apply::staged_identity::RECORD_FILE {
+                    continue;
+                }
+                let meta = std::fs::symlink_metadata(&path).unwrap();
+                let mode = meta.permissions().mode() & 0o7777;
+                if meta.is_dir() {
+                    stack.push(path.clone());
+                    out.push((rel, mode, Vec::new()));
+                } else {
+                    out.push((rel, mode, std::fs::read(&path).unwrap()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Stages `data` the way the agent did before: from the blob alone, in a state dir of its own.
+    fn staged_from_blob(
+        dir: &Path,
+        blob: &BlobRef,
+        data: &[u8],
+    ) -> (PathBuf, Result<(), StageError>) {
+        let state = dir.join("state-from-blob");
+        let layout = StateLayout::new(&state);
+        std::fs::create_dir_all(layout.blobs()).unwrap();
+        std::fs::write(layout.blob(&blob.digest), data).unwrap();
+        let staged = stage_blocking(&state, &blob.digest, &spec(), &Limits::default());
+        if let Ok(staged) = &staged {
+            assert!(!staged.already_staged);
+        }
+        (state, staged.map(|_| ()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_complete_upload_leaves_the_package_staged_as_a_stage_from_the_blob_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, store) = prestaging_store(dir.path());
+        let data = package(dir.path(), "v2");
+        let blob = blob_of(&data);
+        assert!(blob.chunk_count() > 4, "the package spans several chunks");
+        let chunks = chunks_of(&data, blob.chunk_size);
+        let outcome = store
+            .upload(
+                blob.clone(),
+                futures::stream::iter(chunks.into_iter().map(Ok)),
+            )
+            .await
+            .unwrap();
+        assert!(outcome.complete);
+        assert_eq!(std::fs::read(store.blob_path(&blob.digest)).unwrap(), data);
+
+        let layout = StateLayout::new(&state);
+        assert_eq!(
+            staging_entries(&state),
+            [blob.digest.clone()],
+            "staged, no temporary left"
+        );
+        let staged = layout.staged(&blob.digest);
+        assert!(staged.join("manifest.json").is_file());
+        assert!(
+            staged
+                .join(patchd_apply::staged_identity::RECORD_FILE)
+                .is_file()
+        );
+        assert!(staged.join("files/svc/svc").is_file());
+
+        assert!(patchd_apply::stage::is_prestaged(&state, &blob.digest));
+
+        // Stage finds it staged, checks it and claims it: reported staged now, nothing unpacked again.
+        let inode =
+            |path: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap());
+        let binary_inode = inode(&staged.join("files/svc/svc"));
+        let first = stage_blocking(&state, &blob.digest, &spec(), &Limits::default()).unwrap();
+        assert!(
+            !first.already_staged,
+            "the first Stage reports it staged now"
+        );
+        assert_eq!(first.manifest.version, "v2");
+        assert!(!patchd_apply::stage::is_prestaged(&state, &blob.digest));
+        assert_eq!(
+            inode(&staged.join("files/svc/svc")),
+            binary_inode,
+            "not unpacked again"
+        );
+        let again = stage_blocking(&state, &blob.digest, &spec(), &Limits::default()).unwrap();
+        assert!(again.already_staged);
+        assert_eq!(staging_entries(&state), [blob.digest.clone()]);
+
+        let (other, from_blob) = staged_from_blob(dir.path(), &blob, &data);
+        from_blob.unwrap();
+        let expected = staged_tree(&StateLayout::new(&other).staged(&blob.digest));
+        assert!(
+            expected
+                .iter()
+                .any(|(path, _, _)| path == "files/svc/conf/a.toml")
+        );
+        assert_eq!(
+            staged_tree(&staged),
+            expected,
+            "byte-identical to a Stage from the blob"
+        );
+        let from_blob = stage_blocking(&other, &blob.digest, &spec(), &Limits::default()).unwrap();
+        assert_eq!(first.manifest, from_blob.manifest);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_broken_mid_way_and_resumed_stages_nothing_and_stage_unpacks_the_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, store) = prestaging_store(dir.path());
+        let data = package(dir.path(), "v2");
+        let blob = blob_of(&data);
+        let chunks = chunks_of(&data, blob.chunk_size);
+
+        let broken = chunks[..3]
+            .iter()
+            .cloned()
+            .map(Ok)
+            .chain(std::iter::once(Err(TransferError::StreamBroken(
+                "connection reset".into(),
+            ))));
+        let err = store
+            .upload(blob.clone(), futures::stream::iter(broken))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransferError::StreamBroken(_)), "{err}");
+        assert!(
+            staging_entries(&state).is_empty(),
+            "{:?}",
+            staging_entries(&state)
+        );
+
+        let rest = chunks[3..].iter().cloned().map(Ok);
+        let outcome = store
+            .upload(blob.clone(), futures::stream::iter(rest))
+            .await
+            .unwrap();
+        assert!(outcome.complete);
+        assert!(
+            staging_entries(&state).is_empty(),
+            "a resumed upload stages nothing: {:?}",
+            staging_entries(&state)
+        );
+
+        let staged = stage_blocking(&state, &blob.digest, &spec(), &Limits::default()).unwrap();
+        assert!(!staged.already_staged);
+        let (other, from_blob) = staged_from_blob(dir.path(), &blob, &data);
+        from_blob.unwrap();
+        assert_eq!(
+            staged_tree(&StateLayout::new(&state).staged(&blob.digest)),
+            staged_tree(&StateLayout::new(&other).staged(&blob.digest))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hostile_package_uploads_but_is_not_staged_and_stage_refuses_it_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, store) = prestaging_store(dir.path());
+        let data = setuid_package();
+        let blob = blob_of(&data);
+        let outcome = store
+            .upload(
+                blob.clone(),
+                futures::stream::iter(chunks_of(&data, blob.chunk_size).into_iter().map(Ok)),
+            )
+            .await
+            .unwrap();
+        assert!(
+            outcome.complete,
+            "the upload itself does not judge the package"
+        );
+        assert!(store.blob_path(&blob.digest).is_file());
+        assert!(
+            staging_entries(&state).is_empty(),
+            "{:?}",
+            staging_entries(&state)
+        );
+
+        let refused =
+            stage_blocking(&state, &blob.digest, &spec(), &Limits::default()).unwrap_err();
+        assert!(
+            matches!(&refused, StageError::Package { source, .. }
+                if matches!(**source, PackageError::SpecialModeBits { .. })),
+            "{refused:?}"
+        );
+        let (_, before) = staged_from_blob(dir.path(), &blob, &data);
+        assert_eq!(
+            refused.to_string(),
+            before.unwrap_err().to_string(),
+            "the same error as before"
+        );
+        assert!(staging_entries(&state).is_empty());
+    }
 }

@@ -19,10 +19,11 @@ use crate::journal::{
     ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, ServiceJournal,
 };
 use crate::layout::{StateLayout, is_digest};
+use crate::prestage::PreStager;
 use crate::spec::is_safe_name;
 use crate::stage::{self, StageError, Staged};
 use service::{InFlightGuard, Inner, Quarantine, Service, blocking, ensure_space_reserve, lock};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -179,7 +180,7 @@ impl Engine {
                 cache_min_age: config.cache_min_age,
                 pins: Arc::default(),
                 services,
-                stage_locks: Mutex::new(HashMap::new()),
+                stage_locks: Arc::default(),
             }),
         };
         engine.recover().await?;
@@ -263,17 +264,27 @@ impl Engine {
             }
             .into());
         }
-        let digest_lock = {
-            let mut locks = lock(&self.inner.stage_locks);
-            locks.entry(digest.to_string()).or_default().clone()
-        };
-        let _staging = digest_lock.lock().await;
+        let _staging = self.inner.stage_locks.acquire(digest).await;
         let _pin = self.inner.pins.pin(digest);
         let state_dir = self.inner.state_dir.clone();
-        let digest = digest.to_string();
+        let owned_digest = digest.to_string();
         let spec = svc.spec.clone();
         let limits = self.inner.package_limits;
-        Ok(blocking(move || stage::stage_blocking(&state_dir, &digest, &spec, &limits)).await??)
+        Ok(
+            blocking(move || stage::stage_blocking(&state_dir, &owned_digest, &spec, &limits))
+                .await??,
+        )
+    }
+
+    /// What the agent's uploads need to stage a package as it arrives ([`crate::prestage`]), taking the same
+    /// stage locks and pins as [`Engine::stage`].
+    pub fn prestager(&self) -> PreStager {
+        PreStager::new(
+            self.inner.state_dir.clone(),
+            self.inner.package_limits,
+            Arc::clone(&self.inner.stage_locks),
+            Arc::clone(&self.inner.pins),
+        )
     }
 
     /// Apply a staged package. Runs in its own task: dropping the returned future does not cancel the apply.
@@ -336,12 +347,12 @@ impl Engine {
         )? {
             return Ok(replay);
         }
-        let manifest =
-            stage::load_staged(&self.inner.state_dir, &command.digest)?.ok_or_else(|| {
-                ApplyError::NotStaged {
-                    digest: command.digest.clone(),
-                    service: command.service.clone(),
-                }
+        let manifest = stage::load_staged(&self.inner.state_dir, &command.digest)?
+            // Staged during its upload but never checked by a Stage: not staged as far as Apply goes.
+            .filter(|_| !stage::is_prestaged(&self.inner.state_dir, &command.digest))
+            .ok_or_else(|| ApplyError::NotStaged {
+                digest: command.digest.clone(),
+                service: command.service.clone(),
             })?;
         stage::check_component(&command.digest, &svc.spec, &manifest)?;
         let planning = std::time::Instant::now();

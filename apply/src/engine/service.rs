@@ -8,7 +8,7 @@ use crate::confine::Confinement;
 use crate::fsutil::HashCache;
 use crate::journal::{JournalError, ServiceJournal};
 use crate::spec::{BackendKind, ServiceSpec};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -146,7 +146,8 @@ pub(crate) struct Inner {
     /// Digests a stage or apply is using: the cache pruning skips them.
     pub(crate) pins: Arc<crate::prune::Pins>,
     pub(super) services: BTreeMap<String, Arc<Service>>,
-    pub(super) stage_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Serialize stages of one digest (Stage, and the publish of a package staged during its upload).
+    pub(super) stage_locks: Arc<crate::digest_locks::DigestLocks>,
 }
 
 /// Runs blocking file work off the async threads.

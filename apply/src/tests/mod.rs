@@ -7,6 +7,7 @@
 mod apply;
 mod confinement;
 mod container;
+mod prestage;
 mod recovery;
 
 use crate::backend::{BackendError, RunState, ServiceBackend, ServiceRuntime};

@@ -1,6 +1,7 @@
-//! One streaming pass over a `.tar.gz`: hashes the raw file (plain sha256 and tree digest) unless told not to, decompresses,
-//! checks every entry against the hostile-package rules before handing it to a sink, and enforces the limits
-//! while bytes flow, so a decompression bomb stops at the limit and memory stays flat.
+//! One streaming pass over a `.tar.gz`: hashes the raw bytes (plain sha256 and tree digest) unless told not to,
+//! decompresses, checks every entry against the hostile-package rules before handing it to a sink, and enforces the
+//! limits while bytes flow, so a decompression bomb stops at the limit and memory stays flat. The bytes come from a
+//! file ([`walk`]) or from any reader of known length ([`walk_reader`]: the agent's upload, chunk by verified chunk).
 
 mod stream;
 mod tree;
@@ -100,11 +101,32 @@ pub(crate) fn walk(
     raw: RawDigests,
     sink: &mut dyn Sink,
 ) -> Result<Walked, PackageError> {
+    let (mut file, size) = open_package(path)?;
+    walk_reader(&mut file, size, path, limits, expect, raw, sink)
+}
+
+/// Opens a package file and tells its size.
+pub(crate) fn open_package(path: &Path) -> Result<(File, u64), PackageError> {
     let file = File::open(path).map_err(|e| PackageError::io("cannot open package", path, e))?;
     let size = file
         .metadata()
         .map_err(|e| PackageError::io("cannot stat package", path, e))?
         .len();
+    Ok((file, size))
+}
+
+/// Walks the `size` bytes of a package `source` yields, as [`walk`] does a file; `path` names the package in errors
+/// (and gives the version of a package without a manifest, as a file name would). A source that fails is an I/O
+/// error on `path` (`cannot read package`); one whose length is not `size` is refused like a file changed while read.
+pub(crate) fn walk_reader(
+    source: &mut dyn Read,
+    size: u64,
+    path: &Path,
+    limits: &Limits,
+    expect: &Expectations,
+    raw: RawDigests,
+    sink: &mut dyn Sink,
+) -> Result<Walked, PackageError> {
     if size == 0 {
         return Err(PackageError::EmptyPackage {
             path: path.to_owned(),
@@ -112,7 +134,7 @@ pub(crate) fn walk(
     }
     let state = Rc::new(StreamState::default());
     let source = Source {
-        file,
+        raw: source,
         hashes: (raw == RawDigests::Compute).then(|| RawHashes {
             sha256: Context::new(&SHA256),
             tree: StreamingTreeDigest::new(DEFAULT_CHUNK_SIZE, size),
@@ -239,7 +261,7 @@ impl<'a> Walker<'a> {
 
     fn run(
         &mut self,
-        archive: &mut tar::Archive<Decompressed<Decoder>>,
+        archive: &mut tar::Archive<Decompressed<Decoder<'_>>>,
         sink: &mut dyn Sink,
     ) -> Result<(), PackageError> {
         let mut entries = archive.entries().map_err(|e| self.io_error(e))?;

@@ -1,11 +1,11 @@
-//! The byte layers under the tar reader: the raw file (hashed as it is read), the gzip decoder with the metadata
-//! budget, and telling which layer an I/O error came from.
+//! The byte layers under the tar reader: the raw package bytes (a file, or any reader such as an upload's verified
+//! chunks; hashed as they are read when asked), the gzip decoder with the metadata budget, and telling which layer
+//! an I/O error came from.
 
 use crate::PackageError;
 use crate::digest::StreamingTreeDigest;
 use ring::digest::Context;
 use std::cell::Cell;
-use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::Path;
 use std::rc::Rc;
@@ -34,18 +34,18 @@ pub(super) struct RawHashes {
     pub(super) tree: StreamingTreeDigest,
 }
 
-/// The raw `.tar.gz` file: counts every byte it hands out, and hashes it when asked to.
-pub(super) struct Source {
-    pub(super) file: File,
+/// The raw `.tar.gz` bytes: counts every byte it hands out, and hashes it when asked to.
+pub(super) struct Source<'r> {
+    pub(super) raw: &'r mut dyn Read,
     /// `None` when the caller already trusts the file's identity (a blob the agent verified as it arrived).
     pub(super) hashes: Option<RawHashes>,
     pub(super) read: u64,
     pub(super) state: Rc<StreamState>,
 }
 
-impl Read for Source {
+impl Read for Source<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.file.read(buf) {
+        match self.raw.read(buf) {
             Ok(n) => {
                 if let Some(hashes) = &mut self.hashes {
                     hashes.sha256.update(&buf[..n]);
@@ -98,12 +98,12 @@ impl<R: Read> Read for Decompressed<R> {
     }
 }
 
-pub(super) type Decoder = flate2::bufread::MultiGzDecoder<BufReader<Source>>;
+pub(super) type Decoder<'r> = flate2::bufread::MultiGzDecoder<BufReader<Source<'r>>>;
 
 /// Reads what follows the end-of-archive marker to the end of the gzip stream: zeros only, bounded. Reaching
 /// the end also makes the decoder check the gzip CRC and length, which catches corruption near the end.
 pub(super) fn drain_trailer(
-    rest: &mut Decompressed<Decoder>,
+    rest: &mut Decompressed<Decoder<'_>>,
     path: &Path,
     state: &StreamState,
 ) -> Result<(), PackageError> {

@@ -1,22 +1,25 @@
-//! Per-digest locks: concurrent uploads of one blob run one after the other, and pruning skips a digest in use.
+//! Per-digest locks: concurrent uploads of one blob run one after the other (the agent's blob store), so do the
+//! stages of one package and the publish of a package staged as it was uploaded ([`crate::prestage`]), and pruning
+//! skips a digest in use.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// One async mutex per digest, created on demand and dropped when nobody holds or waits for it.
 #[derive(Debug, Default)]
-pub(super) struct DigestLocks {
-    pub(super) map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+pub struct DigestLocks {
+    map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-pub(super) struct DigestGuard<'a> {
+/// Holds the lock of one digest until dropped.
+pub struct DigestGuard<'a> {
     locks: &'a DigestLocks,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl DigestLocks {
     /// The lock of `digest` if nobody holds it now.
-    pub(super) fn try_acquire(&self, digest: &str) -> Option<DigestGuard<'_>> {
+    pub fn try_acquire(&self, digest: &str) -> Option<DigestGuard<'_>> {
         let lock = {
             let mut map = self
                 .map
@@ -30,7 +33,8 @@ impl DigestLocks {
         acquired.guard.is_some().then_some(acquired)
     }
 
-    pub(super) async fn acquire(&self, digest: &str) -> DigestGuard<'_> {
+    /// Waits for the lock of `digest`.
+    pub async fn acquire(&self, digest: &str) -> DigestGuard<'_> {
         let lock = {
             let mut map = self
                 .map
@@ -42,6 +46,14 @@ impl DigestLocks {
             locks: self,
             guard: Some(lock.lock_owned().await),
         }
+    }
+
+    /// Digests locked or waited for right now (an entry lives only that long).
+    pub fn in_use(&self) -> usize {
+        self.map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
     }
 }
 
