@@ -578,7 +578,7 @@ mod staged_during_upload {
         let layout = StateLayout::new(&state);
         assert_eq!(
             staging_entries(&state),
-            [blob.digest.clone()],
+            [blob.digest.as_str()],
             "staged, no temporary left"
         );
         let staged = layout.staged(&blob.digest);
@@ -610,7 +610,7 @@ mod staged_during_upload {
         );
         let again = stage_blocking(&state, &blob.digest, &spec(), &Limits::default()).unwrap();
         assert!(again.already_staged);
-        assert_eq!(staging_entries(&state), [blob.digest.clone()]);
+        assert_eq!(staging_entries(&state), [blob.digest.as_str()]);
 
         let (other, from_blob) = staged_from_blob(dir.path(), &blob, &data);
         from_blob.unwrap();

@@ -65,7 +65,7 @@ async fn the_first_stage_of_a_package_staged_during_its_upload_reports_it_staged
     let engine = host.engine().await.unwrap();
     let digest = host.package("v2", V2);
     prestage(&engine, &host, &digest).await;
-    assert_eq!(staging_entries(&host), [digest.clone()]);
+    assert_eq!(staging_entries(&host), [digest.as_str()]);
     // Not staged as far as Apply goes until a Stage has checked it.
     let err = engine.apply(apply_cmd(&digest, "p0")).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
@@ -108,7 +108,7 @@ async fn a_staged_file_edited_after_staging_is_hashed_found_and_staged_again_unl
         "binary v2",
         "unpacked again from the blob"
     );
-    assert_eq!(staging_entries(&host), [digest.clone()]);
+    assert_eq!(staging_entries(&host), [digest.as_str()]);
 
     // The staged copy and the blob both damaged: nothing sound is left to stage from.
     edit_in_place_keeping_mtime(&staged, b"binary X2");
