@@ -208,7 +208,8 @@ impl BlobStore {
     /// Receives chunks of `blob` from `chunks` (in order, starting at any index up to the first missing chunk;
     /// chunks already held are skipped). Verifies, writes and records each; completes the blob when the last
     /// chunk arrived and the tree digest matched. Holds a per-digest lock so concurrent uploads of the same blob
-    /// run one after the other.
+    /// run one after the other. With [`BlobStore::with_prestage`], an upload that starts at chunk 0 also stages the
+    /// package as it arrives; its result never depends on that.
     pub async fn upload<S>(
         self: &Arc<Self>,
         blob: BlobRef,
