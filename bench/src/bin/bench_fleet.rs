@@ -54,6 +54,9 @@ struct Args {
     /// for (it polls `GET /version` until the new version answers, then puts the node back online).
     #[arg(long, env = "BENCH_MIN_HEALTHY_MS", default_value_t = 500)]
     min_healthy_ms: u64,
+    /// Keep each rollout's `patchctl` progress output (`patchctl-<MIB>MiB.log`) in this directory.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
 }
 
 /// One timestamped progress line of `patchctl` (plain mode): seconds since the rollout began, and the text.
@@ -351,6 +354,10 @@ fn patch(
     let cpu = cpu_of_children()?.saturating_sub(cpu_before);
     let err = err_reader.join().unwrap_or_default();
     let _ = watcher.join();
+    if let Some(dir) = &args.keep_logs {
+        let log = dir.join(format!("patchctl-{package_mib}MiB.log"));
+        std::fs::write(&log, &err).with_context(|| format!("cannot write {}", log.display()))?;
+    }
     if !status.success() {
         bail!("patchctl failed ({status}):\n{err}\n{out}");
     }
