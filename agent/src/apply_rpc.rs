@@ -41,6 +41,13 @@ impl ApplyRuntime {
         })
     }
 
+    /// Starts `work` on the apply runtime without waiting for it (it ends with the runtime at shutdown).
+    fn spawn_detached(&self, work: impl Future<Output = ()> + Send + 'static) {
+        if let Some(runtime) = &self.runtime {
+            drop(runtime.spawn(work));
+        }
+    }
+
     /// Runs `work` on the apply runtime and waits for it from any runtime.
     pub async fn run<T: Send + 'static>(
         &self,
@@ -107,6 +114,10 @@ impl ApplyService {
             .run(Engine::start(engine_config))
             .await
             .map_err(|status| ApplyError::Internal(status.message().to_string()))??;
+        runtime.spawn_detached({
+            let engine = engine.clone();
+            async move { engine.warm_hash_cache().await }
+        });
         Ok(Self {
             engine,
             runtime,

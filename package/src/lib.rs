@@ -19,6 +19,7 @@
 
 mod build;
 pub mod digest;
+pub mod direct_write;
 mod elf;
 mod error;
 mod image;

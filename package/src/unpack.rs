@@ -6,13 +6,14 @@
 //! symlink), directories one component at a time, and symlinks only at the very end, after every check passed,
 //! so no write can be steered outside the destination. On any error the destination is emptied again.
 
+use crate::direct_write::DirectWriter;
 use crate::manifest::Manifest;
 use crate::walk::{RawDigests, Sink, Walked, open_package, walk_reader};
 use crate::{Expectations, Limits, PackageError, settle_manifest};
 use ring::digest::{Context, SHA256};
 use std::collections::HashSet;
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -158,7 +159,7 @@ fn clear_destination(dest: &Path, created: bool) {
 struct DiskSink<'a> {
     root: &'a Path,
     dirs: HashSet<String>,
-    current: Option<(File, PathBuf, u32)>,
+    current: Option<(DirectWriter, PathBuf, u32)>,
 }
 
 impl<'a> DiskSink<'a> {
@@ -252,14 +253,14 @@ impl Sink for DiskSink<'_> {
 
     fn file_begin(&mut self, path: &str, mode: u32) -> Result<(), PackageError> {
         let (file, at) = self.create_file(path)?;
-        self.current = Some((file, at, mode));
+        self.current = Some((DirectWriter::new(file), at, mode));
         Ok(())
     }
 
     fn file_data(&mut self, data: &[u8]) -> Result<(), PackageError> {
         match &mut self.current {
             Some((file, at, _)) => file
-                .write_all(data)
+                .write_all(at, data)
                 .map_err(|e| PackageError::io("cannot write", at.as_path(), e)),
             None => Ok(()),
         }
@@ -267,7 +268,12 @@ impl Sink for DiskSink<'_> {
 
     fn file_end(&mut self) -> Result<(), PackageError> {
         match self.current.take() {
-            Some((file, at, mode)) => finish_file(&file, &at, mode),
+            Some((writer, at, mode)) => {
+                let file = writer
+                    .finish(&at)
+                    .map_err(|e| PackageError::io("cannot write", &at, e))?;
+                finish_file(&file, &at, mode)
+            }
             None => Ok(()),
         }
     }

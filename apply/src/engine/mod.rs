@@ -558,6 +558,20 @@ impl Engine {
     }
 
     /// Status of one service (`Some(name)`) or all.
+    /// Hashes every service's deployed binary into the hash cache (files only; container services have none),
+    /// so that the first `status` after a start answers without reading them: a rollout's first probe of every
+    /// node waits for that answer. Errors are left for `status` to report.
+    pub async fn warm_hash_cache(&self) {
+        for svc in self.inner.services.values() {
+            if svc.backend.containers().is_some() {
+                continue;
+            }
+            let binary = svc.spec.binary_path();
+            let inner = self.inner.clone();
+            let _ = blocking(move || inner.hashes.sha256(&binary)).await;
+        }
+    }
+
     pub async fn status(&self, service: Option<&str>) -> Result<Vec<ServiceReport>, ApplyError> {
         let services: Vec<Arc<Service>> = match service {
             Some(name) => vec![self.service(name)?],

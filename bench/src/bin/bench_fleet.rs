@@ -49,6 +49,14 @@ struct Args {
     /// `patchctl --concurrency` (parallel uploads); patchctl's default when absent.
     #[arg(long, env = "BENCH_CONCURRENCY")]
     concurrency: Option<usize>,
+    /// The agents' health probation (`min_healthy`, ms): how long a restarted service must stay healthy before
+    /// the agent commits the patch. 0 commits at the first passing health check, which is what the peer waits
+    /// for (it polls `GET /version` until the new version answers, then puts the node back online).
+    #[arg(long, env = "BENCH_MIN_HEALTHY_MS", default_value_t = 500)]
+    min_healthy_ms: u64,
+    /// Keep each rollout's `patchctl` progress output (`patchctl-<MIB>MiB.log`) in this directory.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
 }
 
 /// One timestamped progress line of `patchctl` (plain mode): seconds since the rollout began, and the text.
@@ -123,6 +131,7 @@ fn main() -> anyhow::Result<()> {
         masters: 1,
         workers,
         tasks: 10,
+        min_healthy: Duration::from_millis(args.min_healthy_ms),
         ..Default::default()
     };
     let mut cluster = ClusterFixture::start(work.path(), options);
@@ -212,6 +221,7 @@ fn print_json(run: &Run, args: &Args) {
     let line = serde_json::json!({
         "workers": run.nodes,
         "batch_size": args.batch_size,
+        "min_healthy_ms": args.min_healthy_ms,
         "package_mib": run.package_mib,
         "patchd_package_bytes": run.package_bytes,
         "patchd_wall_s": round3(run.total.as_secs_f64()),
@@ -344,6 +354,10 @@ fn patch(
     let cpu = cpu_of_children()?.saturating_sub(cpu_before);
     let err = err_reader.join().unwrap_or_default();
     let _ = watcher.join();
+    if let Some(dir) = &args.keep_logs {
+        let log = dir.join(format!("patchctl-{package_mib}MiB.log"));
+        std::fs::write(&log, &err).with_context(|| format!("cannot write {}", log.display()))?;
+    }
     if !status.success() {
         bail!("patchctl failed ({status}):\n{err}\n{out}");
     }
@@ -446,11 +460,12 @@ fn print_report(runs: &[Run], args: &Args, load: &str) {
     println!(
         "{workers} demo workers, one `patchd` agent each on 127.0.1.2–127.0.1.{} (process backend), plus the demo \
          master on 127.0.1.1; `patchctl patch --batch-size {batch} --max-unavailable {batch} --failure-budget {}` \
-         with the demo's offline/wait_offline/health/online/wait_online hooks; agent probation 500 ms. The peer: \
+         with the demo's offline/wait_offline/health/online/wait_online hooks; agent probation {} ms. The peer: \
          the same rolling hotfix with Ansible over SSH ({}), run right before each patchd rollout. Everything \
          shares the machine's cores (1-minute load average at the end: {load}).\n",
         workers + 1,
         batch.saturating_sub(1),
+        args.min_healthy_ms,
         if args.no_peer {
             "skipped: --no-peer"
         } else {
