@@ -54,6 +54,10 @@ struct Args {
     /// for (it polls `GET /version` until the new version answers, then puts the node back online).
     #[arg(long, env = "BENCH_MIN_HEALTHY_MS", default_value_t = 500)]
     min_healthy_ms: u64,
+    /// `patchctl patch --stage-all-first`: stage every node before the first batch (default: each batch once its
+    /// own nodes are staged, the later ones staging meanwhile).
+    #[arg(long)]
+    stage_all_first: bool,
     /// Keep each rollout's `patchctl` progress output (`patchctl-<MIB>MiB.log`) in this directory.
     #[arg(long)]
     keep_logs: Option<PathBuf>,
@@ -222,6 +226,7 @@ fn print_json(run: &Run, args: &Args) {
         "workers": run.nodes,
         "batch_size": args.batch_size,
         "min_healthy_ms": args.min_healthy_ms,
+        "stage_all_first": args.stage_all_first,
         "package_mib": run.package_mib,
         "patchd_package_bytes": run.package_bytes,
         "patchd_wall_s": round3(run.total.as_secs_f64()),
@@ -329,6 +334,7 @@ fn patch(
             &budget,
         ])
         .args(concurrency)
+        .args(args.stage_all_first.then_some("--stage-all-first"))
         .env("PATCHCTL_HOME", cluster.pki.home())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -459,12 +465,17 @@ fn print_report(runs: &[Run], args: &Args, load: &str) {
     println!("\n## Fleet\n");
     println!(
         "{workers} demo workers, one `patchd` agent each on 127.0.1.2–127.0.1.{} (process backend), plus the demo \
-         master on 127.0.1.1; `patchctl patch --batch-size {batch} --max-unavailable {batch} --failure-budget {}` \
+         master on 127.0.1.1; `patchctl patch --batch-size {batch} --max-unavailable {batch} --failure-budget {}{}` \
          with the demo's offline/wait_offline/health/online/wait_online hooks; agent probation {} ms. The peer: \
          the same rolling hotfix with Ansible over SSH ({}), run right before each patchd rollout. Everything \
          shares the machine's cores (1-minute load average at the end: {load}).\n",
         workers + 1,
         batch.saturating_sub(1),
+        if args.stage_all_first {
+            " --stage-all-first"
+        } else {
+            ""
+        },
         args.min_healthy_ms,
         if args.no_peer {
             "skipped: --no-peer"
@@ -490,7 +501,7 @@ fn print_report(runs: &[Run], args: &Args, load: &str) {
         );
     }
     println!(
-        "\n| package | total | before rollout¹ | staging (transfer) | agents applying² | controller share³ | per node³ | \
+        "\n| package | total | before rollout¹ | staging until the first batch⁶ | agents applying² | controller share³ | per node³ | \
          controller CPU | CPU per node | agents' CPU⁴ | agents' CPU per GB received⁴ | controller peak RSS | agent peak RSS⁵ | failures |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -527,6 +538,9 @@ fn print_report(runs: &[Run], args: &Args, load: &str) {
          package, applying), and the same per GB of package received by all of them: on a real fleet this is \
          spread over one machine per agent.\n\
          ⁵ the largest `VmHWM` of the agents: each one's peak since it started, so a later row includes the \
-         earlier packages."
+         earlier packages.\n\
+         ⁶ from \"Staging the package\" to the first batch: every node's upload and stage with --stage-all-first; \
+         otherwise the first batch's (the later nodes stage while the earlier batches restart, so this column and \
+         the next overlap, and the controller share is what is left of the total, 0 when they overlap)."
     );
 }

@@ -42,6 +42,11 @@ pub struct Args {
     /// Parallel uploads while staging (each holds a few MiB of buffers in flight).
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// Stage the package on every node before touching any. By default a batch starts as soon as each of its
+    /// nodes is staged, and the later nodes go on staging while it restarts (in plan order); a node whose staging
+    /// fails is left untouched and counts against the failure budget.
+    #[arg(long)]
+    pub stage_all_first: bool,
     /// Longest wait for one node's status probes before planning.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub probe_timeout: Duration,
@@ -137,6 +142,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         offline: args.offline,
         overwrite: args.overwrite,
         concurrency: args.concurrency,
+        stage_all_first: args.stage_all_first,
         canary_wait_ms: args.rollout.policy.canary_wait_ms(),
         to_patch_id: None,
         component,

@@ -109,6 +109,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         offline: false,
         overwrite: false,
         concurrency: 1,
+        stage_all_first: false,
         canary_wait_ms: args.rollout.policy.canary_wait_ms(),
         to_patch_id: args.to.clone(),
         component: String::new(),

@@ -5,9 +5,10 @@ use super::state::{NodePhase, NodeRecord, Step, StepStatus, Verdict};
 use super::{
     Action, Cancel, Event, HookFailure, LeaseFailure, NodeRef, NodeReport, Observer, PauseDecision,
     RolloutEffects, RolloutEnd, RolloutJournal, RolloutJournalError, RolloutReport, RolloutSpec,
+    StagingMode,
 };
 use futures::stream::{FuturesUnordered, StreamExt};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Runs one rollout (fresh or resumed) over its effects, journal and observer.
@@ -48,6 +49,19 @@ struct NodeState {
     record: NodeRecord,
     duration: Option<Duration>,
     downtime: Option<Duration>,
+}
+
+/// Failures so far against the budget, and whether the rollout halted.
+struct Tally {
+    failures: u32,
+    halted: bool,
+    budget: u32,
+}
+
+/// What woke the batch loop: a node's turn ended, or a later node's staging did.
+enum Progress<T, S> {
+    Turn(Option<T>),
+    Staged(Option<S>),
 }
 
 impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E, J, O> {
@@ -221,53 +235,76 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
         }
         drop(settling);
 
-        // 2. Stage on every node still to do, in parallel, before any node is touched.
+        // 2. Staging, in plan order, `stage_concurrency` nodes at a time. Upfront: every node is staged before any
+        // is touched. Ahead: a batch starts once each of its nodes is staged, while the later ones go on staging
+        // (a node whose staging fails is left untouched and counts against the budget when its result comes).
         // Nothing is staged or started while an earlier apply's outcome is unknown.
         let mut halted = unsettled;
-        if let Action::Patch { .. } = self.spec.action
-            && !unsettled
-        {
-            let to_stage: Vec<&NodeRef> = order
-                .iter()
-                .copied()
-                .filter(|node| is_startable(states[&node.id].record.phase))
-                .collect();
-            if !to_stage.is_empty() {
-                self.observer.event(&Event::StageStarted {
-                    nodes: to_stage.len(),
-                });
-                let concurrency = self.spec.stage_concurrency.max(1);
-                let mut staging = futures::stream::iter(to_stage)
-                    .map(|node| async move { (node, self.stage(node).await) })
-                    .buffer_unordered(concurrency);
-                loop {
-                    let next = tokio::select! {
-                        next = staging.next() => next,
-                        () = self.cancel.cancelled() => None,
-                    };
-                    let Some((node, staged)) = next else { break };
-                    let (phase, reason) = staged?;
-                    failures += u32::from(phase.is_failure());
-                    let state = states.entry(node.id.clone()).or_insert_with(pending_state);
-                    state.record = NodeRecord { phase, reason };
-                }
-                if self.cancel.is_cancelled() {
-                    self.observer.event(&Event::Interrupting);
-                    return Ok(self.report(RolloutEnd::Interrupted, &order, states, failures));
-                }
+        let to_stage: Vec<&NodeRef> =
+            if matches!(self.spec.action, Action::Patch { .. }) && !unsettled {
+                order
+                    .iter()
+                    .copied()
+                    .filter(|node| is_startable(states[&node.id].record.phase))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+        let mut awaiting: HashSet<String> = to_stage.iter().map(|node| node.id.clone()).collect();
+        if !to_stage.is_empty() {
+            self.observer.event(&Event::StageStarted {
+                nodes: to_stage.len(),
+            });
+        }
+        let mut staging = futures::stream::iter(to_stage)
+            .map(|node| async move { (node, self.stage(node).await) })
+            .buffer_unordered(self.spec.stage_concurrency.max(1));
+        let mut tally = Tally {
+            failures,
+            halted,
+            budget: self.spec.failure_budget,
+        };
+        if self.spec.staging == StagingMode::Upfront && !awaiting.is_empty() {
+            while !awaiting.is_empty() {
+                let next = tokio::select! {
+                    next = staging.next() => next,
+                    () = self.cancel.cancelled() => None,
+                };
+                let Some((node, staged)) = next else { break };
+                self.staged(&mut states, &mut awaiting, &mut tally, node, staged?, false);
             }
-            if failures > self.spec.failure_budget {
-                halted = true;
+            if self.cancel.is_cancelled() {
+                self.observer.event(&Event::Interrupting);
+                return Ok(self.report(RolloutEnd::Interrupted, &order, states, tally.failures));
+            }
+            if tally.failures > tally.budget {
+                tally.halted = true;
                 self.observer.event(&Event::Halting {
-                    failures,
-                    budget: self.spec.failure_budget,
+                    failures: tally.failures,
+                    budget: tally.budget,
                 });
             }
         }
+        (failures, halted) = (tally.failures, tally.halted);
 
         // 3. Batches, strictly one after the other.
         let mut end = None;
         for (position, batch) in self.spec.batches.iter().enumerate() {
+            // Ahead: the batch waits for its own nodes' staging (later nodes stage meanwhile).
+            while !halted && batch.nodes.iter().any(|node| awaiting.contains(&node.id)) {
+                let next = tokio::select! {
+                    next = staging.next() => next,
+                    () = self.cancel.cancelled() => None,
+                };
+                let Some((node, staged)) = next else { break };
+                let mut tally = Tally {
+                    failures,
+                    halted,
+                    budget: self.spec.failure_budget,
+                };
+                self.staged(&mut states, &mut awaiting, &mut tally, node, staged?, true);
+                (failures, halted) = (tally.failures, tally.halted);
+            }
             if halted {
                 break;
             }
@@ -297,8 +334,27 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                     let from = states[&node.id].record.phase;
                     running.push(async move { (node, self.turn(node, from, None).await) });
                 }
-                let Some((node, turn_end)) = running.next().await else {
-                    break;
+                let next = tokio::select! {
+                    next = running.next() => Progress::Turn(next),
+                    next = staging.next(), if !awaiting.is_empty() => Progress::Staged(next),
+                };
+                let (node, turn_end) = match next {
+                    Progress::Turn(None) => break,
+                    Progress::Turn(Some(turned)) => turned,
+                    Progress::Staged(Some((node, staged))) => {
+                        let mut tally = Tally {
+                            failures,
+                            halted,
+                            budget: self.spec.failure_budget,
+                        };
+                        self.staged(&mut states, &mut awaiting, &mut tally, node, staged?, true);
+                        (failures, halted) = (tally.failures, tally.halted);
+                        continue;
+                    }
+                    Progress::Staged(None) => {
+                        awaiting.clear();
+                        continue;
+                    }
                 };
                 let turn_end = turn_end?;
                 unsettled |= turn_end.phase == NodePhase::ApplyUnknown;
@@ -336,9 +392,22 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                 .flat_map(|later| later.nodes.iter())
                 .any(|node| !states[&node.id].record.phase.is_terminal());
             if batch.pause_after && more_to_do && !later_started {
-                let decision = tokio::select! {
-                    decision = self.observer.pause(batch) => Some(decision),
-                    () = self.cancel.cancelled() => None,
+                // Staging goes on while the operator decides.
+                let pause = self.observer.pause(batch);
+                tokio::pin!(pause);
+                let decision = loop {
+                    tokio::select! {
+                        decision = &mut pause => break Some(decision),
+                        next = staging.next(), if !awaiting.is_empty() => match next {
+                            Some((node, staged)) => {
+                                let mut tally = Tally { failures, halted, budget: self.spec.failure_budget };
+                                self.staged(&mut states, &mut awaiting, &mut tally, node, staged?, true);
+                                (failures, halted) = (tally.failures, tally.halted);
+                            }
+                            None => awaiting.clear(),
+                        },
+                        () = self.cancel.cancelled() => break None,
+                    }
                 };
                 match decision {
                     Some(PauseDecision::Continue) => {}
@@ -389,6 +458,32 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
             nodes,
             failures,
         }
+    }
+
+    /// Records one node's staging result; a failure counts against the budget, and with `halt_now` (staging
+    /// ahead of the batches) halts the rollout as soon as the budget is exceeded.
+    fn staged(
+        &self,
+        states: &mut HashMap<String, NodeState>,
+        awaiting: &mut HashSet<String>,
+        tally: &mut Tally,
+        node: &NodeRef,
+        (phase, reason): (NodePhase, Option<String>),
+        halt_now: bool,
+    ) {
+        awaiting.remove(&node.id);
+        if phase.is_failure() {
+            tally.failures += 1;
+            if halt_now && tally.failures > tally.budget && !tally.halted {
+                tally.halted = true;
+                self.observer.event(&Event::Halting {
+                    failures: tally.failures,
+                    budget: tally.budget,
+                });
+            }
+        }
+        let state = states.entry(node.id.clone()).or_insert_with(pending_state);
+        state.record = NodeRecord { phase, reason };
     }
 
     /// Stages one node: `Staged`, `Skipped` (already runs the package) or `Failed` (untouched).

@@ -137,10 +137,25 @@ pub struct RolloutSpec {
     pub failure_budget: u32,
     /// Parallel stagings (uploads).
     pub stage_concurrency: usize,
+    /// Whether every node is staged before any is touched, or each batch once its own nodes are.
+    pub staging: StagingMode,
     /// How an Apply whose answer was lost is sent again.
     pub apply_retry: ApplyRetryPolicy,
     /// Each node's record from an earlier run of the same rollout (resume); empty for a fresh rollout.
     pub prior: HashMap<String, NodeRecord>,
+}
+
+/// When a patch's package is staged, relative to the batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StagingMode {
+    /// A batch starts as soon as each of its nodes is staged; the later nodes go on staging meanwhile, in plan
+    /// order, so the fleet's uploads overlap its restarts (as a rolling upgrade by hand does). A node whose
+    /// staging fails is left untouched and counts against the failure budget when its result comes.
+    #[default]
+    Ahead,
+    /// Every node is staged before any is touched (`--stage-all-first`): a package that cannot be staged on more
+    /// nodes than the budget allows halts the rollout with the whole fleet untouched.
+    Upfront,
 }
 
 /// How often, and how far apart, an Apply (or Rollback) call whose answer was lost is sent again with the same

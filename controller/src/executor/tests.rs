@@ -6,6 +6,7 @@ use patchd_package::digest::TreeDigest;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokio::sync::Notify;
 
 const PATCH: &str = "p-1";
@@ -19,6 +20,8 @@ fn package_digest() -> TreeDigest {
 #[derive(Debug, Clone, Default)]
 struct Behaviour {
     stage_error: bool,
+    /// Staging waits for this before answering.
+    stage_gate: Option<Arc<Notify>>,
     already_running: bool,
     drain_timeout: bool,
     /// `wait_offline` never returns (until Ctrl-C).
@@ -119,6 +122,9 @@ impl RolloutEffects for FakeEffects {
         self.acted.store(true, Ordering::SeqCst);
         self.world.log(format!("{}:stage", node.id));
         let behaviour = self.of(node);
+        if let Some(gate) = &behaviour.stage_gate {
+            gate.notified().await;
+        }
         if behaviour.stage_error {
             return Err(CallError::NotSent("connection refused".into()));
         }
@@ -424,6 +430,7 @@ fn spec(batches: &[&[&str]], budget: u32) -> RolloutSpec {
             .collect(),
         failure_budget: budget,
         stage_concurrency: 4,
+        staging: StagingMode::Upfront,
         apply_retry: ApplyRetryPolicy {
             retries: 3,
             delay: Duration::from_millis(1),
@@ -966,6 +973,110 @@ async fn offline_mode_swaps_files_without_hooks() {
     assert_eq!(*journal.marks.lock().unwrap(), ["a", "b"]);
 }
 
+/// Waits (polling the fake world, at most 5 s) until `done` holds.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn staging_ahead_runs_a_batch_while_later_nodes_are_still_staging() {
+    let world = Arc::new(World::default());
+    let gate = Arc::new(Notify::new());
+    let slow = Behaviour {
+        stage_gate: Some(gate.clone()),
+        ..Default::default()
+    };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("b", slow)]));
+    let journal = FakeJournal::default();
+    let mut ahead = spec(&[&["a"], &["b"]], 0);
+    ahead.staging = StagingMode::Ahead;
+    let (report, ()) = tokio::join!(run(&ahead, &effects, &journal), async {
+        until("a is patched", || {
+            journal.marks.lock().unwrap().contains(&"a".to_string())
+        })
+        .await;
+        // a went through its whole turn while b's staging was still in flight: b is untouched so far.
+        assert_eq!(world.lines_of("b"), ["stage"]);
+        gate.notify_one();
+    });
+    assert_eq!(report.end, RolloutEnd::Completed);
+    assert_eq!(*journal.marks.lock().unwrap(), ["a", "b"]);
+    // Every node was staged before its own first live step.
+    for id in ["a", "b"] {
+        assert_eq!(
+            world.lines_of(id).first().map(String::as_str),
+            Some("stage"),
+            "{id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn staging_ahead_a_later_node_that_cannot_stage_is_untouched_and_halts_the_rollout() {
+    let world = Arc::new(World::default());
+    let gate = Arc::new(Notify::new());
+    let broken = Behaviour {
+        stage_gate: Some(gate.clone()),
+        stage_error: true,
+        ..Default::default()
+    };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("c", broken)]));
+    let journal = FakeJournal::default();
+    let mut ahead = spec(&[&["a"], &["b"], &["c"], &["d"]], 0);
+    ahead.staging = StagingMode::Ahead;
+    let (report, ()) = tokio::join!(run(&ahead, &effects, &journal), async {
+        until("a and b are patched", || {
+            journal.marks.lock().unwrap().len() == 2
+        })
+        .await;
+        gate.notify_one();
+    });
+    assert_eq!(report.end, RolloutEnd::Halted);
+    assert_eq!(
+        phases(&report),
+        [
+            ("a".to_string(), NodePhase::Done),
+            ("b".to_string(), NodePhase::Done),
+            ("c".to_string(), NodePhase::Failed),
+            ("d".to_string(), NodePhase::Staged),
+        ]
+    );
+    assert_eq!(world.lines_of("c"), ["stage"], "c was never touched");
+    assert_eq!(world.lines_of("d"), ["stage"], "d was never touched");
+    assert_eq!(report.failures, 1);
+}
+
+#[tokio::test]
+async fn staging_upfront_touches_nothing_until_every_node_is_staged() {
+    let world = Arc::new(World::default());
+    let gate = Arc::new(Notify::new());
+    let slow = Behaviour {
+        stage_gate: Some(gate.clone()),
+        ..Default::default()
+    };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("b", slow)]));
+    let journal = FakeJournal::default();
+    let upfront = spec(&[&["a"], &["b"]], 0);
+    let (report, ()) = tokio::join!(run(&upfront, &effects, &journal), async {
+        until("both nodes are staging", || world.lines().len() == 2).await;
+        // Give the engine every chance to start a's turn early; it must not.
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(world.lines_of("a"), ["stage"]);
+        gate.notify_one();
+    });
+    assert_eq!(report.end, RolloutEnd::Completed);
+    let lines = world.lines();
+    let last_stage = lines.iter().rposition(|l| l.ends_with(":stage")).unwrap();
+    let first_live = lines.iter().position(|l| !l.ends_with(":stage")).unwrap();
+    assert!(last_stage < first_live, "{lines:?}");
+}
+
 #[tokio::test]
 async fn a_rollback_sends_rollback_calls_without_staging() {
     let world = Arc::new(World::default());
@@ -1116,6 +1227,12 @@ async fn run_until_crash(
 /// where a crash-free run would, and no node is left out of service.
 #[tokio::test]
 async fn resume_after_a_crash_at_any_write_repeats_no_node() {
+    for staging in [StagingMode::Upfront, StagingMode::Ahead] {
+        resume_after_a_crash_at_any_write_repeats_no_node_when(staging).await;
+    }
+}
+
+async fn resume_after_a_crash_at_any_write_repeats_no_node_when(staging: StagingMode) {
     let behaviour = behaviours(&[
         (
             "c",
@@ -1132,7 +1249,8 @@ async fn resume_after_a_crash_at_any_write_repeats_no_node() {
             },
         ),
     ]);
-    let rollout = spec(&[&["a", "b"], &["c"], &["d"], &["e"]], 2);
+    let mut rollout = spec(&[&["a", "b"], &["c"], &["d"], &["e"]], 2);
+    rollout.staging = staging;
     let mut crash_at = 1;
     loop {
         let world = Arc::new(World::default());
@@ -1148,7 +1266,7 @@ async fn resume_after_a_crash_at_any_write_repeats_no_node() {
         let journal = FakeJournal::resumed_from(records, marks);
         let report = run(&resumed, &effects, &journal).await;
         let context = format!(
-            "crash at write {crash_at}: {report:?}\nlog: {:?}",
+            "{staging:?}, crash at write {crash_at}: {report:?}\nlog: {:?}",
             world.lines()
         );
         assert_eq!(

@@ -13,7 +13,7 @@ use crate::agent::lease::LeaseKeeper;
 use crate::agent::ops::LeaseTicket;
 use crate::executor::{
     Action, ApplyRetryPolicy, Cancel, NodePhase, NodeRecord, NodeRef, RolloutEnd, RolloutEngine,
-    RolloutSpec,
+    RolloutSpec, StagingMode,
 };
 use crate::exit;
 use crate::home::Home;
@@ -190,6 +190,11 @@ pub async fn execute(format: Format, run: Execution) -> Result<u8, RunnerError> 
         batches: batches_from_plan(&plan, &topology),
         failure_budget: plan.policy().failure_budget,
         stage_concurrency: options.concurrency.max(1),
+        staging: if options.stage_all_first {
+            StagingMode::Upfront
+        } else {
+            StagingMode::Ahead
+        },
         apply_retry: ApplyRetryPolicy::default(),
         prior,
     };

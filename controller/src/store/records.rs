@@ -339,6 +339,9 @@ pub struct RolloutOptions {
     pub overwrite: bool,
     /// `--concurrency` (parallel stagings).
     pub concurrency: usize,
+    /// `--stage-all-first`: every node staged before any is touched (absent in rollouts journaled before it).
+    #[serde(default)]
+    pub stage_all_first: bool,
     /// `--canary-wait` in milliseconds.
     pub canary_wait_ms: Option<u64>,
     /// `rollback --to`.
