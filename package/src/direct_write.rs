@@ -137,7 +137,8 @@ impl DirectWriter {
 fn open_direct(path: &Path) -> Option<File> {
     OpenOptions::new()
         .write(true)
-        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+        // Never through a symlink planted in its place since it was created.
+        .custom_flags((nix::fcntl::OFlag::O_DIRECT | nix::fcntl::OFlag::O_NOFOLLOW).bits())
         .open(path)
         .ok()
 }

@@ -4,7 +4,7 @@
 
 use super::ledger::{SpaceLedger, free_bytes};
 use super::partial::{PartialBlob, PartialPaths, RECORD_LEN, RECORDS_HEADER_LEN, header_matches};
-use super::unpacker::{Unpacking, unpack_budget};
+use super::unpacker::{UnpackGuard, Unpacking, unpack_budget};
 use super::writer::queue_depth;
 use super::{
     BlobRef, BlobState, Chunk, PARK_AFTER, TransferError, UploadBounds, UploadOutcome, io_err,
@@ -248,15 +248,17 @@ impl BlobStore {
                 ..UploadOutcome::default()
             });
         };
-        let mut unpacking = None;
+        let mut unpacking = UnpackGuard(None);
         let received = self
-            .receive_stream(blob, partial, chunks, prestage, &mut unpacking)
+            .receive_stream(blob, partial, chunks, prestage, &mut unpacking.0)
             .await;
-        // Whatever happened to the upload, its unpacker is published or dropped here, never left behind.
-        if let Some(unpacking) = unpacking {
-            unpacking
-                .settle(received.as_ref().is_ok_and(|outcome| outcome.complete))
-                .await;
+        // Whatever happened to the upload, its unpacker is published or dropped here, never left behind: on its
+        // own task, so that a client going away (this future dropped) cannot stop it half-way.
+        if let Some(unpacking) = unpacking.0.take() {
+            let complete = received.as_ref().is_ok_and(|outcome| outcome.complete);
+            if let Err(e) = tokio::spawn(unpacking.settle(complete)).await {
+                tracing::warn!("the unpacker of an upload could not be settled: {e}");
+            }
         }
         received
     }

@@ -151,6 +151,20 @@ impl Unpacking {
     }
 }
 
+/// Holds an upload's unpacker until it is settled; if the upload's future is dropped first (the client went away
+/// mid-stream), the unpacker is settled as incomplete on its own task, so its directory does not stay behind.
+pub(super) struct UnpackGuard(pub(super) Option<Unpacking>);
+
+impl Drop for UnpackGuard {
+    fn drop(&mut self) {
+        if let Some(unpacking) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            drop(runtime.spawn(unpacking.settle(false)));
+        }
+    }
+}
+
 async fn drop_temp(temp: PathBuf) {
     if let Err(e) = tokio::task::spawn_blocking(move || discard(&temp)).await {
         tracing::warn!("cannot remove an unpack directory: {e}");

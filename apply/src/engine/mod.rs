@@ -557,7 +557,6 @@ impl Engine {
         })
     }
 
-    /// Status of one service (`Some(name)`) or all.
     /// Hashes every service's deployed binary into the hash cache (files only; container services have none),
     /// so that the first `status` after a start answers without reading them: a rollout's first probe of every
     /// node waits for that answer. Errors are left for `status` to report.
@@ -572,6 +571,7 @@ impl Engine {
         }
     }
 
+    /// Status of one service (`Some(name)`) or all.
     pub async fn status(&self, service: Option<&str>) -> Result<Vec<ServiceReport>, ApplyError> {
         let services: Vec<Arc<Service>> = match service {
             Some(name) => vec![self.service(name)?],

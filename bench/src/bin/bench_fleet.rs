@@ -363,6 +363,9 @@ fn patch(
     if let Some(dir) = &args.keep_logs {
         let log = dir.join(format!("patchctl-{package_mib}MiB.log"));
         std::fs::write(&log, &err).with_context(|| format!("cannot write {}", log.display()))?;
+        let summary = dir.join(format!("patchctl-{package_mib}MiB.json"));
+        std::fs::write(&summary, &out)
+            .with_context(|| format!("cannot write {}", summary.display()))?;
     }
     if !status.success() {
         bail!("patchctl failed ({status}):\n{err}\n{out}");

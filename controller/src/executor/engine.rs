@@ -58,6 +58,12 @@ struct Tally {
     budget: u32,
 }
 
+/// Staging in this run: nodes whose result has not come yet, and nodes it left untouched (skipped or failed).
+struct StagingProgress {
+    awaiting: HashSet<String>,
+    untouched: HashSet<String>,
+}
+
 /// What woke the batch loop: a node's turn ended, or a later node's staging did.
 enum Progress<T, S> {
     Turn(Option<T>),
@@ -240,17 +246,28 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
         // (a node whose staging fails is left untouched and counts against the budget when its result comes).
         // Nothing is staged or started while an earlier apply's outcome is unknown.
         let mut halted = unsettled;
-        let to_stage: Vec<&NodeRef> =
-            if matches!(self.spec.action, Action::Patch { .. }) && !unsettled {
-                order
-                    .iter()
-                    .copied()
-                    .filter(|node| is_startable(states[&node.id].record.phase))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-        let mut awaiting: HashSet<String> = to_stage.iter().map(|node| node.id.clone()).collect();
+        if !halted && failures > self.spec.failure_budget {
+            // A resumed rollout already past its budget stages and starts nothing more.
+            halted = true;
+            self.observer.event(&Event::Halting {
+                failures,
+                budget: self.spec.failure_budget,
+            });
+        }
+        let to_stage: Vec<&NodeRef> = if matches!(self.spec.action, Action::Patch { .. }) && !halted
+        {
+            order
+                .iter()
+                .copied()
+                .filter(|node| is_startable(states[&node.id].record.phase))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut progress = StagingProgress {
+            awaiting: to_stage.iter().map(|node| node.id.clone()).collect(),
+            untouched: HashSet::new(),
+        };
         if !to_stage.is_empty() {
             self.observer.event(&Event::StageStarted {
                 nodes: to_stage.len(),
@@ -264,14 +281,14 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
             halted,
             budget: self.spec.failure_budget,
         };
-        if self.spec.staging == StagingMode::Upfront && !awaiting.is_empty() {
-            while !awaiting.is_empty() {
+        if self.spec.staging == StagingMode::Upfront && !progress.awaiting.is_empty() {
+            while !progress.awaiting.is_empty() {
                 let next = tokio::select! {
                     next = staging.next() => next,
                     () = self.cancel.cancelled() => None,
                 };
                 let Some((node, staged)) = next else { break };
-                self.staged(&mut states, &mut awaiting, &mut tally, node, staged?, false);
+                self.staged(&mut states, &mut progress, &mut tally, node, staged?, false);
             }
             if self.cancel.is_cancelled() {
                 self.observer.event(&Event::Interrupting);
@@ -291,7 +308,12 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
         let mut end = None;
         for (position, batch) in self.spec.batches.iter().enumerate() {
             // Ahead: the batch waits for its own nodes' staging (later nodes stage meanwhile).
-            while !halted && batch.nodes.iter().any(|node| awaiting.contains(&node.id)) {
+            while !halted
+                && batch
+                    .nodes
+                    .iter()
+                    .any(|node| progress.awaiting.contains(&node.id))
+            {
                 let next = tokio::select! {
                     next = staging.next() => next,
                     () = self.cancel.cancelled() => None,
@@ -302,7 +324,7 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                     halted,
                     budget: self.spec.failure_budget,
                 };
-                self.staged(&mut states, &mut awaiting, &mut tally, node, staged?, true);
+                self.staged(&mut states, &mut progress, &mut tally, node, staged?, true);
                 (failures, halted) = (tally.failures, tally.halted);
             }
             if halted {
@@ -336,7 +358,7 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                 }
                 let next = tokio::select! {
                     next = running.next() => Progress::Turn(next),
-                    next = staging.next(), if !awaiting.is_empty() => Progress::Staged(next),
+                    next = staging.next(), if !progress.awaiting.is_empty() => Progress::Staged(next),
                 };
                 let (node, turn_end) = match next {
                     Progress::Turn(None) => break,
@@ -347,12 +369,12 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                             halted,
                             budget: self.spec.failure_budget,
                         };
-                        self.staged(&mut states, &mut awaiting, &mut tally, node, staged?, true);
+                        self.staged(&mut states, &mut progress, &mut tally, node, staged?, true);
                         (failures, halted) = (tally.failures, tally.halted);
                         continue;
                     }
                     Progress::Staged(None) => {
-                        awaiting.clear();
+                        progress.awaiting.clear();
                         continue;
                     }
                 };
@@ -382,10 +404,12 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                 .iter()
                 .flat_map(|later| later.nodes.iter())
                 .any(|node| {
-                    !matches!(
-                        states[&node.id].record.phase,
-                        NodePhase::Pending | NodePhase::Staged
-                    )
+                    // A node that staging skipped or failed in this run was never touched.
+                    !progress.untouched.contains(&node.id)
+                        && !matches!(
+                            states[&node.id].record.phase,
+                            NodePhase::Pending | NodePhase::Staged
+                        )
                 });
             let more_to_do = self.spec.batches[position + 1..]
                 .iter()
@@ -398,13 +422,13 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                 let decision = loop {
                     tokio::select! {
                         decision = &mut pause => break Some(decision),
-                        next = staging.next(), if !awaiting.is_empty() => match next {
+                        next = staging.next(), if !progress.awaiting.is_empty() => match next {
                             Some((node, staged)) => {
                                 let mut tally = Tally { failures, halted, budget: self.spec.failure_budget };
-                                self.staged(&mut states, &mut awaiting, &mut tally, node, staged?, true);
+                                self.staged(&mut states, &mut progress, &mut tally, node, staged?, true);
                                 (failures, halted) = (tally.failures, tally.halted);
                             }
-                            None => awaiting.clear(),
+                            None => progress.awaiting.clear(),
                         },
                         () = self.cancel.cancelled() => break None,
                     }
@@ -465,13 +489,16 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
     fn staged(
         &self,
         states: &mut HashMap<String, NodeState>,
-        awaiting: &mut HashSet<String>,
+        progress: &mut StagingProgress,
         tally: &mut Tally,
         node: &NodeRef,
         (phase, reason): (NodePhase, Option<String>),
         halt_now: bool,
     ) {
-        awaiting.remove(&node.id);
+        progress.awaiting.remove(&node.id);
+        if matches!(phase, NodePhase::Skipped | NodePhase::Failed) {
+            progress.untouched.insert(node.id.clone());
+        }
         if phase.is_failure() {
             tally.failures += 1;
             if halt_now && tally.failures > tally.budget && !tally.halted {

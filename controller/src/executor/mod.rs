@@ -28,8 +28,13 @@
 //! `B + 1` nodes end failed: the rollout halts as soon as `F > B`, and it never starts a node whose failure could
 //! take `F` past `B + 1`. The price is parallelism: with the default budget 0 one node is patched at a time
 //! whatever the batch size; `--failure-budget 9` lets a batch of 10 run at once. Staging failures leave their
-//! node untouched; they count against the budget like any other failure (a rollout that cannot stage more nodes
-//! than its budget allows halts before touching any node).
+//! node untouched; they count against the budget like any other failure. With `--stage-all-first`
+//! ([`StagingMode::Upfront`]) they are all known before the first turn, so a rollout that cannot stage more nodes
+//! than its budget allows halts before touching any node. By default ([`StagingMode::Ahead`]) a later node's
+//! staging failure can arrive while turns are in flight: it halts the rollout at once (nothing more starts), and
+//! the turns in flight still end as they end, so `F` can then exceed `B + 1` by the staging failures that arrived
+//! during them; at most `B + 1` nodes *touched* by the rollout end failed either way. A resumed rollout already
+//! past its budget halts before staging or starting anything.
 //!
 //! # Leases (two controllers, one node)
 //!

@@ -1078,6 +1078,56 @@ async fn staging_upfront_touches_nothing_until_every_node_is_staged() {
 }
 
 #[tokio::test]
+async fn staging_ahead_still_pauses_after_the_canary_when_a_later_node_failed_to_stage() {
+    let world = Arc::new(World::default());
+    let broken = Behaviour {
+        stage_error: true,
+        ..Default::default()
+    };
+    let effects = FakeEffects::new(world.clone(), behaviours(&[("c", broken)]));
+    let journal = FakeJournal::default();
+    let mut canary = spec(&[&["a"], &["b"], &["c"]], 1);
+    canary.staging = StagingMode::Ahead;
+    canary.batches[0].canary = true;
+    canary.batches[0].pause_after = true;
+    let observer = FakeObserver {
+        decision: Some(PauseDecision::Stop),
+        ..Default::default()
+    };
+    let (_handle, cancel) = Cancel::new();
+    let report = RolloutEngine::new(&canary, &effects, &journal, &observer, cancel)
+        .run()
+        .await
+        .unwrap();
+    // c's staging failure (within the budget) does not count as a later node started: the operator is asked.
+    assert_eq!(observer.pauses.load(Ordering::SeqCst), 1);
+    assert_eq!(report.end, RolloutEnd::Stopped);
+    assert_eq!(world.restarts("b"), 0);
+    assert_eq!(world.lines_of("c"), ["stage"]);
+}
+
+#[tokio::test]
+async fn a_resumed_rollout_already_past_its_budget_stages_and_starts_nothing() {
+    for staging in [StagingMode::Upfront, StagingMode::Ahead] {
+        let world = Arc::new(World::default());
+        let effects = FakeEffects::new(world.clone(), HashMap::new());
+        let journal = FakeJournal::default();
+        let mut resumed = spec(&[&["a"], &["b"], &["c"]], 0);
+        resumed.staging = staging;
+        resumed.prior.insert(
+            "a".into(),
+            NodeRecord {
+                phase: NodePhase::Reverted,
+                reason: Some("the new version crashed".into()),
+            },
+        );
+        let report = run(&resumed, &effects, &journal).await;
+        assert_eq!(report.end, RolloutEnd::Halted, "{staging:?}");
+        assert!(world.lines().is_empty(), "{staging:?}: {:?}", world.lines());
+    }
+}
+
+#[tokio::test]
 async fn a_rollback_sends_rollback_calls_without_staging() {
     let world = Arc::new(World::default());
     let effects = FakeEffects::new(world.clone(), HashMap::new());
