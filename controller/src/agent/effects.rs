@@ -68,13 +68,25 @@ impl LiveEffects {
     }
 }
 
+/// A push's error: the agent refused, or it could not be reached (it may have died mid-upload: the connection
+/// broke). Either way nothing live changed on the node (this is staging).
 fn client_error(error: AgentClientError) -> CallError {
-    match error {
+    match &error {
         AgentClientError::Connect { .. } | AgentClientError::BadAddress(_) => {
             CallError::NotSent(error.to_string())
         }
-        other => CallError::Refused(other.to_string()),
+        AgentClientError::Rpc { code, detail, .. } if connection_lost(*code, detail) => {
+            CallError::NotSent(error.to_string())
+        }
+        _ => CallError::Refused(error.to_string()),
     }
+}
+
+/// tonic reports a connection that broke under a call as `Unavailable`, or as `Unknown` with a transport error:
+/// no answer of the agent's.
+fn connection_lost(code: tonic::Code, detail: &str) -> bool {
+    code == tonic::Code::Unavailable
+        || (code == tonic::Code::Unknown && detail.starts_with("transport error"))
 }
 
 impl RolloutEffects for LiveEffects {
@@ -232,5 +244,34 @@ impl RolloutEffects for LiveEffects {
 
     async fn release_leases(&self) {
         self.leases.release_all().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpc(code: tonic::Code, detail: &str) -> AgentClientError {
+        AgentClientError::Rpc {
+            addr: "127.0.1.4:7480".into(),
+            call: "Upload",
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    #[test]
+    fn a_push_cut_by_a_dead_agent_is_unreachable_and_a_refusal_stays_a_refusal() {
+        let cut = rpc(
+            tonic::Code::Unknown,
+            "transport error: connection error: peer closed connection without sending TLS close_notify",
+        );
+        assert!(matches!(client_error(cut), CallError::NotSent(_)));
+        let gone = rpc(tonic::Code::Unavailable, "connection reset");
+        assert!(matches!(client_error(gone), CallError::NotSent(_)));
+        let refused = rpc(tonic::Code::ResourceExhausted, "not enough disk space");
+        assert!(matches!(client_error(refused), CallError::Refused(_)));
+        let other_unknown = rpc(tonic::Code::Unknown, "the agent panicked");
+        assert!(matches!(client_error(other_unknown), CallError::Refused(_)));
     }
 }

@@ -44,7 +44,7 @@ pub struct Args {
     pub concurrency: usize,
     /// Stage the package on every node before touching any. By default a batch starts as soon as each of its
     /// nodes is staged, and the later nodes go on staging while it restarts (in plan order); a node whose staging
-    /// fails is left untouched and counts against the failure budget.
+    /// fails is left untouched and counts against the failure budget when its batch comes.
     #[arg(long)]
     pub stage_all_first: bool,
     /// Longest wait for one node's status probes before planning.

@@ -51,17 +51,25 @@ struct NodeState {
     downtime: Option<Duration>,
 }
 
-/// Failures so far against the budget, and whether the rollout halted.
-struct Tally {
-    failures: u32,
-    halted: bool,
-    budget: u32,
-}
-
 /// Staging in this run: nodes whose result has not come yet, and nodes it left untouched (skipped or failed).
 struct StagingProgress {
     awaiting: HashSet<String>,
     untouched: HashSet<String>,
+    /// Staging failures not yet counted against the budget.
+    uncounted_failures: HashSet<String>,
+}
+
+impl StagingProgress {
+    /// Counts (once) the staging failures among `nodes`.
+    fn count_failures<'n>(&mut self, nodes: impl Iterator<Item = &'n NodeRef>) -> u32 {
+        let mut counted = 0;
+        for node in nodes {
+            if self.uncounted_failures.remove(&node.id) {
+                counted += 1;
+            }
+        }
+        counted
+    }
 }
 
 /// What woke the batch loop: a node's turn ended, or a later node's staging did.
@@ -243,7 +251,7 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
 
         // 2. Staging, in plan order, `stage_concurrency` nodes at a time. Upfront: every node is staged before any
         // is touched. Ahead: a batch starts once each of its nodes is staged, while the later ones go on staging
-        // (a node whose staging fails is left untouched and counts against the budget when its result comes).
+        // (a node whose staging fails is left untouched and counts against the budget when its batch comes).
         // Nothing is staged or started while an earlier apply's outcome is unknown.
         let mut halted = unsettled;
         if !halted && failures > self.spec.failure_budget {
@@ -267,6 +275,7 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
         let mut progress = StagingProgress {
             awaiting: to_stage.iter().map(|node| node.id.clone()).collect(),
             untouched: HashSet::new(),
+            uncounted_failures: HashSet::new(),
         };
         if !to_stage.is_empty() {
             self.observer.event(&Event::StageStarted {
@@ -276,11 +285,6 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
         let mut staging = futures::stream::iter(to_stage)
             .map(|node| async move { (node, self.stage(node).await) })
             .buffer_unordered(self.spec.stage_concurrency.max(1));
-        let mut tally = Tally {
-            failures,
-            halted,
-            budget: self.spec.failure_budget,
-        };
         if self.spec.staging == StagingMode::Upfront && !progress.awaiting.is_empty() {
             while !progress.awaiting.is_empty() {
                 let next = tokio::select! {
@@ -288,21 +292,21 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                     () = self.cancel.cancelled() => None,
                 };
                 let Some((node, staged)) = next else { break };
-                self.staged(&mut states, &mut progress, &mut tally, node, staged?, false);
+                self.staged(&mut states, &mut progress, node, staged?);
             }
+            failures += progress.count_failures(order.iter().copied());
             if self.cancel.is_cancelled() {
                 self.observer.event(&Event::Interrupting);
-                return Ok(self.report(RolloutEnd::Interrupted, &order, states, tally.failures));
+                return Ok(self.report(RolloutEnd::Interrupted, &order, states, failures));
             }
-            if tally.failures > tally.budget {
-                tally.halted = true;
+            if failures > self.spec.failure_budget {
+                halted = true;
                 self.observer.event(&Event::Halting {
-                    failures: tally.failures,
-                    budget: tally.budget,
+                    failures,
+                    budget: self.spec.failure_budget,
                 });
             }
         }
-        (failures, halted) = (tally.failures, tally.halted);
 
         // 3. Batches, strictly one after the other.
         let mut end = None;
@@ -319,13 +323,17 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                     () = self.cancel.cancelled() => None,
                 };
                 let Some((node, staged)) = next else { break };
-                let mut tally = Tally {
+                self.staged(&mut states, &mut progress, node, staged?);
+            }
+            // Staging failures count when their batch comes, before any of its nodes starts: the budget rule
+            // holds as with everything staged first, and a node's failure is accounted in plan order.
+            failures += progress.count_failures(batch.nodes.iter());
+            if !halted && failures > self.spec.failure_budget {
+                halted = true;
+                self.observer.event(&Event::Halting {
                     failures,
-                    halted,
                     budget: self.spec.failure_budget,
-                };
-                self.staged(&mut states, &mut progress, &mut tally, node, staged?, true);
-                (failures, halted) = (tally.failures, tally.halted);
+                });
             }
             if halted {
                 break;
@@ -364,13 +372,7 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                     Progress::Turn(None) => break,
                     Progress::Turn(Some(turned)) => turned,
                     Progress::Staged(Some((node, staged))) => {
-                        let mut tally = Tally {
-                            failures,
-                            halted,
-                            budget: self.spec.failure_budget,
-                        };
-                        self.staged(&mut states, &mut progress, &mut tally, node, staged?, true);
-                        (failures, halted) = (tally.failures, tally.halted);
+                        self.staged(&mut states, &mut progress, node, staged?);
                         continue;
                     }
                     Progress::Staged(None) => {
@@ -424,9 +426,7 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                         decision = &mut pause => break Some(decision),
                         next = staging.next(), if !progress.awaiting.is_empty() => match next {
                             Some((node, staged)) => {
-                                let mut tally = Tally { failures, halted, budget: self.spec.failure_budget };
-                                self.staged(&mut states, &mut progress, &mut tally, node, staged?, true);
-                                (failures, halted) = (tally.failures, tally.halted);
+                                self.staged(&mut states, &mut progress, node, staged?);
                             }
                             None => progress.awaiting.clear(),
                         },
@@ -447,6 +447,8 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                 }
             }
         }
+        // Nodes whose staging failed in batches never reached still ended failed.
+        failures += progress.count_failures(order.iter().copied());
         let end = match end {
             Some(end) => end,
             None if unsettled => RolloutEnd::Interrupted,
@@ -484,30 +486,21 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
         }
     }
 
-    /// Records one node's staging result; a failure counts against the budget, and with `halt_now` (staging
-    /// ahead of the batches) halts the rollout as soon as the budget is exceeded.
+    /// Records one node's staging result; a failure is counted against the budget by the caller
+    /// ([`StagingProgress::count_failures`]) when the node's batch comes (or once all are staged, upfront).
     fn staged(
         &self,
         states: &mut HashMap<String, NodeState>,
         progress: &mut StagingProgress,
-        tally: &mut Tally,
         node: &NodeRef,
         (phase, reason): (NodePhase, Option<String>),
-        halt_now: bool,
     ) {
         progress.awaiting.remove(&node.id);
         if matches!(phase, NodePhase::Skipped | NodePhase::Failed) {
             progress.untouched.insert(node.id.clone());
         }
         if phase.is_failure() {
-            tally.failures += 1;
-            if halt_now && tally.failures > tally.budget && !tally.halted {
-                tally.halted = true;
-                self.observer.event(&Event::Halting {
-                    failures: tally.failures,
-                    budget: tally.budget,
-                });
-            }
+            progress.uncounted_failures.insert(node.id.clone());
         }
         let state = states.entry(node.id.clone()).or_insert_with(pending_state);
         state.record = NodeRecord { phase, reason };

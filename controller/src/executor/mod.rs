@@ -30,11 +30,11 @@
 //! whatever the batch size; `--failure-budget 9` lets a batch of 10 run at once. Staging failures leave their
 //! node untouched; they count against the budget like any other failure. With `--stage-all-first`
 //! ([`StagingMode::Upfront`]) they are all known before the first turn, so a rollout that cannot stage more nodes
-//! than its budget allows halts before touching any node. By default ([`StagingMode::Ahead`]) a later node's
-//! staging failure can arrive while turns are in flight: it halts the rollout at once (nothing more starts), and
-//! the turns in flight still end as they end, so `F` can then exceed `B + 1` by the staging failures that arrived
-//! during them; at most `B + 1` nodes *touched* by the rollout end failed either way. A resumed rollout already
-//! past its budget halts before staging or starting anything.
+//! than its budget allows halts before touching any node. By default ([`StagingMode::Ahead`]) a node's staging
+//! failure is counted when its batch comes, before any node of that batch starts (the batch waits for all its
+//! nodes' staging results), so failures are accounted in plan order and the rule above holds exactly in both
+//! modes; the nodes patched in earlier batches stay patched. A resumed rollout already past its budget halts
+//! before staging or starting anything.
 //!
 //! # Leases (two controllers, one node)
 //!
@@ -155,7 +155,7 @@ pub struct RolloutSpec {
 pub enum StagingMode {
     /// A batch starts as soon as each of its nodes is staged; the later nodes go on staging meanwhile, in plan
     /// order, so the fleet's uploads overlap its restarts (as a rolling upgrade by hand does). A node whose
-    /// staging fails is left untouched and counts against the failure budget when its result comes.
+    /// staging fails is left untouched and counts against the failure budget when its batch comes.
     #[default]
     Ahead,
     /// Every node is staged before any is touched (`--stage-all-first`): a package that cannot be staged on more
