@@ -8,7 +8,7 @@
 
 use crate::direct_write::DirectWriter;
 use crate::manifest::Manifest;
-use crate::walk::{RawDigests, Sink, Walked, open_package, walk_reader};
+use crate::walk::{RawDigests, Sink, open_package, walk_reader};
 use crate::{Expectations, Limits, PackageError, settle_manifest};
 use ring::digest::{Context, SHA256};
 use std::collections::HashSet;
@@ -33,18 +33,8 @@ pub fn unpack_verified(
     limits: &Limits,
     expect: &Expectations,
 ) -> Result<Manifest, PackageError> {
-    unpack_guarded(dest, package, expect, |sink| {
-        let (mut file, size) = open_package(package)?;
-        walk_reader(
-            &mut file,
-            size,
-            package,
-            limits,
-            expect,
-            RawDigests::Skip,
-            sink,
-        )
-    })
+    let (mut file, size) = open_package(package)?;
+    unpack_verified_from(&mut file, size, package, dest, limits, expect)
 }
 
 /// [`unpack_verified`] of the `size` bytes `source` yields: the same walk, rules and writes, for a package that is
@@ -58,28 +48,8 @@ pub fn unpack_verified_from(
     limits: &Limits,
     expect: &Expectations,
 ) -> Result<Manifest, PackageError> {
-    unpack_guarded(dest, package, expect, |sink| {
-        walk_reader(
-            source,
-            size,
-            package,
-            limits,
-            expect,
-            RawDigests::Skip,
-            sink,
-        )
-    })
-}
-
-/// Prepares `dest`, walks into it and finishes the tree; on any error `dest` is emptied again.
-fn unpack_guarded(
-    dest: &Path,
-    package: &Path,
-    expect: &Expectations,
-    walk: impl FnOnce(&mut DiskSink<'_>) -> Result<Walked, PackageError>,
-) -> Result<Manifest, PackageError> {
     let created = prepare_destination(dest)?;
-    let result = unpack_into(dest, package, expect, walk);
+    let result = unpack_into(source, size, package, dest, limits, expect);
     if result.is_err() {
         clear_destination(dest, created);
     }
@@ -87,13 +57,23 @@ fn unpack_guarded(
 }
 
 fn unpack_into(
-    dest: &Path,
+    source: &mut dyn Read,
+    size: u64,
     package: &Path,
+    dest: &Path,
+    limits: &Limits,
     expect: &Expectations,
-    walk: impl FnOnce(&mut DiskSink<'_>) -> Result<Walked, PackageError>,
 ) -> Result<Manifest, PackageError> {
     let mut sink = DiskSink::new(dest);
-    let walked = walk(&mut sink)?;
+    let walked = walk_reader(
+        source,
+        size,
+        package,
+        limits,
+        expect,
+        RawDigests::Skip,
+        &mut sink,
+    )?;
     let (manifest, _) = settle_manifest(&walked, package, expect)?;
     for link in &manifest.symlinks {
         let at = dest.join(&link.path);

@@ -254,14 +254,8 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
         // (a node whose staging fails is left untouched and counts against the budget when its batch comes).
         // Nothing is staged or started while an earlier apply's outcome is unknown.
         let mut halted = unsettled;
-        if !halted && failures > self.spec.failure_budget {
-            // A resumed rollout already past its budget stages and starts nothing more.
-            halted = true;
-            self.observer.event(&Event::Halting {
-                failures,
-                budget: self.spec.failure_budget,
-            });
-        }
+        // A resumed rollout already past its budget stages and starts nothing more.
+        self.check_budget(failures, &mut halted);
         let to_stage: Vec<&NodeRef> = if matches!(self.spec.action, Action::Patch { .. }) && !halted
         {
             order
@@ -299,13 +293,7 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                 self.observer.event(&Event::Interrupting);
                 return Ok(self.report(RolloutEnd::Interrupted, &order, states, failures));
             }
-            if failures > self.spec.failure_budget {
-                halted = true;
-                self.observer.event(&Event::Halting {
-                    failures,
-                    budget: self.spec.failure_budget,
-                });
-            }
+            self.check_budget(failures, &mut halted);
         }
 
         // 3. Batches, strictly one after the other.
@@ -328,13 +316,7 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
             // Staging failures count when their batch comes, before any of its nodes starts: the budget rule
             // holds as with everything staged first, and a node's failure is accounted in plan order.
             failures += progress.count_failures(batch.nodes.iter());
-            if !halted && failures > self.spec.failure_budget {
-                halted = true;
-                self.observer.event(&Event::Halting {
-                    failures,
-                    budget: self.spec.failure_budget,
-                });
-            }
+            self.check_budget(failures, &mut halted);
             if halted {
                 break;
             }
@@ -384,13 +366,7 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
                 unsettled |= turn_end.phase == NodePhase::ApplyUnknown;
                 if turn_end.phase.holds_budget() {
                     failures += 1;
-                    if failures > self.spec.failure_budget && !halted {
-                        halted = true;
-                        self.observer.event(&Event::Halting {
-                            failures,
-                            budget: self.spec.failure_budget,
-                        });
-                    }
+                    self.check_budget(failures, &mut halted);
                 }
                 apply_end(&mut states, node, turn_end);
             }
@@ -483,6 +459,17 @@ impl<'a, E: RolloutEffects, J: RolloutJournal, O: Observer> RolloutEngine<'a, E,
             end,
             nodes,
             failures,
+        }
+    }
+
+    /// Halts the rollout (once, with its event) when `failures` exceed the budget.
+    fn check_budget(&self, failures: u32, halted: &mut bool) {
+        if !*halted && failures > self.spec.failure_budget {
+            *halted = true;
+            self.observer.event(&Event::Halting {
+                failures,
+                budget: self.spec.failure_budget,
+            });
         }
     }
 
