@@ -308,7 +308,8 @@ fn not_as_recorded(path: &Path, found: &str, expected: &str, what: &str) -> FsEr
 }
 
 /// Creates missing directories (each checked to be a real directory, owned as its parent), the backups of the
-/// current files (each checked against the sha256 the plan recorded) and the temporaries of the new ones (owned
+/// current files (each checked against the sha256 the plan recorded; a hard link of the very version the plan
+/// hashed is not read again) and the temporaries of the new ones (owned
 /// as the file they replace, or as their directory), all durable, every one through a directory handle. Nothing
 /// live changes: only new names appear. Each new regular file must match the plan: a staged file shares its
 /// inode with earlier deployments, so an in-place edit of a deployed file would otherwise be deployed again. It
@@ -316,6 +317,7 @@ fn not_as_recorded(path: &Path, found: &str, expected: &str, what: &str) -> FsEr
 /// verifying it ([`staged_identity`]): then its bytes are the verified ones.
 pub fn prepare(
     sites: &Sites,
+    hashes: &HashCache,
     files: &[FileChange],
     created_dirs: &[PathBuf],
 ) -> Result<(), StepError> {
@@ -341,6 +343,7 @@ pub fn prepare(
             if let Some(parent) = backup_rel.parent() {
                 handles.state.create_dir_all(parent)?;
             }
+            let before = handles.deploy.stat(target_rel)?;
             let dir = fsutil::materialize_at(
                 At {
                     dir: &handles.deploy,
@@ -355,7 +358,16 @@ pub fn prepare(
             )?;
             dirs_to_sync.insert(dir.path().to_path_buf(), dir);
             sites.faults.hit_at(FaultPoint::AfterBackup, backup)?;
-            if let Some(expected) = &change.old_sha256 {
+            if let Some(expected) = &change.old_sha256
+                && !backup_vouched(
+                    &handles,
+                    hashes,
+                    change,
+                    before.as_ref(),
+                    backup_rel,
+                    expected,
+                )?
+            {
                 let found = handles.state.sha256(backup_rel)?;
                 if found != *expected {
                     return Err(not_as_recorded(
@@ -401,6 +413,30 @@ pub fn prepare(
         dir.sync()?;
     }
     Ok(())
+}
+
+/// Whether the backup just made at `backup_rel` is known to hold `expected` without reading it: it is a hard link
+/// of the deployed file, whose version seen right before linking (`before`) is the one the plan hashed (the hash
+/// cache's record for the target, ctime included). Linking changes only the ctime, so the backup must show the
+/// same inode, size and mtime; anything else (a copy, a change in between) is hashed.
+fn backup_vouched(
+    handles: &Handles,
+    hashes: &HashCache,
+    change: &FileChange,
+    before: Option<&rustix::fs::Stat>,
+    backup_rel: &Path,
+    expected: &str,
+) -> Result<bool, FsError> {
+    let Some(before) = before else {
+        return Ok(false);
+    };
+    if hashes.recorded(&change.target, before).as_deref() != Some(expected) {
+        return Ok(false);
+    }
+    let Some(backup) = handles.state.stat(backup_rel)? else {
+        return Ok(false);
+    };
+    Ok(FileIdentity::of_stat(before).same_content_as(&FileIdentity::of_stat(&backup)))
 }
 
 /// The identity of the staged file `source_rel` when it is exactly what stage verified and recorded (so its
@@ -610,6 +646,82 @@ mod tests {
     use super::*;
     use crate::effects::NoFaults;
 
+    /// A deployed file `bin/file` ("old") with a staged replacement ("new"), and the change that backs it up.
+    fn backed_up_change(dir: &Path) -> (Sites, FileChange) {
+        let root = dir.join("opt");
+        let state = dir.join("state");
+        let deploy_dir = root.join("svc");
+        std::fs::create_dir_all(deploy_dir.join("bin")).unwrap();
+        std::fs::create_dir_all(state.join("staging/x")).unwrap();
+        std::fs::write(deploy_dir.join("bin/file"), b"old").unwrap();
+        std::fs::write(state.join("staging/x/file"), b"new").unwrap();
+        let target = deploy_dir.join("bin/file");
+        let change = FileChange {
+            rel: PathBuf::from("bin/file"),
+            temp: new_temp(&target, "p1"),
+            target: target.clone(),
+            source: Some(state.join("staging/x/file")),
+            new_sha256: Some(fsutil::sha256_file(&state.join("staging/x/file")).unwrap()),
+            mode: Some(0o644),
+            old_sha256: Some(fsutil::sha256_file(&target).unwrap()),
+            backup: Some(backup_path(
+                &state.join("backups/p1"),
+                0,
+                Path::new("bin/file"),
+            )),
+        };
+        let sites = Sites {
+            deploy_dir,
+            state_dir: state,
+            confine: Confinement::new(std::slice::from_ref(&root)),
+            faults: Arc::new(NoFaults),
+        };
+        (sites, change)
+    }
+
+    #[test]
+    fn a_backup_linked_from_the_version_the_plan_hashed_is_not_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sites, mut change) = backed_up_change(dir.path());
+        // The cache vouches for a digest the bytes do not have: only a backup taken on the cache's word passes.
+        let vouched = "ab".repeat(32);
+        let hashes = HashCache::default();
+        hashes.remember(&change.target, &vouched);
+        change.old_sha256 = Some(vouched);
+        prepare(&sites, &hashes, std::slice::from_ref(&change), &[]).unwrap();
+        let backup = change.backup.as_ref().unwrap();
+        assert_eq!(std::fs::read(backup).unwrap(), b"old");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(backup).unwrap().ino(),
+            std::fs::metadata(&change.target).unwrap().ino(),
+            "the backup is a hard link of the deployed file"
+        );
+    }
+
+    #[test]
+    fn a_file_rewritten_in_place_after_planning_is_caught_at_backup_even_with_its_mtime_set_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sites, change) = backed_up_change(dir.path());
+        let hashes = HashCache::default();
+        let planned = change.old_sha256.clone().unwrap();
+        hashes.remember(&change.target, &planned);
+        let mtime = std::fs::metadata(&change.target)
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::fs::write(&change.target, b"odd").unwrap();
+        let file = std::fs::File::options()
+            .write(true)
+            .open(&change.target)
+            .unwrap();
+        file.set_modified(mtime).unwrap();
+        let error = prepare(&sites, &hashes, std::slice::from_ref(&change), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("changed while it was backed up"), "{error}");
+    }
+
     #[test]
     fn a_missing_deploy_dir_is_created_from_its_root_and_removed_when_undone() {
         let dir = tempfile::tempdir().unwrap();
@@ -637,7 +749,13 @@ mod tests {
             backup: None,
         };
         let created = vec![deploy_dir.clone(), deploy_dir.join("bin")];
-        prepare(&sites, std::slice::from_ref(&change), &created).unwrap();
+        prepare(
+            &sites,
+            &HashCache::default(),
+            std::slice::from_ref(&change),
+            &created,
+        )
+        .unwrap();
         swap_one(&sites, &change).unwrap();
         assert_eq!(std::fs::read(deploy_dir.join("bin/file")).unwrap(), b"new");
         restore_one(&sites, &change, "p1").unwrap();

@@ -212,7 +212,9 @@ impl<'a> Run<'a> {
         let started = self.now();
         let (files, dirs) = (self.rec.files.clone(), self.rec.created_dirs.clone());
         let sites = self.sites();
-        let prepared = flatten(blocking(move || file_plan::prepare(&sites, &files, &dirs)).await);
+        let hashes = Arc::clone(&self.inner.hashes);
+        let prepared =
+            flatten(blocking(move || file_plan::prepare(&sites, &hashes, &files, &dirs)).await);
         self.step("prepare", started);
         if let Err(ApplyError::Crash(crash)) = prepared {
             return Err(crash.into());

@@ -36,6 +36,20 @@ pub(super) struct StatKey {
 }
 
 impl StatKey {
+    /// The key of an `lstat` made through a directory handle.
+    #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+    fn of_stat(stat: &rustix::fs::Stat) -> Self {
+        StatKey {
+            dev: stat.st_dev as u64,
+            ino: stat.st_ino as u64,
+            size: stat.st_size as u64,
+            mtime_ns: i128::from(stat.st_mtime as i64) * 1_000_000_000
+                + i128::from(stat.st_mtime_nsec as i64),
+            ctime_ns: i128::from(stat.st_ctime as i64) * 1_000_000_000
+                + i128::from(stat.st_ctime_nsec as i64),
+        }
+    }
+
     fn of(meta: &fs::Metadata) -> Self {
         StatKey {
             dev: meta.dev(),
@@ -53,12 +67,26 @@ impl StatKey {
             return true;
         };
         let hashed_ns = i128::try_from(since_epoch.as_nanos()).unwrap_or(i128::MAX);
-        hashed_ns - self.ctime_ns.max(self.mtime_ns) < RACY_WINDOW_NS
+        hashed_ns - self.ctime_ns.max(self.mtime_ns) < self.racy_window_ns()
+    }
+
+    /// One timestamp tick with margin. Both times on a whole second means the file system may keep only seconds
+    /// (ext4 with small inodes, FAT, some NFS servers): one second, like git. Otherwise the times have sub-second
+    /// resolution, stamped from the kernel's clock tick (1-10 ms), and [`RACY_WINDOW_FINE_NS`] covers several.
+    fn racy_window_ns(&self) -> i128 {
+        let whole_second = |ns: i128| ns % 1_000_000_000 == 0;
+        if whole_second(self.mtime_ns) && whole_second(self.ctime_ns) {
+            RACY_WINDOW_COARSE_NS
+        } else {
+            RACY_WINDOW_FINE_NS
+        }
     }
 }
 
-/// See [`StatKey::is_racy`]: one second, like git (a file system's timestamps may be that coarse).
-const RACY_WINDOW_NS: i128 = 1_000_000_000;
+/// See [`StatKey::racy_window_ns`].
+const RACY_WINDOW_COARSE_NS: i128 = 1_000_000_000;
+/// See [`StatKey::racy_window_ns`].
+const RACY_WINDOW_FINE_NS: i128 = 20_000_000;
 
 /// sha256 of files by path, reused while the file's stat key (with its ctime) is unchanged, like git's index: a
 /// file rewritten in place with its mtime set back has a new ctime and is hashed again.
@@ -170,11 +198,55 @@ impl HashCache {
         }
     }
 
+    /// The sha256 recorded for `path` when `stat` (an `lstat` of it through a directory handle) shows the very
+    /// version that was hashed; `None` when it was not hashed or has changed since.
+    pub fn recorded(&self, path: &Path, stat: &rustix::fs::Stat) -> Option<String> {
+        self.lookup(path, StatKey::of_stat(stat))
+    }
+
     fn lookup(&self, path: &Path, key: StatKey) -> Option<String> {
         let entries = self.entries.lock().ok()?;
         entries
             .get(path)
             .filter(|(k, _)| *k == key)
             .map(|(_, d)| d.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StatKey;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn key(mtime_ns: i128, ctime_ns: i128) -> StatKey {
+        StatKey {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns,
+            ctime_ns,
+        }
+    }
+
+    #[test]
+    fn the_racy_window_is_a_second_for_whole_second_times_and_a_few_ticks_otherwise() {
+        let second = 1_700_000_000_i128 * 1_000_000_000;
+        let at = |ns: i128| UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap());
+        let fine = key(second + 1_000, second + 2_000);
+        assert!(fine.is_racy(at(second + 2_000 + 10_000_000)), "10 ms later");
+        assert!(
+            !fine.is_racy(at(second + 2_000 + 30_000_000)),
+            "30 ms later"
+        );
+        let coarse = key(second, second);
+        assert!(
+            coarse.is_racy(at(second + 500_000_000)),
+            "half a second later"
+        );
+        assert!(
+            !coarse.is_racy(at(second + 1_000_000_000)),
+            "a second later"
+        );
+        assert!(fine.is_racy(at(second - 1)), "a clock set back");
     }
 }

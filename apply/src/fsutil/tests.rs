@@ -95,6 +95,17 @@ fn a_file_changed_just_now_is_hashed_but_not_cached() {
 }
 
 #[test]
+fn a_file_with_sub_second_times_is_cached_once_a_few_ticks_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    fs::write(&path, b"settled").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    let cache = HashCache::default();
+    cache.sha256(&path).unwrap();
+    assert!(cache.entries.lock().unwrap().contains_key(&path));
+}
+
+#[test]
 fn a_dir_handle_refuses_symlinks_and_never_copies_over_an_entry() {
     let dir = tempfile::tempdir().unwrap();
     let outside = tempfile::tempdir().unwrap();

@@ -201,6 +201,11 @@ fn apply_result(wire: v1::ApplyResponse) -> Result<NodeApplyResult, CallError> {
             escaped(&wire.patch_id)
         ))
     })?;
+    tracing::debug!(
+        patch = %escaped(&wire.patch_id),
+        steps = ?wire.steps.iter().map(|step| (step.step.as_str(), step.millis)).collect::<Vec<_>>(),
+        "the agent's apply steps (ms)"
+    );
     let mut reason = escaped(&wire.reason);
     // The service's own last words explain a failed start; the agent's `--- patchd …` markers do not.
     let tail: Vec<&str> = wire
