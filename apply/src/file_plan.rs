@@ -320,7 +320,7 @@ pub fn prepare(
     hashes: &HashCache,
     files: &[FileChange],
     created_dirs: &[PathBuf],
-) -> Result<(), StepError> {
+) -> Result<Vec<VerifiedTemp>, StepError> {
     crate::space::ensure_copies_fit(files)?;
     // A deploy dir that does not exist yet is created first, from its deploy root.
     if created_dirs.contains(&sites.deploy_dir) {
@@ -336,6 +336,7 @@ pub fn prepare(
     }
     let mut dirs_to_sync: BTreeMap<PathBuf, DirHandle> = BTreeMap::new();
     let mut records: BTreeMap<PathBuf, Identities> = BTreeMap::new();
+    let mut verified_temps = Vec::new();
     for change in files {
         let target_rel = sites.deploy_rel(&change.target)?;
         if let Some(backup) = &change.backup {
@@ -400,19 +401,58 @@ pub fn prepare(
             dirs_to_sync.insert(dir.path().to_path_buf(), dir);
             let linked_verified = match (verified, handles.deploy.stat(temp_rel)?) {
                 (Some(verified), Some(temp)) => {
-                    verified.same_content_as(&FileIdentity::of_stat(&temp))
+                    let temp = FileIdentity::of_stat(&temp);
+                    let same = verified.same_content_as(&temp);
+                    if same && let Some(sha256) = &change.new_sha256 {
+                        verified_temps.push(VerifiedTemp {
+                            target: change.target.clone(),
+                            identity: temp,
+                            sha256: sha256.clone(),
+                        });
+                    }
+                    same
                 }
                 _ => false,
             };
-            if !linked_verified {
-                verify_temp(&handles.deploy, temp_rel, change, source)?;
+            if !linked_verified
+                && let Some(hashed) = verify_temp(&handles.deploy, temp_rel, change, source)?
+            {
+                verified_temps.push(hashed);
             }
         }
     }
     for dir in dirs_to_sync.values() {
         dir.sync()?;
     }
-    Ok(())
+    Ok(verified_temps)
+}
+
+/// A new file's temporary whose content is known to be `sha256` while its inode keeps `identity`'s size and
+/// mtime: a hard link of the staged file stage verified, or a temporary hashed in [`prepare`].
+#[derive(Debug, Clone)]
+pub struct VerifiedTemp {
+    pub target: PathBuf,
+    pub identity: FileIdentity,
+    pub sha256: String,
+}
+
+/// After the swap, records in `hashes` the content of each target that is still the verified temporary renamed
+/// into place (same inode, size and mtime), so that the next plan, status or backup of it reads nothing: the
+/// rename and the link changed its ctime, so the cache would otherwise hash it again. Best effort.
+pub fn remember_swapped(sites: &Sites, hashes: &HashCache, verified: &[VerifiedTemp]) {
+    let Ok(deploy) = sites.confine.open_deploy_dir(&sites.deploy_dir) else {
+        return;
+    };
+    for temp in verified {
+        let Ok(rel) = sites.deploy_rel(&temp.target) else {
+            continue;
+        };
+        if let Ok(Some(now)) = deploy.stat(rel)
+            && temp.identity.same_content_as(&FileIdentity::of_stat(&now))
+        {
+            hashes.vouch(&temp.target, &now, &temp.sha256);
+        }
+    }
 }
 
 /// Whether the backup just made at `backup_rel` is known to hold `expected` without reading it: it is a hard link
@@ -461,25 +501,34 @@ fn unchanged_since_stage(
     Ok((now.as_ref() == Some(recorded)).then_some(*recorded))
 }
 
-/// Checks the temporary of a new regular file holds the planned content (hashed through the handle).
+/// Checks the temporary of a new regular file holds the planned content (hashed through the handle). Returns it
+/// as verified when its identity did not move while it was hashed.
 fn verify_temp(
     deploy: &DirHandle,
     temp_rel: &Path,
     change: &FileChange,
     source: &Path,
-) -> Result<(), FsError> {
+) -> Result<Option<VerifiedTemp>, FsError> {
     let Some(expected) = &change.new_sha256 else {
-        return Ok(());
+        return Ok(None);
     };
-    let is_file = deploy
+    let Some(before) = deploy
         .stat(temp_rel)?
-        .is_some_and(|stat| FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile);
-    if !is_file {
-        return Ok(());
-    }
+        .filter(|stat| FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile)
+    else {
+        return Ok(None);
+    };
     let found = deploy.sha256(temp_rel)?;
     if found == *expected {
-        return Ok(());
+        let identity = FileIdentity::of_stat(&before);
+        let unmoved = deploy
+            .stat(temp_rel)?
+            .is_some_and(|after| FileIdentity::of_stat(&after) == identity);
+        return Ok(unmoved.then(|| VerifiedTemp {
+            target: change.target.clone(),
+            identity,
+            sha256: found,
+        }));
     }
     Err(not_as_recorded(
         source,
@@ -696,6 +745,30 @@ mod tests {
             std::fs::metadata(backup).unwrap().ino(),
             std::fs::metadata(&change.target).unwrap().ino(),
             "the backup is a hard link of the deployed file"
+        );
+    }
+
+    #[test]
+    fn a_swapped_in_file_is_known_to_the_hash_cache_until_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sites, change) = backed_up_change(dir.path());
+        let hashes = HashCache::default();
+        let verified = prepare(&sites, &hashes, std::slice::from_ref(&change), &[]).unwrap();
+        assert_eq!(verified.len(), 1, "the new file's temporary was verified");
+        swap_one(&sites, &change).unwrap();
+        remember_swapped(&sites, &hashes, &verified);
+        let stat = rustix::fs::lstat(&change.target).unwrap();
+        assert_eq!(
+            hashes.recorded(&change.target, &stat),
+            change.new_sha256.clone(),
+            "known without hashing the swapped-in file"
+        );
+        std::fs::write(&change.target, b"edited").unwrap();
+        let stat = rustix::fs::lstat(&change.target).unwrap();
+        assert_eq!(hashes.recorded(&change.target, &stat), None);
+        assert_eq!(
+            hashes.sha256(&change.target).unwrap(),
+            Some(fsutil::sha256_file(&change.target).unwrap())
         );
     }
 

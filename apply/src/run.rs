@@ -215,6 +215,10 @@ impl<'a> Run<'a> {
         let hashes = Arc::clone(&self.inner.hashes);
         let prepared =
             flatten(blocking(move || file_plan::prepare(&sites, &hashes, &files, &dirs)).await);
+        let verified_temps = match &prepared {
+            Ok(verified) => verified.clone(),
+            Err(_) => Vec::new(),
+        };
         self.step("prepare", started);
         if let Err(ApplyError::Crash(crash)) = prepared {
             return Err(crash.into());
@@ -275,6 +279,10 @@ impl<'a> Run<'a> {
             flatten(blocking(move || file_plan::sync_target_dirs(&sites, &files)).await),
             "syncing the swapped files failed"
         );
+        let (sites, hashes) = (self.sites(), Arc::clone(&self.inner.hashes));
+        // A failed blocking task only means the next plan or status hashes the files.
+        let _ =
+            blocking(move || file_plan::remember_swapped(&sites, &hashes, &verified_temps)).await;
         self.step("swap", since);
         if offline {
             self.fault(FaultPoint::BeforeCommit)?;

@@ -188,13 +188,25 @@ impl HashCache {
     }
 
     /// Records that `path`, as it is on disk now, has content `sha256` (tests only: production code records
-    /// only hashes it computed itself).
+    /// only hashes it computed itself, or that stage verified, see [`HashCache::vouch`]).
     #[cfg(test)]
     pub fn remember(&self, path: &Path, sha256: &str) {
         if let Ok(meta) = fs::symlink_metadata(path)
             && let Ok(mut entries) = self.entries.lock()
         {
             entries.insert(path.to_path_buf(), (StatKey::of(&meta), sha256.to_string()));
+        }
+    }
+
+    /// Records that `path`, as `stat` (an `lstat` through a directory handle) shows it, has content `sha256`
+    /// without hashing it: for a file whose inode stage verified and recorded, still unchanged (the apply's swap
+    /// of a hard-linked staged file, see `file_plan::remember_swapped`).
+    pub fn vouch(&self, path: &Path, stat: &rustix::fs::Stat, sha256: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.insert(
+                path.to_path_buf(),
+                (StatKey::of_stat(stat), sha256.to_string()),
+            );
         }
     }
 

@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use patchd_e2e::apply_support::{AgentRpc, ServiceReaper, outcome, push, v1};
 use patchd_e2e::{AgentConfig, AgentProcess, Pki, toml_string, write_random_file};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const SERVICE: &str = "bench-svc";
 const TARGET_OVERHEAD_MS: f64 = 50.0;
@@ -82,6 +82,9 @@ struct LayoutResult {
     first: Sample,
     warm: Vec<Sample>,
     stage_ms: f64,
+    /// The agent's CPU for both packages' upload and stage, and the bytes it received.
+    transfer_stage_cpu: Duration,
+    received_bytes: u64,
     durable_write_ms: f64,
 }
 
@@ -155,7 +158,11 @@ fn run_layout(
 
     let mut digests = Vec::new();
     let mut stage_ms = 0.0;
+    let agent_pid = agent.pid().context("the agent has no pid")?;
+    let cpu_before = patchd_bench::process_cpu(agent_pid);
+    let mut received_bytes = 0;
     for package in &packages {
+        received_bytes += std::fs::metadata(package)?.len();
         let digest = push(&pki, &agent.addr_string(), package);
         let started = Instant::now();
         rpc.stage(SERVICE, &digest)
@@ -163,6 +170,7 @@ fn run_layout(
         stage_ms = started.elapsed().as_secs_f64() * 1e3;
         digests.push(digest);
     }
+    let transfer_stage_cpu = patchd_bench::process_cpu(agent_pid).saturating_sub(cpu_before);
 
     let durable_write_ms = durable_write_latency(work.path())?;
     let mut samples = Vec::new();
@@ -208,6 +216,8 @@ fn run_layout(
         first,
         warm: samples,
         stage_ms,
+        transfer_stage_cpu,
+        received_bytes,
         durable_write_ms,
     })
 }
@@ -251,9 +261,9 @@ fn main() -> anyhow::Result<()> {
         "## bench_apply: {size_mib} MiB payload, {runs} warm applies per layout, agent binaries: {binaries}\n"
     );
     println!(
-        "| layout | unavailable (stop→healthy) median / p90 / max ms | agent overhead median / p90 / max ms | of which journal writes (median ms) | apply total median ms | prepare / swap median ms | first apply (deployed payload never hashed): total / overhead ms | stage ms | one durable write (fsync+rename+dir fsync) ms |"
+        "| layout | unavailable (stop→healthy) median / p90 / max ms | agent overhead median / p90 / max ms | of which journal writes (median ms) | apply total median ms | prepare / swap median ms | first apply (deployed payload never hashed): total / overhead ms | stage ms | agent CPU per GB received, upload + stage (both packages) | one durable write (fsync+rename+dir fsync) ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut verdicts = Vec::new();
     for layout in &layouts {
         let column = |f: fn(&Sample) -> f64| -> Vec<f64> { layout.warm.iter().map(f).collect() };
@@ -273,11 +283,14 @@ fn main() -> anyhow::Result<()> {
             }
         ));
         println!(
-            "| {} | {down_med:.0} / {down_p90:.0} / {down_max:.0} | {over_med:.1} / {over_p90:.1} / {over_max:.1} | {journal_med:.0} | {total_med:.1} | {prep_med:.0} / {swap_med:.0} | {:.0} / {:.0} | {:.0} | {:.2} |",
+            "| {} | {down_med:.0} / {down_p90:.0} / {down_max:.0} | {over_med:.1} / {over_p90:.1} / {over_max:.1} | {journal_med:.0} | {total_med:.1} | {prep_med:.0} / {swap_med:.0} | {:.0} / {:.0} | {:.0} | {:.2} s ({:.2} CPU-s, {:.0} MB) | {:.2} |",
             layout.name,
             layout.first.total_ms,
             layout.first.overhead_ms(),
             layout.stage_ms,
+            layout.transfer_stage_cpu.as_secs_f64() / (layout.received_bytes as f64 / 1e9),
+            layout.transfer_stage_cpu.as_secs_f64(),
+            layout.received_bytes as f64 / 1e6,
             layout.durable_write_ms,
         );
     }

@@ -259,24 +259,6 @@ fn peak_rss(pid: u32) -> Option<u64> {
         .map(|kib| kib * 1024)
 }
 
-/// CPU time (user + system) of a live process, from `/proc/<pid>/stat` (USER_HZ = 100).
-fn process_cpu(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    let Some(close) = stat.rfind(')') else {
-        return Duration::ZERO;
-    };
-    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-    let ticks = |index: usize| {
-        fields
-            .get(index)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
-
 /// The largest `VmHWM` among the cluster's agents: each agent's peak since it started.
 fn agents_peak_rss(cluster: &mut ClusterFixture) -> u64 {
     let names: Vec<String> = cluster.nodes.iter().map(|node| node.name.clone()).collect();
@@ -294,7 +276,7 @@ fn agents_cpu(cluster: &mut ClusterFixture) -> Duration {
     names
         .iter()
         .filter_map(|name| cluster.agent(name).and_then(|agent| agent.pid()))
-        .map(process_cpu)
+        .map(patchd_bench::process_cpu)
         .sum()
 }
 
