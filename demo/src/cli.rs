@@ -67,7 +67,7 @@ pub fn run_stamp(args: &StampArgs) -> Result<Stamp, StampError> {
 }
 
 /// Reads this executable's stamp and applies its start behaviour; exits the process for mode `crash`.
-pub async fn start(program: &str) -> Result<(Stamp, String), StampError> {
+pub async fn start(program: &str) -> Result<Stamp, StampError> {
     let own = stamp::own_stamp()?;
     if start_behaviour(&own).await == StartAction::Crash {
         eprintln!(
@@ -76,8 +76,31 @@ pub async fn start(program: &str) -> Result<(Stamp, String), StampError> {
         );
         std::process::exit(crate::CRASH_EXIT_CODE);
     }
-    let sha256 = stamp::sha256_file(&stamp::own_exe())?;
-    Ok((own, sha256))
+    Ok(own)
+}
+
+/// The sha256 of this executable, as `/version` reports it: hashed on a blocking thread at the first `/version`
+/// request, then kept. A real service does not hash its own binary before it serves, and ten demo services
+/// restarting at once would otherwise spend 100+ ms and a core's worth of CPU hashing 40 MiB each.
+#[derive(Debug, Clone, Default)]
+pub struct OwnDigest(std::sync::Arc<tokio::sync::OnceCell<String>>);
+
+impl OwnDigest {
+    /// The hex sha256 (hashed on first use); an error is reported in the value itself.
+    pub async fn get(&self) -> String {
+        self.0
+            .get_or_init(|| async {
+                let hashed =
+                    tokio::task::spawn_blocking(|| stamp::sha256_file(&stamp::own_exe())).await;
+                match hashed {
+                    Ok(Ok(sha256)) => sha256,
+                    Ok(Err(e)) => format!("unknown ({e})"),
+                    Err(e) => format!("unknown ({e})"),
+                }
+            })
+            .await
+            .clone()
+    }
 }
 
 /// Why `serve` could not start.
@@ -100,8 +123,8 @@ pub enum ServeStartError {
 pub struct Serving {
     /// This executable's stamp.
     pub stamp: Stamp,
-    /// Hex sha256 of this executable.
-    pub binary_sha256: String,
+    /// Hex sha256 of this executable (hashed when first asked for).
+    pub binary_sha256: OwnDigest,
     pub listener: TcpListener,
     /// The bound address (port 0 resolved).
     pub addr: SocketAddr,
@@ -110,7 +133,8 @@ pub struct Serving {
 impl Serving {
     /// [`start`] (stamp, start behaviour), then binds `listen`.
     pub async fn start(program: &str, listen: &str) -> Result<Self, ServeStartError> {
-        let (stamp, binary_sha256) = start(program).await?;
+        let stamp = start(program).await?;
+        let binary_sha256 = OwnDigest::default();
         let listener =
             TcpListener::bind(listen)
                 .await

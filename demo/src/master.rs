@@ -79,7 +79,7 @@ pub struct MasterConfig {
     /// Number of fake tasks handed to available workers.
     pub tasks: usize,
     pub stamp: Stamp,
-    pub binary_sha256: String,
+    pub binary_sha256: crate::cli::OwnDigest,
     pub started_unix: u64,
 }
 
@@ -552,7 +552,7 @@ async fn version(State(master): State<Arc<Master>>) -> Json<VersionInfo> {
         name: master.config.name.clone(),
         version: master.config.stamp.version.clone(),
         mode: master.config.stamp.mode.as_str().to_string(),
-        binary_sha256: master.config.binary_sha256.clone(),
+        binary_sha256: master.config.binary_sha256.get().await,
         pid: std::process::id(),
         started_unix: master.config.started_unix,
     })

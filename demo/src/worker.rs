@@ -40,7 +40,7 @@ pub struct Registration {
 pub struct WorkerConfig {
     pub name: String,
     pub stamp: Stamp,
-    pub binary_sha256: String,
+    pub binary_sha256: crate::cli::OwnDigest,
     /// Base URLs of the masters to register with (`http://127.0.1.1:8261`); may be empty.
     pub masters: Vec<String>,
     pub started_unix: u64,
@@ -86,7 +86,7 @@ async fn version(State(config): State<Arc<WorkerConfig>>) -> Json<VersionInfo> {
         name: config.name.clone(),
         version: config.stamp.version.clone(),
         mode: config.stamp.mode.as_str().to_string(),
-        binary_sha256: config.binary_sha256.clone(),
+        binary_sha256: config.binary_sha256.get().await,
         pid: std::process::id(),
         started_unix: config.started_unix,
     })

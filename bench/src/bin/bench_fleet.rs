@@ -22,6 +22,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// How long the idle agents' CPU is sampled before the first rollout.
+const IDLE_SAMPLE: Duration = Duration::from_secs(3);
+
 /// Rolls a hotfix out to a fleet with patchd and with the peer harness (Ansible over SSH), one after the other.
 #[derive(Parser)]
 struct Args {
@@ -140,6 +143,13 @@ fn main() -> anyhow::Result<()> {
     };
     let mut cluster = ClusterFixture::start(work.path(), options);
     eprintln!("cluster up in {:.1}s", started.elapsed().as_secs_f64());
+    // What the agents burn with nothing to do (timers, keepalives), so that a difference of two rollouts' CPU
+    // can be read as the work that differs.
+    let idle_before = agents_cpu(&mut cluster);
+    let idle_started = Instant::now();
+    std::thread::sleep(IDLE_SAMPLE);
+    let agents_idle_per_s = agents_cpu(&mut cluster).saturating_sub(idle_before).as_secs_f64()
+        / idle_started.elapsed().as_secs_f64();
 
     // The worker alone, to know how much padding brings a package to the size asked for.
     let bare_bytes = std::fs::metadata(cluster.worker_package("v1.0.99-probe", "ok"))?.len();
@@ -177,7 +187,12 @@ fn main() -> anyhow::Result<()> {
         runs.push(run);
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    print_report(&runs, &args, load.split_whitespace().next().unwrap_or("?"));
+    print_report(
+        &runs,
+        &args,
+        load.split_whitespace().next().unwrap_or("?"),
+        agents_idle_per_s,
+    );
     Ok(())
 }
 
@@ -444,7 +459,7 @@ fn apply_wall(lines: &[Line]) -> Duration {
     Duration::from_secs_f64(covered.max(0.0))
 }
 
-fn print_report(runs: &[Run], args: &Args, load: &str) {
+fn print_report(runs: &[Run], args: &Args, load: &str, agents_idle_per_s: f64) {
     let workers = args.workers;
     let batch = args.batch_size;
     println!("\n## Fleet\n");
@@ -528,4 +543,31 @@ fn print_report(runs: &[Run], args: &Args, load: &str) {
          otherwise the first batch's (the later nodes stage while the earlier batches restart, so this column and \
          the next overlap, and the controller share is what is left of the total, 0 when they overlap)."
     );
+    println!(
+        "\nThe {} agents idle: {:.0} CPU-ms per second together (measured over {} s before the first rollout).",
+        runs.first().map_or(0, |run| run.nodes + 1),
+        agents_idle_per_s * 1000.0,
+        IDLE_SAMPLE.as_secs()
+    );
+    // Two package sizes differ only by random padding: the difference of their agents' CPU, less what the agents
+    // burn idle over the difference of their wall times, is the transfer and stage of that padding alone.
+    if let [larger, smaller, ..] = runs
+        && larger.package_bytes > smaller.package_bytes
+    {
+        let extra_gb =
+            ((larger.package_bytes - smaller.package_bytes) * larger.nodes as u64) as f64 / 1e9;
+        let idle = agents_idle_per_s
+            * (larger.total.as_secs_f64() - smaller.total.as_secs_f64()).max(0.0);
+        let cpu = larger.agents_cpu.as_secs_f64() - smaller.agents_cpu.as_secs_f64() - idle;
+        println!(
+            "Agents' CPU for the transfer and stage of the padding alone ({} MiB row minus {} MiB row, less {:.2} s \
+             idle over the longer rollout): {:.2} CPU-s for {:.2} GB = **{:.2} CPU-s per GB received**.",
+            larger.package_mib,
+            smaller.package_mib,
+            idle,
+            cpu,
+            extra_gb,
+            cpu / extra_gb
+        );
+    }
 }

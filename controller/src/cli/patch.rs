@@ -74,7 +74,13 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     let package = std::fs::canonicalize(package)
         .with_context(|| format!("cannot open package {}: check the path", package.display()))?;
     let topology = Arc::new(load_topology(&store, &args.cluster)?);
-    let (info, blob) = inspect_and_prepare(&package).await?;
+    let tls = load_tls(&ctx.home, &topology)?;
+    let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::for_cluster(&tls)?);
+    // The status probes only read (agents' Status, the hooks' GETs): they run while the package is read and
+    // hashed, and are dropped unanswered when the package is refused.
+    let ((info, blob), observed) = tokio::try_join!(inspect_and_prepare(&package), async {
+        Ok::<_, anyhow::Error>(observe(&hooks, &topology, &tls, args.probe_timeout).await)
+    })?;
     let component = info.manifest.component.clone();
     check_component(&topology, &component, &args.selection.roles)?;
 
@@ -103,9 +109,6 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
         );
     }
 
-    let tls = load_tls(&ctx.home, &topology)?;
-    let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::for_cluster(&tls)?);
-    let observed = observe(&hooks, &topology, &tls, args.probe_timeout).await;
     let input = plan_input(
         &topology,
         &observed,
