@@ -148,7 +148,9 @@ fn main() -> anyhow::Result<()> {
     let idle_before = agents_cpu(&mut cluster);
     let idle_started = Instant::now();
     std::thread::sleep(IDLE_SAMPLE);
-    let agents_idle_per_s = agents_cpu(&mut cluster).saturating_sub(idle_before).as_secs_f64()
+    let agents_idle_per_s = agents_cpu(&mut cluster)
+        .saturating_sub(idle_before)
+        .as_secs_f64()
         / idle_started.elapsed().as_secs_f64();
 
     // The worker alone, to know how much padding brings a package to the size asked for.
@@ -556,8 +558,8 @@ fn print_report(runs: &[Run], args: &Args, load: &str, agents_idle_per_s: f64) {
     {
         let extra_gb =
             ((larger.package_bytes - smaller.package_bytes) * larger.nodes as u64) as f64 / 1e9;
-        let idle = agents_idle_per_s
-            * (larger.total.as_secs_f64() - smaller.total.as_secs_f64()).max(0.0);
+        let idle =
+            agents_idle_per_s * (larger.total.as_secs_f64() - smaller.total.as_secs_f64()).max(0.0);
         let cpu = larger.agents_cpu.as_secs_f64() - smaller.agents_cpu.as_secs_f64() - idle;
         println!(
             "Agents' CPU for the transfer and stage of the padding alone ({} MiB row minus {} MiB row, less {:.2} s \
