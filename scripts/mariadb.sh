@@ -38,16 +38,26 @@ start() {
     fi
     local user
     user=$(id -un)
+    # A private tmpdir: mariadbd deletes every `#sql*` file in its tmpdir when it starts, so two instances (tests
+    # run in parallel) sharing /tmp delete each other's temporary tables ("Unknown table 'mysql.tmp_…'" from a
+    # concurrent mariadb-install-db).
+    mkdir -p "$dir/tmp"
     if [[ ! -d $dir/data/mysql ]]; then
-        mariadb-install-db --no-defaults --datadir="$dir/data" --user="$user" \
+        mariadb-install-db --no-defaults --datadir="$dir/data" --tmpdir="$dir/tmp" --user="$user" \
             --auth-root-authentication-method=normal --skip-test-db >"$dir/install.log" 2>&1 \
-            || { echo "mariadb-install-db failed ($dir/install.log):" >&2; tail -n 20 "$dir/install.log" >&2; exit 1; }
+            || {
+                # The cause comes first; mariadb-install-db ends a failure with pages of generic advice.
+                echo "mariadb-install-db failed ($dir/install.log); its error lines, then its first 60 lines:" >&2
+                grep -n -i -E "error|can't|cannot|fail|denied|no space|abort" "$dir/install.log" | head -n 40 >&2 || true
+                head -n 60 "$dir/install.log" >&2
+                exit 1
+            }
     fi
     local attempt port pid
     for attempt in 1 2 3 4 5; do
         port=$(( 20000 + RANDOM % 20000 ))
         rm -f "$pid_file"
-        mariadbd --no-defaults --datadir="$dir/data" --user="$user" --bind-address=127.0.0.1 --port="$port" \
+        mariadbd --no-defaults --datadir="$dir/data" --tmpdir="$dir/tmp" --user="$user" --bind-address=127.0.0.1 --port="$port" \
             --socket="$dir/mariadb.sock" --pid-file="$pid_file" --log-error="$dir/mariadb.log" \
             --skip-name-resolve --skip-log-bin --innodb-buffer-pool-size=32M </dev/null >/dev/null 2>&1 &
         pid=$!

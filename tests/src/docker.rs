@@ -95,7 +95,9 @@ impl DockerTest {
             .runtime
             .block_on(self.engine.build_image(tag, context))
             .unwrap_or_else(|e| panic!("building image {tag} failed: {e}"));
-        self.track_image(&id);
+        // Removed on drop by its tag, not its ID: two tests building the same content get the same ID, and a
+        // forced removal by ID would take the other test's tag (and image) with it.
+        self.track_image(tag);
         id
     }
 
