@@ -1159,14 +1159,29 @@ async fn a_rollback_sends_rollback_calls_without_staging() {
 
 #[tokio::test]
 async fn the_canary_pause_can_stop_the_rollout() {
-    for (decision, end) in [
-        (PauseDecision::Stop, RolloutEnd::Stopped),
-        (PauseDecision::Continue, RolloutEnd::Completed),
+    for (decision, end, staging) in [
+        (
+            PauseDecision::Stop,
+            RolloutEnd::Stopped,
+            StagingMode::Upfront,
+        ),
+        (
+            PauseDecision::Continue,
+            RolloutEnd::Completed,
+            StagingMode::Upfront,
+        ),
+        (PauseDecision::Stop, RolloutEnd::Stopped, StagingMode::Ahead),
+        (
+            PauseDecision::Continue,
+            RolloutEnd::Completed,
+            StagingMode::Ahead,
+        ),
     ] {
         let world = Arc::new(World::default());
         let effects = FakeEffects::new(world.clone(), HashMap::new());
         let journal = FakeJournal::default();
         let mut canary = spec(&[&["a"], &["b"]], 0);
+        canary.staging = staging;
         canary.batches[0].canary = true;
         canary.batches[0].pause_after = true;
         let observer = FakeObserver {
@@ -1178,17 +1193,24 @@ async fn the_canary_pause_can_stop_the_rollout() {
             .run()
             .await
             .unwrap();
-        assert_eq!(report.end, end);
-        assert_eq!(observer.pauses.load(Ordering::SeqCst), 1);
+        assert_eq!(report.end, end, "{staging:?}");
+        assert_eq!(observer.pauses.load(Ordering::SeqCst), 1, "{staging:?}");
         assert_eq!(
             world.restarts("b"),
-            u32::from(decision == PauseDecision::Continue)
+            u32::from(decision == PauseDecision::Continue),
+            "{staging:?}"
         );
     }
 }
 
 #[tokio::test]
 async fn ctrl_c_during_a_drain_puts_the_node_back_and_starts_nothing_else() {
+    for staging in [StagingMode::Upfront, StagingMode::Ahead] {
+        ctrl_c_during_a_drain_when(staging).await;
+    }
+}
+
+async fn ctrl_c_during_a_drain_when(staging: StagingMode) {
     let world = Arc::new(World::default());
     let hanging = Behaviour {
         drain_hangs: true,
@@ -1198,7 +1220,8 @@ async fn ctrl_c_during_a_drain_puts_the_node_back_and_starts_nothing_else() {
     let journal = FakeJournal::default();
     let observer = FakeObserver::default();
     let (handle, cancel) = Cancel::new();
-    let rollout = spec(&[&["a"], &["b"]], 0);
+    let mut rollout = spec(&[&["a"], &["b"]], 0);
+    rollout.staging = staging;
     let engine = RolloutEngine::new(&rollout, &effects, &journal, &observer, cancel);
     let world_watch = world.clone();
     let interrupter = async move {
@@ -1209,19 +1232,26 @@ async fn ctrl_c_during_a_drain_puts_the_node_back_and_starts_nothing_else() {
         std::future::pending::<()>().await
     };
     let report = tokio::select! { report = engine.run() => report.unwrap(), () = interrupter => unreachable!() };
-    assert_eq!(report.end, RolloutEnd::Interrupted);
-    assert_eq!(report.nodes[0].phase, NodePhase::Pending);
+    assert_eq!(report.end, RolloutEnd::Interrupted, "{staging:?}");
+    assert_eq!(report.nodes[0].phase, NodePhase::Pending, "{staging:?}");
     assert_eq!(
         world.lines_of("a"),
-        ["stage", "offline", "wait_offline", "online", "wait_online"]
+        ["stage", "offline", "wait_offline", "online", "wait_online"],
+        "{staging:?}"
     );
-    assert_eq!(world.lines_of("b"), ["stage"]);
+    assert_eq!(world.lines_of("b"), ["stage"], "{staging:?}");
     assert!(world.offline.lock().unwrap().is_empty());
     assert_eq!(journal.phase("a"), Some(NodePhase::Pending));
 }
 
 #[tokio::test]
 async fn ctrl_c_during_an_apply_finishes_that_node() {
+    for staging in [StagingMode::Upfront, StagingMode::Ahead] {
+        ctrl_c_during_an_apply_when(staging).await;
+    }
+}
+
+async fn ctrl_c_during_an_apply_when(staging: StagingMode) {
     let world = Arc::new(World::default());
     let gate = Arc::new(Notify::new());
     let slow = Behaviour {
@@ -1232,7 +1262,8 @@ async fn ctrl_c_during_an_apply_finishes_that_node() {
     let journal = FakeJournal::default();
     let observer = FakeObserver::default();
     let (handle, cancel) = Cancel::new();
-    let rollout = spec(&[&["a"], &["b"]], 0);
+    let mut rollout = spec(&[&["a"], &["b"]], 0);
+    rollout.staging = staging;
     let engine = RolloutEngine::new(&rollout, &effects, &journal, &observer, cancel);
     let world_watch = world.clone();
     let interrupter = async move {
@@ -1244,10 +1275,10 @@ async fn ctrl_c_during_an_apply_finishes_that_node() {
         std::future::pending::<()>().await
     };
     let report = tokio::select! { report = engine.run() => report.unwrap(), () = interrupter => unreachable!() };
-    assert_eq!(report.end, RolloutEnd::Interrupted);
-    assert_eq!(report.nodes[0].phase, NodePhase::Done);
-    assert_eq!(report.nodes[1].phase, NodePhase::Staged);
-    assert_eq!(world.lines_of("b"), ["stage"]);
+    assert_eq!(report.end, RolloutEnd::Interrupted, "{staging:?}");
+    assert_eq!(report.nodes[0].phase, NodePhase::Done, "{staging:?}");
+    assert_eq!(report.nodes[1].phase, NodePhase::Staged, "{staging:?}");
+    assert_eq!(world.lines_of("b"), ["stage"], "{staging:?}");
 }
 
 /// Runs `rollout` with a crash at journal write `crash_at`; returns whether the crash happened, with the journal.
