@@ -215,19 +215,16 @@ impl<'a> Run<'a> {
         let hashes = Arc::clone(&self.inner.hashes);
         let prepared =
             flatten(blocking(move || file_plan::prepare(&sites, &hashes, &files, &dirs)).await);
-        let verified_temps = match &prepared {
-            Ok(verified) => verified.clone(),
-            Err(_) => Vec::new(),
-        };
         self.step("prepare", started);
-        if let Err(ApplyError::Crash(crash)) = prepared {
-            return Err(crash.into());
-        }
-        if let Err(e) = prepared {
-            return self
-                .fail_before_live(format!("preparing backups and new files failed: {e}"))
-                .await;
-        }
+        let verified_temps = match prepared {
+            Ok(verified) => verified,
+            Err(ApplyError::Crash(crash)) => return Err(crash.into()),
+            Err(e) => {
+                return self
+                    .fail_before_live(format!("preparing backups and new files failed: {e}"))
+                    .await;
+            }
+        };
         self.fault(FaultPoint::AfterPrepare)?;
         if self.rec.files.is_empty() {
             return self
@@ -279,12 +276,9 @@ impl<'a> Run<'a> {
             flatten(blocking(move || file_plan::sync_target_dirs(&sites, &files)).await),
             "syncing the swapped files failed"
         );
-        let (sites, hashes) = (self.sites(), Arc::clone(&self.inner.hashes));
-        // A failed blocking task only means the next plan or status hashes the files.
-        let _ =
-            blocking(move || file_plan::remember_swapped(&sites, &hashes, &verified_temps)).await;
         self.step("swap", since);
         if offline {
+            self.remember_swapped(verified_temps).await;
             self.fault(FaultPoint::BeforeCommit)?;
             return self.commit(String::new()).await;
         }
@@ -300,7 +294,16 @@ impl<'a> Run<'a> {
             "starting the new version failed"
         );
         self.step("start", since);
+        self.remember_swapped(verified_temps).await;
         self.probation_then_commit().await
+    }
+
+    /// Records the swapped-in files in the hash cache ([`file_plan::remember_swapped`]); once the service is
+    /// started, so it adds nothing to its downtime. A failed blocking task only means the next plan or status
+    /// hashes the files.
+    async fn remember_swapped(&self, verified: Vec<file_plan::VerifiedTemp>) {
+        let (sites, hashes) = (self.sites(), Arc::clone(&self.inner.hashes));
+        let _ = blocking(move || file_plan::remember_swapped(&sites, &hashes, &verified)).await;
     }
 
     /// After the start, shared by the file swap and the container swap: journal `Probation`, watch the service

@@ -11,7 +11,7 @@
 //! Stage uses the same record when it finds a package already staged ([`verify_staged`]): only the files whose
 //! identity changed since are hashed against the manifest, so a tree staged during its upload is not read again.
 
-use crate::fsutil::{DirHandle, FsError, IoContext, write_atomic};
+use crate::fsutil::{DirHandle, FsError, IoContext, nanos, write_atomic};
 use crate::layout::StateLayout;
 use patchd_package::Manifest;
 use std::collections::BTreeMap;
@@ -33,10 +33,6 @@ pub struct FileIdentity {
     pub mode: u32,
     pub mtime_ns: i128,
     pub ctime_ns: i128,
-}
-
-fn nanos(secs: i64, nsec: i64) -> i128 {
-    i128::from(secs) * 1_000_000_000 + i128::from(nsec)
 }
 
 impl FileIdentity {

@@ -35,6 +35,11 @@ pub(super) struct StatKey {
     ctime_ns: i128,
 }
 
+/// A file time (seconds and nanoseconds, as `stat` gives them) in nanoseconds since the epoch.
+pub fn nanos(secs: i64, nsec: i64) -> i128 {
+    i128::from(secs) * 1_000_000_000 + i128::from(nsec)
+}
+
 impl StatKey {
     /// The key of an `lstat` made through a directory handle.
     #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
@@ -43,10 +48,8 @@ impl StatKey {
             dev: stat.st_dev as u64,
             ino: stat.st_ino as u64,
             size: stat.st_size as u64,
-            mtime_ns: i128::from(stat.st_mtime as i64) * 1_000_000_000
-                + i128::from(stat.st_mtime_nsec as i64),
-            ctime_ns: i128::from(stat.st_ctime as i64) * 1_000_000_000
-                + i128::from(stat.st_ctime_nsec as i64),
+            mtime_ns: nanos(stat.st_mtime as i64, stat.st_mtime_nsec as i64),
+            ctime_ns: nanos(stat.st_ctime as i64, stat.st_ctime_nsec as i64),
         }
     }
 
@@ -55,8 +58,8 @@ impl StatKey {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.size(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
         }
     }
 
@@ -199,8 +202,9 @@ impl HashCache {
     }
 
     /// Records that `path`, as `stat` (an `lstat` through a directory handle) shows it, has content `sha256`
-    /// without hashing it: for a file whose inode stage verified and recorded, still unchanged (the apply's swap
-    /// of a hard-linked staged file, see `file_plan::remember_swapped`).
+    /// without hashing it: for a file swapped in by an apply whose temporary was verified (stage's record, or
+    /// hashed while prepared) and whose inode, size and mtime are still the verified ones (see
+    /// `file_plan::remember_swapped`).
     pub fn vouch(&self, path: &Path, stat: &rustix::fs::Stat, sha256: &str) {
         if let Ok(mut entries) = self.entries.lock() {
             entries.insert(

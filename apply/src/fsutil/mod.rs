@@ -21,7 +21,7 @@ pub use durable::{
     exists_no_follow, fsync_dir, parent_of, remove_if_exists, remove_tree_if_exists, sibling_temp,
     write_atomic,
 };
-pub use hash_cache::{HashCache, sha256_file};
+pub use hash_cache::{HashCache, nanos, sha256_file};
 pub use place::{At, materialize_at, owner_for};
 /// The file type [`DirHandle::entries`] reports.
 pub use rustix::fs::FileType;
