@@ -1,6 +1,7 @@
 //! End to end: a new version that crashes is reverted by the agents and counted against the failure budget (the
 //! rollout halts at budget + 1 failures and starts no further node); an agent killed mid-rollout fails only its
-//! own node, which stays online on its old version.
+//! own node, which stays online on its old version; a package for another component is refused at once, without
+//! waiting for a node whose agent hangs.
 
 use patchd_e2e::cluster_fixture::{ClusterFixture, ORIGINAL_VERSION, output_text};
 use std::time::Duration;
@@ -138,4 +139,47 @@ fn an_agent_killed_mid_rollout_fails_only_its_node() {
         "worker-3 untouched"
     );
     cluster.wait_back_online("worker-3", Duration::from_secs(20));
+}
+
+#[test]
+fn a_package_for_another_component_is_refused_without_waiting_for_a_hung_node() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = ClusterFixture::with_workers(dir.path(), 2);
+    let package = cluster.master_package("v1.0.1-hotfix", "ok");
+    // worker-2's agent hangs (stopped: TCP accepts, TLS never answers), so its status probe lasts the whole
+    // probe timeout; the refusal of the package must not wait for it.
+    let hung = cluster
+        .agent("worker-2")
+        .and_then(|agent| agent.pid())
+        .unwrap();
+    kill(Pid::from_raw(hung as i32), Signal::SIGSTOP).unwrap();
+    let started = std::time::Instant::now();
+    let out = cluster.patchctl(&[
+        "patch",
+        &cluster.name,
+        package.to_str().unwrap(),
+        "-R",
+        "demo-worker",
+        "-y",
+        "--probe-timeout",
+        "120s",
+    ]);
+    let took = started.elapsed();
+    kill(Pid::from_raw(hung as i32), Signal::SIGCONT).unwrap();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("run another component"), "{text}");
+    // Far below the 120 s probe timeout: the refusal came from the package check alone.
+    assert!(took < Duration::from_secs(60), "the refusal took {took:?}");
+    let changes: Vec<_> = cluster
+        .master_calls()
+        .into_iter()
+        .filter(|call| call.method != "GET")
+        .collect();
+    assert!(
+        changes.is_empty(),
+        "nothing may change in the cluster: {changes:?}"
+    );
 }

@@ -76,15 +76,31 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
     let topology = Arc::new(load_topology(&store, &args.cluster)?);
     let tls = load_tls(&ctx.home, &topology)?;
     let hooks = ClusterHooks::new(Arc::clone(&topology), HookClient::for_cluster(&tls)?);
-    // The status probes only read (agents' Status, the hooks' GETs): they run while the package is read and
-    // hashed, and are dropped unanswered when the package is refused.
-    let ((info, blob), observed) = tokio::try_join!(inspect_and_prepare(&package), async {
-        Ok::<_, anyhow::Error>(observe(&hooks, &topology, &tls, args.probe_timeout).await)
-    })?;
+    // The status probes only read (agents' Status, the hooks' GETs): they run while the package is read, hashed
+    // and checked against the cluster, and are dropped unanswered when the package is refused or a rollout must
+    // be finished first, so a bad package or an unfinished rollout is reported without waiting for slow nodes.
+    let mut probes = Box::pin(observe(&hooks, &topology, &tls, args.probe_timeout));
+    let mut checks = Box::pin(async {
+        let (info, blob) = inspect_and_prepare(&package).await?;
+        check_component(&topology, &info.manifest.component, &args.selection.roles)?;
+        let unfinished = store.unfinished_rollout(&args.cluster)?;
+        Ok::<_, anyhow::Error>((info, blob, unfinished))
+    });
+    let mut observed = None;
+    let checked = tokio::select! {
+        checked = &mut checks => checked,
+        statuses = &mut probes => {
+            observed = Some(statuses);
+            (&mut checks).await
+        }
+    };
+    drop(checks);
+    let (info, blob, unfinished) = checked?;
     let component = info.manifest.component.clone();
-    check_component(&topology, &component, &args.selection.roles)?;
 
-    if let Some(unfinished) = store.unfinished_rollout(&args.cluster)? {
+    if let Some(unfinished) = unfinished {
+        // Nothing is planned here: the probes stop now rather than hold their connections through the resume.
+        drop(probes);
         if unfinished.kind == RolloutKind::Patch
             && unfinished.package_digest.as_ref() == Some(&blob.digest)
         {
@@ -108,6 +124,13 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<u8> {
             args.cluster
         );
     }
+    let observed = match observed {
+        Some(observed) => {
+            drop(probes);
+            observed
+        }
+        None => probes.await,
+    };
 
     let input = plan_input(
         &topology,
