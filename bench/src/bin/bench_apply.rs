@@ -1,5 +1,7 @@
 //! Apply benchmark: one agent, one `process` service whose restart is instant (`exec sleep`), a package with a
-//! 100 MiB payload already uploaded and staged; repeated online applies alternate between two such packages.
+//! 100 MiB payload already uploaded and staged; repeated online applies alternate between two such packages
+//! (re-deployments of packages deployed before), then a few applies each deploy a staged package never deployed
+//! before (the case of a rollout).
 //! Reports, per apply, the unavailability (stop → healthy, as the agent measures it) and the agent's own overhead
 //! around the service: the apply's wall time at the client minus the service's stop, start and start→healthy
 //! steps. Two layouts: deploy dir on the state dir's file system (placement by hard link) and on another one
@@ -8,7 +10,8 @@
 //! Run (release binaries recommended; without `PATCHD_BIN_DIR` the debug ones in target/debug are used):
 //! `cargo build --release -p patchd-agent -p patchctl && PATCHD_BIN_DIR=target/release cargo run --release -p patchd-bench --bin bench_apply`
 //! Options by environment: `BENCH_SIZE_MIB` (payload, default 100), `BENCH_RUNS` (applies per layout, default 20),
-//! `BENCH_DIR` (state dir parent, default /var/tmp).
+//! `BENCH_FRESH` (applies of never-deployed packages per layout, default 5), `BENCH_DIR` (state dir parent,
+//! default /var/tmp).
 
 use anyhow::{Context, bail};
 use patchd_e2e::apply_support::{AgentRpc, ServiceReaper, outcome, push, v1};
@@ -80,7 +83,10 @@ fn stats(values: &[f64]) -> (f64, f64, f64) {
 struct LayoutResult {
     name: String,
     first: Sample,
+    /// Re-deployments: the two packages in turn.
     warm: Vec<Sample>,
+    /// Each the first deployment of a package staged beforehand.
+    fresh: Vec<Sample>,
     stage_ms: f64,
     /// The agent's CPU for both packages' upload and stage, and the bytes it received.
     transfer_stage_cpu: Duration,
@@ -114,6 +120,7 @@ fn run_layout(
     deploy_parent: &Path,
     size: u64,
     runs: usize,
+    fresh: usize,
 ) -> anyhow::Result<LayoutResult> {
     let work = tempfile::Builder::new()
         .prefix("patchd-bench-apply-")
@@ -172,41 +179,36 @@ fn run_layout(
     }
     let transfer_stage_cpu = patchd_bench::process_cpu(agent_pid).saturating_sub(cpu_before);
 
+    // The never-deployed packages are uploaded and staged too before anything is timed (not counted in the CPU
+    // per GB above, which is the two packages' alone).
+    let mut fresh_digests = Vec::new();
+    for index in 0..fresh {
+        let package = build_package(&pkgs, &format!("fresh-{index}"), size, 10 + index as u64)?;
+        let digest = push(&pki, &agent.addr_string(), &package);
+        rpc.stage(SERVICE, &digest)
+            .map_err(|e| anyhow::anyhow!("stage failed: {e}"))?;
+        std::fs::remove_file(&package)?;
+        fresh_digests.push(digest);
+    }
+
     let durable_write_ms = durable_write_latency(work.path())?;
     let mut samples = Vec::new();
     for run in 0..=runs {
-        let digest = &digests[run % 2];
-        let started = Instant::now();
-        let response = rpc
-            .apply(SERVICE, digest, &format!("bench-{run}"), false)
-            .map_err(|e| anyhow::anyhow!("apply failed: {e}"))?;
-        let total_ms = started.elapsed().as_secs_f64() * 1e3;
-        if outcome(&response) != v1::ApplyOutcome::Committed {
-            bail!("apply {run} did not commit: {response:?}");
-        }
-        reaper.track(SERVICE);
-        if std::env::var_os("BENCH_VERBOSE").is_some() {
-            let steps: Vec<String> = response
-                .steps
-                .iter()
-                .map(|s| format!("{}={}", s.step, s.millis))
-                .collect();
-            eprintln!(
-                "  apply {run}: total {total_ms:.1} ms, downtime {} ms, steps {}",
-                response.downtime_ms,
-                steps.join(" ")
-            );
-        }
-        samples.push(Sample {
-            total_ms,
-            downtime_ms: response.downtime_ms as f64,
-            stop_ms: step(&response, "stop"),
-            start_ms: step(&response, "start"),
-            healthy_ms: step(&response, "healthy"),
-            prepare_ms: step(&response, "prepare"),
-            swap_ms: step(&response, "swap"),
-            journal_ms: step(&response, "journal"),
-        });
+        samples.push(apply_once(
+            &mut rpc,
+            &reaper,
+            &digests[run % 2],
+            &format!("bench-{run}"),
+        )?);
+    }
+    let mut fresh_samples = Vec::new();
+    for (index, digest) in fresh_digests.iter().enumerate() {
+        fresh_samples.push(apply_once(
+            &mut rpc,
+            &reaper,
+            digest,
+            &format!("fresh-{index}"),
+        )?);
     }
     agent.stop();
     reaper.reap();
@@ -215,10 +217,51 @@ fn run_layout(
         name: name.to_string(),
         first,
         warm: samples,
+        fresh: fresh_samples,
         stage_ms,
         transfer_stage_cpu,
         received_bytes,
         durable_write_ms,
+    })
+}
+
+/// One timed online apply of the staged package `digest`.
+fn apply_once(
+    rpc: &mut AgentRpc,
+    reaper: &ServiceReaper,
+    digest: &str,
+    label: &str,
+) -> anyhow::Result<Sample> {
+    let started = Instant::now();
+    let response = rpc
+        .apply(SERVICE, digest, label, false)
+        .map_err(|e| anyhow::anyhow!("apply failed: {e}"))?;
+    let total_ms = started.elapsed().as_secs_f64() * 1e3;
+    if outcome(&response) != v1::ApplyOutcome::Committed {
+        bail!("apply {label} did not commit: {response:?}");
+    }
+    reaper.track(SERVICE);
+    if std::env::var_os("BENCH_VERBOSE").is_some() {
+        let steps: Vec<String> = response
+            .steps
+            .iter()
+            .map(|s| format!("{}={}", s.step, s.millis))
+            .collect();
+        eprintln!(
+            "  apply {label}: total {total_ms:.1} ms, downtime {} ms, steps {}",
+            response.downtime_ms,
+            steps.join(" ")
+        );
+    }
+    Ok(Sample {
+        total_ms,
+        downtime_ms: response.downtime_ms as f64,
+        stop_ms: step(&response, "stop"),
+        start_ms: step(&response, "start"),
+        healthy_ms: step(&response, "healthy"),
+        prepare_ms: step(&response, "prepare"),
+        swap_ms: step(&response, "swap"),
+        journal_ms: step(&response, "journal"),
     })
 }
 
@@ -234,6 +277,7 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> anyhow::Result<T> {
 fn main() -> anyhow::Result<()> {
     let size_mib: u64 = env_or("BENCH_SIZE_MIB", 100)?;
     let runs: usize = env_or("BENCH_RUNS", 20)?;
+    let fresh: usize = env_or("BENCH_FRESH", 5)?;
     let base = std::env::var_os("BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp"));
@@ -243,7 +287,14 @@ fn main() -> anyhow::Result<()> {
     eprintln!("agent binaries: {binaries}");
     let size = size_mib << 20;
 
-    let mut layouts = vec![run_layout("same fs (hard link)", &base, &base, size, runs)?];
+    let mut layouts = vec![run_layout(
+        "same fs (hard link)",
+        &base,
+        &base,
+        size,
+        runs,
+        fresh,
+    )?];
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
         layouts.push(run_layout(
@@ -252,6 +303,7 @@ fn main() -> anyhow::Result<()> {
             shm,
             size,
             runs,
+            fresh,
         )?);
     } else {
         eprintln!("/dev/shm missing: cross-filesystem layout skipped");
@@ -274,7 +326,7 @@ fn main() -> anyhow::Result<()> {
         let (swap_med, _, _) = stats(&column(|s| s.swap_ms));
         let (journal_med, _, _) = stats(&column(|s| s.journal_ms));
         verdicts.push(format!(
-            "{}: median {over_med:.1} ms → {}",
+            "{}, re-deployments: median {over_med:.1} ms → {}",
             layout.name,
             if over_med < TARGET_OVERHEAD_MS {
                 "met"
@@ -292,6 +344,36 @@ fn main() -> anyhow::Result<()> {
             layout.transfer_stage_cpu.as_secs_f64(),
             layout.received_bytes as f64 / 1e6,
             layout.durable_write_ms,
+        );
+    }
+    println!(
+        "\nEach apply the first deployment of a staged package (the rollout case), {fresh} per layout:\n"
+    );
+    println!(
+        "| layout | unavailable (stop→healthy) median / max ms | agent overhead median / p90 / max ms | apply total median ms | prepare / swap median ms |"
+    );
+    println!("|---|---|---|---|---|");
+    for layout in &layouts {
+        let column = |f: fn(&Sample) -> f64| -> Vec<f64> { layout.fresh.iter().map(f).collect() };
+        let (down_med, _, down_max) = stats(&column(|s| s.downtime_ms));
+        let (over_med, over_p90, over_max) = stats(&column(Sample::overhead_ms));
+        let (total_med, _, _) = stats(&column(|s| s.total_ms));
+        let (prep_med, _, _) = stats(&column(|s| s.prepare_ms));
+        let (swap_med, _, _) = stats(&column(|s| s.swap_ms));
+        if !layout.fresh.is_empty() {
+            verdicts.push(format!(
+                "{}, first deployments: median {over_med:.1} ms → {}",
+                layout.name,
+                if over_med < TARGET_OVERHEAD_MS {
+                    "met"
+                } else {
+                    "NOT met"
+                }
+            ));
+        }
+        println!(
+            "| {} | {down_med:.0} / {down_max:.0} | {over_med:.1} / {over_p90:.1} / {over_max:.1} | {total_med:.1} | {prep_med:.0} / {swap_med:.0} |",
+            layout.name
         );
     }
     println!("\nTarget: agent overhead < {TARGET_OVERHEAD_MS} ms per apply (warm):");

@@ -492,7 +492,7 @@ fn print_report(
     }
     for (chunk, cold, warm) in &whole_command {
         let verdict = |ratio: Option<f64>| match ratio {
-            Some(ratio) => format!("{} ({ratio:.0}%)", check(ratio >= 85.0)),
+            Some(ratio) => format!("{} ({ratio:.1}%)", check(ratio >= 85.0)),
             None => "not measured".to_string(),
         };
         println!(
