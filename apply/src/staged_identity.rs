@@ -11,7 +11,7 @@
 //! Stage uses the same record when it finds a package already staged ([`verify_staged`]): only the files whose
 //! identity changed since are hashed against the manifest, so a tree staged during its upload is not read again.
 
-use crate::fsutil::{DirHandle, FsError, IoContext, nanos, write_atomic};
+use crate::fsutil::{DirHandle, FsError, IoContext, write_atomic};
 use crate::layout::StateLayout;
 use patchd_package::Manifest;
 use std::collections::BTreeMap;
@@ -24,51 +24,7 @@ pub const RECORD_FILE: &str = "identities.json";
 /// timestamp ticks; files it could not seal are simply not recorded).
 const MAX_SEAL_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// What identifies one version of a staged file without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FileIdentity {
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    pub mode: u32,
-    pub mtime_ns: i128,
-    pub ctime_ns: i128,
-}
-
-impl FileIdentity {
-    pub fn of_stat(stat: &rustix::fs::Stat) -> Self {
-        #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
-        FileIdentity {
-            dev: stat.st_dev as u64,
-            ino: stat.st_ino as u64,
-            size: stat.st_size as u64,
-            mode: stat.st_mode as u32,
-            mtime_ns: nanos(stat.st_mtime as i64, stat.st_mtime_nsec as i64),
-            ctime_ns: nanos(stat.st_ctime as i64, stat.st_ctime_nsec as i64),
-        }
-    }
-
-    pub fn of_metadata(meta: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt;
-        FileIdentity {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mode: meta.mode(),
-            mtime_ns: nanos(meta.mtime(), meta.mtime_nsec()),
-            ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
-        }
-    }
-
-    /// The same inode, unwritten since: what a hard link of the recorded file must show (its ctime moved with
-    /// the link itself, so it is not compared).
-    pub fn same_content_as(&self, linked: &FileIdentity) -> bool {
-        self.dev == linked.dev
-            && self.ino == linked.ino
-            && self.size == linked.size
-            && self.mtime_ns == linked.mtime_ns
-    }
-}
+pub use crate::fsutil::FileIdentity;
 
 /// Package path (as in the manifest) → identity.
 pub type Identities = BTreeMap<String, FileIdentity>;

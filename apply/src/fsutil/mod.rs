@@ -14,6 +14,7 @@
 mod dir_handle;
 mod durable;
 mod hash_cache;
+mod identity;
 mod place;
 
 pub use dir_handle::{DirHandle, Owner};
@@ -21,7 +22,8 @@ pub use durable::{
     exists_no_follow, fsync_dir, parent_of, remove_if_exists, remove_tree_if_exists, sibling_temp,
     write_atomic,
 };
-pub use hash_cache::{HashCache, nanos, sha256_file};
+pub use hash_cache::{HashCache, sha256_file};
+pub use identity::{FileIdentity, nanos};
 pub use place::{At, materialize_at, owner_for};
 /// The file type [`DirHandle::entries`] reports.
 pub use rustix::fs::FileType;
