@@ -1,7 +1,7 @@
 //! End to end: a new version that crashes is reverted by the agents and counted against the failure budget (the
 //! rollout halts at budget + 1 failures and starts no further node); an agent killed mid-rollout fails only its
-//! own node, which stays online on its old version; a package for another component is refused at once, without
-//! waiting for a node whose agent hangs.
+//! own node, which stays online on its old version; a package for another component, or a patch while another
+//! rollout is unfinished, is refused at once, without waiting for a node whose agent hangs.
 
 use patchd_e2e::cluster_fixture::{ClusterFixture, ORIGINAL_VERSION, output_text};
 use std::time::Duration;
@@ -155,23 +155,55 @@ fn a_package_for_another_component_is_refused_without_waiting_for_a_hung_node() 
         .and_then(|agent| agent.pid())
         .unwrap();
     kill(Pid::from_raw(hung as i32), Signal::SIGSTOP).unwrap();
-    let started = std::time::Instant::now();
-    let out = cluster.patchctl(&[
-        "patch",
-        &cluster.name,
-        package.to_str().unwrap(),
-        "-R",
-        "demo-worker",
-        "-y",
-        "--probe-timeout",
-        "120s",
-    ]);
-    let took = started.elapsed();
-    kill(Pid::from_raw(hung as i32), Signal::SIGCONT).unwrap();
+    let patch = |package: &std::path::Path, extra: &[&str]| {
+        let started = std::time::Instant::now();
+        let package = package.to_str().unwrap();
+        let mut args = vec![
+            "patch",
+            &cluster.name,
+            package,
+            "-y",
+            "--probe-timeout",
+            "120s",
+        ];
+        args.extend_from_slice(extra);
+        let out = cluster.patchctl(&args);
+        (out, started.elapsed())
+    };
+    let (out, took) = patch(&package, &["-R", "demo-worker"]);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("run another component"), "{text}");
     // Far below the 120 s probe timeout: the refusal came from the package check alone.
+    assert!(took < Duration::from_secs(60), "the refusal took {took:?}");
+
+    // The same for a rollout of another package left unfinished: it must be finished first, said at once.
+    let store = patchctl::store::Store::open_home(&patchctl::home::Home::at(cluster.pki.home()))
+        .expect("open the controller's store");
+    store
+        .create_rollout(&patchctl::store::NewRollout {
+            id: "r-unfinished".into(),
+            cluster: cluster.name.clone(),
+            kind: patchctl::store::RolloutKind::Patch,
+            package_digest: Some("d1".repeat(32).parse().unwrap()),
+            package_path: "/tmp/other.tar.gz".into(),
+            version: "v0.9.9".into(),
+            plan_json: r#"{"batches":[]}"#.into(),
+            options_json: "{}".into(),
+        })
+        .expect("create rollout");
+    store
+        .set_rollout_state("r-unfinished", patchctl::store::RolloutState::Running)
+        .expect("state");
+    let worker_package = cluster.worker_package("v1.0.1-hotfix", "ok");
+    let (out, took) = patch(&worker_package, &[]);
+    kill(Pid::from_raw(hung as i32), Signal::SIGCONT).unwrap();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("r-unfinished") && text.contains("finish it first"),
+        "{text}"
+    );
     assert!(took < Duration::from_secs(60), "the refusal took {took:?}");
     let changes: Vec<_> = cluster
         .master_calls()
