@@ -22,3 +22,13 @@ pub fn process_cpu(pid: u32) -> Duration {
     // utime and stime (fields 14 and 15 of proc(5)), in clock ticks of 10 ms.
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
+
+/// The median of sorted values: the mean of the two middle ones for an even count (with two pushes, the higher
+/// one alone would be reported as the median).
+pub fn median_of_sorted(sorted: &[f64]) -> Option<f64> {
+    match sorted.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(sorted[n / 2]),
+        n => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}

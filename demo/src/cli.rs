@@ -81,7 +81,7 @@ pub async fn start(program: &str) -> Result<Stamp, StampError> {
 
 /// The sha256 of this executable, as `/version` reports it: hashed on a blocking thread at the first `/version`
 /// request, then kept. A real service does not hash its own binary before it serves, and ten demo services
-/// restarting at once would otherwise spend 100+ ms and a core's worth of CPU hashing 40 MiB each.
+/// restarting at once on a small machine would otherwise spend 100+ ms of their downtime hashing themselves.
 #[derive(Debug, Clone, Default)]
 pub struct OwnDigest(std::sync::Arc<tokio::sync::OnceCell<String>>);
 

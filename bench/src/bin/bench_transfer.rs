@@ -418,7 +418,7 @@ fn print_report(
             .collect();
         cold.sort_by(f64::total_cmp);
         warm.sort_by(f64::total_cmp);
-        let describe = |ratios: &[f64]| match median_of_sorted(ratios) {
+        let describe = |ratios: &[f64]| match patchd_bench::median_of_sorted(ratios) {
             None => "none".to_string(),
             Some(median) => format!(
                 "median {median:.0}% ({} pushes, {:.0}-{:.0}%)",
@@ -498,8 +498,8 @@ fn print_report(
         println!(
             "- whole command >= 85% of the same minute's sha256, {} KiB chunks: new file {}; file hashed before {}",
             chunk / 1024,
-            verdict(median_of_sorted(cold)),
-            verdict(median_of_sorted(warm))
+            verdict(patchd_bench::median_of_sorted(cold)),
+            verdict(patchd_bench::median_of_sorted(warm))
         );
     }
     println!(
@@ -507,14 +507,4 @@ fn print_report(
         check(agent_rss < 64 * 1024 * 1024),
         mib(agent_rss)
     );
-}
-
-/// The median of sorted values: the mean of the two middle ones for an even count (with two pushes, the higher
-/// one alone would be reported as the median).
-fn median_of_sorted(sorted: &[f64]) -> Option<f64> {
-    match sorted.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(sorted[n / 2]),
-        n => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
-    }
 }
