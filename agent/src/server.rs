@@ -75,7 +75,12 @@ pub(crate) fn blob_from_wire(blob: Option<v1::BlobRef>) -> Result<BlobRef, Statu
     let blob = blob.ok_or_else(|| {
         invalid_argument("missing `blob`: send the digest, total size and chunk size")
     })?;
-    Ok(BlobRef::new(blob.digest, blob.total_size, blob.chunk_size)?)
+    Ok(BlobRef::new(
+        blob.digest,
+        blob.total_size,
+        blob.chunk_size,
+        blob.tree_version,
+    )?)
 }
 
 /// The caller [`crate::access::authorize`] put on the request: as Status shows it (CN, operator, serial) and its
@@ -128,6 +133,7 @@ impl v1::agent_server::Agent for AgentService {
         request: Request<v1::QueryBlobRequest>,
     ) -> Result<Response<v1::QueryBlobResponse>, Status> {
         let blob = blob_from_wire(request.into_inner().blob)?;
+        let tree_version = blob.version.wire();
         let store = Arc::clone(&self.store);
         let state = tokio::task::spawn_blocking(move || store.query(&blob))
             .await
@@ -136,6 +142,7 @@ impl v1::agent_server::Agent for AgentService {
             complete: state.complete,
             chunks_held: state.chunks_held,
             bytes_held: state.bytes_held,
+            tree_version,
         }))
     }
 

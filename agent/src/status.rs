@@ -9,6 +9,7 @@ impl From<TransferError> for Status {
         let code = match &err {
             TransferError::InvalidDigest(_)
             | TransferError::InvalidChunkSize(_)
+            | TransferError::UnknownTreeVersion(_)
             | TransferError::Protocol(_) => Code::InvalidArgument,
             TransferError::TooLarge { .. }
             | TransferError::NoSpace { .. }

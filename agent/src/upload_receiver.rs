@@ -263,12 +263,12 @@ impl FrameReader {
             return match message.kind {
                 Some(Kind::Header(header)) => Ok(Some(UploadPart::Header(header))),
                 Some(Kind::Chunk(chunk)) => {
-                    let sha256 = sha256_field(&chunk.sha256, chunk.index)?;
+                    let hash = hash_field(&chunk.hash, chunk.index)?;
                     Ok(Some(UploadPart::Chunk(Chunk {
                         index: chunk.index,
                         offset: chunk.offset,
                         data: chunk.data,
-                        sha256,
+                        hash,
                     })))
                 }
                 None => Err(TransferError::Protocol("empty upload message".into())),
@@ -292,7 +292,7 @@ impl FrameReader {
         if self.consumed + inner_len != end {
             return Err(malformed("the chunk's length does not match the message's"));
         }
-        let (mut index, mut offset, mut data, mut sha256) = (0, 0, Bytes::new(), Bytes::new());
+        let (mut index, mut offset, mut data, mut hash) = (0, 0, Bytes::new(), Bytes::new());
         while self.consumed < end {
             let key = self.varint().await?;
             let (field, wire_type) = (key >> 3, key & 7);
@@ -306,11 +306,11 @@ impl FrameReader {
                 (4, 2) => {
                     let field_len = self.length_within(end).await?;
                     if field_len > 64 {
-                        return Err(malformed("a sha256 field longer than 64 bytes"));
+                        return Err(malformed("a hash field longer than 64 bytes"));
                     }
                     let mut buf = Vec::with_capacity(field_len);
                     self.copy_into(&mut buf, field_len).await?;
-                    sha256 = Bytes::from(buf);
+                    hash = Bytes::from(buf);
                 }
                 // Unknown fields are skipped, as protobuf decoders do.
                 (_, 0) => {
@@ -332,12 +332,12 @@ impl FrameReader {
         if self.consumed != end {
             return Err(malformed("a field runs past the end of its message"));
         }
-        let sha256 = sha256_field(&sha256, index)?;
+        let hash = hash_field(&hash, index)?;
         Ok(Chunk {
             index,
             offset,
             data,
-            sha256,
+            hash,
         })
     }
 
@@ -418,11 +418,11 @@ impl Drop for PooledBuffer {
     }
 }
 
-fn sha256_field(sha256: &[u8], index: u64) -> Result<[u8; 32], TransferError> {
-    sha256.try_into().map_err(|_| {
+fn hash_field(hash: &[u8], index: u64) -> Result<[u8; 32], TransferError> {
+    hash.try_into().map_err(|_| {
         TransferError::Protocol(format!(
-            "chunk {index} carries a {}-byte sha256, expected 32",
-            sha256.len()
+            "chunk {index} carries a {}-byte hash, expected 32",
+            hash.len()
         ))
     })
 }
@@ -486,7 +486,7 @@ mod tests {
             kind: Some(Kind::Chunk(v1::UploadChunk {
                 index,
                 offset: index * 100_000,
-                sha256: Bytes::from(vec![index as u8; 32]),
+                hash: Bytes::from(vec![index as u8; 32]),
                 data: Bytes::from(data),
             })),
         }
@@ -526,6 +526,7 @@ mod tests {
                     digest: "ab".repeat(32),
                     total_size: 300_000,
                     chunk_size: 131_072,
+                    tree_version: 2,
                 }),
             })),
         };
@@ -548,7 +549,7 @@ mod tests {
                 };
                 assert_eq!(chunk.index, index);
                 assert_eq!(chunk.offset, index * 100_000);
-                assert_eq!(chunk.sha256, [index as u8; 32]);
+                assert_eq!(chunk.hash, [index as u8; 32]);
                 assert_eq!(&chunk.data[..], &data[..]);
                 if data.len() > SMALL_MESSAGE_BYTES {
                     assert_eq!(chunk.data.as_ptr() as usize % DIRECT_IO_ALIGN, 0);
@@ -559,7 +560,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_fields_and_any_field_order_are_accepted() {
-        // Hand-encoded UploadChunk: sha256 first, an unknown varint field 9 and an unknown bytes field 10, then data
+        // Hand-encoded UploadChunk: the hash first, an unknown varint field 9 and an unknown bytes field 10, then data
         // and index/offset last.
         let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
         let mut inner = Vec::new();
@@ -580,7 +581,7 @@ mod tests {
             panic!("expected one chunk, got {parts:?}")
         };
         assert_eq!((chunk.index, chunk.offset), (1, 4096));
-        assert_eq!(chunk.sha256, [5u8; 32]);
+        assert_eq!(chunk.hash, [5u8; 32]);
         assert_eq!(&chunk.data[..], &data[..]);
     }
 

@@ -131,17 +131,21 @@ fn cached_blob(state_dir: &Path, digest: &str) -> Result<PathBuf, StageError> {
     Ok(path)
 }
 
-/// Checks a cached blob against its tree digest.
+/// Checks a cached blob against its tree digest, in either tree version (a blob uploaded by a controller older than
+/// version 2 is named by a version-1 digest).
 pub fn verify_blob(state_dir: &Path, digest: &str) -> Result<PathBuf, StageError> {
     let path = cached_blob(state_dir, digest)?;
     let mut at_default = None;
-    for chunk_size in candidate_chunk_sizes() {
-        let found =
-            patchd_package::digest::tree_digest_file(&path, chunk_size).ctx("hash blob", &path)?;
-        if found == digest {
-            return Ok(path);
+    for version in patchd_package::digest::TreeVersion::ALL {
+        for chunk_size in candidate_chunk_sizes() {
+            let found = version
+                .tree_digest_file(&path, chunk_size)
+                .ctx("hash blob", &path)?;
+            if found == digest {
+                return Ok(path);
+            }
+            at_default.get_or_insert(found);
         }
-        at_default.get_or_insert(found);
     }
     let found = at_default.unwrap_or_default();
     Err(StageError::BlobCorrupt {

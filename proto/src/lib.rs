@@ -7,8 +7,9 @@ pub mod v1 {
     tonic::include_proto!("patchd.v1");
 }
 
-/// Protocol version reported by `Info`; bump on incompatible changes.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol version reported by `Info`; bump on incompatible changes. 2: uploads may name their blob by a version-2
+/// (BLAKE3) tree digest (`BlobRef.tree_version`), and QueryBlob says which version it read.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest gRPC message either side accepts: a chunk of up to 4 MiB plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;

@@ -11,6 +11,7 @@ use patchd_e2e::tmpfs::Tmpfs;
 use patchd_e2e::{
     AgentConfig, AgentProcess, Pki, patchctl, patchctl_ok, wait_for, write_random_file,
 };
+use patchd_package::digest::TreeVersion;
 use patchd_proto::v1::{self, ApplyOutcome, agent_client::AgentClient, upload_message::Kind};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -45,6 +46,7 @@ fn header(digest: &str, total_size: u64, chunk_size: u32) -> v1::UploadMessage {
                 digest: digest.into(),
                 total_size,
                 chunk_size,
+                tree_version: TreeVersion::CURRENT.wire(),
             }),
         })),
     }
@@ -52,13 +54,13 @@ fn header(digest: &str, total_size: u64, chunk_size: u32) -> v1::UploadMessage {
 
 fn first_chunk(chunk_size: u32, fill: u8) -> v1::UploadMessage {
     let data = vec![fill; chunk_size as usize];
-    let sha256 = patchd_package::digest::chunk_sha256(&data);
+    let hash = patchd_package::digest::chunk_hash(&data);
     v1::UploadMessage {
         kind: Some(Kind::Chunk(v1::UploadChunk {
             index: 0,
             offset: 0,
             data: Bytes::from(data),
-            sha256: Bytes::copy_from_slice(&sha256),
+            hash: Bytes::copy_from_slice(&hash),
         })),
     }
 }
@@ -68,6 +70,7 @@ fn blob_ref(digest: &str, total_size: u64, chunk_size: u32) -> v1::BlobRef {
         digest: digest.into(),
         total_size,
         chunk_size,
+        tree_version: TreeVersion::CURRENT.wire(),
     }
 }
 

@@ -13,6 +13,7 @@ use patchd_e2e::tmpfs::Tmpfs;
 use patchd_e2e::{
     AgentConfig, AgentProcess, Pki, patchctl, patchctl_ok, sha256_file, write_random_file,
 };
+use patchd_package::digest::TreeVersion;
 use patchd_proto::v1::{self, upload_message::Kind};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -104,7 +105,7 @@ fn chunk_message(blob: &PreparedBlob, data: &[u8], index: u64, corrupt: bool) ->
     let offset = index * u64::from(blob.chunk_size);
     let end = (offset + u64::from(blob.chunk_size)).min(blob.total_size);
     let bytes = &data[offset as usize..end as usize];
-    let mut sha = patchd_package::digest::chunk_sha256(bytes);
+    let mut sha = patchd_package::digest::chunk_hash(bytes);
     if corrupt {
         sha[31] ^= 0x55;
     }
@@ -113,7 +114,7 @@ fn chunk_message(blob: &PreparedBlob, data: &[u8], index: u64, corrupt: bool) ->
             index,
             offset,
             data: Bytes::copy_from_slice(bytes),
-            sha256: Bytes::copy_from_slice(&sha),
+            hash: Bytes::copy_from_slice(&sha),
         })),
     }
 }
@@ -125,6 +126,7 @@ fn header(digest: &str, total_size: u64, chunk_size: u32) -> v1::UploadMessage {
                 digest: digest.into(),
                 total_size,
                 chunk_size,
+                tree_version: TreeVersion::CURRENT.wire(),
             }),
         })),
     }
@@ -289,7 +291,7 @@ fn a_wrong_remembered_digest_is_refused_forgotten_and_the_file_hashed_again() {
     // Plant the hashes of other bytes of the same length under this file's identity.
     let chunk_hashes: Vec<[u8; 32]> = other
         .chunks(CHUNK as usize)
-        .map(patchd_package::digest::chunk_sha256)
+        .map(patchd_package::digest::chunk_hash)
         .collect();
     let wrong = CachedDigest {
         digest: patchd_package::digest::tree_digest_reader(other.as_slice(), CHUNK, len)
@@ -398,12 +400,73 @@ async fn corrupt_chunk_is_refused_then_resent_and_a_wrong_digest_is_discarded() 
                 digest: fake_digest,
                 total_size: other_blob.total_size,
                 chunk_size: CHUNK,
+                tree_version: TreeVersion::CURRENT.wire(),
             }),
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!((query.complete, query.chunks_held), (false, 0));
+}
+
+/// What a patchctl older than tree version 2 sends: no `tree_version`, a version-1 (sha256) digest and sha256 chunk
+/// hashes. The agent verifies it as such, holds the blob under that digest and says which version it read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_from_a_controller_before_tree_version_2_is_verified_as_sha256() {
+    let s = setup(|c| c);
+    let len = 3 * u64::from(CHUNK) + 11;
+    let file = s.file("pkg.bin", len, 5);
+    let data = std::fs::read(&file).unwrap();
+    let digest = TreeVersion::V1.tree_digest_file(&file, CHUNK).unwrap();
+    let old_ref = v1::BlobRef {
+        digest: digest.clone(),
+        total_size: len,
+        chunk_size: CHUNK,
+        tree_version: 0,
+    };
+    let mut messages = vec![v1::UploadMessage {
+        kind: Some(Kind::Header(v1::UploadHeader {
+            blob: Some(old_ref.clone()),
+        })),
+    }];
+    for (index, bytes) in data.chunks(CHUNK as usize).enumerate() {
+        messages.push(v1::UploadMessage {
+            kind: Some(Kind::Chunk(v1::UploadChunk {
+                index: index as u64,
+                offset: index as u64 * u64::from(CHUNK),
+                data: Bytes::copy_from_slice(bytes),
+                hash: Bytes::copy_from_slice(&TreeVersion::V1.chunk_hash(bytes)),
+            })),
+        });
+    }
+    let mut client = s.client().await;
+    let reply = client
+        .raw()
+        .upload(futures::stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.complete);
+    assert_eq!(sha256_file(&s.blob_path(&digest)), sha256_file(&file));
+    let query = client
+        .raw()
+        .query_blob(v1::QueryBlobRequest {
+            blob: Some(old_ref),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(query.complete);
+    assert_eq!(query.tree_version, TreeVersion::V1.wire());
+
+    // patchctl of this version names the same file by its version-2 digest: another blob to the agent.
+    let report = s.push_json(&file);
+    assert_ne!(report.digest.as_str(), digest);
+    assert_eq!(report.chunks_skipped, 0);
+    assert_eq!(
+        sha256_file(&s.blob_path(report.digest.as_str())),
+        sha256_file(&file)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
 //! The blob cache and the chunked, resumable upload: `<state>/blobs/<digest>` holds complete, verified blobs;
-//! `<state>/blobs/partial/<digest>.part` holds the data of an upload in progress and `<digest>.chunks` the sha256
-//! of every chunk verified and synced so far (a 28-byte header, then 32 bytes per chunk, append-only).
+//! `<state>/blobs/partial/<digest>.part` holds the data of an upload in progress and `<digest>.chunks` the hash
+//! of every chunk verified and synced so far (a 28-byte header naming the tree version, then 32 bytes per chunk,
+//! append-only). A blob is named by a version-2 (BLAKE3) tree digest, or a version-1 (sha256) one when a
+//! controller older than version 2 sends it (`patchd_package::digest::TreeVersion`).
 //!
 //! Durability order: chunk data is `fdatasync`ed before its record is appended, so after any crash every record
 //! describes data on disk and an upload resumes at the first chunk without a record. Records are written in
@@ -12,7 +14,7 @@
 //! would still hold its connection's buffers), and each holds a reservation of the bytes it still needs against the
 //! free space of the state filesystem ([`SpaceLedger`]), so two uploads cannot both count the same free bytes.
 //!
-//! Each byte is hashed once (its chunk's sha256, on a blocking thread); the tree digest is built from the records.
+//! Each byte is hashed once (its chunk's hash, on a blocking thread); the tree digest is built from the records.
 //! Three threads per upload keep the hashing thread (the bottleneck) busy: the hasher verifies each chunk, a writer
 //! `pwrite`s it, a recorder fsyncs and appends records. They run only while chunks come: after [`PARK_AFTER`] of
 //! silence they record what they have and end, and the parked upload waits for its next message on the async side
@@ -36,7 +38,7 @@ pub(crate) use writer::DIRECT_IO_ALIGN;
 
 use bytes::Bytes;
 use patchd_apply::layout::is_digest;
-use patchd_package::digest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, chunk_count};
+use patchd_package::digest::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeVersion, chunk_count};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -66,6 +68,11 @@ pub enum TransferError {
         "invalid chunk size {0}: use a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes"
     )]
     InvalidChunkSize(u32),
+    #[error(
+        "unknown tree digest version {0}: this agent reads versions 1 and 2; upgrade patchd on this host to one \
+         as new as the controller"
+    )]
+    UnknownTreeVersion(u32),
     #[error("invalid upload: {0}")]
     Protocol(String),
     #[error("upload stream broken: {0} (verified chunks are kept; push again to resume)")]
@@ -89,7 +96,7 @@ pub enum TransferError {
         dir: PathBuf,
     },
     #[error(
-        "sha256 mismatch for chunk {index} at offset {offset}: the chunk was corrupted in transit; resend it"
+        "hash mismatch for chunk {index} at offset {offset}: the chunk was corrupted in transit; resend it"
     )]
     ChunkCorrupt { index: u64, offset: u64 },
     #[error(
@@ -142,27 +149,38 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
     }
 }
 
-/// A blob as announced by the sender: its tree digest, size and chunk size (all three fix the digest).
+/// A blob as announced by the sender: its tree digest, size, chunk size and tree version (all four fix the digest).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobRef {
     pub digest: String,
     pub total_size: u64,
     pub chunk_size: u32,
+    /// Which hash the chunks and the digest are made with.
+    pub version: TreeVersion,
 }
 
 impl BlobRef {
-    /// Checks the fields; the digest becomes a file name, so it must be exactly 64 hex characters.
-    pub fn new(digest: String, total_size: u64, chunk_size: u32) -> Result<Self, TransferError> {
+    /// Checks the fields; the digest becomes a file name, so it must be exactly 64 hex characters. `tree_version`
+    /// is the wire number (0 from a sender older than the field: version 1).
+    pub fn new(
+        digest: String,
+        total_size: u64,
+        chunk_size: u32,
+        tree_version: u32,
+    ) -> Result<Self, TransferError> {
         if !is_digest(&digest) {
             return Err(TransferError::InvalidDigest(digest));
         }
         if !patchd_package::digest::is_valid_chunk_size(chunk_size) {
             return Err(TransferError::InvalidChunkSize(chunk_size));
         }
+        let version = TreeVersion::from_wire(tree_version)
+            .ok_or(TransferError::UnknownTreeVersion(tree_version))?;
         Ok(Self {
             digest,
             total_size,
             chunk_size,
+            version,
         })
     }
 
@@ -183,7 +201,8 @@ pub struct Chunk {
     pub index: u64,
     pub offset: u64,
     pub data: Bytes,
-    pub sha256: [u8; 32],
+    /// The chunk's hash in the blob's tree version, as the sender claims it.
+    pub hash: [u8; 32],
 }
 
 /// What the agent holds of a blob.

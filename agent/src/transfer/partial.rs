@@ -7,14 +7,21 @@ use super::recorder::Recorder;
 use super::writer::{ToWriter, Writer, open_direct, queue_depth};
 use super::{BlobRef, Chunk, FLUSH_BYTES, FLUSH_IDLE, TransferError, UploadOutcome, io_err};
 use bytes::Bytes;
-use patchd_package::digest::{TreeHasher, chunk_sha256};
+use patchd_package::digest::{TreeHasher, TreeVersion};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::path::PathBuf;
 use std::sync::mpsc::SyncSender;
 use tokio::sync::mpsc;
 
-const RECORDS_MAGIC: &[u8; 16] = b"patchd-chunks-v1";
+/// The record file's first bytes, per tree version: a part file resumes only in the version it was started in.
+fn records_magic(version: TreeVersion) -> &'static [u8; 16] {
+    match version {
+        // What agents wrote before tree versions, so their partial uploads of version-1 blobs still resume.
+        TreeVersion::V1 => b"patchd-chunks-v1",
+        TreeVersion::V2 => b"patchd-chunks-v2",
+    }
+}
 pub(super) const RECORDS_HEADER_LEN: u64 = 16 + 4 + 8;
 pub(super) const RECORD_LEN: u64 = 32;
 
@@ -29,7 +36,7 @@ pub(super) struct PartialPaths {
 
 fn records_header(blob: &BlobRef) -> [u8; RECORDS_HEADER_LEN as usize] {
     let mut header = [0u8; RECORDS_HEADER_LEN as usize];
-    header[..16].copy_from_slice(RECORDS_MAGIC);
+    header[..16].copy_from_slice(records_magic(blob.version));
     header[16..20].copy_from_slice(&blob.chunk_size.to_be_bytes());
     header[20..].copy_from_slice(&blob.total_size.to_be_bytes());
     header
@@ -69,7 +76,7 @@ impl PartialBlob {
             complete: final_path,
             blobs_dir: dir,
         } = paths;
-        let mut tree = TreeHasher::new(blob.chunk_size, blob.total_size);
+        let mut tree = TreeHasher::versioned(blob.version, blob.chunk_size, blob.total_size);
         let mut held = 0u64;
         let resumed = match File::open(&records_path) {
             Ok(file) if header_matches(&file, blob) && part_path.exists() => {
@@ -220,7 +227,7 @@ impl PartialBlob {
             match next {
                 Some(Some(chunk)) => {
                     let len = chunk.data.len() as u64;
-                    let hash = chunk_sha256(&chunk.data);
+                    let hash = self.blob.version.chunk_hash(&chunk.data);
                     if let Err(e) = self.accept(chunk, hash, to_writer, to_unpacker) {
                         break Err(e);
                     }
@@ -255,7 +262,7 @@ impl PartialBlob {
             .map_err(|_| TransferError::Internal("the writer stopped".into()))
     }
 
-    /// Accepts the next chunk of the stream, given the sha256 of its data.
+    /// Accepts the next chunk of the stream, given the hash of its data.
     fn accept(
         &mut self,
         chunk: Chunk,
@@ -301,7 +308,7 @@ impl PartialBlob {
                 chunk.data.len()
             )));
         }
-        if hash != chunk.sha256 {
+        if hash != chunk.hash {
             return Err(TransferError::ChunkCorrupt {
                 index: chunk.index,
                 offset,

@@ -2,12 +2,15 @@
 
 use super::writer::{DIRECT_IO_PIECE, Writer, open_direct};
 use super::*;
-use patchd_package::digest::chunk_sha256;
 use patchd_package::digest::tree_digest_reader;
+use patchd_package::digest::{TreeVersion, chunk_hash};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use tokio::sync::mpsc;
+
+/// The wire number of the tree version every new blob is named in.
+const CURRENT: u32 = 2;
 
 fn chunks_of(data: &[u8], chunk_size: u32) -> Vec<Chunk> {
     data.chunks(chunk_size as usize)
@@ -16,7 +19,7 @@ fn chunks_of(data: &[u8], chunk_size: u32) -> Vec<Chunk> {
             index: i as u64,
             offset: i as u64 * u64::from(chunk_size),
             data: Bytes::copy_from_slice(c),
-            sha256: chunk_sha256(c),
+            hash: chunk_hash(c),
         })
         .collect()
 }
@@ -105,7 +108,7 @@ async fn upload_in_two_parts_resumes_and_completes() {
     let cs = MIN_CHUNK_SIZE;
     let data = sample(cs as usize * 5 + 100);
     let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
-    let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+    let blob = BlobRef::new(digest.clone(), data.len() as u64, cs, CURRENT).unwrap();
     let chunks = chunks_of(&data, cs);
 
     let first = store
@@ -153,6 +156,69 @@ async fn upload_in_two_parts_resumes_and_completes() {
     assert!(!store.records_path(&digest).exists());
 }
 
+/// A controller older than tree version 2 sends no `tree_version` (0) and names its blob by a version-1 digest with
+/// sha256 chunk hashes: the upload is accepted, resumes, and completes; BLAKE3 hashes under that header are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_upload_from_an_older_controller_is_verified_as_sha256_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(BlobStore::open(dir.path(), 1 << 30).unwrap());
+    let cs = MIN_CHUNK_SIZE;
+    let data = sample(cs as usize * 4 + 7);
+    let digest = TreeVersion::V1
+        .tree_digest_reader(&data[..], cs, data.len() as u64)
+        .unwrap();
+    assert_ne!(
+        digest,
+        tree_digest_reader(&data[..], cs, data.len() as u64).unwrap()
+    );
+    let blob = BlobRef::new(digest.clone(), data.len() as u64, cs, 0).unwrap();
+    assert_eq!(blob.version, TreeVersion::V1);
+    let v1_chunks: Vec<Chunk> = chunks_of(&data, cs)
+        .into_iter()
+        .map(|mut chunk| {
+            chunk.hash = TreeVersion::V1.chunk_hash(&chunk.data);
+            chunk
+        })
+        .collect();
+
+    // BLAKE3 chunk hashes under a version-1 header do not verify.
+    let err = store
+        .upload(
+            blob.clone(),
+            futures::stream::iter(chunks_of(&data, cs).into_iter().map(Ok)),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::ChunkCorrupt { index: 0, .. }),
+        "{err}"
+    );
+
+    let first = store
+        .upload(
+            blob.clone(),
+            futures::stream::iter(v1_chunks[..2].iter().cloned().map(Ok)),
+        )
+        .await
+        .unwrap();
+    assert!(!first.complete);
+    assert_eq!(store.query(&blob).unwrap().chunks_held, 2);
+    let rest = store
+        .upload(
+            blob.clone(),
+            futures::stream::iter(v1_chunks[2..].iter().cloned().map(Ok)),
+        )
+        .await
+        .unwrap();
+    assert!(rest.complete);
+    assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
+
+    assert!(matches!(
+        BlobRef::new(digest, data.len() as u64, cs, 3),
+        Err(TransferError::UnknownTreeVersion(3))
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_chunk_keeps_the_prefix_and_wrong_digest_discards() {
     let dir = tempfile::tempdir().unwrap();
@@ -160,9 +226,9 @@ async fn corrupt_chunk_keeps_the_prefix_and_wrong_digest_discards() {
     let cs = MIN_CHUNK_SIZE;
     let data = sample(cs as usize * 4);
     let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
-    let blob = BlobRef::new(digest, data.len() as u64, cs).unwrap();
+    let blob = BlobRef::new(digest, data.len() as u64, cs, CURRENT).unwrap();
     let mut chunks = chunks_of(&data, cs);
-    chunks[2].sha256[0] ^= 1;
+    chunks[2].hash[0] ^= 1;
     let err = store
         .upload(
             blob.clone(),
@@ -176,7 +242,7 @@ async fn corrupt_chunk_keeps_the_prefix_and_wrong_digest_discards() {
     );
     assert_eq!(store.query(&blob).unwrap().chunks_held, 2);
 
-    let wrong = BlobRef::new("ab".repeat(32), data.len() as u64, cs).unwrap();
+    let wrong = BlobRef::new("ab".repeat(32), data.len() as u64, cs, CURRENT).unwrap();
     let err = store
         .upload(
             wrong.clone(),
@@ -197,7 +263,7 @@ async fn extra_chunk_is_refused_and_the_blob_has_its_exact_length() {
     let cs = MIN_CHUNK_SIZE;
     let data = sample(cs as usize * 2 + 100);
     let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
-    let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+    let blob = BlobRef::new(digest.clone(), data.len() as u64, cs, CURRENT).unwrap();
     let mut chunks = chunks_of(&data, cs);
     store
         .upload(
@@ -219,7 +285,7 @@ async fn extra_chunk_is_refused_and_the_blob_has_its_exact_length() {
     chunks.push(Chunk {
         index: 3,
         offset: 3 * u64::from(cs),
-        sha256: chunk_sha256(&garbage),
+        hash: chunk_hash(&garbage),
         data: Bytes::from(garbage),
     });
     let err = store
@@ -249,20 +315,20 @@ async fn extra_chunk_is_refused_and_the_blob_has_its_exact_length() {
 async fn limits_and_empty_blob() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(BlobStore::open(dir.path(), 1000).unwrap());
-    let big = BlobRef::new("00".repeat(32), 1001, MIN_CHUNK_SIZE).unwrap();
+    let big = BlobRef::new("00".repeat(32), 1001, MIN_CHUNK_SIZE, CURRENT).unwrap();
     assert!(matches!(
         store.upload(big, futures::stream::empty()).await,
         Err(TransferError::TooLarge { .. })
     ));
     let digest = tree_digest_reader(&[][..], MIN_CHUNK_SIZE, 0).unwrap();
-    let empty = BlobRef::new(digest.clone(), 0, MIN_CHUNK_SIZE).unwrap();
+    let empty = BlobRef::new(digest.clone(), 0, MIN_CHUNK_SIZE, CURRENT).unwrap();
     let outcome = store.upload(empty, futures::stream::empty()).await.unwrap();
     assert!(outcome.complete);
     assert_eq!(
         std::fs::metadata(store.blob_path(&digest)).unwrap().len(),
         0
     );
-    assert!(BlobRef::new("../etc".into(), 1, MIN_CHUNK_SIZE).is_err());
+    assert!(BlobRef::new("../etc".into(), 1, MIN_CHUNK_SIZE, CURRENT).is_err());
 }
 
 #[test]
@@ -307,7 +373,7 @@ async fn an_upload_over_the_limit_is_refused_and_its_reservation_freed() {
     let cs = MIN_CHUNK_SIZE;
     let data = sample(cs as usize * 3);
     let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
-    let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+    let blob = BlobRef::new(digest.clone(), data.len() as u64, cs, CURRENT).unwrap();
 
     // A silent upload holds the only slot and a reservation for what it has not written.
     let (tx, rx) = mpsc::channel::<Result<Chunk, TransferError>>(4);
@@ -328,7 +394,7 @@ async fn an_upload_over_the_limit_is_refused_and_its_reservation_freed() {
     }
     assert_eq!(store.reserved_bytes(), 2 * u64::from(cs));
 
-    let other = BlobRef::new("ab".repeat(32), 10, cs).unwrap();
+    let other = BlobRef::new("ab".repeat(32), 10, cs, CURRENT).unwrap();
     let err = store
         .upload(other.clone(), futures::stream::empty())
         .await
@@ -357,7 +423,7 @@ async fn old_partial_uploads_are_pruned_unless_an_upload_holds_them() {
     let cs = MIN_CHUNK_SIZE;
     let data = sample(cs as usize * 3);
     let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
-    let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+    let blob = BlobRef::new(digest.clone(), data.len() as u64, cs, CURRENT).unwrap();
     let first = chunks_of(&data, cs).into_iter().take(1).map(Ok);
     store
         .upload(blob.clone(), futures::stream::iter(first))
@@ -386,7 +452,7 @@ async fn a_silent_upload_parks_without_threads_and_goes_on_when_chunks_come() {
     let cs = MIN_CHUNK_SIZE;
     let data = sample(cs as usize * 3 + 10);
     let digest = tree_digest_reader(&data[..], cs, data.len() as u64).unwrap();
-    let blob = BlobRef::new(digest.clone(), data.len() as u64, cs).unwrap();
+    let blob = BlobRef::new(digest.clone(), data.len() as u64, cs, CURRENT).unwrap();
     let chunks = chunks_of(&data, cs);
 
     let (tx, rx) = mpsc::channel::<Result<Chunk, TransferError>>(4);
@@ -492,7 +558,7 @@ mod staged_during_upload {
     fn blob_of(data: &[u8]) -> BlobRef {
         let cs = MIN_CHUNK_SIZE;
         let digest = tree_digest_reader(data, cs, data.len() as u64).unwrap();
-        BlobRef::new(digest, data.len() as u64, cs).unwrap()
+        BlobRef::new(digest, data.len() as u64, cs, CURRENT).unwrap()
     }
 
     /// What `staging/` holds: staged digests and temporaries alike.

@@ -2,7 +2,7 @@
 //! the resumable chunked push of a package.
 //!
 //! A push needs the package's tree digest before the first byte is sent (it is the agent's cache key), so a file
-//! is first read once to compute every chunk's sha256 ([`PreparedBlob`]: 32 bytes kept per chunk, so 32 KiB per
+//! is first read once to compute every chunk's hash ([`PreparedBlob`], BLAKE3: tree version 2: 32 bytes kept per chunk, so 32 KiB per
 //! GiB at 1 MiB chunks), on up to four threads (the chunks are independent), or not at all when the sender's
 //! digest cache remembers this very file (`super::digest_cache`). The push then maps the chunks the agent lacks from the page cache, one at a time (no copy
 //! out of it), and sends them with those hashes, so the sender hashes each byte once however many agents it pushes
@@ -14,7 +14,7 @@ use crate::untrusted::escaped;
 use bytes::Bytes;
 use futures::StreamExt;
 use patchd_package::digest::{
-    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeDigest, TreeHasher, chunk_count, chunk_sha256,
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeDigest, TreeHasher, TreeVersion, chunk_count, chunk_hash,
 };
 use patchd_proto::v1;
 use serde::Serialize;
@@ -58,6 +58,12 @@ pub enum AgentClientError {
         "invalid chunk size {0}: use a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes"
     )]
     BadChunkSize(u32),
+    #[error(
+        "agent {addr} is older than this patchctl: it does not read tree digest version 2 (BLAKE3), so it would \
+         check every chunk as sha256 and refuse the upload. Upgrade patchd on that host (`patchctl agent info \
+         {addr}` shows its version), then run the command again"
+    )]
+    TreeVersionUnsupported { addr: String },
     #[error("{} changed since its digest was computed: push again", path.display())]
     FileChanged { path: PathBuf },
     #[error(
@@ -299,6 +305,7 @@ impl PreparedBlob {
             digest: self.digest.to_string(),
             total_size: self.total_size,
             chunk_size: self.chunk_size,
+            tree_version: TreeVersion::CURRENT.wire(),
         }
     }
 
@@ -316,12 +323,23 @@ impl PreparedBlob {
     }
 }
 
+/// An agent before tree version 2 ignores the request's `tree_version` and answers without its own: it would read
+/// the blob's chunk hashes as sha256 ones and refuse every chunk. Checked on QueryBlob, before anything is sent.
+fn check_tree_version(addr: &str, held: &v1::QueryBlobResponse) -> Result<(), AgentClientError> {
+    if held.tree_version == TreeVersion::CURRENT.wire() {
+        return Ok(());
+    }
+    Err(AgentClientError::TreeVersionUnsupported {
+        addr: addr.to_string(),
+    })
+}
+
 /// How to push.
 #[derive(Debug, Clone)]
 pub struct PushOptions {
     /// How many times a refused chunk (DATA_LOSS) is resent, each time on a new upload stream.
     pub max_retries: u32,
-    /// TEST HOOK ONLY: corrupt the sha256 sent with this chunk index on the first attempt, to exercise the
+    /// TEST HOOK ONLY: corrupt the hash sent with this chunk index on the first attempt, to exercise the
     /// agent's refusal and the retry. Never set outside tests.
     #[doc(hidden)]
     pub corrupt_chunk_once: Option<u64>,
@@ -462,6 +480,7 @@ impl AgentClient {
             .await
             .map_err(|s| rpc_error(&self.addr, "QueryBlob", &s))?
             .into_inner();
+        check_tree_version(&self.addr, &held)?;
         Ok(BlobHeld {
             complete: held.complete,
             chunks_held: held.chunks_held,
@@ -639,7 +658,7 @@ impl SentCounter {
 /// hashes in order), so on an idle machine the digest pass takes 1/n of a single thread's time.
 const MAX_HASH_THREADS: usize = 4;
 
-/// The sha256 of every chunk of the first `size` bytes of `file`, in order: the file is cut into one contiguous
+/// The hash of every chunk of the first `size` bytes of `file`, in order: the file is cut into one contiguous
 /// range of chunks per thread, each read with `pread` into its own buffer. `UnexpectedEof` when the file is shorter.
 fn hash_chunks(file: &std::fs::File, size: u64, chunk_size: u32) -> std::io::Result<Vec<[u8; 32]>> {
     let chunks = chunk_count(size, chunk_size);
@@ -656,7 +675,7 @@ fn hash_chunks(file: &std::fs::File, size: u64, chunk_size: u32) -> std::io::Res
             let offset = index * u64::from(chunk_size);
             let len = (size - offset).min(u64::from(chunk_size)) as usize;
             std::os::unix::fs::FileExt::read_exact_at(file, &mut buf[..len], offset)?;
-            hashes.push(chunk_sha256(&buf[..len]));
+            hashes.push(chunk_hash(&buf[..len]));
         }
         Ok(hashes)
     };
@@ -702,16 +721,16 @@ fn read_chunks(
             ));
         }
         let data = chunk_bytes(&file, offset, len)?;
-        let mut sha256 = blob.chunk_hashes[index as usize];
+        let mut hash = blob.chunk_hashes[index as usize];
         if corrupt == Some(index) {
-            sha256[0] ^= 0xff;
+            hash[0] ^= 0xff;
         }
         let message = v1::UploadMessage {
             kind: Some(v1::upload_message::Kind::Chunk(v1::UploadChunk {
                 index,
                 offset,
                 data,
-                sha256: Bytes::copy_from_slice(&sha256),
+                hash: Bytes::copy_from_slice(&hash),
             })),
         };
         if tx.blocking_send(message).is_err() {
@@ -763,6 +782,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_agent_that_does_not_echo_tree_version_2_is_refused_before_anything_is_sent() {
+        let answer = |tree_version| v1::QueryBlobResponse {
+            tree_version,
+            ..Default::default()
+        };
+        assert!(check_tree_version("10.0.0.1:7480", &answer(2)).is_ok());
+        for old in [0, 1] {
+            let error = check_tree_version("10.0.0.1:7480", &answer(old)).unwrap_err();
+            let text = error.to_string();
+            assert!(
+                text.contains("10.0.0.1:7480") && text.contains("Upgrade patchd on that host"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
     fn chunks_are_read_whole_and_a_shrunk_file_is_refused() {
         // 4 KiB chunks are read, 64 KiB ones mapped: both give the same bytes.
         for chunk_size in [MIN_CHUNK_SIZE, MAP_MIN_BYTES as u32] {
@@ -782,10 +818,7 @@ mod tests {
                     panic!("only chunks are queued");
                 };
                 assert_eq!(chunk.offset, chunk.index * u64::from(chunk_size));
-                assert_eq!(
-                    chunk.sha256.as_ref(),
-                    blob.chunk_hashes[chunk.index as usize]
-                );
+                assert_eq!(chunk.hash.as_ref(), blob.chunk_hashes[chunk.index as usize]);
                 sent.extend_from_slice(&chunk.data);
             }
             assert_eq!(
@@ -840,7 +873,7 @@ mod tests {
             std::fs::write(&path, &data).unwrap();
             let file = std::fs::File::open(&path).unwrap();
             let hashes = hash_chunks(&file, len as u64, MIN_CHUNK_SIZE).unwrap();
-            let expected: Vec<[u8; 32]> = data.chunks(chunk).map(chunk_sha256).collect();
+            let expected: Vec<[u8; 32]> = data.chunks(chunk).map(chunk_hash).collect();
             assert_eq!(hashes, expected, "{len} bytes");
             if len > 0 {
                 let err = hash_chunks(&file, len as u64 + 1, MIN_CHUNK_SIZE).unwrap_err();

@@ -8,7 +8,7 @@
 //! ticks of a few milliseconds, so a file changed less than [`RACY_WINDOW`] before it was hashed is not
 //! remembered: a second write within the same tick would leave its identity unchanged (git's "racy" entries).
 //!
-//! An entry is a hint trusted like the rest of `$PATCHCTL_HOME`: the agent still verifies every chunk's sha256 and
+//! An entry is a hint trusted like the rest of `$PATCHCTL_HOME`: the agent still verifies every chunk's hash and
 //! the tree digest, so wrong hashes make it refuse the upload (`DATA_LOSS`; `patchctl agent push` then forgets
 //! the entry and hashes the file again) and never make it store other bytes under a digest. Entries are checked
 //! for internal consistency (their chunk hashes must give their digest) when read; at most [`MAX_ENTRIES`] are
@@ -19,8 +19,9 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// Header line of an entry file.
-const MAGIC: &[u8] = b"patchd-digests-v1\n";
+/// Header line of an entry file: `v2` holds tree version 2 (BLAKE3) hashes. Entries of `v1` (sha256, from a
+/// patchctl before version 2) are not read: their files are hashed again.
+const MAGIC: &[u8] = b"patchd-digests-v2\n";
 /// Entries kept; the least recently written go first.
 const MAX_ENTRIES: usize = 256;
 /// A file whose modification or change time is this close to the moment its hashes would be stored is not
@@ -206,7 +207,7 @@ impl DigestCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use patchd_package::digest::{MIN_CHUNK_SIZE, chunk_sha256};
+    use patchd_package::digest::{MIN_CHUNK_SIZE, chunk_hash};
 
     /// The identity of `path` once its last change is older than the racy window.
     fn settled_identity(path: &Path) -> FileIdentity {
@@ -221,7 +222,7 @@ mod tests {
 
     fn hashed(data: &[u8], chunk_size: u32) -> CachedDigest {
         let chunk_hashes: Vec<[u8; 32]> =
-            data.chunks(chunk_size as usize).map(chunk_sha256).collect();
+            data.chunks(chunk_size as usize).map(chunk_hash).collect();
         let mut tree = TreeHasher::new(chunk_size, data.len() as u64);
         for hash in &chunk_hashes {
             tree.push_chunk_hash(hash);

@@ -20,12 +20,12 @@ pub fn message_pieces(message: v1::UploadMessage) -> Vec<Bytes> {
         Some(v1::upload_message::Kind::Chunk(chunk)) => chunk,
         kind => return vec![patchd_proto::grpc_frame(&v1::UploadMessage { kind })],
     };
-    // UploadChunk fields in the order index, offset, sha256, data: protobuf allows any order, and data last lets
+    // UploadChunk fields in the order index, offset, hash, data: protobuf allows any order, and data last lets
     // its bytes follow as a piece of their own.
     let mut fields = BytesMut::with_capacity(64);
     prost::encoding::uint64::encode(1, &chunk.index, &mut fields);
     prost::encoding::uint64::encode(2, &chunk.offset, &mut fields);
-    prost::encoding::bytes::encode(4, &chunk.sha256, &mut fields);
+    prost::encoding::bytes::encode(4, &chunk.hash, &mut fields);
     encode_key(3, WireType::LengthDelimited, &mut fields);
     encode_varint(chunk.data.len() as u64, &mut fields);
     let inner_len = fields.len() + chunk.data.len();
@@ -123,7 +123,7 @@ mod tests {
                     index,
                     offset: index * 70_000,
                     data: data.clone(),
-                    sha256: Bytes::from(vec![9u8; 32]),
+                    hash: Bytes::from(vec![9u8; 32]),
                 })),
             };
             let pieces = message_pieces(message.clone());
@@ -140,6 +140,7 @@ mod tests {
                     digest: "cd".repeat(32),
                     total_size: 5,
                     chunk_size: 4096,
+                    tree_version: 2,
                 }),
             })),
         };
