@@ -70,6 +70,22 @@ pub enum RunnerError {
         /// Rollout id.
         rollout: String,
     },
+    /// A resumed patch was journaled by a patchctl from before tree digest version 2: it names the same package by
+    /// its version-1 digest, which the agents it staged on hold under that name.
+    #[error(
+        "rollout {rollout} was started by a patchctl older than this one (it names package {} by its version-1 \
+         tree digest {then}, this patchctl by version 2): finish it with the patchctl that started it \
+         (`patchctl patch --resume`), then use this one",
+        path.display()
+    )]
+    JournaledByOlderPatchctl {
+        /// The package file.
+        path: PathBuf,
+        /// Rollout id.
+        rollout: String,
+        /// The journaled digest (shortened).
+        then: String,
+    },
     /// A resumed patch's package is not the one the rollout started with.
     #[error(
         "package {} changed since rollout {rollout} started (digest {now} instead of {then}): put the original back",

@@ -87,15 +87,23 @@ pub async fn resume(
                     source,
                 })?;
             if rollout.package_digest.as_ref() != Some(&blob.digest) {
+                let then = rollout
+                    .package_digest
+                    .as_ref()
+                    .map_or("", |digest| digest.short(16))
+                    .to_string();
+                if named_by_version_1(&path, rollout.package_digest.as_ref()).await {
+                    return Err(RunnerError::JournaledByOlderPatchctl {
+                        path,
+                        rollout: rollout.id.clone(),
+                        then,
+                    });
+                }
                 return Err(RunnerError::PackageChanged {
                     path,
                     rollout: rollout.id.clone(),
                     now: blob.digest.short(16).to_string(),
-                    then: rollout
-                        .package_digest
-                        .as_ref()
-                        .map_or("", |digest| digest.short(16))
-                        .to_string(),
+                    then,
                 });
             }
             Some(Arc::new(blob))
@@ -152,6 +160,22 @@ pub struct Execution {
     pub blob: Option<Arc<PreparedBlob>>,
     /// Each node's record from an earlier run (resume); empty for a new rollout.
     pub prior: HashMap<String, NodeRecord>,
+}
+
+/// Whether `journaled` is the version-1 tree digest of the file at `path` (a rollout journaled by a patchctl before
+/// version 2). Reads the file once more; only asked when the version-2 digest did not match.
+async fn named_by_version_1(path: &std::path::Path, journaled: Option<&TreeDigest>) -> bool {
+    let Some(journaled) = journaled.cloned() else {
+        return false;
+    };
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        patchd_package::digest::TreeVersion::V1
+            .tree_digest_file(&path, patchd_package::digest::DEFAULT_CHUNK_SIZE)
+            .is_ok_and(|digest| journaled == digest)
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Runs the engine with progress and Ctrl-C handling, records the end, prints the summary; returns the exit code.
@@ -361,4 +385,31 @@ pub async fn journal_and_execute(
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patchd_package::digest::{DEFAULT_CHUNK_SIZE, TreeVersion};
+
+    #[tokio::test]
+    async fn a_journaled_digest_is_recognised_as_the_version_1_name_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pkg.tar.gz");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let digest_in = |version: TreeVersion| -> TreeDigest {
+            version
+                .tree_digest_file(&path, DEFAULT_CHUNK_SIZE)
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert!(named_by_version_1(&path, Some(&digest_in(TreeVersion::V1))).await);
+        assert!(!named_by_version_1(&path, Some(&digest_in(TreeVersion::V2))).await);
+        assert!(!named_by_version_1(&path, None).await);
+        assert!(
+            !named_by_version_1(&dir.path().join("gone"), Some(&digest_in(TreeVersion::V1))).await
+        );
+    }
 }
