@@ -55,6 +55,45 @@ impl AgentRpc {
         Self { runtime, client }
     }
 
+    /// Uploads `package` as a patchctl older than tree digest version 2 does: no `tree_version`, a version-1
+    /// (sha256) digest and sha256 chunk hashes, 1 MiB chunks. Returns that digest.
+    pub fn upload_as_version_1(&mut self, package: &Path) -> String {
+        use patchd_package::digest::{DEFAULT_CHUNK_SIZE, TreeVersion};
+        use v1::upload_message::Kind;
+        let data = std::fs::read(package)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", package.display()));
+        let digest = TreeVersion::V1
+            .tree_digest_reader(&data[..], DEFAULT_CHUNK_SIZE, data.len() as u64)
+            .unwrap_or_else(|e| panic!("cannot hash {}: {e}", package.display()));
+        let mut messages = vec![v1::UploadMessage {
+            kind: Some(Kind::Header(v1::UploadHeader {
+                blob: Some(v1::BlobRef {
+                    digest: digest.clone(),
+                    total_size: data.len() as u64,
+                    chunk_size: DEFAULT_CHUNK_SIZE,
+                    tree_version: 0,
+                }),
+            })),
+        }];
+        for (index, bytes) in data.chunks(DEFAULT_CHUNK_SIZE as usize).enumerate() {
+            messages.push(v1::UploadMessage {
+                kind: Some(Kind::Chunk(v1::UploadChunk {
+                    index: index as u64,
+                    offset: index as u64 * u64::from(DEFAULT_CHUNK_SIZE),
+                    data: bytes::Bytes::copy_from_slice(bytes),
+                    hash: bytes::Bytes::copy_from_slice(&TreeVersion::V1.chunk_hash(bytes)),
+                })),
+            });
+        }
+        let reply = self
+            .runtime
+            .block_on(self.client.upload(futures::stream::iter(messages)))
+            .unwrap_or_else(|e| panic!("version-1 upload of {} refused: {e:?}", package.display()))
+            .into_inner();
+        assert!(reply.complete, "{reply:?}");
+        digest
+    }
+
     pub fn stage(
         &mut self,
         service: &str,

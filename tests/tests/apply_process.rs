@@ -221,6 +221,34 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
     rig.stop();
 }
 
+/// A patchctl older than tree digest version 2 names packages by their version-1 (sha256) digest: today's agent
+/// takes its upload, stages and applies it, and reports the patch under that name.
+#[test]
+fn a_package_uploaded_by_a_patchctl_before_tree_version_2_stages_and_applies() {
+    let mut rig = WorkerRig::start("200ms");
+    let pkgs = rig.packages();
+    let package = worker_package(&pkgs, "v1.1.0", "ok");
+    let mut rpc = AgentRpc::connect(&rig.pki, rig.agent.addr);
+    let digest = rpc.upload_as_version_1(&package);
+    assert_ne!(
+        digest,
+        patchd_e2e::apply_support::digest_of(&package),
+        "the version-1 name is not today's"
+    );
+    let staged = rpc.stage("worker-1", &digest).unwrap();
+    assert_eq!(staged.manifest.as_ref().unwrap().version, "v1.1.0");
+    let applied = rpc.apply("worker-1", &digest, "p1", false).unwrap();
+    assert_eq!(outcome(&applied), ApplyOutcome::Committed, "{applied:?}");
+    assert_eq!(rig.worker.served_version().as_deref(), Some("v1.1.0"));
+    let status = rpc.status("worker-1");
+    assert_eq!(status.version, "v1.1.0");
+    assert_eq!(
+        status.last.as_ref().map(|patch| patch.digest.as_str()),
+        Some(digest.as_str())
+    );
+    rig.stop();
+}
+
 #[test]
 fn a_service_outside_the_deploy_roots_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
