@@ -225,7 +225,7 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
 /// takes its upload, stages and applies it, and reports the patch under that name.
 #[test]
 fn a_package_uploaded_by_a_patchctl_before_tree_version_2_stages_and_applies() {
-    let mut rig = WorkerRig::start("200ms");
+    let rig = WorkerRig::start("200ms");
     let pkgs = rig.packages();
     let package = worker_package(&pkgs, "v1.1.0", "ok");
     let mut rpc = AgentRpc::connect(&rig.pki, rig.agent.addr);
