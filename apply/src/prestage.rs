@@ -21,7 +21,7 @@ use crate::layout::StateLayout;
 use crate::prune::Pins;
 use crate::stage::{self, StageError, StagedPaths};
 use patchd_package::{Expectations, Limits, Manifest, PackageError};
-use std::io::Read;
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -88,7 +88,7 @@ impl PreStager {
     pub fn unpack(
         &self,
         digest: &str,
-        source: &mut dyn Read,
+        source: &mut dyn BufRead,
         size: u64,
         temp: &Path,
         limits: &Limits,
@@ -193,7 +193,7 @@ mod tests {
         let manifest = prestager
             .unpack(
                 &digest,
-                &mut std::fs::File::open(&blob).unwrap(),
+                &mut std::io::BufReader::new(std::fs::File::open(&blob).unwrap()),
                 size,
                 &temp,
                 &prestager.limits(),

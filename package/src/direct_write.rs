@@ -4,7 +4,9 @@
 //! Why: on a fleet agent, staging writes every byte of a package once; through the page cache that copy (and the
 //! writeback that follows) cost more CPU than inflating and hashing the same bytes. Data is gathered into one
 //! aligned buffer and written in whole blocks; the last partial block goes through an ordinary descriptor, and
-//! `sync_all` on that descriptor makes both durable. Small files (under one buffer) never use direct I/O.
+//! `sync_all` on that descriptor makes both durable. Small files (under one buffer) never use direct I/O. A caller
+//! that hands over whole buffers from aligned memory ([`WRITE_BUFFER_BYTES`] or more at a time, as the package walk
+//! does) has them written from there, without the copy into the gathering buffer.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -13,8 +15,9 @@ use std::path::Path;
 
 /// Alignment of direct-I/O offsets, lengths and buffers: the largest logical block size in common use.
 pub const DIRECT_IO_ALIGN: usize = 4096;
-/// Bytes gathered before one direct write.
-const BUFFER_BYTES: usize = 1024 * 1024;
+/// Bytes gathered before one direct write; a caller's aligned piece of at least this size is written without a copy.
+pub const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
+const BUFFER_BYTES: usize = WRITE_BUFFER_BYTES;
 
 /// Writes one file sequentially; see the module docs.
 pub struct DirectWriter {
@@ -29,6 +32,8 @@ pub struct DirectWriter {
     filled: usize,
     /// Bytes already written to the file.
     written: u64,
+    /// Bytes that went through `storage` (the rest went to the disk from the caller's memory).
+    copied: u64,
 }
 
 impl DirectWriter {
@@ -42,7 +47,13 @@ impl DirectWriter {
             start: 0,
             filled: 0,
             written: 0,
+            copied: 0,
         }
+    }
+
+    /// Bytes copied into the gathering buffer so far (the rest were written from the caller's memory).
+    pub fn bytes_copied(&self) -> u64 {
+        self.copied
     }
 
     /// Appends `data`.
@@ -51,6 +62,19 @@ impl DirectWriter {
             return self.write_buffered(data);
         }
         while !data.is_empty() {
+            // Nothing gathered and a whole buffer's worth in aligned memory: its whole blocks go to the disk from
+            // the caller's memory. A file system that refuses direct I/O gets everything buffered from here on.
+            if self.filled == 0
+                && data.len() >= BUFFER_BYTES
+                && data.as_ptr().align_offset(DIRECT_IO_ALIGN) == 0
+            {
+                let whole = data.len() / DIRECT_IO_ALIGN * DIRECT_IO_ALIGN;
+                if !self.write_direct(path, &data[..whole])? {
+                    return self.write_buffered(data);
+                }
+                data = &data[whole..];
+                continue;
+            }
             if self.storage.is_empty() {
                 self.storage = vec![0; BUFFER_BYTES + DIRECT_IO_ALIGN];
                 self.start = self.storage.as_ptr().align_offset(DIRECT_IO_ALIGN);
@@ -60,6 +84,7 @@ impl DirectWriter {
             let at = self.start + self.filled;
             self.storage[at..at + taken].copy_from_slice(&data[..taken]);
             self.filled += taken;
+            self.copied += taken as u64;
             data = &data[taken..];
             if self.filled == BUFFER_BYTES {
                 self.flush_blocks(path)?;
@@ -92,38 +117,43 @@ impl DirectWriter {
         if whole == 0 {
             return Ok(());
         }
-        if self.direct.is_none() {
-            self.direct = open_direct(path);
-            if self.direct.is_none() {
-                self.direct_refused = true;
-            }
-        }
-        let written = match &self.direct {
-            Some(direct) => {
-                let block = &self.storage[self.start..self.start + whole];
-                match direct.write_all_at(block, self.written) {
-                    Ok(()) => true,
-                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                        self.direct = None;
-                        self.direct_refused = true;
-                        false
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            None => false,
-        };
-        if !written {
+        let storage = std::mem::take(&mut self.storage);
+        let written = self.write_direct(path, &storage[self.start..self.start + whole]);
+        self.storage = storage;
+        if !written? {
             let all = self.storage[self.start..self.start + self.filled].to_vec();
             self.filled = 0;
             return self.write_buffered(&all);
         }
-        self.written += whole as u64;
         let left = self.filled - whole;
         let from = self.start + whole;
         self.storage.copy_within(from..from + left, self.start);
         self.filled = left;
         Ok(())
+    }
+
+    /// Writes `block` (whole blocks, aligned in memory) at the end of the file with direct I/O. `false` when the
+    /// file system refuses direct I/O: nothing counts as written, and every later write goes buffered.
+    fn write_direct(&mut self, path: &Path, block: &[u8]) -> io::Result<bool> {
+        if self.direct.is_none() {
+            self.direct = open_direct(path);
+        }
+        let Some(direct) = &self.direct else {
+            self.direct_refused = true;
+            return Ok(false);
+        };
+        match direct.write_all_at(block, self.written) {
+            Ok(()) => {
+                self.written += block.len() as u64;
+                Ok(true)
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                self.direct = None;
+                self.direct_refused = true;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn write_buffered(&mut self, data: &[u8]) -> io::Result<()> {
@@ -180,6 +210,52 @@ mod tests {
             roundtrip(dir, &[100_000; 30]);
             roundtrip(dir, &[262_144, 7, 262_144, 262_144, 262_144, 262_144, 4095]);
             roundtrip(dir, &[3 * BUFFER_BYTES + 12_345]);
+        }
+    }
+
+    /// Whole aligned buffers (as the package walk hands them over) go to the disk without a copy; the pieces
+    /// around them are gathered; the file is exact either way.
+    #[test]
+    fn aligned_whole_buffers_are_written_without_a_copy() {
+        let here = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut memory = vec![0u8; 2 * BUFFER_BYTES + DIRECT_IO_ALIGN];
+        let start = memory.as_ptr().align_offset(DIRECT_IO_ALIGN);
+        let aligned = &mut memory[start..start + 2 * BUFFER_BYTES];
+        for (i, byte) in aligned.iter_mut().enumerate() {
+            *byte = (i * 13 % 251) as u8;
+        }
+        let aligned = &aligned[..];
+        for dir in [here.path(), tmp.path()] {
+            let path = dir.join("aligned");
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .unwrap();
+            let mut writer = DirectWriter::new(file);
+            let mut expected = Vec::new();
+            // Aligned whole buffers, a short tail, then an aligned buffer after the tail (gathered: something is
+            // pending, so its blocks would not line up with the file's).
+            for piece in [
+                &aligned[..BUFFER_BYTES],
+                &aligned[..2 * BUFFER_BYTES],
+                &aligned[..100],
+                &aligned[..BUFFER_BYTES],
+            ] {
+                writer.write_all(&path, piece).unwrap();
+                expected.extend_from_slice(piece);
+            }
+            let copied = writer.bytes_copied();
+            writer.finish(&path).unwrap().sync_all().unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), expected);
+            if open_direct(&path).is_some() {
+                assert_eq!(
+                    copied,
+                    100 + BUFFER_BYTES as u64,
+                    "only the tail and the buffer after it were copied"
+                );
+            }
         }
     }
 }

@@ -8,12 +8,12 @@
 
 use crate::direct_write::DirectWriter;
 use crate::manifest::Manifest;
-use crate::walk::{RawDigests, Sink, open_package, walk_reader};
+use crate::walk::{RAW_BUF_BYTES, RawDigests, Sink, open_package, walk_reader};
 use crate::{Expectations, Limits, PackageError, settle_manifest};
 use ring::digest::{Context, SHA256};
 use std::collections::HashSet;
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -33,15 +33,16 @@ pub fn unpack_verified(
     limits: &Limits,
     expect: &Expectations,
 ) -> Result<Manifest, PackageError> {
-    let (mut file, size) = open_package(package)?;
-    unpack_verified_from(&mut file, size, package, dest, limits, expect)
+    let (file, size) = open_package(package)?;
+    let mut reader = std::io::BufReader::with_capacity(RAW_BUF_BYTES, file);
+    unpack_verified_from(&mut reader, size, package, dest, limits, expect)
 }
 
 /// [`unpack_verified`] of the `size` bytes `source` yields: the same walk, rules and writes, for a package that is
-/// not a file (yet). `package` names it in errors, and its file name gives the version of a package without a
+/// not a file (yet). The decoder reads `source`'s buffer in place (the agent's verified chunks, not a copy). `package` names it in errors, and its file name gives the version of a package without a
 /// manifest, exactly as when the same bytes are unpacked from a file of that name.
 pub fn unpack_verified_from(
-    source: &mut dyn Read,
+    source: &mut dyn BufRead,
     size: u64,
     package: &Path,
     dest: &Path,
@@ -57,7 +58,7 @@ pub fn unpack_verified_from(
 }
 
 fn unpack_into(
-    source: &mut dyn Read,
+    source: &mut dyn BufRead,
     size: u64,
     package: &Path,
     dest: &Path,

@@ -287,14 +287,14 @@ fn unpack_from_a_reader_writes_what_unpack_from_the_file_writes() {
     assert_eq!(manifest.version, "v1.0.0");
 
     let from_reader = tmp.path().join("from-reader");
-    let mut source = Trickle {
+    let source = Trickle {
         bytes: &bytes,
         piece: 1000,
         fail_after: None,
         given: 0,
     };
     let streamed = unpack_verified_from(
-        &mut source,
+        &mut std::io::BufReader::with_capacity(1000, source),
         bytes.len() as u64,
         &base,
         &from_reader,
@@ -308,14 +308,14 @@ fn unpack_from_a_reader_writes_what_unpack_from_the_file_writes() {
 
     // A source that fails mid-way is an I/O error naming the package, and leaves nothing behind.
     let broken = tmp.path().join("broken");
-    let mut source = Trickle {
+    let source = Trickle {
         bytes: &bytes,
         piece: 1000,
         fail_after: Some(bytes.len() / 2),
         given: 0,
     };
     let err = unpack_verified_from(
-        &mut source,
+        &mut std::io::BufReader::with_capacity(1000, source),
         bytes.len() as u64,
         &base,
         &broken,
@@ -330,14 +330,14 @@ fn unpack_from_a_reader_writes_what_unpack_from_the_file_writes() {
     assert!(!broken.exists(), "{:?}", tree_snapshot(&broken));
 
     // A source longer than announced is refused too.
-    let mut source = Trickle {
+    let source = Trickle {
         bytes: &bytes,
         piece: 1000,
         fail_after: None,
         given: 0,
     };
     let err = unpack_verified_from(
-        &mut source,
+        &mut std::io::BufReader::with_capacity(1000, source),
         bytes.len() as u64 - 1,
         &base,
         &broken,

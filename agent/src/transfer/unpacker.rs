@@ -14,7 +14,7 @@ use super::writer::queue_depth;
 use bytes::{Buf, Bytes};
 use patchd_apply::prestage::{PreStager, discard};
 use patchd_package::{Limits, Manifest, PackageError};
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
@@ -47,14 +47,12 @@ struct ChunkReader {
     left: u64,
 }
 
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
+impl BufRead for ChunkReader {
+    /// The rest of the current chunk, in place (the decoder reads the verified chunk itself, not a copy).
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.current.is_empty() {
             if self.left == 0 {
-                return Ok(0);
+                return Ok(&[]);
             }
             self.current = self.chunks.recv().map_err(|_| {
                 io::Error::other(format!(
@@ -63,10 +61,22 @@ impl Read for ChunkReader {
                 ))
             })?;
         }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current.advance(n);
-        self.left = self.left.saturating_sub(n as u64);
+        Ok(&self.current)
+    }
+
+    fn consume(&mut self, amount: usize) {
+        let amount = amount.min(self.current.len());
+        self.current.advance(amount);
+        self.left = self.left.saturating_sub(amount as u64);
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
         Ok(n)
     }
 }

@@ -14,7 +14,7 @@ async fn prestage(engine: &Engine, host: &Host, digest: &str) {
     let manifest = prestager
         .unpack(
             digest,
-            &mut std::fs::File::open(&blob).unwrap(),
+            &mut std::io::BufReader::new(std::fs::File::open(&blob).unwrap()),
             size,
             &temp,
             &prestager.limits(),

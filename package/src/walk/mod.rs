@@ -1,7 +1,9 @@
 //! One streaming pass over a `.tar.gz`: hashes the raw bytes (plain sha256 and tree digest) unless told not to,
 //! decompresses, checks every entry against the hostile-package rules before handing it to a sink, and enforces the
 //! limits while bytes flow, so a decompression bomb stops at the limit and memory stays flat. The bytes come from a
-//! file ([`walk`]) or from any reader of known length ([`walk_reader`]: the agent's upload, chunk by verified chunk).
+//! file ([`walk`]) or from any buffered reader of known length ([`walk_reader`]: the agent's upload, chunk by
+//! verified chunk, read in place). File contents are read into an aligned buffer of a whole direct write, so a
+//! sink that writes them with `DirectWriter` sends them to the disk from there.
 
 mod stream;
 mod tree;
@@ -25,8 +27,11 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
 use std::rc::Rc;
 
-/// Size of the read buffer for file contents and of the raw file reader.
-const BUF_BYTES: usize = 256 * 1024;
+/// Size of the buffer a package file is read through.
+pub(crate) const RAW_BUF_BYTES: usize = 256 * 1024;
+/// Size of the read buffer for file contents: a whole direct-write buffer, and aligned, so a staged file's data
+/// goes from it to the disk without another copy (`DirectWriter`).
+const FILE_BUF_BYTES: usize = crate::direct_write::WRITE_BUFFER_BYTES;
 
 /// Receives the entries of a package as they stream by, after each passed the rules.
 pub(crate) trait Sink {
@@ -101,8 +106,9 @@ pub(crate) fn walk(
     raw: RawDigests,
     sink: &mut dyn Sink,
 ) -> Result<Walked, PackageError> {
-    let (mut file, size) = open_package(path)?;
-    walk_reader(&mut file, size, path, limits, expect, raw, sink)
+    let (file, size) = open_package(path)?;
+    let mut reader = BufReader::with_capacity(RAW_BUF_BYTES, file);
+    walk_reader(&mut reader, size, path, limits, expect, raw, sink)
 }
 
 /// Opens a package file and tells its size.
@@ -119,7 +125,7 @@ pub(crate) fn open_package(path: &Path) -> Result<(File, u64), PackageError> {
 /// (and gives the version of a package without a manifest, as a file name would). A source that fails is an I/O
 /// error on `path` (`cannot read package`); one whose length is not `size` is refused like a file changed while read.
 pub(crate) fn walk_reader(
-    source: &mut dyn Read,
+    source: &mut dyn BufRead,
     size: u64,
     path: &Path,
     limits: &Limits,
@@ -142,8 +148,8 @@ pub(crate) fn walk_reader(
         read: 0,
         state: Rc::clone(&state),
     };
-    let mut buffered = BufReader::with_capacity(BUF_BYTES, source);
-    let head = buffered
+    let mut source = source;
+    let head = source
         .fill_buf()
         .map_err(|e| PackageError::io("cannot read package", path, e))?;
     if !head.starts_with(&[0x1f, 0x8b]) {
@@ -152,7 +158,7 @@ pub(crate) fn walk_reader(
         });
     }
     let decompressed = Decompressed {
-        inner: Decoder::new(buffered),
+        inner: Decoder::new(source),
         state: Rc::clone(&state),
     };
     let mut archive = tar::Archive::new(decompressed);
@@ -171,7 +177,7 @@ pub(crate) fn walk_reader(
 
     let mut rest = archive.into_inner();
     drain_trailer(&mut rest, path, &state)?;
-    let source = rest.inner.into_inner().into_inner();
+    let source = rest.inner.into_inner();
     let Source { hashes, read, .. } = source;
     let changed = || {
         PackageError::io(
@@ -251,7 +257,7 @@ impl<'a> Walker<'a> {
             entries: 0,
             unpacked: 0,
             last: None,
-            buf: vec![0u8; BUF_BYTES],
+            buf: vec![0u8; FILE_BUF_BYTES + crate::direct_write::DIRECT_IO_ALIGN],
         }
     }
 
@@ -572,7 +578,17 @@ impl<'a> Walker<'a> {
         // The first buffer is read before the sink sees the file, so a binary for the wrong target is refused
         // before a single byte of it is written.
         let mut buf = std::mem::take(&mut self.buf);
-        let result = self.stream_file(entry, &path, raw_mode, declared, sink, &mut buf);
+        let start = buf
+            .as_ptr()
+            .align_offset(crate::direct_write::DIRECT_IO_ALIGN);
+        let result = self.stream_file(
+            entry,
+            &path,
+            raw_mode,
+            declared,
+            sink,
+            &mut buf[start..start + FILE_BUF_BYTES],
+        );
         self.buf = buf;
         let sha256 = result?;
         self.file_index.insert(path.clone(), self.files.len());

@@ -6,7 +6,7 @@ use crate::PackageError;
 use crate::digest::StreamingTreeDigest;
 use ring::digest::Context;
 use std::cell::Cell;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, Read};
 use std::path::Path;
 use std::rc::Rc;
 
@@ -34,26 +34,21 @@ pub(super) struct RawHashes {
     pub(super) tree: StreamingTreeDigest,
 }
 
-/// The raw `.tar.gz` bytes: counts every byte it hands out, and hashes it when asked to.
+/// The raw `.tar.gz` bytes: counts every byte the decoder consumes, and hashes it when asked to. A buffered reader
+/// itself, over the caller's: the decoder reads the caller's buffer in place (for the agent, the verified chunks
+/// themselves), with no copy into a buffer of its own.
 pub(super) struct Source<'r> {
-    pub(super) raw: &'r mut dyn Read,
+    pub(super) raw: &'r mut dyn BufRead,
     /// `None` when the caller already trusts the file's identity (a blob the agent verified as it arrived).
     pub(super) hashes: Option<RawHashes>,
     pub(super) read: u64,
     pub(super) state: Rc<StreamState>,
 }
 
-impl Read for Source<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.raw.read(buf) {
-            Ok(n) => {
-                if let Some(hashes) = &mut self.hashes {
-                    hashes.sha256.update(&buf[..n]);
-                    hashes.tree.update(&buf[..n]);
-                }
-                self.read += n as u64;
-                Ok(n)
-            }
+impl BufRead for Source<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        match self.raw.fill_buf() {
+            Ok(buf) => Ok(buf),
             Err(e) => {
                 if e.kind() != io::ErrorKind::Interrupted {
                     self.state.source_failed.set(true);
@@ -61,6 +56,36 @@ impl Read for Source<'_> {
                 Err(e)
             }
         }
+    }
+
+    fn consume(&mut self, amount: usize) {
+        if amount == 0 {
+            return;
+        }
+        // The bytes consumed are still in the caller's buffer: `fill_buf` hands them again without reading.
+        if let Some(hashes) = &mut self.hashes {
+            match self.raw.fill_buf() {
+                Ok(buf) => {
+                    let consumed = &buf[..amount.min(buf.len())];
+                    hashes.sha256.update(consumed);
+                    hashes.tree.update(consumed);
+                }
+                // Not hashed: the digests will not add up to the length, and the walk refuses the package.
+                Err(_) => self.state.source_failed.set(true),
+            }
+        }
+        self.raw.consume(amount);
+        self.read += amount as u64;
+    }
+}
+
+impl Read for Source<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let buf = self.fill_buf()?;
+        let n = buf.len().min(out.len());
+        out[..n].copy_from_slice(&buf[..n]);
+        self.consume(n);
+        Ok(n)
     }
 }
 
@@ -98,7 +123,7 @@ impl<R: Read> Read for Decompressed<R> {
     }
 }
 
-pub(super) type Decoder<'r> = flate2::bufread::MultiGzDecoder<BufReader<Source<'r>>>;
+pub(super) type Decoder<'r> = flate2::bufread::MultiGzDecoder<Source<'r>>;
 
 /// Reads what follows the end-of-archive marker to the end of the gzip stream: zeros only, bounded. Reaching
 /// the end also makes the decoder check the gzip CRC and length, which catches corruption near the end.
