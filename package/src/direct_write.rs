@@ -17,7 +17,6 @@ use std::path::Path;
 pub const DIRECT_IO_ALIGN: usize = 4096;
 /// Bytes gathered before one direct write; a caller's aligned piece of at least this size is written without a copy.
 pub const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
-const BUFFER_BYTES: usize = WRITE_BUFFER_BYTES;
 
 /// Writes one file sequentially; see the module docs.
 pub struct DirectWriter {
@@ -65,7 +64,7 @@ impl DirectWriter {
             // Nothing gathered and a whole buffer's worth in aligned memory: its whole blocks go to the disk from
             // the caller's memory. A file system that refuses direct I/O gets everything buffered from here on.
             if self.filled == 0
-                && data.len() >= BUFFER_BYTES
+                && data.len() >= WRITE_BUFFER_BYTES
                 && data.as_ptr().align_offset(DIRECT_IO_ALIGN) == 0
             {
                 let whole = data.len() / DIRECT_IO_ALIGN * DIRECT_IO_ALIGN;
@@ -76,17 +75,17 @@ impl DirectWriter {
                 continue;
             }
             if self.storage.is_empty() {
-                self.storage = vec![0; BUFFER_BYTES + DIRECT_IO_ALIGN];
+                self.storage = vec![0; WRITE_BUFFER_BYTES + DIRECT_IO_ALIGN];
                 self.start = self.storage.as_ptr().align_offset(DIRECT_IO_ALIGN);
             }
-            let room = BUFFER_BYTES - self.filled;
+            let room = WRITE_BUFFER_BYTES - self.filled;
             let taken = room.min(data.len());
             let at = self.start + self.filled;
             self.storage[at..at + taken].copy_from_slice(&data[..taken]);
             self.filled += taken;
             self.copied += taken as u64;
             data = &data[taken..];
-            if self.filled == BUFFER_BYTES {
+            if self.filled == WRITE_BUFFER_BYTES {
                 self.flush_blocks(path)?;
                 if self.direct_refused {
                     return self.write_buffered(data);
@@ -177,23 +176,34 @@ fn open_direct(path: &Path) -> Option<File> {
 mod tests {
     use super::*;
 
-    fn roundtrip(dir: &Path, pieces: &[usize]) {
-        let total: usize = pieces.iter().sum();
-        let path = dir.join(format!("f-{}-{total}", pieces.len()));
+    /// Writes `pieces` in order to a new file `name` in `dir`, checks that the file holds exactly their bytes, and
+    /// returns the bytes the writer copied into its gathering buffer.
+    fn write_through(dir: &Path, name: &str, pieces: &[&[u8]]) -> u64 {
+        let path = dir.join(name);
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&path)
             .unwrap();
         let mut writer = DirectWriter::new(file);
-        let mut expected = Vec::new();
-        for (i, &len) in pieces.iter().enumerate() {
-            let piece: Vec<u8> = (0..len).map(|b| (b * 31 + i * 7) as u8).collect();
-            writer.write_all(&path, &piece).unwrap();
-            expected.extend_from_slice(&piece);
+        for piece in pieces {
+            writer.write_all(&path, piece).unwrap();
         }
+        let copied = writer.bytes_copied();
         writer.finish(&path).unwrap().sync_all().unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), expected, "{pieces:?}");
+        assert_eq!(std::fs::read(&path).unwrap(), pieces.concat(), "{name}");
+        copied
+    }
+
+    fn roundtrip(dir: &Path, lengths: &[usize]) {
+        let pieces: Vec<Vec<u8>> = lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| (0..len).map(|b| (b * 31 + i * 7) as u8).collect())
+            .collect();
+        let pieces: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+        let total: usize = lengths.iter().sum();
+        write_through(dir, &format!("f-{}-{total}", lengths.len()), &pieces);
     }
 
     #[test]
@@ -205,11 +215,11 @@ mod tests {
             roundtrip(dir, &[]);
             roundtrip(dir, &[1]);
             roundtrip(dir, &[4096]);
-            roundtrip(dir, &[BUFFER_BYTES]);
-            roundtrip(dir, &[BUFFER_BYTES + 1]);
+            roundtrip(dir, &[WRITE_BUFFER_BYTES]);
+            roundtrip(dir, &[WRITE_BUFFER_BYTES + 1]);
             roundtrip(dir, &[100_000; 30]);
             roundtrip(dir, &[262_144, 7, 262_144, 262_144, 262_144, 262_144, 4095]);
-            roundtrip(dir, &[3 * BUFFER_BYTES + 12_345]);
+            roundtrip(dir, &[3 * WRITE_BUFFER_BYTES + 12_345]);
         }
     }
 
@@ -219,40 +229,30 @@ mod tests {
     fn aligned_whole_buffers_are_written_without_a_copy() {
         let here = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        let mut memory = vec![0u8; 2 * BUFFER_BYTES + DIRECT_IO_ALIGN];
+        let mut memory = vec![0u8; 2 * WRITE_BUFFER_BYTES + DIRECT_IO_ALIGN];
         let start = memory.as_ptr().align_offset(DIRECT_IO_ALIGN);
-        let aligned = &mut memory[start..start + 2 * BUFFER_BYTES];
+        let aligned = &mut memory[start..start + 2 * WRITE_BUFFER_BYTES];
         for (i, byte) in aligned.iter_mut().enumerate() {
             *byte = (i * 13 % 251) as u8;
         }
         let aligned = &aligned[..];
         for dir in [here.path(), tmp.path()] {
-            let path = dir.join("aligned");
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .unwrap();
-            let mut writer = DirectWriter::new(file);
-            let mut expected = Vec::new();
             // Aligned whole buffers, a short tail, then an aligned buffer after the tail (gathered: something is
             // pending, so its blocks would not line up with the file's).
-            for piece in [
-                &aligned[..BUFFER_BYTES],
-                &aligned[..2 * BUFFER_BYTES],
-                &aligned[..100],
-                &aligned[..BUFFER_BYTES],
-            ] {
-                writer.write_all(&path, piece).unwrap();
-                expected.extend_from_slice(piece);
-            }
-            let copied = writer.bytes_copied();
-            writer.finish(&path).unwrap().sync_all().unwrap();
-            assert_eq!(std::fs::read(&path).unwrap(), expected);
-            if open_direct(&path).is_some() {
+            let copied = write_through(
+                dir,
+                "aligned",
+                &[
+                    &aligned[..WRITE_BUFFER_BYTES],
+                    &aligned[..2 * WRITE_BUFFER_BYTES],
+                    &aligned[..100],
+                    &aligned[..WRITE_BUFFER_BYTES],
+                ],
+            );
+            if open_direct(&dir.join("aligned")).is_some() {
                 assert_eq!(
                     copied,
-                    100 + BUFFER_BYTES as u64,
+                    100 + WRITE_BUFFER_BYTES as u64,
                     "only the tail and the buffer after it were copied"
                 );
             }

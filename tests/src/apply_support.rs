@@ -55,36 +55,13 @@ impl AgentRpc {
         Self { runtime, client }
     }
 
-    /// Uploads `package` as a patchctl older than tree digest version 2 does: no `tree_version`, a version-1
-    /// (sha256) digest and sha256 chunk hashes, 1 MiB chunks. Returns that digest.
+    /// Uploads `package` as a patchctl older than tree digest version 2 does ([`version_1_upload`], 1 MiB chunks).
+    /// Returns its version-1 digest.
     pub fn upload_as_version_1(&mut self, package: &Path) -> String {
-        use patchd_package::digest::{DEFAULT_CHUNK_SIZE, TreeVersion};
-        use v1::upload_message::Kind;
         let data = std::fs::read(package)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", package.display()));
-        let digest = TreeVersion::V1
-            .tree_digest_reader(&data[..], DEFAULT_CHUNK_SIZE, data.len() as u64)
-            .unwrap_or_else(|e| panic!("cannot hash {}: {e}", package.display()));
-        let mut messages = vec![v1::UploadMessage {
-            kind: Some(Kind::Header(v1::UploadHeader {
-                blob: Some(v1::BlobRef {
-                    digest: digest.clone(),
-                    total_size: data.len() as u64,
-                    chunk_size: DEFAULT_CHUNK_SIZE,
-                    tree_version: 0,
-                }),
-            })),
-        }];
-        for (index, bytes) in data.chunks(DEFAULT_CHUNK_SIZE as usize).enumerate() {
-            messages.push(v1::UploadMessage {
-                kind: Some(Kind::Chunk(v1::UploadChunk {
-                    index: index as u64,
-                    offset: index as u64 * u64::from(DEFAULT_CHUNK_SIZE),
-                    data: bytes::Bytes::copy_from_slice(bytes),
-                    hash: bytes::Bytes::copy_from_slice(&TreeVersion::V1.chunk_hash(bytes)),
-                })),
-            });
-        }
+        let (digest, messages) =
+            version_1_upload(&data, patchd_package::digest::DEFAULT_CHUNK_SIZE);
         let reply = self
             .runtime
             .block_on(self.client.upload(futures::stream::iter(messages)))
@@ -267,6 +244,38 @@ impl AgentRpc {
 /// The outcome of an apply response, as the enum.
 pub fn outcome(response: &v1::ApplyResponse) -> v1::ApplyOutcome {
     v1::ApplyOutcome::try_from(response.outcome).unwrap_or(v1::ApplyOutcome::Unspecified)
+}
+
+/// The Upload messages a patchctl older than tree digest version 2 sends for `data`: no `tree_version` (0), a
+/// version-1 (sha256) digest, sha256 chunk hashes. Returns that digest and the messages.
+pub fn version_1_upload(data: &[u8], chunk_size: u32) -> (String, Vec<v1::UploadMessage>) {
+    use patchd_package::digest::TreeVersion;
+    use v1::upload_message::Kind;
+    let digest = TreeVersion::V1
+        .tree_digest_reader(data, chunk_size, data.len() as u64)
+        .unwrap_or_else(|e| panic!("cannot hash {} bytes: {e}", data.len()));
+    let header = v1::UploadMessage {
+        kind: Some(Kind::Header(v1::UploadHeader {
+            blob: Some(v1::BlobRef {
+                digest: digest.clone(),
+                total_size: data.len() as u64,
+                chunk_size,
+                tree_version: 0,
+            }),
+        })),
+    };
+    let chunks = data
+        .chunks(chunk_size as usize)
+        .enumerate()
+        .map(|(index, bytes)| v1::UploadMessage {
+            kind: Some(Kind::Chunk(v1::UploadChunk {
+                index: index as u64,
+                offset: index as u64 * u64::from(chunk_size),
+                data: bytes::Bytes::copy_from_slice(bytes),
+                hash: bytes::Bytes::copy_from_slice(&TreeVersion::V1.chunk_hash(bytes)),
+            })),
+        });
+    (digest, std::iter::once(header).chain(chunks).collect())
 }
 
 /// Pushes `package` to the agent at `addr` with `patchctl agent push` and returns its tree digest.

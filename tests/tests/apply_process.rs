@@ -4,8 +4,8 @@
 //! agent crash, and refusals (confinement, unknown service, unstaged package, bad patch id).
 
 use patchd_e2e::apply_support::{
-    AgentRpc, WorkerRig, WorkerService, outcome, package_hashes, pid_alive, push, service_pid,
-    worker_package, worker_package_delayed,
+    AgentRpc, WorkerRig, WorkerService, digest_of, outcome, package_hashes, pid_alive, push,
+    service_pid, worker_package, worker_package_delayed,
 };
 use patchd_e2e::{AgentConfig, AgentProcess, Pki};
 use patchd_proto::v1::{ApplyOutcome, ServiceState};
@@ -232,7 +232,7 @@ fn a_package_uploaded_by_a_patchctl_before_tree_version_2_stages_and_applies() {
     let digest = rpc.upload_as_version_1(&package);
     assert_ne!(
         digest,
-        patchd_e2e::apply_support::digest_of(&package),
+        digest_of(&package),
         "the version-1 name is not today's"
     );
     let staged = rpc.stage("worker-1", &digest).unwrap();

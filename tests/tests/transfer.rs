@@ -9,6 +9,7 @@ use patchctl::agent::client::{AgentClient, PreparedBlob, PushOptions, PushReport
 use patchctl::agent::digest_cache::{CachedDigest, DigestCache, FileIdentity, RACY_WINDOW};
 use patchctl::home::Home;
 use patchctl::tls_files::ControllerTls;
+use patchd_e2e::apply_support::version_1_upload;
 use patchd_e2e::tmpfs::Tmpfs;
 use patchd_e2e::{
     AgentConfig, AgentProcess, Pki, patchctl, patchctl_ok, sha256_file, write_random_file,
@@ -417,28 +418,17 @@ async fn an_upload_from_a_controller_before_tree_version_2_is_verified_as_sha256
     let len = 3 * u64::from(CHUNK) + 11;
     let file = s.file("pkg.bin", len, 5);
     let data = std::fs::read(&file).unwrap();
-    let digest = TreeVersion::V1.tree_digest_file(&file, CHUNK).unwrap();
+    let (digest, messages) = version_1_upload(&data, CHUNK);
+    assert_eq!(
+        digest,
+        TreeVersion::V1.tree_digest_file(&file, CHUNK).unwrap()
+    );
     let old_ref = v1::BlobRef {
         digest: digest.clone(),
         total_size: len,
         chunk_size: CHUNK,
         tree_version: 0,
     };
-    let mut messages = vec![v1::UploadMessage {
-        kind: Some(Kind::Header(v1::UploadHeader {
-            blob: Some(old_ref.clone()),
-        })),
-    }];
-    for (index, bytes) in data.chunks(CHUNK as usize).enumerate() {
-        messages.push(v1::UploadMessage {
-            kind: Some(Kind::Chunk(v1::UploadChunk {
-                index: index as u64,
-                offset: index as u64 * u64::from(CHUNK),
-                data: Bytes::copy_from_slice(bytes),
-                hash: Bytes::copy_from_slice(&TreeVersion::V1.chunk_hash(bytes)),
-            })),
-        });
-    }
     let mut client = s.client().await;
     let reply = client
         .raw()
