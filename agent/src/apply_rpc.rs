@@ -190,7 +190,7 @@ impl ApplyService {
                         path: f.path,
                         mode: f.mode,
                         size: f.size,
-                        sha256: f.sha256,
+                        digest: f.digest,
                     })
                     .collect(),
             }),

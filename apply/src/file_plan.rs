@@ -8,7 +8,7 @@ use crate::fsutil::{self, At, DirHandle, FsError, HashCache};
 use crate::journal::{FileChange, HistoryEntry};
 use crate::spec::ServiceSpec;
 use crate::staged_identity::{self, FileIdentity, Identities};
-use patchd_package::Manifest;
+use patchd_package::{ContentAlgorithm, Manifest};
 use rustix::fs::FileType;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -67,10 +67,12 @@ pub fn restore_temp(target: &Path, patch_id: &str) -> PathBuf {
     fsutil::sibling_temp(target, &format!("patchd-{patch_id}.restore"))
 }
 
-/// sha256 and mode of what is at `target` now (`None` when absent); a directory there is an error.
+/// The `algorithm` digest and the mode of what is at `target` now (`None` when absent); a directory there is an
+/// error.
 fn current_state(
     hashes: &HashCache,
     target: &Path,
+    algorithm: ContentAlgorithm,
 ) -> Result<Option<(String, Option<u32>)>, PlanError> {
     use std::os::unix::fs::PermissionsExt;
     let meta = match std::fs::symlink_metadata(target) {
@@ -91,7 +93,9 @@ fn current_state(
         });
     }
     let mode = (!meta.file_type().is_symlink()).then(|| meta.permissions().mode() & 0o7777);
-    Ok(hashes.sha256(target)?.map(|sha| (sha, mode)))
+    Ok(hashes
+        .digest(target, algorithm)?
+        .map(|digest| (digest, mode)))
 }
 
 /// Directories that must be created for `targets`, parents first.
@@ -123,10 +127,13 @@ pub fn plan_patch(
 ) -> Result<(Vec<FileChange>, Vec<PathBuf>), PlanError> {
     confine.check_deploy_dir(&spec.deploy_dir)?;
     let install_dir = spec.install_dir();
+    // Deployed files are compared in the package's own algorithm, so an unchanged file is recognised whatever
+    // the format of the package that deployed it.
+    let algorithm = manifest.content_algorithm();
     let entries = manifest
         .files
         .iter()
-        .map(|f| (f.path.as_str(), Some(f.sha256.clone()), Some(f.mode)))
+        .map(|f| (f.path.as_str(), Some(f.digest.clone()), Some(f.mode)))
         .chain(
             manifest
                 .symlinks
@@ -134,7 +141,7 @@ pub fn plan_patch(
                 .map(|l| (l.path.as_str(), None, None)),
         );
     let mut changes = Vec::new();
-    for (path, sha256, mode) in entries {
+    for (path, digest, mode) in entries {
         let package_rel = Path::new(path);
         if !is_clean_relative(package_rel) {
             return Err(PlanError::BadPath {
@@ -145,13 +152,13 @@ pub fn plan_patch(
         let target = spec.deploy_dir.join(&rel);
         confine.check_target(&spec.deploy_dir, &target)?;
         let source = staged_files.join(package_rel);
-        let new_sha256 = match sha256 {
-            Some(sha) => sha,
-            None => fsutil::sha256_file(&source)?,
+        let new_digest = match digest {
+            Some(digest) => digest,
+            None => fsutil::digest_file(&source, algorithm)?,
         };
-        let current = current_state(hashes, &target)?;
-        if let Some((sha, current_mode)) = &current
-            && *sha == new_sha256
+        let current = current_state(hashes, &target, algorithm)?;
+        if let Some((digest, current_mode)) = &current
+            && *digest == new_digest
             && (mode.is_none() || *current_mode == mode)
         {
             continue;
@@ -161,12 +168,12 @@ pub fn plan_patch(
             backup: current
                 .as_ref()
                 .map(|_| backup_path(backup_dir, index, &rel)),
-            old_sha256: current.map(|(sha, _)| sha),
+            old_digest: current.map(|(sha, _)| sha),
             temp: new_temp(&target, patch_id),
             rel,
             target,
             source: Some(source),
-            new_sha256: Some(new_sha256),
+            new_digest: Some(new_digest),
             mode,
         });
     }
@@ -198,22 +205,29 @@ pub fn plan_rollback(
             }
             let target = spec.deploy_dir.join(&change.rel);
             confine.check_target(&spec.deploy_dir, &target)?;
-            if let (Some(backup), Some(expected)) = (&change.backup, &change.old_sha256) {
-                let found = fsutil::sha256_file(backup).map_err(|e| PlanError::BackupDamaged {
-                    patch_id: entry.patch_id.clone(),
-                    path: backup.clone(),
-                    detail: e.to_string(),
+            // What the patch recorded is compared in the algorithm it was recorded in.
+            let algorithm = change
+                .old_digest
+                .as_deref()
+                .map_or(ContentAlgorithm::CURRENT, ContentAlgorithm::of);
+            if let (Some(backup), Some(expected)) = (&change.backup, &change.old_digest) {
+                let found = fsutil::digest_file(backup, algorithm).map_err(|e| {
+                    PlanError::BackupDamaged {
+                        patch_id: entry.patch_id.clone(),
+                        path: backup.clone(),
+                        detail: e.to_string(),
+                    }
                 })?;
                 if found != *expected {
                     return Err(PlanError::BackupDamaged {
                         patch_id: entry.patch_id.clone(),
                         path: backup.clone(),
-                        detail: format!("sha256 is {found}, expected {expected}"),
+                        detail: format!("digest is {found}, expected {expected}"),
                     });
                 }
             }
-            let current = current_state(hashes, &target)?;
-            if current.as_ref().map(|(sha, _)| sha) == change.old_sha256.as_ref() {
+            let current = current_state(hashes, &target, algorithm)?;
+            if current.as_ref().map(|(digest, _)| digest) == change.old_digest.as_ref() {
                 continue;
             }
             let index = changes.len();
@@ -223,10 +237,10 @@ pub fn plan_rollback(
                 backup: current
                     .as_ref()
                     .map(|_| backup_path(backup_dir, index, &change.rel)),
-                old_sha256: current.map(|(sha, _)| sha),
+                old_digest: current.map(|(sha, _)| sha),
                 target,
                 source: change.backup.clone(),
-                new_sha256: change.old_sha256.clone(),
+                new_digest: change.old_digest.clone(),
                 mode: None,
             });
         }
@@ -302,13 +316,13 @@ fn not_as_recorded(path: &Path, found: &str, expected: &str, what: &str) -> FsEr
         path: path.to_path_buf(),
         source: std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("sha256 is {found} but {expected} was recorded: {what}"),
+            format!("digest is {found} but {expected} was recorded: {what}"),
         ),
     }
 }
 
 /// Creates missing directories (each checked to be a real directory, owned as its parent), the backups of the
-/// current files (each checked against the sha256 the plan recorded; a hard link of the very version the plan
+/// current files (each checked against the digest the plan recorded; a hard link of the very version the plan
 /// hashed is not read again) and the temporaries of the new ones (owned
 /// as the file they replace, or as their directory), all durable, every one through a directory handle. Nothing
 /// live changes: only new names appear. Each new regular file must match the plan: a staged file shares its
@@ -359,7 +373,7 @@ pub fn prepare(
             )?;
             dirs_to_sync.insert(dir.path().to_path_buf(), dir);
             sites.faults.hit_at(FaultPoint::AfterBackup, backup)?;
-            if let Some(expected) = &change.old_sha256
+            if let Some(expected) = &change.old_digest
                 && !backup_vouched(
                     &handles,
                     hashes,
@@ -369,7 +383,9 @@ pub fn prepare(
                     expected,
                 )?
             {
-                let found = handles.state.sha256(backup_rel)?;
+                let found = handles
+                    .state
+                    .digest(backup_rel, ContentAlgorithm::of(expected))?;
                 if found != *expected {
                     return Err(not_as_recorded(
                         backup,
@@ -403,11 +419,11 @@ pub fn prepare(
                 (Some(verified), Some(temp)) => {
                     let temp = FileIdentity::of_stat(&temp);
                     let same = verified.same_content_as(&temp);
-                    if same && let Some(sha256) = &change.new_sha256 {
+                    if same && let Some(digest) = &change.new_digest {
                         verified_temps.push(VerifiedTemp {
                             target: change.target.clone(),
                             identity: temp,
-                            sha256: sha256.clone(),
+                            digest: digest.clone(),
                         });
                     }
                     same
@@ -427,13 +443,13 @@ pub fn prepare(
     Ok(verified_temps)
 }
 
-/// A new file's temporary whose content is known to be `sha256` while its inode keeps `identity`'s size and
+/// A new file's temporary whose content is known to be `digest` while its inode keeps `identity`'s size and
 /// mtime: a hard link of the staged file stage verified, or a temporary hashed in [`prepare`].
 #[derive(Debug, Clone)]
 pub struct VerifiedTemp {
     pub target: PathBuf,
     pub identity: FileIdentity,
-    pub sha256: String,
+    pub digest: String,
 }
 
 /// After the swap, records in `hashes` the content of each target that is still the verified temporary renamed
@@ -450,7 +466,7 @@ pub fn remember_swapped(sites: &Sites, hashes: &HashCache, verified: &[VerifiedT
         if let Ok(Some(now)) = deploy.stat(rel)
             && temp.identity.same_content_as(&FileIdentity::of_stat(&now))
         {
-            hashes.vouch(&temp.target, &now, &temp.sha256);
+            hashes.vouch(&temp.target, &now, &temp.digest);
         }
     }
 }
@@ -470,7 +486,11 @@ fn backup_vouched(
     let Some(before) = before else {
         return Ok(false);
     };
-    if hashes.recorded(&change.target, before).as_deref() != Some(expected) {
+    if hashes
+        .recorded(&change.target, before, ContentAlgorithm::of(expected))
+        .as_deref()
+        != Some(expected)
+    {
         return Ok(false);
     }
     let Some(backup) = handles.state.stat(backup_rel)? else {
@@ -480,7 +500,7 @@ fn backup_vouched(
 }
 
 /// The identity of the staged file `source_rel` when it is exactly what stage verified and recorded (so its
-/// content is the manifest's, which the plan took its sha256 from); `None` means it must be hashed.
+/// content is the manifest's, which the plan took its digest from); `None` means it must be hashed.
 fn unchanged_since_stage(
     state: &DirHandle,
     source_rel: &Path,
@@ -509,7 +529,7 @@ fn verify_temp(
     change: &FileChange,
     source: &Path,
 ) -> Result<Option<VerifiedTemp>, FsError> {
-    let Some(expected) = &change.new_sha256 else {
+    let Some(expected) = &change.new_digest else {
         return Ok(None);
     };
     let Some(before) = deploy
@@ -518,7 +538,7 @@ fn verify_temp(
     else {
         return Ok(None);
     };
-    let found = deploy.sha256(temp_rel)?;
+    let found = deploy.digest(temp_rel, ContentAlgorithm::of(expected))?;
     if found == *expected {
         let identity = FileIdentity::of_stat(&before);
         let unmoved = deploy
@@ -527,7 +547,7 @@ fn verify_temp(
         return Ok(unmoved.then(|| VerifiedTemp {
             target: change.target.clone(),
             identity,
-            sha256: found,
+            digest: found,
         }));
     }
     Err(not_as_recorded(
@@ -597,7 +617,7 @@ pub fn sync_target_dirs(sites: &Sites, files: &[FileChange]) -> Result<(), StepE
 }
 
 /// Puts the old content of one file back (or removes a file the apply added), through the directory handles.
-/// Safe to repeat, whatever the file's current state. A backup whose sha256 is not the one recorded when it was
+/// Safe to repeat, whatever the file's current state. A backup whose digest is not the one recorded when it was
 /// taken is refused: the file keeps its current content and the error says so.
 pub fn restore_one(sites: &Sites, change: &FileChange, patch_id: &str) -> Result<(), StepError> {
     if let Some(dir) = change.target.parent() {
@@ -607,8 +627,10 @@ pub fn restore_one(sites: &Sites, change: &FileChange, patch_id: &str) -> Result
     match &change.backup {
         Some(backup) => {
             let backup_rel = sites.state_rel(backup)?;
-            if let Some(expected) = &change.old_sha256 {
-                let found = handles.state.sha256(backup_rel)?;
+            if let Some(expected) = &change.old_digest {
+                let found = handles
+                    .state
+                    .digest(backup_rel, ContentAlgorithm::of(expected))?;
                 if found != *expected {
                     return Err(not_as_recorded(
                         backup,
@@ -694,6 +716,7 @@ pub fn remove_created_dirs(sites: &Sites, created_dirs: &[PathBuf]) {
 mod tests {
     use super::*;
     use crate::effects::NoFaults;
+    use patchd_package::ContentAlgorithm;
 
     /// A deployed file `bin/file` ("old") with a staged replacement ("new"), and the change that backs it up.
     fn backed_up_change(dir: &Path) -> (Sites, FileChange) {
@@ -710,9 +733,12 @@ mod tests {
             temp: new_temp(&target, "p1"),
             target: target.clone(),
             source: Some(state.join("staging/x/file")),
-            new_sha256: Some(fsutil::sha256_file(&state.join("staging/x/file")).unwrap()),
+            new_digest: Some(
+                fsutil::digest_file(&state.join("staging/x/file"), ContentAlgorithm::CURRENT)
+                    .unwrap(),
+            ),
             mode: Some(0o644),
-            old_sha256: Some(fsutil::sha256_file(&target).unwrap()),
+            old_digest: Some(fsutil::digest_file(&target, ContentAlgorithm::CURRENT).unwrap()),
             backup: Some(backup_path(
                 &state.join("backups/p1"),
                 0,
@@ -736,7 +762,7 @@ mod tests {
         let vouched = "ab".repeat(32);
         let hashes = HashCache::default();
         hashes.remember(&change.target, &vouched);
-        change.old_sha256 = Some(vouched);
+        change.old_digest = Some(vouched);
         prepare(&sites, &hashes, std::slice::from_ref(&change), &[]).unwrap();
         let backup = change.backup.as_ref().unwrap();
         assert_eq!(std::fs::read(backup).unwrap(), b"old");
@@ -759,16 +785,21 @@ mod tests {
         remember_swapped(&sites, &hashes, &verified);
         let stat = rustix::fs::lstat(&change.target).unwrap();
         assert_eq!(
-            hashes.recorded(&change.target, &stat),
-            change.new_sha256.clone(),
+            hashes.recorded(&change.target, &stat, ContentAlgorithm::CURRENT),
+            change.new_digest.clone(),
             "known without hashing the swapped-in file"
         );
         std::fs::write(&change.target, b"edited").unwrap();
         let stat = rustix::fs::lstat(&change.target).unwrap();
-        assert_eq!(hashes.recorded(&change.target, &stat), None);
         assert_eq!(
-            hashes.sha256(&change.target).unwrap(),
-            Some(fsutil::sha256_file(&change.target).unwrap())
+            hashes.recorded(&change.target, &stat, ContentAlgorithm::CURRENT),
+            None
+        );
+        assert_eq!(
+            hashes
+                .digest(&change.target, ContentAlgorithm::CURRENT)
+                .unwrap(),
+            Some(fsutil::digest_file(&change.target, ContentAlgorithm::CURRENT).unwrap())
         );
     }
 
@@ -777,7 +808,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (sites, change) = backed_up_change(dir.path());
         let hashes = HashCache::default();
-        let planned = change.old_sha256.clone().unwrap();
+        let planned = change.old_digest.clone().unwrap();
         hashes.remember(&change.target, &planned);
         let mtime = std::fs::metadata(&change.target)
             .unwrap()
@@ -816,9 +847,12 @@ mod tests {
             temp: new_temp(&target, "p1"),
             target,
             source: Some(state.join("staging/x/file")),
-            new_sha256: Some(fsutil::sha256_file(&state.join("staging/x/file")).unwrap()),
+            new_digest: Some(
+                fsutil::digest_file(&state.join("staging/x/file"), ContentAlgorithm::CURRENT)
+                    .unwrap(),
+            ),
             mode: Some(0o644),
-            old_sha256: None,
+            old_digest: None,
             backup: None,
         };
         let created = vec![deploy_dir.clone(), deploy_dir.join("bin")];

@@ -78,12 +78,16 @@ pub struct FileChange {
     pub target: PathBuf,
     /// Where the new content comes from (a staged file or an earlier backup); `None` removes the target.
     pub source: Option<PathBuf>,
-    /// sha256 of the new content; `None` when the file is removed.
-    pub new_sha256: Option<String>,
+    /// Digest of the new content ([`patchd_package::content`]: it names its algorithm); `None` when the file is
+    /// removed. Journals written before manifest format 2 call it `new_sha256`.
+    #[serde(alias = "new_sha256")]
+    pub new_digest: Option<String>,
     /// File mode for the new content.
     pub mode: Option<u32>,
-    /// sha256 of the content before the apply; `None` when the file did not exist.
-    pub old_sha256: Option<String>,
+    /// Digest of the content before the apply, in the algorithm the plan compared it in; `None` when the file did
+    /// not exist. Journals written before manifest format 2 call it `old_sha256`.
+    #[serde(alias = "old_sha256")]
+    pub old_digest: Option<String>,
     /// Where the old content is kept while the apply can still be undone (`None` when it did not exist).
     pub backup: Option<PathBuf>,
     /// The temporary next to `target` that holds the new content until it is renamed over `target`.

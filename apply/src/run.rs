@@ -10,6 +10,7 @@ use crate::journal::{
     ApplyKind, ApplyPhase, ApplyRecord, ApplyResult, HistoryEntry, MAX_HISTORY, Outcome,
 };
 use crate::layout::StateLayout;
+use patchd_package::ContentAlgorithm;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -527,9 +528,10 @@ impl<'a> Run<'a> {
         self.finish(outcome, note, Vec::new()).await
     }
 
-    /// The sha256 of `target` without reading it, when a patch placed it as a hard link of its staged file: that
-    /// inode's content was checked against the manifest when it was staged, and staged files are never written in
-    /// place. Anything else (a copy, a rollback's backup, a file changed since) is `None`: hash it.
+    /// The sha256 of `target` without reading it, when a patch of a format-1 package (sha256 digests) placed it as
+    /// a hard link of its staged file: that inode's content was checked against the manifest when it was staged,
+    /// and staged files are never written in place. Anything else (a BLAKE3 digest, a copy, a rollback's backup, a
+    /// file changed since) is `None`: hash it.
     fn staged_sha256(&self, target: &Path) -> Option<String> {
         use std::os::unix::fs::MetadataExt;
         if self.rec.kind != ApplyKind::Patch {
@@ -540,7 +542,10 @@ impl<'a> Run<'a> {
             .files
             .iter()
             .find(|change| change.target == target)?;
-        let (source, sha256) = (change.source.as_deref()?, change.new_sha256.as_ref()?);
+        let (source, sha256) = (change.source.as_deref()?, change.new_digest.as_ref()?);
+        if ContentAlgorithm::of(sha256) != ContentAlgorithm::Sha256 {
+            return None;
+        }
         let placed = std::fs::symlink_metadata(target).ok()?;
         let staged = std::fs::symlink_metadata(source).ok()?;
         let same_inode = placed.file_type().is_file()
@@ -567,7 +572,7 @@ impl<'a> Run<'a> {
                 .then(|| self.staged_sha256(&binary))
                 .flatten()
                 .unwrap_or_else(|| {
-                    let hashes_owner = self.inner.hashes.sha256(&binary);
+                    let hashes_owner = self.inner.hashes.digest(&binary, ContentAlgorithm::Sha256);
                     hashes_owner.ok().flatten().unwrap_or_default()
                 })
         };

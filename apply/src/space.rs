@@ -227,9 +227,9 @@ mod tests {
             rel: PathBuf::from("f"),
             target: target.to_path_buf(),
             source: Some(source.to_path_buf()),
-            new_sha256: None,
+            new_digest: None,
             mode: None,
-            old_sha256: None,
+            old_digest: None,
             backup: Some(dir.join("backups/set/0-f")),
             temp: target.with_file_name(".f.new"),
         }

@@ -2,6 +2,7 @@
 //! package from a directory. Output is deterministic (sorted entries, fixed mtime, uid/gid 0, manifest first)
 //! and written atomically (temporary file, fsync, rename).
 
+use crate::content::ContentAlgorithm;
 use crate::digest::read_full;
 use crate::elf::{ELF_SNIFF_BYTES, detect_elf_target, target_label};
 use crate::manifest::{FileEntry, MANIFEST_FILE, MANIFEST_FORMAT, Manifest, SymlinkEntry};
@@ -10,7 +11,6 @@ use crate::unpack::sync_dir;
 use crate::{
     Expectations, Limits, PackageError, PackageInfo, inspect, read_image_archive, unpack_verified,
 };
-use ring::digest::{Context, SHA256};
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -502,7 +502,7 @@ fn scan_tree(
             if mode & 0o002 != 0 {
                 return Err(PackageError::WorldWritable { entry: path, mode });
             }
-            let (sha256, size, target) = hash_file(&at)?;
+            let (digest, size, target) = hash_file(&at)?;
             if let Some((os, arch)) = target {
                 targets.push((path.clone(), os, arch));
             }
@@ -510,7 +510,7 @@ fn scan_tree(
                 path,
                 mode,
                 size,
-                sha256,
+                digest,
             }));
         } else {
             return Err(PackageError::UnsupportedEntryType {
@@ -526,7 +526,7 @@ type HashedFile = (String, u64, Option<(&'static str, &'static str)>);
 
 fn hash_file(at: &Path) -> Result<HashedFile, PackageError> {
     let mut file = File::open(at).map_err(|e| PackageError::io("cannot open", at, e))?;
-    let mut hash = Context::new(&SHA256);
+    let mut hash = ContentAlgorithm::CURRENT.hasher();
     let mut buf = vec![0u8; 256 * 1024];
     let mut size = 0u64;
     let mut target = None;
@@ -542,5 +542,5 @@ fn hash_file(at: &Path) -> Result<HashedFile, PackageError> {
         size += n as u64;
         hash.update(&buf[..n]);
     }
-    Ok((hex::encode(hash.finish().as_ref()), size, target))
+    Ok((hash.finish(), size, target))
 }

@@ -134,23 +134,23 @@ pub fn chunk_hash(data: &[u8]) -> [u8; 32] {
     TreeVersion::CURRENT.chunk_hash(data)
 }
 
-/// One running hash of either version (a chunk's or the root's).
+/// One running sha256 or BLAKE3 hash (a chunk's, the root's, or a file's content digest).
 #[derive(Clone)]
-enum Hasher {
+pub(crate) enum Hasher {
     // Both boxed: the states are about 0.2 KB (sha256) and 1.9 KB (BLAKE3), and the one in use is the only one kept.
     Sha256(Box<Context>),
     Blake3(Box<blake3::Hasher>),
 }
 
 impl Hasher {
-    fn new(version: TreeVersion) -> Self {
+    pub(crate) fn new(version: TreeVersion) -> Self {
         match version {
             TreeVersion::V1 => Hasher::Sha256(Box::new(Context::new(&SHA256))),
             TreeVersion::V2 => Hasher::Blake3(Box::new(blake3::Hasher::new())),
         }
     }
 
-    fn update(&mut self, data: &[u8]) {
+    pub(crate) fn update(&mut self, data: &[u8]) {
         match self {
             Hasher::Sha256(context) => context.update(data),
             Hasher::Blake3(hasher) => {
@@ -159,7 +159,7 @@ impl Hasher {
         }
     }
 
-    fn finish(self) -> [u8; 32] {
+    pub(crate) fn finish(self) -> [u8; 32] {
         match self {
             Hasher::Sha256(context) => {
                 let mut out = [0u8; 32];

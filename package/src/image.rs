@@ -891,11 +891,14 @@ mod tests {
         let mut damaged_image = super::tests::image();
         damaged_image.config.push(b' ');
         let damaged = legacy_archive(&damaged_image, legacy_manifest(&damaged_image));
-        let (sha, size) = (sha256_hex(&damaged), damaged.len());
+        let (digest, size) = (
+            crate::ContentAlgorithm::CURRENT.digest(&damaged),
+            damaged.len(),
+        );
         tamper(
             &package,
             |m| {
-                m["files"][0]["sha256"] = sha.clone().into();
+                m["files"][0]["digest"] = digest.clone().into();
                 m["files"][0]["size"] = size.into();
             },
             Some(&damaged),

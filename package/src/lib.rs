@@ -12,12 +12,13 @@
 //! nothing else at the root but the manifest; entry count and sizes within [`Limits`]; no setuid/setgid/sticky bit
 //! (refused, not stripped: a hotfix must not change privileges silently) and no world-writable file; a valid gzip
 //! stream with nothing but zero padding after the tar end marker; at least one regular file; when a manifest is
-//! embedded, every file matches it exactly (path, size, sha256, mode) and nothing is missing or extra; ELF binaries
+//! embedded, every file matches it exactly (path, size, content digest, mode) and nothing is missing or extra; ELF binaries
 //! all for one OS/arch, matching the manifest and the target host when those are known.
 
 #![forbid(unsafe_code)]
 
 mod build;
+pub mod content;
 pub mod digest;
 pub mod direct_write;
 mod elf;
@@ -30,13 +31,16 @@ mod unpack;
 mod walk;
 
 pub use build::{BuildSpec, IMAGE_ARCHIVE_FILE, build, build_image, build_with, pack_dir};
+pub use content::ContentAlgorithm;
 pub use elf::detect_elf_target;
 pub use error::PackageError;
 pub use image::{
     ImageInfo, MAX_IMAGE_JSON_BYTES, engine_arch_to_host, inspect_verifying_image,
     read_image_archive, verify_image_archive,
 };
-pub use manifest::{FileEntry, MANIFEST_FILE, MANIFEST_FORMAT, Manifest, SymlinkEntry};
+pub use manifest::{
+    FileEntry, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_FORMAT_SHA256, Manifest, SymlinkEntry,
+};
 pub use unpack::{unpack_verified, unpack_verified_from, verify_tree, verify_tree_trusting};
 
 use elf::target_label;
@@ -242,12 +246,22 @@ fn check_against_manifest(
                 expected.size.to_string(),
             ));
         }
-        if file.sha256 != expected.sha256 {
+        if ContentAlgorithm::of(&file.digest) != ContentAlgorithm::of(&expected.digest) {
+            // Files are hashed in the manifest's algorithm once it has been read; this one came before it.
+            return Err(PackageError::InvalidManifest {
+                detail: format!(
+                    "`{MANIFEST_FILE}` comes after `{}` in the archive; it must be the first entry \
+                     (rebuild the package with `patchctl package build`)",
+                    file.path
+                ),
+            });
+        }
+        if file.digest != expected.digest {
             return Err(mismatch(
                 &file.path,
-                "the sha256",
-                file.sha256.clone(),
-                expected.sha256.clone(),
+                "the digest",
+                file.digest.clone(),
+                expected.digest.clone(),
             ));
         }
         if file.mode != expected.mode {

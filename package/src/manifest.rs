@@ -1,19 +1,22 @@
 //! The package manifest (`patchd-manifest.json` at the archive root): component, version, target and every file.
 
+use crate::content::ContentAlgorithm;
 use crate::{ImageInfo, PackageError};
 use serde::{Deserialize, Serialize};
 
 /// Name of the manifest file at the archive root.
 pub const MANIFEST_FILE: &str = "patchd-manifest.json";
-/// The manifest format this crate writes and reads.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// The manifest format this crate writes: 2, whose files' digests are BLAKE3.
+pub const MANIFEST_FORMAT: u32 = 2;
+/// The first manifest format, whose files' digests are sha256 (packages built before format 2; still read).
+pub const MANIFEST_FORMAT_SHA256: u32 = 1;
 /// Largest manifest accepted (10 000 files take about 2 MiB).
 pub const MAX_MANIFEST_BYTES: u64 = 32 * 1024 * 1024;
 
 /// What a package holds. Paths are relative to the archive root and start with the component directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
-    /// Manifest format, always [`MANIFEST_FORMAT`].
+    /// Manifest format: [`MANIFEST_FORMAT`], or [`MANIFEST_FORMAT_SHA256`] in a package built before it.
     pub format: u32,
     /// Component name, equal to the package's top-level directory.
     pub component: String,
@@ -44,8 +47,10 @@ pub struct FileEntry {
     pub mode: u32,
     /// Size in bytes.
     pub size: u64,
-    /// Hex sha256 of the content.
-    pub sha256: String,
+    /// The content's digest in the manifest format's algorithm ([`Manifest::content_algorithm`]): `blake3:<hex>`
+    /// (format 2), or bare sha256 hex (format 1, whose JSON calls it `sha256`).
+    #[serde(alias = "sha256")]
+    pub digest: String,
 }
 
 /// One symlink of a package; its target is relative and stays inside the component directory.
@@ -76,6 +81,12 @@ impl Manifest {
         out
     }
 
+    /// The algorithm of the files' digests, from the format ([`MANIFEST_FORMAT`] when the format is unknown: such a
+    /// manifest is refused when parsed).
+    pub fn content_algorithm(&self) -> ContentAlgorithm {
+        content_algorithm_of_format(self.format)
+    }
+
     /// The file at `path`, if the package holds one.
     pub fn file(&self, path: &str) -> Option<&FileEntry> {
         self.files.iter().find(|f| f.path == path)
@@ -94,9 +105,10 @@ impl Manifest {
 
     fn check_self(&self) -> Result<(), PackageError> {
         let invalid = |detail: String| PackageError::InvalidManifest { detail };
-        if self.format != MANIFEST_FORMAT {
+        if self.format != MANIFEST_FORMAT && self.format != MANIFEST_FORMAT_SHA256 {
             return Err(invalid(format!(
-                "format {} is not supported (this patchd reads format {MANIFEST_FORMAT}); upgrade patchctl/patchd",
+                "format {} is not supported (this patchd reads formats {MANIFEST_FORMAT_SHA256} and \
+                 {MANIFEST_FORMAT}); upgrade patchctl/patchd",
                 self.format
             )));
         }
@@ -125,16 +137,16 @@ impl Manifest {
                 return Err(invalid(format!("path `{path}` is listed twice")));
             }
         }
+        let algorithm = self.content_algorithm();
         for file in &self.files {
-            if file.sha256.len() != 64
-                || !file
-                    .sha256
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
+            if !algorithm.is_well_formed(&file.digest) {
+                let expected = match algorithm {
+                    ContentAlgorithm::Sha256 => "64 lowercase hex digits",
+                    ContentAlgorithm::Blake3 => "`blake3:` and 64 lowercase hex digits",
+                };
                 return Err(invalid(format!(
-                    "`{}` has an invalid sha256 `{}` (64 lowercase hex digits expected)",
-                    file.path, file.sha256
+                    "`{}` has an invalid digest `{}` (format {} expects {expected})",
+                    file.path, file.digest, self.format
                 )));
             }
         }
@@ -148,5 +160,14 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+}
+
+/// The files' digest algorithm of manifest format `format`.
+pub fn content_algorithm_of_format(format: u32) -> ContentAlgorithm {
+    if format == MANIFEST_FORMAT_SHA256 {
+        ContentAlgorithm::Sha256
+    } else {
+        ContentAlgorithm::Blake3
     }
 }

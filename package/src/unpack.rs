@@ -10,7 +10,6 @@ use crate::direct_write::DirectWriter;
 use crate::manifest::Manifest;
 use crate::walk::{RAW_BUF_BYTES, RawDigests, Sink, open_package, walk_reader};
 use crate::{Expectations, Limits, PackageError, settle_manifest};
-use ring::digest::{Context, SHA256};
 use std::collections::HashSet;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, BufRead, Read};
@@ -26,7 +25,7 @@ use std::path::{Path, PathBuf};
 ///
 /// Each byte is read, inflated, hashed and written once: the raw `.tar.gz` is not hashed (its identity is the
 /// caller's to know, as the agent's blob cache does); damage to it still fails here, through gzip's CRC-32 over the
-/// whole tar stream and each file's sha256 against the manifest.
+/// whole tar stream and each file's digest against the manifest.
 pub fn unpack_verified(
     package: &Path,
     dest: &Path,
@@ -323,7 +322,7 @@ pub fn verify_tree_trusting(
             continue;
         }
         let mut file = File::open(&at).map_err(|e| mismatch(&at, format!("cannot open: {e}")))?;
-        let mut hash = Context::new(&SHA256);
+        let mut hash = manifest.content_algorithm().hasher();
         loop {
             let n = file
                 .read(&mut buf)
@@ -333,11 +332,11 @@ pub fn verify_tree_trusting(
             }
             hash.update(&buf[..n]);
         }
-        let sha256 = hex::encode(hash.finish().as_ref());
-        if sha256 != entry.sha256 {
+        let digest = hash.finish();
+        if digest != entry.digest {
             return Err(mismatch(
                 &at,
-                format!("sha256 is {sha256} but the manifest says {}", entry.sha256),
+                format!("digest is {digest} but the manifest says {}", entry.digest),
             ));
         }
     }

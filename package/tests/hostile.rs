@@ -5,7 +5,9 @@
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use patchd_package::{Expectations, Limits, PackageError, inspect_expecting, unpack_verified};
+use patchd_package::{
+    ContentAlgorithm, Expectations, Limits, PackageError, inspect_expecting, unpack_verified,
+};
 use std::io::Write;
 use std::path::Path;
 use tar::{EntryType, Header};
@@ -118,7 +120,26 @@ fn good() -> Archive {
         .file("demo/conf/a.toml", b"a = 1\n")
 }
 
+/// A manifest of the current format (2: BLAKE3 digests) listing `files`.
 fn manifest_for(files: &[(&str, u32, &[u8])], extra: &str) -> String {
+    let files: Vec<String> = files
+        .iter()
+        .map(|(path, mode, data)| {
+            format!(
+                r#"{{"path":"{path}","mode":{mode},"size":{},"digest":"{}"}}"#,
+                data.len(),
+                ContentAlgorithm::Blake3.digest(data)
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"format":2,"component":"demo","version":"v1"{extra},"files":[{}]}}"#,
+        files.join(",")
+    )
+}
+
+/// A manifest of format 1 (sha256 digests, under the key `sha256`), as patchctl wrote before format 2.
+fn manifest_format_1_for(files: &[(&str, u32, &[u8])]) -> String {
     let files: Vec<String> = files
         .iter()
         .map(|(path, mode, data)| {
@@ -130,9 +151,19 @@ fn manifest_for(files: &[(&str, u32, &[u8])], extra: &str) -> String {
         })
         .collect();
     format!(
-        r#"{{"format":1,"component":"demo","version":"v1"{extra},"files":[{}]}}"#,
+        r#"{{"format":1,"component":"demo","version":"v1","files":[{}]}}"#,
         files.join(",")
     )
+}
+
+/// [`good`]'s files after a format-1 manifest, first in the archive as patchctl wrote it, listing `files`.
+fn format_1_package(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    Archive::new()
+        .manifest(&manifest_format_1_for(files))
+        .dir("demo/")
+        .file_mode("demo/demo", 0o755, b"#!/bin/sh\necho ok\n")
+        .file("demo/conf/a.toml", b"a = 1\n")
+        .gz()
 }
 
 type Check = fn(&PackageError) -> bool;
@@ -515,10 +546,44 @@ fn cases(abs_target: &str) -> Vec<Case> {
                         ],
                         "",
                     )
+                    .replace(r#""format":2"#, r#""format":3"#),
+                )
+                .gz(),
+            "format 3",
+            |e| matches!(e, PackageError::InvalidManifest { .. }),
+        ),
+        case(
+            "format-2 manifest with sha256 digests",
+            good()
+                .manifest(
+                    &manifest_format_1_for(&[
+                        ("demo/demo", 0o755, script),
+                        ("demo/conf/a.toml", 0o644, conf),
+                    ])
                     .replace(r#""format":1"#, r#""format":2"#),
                 )
                 .gz(),
-            "format 2",
+            "format 2 expects `blake3:`",
+            |e| matches!(e, PackageError::InvalidManifest { .. }),
+        ),
+        case(
+            "format-1 manifest (sha256), file altered after it was written",
+            format_1_package(&[
+                ("demo/demo", 0o755, b"original"),
+                ("demo/conf/a.toml", 0o644, conf),
+            ]),
+            "demo/demo",
+            |e| matches!(e, PackageError::ManifestMismatch { .. }),
+        ),
+        case(
+            "format-1 manifest (sha256) after the files it lists",
+            good()
+                .manifest(&manifest_format_1_for(&[
+                    ("demo/demo", 0o755, script),
+                    ("demo/conf/a.toml", 0o644, conf),
+                ]))
+                .gz(),
+            "must be the first entry",
             |e| matches!(e, PackageError::InvalidManifest { .. }),
         ),
         case(
@@ -805,4 +870,27 @@ fn the_table_rows_are_hostile_only_in_the_way_they_say() {
         std::fs::read(tmp.path().join("dest/demo/conf/a.toml")).unwrap(),
         b"a = 1\n"
     );
+    // The format-1 rows' control: a package built before format 2 (sha256 digests, manifest first) is accepted.
+    let format_1 = tmp.path().join("format-1.tar.gz");
+    std::fs::write(
+        &format_1,
+        format_1_package(&[
+            ("demo/demo", 0o755, b"#!/bin/sh\necho ok\n"),
+            ("demo/conf/a.toml", 0o644, b"a = 1\n"),
+        ]),
+    )
+    .unwrap();
+    let info = inspect_expecting(&format_1, &Limits::default(), &Expectations::default()).unwrap();
+    assert_eq!(info.manifest.format, 1);
+    assert_eq!(
+        info.manifest.file("demo/conf/a.toml").unwrap().digest,
+        sha256(b"a = 1\n")
+    );
+    unpack_verified(
+        &format_1,
+        &tmp.path().join("dest-format-1"),
+        &Limits::default(),
+        &Expectations::default(),
+    )
+    .unwrap();
 }

@@ -16,6 +16,11 @@ fn sha256(data: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
 }
 
+/// A file's digest as manifests of format 2 write it: BLAKE3, from the `blake3` crate itself.
+fn blake3(data: &[u8]) -> String {
+    format!("blake3:{}", ::blake3::hash(data).to_hex())
+}
+
 fn write(path: &Path, data: &[u8], mode: u32) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
     fs::write(path, data).unwrap();
@@ -87,7 +92,7 @@ fn upstream_package_without_manifest_gets_a_computed_one() {
     );
     let binary = info.manifest.file("demo-worker/demo-worker").unwrap();
     assert_eq!(binary.mode, 0o755);
-    assert_eq!(binary.sha256, sha256(b"#!/bin/sh\necho v1.0.0\n"));
+    assert_eq!(binary.digest, blake3(b"#!/bin/sh\necho v1.0.0\n"));
     assert_eq!(info.manifest.symlinks.len(), 1);
     assert_eq!(info.manifest.symlinks[0].target, "demo-worker");
     let bytes = fs::read(&base).unwrap();
@@ -115,13 +120,13 @@ fn build_inspect_unpack_round_trip() {
     assert_eq!(built.manifest.version, "v1.0.1-hotfix");
     let binary = built.manifest.file("demo-worker/demo-worker").unwrap();
     assert_eq!(
-        (binary.mode, binary.sha256.as_str()),
-        (0o755, sha256(b"#!/bin/sh\necho v1.0.1\n").as_str())
+        (binary.mode, binary.digest.as_str()),
+        (0o755, blake3(b"#!/bin/sh\necho v1.0.1\n").as_str())
     );
     let conf = built.manifest.file("demo-worker/conf/worker.toml").unwrap();
     assert_eq!(
-        (conf.mode, conf.sha256.as_str()),
-        (0o640, sha256(b"threads = 4\n").as_str())
+        (conf.mode, conf.digest.as_str()),
+        (0o640, blake3(b"threads = 4\n").as_str())
     );
     assert_eq!(
         inspect(&out, &Limits::default()).unwrap(),

@@ -278,6 +278,65 @@ pub fn version_1_upload(data: &[u8], chunk_size: u32) -> (String, Vec<v1::Upload
     (digest, std::iter::once(header).chain(chunks).collect())
 }
 
+/// `package` as a patchctl before manifest format 2 built it, written to `out`: the same entries in the same
+/// order, with a format-1 manifest (each file's sha256 under `sha256`).
+pub fn as_format_1(package: &Path, out: &Path) {
+    use std::io::Read;
+    let file = std::fs::File::open(package)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", package.display()));
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let mut entries: Vec<(tar::Header, Vec<u8>)> = Vec::new();
+    for entry in archive.entries().expect("readable archive") {
+        let mut entry = entry.expect("readable entry");
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).expect("readable entry data");
+        entries.push((entry.header().clone(), data));
+    }
+    let contents: std::collections::HashMap<String, Vec<u8>> = entries
+        .iter()
+        .filter_map(|(header, data)| {
+            let path = header.path().ok()?.to_string_lossy().into_owned();
+            Some((path, data.clone()))
+        })
+        .collect();
+    let writer = std::fs::File::create(out)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", out.display()));
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        writer,
+        flate2::Compression::fast(),
+    ));
+    for (mut header, data) in entries {
+        let is_manifest = header
+            .path()
+            .is_ok_and(|p| p == Path::new(patchd_package::MANIFEST_FILE));
+        let data = if is_manifest {
+            let mut manifest: serde_json::Value =
+                serde_json::from_slice(&data).expect("manifest JSON");
+            manifest["format"] = 1.into();
+            for file in manifest["files"].as_array_mut().expect("files") {
+                let path = file["path"].as_str().expect("path").to_owned();
+                let object = file.as_object_mut().expect("file object");
+                object.remove("digest");
+                let sha256 = ring::digest::digest(&ring::digest::SHA256, &contents[&path]);
+                object.insert("sha256".into(), hex::encode(sha256.as_ref()).into());
+            }
+            let json = serde_json::to_vec_pretty(&manifest).expect("manifest JSON");
+            header.set_size(json.len() as u64);
+            header.set_cksum();
+            json
+        } else {
+            data
+        };
+        builder
+            .append(&header, data.as_slice())
+            .expect("archive entry");
+    }
+    builder
+        .into_inner()
+        .and_then(|gz| gz.finish())
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
+}
+
 /// Pushes `package` to the agent at `addr` with `patchctl agent push` and returns its tree digest.
 pub fn push(pki: &Pki, addr: &str, package: &Path) -> String {
     patchctl_ok(

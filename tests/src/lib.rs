@@ -128,6 +128,13 @@ pub fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) 
     }
 }
 
+/// A file's digest as manifest format 2 writes it (`blake3:<hex>`), from the `blake3` crate itself.
+pub fn blake3_file(path: &Path) -> String {
+    let bytes =
+        std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    format!("blake3:{}", blake3::hash(&bytes).to_hex())
+}
+
 /// Hex sha256 of a file (streamed).
 pub fn sha256_file(path: &Path) -> String {
     let mut file =

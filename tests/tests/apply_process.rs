@@ -4,8 +4,8 @@
 //! agent crash, and refusals (confinement, unknown service, unstaged package, bad patch id).
 
 use patchd_e2e::apply_support::{
-    AgentRpc, WorkerRig, WorkerService, digest_of, outcome, package_hashes, pid_alive, push,
-    service_pid, worker_package, worker_package_delayed,
+    AgentRpc, WorkerRig, WorkerService, as_format_1, digest_of, outcome, package_hashes, pid_alive,
+    push, service_pid, worker_package, worker_package_delayed,
 };
 use patchd_e2e::{AgentConfig, AgentProcess, Pki};
 use patchd_proto::v1::{ApplyOutcome, ServiceState};
@@ -227,7 +227,10 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
 fn a_package_uploaded_by_a_patchctl_before_tree_version_2_stages_and_applies() {
     let rig = WorkerRig::start("200ms");
     let pkgs = rig.packages();
-    let package = worker_package(&pkgs, "v1.1.0", "ok");
+    // What such a patchctl sends: a package with a format-1 manifest (sha256 digests), under a version-1 name.
+    let built = worker_package(&pkgs, "v1.1.0", "ok");
+    let package = pkgs.join("worker-v1.1.0-format-1.tar.gz");
+    as_format_1(&built, &package);
     let mut rpc = AgentRpc::connect(&rig.pki, rig.agent.addr);
     let digest = rpc.upload_as_version_1(&package);
     assert_ne!(
@@ -236,16 +239,42 @@ fn a_package_uploaded_by_a_patchctl_before_tree_version_2_stages_and_applies() {
         "the version-1 name is not today's"
     );
     let staged = rpc.stage("worker-1", &digest).unwrap();
-    assert_eq!(staged.manifest.as_ref().unwrap().version, "v1.1.0");
+    let manifest = staged.manifest.as_ref().unwrap();
+    assert_eq!(manifest.version, "v1.1.0");
+    let binary = manifest
+        .files
+        .iter()
+        .find(|file| file.path == "demo-worker/demo-worker")
+        .unwrap();
+    let (binary_sha256, conf_sha256) = package_hashes(&pkgs, "v1.1.0");
+    assert_eq!(binary.digest, binary_sha256, "checked as sha256");
     let applied = rpc.apply("worker-1", &digest, "p1", false).unwrap();
     assert_eq!(outcome(&applied), ApplyOutcome::Committed, "{applied:?}");
     assert_eq!(rig.worker.served_version().as_deref(), Some("v1.1.0"));
+    assert_eq!(rig.worker.file_hashes(), (binary_sha256, conf_sha256));
     let status = rpc.status("worker-1");
     assert_eq!(status.version, "v1.1.0");
     assert_eq!(
         status.last.as_ref().map(|patch| patch.digest.as_str()),
         Some(digest.as_str())
     );
+    // Today's package over it: the files deployed from the format-1 package are compared in BLAKE3, replaced,
+    // and a rollback puts the format-1 version back as its journal recorded it (sha256).
+    let next = worker_package(&pkgs, "v1.2.0", "ok");
+    let next_digest = push(&rig.pki, &rig.agent.addr_string(), &next);
+    rpc.stage("worker-1", &next_digest).unwrap();
+    let applied = rpc.apply("worker-1", &next_digest, "p2", false).unwrap();
+    assert_eq!(outcome(&applied), ApplyOutcome::Committed, "{applied:?}");
+    assert_eq!(rig.worker.served_version().as_deref(), Some("v1.2.0"));
+    assert_eq!(rig.worker.file_hashes(), package_hashes(&pkgs, "v1.2.0"));
+    let rolled_back = rpc.rollback("worker-1", "", "r1").unwrap();
+    assert_eq!(
+        outcome(&rolled_back),
+        ApplyOutcome::Committed,
+        "{rolled_back:?}"
+    );
+    assert_eq!(rig.worker.file_hashes(), package_hashes(&pkgs, "v1.1.0"));
+    rig.worker.wait_serving("v1.1.0");
     rig.stop();
 }
 

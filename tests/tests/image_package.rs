@@ -7,7 +7,7 @@
 
 use patchd_e2e::cluster_fixture::ClusterFixture;
 use patchd_e2e::docker::DockerTest;
-use patchd_e2e::{bin, patchctl, patchctl_ok, sha256_file};
+use patchd_e2e::{bin, blake3_file, patchctl, patchctl_ok};
 use patchd_package::{Expectations, Limits, unpack_verified};
 use serde_json::Value;
 use std::fs;
@@ -164,8 +164,8 @@ fn an_image_of_a_project_binary_is_packaged_by_reference_and_from_an_archive() {
         "demo-worker/image.tar"
     );
     assert_eq!(
-        built["manifest"]["files"][0]["sha256"],
-        sha256_file(&saved).as_str(),
+        built["manifest"]["files"][0]["digest"],
+        blake3_file(&saved).as_str(),
         "the archive is packaged byte for byte"
     );
 
@@ -390,12 +390,12 @@ fn broken_or_altered_image_packages_are_refused_with_exit_1() {
             package.to_str().unwrap(),
         ],
     );
-    let v2_sha = sha256_file(&saved_v2);
+    let v2_digest = blake3_file(&saved_v2);
     let v2_size = fs::metadata(&saved_v2).unwrap().len();
     repack(&package, |tree| {
         fs::copy(&saved_v2, tree.join("demo-worker/image.tar")).unwrap();
         edit_manifest(tree, |m| {
-            m["files"][0]["sha256"] = v2_sha.clone().into();
+            m["files"][0]["digest"] = v2_digest.clone().into();
             m["files"][0]["size"] = v2_size.into();
         })
     });

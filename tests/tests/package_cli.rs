@@ -1,7 +1,7 @@
 //! `patchctl package build` and `patchctl package inspect` as an operator runs them: the real binary, a base
 //! package made with GNU tar the way the tiup docs do it, and hostile packages made with GNU tar too.
 
-use patchd_e2e::{patchctl, patchctl_ok, sha256_file};
+use patchd_e2e::{blake3_file, patchctl, patchctl_ok, sha256_file};
 use patchd_package::digest::{DEFAULT_CHUNK_SIZE, tree_digest_file};
 use patchd_package::{Expectations, Limits, unpack_verified};
 use serde_json::Value;
@@ -132,7 +132,7 @@ fn build_then_inspect_a_hotfix_with_the_real_binary() {
         .iter()
         .find(|f| f["path"] == "demo-worker/demo-worker")
         .unwrap();
-    assert_eq!(binary["sha256"], sha256_file(&new_binary));
+    assert_eq!(binary["digest"], blake3_file(&new_binary));
     assert_eq!(
         binary["mode"], 0o755,
         "the base's mode is kept, not the local file's 0700"
@@ -142,11 +142,13 @@ fn build_then_inspect_a_hotfix_with_the_real_binary() {
         .find(|f| f["path"] == "demo-worker/conf/worker.toml")
         .unwrap();
     assert_eq!(
-        conf["sha256"],
-        sha256_file(&tmp.path().join("release/demo-worker/conf/worker.toml"))
+        conf["digest"],
+        blake3_file(&tmp.path().join("release/demo-worker/conf/worker.toml"))
     );
 
     let text = patchctl_ok(&home, &["package", "inspect", hotfix.to_str().unwrap()]);
+    // Each file's digest, cut to its algorithm and 12 hex digits.
+    let binary_digest = blake3_file(&new_binary);
     for needle in [
         "demo-worker",
         "v1.0.1-hotfix",
@@ -154,6 +156,7 @@ fn build_then_inspect_a_hotfix_with_the_real_binary() {
         &tree_digest,
         "0755",
         "demo-worker/conf/worker.toml",
+        &binary_digest[.."blake3:".len() + 12],
     ] {
         assert!(
             text.contains(needle),

@@ -28,6 +28,7 @@ pub use error::UpgradeError;
 use crate::config::Config;
 use config::{ActionSpec, ParamType, UpgradeSection};
 use patchd_apply::spec::{BackendKind, ServiceSpec};
+use patchd_package::ContentAlgorithm;
 use patchd_proto::v1;
 use patchd_runbook::yaml_edit::{Edit, apply_edits};
 use paths::Roots;
@@ -330,7 +331,7 @@ impl Upgrades {
             file.sync_all()
                 .map_err(|e| UpgradeError::Internal(format!("cannot fsync the dump: {e}")))?;
             let sha256 = parent
-                .sha256(Path::new(&temp))
+                .digest(Path::new(&temp), ContentAlgorithm::Sha256)
                 .map_err(|e| paths::fs_error(e, "the dump"))?;
             patchd_apply::fsutil::DirHandle::rename_in(&parent, &temp, &name)
                 .map_err(|e| paths::fs_error(e, "backup output"))?;
@@ -451,7 +452,7 @@ impl Upgrades {
             for (backup, (dir, rel), target) in plan {
                 let (mut file, mode) = files::open_with_mode(&dir, &rel, "backup file")?;
                 let shown = dir.display_path(&rel);
-                let actual = patchd_apply::fsutil::hash_reader(&mut file, &shown)
+                let actual = patchd_apply::fsutil::hash_reader(&mut file, ContentAlgorithm::Sha256, &shown)
                     .map_err(|e| paths::fs_error(e, "backup file"))?;
                 if actual != backup.sha256 {
                     return Err(UpgradeError::Precondition(format!(

@@ -22,6 +22,7 @@ use crate::layout::{StateLayout, is_digest};
 use crate::prestage::PreStager;
 use crate::spec::is_safe_name;
 use crate::stage::{self, StageError, Staged};
+use patchd_package::ContentAlgorithm;
 use service::{InFlightGuard, Inner, Quarantine, Service, blocking, ensure_space_reserve, lock};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -567,7 +568,7 @@ impl Engine {
             }
             let binary = svc.spec.binary_path();
             let inner = self.inner.clone();
-            let _ = blocking(move || inner.hashes.sha256(&binary)).await;
+            let _ = blocking(move || inner.hashes.digest(&binary, ContentAlgorithm::Sha256)).await;
         }
     }
 
@@ -592,7 +593,7 @@ impl Engine {
             let binary_sha256 = if svc.backend.containers().is_some() {
                 None
             } else {
-                blocking(move || inner.hashes.sha256(&binary))
+                blocking(move || inner.hashes.digest(&binary, ContentAlgorithm::Sha256))
                     .await?
                     .unwrap_or_else(|e| {
                         tracing::warn!("cannot hash the deployed binary: {e}");

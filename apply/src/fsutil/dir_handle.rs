@@ -2,7 +2,7 @@
 //! with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, or a component walk where `openat2` is denied).
 
 use super::{FsError, IoContext, hash_reader, io_err};
-use ring::digest::SHA256;
+use patchd_package::ContentAlgorithm;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use std::ffi::OsStr;
 use std::fs::File;
@@ -347,8 +347,8 @@ impl DirHandle {
         Ok(out)
     }
 
-    /// sha256 (hex) of `rel`'s content; for a symlink, of its target path string (it is not followed).
-    pub fn sha256(&self, rel: &Path) -> Result<String, FsError> {
+    /// The `algorithm` digest of `rel`'s content; for a symlink, of its target path string (it is not followed).
+    pub fn digest(&self, rel: &Path, algorithm: ContentAlgorithm) -> Result<String, FsError> {
         let (parent, name) = self.parent_of(rel)?;
         let shown = self.display_path(rel);
         let stat = parent.stat_entry(name)?.ok_or_else(|| FsError {
@@ -360,8 +360,7 @@ impl DirHandle {
             let target = rustix::fs::readlinkat(&parent.fd, name, Vec::new())
                 .map_err(io_err)
                 .ctx("read symlink", &shown)?;
-            let digest = ring::digest::digest(&SHA256, target.as_bytes());
-            return Ok(hex::encode(digest.as_ref()));
+            return Ok(algorithm.digest(target.as_bytes()));
         }
         if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
             return Err(FsError {
@@ -377,6 +376,6 @@ impl DirHandle {
                 Mode::empty(),
             )
             .ctx("open", &shown)?;
-        hash_reader(File::from(fd), &shown)
+        hash_reader(File::from(fd), algorithm, &shown)
     }
 }

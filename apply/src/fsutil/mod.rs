@@ -1,7 +1,7 @@
 //! File-system primitives the apply engine's crash safety and confinement rest on: durable atomic writes, held
 //! directory handles that every write under a deploy or state dir goes through ([`DirHandle`]: nothing resolved
-//! below one can be a symlink or lead out of it), file placement by rename, and sha256 of deployed files (with
-//! a stat-keyed cache so large unchanged binaries are hashed once).
+//! below one can be a symlink or lead out of it), file placement by rename, and content digests of deployed files
+//! (with a stat-keyed cache so large unchanged binaries are hashed once).
 //!
 //! Placement rule (documented in ARCHITECTURE.md, "Apply state machine"): a file is put at `target` by first
 //! creating a temporary sibling in `target`'s directory and then `rename`-ing it over `target`, so `target`
@@ -22,13 +22,13 @@ pub use durable::{
     exists_no_follow, fsync_dir, parent_of, remove_if_exists, remove_tree_if_exists, sibling_temp,
     write_atomic,
 };
-pub use hash_cache::{HashCache, sha256_file};
+pub use hash_cache::{HashCache, digest_file};
 pub use identity::{FileIdentity, nanos};
 pub use place::{At, materialize_at, owner_for};
 /// The file type [`DirHandle::entries`] reports.
 pub use rustix::fs::FileType;
 
-use ring::digest::{Context, SHA256};
+use patchd_package::ContentAlgorithm;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -61,9 +61,13 @@ fn io_err(e: rustix::io::Errno) -> std::io::Error {
     std::io::Error::from(e)
 }
 
-/// sha256 (hex) of everything `reader` yields.
-pub fn hash_reader(mut reader: impl Read, shown: &Path) -> Result<String, FsError> {
-    let mut ctx = Context::new(&SHA256);
+/// The `algorithm` digest of everything `reader` yields.
+pub fn hash_reader(
+    mut reader: impl Read,
+    algorithm: ContentAlgorithm,
+    shown: &Path,
+) -> Result<String, FsError> {
+    let mut ctx = algorithm.hasher();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = reader.read(&mut buf).ctx("read", shown)?;
@@ -72,7 +76,7 @@ pub fn hash_reader(mut reader: impl Read, shown: &Path) -> Result<String, FsErro
         }
         ctx.update(&buf[..n]);
     }
-    Ok(hex::encode(ctx.finish().as_ref()))
+    Ok(ctx.finish())
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
 //! Tests of the file-system primitives: durable writes, the hash cache, confined placement.
+use patchd_package::ContentAlgorithm;
 
 use super::*;
 use rustix::fs::{Mode, OFlags};
@@ -22,21 +23,38 @@ fn persisted_hash_cache_survives_a_restart_but_not_a_change() {
     fs::write(&file, b"content").unwrap();
     let store = dir.path().join("hashes.json");
     let cache = HashCache::persistent(&store);
-    cache.remember(&file, "not-the-real-hash");
+    cache.remember(&file, "blake3:not-the-real-hash");
     cache.save();
     // The remembered value is used after a reload (proving it came from the file), while the file is unchanged.
     let reloaded = HashCache::persistent(&store);
     assert_eq!(
-        reloaded.sha256(&file).unwrap().as_deref(),
-        Some("not-the-real-hash")
+        reloaded
+            .digest(&file, ContentAlgorithm::CURRENT)
+            .unwrap()
+            .as_deref(),
+        Some("blake3:not-the-real-hash")
+    );
+    // A cache file written before manifest format 2 (sha256 digests under `sha256`) is read, as sha256.
+    let old = fs::read_to_string(&store).unwrap().replace(
+        "\"digest\":\"blake3:not-the-real-hash\"",
+        "\"sha256\":\"old-hash\"",
+    );
+    fs::write(&store, old).unwrap();
+    let reloaded = HashCache::persistent(&store);
+    assert_eq!(
+        reloaded
+            .digest(&file, ContentAlgorithm::Sha256)
+            .unwrap()
+            .as_deref(),
+        Some("old-hash")
     );
     let other = dir.path().join("g");
     fs::write(&other, b"changed").unwrap();
     fs::rename(&other, &file).unwrap();
     let reloaded = HashCache::persistent(&store);
     assert_eq!(
-        reloaded.sha256(&file).unwrap(),
-        Some(sha256_file(&file).unwrap())
+        reloaded.digest(&file, ContentAlgorithm::CURRENT).unwrap(),
+        Some(digest_file(&file, ContentAlgorithm::CURRENT).unwrap())
     );
 }
 
@@ -46,14 +64,25 @@ fn hash_cache_notices_replacement() {
     let path = dir.path().join("f");
     fs::write(&path, b"a").unwrap();
     let cache = HashCache::default();
-    let a = cache.sha256(&path).unwrap().unwrap();
-    assert_eq!(a, sha256_file(&path).unwrap());
+    let a = cache
+        .digest(&path, ContentAlgorithm::CURRENT)
+        .unwrap()
+        .unwrap();
+    assert_eq!(a, digest_file(&path, ContentAlgorithm::CURRENT).unwrap());
     let other = dir.path().join("g");
     fs::write(&other, b"b").unwrap();
     fs::rename(&other, &path).unwrap();
-    let b = cache.sha256(&path).unwrap().unwrap();
+    let b = cache
+        .digest(&path, ContentAlgorithm::CURRENT)
+        .unwrap()
+        .unwrap();
     assert_ne!(a, b);
-    assert_eq!(cache.sha256(&dir.path().join("missing")).unwrap(), None);
+    assert_eq!(
+        cache
+            .digest(&dir.path().join("missing"), ContentAlgorithm::CURRENT)
+            .unwrap(),
+        None
+    );
 }
 
 #[test]
@@ -62,10 +91,16 @@ fn hash_cache_notices_an_in_place_rewrite_with_the_mtime_set_back() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f");
     fs::write(&path, b"good").unwrap();
-    let good = sha256_file(&path).unwrap();
+    let good = digest_file(&path, ContentAlgorithm::CURRENT).unwrap();
     let cache = HashCache::default();
     cache.remember(&path, &good);
-    assert_eq!(cache.sha256(&path).unwrap().as_deref(), Some(good.as_str()));
+    assert_eq!(
+        cache
+            .digest(&path, ContentAlgorithm::CURRENT)
+            .unwrap()
+            .as_deref(),
+        Some(good.as_str())
+    );
     let mtime = fs::metadata(&path).unwrap().modified().unwrap();
     let mut file = OpenOptions::new().write(true).open(&path).unwrap();
     file.write_all(b"evil").unwrap();
@@ -73,8 +108,8 @@ fn hash_cache_notices_an_in_place_rewrite_with_the_mtime_set_back() {
     drop(file);
     assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), mtime);
     assert_eq!(
-        cache.sha256(&path).unwrap(),
-        Some(sha256_file(&path).unwrap())
+        cache.digest(&path, ContentAlgorithm::CURRENT).unwrap(),
+        Some(digest_file(&path, ContentAlgorithm::CURRENT).unwrap())
     );
 }
 
@@ -85,8 +120,8 @@ fn a_file_changed_just_now_is_hashed_but_not_cached() {
     fs::write(&path, b"fresh").unwrap();
     let cache = HashCache::default();
     assert_eq!(
-        cache.sha256(&path).unwrap(),
-        Some(sha256_file(&path).unwrap())
+        cache.digest(&path, ContentAlgorithm::CURRENT).unwrap(),
+        Some(digest_file(&path, ContentAlgorithm::CURRENT).unwrap())
     );
     assert!(
         cache.entries.lock().unwrap().is_empty(),
@@ -101,8 +136,14 @@ fn a_file_with_sub_second_times_is_cached_once_a_few_ticks_old() {
     fs::write(&path, b"settled").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(60));
     let cache = HashCache::default();
-    cache.sha256(&path).unwrap();
-    assert!(cache.entries.lock().unwrap().contains_key(&path));
+    cache.digest(&path, ContentAlgorithm::CURRENT).unwrap();
+    assert!(
+        cache
+            .entries
+            .lock()
+            .unwrap()
+            .contains_key(&(path, ContentAlgorithm::CURRENT))
+    );
 }
 
 #[test]
@@ -149,8 +190,10 @@ fn a_dir_handle_refuses_symlinks_and_never_copies_over_an_entry() {
     );
     assert_eq!(fs::read(dir.path().join("real/temp")).unwrap(), b"new");
     assert_eq!(
-        handle.sha256(Path::new("real/temp")).unwrap(),
-        sha256_file(&dir.path().join("real/source")).unwrap()
+        handle
+            .digest(Path::new("real/temp"), ContentAlgorithm::CURRENT)
+            .unwrap(),
+        digest_file(&dir.path().join("real/source"), ContentAlgorithm::CURRENT).unwrap()
     );
 }
 

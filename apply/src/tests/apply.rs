@@ -1,5 +1,6 @@
 //! Stage, apply, revert, rollback and cache pruning through the engine's API.
 use super::*;
+use patchd_package::ContentAlgorithm;
 
 #[tokio::test]
 async fn stage_is_idempotent_and_checks_the_component() {
@@ -81,7 +82,8 @@ async fn apply_swaps_restarts_commits_and_replays() {
     assert_eq!(host.running().as_deref(), Some("binary v2"));
     assert_eq!(
         report.result.binary_sha256,
-        crate::fsutil::sha256_file(&host.deploy.join("bin/svc/svc")).unwrap()
+        crate::fsutil::digest_file(&host.deploy.join("bin/svc/svc"), ContentAlgorithm::Sha256)
+            .unwrap()
     );
     // downtime ends when the service first answers, not when the 1 s min_healthy window ends
     assert!(
@@ -206,7 +208,8 @@ async fn a_staged_copy_edited_through_its_deployed_link_is_never_deployed() {
     assert_eq!(host.binary(), "binary v2");
     assert_eq!(
         report.result.binary_sha256,
-        crate::fsutil::sha256_file(&host.deploy.join("bin/svc/svc")).unwrap()
+        crate::fsutil::digest_file(&host.deploy.join("bin/svc/svc"), ContentAlgorithm::Sha256)
+            .unwrap()
     );
 }
 

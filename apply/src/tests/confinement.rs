@@ -1,6 +1,7 @@
 //! Confinement to the deploy roots, symlinks swapped in mid-apply, tampered backups, ownership of new files, and
 //! the spec's validation.
 use super::*;
+use patchd_package::ContentAlgorithm;
 
 #[tokio::test]
 async fn confinement_is_enforced_at_start_and_at_apply() {
@@ -306,7 +307,7 @@ async fn a_file_rewritten_in_place_with_its_mtime_restored_is_shown_and_repaired
     engine.stage("svc", &digest).await.unwrap();
     engine.apply(apply_cmd(&digest, "p1")).await.unwrap();
     let binary = host.deploy.join("bin/svc/svc");
-    let good = crate::fsutil::sha256_file(&binary).unwrap();
+    let good = crate::fsutil::digest_file(&binary, ContentAlgorithm::Sha256).unwrap();
     // Whatever the status path has cached for the deployed binary now, it is exactly this file.
     engine.inner_hashes_for_tests().remember(&binary, &good);
     assert_eq!(
@@ -326,7 +327,7 @@ async fn a_file_rewritten_in_place_with_its_mtime_restored_is_shown_and_repaired
         file.write_all(b"binary X2").unwrap(); // same size, in place: same inode
         file.set_modified(mtime).unwrap();
     }
-    let evil = crate::fsutil::sha256_file(&binary).unwrap();
+    let evil = crate::fsutil::digest_file(&binary, ContentAlgorithm::Sha256).unwrap();
     assert_ne!(evil, good);
     assert_eq!(
         engine.status(Some("svc")).await.unwrap()[0]

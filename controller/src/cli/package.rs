@@ -8,7 +8,8 @@ use comfy_table::{Table, presets};
 use indicatif::HumanBytes;
 use patchctl::agent::client::PreparedBlob;
 use patchctl::agent::digest_cache::DigestCache;
-use patchd_package::{BuildSpec, Expectations, Limits, PackageInfo};
+use patchd_package::content::BLAKE3_PREFIX;
+use patchd_package::{BuildSpec, ContentAlgorithm, Expectations, Limits, PackageInfo};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -316,10 +317,10 @@ fn print_built(
                 for path in paths {
                     if let Some(file) = info.manifest.file(path) {
                         outln!(
-                            "{label:<9} {path}  ({}, {:04o}, sha256 {})",
+                            "{label:<9} {path}  ({}, {:04o}, {})",
                             HumanBytes(file.size),
                             file.mode,
-                            short(&file.sha256)
+                            short(&file.digest)
                         );
                     }
                 }
@@ -371,8 +372,11 @@ fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn short(sha256: &str) -> &str {
-    sha256.get(..12).unwrap_or(sha256)
+/// A content digest cut to its algorithm and 12 hex digits (`blake3:6437b3ac3846`, `sha256:ba7816bf8f01`).
+fn short(digest: &str) -> String {
+    let algorithm = ContentAlgorithm::of(digest);
+    let hex = digest.strip_prefix(BLAKE3_PREFIX).unwrap_or(digest);
+    format!("{algorithm}:{}", hex.get(..12).unwrap_or(hex))
 }
 
 fn print_summary(path: &Path, info: &PackageInfo) {
@@ -433,12 +437,12 @@ fn print_summary(path: &Path, info: &PackageInfo) {
 fn print_files(info: &PackageInfo) {
     let mut table = Table::new();
     table.load_style(presets::NOTHING);
-    table.set_header(vec!["MODE", "SIZE", "SHA256", "PATH"]);
+    table.set_header(vec!["MODE", "SIZE", "DIGEST", "PATH"]);
     for file in &info.manifest.files {
         table.add_row(vec![
             format!("{:04o}", file.mode),
             file.size.to_string(),
-            short(&file.sha256).to_owned(),
+            short(&file.digest),
             file.path.clone(),
         ]);
     }

@@ -12,6 +12,7 @@ pub(crate) use stream::MAX_METADATA_BYTES;
 use stream::{Decoder, Decompressed, RawHashes, Source, StreamState, classify, drain_trailer};
 use tree::{Node, PackageTree};
 
+use crate::content::ContentAlgorithm;
 use crate::digest::{DEFAULT_CHUNK_SIZE, StreamingTreeDigest, read_full};
 use crate::elf::{ELF_SNIFF_BYTES, detect_elf_target, target_label};
 use crate::manifest::{FileEntry, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, SymlinkEntry};
@@ -590,13 +591,13 @@ impl<'a> Walker<'a> {
             &mut buf[start..start + FILE_BUF_BYTES],
         );
         self.buf = buf;
-        let sha256 = result?;
+        let digest = result?;
         self.file_index.insert(path.clone(), self.files.len());
         self.files.push(FileEntry {
             path,
             mode: raw_mode,
             size: declared,
-            sha256,
+            digest,
         });
         Ok(())
     }
@@ -610,7 +611,13 @@ impl<'a> Walker<'a> {
         sink: &mut dyn Sink,
         buf: &mut [u8],
     ) -> Result<String, PackageError> {
-        let mut hash = Context::new(&SHA256);
+        // The manifest's algorithm once it has been read (it is the first entry of every package patchctl
+        // builds); the current one for a package without a manifest.
+        let algorithm = self
+            .embedded
+            .as_ref()
+            .map_or(ContentAlgorithm::CURRENT, Manifest::content_algorithm);
+        let mut hash = algorithm.hasher();
         let mut seen = read_full(entry, buf).map_err(|e| self.io_error(e))?;
         let first = &buf[..seen];
         if first.len() >= ELF_SNIFF_BYTES
@@ -635,7 +642,7 @@ impl<'a> Walker<'a> {
             return Err(self.truncated(path));
         }
         sink.file_end()?;
-        Ok(hex::encode(hash.finish().as_ref()))
+        Ok(hash.finish())
     }
 
     fn check_expected_target(&self, path: &str, os: &str, arch: &str) -> Result<(), PackageError> {
