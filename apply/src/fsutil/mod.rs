@@ -63,20 +63,11 @@ fn io_err(e: rustix::io::Errno) -> std::io::Error {
 
 /// The `algorithm` digest of everything `reader` yields.
 pub fn hash_reader(
-    mut reader: impl Read,
+    reader: impl Read,
     algorithm: ContentAlgorithm,
     shown: &Path,
 ) -> Result<String, FsError> {
-    let mut ctx = algorithm.hasher();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf).ctx("read", shown)?;
-        if n == 0 {
-            break;
-        }
-        ctx.update(&buf[..n]);
-    }
-    Ok(ctx.finish())
+    algorithm.digest_reader(reader).ctx("read", shown)
 }
 
 #[cfg(test)]
