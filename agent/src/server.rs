@@ -143,6 +143,7 @@ impl v1::agent_server::Agent for AgentService {
             chunks_held: state.chunks_held,
             bytes_held: state.bytes_held,
             tree_version,
+            manifest_format: patchd_package::MANIFEST_FORMAT,
         }))
     }
 

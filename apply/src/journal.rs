@@ -79,14 +79,15 @@ pub struct FileChange {
     /// Where the new content comes from (a staged file or an earlier backup); `None` removes the target.
     pub source: Option<PathBuf>,
     /// Digest of the new content ([`patchd_package::content`]: it names its algorithm); `None` when the file is
-    /// removed. Journals written before manifest format 2 call it `new_sha256`.
-    #[serde(alias = "new_sha256")]
+    /// removed. Kept under its JSON name from before manifest format 2, `new_sha256`: an older agent reading this
+    /// journal (a downgrade) then sees a digest it cannot match and refuses, instead of a missing one it would skip.
+    #[serde(rename = "new_sha256")]
     pub new_digest: Option<String>,
     /// File mode for the new content.
     pub mode: Option<u32>,
     /// Digest of the content before the apply, in the algorithm the plan compared it in; `None` when the file did
-    /// not exist. Journals written before manifest format 2 call it `old_sha256`.
-    #[serde(alias = "old_sha256")]
+    /// not exist. JSON name `old_sha256`, as `new_digest`'s.
+    #[serde(rename = "old_sha256")]
     pub old_digest: Option<String>,
     /// Where the old content is kept while the apply can still be undone (`None` when it did not exist).
     pub backup: Option<PathBuf>,
@@ -404,6 +405,26 @@ mod tests {
             serde_json::to_string(&ApplyPhase::Swapping { done: 2 }).unwrap(),
             r#"{"phase":"swapping","done":2}"#
         );
+    }
+
+    #[test]
+    fn file_digests_keep_their_json_names_from_before_manifest_format_2() {
+        // A change journaled by an agent before format 2: bare sha256 digests under `new_sha256`/`old_sha256`.
+        let old = r#"{"rel":"bin/x","target":"/d/bin/x","source":"/s/x","new_sha256":"aa","mode":493,
+            "old_sha256":"bb","backup":"/b/x","temp":"/d/bin/.x.new"}"#;
+        let change: FileChange = serde_json::from_str(old).unwrap();
+        assert_eq!(change.new_digest.as_deref(), Some("aa"));
+        assert_eq!(change.old_digest.as_deref(), Some("bb"));
+        // Today's BLAKE3 digests go under the same names, so an older agent reading them finds a digest it
+        // cannot match (and refuses) rather than none (and skips the check).
+        let now = FileChange {
+            new_digest: Some("blake3:cc".into()),
+            old_digest: Some("blake3:dd".into()),
+            ..change
+        };
+        let json: serde_json::Value = serde_json::to_value(&now).unwrap();
+        assert_eq!(json["new_sha256"], "blake3:cc");
+        assert_eq!(json["old_sha256"], "blake3:dd");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! Why version 2: the sender hashes every byte it pushes and every agent hashes every byte it receives, and on
 //! these hosts sha256 runs at 1.0–1.9 GB/s on one core against BLAKE3's 5 GB/s (BENCHMARKS.md), so with sha256
 //! the chunk hash alone cost an agent about half of its CPU per GB received. Both are 256-bit hashes with no known
-//! weakness. The per-file hashes in a package's manifest stay sha256 (the package format does not change).
+//! weakness. The per-file digests in a package's manifest are BLAKE3 too since manifest format 2 (`content.rs`).
 //!
 //! Every byte is hashed exactly once (inside its chunk's hash); the root only hashes 32 bytes per chunk. Finding
 //! two different files with the same tree digest requires a collision either at the root or in one chunk (the

@@ -569,11 +569,20 @@ fn cases(abs_target: &str) -> Vec<Case> {
         case(
             "format-1 manifest (sha256), file altered after it was written",
             format_1_package(&[
-                ("demo/demo", 0o755, b"original"),
+                // The same size as the archive's `demo/demo`: only its sha256 differs.
+                ("demo/demo", 0o755, b"#!/bin/sh\necho no\n"),
                 ("demo/conf/a.toml", 0o644, conf),
             ]),
             "demo/demo",
-            |e| matches!(e, PackageError::ManifestMismatch { .. }),
+            |e| {
+                matches!(
+                    e,
+                    PackageError::ManifestMismatch {
+                        field: "the digest",
+                        ..
+                    }
+                )
+            },
         ),
         case(
             "format-1 manifest (sha256) after the files it lists",
@@ -591,14 +600,23 @@ fn cases(abs_target: &str) -> Vec<Case> {
             good()
                 .manifest(&manifest_for(
                     &[
-                        ("demo/demo", 0o755, b"original"),
+                        // The same size as the archive's `demo/demo`: only its digest differs.
+                        ("demo/demo", 0o755, b"#!/bin/sh\necho no\n"),
                         ("demo/conf/a.toml", 0o644, conf),
                     ],
                     "",
                 ))
                 .gz(),
             "demo/demo",
-            |e| matches!(e, PackageError::ManifestMismatch { .. }),
+            |e| {
+                matches!(
+                    e,
+                    PackageError::ManifestMismatch {
+                        field: "the digest",
+                        ..
+                    }
+                )
+            },
         ),
         case(
             "mode altered after the manifest was written",

@@ -8,8 +8,9 @@ pub mod v1 {
 }
 
 /// Protocol version reported by `Info`; bump on incompatible changes. 2: uploads may name their blob by a version-2
-/// (BLAKE3) tree digest (`BlobRef.tree_version`), and QueryBlob says which version it read.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// (BLAKE3) tree digest (`BlobRef.tree_version`), and QueryBlob says which version it read. 3: the agent reads
+/// package manifest format 2 (BLAKE3 file digests), and QueryBlob says so (`manifest_format`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest gRPC message either side accepts: a chunk of up to 4 MiB plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;

@@ -227,6 +227,7 @@ fn apply_commit_revert_offline_rollback_and_refusals() {
 fn a_package_uploaded_by_a_patchctl_before_tree_version_2_stages_and_applies() {
     let rig = WorkerRig::start("200ms");
     let pkgs = rig.packages();
+    let original = rig.worker.file_hashes();
     // What such a patchctl sends: a package with a format-1 manifest (sha256 digests), under a version-1 name.
     let built = worker_package(&pkgs, "v1.1.0", "ok");
     let package = pkgs.join("worker-v1.1.0-format-1.tar.gz");
@@ -258,8 +259,8 @@ fn a_package_uploaded_by_a_patchctl_before_tree_version_2_stages_and_applies() {
         status.last.as_ref().map(|patch| patch.digest.as_str()),
         Some(digest.as_str())
     );
-    // Today's package over it: the files deployed from the format-1 package are compared in BLAKE3, replaced,
-    // and a rollback puts the format-1 version back as its journal recorded it (sha256).
+    // Today's package over it: the files deployed from the format-1 package are compared in BLAKE3 and replaced;
+    // rolling that back checks their backups in BLAKE3, as the format-2 plan recorded them.
     let next = worker_package(&pkgs, "v1.2.0", "ok");
     let next_digest = push(&rig.pki, &rig.agent.addr_string(), &next);
     rpc.stage("worker-1", &next_digest).unwrap();
@@ -275,6 +276,16 @@ fn a_package_uploaded_by_a_patchctl_before_tree_version_2_stages_and_applies() {
     );
     assert_eq!(rig.worker.file_hashes(), package_hashes(&pkgs, "v1.1.0"));
     rig.worker.wait_serving("v1.1.0");
+    // Rolling back the format-1 patch itself checks its backups of the original files in sha256, as its plan
+    // recorded them.
+    let rolled_back = rpc.rollback("worker-1", "p1", "r2").unwrap();
+    assert_eq!(
+        outcome(&rolled_back),
+        ApplyOutcome::Committed,
+        "{rolled_back:?}"
+    );
+    assert_eq!(rig.worker.file_hashes(), original);
+    rig.worker.wait_serving("v1.0.0");
     rig.stop();
 }
 

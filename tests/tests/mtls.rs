@@ -54,7 +54,7 @@ fn agent_serves_the_controller_and_refuses_every_other_client() {
         &["--format", "json", "agent", "info", &agent.addr_string()],
     );
     let info: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(info["protocol_version"], 2);
+    assert_eq!(info["protocol_version"], 3);
     assert!(info["cpu_count"].as_u64().unwrap() >= 1);
     assert!(info["state_dir_free_bytes"].as_u64().unwrap() > 0);
 

@@ -142,7 +142,7 @@ impl HashCache {
         }
     }
 
-    /// Records that `path`, as `stat` (an `lstat` through a directory handle) shows it, has content `sha256`
+    /// Records that `path`, as `stat` (an `lstat` through a directory handle) shows it, has content `digest`
     /// without hashing it: for a file swapped in by an apply whose temporary was verified (stage's record, or
     /// hashed while prepared) and whose inode, size and mtime are still the verified ones (see
     /// `file_plan::remember_swapped`).

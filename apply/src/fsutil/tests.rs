@@ -34,6 +34,11 @@ fn persisted_hash_cache_survives_a_restart_but_not_a_change() {
             .as_deref(),
         Some("blake3:not-the-real-hash")
     );
+    // Entries are kept per algorithm: the BLAKE3 entry does not answer for sha256.
+    assert_eq!(
+        reloaded.digest(&file, ContentAlgorithm::Sha256).unwrap(),
+        Some(digest_file(&file, ContentAlgorithm::Sha256).unwrap())
+    );
     // A cache file written before manifest format 2 (sha256 digests under `sha256`) is read, as sha256.
     let old = fs::read_to_string(&store).unwrap().replace(
         "\"digest\":\"blake3:not-the-real-hash\"",

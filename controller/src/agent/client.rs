@@ -13,6 +13,7 @@ use crate::tls_files::ControllerTls;
 use crate::untrusted::escaped;
 use bytes::Bytes;
 use futures::StreamExt;
+use patchd_package::MANIFEST_FORMAT;
 use patchd_package::digest::{
     MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TreeDigest, TreeHasher, TreeVersion, chunk_count, chunk_hash,
 };
@@ -64,6 +65,13 @@ pub enum AgentClientError {
          {addr}` shows its version), then run the command again"
     )]
     TreeVersionUnsupported { addr: String },
+    #[error(
+        "agent {addr} is older than this patchctl: it reads package manifests up to format {read}, and packages \
+         built since format {MANIFEST_FORMAT} (BLAKE3 file digests) would be refused at stage, after the whole \
+         upload. Upgrade patchd on that host (`patchctl agent info {addr}` shows its version), then run the command \
+         again"
+    )]
+    ManifestFormatUnsupported { addr: String, read: u32 },
     #[error("{} changed since its digest was computed: push again", path.display())]
     FileChanged { path: PathBuf },
     #[error(
@@ -325,13 +333,22 @@ impl PreparedBlob {
 
 /// An agent before tree version 2 ignores the request's `tree_version` and answers without its own: it would read
 /// the blob's chunk hashes as sha256 ones and refuse every chunk. Checked on QueryBlob, before anything is sent.
-fn check_tree_version(addr: &str, held: &v1::QueryBlobResponse) -> Result<(), AgentClientError> {
-    if held.tree_version == TreeVersion::CURRENT.wire() {
-        return Ok(());
+/// Refuses an agent older than this patchctl before anything is sent: one that would read the chunk hashes as
+/// sha256, or refuse a package of the current manifest format at stage.
+fn check_agent_reads(addr: &str, held: &v1::QueryBlobResponse) -> Result<(), AgentClientError> {
+    if held.tree_version != TreeVersion::CURRENT.wire() {
+        return Err(AgentClientError::TreeVersionUnsupported {
+            addr: addr.to_string(),
+        });
     }
-    Err(AgentClientError::TreeVersionUnsupported {
-        addr: addr.to_string(),
-    })
+    if held.manifest_format < MANIFEST_FORMAT {
+        return Err(AgentClientError::ManifestFormatUnsupported {
+            addr: addr.to_string(),
+            // An agent from before the field read format 1 only.
+            read: held.manifest_format.max(1),
+        });
+    }
+    Ok(())
 }
 
 /// How to push.
@@ -480,7 +497,7 @@ impl AgentClient {
             .await
             .map_err(|s| rpc_error(&self.addr, "QueryBlob", &s))?
             .into_inner();
-        check_tree_version(&self.addr, &held)?;
+        check_agent_reads(&self.addr, &held)?;
         Ok(BlobHeld {
             complete: held.complete,
             chunks_held: held.chunks_held,
@@ -785,17 +802,46 @@ mod tests {
     fn an_agent_that_does_not_echo_tree_version_2_is_refused_before_anything_is_sent() {
         let answer = |tree_version| v1::QueryBlobResponse {
             tree_version,
+            manifest_format: MANIFEST_FORMAT,
             ..Default::default()
         };
-        assert!(check_tree_version("10.0.0.1:7480", &answer(2)).is_ok());
+        assert!(check_agent_reads("10.0.0.1:7480", &answer(2)).is_ok());
         for old in [0, 1] {
-            let error = check_tree_version("10.0.0.1:7480", &answer(old)).unwrap_err();
+            let error = check_agent_reads("10.0.0.1:7480", &answer(old)).unwrap_err();
+            assert!(
+                matches!(error, AgentClientError::TreeVersionUnsupported { .. }),
+                "{error}"
+            );
             let text = error.to_string();
             assert!(
                 text.contains("10.0.0.1:7480") && text.contains("Upgrade patchd on that host"),
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn an_agent_that_does_not_read_manifest_format_2_is_refused_before_anything_is_sent() {
+        // What an agent from before manifest format 2 answers: tree version 2, no `manifest_format`.
+        let old = v1::QueryBlobResponse {
+            tree_version: 2,
+            ..Default::default()
+        };
+        let error = check_agent_reads("10.0.0.1:7480", &old).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                AgentClientError::ManifestFormatUnsupported { read: 1, .. }
+            ),
+            "{error}"
+        );
+        let text = error.to_string();
+        assert!(
+            text.contains("10.0.0.1:7480")
+                && text.contains("up to format 1")
+                && text.contains("Upgrade patchd on that host"),
+            "{text}"
+        );
     }
 
     #[test]
