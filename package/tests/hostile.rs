@@ -168,6 +168,17 @@ fn format_1_package(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
 
 type Check = fn(&PackageError) -> bool;
 
+/// A file that differs from its manifest entry in its digest alone.
+fn is_digest_mismatch(e: &PackageError) -> bool {
+    matches!(
+        e,
+        PackageError::ManifestMismatch {
+            field: "the digest",
+            ..
+        }
+    )
+}
+
 struct Case {
     name: &'static str,
     archive: Vec<u8>,
@@ -574,15 +585,7 @@ fn cases(abs_target: &str) -> Vec<Case> {
                 ("demo/conf/a.toml", 0o644, conf),
             ]),
             "demo/demo",
-            |e| {
-                matches!(
-                    e,
-                    PackageError::ManifestMismatch {
-                        field: "the digest",
-                        ..
-                    }
-                )
-            },
+            is_digest_mismatch,
         ),
         case(
             "format-1 manifest (sha256) after the files it lists",
@@ -608,15 +611,7 @@ fn cases(abs_target: &str) -> Vec<Case> {
                 ))
                 .gz(),
             "demo/demo",
-            |e| {
-                matches!(
-                    e,
-                    PackageError::ManifestMismatch {
-                        field: "the digest",
-                        ..
-                    }
-                )
-            },
+            is_digest_mismatch,
         ),
         case(
             "mode altered after the manifest was written",
