@@ -12,8 +12,7 @@ use std::io::Read;
 pub const BLAKE3_PREFIX: &str = "blake3:";
 
 /// The hash function behind a content digest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ContentAlgorithm {
     /// sha256, written bare (`<64 hex>`): manifest format 1 and older records.
     Sha256,

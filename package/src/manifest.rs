@@ -84,7 +84,11 @@ impl Manifest {
     /// The algorithm of the files' digests, from the format ([`MANIFEST_FORMAT`] when the format is unknown: such a
     /// manifest is refused when parsed).
     pub fn content_algorithm(&self) -> ContentAlgorithm {
-        content_algorithm_of_format(self.format)
+        if self.format == MANIFEST_FORMAT_SHA256 {
+            ContentAlgorithm::Sha256
+        } else {
+            ContentAlgorithm::Blake3
+        }
     }
 
     /// The file at `path`, if the package holds one.
@@ -160,14 +164,5 @@ impl Manifest {
             }
         }
         Ok(())
-    }
-}
-
-/// The files' digest algorithm of manifest format `format`.
-pub fn content_algorithm_of_format(format: u32) -> ContentAlgorithm {
-    if format == MANIFEST_FORMAT_SHA256 {
-        ContentAlgorithm::Sha256
-    } else {
-        ContentAlgorithm::Blake3
     }
 }
