@@ -189,7 +189,7 @@ pub struct Bounds {
     pub max_concurrent_uploads: u32,
     /// HTTP/2 streams (calls) open at once on one connection (`SETTINGS_MAX_CONCURRENT_STREAMS`).
     pub max_streams_per_connection: u32,
-    /// Connections open at once; one more is closed as soon as it is accepted.
+    /// Connections open at once; one more is closed as soon as it is accepted. Each holds a 128 KiB read buffer.
     pub max_connections: u32,
     /// An upload that sends nothing for this long is ended (its verified chunks are kept).
     #[serde(with = "humantime_duration")]
