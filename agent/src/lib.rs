@@ -186,8 +186,9 @@ async fn prune_periodically(
 }
 
 /// Bytes one `recv` may bring into a connection's read buffer. rustls asks the socket for at most one TLS record
-/// (about 16 KiB) per read: unbuffered, an upload of 1 GiB took ~70,000 `recv` calls, each sending the sender an
-/// ACK or window update over loopback. One large read serves several records from memory instead.
+/// (about 16 KiB) per read: unbuffered, an upload of 1 GiB took ~70,000 `recv` calls, and a call can make the kernel
+/// send an ACK or window update. One large read serves several records from memory instead (BENCHMARKS.md,
+/// "The push command end to end").
 const READ_BUFFER_BYTES: usize = 128 * 1024;
 
 /// A connection that holds one of the agent's connection slots until it is closed.
