@@ -168,7 +168,7 @@ pub fn plan_patch(
             backup: current
                 .as_ref()
                 .map(|_| backup_path(backup_dir, index, &rel)),
-            old_digest: current.map(|(sha, _)| sha),
+            old_digest: current.map(|(digest, _)| digest),
             temp: new_temp(&target, patch_id),
             rel,
             target,
@@ -237,7 +237,7 @@ pub fn plan_rollback(
                 backup: current
                     .as_ref()
                     .map(|_| backup_path(backup_dir, index, &change.rel)),
-                old_digest: current.map(|(sha, _)| sha),
+                old_digest: current.map(|(digest, _)| digest),
                 target,
                 source: change.backup.clone(),
                 new_digest: change.old_digest.clone(),

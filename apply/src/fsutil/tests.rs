@@ -1,7 +1,7 @@
 //! Tests of the file-system primitives: durable writes, the hash cache, confined placement.
-use patchd_package::ContentAlgorithm;
 
 use super::*;
+use patchd_package::ContentAlgorithm;
 use rustix::fs::{Mode, OFlags};
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::MetadataExt;

@@ -331,10 +331,10 @@ impl PreparedBlob {
     }
 }
 
-/// An agent before tree version 2 ignores the request's `tree_version` and answers without its own: it would read
-/// the blob's chunk hashes as sha256 ones and refuse every chunk. Checked on QueryBlob, before anything is sent.
-/// Refuses an agent older than this patchctl before anything is sent: one that would read the chunk hashes as
-/// sha256, or refuse a package of the current manifest format at stage.
+/// Refuses, on QueryBlob and before anything is sent, an agent older than this patchctl. One before tree version 2
+/// ignores the request's `tree_version` and answers without its own: it would read the chunk hashes as sha256 and
+/// refuse every chunk. One before manifest format 2 answers without `manifest_format`: it would refuse a package
+/// of the current format at stage, after the whole upload.
 fn check_agent_reads(addr: &str, held: &v1::QueryBlobResponse) -> Result<(), AgentClientError> {
     if held.tree_version != TreeVersion::CURRENT.wire() {
         return Err(AgentClientError::TreeVersionUnsupported {
